@@ -1,0 +1,3 @@
+from lighttransfer.cli import main
+
+main()

