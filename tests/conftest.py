@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton kernels run in the interpreter on CPU-only machines; this must be set before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ASSETS = REPO.parent / "shared" / "assets"
@@ -100,5 +106,3 @@ def pytest_collection_modifyitems(config, items):
         if "cuda" in item.keywords:
             item.add_marker(skip)
 
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
