@@ -1,0 +1,257 @@
+"""Triton kernels for decode attention over a slot cache (flash-decoding split along the slots).
+
+The cache holds ``C`` slots per sequence and KV head; ``slot_pos[b, c]`` is the absolute position of the token
+in slot ``c`` (-1 = empty). Visibility is computed from positions only, so any slot order works (sink slots
+then a ring buffer, or anything else). One program takes one (sequence, KV head) and one chunk of slots, and
+handles all ``GROUP * nq`` query rows of that KV head together, so each K/V tile is read once per KV head.
+When one chunk would leave the GPU idle (batch 1), the slots are split over several programs whose partial
+results a second kernel merges by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_UNBOUNDED = tl.constexpr(1 << 30)
+_LOG2E = 1.4426950408889634
+# Split granularity on CUDA: every chunk is a multiple of the largest BLOCK_N of the candidates, so a tile never
+# straddles two chunks (the interpreter's tiles are 16 wide).
+_CHUNK_ALIGN = 128
+
+
+@triton.jit
+def _streaming_decode_split(
+    Q, K, V, SLOT_POS, Q_POS, STREAM_HEADS, Out, PART_O, PART_LSE,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kc,
+    stride_vb, stride_vh, stride_vc,
+    stride_sb, stride_sc,
+    stride_pb, stride_pn,
+    stride_ob, stride_oh, stride_on,
+    n_kv_heads, GROUP, NQ, n_slots, chunk, n_splits, sink, window, qk_scale,
+    HAS_STREAM_HEADS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_bk = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bk // n_kv_heads
+    hk = pid_bk % n_kv_heads
+
+    # row m of the tile = query head hk * GROUP + m // NQ, query t = m % NQ
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < GROUP * NQ
+    d_ok = offs_d < HEAD_DIM
+    h = hk * GROUP + offs_m // NQ
+    t = offs_m % NQ
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_pos = tl.load(Q_POS + b.to(tl.int64) * stride_pb + t * stride_pn, mask=row_ok, other=-1).to(tl.int32)
+    if HAS_STREAM_HEADS:
+        streaming = tl.load(STREAM_HEADS + h, mask=row_ok, other=1) != 0
+        sink_r = tl.where(streaming, sink, _UNBOUNDED)
+        win_r = tl.where(streaming, window, _UNBOUNDED)
+    else:
+        sink_r = sink + tl.zeros([BLOCK_M], tl.int32)
+        win_r = window + tl.zeros([BLOCK_M], tl.int32)
+
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    s_base = SLOT_POS + b.to(tl.int64) * stride_sb
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo = pid_s * chunk
+    hi = tl.minimum(lo + chunk, n_slots)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        pos = tl.load(s_base + offs_n * stride_sc, mask=n_ok, other=-1).to(tl.int32)
+        k = tl.load(k_base + offs_n[None, :] * stride_kc + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                    other=0.0)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        rel = q_pos[:, None] - pos[None, :]
+        visible = (pos[None, :] >= 0) & (rel >= 0) & ((pos[None, :] < sink_r[:, None]) | (rel < win_r[:, None]))
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vc + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    out_mask = row_ok[:, None] & d_ok[None, :]
+    if SINGLE_SPLIT:
+        o_ptrs = Out + b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_on + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=out_mask)
+    else:
+        # partials [B, H, NQ, n_splits, BLOCK_D] fp32 and their log2-sum-exp [B, H, NQ, n_splits]
+        row = (b * n_kv_heads * GROUP + h) * NQ + t
+        part = row.to(tl.int64) * n_splits + pid_s
+        tl.store(PART_O + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=out_mask)
+        lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(PART_LSE + part, lse2, mask=row_ok)
+
+
+@triton.jit
+def _streaming_decode_merge(
+    PART_O, PART_LSE, Out, H, NQ, n_splits,
+    stride_ob, stride_oh, stride_on,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0)  # flat (b, h, t)
+    t = row % NQ
+    h = (row // NQ) % H
+    b = row // (NQ * H)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < n_splits
+    lse = tl.load(PART_LSE + row.to(tl.int64) * n_splits + offs_s, mask=s_ok, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.math.exp2(lse - top)
+    parts = tl.load(PART_O + (row.to(tl.int64) * n_splits + offs_s[:, None]) * BLOCK_D + offs_d[None, :],
+                    mask=s_ok[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + t * stride_on + offs_d
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+# --------------------------------------------------------------------------------------------------- configs
+def _config(block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# Decode is bandwidth-bound: candidates differ in how many bytes each program keeps in flight.
+HOPPER_CONFIGS = [
+    _config(64, 4, 3),
+    _config(128, 4, 3),
+    _config(64, 4, 4),
+    _config(128, 8, 3),
+    _config(32, 4, 4),
+]
+FALLBACK_CONFIG = _config(64, 4, 2)
+INTERPRETER_CONFIG = _config(16, 1, 1)
+
+
+def fits_hopper(config: triton.Config, block_d: int, block_m: int) -> bool:
+    """Keep configs whose pipelined K/V tiles fit the H100's 227 KB of shared memory per block."""
+    bn = config.kwargs["BLOCK_N"]
+    smem = 2 * (block_m * block_d + config.num_stages * 2 * bn * block_d)
+    return smem <= 227 * 1024 and not (block_d > 128 and bn > 64)
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("LIGHTTRANSFER_TRITON_AUTOTUNE", "1") != "0"
+
+
+@functools.cache
+def _tuned_launcher(capability: tuple[int, int], block_d: int, block_m: int, autotune: bool):
+    if capability[0] == 9:
+        configs = [c for c in HOPPER_CONFIGS if fits_hopper(c, block_d, block_m)] or [FALLBACK_CONFIG]
+    else:
+        configs = [FALLBACK_CONFIG]
+    if not autotune:
+        configs = configs[:1]
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "BLOCK_M", "SINGLE_SPLIT"])(_streaming_decode_split)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def plan_splits(batch: int, kv_heads: int, n_slots: int, programs_wanted: int, align: int = _CHUNK_ALIGN,
+                splits: int | None = None) -> tuple[int, int]:
+    """``(chunk, n_splits)``: slots per program (a multiple of ``align``) so that about ``programs_wanted``
+    programs run, or about ``splits`` chunks per (sequence, KV head) when given."""
+    if splits is None:
+        splits = triton.cdiv(programs_wanted, batch * kv_heads)
+    splits = max(1, min(splits, triton.cdiv(n_slots, align)))
+    chunk = triton.cdiv(triton.cdiv(n_slots, splits), align) * align
+    return chunk, triton.cdiv(n_slots, chunk)
+
+
+def streaming_decode_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    q_pos: torch.Tensor,
+    *,
+    sink: int,
+    window: int,
+    scale: float,
+    stream_heads: torch.Tensor | None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """Launch the decode kernels on validated inputs (see ``streaming_decode``); ``splits`` overrides the plan."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1:
+        k_cache = k_cache.contiguous()
+    if v_cache.stride(-1) != 1:
+        v_cache = v_cache.contiguous()
+    batch, heads, nq, dim = q.shape
+    kv_heads, n_slots = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    o = torch.empty((batch, heads, nq, dim), dtype=q.dtype, device=q.device)
+    block_d = max(16, triton.next_power_of_2(dim))
+    block_m = max(16, triton.next_power_of_2(group * nq))
+    if q.is_cuda:
+        wanted = 2 * _multiprocessors(q.device.index or 0)
+        chunk, n_splits = plan_splits(batch, kv_heads, n_slots, wanted, splits=splits)
+    else:
+        align = INTERPRETER_CONFIG.kwargs["BLOCK_N"]
+        chunk, n_splits = plan_splits(batch, kv_heads, n_slots, 1, align=align, splits=splits)
+    single = n_splits == 1
+    slot_pos = slot_pos.to(q.device)
+    q_pos = q_pos.to(q.device)
+    modes = None if stream_heads is None else stream_heads.to(device=q.device, dtype=torch.int8).contiguous()
+    if single:
+        part_o = part_lse = o
+    else:
+        part_o = torch.empty((batch, heads, nq, n_splits, block_d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, heads, nq, n_splits), dtype=torch.float32, device=q.device)
+    args = (
+        q, k_cache, v_cache, slot_pos, q_pos, modes if modes is not None else o, o, part_o, part_lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        slot_pos.stride(0), slot_pos.stride(1),
+        q_pos.stride(0), q_pos.stride(1),
+        o.stride(0), o.stride(1), o.stride(2),
+        kv_heads, group, nq, n_slots, chunk, n_splits, sink, window, scale * _LOG2E,
+    )
+    flags = dict(
+        HAS_STREAM_HEADS=modes is not None, SINGLE_SPLIT=single, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    grid = (batch * kv_heads, n_splits)
+    if q.is_cuda:
+        with torch.cuda.device(q.device):
+            kernel = _tuned_launcher(torch.cuda.get_device_capability(q.device), block_d, block_m,
+                                     _autotune_enabled())
+            kernel[grid](*args, **flags)
+    else:
+        _streaming_decode_split[grid](*args, **flags, **INTERPRETER_CONFIG.kwargs)
+    if not single:
+        _streaming_decode_merge[(batch * heads * nq,)](
+            part_o, part_lse, o, heads, nq, n_splits, o.stride(0), o.stride(1), o.stride(2),
+            HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
+        )
+    return o
+
+
+__all__ = ["streaming_decode_triton", "plan_splits", "HOPPER_CONFIGS", "FALLBACK_CONFIG", "fits_hopper"]

@@ -1,0 +1,274 @@
+"""Triton kernel for sink + sliding-window attention over a whole prompt (prefill and chunked prefill).
+
+FlashAttention-2 forward (online softmax, one program per ``BLOCK_M`` queries of one head), restricted to the
+key tiles a query block can see. For queries ``qi`` in ``[q_lo, q_hi]`` (key-index space, ``qi = q_offset + i``)
+the visible keys are the sink ``[kv_start, kv_start + sink)`` and the window ``(qi - window, qi]``, so a program
+walks three ranges of key tiles:
+
+1. the sink tiles (masked: causal + sink bound),
+2. the window tiles, split into masked edge tiles (the window's trailing edge and the causal diagonal) and
+   interior tiles that every query of the block sees in full (no mask arithmetic at all).
+
+Nothing outside those ranges is loaded, so the cost is ``Out(n * (sink + window + BLOCK_M))``, not ``Out(n * N)``.
+A full-attention head (``stream_heads[h] == False``) is the same walk with ``sink = 0`` and an unbounded window.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# An "unbounded" window / sink for full-attention heads; positions stay far below it.
+_UNBOUNDED = tl.constexpr(1 << 30)
+_LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _attn_tiles(
+    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi,
+    lo, hi, key_bound, win, qk_scale,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update over the key tiles ``[lo, hi)``; ``MASKED`` tiles apply the visibility rule."""
+    d_ok = offs_d < HEAD_DIM
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]  # [BLOCK_D, BLOCK_N]: K^T
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+        if MASKED:
+            n_ok = offs_n < key_bound
+            k = tl.load(k_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        if MASKED:
+            rel = qi[:, None] - offs_n[None, :]
+            visible = n_ok[None, :] & (rel >= 0) & (rel < win)
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        else:
+            qk = qk * qk_scale
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _streaming_attn_fwd(
+    Q, K, V, Out, LSE, KV_START, KV_LEN, STREAM_HEADS,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_lb, stride_lh,
+    H, GROUP, n_q, n_kv, q_offset, sink, window, qk_scale,
+    HAS_KV_START: tl.constexpr, HAS_KV_LEN: tl.constexpr, HAS_STREAM_HEADS: tl.constexpr,
+    RETURN_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+
+    kv_lo = 0
+    kv_hi = n_kv
+    if HAS_KV_START:
+        kv_lo = tl.load(KV_START + b)
+    if HAS_KV_LEN:
+        kv_hi = tl.load(KV_LEN + b)
+    sink_h = sink
+    win_h = window
+    if HAS_STREAM_HEADS:
+        streaming = tl.load(STREAM_HEADS + h) != 0
+        sink_h = tl.where(streaming, sink, 0)
+        win_h = tl.where(streaming, window, _UNBOUNDED)
+
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    qi = q_offset + offs_m  # each query's own key index
+    q_lo = q_offset + start_m
+    q_hi = q_offset + tl.minimum(start_m + BLOCK_M, n_q) - 1
+
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    q_mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+
+    # finite start for the running max so that fully masked rows give p = 0, not nan
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # 1) sink tiles [kv_lo, sink_end)
+    sink_end = tl.minimum(tl.minimum(kv_lo + sink_h, q_hi + 1), kv_hi)
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi,
+        kv_lo, sink_end, sink_end, _UNBOUNDED, qk_scale,
+        BLOCK_N, HEAD_DIM, BLOCK_D, True, DOT_PRECISION,
+    )
+
+    # 2) window tiles [win_lo, win_hi); interior [mid_lo, mid_hi) is visible to every query of the block
+    win_lo = tl.maximum(q_lo - win_h + 1, sink_end)
+    win_hi = tl.minimum(q_hi + 1, kv_hi)
+    full_lo = tl.maximum(q_hi - win_h + 1, win_lo)
+    full_hi = tl.minimum(q_lo + 1, kv_hi)
+    n_lead = (tl.maximum(full_lo - win_lo, 0) + BLOCK_N - 1) // BLOCK_N
+    mid_lo = win_lo + n_lead * BLOCK_N
+    mid_hi = mid_lo + (tl.maximum(full_hi - mid_lo, 0) // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi,
+        win_lo, tl.minimum(mid_lo, win_hi), win_hi, win_h, qk_scale,
+        BLOCK_N, HEAD_DIM, BLOCK_D, True, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi,
+        mid_lo, mid_hi, win_hi, win_h, qk_scale,
+        BLOCK_N, HEAD_DIM, BLOCK_D, False, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi,
+        mid_hi, win_hi, win_hi, win_h, qk_scale,
+        BLOCK_N, HEAD_DIM, BLOCK_D, True, DOT_PRECISION,
+    )
+
+    # rows that saw no key (padding) get zeros and lse = -inf
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_mask)
+    if RETURN_LSE:
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("-inf"))
+        l_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+        tl.store(l_base + offs_m, lse, mask=offs_m < n_q)
+
+
+# --------------------------------------------------------------------------------------------------- configs
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# Candidates for the H100: FA2-style tiles; the first is the default when autotuning is off.
+HOPPER_CONFIGS = [
+    _config(128, 64, 8, 3),
+    _config(128, 128, 8, 2),
+    _config(128, 64, 8, 2),
+    _config(128, 64, 4, 3),
+    _config(128, 128, 8, 3),
+    _config(64, 64, 4, 3),
+    _config(64, 128, 4, 3),
+    _config(64, 64, 4, 4),
+]
+# Works on any CUDA GPU with 64 KB of shared memory per block (Ampere and newer, also older cards).
+FALLBACK_CONFIG = _config(64, 64, 4, 2)
+# Triton's interpreter runs programs one by one on the CPU: small tiles keep tests quick.
+INTERPRETER_CONFIG = _config(16, 16, 1, 1)
+
+
+def fits_hopper(config: triton.Config, block_d: int) -> bool:
+    """Keep configs whose pipelined K/V tiles and Q tile fit the H100's 227 KB of shared memory per block,
+    and whose accumulator stays in registers (``BLOCK_M * BLOCK_D`` fp32 over the warps' register file)."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    smem = 2 * (bm * block_d + config.num_stages * 2 * bn * block_d)
+    acc_regs_per_thread = bm * block_d // (32 * config.num_warps)
+    return smem <= 227 * 1024 and acc_regs_per_thread <= 128 and not (block_d > 128 and bn > 64)
+
+
+def autotune_enabled() -> bool:
+    """``LIGHTTRANSFER_TRITON_AUTOTUNE=0`` uses each GPU's default config instead of timing candidates."""
+    return os.environ.get("LIGHTTRANSFER_TRITON_AUTOTUNE", "1") != "0"
+
+
+@functools.cache
+def _tuned_launcher(capability: tuple[int, int], block_d: int, autotune: bool):
+    if capability[0] == 9:
+        configs = [c for c in HOPPER_CONFIGS if fits_hopper(c, block_d)] or [FALLBACK_CONFIG]
+    else:
+        configs = [FALLBACK_CONFIG]
+    if not autotune:
+        configs = configs[:1]
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "HAS_STREAM_HEADS"])(_streaming_attn_fwd)
+
+
+def _as_int32(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if t is None else t.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def streaming_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    sink: int,
+    window: int,
+    q_offset: int,
+    kv_start: torch.Tensor | None,
+    kv_len: torch.Tensor | None,
+    scale: float,
+    stream_heads: torch.Tensor | None,
+    return_lse: bool,
+):
+    """Launch the kernel on validated inputs (see ``streaming_attention``). Returns ``(o, lse or None)``."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    batch, heads, n, dim = q.shape
+    kv_heads, n_kv = k.shape[1], k.shape[2]
+    o = torch.empty((batch, heads, n, dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device) if return_lse else None
+    starts = _as_int32(kv_start, q.device)
+    lens = _as_int32(kv_len, q.device)
+    modes = None if stream_heads is None else stream_heads.to(device=q.device, dtype=torch.int8).contiguous()
+    block_d = max(16, triton.next_power_of_2(dim))
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    lse_arg = lse if lse is not None else o
+    args = (
+        q, k, v, o, lse_arg,
+        starts if starts is not None else o, lens if lens is not None else o, modes if modes is not None else o,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        lse_arg.stride(0), lse_arg.stride(1),
+        heads, heads // kv_heads, n, n_kv, q_offset, sink, window, scale * _LOG2E,
+    )
+    flags = dict(
+        HAS_KV_START=starts is not None, HAS_KV_LEN=lens is not None, HAS_STREAM_HEADS=modes is not None,
+        RETURN_LSE=return_lse, HEAD_DIM=dim, BLOCK_D=block_d, DOT_PRECISION=precision,
+    )
+    if q.is_cuda:
+        with torch.cuda.device(q.device):
+            kernel = _tuned_launcher(torch.cuda.get_device_capability(q.device), block_d, autotune_enabled())
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), batch * heads)
+            kernel[grid](*args, **flags)
+    else:
+        cfg = INTERPRETER_CONFIG
+        grid = (triton.cdiv(n, cfg.kwargs["BLOCK_M"]), batch * heads)
+        _streaming_attn_fwd[grid](*args, **flags, **cfg.kwargs)
+    return o, lse
+
+
+__all__ = ["streaming_attention_triton", "HOPPER_CONFIGS", "FALLBACK_CONFIG", "fits_hopper"]

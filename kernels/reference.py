@@ -1,0 +1,113 @@
+"""Plain PyTorch references for the streaming kernels: an explicit dense mask, computed in float32.
+
+They define what the Triton kernels must compute (same signatures, same outputs) and run anywhere. Memory is
+``O(batch * heads * n * N)``: for tests, A/B checks and short inputs only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .mask import causal_visible, streaming_visible
+
+
+def _masked_softmax_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [B,H,n,D]``, ``k/v [B,Hkv,N,D]``, ``visible [B,H,n,N]`` bool -> ``(o [B,H,n,D] fp32, lse [B,H,n] fp32)``."""
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    # a row with no visible key has lse=-inf: give it zero weights instead of nan
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(scores - safe.unsqueeze(-1))
+    return torch.matmul(probs, v), lse
+
+
+def _head_modes(stream_heads: torch.Tensor | None, heads: int, device) -> torch.Tensor:
+    if stream_heads is None:
+        return torch.ones(heads, dtype=torch.bool, device=device)
+    return stream_heads.to(device=device, dtype=torch.bool).reshape(heads)
+
+
+def streaming_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    sink: int,
+    window: int,
+    q_offset: int = 0,
+    kv_start: torch.Tensor | None = None,
+    kv_len: torch.Tensor | None = None,
+    scale: float | None = None,
+    stream_heads: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Sink + sliding-window attention with an explicit mask (see ``streaming_attention`` for the contract).
+
+    Query ``i`` of sequence ``b`` sits at position ``q_offset + i - kv_start[b]``, key ``j`` at
+    ``j - kv_start[b]``; keys outside ``[kv_start[b], kv_len[b])`` are padding. Streaming heads see keys with
+    ``streaming_visible(q_pos, k_pos, sink, window)``, full heads (``stream_heads[h] == False``) every causal key.
+
+    Returns ``o [B, H, n, D]`` in ``q.dtype`` and, with ``return_lse``, ``lse [B, H, n]`` float32 (natural log).
+    """
+    batch, heads, n, dim = q.shape
+    keys = k.shape[2]
+    device = q.device
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    start = torch.zeros(batch, dtype=torch.long, device=device) if kv_start is None else kv_start.to(device).long()
+    end = torch.full((batch,), keys, dtype=torch.long, device=device) if kv_len is None else kv_len.to(device).long()
+
+    idx_q = torch.arange(n, device=device) + q_offset  # [n]
+    idx_k = torch.arange(keys, device=device)  # [N]
+    q_pos = idx_q.view(1, n, 1) - start.view(batch, 1, 1)  # [B, n, 1]
+    k_pos = idx_k.view(1, 1, keys) - start.view(batch, 1, 1)  # [B, 1, N]
+    valid = (idx_k.view(1, 1, keys) >= start.view(batch, 1, 1)) & (idx_k.view(1, 1, keys) < end.view(batch, 1, 1))
+    stream = streaming_visible(q_pos, k_pos, sink, window) & valid  # [B, n, N]
+    full = causal_visible(q_pos, k_pos) & valid
+    modes = _head_modes(stream_heads, heads, device).view(1, heads, 1, 1)
+    visible = torch.where(modes, stream.unsqueeze(1), full.unsqueeze(1))  # [B, H, n, N]
+
+    o, lse = _masked_softmax_attention(q, k, v, visible, scale)
+    o = o.to(q.dtype)
+    return (o, lse) if return_lse else o
+
+
+def streaming_decode_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    q_pos: torch.Tensor,
+    *,
+    sink: int,
+    window: int,
+    scale: float | None = None,
+    stream_heads: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention over a slot cache whose slots carry absolute positions (see ``streaming_decode``).
+
+    ``q [B, H, nq, D]``, ``k_cache/v_cache [B, Hkv, C, D]``, ``slot_pos [B, C]`` (-1 = empty slot),
+    ``q_pos [B, nq]``. Returns ``o [B, H, nq, D]`` in ``q.dtype``.
+    """
+    batch, heads, nq, dim = q.shape
+    device = q.device
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    sp = slot_pos.to(device).long().unsqueeze(1)  # [B, 1, C]
+    qp = q_pos.to(device).long().unsqueeze(-1)  # [B, nq, 1]
+    filled = sp >= 0
+    stream = streaming_visible(qp, sp, sink, window) & filled  # [B, nq, C]
+    full = causal_visible(qp, sp) & filled
+    modes = _head_modes(stream_heads, heads, device).view(1, heads, 1, 1)
+    visible = torch.where(modes, stream.unsqueeze(1), full.unsqueeze(1))  # [B, H, nq, C]
+    o, _ = _masked_softmax_attention(q, k_cache, v_cache, visible, scale)
+    return o.to(q.dtype)
+
+
+__all__ = ["streaming_attention_reference", "streaming_decode_reference"]
