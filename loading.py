@@ -258,24 +258,28 @@ def load_model(
 
 
 def check_causal_lm(config, source: ModelSource) -> None:
-    """Refuse configs that have no causal-LM head in transformers."""
+    """Refuse configs that have no causal-LM head in transformers, or whose attention cannot be swapped."""
     from transformers import AutoModelForCausalLM
 
     mapping = AutoModelForCausalLM._model_mapping
-    if type(config) not in mapping and not getattr(config, "auto_map", None):
+    if type(config) not in mapping:
+        if getattr(config, "auto_map", None):
+            return  # remote code: checked once the model class is known
         raise LightTransferError(
             f"model '{source.spec}' ({config.model_type}) is not a causal language model; "
             "lighttransfer converts decoder-only causal LMs such as Llama, Mistral, Qwen2/3 or GPT-NeoX."
         )
+    check_attention_swappable(mapping[type(config)], config.model_type)
 
 
-def check_attention_swappable(model) -> None:
+def check_attention_swappable(model_or_class, model_type: str | None = None) -> None:
     """Refuse models whose attention does not go through transformers' attention-function interface."""
-    if not getattr(model, "_supports_attention_backend", False):
+    if not getattr(model_or_class, "_supports_attention_backend", False):
+        model_type = model_type or model_or_class.config.model_type
         raise LightTransferError(
-            f"architecture '{model.config.model_type}' does not route attention through transformers' "
-            "attention interface, so its layers cannot be made streaming; supported are models such as "
-            f"{', '.join(TESTED_ARCHITECTURES)} (any with _supports_attention_backend)."
+            f"architecture '{model_type}' does not route attention through transformers' attention "
+            "interface, so its layers cannot be made streaming; supported are models such as "
+            f"{', '.join(TESTED_ARCHITECTURES)} (any whose transformers class supports attention backends)."
         )
 
 
@@ -306,7 +310,13 @@ def _plain_copy(model, dtype, attn_implementation):
         plain = AutoModelForCausalLM.from_config(config, **kwargs)
     plain.load_state_dict(model.state_dict(), strict=False, assign=True)
     plain.tie_weights()
-    missing = [n for n, p in plain.named_parameters() if p.is_meta]
+    # non-persistent buffers (rotary frequencies) are not in the state dict: take them over too
+    for name, buf in model.named_buffers():
+        owner_name, _, attr = name.rpartition(".")
+        owner = plain.get_submodule(owner_name) if owner_name else plain
+        if getattr(owner, attr, None) is not None and getattr(owner, attr).is_meta:
+            owner._buffers[attr] = buf
+    missing = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
     if missing:
         raise LightTransferError(f"GGUF model lacks weights for {missing[:3]}...; the file may be incomplete.")
     if model.generation_config is not None:
