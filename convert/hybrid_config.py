@@ -14,7 +14,8 @@ block through ``from_pretrained`` -> ``save_pretrained``::
       "source": {"model_id": ..., "fingerprint": ...},
       "calibration": {"sink": 4, "recent": 1020, "last": 32, ...},  # what the layers were chosen with
       "report_summary": {...},                 # small: lazy ratios per layer, ranking
-      "sidecar": "lighttransfer_scores.json"   # bulky per-head scores beside the weights, or null
+      "sidecar": "lighttransfer_scores.json",  # bulky per-head scores beside the weights, or null
+      "native_swa": false                      # true when layer_types/sliding_window were also written
     }
 """
 
@@ -52,6 +53,8 @@ class HybridConfig:
         calibration: analysis parameters the selection was made with (sink, recent, last, seq_len, ...).
         report_summary: small summary of the analysis (per-layer lazy ratios, ranking).
         sidecar: file name of the bulky per-head scores beside the weights, or ``None``.
+        native_swa: the architecture's own ``layer_types`` + ``sliding_window`` fields were also written, so
+            stock loaders slide a window (without sinks) over ``streaming_layers``.
     """
 
     num_layers: int
@@ -66,6 +69,7 @@ class HybridConfig:
     calibration: dict[str, Any] = field(default_factory=dict)
     report_summary: dict[str, Any] = field(default_factory=dict)
     sidecar: str | None = None
+    native_swa: bool = False
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:

@@ -1,0 +1,158 @@
+"""``lighttransfer convert`` and ``lighttransfer inspect``: thin click layers over the library."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import click
+
+from ..cli import is_quiet, model_options, stdout_console, verbosity_options
+from ..errors import LightTransferError
+
+
+def parse_layer_list(text: str | None, *, option: str) -> list[int] | None:
+    """``"3,5,7"`` or ``"0-3,8"`` -> ``[3, 5, 7]`` / ``[0, 1, 2, 3, 8]``; ``None`` stays ``None``."""
+    if text is None:
+        return None
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            span = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+            if span:
+                out.extend(range(int(span[1]), int(span[2]) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise LightTransferError(
+                f"{option} '{text}': give layer indices as comma-separated integers or ranges, e.g. 3,5,7 or 0-3."
+            ) from None
+    if not out:
+        raise LightTransferError(f"{option} '{text}' names no layer; e.g. {option} 3,5,7.")
+    return out
+
+
+def _rows_table(rows, *, num_kv_heads: int, title: str):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for name in ("layer", "attention", "KV heads streaming", "lazy ratio", "rank", "why"):
+        table.add_column(name, justify="right" if name in ("layer", "lazy ratio", "rank", "KV heads streaming") else "left")
+    styles = {"streaming": "bold cyan", "mixed": "yellow", "full": "dim"}
+    for row in rows:
+        table.add_row(str(row.layer), f"[{styles[row.kind]}]{row.kind}[/]", f"{row.streaming_heads}/{num_kv_heads}",
+                      "—" if row.lazy_ratio is None else f"{row.lazy_ratio:.3f}",
+                      "—" if row.rank is None else str(row.rank), row.reason)
+    return table
+
+
+def _memory_table(memory):
+    from rich.table import Table
+
+    from .kv_memory import format_bytes
+
+    table = Table(title="KV cache, batch 1", title_justify="left")
+    for name in ("tokens", "original", "hybrid", "saved"):
+        table.add_column(name, justify="right")
+    for row in memory:
+        table.add_row(f"{row.tokens:,}", format_bytes(row.dense_bytes), format_bytes(row.hybrid_bytes),
+                      f"{100 * row.saved_fraction:.1f}%")
+    return table
+
+
+@click.command("convert")
+@click.argument("model")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Directory to write the hybrid checkpoint to.")
+@click.option("--ratio", default=0.5, show_default=True, type=float,
+              help="Share of layers (or, with --granularity head, of KV heads) to stream, in (0, 1].")
+@click.option("--report", type=click.Path(dir_okay=False), help="Analysis report JSON from `lighttransfer analyze`; without it the analysis runs first.")
+@click.option("--calib", multiple=True, type=click.Path(dir_okay=False),
+              help="Calibration text for the one-step analysis (repeatable); default: the shipped text.")
+@click.option("--layers", metavar="LIST", help="Streaming layers by hand, e.g. 3,5,7 or 10-20 (no analysis needed).")
+@click.option("--keep", metavar="LIST", help="Layers that always keep full attention, e.g. 0,1.")
+@click.option("--sink", default=4, show_default=True, type=int, help="Initial tokens every streaming query keeps.")
+@click.option("--window", default=1020, show_default=True, type=int, help="Recent tokens every streaming query keeps (its own included).")
+@click.option("--granularity", default="layer", show_default=True, type=click.Choice(["layer", "head"]),
+              help="Stream whole layers, or individual KV heads model-wide.")
+@click.option("--strategy", default="lazy", show_default=True, type=click.Choice(["lazy", "random", "least_lazy"]),
+              help="lazy: highest lazy ratio first (the paper's rule); random and least_lazy are baselines.")
+@click.option("--prefill", default="streaming", show_default=True, type=click.Choice(["streaming", "full"]),
+              help="Runtime prefill policy stored in the checkpoint.")
+@click.option("--native-swa", is_flag=True,
+              help="Also write layer_types + sliding_window for stock loaders (window only, no sinks: less accurate).")
+@click.option("--seq-len", default=4096, show_default=True, type=int, help="Tokens per calibration sample (one-step analysis).")
+@click.option("--samples", default=8, show_default=True, type=int, help="Calibration samples (one-step analysis).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling and --strategy random.")
+@click.option("--force", is_flag=True, help="Replace an existing checkpoint at --out.")
+@model_options
+@verbosity_options
+def convert(model, out, ratio, report, calib, layers, keep, sink, window, granularity, strategy, prefill,
+            native_swa, seq_len, samples, seed, force, device, dtype, trust_remote_code) -> None:
+    """Write a hybrid checkpoint of MODEL (directory, .gguf file or hub id) whose laziest layers stream."""
+    from .converter import convert as run_convert
+
+    quiet = is_quiet()
+    result = run_convert(
+        model, out=out, ratio=ratio, report=report, calib=list(calib) or None,
+        layers=parse_layer_list(layers, option="--layers"), keep=parse_layer_list(keep, option="--keep") or (),
+        sink=sink, window=window, granularity=granularity, strategy=strategy, prefill=prefill,
+        native_swa=native_swa, force=force, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        progress=not quiet, seed=seed, seq_len=seq_len, samples=samples,
+    )
+    console = stdout_console()
+    hybrid = result.hybrid
+    if not quiet:
+        console.print(_rows_table(result.rows, num_kv_heads=hybrid.num_kv_heads,
+                                  title=f"Layer selection ({hybrid.granularity}, sink {hybrid.sink}, window {hybrid.window})"))
+        console.print(_memory_table(result.memory))
+        console.print(f"weights: {result.weights}; {result.tensors_verified} tensors checked against the source.")
+    console.print(f"wrote {result.out} ({len(hybrid.streaming_layers)} of {hybrid.num_layers} layers streaming"
+                  + (f", {len(hybrid.head_masks)} mixed" if hybrid.head_masks else "") + ")")
+
+
+def _head_grid(hybrid):
+    from rich.table import Table
+
+    table = Table(title="KV heads (S = streaming, . = full)", title_justify="left")
+    table.add_column("layer", justify="right")
+    for h in range(hybrid.num_kv_heads):
+        table.add_column(str(h), justify="center")
+    for layer in range(hybrid.num_layers):
+        table.add_row(str(layer), *("[cyan]S[/]" if s else "[dim].[/]" for s in hybrid.kv_head_mask(layer)))
+    return table
+
+
+@click.command("inspect")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@verbosity_options
+def inspect(checkpoint, as_json) -> None:
+    """Show CHECKPOINT's hybrid layout and its KV-cache memory at 8k/32k/128k tokens (from config.json only)."""
+    from .inspect_checkpoint import inspect_checkpoint
+
+    result = inspect_checkpoint(checkpoint)
+    console = stdout_console()
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+        return
+    hybrid = result.hybrid
+    source = hybrid.source or {}
+    streaming = ",".join(map(str, hybrid.streaming_layers)) or "none"
+    console.print(f"[bold]{result.path}[/]: {result.model_type}, {hybrid.num_layers} layers x {hybrid.num_kv_heads} "
+                  f"KV heads, head_dim {result.head_dim}, {result.dtype}")
+    console.print(f"source: {source.get('model_id', '?')} (fingerprint {source.get('fingerprint', '?')})")
+    console.print(f"streaming layers ({len(hybrid.streaming_layers)}/{hybrid.num_layers}): {streaming}")
+    console.print(f"sink {hybrid.sink} + window {hybrid.window} tokens; prefill {hybrid.prefill}; "
+                  f"granularity {hybrid.granularity}; native sliding-window fields: {'yes' if hybrid.native_swa else 'no'}")
+    if hybrid.calibration:
+        c = hybrid.calibration
+        console.print(f"chosen with analysis sink {c.get('sink', '?')}, recent {c.get('recent', '?')}, "
+                      f"seq_len {c.get('seq_len', '?')}, samples {c.get('samples', '?')}")
+    if hybrid.head_masks:
+        console.print(_head_grid(hybrid))
+    console.print(_memory_table(result.memory))
+
+
+__all__ = ["convert", "inspect", "parse_layer_list"]

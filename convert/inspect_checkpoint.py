@@ -1,0 +1,100 @@
+"""Read a hybrid checkpoint's layout and KV-cache budget from its ``config.json`` (no weights loaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import LightTransferError
+from .hybrid_config import CONFIG_KEY, HybridConfig
+from .kv_memory import DEFAULT_TOKENS, DTYPE_BYTES, KVMemoryRow, kv_memory_table
+
+
+@dataclass
+class InspectResult:
+    """What ``lighttransfer inspect`` shows.
+
+    Attributes:
+        path: the checkpoint directory.
+        hybrid: the ``lighttransfer`` block.
+        model_type: the config's ``model_type``.
+        head_dim: channels per attention head.
+        dtype: the weights' dtype named in the config (the cache is assumed to use it).
+        memory: KV-cache bytes of the dense and the hybrid model at 8k/32k/128k tokens, batch 1.
+        native_layer_types: the architecture's own ``layer_types`` when ``--native-swa`` wrote them.
+        max_position_embeddings: the context length the config declares, when it says.
+    """
+
+    path: Path
+    hybrid: HybridConfig
+    model_type: str
+    head_dim: int
+    dtype: str
+    memory: list[KVMemoryRow]
+    native_layer_types: list[str] | None = None
+    max_position_embeddings: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "model_type": self.model_type, "head_dim": self.head_dim, "dtype": self.dtype,
+            "hybrid": self.hybrid.to_dict(), "memory": [row.to_dict() for row in self.memory],
+            "native_layer_types": self.native_layer_types,
+            "max_position_embeddings": self.max_position_embeddings,
+        }
+
+
+def _text_config(config: dict) -> dict:
+    # multimodal wrappers keep the language model's shape under text_config
+    inner = config.get("text_config")
+    return inner if isinstance(inner, dict) and "num_hidden_layers" in inner else config
+
+
+def inspect_checkpoint(path: str | os.PathLike[str], *, tokens: tuple[int, ...] = DEFAULT_TOKENS) -> InspectResult:
+    """Read the hybrid layout of the checkpoint at ``path`` and size its KV cache.
+
+    Args:
+        path: a hybrid checkpoint directory (or its ``config.json``).
+        tokens: sequence lengths to size the cache at (batch 1).
+
+    Raises:
+        LightTransferError: no readable config.json, or no ``lighttransfer`` block in it.
+    """
+    path = Path(path).expanduser()
+    config_path = path if path.name == "config.json" else path / "config.json"
+    if not config_path.is_file():
+        raise LightTransferError(f"'{path}' has no config.json; pass a checkpoint directory written by convert.")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise LightTransferError(f"'{config_path}' is not valid JSON ({exc}).") from exc
+    hybrid = HybridConfig.from_model_config(config)
+    if hybrid is None:
+        raise LightTransferError(
+            f"'{config_path.parent}' is a plain model, not a hybrid: its config.json has no '{CONFIG_KEY}' block. "
+            "Make one with `lighttransfer convert`."
+        )
+    text = _text_config(config)
+    heads = text.get("num_attention_heads")
+    head_dim = text.get("head_dim") or (text["hidden_size"] // heads if heads and text.get("hidden_size") else None)
+    if not head_dim:
+        raise LightTransferError(f"'{config_path}' says neither head_dim nor hidden_size/num_attention_heads.")
+    dtype = str(text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or "float32")
+    dtype = dtype.removeprefix("torch.")
+    memory = kv_memory_table(hybrid, head_dim=int(head_dim), dtype_bytes=DTYPE_BYTES.get(dtype, 4), tokens=tokens)
+    return InspectResult(
+        path=config_path.parent,
+        hybrid=hybrid,
+        model_type=str(text.get("model_type") or config.get("model_type") or "?"),
+        head_dim=int(head_dim),
+        dtype=dtype,
+        memory=memory,
+        native_layer_types=text.get("layer_types") if hybrid.native_swa else None,
+        max_position_embeddings=text.get("max_position_embeddings"),
+    )
+
+
+__all__ = ["InspectResult", "inspect_checkpoint"]
