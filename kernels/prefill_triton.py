@@ -9,7 +9,7 @@ walks three ranges of key tiles:
 2. the window tiles, split into masked edge tiles (the window's trailing edge and the causal diagonal) and
    interior tiles that every query of the block sees in full (no mask arithmetic at all).
 
-Nothing outside those ranges is loaded, so the cost is ``Out(n * (sink + window + BLOCK_M))``, not ``Out(n * N)``.
+Nothing outside those ranges is loaded, so the cost is ``O(n * (sink + window + BLOCK_M))``, not ``O(n * N)``.
 A full-attention head (``stream_heads[h] == False``) is the same walk with ``sink = 0`` and an unbounded window.
 """
 

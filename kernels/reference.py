@@ -13,26 +13,86 @@ import torch
 from .mask import causal_visible, streaming_visible
 
 
-def _masked_softmax_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    visible: torch.Tensor,
+    scale: float,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q [B,H,n,D]``, ``k/v [B,Hkv,N,D]``, ``visible [B,H,n,N]`` bool -> ``(o [B,H,n,D] fp32, lse [B,H,n] fp32)``."""
+    """Softmax attention under an explicit mask.
+
+    ``q [B,H,n,D]``, ``k/v [B,Hkv,N,D]`` (GQA: repeated here, in the reference only), ``visible [B,H,n,N]`` bool.
+    Matmuls run in ``compute_dtype`` (float32 for the reference; the inputs' own dtype gives the low-precision
+    baseline of the error policy), the softmax in float32.
+    Returns ``(o [B,H,n,D] float32, lse [B,H,n] float32, natural log, -inf for rows that see nothing)``.
+    """
     group = q.shape[1] // k.shape[1]
-    k = k.float().repeat_interleave(group, dim=1)
-    v = v.float().repeat_interleave(group, dim=1)
-    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
+    k = k.to(compute_dtype).repeat_interleave(group, dim=1)
+    v = v.to(compute_dtype).repeat_interleave(group, dim=1)
+    scores = (torch.matmul(q.to(compute_dtype), k.transpose(-1, -2)) * scale).float()
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     # a row with no visible key has lse=-inf: give it zero weights instead of nan
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = torch.exp(scores - safe.unsqueeze(-1))
-    return torch.matmul(probs, v), lse
+    return torch.matmul(probs.to(compute_dtype), v).float(), lse
 
 
 def _head_modes(stream_heads: torch.Tensor | None, heads: int, device) -> torch.Tensor:
     if stream_heads is None:
         return torch.ones(heads, dtype=torch.bool, device=device)
     return stream_heads.to(device=device, dtype=torch.bool).reshape(heads)
+
+
+def prefill_visibility(
+    batch: int,
+    heads: int,
+    n: int,
+    n_kv: int,
+    *,
+    sink: int,
+    window: int,
+    q_offset: int = 0,
+    kv_start: torch.Tensor | None = None,
+    kv_len: torch.Tensor | None = None,
+    stream_heads: torch.Tensor | None = None,
+    device=None,
+) -> torch.Tensor:
+    """Dense mask ``[batch, heads, n, n_kv]`` (True = attend) of :func:`streaming_attention_reference`."""
+    start = torch.zeros(batch, dtype=torch.long, device=device) if kv_start is None else kv_start.to(device).long()
+    end = (torch.full((batch,), n_kv, dtype=torch.long, device=device) if kv_len is None
+           else kv_len.to(device).long())
+    idx_q = torch.arange(n, device=device) + q_offset  # [n]
+    idx_k = torch.arange(n_kv, device=device)  # [N]
+    q_pos = idx_q.view(1, n, 1) - start.view(batch, 1, 1)  # [B, n, 1]
+    k_pos = idx_k.view(1, 1, n_kv) - start.view(batch, 1, 1)  # [B, 1, N]
+    valid = (idx_k.view(1, 1, n_kv) >= start.view(batch, 1, 1)) & (idx_k.view(1, 1, n_kv) < end.view(batch, 1, 1))
+    stream = streaming_visible(q_pos, k_pos, sink, window) & valid  # [B, n, N]
+    full = causal_visible(q_pos, k_pos) & valid
+    modes = _head_modes(stream_heads, heads, device).view(1, heads, 1, 1)
+    return torch.where(modes, stream.unsqueeze(1), full.unsqueeze(1))
+
+
+def decode_visibility(
+    heads: int,
+    slot_pos: torch.Tensor,
+    q_pos: torch.Tensor,
+    *,
+    sink: int,
+    window: int,
+    stream_heads: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense mask ``[batch, heads, nq, C]`` of :func:`streaming_decode_reference` (slot_pos -1 = empty)."""
+    sp = slot_pos.long().unsqueeze(1)  # [B, 1, C]
+    qp = q_pos.to(slot_pos.device).long().unsqueeze(-1)  # [B, nq, 1]
+    filled = sp >= 0
+    stream = streaming_visible(qp, sp, sink, window) & filled  # [B, nq, C]
+    full = causal_visible(qp, sp) & filled
+    modes = _head_modes(stream_heads, heads, slot_pos.device).view(1, heads, 1, 1)
+    return torch.where(modes, stream.unsqueeze(1), full.unsqueeze(1))
 
 
 def streaming_attention_reference(
@@ -58,23 +118,10 @@ def streaming_attention_reference(
     Returns ``o [B, H, n, D]`` in ``q.dtype`` and, with ``return_lse``, ``lse [B, H, n]`` float32 (natural log).
     """
     batch, heads, n, dim = q.shape
-    keys = k.shape[2]
-    device = q.device
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-    start = torch.zeros(batch, dtype=torch.long, device=device) if kv_start is None else kv_start.to(device).long()
-    end = torch.full((batch,), keys, dtype=torch.long, device=device) if kv_len is None else kv_len.to(device).long()
-
-    idx_q = torch.arange(n, device=device) + q_offset  # [n]
-    idx_k = torch.arange(keys, device=device)  # [N]
-    q_pos = idx_q.view(1, n, 1) - start.view(batch, 1, 1)  # [B, n, 1]
-    k_pos = idx_k.view(1, 1, keys) - start.view(batch, 1, 1)  # [B, 1, N]
-    valid = (idx_k.view(1, 1, keys) >= start.view(batch, 1, 1)) & (idx_k.view(1, 1, keys) < end.view(batch, 1, 1))
-    stream = streaming_visible(q_pos, k_pos, sink, window) & valid  # [B, n, N]
-    full = causal_visible(q_pos, k_pos) & valid
-    modes = _head_modes(stream_heads, heads, device).view(1, heads, 1, 1)
-    visible = torch.where(modes, stream.unsqueeze(1), full.unsqueeze(1))  # [B, H, n, N]
-
-    o, lse = _masked_softmax_attention(q, k, v, visible, scale)
+    visible = prefill_visibility(batch, heads, n, k.shape[2], sink=sink, window=window, q_offset=q_offset,
+                                 kv_start=kv_start, kv_len=kv_len, stream_heads=stream_heads, device=q.device)
+    o, lse = masked_attention(q, k, v, visible, scale)
     o = o.to(q.dtype)
     return (o, lse) if return_lse else o
 
@@ -96,18 +143,18 @@ def streaming_decode_reference(
     ``q [B, H, nq, D]``, ``k_cache/v_cache [B, Hkv, C, D]``, ``slot_pos [B, C]`` (-1 = empty slot),
     ``q_pos [B, nq]``. Returns ``o [B, H, nq, D]`` in ``q.dtype``.
     """
-    batch, heads, nq, dim = q.shape
-    device = q.device
+    heads, dim = q.shape[1], q.shape[3]
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-    sp = slot_pos.to(device).long().unsqueeze(1)  # [B, 1, C]
-    qp = q_pos.to(device).long().unsqueeze(-1)  # [B, nq, 1]
-    filled = sp >= 0
-    stream = streaming_visible(qp, sp, sink, window) & filled  # [B, nq, C]
-    full = causal_visible(qp, sp) & filled
-    modes = _head_modes(stream_heads, heads, device).view(1, heads, 1, 1)
-    visible = torch.where(modes, stream.unsqueeze(1), full.unsqueeze(1))  # [B, H, nq, C]
-    o, _ = _masked_softmax_attention(q, k_cache, v_cache, visible, scale)
+    visible = decode_visibility(heads, slot_pos.to(q.device), q_pos, sink=sink, window=window,
+                                stream_heads=stream_heads)
+    o, _ = masked_attention(q, k_cache, v_cache, visible, scale)
     return o.to(q.dtype)
 
 
-__all__ = ["streaming_attention_reference", "streaming_decode_reference"]
+__all__ = [
+    "streaming_attention_reference",
+    "streaming_decode_reference",
+    "masked_attention",
+    "prefill_visibility",
+    "decode_visibility",
+]
