@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     if "-v" in args or "--verbose" in args:
         _state["verbose"] = True
     try:
-        cli.main(args=args, prog_name="lighttransfer", standalone_mode=False)
+        result = cli.main(args=args, prog_name="lighttransfer", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.Abort:
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
             soft_wrap=True,
         )
         sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 __all__ = ["cli", "main", "model_options", "device_options", "verbosity_options", "is_quiet",

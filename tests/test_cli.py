@@ -1,0 +1,74 @@
+"""The CLI shell: version, help, and how errors reach the user (one line; traceback only with -v)."""
+
+from __future__ import annotations
+
+import click
+import pytest
+
+from lighttransfer import cli
+from lighttransfer.errors import LightTransferError
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+@pytest.fixture
+def fake_commands(monkeypatch):
+    @click.command()
+    @cli.verbosity_options
+    @click.option("--kind", default="user")
+    def boom(kind):
+        if kind == "user":
+            raise LightTransferError("--calib 'x.txt' does not exist; pass an existing file.")
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setitem(cli.COMMANDS, "boom", ("tests_fake:boom", "raise an error"))
+    monkeypatch.setitem(cli.COMMANDS, "later", ("lighttransfer.no_such_module:cmd", "not there yet"))
+    import sys
+    import types
+
+    module = types.ModuleType("tests_fake")
+    module.boom = boom
+    monkeypatch.setitem(sys.modules, "tests_fake", module)
+    monkeypatch.setitem(cli._state, "verbose", False)
+
+
+def test_version(capsys):
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and "lighttransfer, version 0.1.0" in out
+
+
+def test_help_lists_commands(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for name in ("analyze", "convert", "inspect", "generate", "eval", "bench"):
+        assert name in out
+
+
+def test_user_error_is_one_line(fake_commands, capsys):
+    code, _, err = run(["boom"], capsys)
+    assert code == 1
+    assert err.strip().count("\n") == 0
+    assert "error: --calib 'x.txt' does not exist" in err and "Traceback" not in err
+
+
+def test_unexpected_error_is_one_line_unless_verbose(fake_commands, capsys):
+    code, _, err = run(["boom", "--kind", "bug"], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert "unexpected ZeroDivisionError: division by zero" in err and "second line" not in err
+    code, _, err = run(["-v", "boom", "--kind", "bug"], capsys)
+    assert code == 1 and "Traceback" in err
+
+
+def test_command_not_built_yet_exits_2(fake_commands, capsys):
+    code, _, err = run(["later", "--anything"], capsys)
+    assert code == 2 and "not built yet" in err
+
+
+def test_unknown_option_is_a_usage_error(fake_commands, capsys):
+    code, _, err = run(["boom", "--no-such-option"], capsys)
+    assert code == 2 and "No such option" in err

@@ -1,0 +1,50 @@
+"""Packaging: one import package `lighttransfer`, a console script, and a CLI that starts without torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from conftest import REPO
+
+
+def test_wheel_holds_one_package(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(REPO)],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("lighttransfer-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names}
+    assert all(t == "lighttransfer" or t.endswith(".dist-info") for t in top), top
+    for sub in ("calibration", "analysis", "convert", "kernels", "runtime", "bench"):
+        assert f"lighttransfer/{sub}/__init__.py" in names
+    assert "lighttransfer/calibration/data/sense_and_sensibility.txt" in names
+    assert not any(n.startswith("lighttransfer/tests/") for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "lighttransfer = lighttransfer.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from lighttransfer.cli import main; sys.argv=['lighttransfer','--help']\n" \
+           "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for cmd in ("analyze", "convert", "inspect", "generate", "eval", "bench"):
+        assert cmd in proc.stdout
+
+
+def test_checkout_script_runs_cli(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bin" / "lighttransfer"), "--version"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0 and "lighttransfer, version" in proc.stdout
+
+
+def test_top_level_names_are_not_importable_alone(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", "import analysis"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0 and "No module named 'analysis'" in proc.stderr
+    assert Path(REPO / "analysis" / "__init__.py").is_file()
