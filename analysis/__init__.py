@@ -1,1 +1,35 @@
-"""analysis"""
+"""Attention analysis: per-layer lazy ratios and per-head long-context scores (LightTransfer, Eq. 1).
+
+Heavy names are imported on first use so that reading a report (``analysis.report``) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "analyze": "lighttransfer.analysis.analyze:analyze",
+    "analyze_tokens": "lighttransfer.analysis.analyze:analyze_tokens",
+    "capture_lazy_mass": "lighttransfer.analysis.capture:capture_lazy_mass",
+    "streaming_attention_mass": "lighttransfer.analysis.lazy_ratio:streaming_attention_mass",
+    "head_statistics": "lighttransfer.analysis.lazy_ratio:head_statistics",
+    "AnalysisReport": "lighttransfer.analysis.report:AnalysisReport",
+    "plot_heatmap": "lighttransfer.analysis.heatmap:plot_heatmap",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'lighttransfer.analysis' has no attribute {name!r}")
+    module_name, attr = target.split(":")
+    value = getattr(importlib.import_module(module_name), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,131 @@
+"""``lighttransfer analyze``: a thin click layer over :func:`lighttransfer.analysis.analyze`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..cli import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
+from ..errors import LightTransferError
+
+BAR = "\u2588"
+
+
+def _check_output(path: str | None, option: str, suffix: str) -> Path | None:
+    if path is None:
+        return None
+    target = Path(path)
+    if target.suffix.lower() != suffix:
+        raise LightTransferError(f"{option} '{path}' must end with {suffix}.")
+    if target.is_dir():
+        raise LightTransferError(f"{option} '{path}' is a directory; pass a file name ending with {suffix}.")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not _writable(parent):
+        raise LightTransferError(f"{option} '{path}': cannot write into '{parent}'; pick another place.")
+    return target
+
+
+def _writable(folder: Path) -> bool:
+    import os
+
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _table(report, lazy_fraction: float):
+    from rich.table import Table
+
+    from .heatmap import lazy_layers
+
+    marked = set(lazy_layers(report, lazy_fraction))
+    rank = {layer: i + 1 for i, layer in enumerate(report.ranking)}
+    table = Table(title=f"lazy ratio per layer ({report.model_id})", title_style="bold")
+    table.add_column("layer", justify="right")
+    table.add_column("lazy ratio", justify="right")
+    table.add_column("rank", justify="right")
+    table.add_column("", no_wrap=True)
+    for s in report.layers:
+        width = round(s.lazy_ratio.mean * 30)
+        style = "orange3" if s.layer in marked else "blue"
+        table.add_row(str(s.layer), f"{s.lazy_ratio.mean:.3f} \u00b1 {s.lazy_ratio.std:.3f}", str(rank[s.layer]),
+                      f"[{style}]{BAR * width}[/{style}]")
+    return table
+
+
+@click.command("analyze")
+@click.argument("model", metavar="MODEL")
+@click.argument("more_calib", nargs=-1, metavar="", required=False)
+@click.option("--calib", multiple=True, metavar="FILE",
+              help="Calibration text: .txt/.jsonl files, directories, globs, or synthetic:passkey; repeat the "
+                   "option or list several files after it. Default: the shipped Sense and Sensibility excerpt.")
+@click.option("--seq-len", default=4096, show_default=True, type=int, help="Tokens per calibration sample.")
+@click.option("--samples", default=8, show_default=True, type=int, help="Number of calibration samples.")
+@click.option("--batch", default=1, show_default=True, type=int, help="Samples per forward pass.")
+@click.option("--sink", default=4, show_default=True, type=int, help="Initial tokens a streaming layer keeps.")
+@click.option("--recent", default=1020, show_default=True, type=int,
+              help="Most recent tokens a streaming layer keeps (each query's own window).")
+@click.option("--last", default=32, show_default=True, type=int, help="Final queries of each sample measured.")
+@click.option("--threshold", default=0.1, show_default=True, type=float,
+              help="Long-context mass above which a query counts as reaching far back.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed that picks the calibration windows.")
+@click.option("--field", default="text", show_default=True, help="JSONL field that holds the text.")
+@click.option("--out", "out", default=None, metavar="REPORT.json", help="Write the report (JSON) here.")
+@click.option("--plot", default=None, metavar="HEATMAP.png", help="Write a heatmap (layers x heads) here.")
+@click.option("--lazy-fraction", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="Share of layers marked lazy in the table and the heatmap (display only).")
+@click.option("--device-map", default=None, type=click.Choice(["auto"]),
+              help="Spread a model too big for one GPU over all GPUs (accelerate).")
+@model_options
+@verbosity_options
+def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq_len: int, samples: int,
+            batch: int, sink: int, recent: int, last: int, threshold: float, seed: int, field: str,
+            out: str | None, plot: str | None, lazy_fraction: float, device_map: str | None, device: str,
+            dtype: str, trust_remote_code: bool) -> None:
+    """Profile attention on calibration text: which layers are lazy (attend to sink + recent tokens only).
+
+    \b
+    Example:
+      lighttransfer analyze model/ --calib book.txt --seq-len 4096 --samples 8 --out report.json --plot heat.png
+    """
+    from .analyze import analyze as run_analysis
+    from .heatmap import plot_heatmap
+
+    if more_calib and not calib:
+        raise LightTransferError(
+            f"unexpected argument(s) {' '.join(more_calib)}; calibration files go after --calib."
+        )
+    out_path = _check_output(out, "--out", ".json")
+    plot_path = _check_output(plot, "--plot", ".png")
+    quiet = is_quiet()
+    sources = [*calib, *more_calib] or None
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("analysing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=stderr_console(), disable=quiet, transient=True)
+    task = progress.add_task("samples", total=samples)
+    with progress:
+        report = run_analysis(
+            model, calib=sources, seq_len=seq_len, samples=samples, batch=batch, sink=sink, recent=recent,
+            last=last, threshold=threshold, seed=seed, field=field, device=device, dtype=dtype,
+            trust_remote_code=trust_remote_code, device_map=device_map,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    console = stdout_console()
+    console.print(_table(report, lazy_fraction))
+    if out_path is not None:
+        report.save(out_path)
+        console.print(f"report: {out_path}")
+    if plot_path is not None:
+        plot_heatmap(report, plot_path, lazy_fraction=lazy_fraction)
+        console.print(f"heatmap: {plot_path}")
+    if not quiet:
+        t = report.timings
+        console.print(f"[dim]{report.calibration.get('samples')} x {report.calibration.get('seq_len')} tokens "
+                      f"in {t.get('analysis', 0):.1f} s; ranking (most lazy first): "
+                      f"{' '.join(map(str, report.ranking))}[/dim]")
+
+
+__all__ = ["analyze"]

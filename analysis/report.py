@@ -1,0 +1,219 @@
+"""The analysis report: per-layer lazy ratios and per-head long-context scores of one model, as JSON.
+
+Written by ``lighttransfer analyze`` (and :func:`lighttransfer.analysis.analyze`), read by ``convert`` to pick
+the streaming layers (or KV heads). Plain Python and JSON only (no torch), so reading a report is cheap.
+
+Shapes in the JSON: per-layer lists have ``num_layers`` entries; head matrices are ``[num_layers][num_heads]``
+(query heads) or ``[num_layers][num_kv_heads]`` (KV heads); all ratios are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import LightTransferError
+
+SCHEMA_VERSION = 1
+HEAD_METRICS = ("lazy_ratio", "lazy_ratio_std", "long_context_mass", "long_query_share")
+
+
+@dataclass
+class SummaryStat:
+    """Mean, standard deviation (population, over samples), min and max of one quantity."""
+
+    mean: float
+    std: float
+    min: float
+    max: float
+
+
+@dataclass
+class LayerStats:
+    """One decoder layer: its lazy ratio (query heads and last queries averaged) over samples."""
+
+    layer: int
+    lazy_ratio: SummaryStat
+    per_sample: list[float]
+
+
+@dataclass
+class HeadStats:
+    """Per-head matrices ``[num_layers][heads]``, averaged over samples.
+
+    Attributes:
+        lazy_ratio: mean lazy mass of the head's last queries (Eq. 1 per head).
+        lazy_ratio_std: its standard deviation over samples.
+        long_context_mass: attention mass beyond sink + recent, ``1 - lazy_ratio``.
+        long_query_share: share of the last queries whose mass beyond sink + recent exceeds ``threshold``.
+    """
+
+    lazy_ratio: list[list[float]]
+    lazy_ratio_std: list[list[float]]
+    long_context_mass: list[list[float]]
+    long_query_share: list[list[float]]
+
+
+@dataclass
+class AnalysisReport:
+    """Result of one analysis run (see the module docstring for shapes).
+
+    Attributes:
+        schema_version: version of this layout (:data:`SCHEMA_VERSION`).
+        model_id: what the model was called (hub id, directory or file name).
+        fingerprint: :func:`lighttransfer.loading.model_fingerprint` of the analysed model.
+        num_layers, num_heads, num_kv_heads: the model's attention shape.
+        params: sink, recent, last, threshold, seq_len, samples, batch, seed, dtype, device,
+            attn_implementation, block_size.
+        calibration: sources, files, ``text_sha256``, ``tokens_sha256``, token counts, offsets.
+        layers: per-layer lazy ratio statistics over samples.
+        query_heads: per query head (``[num_layers][num_heads]``).
+        kv_heads: per KV head (``[num_layers][num_kv_heads]``), formed from the KV head's group of query
+            heads so that a KV head looks only as lazy as its least lazy query head: ``lazy_ratio`` is the min
+            over the group, ``long_context_mass`` and ``long_query_share`` the max.
+        ranking: layer indices from most to least lazy (ties: lower index first).
+        timings: seconds (``load``, ``calibration``, ``analysis``, ``per_sample``) and ``tokens_per_s``.
+        peak_extra_memory_bytes: the most memory the statistics held at once beyond the forward pass itself.
+        environment: versions of lighttransfer, torch and transformers, and the device name.
+    """
+
+    model_id: str
+    fingerprint: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    params: dict[str, Any]
+    calibration: dict[str, Any]
+    layers: list[LayerStats]
+    query_heads: HeadStats
+    kv_heads: HeadStats
+    ranking: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_extra_memory_bytes: int = 0
+    environment: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    # ---- views ------------------------------------------------------------------------------------------
+    def layer_lazy_ratios(self) -> list[float]:
+        """``[num_layers]`` mean lazy ratio of each layer (higher = lazier = safer to stream)."""
+        return [s.lazy_ratio.mean for s in self.layers]
+
+    def head_lazy_ratios(self) -> list[list[float]]:
+        """``[num_layers][num_heads]`` mean lazy ratio of each query head."""
+        return [list(row) for row in self.query_heads.lazy_ratio]
+
+    def kv_head_long_context_scores(self) -> list[list[float]]:
+        """``[num_layers][num_kv_heads]``: higher = the KV head's queries reach further back.
+
+        The score of a KV head is the *max* over its GQA group of the query heads' long-context mass (mass
+        beyond sink + recent, averaged over the last queries and samples): a KV head may stream only if
+        every query head reading it allows it.
+        """
+        return [list(row) for row in self.kv_heads.long_context_mass]
+
+    def summary(self) -> dict[str, Any]:
+        """A small dict for a checkpoint's config.json: per-layer mean lazy ratios (4 decimals), ranking,
+        parameters and where the report came from."""
+        return {
+            "schema_version": self.schema_version,
+            "model_id": self.model_id,
+            "fingerprint": self.fingerprint,
+            "layer_lazy_ratios": [round(x, 4) for x in self.layer_lazy_ratios()],
+            "ranking": list(self.ranking),
+            "params": {k: self.params[k] for k in sorted(self.params)
+                       if k in ("sink", "recent", "last", "threshold", "seq_len", "samples", "seed")},
+            "calibration_sha256": self.calibration.get("text_sha256"),
+        }
+
+    # ---- (de)serialization -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), sort_keys=True))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, origin: str = "report") -> AnalysisReport:
+        """Build and validate a report from its JSON dict; one-line errors name ``origin``."""
+        if not isinstance(data, dict):
+            raise LightTransferError(f"{origin} is not an analysis report (expected a JSON object).")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise LightTransferError(
+                f"{origin} has schema_version {version!r}; this lighttransfer reads version {SCHEMA_VERSION}: "
+                "rerun 'lighttransfer analyze' to write a new report."
+            )
+        required = [f.name for f in fields(cls) if _is_required(f)]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise LightTransferError(
+                f"{origin} lacks field(s) {', '.join(missing)}; it is not a complete analysis report."
+            )
+        try:
+            report = cls(
+                **{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}
+                | {
+                    "layers": [
+                        LayerStats(layer=d["layer"], lazy_ratio=SummaryStat(**d["lazy_ratio"]),
+                                   per_sample=list(d["per_sample"]))
+                        for d in data["layers"]
+                    ],
+                    "query_heads": HeadStats(**{m: data["query_heads"][m] for m in HEAD_METRICS}),
+                    "kv_heads": HeadStats(**{m: data["kv_heads"][m] for m in HEAD_METRICS}),
+                }
+            )
+        except (KeyError, TypeError) as exc:
+            raise LightTransferError(f"{origin} is malformed ({type(exc).__name__}: {exc}).") from exc
+        report.validate(origin=origin)
+        return report
+
+    def validate(self, *, origin: str = "report") -> None:
+        """Check that the shapes agree with ``num_layers`` / ``num_heads`` / ``num_kv_heads``."""
+        problems = []
+        if len(self.layers) != self.num_layers:
+            problems.append(f"{len(self.layers)} layer entries for {self.num_layers} layers")
+        if sorted(self.ranking) != list(range(self.num_layers)):
+            problems.append("ranking is not a permutation of the layers")
+        for name, stats, width in (("query_heads", self.query_heads, self.num_heads),
+                                   ("kv_heads", self.kv_heads, self.num_kv_heads)):
+            for metric in HEAD_METRICS:
+                matrix = getattr(stats, metric)
+                if len(matrix) != self.num_layers or any(len(row) != width for row in matrix):
+                    problems.append(f"{name}.{metric} is not [{self.num_layers}][{width}]")
+        if problems:
+            raise LightTransferError(f"{origin} is inconsistent: {'; '.join(problems)}.")
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the report as JSON (sorted keys) atomically: a temp file beside ``path``, then a rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_dict(), sort_keys=True, indent=1) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> AnalysisReport:
+        """Read and validate a report written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise LightTransferError(f"report '{path}' does not exist; run 'lighttransfer analyze --out {path}'.")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LightTransferError(f"report '{path}' is not JSON ({exc}); pass a report written by analyze.") from exc
+        return cls.from_dict(data, origin=f"report '{path}'")
+
+
+def _is_required(f) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+__all__ = ["AnalysisReport", "LayerStats", "HeadStats", "SummaryStat", "SCHEMA_VERSION"]

@@ -1,0 +1,111 @@
+"""Calibration sources: turn what the user passed (files, directories, globs) into documents of text.
+
+A source is
+  * a ``.txt`` / ``.md`` file: one document,
+  * a ``.jsonl`` file: one document per line, taken from the string field ``field`` (``text`` by default),
+  * a directory: every ``.txt``, ``.md`` and ``.jsonl`` file below it, in sorted order,
+  * a glob (``books/*.txt``, ``data/**/*.jsonl``): the matching files, in sorted order.
+
+Synthetic sources (``synthetic:passkey``) are built elsewhere (:mod:`.passkey`); this module only reads files.
+Every problem the user can fix raises :class:`LightTransferError` with one line.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LightTransferError
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl",)
+READABLE_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
+SHIPPED_TEXT = Path(__file__).resolve().parent / "data" / "sense_and_sensibility.txt"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document of calibration text and where it came from (``path`` or ``path:line``)."""
+
+    text: str
+    origin: str
+
+
+def expand_source(spec: str) -> list[Path]:
+    """The files a source names, sorted; raises when it names none."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in READABLE_SUFFIXES)
+        if not files:
+            raise LightTransferError(
+                f"--calib '{spec}': the directory holds no .txt, .md or .jsonl file; add text or pass files."
+            )
+        return files
+    if glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not files:
+            raise LightTransferError(f"--calib '{spec}': the pattern matches no file; check the path.")
+        return files
+    raise LightTransferError(f"--calib '{spec}': no such file or directory; pass an existing .txt/.jsonl file.")
+
+
+def read_documents(path: Path, *, field: str = "text") -> list[Document]:
+    """Read the documents of one file (see the module docstring), refusing empty or undecodable files."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise LightTransferError(f"--calib '{path}': cannot be read ({exc.strerror or exc}).") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LightTransferError(
+            f"--calib '{path}' is not UTF-8 text (bad byte at offset {exc.start}); convert it to UTF-8 first."
+        ) from exc
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        raise LightTransferError(f"--calib '{path}' is empty; pass a file with text in it.")
+    if path.suffix.lower() not in JSONL_SUFFIXES:
+        return [Document(text=text, origin=str(path))]
+    return _jsonl_documents(text, path, field)
+
+
+def _jsonl_documents(text: str, path: Path, field: str) -> list[Document]:
+    docs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LightTransferError(f"--calib '{path}' line {number} is not valid JSON ({exc.msg}).") from exc
+        if not isinstance(record, dict) or field not in record:
+            raise LightTransferError(
+                f"--calib '{path}' line {number} has no field '{field}'; pass --field with the name of the "
+                "field that holds the text."
+            )
+        value = record[field]
+        if not isinstance(value, str):
+            raise LightTransferError(
+                f"--calib '{path}' line {number}: field '{field}' is a {type(value).__name__}, not a string."
+            )
+        if value.strip():
+            docs.append(Document(text=value, origin=f"{path}:{number}"))
+    if not docs:
+        raise LightTransferError(f"--calib '{path}' has no non-empty '{field}' field in any line.")
+    return docs
+
+
+def collect_documents(specs: list[str], *, field: str = "text") -> list[Document]:
+    """All documents of the file sources ``specs``, in the order given (files of a directory sorted)."""
+    docs: list[Document] = []
+    for spec in specs:
+        for path in expand_source(spec):
+            docs.extend(read_documents(path, field=field))
+    return docs
+
+
+__all__ = ["Document", "SHIPPED_TEXT", "collect_documents", "expand_source", "read_documents"]
