@@ -30,12 +30,16 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _attn_tiles(
-    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi,
-    lo, hi, key_bound, win, qk_scale,
+    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi, sink_at, win,
+    lo, hi, key_bound, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Online-softmax update over the key tiles ``[lo, hi)``; ``MASKED`` tiles apply the visibility rule."""
+    """Online-softmax update over the key tiles ``[lo, hi)``.
+
+    ``MASKED`` tiles apply the rule per element: key ``j`` is visible to row ``qi`` when ``j < key_bound``,
+    ``j <= qi`` and (``j < sink_at`` or ``qi - j < win``), with ``sink_at``/``win`` per row ``[BLOCK_M]``.
+    """
     d_ok = offs_d < HEAD_DIM
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -51,7 +55,8 @@ def _attn_tiles(
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
         if MASKED:
             rel = qi[:, None] - offs_n[None, :]
-            visible = n_ok[None, :] & (rel >= 0) & (rel < win)
+            in_rule = (offs_n[None, :] < sink_at[:, None]) | (rel < win[:, None])
+            visible = n_ok[None, :] & (rel >= 0) & in_rule
             qk = tl.where(visible, qk * qk_scale, float("-inf"))
         else:
             qk = qk * qk_scale
@@ -81,14 +86,17 @@ def _streaming_attn_fwd(
     stride_lb, stride_lh,
     H, GROUP, n_q, n_kv, q_offset, sink, window, qk_scale,
     HAS_KV_START: tl.constexpr, HAS_KV_LEN: tl.constexpr, HAS_STREAM_HEADS: tl.constexpr,
-    RETURN_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RETURN_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SINK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # A tile row m is query position start + m % ROWS of query head h0 + m // ROWS: the PACK heads of one KV
+    # head share every K/V tile, and the window edge costs ROWS (not BLOCK_M) extra keys per query block.
+    ROWS = BLOCK_M // PACK
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
+    b = pid_bh // (H // PACK)
+    h0 = (pid_bh % (H // PACK)) * PACK
+    hk = h0 // GROUP
 
     kv_lo = 0
     kv_hi = n_kv
@@ -96,72 +104,83 @@ def _streaming_attn_fwd(
         kv_lo = tl.load(KV_START + b)
     if HAS_KV_LEN:
         kv_hi = tl.load(KV_LEN + b)
-    sink_h = sink
-    win_h = window
-    if HAS_STREAM_HEADS:
-        streaming = tl.load(STREAM_HEADS + h) != 0
-        sink_h = tl.where(streaming, sink, 0)
-        win_h = tl.where(streaming, window, _UNBOUNDED)
 
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    h = h0 + offs_r // ROWS
+    start_m = pid_m * ROWS
+    offs_m = start_m + offs_r % ROWS
     qi = q_offset + offs_m  # each query's own key index
     q_lo = q_offset + start_m
-    q_hi = q_offset + tl.minimum(start_m + BLOCK_M, n_q) - 1
+    q_hi = q_offset + tl.minimum(start_m + ROWS, n_q) - 1
 
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    # per-row rule: streaming rows see [kv_lo, kv_lo + sink) and (qi - window, qi]; full rows see all causal keys
+    if HAS_STREAM_HEADS:
+        streaming = tl.load(STREAM_HEADS + h) != 0
+        sink_at = tl.where(streaming, kv_lo + sink, kv_lo)
+        win = tl.where(streaming, window, _UNBOUNDED)
+    else:
+        sink_at = tl.zeros([BLOCK_M], dtype=tl.int32) + (kv_lo + sink)
+        win = tl.zeros([BLOCK_M], dtype=tl.int32) + window
+    sink_hi = tl.max(sink_at, 0)
+    win_max = tl.max(win, 0)
+    win_min = tl.min(win, 0)
+
+    q_base = Q + b.to(tl.int64) * stride_qb
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    q_mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+    row_ok = offs_m < n_q
+    q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q_ptrs = q_base + h[:, None].to(tl.int64) * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
 
     # finite start for the running max so that fully masked rows give p = 0, not nan
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # 1) sink tiles [kv_lo, sink_end)
-    sink_end = tl.minimum(tl.minimum(kv_lo + sink_h, q_hi + 1), kv_hi)
+    # 1) sink tiles [kv_lo, sink_end), narrow (BLOCK_SINK) because the sink is often a handful of tokens
+    sink_end = tl.minimum(tl.minimum(sink_hi, q_hi + 1), kv_hi)
     acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi,
-        kv_lo, sink_end, sink_end, _UNBOUNDED, qk_scale,
-        BLOCK_N, HEAD_DIM, BLOCK_D, True, DOT_PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi, sink_at, win,
+        kv_lo, sink_end, sink_end, qk_scale,
+        BLOCK_SINK, HEAD_DIM, BLOCK_D, True, DOT_PRECISION,
     )
 
-    # 2) window tiles [win_lo, win_hi); interior [mid_lo, mid_hi) is visible to every query of the block
-    win_lo = tl.maximum(q_lo - win_h + 1, sink_end)
+    # 2) window tiles [win_lo, win_hi); interior [mid_lo, mid_hi) is visible to every row of the block
+    win_lo = tl.maximum(q_lo - win_max + 1, sink_end)
     win_hi = tl.minimum(q_hi + 1, kv_hi)
-    full_lo = tl.maximum(q_hi - win_h + 1, win_lo)
+    full_lo = tl.maximum(q_hi - win_min + 1, win_lo)
     full_hi = tl.minimum(q_lo + 1, kv_hi)
     n_lead = (tl.maximum(full_lo - win_lo, 0) + BLOCK_N - 1) // BLOCK_N
     mid_lo = win_lo + n_lead * BLOCK_N
     mid_hi = mid_lo + (tl.maximum(full_hi - mid_lo, 0) // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi,
-        win_lo, tl.minimum(mid_lo, win_hi), win_hi, win_h, qk_scale,
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi, sink_at, win,
+        win_lo, tl.minimum(mid_lo, win_hi), win_hi, qk_scale,
         BLOCK_N, HEAD_DIM, BLOCK_D, True, DOT_PRECISION,
     )
     acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi,
-        mid_lo, mid_hi, win_hi, win_h, qk_scale,
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi, sink_at, win,
+        mid_lo, mid_hi, win_hi, qk_scale,
         BLOCK_N, HEAD_DIM, BLOCK_D, False, DOT_PRECISION,
     )
     acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi,
-        mid_hi, win_hi, win_hi, win_h, qk_scale,
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi, sink_at, win,
+        mid_hi, win_hi, win_hi, qk_scale,
         BLOCK_N, HEAD_DIM, BLOCK_D, True, DOT_PRECISION,
     )
 
     # rows that saw no key (padding) get zeros and lse = -inf
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_mask)
+    o_ptrs = (Out + b.to(tl.int64) * stride_ob + h[:, None].to(tl.int64) * stride_oh + offs_m[:, None] * stride_on
+              + offs_d[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
     if RETURN_LSE:
         lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("-inf"))
-        l_base = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
-        tl.store(l_base + offs_m, lse, mask=offs_m < n_q)
+        l_ptrs = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m
+        tl.store(l_ptrs, lse, mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------------- configs
@@ -195,9 +214,29 @@ def fits_hopper(config: triton.Config, block_d: int) -> bool:
     return smem <= 227 * 1024 and acc_regs_per_thread <= 128 and not (block_d > 128 and bn > 64)
 
 
+def head_pack(group: int, block_m: int) -> int:
+    """Query heads of one KV head stacked in a tile: the largest power of two dividing ``group`` that still
+    leaves at least 4 query positions per head in ``block_m`` rows."""
+    pack = 1
+    while group % (pack * 2) == 0 and block_m // (pack * 2) >= 4:
+        pack *= 2
+    return pack
+
+
+def _grid(n: int, batch: int, heads: int, group: int):
+    def grid(meta):
+        pack = head_pack(group, meta["BLOCK_M"])
+        return (triton.cdiv(n, meta["BLOCK_M"] // pack), batch * heads // pack)
+
+    return grid
+
+
 def autotune_enabled() -> bool:
     """``LIGHTTRANSFER_TRITON_AUTOTUNE=0`` uses each GPU's default config instead of timing candidates."""
     return os.environ.get("LIGHTTRANSFER_TRITON_AUTOTUNE", "1") != "0"
+
+
+_PACK_HEURISTIC = {"PACK": lambda args: head_pack(args["GROUP"], args["BLOCK_M"])}
 
 
 @functools.cache
@@ -208,7 +247,8 @@ def _tuned_launcher(capability: tuple[int, int], block_d: int, autotune: bool):
         configs = [FALLBACK_CONFIG]
     if not autotune:
         configs = configs[:1]
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "HAS_STREAM_HEADS"])(_streaming_attn_fwd)
+    kernel = triton.heuristics(_PACK_HEURISTIC)(_streaming_attn_fwd)
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "GROUP", "HAS_STREAM_HEADS"])(kernel)
 
 
 def _as_int32(t: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -237,6 +277,7 @@ def streaming_attention_triton(
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     batch, heads, n, dim = q.shape
     kv_heads, n_kv = k.shape[1], k.shape[2]
+    group = heads // kv_heads
     o = torch.empty((batch, heads, n, dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device) if return_lse else None
     starts = _as_int32(kv_start, q.device)
@@ -253,22 +294,24 @@ def streaming_attention_triton(
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         lse_arg.stride(0), lse_arg.stride(1),
-        heads, heads // kv_heads, n, n_kv, q_offset, sink, window, scale * _LOG2E,
+        heads, group, n, n_kv, q_offset, sink, window, scale * _LOG2E,
     )
     flags = dict(
         HAS_KV_START=starts is not None, HAS_KV_LEN=lens is not None, HAS_STREAM_HEADS=modes is not None,
         RETURN_LSE=return_lse, HEAD_DIM=dim, BLOCK_D=block_d, DOT_PRECISION=precision,
+        # sink tiles narrower than the window tiles: a 4-token sink should not cost a 64-key tile
+        BLOCK_SINK=min(64, max(16, triton.next_power_of_2(max(sink, 1)))),
     )
+    grid = _grid(n, batch, heads, group)
     if q.is_cuda:
         with torch.cuda.device(q.device):
             kernel = _tuned_launcher(torch.cuda.get_device_capability(q.device), block_d, autotune_enabled())
-            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), batch * heads)
             kernel[grid](*args, **flags)
     else:
-        cfg = INTERPRETER_CONFIG
-        grid = (triton.cdiv(n, cfg.kwargs["BLOCK_M"]), batch * heads)
-        _streaming_attn_fwd[grid](*args, **flags, **cfg.kwargs)
+        cfg = INTERPRETER_CONFIG.kwargs
+        pack = head_pack(group, cfg["BLOCK_M"])
+        _streaming_attn_fwd[grid(cfg)](*args, **flags, **cfg, PACK=pack)
     return o, lse
 
 
-__all__ = ["streaming_attention_triton", "HOPPER_CONFIGS", "FALLBACK_CONFIG", "fits_hopper"]
+__all__ = ["streaming_attention_triton", "HOPPER_CONFIGS", "FALLBACK_CONFIG", "fits_hopper", "head_pack"]
