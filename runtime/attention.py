@@ -1,0 +1,123 @@
+"""The attention function registered in transformers' registry under the name ``"lighttransfer"``.
+
+A model switched to it (``config._attn_implementation == "lighttransfer"``) calls
+:func:`lighttransfer_attention` in every attention layer, after the layer has applied RoPE at the tokens'
+original positions and updated the cache. What it does depends on the layer:
+
+* a full layer (or any layer without a plan) -> transformers' SDPA attention, causal, minus left padding;
+* a streaming layer whose cache part is a :class:`~lighttransfer.runtime.cache.StreamingLayer` -> the keys that
+  ``update`` returned, at the positions its ``view`` records (contiguous first forward, or explicit slots);
+* a streaming layer without our cache (``use_cache=False``, or another ``Cache``) -> sink + window attention over
+  the contiguous keys it was given (exact, only memory is not bounded);
+* online mode, during the prompt's first forward -> full attention, then the layer's lazy ratio is offered to the
+  running selection and the layers it drops are trimmed at once.
+
+Per-model state lives on the modules (``module.lighttransfer_plan``) and on the cache; the per-forward context
+(the cache and the left padding) arrives through the keyword ``lighttransfer_step``, which the model's forward
+pre-hook adds (:mod:`lighttransfer.runtime.hybrid`). Nothing global changes beyond the registration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+
+from .cache import ContiguousView, HybridCache, SlotView, StreamingLayer
+from .online import prompt_lazy_ratio
+from .ops import full_attention, prefill_attention, slot_attention
+
+ATTENTION_NAME = "lighttransfer"
+STEP_KWARG = "lighttransfer_step"
+PLAN_ATTR = "lighttransfer_plan"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one attention layer runs: ``kind`` is ``full``, ``streaming`` or ``online`` (decided per prompt)."""
+
+    layer_idx: int
+    kind: str
+    sink: int
+    window: int
+    prefill: str = "streaming"
+
+
+@dataclass
+class StepContext:
+    """What one forward pass tells every attention layer.
+
+    Attributes:
+        cache: the :class:`HybridCache` of this forward, or ``None`` (no cache, or a foreign one).
+        kv_start: int64 ``[batch]`` left padding of each sequence, or ``None`` (no padding).
+        has_padding: whether any sequence is left-padded.
+    """
+
+    cache: HybridCache | None
+    kv_start: torch.Tensor | None
+    has_padding: bool
+
+
+def lighttransfer_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention-function signature: ``query [B, H, n, D]``, ``key/value [B, Hkv, N, D]`` (as the
+    cache returned them); returns ``(output [B, n, H, D], None)``."""
+    step: StepContext | None = kwargs.get(STEP_KWARG)
+    plan: LayerPlan | None = getattr(module, PLAN_ATTR, None)
+    kv_start = step.kv_start if step is not None else None
+    has_padding = step.has_padding if step is not None else False
+    cache = step.cache if step is not None else None
+    part = cache.layers[module.layer_idx] if cache is not None and module.layer_idx < len(cache.layers) else None
+    n, big_n = query.shape[2], key.shape[2]
+
+    if isinstance(part, StreamingLayer):
+        out = _streaming_from_view(module, query, key, value, part, kv_start, has_padding, scaling, dropout)
+    elif plan is not None and plan.kind == "streaming" and part is None:
+        if plan.prefill == "full" and n > 1:
+            out = full_attention(module, query, key, value, q_offset=big_n - n, kv_start=kv_start,
+                                 has_padding=has_padding, scale=scaling, dropout=dropout)
+        else:
+            out = prefill_attention(query, key, value, sink=plan.sink, window=plan.window, q_offset=big_n - n,
+                                    kv_start=kv_start if has_padding else None, scale=scaling)
+    else:
+        out = full_attention(module, query, key, value, q_offset=big_n - n, kv_start=kv_start,
+                             has_padding=has_padding, scale=scaling, dropout=dropout)
+        online = cache.online if cache is not None else None
+        if online is not None and part is not None and not online.decided and plan is not None:
+            _offer_online(cache, module.layer_idx, query, key, plan, kv_start if has_padding else None, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _streaming_from_view(module, query, key, value, part: StreamingLayer, kv_start, has_padding, scaling,
+                         dropout):
+    view = part.view
+    if isinstance(view, SlotView):
+        return slot_attention(query, key, value, view.slot_pos, view.q_pos, sink=part.sink, window=part.window,
+                              scale=scaling)
+    assert isinstance(view, ContiguousView)
+    if view.full:
+        return full_attention(module, query, key, value, q_offset=view.q_offset, kv_start=kv_start,
+                              has_padding=has_padding, scale=scaling, dropout=dropout)
+    return prefill_attention(query, key, value, sink=part.sink, window=part.window, q_offset=view.q_offset,
+                             kv_start=kv_start if has_padding else None, scale=scaling)
+
+
+def _offer_online(cache: HybridCache, layer_idx: int, query, key, plan: LayerPlan, kv_start, scaling) -> None:
+    online = cache.online
+    n = query.shape[2]
+    ratio = prompt_lazy_ratio(query, key, q_offset=key.shape[2] - n, kv_start=kv_start, sink=plan.sink,
+                              window=plan.window, scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+                              last=online.last)
+    for victim in online.offer(layer_idx, ratio):
+        cache.make_streaming(victim)
+
+
+def register() -> None:
+    """Register :func:`lighttransfer_attention` under ``"lighttransfer"`` (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, lighttransfer_attention)
+
+
+register()
+
+__all__ = ["lighttransfer_attention", "LayerPlan", "StepContext", "ATTENTION_NAME", "STEP_KWARG", "PLAN_ATTR",
+           "register"]

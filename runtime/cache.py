@@ -1,0 +1,351 @@
+"""The hybrid KV cache: full layers keep every token, streaming layers keep ``sink + window`` slots.
+
+:class:`HybridCache` is an ordinary transformers :class:`~transformers.Cache` whose per-layer parts are
+transformers' own :class:`~transformers.cache_utils.DynamicLayer` for full layers and :class:`StreamingLayer`
+(a ring buffer with each slot's absolute position, see :mod:`lighttransfer.runtime.slots`) for streaming layers.
+``generate``, pipelines and beam-search bookkeeping see a normal cache; ``get_seq_length`` counts every token
+processed, so position bookkeeping outside the cache is unchanged.
+
+A streaming layer's ``update`` stores what it must keep and returns the keys the attention of this step has to
+see, and records in :attr:`StreamingLayer.view` where those keys sit (contiguous positions, or explicit slot
+positions), which the registered attention function reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+
+from .slots import slot_of, slot_positions
+
+PREFILL_POLICIES = ("streaming", "full")
+
+
+class SequenceState:
+    """What every layer of one cache shares about the batch: left padding, and whether to defer compaction.
+
+    Attributes:
+        kv_start: int64 ``[batch]`` left-padding count of each sequence (its first real token's index), or
+            ``None`` before the first forward. Position of the token at index ``j`` is ``j - kv_start[b]``.
+        min_start: ``min(kv_start)`` as a Python int (so slot counts need no device sync while decoding).
+        has_padding: whether any sequence is left-padded.
+        defer_compaction: set by chunked prefill under the ``full`` prefill policy, so that streaming layers keep
+            their whole history until the last chunk (full attention in prefill stays exact).
+    """
+
+    def __init__(self) -> None:
+        self.kv_start: torch.Tensor | None = None
+        self.min_start = 0
+        self.has_padding = False
+        self.defer_compaction = False
+
+    def observe(self, attention_mask: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """Record the left padding from the first forward's 2-D ``attention_mask`` ``[batch, seq]`` (1 = real
+        token); later calls reuse it. Returns ``kv_start``."""
+        if self.kv_start is None:
+            if attention_mask is None or attention_mask.dim() != 2:
+                self.kv_start = torch.zeros(batch, dtype=torch.long, device=device)
+            else:
+                self.kv_start = leading_padding(attention_mask).to(device)
+                self.min_start = int(self.kv_start.min().item())
+                self.has_padding = bool(self.kv_start.max().item() > 0)
+        return self.kv_start
+
+    def select(self, index: torch.Tensor) -> None:
+        if self.kv_start is not None:
+            self.kv_start = self.kv_start[index.to(self.kv_start.device)]
+
+
+def leading_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Number of leading zeros of each row of a 2-D mask ``[batch, seq]`` (int64 ``[batch]``).
+
+    Only left padding shifts positions; zeros after the first real token (right padding) sit after every real
+    query and are never seen by one under causal attention.
+    """
+    return (attention_mask.long().cumsum(-1) == 0).sum(-1)
+
+
+@dataclass
+class ContiguousView:
+    """Keys returned by ``update`` are the whole history in index order: key ``j`` at position
+    ``j - kv_start[b]``; the queries are keys ``q_offset ..``; ``full`` = full causal attention (prefill policy
+    ``full``) instead of sink + window."""
+
+    q_offset: int
+    full: bool
+
+
+@dataclass
+class SlotView:
+    """Keys returned by ``update`` are slots with explicit positions ``slot_pos`` (int32 ``[batch, N]``,
+    ``-1`` = empty); the queries sit at ``q_pos`` (int32 ``[batch, n]``)."""
+
+    slot_pos: torch.Tensor
+    q_pos: torch.Tensor
+
+
+class StreamingLayer(CacheLayerMixin):
+    """KV cache of one streaming layer: ``sink`` fixed slots then a ring of ``window`` slots.
+
+    Storage: ``keys``/``values`` ``[batch, kv_heads, A, head_dim]`` with ``A <= sink + window`` (grown until
+    full), ``slot_pos`` int32 ``[batch, A]``. Before the first compaction (the first forward, or the whole
+    prefill under the ``full`` policy with deferred compaction) the history is kept contiguous and
+    ``slot_pos`` is ``None``.
+
+    Update rules (``n`` new tokens, positions from :class:`SequenceState`):
+      * first forward: attend over the new tokens as they are (contiguous); then keep only the sink and the
+        last ``window`` of them;
+      * ``n == 1`` (decoding): write the token into its slot first (the token it evicts, ``window`` positions
+        back, is invisible to it), then attend over the slots;
+      * ``n > 1`` later (chunked prefill): attend over ``[slots, new tokens]``, then write the new tokens.
+    """
+
+    is_sliding = True
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, *, sink: int, window: int, prefill: str = "streaming",
+                 sequence: SequenceState | None = None) -> None:
+        super().__init__()
+        if prefill not in PREFILL_POLICIES:
+            raise ValueError(f"prefill policy must be one of {PREFILL_POLICIES}, got {prefill!r}")
+        self.sink, self.window, self.prefill = int(sink), int(window), prefill
+        self.sequence = sequence if sequence is not None else SequenceState()
+        self.seen = 0
+        self.slot_pos: torch.Tensor | None = None
+        self.view: ContiguousView | SlotView | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.sink + self.window
+
+    # ---- transformers' layer interface ---------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_empty((b, h, 0, d))
+        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store ``key_states``/``value_states`` ``[batch, kv_heads, n, head_dim]`` and return the keys and values
+        this step attends over (see the class docstring); sets :attr:`view`."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[2]
+        past = self.seen
+        kv_start = self._kv_start(key_states)
+        self.seen = past + n
+        if self.slot_pos is None:
+            keys = torch.cat([self.keys, key_states], dim=2) if past else key_states
+            values = torch.cat([self.values, value_states], dim=2) if past else value_states
+            full = self.prefill == "full" and n > 1
+            self.view = ContiguousView(q_offset=past, full=full)
+            if full and self.sequence.defer_compaction:
+                self.keys, self.values = keys, values
+            else:
+                self._compact(keys, values, kv_start)
+            return keys, values
+        first = past - kv_start  # [B] position of the first new token
+        q_pos = (first.unsqueeze(-1) + torch.arange(n, device=first.device)).to(torch.int32)
+        if n == 1:
+            self._write_one(key_states, value_states, q_pos[:, 0].long())
+            self.view = SlotView(slot_pos=self.slot_pos, q_pos=q_pos)
+            return self.keys, self.values
+        keys = torch.cat([self.keys, key_states], dim=2)
+        values = torch.cat([self.values, value_states], dim=2)
+        slot_pos = torch.cat([self.slot_pos, q_pos.clamp(min=-1)], dim=1)
+        self.view = SlotView(slot_pos=slot_pos, q_pos=q_pos)
+        self._write_many(key_states, value_states, first)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.slot_pos = None
+        self.view = None
+        self.seen = 0
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a streaming cache layer cannot be cropped: evicted tokens are gone")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+            if self.slot_pos is not None:
+                self.slot_pos = self.slot_pos.repeat_interleave(repeats, dim=0)
+
+    # ---- internals -------------------------------------------------------------------------------------------
+    def _kv_start(self, key_states: torch.Tensor) -> torch.Tensor:
+        seq = self.sequence
+        if seq.kv_start is None or seq.kv_start.shape[0] != key_states.shape[0]:
+            seq.kv_start = torch.zeros(key_states.shape[0], dtype=torch.long, device=key_states.device)
+            seq.min_start, seq.has_padding = 0, False
+        return seq.kv_start
+
+    def _n_slots(self) -> int:
+        """Slots needed after ``seen`` tokens: the longest sequence has ``seen - min_start`` real tokens."""
+        return max(0, min(self.capacity, self.seen - self.sequence.min_start))
+
+    def _compact(self, keys: torch.Tensor, values: torch.Tensor, kv_start: torch.Tensor) -> None:
+        """Keep the sink and the last ``window`` tokens of a contiguous history ``[B, H, L, D]``."""
+        last = keys.shape[2] - 1 - kv_start
+        n_slots = self._n_slots()
+        pos = slot_positions(last, n_slots, sink=self.sink, window=self.window)  # [B, A]
+        src = torch.where(pos >= 0, pos + kv_start.unsqueeze(-1), torch.zeros_like(pos))
+        self.keys = _gather_tokens(keys, src)
+        self.values = _gather_tokens(values, src)
+        self.slot_pos = pos.to(torch.int32)
+
+    def _grow(self, n_slots: int) -> None:
+        extra = n_slots - self.keys.shape[2]
+        if extra <= 0:
+            return
+        b, h, _, d = self.keys.shape
+        self.keys = torch.cat([self.keys, self.keys.new_zeros((b, h, extra, d))], dim=2)
+        self.values = torch.cat([self.values, self.values.new_zeros((b, h, extra, self.values.shape[-1]))], dim=2)
+        self.slot_pos = torch.cat([self.slot_pos, self.slot_pos.new_full((b, extra), -1)], dim=1)
+
+    def _write_one(self, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor) -> None:
+        """Scatter one new token per sequence (``pos`` int64 ``[B]``) into its slot; no device sync."""
+        self._grow(self._n_slots())
+        # a sequence with no real token yet (pos < 0) writes into slot 0 and marks it empty
+        slot = slot_of(pos.clamp(min=0), sink=self.sink, window=self.window)
+        b, h, _, d = key.shape
+        self.keys.scatter_(2, slot.view(b, 1, 1, 1).expand(b, h, 1, d), key)
+        self.values.scatter_(2, slot.view(b, 1, 1, 1).expand(b, h, 1, value.shape[-1]), value)
+        self.slot_pos.scatter_(1, slot.view(b, 1), pos.clamp(min=-1).to(torch.int32).view(b, 1))
+
+    def _write_many(self, keys: torch.Tensor, values: torch.Tensor, first: torch.Tensor) -> None:
+        """Write ``n`` new tokens (positions ``first[b] ..``) into the ring, keeping older slots they do not
+        replace."""
+        n = keys.shape[2]
+        self._grow(self._n_slots())
+        target = slot_positions(first + n - 1, self.keys.shape[2], sink=self.sink, window=self.window)
+        from_new = target >= first.unsqueeze(-1)
+        src = (target - first.unsqueeze(-1)).clamp(0, n - 1)
+        pick = from_new.view(*from_new.shape[:1], 1, from_new.shape[1], 1)
+        self.keys = torch.where(pick, _gather_tokens(keys, src), self.keys)
+        self.values = torch.where(pick, _gather_tokens(values, src), self.values)
+        self.slot_pos = target.to(torch.int32)
+
+    def _select(self, index: torch.Tensor) -> None:
+        if self.is_initialized:
+            index = index.to(self.keys.device)
+            self.keys = self.keys.index_select(0, index)
+            self.values = self.values.index_select(0, index)
+            if self.slot_pos is not None:
+                self.slot_pos = self.slot_pos.index_select(0, index)
+
+    @classmethod
+    def from_history(cls, keys: torch.Tensor, values: torch.Tensor, *, sink: int, window: int, prefill: str,
+                     sequence: SequenceState) -> StreamingLayer:
+        """A streaming layer built from a full layer's contiguous history ``[B, H, L, D]`` (online mode)."""
+        layer = cls(sink=sink, window=window, prefill=prefill, sequence=sequence)
+        layer.lazy_initialization(keys, values)
+        layer.seen = keys.shape[2]
+        layer._compact(keys, values, layer._kv_start(keys))
+        return layer
+
+
+def _gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``states [B, H, L, D]`` gathered along the token axis at ``index [B, A]`` -> ``[B, H, A, D]``."""
+    b, h, _, d = states.shape
+    idx = index.view(b, 1, -1, 1).expand(b, h, index.shape[1], d)
+    return torch.gather(states, 2, idx)
+
+
+class HybridCache(Cache):
+    """A transformers ``Cache`` whose full layers grow (``DynamicLayer``) and whose streaming layers keep
+    ``sink + window`` slots (:class:`StreamingLayer`).
+
+    Args:
+        kinds: per decoder layer, ``"full"`` or ``"streaming"``.
+        sink, window: tokens a streaming layer keeps (first ``sink`` + the last ``window``).
+        prefill: ``streaming`` or ``full`` (streaming layers attend fully in prefill, trimmed after).
+        online: an online selector (see :mod:`lighttransfer.runtime.online`) when the layout is decided per
+            prompt; every layer then starts full.
+    """
+
+    def __init__(self, kinds, *, sink: int, window: int, prefill: str = "streaming", online=None) -> None:
+        self.sequence = SequenceState()
+        self.sink, self.window, self.prefill = int(sink), int(window), prefill
+        self.online = online
+        layers = [
+            StreamingLayer(sink=sink, window=window, prefill=prefill, sequence=self.sequence)
+            if kind == "streaming" else DynamicLayer()
+            for kind in kinds
+        ]
+        super().__init__(layers=layers)
+
+    # ---- memory accounting ---------------------------------------------------------------------------------
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values held right now, over all layers."""
+        return sum(_nbytes(layer.keys) + _nbytes(layer.values) for layer in self.layers if layer.is_initialized)
+
+    def dense_kv_bytes(self) -> int:
+        """Bytes a dense cache would hold for the same tokens (every layer keeping every token)."""
+        total = 0
+        for layer in self.layers:
+            if not layer.is_initialized or layer.keys is None:
+                continue
+            b, h, _, d = layer.keys.shape
+            per_token = b * h * (d + layer.values.shape[-1]) * layer.keys.element_size()
+            total += per_token * layer.get_seq_length()
+        return total
+
+    def streaming_layer_indices(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer, StreamingLayer)]
+
+    # ---- batch bookkeeping (beam search, batch splitting) ----------------------------------------------------
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.sequence.select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.sequence.select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.sequence.kv_start is not None:
+            self.sequence.kv_start = self.sequence.kv_start.repeat_interleave(repeats, dim=0)
+
+    # ---- online mode ----------------------------------------------------------------------------------------
+    def make_streaming(self, layer_idx: int) -> None:
+        """Turn full layer ``layer_idx`` into a streaming one now, dropping all but its sink + window tokens."""
+        layer = self.layers[layer_idx]
+        if isinstance(layer, StreamingLayer):
+            return
+        if not layer.is_initialized or layer.keys is None or layer.keys.numel() == 0:
+            self.layers[layer_idx] = StreamingLayer(sink=self.sink, window=self.window, prefill=self.prefill,
+                                                    sequence=self.sequence)
+            return
+        self.layers[layer_idx] = StreamingLayer.from_history(
+            layer.keys, layer.values, sink=self.sink, window=self.window, prefill=self.prefill,
+            sequence=self.sequence)
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+__all__ = ["HybridCache", "StreamingLayer", "SequenceState", "ContiguousView", "SlotView", "leading_padding"]

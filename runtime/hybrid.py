@@ -1,0 +1,165 @@
+"""Switch a loaded transformers model to the hybrid runtime, and the per-forward hook that feeds it.
+
+:func:`enable_hybrid` does three things to one model, and nothing to transformers' global state beyond the
+attention function's registration (so a hybrid and a plain model work side by side in one process):
+
+1. every attention module gets a :class:`~lighttransfer.runtime.attention.LayerPlan`, and the model's attention
+   implementation becomes ``"lighttransfer"``;
+2. a forward pre-hook on the base model (``model.base_model``) reads the left padding from the 2-D
+   ``attention_mask``, makes sure the forward uses a :class:`~lighttransfer.runtime.cache.HybridCache`, and passes
+   both down to the attention layers as the keyword ``lighttransfer_step`` (transformers forwards extra keywords
+   from the model to every attention function);
+3. ``generation_config.prefill_chunk_size`` is set when a prefill chunk size was asked for.
+
+How ``generate`` gets the bounded cache: when a forward is asked to use a cache but brings none, or brings an
+empty plain ``DynamicCache`` (what ``generate`` creates in transformers 5.17 and 5.24 alike, under the keyword
+``past_key_values`` in 5.17 and ``cache`` in 5.24), the hook replaces it with a fresh ``HybridCache``.
+``generate`` then continues with the cache the model returns, so ``model.generate(**inputs)`` and
+``pipeline("text-generation", model=model, ...)`` get the bounded cache with no extra argument. A non-empty cache,
+or any other Cache class, is used as given (streaming layers then attend with the exact rule over the keys it
+returns, without the memory bound).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from ..errors import LightTransferError
+from ..loading import check_attention_swappable
+from .attention import ATTENTION_NAME, PLAN_ATTR, STEP_KWARG, LayerPlan, StepContext, register
+from .cache import HybridCache, leading_padding
+from .layout import RuntimeLayout
+from .online import OnlineSelector
+
+log = logging.getLogger(__name__)
+
+RUNTIME_ATTR = "lighttransfer_runtime"
+
+
+class HybridRuntime:
+    """The per-model state of the hybrid runtime: its layout, its hook, and the cache factory."""
+
+    def __init__(self, model, layout: RuntimeLayout) -> None:
+        self.layout = layout
+        self.config = model.config
+        base = model.base_model
+        params = inspect.signature(type(base).forward).parameters
+        # transformers 5.24 names the cache keyword `cache`, earlier 5.x releases `past_key_values`
+        self.cache_keyword = "cache" if "cache" in params else "past_key_values"
+        self._handle = base.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self.previous_attn_implementation = model.config._attn_implementation
+
+    def make_cache(self) -> HybridCache:
+        """A fresh, empty cache laid out for this model."""
+        layout = self.layout
+        online = None
+        kinds = layout.kinds
+        if layout.online_ratio is not None:
+            online = OnlineSelector.for_ratio(num_layers=layout.num_layers, ratio=layout.online_ratio,
+                                              last=layout.online_last)
+            kinds = ("full",) * layout.num_layers
+        return HybridCache(kinds, sink=layout.sink, window=layout.window, prefill=layout.prefill, online=online)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    # ---- the hook ------------------------------------------------------------------------------------------
+    def _before_forward(self, module, args, kwargs):
+        key = self.cache_keyword
+        cache = kwargs.get(key)
+        if cache is None and key == "cache":
+            cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = bool(getattr(self.config, "use_cache", True)) and not module.training
+        if use_cache and (cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)):
+            cache = self.make_cache()
+            kwargs.pop("past_key_values", None)
+            kwargs[key] = cache
+        inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if inputs is None and args:
+            inputs = args[0]
+        mask = kwargs.get("attention_mask")
+        if isinstance(cache, HybridCache):
+            batch = inputs.shape[0] if inputs is not None else mask.shape[0]
+            device = inputs.device if inputs is not None else mask.device
+            kv_start = cache.sequence.observe(mask, batch, device)
+            has_padding = cache.sequence.has_padding
+        else:
+            cache = None
+            kv_start, has_padding = None, False
+            if mask is not None and mask.dim() == 2:
+                kv_start = leading_padding(mask)
+                has_padding = bool(kv_start.max().item() > 0)
+        kwargs[STEP_KWARG] = StepContext(cache=cache, kv_start=kv_start if has_padding else None,
+                                         has_padding=has_padding)
+        return args, kwargs
+
+
+def enable_hybrid(model, layout: RuntimeLayout):
+    """Make ``model`` run ``layout`` (in place) and return it. Calling it again replaces the previous layout."""
+    check_attention_swappable(model)
+    if layout.mixed_layers:
+        raise LightTransferError("head-level layouts (mixed layers) are not supported by this runtime yet; "
+                                 "use a layer-level checkpoint.")
+    register()
+    disable_hybrid(model)
+    modules = attention_modules(model)
+    if len(modules) != layout.num_layers:
+        raise LightTransferError(
+            f"found {len(modules)} attention layers in the model but the layout describes {layout.num_layers}; "
+            "this architecture's attention modules are not recognized.")
+    for idx, module in modules.items():
+        kind = layout.kinds[idx]
+        setattr(module, PLAN_ATTR, LayerPlan(layer_idx=idx, kind=kind, sink=layout.sink, window=layout.window,
+                                             prefill=layout.prefill))
+    runtime = HybridRuntime(model, layout)
+    setattr(model, RUNTIME_ATTR, runtime)
+    model.set_attn_implementation(ATTENTION_NAME)
+    if layout.chunk_size is not None and model.generation_config is not None:
+        model.generation_config.prefill_chunk_size = layout.chunk_size
+    log.info("hybrid runtime: %s", layout.describe())
+    return model
+
+
+def disable_hybrid(model) -> None:
+    """Undo :func:`enable_hybrid` on ``model`` (no-op if it was not enabled)."""
+    runtime = getattr(model, RUNTIME_ATTR, None)
+    if runtime is None:
+        return
+    runtime.remove()
+    for module in attention_modules(model).values():
+        if hasattr(module, PLAN_ATTR):
+            delattr(module, PLAN_ATTR)
+    delattr(model, RUNTIME_ATTR)
+    model.set_attn_implementation(runtime.previous_attn_implementation or "sdpa")
+
+
+def runtime_of(model) -> HybridRuntime:
+    """The hybrid runtime of ``model``; a one-line error if it has none."""
+    runtime = getattr(model, RUNTIME_ATTR, None)
+    if runtime is None:
+        raise LightTransferError("this model is not a lighttransfer hybrid; load it with lighttransfer.load().")
+    return runtime
+
+
+def make_cache(model) -> HybridCache:
+    """A fresh :class:`HybridCache` for ``model`` (for ``past_key_values=`` / ``cache=`` in manual loops)."""
+    return runtime_of(model).make_cache()
+
+
+def attention_modules(model) -> dict[int, torch.nn.Module]:
+    """``{layer_idx: attention module}`` of a decoder-only transformers model."""
+    found: dict[int, torch.nn.Module] = {}
+    for module in model.modules():
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int) and "attention" in type(module).__name__.lower():
+            found.setdefault(idx, module)
+    return dict(sorted(found.items()))
+
+
+__all__ = ["enable_hybrid", "disable_hybrid", "make_cache", "runtime_of", "attention_modules", "HybridRuntime"]

@@ -1,0 +1,84 @@
+"""``lighttransfer.load``: a hybrid checkpoint (or a plain model with an explicit layout) as a transformers model."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..loading import LoadedModel, load_model
+from .hybrid import enable_hybrid
+from .layout import resolve_layout
+
+
+def load_hybrid(
+    path: str | os.PathLike[str],
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    streaming_layers: list[int] | None = None,
+    head_masks: dict[int, list[bool]] | None = None,
+    sink: int | None = None,
+    window: int | None = None,
+    prefill: str | None = None,
+    online_ratio: float | None = None,
+    chunk_size: int | None = None,
+    trust_remote_code: bool = False,
+    with_tokenizer: bool = True,
+) -> LoadedModel:
+    """Like :func:`load`, but returns the :class:`~lighttransfer.loading.LoadedModel` (model, tokenizer, source)."""
+    loaded = load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                        with_tokenizer=with_tokenizer)
+    layout = resolve_layout(loaded.model.config, streaming_layers=streaming_layers, head_masks=head_masks,
+                            sink=sink, window=window, prefill=prefill, online_ratio=online_ratio,
+                            chunk_size=chunk_size, source=f"model '{loaded.source.spec}'")
+    enable_hybrid(loaded.model, layout)
+    return loaded
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    streaming_layers: list[int] | None = None,
+    head_masks: dict[int, list[bool]] | None = None,
+    sink: int | None = None,
+    window: int | None = None,
+    prefill: str | None = None,
+    online_ratio: float | None = None,
+    chunk_size: int | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
+    """Load a hybrid checkpoint as an ordinary transformers causal LM with a bounded KV cache.
+
+    The layout comes from the checkpoint's ``lighttransfer`` block; explicit arguments override it, and make any
+    plain model directory, GGUF file or hub id usable (``load(dir, streaming_layers=[...])``).
+
+    Args:
+        path: hybrid checkpoint directory, plain model directory, ``.gguf`` file or hub id.
+        device: ``auto | cpu | cuda[:N]``.
+        dtype: ``auto | float32 | bfloat16 | float16`` (``auto``: bf16 on CUDA, fp32 on CPU).
+        streaming_layers: layers whose every KV head streams (overrides the block).
+        head_masks: ``{layer: [bool] * kv_heads}`` for layers where only some KV heads stream.
+        sink, window: tokens a streaming layer keeps (first ``sink``, last ``window``); default the block's.
+            A warning is logged when they differ from the ones the layers were selected with.
+        prefill: ``streaming`` (default: sink + window attention in prefill too) or ``full`` (LightTransfer's
+            test mode: full attention during prefill, streaming caches trimmed right after).
+        online_ratio: choose the streaming layers per prompt instead (LightTransfer-Test): this share of layers
+            streams, the least lazy ones on the prompt's last queries stay full.
+        chunk_size: prefill in chunks of this many tokens inside ``generate`` (bounded prefill memory).
+        trust_remote_code: allow the model's own Python code (off by default).
+
+    Returns:
+        The transformers model; ``model.generate`` and ``pipeline("text-generation", model=model)`` use the
+        bounded :class:`~lighttransfer.runtime.cache.HybridCache` automatically.
+
+    Raises:
+        LightTransferError: bad path, no layout anywhere, or an option out of range.
+    """
+    return load_hybrid(path, device=device, dtype=dtype, streaming_layers=streaming_layers,
+                       head_masks=head_masks, sink=sink, window=window, prefill=prefill, online_ratio=online_ratio,
+                       chunk_size=chunk_size, trust_remote_code=trust_remote_code, with_tokenizer=False).model
+
+
+__all__ = ["load", "load_hybrid"]

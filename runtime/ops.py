@@ -1,0 +1,65 @@
+"""The attention primitives the runtime calls, each on the right backend.
+
+Streaming attention goes to :mod:`lighttransfer.kernels`: the Triton kernels for CUDA tensors, the PyTorch
+references for CPU tensors. (The references are called directly on the CPU: the Triton interpreter that the
+public kernel entry points use for CPU tensors under ``TRITON_INTERPRET=1`` is a tool for testing kernels, far too
+slow to run a model.) ``kernels.use_reference()`` forces the references on CUDA too.
+
+Full attention goes to transformers' own SDPA attention, with an explicit mask only when left padding or a
+query offset makes ``is_causal`` wrong.
+
+Shapes: queries ``[batch, heads, n, head_dim]``, keys/values ``[batch, kv_heads, N, head_dim]`` (GQA: never
+repeated here), outputs ``[batch, heads, n, head_dim]`` in the queries' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .. import kernels
+
+
+def prefill_attention(q, k, v, *, sink: int, window: int, q_offset: int, kv_start: torch.Tensor | None,
+                      scale: float | None, stream_heads: torch.Tensor | None = None, return_lse: bool = False):
+    """Sink + window attention of contiguous queries against contiguous keys (key ``j`` at position
+    ``j - kv_start[b]``, query ``i`` at ``q_offset + i - kv_start[b]``)."""
+    fn = kernels.streaming_attention if q.is_cuda else kernels.streaming_attention_reference
+    start = None if kv_start is None else kv_start.to(device=q.device, dtype=torch.int32)
+    return fn(q, k, v, sink=sink, window=window, q_offset=q_offset, kv_start=start, scale=scale,
+              stream_heads=stream_heads, return_lse=return_lse)
+
+
+def slot_attention(q, k, v, slot_pos: torch.Tensor, q_pos: torch.Tensor, *, sink: int, window: int,
+                   scale: float | None, stream_heads: torch.Tensor | None = None):
+    """Sink + window attention against slots with explicit positions (``slot_pos [batch, N]``, -1 = empty;
+    ``q_pos [batch, n]``)."""
+    fn = kernels.streaming_decode if q.is_cuda else kernels.streaming_decode_reference
+    return fn(q, k, v, slot_pos, q_pos, sink=sink, window=window, scale=scale, stream_heads=stream_heads)
+
+
+def full_attention(module, q, k, v, *, q_offset: int, kv_start: torch.Tensor | None, has_padding: bool,
+                   scale: float | None, dropout: float = 0.0) -> torch.Tensor:
+    """Full causal attention through transformers' SDPA attention; returns ``[batch, heads, n, head_dim]``."""
+    n, big_n = q.shape[2], k.shape[2]
+    mask = None
+    if has_padding or (n > 1 and big_n != n):
+        mask = causal_padding_mask(n, big_n, q_offset=q_offset, kv_start=kv_start, device=q.device)
+    out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scale,
+                                    is_causal=mask is None)
+    return out.transpose(1, 2)
+
+
+def causal_padding_mask(n: int, big_n: int, *, q_offset: int, kv_start: torch.Tensor | None,
+                        device) -> torch.Tensor:
+    """Bool mask ``[batch or 1, 1, n, N]``: causal, without the left padding. A padding query (no real key at or
+    before it) sees its own key, so every row stays finite."""
+    q_idx = torch.arange(n, device=device).view(1, 1, n, 1) + q_offset
+    k_idx = torch.arange(big_n, device=device).view(1, 1, 1, big_n)
+    visible = k_idx <= q_idx
+    if kv_start is not None:
+        visible = visible & (k_idx >= kv_start.to(device).view(-1, 1, 1, 1))
+    return visible | (k_idx == q_idx)
+
+
+__all__ = ["prefill_attention", "slot_attention", "full_attention", "causal_padding_mask"]
