@@ -107,9 +107,10 @@ def convert(model, out, ratio, report, calib, layers, keep, sink, window, granul
         console.print(_rows_table(result.rows, num_kv_heads=hybrid.num_kv_heads,
                                   title=f"Layer selection ({hybrid.granularity}, sink {hybrid.sink}, window {hybrid.window})"))
         console.print(_memory_table(result.memory))
-        console.print(f"weights: {result.weights}; {result.tensors_verified} tensors checked against the source.")
+        console.print(f"weights: {result.weights}; {result.tensors_verified} tensors checked against the source.",
+                      soft_wrap=True)
     console.print(f"wrote {result.out} ({len(hybrid.streaming_layers)} of {hybrid.num_layers} layers streaming"
-                  + (f", {len(hybrid.head_masks)} mixed" if hybrid.head_masks else "") + ")")
+                  + (f", {len(hybrid.head_masks)} mixed" if hybrid.head_masks else "") + ")", soft_wrap=True)
 
 
 def _head_grid(hybrid):

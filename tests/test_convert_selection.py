@@ -1,0 +1,107 @@
+"""Selection rules: which layers / KV heads stream, pure functions only."""
+
+from __future__ import annotations
+
+import pytest
+
+from lighttransfer.convert.selection import (
+    explain_selection,
+    select_kv_heads,
+    select_layers,
+    split_head_masks,
+    streaming_count,
+)
+from lighttransfer.errors import LightTransferError
+
+LAZY = [0.10, 0.90, 0.50, 0.90, 0.20, 0.70]  # layers 1 and 3 tie for laziest
+
+
+@pytest.mark.parametrize(("ratio", "total", "expected"), [(0.5, 6, 3), (0.5, 5, 3), (0.25, 6, 2), (1.0, 7, 7),
+                                                          (0.1, 4, 0), (0.125, 4, 1)],
+                         ids=lambda v: str(v))
+def test_streaming_count_rounds_half_up(ratio, total, expected):
+    assert streaming_count(ratio, total) == expected
+
+
+def test_lazy_picks_highest_ratios_with_lower_index_tie_break():
+    assert select_layers(LAZY, ratio=0.5) == [1, 3, 5]
+    # one slot left for the tie between 1 and 3: the lower index wins
+    assert select_layers(LAZY, ratio=1 / 6) == [1]
+
+
+def test_keep_protects_layers_and_next_laziest_moves_up():
+    assert select_layers(LAZY, ratio=0.5, keep=[3]) == [1, 2, 5]
+
+
+def test_ratio_one_with_keep_streams_every_other_layer():
+    assert select_layers(LAZY, ratio=1.0, keep=[0]) == [1, 2, 3, 4, 5]
+
+
+def test_least_lazy_is_the_opposite_ranking():
+    assert select_layers(LAZY, ratio=0.5, strategy="least_lazy") == [0, 2, 4]
+
+
+def test_random_is_seeded_and_respects_keep():
+    a = select_layers(LAZY, ratio=0.5, strategy="random", seed=3, keep=[1])
+    assert a == select_layers(LAZY, ratio=0.5, strategy="random", seed=3, keep=[1])
+    assert len(a) == 3 and 1 not in a
+    draws = {tuple(select_layers(LAZY, ratio=0.5, strategy="random", seed=s)) for s in range(20)}
+    assert len(draws) > 1
+
+
+def test_manual_layers_override_the_ranking():
+    assert select_layers(LAZY, ratio=0.5, layers=[4, 0]) == [0, 4]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(ratio=0.0), "out of range"),
+        (dict(ratio=1.5), "out of range"),
+        (dict(ratio=float("nan")), "out of range"),
+        (dict(ratio=0.5, layers=[6]), "no such layer"),
+        (dict(ratio=0.5, layers=[-1]), "no such layer"),
+        (dict(ratio=0.5, keep=[9]), "no such layer"),
+        (dict(ratio=0.5, layers=[2, 2]), "more than once"),
+        (dict(ratio=0.5, layers=[2], keep=[2]), "both in --layers and --keep"),
+        (dict(ratio=0.5, strategy="best"), "not known"),
+    ],
+    ids=["ratio=0", "ratio=1.5", "ratio=nan", "layer-too-high", "layer-negative", "keep-too-high", "duplicate",
+         "layers-and-keep", "strategy"],
+)
+def test_bad_selection_inputs_are_one_line_errors(kwargs, match):
+    with pytest.raises(LightTransferError, match=match) as info:
+        select_layers(LAZY, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+SCORES = [  # [layers=3][kv_heads=2], higher = needs long context
+    [0.1, 0.2],
+    [0.9, 0.05],
+    [0.3, 0.4],
+]
+
+
+def test_kv_heads_stream_lowest_scores_model_wide():
+    masks = select_kv_heads(SCORES, ratio=0.5)  # 3 of 6 heads: 0.05, 0.1, 0.2
+    assert masks == {0: [True, True], 1: [False, True]}
+    assert split_head_masks(masks) == ([0], {1: [False, True]})
+
+
+def test_kv_heads_keep_layers_and_ratio_one():
+    masks = select_kv_heads(SCORES, ratio=1.0, keep_layers=[1])
+    assert split_head_masks(masks) == ([0, 2], {})
+
+
+def test_kv_heads_least_lazy_streams_highest_scores():
+    assert select_kv_heads(SCORES, ratio=1 / 6, strategy="least_lazy") == {1: [True, False]}
+
+
+def test_explain_selection_says_why():
+    rows = explain_selection(num_layers=6, num_kv_heads=2, streaming_layers=[1, 5], head_masks={2: [True, False]},
+                             lazy_ratios=LAZY, keep=[3])
+    kinds = [r.kind for r in rows]
+    assert kinds == ["full", "streaming", "mixed", "full", "full", "streaming"]
+    assert rows[3].reason == "kept full (--keep)"
+    assert [r.rank for r in rows] == [6, 1, 4, 2, 5, 3]
+    assert rows[2].streaming_heads == 1
