@@ -1,0 +1,82 @@
+"""What a GPU benchmark records besides its timings: the machine, the software, and the measured ceilings."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def environment() -> dict:
+    """GPU name, compute capability, SM count, driver, and the versions of Python, torch, CUDA and Triton."""
+    import triton
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                    memory_gib=round(props.total_memory / 2**30, 1))
+        try:
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20,
+            ).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            info["driver"] = "unknown"
+    return info
+
+
+def measure_peaks(*, copy_gib: float = 4.0) -> dict:
+    """Measured ceilings: device-to-device copy bandwidth (bytes read + written, GB/s) and bf16 matmul TFLOP/s."""
+    from triton.testing import do_bench
+
+    def copy_ms(n: int) -> float:
+        src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        dst = torch.empty_like(src)
+        return do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+
+    def matmul_ms(size: int) -> float:
+        a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+        return do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+
+    n = int(copy_gib * 2**30) // 2
+    copy = copy_ms(n)
+    torch.cuda.empty_cache()
+    return {"hbm_copy_gbps": 2 * n * 2 / copy / 1e6, "bf16_matmul_tflops": 2 * 8192**3 / matmul_ms(8192) / 1e9}
+
+
+def write_atomically(path: Path, data: bytes | str) -> None:
+    """Write ``path`` through a temporary file beside it, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    write_atomically(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def environment_markdown(env: dict, peaks: dict) -> str:
+    return (f"GPU: {env.get('gpu')} (sm_{env.get('capability', '?').replace('.', '')}, {env.get('sms')} SMs), "
+            f"driver {env.get('driver')}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}.  \n"
+            f"Measured ceilings: copy {peaks['hbm_copy_gbps']:.0f} GB/s (read+write), "
+            f"bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s.\n")
+
+
+__all__ = ["environment", "measure_peaks", "write_atomically", "write_json", "markdown_table",
+           "environment_markdown"]
