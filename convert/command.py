@@ -102,21 +102,21 @@ def convert(model, out, ratio, report, calib, layers, keep, sink, window, granul
         progress=not quiet, seed=seed, seq_len=seq_len, samples=samples,
     )
     console = stdout_console()
+    console.soft_wrap = True  # plain lines stay whole for grep; tables still fit the terminal
     hybrid = result.hybrid
     if not quiet:
         console.print(_rows_table(result.rows, num_kv_heads=hybrid.num_kv_heads,
                                   title=f"Layer selection ({hybrid.granularity}, sink {hybrid.sink}, window {hybrid.window})"))
         console.print(_memory_table(result.memory))
-        console.print(f"weights: {result.weights}; {result.tensors_verified} tensors checked against the source.",
-                      soft_wrap=True)
+        console.print(f"weights: {result.weights}; {result.tensors_verified} tensors checked against the source.")
     console.print(f"wrote {result.out} ({len(hybrid.streaming_layers)} of {hybrid.num_layers} layers streaming"
-                  + (f", {len(hybrid.head_masks)} mixed" if hybrid.head_masks else "") + ")", soft_wrap=True)
+                  + (f", {len(hybrid.head_masks)} mixed" if hybrid.head_masks else "") + ")")
 
 
 def _head_grid(hybrid):
     from rich.table import Table
 
-    table = Table(title="KV heads (S = streaming, . = full)", title_justify="left")
+    table = Table(title="KV heads", title_justify="left", caption="S = streaming, . = full", caption_justify="left")
     table.add_column("layer", justify="right")
     for h in range(hybrid.num_kv_heads):
         table.add_column(str(h), justify="center")
@@ -135,6 +135,7 @@ def inspect(checkpoint, as_json) -> None:
 
     result = inspect_checkpoint(checkpoint)
     console = stdout_console()
+    console.soft_wrap = True  # plain lines stay whole for grep; tables still fit the terminal
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
         return

@@ -10,16 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-
+from conftest import make_tiny_model
 from lighttransfer.cli import main
 from lighttransfer.convert import HybridConfig, convert, fingerprint_from_config
 from lighttransfer.convert import weights as weights_module
 from lighttransfer.convert.verify import safetensors_digests
 from lighttransfer.errors import LightTransferError
 from lighttransfer.loading import load_config, resolve_model_source
-
-from conftest import make_tiny_model
+from safetensors import safe_open
 
 
 @dataclass

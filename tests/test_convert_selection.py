@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from lighttransfer.convert.selection import (
     explain_selection,
     select_kv_heads,
