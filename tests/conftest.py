@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path
+
+# The repository root is the package `lighttransfer`; on sys.path itself (`python -m pytest` from the root adds
+# the working directory) its folders would shadow unrelated top-level packages, e.g. transformers probing for the
+# hub's `kernels` package would import our `kernels/` folder as a top-level module.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parents[1]]
 
 import pytest
 import torch
