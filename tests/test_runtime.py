@@ -10,10 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny_model
-from test_runtime_reference import reference_logits
-
 from lighttransfer.runtime import StreamingLayer, enable_hybrid, make_cache, resolve_layout, runtime_of
 from lighttransfer.runtime.cache import HybridCache
+from test_runtime_reference import reference_logits
 
 SINK, WINDOW = 3, 8
 STREAMING = [1, 3]

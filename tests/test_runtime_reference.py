@@ -15,9 +15,8 @@ import copy
 import pytest
 import torch
 from conftest import make_tiny_model
-from transformers import AttentionInterface, PreTrainedTokenizerFast
-
 from lighttransfer.kernels.mask import causal_visible, streaming_visible
+from transformers import AttentionInterface, PreTrainedTokenizerFast
 
 REFERENCE_NAME = "lighttransfer_test_masked_reference"
 _VISIBLE = "_test_visible"
