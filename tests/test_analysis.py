@@ -7,15 +7,14 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_model
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-
 from lighttransfer.analysis import analyze, analyze_tokens, capture_lazy_mass, streaming_attention_mass
 from lighttransfer.analysis.heatmap import lazy_layers, plot_heatmap
 from lighttransfer.analysis.lazy_ratio import stats_workspace_bytes
 from lighttransfer.analysis.report import AnalysisReport
 from lighttransfer.errors import LightTransferError
 from lighttransfer.kernels.mask import streaming_mask, streaming_visible
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 SINK, RECENT, LAST, SEQ = 3, 10, 8, 48
 
