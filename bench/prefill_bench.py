@@ -181,14 +181,52 @@ def plot(result: dict, path: Path) -> None:
     write_atomically(path, buf.getvalue())
 
 
+def sweep(*, n: int, sink: int, window: int) -> list[dict]:
+    """Time every H100 candidate config with both load paths (no autotuning) at one shape; check each first."""
+    from lighttransfer.kernels import prefill_triton
+    from triton.testing import do_bench
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+    band = 4 * HEAD_DIM * HEADS * streaming_pairs(n, sink, window)
+    rows = []
+    for config in prefill_triton.HOPPER_CONFIGS:
+        for tma in (False, True):
+            def call(config=config, tma=tma):
+                return prefill_triton.streaming_attention_triton(
+                    q, k, v, sink=sink, window=window, q_offset=0, kv_start=None, kv_len=None,
+                    scale=HEAD_DIM**-0.5, stream_heads=None, return_lse=False, config=config, use_tma=tma)[0]
+
+            name = f"{config.kwargs} w{config.num_warps} s{config.num_stages} tma={tma}"
+            try:
+                err = _check_rows(call(), q, k, v, sink, window)
+                ms = do_bench(call, warmup=25, rep=200, return_mode="median")
+            except Exception as exc:  # a config that does not compile on this GPU is reported, not fatal
+                rows.append(dict(config=name, error=str(exc).splitlines()[0][:200]))
+                continue
+            rows.append(dict(config=name, ms=ms, tflops=band / ms / 1e9, err=err))
+            log.warning("%s: %.3f ms, %.0f TFLOP/s, err %.1e", name, ms, band / ms / 1e9, err)
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for kernels_prefill.{json,md,png}")
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="sequence lengths N")
+    parser.add_argument("--sweep", type=int, nargs=3, metavar=("N", "SINK", "WINDOW"),
+                        help="instead: time every candidate config and load path at one shape")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if not torch.cuda.is_available():
         raise SystemExit("prefill_bench needs a CUDA GPU")
+    if args.sweep:
+        n, sink, window = args.sweep
+        rows = sweep(n=n, sink=sink, window=window)
+        write_json(args.out / "kernels_prefill_sweep.json", {"environment": environment(), "n": n, "sink": sink,
+                                                              "window": window, "rows": rows})
+        return
     result = run(lengths=tuple(args.lengths))
     write_json(args.out / "kernels_prefill.json", result)
     md = to_markdown(result)

@@ -30,33 +30,38 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _attn_tiles(
-    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi, sink_at, win,
+    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, offs_d, qi, sink_at, win,
     lo, hi, key_bound, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, SINK_TERM: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax update over the key tiles ``[lo, hi)``.
 
-    ``MASKED`` tiles apply the rule per element: key ``j`` is visible to row ``qi`` when ``j < key_bound``,
-    ``j <= qi`` and (``j < sink_at`` or ``qi - j < win``), with ``sink_at``/``win`` per row ``[BLOCK_M]``.
+    ``MASKED`` tiles apply the rule per element: key ``j`` is visible to row ``qi`` when ``j < key_bound`` and
+    ``0 <= qi - j < win`` (or, with ``SINK_TERM``, ``j < sink_at``); ``sink_at``/``win`` are per row
+    ``[BLOCK_M]``. ``USE_TMA`` loads K/V tiles through tensor descriptors (rows past the tensor read as zero).
     """
     d_ok = offs_d < HEAD_DIM
+    win_u = win.to(tl.uint32)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]  # [BLOCK_D, BLOCK_N]: K^T
-        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-        if MASKED:
-            n_ok = offs_n < key_bound
-            k = tl.load(k_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        n_ok = offs_n < key_bound
+        if USE_TMA:
+            k = tl.trans(k_desc.load([start_n, 0]))
+        elif MASKED:
+            k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                        other=0.0)
         elif HEAD_DIM == BLOCK_D:
-            k = tl.load(k_ptrs)
+            k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None])
         else:
-            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None], other=0.0)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
         if MASKED:
             rel = qi[:, None] - offs_n[None, :]
-            in_rule = (offs_n[None, :] < sink_at[:, None]) | (rel < win[:, None])
-            visible = n_ok[None, :] & (rel >= 0) & in_rule
+            # one unsigned compare covers both 0 <= rel and rel < win
+            visible = n_ok[None, :] & (rel.to(tl.uint32) < win_u[:, None])
+            if SINK_TERM:
+                visible = n_ok[None, :] & (rel >= 0) & ((offs_n[None, :] < sink_at[:, None]) | (rel < win[:, None]))
             qk = tl.where(visible, qk * qk_scale, float("-inf"))
         else:
             qk = qk * qk_scale
@@ -65,12 +70,18 @@ def _attn_tiles(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MASKED:
-            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if USE_TMA:
+            v = v_desc.load([start_n, 0])
+            if MASKED:
+                # padding rows inside the tensor are real memory: keep a stray nan there out of p @ v
+                v = tl.where(n_ok[:, None], v, 0.0)
+        elif MASKED:
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                        other=0.0)
         elif HEAD_DIM == BLOCK_D:
-            v = tl.load(v_ptrs)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
         else:
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -87,7 +98,8 @@ def _streaming_attn_fwd(
     H, GROUP, n_q, n_kv, q_offset, sink, window, qk_scale,
     HAS_KV_START: tl.constexpr, HAS_KV_LEN: tl.constexpr, HAS_STREAM_HEADS: tl.constexpr,
     RETURN_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SINK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr, FUSED_WINDOW: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # A tile row m is query position start + m % ROWS of query head h0 + m // ROWS: the PACK heads of one KV
     # head share every K/V tile, and the window edge costs ROWS (not BLOCK_M) extra keys per query block.
@@ -129,6 +141,20 @@ def _streaming_attn_fwd(
     q_base = Q + b.to(tl.int64) * stride_qb
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[n_kv, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[n_kv, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        ks_desc = tl.make_tensor_descriptor(k_base, shape=[n_kv, HEAD_DIM], strides=[stride_kn, 1],
+                                            block_shape=[BLOCK_SINK, BLOCK_D])
+        vs_desc = tl.make_tensor_descriptor(v_base, shape=[n_kv, HEAD_DIM], strides=[stride_vn, 1],
+                                            block_shape=[BLOCK_SINK, BLOCK_D])
+    else:
+        k_desc = k_base
+        v_desc = v_base
+        ks_desc = k_base
+        vs_desc = v_base
     row_ok = offs_m < n_q
     q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     q_ptrs = q_base + h[:, None].to(tl.int64) * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :]
@@ -142,34 +168,43 @@ def _streaming_attn_fwd(
     # 1) sink tiles [kv_lo, sink_end), narrow (BLOCK_SINK) because the sink is often a handful of tokens
     sink_end = tl.minimum(tl.minimum(sink_hi, q_hi + 1), kv_hi)
     acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi, sink_at, win,
+        acc, l_i, m_i, q, k_base, v_base, ks_desc, vs_desc, stride_kn, stride_vn, offs_d, qi, sink_at, win,
         kv_lo, sink_end, sink_end, qk_scale,
-        BLOCK_SINK, HEAD_DIM, BLOCK_D, True, DOT_PRECISION,
+        BLOCK_SINK, HEAD_DIM, BLOCK_D, True, True, USE_TMA, DOT_PRECISION,
     )
 
-    # 2) window tiles [win_lo, win_hi); interior [mid_lo, mid_hi) is visible to every row of the block
+    # 2) window tiles [win_lo, win_hi) (keys past sink_end only, so no key is counted twice)
     win_lo = tl.maximum(q_lo - win_max + 1, sink_end)
     win_hi = tl.minimum(q_hi + 1, kv_hi)
-    full_lo = tl.maximum(q_hi - win_min + 1, win_lo)
-    full_hi = tl.minimum(q_lo + 1, kv_hi)
-    n_lead = (tl.maximum(full_lo - win_lo, 0) + BLOCK_N - 1) // BLOCK_N
-    mid_lo = win_lo + n_lead * BLOCK_N
-    mid_hi = mid_lo + (tl.maximum(full_hi - mid_lo, 0) // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi, sink_at, win,
-        win_lo, tl.minimum(mid_lo, win_hi), win_hi, qk_scale,
-        BLOCK_N, HEAD_DIM, BLOCK_D, True, DOT_PRECISION,
-    )
-    acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi, sink_at, win,
-        mid_lo, mid_hi, win_hi, qk_scale,
-        BLOCK_N, HEAD_DIM, BLOCK_D, False, DOT_PRECISION,
-    )
-    acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi, sink_at, win,
-        mid_hi, win_hi, win_hi, qk_scale,
-        BLOCK_N, HEAD_DIM, BLOCK_D, True, DOT_PRECISION,
-    )
+    if FUSED_WINDOW:
+        # one pipelined loop, every tile masked
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, offs_d, qi, sink_at, win,
+            win_lo, win_hi, win_hi, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, True, False, USE_TMA, DOT_PRECISION,
+        )
+    else:
+        # masked edge tiles around an interior [mid_lo, mid_hi) that every row of the block sees in full
+        full_lo = tl.maximum(q_hi - win_min + 1, win_lo)
+        full_hi = tl.minimum(q_lo + 1, kv_hi)
+        n_lead = (tl.maximum(full_lo - win_lo, 0) + BLOCK_N - 1) // BLOCK_N
+        mid_lo = win_lo + n_lead * BLOCK_N
+        mid_hi = mid_lo + (tl.maximum(full_hi - mid_lo, 0) // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, offs_d, qi, sink_at, win,
+            win_lo, tl.minimum(mid_lo, win_hi), win_hi, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, True, False, USE_TMA, DOT_PRECISION,
+        )
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, offs_d, qi, sink_at, win,
+            mid_lo, mid_hi, win_hi, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, False, False, USE_TMA, DOT_PRECISION,
+        )
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, offs_d, qi, sink_at, win,
+            mid_hi, win_hi, win_hi, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, True, False, USE_TMA, DOT_PRECISION,
+        )
 
     # rows that saw no key (padding) get zeros and lse = -inf
     seen = l_i > 0.0
@@ -184,20 +219,21 @@ def _streaming_attn_fwd(
 
 
 # --------------------------------------------------------------------------------------------------- configs
-def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+def _config(block_m: int, block_n: int, warps: int, stages: int, fused: bool = False) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "FUSED_WINDOW": fused}, num_warps=warps,
+                         num_stages=stages)
 
 
-# Candidates for the H100: FA2-style tiles; the first is the default when autotuning is off.
+# Candidates for the H100; the first is the default when autotuning is off.
 HOPPER_CONFIGS = [
-    _config(128, 64, 8, 3),
-    _config(128, 128, 8, 2),
-    _config(128, 64, 8, 2),
-    _config(128, 64, 4, 3),
-    _config(128, 128, 8, 3),
     _config(64, 64, 4, 3),
-    _config(64, 128, 4, 3),
+    _config(64, 64, 4, 3, fused=True),
     _config(64, 64, 4, 4),
+    _config(64, 128, 4, 3),
+    _config(128, 64, 8, 3),
+    _config(128, 64, 8, 3, fused=True),
+    _config(128, 128, 8, 2),
+    _config(128, 64, 4, 3),
 ]
 # Works on any CUDA GPU with 64 KB of shared memory per block (Ampere and newer, also older cards).
 FALLBACK_CONFIG = _config(64, 64, 4, 2)
@@ -236,6 +272,29 @@ def autotune_enabled() -> bool:
     return os.environ.get("LIGHTTRANSFER_TRITON_AUTOTUNE", "1") != "0"
 
 
+def tma_allowed(*tensors: torch.Tensor) -> bool:
+    """Tensor descriptors (TMA) need sm_90+, 16-byte aligned bases and strides, and a unit last stride.
+    ``LIGHTTRANSFER_TRITON_TMA=0`` turns them off (the pointer path runs everywhere)."""
+    if os.environ.get("LIGHTTRANSFER_TRITON_TMA", "1") == "0":
+        return False
+    t0 = tensors[0]
+    if t0.is_cuda and torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]) or t.stride(-1) != 1:
+            return False
+    return True
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _scratch_cpu(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8)
+
+
 _PACK_HEURISTIC = {"PACK": lambda args: head_pack(args["GROUP"], args["BLOCK_M"])}
 
 
@@ -248,7 +307,7 @@ def _tuned_launcher(capability: tuple[int, int], block_d: int, autotune: bool):
     if not autotune:
         configs = configs[:1]
     kernel = triton.heuristics(_PACK_HEURISTIC)(_streaming_attn_fwd)
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "GROUP", "HAS_STREAM_HEADS"])(kernel)
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "GROUP", "HAS_STREAM_HEADS", "USE_TMA"])(kernel)
 
 
 def _as_int32(t: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -272,8 +331,14 @@ def streaming_attention_triton(
     scale: float,
     stream_heads: torch.Tensor | None,
     return_lse: bool,
+    config: triton.Config | None = None,
+    use_tma: bool | None = None,
 ):
-    """Launch the kernel on validated inputs (see ``streaming_attention``). Returns ``(o, lse or None)``."""
+    """Launch the kernel on validated inputs (see ``streaming_attention``). Returns ``(o, lse or None)``.
+
+    ``config``/``use_tma`` pin a tile config and the load path (benchmark sweeps); by default CUDA autotunes
+    and uses TMA where :func:`tma_allowed`.
+    """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     batch, heads, n, dim = q.shape
     kv_heads, n_kv = k.shape[1], k.shape[2]
@@ -285,6 +350,7 @@ def streaming_attention_triton(
     modes = None if stream_heads is None else stream_heads.to(device=q.device, dtype=torch.int8).contiguous()
     block_d = max(16, triton.next_power_of_2(dim))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    tma = tma_allowed(k, v) if use_tma is None else use_tma
     lse_arg = lse if lse is not None else o
     args = (
         q, k, v, o, lse_arg,
@@ -298,20 +364,29 @@ def streaming_attention_triton(
     )
     flags = dict(
         HAS_KV_START=starts is not None, HAS_KV_LEN=lens is not None, HAS_STREAM_HEADS=modes is not None,
-        RETURN_LSE=return_lse, HEAD_DIM=dim, BLOCK_D=block_d, DOT_PRECISION=precision,
+        RETURN_LSE=return_lse, HEAD_DIM=dim, BLOCK_D=block_d, DOT_PRECISION=precision, USE_TMA=tma,
         # sink tiles narrower than the window tiles: a 4-token sink should not cost a 64-key tile
         BLOCK_SINK=min(64, max(16, triton.next_power_of_2(max(sink, 1)))),
     )
     grid = _grid(n, batch, heads, group)
+    if tma:
+        # device-side tensor descriptors live in a small scratch buffer that Triton asks for at launch
+        triton.set_allocator(_scratch if q.is_cuda else _scratch_cpu)
     if q.is_cuda:
         with torch.cuda.device(q.device):
-            kernel = _tuned_launcher(torch.cuda.get_device_capability(q.device), block_d, autotune_enabled())
-            kernel[grid](*args, **flags)
+            if config is not None:
+                meta = dict(config.kwargs, PACK=head_pack(group, config.kwargs["BLOCK_M"]))
+                _streaming_attn_fwd[grid(meta)](*args, **flags, **meta, num_warps=config.num_warps,
+                                                num_stages=config.num_stages)
+            else:
+                kernel = _tuned_launcher(torch.cuda.get_device_capability(q.device), block_d, autotune_enabled())
+                kernel[grid](*args, **flags)
     else:
-        cfg = INTERPRETER_CONFIG.kwargs
-        pack = head_pack(group, cfg["BLOCK_M"])
-        _streaming_attn_fwd[grid(cfg)](*args, **flags, **cfg, PACK=pack)
+        meta = dict((config or INTERPRETER_CONFIG).kwargs)
+        meta["PACK"] = head_pack(group, meta["BLOCK_M"])
+        _streaming_attn_fwd[grid(meta)](*args, **flags, **meta)
     return o, lse
 
 
-__all__ = ["streaming_attention_triton", "HOPPER_CONFIGS", "FALLBACK_CONFIG", "fits_hopper", "head_pack"]
+__all__ = ["streaming_attention_triton", "HOPPER_CONFIGS", "FALLBACK_CONFIG", "fits_hopper", "head_pack",
+           "tma_allowed"]

@@ -207,3 +207,31 @@ def test_unsupported_dtype_on_kernel_path_raises():
     k = v = torch.randn(1, 1, 5, 16, dtype=torch.float64, device=DEVICE)
     with pytest.raises(LightTransferError, match="float64"):
         streaming_attention(q, k, v, sink=1, window=2)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["split-window", "fused-window"])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer-loads", "tma-loads"])
+@pytest.mark.parametrize("case", [CASES[7], CASES[13]], ids=lambda c: c.id)
+def test_kernel_variants_match_reference(case, tma, fused):
+    """Every load path (pointers / tensor descriptors) and window-loop layout the autotuner may pick."""
+    from lighttransfer.kernels import prefill_triton, switch
+
+    dtype = DTYPES[0]
+    q, k, v, kw = _make(case, dtype, seed=11)
+    if not switch.triton_runs_on(q):
+        pytest.skip("no Triton path on this machine")
+    if tma and DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm_90")
+    block = 64 if DEVICE == "cuda" else 16
+    config = prefill_triton._config(block, block, 4 if DEVICE == "cuda" else 1, 2 if DEVICE == "cuda" else 1, fused)
+    o, lse = prefill_triton.streaming_attention_triton(
+        q, k, v, scale=1 / math.sqrt(case.dim), return_lse=True, config=config, use_tma=tma,
+        **{"kv_start": None, "kv_len": None, "stream_heads": None, **kw},
+    )
+    ref_o, ref_lse = streaming_attention_reference(q, k, v, return_lse=True, **kw)
+    visible = prefill_visibility(q.shape[0], q.shape[1], q.shape[2], k.shape[2], device=q.device,
+                                 **{key: kw.get(key) for key in ("sink", "window", "q_offset", "kv_start", "kv_len",
+                                                                  "stream_heads")})
+    low_o, low_lse = masked_attention(q, k, v, visible, 1 / math.sqrt(case.dim), compute_dtype=dtype)
+    assert_within_policy(o, ref_o, low_o.to(dtype), dtype, "variant output")
+    assert_within_policy(lse, ref_lse, low_lse, dtype, "variant lse")
