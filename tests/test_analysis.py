@@ -293,3 +293,21 @@ def test_real_model_first_layers_less_lazy(real_model):
     early, late = sum(ratios[:10]) / 10, sum(ratios[11:]) / 19
     assert early < late - 0.1, (early, late)
     assert report.fingerprint == real_model.fingerprint
+
+
+@pytest.mark.cuda
+def test_device_map_model_matches_single_device(tmp_path):
+    """Layers placed by accelerate's device_map (GPU and CPU-offloaded) give the same report."""
+    from transformers import AutoModelForCausalLM
+
+    sharpened("llama", attn_implementation="sdpa").save_pretrained(tmp_path)
+    placement = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 0, "lm_head": 0,
+                 "model.layers.0": 0, "model.layers.1": "cpu", "model.layers.2": 0, "model.layers.3": "cpu"}
+    spread = AutoModelForCausalLM.from_pretrained(tmp_path, device_map=placement, dtype=torch.float32,
+                                                  attn_implementation="sdpa")
+    ids = torch.randint(0, 256, (2, 200))
+    args = dict(sink=4, recent=32, last=16)
+    single = analyze_tokens(sharpened("llama", attn_implementation="sdpa"), ids, **args)
+    mapped = analyze_tokens(spread, ids, **args)
+    assert torch.allclose(torch.tensor(mapped.head_lazy_ratios()), torch.tensor(single.head_lazy_ratios()),
+                          atol=1e-4)
