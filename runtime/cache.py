@@ -41,16 +41,19 @@ class SequenceState:
         self.has_padding = False
         self.defer_compaction = False
 
-    def observe(self, attention_mask: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-        """Record the left padding from the first forward's 2-D ``attention_mask`` ``[batch, seq]`` (1 = real
-        token); later calls reuse it. Returns ``kv_start``."""
-        if self.kv_start is None:
-            if attention_mask is None or attention_mask.dim() != 2:
-                self.kv_start = torch.zeros(batch, dtype=torch.long, device=device)
-            else:
-                self.kv_start = leading_padding(attention_mask).to(device)
-                self.min_start = int(self.kv_start.min().item())
-                self.has_padding = bool(self.kv_start.max().item() > 0)
+    def observe(self, attention_mask: torch.Tensor | None, batch: int, device: torch.device,
+                new_tokens: int) -> torch.Tensor:
+        """Record the left padding from the 2-D ``attention_mask`` ``[batch, past + new]`` (1 = real token).
+
+        It is re-read on every multi-token forward, because the first chunks of a chunked prefill may still be all
+        padding for some sequence (its count only grows until its first real token arrives); one-token forwards
+        reuse it, so decoding needs no device sync. Returns ``kv_start``."""
+        if attention_mask is not None and attention_mask.dim() == 2 and (self.kv_start is None or new_tokens > 1):
+            self.kv_start = leading_padding(attention_mask).to(device)
+            self.min_start = int(self.kv_start.min().item())
+            self.has_padding = bool(self.kv_start.max().item() > 0)
+        elif self.kv_start is None:
+            self.kv_start = torch.zeros(batch, dtype=torch.long, device=device)
         return self.kv_start
 
     def select(self, index: torch.Tensor) -> None:

@@ -87,7 +87,8 @@ class HybridRuntime:
         if isinstance(cache, HybridCache):
             batch = inputs.shape[0] if inputs is not None else mask.shape[0]
             device = inputs.device if inputs is not None else mask.device
-            kv_start = cache.sequence.observe(mask, batch, device)
+            new_tokens = inputs.shape[1] if inputs is not None else 1
+            kv_start = cache.sequence.observe(mask, batch, device, new_tokens)
             has_padding = cache.sequence.has_padding
         else:
             cache = None
