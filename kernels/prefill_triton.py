@@ -88,6 +88,42 @@ def _attn_tiles(
 
 
 @triton.jit
+def _attn_edge_tiles(
+    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi, sink_at, win,
+    kv_lo, sink_end, n_sink, win_lo, n_lead, tail_lo, n_tail, win_hi, qk_scale,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """All masked tiles of a program in ONE pipelined loop: ``n_sink`` sink tiles from ``kv_lo``, ``n_lead``
+    window-edge tiles from ``win_lo`` and ``n_tail`` diagonal tiles from ``tail_lo``. Separate short loops
+    would each wait for their first load; here the loads of the next edge tile overlap the current one."""
+    d_ok = offs_d < HEAD_DIM
+    for t in tl.range(0, n_sink + n_lead + n_tail):
+        in_sink = t < n_sink
+        start_n = tl.where(in_sink, kv_lo + t * BLOCK_N,
+                           tl.where(t < n_sink + n_lead, win_lo + (t - n_sink) * BLOCK_N,
+                                    tail_lo + (t - n_sink - n_lead) * BLOCK_N))
+        key_bound = tl.where(in_sink, sink_end, win_hi)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < key_bound
+        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                    other=0.0)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        rel = qi[:, None] - offs_n[None, :]
+        visible = n_ok[None, :] & (rel >= 0) & ((offs_n[None, :] < sink_at[:, None]) | (rel < win[:, None]))
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _streaming_attn_fwd(
     Q, K, V, Out, LSE, KV_START, KV_LEN, STREAM_HEADS,
     stride_qb, stride_qh, stride_qn,
@@ -98,7 +134,7 @@ def _streaming_attn_fwd(
     H, GROUP, n_q, n_kv, q_offset, sink, window, qk_scale,
     HAS_KV_START: tl.constexpr, HAS_KV_LEN: tl.constexpr, HAS_STREAM_HEADS: tl.constexpr,
     RETURN_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SINK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr, FUSED_WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr, MERGED_EDGES: tl.constexpr,
     USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # A tile row m is query position start + m % ROWS of query head h0 + m // ROWS: the PACK heads of one KV
@@ -165,26 +201,39 @@ def _streaming_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # 1) sink tiles [kv_lo, sink_end), narrow (BLOCK_SINK) because the sink is often a handful of tokens
     sink_end = tl.minimum(tl.minimum(sink_hi, q_hi + 1), kv_hi)
-    acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, k_base, v_base, ks_desc, vs_desc, stride_kn, stride_vn, offs_d, qi, sink_at, win,
-        kv_lo, sink_end, sink_end, qk_scale,
-        BLOCK_SINK, HEAD_DIM, BLOCK_D, True, True, USE_TMA, DOT_PRECISION,
-    )
-
-    # 2) window tiles [win_lo, win_hi) (keys past sink_end only, so no key is counted twice)
     win_lo = tl.maximum(q_lo - win_max + 1, sink_end)
     win_hi = tl.minimum(q_hi + 1, kv_hi)
-    if FUSED_WINDOW:
-        # one pipelined loop, every tile masked
+    if MERGED_EDGES:
+        # masked tiles (sink, window edge, diagonal) in one loop, then the unmasked interior
+        full_lo = tl.maximum(q_hi - win_min + 1, win_lo)
+        full_hi = tl.minimum(q_lo + 1, kv_hi)
+        n_lead = (tl.maximum(tl.minimum(full_lo, win_hi) - win_lo, 0) + BLOCK_N - 1) // BLOCK_N
+        mid_lo = win_lo + n_lead * BLOCK_N
+        mid_hi = mid_lo + (tl.maximum(full_hi - mid_lo, 0) // BLOCK_N) * BLOCK_N
+        tail_lo = tl.maximum(mid_hi, mid_lo)
+        n_tail = (tl.maximum(win_hi - tail_lo, 0) + BLOCK_N - 1) // BLOCK_N
+        n_sink = (tl.maximum(sink_end - kv_lo, 0) + BLOCK_N - 1) // BLOCK_N
+        acc, l_i, m_i = _attn_edge_tiles(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi, sink_at, win,
+            kv_lo, sink_end, n_sink, win_lo, n_lead, tail_lo, n_tail, win_hi, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PRECISION,
+        )
         acc, l_i, m_i = _attn_tiles(
             acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, offs_d, qi, sink_at, win,
-            win_lo, win_hi, win_hi, qk_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, True, False, USE_TMA, DOT_PRECISION,
+            mid_lo, mid_hi, win_hi, qk_scale,
+            BLOCK_N, HEAD_DIM, BLOCK_D, False, False, USE_TMA, DOT_PRECISION,
         )
     else:
-        # masked edge tiles around an interior [mid_lo, mid_hi) that every row of the block sees in full
+        # 1) sink tiles [kv_lo, sink_end), narrow (BLOCK_SINK) because the sink is often a handful of tokens
+        acc, l_i, m_i = _attn_tiles(
+            acc, l_i, m_i, q, k_base, v_base, ks_desc, vs_desc, stride_kn, stride_vn, offs_d, qi, sink_at, win,
+            kv_lo, sink_end, sink_end, qk_scale,
+            BLOCK_SINK, HEAD_DIM, BLOCK_D, True, True, USE_TMA, DOT_PRECISION,
+        )
+
+        # 2) window tiles [win_lo, win_hi) past sink_end (no key counted twice): masked edge tiles around an
+        #    interior [mid_lo, mid_hi) that every row of the block sees in full
         full_lo = tl.maximum(q_hi - win_min + 1, win_lo)
         full_hi = tl.minimum(q_lo + 1, kv_hi)
         n_lead = (tl.maximum(full_lo - win_lo, 0) + BLOCK_N - 1) // BLOCK_N
@@ -219,21 +268,20 @@ def _streaming_attn_fwd(
 
 
 # --------------------------------------------------------------------------------------------------- configs
-def _config(block_m: int, block_n: int, warps: int, stages: int, fused: bool = False) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "FUSED_WINDOW": fused}, num_warps=warps,
+def _config(block_m: int, block_n: int, warps: int, stages: int, merged: bool = True) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "MERGED_EDGES": merged}, num_warps=warps,
                          num_stages=stages)
 
 
-# Candidates for the H100; the first is the default when autotuning is off.
+# Candidates for the H100 (see NOTES.md for the sweeps behind them); the first is the default when autotuning
+# is off. Measured slower and therefore not candidates: BLOCK_N = 128 with 4 warps, 4 stages, TMA loads.
 HOPPER_CONFIGS = [
-    _config(64, 64, 4, 3),
-    _config(64, 64, 4, 3, fused=True),
-    _config(64, 64, 4, 4),
-    _config(64, 128, 4, 3),
     _config(128, 64, 8, 3),
-    _config(128, 64, 8, 3, fused=True),
+    _config(128, 64, 8, 3, merged=False),
+    _config(64, 64, 4, 3),
+    _config(64, 64, 4, 3, merged=False),
+    _config(128, 64, 8, 2),
     _config(128, 128, 8, 2),
-    _config(128, 64, 4, 3),
 ]
 # Works on any CUDA GPU with 64 KB of shared memory per block (Ampere and newer, also older cards).
 FALLBACK_CONFIG = _config(64, 64, 4, 2)
@@ -273,9 +321,10 @@ def autotune_enabled() -> bool:
 
 
 def tma_allowed(*tensors: torch.Tensor) -> bool:
-    """Tensor descriptors (TMA) need sm_90+, 16-byte aligned bases and strides, and a unit last stride.
-    ``LIGHTTRANSFER_TRITON_TMA=0`` turns them off (the pointer path runs everywhere)."""
-    if os.environ.get("LIGHTTRANSFER_TRITON_TMA", "1") == "0":
+    """Whether to load K/V through tensor descriptors (TMA): only when ``LIGHTTRANSFER_TRITON_TMA=1`` (measured
+    slower than pointer loads with Triton 3.6 on the H100, see NOTES.md) and the tensors allow it (sm_90+,
+    16-byte aligned bases and strides, unit last stride). The merged edge tiles always use pointer loads."""
+    if os.environ.get("LIGHTTRANSFER_TRITON_TMA", "0") != "1":
         return False
     t0 = tensors[0]
     if t0.is_cuda and torch.cuda.get_device_capability(t0.device)[0] < 9:

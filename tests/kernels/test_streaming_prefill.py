@@ -209,10 +209,10 @@ def test_unsupported_dtype_on_kernel_path_raises():
         streaming_attention(q, k, v, sink=1, window=2)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["split-window", "fused-window"])
+@pytest.mark.parametrize("merged", [False, True], ids=["separate-edge-loops", "merged-edge-loop"])
 @pytest.mark.parametrize("tma", [False, True], ids=["pointer-loads", "tma-loads"])
 @pytest.mark.parametrize("case", [CASES[7], CASES[13]], ids=lambda c: c.id)
-def test_kernel_variants_match_reference(case, tma, fused):
+def test_kernel_variants_match_reference(case, tma, merged):
     """Every load path (pointers / tensor descriptors) and window-loop layout the autotuner may pick."""
     from lighttransfer.kernels import prefill_triton, switch
 
@@ -223,7 +223,7 @@ def test_kernel_variants_match_reference(case, tma, fused):
     if tma and DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm_90")
     block = 64 if DEVICE == "cuda" else 16
-    config = prefill_triton._config(block, block, 4 if DEVICE == "cuda" else 1, 2 if DEVICE == "cuda" else 1, fused)
+    config = prefill_triton._config(block, block, 4 if DEVICE == "cuda" else 1, 2 if DEVICE == "cuda" else 1, merged)
     o, lse = prefill_triton.streaming_attention_triton(
         q, k, v, scale=1 / math.sqrt(case.dim), return_lse=True, config=config, use_tma=tma,
         **{"kv_start": None, "kv_len": None, "stream_heads": None, **kw},
