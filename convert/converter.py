@@ -26,6 +26,7 @@ from ..loading import (
     model_fingerprint,
     resolve_model_source,
 )
+from .gguf_metadata import complete_tokenizer, read_gguf_metadata
 from .hybrid_config import CONFIG_KEY, SIDECAR_NAME, HybridConfig
 from .kv_memory import DTYPE_BYTES, KVMemoryRow, kv_memory_table
 from .model_card import FIGURE_NAME, plot_selection, render_model_card
@@ -60,6 +61,7 @@ AUX_PATTERNS = (
 )
 LICENSE_PATTERNS = ("LICENSE*", "LICENCE*", "License*", "license*", "NOTICE*", "COPYING*", "USE_POLICY*")
 SIDECAR_FORMAT_VERSION = 1
+HEATMAP_NAME = "lighttransfer_heatmap.png"
 
 
 @dataclass
@@ -272,6 +274,8 @@ def convert(
 
     report = _load_report(report)
     needs_analysis = report is None and layers is None and strategy != "random"
+    if needs_analysis:
+        _check_analysis_options(calib=calib, seq_len=seq_len, samples=samples, sink=sink, window=window)
     gguf_dtype = "float32" if dtype == "auto" else dtype
     if loaded is None and source.kind == "gguf":
         # weights are written from this copy, so it stays in float32 on the CPU (the dequantized values)
@@ -310,10 +314,10 @@ def convert(
         if report is not None and hybrid.sidecar:
             _write_json(tmp / SIDECAR_NAME, _sidecar(report, model_id=model_id, fingerprint=fingerprint))
 
-        _write_aux_files(source, loaded, tmp, trust_remote_code=trust_remote_code)
+        gguf_metadata = _write_aux_files(source, loaded, tmp, trust_remote_code=trust_remote_code)
         memory = _memory(hybrid, text_config, config_dict, source=source, gguf_dtype=gguf_dtype)
         _write_card(tmp, out.name, hybrid, rows, memory, report, written, source=source, gguf_dtype=gguf_dtype,
-                    hub_id=hub_id)
+                    hub_id=hub_id, license_id=gguf_metadata.get("general.license"))
         checked = verify_weights(tmp, written)
         log.info("checked %d tensors against the source", checked)
 
@@ -336,13 +340,27 @@ def _write_weights(source: ModelSource, loaded: LoadedModel | None, tmp: Path) -
     return write_bin_as_safetensors(source.path, tmp, shards)
 
 
+def _check_analysis_options(*, calib, seq_len, samples, sink, window) -> None:
+    """The analysis' own one-line errors, before any model is loaded."""
+    from ..analysis.analyze import check_params
+    from ..calibration import check_sources
+
+    check_params(seq_len=seq_len, samples=samples, batch=1, sink=sink, recent=window, last=32, threshold=0.1)
+    check_sources([str(c) for c in calib] if isinstance(calib, (list, tuple)) else
+                  (str(calib) if calib is not None else None))
+
+
 def _run_analysis(loaded: LoadedModel, *, calib, seq_len, samples, sink, window, seed, device, dtype, progress):
-    from ..analysis import analyze
+    from ..analysis.analyze import analyze
     from ..loading import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     loaded.model.to(device=dev, dtype=resolve_dtype(dtype, dev))
     log.info("analysing %s (sink %d, window %d, %d x %d tokens)", loaded.model_id, sink, window, samples, seq_len)
+    if calib is not None and not isinstance(calib, (str, os.PathLike)):
+        calib = [str(c) for c in calib]
+    elif calib is not None:
+        calib = str(calib)
     return analyze(loaded, calib=calib, seq_len=seq_len, samples=samples, sink=sink, recent=window, seed=seed,
                    device=device, dtype=dtype, progress=progress, tokenizer=loaded.tokenizer)
 
@@ -363,7 +381,9 @@ def _select(report, *, num_layers, num_kv_heads, ratio, layers, keep, granularit
     if report is not None:
         calibration = dict(report.params or {})
         if getattr(report, "calibration", None):
-            calibration["text"] = report.calibration
+            # scalars and source names only; per-sample offsets stay in the report
+            calibration["text"] = {k: v for k, v in report.calibration.items()
+                                   if not isinstance(v, (list, dict)) or k in ("sources", "files")}
         summary = dict(report.summary())
     summary["selection"] = {"ratio": None if layers is not None else ratio, "strategy": "manual" if layers is not None else strategy,
                             "keep": list(keep), "seed": seed}
@@ -379,18 +399,25 @@ def _select(report, *, num_layers, num_kv_heads, ratio, layers, keep, granularit
     return hybrid, rows
 
 
-def _write_aux_files(source: ModelSource, loaded: LoadedModel | None, tmp: Path, *, trust_remote_code: bool) -> None:
+def _write_aux_files(source: ModelSource, loaded: LoadedModel | None, tmp: Path, *,
+                     trust_remote_code: bool) -> dict[str, Any]:
+    """Copy tokenizer, generation and license files; for a GGUF, save its tokenizer. Returns GGUF metadata."""
     if source.kind == "directory":
         _copy_aux_files(source.path, tmp, AUX_PATTERNS + LICENSE_PATTERNS)
-        return
-    # GGUF: the tokenizer lives inside the file; transformers' loader rebuilds it
+        return {}
+    # GGUF: the tokenizer lives inside the file; transformers' loader rebuilds it, minus a few roles
     tokenizer = loaded.tokenizer if loaded is not None else None
     if tokenizer is None:
         from ..loading import load_tokenizer
 
         tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    metadata = read_gguf_metadata(source.path)
+    filled = complete_tokenizer(tokenizer, metadata)
+    if filled:
+        log.info("restored %s of the tokenizer from the GGUF metadata", ", ".join(filled))
     tokenizer.save_pretrained(tmp)
     _copy_aux_files(source.path.parent, tmp, LICENSE_PATTERNS)
+    return metadata
 
 
 def _memory(hybrid: HybridConfig, text_config, config_dict, *, source: ModelSource, gguf_dtype: str) -> list[KVMemoryRow]:
@@ -401,16 +428,25 @@ def _memory(hybrid: HybridConfig, text_config, config_dict, *, source: ModelSour
 
 
 def _write_card(tmp: Path, name: str, hybrid: HybridConfig, rows, memory, report, written: WrittenWeights, *,
-                source: ModelSource, gguf_dtype: str, hub_id: str | None) -> None:
+                source: ModelSource, gguf_dtype: str, hub_id: str | None, license_id: str | None) -> None:
     kv_scores = report.kv_head_long_context_scores() if report is not None and hybrid.granularity == "head" else None
     figure = FIGURE_NAME if plot_selection(tmp / FIGURE_NAME, rows=rows, hybrid=hybrid, kv_scores=kv_scores) else None
+    heatmap = None
+    if report is not None and hasattr(report, "query_heads"):
+        try:
+            from ..analysis.heatmap import plot_heatmap
+
+            plot_heatmap(report, tmp / HEATMAP_NAME, lazy_fraction=len(hybrid.streaming_layers) / hybrid.num_layers)
+            heatmap = HEATMAP_NAME
+        except ImportError as exc:  # pragma: no cover - matplotlib is a dependency
+            log.warning("no heatmap in the model card (%s)", exc)
     dtype_note = None
     if source.kind == "gguf":
         dtype_note = (f"The source was a GGUF file ({source.path.name}); its quantized weights were dequantized "
                       f"by transformers and saved in {gguf_dtype}. They equal the GGUF's values, not the original "
                       "full-precision weights.")
     card = render_model_card(name=name, hybrid=hybrid, rows=rows, memory=memory, weights_note=written.method,
-                             figure=figure, hub_id=hub_id,
+                             figure=figure, heatmap=heatmap, hub_id=hub_id, license_id=license_id,
                              dtype_note=dtype_note)
     (tmp / "README.md").write_text(card)
 

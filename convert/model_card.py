@@ -87,7 +87,9 @@ def render_model_card(
     memory: Sequence[KVMemoryRow],
     weights_note: str,
     figure: str | None,
+    heatmap: str | None = None,
     hub_id: str | None = None,
+    license_id: str | None = None,
     dtype_note: str | None = None,
 ) -> str:
     """Markdown of the model card: what streams and why, the cache it saves, and how to load it."""
@@ -98,6 +100,8 @@ def render_model_card(
              "- streaming-attention"]
     if hub_id:
         front.append(f"base_model: {hub_id}")
+    if license_id:
+        front.append(f"license: {license_id}")
     front.append("---")
     lines = [
         *front,
@@ -133,6 +137,9 @@ def render_model_card(
     lines += ["", "## Layers", ""]
     if figure:
         lines += [f"![layer selection]({figure})", ""]
+    if heatmap:
+        lines += ["Lazy ratio per query head and per layer, from the analysis the layers were chosen with:", "",
+                  f"![lazy-ratio heatmap]({heatmap})", ""]
     lines += ["| layer | attention | streaming KV heads | lazy ratio | rank | why |", "|---:|---|---:|---:|---:|---|"]
     for row in rows:
         lines.append(f"| {row.layer} | {row.kind} | {row.streaming_heads}/{hybrid.num_kv_heads} | "

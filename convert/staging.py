@@ -58,6 +58,7 @@ def staged_directory(target: str | os.PathLike[str], *, force: bool = False) -> 
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        _normalize_permissions(tmp)
         check_target(target, force=force)  # something may have appeared there meanwhile
         _move_into_place(tmp, target)
     except OSError as exc:
@@ -71,6 +72,21 @@ def staged_directory(target: str | os.PathLike[str], *, force: bool = False) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _normalize_permissions(root: Path) -> None:
+    """Give what we created the usual umask permissions (mkdtemp and mkstemp make them private).
+
+    Hard-linked files are left alone: their mode is the source file's own.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        st = path.lstat()
+        if path.is_symlink() or (path.is_file() and st.st_nlink > 1):
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:

@@ -377,3 +377,51 @@ def test_cli_refuses_existing_out_and_missing_model(source_dirs, tmp_path, capsy
     assert code != 0 and "--force" in err and "Traceback" not in err
     code, _, err = run_cli(["convert", str(tmp_path / "nowhere"), "--layers", "1", "--out", str(tmp_path / "x")], capsys)
     assert code != 0 and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+# ---- with a real analysis report -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_report_path(source_dirs, tmp_path_factory) -> Path:
+    """A real analysis report of the saved tiny llama, on random tokens (sink 4, recent 16, last 8)."""
+    from transformers import AutoModelForCausalLM
+
+    from lighttransfer.analysis.analyze import analyze_tokens
+
+    model = AutoModelForCausalLM.from_pretrained(source_dirs["llama"], dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    report = analyze_tokens(model, ids, sink=4, recent=16, last=8, model_id="tiny-llama")
+    return report.save(tmp_path_factory.mktemp("report") / "report.json")
+
+
+def test_cli_convert_with_a_real_report(source_dirs, tiny_report_path, tmp_path, capsys):
+    from lighttransfer.analysis.report import AnalysisReport
+
+    report = AnalysisReport.load(tiny_report_path)
+    code, out, err = run_cli(["convert", str(source_dirs["llama"]), "--report", str(tiny_report_path),
+                              "--ratio", "0.5", "--sink", "4", "--window", "16", "--out", str(tmp_path / "h")], capsys)
+    assert code == 0, err
+    assert "among the laziest" in out
+    hybrid = HybridConfig.from_model_config(json.loads((tmp_path / "h" / "config.json").read_text()))
+    assert hybrid.streaming_layers == sorted(report.ranking[:2])
+    assert hybrid.calibration["recent"] == 16 and hybrid.report_summary["ranking"] == report.ranking
+    sidecar = json.loads((tmp_path / "h" / hybrid.sidecar).read_text())
+    assert sidecar["kv_head_long_context_scores"] == report.kv_head_long_context_scores()
+    assert len(sidecar["head_lazy_ratios"]) == 4 and len(sidecar["head_lazy_ratios"][0]) == 4
+    assert (tmp_path / "h" / "lighttransfer_heatmap.png").is_file()
+
+
+def test_cli_refuses_a_report_of_another_model(source_dirs, tiny_report_path, tmp_path, capsys):
+    code, out, err = run_cli(["convert", str(source_dirs["qwen2"]), "--report", str(tiny_report_path),
+                              "--out", str(tmp_path / "h")], capsys)
+    assert code != 0 and "Traceback" not in err + out
+    assert len(err.strip().splitlines()) == 1 and "report was made for model 'tiny-llama'" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_bad_analysis_options_fail_before_loading(source_dirs, tmp_path, capsys):
+    code, _, err = run_cli(["convert", str(source_dirs["llama"]), "--calib", str(tmp_path / "missing.txt"),
+                            "--out", str(tmp_path / "h")], capsys)
+    assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
