@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..loading import LoadedModel, load_model
+from ..loading import LoadedModel, load_model, load_tokenizer
 from .hybrid import enable_hybrid
 from .layout import resolve_layout
 
@@ -26,12 +26,13 @@ def load_hybrid(
     with_tokenizer: bool = True,
 ) -> LoadedModel:
     """Like :func:`load`, but returns the :class:`~lighttransfer.loading.LoadedModel` (model, tokenizer, source)."""
-    loaded = load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                        with_tokenizer=with_tokenizer)
+    loaded = load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, with_tokenizer=False)
     layout = resolve_layout(loaded.model.config, streaming_layers=streaming_layers, head_masks=head_masks,
                             sink=sink, window=window, prefill=prefill, online_ratio=online_ratio,
                             chunk_size=chunk_size, source=f"model '{loaded.source.spec}'")
     enable_hybrid(loaded.model, layout)
+    if with_tokenizer:
+        loaded.tokenizer = load_tokenizer(loaded.source, trust_remote_code=trust_remote_code)
     return loaded
 
 

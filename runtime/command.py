@@ -1,0 +1,74 @@
+"""``lighttransfer generate``: a thin click layer over :func:`lighttransfer.runtime.generation.generate_text`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..cli import is_quiet, model_options, stderr_console, verbosity_options
+from ..errors import LightTransferError
+
+
+def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    if (prompt is None) == (prompt_file is None):
+        raise LightTransferError("pass exactly one of --prompt TEXT and --prompt-file FILE.", exit_code=2)
+    if prompt is not None:
+        return prompt
+    path = Path(prompt_file)
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LightTransferError(f"--prompt-file '{path}' cannot be read as UTF-8 text ({exc}).") from exc
+
+
+def _format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@click.command("generate")
+@click.argument("model_dir")
+@click.option("--prompt", help="The prompt text.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False), help="Read the prompt from this UTF-8 file.")
+@click.option("--max-new-tokens", default=128, show_default=True, type=int, help="Tokens to generate at most.")
+@click.option("--temperature", default=0.0, show_default=True, type=float,
+              help="Sampling temperature; 0 decodes greedily.")
+@click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling threshold.")
+@click.option("--seed", type=int, help="Seed for reproducible sampling.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template as a user turn.")
+@click.option("--prefill", type=click.Choice(["streaming", "full"]),
+              help="Prefill policy; default: the checkpoint's (full = full attention, cache trimmed after).")
+@click.option("--chunk-size", type=int, help="Prefill long prompts in chunks of this many tokens.")
+@click.option("--online-ratio", type=float,
+              help="Choose the streaming layers per prompt instead: this share of layers streams.")
+@model_options
+@verbosity_options
+def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p, seed, chat, prefill, chunk_size,
+             online_ratio, device, dtype, trust_remote_code):
+    """Generate text with a hybrid checkpoint, streaming it as it is produced.
+
+    MODEL_DIR is a directory written by `lighttransfer convert`. Afterwards the speed (tokens/s) and the
+    KV-cache size (kept vs what the dense model would hold) are printed on stderr.
+    """
+    from .generation import generate_text
+    from .loader import load_hybrid
+
+    text = _read_prompt(prompt, prompt_file)
+    loaded = load_hybrid(model_dir, device=device, dtype=dtype, prefill=prefill, chunk_size=chunk_size,
+                         online_ratio=online_ratio, trust_remote_code=trust_remote_code)
+
+    def emit(piece: str) -> None:
+        click.echo(piece, nl=False)
+
+    _, stats = generate_text(loaded.model, loaded.tokenizer, text, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, seed=seed, chat=chat, on_text=emit)
+    click.echo()
+    if not is_quiet():
+        stderr_console().print(
+            f"[dim]{stats.prompt_tokens} prompt tokens in {stats.prefill_seconds:.2f} s, {stats.new_tokens} new "
+            f"tokens at {stats.decode_tokens_per_second:.1f} tokens/s; KV cache {_format_bytes(stats.kv_bytes)} "
+            f"kept vs {_format_bytes(stats.dense_kv_bytes)} dense ({100 * stats.kv_fraction:.0f}%)[/dim]")
