@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny_model
-from test_runtime import max_diff, random_ids
-from test_runtime_reference import reference_logits
-
 from lighttransfer.kernels.mask import streaming_visible
 from lighttransfer.runtime import OnlineSelector, StreamingLayer, enable_hybrid, resolve_layout
 from lighttransfer.runtime.cache import HybridCache
+from test_runtime import max_diff, random_ids
+from test_runtime_reference import reference_logits
 
 SINK, WINDOW, LAST = 2, 6, 8
 
@@ -60,7 +59,7 @@ def test_online_mode_picks_the_least_lazy_layers_of_the_prompt():
     assert isinstance(cache, HybridCache) and cache.online.decided
     want = independent_lazy_ratios(plain, ids)
     got = [cache.online.ratios[i] for i in range(6)]
-    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
     least_lazy = sorted(sorted(range(6), key=lambda i: want[i])[:3])
     assert cache.online.full_layers == least_lazy
     assert cache.streaming_layer_indices() == sorted(set(range(6)) - set(least_lazy))
