@@ -262,6 +262,9 @@ def convert(
     given = loaded.source if loaded else resolve_model_source(model)
     model_id, hub_id = given.model_id, given.spec if given.kind == "hub" else None
     source = _local_source(given)
+    if source.path is not None and out.absolute().resolve() in (source.path, source.path.parent if
+                                                                source.kind == "gguf" else None):
+        raise LightTransferError(f"--out '{out}' is where the source model lives; choose another directory.")
     config = loaded.model.config if loaded else load_config(source, trust_remote_code=trust_remote_code)
     text_config = _text_config(config)
     num_layers = int(text_config.num_hidden_layers)

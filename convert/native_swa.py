@@ -17,12 +17,11 @@ from ..errors import LightTransferError
 from .hybrid_config import HybridConfig
 
 # model_type -> extra keys that switch the architecture's sliding window on. Each of these transformers
-# modeling files reads ``config.layer_types[layer_idx]`` per layer (checked on transformers 5.24).
+# modeling files reads ``config.layer_types[layer_idx]`` per layer (checked in the sources of transformers 5.17 and 5.24).
 NATIVE_SWA_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "qwen2": {"use_sliding_window": True},
     "qwen3": {"use_sliding_window": True},
     "qwen2_moe": {"use_sliding_window": True},
-    "qwen3_moe": {"use_sliding_window": True},
     "ministral": {},
     "gemma2": {},
     "gemma3_text": {},

@@ -425,3 +425,19 @@ def test_cli_bad_analysis_options_fail_before_loading(source_dirs, tmp_path, cap
                             "--out", str(tmp_path / "h")], capsys)
     assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_out_cannot_be_the_source_itself(source_dirs):
+    src = source_dirs["llama"]
+    before = sorted(p.name for p in src.iterdir())
+    with pytest.raises(LightTransferError, match="where the source model lives"):
+        convert(src, out=src, layers=[1], force=True)
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_package_level_convert_is_callable(source_dirs, tmp_path):
+    import lighttransfer
+    import lighttransfer.convert  # noqa: F401 - the subpackage shadows the lazy function attribute
+
+    result = lighttransfer.convert(source_dirs["qwen2"], out=tmp_path / "h", layers=[2])
+    assert result.hybrid.streaming_layers == [2]
