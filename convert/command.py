@@ -48,12 +48,12 @@ def _rows_table(rows, *, num_kv_heads: int, title: str):
     return table
 
 
-def _memory_table(memory):
+def _memory_table(memory, dtype: str | None = None):
     from rich.table import Table
 
     from .kv_memory import format_bytes
 
-    table = Table(title="KV cache, batch 1", title_justify="left")
+    table = Table(title=f"KV cache, batch 1, {dtype}" if dtype else "KV cache, batch 1", title_justify="left")
     for name in ("tokens", "original", "hybrid", "saved"):
         table.add_column(name, justify="right")
     for row in memory:
@@ -127,13 +127,15 @@ def _head_grid(hybrid):
 
 @click.command("inspect")
 @click.argument("checkpoint", type=click.Path())
+@click.option("--dtype", "cache_dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Size the KV cache in this dtype (default: the weights' dtype in config.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @verbosity_options
-def inspect(checkpoint, as_json) -> None:
+def inspect(checkpoint, cache_dtype, as_json) -> None:
     """Show CHECKPOINT's hybrid layout and its KV-cache memory at 8k/32k/128k tokens (from config.json only)."""
     from .inspect_checkpoint import inspect_checkpoint
 
-    result = inspect_checkpoint(checkpoint)
+    result = inspect_checkpoint(checkpoint, dtype=cache_dtype)
     console = stdout_console()
     console.soft_wrap = True  # plain lines stay whole for grep; tables still fit the terminal
     if as_json:
@@ -154,7 +156,7 @@ def inspect(checkpoint, as_json) -> None:
                       f"seq_len {c.get('seq_len', '?')}, samples {c.get('samples', '?')}")
     if hybrid.head_masks:
         console.print(_head_grid(hybrid))
-    console.print(_memory_table(result.memory))
+    console.print(_memory_table(result.memory, result.dtype))
 
 
 __all__ = ["convert", "inspect", "parse_layer_list"]

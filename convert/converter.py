@@ -276,6 +276,8 @@ def convert(
         native_swa_fields(str(text_config.model_type), HybridConfig(num_layers, num_kv_heads))  # fail early
 
     report = _load_report(report)
+    if calib and (report is not None or layers is not None):
+        warnings.append("--calib is ignored: the layers come from " + ("--layers." if layers is not None else "the report."))
     needs_analysis = report is None and layers is None and strategy != "random"
     if needs_analysis:
         _check_analysis_options(calib=calib, seq_len=seq_len, samples=samples, sink=sink, window=window)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ class InspectResult:
         hybrid: the ``lighttransfer`` block.
         model_type: the config's ``model_type``.
         head_dim: channels per attention head.
-        dtype: the weights' dtype named in the config (the cache is assumed to use it).
+        dtype: the cache dtype the memory is sized for (the weights' dtype in the config unless given).
         memory: KV-cache bytes of the dense and the hybrid model at 8k/32k/128k tokens, batch 1.
         native_layer_types: the architecture's own ``layer_types`` when ``--native-swa`` wrote them.
         max_position_embeddings: the context length the config declares, when it says.
@@ -36,7 +36,6 @@ class InspectResult:
     memory: list[KVMemoryRow]
     native_layer_types: list[str] | None = None
     max_position_embeddings: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,12 +52,14 @@ def _text_config(config: dict) -> dict:
     return inner if isinstance(inner, dict) and "num_hidden_layers" in inner else config
 
 
-def inspect_checkpoint(path: str | os.PathLike[str], *, tokens: tuple[int, ...] = DEFAULT_TOKENS) -> InspectResult:
+def inspect_checkpoint(path: str | os.PathLike[str], *, tokens: tuple[int, ...] = DEFAULT_TOKENS,
+                       dtype: str | None = None) -> InspectResult:
     """Read the hybrid layout of the checkpoint at ``path`` and size its KV cache.
 
     Args:
         path: a hybrid checkpoint directory (or its ``config.json``).
         tokens: sequence lengths to size the cache at (batch 1).
+        dtype: the cache dtype (``float32``, ``bfloat16``, ``float16``); default: the weights' dtype in the config.
 
     Raises:
         LightTransferError: no readable config.json, or no ``lighttransfer`` block in it.
@@ -82,9 +83,11 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, tokens: tuple[int, ...] 
     head_dim = text.get("head_dim") or (text["hidden_size"] // heads if heads and text.get("hidden_size") else None)
     if not head_dim:
         raise LightTransferError(f"'{config_path}' says neither head_dim nor hidden_size/num_attention_heads.")
-    dtype = str(text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or "float32")
+    dtype = str(dtype or text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or "float32")
     dtype = dtype.removeprefix("torch.")
-    memory = kv_memory_table(hybrid, head_dim=int(head_dim), dtype_bytes=DTYPE_BYTES.get(dtype, 4), tokens=tokens)
+    if dtype not in DTYPE_BYTES:
+        raise LightTransferError(f"cache dtype '{dtype}' is not known; use one of {', '.join(DTYPE_BYTES)}.")
+    memory = kv_memory_table(hybrid, head_dim=int(head_dim), dtype_bytes=DTYPE_BYTES[dtype], tokens=tokens)
     return InspectResult(
         path=config_path.parent,
         hybrid=hybrid,

@@ -135,26 +135,27 @@ def _load_bin(path: Path) -> dict:
     return state
 
 
-def _untie(state: dict) -> tuple[dict, list[list[str]]]:
-    """Contiguous tensors with no shared storage (safetensors refuses aliases), and the alias groups found."""
+def alias_groups(state: dict) -> list[list[str]]:
+    """Names of tensors that share one storage (tied weights), in groups of two or more."""
     by_storage: dict[tuple, list[str]] = {}
     for name, t in state.items():
         if t.numel():
             by_storage.setdefault((t.untyped_storage().data_ptr(), t.device.type), []).append(name)
-    out, groups = {}, []
-    for names in by_storage.values():
-        if len(names) > 1:
-            groups.append(sorted(names))
-    seen: set[tuple] = set()
+    return [sorted(names) for names in by_storage.values() if len(names) > 1]
+
+
+def _untie(state: dict) -> dict:
+    """Contiguous tensors with no shared storage (safetensors refuses aliases): the second and later names
+    of a storage get their own copy."""
+    out, seen = {}, set()
     for name, t in state.items():
         key = (t.untyped_storage().data_ptr(), t.device.type) if t.numel() else None
         t = t.contiguous()
         if key is not None and key in seen:
             t = t.clone()
-        if key is not None:
-            seen.add(key)
+        seen.add(key)
         out[name] = t
-    return out, groups
+    return out
 
 
 def write_bin_as_safetensors(src_dir: Path, dst_dir: Path, shards: list[str]) -> WrittenWeights:
@@ -168,7 +169,7 @@ def write_bin_as_safetensors(src_dir: Path, dst_dir: Path, shards: list[str]) ->
     weight_map: dict[str, str] = {}
     files, total = [], 0
     for shard in shards:
-        state, _ = _untie(_load_bin(src_dir / shard))
+        state = _untie(_load_bin(src_dir / shard))
         out_name = "model.safetensors" if len(shards) == 1 else _bin_to_safetensors_name(shard)
         for name, t in state.items():
             expected[name] = tensor_digest(t)
@@ -191,7 +192,7 @@ def write_model_weights(model, dst_dir: Path) -> WrittenWeights:
     """
     state = model.state_dict()
     expected = {name: tensor_digest(t) for name, t in state.items()}
-    _, groups = _untie(dict(state))
+    groups = alias_groups(state)
     before = {p.name for p in dst_dir.iterdir()}
     model.save_pretrained(dst_dir)
     files = sorted(p.name for p in dst_dir.iterdir() if p.name not in before and "safetensors" in p.name)

@@ -99,3 +99,11 @@ def test_inspect_errors_are_one_line(case, tmp_path, capsys):
         main(["inspect", str(target)])
     err = capsys.readouterr().err
     assert info.value.code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cache_dtype_can_be_chosen(tmp_path):
+    hybrid = HybridConfig(num_layers=2, num_kv_heads=2, streaming_layers=[0], sink=0, window=8)
+    path = _write_hybrid(tmp_path / "h", hybrid, head_dim=128, dtype="float32")
+    assert inspect_checkpoint(path, dtype="bfloat16").memory[0].dense_bytes == 2 * 2 * 2 * 128 * 8 * K * 2
+    with pytest.raises(LightTransferError, match="not known"):
+        inspect_checkpoint(path, dtype="int3")
