@@ -1,0 +1,94 @@
+"""How an evaluation row becomes a model to run: two backends over one loaded dense model.
+
+* ``masked``: :func:`~lighttransfer.bench.masked_reference.masked_streaming` (full KV, streaming layers masked).
+  Exact in its logits, dense in memory; independent of the runtime, so it checks it.
+* ``runtime``: the hybrid runtime switched on in place (:func:`lighttransfer.runtime.enable_hybrid`), whose
+  streaming layers keep a bounded sink + window cache: what users run.
+
+Both give a context manager per sequence that yields ``(model, after_prefill)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+from .masked_reference import masked_streaming
+from .rows import EvalRow
+
+BackendName = Literal["masked", "runtime"]
+# queries at the end of the prompt whose attention picks the layers in online mode (the runtime's default)
+ONLINE_LAST = 32
+
+
+class MaskedBackend:
+    """Every row on one dense model, by masking."""
+
+    name = "masked"
+
+    def __init__(self, model, *, online_last: int = ONLINE_LAST) -> None:
+        self.model = model
+        self.online_last = online_last
+
+    @contextlib.contextmanager
+    def sequence(self, row: EvalRow) -> Iterator[tuple[object, Callable[[], None] | None]]:
+        if row.is_dense:
+            yield self.model, None
+            return
+        with masked_streaming(
+            self.model,
+            streaming_layers=row.streaming_layers,
+            head_masks=row.head_masks,
+            sink=row.sink,
+            window=row.window,
+            prefill=row.prefill,
+            online_ratio=row.online_ratio,
+            online_last=self.online_last,
+        ) as plan:
+            yield self.model, plan.finish_online_selection
+
+    def release(self, row: EvalRow) -> None:
+        """Nothing to undo: the mask lives only inside each sequence."""
+
+
+class RuntimeBackend:
+    """Each row run by the hybrid runtime, switched on in place on the one loaded model."""
+
+    name = "runtime"
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self._active: str | None = None
+
+    def _enable(self, row: EvalRow) -> None:
+        from ..runtime import disable_hybrid, enable_hybrid, resolve_layout
+
+        if self._active == row.name:
+            return
+        disable_hybrid(self.model)
+        self._active = row.name
+        if row.is_dense:
+            return
+        kwargs: dict = dict(sink=row.sink, window=row.window, prefill=row.prefill)
+        if row.online_ratio is not None:
+            kwargs["online_ratio"] = row.online_ratio
+        else:
+            kwargs["streaming_layers"] = list(row.streaming_layers)
+            if row.head_masks:
+                kwargs["head_masks"] = dict(row.head_masks)
+        enable_hybrid(self.model, resolve_layout(self.model.config, **kwargs))
+
+    @contextlib.contextmanager
+    def sequence(self, row: EvalRow) -> Iterator[tuple[object, Callable[[], None] | None]]:
+        self._enable(row)
+        yield self.model, None
+
+    def release(self, row: EvalRow) -> None:
+        from ..runtime import disable_hybrid
+
+        disable_hybrid(self.model)
+        self._active = None
+
+
+__all__ = ["MaskedBackend", "RuntimeBackend", "BackendName", "ONLINE_LAST"]

@@ -1,0 +1,134 @@
+"""Markdown tables and plots of an :class:`~lighttransfer.bench.eval_suite.EvalResult`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def markdown_report(result) -> str:
+    """Perplexity, passkey accuracy and KV budget per row, as markdown tables."""
+    lines = [
+        f"# Evaluation: {result.model_id}",
+        "",
+        f"Ratio {result.ratio:.2f} of layers streaming (sink {result.sink}, window {result.window}); "
+        f"text: {result.text}; backend: {result.backend}; "
+        f"{result.environment.get('device')}, torch {result.environment.get('torch')}, "
+        f"transformers {result.environment.get('transformers')}.",
+        "",
+        "Perplexity is scored only on tokens after at least "
+        + ", ".join(f"{int(L) - s} (at {L})" for L, s in result.strides.items())
+        + " tokens of context, i.e. beyond sink + window. KV is the cache kept after L tokens as a share of the "
+        "original's, sink and window included (with a full prefill, the peak during prefill is 100%).",
+        "",
+    ]
+    header = ["row", "layers streaming", *[f"ppl @{L}" for L in result.lengths]]
+    header += [f"passkey @{L}" for L in result.passkey_lengths]
+    if result.passkey_lengths:
+        header.append("passkey all")
+    kv_lengths = sorted({*result.lengths, *result.passkey_lengths})
+    header += [f"KV @{L}" for L in kv_lengths]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in result.rows:
+        if row.get("online_ratio") is not None:
+            layers = f"{round(row['online_ratio'] * row['num_layers'])} (per input)"
+        else:
+            layers = str(len(row["streaming_layers"]))
+        cells = [f"{row['name']} ({row.get('prefill', 'streaming')} prefill)" if row["name"] != "original"
+                 else "original", layers]
+        cells += [f"{row['perplexity'][str(L)]['ppl']:.3f}" for L in result.lengths]
+        if result.passkey_lengths:
+            pk = row.get("passkey", {})
+            cells += [_pct(pk["by_length"][str(L)]) if str(L) in pk.get("by_length", {}) else "-"
+                      for L in result.passkey_lengths]
+            cells.append(f"{_pct(pk['accuracy'])} (n={pk['n']})" if pk else "-")
+        cells += [_pct(row["kv_fraction"][str(L)]) for L in kv_lengths]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Layers per row:", ""]
+    for row in result.rows:
+        if row["name"] == "original":
+            continue
+        what = "chosen per input" if row.get("online_ratio") is not None else str(row["streaming_layers"])
+        lines.append(f"- {row['name']}: {what} ({row.get('note', '')})")
+    if result.passkey_lengths:
+        lines += ["", "Passkey accuracy by depth (rows: depth of the key, 0 = start of the text):", ""]
+        for row in result.rows:
+            grid = row["passkey"]["grid"]
+            lens = list(grid)
+            depths = list(next(iter(grid.values())))
+            lines += [f"**{row['name']}**", "", "| depth | " + " | ".join(lens) + " |",
+                      "|---|" + "---|" * len(lens)]
+            for d in depths:
+                lines.append(f"| {float(d):.2f} | " + " | ".join(_pct(grid[L][d]) for L in lens) + " |")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional on machines without matplotlib
+        return None
+    return plt
+
+
+def plot_passkey(result, path: Path) -> bool:
+    """One heatmap per row: passkey accuracy by depth (y) and length (x). Returns False without matplotlib."""
+    plt = _plt()
+    if plt is None:
+        return False
+    import numpy as np
+
+    rows = [r for r in result.rows if "passkey" in r]
+    cols = min(4, len(rows))
+    nrows = (len(rows) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.0 * nrows), squeeze=False)
+    for ax, row in zip(axes.flat, rows, strict=False):
+        grid = row["passkey"]["grid"]
+        lens = list(grid)
+        depths = list(next(iter(grid.values())))
+        data = np.array([[grid[L][d] for L in lens] for d in depths])
+        ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lens)), lens)
+        ax.set_yticks(range(len(depths)), [f"{float(d):.0%}" for d in depths], fontsize=7)
+        ax.set_title(f"{row['name']} ({_pct(row['passkey']['accuracy'])})", fontsize=9)
+        ax.set_xlabel("context length")
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("needle depth")
+    fig.suptitle(f"Passkey retrieval, {result.model_id}, ratio {result.ratio:.2f}, S={result.sink} W={result.window}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+    return True
+
+
+def plot_perplexity(result, path: Path) -> bool:
+    """Perplexity against context length, one line per row. Returns False without matplotlib."""
+    plt = _plt()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in result.rows:
+        ys = [row["perplexity"][str(L)]["ppl"] for L in result.lengths]
+        ax.plot(result.lengths, ys, marker="o", label=row["name"])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(result.lengths, [str(L) for L in result.lengths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity (tokens beyond sink + window)")
+    ax.set_title(f"{result.model_id}, ratio {result.ratio:.2f}, S={result.sink} W={result.window}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+    return True
+
+
+__all__ = ["markdown_report", "plot_passkey", "plot_perplexity"]

@@ -1,0 +1,346 @@
+"""``evaluate``: perplexity and passkey retrieval for every row (original, this conversion, baselines).
+
+All rows stream the same number of layers with the same sink and window, so they differ only in *which* layers
+stream or in the prefill policy; each row's KV budget is reported at every length.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import LightTransferError
+from .passkey import passkey_accuracy, passkey_depths, passkey_samples
+from .perplexity import default_stride, perplexity, plan_windows
+from .rows import DEFAULT_ROWS, EvalRow, standard_rows
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+
+
+class Progress(Protocol):
+    """What :func:`evaluate` reports while it runs (the CLI draws a bar from it)."""
+
+    def start(self, total: int) -> None: ...
+
+    def step(self, description: str) -> None: ...
+
+
+@dataclass
+class EvalResult:
+    """Everything one evaluation measured; saved as JSON with sorted keys.
+
+    ``rows[i]`` holds the row's definition plus ``kv_fraction {length: fraction}``,
+    ``perplexity {length: {ppl, nll, tokens, windows}}`` and ``passkey {accuracy, n, by_length, grid}``.
+    """
+
+    model_id: str
+    fingerprint: str
+    ratio: float
+    sink: int
+    window: int
+    lengths: list[int]
+    strides: dict[str, int]
+    passkey_lengths: list[int]
+    passkey_depths: list[float]
+    passkey_trials: int
+    text: str
+    backend: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    hybrid: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def row(self, name: str) -> dict[str, Any]:
+        for r in self.rows:
+            if r["name"] == name:
+                return r
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), sort_keys=True))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalResult:
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise LightTransferError(
+                f"evaluation result schema_version {d.get('schema_version')} is not {SCHEMA_VERSION}; rerun eval."
+            )
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> EvalResult:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            raise LightTransferError(f"cannot read evaluation result '{path}': {exc}") from exc
+
+
+def read_text(path: str | os.PathLike[str], *, lines: tuple[int, int] | None = None) -> str:
+    """The evaluation text, optionally only lines ``a..b`` (1-based, inclusive)."""
+    p = Path(path)
+    if not p.is_file():
+        raise LightTransferError(f"--text '{path}' does not exist; pass a plain-text file of long prose.")
+    try:
+        text = p.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise LightTransferError(f"cannot read --text '{path}': {exc}") from exc
+    if lines is not None:
+        a, b = lines
+        text = "\n".join(text.splitlines()[a - 1 : b])
+    if not text.strip():
+        raise LightTransferError(f"--text '{path}' is empty{' in the lines asked for' if lines else ''}.")
+    return text
+
+
+def lazy_ratios_from(report: str | os.PathLike[str] | None, hybrid_config) -> list[float] | None:
+    """Per-layer lazy ratios from an analysis report, else from a checkpoint's report summary."""
+    if report is not None:
+        from ..analysis import AnalysisReport
+
+        return [float(x) for x in AnalysisReport.load(report).layer_lazy_ratios()]
+    if hybrid_config is not None:
+        summary = hybrid_config.report_summary or {}
+        for key in ("layer_lazy_ratios", "lazy_ratios"):
+            if key in summary:
+                return [float(x) for x in summary[key]]
+    return None
+
+
+def _environment(device) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    env = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def evaluate(
+    *,
+    baseline: str,
+    text: str | os.PathLike[str],
+    lengths: Sequence[int],
+    hybrid: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | None = None,
+    rows: Sequence[str] | Sequence[EvalRow] = DEFAULT_ROWS,
+    ratio: float | None = None,
+    sink: int | None = None,
+    window: int | None = None,
+    stride: int | None = None,
+    max_windows: int = 2,
+    passkey_depths_count: int = 10,
+    passkey_lengths: Sequence[int] = (),
+    passkey_trials: int = 2,
+    text_lines: tuple[int, int] | None = None,
+    backend: str = "masked",
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    out: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+    on_row: Callable[[EvalResult], None] | None = None,
+) -> EvalResult:
+    """Perplexity and passkey accuracy of every row, with each row's KV budget.
+
+    Args:
+        baseline: the original model (directory, GGUF or hub id); its weights serve every row.
+        text: long real text (not the calibration text) for perplexity and as passkey haystack.
+        lengths: context lengths (tokens) for perplexity.
+        hybrid: a converted checkpoint; its layers, sink, window and ratio define the ``lighttransfer`` row.
+        report: an analysis report (lazy ratios for the least-lazy row and for choosing layers without a hybrid).
+        rows: row names (see :data:`~lighttransfer.bench.rows.ROW_KINDS`) or ready :class:`EvalRow` objects.
+        ratio, sink, window: override the hybrid's (defaults without a hybrid: 0.5, 4, 1020).
+        stride: scored tokens per perplexity window (default: a quarter of the length).
+        max_windows: perplexity windows per length.
+        passkey_depths_count, passkey_lengths, passkey_trials: the passkey grid (no lengths: no passkey).
+        text_lines: use only these lines of ``text`` (1-based, inclusive).
+        backend: ``masked`` (one dense model, masked; exact) or ``runtime`` (the bounded-cache runtime).
+        out: write ``<out>.json``, ``.md`` and plots (``out`` ending in ``.json``) or into directory ``out``.
+        progress: receives ``start(total)`` and ``step(description)``.
+        on_row: called with the result so far after each row (e.g. to keep a copy of a long run).
+    """
+    import torch
+
+    from ..convert.hybrid_config import HybridConfig
+    from ..loading import load_config, load_model, resolve_model_source
+    from .backends import MaskedBackend, RuntimeBackend
+
+    lengths = _check_lengths(lengths, "--lengths")
+    passkey_lengths = _check_lengths(passkey_lengths, "--passkey-lengths", allow_empty=True)
+    if backend not in ("masked", "runtime"):
+        raise LightTransferError(f"--backend must be 'masked' or 'runtime', got {backend!r}.")
+    body = read_text(text, lines=text_lines)
+
+    hcfg = None
+    if hybrid is not None:
+        hsource = resolve_model_source(hybrid)
+        hcfg = HybridConfig.from_model_config(load_config(hsource).to_dict())
+        if hcfg is None:
+            raise LightTransferError(f"'{hybrid}' has no lighttransfer block in its config.json; convert it first.")
+    sink = sink if sink is not None else (hcfg.sink if hcfg else 4)
+    window = window if window is not None else (hcfg.window if hcfg else 1020)
+
+    loaded = load_model(baseline, device=device, dtype=dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if tokenizer is None:
+        raise LightTransferError(f"baseline '{baseline}' has no tokenizer; pass a model that ships one.")
+    config = model.config
+    num_layers = config.num_hidden_layers
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if hcfg is not None and hcfg.num_layers != num_layers:
+        raise LightTransferError(
+            f"hybrid '{hybrid}' has {hcfg.num_layers} layers but baseline '{baseline}' has {num_layers}; "
+            "pass the model the hybrid was converted from."
+        )
+    max_pos = getattr(config, "max_position_embeddings", None)
+    too_long = [L for L in [*lengths, *passkey_lengths] if max_pos and L > max_pos]
+    if too_long:
+        raise LightTransferError(f"lengths {too_long} exceed the model's {max_pos} positions; use shorter lengths.")
+
+    eval_rows = _build_rows(rows, hcfg=hcfg, report=report, ratio=ratio, sink=sink, window=window,
+                            num_layers=num_layers, num_kv_heads=num_kv_heads, seed=seed)
+    if ratio is None:
+        named = [r for r in eval_rows if r.name == "lighttransfer"]
+        ratio = named[0].num_streaming_layers / num_layers if named else 0.5
+
+    token_ids = torch.tensor(tokenizer(body, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    min_context = max([r.sink + r.window for r in eval_rows if not r.is_dense] or [0])
+    strides = {L: stride or default_stride(L, min_context) for L in lengths}
+    windows = {L: plan_windows(len(token_ids), length=L, stride=strides[L], min_context=min_context,
+                               max_windows=max_windows) for L in lengths}
+    depths = passkey_depths(passkey_depths_count)
+    samples = passkey_samples(tokenizer, body, lengths=passkey_lengths, depths=depths,
+                              trials=passkey_trials, seed=seed) if passkey_lengths else []
+
+    runner = MaskedBackend(model) if backend == "masked" else RuntimeBackend(model)
+    total = len(eval_rows) * (sum(len(w) for w in windows.values()) + len(samples))
+    if progress is not None:
+        progress.start(total)
+
+    result = EvalResult(
+        model_id=loaded.model_id, fingerprint=loaded.fingerprint, ratio=float(ratio), sink=sink, window=window,
+        lengths=list(lengths), strides={str(k): v for k, v in strides.items()}, passkey_lengths=list(passkey_lengths),
+        passkey_depths=depths, passkey_trials=passkey_trials, text=f"{Path(text).name}"
+        + (f" lines {text_lines[0]}-{text_lines[1]}" if text_lines else ""), backend=backend,
+        environment=_environment(next(model.parameters()).device), hybrid=str(hybrid) if hybrid else None,
+    )
+    for row in eval_rows:
+        t0 = time.perf_counter()
+        entry = row.to_dict()
+        entry["kv_fraction"] = {str(L): row.kv_fraction(L) for L in sorted({*lengths, *passkey_lengths})}
+
+        def sequence(row=row):
+            return runner.sequence(row)
+
+        entry["perplexity"] = {}
+        for L in lengths:
+            step = (lambda L=L, row=row: progress.step(f"{row.name}: perplexity @ {L}")) if progress else None
+            entry["perplexity"][str(L)] = perplexity(sequence, token_ids, windows[L], on_window=step)
+        if samples:
+            step = (lambda row=row: progress.step(f"{row.name}: passkey")) if progress else None
+            entry["passkey"] = passkey_accuracy(sequence, samples, on_sample=step)
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        runner.release(row)
+        log.info("row %s done in %.0f s", row.name, entry["seconds"])
+        result.rows.append(entry)
+        if on_row is not None:
+            on_row(result)
+
+    if out is not None:
+        write_outputs(result, out)
+    return result
+
+
+def _check_lengths(values: Sequence[int], option: str, *, allow_empty: bool = False) -> list[int]:
+    values = [int(v) for v in values]
+    if not values and not allow_empty:
+        raise LightTransferError(f"{option} needs at least one length.")
+    bad = [v for v in values if v < 2]
+    if bad:
+        raise LightTransferError(f"{option}: lengths must be at least 2 tokens, got {bad}.")
+    return sorted(set(values))
+
+
+def _build_rows(rows, *, hcfg, report, ratio, sink, window, num_layers, num_kv_heads, seed) -> list[EvalRow]:
+    if rows and all(isinstance(r, EvalRow) for r in rows):
+        return list(rows)
+    names = list(rows)
+    lazy = lazy_ratios_from(report, hcfg)
+    selection = None
+    if hcfg is not None and ratio is None:
+        selection = hcfg.streaming_layers
+        ratio = len(selection) / num_layers
+    ratio = 0.5 if ratio is None else ratio
+    if lazy is None:
+        if selection is None or {"least-lazy"} & set(names):
+            raise LightTransferError(
+                "the rows need per-layer lazy ratios; pass --report REPORT.json (from 'lighttransfer analyze') "
+                "or a hybrid converted with a report."
+            )
+        lazy = [1.0 if i in selection else 0.0 for i in range(num_layers)]
+    if len(lazy) != num_layers:
+        raise LightTransferError(
+            f"the report has lazy ratios for {len(lazy)} layers but the model has {num_layers}; "
+            "pass the report of this model."
+        )
+    return standard_rows(lazy_ratios=lazy, ratio=ratio, num_kv_heads=num_kv_heads, sink=sink, window=window,
+                         names=names, lazy_selection=selection, seed=seed)
+
+
+def output_paths(out: str | os.PathLike[str]) -> dict[str, Path]:
+    """Where the JSON, markdown and plots go for ``--out`` (a ``.json`` file or a directory)."""
+    out = Path(out)
+    if out.suffix == ".json":
+        stem, parent = out.stem, out.parent
+    else:
+        stem, parent = "eval", out
+    return {
+        "json": parent / f"{stem}.json",
+        "md": parent / f"{stem}.md",
+        "passkey_png": parent / f"{stem}_passkey.png",
+        "ppl_png": parent / f"{stem}_perplexity.png",
+    }
+
+
+def write_outputs(result: EvalResult, out: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write JSON, markdown and plots; all files appear together or not at all."""
+    from .eval_report import markdown_report, plot_passkey, plot_perplexity
+
+    paths = output_paths(out)
+    parent = paths["json"].parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".eval-", dir=parent))
+    try:
+        (tmp / "json").write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+        (tmp / "md").write_text(markdown_report(result))
+        written = {"json", "md"}
+        if result.passkey_lengths and plot_passkey(result, tmp / "passkey_png"):
+            written.add("passkey_png")
+        if plot_perplexity(result, tmp / "ppl_png"):
+            written.add("ppl_png")
+        for key in written:
+            os.replace(tmp / key, paths[key])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {k: v for k, v in paths.items() if v.exists()}
+
+
+__all__ = ["evaluate", "EvalResult", "Progress", "read_text", "write_outputs", "output_paths", "SCHEMA_VERSION"]

@@ -1,0 +1,170 @@
+"""The rows an evaluation compares: which layers stream, with what sink, window and prefill policy.
+
+All rows of one evaluation share the model weights and stream the same number of layers (the same ratio), so
+that only the *choice* of layers (lazy, random, least lazy, online) or the policy differs. Every row reports its
+KV budget honestly: the KV-cache entries kept at a given length as a fraction of the dense model's, sink and
+window included (:meth:`lighttransfer.convert.hybrid_config.HybridConfig.kv_fraction`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from ..convert.hybrid_config import HybridConfig
+from ..errors import LightTransferError
+
+# name of each standard row, in table order, and what it is
+ROW_KINDS: dict[str, str] = {
+    "original": "the dense model (full attention everywhere)",
+    "lighttransfer": "the laziest layers stream (this conversion)",
+    "random": "as many random layers stream",
+    "least-lazy": "the least lazy layers stream",
+    "streamingllm": "every layer streams (StreamingLLM)",
+    "prefill-full": "the laziest layers stream after a full-attention prefill",
+    "online": "layers chosen per input from the prompt's own lazy ratios, after a full prefill",
+}
+DEFAULT_ROWS = tuple(ROW_KINDS)
+
+
+@dataclass
+class EvalRow:
+    """One model variant under evaluation.
+
+    Attributes:
+        name: row label (``original``, ``lighttransfer``, ``random``, ...).
+        streaming_layers: sorted layer indices that stream (all their KV heads).
+        head_masks: ``{layer: [bool] * num_kv_heads}`` for head-level hybrids (True = streams).
+        sink, window: tokens a streaming layer keeps (the first ``sink`` and the last ``window``).
+        prefill: ``streaming`` or ``full`` (full attention over the prompt, cache trimmed after).
+        online_ratio: share of layers chosen per input at the end of the prefill (online mode), else ``None``.
+        num_layers, num_kv_heads: the model's shape, for the KV budget.
+        note: how the layers were chosen, for the table.
+    """
+
+    name: str
+    num_layers: int
+    num_kv_heads: int
+    streaming_layers: list[int] = field(default_factory=list)
+    head_masks: dict[int, list[bool]] = field(default_factory=dict)
+    sink: int = 4
+    window: int = 1020
+    prefill: str = "streaming"
+    online_ratio: float | None = None
+    note: str = ""
+
+    @property
+    def is_dense(self) -> bool:
+        return not self.streaming_layers and not any(any(m) for m in self.head_masks.values()) and not self.online_ratio
+
+    @property
+    def num_streaming_layers(self) -> int:
+        if self.online_ratio is not None:
+            return round(self.online_ratio * self.num_layers)
+        return len(self.streaming_layers)
+
+    def hybrid_config(self) -> HybridConfig:
+        """The row as a :class:`HybridConfig` (online rows: the first layers stand in; only the count matters)."""
+        layers = self.streaming_layers
+        if self.online_ratio is not None:
+            layers = list(range(self.num_streaming_layers))
+        return HybridConfig(
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            streaming_layers=layers,
+            head_masks=self.head_masks,
+            sink=self.sink,
+            window=self.window,
+            prefill="full" if self.prefill == "full" else "streaming",
+        )
+
+    def kv_fraction(self, seq_len: int) -> float:
+        """KV-cache entries kept after ``seq_len`` tokens, as a fraction of the dense model's (sink + window
+        included). With a full prefill the peak during the prefill is the dense model's (1.0)."""
+        return self.hybrid_config().kv_fraction(seq_len)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["head_masks"] = {str(k): v for k, v in sorted(self.head_masks.items())}
+        return d
+
+
+def rank_laziest(lazy_ratios: Sequence[float]) -> list[int]:
+    """Layer indices from the laziest (highest lazy ratio) to the busiest; ties broken by index."""
+    return sorted(range(len(lazy_ratios)), key=lambda i: (-float(lazy_ratios[i]), i))
+
+
+def pick_layers(lazy_ratios: Sequence[float], *, ratio: float, strategy: str = "lazy", seed: int = 0) -> list[int]:
+    """The ``ratio`` share of layers by the conversion's own rule (``lazy``, ``least_lazy`` or ``random``)."""
+    from ..convert import select_layers
+
+    return sorted(int(i) for i in select_layers(list(lazy_ratios), ratio=ratio, strategy=strategy, seed=seed))
+
+
+def standard_rows(
+    *,
+    lazy_ratios: Sequence[float],
+    ratio: float,
+    num_kv_heads: int,
+    sink: int,
+    window: int,
+    names: Sequence[str] = DEFAULT_ROWS,
+    lazy_selection: Sequence[int] | None = None,
+    seed: int = 0,
+) -> list[EvalRow]:
+    """Build the rows compared at one ratio.
+
+    Args:
+        lazy_ratios: per-layer lazy ratios ``[num_layers]`` from the analysis of the calibration text.
+        ratio: share of layers that stream, in ``[0, 1]``.
+        num_kv_heads: KV heads per layer (for the KV budget).
+        sink, window: streaming parameters every streaming row uses.
+        names: which rows, from :data:`ROW_KINDS`.
+        lazy_selection: the conversion's layers, when they come from a checkpoint (else chosen here).
+        seed: seed of the random row.
+    """
+    unknown = [n for n in names if n not in ROW_KINDS]
+    if unknown:
+        raise LightTransferError(f"--rows: unknown row(s) {unknown}; choose from {', '.join(ROW_KINDS)}.")
+    if not 0.0 <= ratio <= 1.0:
+        raise LightTransferError(f"--ratio must be between 0 and 1, got {ratio}.")
+    n = len(lazy_ratios)
+    if lazy_selection is not None:
+        lazy = sorted(int(i) for i in lazy_selection)
+        ratio = len(lazy) / n
+    else:
+        lazy = pick_layers(lazy_ratios, ratio=ratio) if ratio > 0 else []
+    k = len(lazy)
+
+    def other(strategy: str) -> list[int]:
+        return pick_layers(lazy_ratios, ratio=ratio, strategy=strategy, seed=seed) if k else []
+
+    def random_layers() -> tuple[list[int], int]:
+        # a random draw that happens to equal the lazy choice would compare nothing; take the next seed then
+        for s in range(seed, seed + 100):
+            layers = pick_layers(lazy_ratios, ratio=ratio, strategy="random", seed=s) if k else []
+            if layers != lazy or k in (0, n):
+                return layers, s
+        return layers, s
+
+    common = dict(num_layers=n, num_kv_heads=num_kv_heads, sink=sink, window=window)
+    build = {
+        "original": lambda: EvalRow("original", **dict(common, sink=0, window=1), note="dense"),
+        "lighttransfer": lambda: EvalRow("lighttransfer", streaming_layers=lazy, **common, note="laziest layers"),
+        "random": lambda: EvalRow(
+            "random", streaming_layers=random_layers()[0], **common,
+            note=f"random layers (seed {random_layers()[1]})"),
+        "least-lazy": lambda: EvalRow(
+            "least-lazy", streaming_layers=other("least_lazy"), **common,
+            note="least lazy layers"),
+        "streamingllm": lambda: EvalRow("streamingllm", streaming_layers=list(range(n)), **common,
+                                        note="all layers"),
+        "prefill-full": lambda: EvalRow("prefill-full", streaming_layers=lazy, prefill="full", **common,
+                                        note="laziest layers, full prefill"),
+        "online": lambda: EvalRow("online", online_ratio=k / n if n else 0.0, prefill="full", **common,
+                                  note="per-input selection after full prefill"),
+    }
+    return [build[name]() for name in names]
+
+
+__all__ = ["EvalRow", "ROW_KINDS", "DEFAULT_ROWS", "standard_rows", "rank_laziest", "pick_layers"]

@@ -1,0 +1,451 @@
+"""``benchmark``: prefill latency, decode throughput, peak memory and KV-cache bytes, hybrid vs original.
+
+One process, one set of weights: the original model and each hybrid ratio run on the same loaded model (the
+runtime is switched on in place with :func:`lighttransfer.runtime.enable_hybrid`), so the baseline is always
+measured beside the hybrid on the same machine.
+
+Per variant and context length:
+
+* batch 1: a timed prefill of ``context`` random tokens (after one untimed warm-up at the same length), then
+  ``decode_steps`` timed decode steps;
+* the largest batch that fits the memory budget: the batch-1 cache is replicated along the batch (as if each
+  sequence had been prefilled on its own, which is how a server fills a batch) and ``decode_steps`` decode
+  steps are timed. The batch is estimated from the measured per-sequence KV bytes and confirmed by running it;
+  on out-of-memory it shrinks by 10 % until it fits.
+
+Decode throughput is ``batch * steps / seconds``; KV bytes are what the cache holds after the prefill (the
+runtime's :meth:`~lighttransfer.runtime.cache.HybridCache.kv_bytes`, or the dense cache's tensors).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import LightTransferError
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+GIB = 1024**3
+
+
+@dataclass
+class SpeedPoint:
+    """One measurement: a variant (``original`` or a ratio) at one context length and batch size.
+
+    Times in seconds, throughput in tokens/s, memory in bytes. ``peak_memory`` is the CUDA allocator's peak
+    during the decode steps (``None`` on the CPU); ``prefill_peak_memory`` the peak during the batch-1 prefill.
+    """
+
+    variant: str
+    ratio: float
+    streaming_layers: int
+    context: int
+    batch: int
+    decode_tokens_per_s: float
+    decode_ms_per_step: float
+    kv_bytes: int
+    peak_memory: int | None
+    prefill_s: float | None = None
+    prefill_tokens_per_s: float | None = None
+    prefill_peak_memory: int | None = None
+    kv_fraction_expected: float | None = None
+    largest_batch: bool = False
+
+
+@dataclass
+class BenchResult:
+    """Everything one benchmark measured; saved as JSON with sorted keys."""
+
+    model_id: str
+    contexts: list[int]
+    ratios: list[float]
+    sink: int
+    window: int
+    decode_steps: int
+    memory_budget_bytes: int | None
+    dtype: str
+    points: list[dict[str, Any]] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    layer_choice: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> BenchResult:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LightTransferError(f"cannot read benchmark result '{path}': {exc}") from exc
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise LightTransferError(f"benchmark result schema_version {data.get('schema_version')} is not "
+                                     f"{SCHEMA_VERSION}; rerun bench.")
+        return cls(**data)
+
+    def point(self, variant: str, context: int, *, largest: bool) -> dict[str, Any] | None:
+        for p in self.points:
+            if p["variant"] == variant and p["context"] == context and p["largest_batch"] == largest:
+                return p
+        return None
+
+
+# ---- small helpers -----------------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def cache_kv_bytes(cache) -> int:
+    """Bytes of keys and values a cache holds (the runtime's cache reports them; a dense one is summed)."""
+    if hasattr(cache, "kv_bytes"):
+        return int(cache.kv_bytes())
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+@torch.inference_mode()
+def _prefill(model, ids: torch.Tensor):
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+@torch.inference_mode()
+def _decode(model, cache, token: torch.Tensor, steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` greedy decode steps (after one untimed step)."""
+    out = model(token, past_key_values=cache, use_cache=True)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = model(token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _layers_for(ratio: float, *, num_layers: int, lazy_ratios: Sequence[float] | None) -> list[int]:
+    if ratio <= 0:
+        return []
+    if lazy_ratios is not None:
+        from .rows import pick_layers
+
+        return pick_layers(lazy_ratios, ratio=ratio)
+    # without a report the choice does not change speed: spread the layers evenly
+    k = round(ratio * num_layers)
+    return sorted({int(i * num_layers / k) for i in range(k)})
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "device": str(device)}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, gpu_memory_bytes=int(props.total_memory), cuda=torch.version.cuda)
+    else:
+        env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    return env
+
+
+# ---- the benchmark ------------------------------------------------------------------------------------------
+
+def benchmark(
+    *,
+    baseline: str,
+    hybrid: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | None = None,
+    ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    contexts: Sequence[int] = (4096, 16384, 32768),
+    memory_budget_gb: float | None = None,
+    decode_steps: int = 32,
+    max_batch: int = 512,
+    largest_batch: bool = True,
+    sink: int | None = None,
+    window: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    out: str | os.PathLike[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Prefill/decode speed and memory of the original model and of hybrids at several ratios, in one process.
+
+    Args:
+        baseline: the original model (directory, GGUF, hub id) or a shape name such as ``llama3-8b-shaped``
+            (random bf16 weights; speed does not depend on weight values).
+        hybrid: a converted checkpoint; its ratio is added to ``ratios`` and its sink/window are the defaults.
+        report: an analysis report whose layer ranking picks the layers at each ratio (else the hybrid's summary;
+            else evenly spaced layers, which time the same).
+        ratios: shares of layers that stream; the original (ratio 0) always runs.
+        contexts: prompt lengths in tokens.
+        memory_budget_gb: memory the largest batch may use (default: the whole device).
+        decode_steps: timed decode steps per measurement.
+        max_batch: upper bound of the batch search.
+        largest_batch: also measure the largest batch that fits (else batch 1 only).
+        sink, window: streaming parameters (default: the hybrid's, else 4 and 1020).
+        out: ``.json`` path (a markdown table is written beside it) or a directory.
+        progress: called with a line per finished measurement.
+    """
+    from ..convert.hybrid_config import HybridConfig
+    from ..loading import load_config, load_model, resolve_device, resolve_dtype, resolve_model_source
+    from ..runtime import disable_hybrid, enable_hybrid, resolve_layout
+    from .shaped_model import build_shaped_model, is_shaped_spec
+
+    contexts = sorted({int(c) for c in contexts})
+    if not contexts or min(contexts) < 2:
+        raise LightTransferError(f"--context needs lengths of at least 2 tokens, got {list(contexts)}.")
+    bad = [r for r in ratios if not 0.0 < float(r) <= 1.0]
+    if bad:
+        raise LightTransferError(f"--ratios must be in (0, 1], got {bad}.")
+    if decode_steps < 1:
+        raise LightTransferError(f"--decode-steps must be at least 1, got {decode_steps}.")
+    if memory_budget_gb is not None and memory_budget_gb <= 0:
+        raise LightTransferError(f"--memory-budget must be a positive number of GB, got {memory_budget_gb}.")
+
+    hcfg = None
+    if hybrid is not None:
+        hcfg = HybridConfig.from_model_config(load_config(resolve_model_source(hybrid)).to_dict())
+        if hcfg is None:
+            raise LightTransferError(f"'{hybrid}' has no lighttransfer block in its config.json; convert it first.")
+    sink = sink if sink is not None else (hcfg.sink if hcfg else 4)
+    window = window if window is not None else (hcfg.window if hcfg else 1020)
+    ratio_list = sorted({float(r) for r in ratios} | ({len(hcfg.streaming_layers) / hcfg.num_layers} if hcfg else set()))
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if is_shaped_spec(baseline):
+        model = build_shaped_model(baseline, device=dev, dtype=torch_dtype, seed=seed)
+        model_id = str(baseline)
+    else:
+        loaded = load_model(baseline, device=str(dev), dtype=str(torch_dtype).replace("torch.", ""),
+                            with_tokenizer=False)
+        model, model_id = loaded.model, loaded.model_id
+    config = model.config
+    num_layers = config.num_hidden_layers
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos and max(contexts) + decode_steps + 2 > max_pos:
+        raise LightTransferError(f"context {max(contexts)} (+ decode steps) exceeds the model's {max_pos} positions.")
+
+    lazy = None
+    layer_choice = "evenly spaced (layer choice does not change speed)"
+    if report is not None:
+        from ..analysis import AnalysisReport
+
+        lazy = AnalysisReport.load(report).layer_lazy_ratios()
+        layer_choice = f"laziest layers of {Path(report).name}"
+    elif hcfg is not None and "layer_lazy_ratios" in (hcfg.report_summary or {}):
+        lazy = hcfg.report_summary["layer_lazy_ratios"]
+        layer_choice = "laziest layers of the hybrid's report summary"
+    if lazy is not None and len(lazy) != num_layers:
+        raise LightTransferError(f"the report ranks {len(lazy)} layers but the model has {num_layers}.")
+
+    budget = None
+    if memory_budget_gb is not None:
+        budget = int(memory_budget_gb * 1e9)
+    elif dev.type == "cuda":
+        budget = int(torch.cuda.get_device_properties(dev).total_memory)
+
+    result = BenchResult(model_id=model_id, contexts=contexts, ratios=ratio_list, sink=sink, window=window,
+                         decode_steps=decode_steps, memory_budget_bytes=budget,
+                         dtype=str(torch_dtype).replace("torch.", ""), environment=_environment(dev),
+                         layer_choice=layer_choice)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    variants = [("original", 0.0, [])] + [
+        (f"ratio {r:g}", r, _layers_for(r, num_layers=num_layers, lazy_ratios=lazy)) for r in ratio_list]
+
+    for name, ratio, layers in variants:
+        disable_hybrid(model)
+        if layers:
+            enable_hybrid(model, resolve_layout(config, streaming_layers=layers, sink=sink, window=window,
+                                                prefill="streaming"))
+        expected = HybridConfig(num_layers=num_layers, num_kv_heads=getattr(config, "num_key_value_heads", None)
+                                or config.num_attention_heads, streaming_layers=layers, sink=sink, window=window)
+        for context in contexts:
+            ids = torch.randint(0, config.vocab_size, (1, context), generator=gen).to(dev)
+            _free(dev)
+            _prefill(model, ids)  # warm-up: kernels compile and autotune at this shape
+            _free(dev)
+            _reset_peak(dev)
+            _sync(dev)
+            t0 = time.perf_counter()
+            cache, token = _prefill(model, ids)
+            _sync(dev)
+            prefill_s = time.perf_counter() - t0
+            prefill_peak = _peak(dev)
+            kv1 = cache_kv_bytes(cache)
+            _reset_peak(dev)
+            seconds = _decode(model, cache, token, decode_steps, dev)
+            point = SpeedPoint(variant=name, ratio=ratio, streaming_layers=len(layers), context=context, batch=1,
+                               decode_tokens_per_s=decode_steps / seconds,
+                               decode_ms_per_step=1000 * seconds / decode_steps, kv_bytes=kv1,
+                               peak_memory=_peak(dev), prefill_s=prefill_s, prefill_tokens_per_s=context / prefill_s,
+                               prefill_peak_memory=prefill_peak, kv_fraction_expected=expected.kv_fraction(context))
+            result.points.append(asdict(point))
+            if progress:
+                progress(_describe(point))
+            holder = [(cache, token)]
+            del cache, token
+            if largest_batch:
+                big = _largest_batch_point(model, ids, holder, point, weights=weights, budget=budget,
+                                           max_batch=max_batch, steps=decode_steps, device=dev)
+                if big is not None:
+                    result.points.append(asdict(big))
+                    if progress:
+                        progress(_describe(big))
+            holder.clear()
+            _free(dev)
+    disable_hybrid(model)
+    if out is not None:
+        write_bench_outputs(result, out)
+    return result
+
+
+def _largest_batch_point(model, ids, holder: list, one: SpeedPoint, *, weights: int, budget: int | None,
+                         max_batch: int, steps: int, device: torch.device) -> SpeedPoint | None:
+    """Decode at the largest batch that fits ``budget``; ``None`` when no budget is known (CPU, no --memory-budget).
+
+    ``holder`` holds the batch-1 ``(cache, token)``; it is consumed (replicated in place, so no second copy
+    competes with the batch for memory) and re-made by a new prefill only if a trial runs out of memory.
+    """
+    if budget is None:
+        holder.clear()
+        return None
+    transient = max(0, (one.peak_memory or weights + one.kv_bytes) - weights - one.kv_bytes)
+    batch = max(1, min(max_batch, int((budget * 0.98 - weights - transient) // max(1, one.kv_bytes))))
+    while batch >= 1:
+        try:
+            cache, token = holder.pop() if holder else _prefill(model, ids)
+            if batch > 1:
+                cache.batch_repeat_interleave(batch)
+            tokens = token.repeat_interleave(batch, dim=0)
+            kv = cache_kv_bytes(cache)
+            _free(device)
+            _reset_peak(device)
+            seconds = _decode(model, cache, tokens, steps, device)
+            peak = _peak(device)
+            if peak is not None and peak > budget:
+                raise torch.OutOfMemoryError(f"out of memory: peak {peak} over the budget {budget}")
+            return SpeedPoint(variant=one.variant, ratio=one.ratio, streaming_layers=one.streaming_layers,
+                              context=one.context, batch=batch, decode_tokens_per_s=batch * steps / seconds,
+                              decode_ms_per_step=1000 * seconds / steps, kv_bytes=kv, peak_memory=peak,
+                              kv_fraction_expected=one.kv_fraction_expected, largest_batch=True)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is expected here
+            if not _is_oom(exc):
+                raise
+            cache = token = tokens = None
+            _free(device)
+            smaller = int(batch * 0.93) if batch > 1 else 0
+            log.info("batch %d does not fit (%s); trying %d", batch, str(exc).splitlines()[0][:80], smaller)
+            batch = smaller
+    return None
+
+
+def _describe(p: SpeedPoint) -> str:
+    pre = f", prefill {p.prefill_s:.3f} s" if p.prefill_s is not None else ""
+    peak = f", peak {p.peak_memory / GIB:.1f} GiB" if p.peak_memory else ""
+    return (f"{p.variant} @ {p.context} x{p.batch}: decode {p.decode_tokens_per_s:.1f} tok/s{pre}, "
+            f"KV {p.kv_bytes / GIB:.2f} GiB{peak}")
+
+
+# ---- outputs -----------------------------------------------------------------------------------------------
+
+def markdown_bench(result: BenchResult) -> str:
+    """The benchmark as markdown: one table, ratios against the original at the same context."""
+    env = result.environment
+    hw = env.get("gpu") or env.get("cpu") or env.get("device")
+    lines = [
+        f"# Speed and memory: {result.model_id}",
+        "",
+        f"{hw}; torch {env.get('torch')}, transformers {env.get('transformers')}, triton {env.get('triton')}, "
+        f"CUDA {env.get('cuda', '-')}; {result.dtype}; sink {result.sink}, window {result.window}; "
+        f"{result.decode_steps} timed decode steps; streaming layers: {result.layer_choice}. "
+        "Largest batch: the most sequences whose decode fits the memory budget"
+        + (f" ({result.memory_budget_bytes / 1e9:.1f} GB)" if result.memory_budget_bytes else "")
+        + ", each holding the full context.",
+        "",
+        "| variant | context | batch | prefill (s) | decode tok/s | x original | KV (MiB) | KV / original | "
+        "expected KV | peak mem (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in result.points:
+        base = result.point("original", p["context"], largest=p["largest_batch"])
+        speed = p["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base else float("nan")
+        # KV relative to the original at the same context, per sequence
+        kv_ratio = ((p["kv_bytes"] / p["batch"]) / (base["kv_bytes"] / base["batch"])) if base else float("nan")
+        lines.append(
+            f"| {p['variant']} | {p['context']} | {p['batch']}{' (max)' if p['largest_batch'] else ''} | "
+            f"{p['prefill_s']:.3f} | " if p["prefill_s"] is not None else
+            f"| {p['variant']} | {p['context']} | {p['batch']}{' (max)' if p['largest_batch'] else ''} | - | "
+        )
+        lines[-1] += (
+            f"{p['decode_tokens_per_s']:.1f} | {speed:.2f}x | {p['kv_bytes'] / 2**20:.1f} | {100 * kv_ratio:.1f}% | "
+            f"{100 * (p['kv_fraction_expected'] or 1.0):.1f}% | "
+            + (f"{p['peak_memory'] / GIB:.1f}" if p["peak_memory"] else "-") + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_bench_outputs(result: BenchResult, out: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write ``<out>.json`` and ``<out>.md`` together (or neither)."""
+    out = Path(out)
+    stem, parent = (out.stem, out.parent) if out.suffix == ".json" else ("bench", out)
+    parent.mkdir(parents=True, exist_ok=True)
+    paths = {"json": parent / f"{stem}.json", "md": parent / f"{stem}.md"}
+    tmp = Path(tempfile.mkdtemp(prefix=".bench-", dir=parent))
+    try:
+        (tmp / "json").write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+        (tmp / "md").write_text(markdown_bench(result))
+        for key, path in paths.items():
+            os.replace(tmp / key, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return paths
+
+
+__all__ = ["benchmark", "BenchResult", "SpeedPoint", "markdown_bench", "write_bench_outputs", "cache_kv_bytes"]
