@@ -78,9 +78,9 @@ def _streaming_decode_split(
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
         rel = q_pos[:, None] - pos[None, :]
         visible = (pos[None, :] >= 0) & (rel >= 0) & ((pos[None, :] < sink_r[:, None]) | (rel < win_r[:, None]))
-        qk = tl.where(visible, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vc + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],

@@ -62,11 +62,10 @@ def _attn_tiles(
             visible = n_ok[None, :] & (rel.to(tl.uint32) < win_u[:, None])
             if SINK_TERM:
                 visible = n_ok[None, :] & (rel >= 0) & ((offs_n[None, :] < sink_at[:, None]) | (rel < win[:, None]))
-            qk = tl.where(visible, qk * qk_scale, float("-inf"))
-        else:
-            qk = qk * qk_scale
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+            qk = tl.where(visible, qk, float("-inf"))
+        # scale folded into one FMA per score (qk_scale > 0, so the max commutes with it)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -110,9 +109,9 @@ def _attn_edge_tiles(
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
         rel = qi[:, None] - offs_n[None, :]
         visible = n_ok[None, :] & (rel >= 0) & ((offs_n[None, :] < sink_at[:, None]) | (rel < win[:, None]))
-        qk = tl.where(visible, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -131,7 +130,7 @@ def _streaming_attn_fwd(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_lb, stride_lh,
-    H, GROUP, n_q, n_kv, q_offset, sink, window, qk_scale,
+    H, GROUP, n_q, n_kv, q_offset, sink, window, qk_scale, size_class,
     HAS_KV_START: tl.constexpr, HAS_KV_LEN: tl.constexpr, HAS_STREAM_HEADS: tl.constexpr,
     RETURN_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SINK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr, MERGED_EDGES: tl.constexpr,
@@ -356,7 +355,14 @@ def _tuned_launcher(capability: tuple[int, int], block_d: int, autotune: bool):
     if not autotune:
         configs = configs[:1]
     kernel = triton.heuristics(_PACK_HEURISTIC)(_streaming_attn_fwd)
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "GROUP", "HAS_STREAM_HEADS", "USE_TMA"])(kernel)
+    key = ["HEAD_DIM", "GROUP", "HAS_STREAM_HEADS", "USE_TMA", "size_class"]
+    return triton.autotune(configs=configs, key=key)(kernel)
+
+
+def size_class(rows: int) -> int:
+    """Autotuning bucket of the query rows (batch * heads * n): small grids prefer smaller tiles, and one
+    tuning per bucket keeps varying prompt lengths from re-tuning at every call."""
+    return min(max(rows.bit_length() - 17, 0), 4)
 
 
 def _as_int32(t: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -409,7 +415,7 @@ def streaming_attention_triton(
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         lse_arg.stride(0), lse_arg.stride(1),
-        heads, group, n, n_kv, q_offset, sink, window, scale * _LOG2E,
+        heads, group, n, n_kv, q_offset, sink, window, scale * _LOG2E, size_class(batch * heads * n),
     )
     flags = dict(
         HAS_KV_START=starts is not None, HAS_KV_LEN=lens is not None, HAS_STREAM_HEADS=modes is not None,
