@@ -320,7 +320,7 @@ def convert(
             _write_json(tmp / SIDECAR_NAME, _sidecar(report, model_id=model_id, fingerprint=fingerprint))
 
         gguf_metadata = _write_aux_files(source, loaded, tmp, trust_remote_code=trust_remote_code)
-        memory = _memory(hybrid, text_config, config_dict, source=source, gguf_dtype=gguf_dtype)
+        memory = _memory(hybrid, text_config, config_dict)
         _write_card(tmp, out.name, hybrid, rows, memory, report, written, source=source, gguf_dtype=gguf_dtype,
                     hub_id=hub_id, license_id=gguf_metadata.get("general.license"))
         checked = verify_weights(tmp, written)
@@ -425,7 +425,8 @@ def _write_aux_files(source: ModelSource, loaded: LoadedModel | None, tmp: Path,
     return metadata
 
 
-def _memory(hybrid: HybridConfig, text_config, config_dict, *, source: ModelSource, gguf_dtype: str) -> list[KVMemoryRow]:
+def _memory(hybrid: HybridConfig, text_config, config_dict: dict[str, Any]) -> list[KVMemoryRow]:
+    """KV-cache sizes at 8k/32k/128k tokens in the dtype of the written weights."""
     heads = int(text_config.num_attention_heads)
     head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
     dtype = str(config_dict.get("dtype") or config_dict.get("torch_dtype") or "float32").removeprefix("torch.")
