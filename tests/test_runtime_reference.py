@@ -62,10 +62,12 @@ def reference_visibility(pos: torch.Tensor, *, streaming: bool, sink: int, windo
 @torch.no_grad()
 def reference_logits(plain_model, input_ids: torch.Tensor, *, streaming_layers, sink: int, window: int,
                      attention_mask: torch.Tensor | None = None, full_until: int | None = None,
-                     head_masks: dict[int, list[bool]] | None = None) -> torch.Tensor:
-    """Logits ``[B, L, vocab]`` of ``plain_model`` (not modified) with sink + window attention in
-    ``streaming_layers`` (and in the streaming KV heads of ``head_masks``), recomputed with no cache."""
-    model = copy.deepcopy(plain_model)
+                     head_masks: dict[int, list[bool]] | None = None, in_place: bool = False) -> torch.Tensor:
+    """Logits ``[B, L, vocab]`` of ``plain_model`` with sink + window attention in ``streaming_layers`` (and in the
+    streaming KV heads of ``head_masks``), recomputed with no cache. The model is left as it was (``in_place``:
+    borrowed and restored instead of copied, for big models)."""
+    model = plain_model if in_place else copy.deepcopy(plain_model)
+    previous = model.config._attn_implementation
     model.set_attn_implementation(REFERENCE_NAME)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -73,19 +75,26 @@ def reference_logits(plain_model, input_ids: torch.Tensor, *, streaming_layers, 
     stream = reference_visibility(pos, streaming=True, sink=sink, window=window, full_until=full_until)
     full = reference_visibility(pos, streaming=False, sink=sink, window=window)
     head_masks = head_masks or {}
-    for module in model.modules():
-        idx = getattr(module, "layer_idx", None)
-        if not isinstance(idx, int) or "attention" not in type(module).__name__.lower():
-            continue
-        if idx in head_masks:
-            heads = module.config.num_attention_heads
-            kv_mask = torch.tensor(head_masks[idx])
-            per_q = kv_mask.repeat_interleave(heads // kv_mask.numel())  # [H]
-            setattr(module, _VISIBLE, torch.where(per_q.view(1, -1, 1, 1), stream.unsqueeze(1), full.unsqueeze(1)))
-        else:
-            setattr(module, _VISIBLE, (stream if idx in set(streaming_layers) else full).unsqueeze(1))
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos.clamp(min=0),
-                use_cache=False)
+    modules = [m for m in model.modules()
+               if isinstance(getattr(m, "layer_idx", None), int) and "attention" in type(m).__name__.lower()]
+    try:
+        for module in modules:
+            idx = module.layer_idx
+            if idx in head_masks:
+                heads = module.config.num_attention_heads
+                kv_mask = torch.tensor(head_masks[idx])
+                per_q = kv_mask.repeat_interleave(heads // kv_mask.numel())  # [H]
+                vis = torch.where(per_q.view(1, -1, 1, 1), stream.unsqueeze(1), full.unsqueeze(1))
+            else:
+                vis = (stream if idx in set(streaming_layers) else full).unsqueeze(1)
+            setattr(module, _VISIBLE, vis)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos.clamp(min=0),
+                    use_cache=False)
+    finally:
+        for module in modules:
+            if hasattr(module, _VISIBLE):
+                delattr(module, _VISIBLE)
+        model.set_attn_implementation(previous)
     return out.logits
 
 
