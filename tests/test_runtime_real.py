@@ -7,9 +7,8 @@ import math
 
 import pytest
 import torch
-from test_runtime_reference import reference_logits
-
 from lighttransfer.runtime import disable_hybrid, enable_hybrid, resolve_layout
+from test_runtime_reference import reference_logits
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
