@@ -16,6 +16,9 @@ _LAZY = {
     "head_statistics": "lighttransfer.analysis.lazy_ratio:head_statistics",
     "AnalysisReport": "lighttransfer.analysis.report:AnalysisReport",
     "plot_heatmap": "lighttransfer.analysis.heatmap:plot_heatmap",
+    "optimize_head_gates": "lighttransfer.analysis.head_gates:optimize_head_gates",
+    "HeadGateResult": "lighttransfer.analysis.head_gates:HeadGateResult",
+    "gated_attention": "lighttransfer.analysis.head_gates_attention:gated_attention",
 }
 
 __all__ = list(_LAZY)

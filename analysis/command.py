@@ -77,12 +77,19 @@ def _table(report, lazy_fraction: float):
               help="Share of layers marked lazy in the table and the heatmap (display only).")
 @click.option("--device-map", default=None, type=click.Choice(["auto"]),
               help="Spread a model too big for one GPU over all GPUs (accelerate).")
+@click.option("--method", default="attention", show_default=True, type=click.Choice(["attention", "optimize"]),
+              help="KV-head long-context score convert uses: attention mass, or gates optimized on "
+                   "synthetic:passkey prompts (DuoAttention-style; slower, needs gradients).")
+@click.option("--gate-steps", default=200, show_default=True, type=click.IntRange(min=1),
+              help="With --method optimize: optimizer steps (one passkey prompt of --seq-len tokens each).")
+@click.option("--gate-l1", default=0.05, show_default=True, type=click.FloatRange(min=0.0),
+              help="With --method optimize: weight of the L1 penalty on the gates (higher = fewer full heads).")
 @model_options
 @verbosity_options
 def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq_len: int, samples: int,
             batch: int, sink: int, recent: int, last: int, threshold: float, seed: int, field: str,
-            out: str | None, plot: str | None, lazy_fraction: float, device_map: str | None, device: str,
-            dtype: str, trust_remote_code: bool) -> None:
+            out: str | None, plot: str | None, lazy_fraction: float, device_map: str | None, method: str,
+            gate_steps: int, gate_l1: float, device: str, dtype: str, trust_remote_code: bool) -> None:
     """Profile attention on calibration text: which layers are lazy (attend to sink + recent tokens only).
 
     \b
@@ -106,6 +113,11 @@ def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq
     progress = Progress(TextColumn("analysing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=stderr_console(), disable=quiet, transient=True)
     task = progress.add_task("samples", total=samples)
+    if method == "optimize":  # one load serves the analysis and the gate optimization
+        from ..loading import load_model
+
+        model = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                           device_map=device_map)
     with progress:
         report = run_analysis(
             model, calib=sources, seq_len=seq_len, samples=samples, batch=batch, sink=sink, recent=recent,
@@ -113,6 +125,16 @@ def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq
             trust_remote_code=trust_remote_code, device_map=device_map,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
+        if method == "optimize":
+            from .head_gates import attach_head_gates, optimize_head_gates
+
+            gate_task = progress.add_task("gates", total=gate_steps)
+            gates = optimize_head_gates(
+                model.model, model.tokenizer, samples=samples, seq_len=seq_len, sink=sink, window=recent,
+                steps=gate_steps, l1=gate_l1, seed=seed,
+                progress=lambda done, total: progress.update(gate_task, completed=done, total=total),
+            )
+            attach_head_gates(report, gates)
     console = stdout_console()
     console.print(_table(report, lazy_fraction))
     if out_path is not None:

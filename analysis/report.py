@@ -79,6 +79,10 @@ class AnalysisReport:
         timings: seconds (``load``, ``calibration``, ``analysis``, ``per_sample``) and ``tokens_per_s``.
         peak_extra_memory_bytes: the most memory the statistics held at once beyond the forward pass itself.
         environment: versions of lighttransfer, torch and transformers, and the device name.
+        kv_head_gates: optional ``[num_layers][num_kv_heads]`` gates in [0, 1] from ``analyze --method
+            optimize`` (DuoAttention-style optimization, :mod:`lighttransfer.analysis.head_gates`).
+        head_score_method: which KV-head score convert uses by default: ``attention`` (long-context mass)
+            or ``optimize`` (the gates).
     """
 
     model_id: str
@@ -95,6 +99,8 @@ class AnalysisReport:
     timings: dict[str, float] = field(default_factory=dict)
     peak_extra_memory_bytes: int = 0
     environment: dict[str, Any] = field(default_factory=dict)
+    kv_head_gates: list[list[float]] | None = None
+    head_score_method: str = "attention"
     schema_version: int = SCHEMA_VERSION
 
     # ---- views ------------------------------------------------------------------------------------------
@@ -106,13 +112,22 @@ class AnalysisReport:
         """``[num_layers][num_heads]`` mean lazy ratio of each query head."""
         return [list(row) for row in self.query_heads.lazy_ratio]
 
-    def kv_head_long_context_scores(self) -> list[list[float]]:
+    def kv_head_long_context_scores(self, method: str | None = None) -> list[list[float]]:
         """``[num_layers][num_kv_heads]``: higher = the KV head's queries reach further back.
 
-        The score of a KV head is the *max* over its GQA group of the query heads' long-context mass (mass
-        beyond sink + recent, averaged over the last queries and samples): a KV head may stream only if
-        every query head reading it allows it.
+        ``method="attention"``: the *max* over the KV head's GQA group of the query heads' long-context mass
+        (mass beyond sink + recent, averaged over the last queries and samples): a KV head may stream only if
+        every query head reading it allows it. ``method="optimize"``: the optimized gates
+        (:attr:`kv_head_gates`). ``None``: :attr:`head_score_method`.
         """
+        method = method or self.head_score_method
+        if method == "optimize":
+            if self.kv_head_gates is None:
+                raise LightTransferError("this report has no KV-head gates; rerun 'lighttransfer analyze "
+                                         "--method optimize' or use the attention scores.")
+            return [list(row) for row in self.kv_head_gates]
+        if method != "attention":
+            raise LightTransferError(f"KV-head score method '{method}' is not known; use attention or optimize.")
         return [list(row) for row in self.kv_heads.long_context_mass]
 
     def summary(self) -> dict[str, Any]:
@@ -181,6 +196,12 @@ class AnalysisReport:
                 matrix = getattr(stats, metric)
                 if len(matrix) != self.num_layers or any(len(row) != width for row in matrix):
                     problems.append(f"{name}.{metric} is not [{self.num_layers}][{width}]")
+        gates = self.kv_head_gates
+        if gates is not None and (len(gates) != self.num_layers or any(len(r) != self.num_kv_heads for r in gates)):
+            problems.append(f"kv_head_gates is not [{self.num_layers}][{self.num_kv_heads}]")
+        if self.head_score_method not in ("attention", "optimize") or (
+                self.head_score_method == "optimize" and gates is None):
+            problems.append(f"head_score_method '{self.head_score_method}' has no scores")
         if problems:
             raise LightTransferError(f"{origin} is inconsistent: {'; '.join(problems)}.")
 
