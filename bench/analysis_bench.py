@@ -7,7 +7,10 @@ A Llama-3-8B-shaped model (random bf16 weights; the cost does not depend on the 
 Baselines are timed before and after the analysis, and the faster of the two is used, so that clock or
 thermal drift cannot favour the analysis.
 
-    python -m lighttransfer.bench.analysis_bench --samples 16 --seq-len 8192 --out-dir results/
+    cd /tmp && python -m lighttransfer.bench.analysis_bench --samples 16 --seq-len 8192 --out-dir results/
+
+(Run it from outside the repository root: there, the root's ``kernels/`` folder shadows the ``kernels``
+package that transformers probes for on import.)
 
 Needs a CUDA GPU with room for the model (about 16 GB of bf16 weights plus activations). Free of rich/click.
 """
