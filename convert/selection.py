@@ -65,12 +65,13 @@ def _order(candidates: list, score, strategy: str, seed: int) -> list:
         random.Random(seed).shuffle(picked)
         return picked
     sign = -1.0 if strategy == "lazy" else 1.0
-    return sorted(candidates, key=lambda c: (sign * _finite(score(c)), c))
 
+    def key(c):
+        x = score(c)
+        # a candidate without a score (NaN) comes last under either ranking
+        return (0, sign * x, c) if math.isfinite(x) else (1, 0.0, c)
 
-def _finite(x: float) -> float:
-    # a layer without a score (NaN) is never preferred by either ranking
-    return x if math.isfinite(x) else math.inf
+    return sorted(candidates, key=key)
 
 
 def select_layers(

@@ -104,3 +104,10 @@ def test_explain_selection_says_why():
     assert rows[3].reason == "kept full (--keep)"
     assert [r.rank for r in rows] == [6, 1, 4, 2, 5, 3]
     assert rows[2].streaming_heads == 1
+
+
+@pytest.mark.parametrize("strategy", ["lazy", "least_lazy"])
+def test_layers_without_a_score_are_picked_last(strategy):
+    ratios = [0.5, float("nan"), 0.9, 0.1]
+    picked = select_layers(ratios, ratio=0.75, strategy=strategy)
+    assert 1 not in picked and len(picked) == 3
