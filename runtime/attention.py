@@ -9,6 +9,9 @@ original positions and updated the cache. What it does depends on the layer:
   ``update`` returned, at the positions its ``view`` records (contiguous first forward, or explicit slots);
 * a streaming layer without our cache (``use_cache=False``, or another ``Cache``) -> sink + window attention over
   the contiguous keys it was given (exact, only memory is not bounded);
+* a mixed layer (some KV heads stream) -> its full KV heads' query heads through SDPA over their full history,
+  its streaming KV heads' query heads over their slots, outputs put back in head order; without our cache,
+  one launch of the kernels' per-head mode over the contiguous keys;
 * online mode, during the prompt's first forward -> full attention, then the layer's lazy ratio is offered to the
   running selection and the layers it drops are trimmed at once.
 
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 
-from .cache import ContiguousView, HybridCache, SlotView, StreamingLayer
+from .cache import ContiguousView, HybridCache, MixedLayer, SlotView, StreamingLayer
 from .online import prompt_lazy_ratio
 from .ops import full_attention, prefill_attention, slot_attention
 
@@ -35,13 +38,20 @@ PLAN_ATTR = "lighttransfer_plan"
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """How one attention layer runs: ``kind`` is ``full``, ``streaming`` or ``online`` (decided per prompt)."""
+    """How one attention layer runs: ``kind`` is ``full``, ``streaming``, ``mixed`` (``kv_head_mask``: per KV head,
+    True = streams) or ``online`` (decided per prompt)."""
 
     layer_idx: int
     kind: str
     sink: int
     window: int
     prefill: str = "streaming"
+    kv_head_mask: tuple[bool, ...] | None = None
+
+    def query_head_mask(self, num_heads: int, device) -> torch.Tensor:
+        """bool ``[num_heads]``: True where the query head's KV head streams (GQA groups are contiguous)."""
+        kv = torch.tensor(self.kv_head_mask, device=device)
+        return kv.repeat_interleave(num_heads // kv.numel())
 
 
 @dataclass
@@ -72,6 +82,16 @@ def lighttransfer_attention(module, query, key, value, attention_mask, scaling=N
 
     if isinstance(part, StreamingLayer):
         out = _streaming_from_view(module, query, key, value, part, kv_start, has_padding, scaling, dropout)
+    elif isinstance(part, MixedLayer):
+        out = _mixed(module, query, key, value, part, kv_start, has_padding, scaling, dropout)
+    elif plan is not None and plan.kind == "mixed" and part is None:
+        if plan.prefill == "full" and n > 1:
+            out = full_attention(module, query, key, value, q_offset=big_n - n, kv_start=kv_start,
+                                 has_padding=has_padding, scale=scaling, dropout=dropout)
+        else:
+            out = prefill_attention(query, key, value, sink=plan.sink, window=plan.window, q_offset=big_n - n,
+                                    kv_start=kv_start if has_padding else None, scale=scaling,
+                                    stream_heads=plan.query_head_mask(query.shape[1], query.device))
     elif plan is not None and plan.kind == "streaming" and part is None:
         if plan.prefill == "full" and n > 1:
             out = full_attention(module, query, key, value, q_offset=big_n - n, kv_start=kv_start,
@@ -100,6 +120,23 @@ def _streaming_from_view(module, query, key, value, part: StreamingLayer, kv_sta
                               has_padding=has_padding, scale=scaling, dropout=dropout)
     return prefill_attention(query, key, value, sink=part.sink, window=part.window, q_offset=view.q_offset,
                              kv_start=kv_start if has_padding else None, scale=scaling)
+
+
+def _mixed(module, query, key, value, part: MixedLayer, kv_start, has_padding, scaling, dropout):
+    """Full query heads over the full KV heads' history, streaming ones over the slots, back in head order."""
+    heads = query.shape[1]
+    group = heads // len(part.kv_mask)
+    full_kv, stream_kv = part.head_index(query.device)
+    full_q = (full_kv.view(-1, 1) * group + torch.arange(group, device=query.device)).flatten()
+    stream_q = (stream_kv.view(-1, 1) * group + torch.arange(group, device=query.device)).flatten()
+    out = query.new_empty(query.shape[0], heads, query.shape[2], value.shape[-1])
+    n = query.shape[2]
+    out[:, full_q] = full_attention(module, query.index_select(1, full_q), key, value, q_offset=key.shape[2] - n,
+                                    kv_start=kv_start, has_padding=has_padding, scale=scaling, dropout=dropout)
+    s_key, s_value = part.stream_kv
+    out[:, stream_q] = _streaming_from_view(module, query.index_select(1, stream_q), s_key, s_value,
+                                            part.streaming, kv_start, has_padding, scaling, dropout)
+    return out
 
 
 def _offer_online(cache: HybridCache, layer_idx: int, query, key, plan: LayerPlan, kv_start, scaling) -> None:

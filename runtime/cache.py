@@ -276,33 +276,142 @@ def _gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(states, 2, idx)
 
 
+class MixedLayer(CacheLayerMixin):
+    """KV cache of a layer where only some KV heads stream: no full-size copy of either group.
+
+    The full KV heads keep their whole history contiguous (``keys``/``values`` ``[batch, full_heads, T, D]``,
+    like a ``DynamicLayer``); the streaming KV heads live in an inner :class:`StreamingLayer`
+    (``[batch, streaming_heads, <= sink + window, D]``). ``update`` returns the full group's keys and values and
+    leaves the streaming group's in :attr:`stream_kv` (with its positions in ``streaming.view``); the attention
+    function runs the two groups separately and puts the query heads back in order.
+
+    Args:
+        kv_mask: per KV head, True = streams (at least one of each kind).
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, kv_mask, *, sink: int, window: int, prefill: str = "streaming",
+                 sequence: SequenceState | None = None) -> None:
+        super().__init__()
+        self.kv_mask = tuple(bool(x) for x in kv_mask)
+        if all(self.kv_mask) or not any(self.kv_mask):
+            raise ValueError("a mixed layer needs both streaming and full KV heads")
+        self.full_heads = [i for i, s in enumerate(self.kv_mask) if not s]
+        self.stream_heads = [i for i, s in enumerate(self.kv_mask) if s]
+        self.streaming = StreamingLayer(sink=sink, window=window, prefill=prefill, sequence=sequence)
+        self.seen = 0
+        self.stream_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def head_index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(full KV head indices, streaming KV head indices)`` as int64 tensors on ``device``."""
+        device = torch.device(device)
+        if device not in self._index:
+            self._index[device] = (torch.tensor(self.full_heads, device=device),
+                                   torch.tensor(self.stream_heads, device=device))
+        return self._index[device]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        b, _, _, d = key_states.shape
+        self.keys = key_states.new_empty((b, len(self.full_heads), 0, d))
+        self.values = value_states.new_empty((b, len(self.full_heads), 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        full_idx, stream_idx = self.head_index(key_states.device)
+        self.keys = torch.cat([self.keys, key_states.index_select(1, full_idx)], dim=2)
+        self.values = torch.cat([self.values, value_states.index_select(1, full_idx)], dim=2)
+        self.seen += key_states.shape[2]
+        self.stream_kv = self.streaming.update(key_states.index_select(1, stream_idx),
+                                               value_states.index_select(1, stream_idx))
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.stream_kv = None
+        self.seen = 0
+        self.is_initialized = False
+        self.streaming.reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a mixed cache layer cannot be cropped: its streaming heads evicted tokens")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.index_select(0, indices.to(self.keys.device))
+            self.values = self.values.index_select(0, indices.to(self.values.device))
+        self.streaming.batch_select_indices(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+        self.streaming.batch_repeat_interleave(repeats)
+
+    def nbytes(self) -> int:
+        """Bytes held by both head groups."""
+        return _nbytes(self.keys) + _nbytes(self.values) + _nbytes(self.streaming.keys) + \
+            _nbytes(self.streaming.values)
+
+
 class HybridCache(Cache):
     """A transformers ``Cache`` whose full layers grow (``DynamicLayer``) and whose streaming layers keep
     ``sink + window`` slots (:class:`StreamingLayer`).
 
     Args:
-        kinds: per decoder layer, ``"full"`` or ``"streaming"``.
+        kinds: per decoder layer, ``"full"``, ``"streaming"`` or ``"mixed"``.
+        kv_head_masks: ``{layer: [bool] * kv_heads}`` for the mixed layers (True = that KV head streams).
         sink, window: tokens a streaming layer keeps (first ``sink`` + the last ``window``).
         prefill: ``streaming`` or ``full`` (streaming layers attend fully in prefill, trimmed after).
         online: an online selector (see :mod:`lighttransfer.runtime.online`) when the layout is decided per
             prompt; every layer then starts full.
     """
 
-    def __init__(self, kinds, *, sink: int, window: int, prefill: str = "streaming", online=None) -> None:
+    def __init__(self, kinds, *, sink: int, window: int, prefill: str = "streaming", kv_head_masks=None,
+                 online=None) -> None:
         self.sequence = SequenceState()
         self.sink, self.window, self.prefill = int(sink), int(window), prefill
         self.online = online
-        layers = [
-            StreamingLayer(sink=sink, window=window, prefill=prefill, sequence=self.sequence)
-            if kind == "streaming" else DynamicLayer()
-            for kind in kinds
-        ]
+        kv_head_masks = kv_head_masks or {}
+        layers = []
+        for idx, kind in enumerate(kinds):
+            if kind == "streaming":
+                layers.append(StreamingLayer(sink=sink, window=window, prefill=prefill, sequence=self.sequence))
+            elif kind == "mixed":
+                layers.append(MixedLayer(kv_head_masks[idx], sink=sink, window=window, prefill=prefill,
+                                         sequence=self.sequence))
+            else:
+                layers.append(DynamicLayer())
         super().__init__(layers=layers)
 
     # ---- memory accounting ---------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
         """Bytes of keys and values held right now, over all layers."""
-        return sum(_nbytes(layer.keys) + _nbytes(layer.values) for layer in self.layers if layer.is_initialized)
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, MixedLayer):
+                total += layer.nbytes()
+            elif layer.is_initialized:
+                total += _nbytes(layer.keys) + _nbytes(layer.values)
+        return total
 
     def dense_kv_bytes(self) -> int:
         """Bytes a dense cache would hold for the same tokens (every layer keeping every token)."""
@@ -311,6 +420,8 @@ class HybridCache(Cache):
             if not layer.is_initialized or layer.keys is None:
                 continue
             b, h, _, d = layer.keys.shape
+            if isinstance(layer, MixedLayer):
+                h = len(layer.kv_mask)
             per_token = b * h * (d + layer.values.shape[-1]) * layer.keys.element_size()
             total += per_token * layer.get_seq_length()
         return total
@@ -351,4 +462,4 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-__all__ = ["HybridCache", "StreamingLayer", "SequenceState", "ContiguousView", "SlotView", "leading_padding"]
+__all__ = ["HybridCache", "StreamingLayer", "MixedLayer", "SequenceState", "ContiguousView", "SlotView", "leading_padding"]

@@ -62,7 +62,8 @@ class HybridRuntime:
             online = OnlineSelector.for_ratio(num_layers=layout.num_layers, ratio=layout.online_ratio,
                                               last=layout.online_last)
             kinds = ("full",) * layout.num_layers
-        return HybridCache(kinds, sink=layout.sink, window=layout.window, prefill=layout.prefill, online=online)
+        return HybridCache(kinds, sink=layout.sink, window=layout.window, prefill=layout.prefill,
+                           kv_head_masks=layout.kv_head_masks, online=online)
 
     def remove(self) -> None:
         self._handle.remove()
@@ -104,9 +105,6 @@ class HybridRuntime:
 def enable_hybrid(model, layout: RuntimeLayout):
     """Make ``model`` run ``layout`` (in place) and return it. Calling it again replaces the previous layout."""
     check_attention_swappable(model)
-    if layout.mixed_layers:
-        raise LightTransferError("head-level layouts (mixed layers) are not supported by this runtime yet; "
-                                 "use a layer-level checkpoint.")
     register()
     disable_hybrid(model)
     modules = attention_modules(model)
@@ -117,7 +115,7 @@ def enable_hybrid(model, layout: RuntimeLayout):
     for idx, module in modules.items():
         kind = layout.kinds[idx]
         setattr(module, PLAN_ATTR, LayerPlan(layer_idx=idx, kind=kind, sink=layout.sink, window=layout.window,
-                                             prefill=layout.prefill))
+                                             prefill=layout.prefill, kv_head_mask=layout.kv_head_masks.get(idx)))
     runtime = HybridRuntime(model, layout)
     setattr(model, RUNTIME_ATTR, runtime)
     model.set_attn_implementation(ATTENTION_NAME)
