@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	@touch $(STAMP)
 
+# console scripts, not `python -m`: that would put the checkout root (whose folders are the package's
+# subpackages, e.g. kernels/) on sys.path, where they would shadow unrelated top-level packages
 demo: setup
-	$(BIN)/python -m lighttransfer.demo
+	$(BIN)/lighttransfer demo
 
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lighttransfer.runtime.command:generate", "Generate text with a hybrid checkpoint."),
     "eval": ("lighttransfer.bench.command:evaluate", "Perplexity and passkey retrieval, hybrid vs original."),
     "bench": ("lighttransfer.bench.command:bench", "Prefill/decode speed and memory, hybrid vs original."),
+    "demo": ("lighttransfer.demo:main", "Analyze, convert and run the SmolLM2-135M demo model end to end."),
 }
 
 _state = {"verbose": False}
