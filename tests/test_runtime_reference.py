@@ -40,7 +40,7 @@ AttentionInterface.register(REFERENCE_NAME, _masked_eager)
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position of each token counted from its sequence's first real token (negative for left padding)."""
     kv_start = (attention_mask.long().cumsum(-1) == 0).sum(-1, keepdim=True)
-    return torch.arange(attention_mask.shape[1]).unsqueeze(0) - kv_start
+    return torch.arange(attention_mask.shape[1], device=attention_mask.device).unsqueeze(0) - kv_start
 
 
 def reference_visibility(pos: torch.Tensor, *, streaming: bool, sink: int, window: int,
@@ -55,7 +55,7 @@ def reference_visibility(pos: torch.Tensor, *, streaming: bool, sink: int, windo
     if streaming and full_until is not None:
         vis = torch.where(q < full_until, causal, vis)
     # a padding query sees itself, so that its (unused) row stays finite
-    eye = torch.eye(pos.shape[1], dtype=torch.bool).unsqueeze(0)
+    eye = torch.eye(pos.shape[1], dtype=torch.bool, device=pos.device).unsqueeze(0)
     return vis | (eye & ~vis.any(-1, keepdim=True))
 
 
@@ -82,7 +82,7 @@ def reference_logits(plain_model, input_ids: torch.Tensor, *, streaming_layers, 
             idx = module.layer_idx
             if idx in head_masks:
                 heads = module.config.num_attention_heads
-                kv_mask = torch.tensor(head_masks[idx])
+                kv_mask = torch.tensor(head_masks[idx], device=pos.device)
                 per_q = kv_mask.repeat_interleave(heads // kv_mask.numel())  # [H]
                 vis = torch.where(per_q.view(1, -1, 1, 1), stream.unsqueeze(1), full.unsqueeze(1))
             else:
