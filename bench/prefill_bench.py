@@ -150,7 +150,8 @@ def to_markdown(result: dict) -> str:
              f"{r['flex_tflops']:.0f}", f"{r['sdpa_tflops']:.0f}", f"{r['floor_ms']:.3f}"] for r in result["rows"]]
     return ("# Prefill: streaming kernel vs SDPA (flash, dense causal) vs FlexAttention (same mask)\n\n"
             + environment_markdown(result["environment"], result["peaks"])
-            + f"B=1, H={HEADS}, Hkv={KV_HEADS}, D={HEAD_DIM}, bf16; config autotuned for the last length: {result["tuned_config"]}. "
+            + f"B=1, H={HEADS}, Hkv={KV_HEADS}, D={HEAD_DIM}, bf16; config autotuned for the last length: "
+            f"{result['tuned_config']}. "
             "TFLOP/s count visible pairs only (band for ours/flex, causal triangle for SDPA); floor = band FLOPs "
             "at the measured matmul rate.\n\n" + markdown_table(headers, rows))
 
