@@ -9,9 +9,15 @@ position is the answer's next token.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
+
+
+def cache_keyword(model) -> str:
+    """The forward keyword for a KV cache: ``cache`` in transformers >= 5.24, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 @torch.inference_mode()
@@ -40,7 +46,8 @@ def continuation_logits(
         after_prefill()
     parts = [first.logits[:, -1:].float()]
     if seq - split > 1:
-        rest = model(input_ids[:, split:-1], past_key_values=first.past_key_values, use_cache=True)
+        cache = {cache_keyword(model): first.past_key_values}
+        rest = model(input_ids[:, split:-1], use_cache=True, **cache)
         parts.append(rest.logits.float())
     return torch.cat(parts, dim=1)
 
@@ -56,4 +63,4 @@ def greedy_matches(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=-1) == targets).all(dim=-1)
 
 
-__all__ = ["continuation_logits", "token_nll", "greedy_matches"]
+__all__ = ["cache_keyword", "continuation_logits", "token_nll", "greedy_matches"]

@@ -1,0 +1,173 @@
+"""``lighttransfer eval`` and ``lighttransfer bench``: thin click layers over :func:`evaluate` and :func:`benchmark`."""
+
+from __future__ import annotations
+
+import click
+
+from ..cli import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
+from ..errors import LightTransferError
+
+
+def _int_list(value: str, option: str) -> list[int]:
+    """``"1k,2048,4K"`` -> ``[1024, 2048, 4096]`` (a ``k`` suffix means 1024)."""
+    out = []
+    for part in (p.strip().lower() for p in value.split(",")):
+        if not part:
+            continue
+        scale = 1024 if part.endswith("k") else 1
+        try:
+            number = int(part[:-1] if part.endswith("k") else part) * scale
+        except ValueError:
+            raise LightTransferError(
+                f"{option} '{value}' is not a comma-separated list of token counts (e.g. 2048,4096 or 4k,16k)."
+            ) from None
+        if number < 2:
+            raise LightTransferError(f"{option}: every length must be at least 2 tokens, got {part}.")
+        out.append(number)
+    return out
+
+
+def _float_list(value: str, option: str) -> list[float]:
+    try:
+        return [float(p) for p in value.split(",") if p.strip()]
+    except ValueError:
+        raise LightTransferError(f"{option} '{value}' is not a comma-separated list of numbers (e.g. 0.25,0.5).") from None
+
+
+def _line_range(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        a, b = (int(x) for x in value.split(":"))
+    except ValueError:
+        raise LightTransferError(f"--text-lines '{value}' must be FIRST:LAST (1-based line numbers).") from None
+    if not 1 <= a <= b:
+        raise LightTransferError(f"--text-lines '{value}' must satisfy 1 <= FIRST <= LAST.")
+    return a, b
+
+
+class _Bar:
+    """A rich progress bar fed by :func:`evaluate`."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=stderr_console(), transient=True)
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def start(self, total: int) -> None:
+        self.task = self.progress.add_task("evaluating", total=total)
+
+    def step(self, description: str) -> None:
+        self.progress.update(self.task, advance=1, description=description)
+
+
+@click.command("eval")
+@click.argument("hybrid", required=False, metavar="[HYBRID_DIR]")
+@click.option("--baseline", required=True, metavar="MODEL",
+              help="The original model (directory, .gguf or hub id); its weights serve every row.")
+@click.option("--text", "text", required=True, metavar="FILE",
+              help="Long real text to evaluate on (not the calibration text).")
+@click.option("--text-lines", default=None, metavar="FIRST:LAST", help="Use only these lines of --text (1-based).")
+@click.option("--report", default=None, metavar="REPORT.json",
+              help="Analysis report: lazy ratios for the least-lazy row and for choosing layers without a hybrid.")
+@click.option("--lengths", default="2048,4096,8192", show_default=True,
+              help="Context lengths for perplexity, comma-separated (k = 1024).")
+@click.option("--stride", type=int, default=None,
+              help="Scored tokens per perplexity window [default: a quarter of the length].")
+@click.option("--windows", "max_windows", type=int, default=2, show_default=True,
+              help="Perplexity windows per length.")
+@click.option("--passkey-lengths", default="2048,4096", show_default=True,
+              help="Passkey prompt lengths, comma-separated; empty for no passkey test.")
+@click.option("--passkey-depths", type=int, default=10, show_default=True, help="Needle depths per length.")
+@click.option("--passkey-trials", type=int, default=2, show_default=True, help="Samples per (length, depth).")
+@click.option("--rows", default=",".join(("original", "lighttransfer", "random", "least-lazy", "streamingllm",
+                                          "prefill-full", "online")), show_default=True,
+              help="Rows to compare, comma-separated.")
+@click.option("--ratio", type=float, default=None,
+              help="Share of layers streaming in every row [default: the hybrid's, else 0.5].")
+@click.option("--sink", type=int, default=None, help="Sink tokens [default: the hybrid's, else 4].")
+@click.option("--window", type=int, default=None, help="Window tokens [default: the hybrid's, else 1020].")
+@click.option("--backend", type=click.Choice(["masked", "runtime"]), default="masked", show_default=True,
+              help="masked: the dense model with a streaming mask (exact, any model); runtime: the bounded-cache "
+                   "runtime.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random row and passkeys.")
+@click.option("--out", default="eval_results.json", show_default=True, metavar="PATH",
+              help="Results JSON (markdown and plots are written beside it), or a directory.")
+@model_options
+@verbosity_options
+def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_windows, passkey_lengths,
+             passkey_depths, passkey_trials, rows, ratio, sink, window, backend, seed, out, device, dtype,
+             trust_remote_code):
+    """Perplexity and passkey retrieval of a hybrid against the original and baseline selections."""
+    from .eval_report import markdown_report
+    from .eval_suite import evaluate as run_eval
+    from .eval_suite import output_paths
+
+    if max_windows < 1:
+        raise LightTransferError(f"--windows must be at least 1, got {max_windows}.")
+    if passkey_trials < 1:
+        raise LightTransferError(f"--passkey-trials must be at least 1, got {passkey_trials}.")
+    kwargs = dict(
+        baseline=baseline, text=text, text_lines=_line_range(text_lines), hybrid=hybrid, report=report,
+        lengths=_int_list(lengths, "--lengths"), stride=stride, max_windows=max_windows,
+        passkey_lengths=_int_list(passkey_lengths, "--passkey-lengths"), passkey_depths_count=passkey_depths,
+        passkey_trials=passkey_trials, rows=[r.strip() for r in rows.split(",") if r.strip()], ratio=ratio,
+        sink=sink, window=window, backend=backend, seed=seed, device=device, dtype=dtype, out=out,
+    )
+    if is_quiet():
+        result = run_eval(**kwargs)
+    else:
+        with _Bar() as bar:
+            result = run_eval(progress=bar, **kwargs)
+    console = stdout_console()
+    if not is_quiet():
+        console.print(markdown_report(result).split("\n\nLayers per row")[0])
+    paths = output_paths(out)
+    console.print(f"wrote {paths['json']} and {paths['md']}")
+
+
+@click.command("bench")
+@click.argument("hybrid", required=False, metavar="[HYBRID_DIR]")
+@click.option("--baseline", required=True, metavar="MODEL",
+              help="The original model (directory, .gguf, hub id) or 'llama3-8b-shaped' (random bf16 weights).")
+@click.option("--report", default=None, metavar="REPORT.json", help="Analysis report whose ranking picks the layers.")
+@click.option("--context", "contexts", default="4k,16k,32k", show_default=True,
+              help="Context lengths, comma-separated (k = 1024).")
+@click.option("--ratios", default="0.25,0.5,0.75", show_default=True, help="Streaming ratios to sweep.")
+@click.option("--memory-budget", type=float, default=None, metavar="GB",
+              help="Memory the largest batch may use [default: the whole GPU; none on the CPU].")
+@click.option("--decode-steps", type=int, default=32, show_default=True, help="Timed decode steps per point.")
+@click.option("--max-batch", type=int, default=512, show_default=True, help="Upper bound of the batch search.")
+@click.option("--sink", type=int, default=None, help="Sink tokens [default: the hybrid's, else 4].")
+@click.option("--window", type=int, default=None, help="Window tokens [default: the hybrid's, else 1020].")
+@click.option("--out", default="bench_results.json", show_default=True, metavar="PATH",
+              help="Results JSON (a markdown table is written beside it), or a directory.")
+@model_options
+@verbosity_options
+def bench(hybrid, baseline, report, contexts, ratios, memory_budget, decode_steps, max_batch, sink, window, out,
+          device, dtype, trust_remote_code):
+    """Prefill latency, decode tokens/s, peak memory and KV bytes: original vs hybrids, in one process."""
+    from .speed import benchmark, markdown_bench
+
+    if max_batch < 1:
+        raise LightTransferError(f"--max-batch must be at least 1, got {max_batch}.")
+    err = stderr_console()
+    result = benchmark(
+        baseline=baseline, hybrid=hybrid, report=report, contexts=_int_list(contexts, "--context"),
+        ratios=_float_list(ratios, "--ratios"), memory_budget_gb=memory_budget, decode_steps=decode_steps,
+        max_batch=max_batch, sink=sink, window=window, device=device, dtype=dtype, out=out,
+        progress=None if is_quiet() else (lambda line: err.print(line, soft_wrap=True)),
+    )
+    console = stdout_console()
+    if not is_quiet():
+        console.print(markdown_bench(result))
+    console.print(f"wrote {out}")

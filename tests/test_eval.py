@@ -1,0 +1,276 @@
+"""Evaluation: perplexity scored beyond sink + window, passkey samples and answers, KV budgets, the masked
+reference against the runtime, and the ``eval`` CLI on a tiny model directory with a byte-level tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from lighttransfer import cli
+from lighttransfer.bench.backends import MaskedBackend, RuntimeBackend
+from lighttransfer.bench.passkey import check_answer, make_sample, passkey_depths
+from lighttransfer.bench.perplexity import perplexity, plan_windows
+from lighttransfer.bench.rows import EvalRow, standard_rows
+from lighttransfer.bench.scoring import continuation_logits, greedy_matches
+from lighttransfer.errors import LightTransferError
+
+SINK, WINDOW = 2, 16
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with exactly 256 tokens and no merges (ids fit the tiny models' vocab)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir_with_tokenizer(tmp_path_factory):
+    from conftest import make_tiny_model
+
+    d = tmp_path_factory.mktemp("tiny-eval")
+    make_tiny_model("llama").save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory, long_text):
+    p = tmp_path_factory.mktemp("text") / "emma.txt"
+    p.write_text(long_text[:20000])
+    return p
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _row(name="lt", layers=(0, 2), window=WINDOW, prefill="streaming", online=None, num_layers=4, kv=2):
+    return EvalRow(name, num_layers=num_layers, num_kv_heads=kv, streaming_layers=list(layers), sink=SINK,
+                   window=window, prefill=prefill, online_ratio=online)
+
+
+# ---- perplexity ---------------------------------------------------------------------------------------------
+
+def test_windows_score_only_beyond_sink_and_window():
+    windows = plan_windows(1000, length=128, stride=32, min_context=SINK + WINDOW, max_windows=5)
+    assert [w.start for w in windows] == [0, 32, 64, 96, 128]
+    assert all(w.split == 96 and w.split >= SINK + WINDOW for w in windows)
+    # consecutive windows score consecutive, non-overlapping spans of the text
+    spans = [(w.start + w.split, w.start + w.length) for w in windows]
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(length=128, stride=120, min_context=18), "inside sink"),
+    (dict(length=4096, stride=1024, min_context=18), "fewer than one window"),
+    (dict(length=128, stride=0, min_context=18), "at least 1"),
+], ids=["scored-inside-window", "text-too-short", "zero-stride"])
+def test_window_plan_errors(kwargs, match):
+    with pytest.raises(LightTransferError, match=match):
+        plan_windows(1000, max_windows=2, **kwargs)
+
+
+@pytest.mark.parametrize("prefill", ["streaming", "full"])
+def test_hybrid_with_window_covering_everything_equals_dense(tiny_model, prefill):
+    """Known answer: when the window holds the whole sequence, every streaming row is the dense model."""
+    ids = _ids(600)
+    windows = plan_windows(600, length=128, stride=32, min_context=SINK + WINDOW, max_windows=3)
+    dense_row = EvalRow("original", num_layers=4, num_kv_heads=2)
+    wide = _row(layers=range(4), window=128, prefill=prefill)
+    for backend in (MaskedBackend(tiny_model), RuntimeBackend(tiny_model)):
+        dense = perplexity(lambda b=backend: b.sequence(dense_row), ids, windows)
+        hybrid = perplexity(lambda b=backend: b.sequence(wide), ids, windows)
+        backend.release(wide)
+        assert hybrid["tokens"] == dense["tokens"] == 3 * 32
+        assert hybrid["nll"] == pytest.approx(dense["nll"], rel=1e-5, abs=1e-6)
+
+
+def test_streaming_changes_only_positions_beyond_sink_and_window(tiny_model):
+    ids = _ids(80).unsqueeze(0)
+    dense = continuation_logits(tiny_model, ids, 1)
+    with MaskedBackend(tiny_model).sequence(_row(layers=range(4))) as (model, after):
+        hybrid = continuation_logits(model, ids, 1, after_prefill=after)
+    # row t predicts token 1 + t from positions 0..t: identical while every key is visible (t < sink + window)
+    inside = SINK + WINDOW - 1
+    torch.testing.assert_close(hybrid[:, :inside], dense[:, :inside], rtol=1e-5, atol=1e-5)
+    assert (hybrid[:, inside + 1 :] - dense[:, inside + 1 :]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("row", [
+    _row(),
+    _row(prefill="full"),
+    _row(layers=(), online=0.5, prefill="full"),
+], ids=["lazy-streaming-prefill", "full-prefill", "online"])
+def test_masked_reference_matches_runtime(tiny_model, row):
+    """Two independent implementations of the same hybrid give the same perplexity."""
+    ids = _ids(700, seed=1)
+    windows = plan_windows(700, length=160, stride=48, min_context=SINK + WINDOW, max_windows=2)
+    masked = MaskedBackend(tiny_model)
+    runtime = RuntimeBackend(tiny_model)
+    a = perplexity(lambda: masked.sequence(row), ids, windows)
+    b = perplexity(lambda: runtime.sequence(row), ids, windows)
+    runtime.release(row)
+    assert a["nll"] == pytest.approx(b["nll"], rel=1e-5)
+    dense = perplexity(lambda: masked.sequence(EvalRow("original", num_layers=4, num_kv_heads=2)), ids, windows)
+    assert a["nll"] != pytest.approx(dense["nll"], rel=1e-7)
+
+
+# ---- passkey ------------------------------------------------------------------------------------------------
+
+def test_passkey_sample_is_exact_length_with_the_key_at_its_depth(long_text):
+    tok = byte_tokenizer()
+    for depth in (0.0, 0.5, 1.0):
+        s = make_sample(tok, long_text[:5000], length=400, depth=depth, seed=3)
+        assert s.length == 400
+        text = tok.decode(s.prompt_ids)
+        assert text.count(s.key) >= 2 and text.rstrip().endswith("The pass key is")
+        assert tok.decode(s.answer_ids) == f" {s.key}"
+        where = text.index(s.key) / len(text)
+        assert abs(where - depth) < 0.35
+
+
+def test_passkey_depths():
+    assert passkey_depths(10)[0] == 0.0 and passkey_depths(10)[-1] == 1.0 and len(passkey_depths(10)) == 10
+    with pytest.raises(LightTransferError, match="at least 1"):
+        passkey_depths(0)
+
+
+def test_greedy_match_is_exact():
+    logits = torch.full((2, 3, 10), -1.0)
+    targets = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    logits[0, torch.arange(3), targets[0]] = 5.0
+    logits[1, torch.arange(3), torch.tensor([1, 2, 4])] = 5.0
+    assert greedy_matches(logits, targets).tolist() == [True, False]
+
+
+class _Parrot(torch.nn.Module):
+    """A stand-in model that always predicts ``answer[i]`` at the i-th position after the prompt."""
+
+    def __init__(self, prompt_len: int, answer: torch.Tensor) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.prompt_len, self.answer = prompt_len, answer
+
+    def forward(self, ids, past_key_values=None, use_cache=True, logits_to_keep=0):
+        start = 0 if past_key_values is None else past_key_values
+        pos = torch.arange(start, start + ids.shape[1])
+        logits = torch.zeros(ids.shape[0], ids.shape[1], 300)
+        for j, p in enumerate(pos.tolist()):
+            k = p - (self.prompt_len - 1)
+            if 0 <= k < len(self.answer):
+                logits[:, j, self.answer[k]] = 1.0
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return type("Out", (), {"logits": logits, "past_key_values": start + ids.shape[1]})()
+
+
+def test_check_answer_accepts_only_the_exact_key(long_text):
+    tok = byte_tokenizer()
+    s = make_sample(tok, long_text[:5000], length=300, depth=0.3, seed=1)
+    assert check_answer(_Parrot(s.length, s.answer_ids), s)
+    wrong = s.answer_ids.clone()
+    wrong[-1] = (wrong[-1] + 1) % 256
+    assert not check_answer(_Parrot(s.length, wrong), s)
+
+
+# ---- rows and KV budgets ------------------------------------------------------------------------------------
+
+def test_kv_fraction_counts_sink_and_window():
+    row = _row()  # 2 of 4 layers stream, 2 KV heads, sink 2 + window 16
+    assert row.kv_fraction(128) == pytest.approx((2 * 128 + 2 * 18) / (4 * 128))
+    assert row.kv_fraction(10) == 1.0  # shorter than sink + window: nothing dropped
+    assert EvalRow("original", num_layers=4, num_kv_heads=2).kv_fraction(4096) == 1.0
+    assert _row(layers=(), online=0.5).kv_fraction(128) == row.kv_fraction(128)
+
+
+def test_standard_rows_stream_equal_numbers_of_layers():
+    lazy = [0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4]
+    rows = {r.name: r for r in standard_rows(lazy_ratios=lazy, ratio=0.5, num_kv_heads=2, sink=SINK, window=WINDOW)}
+    assert rows["lighttransfer"].streaming_layers == [0, 2, 4, 6]
+    assert rows["least-lazy"].streaming_layers == [1, 3, 5, 7]
+    assert rows["prefill-full"].streaming_layers == [0, 2, 4, 6] and rows["prefill-full"].prefill == "full"
+    assert rows["random"].streaming_layers != rows["lighttransfer"].streaming_layers
+    assert rows["streamingllm"].streaming_layers == list(range(8))
+    assert rows["online"].num_streaming_layers == 4 and rows["original"].is_dense
+    assert {len(rows[n].streaming_layers) for n in ("lighttransfer", "random", "least-lazy")} == {4}
+    with pytest.raises(LightTransferError, match="unknown row"):
+        standard_rows(lazy_ratios=lazy, ratio=0.5, num_kv_heads=2, sink=2, window=16, names=["nope"])
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------------
+
+def run_cli(argv, capsys):
+    code = 0
+    try:
+        cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def report_file(tmp_path_factory):
+    """A stand-in analysis report: only the per-layer lazy ratios are read."""
+    from lighttransfer.analysis import AnalysisReport
+
+    class _Stub:
+        @staticmethod
+        def layer_lazy_ratios():
+            return [0.9, 0.2, 0.8, 0.1]
+
+    return _Stub, AnalysisReport
+
+
+def test_eval_cli_writes_json_markdown_and_plots(tiny_dir_with_tokenizer, text_file, tmp_path, capsys,
+                                                 report_file, monkeypatch):
+    stub, report_cls = report_file
+    monkeypatch.setattr(report_cls, "load", classmethod(lambda cls, path: stub))
+    out = tmp_path / "res.json"
+    code, stdout, err = run_cli([
+        "eval", "--baseline", str(tiny_dir_with_tokenizer), "--text", str(text_file), "--report", "r.json",
+        "--lengths", "64,128", "--windows", "1", "--passkey-lengths", "256", "--passkey-depths", "3",
+        "--passkey-trials", "1", "--sink", str(SINK), "--window", str(WINDOW), "--ratio", "0.5",
+        "--device", "cpu", "--out", str(out), "-q",
+    ], capsys)
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    names = [r["name"] for r in data["rows"]]
+    assert names == ["original", "lighttransfer", "random", "least-lazy", "streamingllm", "prefill-full", "online"]
+    lt = data["rows"][1]
+    assert lt["streaming_layers"] == [0, 2]
+    assert lt["kv_fraction"]["128"] == pytest.approx((2 * 128 + 2 * 18) / (4 * 128))
+    assert set(lt["perplexity"]) == {"64", "128"} and lt["passkey"]["n"] == 3
+    assert set(lt["passkey"]["grid"]["256"]) == {"0.000", "0.500", "1.000"}
+    assert (tmp_path / "res.md").read_text().count("| original") == 1
+    assert (tmp_path / "res_passkey.png").stat().st_size > 0 and (tmp_path / "res_perplexity.png").exists()
+    assert not list(tmp_path.glob(".eval-*"))
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--text", "/no/such/file.txt"], "does not exist"),
+    (["--lengths", "64,abc"], "comma-separated list"),
+    (["--lengths", "16"], "inside sink"),
+    (["--text-lines", "9:3"], "FIRST <= LAST"),
+    (["--rows", "original,bogus"], "unknown row"),
+], ids=["missing-text", "bad-lengths", "length-inside-window", "bad-line-range", "unknown-row"])
+def test_eval_cli_errors_are_one_line(tiny_dir_with_tokenizer, text_file, tmp_path, capsys, args, match,
+                                      report_file, monkeypatch):
+    stub, report_cls = report_file
+    monkeypatch.setattr(report_cls, "load", classmethod(lambda cls, path: stub))
+    base = ["eval", "--baseline", str(tiny_dir_with_tokenizer), "--text", str(text_file), "--report", "r.json",
+            "--lengths", "64", "--passkey-lengths", "", "--sink", str(SINK), "--window", str(WINDOW),
+            "--device", "cpu", "--out", str(tmp_path / "r.json")]
+    code, _, err = run_cli(base + args, capsys)
+    assert code != 0
+    assert match in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 2  # one message (rich may wrap a long line once)
+    assert not (tmp_path / "r.json").exists()
