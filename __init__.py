@@ -18,7 +18,8 @@ _LAZY = {
     "load_model": "lighttransfer.loading:load_model",
     "analyze": "lighttransfer.analysis:analyze",
     "AnalysisReport": "lighttransfer.analysis.report:AnalysisReport",
-    "convert": "lighttransfer.convert:convert",
+    # not `convert`: that name is the subpackage lighttransfer.convert
+    "convert_model": "lighttransfer.convert:convert",
     "HybridConfig": "lighttransfer.convert.hybrid_config:HybridConfig",
     "load": "lighttransfer.runtime:load",
 }

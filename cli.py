@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         result = cli.main(args=args, prog_name="lighttransfer", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.Abort:
-        stderr_console().print("[red]error:[/red] aborted.")
+    except click.Abort:  # click's form of Ctrl-C
+        stderr_console().print("[red]error:[/red] interrupted; no partial output was left behind.")
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()

@@ -199,9 +199,17 @@ def load_tokenizer(source: ModelSource | str, *, trust_remote_code: bool = False
         source = resolve_model_source(source)
     name, kwargs = source.from_pretrained_args
     try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(source, exc, what="tokenizer") from exc
+    if source.kind == "gguf":
+        # transformers' GGUF loader drops the special-token roles and the chat template; the header has them
+        from .gguf_metadata import complete_tokenizer, read_gguf_metadata
+
+        filled = complete_tokenizer(tokenizer, read_gguf_metadata(source.path))
+        if filled:
+            log.debug("restored %s of the tokenizer from the GGUF metadata", ", ".join(filled))
+    return tokenizer
 
 
 def load_model(

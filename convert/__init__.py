@@ -1,8 +1,5 @@
 """Write hybrid checkpoints (``convert``), read their layout (``inspect_checkpoint``), and the selection rules."""
 
-import sys
-import types
-
 from .converter import ConvertResult, convert, fingerprint_from_config
 from .hybrid_config import CONFIG_KEY, FORMAT_VERSION, SIDECAR_NAME, HybridConfig
 from .inspect_checkpoint import InspectResult, inspect_checkpoint
@@ -39,14 +36,3 @@ __all__ = [
     "SelectionRow",
     "STRATEGIES",
 ]
-
-
-class _CallableModule(types.ModuleType):
-    """``lighttransfer.convert`` is both this subpackage and the package's public ``convert`` function: once the
-    subpackage is imported, the attribute is the module, so the module itself forwards calls to :func:`convert`."""
-
-    def __call__(self, *args, **kwargs):
-        return convert(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -26,7 +26,7 @@ from ..loading import (
     model_fingerprint,
     resolve_model_source,
 )
-from .gguf_metadata import complete_tokenizer, read_gguf_metadata
+from ..gguf_metadata import read_gguf_metadata
 from .hybrid_config import CONFIG_KEY, SIDECAR_NAME, HybridConfig
 from .kv_memory import DTYPE_BYTES, KVMemoryRow, kv_memory_table
 from .model_card import FIGURE_NAME, plot_selection, render_model_card
@@ -416,10 +416,7 @@ def _write_aux_files(source: ModelSource, loaded: LoadedModel | None, tmp: Path,
         from ..loading import load_tokenizer
 
         tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    metadata = read_gguf_metadata(source.path)
-    filled = complete_tokenizer(tokenizer, metadata)
-    if filled:
-        log.info("restored %s of the tokenizer from the GGUF metadata", ", ".join(filled))
+    metadata = read_gguf_metadata(source.path)  # license and name for the card; load_tokenizer filled the roles
     tokenizer.save_pretrained(tmp)
     _copy_aux_files(source.path.parent, tmp, LICENSE_PATTERNS)
     return metadata

@@ -112,6 +112,14 @@ def test_gguf_loads_as_plain_model(real_model, long_text):
     assert float(out.loss.exp()) < 60
 
 
+@pytest.mark.real_model
+def test_gguf_tokenizer_has_its_special_tokens(real_model):
+    tok = real_model.tokenizer
+    assert tok.eos_token is not None and tok.bos_token is not None
+    assert tok.eos_token_id == real_model.model.config.eos_token_id
+    assert tok.chat_template
+
+
 def test_device_and_dtype_resolution():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32

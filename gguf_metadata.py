@@ -1,4 +1,4 @@
-"""What a GGUF file says about its tokenizer and license, for the checkpoint written from it.
+"""What a GGUF file says about its tokenizer and license, beyond what transformers' GGUF loader keeps.
 
 transformers' GGUF loader rebuilds the vocabulary and merges but (in the releases we use) drops the chat
 template and the special-token roles, so a tokenizer saved from it would lose them. The GGUF keys
