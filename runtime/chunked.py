@@ -25,8 +25,8 @@ def prefill_chunked(model, input_ids: torch.Tensor, *, chunk_size: int, attentio
         chunk_size: tokens per forward pass.
         attention_mask: ``[batch, seq]``, 1 = real token; default all ones.
         cache: a cache to continue (default: a fresh :class:`HybridCache`).
-        logits: ``last`` (only the last chunk's logits, ``[batch, last_chunk, vocab]``) or ``all``
-            (every position's, ``[batch, seq, vocab]``; for checks on short prompts).
+        logits: ``last`` (only the last position's logits, ``[batch, 1, vocab]``, all that generation needs) or
+            ``all`` (every position's, ``[batch, seq, vocab]``; for checks on short prompts).
 
     Returns:
         The last chunk's model output, with ``logits`` as asked and the filled cache in ``past_key_values``
@@ -57,6 +57,7 @@ def prefill_chunked(model, input_ids: torch.Tensor, *, chunk_size: int, attentio
                 attention_mask=attention_mask[:, : past + stop],
                 position_ids=position_ids[:, past + start: past + stop],
                 use_cache=True,
+                **({"logits_to_keep": 1} if logits == "last" else {}),
                 **{runtime.cache_keyword: cache},
             )
             if logits == "all":

@@ -19,6 +19,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .. import kernels
 
+# query rows (queries x GQA group) per decode-kernel launch; its tile holds them all in shared memory
+DECODE_TILE_ROWS = 64
+
 
 def prefill_attention(q, k, v, *, sink: int, window: int, q_offset: int, kv_start: torch.Tensor | None,
                       scale: float | None, stream_heads: torch.Tensor | None = None, return_lse: bool = False):
@@ -34,8 +37,20 @@ def slot_attention(q, k, v, slot_pos: torch.Tensor, q_pos: torch.Tensor, *, sink
                    scale: float | None, stream_heads: torch.Tensor | None = None):
     """Sink + window attention against slots with explicit positions (``slot_pos [batch, N]``, -1 = empty;
     ``q_pos [batch, n]``)."""
-    fn = kernels.streaming_decode if q.is_cuda else kernels.streaming_decode_reference
-    return fn(q, k, v, slot_pos, q_pos, sink=sink, window=window, scale=scale, stream_heads=stream_heads)
+    if not q.is_cuda:
+        return kernels.streaming_decode_reference(q, k, v, slot_pos, q_pos, sink=sink, window=window, scale=scale,
+                                                  stream_heads=stream_heads)
+    # the decode kernel holds all query rows of one KV head in one tile: feed a long chunk in slices
+    n, group = q.shape[2], q.shape[1] // k.shape[1]
+    step = max(1, DECODE_TILE_ROWS // group)
+    if n <= step:
+        return kernels.streaming_decode(q, k, v, slot_pos, q_pos, sink=sink, window=window, scale=scale,
+                                        stream_heads=stream_heads)
+    return torch.cat([
+        kernels.streaming_decode(q[:, :, i:i + step], k, v, slot_pos, q_pos[:, i:i + step], sink=sink,
+                                 window=window, scale=scale, stream_heads=stream_heads)
+        for i in range(0, n, step)
+    ], dim=2)
 
 
 def full_attention(module, q, k, v, *, q_offset: int, kv_start: torch.Tensor | None, has_padding: bool,

@@ -3,8 +3,8 @@
 Random weights in bf16 (the real GGUF does not travel to the GPU machine; memory and speed do not depend on the
 weights). Variants, all at the same KV budget where they stream: dense (SDPA, DynamicCache); layer-level (layers
 11..29 stream, 19/30); head-level (57 of the 90 KV heads stream, spread over the layers); online (19/30 layers
-chosen per prompt). Sink 4, window 1020. For each prompt length: prefill time, decode tokens/s over 128 greedy
-steps, KV-cache bytes at the end, and the allocator's peak over prefill + decode.
+chosen per prompt); layer-level again with a chunked prefill (2048 tokens a chunk). Sink 4, window 1020.
+For each prompt length: prefill time, decode tokens/s over 128 greedy steps, KV-cache bytes at the end, and the allocator's peak over prefill + decode.
 
     PYTHONPATH=<dir with a lighttransfer link> python3 bench/results/runtime_gpu_bench.py OUT.json
 """
@@ -19,10 +19,10 @@ import time
 import torch
 import transformers
 import triton
-from lighttransfer.runtime import enable_hybrid, make_cache, resolve_layout
+from lighttransfer.runtime import enable_hybrid, make_cache, prefill_chunked, resolve_layout
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-SINK, WINDOW, NEW = 4, 1020, 128
+SINK, WINDOW, NEW, CHUNK = 4, 1020, 128, 2048
 LENGTHS = (4096, 16384)
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, head_dim=64, vocab_size=49152, rope_theta=100000.0, rms_norm_eps=1e-5,
@@ -33,7 +33,7 @@ def build(variant: str):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SMOLLM2), ).to("cuda", torch.bfloat16).eval()
     model.set_attn_implementation("sdpa")
-    if variant == "layer":
+    if variant in ("layer", "layer-chunked"):
         enable_hybrid(model, resolve_layout(model.config, streaming_layers=list(range(11, 30)), sink=SINK,
                                             window=WINDOW))
     elif variant == "head":
@@ -60,7 +60,10 @@ def measure(model, variant: str, length: int) -> dict:
     base = torch.cuda.memory_allocated()
     cache = DynamicCache(config=model.config) if variant == "dense" else make_cache(model)
     t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{keyword: cache})
+    if variant.endswith("chunked"):
+        out = prefill_chunked(model, ids, chunk_size=CHUNK, cache=cache)
+    else:
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{keyword: cache})
     torch.cuda.synchronize()
     prefill = time.perf_counter() - t0
     token = out.logits[:, -1:].argmax(-1)
@@ -79,10 +82,10 @@ def measure(model, variant: str, length: int) -> dict:
 
 def main(path: str) -> None:
     rows = []
-    for variant in ("dense", "layer", "head", "online"):
+    for variant in ("dense", "layer", "layer-chunked", "head", "online"):
         model = build(variant)
-        measure(model, variant, 1024)  # warm-up: Triton compilation, allocator
         for length in LENGTHS:
+            measure(model, variant, length)  # warm-up at this shape: Triton compilation and autotuning
             row = measure(model, variant, length)
             rows.append(row)
             print(json.dumps(row), flush=True)
