@@ -4,9 +4,10 @@
 
 B = 1, H = 32, Hkv = 8, D = 128, bf16 (GQA without repeating K/V). For every (sink, window) and length N, the
 outputs are checked first (against FlexAttention over all rows and against the fp32 reference on the first and
-last query rows), then each method is timed in this one process. Effective TFLOP/s count 4 * D FLOPs per
-visible (query, key) pair and head: the sink + window band for the streaming methods, the causal triangle for
-SDPA. Writes kernels_prefill.json / .md / .png into DIR.
+last query rows), then each method is timed in this one process, together with the kernel's previous best
+config (``prefill_triton.PREVIOUS_DEFAULT``, the sink in a tile of its own) as a same-machine baseline. Effective
+TFLOP/s count 4 * D FLOPs per visible (query, key) pair and head: the sink + window band for the streaming
+methods, the causal triangle for SDPA. Writes kernels_prefill.json / .md / .png into DIR.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ from lighttransfer.bench.gpu_env import (
     write_atomically,
     write_json,
 )
-from lighttransfer.kernels import streaming_attention, streaming_attention_reference, streaming_visible
+from lighttransfer.kernels import (
+    prefill_triton,
+    streaming_attention,
+    streaming_attention_reference,
+    streaming_visible,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,17 @@ def _check_rows(o: torch.Tensor, q, k, v, sink: int, window: int, rows: int = 12
     return worst
 
 
+def _pinned(q, k, v, sink: int, window: int, config, use_tma: bool = False):
+    """The kernel with one tile config and load path, no autotuning."""
+
+    def call():
+        return prefill_triton.streaming_attention_triton(
+            q, k, v, sink=sink, window=window, q_offset=0, kv_start=None, kv_len=None, scale=HEAD_DIM**-0.5,
+            stream_heads=None, return_lse=False, config=config, use_tma=use_tma)[0]
+
+    return call
+
+
 def _bench_length(n: int, sink_windows, sdpa, peaks: dict, tolerance: float) -> list[dict]:
     from triton.testing import do_bench
 
@@ -104,6 +121,12 @@ def _bench_length(n: int, sink_windows, sdpa, peaks: dict, tolerance: float) -> 
             raise RuntimeError(f"N={n} S={sink} W={window}: kernel disagrees (vs flex {err_flex:.2e}, "
                                f"vs fp32 reference {err_ref:.2e})")
         ours_ms = do_bench(ours, warmup=25, rep=200, return_mode="median")
+        config = _tuned_config_name()
+        prev = _pinned(q, k, v, sink, window, prefill_triton.PREVIOUS_DEFAULT)
+        err_prev = _rel_err(prev(), o)
+        if not err_prev < tolerance:
+            raise RuntimeError(f"N={n} S={sink} W={window}: previous config disagrees ({err_prev:.2e})")
+        prev_ms = do_bench(prev, warmup=25, rep=200, return_mode="median")
         flex_ms = do_bench(lambda flex=flex: flex(q, k, v), warmup=25, rep=200, return_mode="median")
         band = 4 * HEAD_DIM * HEADS * streaming_pairs(n, sink, window)
         causal = 4 * HEAD_DIM * HEADS * causal_pairs(n)
@@ -111,12 +134,13 @@ def _bench_length(n: int, sink_windows, sdpa, peaks: dict, tolerance: float) -> 
             n=n, sink=sink, window=window, ours_ms=ours_ms, flex_ms=flex_ms, sdpa_ms=sdpa_ms,
             ours_tflops=band / ours_ms / 1e9, flex_tflops=band / flex_ms / 1e9, sdpa_tflops=causal / sdpa_ms / 1e9,
             speedup_vs_sdpa=sdpa_ms / ours_ms, speedup_vs_flex=flex_ms / ours_ms,
+            prev_ms=prev_ms, prev_tflops=band / prev_ms / 1e9, speedup_vs_prev=prev_ms / ours_ms, config=config,
             floor_ms=band / (peaks["bf16_matmul_tflops"] * 1e9),
             err_vs_flex=err_flex, err_vs_fp32_reference=err_ref,
         )
         rows.append(row)
-        log.warning("N=%d S=%d W=%d: ours %.3f ms (%.0f TFLOP/s), flex %.3f ms, sdpa %.3f ms", n, sink, window,
-                    ours_ms, row["ours_tflops"], flex_ms, sdpa_ms)
+        log.warning("N=%d S=%d W=%d: ours %.3f ms (%.0f TFLOP/s, %s), previous %.3f ms, flex %.3f ms, sdpa %.3f ms",
+                    n, sink, window, ours_ms, row["ours_tflops"], config, prev_ms, flex_ms, sdpa_ms)
     return rows
 
 
@@ -135,25 +159,29 @@ def run(*, lengths=LENGTHS, sink_windows=SINK_WINDOWS, tolerance: float = 2e-2) 
 
 
 def _tuned_config_name() -> str:
-    from lighttransfer.kernels import prefill_triton
-
     launcher = prefill_triton._tuned_launcher(torch.cuda.get_device_capability(), HEAD_DIM,
                                               prefill_triton.autotune_enabled())
     return str(getattr(launcher, "best_config", None))
 
 
 def to_markdown(result: dict) -> str:
-    headers = ["S", "W", "N", "ours ms", "flex ms", "SDPA ms", "x SDPA", "x flex", "ours TFLOP/s",
-               "flex TFLOP/s", "SDPA TFLOP/s (causal)", "floor ms"]
-    rows = [[r["sink"], r["window"], r["n"], f"{r['ours_ms']:.3f}", f"{r['flex_ms']:.3f}", f"{r['sdpa_ms']:.2f}",
-             f"{r['speedup_vs_sdpa']:.1f}", f"{r['speedup_vs_flex']:.2f}", f"{r['ours_tflops']:.0f}",
+    headers = ["S", "W", "N", "ours ms", "previous ms", "flex ms", "SDPA ms", "x SDPA", "x flex", "x previous",
+               "ours TFLOP/s", "previous TFLOP/s", "flex TFLOP/s", "SDPA TFLOP/s (causal)", "floor ms"]
+    rows = [[r["sink"], r["window"], r["n"], f"{r['ours_ms']:.3f}", f"{r['prev_ms']:.3f}", f"{r['flex_ms']:.3f}",
+             f"{r['sdpa_ms']:.2f}", f"{r['speedup_vs_sdpa']:.1f}", f"{r['speedup_vs_flex']:.2f}",
+             f"{r['speedup_vs_prev']:.2f}", f"{r['ours_tflops']:.0f}", f"{r['prev_tflops']:.0f}",
              f"{r['flex_tflops']:.0f}", f"{r['sdpa_tflops']:.0f}", f"{r['floor_ms']:.3f}"] for r in result["rows"]]
     return ("# Prefill: streaming kernel vs SDPA (flash, dense causal) vs FlexAttention (same mask)\n\n"
             + environment_markdown(result["environment"], result["peaks"])
-            + f"B=1, H={HEADS}, Hkv={KV_HEADS}, D={HEAD_DIM}, bf16; config autotuned for the last length: "
-            f"{result['tuned_config']}. "
-            "TFLOP/s count visible pairs only (band for ours/flex, causal triangle for SDPA); floor = band FLOPs "
-            "at the measured matmul rate.\n\n" + markdown_table(headers, rows))
+            + f"B=1, H={HEADS}, Hkv={KV_HEADS}, D={HEAD_DIM}, bf16; configs autotuned per size class (JSON: "
+            f"`config` per row), last: {result['tuned_config']}. 'previous' = the kernel's previous best config "
+            f"pinned (sink in a tile of its own: {_config_text(prefill_triton.PREVIOUS_DEFAULT)}), same run. "
+            "TFLOP/s count visible pairs only (band for ours/previous/flex, causal triangle for SDPA); floor = band "
+            "FLOPs at the measured matmul rate.\n\n" + markdown_table(headers, rows))
+
+
+def _config_text(config) -> str:
+    return f"{config.kwargs} w{config.num_warps} s{config.num_stages}"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -183,8 +211,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def sweep(*, n: int, sink: int, window: int) -> list[dict]:
-    """Time every H100 candidate config with both load paths (no autotuning) at one shape; check each first."""
-    from lighttransfer.kernels import prefill_triton
+    """Time the previous best config, every H100 candidate and every experimental layout (pointer loads, no
+    autotuning) at one shape; check each first."""
     from triton.testing import do_bench
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -193,14 +221,11 @@ def sweep(*, n: int, sink: int, window: int) -> list[dict]:
     v = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
     band = 4 * HEAD_DIM * HEADS * streaming_pairs(n, sink, window)
     rows = []
-    variants = [(c, False) for c in prefill_triton.HOPPER_CONFIGS] + [(prefill_triton.HOPPER_CONFIGS[1], True)]
+    variants = [(c, False) for c in [prefill_triton.PREVIOUS_DEFAULT, *prefill_triton.HOPPER_CONFIGS,
+                                     *prefill_triton.EXPERIMENTAL_CONFIGS]]
     for config, tma in variants:
-        def call(config=config, tma=tma):
-            return prefill_triton.streaming_attention_triton(
-                q, k, v, sink=sink, window=window, q_offset=0, kv_start=None, kv_len=None,
-                scale=HEAD_DIM**-0.5, stream_heads=None, return_lse=False, config=config, use_tma=tma)[0]
-
-        name = f"{config.kwargs} w{config.num_warps} s{config.num_stages} tma={tma}"
+        call = _pinned(q, k, v, sink, window, config, tma)
+        name = f"{_config_text(config)} tma={tma}"
         try:
             err = _check_rows(call(), q, k, v, sink, window)
             ms = do_bench(call, warmup=25, rep=200, return_mode="median")
@@ -225,8 +250,8 @@ def main(argv=None) -> None:
     if args.sweep:
         n, sink, window = args.sweep
         rows = sweep(n=n, sink=sink, window=window)
-        write_json(args.out / "kernels_prefill_sweep.json", {"environment": environment(), "n": n, "sink": sink,
-                                                              "window": window, "rows": rows})
+        write_json(args.out / f"kernels_prefill_sweep_{sink}_{window}.json",
+                   {"environment": environment(), "n": n, "sink": sink, "window": window, "rows": rows})
         return
     result = run(lengths=tuple(args.lengths))
     write_json(args.out / "kernels_prefill.json", result)

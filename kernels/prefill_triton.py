@@ -2,12 +2,13 @@
 
 FlashAttention-2 forward (online softmax, one program per ``BLOCK_M`` queries of one head), restricted to the
 key tiles a query block can see. For queries ``qi`` in ``[q_lo, q_hi]`` (key-index space, ``qi = q_offset + i``)
-the visible keys are the sink ``[kv_start, kv_start + sink)`` and the window ``(qi - window, qi]``, so a program
-walks three ranges of key tiles:
+the visible keys are the sink ``[kv_start, kv_start + sink)`` and the window ``(qi - window, qi]``.
 
-1. the sink tiles (masked: causal + sink bound),
-2. the window tiles, split into masked edge tiles (the window's trailing edge and the causal diagonal) and
-   interior tiles that every query of the block sees in full (no mask arithmetic at all).
+Key tiles are walked in a *virtual* key order: the ``n_s`` sink keys first, then the window keys from
+``win_lo`` on, so the sink shares the first tile with the oldest window keys instead of costing a tile of its
+own (virtual index ``x < win_lo`` reads key ``x + kv_lo - vlo``). The walk is split into masked edge tiles (the
+sink, the window's trailing edge, the causal diagonal) and interior tiles that every query of the block sees in
+full (no mask arithmetic at all); layouts of these loops are tile configs, see ``_config``.
 
 Nothing outside those ranges is loaded, so the cost is ``O(n * (sink + window + BLOCK_M))``, not ``O(n * N)``.
 A full-attention head (``stream_heads[h] == False``) is the same walk with ``sink = 0`` and an unbounded window.
@@ -87,29 +88,37 @@ def _attn_tiles(
 
 
 @triton.jit
+def _masked_scores(qk, offs_n, n_ok, qi, sink_at, win):
+    """``qk [BLOCK_M, BLOCK_N]`` with the invisible pairs set to ``-inf``: key ``offs_n`` is visible to row ``qi``
+    when it is causal and in the sink (``< sink_at``) or the window (``qi - offs_n < win``)."""
+    rel = qi[:, None] - offs_n[None, :]
+    visible = n_ok[None, :] & (rel >= 0) & ((offs_n[None, :] < sink_at[:, None]) | (rel < win[:, None]))
+    return tl.where(visible, qk, float("-inf"))
+
+
+@triton.jit
 def _attn_edge_tiles(
     acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi, sink_at, win,
-    kv_lo, sink_end, n_sink, win_lo, n_lead, tail_lo, n_tail, win_hi, qk_scale,
+    kv_lo, sink_end, n_sink, vlo, n_lead, tail_lo, n_tail, win_lo, v_end, shift, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """All masked tiles of a program in ONE pipelined loop: ``n_sink`` sink tiles from ``kv_lo``, ``n_lead``
-    window-edge tiles from ``win_lo`` and ``n_tail`` diagonal tiles from ``tail_lo``. Separate short loops
-    would each wait for their first load; here the loads of the next edge tile overlap the current one."""
+    """All masked tiles of a program in ONE pipelined loop: ``n_sink`` sink tiles from ``kv_lo`` (zero when the
+    sink rides in the first window tile), ``n_lead`` tiles of the virtual key walk from ``vlo`` and ``n_tail``
+    diagonal tiles from ``tail_lo``. Virtual indices below ``win_lo`` read the sink keys (``+ shift``).
+    Separate short loops would each wait for their first load; here the next edge tile's loads overlap."""
     d_ok = offs_d < HEAD_DIM
     for t in tl.range(0, n_sink + n_lead + n_tail):
         in_sink = t < n_sink
         start_n = tl.where(in_sink, kv_lo + t * BLOCK_N,
-                           tl.where(t < n_sink + n_lead, win_lo + (t - n_sink) * BLOCK_N,
+                           tl.where(t < n_sink + n_lead, vlo + (t - n_sink) * BLOCK_N,
                                     tail_lo + (t - n_sink - n_lead) * BLOCK_N))
-        key_bound = tl.where(in_sink, sink_end, win_hi)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < key_bound
+        offs_x = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_x < tl.where(in_sink, sink_end, v_end)
+        offs_n = tl.where(offs_x < win_lo, offs_x + shift, offs_x)
         k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
                     other=0.0)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-        rel = qi[:, None] - offs_n[None, :]
-        visible = n_ok[None, :] & (rel >= 0) & ((offs_n[None, :] < sink_at[:, None]) | (rel < win[:, None]))
-        qk = tl.where(visible, qk, float("-inf"))
+        qk = _masked_scores(qk, offs_n, n_ok, qi, sink_at, win)
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -123,24 +132,56 @@ def _attn_edge_tiles(
 
 
 @triton.jit
-def _streaming_attn_fwd(
-    Q, K, V, Out, LSE, KV_START, KV_LEN, STREAM_HEADS,
+def _attn_all_tiles(
+    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi, sink_at, win,
+    vlo, n_lead, n_mid, n_tail, win_lo, v_end, shift, qk_scale,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Every tile of the virtual key walk in ONE pipelined loop (one pipeline fill per program): the tiles are
+    contiguous from ``vlo``; only the first ``n_lead`` and the last ``n_tail`` pay for the mask, behind a
+    branch that is uniform across the program."""
+    d_ok = offs_d < HEAD_DIM
+    mid_end = n_lead + n_mid
+    for t in tl.range(0, mid_end + n_tail):
+        offs_x = vlo + t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_x < v_end
+        offs_n = tl.where(offs_x < win_lo, offs_x + shift, offs_x)
+        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                    other=0.0)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        if (t < n_lead) | (t >= mid_end):
+            qk = _masked_scores(qk, offs_n, n_ok, qi, sink_at, win)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_block(
+    pid_m, pid_bh, Q, K, V, Out, LSE, KV_START, KV_LEN, STREAM_HEADS,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_lb, stride_lh,
-    H, GROUP, n_q, n_kv, q_offset, sink, window, qk_scale, size_class,
+    H, GROUP, n_q, n_kv, q_offset, sink, window, qk_scale,
     HAS_KV_START: tl.constexpr, HAS_KV_LEN: tl.constexpr, HAS_STREAM_HEADS: tl.constexpr,
     RETURN_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SINK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr, MERGED_EDGES: tl.constexpr,
-    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SINK_IN_WINDOW: tl.constexpr, ONE_LOOP: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """One query block (``pid_m``) of one group of ``PACK`` query heads (``pid_bh``): load Q, walk the visible
+    key tiles, store O (and the log-sum-exp)."""
     # A tile row m is query position start + m % ROWS of query head h0 + m // ROWS: the PACK heads of one KV
     # head share every K/V tile, and the window edge costs ROWS (not BLOCK_M) extra keys per query block.
     ROWS = BLOCK_M // PACK
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
     b = pid_bh // (H // PACK)
     h0 = (pid_bh % (H // PACK)) * PACK
     hk = h0 // GROUP
@@ -204,25 +245,42 @@ def _streaming_attn_fwd(
     win_lo = tl.maximum(q_lo - win_max + 1, sink_end)
     win_hi = tl.minimum(q_hi + 1, kv_hi)
     if MERGED_EDGES:
-        # masked tiles (sink, window edge, diagonal) in one loop, then the unmasked interior
+        # virtual key walk [vlo, v_end): the n_s sink keys (if folded in), then the window keys [win_lo, win_hi)
+        n_s = tl.maximum(sink_end - kv_lo, 0)
+        v_end = tl.maximum(win_hi, win_lo)
+        if SINK_IN_WINDOW:
+            vlo = win_lo - n_s
+            shift = kv_lo - vlo
+            n_sink = 0
+        else:
+            vlo = win_lo
+            shift = 0
+            n_sink = (n_s + BLOCK_N - 1) // BLOCK_N
+        # lead (masked) tiles up to the first key all rows see, an unmasked interior, masked diagonal tiles
         full_lo = tl.maximum(q_hi - win_min + 1, win_lo)
         full_hi = tl.minimum(q_lo + 1, kv_hi)
-        n_lead = (tl.maximum(tl.minimum(full_lo, win_hi) - win_lo, 0) + BLOCK_N - 1) // BLOCK_N
-        mid_lo = win_lo + n_lead * BLOCK_N
-        mid_hi = mid_lo + (tl.maximum(full_hi - mid_lo, 0) // BLOCK_N) * BLOCK_N
-        tail_lo = tl.maximum(mid_hi, mid_lo)
-        n_tail = (tl.maximum(win_hi - tail_lo, 0) + BLOCK_N - 1) // BLOCK_N
-        n_sink = (tl.maximum(sink_end - kv_lo, 0) + BLOCK_N - 1) // BLOCK_N
-        acc, l_i, m_i = _attn_edge_tiles(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi, sink_at, win,
-            kv_lo, sink_end, n_sink, win_lo, n_lead, tail_lo, n_tail, win_hi, qk_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PRECISION,
-        )
-        acc, l_i, m_i = _attn_tiles(
-            acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, offs_d, qi, sink_at, win,
-            mid_lo, mid_hi, win_hi, qk_scale,
-            BLOCK_N, HEAD_DIM, BLOCK_D, False, False, USE_TMA, DOT_PRECISION,
-        )
+        n_lead = (tl.maximum(tl.minimum(full_lo, v_end) - vlo, 0) + BLOCK_N - 1) // BLOCK_N
+        mid_lo = vlo + n_lead * BLOCK_N
+        n_mid = tl.maximum(full_hi - mid_lo, 0) // BLOCK_N
+        mid_hi = mid_lo + n_mid * BLOCK_N
+        n_tail = (tl.maximum(v_end - mid_hi, 0) + BLOCK_N - 1) // BLOCK_N
+        if ONE_LOOP:
+            acc, l_i, m_i = _attn_all_tiles(
+                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi, sink_at, win,
+                vlo, n_lead, n_mid, n_tail, win_lo, v_end, shift, qk_scale,
+                BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PRECISION,
+            )
+        else:
+            acc, l_i, m_i = _attn_edge_tiles(
+                acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_d, qi, sink_at, win,
+                kv_lo, sink_end, n_sink, vlo, n_lead, mid_hi, n_tail, win_lo, v_end, shift, qk_scale,
+                BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PRECISION,
+            )
+            acc, l_i, m_i = _attn_tiles(
+                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, offs_d, qi, sink_at,
+                win, mid_lo, mid_hi, win_hi, qk_scale,
+                BLOCK_N, HEAD_DIM, BLOCK_D, False, False, USE_TMA, DOT_PRECISION,
+            )
     else:
         # 1) sink tiles [kv_lo, sink_end), narrow (BLOCK_SINK) because the sink is often a handful of tokens
         acc, l_i, m_i = _attn_tiles(
@@ -266,10 +324,63 @@ def _streaming_attn_fwd(
         tl.store(l_ptrs, lse, mask=row_ok)
 
 
+@triton.jit
+def _streaming_attn_fwd(
+    Q, K, V, Out, LSE, KV_START, KV_LEN, STREAM_HEADS,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_lb, stride_lh,
+    batch, H, GROUP, n_q, n_kv, q_offset, sink, window, qk_scale, size_class,
+    HAS_KV_START: tl.constexpr, HAS_KV_LEN: tl.constexpr, HAS_STREAM_HEADS: tl.constexpr,
+    RETURN_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SINK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr, MERGED_EDGES: tl.constexpr,
+    SINK_IN_WINDOW: tl.constexpr, ONE_LOOP: tl.constexpr, PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # grid (query blocks, batch * heads / PACK); PERSISTENT > 0: a 1-D grid of PERSISTENT programs per SM, each
+    # walking work items (query block, head group) strided by the grid size, neighbours in the same head group
+    if PERSISTENT > 0:
+        n_mblocks = tl.cdiv(n_q, BLOCK_M // PACK)
+        n_items = n_mblocks * (batch * (H // PACK))
+        for item in tl.range(tl.program_id(0), n_items, tl.num_programs(0), flatten=FLATTEN):
+            _attn_block(
+                item % n_mblocks, item // n_mblocks, Q, K, V, Out, LSE, KV_START, KV_LEN, STREAM_HEADS,
+                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                stride_ob, stride_oh, stride_on, stride_lb, stride_lh,
+                H, GROUP, n_q, n_kv, q_offset, sink, window, qk_scale,
+                HAS_KV_START, HAS_KV_LEN, HAS_STREAM_HEADS, RETURN_LSE, HEAD_DIM, BLOCK_D, BLOCK_SINK,
+                BLOCK_M, BLOCK_N, PACK, MERGED_EDGES, SINK_IN_WINDOW, ONE_LOOP, USE_TMA, DOT_PRECISION,
+            )
+    else:
+        _attn_block(
+            tl.program_id(0), tl.program_id(1), Q, K, V, Out, LSE, KV_START, KV_LEN, STREAM_HEADS,
+            stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_ob, stride_oh, stride_on, stride_lb, stride_lh,
+            H, GROUP, n_q, n_kv, q_offset, sink, window, qk_scale,
+            HAS_KV_START, HAS_KV_LEN, HAS_STREAM_HEADS, RETURN_LSE, HEAD_DIM, BLOCK_D, BLOCK_SINK,
+            BLOCK_M, BLOCK_N, PACK, MERGED_EDGES, SINK_IN_WINDOW, ONE_LOOP, USE_TMA, DOT_PRECISION,
+        )
+
+
 # --------------------------------------------------------------------------------------------------- configs
-def _config(block_m: int, block_n: int, warps: int, stages: int, merged: bool = True) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "MERGED_EDGES": merged}, num_warps=warps,
-                         num_stages=stages)
+def _config(block_m: int, block_n: int, warps: int, stages: int, merged: bool = True, *,
+            sink_in_window: bool = True, one_loop: bool = False, persistent: int = 0,
+            flatten: bool = False) -> triton.Config:
+    """A tile config and loop layout.
+
+    ``merged``: masked tiles in one loop, then the interior (else: sink, lead, interior, tail loops, each with its
+    own pipeline fill). ``sink_in_window`` (merged layouts): the sink keys ride in the first window tile instead
+    of a tile of their own. ``one_loop``: every tile in one loop, the mask behind a branch. ``persistent``:
+    that many programs per SM, each walking several query blocks (``flatten`` asks Triton to fuse that loop
+    nest into one pipelined loop).
+    """
+    if one_loop and not (merged and sink_in_window):
+        raise ValueError("one_loop needs the merged layout with the sink in the window walk")
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "MERGED_EDGES": merged,
+                          "SINK_IN_WINDOW": sink_in_window, "ONE_LOOP": one_loop, "PERSISTENT": persistent,
+                          "FLATTEN": flatten}, num_warps=warps, num_stages=stages)
 
 
 # Candidates for the H100 (see NOTES.md for the sweeps behind them); the first is the default when autotuning
@@ -282,10 +393,25 @@ HOPPER_CONFIGS = [
     _config(128, 64, 8, 2),
     _config(128, 128, 8, 2),
 ]
+# Layouts timed by the benchmark sweep but not autotuned: the best config before the sink rode in the window
+# walk (the baseline of every sweep), and layouts still being measured.
+PREVIOUS_DEFAULT = _config(128, 64, 8, 3, sink_in_window=False)
+EXPERIMENTAL_CONFIGS = [
+    _config(128, 64, 8, 3, one_loop=True),
+    _config(64, 64, 4, 3, one_loop=True),
+    _config(128, 64, 8, 3, persistent=1),
+    _config(128, 64, 8, 3, one_loop=True, persistent=1),
+    _config(128, 64, 8, 3, one_loop=True, persistent=1, flatten=True),
+    _config(64, 64, 4, 3, persistent=2),
+    _config(64, 64, 4, 3, one_loop=True, persistent=2),
+    _config(128, 128, 8, 2, one_loop=True),
+]
 # Works on any CUDA GPU with 64 KB of shared memory per block (Ampere and newer, also older cards).
 FALLBACK_CONFIG = _config(64, 64, 4, 2)
 # Triton's interpreter runs programs one by one on the CPU: small tiles keep tests quick.
 INTERPRETER_CONFIG = _config(16, 16, 1, 1)
+# "SMs" of the interpreter, so that a persistent grid there still walks several items per program
+_INTERPRETER_SMS = 2
 
 
 def fits_hopper(config: triton.Config, block_d: int) -> bool:
@@ -306,12 +432,20 @@ def head_pack(group: int, block_m: int) -> int:
     return pack
 
 
-def _grid(n: int, batch: int, heads: int, group: int):
+def _grid(n: int, batch: int, heads: int, group: int, sms: int):
     def grid(meta):
         pack = head_pack(group, meta["BLOCK_M"])
-        return (triton.cdiv(n, meta["BLOCK_M"] // pack), batch * heads // pack)
+        blocks, head_groups = triton.cdiv(n, meta["BLOCK_M"] // pack), batch * heads // pack
+        if meta.get("PERSISTENT", 0):
+            return (min(blocks * head_groups, sms * meta["PERSISTENT"]),)
+        return (blocks, head_groups)
 
     return grid
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def autotune_enabled() -> bool:
@@ -415,7 +549,7 @@ def streaming_attention_triton(
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         lse_arg.stride(0), lse_arg.stride(1),
-        heads, group, n, n_kv, q_offset, sink, window, scale * _LOG2E, size_class(batch * heads * n),
+        batch, heads, group, n, n_kv, q_offset, sink, window, scale * _LOG2E, size_class(batch * heads * n),
     )
     flags = dict(
         HAS_KV_START=starts is not None, HAS_KV_LEN=lens is not None, HAS_STREAM_HEADS=modes is not None,
@@ -423,7 +557,9 @@ def streaming_attention_triton(
         # sink tiles narrower than the window tiles: a 4-token sink should not cost a 64-key tile
         BLOCK_SINK=min(64, max(16, triton.next_power_of_2(max(sink, 1)))),
     )
-    grid = _grid(n, batch, heads, group)
+    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+        if q.is_cuda else _INTERPRETER_SMS
+    grid = _grid(n, batch, heads, group, sms)
     if tma:
         # device-side tensor descriptors live in a small scratch buffer that Triton asks for at launch
         triton.set_allocator(_scratch if q.is_cuda else _scratch_cpu)
@@ -443,5 +579,5 @@ def streaming_attention_triton(
     return o, lse
 
 
-__all__ = ["streaming_attention_triton", "HOPPER_CONFIGS", "FALLBACK_CONFIG", "fits_hopper", "head_pack",
-           "tma_allowed"]
+__all__ = ["streaming_attention_triton", "HOPPER_CONFIGS", "EXPERIMENTAL_CONFIGS", "PREVIOUS_DEFAULT",
+           "FALLBACK_CONFIG", "fits_hopper", "head_pack", "tma_allowed"]

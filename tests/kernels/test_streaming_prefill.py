@@ -55,6 +55,10 @@ CASES = [
     Case("mixed-heads-padding-chunk", n_kv=80, n=33, sink=4, window=13, batch=2, kv_start=(7, 0),
          kv_len=(80, 71), stream_heads=(False, True, True, False)),
     Case("D=40-padded", n_kv=50, sink=4, window=12, dim=40),
+    # the sink rides in the window walk: more sink keys than one interpreter tile (16), and a window that has
+    # slid past every key so that only the sink is left
+    Case("sink-spans-tiles", n_kv=90, sink=20, window=24, heads=2, kv_heads=1, dim=16),
+    Case("queries-past-keys-sink-only", n_kv=30, n=10, q_offset=60, sink=5, window=25),
 ]
 
 
@@ -209,23 +213,53 @@ def test_unsupported_dtype_on_kernel_path_raises():
         streaming_attention(q, k, v, sink=1, window=2)
 
 
-@pytest.mark.parametrize("merged", [False, True], ids=["separate-edge-loops", "merged-edge-loop"])
-@pytest.mark.parametrize("tma", [False, True], ids=["pointer-loads", "tma-loads"])
-@pytest.mark.parametrize("case", [CASES[7], CASES[13]], ids=lambda c: c.id)
-def test_kernel_variants_match_reference(case, tma, merged):
-    """Every load path (pointers / tensor descriptors) and window-loop layout the autotuner may pick."""
+@dataclass(frozen=True)
+class Layout:
+    id: str
+    options: dict = field(default_factory=dict)  # keyword arguments of prefill_triton._config
+    tma: bool = False
+    cuda_only: bool = False  # differs from another layout only in how Triton compiles it
+
+
+LAYOUTS = [
+    Layout("four-loops", dict(merged=False)),
+    Layout("four-loops-tma", dict(merged=False), tma=True),
+    Layout("merged-sink-tile", dict(sink_in_window=False)),
+    Layout("merged-sink-in-window", {}),
+    Layout("merged-sink-in-window-tma", {}, tma=True),
+    Layout("one-loop", dict(one_loop=True)),
+    Layout("persistent", dict(persistent=2)),
+    Layout("persistent-one-loop", dict(one_loop=True, persistent=2)),
+    Layout("persistent-one-loop-flatten", dict(one_loop=True, persistent=2, flatten=True), cuda_only=True),
+]
+LAYOUT_CASES = [
+    Case("interior-tiles-gqa4", n_kv=130, sink=4, window=40, heads=4, kv_heads=1, dim=16),
+    Case("sink-spans-tiles-padded", n_kv=110, sink=20, window=24, batch=2, heads=2, kv_heads=1, dim=16,
+         kv_start=(0, 9), kv_len=(110, 100)),
+    CASES[13],
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.id)
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=lambda c: c.id)
+def test_kernel_layouts_match_reference(case, layout):
+    """Every load path (pointers / tensor descriptors) and loop layout a config may pick, including the sink
+    folded into the first window tiles and persistent programs that walk several query blocks."""
     from lighttransfer.kernels import prefill_triton, switch
 
     dtype = DTYPES[0]
     q, k, v, kw = _make(case, dtype, seed=11)
     if not switch.triton_runs_on(q):
         pytest.skip("no Triton path on this machine")
-    if tma and DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+    if layout.cuda_only and DEVICE != "cuda":
+        pytest.skip("same program as another layout in the interpreter")
+    if layout.tma and DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm_90")
     block = 64 if DEVICE == "cuda" else 16
-    config = prefill_triton._config(block, block, 4 if DEVICE == "cuda" else 1, 2 if DEVICE == "cuda" else 1, merged)
+    config = prefill_triton._config(block, block, 4 if DEVICE == "cuda" else 1, 2 if DEVICE == "cuda" else 1,
+                                    **layout.options)
     o, lse = prefill_triton.streaming_attention_triton(
-        q, k, v, scale=1 / math.sqrt(case.dim), return_lse=True, config=config, use_tma=tma,
+        q, k, v, scale=1 / math.sqrt(case.dim), return_lse=True, config=config, use_tma=layout.tma,
         **{"kv_start": None, "kv_len": None, "stream_heads": None, **kw},
     )
     ref_o, ref_lse = streaming_attention_reference(q, k, v, return_lse=True, **kw)
@@ -233,5 +267,22 @@ def test_kernel_variants_match_reference(case, tma, merged):
                                  **{key: kw.get(key) for key in ("sink", "window", "q_offset", "kv_start", "kv_len",
                                                                   "stream_heads")})
     low_o, low_lse = masked_attention(q, k, v, visible, 1 / math.sqrt(case.dim), compute_dtype=dtype)
-    assert_within_policy(o, ref_o, low_o.to(dtype), dtype, "variant output")
-    assert_within_policy(lse, ref_lse, low_lse, dtype, "variant lse")
+    assert_within_policy(o, ref_o, low_o.to(dtype), dtype, f"{layout.id} output")
+    assert_within_policy(lse, ref_lse, low_lse, dtype, f"{layout.id} lse")
+
+
+def test_one_loop_layout_needs_the_sink_in_the_window_walk():
+    from lighttransfer.kernels import prefill_triton
+
+    with pytest.raises(ValueError, match="one_loop"):
+        prefill_triton._config(16, 16, 1, 1, sink_in_window=False, one_loop=True)
+
+
+def test_sink_in_window_walk_saves_a_tile_at_the_benchmark_shape():
+    """The tile count behind the layout: at S + W = 4 + 1020 with 32 query positions per program and 64-key
+    tiles, the sink costs a tile of its own, but fits the slack of the window walk's last tile."""
+    sink, window, rows, block_n = 4, 1020, 32, 64
+    window_keys = window + rows - 1
+    separate = math.ceil(sink / block_n) + math.ceil(window_keys / block_n)
+    folded = math.ceil((sink + window_keys) / block_n)
+    assert (separate, folded) == (18, 17)
