@@ -1,0 +1,107 @@
+"""``benchmark`` and ``lighttransfer bench`` on a tiny model: every variant measured, KV bytes that match the
+layout, the markdown table, the shaped-model builder, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from lighttransfer import cli
+from lighttransfer.bench.shaped_model import SHAPES, build_shaped_model
+from lighttransfer.bench.speed import RUNTIME_DENSE, benchmark
+
+
+def run_cli(argv, capsys):
+    code = 0
+    try:
+        cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def bench_result(tiny_model_dir, tmp_path_factory):
+    from lighttransfer.kernels.switch import use_reference
+
+    out = tmp_path_factory.mktemp("bench") / "b.json"
+    # timing is not under test here: the PyTorch references avoid Triton's (slow) CPU interpreter
+    with use_reference():
+        result = benchmark(baseline=str(tiny_model_dir), contexts=[64, 96], ratios=[0.5], memory_budget_gb=0.002,
+                           decode_steps=2, max_batch=4, sink=2, window=16, device="cpu", dtype="float32",
+                           out=out)
+    return result, out
+
+
+def test_every_variant_context_and_batch_is_measured(bench_result):
+    result, _ = bench_result
+    seen = {(p["variant"], p["context"], p["largest_batch"]) for p in result.points}
+    for variant in ("original", RUNTIME_DENSE, "ratio 0.5"):
+        for context in (64, 96):
+            assert (variant, context, False) in seen and (variant, context, True) in seen
+    assert all(p["decode_tokens_per_s"] > 0 for p in result.points)
+    assert all(p["prefill_s"] > 0 for p in result.points if not p["largest_batch"])
+
+
+def test_kv_bytes_follow_the_layout(bench_result):
+    """Tiny Llama: 4 layers, 2 KV heads of 16 dims, fp32; the hybrid streams 2 layers with sink 2 + window 16."""
+    result, _ = bench_result
+    per_token_layer = 2 * 2 * 16 * 4  # keys and values, 2 heads, 16 dims, 4 bytes
+    for p in result.points:
+        if p["largest_batch"]:
+            continue
+        if p["variant"] in ("original", RUNTIME_DENSE):
+            assert p["kv_bytes"] == 4 * per_token_layer * p["context"]
+        else:
+            assert p["kv_bytes"] == per_token_layer * (2 * p["context"] + 2 * 18)
+            assert p["kv_fraction_expected"] == pytest.approx(p["kv_bytes"] / (4 * per_token_layer * p["context"]))
+    big = [p for p in result.points if p["largest_batch"]]
+    assert all(1 <= p["batch"] <= 4 for p in big)
+
+
+def test_outputs_are_written_together(bench_result):
+    result, out = bench_result
+    data = json.loads(out.read_text())
+    assert data["schema_version"] == 1 and len(data["points"]) == len(result.points)
+    md = out.with_suffix(".md").read_text()
+    assert md.count("| original |") == 4 and "x runtime dense" in md
+    assert not list(out.parent.glob(".bench-*"))
+
+
+def test_shaped_model_has_the_published_shape():
+    model = build_shaped_model("llama3-8b-shaped", device=torch.device("cpu"), dtype=torch.bfloat16,
+                               num_hidden_layers=1, hidden_size=128, intermediate_size=256, vocab_size=512)
+    cfg = model.config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rope_theta if hasattr(cfg, "rope_theta") else
+            cfg.rope_parameters["rope_theta"]) == (32, 8, 500000.0)
+    assert SHAPES["llama3-8b-shaped"]["max_position_embeddings"] >= 32768 + 64
+    out = model(torch.tensor([[1, 2, 3]])).logits
+    assert out.shape == (1, 3, 512) and torch.isfinite(out).all()
+
+
+def test_bench_cli_runs(tiny_model_dir, tmp_path, capsys):
+    from lighttransfer.kernels.switch import use_reference
+
+    out = tmp_path / "r.json"
+    with use_reference():
+        code, stdout, err = run_cli(["bench", "--baseline", str(tiny_model_dir), "--context", "64", "--ratios", "0.5",
+                                     "--decode-steps", "1", "--sink", "2", "--window", "16", "--device", "cpu",
+                                     "--out", str(out), "-q"], capsys)
+    assert code == 0, err
+    assert json.loads(out.read_text())["contexts"] == [64]
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--ratios", "0.5,1.5"], "must be in (0, 1]"),
+    (["--context", "4k,x"], "comma-separated list"),
+    (["--memory-budget", "-1"], "positive number"),
+    (["--baseline", "/no/such/model"], "does not exist"),
+], ids=["ratio-out-of-range", "bad-context", "negative-budget", "missing-model"])
+def test_bench_cli_errors_are_one_line(tiny_model_dir, tmp_path, capsys, args, match):
+    argv = ["bench", "--baseline", str(tiny_model_dir), "--context", "64", "--device", "cpu",
+            "--out", str(tmp_path / "r.json"), *args]
+    code, _, err = run_cli(argv, capsys)
+    assert code != 0 and match in err and "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()
