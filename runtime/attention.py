@@ -134,6 +134,7 @@ def _mixed(module, query, key, value, part: MixedLayer, kv_start, has_padding, s
     out[:, full_q] = full_attention(module, query.index_select(1, full_q), key, value, q_offset=key.shape[2] - n,
                                     kv_start=kv_start, has_padding=has_padding, scale=scaling, dropout=dropout)
     s_key, s_value = part.stream_kv
+    part.stream_kv = None  # the first forward's are the whole prompt's keys: do not keep them alive
     out[:, stream_q] = _streaming_from_view(module, query.index_select(1, stream_q), s_key, s_value,
                                             part.streaming, kv_start, has_padding, scaling, dropout)
     return out
