@@ -151,6 +151,12 @@ class StreamingLayer(CacheLayerMixin):
             else:
                 self._compact(keys, values, kv_start)
             return keys, values
+        if n == 1 and not self.sequence.has_padding:
+            # every sequence is at the same position: index with a Python int (fewer kernel launches)
+            self._write_one_aligned(key_states, value_states, past)
+            q_pos = self.slot_pos.new_full((key_states.shape[0], 1), past)
+            self.view = SlotView(slot_pos=self.slot_pos, q_pos=q_pos)
+            return self.keys, self.values
         first = past - kv_start  # [B] position of the first new token
         q_pos = (first.unsqueeze(-1) + torch.arange(n, device=first.device)).to(torch.int32)
         if n == 1:
@@ -236,6 +242,14 @@ class StreamingLayer(CacheLayerMixin):
         self.keys.scatter_(2, slot.view(b, 1, 1, 1).expand(b, h, 1, d), key)
         self.values.scatter_(2, slot.view(b, 1, 1, 1).expand(b, h, 1, value.shape[-1]), value)
         self.slot_pos.scatter_(1, slot.view(b, 1), pos.clamp(min=-1).to(torch.int32).view(b, 1))
+
+    def _write_one_aligned(self, key: torch.Tensor, value: torch.Tensor, pos: int) -> None:
+        """Write one new token at the same position ``pos`` for every sequence (no left padding)."""
+        self._grow(self._n_slots())
+        slot = pos if pos < self.sink else self.sink + (pos - self.sink) % self.window
+        self.keys[:, :, slot:slot + 1] = key
+        self.values[:, :, slot:slot + 1] = value
+        self.slot_pos[:, slot] = pos
 
     def _write_many(self, keys: torch.Tensor, values: torch.Tensor, first: torch.Tensor) -> None:
         """Write ``n`` new tokens (positions ``first[b] ..``) into the ring, keeping older slots they do not
