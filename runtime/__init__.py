@@ -1,11 +1,32 @@
 """Run a hybrid checkpoint: streaming layers keep ``sink + window`` KV entries, full layers keep everything.
 
-``lighttransfer.load(path)`` returns an ordinary transformers causal LM whose attention goes through the
-``"lighttransfer"`` attention function and whose ``generate`` uses a bounded :class:`HybridCache`.
+``lighttransfer.load(path)`` returns an ordinary transformers causal LM. How it works:
+
+* **Attention.** One function is registered in transformers' ``AttentionInterface`` under ``"lighttransfer"``
+  and the model's attention implementation is set to it (:mod:`.attention`). Full layers delegate to
+  transformers' SDPA attention; streaming layers call the Triton kernels of :mod:`lighttransfer.kernels` on CUDA
+  and their PyTorch references on the CPU; mixed layers (some KV heads stream) run both groups and put the heads
+  back in order. Nothing else in transformers is touched, so a plain model works beside a hybrid one.
+* **Cache.** :class:`HybridCache` is a transformers ``Cache`` whose parts are ``DynamicLayer`` (full layers),
+  :class:`StreamingLayer` (``sink`` fixed slots + a ring of ``window`` slots, each slot recording its token's
+  absolute position) and :class:`MixedLayer` (full heads whole, streaming heads in an inner ring).
+* **Positions.** Keys are cached with the RoPE of their original position and never re-indexed, as LightTransfer
+  does; the mask rule uses the same positions (counted from each sequence's first real token, so left padding
+  does not shift the sink).
+* **generate / pipelines.** A forward pre-hook on the base model replaces an empty ``DynamicCache`` (what
+  ``generate`` makes, in transformers 5.17 under ``past_key_values``, in 5.24 under ``cache``) or a missing
+  cache with a fresh :class:`HybridCache`, reads the left padding from the 2-D attention mask, and passes both to
+  the attention function as an extra keyword. ``generate`` then carries on with the cache the model returned.
+  For manual loops, :func:`make_cache` gives a fresh cache.
+* **Prefill.** ``streaming`` (default) or ``full`` (full attention in prefill, streaming caches trimmed right
+  after); :func:`prefill_chunked` (or ``load(..., chunk_size=N)``, which sets ``generate``'s
+  ``prefill_chunk_size``) bounds prefill memory with the same result as one pass.
+* **Online mode.** ``load(..., online_ratio=r)`` picks the streaming layers per prompt (:mod:`.online`).
 """
 
-from .cache import HybridCache, SequenceState, StreamingLayer
+from .cache import HybridCache, MixedLayer, SequenceState, StreamingLayer
 from .chunked import prefill_chunked
+from .generation import GenerationStats, generate_text
 from .hybrid import disable_hybrid, enable_hybrid, make_cache, runtime_of
 from .layout import RuntimeLayout, resolve_layout
 from .loader import load, load_hybrid
@@ -19,8 +40,11 @@ __all__ = [
     "make_cache",
     "runtime_of",
     "prefill_chunked",
+    "generate_text",
+    "GenerationStats",
     "HybridCache",
     "StreamingLayer",
+    "MixedLayer",
     "SequenceState",
     "RuntimeLayout",
     "resolve_layout",
