@@ -10,12 +10,21 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny_model
+from lighttransfer.kernels import use_reference
 from lighttransfer.runtime import enable_hybrid, prefill_chunked, resolve_layout
 from test_runtime import SINK, STREAMING, WINDOW, hybrid_pair, random_ids
 from test_runtime_reference import reference_logits
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
+
+
+@pytest.fixture(autouse=True, params=["triton", "reference"], ids=lambda p: f"kernels={p}")
+def kernel_path(request):
+    """Every check runs on the Triton kernels and again on the kernels' PyTorch references (on CUDA), so a kernel
+    problem and a runtime problem can be told apart."""
+    with use_reference(request.param == "reference"):
+        yield request.param
 
 
 def err(a, b) -> float:
