@@ -301,8 +301,13 @@ def _build_rows(rows, *, hcfg, report, ratio, sink, window, num_layers, num_kv_h
             f"the report has lazy ratios for {len(lazy)} layers but the model has {num_layers}; "
             "pass the report of this model."
         )
+    kv_scores = None
+    if "head-level" in names and report is not None:
+        from ..analysis import AnalysisReport
+
+        kv_scores = AnalysisReport.load(report).kv_head_long_context_scores()
     return standard_rows(lazy_ratios=lazy, ratio=ratio, num_kv_heads=num_kv_heads, sink=sink, window=window,
-                         names=names, lazy_selection=selection, seed=seed)
+                         names=names, lazy_selection=selection, kv_head_scores=kv_scores, seed=seed)
 
 
 def output_paths(out: str | os.PathLike[str]) -> dict[str, Path]:

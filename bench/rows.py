@@ -23,8 +23,10 @@ ROW_KINDS: dict[str, str] = {
     "streamingllm": "every layer streams (StreamingLLM)",
     "prefill-full": "the laziest layers stream after a full-attention prefill",
     "online": "layers chosen per input from the prompt's own lazy ratios, after a full prefill",
+    "head-level": "as many KV heads stream as the layer-level row, the lowest long-context scores model-wide",
 }
-DEFAULT_ROWS = tuple(ROW_KINDS)
+# head-level needs per-KV-head scores from an analysis report, so it is asked for by name
+DEFAULT_ROWS = tuple(name for name in ROW_KINDS if name != "head-level")
 
 
 @dataclass
@@ -110,6 +112,7 @@ def standard_rows(
     window: int,
     names: Sequence[str] = DEFAULT_ROWS,
     lazy_selection: Sequence[int] | None = None,
+    kv_head_scores: Sequence[Sequence[float]] | None = None,
     seed: int = 0,
 ) -> list[EvalRow]:
     """Build the rows compared at one ratio.
@@ -121,6 +124,7 @@ def standard_rows(
         sink, window: streaming parameters every streaming row uses.
         names: which rows, from :data:`ROW_KINDS`.
         lazy_selection: the conversion's layers, when they come from a checkpoint (else chosen here).
+        kv_head_scores: ``[num_layers][num_kv_heads]`` long-context scores (the ``head-level`` row).
         seed: seed of the random row.
     """
     unknown = [n for n in names if n not in ROW_KINDS]
@@ -164,6 +168,18 @@ def standard_rows(
         "online": lambda: EvalRow("online", online_ratio=k / n if n else 0.0, prefill="full", **common,
                                   note="per-input selection after full prefill"),
     }
+    def head_level() -> EvalRow:
+        from ..convert import select_kv_heads, split_head_masks
+
+        if kv_head_scores is None:
+            raise LightTransferError("the head-level row needs per-KV-head scores; pass --report REPORT.json.")
+        # the same number of streaming KV heads as the layer-level rows: equal KV budget at every length
+        masks = select_kv_heads(kv_head_scores, ratio=k / n) if k else {}
+        layers, partial = split_head_masks(masks)
+        return EvalRow("head-level", streaming_layers=layers, head_masks=partial, **common,
+                       note=f"{sum(map(sum, masks.values()))} KV heads with the lowest long-context scores")
+
+    build["head-level"] = head_level
     return [build[name]() for name in names]
 
 

@@ -274,3 +274,24 @@ def test_eval_cli_errors_are_one_line(tiny_dir_with_tokenizer, text_file, tmp_pa
     assert match in err and "Traceback" not in err
     assert len(err.strip().splitlines()) <= 2  # one message (rich may wrap a long line once)
     assert not (tmp_path / "r.json").exists()
+
+
+def test_head_level_row_has_the_layer_level_kv_budget():
+    from conftest import make_tiny_model
+
+    tiny_model = make_tiny_model("llama")  # 2 KV heads per layer
+    lazy = [0.9, 0.1, 0.8, 0.2]
+    scores = [[0.1, 0.9], [0.2, 0.3], [0.05, 0.8], [0.7, 0.6]]
+    rows = {r.name: r for r in standard_rows(lazy_ratios=lazy, ratio=0.5, num_kv_heads=2, sink=SINK, window=WINDOW,
+                                             names=["lighttransfer", "head-level"], kv_head_scores=scores)}
+    head = rows["head-level"]
+    assert head.hybrid_config().streaming_kv_heads == 4
+    assert head.streaming_layers == [1] and head.head_masks == {0: [True, False], 2: [True, False]}
+    for length in (64, 128, 1000):
+        assert head.kv_fraction(length) == pytest.approx(rows["lighttransfer"].kv_fraction(length))
+    # the masked reference runs mixed layers: streaming heads differ from dense, full heads do not
+    ids = _ids(120).unsqueeze(0)
+    dense = continuation_logits(tiny_model, ids, 60)
+    with MaskedBackend(tiny_model).sequence(head) as (model, after):
+        mixed = continuation_logits(model, ids, 60, after_prefill=after)
+    assert (mixed - dense).abs().max() > 1e-4
