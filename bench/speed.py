@@ -444,15 +444,19 @@ def markdown_bench(result: BenchResult) -> str:
 
 
 def write_bench_outputs(result: BenchResult, out: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write ``<out>.json`` and ``<out>.md`` together (or neither)."""
+    """Write ``<out>.json``, ``<out>.md`` and ``<out>.png`` together (or none of them)."""
     out = Path(out)
     stem, parent = (out.stem, out.parent) if out.suffix == ".json" else ("bench", out)
     parent.mkdir(parents=True, exist_ok=True)
-    paths = {"json": parent / f"{stem}.json", "md": parent / f"{stem}.md"}
+    paths = {"json": parent / f"{stem}.json", "md": parent / f"{stem}.md", "png": parent / f"{stem}.png"}
     tmp = Path(tempfile.mkdtemp(prefix=".bench-", dir=parent))
     try:
+        from .speed_plot import plot_bench
+
         (tmp / "json").write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
         (tmp / "md").write_text(markdown_bench(result))
+        if not plot_bench(result, tmp / "png"):
+            del paths["png"]
         for key, path in paths.items():
             os.replace(tmp / key, path)
     finally:
