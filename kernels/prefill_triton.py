@@ -332,7 +332,7 @@ def _streaming_attn_fwd(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_lb, stride_lh,
-    batch, H, GROUP, n_q, n_kv, q_offset, sink, window, qk_scale, size_class,
+    batch, H, GROUP, n_q, n_kv, q_offset, sink, window, qk_scale, size_class, band_class,
     HAS_KV_START: tl.constexpr, HAS_KV_LEN: tl.constexpr, HAS_STREAM_HEADS: tl.constexpr,
     RETURN_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SINK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr, MERGED_EDGES: tl.constexpr,
@@ -384,27 +384,24 @@ def _config(block_m: int, block_n: int, warps: int, stages: int, merged: bool = 
 
 
 # Candidates for the H100 (see NOTES.md for the sweeps behind them); the first is the default when autotuning
-# is off. Measured slower and therefore not candidates: BLOCK_N = 128 with 4 warps, 4 stages, TMA loads.
+# is off. Measured slower and therefore not candidates: BLOCK_N = 128 with 4 warps, 4 stages, TMA loads, 2 stages
+# at BLOCK_N = 64, the four-loop layout at 64 rows, persistent 64-row programs.
 HOPPER_CONFIGS = [
+    _config(128, 64, 8, 3, one_loop=True, persistent=1, flatten=True),
+    _config(128, 64, 8, 3, one_loop=True, persistent=1),
+    _config(128, 64, 8, 3, one_loop=True),
     _config(128, 64, 8, 3),
     _config(128, 64, 8, 3, merged=False),
+    _config(64, 64, 4, 3, one_loop=True),
     _config(64, 64, 4, 3),
-    _config(64, 64, 4, 3, merged=False),
-    _config(128, 64, 8, 2),
     _config(128, 128, 8, 2),
 ]
 # Layouts timed by the benchmark sweep but not autotuned: the best config before the sink rode in the window
-# walk (the baseline of every sweep), and layouts still being measured.
+# walk (the baseline of every sweep), and layouts kept for comparison.
 PREVIOUS_DEFAULT = _config(128, 64, 8, 3, sink_in_window=False)
 EXPERIMENTAL_CONFIGS = [
-    _config(128, 64, 8, 3, one_loop=True),
-    _config(64, 64, 4, 3, one_loop=True),
     _config(128, 64, 8, 3, persistent=1),
-    _config(128, 64, 8, 3, one_loop=True, persistent=1),
-    _config(128, 64, 8, 3, one_loop=True, persistent=1, flatten=True),
-    _config(64, 64, 4, 3, persistent=2),
     _config(64, 64, 4, 3, one_loop=True, persistent=2),
-    _config(128, 128, 8, 2, one_loop=True),
 ]
 # Works on any CUDA GPU with 64 KB of shared memory per block (Ampere and newer, also older cards).
 FALLBACK_CONFIG = _config(64, 64, 4, 2)
@@ -489,7 +486,7 @@ def _tuned_launcher(capability: tuple[int, int], block_d: int, autotune: bool):
     if not autotune:
         configs = configs[:1]
     kernel = triton.heuristics(_PACK_HEURISTIC)(_streaming_attn_fwd)
-    key = ["HEAD_DIM", "GROUP", "HAS_STREAM_HEADS", "USE_TMA", "size_class"]
+    key = ["HEAD_DIM", "GROUP", "HAS_STREAM_HEADS", "USE_TMA", "size_class", "band_class"]
     return triton.autotune(configs=configs, key=key)(kernel)
 
 
@@ -497,6 +494,12 @@ def size_class(rows: int) -> int:
     """Autotuning bucket of the query rows (batch * heads * n): small grids prefer smaller tiles, and one
     tuning per bucket keeps varying prompt lengths from re-tuning at every call."""
     return min(max(rows.bit_length() - 17, 0), 4)
+
+
+def band_class(sink: int, window: int) -> int:
+    """Autotuning bucket of the band width: a 1k and a 4k band prefer different tiles (fixed cost per program
+    vs work per program), so they are tuned apart; powers of two keep the buckets few."""
+    return min((sink + window).bit_length(), 24)
 
 
 def _as_int32(t: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -550,6 +553,7 @@ def streaming_attention_triton(
         o.stride(0), o.stride(1), o.stride(2),
         lse_arg.stride(0), lse_arg.stride(1),
         batch, heads, group, n, n_kv, q_offset, sink, window, scale * _LOG2E, size_class(batch * heads * n),
+        band_class(sink, window),
     )
     flags = dict(
         HAS_KV_START=starts is not None, HAS_KV_LEN=lens is not None, HAS_STREAM_HEADS=modes is not None,
