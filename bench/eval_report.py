@@ -45,7 +45,7 @@ def markdown_report(result) -> str:
             cells += [_pct(pk["by_length"][str(L)]) if str(L) in pk.get("by_length", {}) else "-"
                       for L in result.passkey_lengths]
             cells.append(f"{_pct(pk['accuracy'])} (n={pk['n']})" if pk else "-")
-        cells += [_pct(row["kv_fraction"][str(L)]) for L in kv_lengths]
+        cells += [f"{100 * row['kv_fraction'][str(L)]:.1f}%" for L in kv_lengths]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Layers per row:", ""]
     for row in result.rows:
