@@ -130,7 +130,7 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
             result = run_eval(progress=bar, **kwargs)
     console = stdout_console()
     if not is_quiet():
-        console.print(markdown_report(result).split("\n\nLayers per row")[0])
+        console.print(markdown_report(result).split("\n\nLayers per row")[0], soft_wrap=True)
     paths = output_paths(out)
     console.print(f"wrote {paths['json']} and {paths['md']}")
 
@@ -169,5 +169,5 @@ def bench(hybrid, baseline, report, contexts, ratios, memory_budget, decode_step
     )
     console = stdout_console()
     if not is_quiet():
-        console.print(markdown_bench(result))
+        console.print(markdown_bench(result), soft_wrap=True)
     console.print(f"wrote {out}")

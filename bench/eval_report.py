@@ -88,7 +88,7 @@ def plot_passkey(result, path: Path) -> bool:
     rows = [r for r in result.rows if "passkey" in r]
     cols = min(4, len(rows))
     nrows = (len(rows) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.0 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(max(6.0, 3.2 * cols), 3.0 * nrows), squeeze=False)
     for ax, row in zip(axes.flat, rows, strict=False):
         grid = row["passkey"]["grid"]
         lens = list(grid)
