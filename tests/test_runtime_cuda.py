@@ -114,7 +114,9 @@ def _peak_decode_memory(model, prompt_len: int, new: int) -> int:
 
 
 @pytest.mark.parametrize("granularity", ["layer", "head"])
-def test_peak_memory_really_falls(granularity):
+def test_peak_memory_really_falls(granularity, kernel_path):
+    if kernel_path == "reference":
+        pytest.skip("the kernels' references build a dense n x N mask by design; memory is the kernels' job")
     cfg = dict(num_hidden_layers=8, hidden_size=256, intermediate_size=512, num_attention_heads=8,
                num_key_value_heads=4, head_dim=64, vocab_size=512, max_position_embeddings=16384)
     dense = make_tiny_model("llama", **cfg).to(DEV, torch.bfloat16)
