@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 
-from .cache import ContiguousView, HybridCache, MixedLayer, SlotView, StreamingLayer
+from ..kernels import merge_attention
+from .cache import ChunkView, ContiguousView, HybridCache, MixedLayer, SlotView, StreamingLayer
 from .online import prompt_lazy_ratio
 from .ops import full_attention, prefill_attention, slot_attention
 
@@ -111,6 +112,15 @@ def lighttransfer_attention(module, query, key, value, attention_mask, scaling=N
 def _streaming_from_view(module, query, key, value, part: StreamingLayer, kv_start, has_padding, scaling,
                          dropout):
     view = part.view
+    if isinstance(view, ChunkView):
+        recent, lse = prefill_attention(query, key, value, sink=0, window=part.window, q_offset=part.window,
+                                        kv_start=view.recent_start, scale=scaling, return_lse=True)
+        if part.sink == 0:
+            return recent
+        # every query of the chunk sits at a position >= sink, so it sees every sink key
+        sunk, sunk_lse = prefill_attention(query, view.sink_keys, view.sink_values, sink=part.sink, window=1,
+                                           q_offset=part.sink, kv_start=None, scale=scaling, return_lse=True)
+        return merge_attention(recent, lse, sunk, sunk_lse)[0]
     if isinstance(view, SlotView):
         return slot_attention(query, key, value, view.slot_pos, view.q_pos, sink=part.sink, window=part.window,
                               scale=scaling)

@@ -29,7 +29,8 @@ class SequenceState:
     Attributes:
         kv_start: int64 ``[batch]`` left-padding count of each sequence (its first real token's index), or
             ``None`` before the first forward. Position of the token at index ``j`` is ``j - kv_start[b]``.
-        min_start: ``min(kv_start)`` as a Python int (so slot counts need no device sync while decoding).
+        min_start, max_start: ``min(kv_start)`` and ``max(kv_start)`` as Python ints (so slot counts and the
+            choice of the chunked-prefill path need no device sync).
         has_padding: whether any sequence is left-padded.
         defer_compaction: set by chunked prefill under the ``full`` prefill policy, so that streaming layers keep
             their whole history until the last chunk (full attention in prefill stays exact).
@@ -38,6 +39,7 @@ class SequenceState:
     def __init__(self) -> None:
         self.kv_start: torch.Tensor | None = None
         self.min_start = 0
+        self.max_start = 0
         self.has_padding = False
         self.defer_compaction = False
 
@@ -51,7 +53,8 @@ class SequenceState:
         if attention_mask is not None and attention_mask.dim() == 2 and (self.kv_start is None or new_tokens > 1):
             self.kv_start = leading_padding(attention_mask).to(device)
             self.min_start = int(self.kv_start.min().item())
-            self.has_padding = bool(self.kv_start.max().item() > 0)
+            self.max_start = int(self.kv_start.max().item())
+            self.has_padding = self.max_start > 0
         elif self.kv_start is None:
             self.kv_start = torch.zeros(batch, dtype=torch.long, device=device)
         return self.kv_start
@@ -89,6 +92,19 @@ class SlotView:
     q_pos: torch.Tensor
 
 
+@dataclass
+class ChunkView:
+    """A chunk of ``n`` new tokens against a ring whose sink is complete, split in two parts that the prefill
+    kernel handles directly and whose softmaxes are merged by their log-sum-exp: the sink keys
+    (``sink_keys``/``sink_values`` ``[B, Hkv, sink, D]``, seen by every query) and the keys ``update`` returned,
+    ``[recent (window, oldest first), chunk]`` with contiguous positions, the first ``recent_start[b]`` of them
+    empty (int32 ``[B]``), attended with sink 0 and the window."""
+
+    sink_keys: torch.Tensor
+    sink_values: torch.Tensor
+    recent_start: torch.Tensor
+
+
 class StreamingLayer(CacheLayerMixin):
     """KV cache of one streaming layer: ``sink`` fixed slots then a ring of ``window`` slots.
 
@@ -118,7 +134,7 @@ class StreamingLayer(CacheLayerMixin):
         self.sequence = sequence if sequence is not None else SequenceState()
         self.seen = 0
         self.slot_pos: torch.Tensor | None = None
-        self.view: ContiguousView | SlotView | None = None
+        self.view: ContiguousView | SlotView | ChunkView | None = None
 
     @property
     def capacity(self) -> int:
@@ -163,11 +179,28 @@ class StreamingLayer(CacheLayerMixin):
             self._write_one(key_states, value_states, q_pos[:, 0].long())
             self.view = SlotView(slot_pos=self.slot_pos, q_pos=q_pos)
             return self.keys, self.values
-        keys = torch.cat([self.keys, key_states], dim=2)
-        values = torch.cat([self.values, value_states], dim=2)
-        slot_pos = torch.cat([self.slot_pos, q_pos.clamp(min=-1)], dim=1)
-        self.view = SlotView(slot_pos=slot_pos, q_pos=q_pos)
+        if past - self.sequence.max_start >= self.sink and self.keys.shape[2] >= self.sink:
+            keys, values = self._chunk_view(key_states, value_states, first)
+        else:
+            # some sequence has not reached its sink yet: attend over the slots with their positions
+            keys = torch.cat([self.keys, key_states], dim=2)
+            values = torch.cat([self.values, value_states], dim=2)
+            slot_pos = torch.cat([self.slot_pos, q_pos.clamp(min=-1)], dim=1)
+            self.view = SlotView(slot_pos=slot_pos, q_pos=q_pos)
         self._write_many(key_states, value_states, first)
+        return keys, values
+
+    def _chunk_view(self, key_states, value_states, first):
+        """Keys ``[recent window oldest first, chunk]`` and the :class:`ChunkView` describing them."""
+        r = torch.arange(self.window, device=first.device)
+        pos = first.unsqueeze(-1) - self.window + r  # [B, W]: the window before the chunk, oldest first
+        valid = pos >= self.sink  # older positions are sink slots (or nothing): a prefix of each row
+        slot = torch.where(valid, self.sink + torch.remainder(pos - self.sink, self.window), torch.zeros_like(pos))
+        slot = slot.clamp(max=self.keys.shape[2] - 1)
+        keys = torch.cat([_gather_tokens(self.keys, slot), key_states], dim=2)
+        values = torch.cat([_gather_tokens(self.values, slot), value_states], dim=2)
+        self.view = ChunkView(sink_keys=self.keys[:, :, : self.sink], sink_values=self.values[:, :, : self.sink],
+                              recent_start=(~valid).sum(-1).to(torch.int32))
         return keys, values
 
     def get_seq_length(self) -> int:
@@ -207,7 +240,7 @@ class StreamingLayer(CacheLayerMixin):
         seq = self.sequence
         if seq.kv_start is None or seq.kv_start.shape[0] != key_states.shape[0]:
             seq.kv_start = torch.zeros(key_states.shape[0], dtype=torch.long, device=key_states.device)
-            seq.min_start, seq.has_padding = 0, False
+            seq.min_start, seq.max_start, seq.has_padding = 0, 0, False
         return seq.kv_start
 
     def _n_slots(self) -> int:
@@ -476,4 +509,4 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-__all__ = ["HybridCache", "StreamingLayer", "MixedLayer", "SequenceState", "ContiguousView", "SlotView", "leading_padding"]
+__all__ = ["HybridCache", "StreamingLayer", "MixedLayer", "SequenceState", "ContiguousView", "SlotView", "ChunkView", "leading_padding"]
