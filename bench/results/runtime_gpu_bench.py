@@ -6,7 +6,7 @@ weights). Variants, all at the same KV budget where they stream: dense (SDPA, Dy
 chosen per prompt); layer-level again with a chunked prefill (2048 tokens a chunk). Sink 4, window 1020.
 For each prompt length: prefill time, decode tokens/s over 128 greedy steps, KV-cache bytes at the end, and the allocator's peak over prefill + decode.
 
-    PYTHONPATH=<dir with a lighttransfer link> python3 bench/results/runtime_gpu_bench.py OUT.json
+    PYTHONPATH=<dir with a lighttransfer link> python3 bench/results/runtime_gpu_bench.py OUT.json [VARIANT ...]
 """
 
 from __future__ import annotations
@@ -80,9 +80,12 @@ def measure(model, variant: str, length: int) -> dict:
                 streaming_layers=getattr(cache, "streaming_layer_indices", lambda: [])())
 
 
-def main(path: str) -> None:
+VARIANTS = ("dense", "layer", "layer-chunked", "head", "online")
+
+
+def main(path: str, variants=VARIANTS) -> None:
     rows = []
-    for variant in ("dense", "layer", "layer-chunked", "head", "online"):
+    for variant in variants:
         model = build(variant)
         for length in LENGTHS:
             measure(model, variant, length)  # warm-up at this shape: Triton compilation and autotuning
@@ -99,4 +102,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runtime_gpu_bench.json")
+    main(sys.argv[1] if len(sys.argv) > 1 else "runtime_gpu_bench.json", tuple(sys.argv[2:]) or VARIANTS)
