@@ -56,7 +56,7 @@ def test_left_padded_batch_equals_the_masked_reference():
     assert max_diff(torch.stack(out.logits, 1), ref[:, ids.shape[1] - 1: -1]) <= 1e-4
 
 
-@pytest.mark.parametrize("chunk", [5, 8, 13], ids=lambda c: f"chunk={c}")
+@pytest.mark.parametrize("chunk", [5, 13], ids=lambda c: f"chunk={c}")
 @pytest.mark.parametrize("prefill", ["streaming", "full"])
 def test_chunked_prefill_equals_one_pass(tiny_arch, chunk, prefill):
     model, _ = hybrid_pair(tiny_arch, prefill=prefill)
