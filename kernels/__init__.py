@@ -4,25 +4,31 @@ The Triton modules are imported on first use, so that ``TRITON_INTERPRET`` can s
 is defined and ``import lighttransfer.kernels`` stays cheap.
 """
 
-from .attention import MAX_HEAD_DIM, SUPPORTED_DTYPES, streaming_attention, streaming_decode
-from .mask import causal_visible, kept_positions, streaming_mask, streaming_visible
-from .merge import merge_attention
-from .reference import streaming_attention_reference, streaming_decode_reference
-from .switch import reference_forced, triton_runs_on, use_reference
+if __package__ == "lighttransfer.kernels":
+    from .attention import MAX_HEAD_DIM, SUPPORTED_DTYPES, streaming_attention, streaming_decode
+    from .mask import causal_visible, kept_positions, streaming_mask, streaming_visible
+    from .merge import merge_attention
+    from .reference import streaming_attention_reference, streaming_decode_reference
+    from .switch import reference_forced, triton_runs_on, use_reference
 
-__all__ = [
-    "streaming_attention",
-    "streaming_decode",
-    "streaming_attention_reference",
-    "streaming_decode_reference",
-    "merge_attention",
-    "use_reference",
-    "reference_forced",
-    "triton_runs_on",
-    "streaming_visible",
-    "causal_visible",
-    "streaming_mask",
-    "kept_positions",
-    "SUPPORTED_DTYPES",
-    "MAX_HEAD_DIM",
-]
+    __all__ = [
+        "streaming_attention",
+        "streaming_decode",
+        "streaming_attention_reference",
+        "streaming_decode_reference",
+        "merge_attention",
+        "use_reference",
+        "reference_forced",
+        "triton_runs_on",
+        "streaming_visible",
+        "causal_visible",
+        "streaming_mask",
+        "kept_positions",
+        "SUPPORTED_DTYPES",
+        "MAX_HEAD_DIM",
+    ]
+else:
+    # Imported as a top-level `kernels` because a checkout's root is on sys.path (`python -c`/`-m` run there):
+    # transformers probes for the hub's unrelated `kernels` package by importing that name. Stay an empty
+    # module without a version, which transformers reads as "not installed", instead of failing the import.
+    __all__ = []

@@ -48,3 +48,14 @@ def test_top_level_names_are_not_importable_alone(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "import analysis"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode != 0 and "No module named 'analysis'" in proc.stderr
     assert Path(REPO / "analysis" / "__init__.py").is_file()
+
+
+def test_checkout_root_on_sys_path_does_not_break_transformers():
+    # `python -c` run in the checkout puts its root first on sys.path, where the folder kernels/ shadows the
+    # name under which transformers probes for an unrelated package
+    code = ("from transformers.utils import is_kernels_available\n"
+            "import transformers.activations\n"
+            "assert not is_kernels_available()\n"
+            "import lighttransfer.kernels as k\nassert callable(k.streaming_attention)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-1500:]
