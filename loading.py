@@ -236,7 +236,6 @@ def load_model(
     Raises:
         LightTransferError: on every problem the user can fix, with one line saying what to do.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     source = spec if isinstance(spec, ModelSource) else resolve_model_source(spec)

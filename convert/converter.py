@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LightTransferError
+from ..gguf_metadata import read_gguf_metadata
 from ..loading import (
     LoadedModel,
     ModelSource,
@@ -26,7 +27,6 @@ from ..loading import (
     model_fingerprint,
     resolve_model_source,
 )
-from ..gguf_metadata import read_gguf_metadata
 from .hybrid_config import CONFIG_KEY, SIDECAR_NAME, HybridConfig
 from .kv_memory import DTYPE_BYTES, KVMemoryRow, kv_memory_table
 from .model_card import FIGURE_NAME, plot_selection, render_model_card

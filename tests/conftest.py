@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path
-
-# The repository root is the package `lighttransfer`; on sys.path itself (`python -m pytest` from the root adds
-# the working directory) its folders would shadow unrelated top-level packages, e.g. transformers probing for the
-# hub's `kernels` package would import our `kernels/` folder as a top-level module.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parents[1]]
 
 import pytest
 import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The repository root is the package `lighttransfer`; on sys.path itself (`python -m pytest` from the root adds
+# the working directory) its folders would shadow unrelated top-level packages of the same names.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parents[1]]
 
 # Triton kernels run in the interpreter on CPU-only machines; this must be set before any kernel is defined.
 if not torch.cuda.is_available():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 import pytest
-
 from lighttransfer import cli
 from lighttransfer.errors import LightTransferError
 

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_model
-
 from lighttransfer.errors import LightTransferError
 from lighttransfer.loading import (
     load_model,
@@ -94,7 +93,7 @@ def test_bin_weights_load_with_weights_only(tmp_path):
     model.config.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     loaded = load_model(tmp_path, device="cpu", with_tokenizer=False)
-    for (n, a), b in zip(model.state_dict().items(), loaded.model.state_dict().values()):
+    for (n, a), b in zip(model.state_dict().items(), loaded.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
 
 
