@@ -9,8 +9,8 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "analyze": "lighttransfer.analysis.analyze:analyze",
-    "analyze_tokens": "lighttransfer.analysis.analyze:analyze_tokens",
+    "analyze": "lighttransfer.analysis.pipeline:analyze",
+    "analyze_tokens": "lighttransfer.analysis.pipeline:analyze_tokens",
     "capture_lazy_mass": "lighttransfer.analysis.capture:capture_lazy_mass",
     "streaming_attention_mass": "lighttransfer.analysis.lazy_ratio:streaming_attention_mass",
     "head_statistics": "lighttransfer.analysis.lazy_ratio:head_statistics",

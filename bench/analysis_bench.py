@@ -74,7 +74,7 @@ def _peak(fn) -> tuple[float, int]:
 
 def run(*, samples: int, seq_len: int, batch: int, layers: int | None, sink: int, recent: int,
         last: int, tiny: bool = False) -> dict:
-    from lighttransfer.analysis.analyze import analyze_tokens
+    from lighttransfer.analysis.pipeline import analyze_tokens
     from transformers import __version__ as transformers_version
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

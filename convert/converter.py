@@ -347,7 +347,7 @@ def _write_weights(source: ModelSource, loaded: LoadedModel | None, tmp: Path) -
 
 def _check_analysis_options(*, calib, seq_len, samples, sink, window) -> None:
     """The analysis' own one-line errors, before any model is loaded."""
-    from ..analysis.analyze import check_params
+    from ..analysis.pipeline import check_params
     from ..calibration import check_sources
 
     check_params(seq_len=seq_len, samples=samples, batch=1, sink=sink, recent=window, last=32, threshold=0.1)
@@ -356,7 +356,7 @@ def _check_analysis_options(*, calib, seq_len, samples, sink, window) -> None:
 
 
 def _run_analysis(loaded: LoadedModel, *, calib, seq_len, samples, sink, window, seed, device, dtype, progress):
-    from ..analysis.analyze import analyze
+    from ..analysis.pipeline import analyze
     from ..loading import resolve_device, resolve_dtype
 
     dev = resolve_device(device)

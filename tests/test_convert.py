@@ -385,7 +385,7 @@ def test_cli_refuses_existing_out_and_missing_model(source_dirs, tmp_path, capsy
 @pytest.fixture(scope="module")
 def tiny_report_path(source_dirs, tmp_path_factory) -> Path:
     """A real analysis report of the saved tiny llama, on random tokens (sink 4, recent 16, last 8)."""
-    from lighttransfer.analysis.analyze import analyze_tokens
+    from lighttransfer.analysis.pipeline import analyze_tokens
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(source_dirs["llama"], dtype=torch.float32).eval()

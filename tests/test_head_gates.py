@@ -239,7 +239,7 @@ def test_analyze_method_optimize_stores_gates_that_convert_ranks(tiny_dir, tmp_p
 
 
 def test_report_without_gates_refuses_the_optimize_scores(tiny_dir, tmp_path):
-    from lighttransfer.analysis.analyze import analyze
+    from lighttransfer.analysis.pipeline import analyze
     from lighttransfer.analysis.report import AnalysisReport
 
     report = analyze(str(tiny_dir), calib="synthetic:passkey", seq_len=400, samples=1, sink=2, recent=16, last=8,

@@ -59,3 +59,23 @@ def test_checkout_root_on_sys_path_does_not_break_transformers():
             "import lighttransfer.kernels as k\nassert callable(k.streaming_attention)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-1500:]
+
+
+def test_public_functions_are_not_shadowed_by_submodules():
+    # importing a submodule binds it on its package: a public function of the same name would be replaced
+    import importlib
+    import pkgutil
+    import types
+
+    import lighttransfer
+
+    packages = [importlib.import_module(f"lighttransfer.{m}")
+                for m in ("analysis", "calibration", "convert", "kernels", "runtime", "bench")]
+    for package in packages:
+        for info in pkgutil.iter_modules(package.__path__):
+            if not info.name.endswith(("_triton", "_bench")):
+                importlib.import_module(f"{package.__name__}.{info.name}")
+    for package in [lighttransfer, *packages]:
+        for name in getattr(package, "__all__", []):
+            if name != "__version__":
+                assert not isinstance(getattr(package, name), types.ModuleType), f"{package.__name__}.{name}"
