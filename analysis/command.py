@@ -96,8 +96,8 @@ def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq
     Example:
       lighttransfer analyze model/ --calib book.txt --seq-len 4096 --samples 8 --out report.json --plot heat.png
     """
-    from .pipeline import analyze as run_analysis
     from .heatmap import plot_heatmap
+    from .pipeline import analyze as run_analysis
 
     if more_calib and not calib:
         raise LightTransferError(
