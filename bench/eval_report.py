@@ -35,6 +35,11 @@ def markdown_report(result) -> str:
     for row in result.rows:
         if row.get("online_ratio") is not None:
             layers = f"{round(row['online_ratio'] * row['num_layers'])} (per input)"
+        elif row.get("head_masks"):
+            heads = len(row["streaming_layers"]) * row["num_kv_heads"] + sum(
+                sum(m) for m in row["head_masks"].values())
+            layers = (f"{len(row['streaming_layers'])} + {len(row['head_masks'])} mixed "
+                      f"({heads}/{row['num_layers'] * row['num_kv_heads']} KV heads)")
         else:
             layers = str(len(row["streaming_layers"]))
         cells = [f"{row['name']} ({row.get('prefill', 'streaming')} prefill)" if row["name"] != "original"
@@ -52,6 +57,10 @@ def markdown_report(result) -> str:
         if row["name"] == "original":
             continue
         what = "chosen per input" if row.get("online_ratio") is not None else str(row["streaming_layers"])
+        if row.get("head_masks"):
+            what += " fully, and KV heads " + ", ".join(
+                f"{layer}:{[i for i, s in enumerate(m) if s]}" for layer, m in sorted(row["head_masks"].items(),
+                                                                                 key=lambda kv: int(kv[0])))
         lines.append(f"- {row['name']}: {what} ({row.get('note', '')})")
     if result.passkey_lengths:
         lines += ["", "Passkey accuracy by depth (rows: depth of the key, 0 = start of the text):", ""]
