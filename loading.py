@@ -181,14 +181,17 @@ class LoadedModel:
 
 
 def load_config(source: ModelSource, *, trust_remote_code: bool = False):
-    """Load the transformers config of ``source`` (GGUF included), with one-line errors."""
+    """Load the transformers config of ``source`` (GGUF included), with one-line errors; refuse models that are
+    not causal LMs or whose attention cannot be swapped (:func:`check_causal_lm`)."""
     from transformers import AutoConfig
 
     name, kwargs = source.from_pretrained_args
     try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(source, exc) from exc
+    check_causal_lm(config, source)
+    return config
 
 
 def load_tokenizer(source: ModelSource | str, *, trust_remote_code: bool = False):
@@ -241,8 +244,7 @@ def load_model(
     source = spec if isinstance(spec, ModelSource) else resolve_model_source(spec)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    config = load_config(source, trust_remote_code=trust_remote_code)
-    check_causal_lm(config, source)
+    load_config(source, trust_remote_code=trust_remote_code)  # one-line errors before any weight is read
 
     name, kwargs = source.from_pretrained_args
     kwargs = dict(kwargs, trust_remote_code=trust_remote_code, dtype=torch_dtype)

@@ -71,3 +71,36 @@ def test_command_not_built_yet_exits_2(fake_commands, capsys):
 def test_unknown_option_is_a_usage_error(fake_commands, capsys):
     code, _, err = run(["boom", "--no-such-option"], capsys)
     assert code == 2 and "No such option" in err
+
+
+def _config_dir(path, model_type, **kw):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(model_type, **kw).save_pretrained(path)
+    (path / "model.safetensors").write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda d: d / "nowhere", "does not exist"),
+        (lambda d: d, "no config.json"),
+        (lambda d: (d / "config.json").write_text("{}") and d, "no weights"),
+        (lambda d: _config_dir(d, "t5", d_model=32, num_layers=1, num_heads=2, d_ff=64, vocab_size=64),
+         "not a causal language model"),
+        (lambda d: _config_dir(d, "bloom", hidden_size=32, n_layer=1, n_head=2, vocab_size=64),
+         "cannot be made streaming"),
+    ],
+    ids=["missing-path", "no-config", "no-weights", "not-causal-lm", "attention-not-swappable"],
+)
+@pytest.mark.parametrize("command", ["analyze", "convert", "generate"])
+def test_model_errors_through_every_command(tmp_path, capsys, make, fragment, command):
+    model = str(make(tmp_path))
+    extra = {"analyze": [], "convert": ["--layers", "0", "--out", str(tmp_path / "out")],
+             "generate": ["--prompt", "hi"]}[command]
+    code, _, err = run([command, model, *extra], capsys)
+    assert code == 1, err
+    assert fragment in err and "Traceback" not in err
+    assert err.strip().count("\n") <= 1  # one line (rich may wrap a long one at the terminal width)
+    assert not (tmp_path / "out").exists()
