@@ -6,10 +6,8 @@ The heavy public functions are imported lazily so that ``import lighttransfer`` 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from .errors import LightTransferError
+from .lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -26,16 +24,4 @@ _LAZY = {
 
 __all__ = ["__version__", "LightTransferError", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'lighttransfer' has no attribute {name!r}")
-    module_name, attr = target.split(":")
-    value = getattr(importlib.import_module(module_name), attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
