@@ -127,7 +127,9 @@ def _register(original: str) -> str:
     return name
 
 
-def _configs(model: torch.nn.Module) -> list:
+def attention_configs(model: torch.nn.Module) -> list:
+    """The distinct transformers configs inside ``model`` that choose an attention implementation (a
+    composite model has one per sub-model)."""
     seen: dict[int, object] = {}
     for module in model.modules():
         config = getattr(module, "config", None)
@@ -144,7 +146,7 @@ def capture_lazy_mass(
 
     The model's attention implementation is restored on exit, also when the block raises.
     """
-    configs = _configs(model)
+    configs = attention_configs(model)
     if not configs:
         raise LightTransferError("the model has no transformers config; pass a transformers causal LM.")
     originals = [c._attn_implementation for c in configs]

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..errors import LightTransferError
 from ..kernels.mask import streaming_mask
+from .capture import attention_configs
 
 ATTENTION_NAME = "lighttransfer_gated"
 
@@ -118,15 +119,6 @@ def _register() -> None:
         AttentionMaskInterface.register(ATTENTION_NAME, AttentionMaskInterface._global_mapping["sdpa"])
 
 
-def _configs(model: torch.nn.Module) -> list:
-    seen: dict[int, object] = {}
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            seen.setdefault(id(config), config)
-    return list(seen.values())
-
-
 @contextlib.contextmanager
 def gated_attention(model: torch.nn.Module, gates: torch.Tensor, *, sink: int, window: int) -> Iterator[GatePlan]:
     """Inside the block, ``model`` runs every layer with gated attention (Eq. 1) under ``gates``.
@@ -151,7 +143,7 @@ def gated_attention(model: torch.nn.Module, gates: torch.Tensor, *, sink: int, w
     if _active.get() is not None:
         raise LightTransferError("gated attention is already active; it cannot be nested.")
     _register()
-    configs = _configs(model)
+    configs = attention_configs(model)
     originals = [c._attn_implementation for c in configs]
     token = _active.set(GatePlan(gates=gates, sink=int(sink), window=int(window)))
     try:
