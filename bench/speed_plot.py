@@ -35,7 +35,8 @@ def plot_bench(result, path: str | Path) -> bool:
         ax.set_xscale("log", base=2)
         ax.set_xticks(result.contexts, [f"{c // 1024}k" for c in result.contexts])
         ax.set_xlabel("context length (tokens)")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a run without a largest-batch point draws nothing here
+            ax.legend(fontsize=7)
     ax1.set_yscale("log")
     ax1.set_ylabel("decode tokens/s at the largest batch (log)")
     ax2.set_ylabel("KV cache per sequence (GiB)")
