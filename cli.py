@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -169,6 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if "-v" in args or "--verbose" in args:
         _state["verbose"] = True
+    else:
+        # third-party tqdm bars (transformers' GGUF dequantization) would interleave with ours; tqdm reads this
+        # when it is imported, so it must be set before any model code is
+        os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         result = cli.main(args=args, prog_name="lighttransfer", standalone_mode=False)
     except click.exceptions.Exit as exc:
