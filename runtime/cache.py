@@ -105,7 +105,23 @@ class ChunkView:
     recent_start: torch.Tensor
 
 
-class StreamingLayer(CacheLayerMixin):
+class _CountingLayer(CacheLayerMixin):
+    """A cache layer that reports every token it has seen, whatever it keeps, so that transformers' position
+    and mask bookkeeping stays that of the dense model (``self.seen``: tokens processed so far)."""
+
+    seen: int = 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class StreamingLayer(_CountingLayer):
     """KV cache of one streaming layer: ``sink`` fixed slots then a ring of ``window`` slots.
 
     Storage: ``keys``/``values`` ``[batch, kv_heads, A, head_dim]`` with ``A <= sink + window`` (grown until
@@ -202,15 +218,6 @@ class StreamingLayer(CacheLayerMixin):
         self.view = ChunkView(sink_keys=self.keys[:, :, : self.sink], sink_values=self.values[:, :, : self.sink],
                               recent_start=(~valid).sum(-1).to(torch.int32))
         return keys, values
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
 
     def reset(self) -> None:
         self.keys = self.values = None
@@ -323,7 +330,7 @@ def _gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(states, 2, idx)
 
 
-class MixedLayer(CacheLayerMixin):
+class MixedLayer(_CountingLayer):
     """KV cache of a layer where only some KV heads stream: no full-size copy of either group.
 
     The full KV heads keep their whole history contiguous (``keys``/``values`` ``[batch, full_heads, T, D]``,
@@ -378,15 +385,6 @@ class MixedLayer(CacheLayerMixin):
         self.stream_kv = self.streaming.update(key_states.index_select(1, stream_idx),
                                                value_states.index_select(1, stream_idx))
         return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
 
     def reset(self) -> None:
         self.keys = self.values = None
