@@ -111,3 +111,13 @@ def pytest_collection_modifyitems(config, items):
         if "cuda" in item.keywords:
             item.add_marker(skip)
 
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run the CLI in-process: ``(exit status, stdout, stderr)``."""
+    from lighttransfer import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv])
+    out = capsys.readouterr()
+    return int(exit_info.value.code or 0), out.out, out.err

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from conftest import make_tiny_model
-from lighttransfer import cli
+from conftest import run_cli as run
 from lighttransfer.analysis.report import AnalysisReport
 
 
@@ -33,13 +33,6 @@ def book(tmp_path):
     path.write_text("It is a truth universally acknowledged, that a single man in possession of a good "
                     "fortune, must be in want of a wife.\n" * 20)
     return path
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
 
 
 SMALL = ["--seq-len", "128", "--samples", "3", "--sink", "2", "--recent", "16", "--last", "8"]

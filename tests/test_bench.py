@@ -7,19 +7,9 @@ import json
 
 import pytest
 import torch
-from lighttransfer import cli
+from conftest import run_cli
 from lighttransfer.bench.shaped_model import SHAPES, build_shaped_model
 from lighttransfer.bench.speed import RUNTIME_DENSE, benchmark
-
-
-def run_cli(argv, capsys):
-    code = 0
-    try:
-        cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import click
 import pytest
+from conftest import run_cli as run
 from lighttransfer import cli
 from lighttransfer.errors import LightTransferError
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
 
 
 @pytest.fixture

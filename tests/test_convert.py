@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model
-from lighttransfer.cli import main
+from conftest import make_tiny_model, run_cli
 from lighttransfer.convert import HybridConfig, convert, fingerprint_from_config
 from lighttransfer.convert import weights as weights_module
 from lighttransfer.convert.verify import safetensors_digests
@@ -79,13 +78,6 @@ def _no_leftovers(parent: Path) -> list[str]:
 @pytest.fixture(autouse=True)
 def wide_terminal(monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps captured output at 80 columns otherwise
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main([*args])
-    captured = capsys.readouterr()
-    return int(info.value.code or 0), captured.out, captured.err
 
 
 # ---- round trips ---------------------------------------------------------------------------------------------

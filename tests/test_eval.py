@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from lighttransfer import cli
+from conftest import run_cli
 from lighttransfer.bench.backends import MaskedBackend, RuntimeBackend
 from lighttransfer.bench.passkey import check_answer, make_sample, passkey_depths
 from lighttransfer.bench.perplexity import perplexity, plan_windows
@@ -206,16 +206,6 @@ def test_standard_rows_stream_equal_numbers_of_layers():
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------
-
-def run_cli(argv, capsys):
-    code = 0
-    try:
-        cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
 
 @pytest.fixture(scope="module")
 def report_file(tmp_path_factory):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lighttransfer
 import pytest
 from conftest import make_tiny_model
-from lighttransfer import cli
+from conftest import run_cli as run
 from lighttransfer.convert.hybrid_config import HybridConfig
 from test_runtime_reference import word_tokenizer
 
@@ -20,13 +20,6 @@ def hybrid_dir(tmp_path_factory):
     model.save_pretrained(d)
     word_tokenizer().save_pretrained(d)
     return d
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
 
 
 def test_generate_streams_the_greedy_text_and_reports_speed_and_memory(hybrid_dir, capsys):
