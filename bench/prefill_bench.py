@@ -210,9 +210,11 @@ def plot(result: dict, path: Path) -> None:
     write_atomically(path, buf.getvalue())
 
 
-def sweep(*, n: int, sink: int, window: int) -> list[dict]:
+def sweep(*, n: int, sink: int, window: int, rounds: int = 1) -> list[dict]:
     """Time the previous best config, every H100 candidate and every experimental layout (pointer loads, no
-    autotuning) at one shape; check each first."""
+    autotuning) at one shape; check each first. With ``rounds`` > 1 the configs are timed in turn that many
+    times (interleaved, so clock and thermal drift hit every config alike) and each row reports the median,
+    min and max of its rounds: the layouts of one band differ by 2-5 %, about the spread of a single timing."""
     from triton.testing import do_bench
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -220,20 +222,52 @@ def sweep(*, n: int, sink: int, window: int) -> list[dict]:
     k = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
     band = 4 * HEAD_DIM * HEADS * streaming_pairs(n, sink, window)
-    rows = []
-    variants = [(c, False) for c in [prefill_triton.PREVIOUS_DEFAULT, *prefill_triton.HOPPER_CONFIGS,
-                                     *prefill_triton.EXPERIMENTAL_CONFIGS]]
-    for config, tma in variants:
-        call = _pinned(q, k, v, sink, window, config, tma)
-        name = f"{_config_text(config)} tma={tma}"
+    configs = [prefill_triton.PREVIOUS_DEFAULT, *prefill_triton.HOPPER_CONFIGS, *prefill_triton.EXPERIMENTAL_CONFIGS]
+    calls, rows = {}, {}
+    for config in configs:
+        name = f"{_config_text(config)} tma=False"
+        call = _pinned(q, k, v, sink, window, config, False)
         try:
             err = _check_rows(call(), q, k, v, sink, window)
-            ms = do_bench(call, warmup=25, rep=200, return_mode="median")
         except Exception as exc:  # a config that does not compile on this GPU is reported, not fatal
-            rows.append(dict(config=name, error=str(exc).splitlines()[0][:200]))
+            rows[name] = dict(config=name, error=str(exc).splitlines()[0][:200])
             continue
-        rows.append(dict(config=name, ms=ms, tflops=band / ms / 1e9, err=err))
-        log.warning("%s: %.3f ms, %.0f TFLOP/s, err %.1e", name, ms, band / ms / 1e9, err)
+        calls[name] = call
+        rows[name] = dict(config=name, err=err, rounds_ms=[])
+    for _ in range(rounds):
+        for name, call in calls.items():
+            rows[name]["rounds_ms"].append(do_bench(call, warmup=25, rep=200, return_mode="median"))
+    for name in calls:
+        row = rows[name]
+        times = sorted(row["rounds_ms"])
+        row.update(ms=times[len(times) // 2], ms_min=times[0], ms_max=times[-1])
+        row["tflops"] = band / row["ms"] / 1e9
+        log.warning("%s: %.3f ms (%.3f-%.3f over %d), %.0f TFLOP/s, err %.1e", name, row["ms"], times[0],
+                    times[-1], len(times), row["tflops"], row["err"])
+    return list(rows.values())
+
+
+def band_scaling(*, n: int, sink: int, windows: tuple[int, ...]) -> list[dict]:
+    """Effective TFLOP/s of the autotuned kernel as the band widens at one length, up to plain causal
+    (``window >= n``), beside SDPA-flash causal: how much of the narrow band's shortfall is the per-program cost
+    of few tiles (edges, Q load, epilogue) rather than the inner loop."""
+    from triton.testing import do_bench
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+    rows = []
+    for window in windows:
+        pairs = streaming_pairs(n, sink, window)
+        ms = do_bench(lambda w=window: streaming_attention(q, k, v, sink=sink, window=w), warmup=25, rep=200,
+                      return_mode="median")
+        rows.append(dict(kernel="ours", sink=sink, window=window, ms=ms, tflops=4 * HEAD_DIM * HEADS * pairs / ms / 1e9))
+        log.warning("ours S=%d W=%d: %.3f ms, %.0f TFLOP/s", sink, window, ms, rows[-1]["tflops"])
+    sdpa = _sdpa_runner()
+    ms = do_bench(lambda: sdpa(q, k, v), warmup=25, rep=200, return_mode="median")
+    rows.append(dict(kernel="sdpa-flash causal", ms=ms, tflops=4 * HEAD_DIM * HEADS * causal_pairs(n) / ms / 1e9))
+    log.warning("sdpa causal: %.3f ms, %.0f TFLOP/s", ms, rows[-1]["tflops"])
     return rows
 
 
@@ -243,15 +277,25 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="sequence lengths N")
     parser.add_argument("--sweep", type=int, nargs=3, metavar=("N", "SINK", "WINDOW"),
                         help="instead: time every candidate config and load path at one shape")
+    parser.add_argument("--band-scaling", type=int, metavar="N",
+                        help="instead: effective TFLOP/s at length N as the band widens from 1k to causal")
+    parser.add_argument("--rounds", type=int, default=1, help="with --sweep: interleaved timing rounds per config")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if not torch.cuda.is_available():
         raise SystemExit("prefill_bench needs a CUDA GPU")
+    if args.band_scaling:
+        n = args.band_scaling
+        rows = band_scaling(n=n, sink=4, windows=(1020, 2044, 4092, 8188, 16380, n))
+        write_json(args.out / f"kernels_prefill_band_scaling_{n}.json",
+                   {"environment": environment(), "n": n, "rows": rows})
+        return
     if args.sweep:
         n, sink, window = args.sweep
-        rows = sweep(n=n, sink=sink, window=window)
-        write_json(args.out / f"kernels_prefill_sweep_{sink}_{window}.json",
-                   {"environment": environment(), "n": n, "sink": sink, "window": window, "rows": rows})
+        rows = sweep(n=n, sink=sink, window=window, rounds=args.rounds)
+        write_json(args.out / f"kernels_prefill_sweep_{n}_{sink}_{window}.json",
+                   {"environment": environment(), "n": n, "sink": sink, "window": window, "rounds": args.rounds,
+                    "rows": rows})
         return
     result = run(lengths=tuple(args.lengths))
     write_json(args.out / "kernels_prefill.json", result)
