@@ -6,6 +6,7 @@ import click
 
 from ..cli import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
 from ..errors import LightTransferError
+from .rows import ROW_KINDS
 
 
 def _int_list(value: str, option: str) -> list[int]:
@@ -78,7 +79,9 @@ class _Bar:
               help="Long real text to evaluate on (not the calibration text).")
 @click.option("--text-lines", default=None, metavar="FIRST:LAST", help="Use only these lines of --text (1-based).")
 @click.option("--report", default=None, metavar="REPORT.json",
-              help="Analysis report: lazy ratios for the least-lazy row and for choosing layers without a hybrid.")
+              help="Analysis report: lazy ratios for the least-lazy row and for choosing layers without a hybrid; "
+                   "KV-head attention mass for head-level, KV-head gates (analyze --method optimize) for "
+                   "head-level-gates.")
 @click.option("--lengths", default="2048,4096,8192", show_default=True,
               help="Context lengths for perplexity, comma-separated (k = 1024).")
 @click.option("--stride", type=int, default=None,
@@ -91,7 +94,8 @@ class _Bar:
 @click.option("--passkey-trials", type=int, default=2, show_default=True, help="Samples per (length, depth).")
 @click.option("--rows", default=",".join(("original", "lighttransfer", "random", "least-lazy", "streamingllm",
                                           "prefill-full", "online")), show_default=True,
-              help="Rows to compare, comma-separated.")
+              help="Rows to compare, comma-separated. " + "; ".join(f"{k}: {v}" for k, v in ROW_KINDS.items())
+              + ". All but original and streamingllm stream the same share of the KV cache (--ratio).")
 @click.option("--ratio", type=float, default=None,
               help="Share of layers streaming in every row [default: the hybrid's, else 0.5].")
 @click.option("--sink", type=int, default=None, help="Sink tokens [default: the hybrid's, else 4].")

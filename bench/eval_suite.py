@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from ..errors import LightTransferError
 from .passkey import passkey_accuracy, passkey_depths, passkey_samples
 from .perplexity import default_stride, perplexity, plan_windows
-from .rows import DEFAULT_ROWS, EvalRow, standard_rows
+from .rows import DEFAULT_ROWS, HEAD_LEVEL_ROWS, EvalRow, standard_rows
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -165,7 +165,8 @@ def evaluate(
         text: long real text (not the calibration text) for perplexity and as passkey haystack.
         lengths: context lengths (tokens) for perplexity.
         hybrid: a converted checkpoint; its layers, sink, window and ratio define the ``lighttransfer`` row.
-        report: an analysis report (lazy ratios for the least-lazy row and for choosing layers without a hybrid).
+        report: an analysis report (lazy ratios for the least-lazy row and for choosing layers without a hybrid;
+            attention-mass KV-head scores for ``head-level``, gates for ``head-level-gates``).
         rows: row names (see :data:`~lighttransfer.bench.rows.ROW_KINDS`) or ready :class:`EvalRow` objects.
         ratio, sink, window: override the hybrid's (defaults without a hybrid: 0.5, 4, 1020).
         stride: scored tokens per perplexity window (default: a quarter of the length).
@@ -301,13 +302,23 @@ def _build_rows(rows, *, hcfg, report, ratio, sink, window, num_layers, num_kv_h
             f"the report has lazy ratios for {len(lazy)} layers but the model has {num_layers}; "
             "pass the report of this model."
         )
-    kv_scores = None
-    if "head-level" in names and report is not None:
+    kv_scores = kv_gates = None
+    if set(HEAD_LEVEL_ROWS) & set(names) and report is not None:
         from ..analysis import AnalysisReport
 
-        kv_scores = AnalysisReport.load(report).kv_head_long_context_scores()
+        loaded = AnalysisReport.load(report)
+        # head-level always ranks by attention mass, head-level-gates by the gates: one run compares the two
+        kv_scores = loaded.kv_head_long_context_scores("attention")
+        if "head-level-gates" in names:
+            if loaded.kv_head_gates is None:
+                raise LightTransferError(
+                    f"the head-level-gates row needs KV-head gates, and report '{report}' has none; "
+                    "rerun 'lighttransfer analyze --method optimize' or drop the row."
+                )
+            kv_gates = loaded.kv_head_long_context_scores("optimize")
     return standard_rows(lazy_ratios=lazy, ratio=ratio, num_kv_heads=num_kv_heads, sink=sink, window=window,
-                         names=names, lazy_selection=selection, kv_head_scores=kv_scores, seed=seed)
+                         names=names, lazy_selection=selection, kv_head_scores=kv_scores, kv_head_gates=kv_gates,
+                         seed=seed)
 
 
 def output_paths(out: str | os.PathLike[str]) -> dict[str, Path]:

@@ -23,10 +23,14 @@ ROW_KINDS: dict[str, str] = {
     "streamingllm": "every layer streams (StreamingLLM)",
     "prefill-full": "the laziest layers stream after a full-attention prefill",
     "online": "layers chosen per input from the prompt's own lazy ratios, after a full prefill",
-    "head-level": "as many KV heads stream as the layer-level row, the lowest long-context scores model-wide",
+    "head-level": "as many KV heads stream as the layer-level row: those whose queries put the least attention "
+                  "mass beyond sink + window, model-wide (the report's attention scores, whatever its default)",
+    "head-level-gates": "as many KV heads stream as the layer-level row: those with the lowest DuoAttention-style "
+                        "gates, model-wide (needs a report with gates, from analyze --method optimize)",
 }
-# head-level needs per-KV-head scores from an analysis report, so it is asked for by name
-DEFAULT_ROWS = tuple(name for name in ROW_KINDS if name != "head-level")
+# the head-level rows need per-KV-head scores from an analysis report, so they are asked for by name
+HEAD_LEVEL_ROWS = ("head-level", "head-level-gates")
+DEFAULT_ROWS = tuple(name for name in ROW_KINDS if name not in HEAD_LEVEL_ROWS)
 
 
 @dataclass
@@ -113,6 +117,7 @@ def standard_rows(
     names: Sequence[str] = DEFAULT_ROWS,
     lazy_selection: Sequence[int] | None = None,
     kv_head_scores: Sequence[Sequence[float]] | None = None,
+    kv_head_gates: Sequence[Sequence[float]] | None = None,
     seed: int = 0,
 ) -> list[EvalRow]:
     """Build the rows compared at one ratio.
@@ -124,7 +129,11 @@ def standard_rows(
         sink, window: streaming parameters every streaming row uses.
         names: which rows, from :data:`ROW_KINDS`.
         lazy_selection: the conversion's layers, when they come from a checkpoint (else chosen here).
-        kv_head_scores: ``[num_layers][num_kv_heads]`` long-context scores (the ``head-level`` row).
+        kv_head_scores: ``[num_layers][num_kv_heads]`` attention-mass long-context scores (the ``head-level``
+            row; :meth:`~lighttransfer.analysis.AnalysisReport.kv_head_long_context_scores` with ``attention``).
+        kv_head_gates: ``[num_layers][num_kv_heads]`` optimized gates in [0, 1] (the ``head-level-gates`` row;
+            the report's ``kv_head_gates``, DuoAttention arXiv 2410.10819 Sec. 3.2). Both rows stream the
+            lowest-scoring heads model-wide, as many as the layer-level rows stream (equal KV budget).
         seed: seed of the random row.
     """
     unknown = [n for n in names if n not in ROW_KINDS]
@@ -168,19 +177,25 @@ def standard_rows(
         "online": lambda: EvalRow("online", online_ratio=k / n if n else 0.0, prefill="full", **common,
                                   note="per-input selection after full prefill"),
     }
-    def head_level() -> EvalRow:
+
+    def head_level(name: str, scores, what: str, missing: str) -> EvalRow:
         from ..convert import select_kv_heads, split_head_masks
 
-        if kv_head_scores is None:
-            raise LightTransferError("the head-level row needs per-KV-head scores; pass --report REPORT.json.")
+        if scores is None:
+            raise LightTransferError(f"the {name} row needs {missing}.")
         # the same number of streaming KV heads as the layer-level rows: equal KV budget at every length
-        masks = select_kv_heads(kv_head_scores, ratio=k / n) if k else {}
+        masks = select_kv_heads(scores, ratio=k / n) if k else {}
         layers, partial = split_head_masks(masks)
-        return EvalRow("head-level", streaming_layers=layers, head_masks=partial, **common,
-                       note=f"{sum(map(sum, masks.values()))} KV heads with the lowest long-context scores")
+        return EvalRow(name, streaming_layers=layers, head_masks=partial, **common,
+                       note=f"{sum(map(sum, masks.values()))} KV heads with the lowest {what}")
 
-    build["head-level"] = head_level
+    build["head-level"] = lambda: head_level(
+        "head-level", kv_head_scores, "attention mass beyond sink + window",
+        "per-KV-head attention scores; pass --report REPORT.json")
+    build["head-level-gates"] = lambda: head_level(
+        "head-level-gates", kv_head_gates, "optimized gates",
+        "KV-head gates; pass --report with gates from 'lighttransfer analyze --method optimize'")
     return [build[name]() for name in names]
 
 
-__all__ = ["EvalRow", "ROW_KINDS", "DEFAULT_ROWS", "standard_rows", "rank_laziest", "pick_layers"]
+__all__ = ["EvalRow", "ROW_KINDS", "DEFAULT_ROWS", "HEAD_LEVEL_ROWS", "standard_rows", "rank_laziest", "pick_layers"]

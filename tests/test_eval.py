@@ -285,3 +285,87 @@ def test_head_level_row_has_the_layer_level_kv_budget():
     with MaskedBackend(tiny_model).sequence(head) as (model, after):
         mixed = continuation_logits(model, ids, 60, after_prefill=after)
     assert (mixed - dense).abs().max() > 1e-4
+
+
+# ---- head-level rows: attention mass against optimized gates -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gated_report(tiny_dir_with_tokenizer, tmp_path_factory):
+    """A real analysis report of the tiny llama (4 layers x 2 KV heads) without gates, and a copy carrying gates
+    that are the complement of the attention-mass choice at ratio 0.5: gate 1 on every head the mass would
+    stream, 0 on every head it keeps full."""
+    from lighttransfer.analysis.head_gates import HeadGateResult, attach_head_gates
+    from lighttransfer.analysis.pipeline import analyze_tokens
+    from lighttransfer.convert import select_kv_heads
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir_with_tokenizer, dtype=torch.float32).eval()
+    report = analyze_tokens(model, _ids(128).view(2, 64), sink=SINK, recent=WINDOW, last=8,
+                            model_id=str(tiny_dir_with_tokenizer))
+    d = tmp_path_factory.mktemp("gated-report")
+    plain = report.save(d / "plain.json")
+    by_mass = select_kv_heads(report.kv_head_long_context_scores("attention"), ratio=0.5)
+    gates = [[1.0 if by_mass.get(layer, [False] * 2)[h] else 0.0 for h in range(2)] for layer in range(4)]
+    attach_head_gates(report, HeadGateResult(gates=gates, loss_history=[0.0], distill_history=[0.0],
+                                             gate_mean_history=[0.5], params={"steps": 1}))
+    return plain, report.save(d / "gated.json"), by_mass
+
+
+def test_head_level_gates_row_streams_the_lowest_gates():
+    lazy = [0.9, 0.1, 0.8, 0.2]
+    mass = [[0.1, 0.9], [0.2, 0.3], [0.05, 0.8], [0.7, 0.6]]
+    gates = [[0.0, 1.0], [0.0, 0.0], [1.0, 0.9], [0.3, 0.1]]
+    rows = {r.name: r for r in standard_rows(
+        lazy_ratios=lazy, ratio=0.5, num_kv_heads=2, sink=SINK, window=WINDOW,
+        names=["lighttransfer", "head-level", "head-level-gates"], kv_head_scores=mass, kv_head_gates=gates)}
+    gated = rows["head-level-gates"]
+    # the four lowest gates: layer 1 entirely, (0, 0) and (3, 1)
+    assert gated.streaming_layers == [1] and gated.head_masks == {0: [True, False], 3: [False, True]}
+    assert rows["head-level"].head_masks == {0: [True, False], 2: [True, False]}  # mass, not the gates
+    assert "optimized gates" in gated.note
+    for length in (64, 1000):
+        assert gated.kv_fraction(length) == pytest.approx(rows["lighttransfer"].kv_fraction(length))
+    with pytest.raises(LightTransferError, match="head-level-gates row needs KV-head gates"):
+        standard_rows(lazy_ratios=lazy, ratio=0.5, num_kv_heads=2, sink=SINK, window=WINDOW,
+                      names=["head-level-gates"], kv_head_scores=mass)
+
+
+def test_eval_cli_compares_mass_and_gate_picked_heads(tiny_dir_with_tokenizer, text_file, gated_report, tmp_path,
+                                                      capsys):
+    _, gated, by_mass = gated_report
+    out = tmp_path / "heads.json"
+    code, _, err = run_cli([
+        "eval", "--baseline", str(tiny_dir_with_tokenizer), "--text", str(text_file), "--report", str(gated),
+        "--lengths", "64", "--windows", "1", "--passkey-lengths", "", "--sink", str(SINK), "--window", str(WINDOW),
+        "--ratio", "0.5", "--rows", "lighttransfer,head-level,head-level-gates", "--device", "cpu",
+        "--out", str(out), "-q",
+    ], capsys)
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+
+    def streaming(row) -> set[tuple[int, int]]:
+        cells = {(layer, h) for layer in row["streaming_layers"] for h in range(2)}
+        return cells | {(int(layer), h) for layer, m in row["head_masks"].items() for h, s in enumerate(m) if s}
+
+    mass_cells = {(layer, h) for layer, m in by_mass.items() for h, s in enumerate(m) if s}
+    # head-level keeps ranking by attention mass although the report's default score is now the gates
+    assert streaming(rows["head-level"]) == mass_cells and len(mass_cells) == 4
+    # the gates were set to the complement of that choice, so the gate row streams exactly the other heads
+    assert streaming(rows["head-level-gates"]) == {(layer, h) for layer in range(4) for h in range(2)} - mass_cells
+    assert rows["head-level-gates"]["kv_fraction"] == rows["lighttransfer"]["kv_fraction"]
+    assert rows["head-level-gates"]["perplexity"]["64"]["ppl"] != rows["head-level"]["perplexity"]["64"]["ppl"]
+
+
+def test_eval_cli_head_level_gates_without_gates_is_one_line(tiny_dir_with_tokenizer, text_file, gated_report,
+                                                             tmp_path, capsys):
+    plain, _, _ = gated_report
+    out = tmp_path / "r.json"
+    code, _, err = run_cli([
+        "eval", "--baseline", str(tiny_dir_with_tokenizer), "--text", str(text_file), "--report", str(plain),
+        "--lengths", "64", "--passkey-lengths", "", "--sink", str(SINK), "--window", str(WINDOW),
+        "--rows", "original,head-level-gates", "--device", "cpu", "--out", str(out),
+    ], capsys)
+    assert code != 0 and "Traceback" not in err
+    assert "head-level-gates" in err and "has none" in err and "--method optimize" in err
+    assert len(err.strip().splitlines()) <= 2  # one message (rich may wrap a long line once)
+    assert not out.exists()
