@@ -168,6 +168,11 @@ def _tuned_launcher(capability: tuple[int, int], block_d: int, block_m: int, aut
 
 
 @functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.cache
 def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -210,7 +215,7 @@ def streaming_decode_triton(
     block_d = max(16, triton.next_power_of_2(dim))
     block_m = max(16, triton.next_power_of_2(group * nq))
     if q.is_cuda:
-        wanted = 2 * _multiprocessors(q.device.index or 0)
+        wanted = 2 * _multiprocessors(q.device.index if q.device.index is not None else torch.cuda.current_device())
         chunk, n_splits = plan_splits(batch, kv_heads, n_slots, wanted, splits=splits)
     else:
         align = INTERPRETER_CONFIG.kwargs["BLOCK_N"]
@@ -239,18 +244,26 @@ def streaming_decode_triton(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     grid = (batch * kv_heads, n_splits)
-    if q.is_cuda:
-        with torch.cuda.device(q.device):
-            kernel = _tuned_launcher(torch.cuda.get_device_capability(q.device), block_d, block_m,
-                                     _autotune_enabled())
-            kernel[grid](*args, **flags)
+
+    def launch(split_kernel, extra: dict):
+        split_kernel[grid](*args, **flags, **extra)
+        if not single:
+            _streaming_decode_merge[(batch * heads * nq,)](
+                part_o, part_lse, o, heads, nq, n_splits, o.stride(0), o.stride(1), o.stride(2),
+                HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
+            )
+
+    if not q.is_cuda:
+        launch(_streaming_decode_split, INTERPRETER_CONFIG.kwargs)
+        return o
+    # decode at batch 1 is host-bound: no per-call device queries or context switches unless needed
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    kernel = _tuned_launcher(_capability(index), block_d, block_m, _autotune_enabled())
+    if index == torch.cuda.current_device():
+        launch(kernel, {})
     else:
-        _streaming_decode_split[grid](*args, **flags, **INTERPRETER_CONFIG.kwargs)
-    if not single:
-        _streaming_decode_merge[(batch * heads * nq,)](
-            part_o, part_lse, o, heads, nq, n_splits, o.stride(0), o.stride(1), o.stride(2),
-            HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
-        )
+        with torch.cuda.device(index):
+            launch(kernel, {})
     return o
 
 

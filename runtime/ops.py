@@ -15,12 +15,18 @@ repeated here), outputs ``[batch, heads, n, head_dim]`` in the queries' dtype.
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .. import kernels
 
 # query rows (queries x GQA group) per decode-kernel launch; its tile holds them all in shared memory
 DECODE_TILE_ROWS = 64
+# SDPA backends for full attention on CUDA. cuDNN is left out: it builds an execution plan per shape and the key
+# length changes at every decode step. Measured on an H100 (torch 2.11): one SDPA call at a new key length costs
+# 39 ms of host time with the default backends, 62 us without cuDNN; in a 135M hybrid the full layers spent
+# ~3.5 ms each per decoded token (bench/results/runtime_decode_profile_h100*).
+FULL_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def prefill_attention(q, k, v, *, sink: int, window: int, q_offset: int, kv_start: torch.Tensor | None,
@@ -60,8 +66,13 @@ def full_attention(module, q, k, v, *, q_offset: int, kv_start: torch.Tensor | N
     mask = None
     if has_padding or (n > 1 and big_n != n):
         mask = causal_padding_mask(n, big_n, q_offset=q_offset, kv_start=kv_start, device=q.device)
-    out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scale,
-                                    is_causal=mask is None)
+    if q.is_cuda:
+        with sdpa_kernel(FULL_ATTENTION_BACKENDS):
+            out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scale,
+                                            is_causal=mask is None)
+    else:
+        out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scale,
+                                        is_causal=mask is None)
     return out.transpose(1, 2)
 
 
