@@ -134,17 +134,23 @@ def _streaming_from_view(module, query, key, value, part: StreamingLayer, kv_sta
 
 def _mixed(module, query, key, value, part: MixedLayer, kv_start, has_padding, scaling, dropout):
     """Full query heads over the full KV heads' history, streaming ones over the slots, back in head order."""
-    heads = query.shape[1]
+    heads, n = query.shape[1], query.shape[2]
     group = heads // len(part.kv_mask)
+    s_key, s_value = part.stream_kv
+    part.stream_kv = None  # the first forward's are the whole prompt's keys: do not keep them alive
+    if part.grouped:  # full heads first: the two groups are views and the outputs join with one cat
+        f = len(part.full_heads) * group
+        full = full_attention(module, query[:, :f], key, value, q_offset=key.shape[2] - n, kv_start=kv_start,
+                              has_padding=has_padding, scale=scaling, dropout=dropout)
+        stream = _streaming_from_view(module, query[:, f:], s_key, s_value, part.streaming, kv_start,
+                                      has_padding, scaling, dropout)
+        return torch.cat([full, stream], dim=1)
     full_kv, stream_kv = part.head_index(query.device)
     full_q = (full_kv.view(-1, 1) * group + torch.arange(group, device=query.device)).flatten()
     stream_q = (stream_kv.view(-1, 1) * group + torch.arange(group, device=query.device)).flatten()
-    out = query.new_empty(query.shape[0], heads, query.shape[2], value.shape[-1])
-    n = query.shape[2]
+    out = query.new_empty(query.shape[0], heads, n, value.shape[-1])
     out[:, full_q] = full_attention(module, query.index_select(1, full_q), key, value, q_offset=key.shape[2] - n,
                                     kv_start=kv_start, has_padding=has_padding, scale=scaling, dropout=dropout)
-    s_key, s_value = part.stream_kv
-    part.stream_kv = None  # the first forward's are the whole prompt's keys: do not keep them alive
     out[:, stream_q] = _streaming_from_view(module, query.index_select(1, stream_q), s_key, s_value,
                                             part.streaming, kv_start, has_padding, scaling, dropout)
     return out

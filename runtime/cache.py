@@ -355,6 +355,8 @@ class MixedLayer(_CountingLayer):
             raise ValueError("a mixed layer needs both streaming and full KV heads")
         self.full_heads = [i for i, s in enumerate(self.kv_mask) if not s]
         self.stream_heads = [i for i, s in enumerate(self.kv_mask) if s]
+        # full heads first (the runtime reorders the weights so): each group is a view, no gather
+        self.grouped = self.full_heads == list(range(len(self.full_heads)))
         self.streaming = StreamingLayer(sink=sink, window=window, prefill=prefill, sequence=sequence)
         self.seen = 0
         self.stream_kv: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -378,13 +380,22 @@ class MixedLayer(_CountingLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        full_idx, stream_idx = self.head_index(key_states.device)
-        self.keys = torch.cat([self.keys, key_states.index_select(1, full_idx)], dim=2)
-        self.values = torch.cat([self.values, value_states.index_select(1, full_idx)], dim=2)
+        full_k, stream_k, full_v, stream_v = self.split_heads(key_states, value_states)
+        self.keys = torch.cat([self.keys, full_k], dim=2)
+        self.values = torch.cat([self.values, full_v], dim=2)
         self.seen += key_states.shape[2]
-        self.stream_kv = self.streaming.update(key_states.index_select(1, stream_idx),
-                                               value_states.index_select(1, stream_idx))
+        self.stream_kv = self.streaming.update(stream_k, stream_v)
         return self.keys, self.values
+
+    def split_heads(self, *states: torch.Tensor) -> list[torch.Tensor]:
+        """Each ``[batch, kv_heads, n, D]`` tensor split into its full and its streaming KV heads (``[full_0,
+        stream_0, full_1, stream_1, ...]``):
+        views when the heads are grouped, gathers otherwise."""
+        f = len(self.full_heads)
+        if self.grouped:
+            return [part for t in states for part in (t[:, :f], t[:, f:])]
+        full_idx, stream_idx = self.head_index(states[0].device)
+        return [part for t in states for part in (t.index_select(1, full_idx), t.index_select(1, stream_idx))]
 
     def reset(self) -> None:
         self.keys = self.values = None

@@ -22,16 +22,20 @@ returns, without the memory bound).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import logging
 
 import torch
 from transformers.cache_utils import DynamicCache
 
+from ..convert.hybrid_config import CONFIG_KEY
 from ..errors import LightTransferError
 from ..loading import check_attention_swappable
 from .attention import ATTENTION_NAME, PLAN_ATTR, STEP_KWARG, LayerPlan, StepContext, register
 from .cache import HybridCache, leading_padding
+from .head_order import grouped_kv_order, inverse, permute_heads, supports_reordering
 from .layout import RuntimeLayout
 from .online import OnlineSelector
 
@@ -52,6 +56,9 @@ class HybridRuntime:
         self.cache_keyword = "cache" if "cache" in params else "past_key_values"
         self._handle = base.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self.previous_attn_implementation = model.config._attn_implementation
+        # {layer: KV-head order applied to the weights} (see head_order.py), undone by disable_hybrid
+        self.head_orders: dict[int, list[int]] = {}
+        self.previous_config_block = None
 
     def make_cache(self) -> HybridCache:
         """A fresh, empty cache laid out for this model."""
@@ -102,8 +109,14 @@ class HybridRuntime:
         return args, kwargs
 
 
-def enable_hybrid(model, layout: RuntimeLayout):
-    """Make ``model`` run ``layout`` (in place) and return it. Calling it again replaces the previous layout."""
+def enable_hybrid(model, layout: RuntimeLayout, *, reorder_heads: bool = True):
+    """Make ``model`` run ``layout`` (in place) and return it. Calling it again replaces the previous layout.
+
+    ``reorder_heads``: in layers that mix streaming and full KV heads, permute the heads in the weights so that
+    each group is contiguous (exact; saves a gather and a scatter per group and step, see ``head_order.py``).
+    The checkpoint block on ``model.config`` is updated to the new order, so ``save_pretrained`` stays
+    consistent; :func:`disable_hybrid` restores the original order.
+    """
     check_attention_swappable(model)
     register()
     disable_hybrid(model)
@@ -112,11 +125,17 @@ def enable_hybrid(model, layout: RuntimeLayout):
         raise LightTransferError(
             f"found {len(modules)} attention layers in the model but the layout describes {layout.num_layers}; "
             "this architecture's attention modules are not recognized.")
+    orders: dict[int, list[int]] = {}
+    if reorder_heads and layout.kv_head_masks:
+        layout, orders = _reorder_mixed_heads(modules, layout)
     for idx, module in modules.items():
         kind = layout.kinds[idx]
         setattr(module, PLAN_ATTR, LayerPlan(layer_idx=idx, kind=kind, sink=layout.sink, window=layout.window,
                                              prefill=layout.prefill, kv_head_mask=layout.kv_head_masks.get(idx)))
     runtime = HybridRuntime(model, layout)
+    runtime.head_orders = orders
+    if orders:
+        runtime.previous_config_block = _reorder_config_block(model.config, orders)
     setattr(model, RUNTIME_ATTR, runtime)
     model.set_attn_implementation(ATTENTION_NAME)
     if layout.chunk_size is not None and model.generation_config is not None:
@@ -131,11 +150,50 @@ def disable_hybrid(model) -> None:
     if runtime is None:
         return
     runtime.remove()
-    for module in attention_modules(model).values():
+    modules = attention_modules(model)
+    for module in modules.values():
         if hasattr(module, PLAN_ATTR):
             delattr(module, PLAN_ATTR)
+    for idx, order in runtime.head_orders.items():
+        _permute(modules[idx], inverse(order), len(order))
+    if runtime.previous_config_block is not None:
+        setattr(model.config, CONFIG_KEY, runtime.previous_config_block)
     delattr(model, RUNTIME_ATTR)
     model.set_attn_implementation(runtime.previous_attn_implementation or "sdpa")
+
+
+def _permute(module, kv_order: list[int], num_kv_heads: int) -> None:
+    head_dim = module.k_proj.out_features // num_kv_heads
+    permute_heads(module, kv_order, num_heads=module.q_proj.out_features // head_dim, num_kv_heads=num_kv_heads,
+                  head_dim=head_dim)
+
+
+def _reorder_mixed_heads(modules, layout: RuntimeLayout) -> tuple[RuntimeLayout, dict[int, list[int]]]:
+    """Permute every mixed layer's heads (where the module allows it) and return the layout in the new order."""
+    masks = dict(layout.kv_head_masks)
+    orders = {}
+    for idx, mask in layout.kv_head_masks.items():
+        order = grouped_kv_order(mask)
+        if order == list(range(len(mask))) or not supports_reordering(modules[idx]):
+            continue
+        _permute(modules[idx], order, len(mask))
+        orders[idx] = order
+        masks[idx] = tuple(mask[i] for i in order)
+    return dataclasses.replace(layout, kv_head_masks=masks), orders
+
+
+def _reorder_config_block(config, orders: dict[int, list[int]]):
+    """Rewrite the checkpoint block's head masks in the weights' new order; return the block as it was."""
+    block = getattr(config, CONFIG_KEY, None)
+    if not isinstance(block, dict) or not block.get("head_masks"):
+        return None
+    new = copy.deepcopy(block)
+    for key, mask in block["head_masks"].items():
+        order = orders.get(int(key))
+        if order is not None:
+            new["head_masks"][key] = [mask[i] for i in order]
+    setattr(config, CONFIG_KEY, new)
+    return block
 
 
 def runtime_of(model) -> HybridRuntime:

@@ -101,3 +101,62 @@ def test_chunked_prefill_with_mixed_layers_equals_one_pass():
         one = model(ids, use_cache=True)
         chunked = prefill_chunked(model, ids, chunk_size=6, logits="all")
     assert max_diff(one.logits, chunked.logits) <= 1e-5
+
+
+# ---- head reordering (full KV heads first, so each group is a view) ---------------------------------------
+REORDER_MASKS = {0: [True, False, True, False], 1: [False, True, True, False], 2: [False, False, True, True]}
+
+
+def _four_kv_heads(arch: str, **overrides):
+    return make_tiny_model(arch, num_attention_heads=8, num_key_value_heads=4, **overrides)
+
+
+def test_grouped_order_puts_full_heads_first_and_inverts():
+    from lighttransfer.runtime.head_order import grouped_kv_order, inverse, query_order
+
+    order = grouped_kv_order([True, False, True, False])
+    assert order == [1, 3, 0, 2]
+    assert [order[i] for i in inverse(order)] == [0, 1, 2, 3]
+    assert query_order([1, 0], 2) == [2, 3, 0, 1]
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "qkv-bias"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reordered_heads_give_the_same_logits_and_are_restored(arch, bias):
+    from lighttransfer.runtime import disable_hybrid
+
+    overrides = {"attention_bias": True} if bias else {}
+    model, plain = _four_kv_heads(arch, **overrides), _four_kv_heads(arch, **overrides)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layout = resolve_layout(model.config, head_masks=REORDER_MASKS, sink=SINK, window=WINDOW)
+    enable_hybrid(plain, layout, reorder_heads=False)
+    enable_hybrid(model, layout)
+    parts = make_cache(model).layers
+    assert all(isinstance(parts[i], MixedLayer) and parts[i].grouped for i in REORDER_MASKS)
+    assert not torch.equal(model.state_dict()["model.layers.0.self_attn.k_proj.weight"],
+                           before["model.layers.0.self_attn.k_proj.weight"])  # the weights really moved
+    prompt = random_ids(2, 33, seed=4)
+    kw = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True,
+              pad_token_id=0)
+    got, want = model.generate(input_ids=prompt, **kw), plain.generate(input_ids=prompt, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert max_diff(torch.stack(got.logits, 1), torch.stack(want.logits, 1)) <= 1e-5
+    disable_hybrid(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_reordering_keeps_the_checkpoint_block_consistent():
+    from lighttransfer.convert.hybrid_config import CONFIG_KEY, HybridConfig
+    from lighttransfer.runtime import disable_hybrid
+
+    model = _four_kv_heads("llama")
+    block = HybridConfig(num_layers=3, num_kv_heads=4, head_masks=REORDER_MASKS, sink=SINK, window=WINDOW,
+                         granularity="head")
+    block.attach(model.config)
+    enable_hybrid(model, resolve_layout(model.config, head_masks=REORDER_MASKS, sink=SINK, window=WINDOW))
+    saved = HybridConfig.from_model_config(model.config)
+    assert saved.head_masks[0] == [False, False, True, True]  # the masks follow the weights' new order
+    assert saved.head_masks[1] == [False, False, True, True]
+    disable_hybrid(model)
+    assert HybridConfig.from_model_config(model.config).head_masks[0] == REORDER_MASKS[0]
+    assert getattr(model.config, CONFIG_KEY)["head_masks"]["1"] == REORDER_MASKS[1]

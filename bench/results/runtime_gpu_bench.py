@@ -3,7 +3,8 @@
 Random weights in bf16 (the real GGUF does not travel to the GPU machine; memory and speed do not depend on the
 weights). Variants, all at the same KV budget where they stream: dense (SDPA, DynamicCache); layer-level (layers
 11..29 stream, 19/30); head-level (57 of the 90 KV heads stream, spread over the layers); online (19/30 layers
-chosen per prompt); layer-level again with a chunked prefill (2048 tokens a chunk). Sink 4, window 1020.
+chosen per prompt); layer-level again with a chunked prefill (2048 tokens a chunk); head-level without reordering
+the heads (gathers per step instead of views). Sink 4, window 1020.
 For each prompt length: prefill time, decode tokens/s over 128 greedy steps, KV-cache bytes at the end, and the allocator's peak over prefill + decode.
 
     PYTHONPATH=<dir with a lighttransfer link> python3 bench/results/runtime_gpu_bench.py OUT.json [VARIANT ...]
@@ -36,10 +37,12 @@ def build(variant: str):
     if variant in ("layer", "layer-chunked"):
         enable_hybrid(model, resolve_layout(model.config, streaming_layers=list(range(11, 30)), sink=SINK,
                                             window=WINDOW))
-    elif variant == "head":
+    elif variant in ("head", "head-gather"):
         masks = {i: [True, True, False] for i in range(1, 29)}
         masks[29] = [True, False, False]  # 28 * 2 + 1 = 57 streaming KV heads = 19 layers' worth
-        enable_hybrid(model, resolve_layout(model.config, head_masks=masks, sink=SINK, window=WINDOW))
+        # "head" reorders each mixed layer's heads in the weights (views); "head-gather" keeps the order (gathers)
+        enable_hybrid(model, resolve_layout(model.config, head_masks=masks, sink=SINK, window=WINDOW),
+                      reorder_heads=variant == "head")
     elif variant == "online":
         enable_hybrid(model, resolve_layout(model.config, online_ratio=19 / 30, sink=SINK, window=WINDOW))
     return model
@@ -80,7 +83,7 @@ def measure(model, variant: str, length: int) -> dict:
                 streaming_layers=getattr(cache, "streaming_layer_indices", lambda: [])())
 
 
-VARIANTS = ("dense", "layer", "layer-chunked", "head", "online")
+VARIANTS = ("dense", "layer", "layer-chunked", "head", "head-gather", "online")
 
 
 def main(path: str, variants=VARIANTS) -> None:
