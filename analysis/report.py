@@ -108,6 +108,23 @@ class AnalysisReport:
         """``[num_layers]`` mean lazy ratio of each layer (higher = lazier = safer to stream)."""
         return [s.lazy_ratio.mean for s in self.layers]
 
+    def layer_streaming_scores(self, method: str | None = None) -> list[float]:
+        """``[num_layers]`` score that ranks layers for streaming (higher = stream first).
+
+        ``method="attention"``: the lazy ratio (LightTransfer's rule). ``method="optimize"``: ``1 - max`` of the
+        layer's optimized KV-head gates (a layer streams first when none of its heads needs the far past).
+        ``None``: :attr:`head_score_method`, so a report from ``analyze --method optimize`` ranks layers by its
+        gates too.
+        """
+        method = method or self.head_score_method
+        if method == "optimize":
+            from ..convert.selection import layer_scores_from_gates
+
+            return layer_scores_from_gates(self.kv_head_long_context_scores("optimize"))
+        if method != "attention":
+            raise LightTransferError(f"layer score method '{method}' is not known; use attention or optimize.")
+        return self.layer_lazy_ratios()
+
     def head_lazy_ratios(self) -> list[list[float]]:
         """``[num_layers][num_heads]`` mean lazy ratio of each query head."""
         return [list(row) for row in self.query_heads.lazy_ratio]

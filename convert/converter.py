@@ -373,14 +373,16 @@ def _run_analysis(loaded: LoadedModel, *, calib, seq_len, samples, sink, window,
 def _select(report, *, num_layers, num_kv_heads, ratio, layers, keep, granularity, strategy, seed, sink, window,
             prefill, native_swa, source) -> tuple[HybridConfig, list[SelectionRow]]:
     lazy = list(report.layer_lazy_ratios()) if report is not None else None
+    # what ranks the layers: the lazy ratio, or the optimized gates when the report's method says so
+    layer_scores = list(report.layer_streaming_scores()) if report is not None else None
     head_masks: dict[int, list[bool]] = {}
     if granularity == "head":
         scores = report.kv_head_long_context_scores() if report is not None else [[0.0] * num_kv_heads] * num_layers
         streaming, head_masks = split_head_masks(
             select_kv_heads(scores, ratio=ratio, keep_layers=keep, strategy=strategy, seed=seed))
     else:
-        streaming = select_layers(lazy if lazy is not None else [0.0] * num_layers, ratio=ratio, keep=keep,
-                                  layers=layers, strategy=strategy, seed=seed)
+        streaming = select_layers(layer_scores if layer_scores is not None else [0.0] * num_layers, ratio=ratio,
+                                  keep=keep, layers=layers, strategy=strategy, seed=seed)
     calibration = {}
     summary: dict[str, Any] = {}
     if report is not None:
@@ -391,7 +393,8 @@ def _select(report, *, num_layers, num_kv_heads, ratio, layers, keep, granularit
                                    if not isinstance(v, (list, dict)) or k in ("sources", "files")}
         summary = dict(report.summary())
     summary["selection"] = {"ratio": None if layers is not None else ratio, "strategy": "manual" if layers is not None else strategy,
-                            "keep": list(keep), "seed": seed}
+                            "keep": list(keep), "seed": seed,
+                            "score": report.head_score_method if report is not None else None}
     hybrid = HybridConfig(
         num_layers=num_layers, num_kv_heads=num_kv_heads, streaming_layers=streaming, head_masks=head_masks,
         sink=sink, window=window, prefill=prefill, granularity=granularity, source=source,

@@ -111,3 +111,12 @@ def test_layers_without_a_score_are_picked_last(strategy):
     ratios = [0.5, float("nan"), 0.9, 0.1]
     picked = select_layers(ratios, ratio=0.75, strategy=strategy)
     assert 1 not in picked and len(picked) == 3
+
+
+def test_layer_scores_from_gates_rank_a_layer_by_its_most_needed_head():
+    from lighttransfer.convert.selection import layer_scores_from_gates, select_layers
+
+    gates = [[0.1, 0.9], [0.2, 0.3], [0.0, 0.05], [1.0, 0.0]]
+    scores = layer_scores_from_gates(gates)
+    assert scores == pytest.approx([0.1, 0.7, 0.95, 0.0])
+    assert select_layers(scores, ratio=0.5) == [1, 2]  # layer 3 has one head that needs everything

@@ -232,6 +232,18 @@ def test_analyze_method_optimize_stores_gates_that_convert_ranks(tiny_dir, tmp_p
     assert report.params["gates"]["steps"] == 3 and report.params["gates"]["window"] == 16
     assert report.kv_head_long_context_scores() == gates
     assert report.kv_head_long_context_scores("attention") == report.kv_heads.long_context_mass
+    layer_scores = report.layer_streaming_scores()
+    assert layer_scores == [1.0 - max(row) for row in gates]
+    assert report.layer_streaming_scores("attention") == report.layer_lazy_ratios()
+    hybrid = tmp_path / "hybrid"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["convert", str(tiny_dir), "--report", str(out), "--ratio", "0.5", "--sink", "2", "--window", "16",
+                  "--out", str(hybrid)])
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    block = json.loads((hybrid / "config.json").read_text())["lighttransfer"]
+    by_gate = sorted(range(4), key=lambda i: (-layer_scores[i], i))[:2]  # the two layers whose gates are lowest
+    assert block["streaming_layers"] == sorted(by_gate)
+    assert block["report_summary"]["selection"]["score"] == "optimize"
     streamed = select_kv_heads(report.kv_head_long_context_scores(), ratio=0.5)
     lowest = sorted(((g, layer, head) for layer, row in enumerate(gates) for head, g in enumerate(row)))[:4]
     assert {(layer, head) for _, layer, head in lowest} == {(layer, head) for layer, mask in streamed.items()
