@@ -31,8 +31,12 @@ class FakeReport:
     model_id: str = "tiny"
     params: dict = field(default_factory=lambda: {"sink": 4, "recent": 16, "last": 8, "seq_len": 64, "samples": 2})
     calibration: dict = field(default_factory=lambda: {"source": "fake.txt"})
+    head_score_method: str = "attention"
 
     def layer_lazy_ratios(self):
+        return list(self.lazy)
+
+    def layer_streaming_scores(self):
         return list(self.lazy)
 
     def kv_head_long_context_scores(self):
