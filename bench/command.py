@@ -92,6 +92,9 @@ class _Bar:
               help="Passkey prompt lengths, comma-separated; empty for no passkey test.")
 @click.option("--passkey-depths", type=int, default=10, show_default=True, help="Needle depths per length.")
 @click.option("--passkey-trials", type=int, default=2, show_default=True, help="Samples per (length, depth).")
+@click.option("--passkey-format", type=click.Choice(["passkey", "needle"]), default="passkey", show_default=True,
+              help="Retrieval prompt wording: passkey (the template the synthetic calibration source and the gate "
+                   "optimization also use) or needle (a fact stated once in other words: a held-out format).")
 @click.option("--rows", default=",".join(("original", "lighttransfer", "random", "least-lazy", "streamingllm",
                                           "prefill-full", "online")), show_default=True,
               help="Rows to compare, comma-separated. " + "; ".join(f"{k}: {v}" for k, v in ROW_KINDS.items())
@@ -109,7 +112,7 @@ class _Bar:
 @model_options
 @verbosity_options
 def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_windows, passkey_lengths,
-             passkey_depths, passkey_trials, rows, ratio, sink, window, backend, seed, out, device, dtype,
+             passkey_depths, passkey_trials, passkey_format, rows, ratio, sink, window, backend, seed, out, device, dtype,
              trust_remote_code):
     """Perplexity and passkey retrieval of a hybrid against the original and baseline selections."""
     from .eval_report import markdown_report
@@ -124,7 +127,7 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
         baseline=baseline, text=text, text_lines=_line_range(text_lines), hybrid=hybrid, report=report,
         lengths=_int_list(lengths, "--lengths"), stride=stride, max_windows=max_windows,
         passkey_lengths=_int_list(passkey_lengths, "--passkey-lengths"), passkey_depths_count=passkey_depths,
-        passkey_trials=passkey_trials, rows=[r.strip() for r in rows.split(",") if r.strip()], ratio=ratio,
+        passkey_trials=passkey_trials, passkey_format=passkey_format, rows=[r.strip() for r in rows.split(",") if r.strip()], ratio=ratio,
         sink=sink, window=window, backend=backend, seed=seed, device=device, dtype=dtype, out=out,
     )
     if is_quiet():

@@ -25,6 +25,8 @@ def markdown_report(result) -> str:
         "original's, sink and window included (with a full prefill, the peak during prefill is 100%).",
         "",
     ]
+    if result.passkey_lengths and getattr(result, "passkey_format", "passkey") != "passkey":
+        lines += [f"Retrieval prompts: the '{result.passkey_format}' wording (calibration.passkey.TEMPLATES).", ""]
     header = ["row", "layers streaming", *[f"ppl @{L}" for L in result.lengths]]
     header += [f"passkey @{L}" for L in result.passkey_lengths]
     if result.passkey_lengths:

@@ -58,6 +58,7 @@ class EvalResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
     hybrid: str | None = None
+    passkey_format: str = "passkey"
     schema_version: int = SCHEMA_VERSION
 
     def row(self, name: str) -> dict[str, Any]:
@@ -149,6 +150,7 @@ def evaluate(
     passkey_depths_count: int = 10,
     passkey_lengths: Sequence[int] = (),
     passkey_trials: int = 2,
+    passkey_format: str = "passkey",
     text_lines: tuple[int, int] | None = None,
     backend: str = "masked",
     device: str = "auto",
@@ -172,6 +174,8 @@ def evaluate(
         stride: scored tokens per perplexity window (default: a quarter of the length).
         max_windows: perplexity windows per length.
         passkey_depths_count, passkey_lengths, passkey_trials: the passkey grid (no lengths: no passkey).
+        passkey_format: the retrieval prompt's wording: ``passkey`` (the pass-key template, also the synthetic
+            calibration source) or ``needle`` (a fact stated once in other words).
         text_lines: use only these lines of ``text`` (1-based, inclusive).
         backend: ``masked`` (one dense model, masked; exact) or ``runtime`` (the bounded-cache runtime).
         out: write ``<out>.json``, ``.md`` and plots (``out`` ending in ``.json``) or into directory ``out``.
@@ -229,7 +233,7 @@ def evaluate(
                                max_windows=max_windows) for L in lengths}
     depths = passkey_depths(passkey_depths_count)
     samples = passkey_samples(tokenizer, body, lengths=passkey_lengths, depths=depths,
-                              trials=passkey_trials, seed=seed) if passkey_lengths else []
+                              trials=passkey_trials, seed=seed, template=passkey_format) if passkey_lengths else []
 
     runner = MaskedBackend(model) if backend == "masked" else RuntimeBackend(model)
     total = len(eval_rows) * (sum(len(w) for w in windows.values()) + len(samples))
@@ -242,6 +246,7 @@ def evaluate(
         passkey_depths=depths, passkey_trials=passkey_trials, text=f"{Path(text).name}"
         + (f" lines {text_lines[0]}-{text_lines[1]}" if text_lines else ""), backend=backend,
         environment=_environment(next(model.parameters()).device), hybrid=str(hybrid) if hybrid else None,
+        passkey_format=passkey_format,
     )
     for row in eval_rows:
         t0 = time.perf_counter()

@@ -49,23 +49,28 @@ def passkey_depths(count: int) -> list[float]:
     return [0.5] if count == 1 else [i / (count - 1) for i in range(count)]
 
 
-def make_sample(tokenizer, filler_text: str, *, length: int, depth: float, seed: int) -> PasskeySample:
+def make_sample(tokenizer, filler_text: str, *, length: int, depth: float, seed: int,
+                template: str = "passkey") -> PasskeySample:
     """One sample of exactly ``length`` prompt tokens (the calibration package's builder) plus its answer ids."""
     from ..calibration import make_passkey_sample
 
-    built = make_passkey_sample(tokenizer, filler_text, length_tokens=length, depth=depth, seed=seed)
+    built = make_passkey_sample(tokenizer, filler_text, length_tokens=length, depth=depth, seed=seed,
+                                template=template)
     answer = tokenizer(ANSWER.format(key=built.answer), add_special_tokens=False)["input_ids"]
     return PasskeySample(prompt_ids=built.input_ids, answer_ids=torch.tensor(answer, dtype=torch.long),
                          key=built.answer, depth=depth)
 
 
 def passkey_samples(
-    tokenizer, filler_text: str, *, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int = 0
+    tokenizer, filler_text: str, *, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int = 0,
+    template: str = "passkey",
 ) -> list[PasskeySample]:
-    """Samples for every (length, depth, trial); keys and filler offsets drawn from ``seed``."""
+    """Samples for every (length, depth, trial); keys and filler offsets drawn from ``seed``; ``template`` picks
+    the wording (``calibration.passkey.TEMPLATES``)."""
     rng = random.Random(seed)
     return [
-        make_sample(tokenizer, filler_text, length=length, depth=depth, seed=rng.randrange(2**31))
+        make_sample(tokenizer, filler_text, length=length, depth=depth, seed=rng.randrange(2**31),
+                    template=template)
         for length in lengths
         for depth in depths
         for _ in range(trials)

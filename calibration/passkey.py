@@ -7,6 +7,9 @@ Layout of one sample (token ids, exactly ``length_tokens`` of them)::
 * intro: "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it."
 * needle: "The pass key is 12345. Remember it. 12345 is the pass key."
 * question: "What is the pass key? The pass key is" -- the model should continue with the key.
+* ``template="needle"`` swaps the wording for a different retrieval task (a city's "special number" stated once
+  in plain prose, asked back in other words), to check that what was learned or measured on the passkey
+  wording carries over.
 * filler: consecutive tokens of real prose (by default the shipped Austen text), starting at a seeded offset;
   ``split = round(depth * len(filler))``, so depth 0 puts the needle right after the intro and depth 1 right
   before the question.
@@ -28,6 +31,24 @@ from ..errors import LightTransferError
 INTRO = "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it.\n\n"
 NEEDLE = "\n{key} is important. The pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+class Template(NamedTuple):
+    """The fixed text around the filler: ``needle`` holds ``{key}``; the answer follows ``question``."""
+
+    intro: str
+    needle: str
+    question: str
+
+
+TEMPLATES = {
+    "passkey": Template(INTRO, NEEDLE, QUESTION),
+    "needle": Template(
+        "Below is a long excerpt of a novel. One sentence in it does not belong to the story.\n\n",
+        "\nOne more fact, unrelated to the story: the special number of the town of Kelmswick is {key}.\n",
+        "\n\nQuestion: which special number was given for the town of Kelmswick? Answer: it is",
+    ),
+}
 
 _token_cache: dict[tuple[int, int, int], list[int]] = {}
 
@@ -72,6 +93,7 @@ def make_passkey_sample(
     length_tokens: int,
     depth: float,
     seed: int = 0,
+    template: str = "passkey",
 ) -> PasskeySample:
     """Build one passkey prompt of exactly ``length_tokens`` tokens with the needle at ``depth``.
 
@@ -81,6 +103,7 @@ def make_passkey_sample(
         length_tokens: total prompt length in tokens, BOS and question included.
         depth: where the needle sits in the filler, 0 (start) .. 1 (end).
         seed: picks the key and the filler's starting offset; same seed, same sample.
+        template: the wording, a key of :data:`TEMPLATES` (``passkey`` or ``needle``).
 
     Returns:
         :class:`PasskeySample` ``(input_ids [length_tokens] int64, answer)``.
@@ -91,12 +114,15 @@ def make_passkey_sample(
     """
     if not 0.0 <= depth <= 1.0:
         raise LightTransferError(f"passkey depth must be between 0 and 1, got {depth}.")
+    if template not in TEMPLATES:
+        raise LightTransferError(f"passkey format '{template}' is not known; use one of {', '.join(TEMPLATES)}.")
+    words = TEMPLATES[template]
     rng = random.Random(seed)
     key = str(rng.randint(10000, 99999))
     bos = bos_prefix(tokenizer)
-    intro = token_ids(tokenizer, INTRO)
-    needle = token_ids(tokenizer, NEEDLE.format(key=key))
-    question = token_ids(tokenizer, QUESTION)
+    intro = token_ids(tokenizer, words.intro)
+    needle = token_ids(tokenizer, words.needle.format(key=key))
+    question = token_ids(tokenizer, words.question)
     budget = length_tokens - len(bos) - len(intro) - len(needle) - len(question)
     if budget < 0:
         fixed = length_tokens - budget
@@ -135,4 +161,4 @@ def passkey_samples(
     return torch.stack([r.input_ids for r in rows]), depths
 
 
-__all__ = ["PasskeySample", "make_passkey_sample", "passkey_samples", "bos_prefix", "token_ids"]
+__all__ = ["TEMPLATES", "Template", "PasskeySample", "make_passkey_sample", "passkey_samples", "bos_prefix", "token_ids"]

@@ -369,3 +369,19 @@ def test_eval_cli_head_level_gates_without_gates_is_one_line(tiny_dir_with_token
     assert "head-level-gates" in err and "has none" in err and "--method optimize" in err
     assert len(err.strip().splitlines()) <= 2  # one message (rich may wrap a long line once)
     assert not out.exists()
+
+
+def test_the_needle_format_words_the_prompt_differently_at_the_same_length():
+    from lighttransfer.calibration.passkey import TEMPLATES
+
+    tokenizer = byte_tokenizer()
+    filler = "It was a truth universally acknowledged. " * 40
+    a = make_sample(tokenizer, filler, length=400, depth=0.5, seed=3)
+    b = make_sample(tokenizer, filler, length=400, depth=0.5, seed=3, template="needle")
+    assert a.length == b.length == 400 and a.key == b.key
+    text = tokenizer.decode(b.prompt_ids)
+    assert "Kelmswick is " + b.key in text and "pass key" not in text
+    assert "pass key is " + a.key in tokenizer.decode(a.prompt_ids)
+    assert set(TEMPLATES) == {"passkey", "needle"}
+    with pytest.raises(LightTransferError, match="passkey format 'other'"):
+        make_sample(tokenizer, filler, length=400, depth=0.5, seed=3, template="other")
