@@ -7,9 +7,8 @@ Layout of one sample (token ids, exactly ``length_tokens`` of them)::
 * intro: "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it."
 * needle: "The pass key is 12345. Remember it. 12345 is the pass key."
 * question: "What is the pass key? The pass key is" -- the model should continue with the key.
-* ``template="needle"`` swaps the wording for a different retrieval task (a city's "special number" stated once
-  in plain prose, asked back in other words), to check that what was learned or measured on the passkey
-  wording carries over.
+* ``template="needle"`` swaps the wording for a different retrieval task (a door code in a note, recalled after a
+  different question), to check that what was learned or measured on the passkey wording carries over.
 * filler: consecutive tokens of real prose (by default the shipped Austen text), starting at a seeded offset;
   ``split = round(depth * len(filler))``, so depth 0 puts the needle right after the intro and depth 1 right
   before the question.
@@ -44,9 +43,9 @@ class Template(NamedTuple):
 TEMPLATES = {
     "passkey": Template(INTRO, NEEDLE, QUESTION),
     "needle": Template(
-        "Below is a long excerpt of a novel. One sentence in it does not belong to the story.\n\n",
-        "\nOne more fact, unrelated to the story: the special number of the town of Kelmswick is {key}.\n",
-        "\n\nQuestion: which special number was given for the town of Kelmswick? Answer: it is",
+        "Below is a long excerpt of a novel. A short note is hidden somewhere inside it.\n\n",
+        "\nNote: the code of the blue door is {key}. Again, the code of the blue door is {key}.\n",
+        "\n\nAfter reading the excerpt, recall the note. The code of the blue door is",
     ),
 }
 

@@ -380,7 +380,7 @@ def test_the_needle_format_words_the_prompt_differently_at_the_same_length():
     b = make_sample(tokenizer, filler, length=400, depth=0.5, seed=3, template="needle")
     assert a.length == b.length == 400 and a.key == b.key
     text = tokenizer.decode(b.prompt_ids)
-    assert "Kelmswick is " + b.key in text and "pass key" not in text
+    assert "blue door is " + b.key in text and "pass key" not in text
     assert "pass key is " + a.key in tokenizer.decode(a.prompt_ids)
     assert set(TEMPLATES) == {"passkey", "needle"}
     with pytest.raises(LightTransferError, match="passkey format 'other'"):
