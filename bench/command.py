@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+
 import click
 
 from ..cli import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
@@ -48,27 +51,46 @@ def _line_range(value: str | None) -> tuple[int, int] | None:
 
 
 class _Bar:
-    """A rich progress bar fed by :func:`evaluate`."""
+    """Progress fed by :func:`evaluate`: a rich bar on a terminal, else (logs, nohup) a plain line every
+    ``every`` seconds, so a long CPU run is never silent until its end."""
 
-    def __init__(self) -> None:
+    def __init__(self, every: float = 30.0) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=stderr_console(), transient=True)
+        console = stderr_console()
+        self.plain = not console.is_terminal
+        self.every = every
+        self.progress = None if self.plain else Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=True)
         self.task = None
+        self.total = self.done = 0
+        self.started = self.last = time.monotonic()
 
     def __enter__(self):
-        self.progress.__enter__()
+        if self.progress is not None:
+            self.progress.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
 
     def start(self, total: int) -> None:
-        self.task = self.progress.add_task("evaluating", total=total)
+        self.total = total
+        if self.progress is not None:
+            self.task = self.progress.add_task("evaluating", total=total)
 
     def step(self, description: str) -> None:
-        self.progress.update(self.task, advance=1, description=description)
+        self.done += 1
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, description=description)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            print(f"eval: {self.done}/{self.total} ({description}), {now - self.started:.0f} s", file=sys.stderr,
+                  flush=True)
 
 
 @click.command("eval")

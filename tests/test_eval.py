@@ -385,3 +385,16 @@ def test_the_needle_format_words_the_prompt_differently_at_the_same_length():
     assert set(TEMPLATES) == {"passkey", "needle"}
     with pytest.raises(LightTransferError, match="passkey format 'other'"):
         make_sample(tokenizer, filler, length=400, depth=0.5, seed=3, template="other")
+
+
+def test_eval_off_a_terminal_logs_plain_progress_lines(tiny_dir_with_tokenizer, text_file, tmp_path, capsys,
+                                                       report_file, monkeypatch):
+    stub, report_cls = report_file
+    monkeypatch.setattr(report_cls, "load", classmethod(lambda cls, path: stub))
+    code, _, err = run_cli([
+        "eval", "--baseline", str(tiny_dir_with_tokenizer), "--text", str(text_file), "--report", "r.json",
+        "--lengths", "64", "--windows", "1", "--passkey-lengths", "", "--sink", str(SINK), "--window",
+        str(WINDOW), "--rows", "original,lighttransfer", "--device", "cpu", "--out", str(tmp_path / "r.json"),
+    ], capsys)
+    assert code == 0, err
+    assert "eval: 2/2 (" in err  # the last step is always logged, with its description
