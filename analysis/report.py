@@ -58,6 +58,14 @@ class HeadStats:
     long_query_share: list[list[float]]
 
 
+def layer_scores_from_gates(gates) -> list[float]:
+    """``[num_layers]`` streaming scores from DuoAttention-style KV-head gates ``[num_layers][num_kv_heads]`` (1 =
+    the head needs full attention, 0 = sink + window suffices): ``1 - max`` over the layer's KV heads, so a layer
+    ranks as safe to stream only when none of its heads needs the far past. Same direction as a lazy ratio
+    (higher = stream first)."""
+    return [1.0 - max(float(g) for g in row) for row in gates]
+
+
 @dataclass
 class AnalysisReport:
     """Result of one analysis run (see the module docstring for shapes).
@@ -118,8 +126,6 @@ class AnalysisReport:
         """
         method = method or self.head_score_method
         if method == "optimize":
-            from ..convert.selection import layer_scores_from_gates
-
             return layer_scores_from_gates(self.kv_head_long_context_scores("optimize"))
         if method != "attention":
             raise LightTransferError(f"layer score method '{method}' is not known; use attention or optimize.")
@@ -254,4 +260,4 @@ def _is_required(f) -> bool:
     return f.default is MISSING and f.default_factory is MISSING
 
 
-__all__ = ["AnalysisReport", "LayerStats", "HeadStats", "SummaryStat", "SCHEMA_VERSION"]
+__all__ = ["AnalysisReport", "LayerStats", "HeadStats", "SummaryStat", "SCHEMA_VERSION", "layer_scores_from_gates"]

@@ -115,14 +115,6 @@ def select_layers(
     return sorted(ordered[:count])
 
 
-def layer_scores_from_gates(gates: Sequence[Sequence[float]]) -> list[float]:
-    """``[num_layers]`` streaming scores from DuoAttention-style KV-head gates ``[num_layers][num_kv_heads]`` (1 =
-    the head needs full attention, 0 = sink + window suffices): ``1 - max`` over the layer's KV heads, so a layer
-    ranks as safe to stream only when none of its heads needs the far past. Same direction as a lazy ratio
-    (higher = stream first), for :func:`select_layers`."""
-    return [1.0 - max(float(g) for g in row) for row in gates]
-
-
 def select_kv_heads(
     scores: Sequence[Sequence[float]],
     *,
@@ -247,7 +239,6 @@ def _finite_low(x: float) -> float:
 
 
 __all__ = [
-    "layer_scores_from_gates",
     "STRATEGIES",
     "Strategy",
     "SelectionRow",

@@ -114,7 +114,8 @@ def test_layers_without_a_score_are_picked_last(strategy):
 
 
 def test_layer_scores_from_gates_rank_a_layer_by_its_most_needed_head():
-    from lighttransfer.convert.selection import layer_scores_from_gates, select_layers
+    from lighttransfer.analysis.report import layer_scores_from_gates
+    from lighttransfer.convert.selection import select_layers
 
     gates = [[0.1, 0.9], [0.2, 0.3], [0.0, 0.05], [1.0, 0.0]]
     scores = layer_scores_from_gates(gates)
