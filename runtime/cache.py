@@ -380,22 +380,22 @@ class MixedLayer(_CountingLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        full_k, stream_k, full_v, stream_v = self.split_heads(key_states, value_states)
+        full_k, stream_k = self.split_heads(key_states)
+        full_v, stream_v = self.split_heads(value_states)
         self.keys = torch.cat([self.keys, full_k], dim=2)
         self.values = torch.cat([self.values, full_v], dim=2)
         self.seen += key_states.shape[2]
         self.stream_kv = self.streaming.update(stream_k, stream_v)
         return self.keys, self.values
 
-    def split_heads(self, *states: torch.Tensor) -> list[torch.Tensor]:
-        """Each ``[batch, kv_heads, n, D]`` tensor split into its full and its streaming KV heads (``[full_0,
-        stream_0, full_1, stream_1, ...]``):
-        views when the heads are grouped, gathers otherwise."""
-        f = len(self.full_heads)
+    def split_heads(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``states [batch, kv_heads, n, D]`` split into ``(full KV heads, streaming KV heads)``: views when the
+        heads are grouped, gathers otherwise."""
         if self.grouped:
-            return [part for t in states for part in (t[:, :f], t[:, f:])]
-        full_idx, stream_idx = self.head_index(states[0].device)
-        return [part for t in states for part in (t.index_select(1, full_idx), t.index_select(1, stream_idx))]
+            f = len(self.full_heads)
+            return states[:, :f], states[:, f:]
+        full_idx, stream_idx = self.head_index(states.device)
+        return states.index_select(1, full_idx), states.index_select(1, stream_idx)
 
     def reset(self) -> None:
         self.keys = self.values = None
