@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..calibration.passkey import HELD_OUT_TEMPLATES, TEMPLATES, TRAINING_TEMPLATES, check_templates
 from ..cli import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
 from ..errors import LightTransferError
 
@@ -84,12 +85,16 @@ def _table(report, lazy_fraction: float):
               help="With --method optimize: optimizer steps (one passkey prompt of --seq-len tokens each).")
 @click.option("--gate-l1", default=0.05, show_default=True, type=click.FloatRange(min=0.0),
               help="With --method optimize: weight of the L1 penalty on the gates (higher = fewer full heads).")
+@click.option("--gate-formats", default=",".join(TRAINING_TEMPLATES), show_default=True, metavar="NAMES",
+              help="With --method optimize: passkey wordings to train on, used in turn (of "
+                   f"{', '.join(TEMPLATES)}; {' and '.join(HELD_OUT_TEMPLATES)} are left out by default so "
+                   "that 'eval --passkey-format' can test on a wording the gates never saw).")
 @model_options
 @verbosity_options
 def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq_len: int, samples: int,
             batch: int, sink: int, recent: int, last: int, threshold: float, seed: int, field: str,
             out: str | None, plot: str | None, lazy_fraction: float, device_map: str | None, method: str,
-            gate_steps: int, gate_l1: float, device: str, dtype: str, trust_remote_code: bool) -> None:
+            gate_steps: int, gate_l1: float, gate_formats: str, device: str, dtype: str, trust_remote_code: bool) -> None:
     """Profile attention on calibration text: which layers are lazy (attend to sink + recent tokens only).
 
     \b
@@ -103,6 +108,7 @@ def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq
         raise LightTransferError(
             f"unexpected argument(s) {' '.join(more_calib)}; calibration files go after --calib."
         )
+    formats = check_templates([f.strip() for f in gate_formats.split(",") if f.strip()], option="--gate-formats")
     out_path = _check_output(out, "--out", ".json")
     plot_path = _check_output(plot, "--plot", ".png")
     quiet = is_quiet()
@@ -131,7 +137,7 @@ def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq
             gate_task = progress.add_task("gates", total=gate_steps)
             gates = optimize_head_gates(
                 model.model, model.tokenizer, samples=samples, seq_len=seq_len, sink=sink, window=recent,
-                steps=gate_steps, l1=gate_l1, seed=seed,
+                steps=gate_steps, l1=gate_l1, seed=seed, templates=formats,
                 progress=lambda done, total: progress.update(gate_task, completed=done, total=total),
             )
             attach_head_gates(report, gates)

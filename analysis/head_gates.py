@@ -20,7 +20,8 @@ setting                DuoAttention (7-8B models, 8 GPUs)             here (defa
 data                   multi-passkey (10 keys of 32 words) in         one 5-digit key in real prose
                        BookSum, 1K-32K tokens, depth 0.05-0.95        (``calibration.make_passkey_sample``),
                                                                       ``seq_len`` tokens, depth 0.05 up to
-                                                                      where the key leaves the window
+                                                                      where the key leaves the window, three
+                                                                      wordings in turn (two held out)
 supervision            final hidden states at the answer tokens       final hidden states at the positions
                                                                       that predict the answer's tokens
 optimizer              AdamW, weight decay 0, batch 1                 same
@@ -38,12 +39,13 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from ..calibration.passkey import TRAINING_TEMPLATES
 from ..errors import LightTransferError
 from .head_gates_attention import gated_attention
 
@@ -157,22 +159,28 @@ def distill_loss(gated: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 @dataclass
 class PasskeyRows:
     """Gate-training prompts: ``input_ids [samples, seq_len]`` int64, each a passkey prompt followed by its
-    answer; the last ``supervised[i]`` positions of row ``i`` are the ones whose outputs predict the answer."""
+    answer; the last ``supervised[i]`` positions of row ``i`` are the ones whose outputs predict the answer;
+    ``templates[i]`` names row ``i``'s wording."""
 
     input_ids: torch.Tensor
     supervised: list[int]
     depths: list[float]
+    templates: list[str] = field(default_factory=list)
 
 
 def passkey_rows(tokenizer, *, samples: int, seq_len: int, window: int, seed: int,
-                 filler_text: str | None = None) -> PasskeyRows:
+                 filler_text: str | None = None, templates: Sequence[str] = TRAINING_TEMPLATES) -> PasskeyRows:
     """Build ``samples`` passkey rows of exactly ``seq_len`` tokens with the calibration passkey builder.
 
     Depths are spread evenly over ``[0.05, d_max]`` in a seeded order, ``d_max`` keeping the key at least
-    ``window`` tokens before the question, so that the streaming branch cannot see it (0.95 at most).
+    ``window`` tokens before the question, so that the streaming branch cannot see it (0.95 at most). Row ``i``
+    is worded with ``templates[i % len(templates)]`` (keys of ``calibration.passkey.TEMPLATES``): several
+    wordings keep the gates from fitting one phrasing of the question.
     """
     from ..calibration import SHIPPED_TEXT, make_passkey_sample
-    from ..calibration.passkey import token_ids
+    from ..calibration.passkey import check_templates, token_ids
+
+    templates = check_templates(templates, option="--gate-formats")
 
     filler = filler_text if filler_text is not None else SHIPPED_TEXT.read_text(encoding="utf-8")
     rng = random.Random(seed)
@@ -180,16 +188,19 @@ def passkey_rows(tokenizer, *, samples: int, seq_len: int, window: int, seed: in
     depths = [MIN_DEPTH + (top - MIN_DEPTH) * (i + 0.5) / samples for i in range(samples)]
     rng.shuffle(depths)
     rows, supervised = [], []
-    for depth in depths:
+    for i, depth in enumerate(depths):
         sample_seed = rng.randrange(2**31)
+        template = templates[i % len(templates)]
         # the key depends on the seed only; build once to learn it, then leave room for its tokens
-        key = make_passkey_sample(tokenizer, filler, length_tokens=seq_len, depth=depth, seed=sample_seed).answer
+        key = make_passkey_sample(tokenizer, filler, length_tokens=seq_len, depth=depth, seed=sample_seed,
+                                  template=template).answer
         answer = token_ids(tokenizer, " " + key)
         prompt = make_passkey_sample(tokenizer, filler, length_tokens=seq_len - len(answer), depth=depth,
-                                     seed=sample_seed)
+                                     seed=sample_seed, template=template)
         rows.append(torch.cat([prompt.input_ids, torch.tensor(answer, dtype=torch.long)]))
         supervised.append(len(answer) + 1)  # the prompt's last token predicts the answer's first
-    return PasskeyRows(input_ids=torch.stack(rows), supervised=supervised, depths=depths)
+    return PasskeyRows(input_ids=torch.stack(rows), supervised=supervised, depths=depths,
+                       templates=[templates[i % len(templates)] for i in range(len(depths))])
 
 
 def _decoder(model):
@@ -226,6 +237,7 @@ def optimize_head_gates(
     device: str | torch.device | None = None,
     progress: bool | ProgressCallback = False,
     filler_text: str | None = None,
+    templates: Sequence[str] = TRAINING_TEMPLATES,
     rows: PasskeyRows | None = None,
 ) -> HeadGateResult:
     """Train one gate per (layer, KV head) on passkey prompts with the model frozen (see the module docstring).
@@ -241,7 +253,9 @@ def optimize_head_gates(
         device: where the prompts go (default: the model's embedding device).
         progress: ``True`` logs every step; a callable ``(done, total)`` is called after each step.
         filler_text: prose to hide the keys in (default: the shipped calibration text).
-        rows: ready prompts (overrides ``samples``, ``seq_len`` and ``filler_text``).
+        templates: the prompts' wordings, used in turn (keys of ``calibration.passkey.TEMPLATES``; default: the
+            training wordings, leaving ``HELD_OUT_TEMPLATES`` for evaluation).
+        rows: ready prompts (overrides ``samples``, ``seq_len``, ``filler_text`` and ``templates``).
 
     Returns:
         :class:`HeadGateResult` with ``gates [num_layers][num_kv_heads]`` in [0, 1].
@@ -259,7 +273,7 @@ def optimize_head_gates(
         if max_pos and seq_len > max_pos:
             raise LightTransferError(f"--seq-len {seq_len} is beyond the model's {max_pos} positions.")
         rows = passkey_rows(tokenizer, samples=samples, seq_len=seq_len, window=window, seed=seed,
-                            filler_text=filler_text)
+                            filler_text=filler_text, templates=templates)
     decoder = _decoder(model)
     device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
     on_step = _progress(progress)
@@ -313,6 +327,7 @@ def optimize_head_gates(
             "samples": int(rows.input_ids.shape[0]), "seq_len": int(rows.input_ids.shape[1]), "sink": sink,
             "window": window, "steps": steps, "lr": lr, "l1": l1, "seed": seed,
             "depths": [round(d, 4) for d in rows.depths], "supervised": list(rows.supervised),
+            "templates": sorted(set(rows.templates)),
             "schedule": f"linear warm-up {WARMUP_SHARE:.0%}, decay {WARMUP_SHARE:.0%}, floor {LR_FLOOR}",
             "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         },

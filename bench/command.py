@@ -7,6 +7,7 @@ import time
 
 import click
 
+from ..calibration.passkey import HELD_OUT_TEMPLATES, TEMPLATES, TRAINING_TEMPLATES
 from ..cli import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
 from ..errors import LightTransferError
 from .rows import ROW_KINDS
@@ -114,9 +115,10 @@ class _Bar:
               help="Passkey prompt lengths, comma-separated; empty for no passkey test.")
 @click.option("--passkey-depths", type=int, default=10, show_default=True, help="Needle depths per length.")
 @click.option("--passkey-trials", type=int, default=2, show_default=True, help="Samples per (length, depth).")
-@click.option("--passkey-format", type=click.Choice(["passkey", "needle"]), default="passkey", show_default=True,
-              help="Retrieval prompt wording: passkey (the template the synthetic calibration source and the gate "
-                   "optimization also use) or needle (a fact stated once in other words: a held-out format).")
+@click.option("--passkey-format", type=click.Choice(list(TEMPLATES)), default="passkey", show_default=True,
+              help="Retrieval prompt wording. The gate optimization trains on "
+                   f"{', '.join(TRAINING_TEMPLATES)} by default; {' and '.join(HELD_OUT_TEMPLATES)} state the fact "
+                   "in other words and stay out of training (held-out formats).")
 @click.option("--rows", default=",".join(("original", "lighttransfer", "random", "least-lazy", "streamingllm",
                                           "prefill-full", "online")), show_default=True,
               help="Rows to compare, comma-separated. " + "; ".join(f"{k}: {v}" for k, v in ROW_KINDS.items())

@@ -7,8 +7,10 @@ Layout of one sample (token ids, exactly ``length_tokens`` of them)::
 * intro: "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it."
 * needle: "The pass key is 12345. Remember it. 12345 is the pass key."
 * question: "What is the pass key? The pass key is" -- the model should continue with the key.
-* ``template="needle"`` swaps the wording for a different retrieval task (a door code in a note, recalled after a
-  different question), to check that what was learned or measured on the passkey wording carries over.
+* other ``template`` values swap the wording for a different retrieval task (a vault's combination, a ticket
+  number, a door code in a note, a locker number), each recalled after its own question. Gate optimization
+  trains on :data:`TRAINING_TEMPLATES`; :data:`HELD_OUT_TEMPLATES` are kept for checking that what was learned
+  carries over to a wording never seen in training.
 * filler: consecutive tokens of real prose (by default the shipped Austen text), starting at a seeded offset;
   ``split = round(depth * len(filler))``, so depth 0 puts the needle right after the intro and depth 1 right
   before the question.
@@ -42,12 +44,44 @@ class Template(NamedTuple):
 
 TEMPLATES = {
     "passkey": Template(INTRO, NEEDLE, QUESTION),
+    "vault": Template(
+        "These pages come from an old book. The combination of a vault is written somewhere among them.\n\n",
+        "\nThe combination of the vault is {key}. The vault opens with {key}.\n",
+        "\n\nWhat opens the vault? The combination of the vault is",
+    ),
+    "ticket": Template(
+        "Read the story below. It mentions a ticket number once; you will be asked for it at the end.\n\n",
+        "\n(The ticket number is {key}; ticket {key} must be kept.)\n",
+        "\n\nQuestion: what was the ticket number?\nAnswer: The ticket number was",
+    ),
     "needle": Template(
         "Below is a long excerpt of a novel. A short note is hidden somewhere inside it.\n\n",
         "\nNote: the code of the blue door is {key}. Again, the code of the blue door is {key}.\n",
         "\n\nAfter reading the excerpt, recall the note. The code of the blue door is",
     ),
+    "locker": Template(
+        "Here is a long passage from a book, with one sentence about a locker in it.\n\n",
+        "\nMy locker number is {key}, locker {key}.\n",
+        "\n\nWhich locker was mine? My locker number is",
+    ),
 }
+
+# The gate optimization trains on these wordings by default; the other two stay out of training, so an
+# evaluation on them shows whether what the gates learned carries over to a wording they never saw.
+TRAINING_TEMPLATES = ("passkey", "vault", "ticket")
+HELD_OUT_TEMPLATES = ("needle", "locker")
+
+
+def check_templates(names, *, option: str = "passkey format") -> tuple[str, ...]:
+    """``names`` as a tuple after checking each is a key of :data:`TEMPLATES` (one-line error naming
+    ``option`` otherwise)."""
+    names = tuple(names)
+    unknown = [n for n in names if n not in TEMPLATES]
+    if unknown or not names:
+        raise LightTransferError(f"{option} '{','.join(unknown) or ''}' is not known; use one or more of "
+                                 f"{', '.join(TEMPLATES)}.")
+    return names
+
 
 _token_cache: dict[tuple[int, int, int], list[int]] = {}
 
@@ -102,7 +136,7 @@ def make_passkey_sample(
         length_tokens: total prompt length in tokens, BOS and question included.
         depth: where the needle sits in the filler, 0 (start) .. 1 (end).
         seed: picks the key and the filler's starting offset; same seed, same sample.
-        template: the wording, a key of :data:`TEMPLATES` (``passkey`` or ``needle``).
+        template: the wording, a key of :data:`TEMPLATES`.
 
     Returns:
         :class:`PasskeySample` ``(input_ids [length_tokens] int64, answer)``.
@@ -113,8 +147,7 @@ def make_passkey_sample(
     """
     if not 0.0 <= depth <= 1.0:
         raise LightTransferError(f"passkey depth must be between 0 and 1, got {depth}.")
-    if template not in TEMPLATES:
-        raise LightTransferError(f"passkey format '{template}' is not known; use one of {', '.join(TEMPLATES)}.")
+    check_templates((template,))
     words = TEMPLATES[template]
     rng = random.Random(seed)
     key = str(rng.randint(10000, 99999))
@@ -160,4 +193,15 @@ def passkey_samples(
     return torch.stack([r.input_ids for r in rows]), depths
 
 
-__all__ = ["TEMPLATES", "Template", "PasskeySample", "make_passkey_sample", "passkey_samples", "bos_prefix", "token_ids"]
+__all__ = [
+    "HELD_OUT_TEMPLATES",
+    "TEMPLATES",
+    "TRAINING_TEMPLATES",
+    "PasskeySample",
+    "Template",
+    "bos_prefix",
+    "check_templates",
+    "make_passkey_sample",
+    "passkey_samples",
+    "token_ids",
+]

@@ -372,7 +372,7 @@ def test_eval_cli_head_level_gates_without_gates_is_one_line(tiny_dir_with_token
 
 
 def test_the_needle_format_words_the_prompt_differently_at_the_same_length():
-    from lighttransfer.calibration.passkey import TEMPLATES
+    from lighttransfer.calibration.passkey import HELD_OUT_TEMPLATES, TEMPLATES, TRAINING_TEMPLATES
 
     tokenizer = byte_tokenizer()
     filler = "It was a truth universally acknowledged. " * 40
@@ -382,9 +382,25 @@ def test_the_needle_format_words_the_prompt_differently_at_the_same_length():
     text = tokenizer.decode(b.prompt_ids)
     assert "blue door is " + b.key in text and "pass key" not in text
     assert "pass key is " + a.key in tokenizer.decode(a.prompt_ids)
-    assert set(TEMPLATES) == {"passkey", "needle"}
+    # every wording is either trained on or held out, never both
+    assert set(TRAINING_TEMPLATES) | set(HELD_OUT_TEMPLATES) == set(TEMPLATES)
+    assert not set(TRAINING_TEMPLATES) & set(HELD_OUT_TEMPLATES) and "needle" in HELD_OUT_TEMPLATES
     with pytest.raises(LightTransferError, match="passkey format 'other'"):
         make_sample(tokenizer, filler, length=400, depth=0.5, seed=3, template="other")
+
+
+@pytest.mark.parametrize("template", ["passkey", "vault", "ticket", "needle", "locker"])
+def test_every_wording_hides_its_key_and_ends_with_its_question(template):
+    from lighttransfer.calibration.passkey import TEMPLATES
+
+    tokenizer = byte_tokenizer()
+    filler = "It was a truth universally acknowledged. " * 40
+    sample = make_sample(tokenizer, filler, length=420, depth=0.3, seed=5, template=template)
+    text = tokenizer.decode(sample.prompt_ids)
+    words = TEMPLATES[template]
+    assert sample.length == 420 and len(sample.prompt_ids) == 420
+    assert words.needle.format(key=sample.key).strip() in text
+    assert text.endswith(words.question) and text.count(sample.key) >= 2
 
 
 def test_eval_off_a_terminal_logs_plain_progress_lines(tiny_dir_with_tokenizer, text_file, tmp_path, capsys,

@@ -222,7 +222,7 @@ def test_analyze_method_optimize_stores_gates_that_convert_ranks(tiny_dir, tmp_p
     out = tmp_path / "report.json"
     argv = ["analyze", str(tiny_dir), "--calib", "synthetic:passkey", "--seq-len", "400", "--samples", "2",
             "--sink", "2", "--recent", "16", "--last", "8", "--method", "optimize", "--gate-steps", "3",
-            "--gate-l1", "0.05", "--out", str(out)]
+            "--gate-l1", "0.05", "--gate-formats", "ticket,vault", "--out", str(out)]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 0, capsys.readouterr().err
@@ -230,6 +230,7 @@ def test_analyze_method_optimize_stores_gates_that_convert_ranks(tiny_dir, tmp_p
     gates = report.kv_head_gates
     assert report.head_score_method == "optimize" and len(gates) == 4 and all(len(r) == 2 for r in gates)
     assert report.params["gates"]["steps"] == 3 and report.params["gates"]["window"] == 16
+    assert report.params["gates"]["templates"] == ["ticket", "vault"]
     assert report.kv_head_long_context_scores() == gates
     assert report.kv_head_long_context_scores("attention") == report.kv_heads.long_context_mass
     layer_scores = report.layer_streaming_scores()
@@ -248,6 +249,35 @@ def test_analyze_method_optimize_stores_gates_that_convert_ranks(tiny_dir, tmp_p
     lowest = sorted(((g, layer, head) for layer, row in enumerate(gates) for head, g in enumerate(row)))[:4]
     assert {(layer, head) for _, layer, head in lowest} == {(layer, head) for layer, mask in streamed.items()
                                                             for head, s in enumerate(mask) if s}
+
+
+def test_training_rows_take_the_wordings_in_turn_and_keep_the_key_out_of_the_window(tiny_dir):
+    from lighttransfer.analysis.head_gates import passkey_rows
+    from lighttransfer.calibration.passkey import TEMPLATES
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    rows = passkey_rows(tokenizer, samples=4, seq_len=500, window=64, seed=1, templates=("vault", "ticket"))
+    assert rows.input_ids.shape == (4, 500) and rows.templates == ["vault", "ticket", "vault", "ticket"]
+    for i, template in enumerate(rows.templates):
+        text = tokenizer.decode(rows.input_ids[i])
+        answer = tokenizer.decode(rows.input_ids[i, -(rows.supervised[i] - 1):])
+        prompt = text[: len(text) - len(answer)]
+        assert prompt.endswith(TEMPLATES[template].question) and answer.strip() in prompt
+        # the key sits farther back than the window: only full attention can retrieve it
+        key_at = len(tokenizer(prompt[: prompt.index(answer.strip())])["input_ids"])
+        assert 500 - key_at > 64
+    with pytest.raises(LightTransferError, match="--gate-formats 'riddle'"):
+        passkey_rows(tokenizer, samples=2, seq_len=500, window=64, seed=1, templates=("riddle",))
+
+
+def test_analyze_rejects_an_unknown_gate_format_in_one_line(tiny_dir, tmp_path, capsys):
+    from conftest import run_cli
+
+    out = tmp_path / "report.json"
+    code, _, err = run_cli(["analyze", str(tiny_dir), "--method", "optimize", "--gate-formats", "passkey,riddle",
+                            "--out", str(out)], capsys)
+    assert code != 0 and "Traceback" not in err and "--gate-formats 'riddle'" in err and not out.exists()
 
 
 def test_report_without_gates_refuses_the_optimize_scores(tiny_dir, tmp_path):
