@@ -290,6 +290,14 @@ def _build_rows(rows, *, hcfg, report, ratio, sink, window, num_layers, num_kv_h
         return list(rows)
     names = list(rows)
     lazy = lazy_ratios_from(report, hcfg)
+    attention, ranked_by = lazy, "lazy ratio"
+    if report is not None:
+        from ..analysis import AnalysisReport
+
+        # rank like convert does: by the gates when the report has them from analyze --method optimize
+        loaded_report = AnalysisReport.load(report)
+        if loaded_report.head_score_method == "optimize":
+            lazy, ranked_by = [float(x) for x in loaded_report.layer_streaming_scores()], "optimized gates"
     selection = None
     if hcfg is not None and ratio is None:
         selection = hcfg.streaming_layers
@@ -323,7 +331,7 @@ def _build_rows(rows, *, hcfg, report, ratio, sink, window, num_layers, num_kv_h
             kv_gates = loaded.kv_head_long_context_scores("optimize")
     return standard_rows(lazy_ratios=lazy, ratio=ratio, num_kv_heads=num_kv_heads, sink=sink, window=window,
                          names=names, lazy_selection=selection, kv_head_scores=kv_scores, kv_head_gates=kv_gates,
-                         seed=seed)
+                         attention_lazy_ratios=attention, ranked_by=ranked_by, seed=seed)
 
 
 def output_paths(out: str | os.PathLike[str]) -> dict[str, Path]:

@@ -17,7 +17,9 @@ from ..errors import LightTransferError
 # name of each standard row, in table order, and what it is
 ROW_KINDS: dict[str, str] = {
     "original": "the dense model (full attention everywhere)",
-    "lighttransfer": "the laziest layers stream (this conversion)",
+    "lighttransfer": "the laziest layers stream (this conversion; ranked by the report's own layer score)",
+    "lazy-ratio": "the layers with the highest lazy ratio stream (LightTransfer's attention-mass rule), also when "
+                  "the report ranks layers by optimized gates",
     "random": "as many random layers stream",
     "least-lazy": "the least lazy layers stream",
     "streamingllm": "every layer streams (StreamingLLM)",
@@ -28,9 +30,10 @@ ROW_KINDS: dict[str, str] = {
     "head-level-gates": "as many KV heads stream as the layer-level row: those with the lowest DuoAttention-style "
                         "gates, model-wide (needs a report with gates, from analyze --method optimize)",
 }
-# the head-level rows need per-KV-head scores from an analysis report, so they are asked for by name
+# the head-level rows need per-KV-head scores from an analysis report, so they are asked for by name, like the
+# lazy-ratio row, which differs from the lighttransfer row only for a report ranked by gates
 HEAD_LEVEL_ROWS = ("head-level", "head-level-gates")
-DEFAULT_ROWS = tuple(name for name in ROW_KINDS if name not in HEAD_LEVEL_ROWS)
+DEFAULT_ROWS = tuple(name for name in ROW_KINDS if name not in (*HEAD_LEVEL_ROWS, "lazy-ratio"))
 
 
 @dataclass
@@ -118,12 +121,17 @@ def standard_rows(
     lazy_selection: Sequence[int] | None = None,
     kv_head_scores: Sequence[Sequence[float]] | None = None,
     kv_head_gates: Sequence[Sequence[float]] | None = None,
+    attention_lazy_ratios: Sequence[float] | None = None,
+    ranked_by: str = "lazy ratio",
     seed: int = 0,
 ) -> list[EvalRow]:
     """Build the rows compared at one ratio.
 
     Args:
-        lazy_ratios: per-layer lazy ratios ``[num_layers]`` from the analysis of the calibration text.
+        lazy_ratios: ``[num_layers]`` layer score that ranks layers for streaming (higher = streams first): the
+            lazy ratios of the calibration text, or a gate-derived score
+            (:meth:`~lighttransfer.analysis.AnalysisReport.layer_streaming_scores`). ``lighttransfer``,
+            ``least-lazy`` and ``random`` use it.
         ratio: share of layers that stream, in ``[0, 1]``.
         num_kv_heads: KV heads per layer (for the KV budget).
         sink, window: streaming parameters every streaming row uses.
@@ -134,6 +142,8 @@ def standard_rows(
         kv_head_gates: ``[num_layers][num_kv_heads]`` optimized gates in [0, 1] (the ``head-level-gates`` row;
             the report's ``kv_head_gates``, DuoAttention arXiv 2410.10819 Sec. 3.2). Both rows stream the
             lowest-scoring heads model-wide, as many as the layer-level rows stream (equal KV budget).
+        attention_lazy_ratios: ``[num_layers]`` lazy ratios for the ``lazy-ratio`` row (default: ``lazy_ratios``).
+        ranked_by: what ``lazy_ratios`` is, for the rows' notes.
         seed: seed of the random row.
     """
     unknown = [n for n in names if n not in ROW_KINDS]
@@ -161,15 +171,22 @@ def standard_rows(
         return layers, s
 
     common = dict(num_layers=n, num_kv_heads=num_kv_heads, sink=sink, window=window)
+    by_lazy_ratio = ranked_by == "lazy ratio"
+    attention = list(attention_lazy_ratios) if attention_lazy_ratios is not None else list(lazy_ratios)
+    if len(attention) != n:
+        raise LightTransferError(f"the lazy-ratio row has {len(attention)} lazy ratios for {n} layers.")
     build = {
         "original": lambda: EvalRow("original", **dict(common, sink=0, window=1), note="dense"),
-        "lighttransfer": lambda: EvalRow("lighttransfer", streaming_layers=lazy, **common, note="laziest layers"),
+        "lighttransfer": lambda: EvalRow("lighttransfer", streaming_layers=lazy, **common,
+                                         note="laziest layers" if by_lazy_ratio else f"layers ranked by {ranked_by}"),
+        "lazy-ratio": lambda: EvalRow("lazy-ratio", streaming_layers=pick_layers(attention, ratio=k / n) if k else [],
+                                      **common, note="layers with the highest lazy ratio"),
         "random": lambda: EvalRow(
             "random", streaming_layers=random_layers()[0], **common,
             note=f"random layers (seed {random_layers()[1]})"),
         "least-lazy": lambda: EvalRow(
             "least-lazy", streaming_layers=other("least_lazy"), **common,
-            note="least lazy layers"),
+            note="least lazy layers" if by_lazy_ratio else f"layers ranked last by {ranked_by}"),
         "streamingllm": lambda: EvalRow("streamingllm", streaming_layers=list(range(n)), **common,
                                         note="all layers"),
         "prefill-full": lambda: EvalRow("prefill-full", streaming_layers=lazy, prefill="full", **common,

@@ -209,10 +209,12 @@ def test_standard_rows_stream_equal_numbers_of_layers():
 
 @pytest.fixture(scope="module")
 def report_file(tmp_path_factory):
-    """A stand-in analysis report: only the per-layer lazy ratios are read."""
+    """A stand-in analysis report: only the per-layer lazy ratios (and the score method) are read."""
     from lighttransfer.analysis import AnalysisReport
 
     class _Stub:
+        head_score_method = "attention"
+
         @staticmethod
         def layer_lazy_ratios():
             return [0.9, 0.2, 0.8, 0.1]
@@ -337,11 +339,21 @@ def test_eval_cli_compares_mass_and_gate_picked_heads(tiny_dir_with_tokenizer, t
     code, _, err = run_cli([
         "eval", "--baseline", str(tiny_dir_with_tokenizer), "--text", str(text_file), "--report", str(gated),
         "--lengths", "64", "--windows", "1", "--passkey-lengths", "", "--sink", str(SINK), "--window", str(WINDOW),
-        "--ratio", "0.5", "--rows", "lighttransfer,head-level,head-level-gates", "--device", "cpu",
-        "--out", str(out), "-q",
+        "--ratio", "0.5", "--rows", "lighttransfer,lazy-ratio,least-lazy,head-level,head-level-gates",
+        "--device", "cpu", "--out", str(out), "-q",
     ], capsys)
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    from lighttransfer.analysis.report import AnalysisReport
+    from lighttransfer.bench.rows import pick_layers
+
+    report = AnalysisReport.load(gated)
+    by_gates = report.layer_streaming_scores("optimize")
+    # like convert, the conversion row ranks layers by the gates; the lazy-ratio row keeps the attention rule
+    assert rows["lighttransfer"]["streaming_layers"] == pick_layers(by_gates, ratio=0.5)
+    assert rows["least-lazy"]["streaming_layers"] == pick_layers(by_gates, ratio=0.5, strategy="least_lazy")
+    assert rows["lazy-ratio"]["streaming_layers"] == pick_layers(report.layer_lazy_ratios(), ratio=0.5)
+    assert "gates" in rows["lighttransfer"]["note"] and rows["lazy-ratio"]["kv_fraction"] == rows["lighttransfer"]["kv_fraction"]
 
     def streaming(row) -> set[tuple[int, int]]:
         cells = {(layer, h) for layer in row["streaming_layers"] for h in range(2)}
