@@ -315,13 +315,14 @@ def _build_rows(rows, *, hcfg, report, ratio, sink, window, num_layers, num_kv_h
             f"the report has lazy ratios for {len(lazy)} layers but the model has {num_layers}; "
             "pass the report of this model."
         )
-    kv_scores = kv_gates = None
+    kv_scores = kv_gates = kv_default = None
     if set(HEAD_LEVEL_ROWS) & set(names) and report is not None:
         from ..analysis import AnalysisReport
 
         loaded = AnalysisReport.load(report)
         # head-level always ranks by attention mass, head-level-gates by the gates: one run compares the two
         kv_scores = loaded.kv_head_long_context_scores("attention")
+        kv_default = loaded.kv_head_long_context_scores()
         if "head-level-gates" in names:
             if loaded.kv_head_gates is None:
                 raise LightTransferError(
@@ -331,7 +332,7 @@ def _build_rows(rows, *, hcfg, report, ratio, sink, window, num_layers, num_kv_h
             kv_gates = loaded.kv_head_long_context_scores("optimize")
     return standard_rows(lazy_ratios=lazy, ratio=ratio, num_kv_heads=num_kv_heads, sink=sink, window=window,
                          names=names, lazy_selection=selection, kv_head_scores=kv_scores, kv_head_gates=kv_gates,
-                         attention_lazy_ratios=attention, ranked_by=ranked_by, seed=seed)
+                         kv_head_default=kv_default, attention_lazy_ratios=attention, ranked_by=ranked_by, seed=seed)
 
 
 def output_paths(out: str | os.PathLike[str]) -> dict[str, Path]:

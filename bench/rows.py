@@ -29,10 +29,13 @@ ROW_KINDS: dict[str, str] = {
                   "mass beyond sink + window, model-wide (the report's attention scores, whatever its default)",
     "head-level-gates": "as many KV heads stream as the layer-level row: those with the lowest DuoAttention-style "
                         "gates, model-wide (needs a report with gates, from analyze --method optimize)",
+    "random-heads": "as many random KV heads stream, model-wide (the head-level baseline)",
+    "least-lazy-heads": "as many KV heads stream, those with the highest long-context score by the report's own "
+                        "method (gates or attention mass)",
 }
 # the head-level rows need per-KV-head scores from an analysis report, so they are asked for by name, like the
 # lazy-ratio row, which differs from the lighttransfer row only for a report ranked by gates
-HEAD_LEVEL_ROWS = ("head-level", "head-level-gates")
+HEAD_LEVEL_ROWS = ("head-level", "head-level-gates", "random-heads", "least-lazy-heads")
 DEFAULT_ROWS = tuple(name for name in ROW_KINDS if name not in (*HEAD_LEVEL_ROWS, "lazy-ratio"))
 
 
@@ -121,6 +124,7 @@ def standard_rows(
     lazy_selection: Sequence[int] | None = None,
     kv_head_scores: Sequence[Sequence[float]] | None = None,
     kv_head_gates: Sequence[Sequence[float]] | None = None,
+    kv_head_default: Sequence[Sequence[float]] | None = None,
     attention_lazy_ratios: Sequence[float] | None = None,
     ranked_by: str = "lazy ratio",
     seed: int = 0,
@@ -142,6 +146,9 @@ def standard_rows(
         kv_head_gates: ``[num_layers][num_kv_heads]`` optimized gates in [0, 1] (the ``head-level-gates`` row;
             the report's ``kv_head_gates``, DuoAttention arXiv 2410.10819 Sec. 3.2). Both rows stream the
             lowest-scoring heads model-wide, as many as the layer-level rows stream (equal KV budget).
+        kv_head_default: ``[num_layers][num_kv_heads]`` the report's own KV-head scores (gates when it has them,
+            else attention mass), which ``least-lazy-heads`` ranks from the other end; ``random-heads`` only needs
+            its shape.
         attention_lazy_ratios: ``[num_layers]`` lazy ratios for the ``lazy-ratio`` row (default: ``lazy_ratios``).
         ranked_by: what ``lazy_ratios`` is, for the rows' notes.
         seed: seed of the random row.
@@ -195,16 +202,18 @@ def standard_rows(
                                   note="per-input selection after full prefill"),
     }
 
-    def head_level(name: str, scores, what: str, missing: str) -> EvalRow:
+    def head_level(name: str, scores, what: str, missing: str, strategy: str = "lazy") -> EvalRow:
         from ..convert import select_kv_heads, split_head_masks
 
         if scores is None:
             raise LightTransferError(f"the {name} row needs {missing}.")
         # the same number of streaming KV heads as the layer-level rows: equal KV budget at every length
-        masks = select_kv_heads(scores, ratio=k / n) if k else {}
+        masks = select_kv_heads(scores, ratio=k / n, strategy=strategy, seed=seed) if k else {}
         layers, partial = split_head_masks(masks)
-        return EvalRow(name, streaming_layers=layers, head_masks=partial, **common,
-                       note=f"{sum(map(sum, masks.values()))} KV heads with the lowest {what}")
+        count = sum(map(sum, masks.values()))
+        how = {"lazy": f"with the lowest {what}", "least_lazy": f"with the highest {what}",
+               "random": f"at random (seed {seed})"}[strategy]
+        return EvalRow(name, streaming_layers=layers, head_masks=partial, **common, note=f"{count} KV heads {how}")
 
     build["head-level"] = lambda: head_level(
         "head-level", kv_head_scores, "attention mass beyond sink + window",
@@ -212,6 +221,11 @@ def standard_rows(
     build["head-level-gates"] = lambda: head_level(
         "head-level-gates", kv_head_gates, "optimized gates",
         "KV-head gates; pass --report with gates from 'lighttransfer analyze --method optimize'")
+    build["random-heads"] = lambda: head_level(
+        "random-heads", kv_head_default, "", "per-KV-head scores; pass --report REPORT.json", strategy="random")
+    build["least-lazy-heads"] = lambda: head_level(
+        "least-lazy-heads", kv_head_default, "long-context score", "per-KV-head scores; pass --report REPORT.json",
+        strategy="least_lazy")
     return [build[name]() for name in names]
 
 

@@ -332,6 +332,26 @@ def test_head_level_gates_row_streams_the_lowest_gates():
                       names=["head-level-gates"], kv_head_scores=mass)
 
 
+def test_head_level_baselines_stream_the_other_end_and_a_random_draw_of_the_same_size():
+    gates = [[0.0, 1.0], [0.0, 0.0], [1.0, 0.9], [0.3, 0.1]]
+    picked = {}
+    for seed in (0, 1):
+        rows = {r.name: r for r in standard_rows(
+            lazy_ratios=[0.9, 0.1, 0.8, 0.2], ratio=0.5, num_kv_heads=2, sink=SINK, window=WINDOW,
+            names=["lighttransfer", "random-heads", "least-lazy-heads"], kv_head_default=gates, seed=seed)}
+
+        def cells(row):
+            return {(layer, h) for layer in row.streaming_layers for h in range(2)} | {
+                (layer, h) for layer, m in row.head_masks.items() for h, s in enumerate(m) if s}
+
+        # the four highest gates: layer 2 entirely, (0, 1) and (3, 0)
+        assert cells(rows["least-lazy-heads"]) == {(2, 0), (2, 1), (0, 1), (3, 0)}
+        picked[seed] = cells(rows["random-heads"])
+        assert len(picked[seed]) == 4 and f"seed {seed}" in rows["random-heads"].note
+        assert rows["random-heads"].kv_fraction(500) == pytest.approx(rows["lighttransfer"].kv_fraction(500))
+    assert picked[0] != picked[1]
+
+
 def test_eval_cli_compares_mass_and_gate_picked_heads(tiny_dir_with_tokenizer, text_file, gated_report, tmp_path,
                                                       capsys):
     _, gated, by_mass = gated_report
