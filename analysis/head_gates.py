@@ -20,7 +20,7 @@ setting                DuoAttention (7-8B models, 8 GPUs)             here (defa
 data                   multi-passkey (10 keys of 32 words) in         one 5-digit key in real prose
                        BookSum, 1K-32K tokens, depth 0.05-0.95        (``calibration.make_passkey_sample``),
                                                                       ``seq_len`` tokens, depth 0.05 up to
-                                                                      where the key leaves the window, three
+                                                                      where the key leaves the window, six
                                                                       wordings in turn (two held out)
 supervision            final hidden states at the answer tokens       final hidden states at the positions
                                                                       that predict the answer's tokens

@@ -8,7 +8,8 @@ Layout of one sample (token ids, exactly ``length_tokens`` of them)::
 * needle: "The pass key is 12345. Remember it. 12345 is the pass key."
 * question: "What is the pass key? The pass key is" -- the model should continue with the key.
 * other ``template`` values swap the wording for a different retrieval task (a vault's combination, a ticket
-  number, a door code in a note, a locker number), each recalled after its own question. Gate optimization
+  number, a telephone number, a password, a number on record, a door code in a note, a locker number), each
+  recalled after its own question. Gate optimization
   trains on :data:`TRAINING_TEMPLATES`; :data:`HELD_OUT_TEMPLATES` are kept for checking that what was learned
   carries over to a wording never seen in training.
 * filler: consecutive tokens of real prose (by default the shipped Austen text), starting at a seeded offset;
@@ -54,6 +55,21 @@ TEMPLATES = {
         "\n(The ticket number is {key}; ticket {key} must be kept.)\n",
         "\n\nQuestion: what was the ticket number?\nAnswer: The ticket number was",
     ),
+    "phone": Template(
+        "A long letter follows. Somewhere in it, the writer gives a telephone number.\n\n",
+        "\nYou can reach me at {key}; my number is {key}.\n",
+        "\n\nAt what number can the writer be reached? The number is",
+    ),
+    "password": Template(
+        "The text below hides a password. Read it carefully.\n\n",
+        "\nThe secret password is {key}. Do not forget {key}.\n",
+        "\n\nI have forgotten the password. The secret password is",
+    ),
+    "record": Template(
+        "Read the following chapters. One line records a number worth remembering.\n\n",
+        "\nFor the record, the number to remember is {key} ({key}).\n",
+        "\n\nWhich number was worth remembering? The number to remember is",
+    ),
     "needle": Template(
         "Below is a long excerpt of a novel. A short note is hidden somewhere inside it.\n\n",
         "\nNote: the code of the blue door is {key}. Again, the code of the blue door is {key}.\n",
@@ -68,7 +84,7 @@ TEMPLATES = {
 
 # The gate optimization trains on these wordings by default; the other two stay out of training, so an
 # evaluation on them shows whether what the gates learned carries over to a wording they never saw.
-TRAINING_TEMPLATES = ("passkey", "vault", "ticket")
+TRAINING_TEMPLATES = ("passkey", "vault", "ticket", "phone", "password", "record")
 HELD_OUT_TEMPLATES = ("needle", "locker")
 
 

@@ -421,7 +421,8 @@ def test_the_needle_format_words_the_prompt_differently_at_the_same_length():
         make_sample(tokenizer, filler, length=400, depth=0.5, seed=3, template="other")
 
 
-@pytest.mark.parametrize("template", ["passkey", "vault", "ticket", "needle", "locker"])
+@pytest.mark.parametrize("template", ["passkey", "vault", "ticket", "phone", "password", "record", "needle",
+                                      "locker"])
 def test_every_wording_hides_its_key_and_ends_with_its_question(template):
     from lighttransfer.calibration.passkey import TEMPLATES
 
