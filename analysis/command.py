@@ -83,7 +83,7 @@ def _table(report, lazy_fraction: float):
                    "synthetic:passkey prompts (DuoAttention-style; slower, needs gradients).")
 @click.option("--gate-steps", default=200, show_default=True, type=click.IntRange(min=1),
               help="With --method optimize: optimizer steps (one passkey prompt of --seq-len tokens each).")
-@click.option("--gate-l1", default=0.05, show_default=True, type=click.FloatRange(min=0.0),
+@click.option("--gate-l1", default=0.01, show_default=True, type=click.FloatRange(min=0.0),
               help="With --method optimize: weight of the L1 penalty on the gates (higher = fewer full heads).")
 @click.option("--gate-formats", default=",".join(TRAINING_TEMPLATES), show_default=True, metavar="NAMES",
               help="With --method optimize: passkey wordings to train on, used in turn (of "

@@ -305,6 +305,8 @@ def convert(
                                        "format": source.kind})
         if not hybrid.streaming_kv_heads:
             warnings.append(f"ratio {ratio} streams no layer of {num_layers}; the checkpoint is the dense model.")
+        if report is not None and layers is None and strategy == "lazy":
+            _warn_ties(report, hybrid, granularity=granularity, warnings=warnings)
 
         config_dict = json.loads((source.path / "config.json").read_text()) if source.kind == "directory" \
             else json.loads((tmp / "config.json").read_text())
@@ -368,6 +370,26 @@ def _run_analysis(loaded: LoadedModel, *, calib, seq_len, samples, sink, window,
         calib = str(calib)
     return analyze(loaded, calib=calib, seq_len=seq_len, samples=samples, sink=sink, recent=window, seed=seed,
                    device=device, dtype=dtype, progress=progress, tokenizer=loaded.tokenizer)
+
+
+def _warn_ties(report, hybrid: HybridConfig, *, granularity: str, warnings: list[str]) -> None:
+    """Say when equal scores, not the ranking, decided part of the cut (optimized gates often sit at exactly 0)."""
+    from .selection import tied_at_cut
+
+    if granularity == "head":
+        scores = [x for row in report.kv_head_long_context_scores() for x in row]
+        width = hybrid.num_kv_heads
+        chosen = [layer * width + h for layer in range(hybrid.num_layers) for h in range(width)
+                  if layer in hybrid.streaming_layers or hybrid.head_masks.get(layer, [False] * width)[h]]
+        what = "KV heads"
+    else:
+        scores, chosen, what = list(report.layer_streaming_scores()), list(hybrid.streaming_layers), "layers"
+    ties = tied_at_cut(scores, chosen)
+    if ties:
+        hint = ("lower --gate-l1 in 'lighttransfer analyze --method optimize' for a finer ranking"
+                if report.head_score_method == "optimize" else "more calibration samples may separate them")
+        warnings.append(f"{ties} of the streaming {what} tie on score with ones kept full, so the lower index "
+                        f"decided them; {hint}.")
 
 
 def _select(report, *, num_layers, num_kv_heads, ratio, layers, keep, granularity, strategy, seed, sink, window,

@@ -238,6 +238,23 @@ def _finite_low(x: float) -> float:
     return x if math.isfinite(x) else -math.inf
 
 
+def tied_at_cut(scores: Sequence[float], chosen: Iterable[int]) -> int:
+    """How many chosen candidates share their score with an unchosen one, so that only the index tie-break put
+    them on the streaming side of the cut.
+
+    Args:
+        scores: one score per candidate (flattened ``[layers]`` or ``[layers * kv_heads]``); NaN counts as no tie.
+        chosen: indices into ``scores`` that were picked to stream.
+
+    Returns:
+        The number of chosen candidates whose exact score also belongs to an unchosen candidate. 0 means the
+        ranking alone decided the cut.
+    """
+    chosen = set(chosen)
+    unchosen_scores = {float(x) for i, x in enumerate(scores) if i not in chosen and math.isfinite(float(x))}
+    return sum(1 for i in chosen if float(scores[i]) in unchosen_scores)
+
+
 __all__ = [
     "STRATEGIES",
     "Strategy",
@@ -249,4 +266,5 @@ __all__ = [
     "select_kv_heads",
     "split_head_masks",
     "explain_selection",
+    "tied_at_cut",
 ]

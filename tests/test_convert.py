@@ -212,6 +212,26 @@ def test_report_with_other_window_warns(source_dirs, tmp_path, caplog):
     assert any("window 64" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_ties_at_the_cut_are_reported(source_dirs, tmp_path, granularity):
+    from lighttransfer.convert.selection import tied_at_cut
+
+    src = source_dirs["llama"]
+    # gate-like scores: three layers at exactly the same score, two of which must stream
+    report = FakeReport(_fingerprint(src), 4, 2, lazy=[1.0, 1.0, 1.0, 0.2], head_score_method="optimize")
+    result = convert(src, out=tmp_path / "tied", report=report, ratio=0.5, sink=4, window=16,
+                     granularity=granularity)
+    tied = [w for w in result.warnings if "tie on score" in w]
+    assert len(tied) == 1 and "--gate-l1" in tied[0]
+    assert ("2 of the streaming layers" if granularity == "layer" else "4 of the streaming KV heads") in tied[0]
+    untied = FakeReport(_fingerprint(src), 4, 2, lazy=[0.9, 1.0, 0.5, 0.2])
+    result = convert(src, out=tmp_path / "untied", report=untied, ratio=0.5, sink=4, window=16,
+                     granularity=granularity)
+    assert not [w for w in result.warnings if "tie on score" in w]
+    assert tied_at_cut([0.0, 0.0, 0.5, float("nan")], [0]) == 1
+    assert tied_at_cut([0.0, 0.0, 0.5, float("nan")], [0, 1]) == 0 and tied_at_cut([1.0, 2.0], []) == 0
+
+
 def test_head_granularity_writes_masks(source_dirs, tmp_path):
     src = source_dirs["llama"]
     scores = [[0.1, 0.9], [0.05, 0.02], [0.7, 0.8], [0.6, 0.3]]  # lowest 3 of 8: (1,1), (1,0), (0,0)
