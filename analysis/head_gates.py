@@ -27,8 +27,8 @@ supervision            final hidden states at the answer tokens       final hidd
 optimizer              AdamW, weight decay 0, batch 1                 same
 steps / lr             2000 / 0.02, 20% warm-up, 20% linear decay     200 / 0.02, same schedule shape
                        (floor 0.1)
-L1 weight              0.05 on the sum of the gates                   0.01 (0.05 left 10 of SmolLM2's 90
-                                                                      gates above 0: the rest tie at 0)
+L1 weight              0.05 on the sum of the gates                   0.01 (0.05 left 58 of SmolLM2's 90
+                                                                      gates at exactly 0, tied)
 gates                  initialised at 1, clamped to [0, 1]            same
 sink / window          128 / 256 in training                          the analysis' sink / window (4 / 256)
 decision               threshold 0.5, or a share of heads kept full   either (:func:`full_kv_heads`)
