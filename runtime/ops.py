@@ -5,8 +5,10 @@ references for CPU tensors. (The references are called directly on the CPU: the 
 public kernel entry points use for CPU tensors under ``TRITON_INTERPRET=1`` is a tool for testing kernels, far too
 slow to run a model.) ``kernels.use_reference()`` forces the references on CUDA too.
 
-Full attention goes to transformers' own SDPA attention, with an explicit mask only when left padding or a
-query offset makes ``is_causal`` wrong.
+Full attention goes to transformers' own SDPA attention, with an explicit mask only for left padding. A chunk of
+queries after cached keys (chunked prefill) goes on CUDA to the prefill kernel with a window that spans every
+key, i.e. causal attention at an offset: SDPA's ``is_causal`` puts the diagonal top-left, and the explicit
+``[n, N]`` mask it would need keeps it off its flash kernel.
 
 Shapes: queries ``[batch, heads, n, head_dim]``, keys/values ``[batch, kv_heads, N, head_dim]`` (GQA: never
 repeated here), outputs ``[batch, heads, n, head_dim]`` in the queries' dtype.
@@ -61,8 +63,15 @@ def slot_attention(q, k, v, slot_pos: torch.Tensor, q_pos: torch.Tensor, *, sink
 
 def full_attention(module, q, k, v, *, q_offset: int, kv_start: torch.Tensor | None, has_padding: bool,
                    scale: float | None, dropout: float = 0.0) -> torch.Tensor:
-    """Full causal attention through transformers' SDPA attention; returns ``[batch, heads, n, head_dim]``."""
+    """Full causal attention (SDPA, or the prefill kernel for an unpadded chunk after cached keys on CUDA); returns
+    ``[batch, heads, n, head_dim]``."""
     n, big_n = q.shape[2], k.shape[2]
+    if (q.is_cuda and 1 < n < big_n and not has_padding and dropout == 0.0 and not kernels.reference_forced()
+            and q.shape[-1] <= kernels.MAX_HEAD_DIM):
+        # measured on an H100, Llama-3-8B shape, 32k tokens in 8k chunks: SDPA with the mask (mem-efficient
+        # kernel) made chunked prefill 1.7x slower than one pass (bench/results/chunked_prefill_8b_h100*.json)
+        return prefill_attention(q, k, v, sink=0, window=q_offset + n, q_offset=q_offset, kv_start=None,
+                                 scale=scale)
     mask = None
     if has_padding or (n > 1 and big_n != n):
         mask = causal_padding_mask(n, big_n, q_offset=q_offset, kv_start=kv_start, device=q.device)

@@ -63,6 +63,37 @@ def test_low_precision_follows_the_error_policy(arch, dtype):
     assert err(fast, ref) <= 2 * err(ref_low, ref) + 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_unpadded_chunked_prefill_matches_the_reference(dtype):
+    # chunks after cached keys: the full layers run causal attention at an offset (prefill kernel, not SDPA)
+    model, plain = hybrid_pair("llama")
+    model.to(DEV, dtype)
+    ids = random_ids(2, 70, seed=4)
+    with torch.no_grad():
+        one = model(ids.to(DEV)).logits
+        chunked = prefill_chunked(model, ids.to(DEV), chunk_size=16, logits="all").logits
+    ref = reference_logits(plain, ids, streaming_layers=STREAMING, sink=SINK, window=WINDOW)
+    if dtype == torch.float32:
+        assert err(chunked, ref) <= 1e-4
+    else:
+        assert err(chunked, ref) <= 2 * err(one, ref) + 1e-2
+
+
+def test_full_attention_of_a_chunk_equals_masked_sdpa():
+    from lighttransfer.runtime.ops import causal_padding_mask, full_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 24, 64, device=DEV, dtype=torch.float32)
+    k, v = (torch.randn(2, 2, 100, 64, device=DEV, dtype=torch.float32) for _ in range(2))
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 4, True, False
+    got = full_attention(module, q, k, v, q_offset=76, kv_start=None, has_padding=False, scale=None)
+    mask = causal_padding_mask(24, 100, q_offset=76, kv_start=None, device=DEV)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                                            attn_mask=mask)
+    assert got.shape == (2, 8, 24, 64) and err(got, want) <= 1e-4
+
+
 def test_padded_chunked_online_and_mixed_layers_on_cuda():
     # left-padded batch + chunked prefill
     model, plain = hybrid_pair("llama")
