@@ -83,6 +83,9 @@ def _table(report, lazy_fraction: float):
                    "synthetic:passkey prompts (DuoAttention-style; slower, needs gradients).")
 @click.option("--gate-steps", default=200, show_default=True, type=click.IntRange(min=1),
               help="With --method optimize: optimizer steps (one passkey prompt of --seq-len tokens each).")
+@click.option("--gate-samples", default=None, type=click.IntRange(min=1),
+              help="With --method optimize: distinct passkey prompts the gates train on [default: --samples]; "
+                   "they are synthetic, so they need no more calibration text.")
 @click.option("--gate-l1", default=0.01, show_default=True, type=click.FloatRange(min=0.0),
               help="With --method optimize: weight of the L1 penalty on the gates (higher = fewer full heads).")
 @click.option("--gate-formats", default=",".join(TRAINING_TEMPLATES), show_default=True, metavar="NAMES",
@@ -94,7 +97,8 @@ def _table(report, lazy_fraction: float):
 def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq_len: int, samples: int,
             batch: int, sink: int, recent: int, last: int, threshold: float, seed: int, field: str,
             out: str | None, plot: str | None, lazy_fraction: float, device_map: str | None, method: str,
-            gate_steps: int, gate_l1: float, gate_formats: str, device: str, dtype: str, trust_remote_code: bool) -> None:
+            gate_steps: int, gate_samples: int | None, gate_l1: float,
+            gate_formats: str, device: str, dtype: str, trust_remote_code: bool) -> None:
     """Profile attention on calibration text: which layers are lazy (attend to sink + recent tokens only).
 
     \b
@@ -136,7 +140,8 @@ def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq
 
             gate_task = progress.add_task("gates", total=gate_steps)
             gates = optimize_head_gates(
-                model.model, model.tokenizer, samples=samples, seq_len=seq_len, sink=sink, window=recent,
+                model.model, model.tokenizer, samples=gate_samples or samples, seq_len=seq_len, sink=sink,
+                window=recent,
                 steps=gate_steps, l1=gate_l1, seed=seed, templates=formats,
                 progress=lambda done, total: progress.update(gate_task, completed=done, total=total),
             )

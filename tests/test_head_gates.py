@@ -222,7 +222,7 @@ def test_analyze_method_optimize_stores_gates_that_convert_ranks(tiny_dir, tmp_p
     out = tmp_path / "report.json"
     argv = ["analyze", str(tiny_dir), "--calib", "synthetic:passkey", "--seq-len", "400", "--samples", "2",
             "--sink", "2", "--recent", "16", "--last", "8", "--method", "optimize", "--gate-steps", "3",
-            "--gate-l1", "0.05", "--gate-formats", "ticket,vault", "--out", str(out)]
+            "--gate-l1", "0.05", "--gate-formats", "ticket,vault", "--gate-samples", "3", "--out", str(out)]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 0, capsys.readouterr().err
@@ -231,6 +231,7 @@ def test_analyze_method_optimize_stores_gates_that_convert_ranks(tiny_dir, tmp_p
     assert report.head_score_method == "optimize" and len(gates) == 4 and all(len(r) == 2 for r in gates)
     assert report.params["gates"]["steps"] == 3 and report.params["gates"]["window"] == 16
     assert report.params["gates"]["templates"] == ["ticket", "vault"]
+    assert report.params["gates"]["samples"] == 3 and report.calibration["samples"] == 2
     assert report.kv_head_long_context_scores() == gates
     assert report.kv_head_long_context_scores("attention") == report.kv_heads.long_context_mass
     layer_scores = report.layer_streaming_scores()
