@@ -115,10 +115,11 @@ class _Bar:
               help="Passkey prompt lengths, comma-separated; empty for no passkey test.")
 @click.option("--passkey-depths", type=int, default=10, show_default=True, help="Needle depths per length.")
 @click.option("--passkey-trials", type=int, default=2, show_default=True, help="Samples per (length, depth).")
-@click.option("--passkey-format", type=click.Choice(list(TEMPLATES)), default="passkey", show_default=True,
-              help="Retrieval prompt wording. The gate optimization trains on "
-                   f"{', '.join(TRAINING_TEMPLATES)} by default; {' and '.join(HELD_OUT_TEMPLATES)} state the fact "
-                   "in other words and stay out of training (held-out formats).")
+@click.option("--passkey-format", default="passkey", show_default=True, metavar="NAMES",
+              help=f"Retrieval prompt wording(s), comma-separated, of {', '.join(TEMPLATES)}; each gets the same "
+                   "keys, depths and filler, the first fills the main columns and the plots. The gate optimization "
+                   f"trains on {', '.join(TRAINING_TEMPLATES)} by default; {' and '.join(HELD_OUT_TEMPLATES)} "
+                   "stay out of training (held-out formats).")
 @click.option("--rows", default=",".join(("original", "lighttransfer", "random", "least-lazy", "streamingllm",
                                           "prefill-full", "online")), show_default=True,
               help="Rows to compare, comma-separated. " + "; ".join(f"{k}: {v}" for k, v in ROW_KINDS.items())

@@ -25,12 +25,17 @@ def markdown_report(result) -> str:
         "original's, sink and window included (with a full prefill, the peak during prefill is 100%).",
         "",
     ]
-    if result.passkey_lengths and getattr(result, "passkey_format", "passkey") != "passkey":
-        lines += [f"Retrieval prompts: the '{result.passkey_format}' wording (calibration.passkey.TEMPLATES).", ""]
+    formats = list(getattr(result, "passkey_formats", None) or [getattr(result, "passkey_format", "passkey")])
+    extra = formats[1:] if result.passkey_lengths else []
+    if result.passkey_lengths and (formats[0] != "passkey" or extra):
+        lines += [f"Retrieval prompts: the '{formats[0]}' wording (calibration.passkey.TEMPLATES)"
+                  + (f"; the last columns: {', '.join(repr(f) for f in extra)}, with the same keys, depths and filler."
+                     if extra else "."), ""]
     header = ["row", "layers streaming", *[f"ppl @{L}" for L in result.lengths]]
-    header += [f"passkey @{L}" for L in result.passkey_lengths]
+    header += [f"{formats[0]} @{L}" for L in result.passkey_lengths]  # columns named by the wording
     if result.passkey_lengths:
-        header.append("passkey all")
+        header.append(f"{formats[0]} all")
+    header += [f"{fmt} all" for fmt in extra]
     kv_lengths = sorted({*result.lengths, *result.passkey_lengths})
     header += [f"KV @{L}" for L in kv_lengths]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -52,6 +57,9 @@ def markdown_report(result) -> str:
             cells += [_pct(pk["by_length"][str(L)]) if str(L) in pk.get("by_length", {}) else "-"
                       for L in result.passkey_lengths]
             cells.append(f"{_pct(pk['accuracy'])} (n={pk['n']})" if pk else "-")
+            by_format = row.get("passkey_by_format", {})
+            cells += [f"{_pct(by_format[f]['accuracy'])} (n={by_format[f]['n']})" if f in by_format else "-"
+                      for f in extra]
         cells += [f"{100 * row['kv_fraction'][str(L)]:.1f}%" for L in kv_lengths]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Layers per row:", ""]

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..calibration.passkey import check_templates
 from ..errors import LightTransferError
 from .passkey import passkey_accuracy, passkey_depths, passkey_samples
 from .perplexity import default_stride, perplexity, plan_windows
@@ -40,7 +41,9 @@ class EvalResult:
     """Everything one evaluation measured; saved as JSON with sorted keys.
 
     ``rows[i]`` holds the row's definition plus ``kv_fraction {length: fraction}``,
-    ``perplexity {length: {ppl, nll, tokens, windows}}`` and ``passkey {accuracy, n, by_length, grid}``.
+    ``perplexity {length: {ppl, nll, tokens, windows}}``, ``passkey {accuracy, n, by_length, grid}`` (the first
+    wording of :attr:`passkey_formats`) and ``passkey_by_format {wording: {...}}`` (every wording, the same keys,
+    depths and filler offsets in each).
     """
 
     model_id: str
@@ -59,6 +62,7 @@ class EvalResult:
     environment: dict[str, Any] = field(default_factory=dict)
     hybrid: str | None = None
     passkey_format: str = "passkey"
+    passkey_formats: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def row(self, name: str) -> dict[str, Any]:
@@ -150,7 +154,7 @@ def evaluate(
     passkey_depths_count: int = 10,
     passkey_lengths: Sequence[int] = (),
     passkey_trials: int = 2,
-    passkey_format: str = "passkey",
+    passkey_format: str | Sequence[str] = "passkey",
     text_lines: tuple[int, int] | None = None,
     backend: str = "masked",
     device: str = "auto",
@@ -174,8 +178,9 @@ def evaluate(
         stride: scored tokens per perplexity window (default: a quarter of the length).
         max_windows: perplexity windows per length.
         passkey_depths_count, passkey_lengths, passkey_trials: the passkey grid (no lengths: no passkey).
-        passkey_format: the retrieval prompt's wording: ``passkey`` (the pass-key template, also the synthetic
-            calibration source) or ``needle`` (a fact stated once in other words).
+        passkey_format: the retrieval prompt's wording, or several (``calibration.passkey.TEMPLATES``; a comma-
+            separated string or a sequence): every wording gets the same keys, depths and filler offsets, the first
+            fills ``passkey`` and the plots. ``needle`` and ``locker`` are held out of gate training.
         text_lines: use only these lines of ``text`` (1-based, inclusive).
         backend: ``masked`` (one dense model, masked; exact) or ``runtime`` (the bounded-cache runtime).
         out: write ``<out>.json``, ``.md`` and plots (``out`` ending in ``.json``) or into directory ``out``.
@@ -189,6 +194,8 @@ def evaluate(
     from .backends import MaskedBackend, RuntimeBackend
 
     lengths = _check_lengths(lengths, "--lengths")
+    formats = check_templates([f.strip() for f in passkey_format.split(",") if f.strip()]
+                              if isinstance(passkey_format, str) else passkey_format, option="--passkey-format")
     passkey_lengths = _check_lengths(passkey_lengths, "--passkey-lengths", allow_empty=True)
     if backend not in ("masked", "runtime"):
         raise LightTransferError(f"--backend must be 'masked' or 'runtime', got {backend!r}.")
@@ -232,11 +239,11 @@ def evaluate(
     windows = {L: plan_windows(len(token_ids), length=L, stride=strides[L], min_context=min_context,
                                max_windows=max_windows) for L in lengths}
     depths = passkey_depths(passkey_depths_count)
-    samples = passkey_samples(tokenizer, body, lengths=passkey_lengths, depths=depths,
-                              trials=passkey_trials, seed=seed, template=passkey_format) if passkey_lengths else []
+    samples = {fmt: passkey_samples(tokenizer, body, lengths=passkey_lengths, depths=depths, trials=passkey_trials,
+                                    seed=seed, template=fmt) for fmt in formats} if passkey_lengths else {}
 
     runner = MaskedBackend(model) if backend == "masked" else RuntimeBackend(model)
-    total = len(eval_rows) * (sum(len(w) for w in windows.values()) + len(samples))
+    total = len(eval_rows) * (sum(len(w) for w in windows.values()) + sum(map(len, samples.values())))
     if progress is not None:
         progress.start(total)
 
@@ -246,7 +253,7 @@ def evaluate(
         passkey_depths=depths, passkey_trials=passkey_trials, text=f"{Path(text).name}"
         + (f" lines {text_lines[0]}-{text_lines[1]}" if text_lines else ""), backend=backend,
         environment=_environment(next(model.parameters()).device), hybrid=str(hybrid) if hybrid else None,
-        passkey_format=passkey_format,
+        passkey_format=formats[0], passkey_formats=list(formats),
     )
     for row in eval_rows:
         t0 = time.perf_counter()
@@ -261,8 +268,11 @@ def evaluate(
             step = (lambda L=L, row=row: progress.step(f"{row.name}: perplexity @ {L}")) if progress else None
             entry["perplexity"][str(L)] = perplexity(sequence, token_ids, windows[L], on_window=step)
         if samples:
-            step = (lambda row=row: progress.step(f"{row.name}: passkey")) if progress else None
-            entry["passkey"] = passkey_accuracy(sequence, samples, on_sample=step)
+            entry["passkey_by_format"] = {}
+            for fmt, fmt_samples in samples.items():
+                step = (lambda row=row, fmt=fmt: progress.step(f"{row.name}: {fmt}")) if progress else None
+                entry["passkey_by_format"][fmt] = passkey_accuracy(sequence, fmt_samples, on_sample=step)
+            entry["passkey"] = entry["passkey_by_format"][formats[0]]
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         runner.release(row)
         log.info("row %s done in %.0f s", row.name, entry["seconds"])

@@ -247,13 +247,36 @@ def test_eval_cli_writes_json_markdown_and_plots(tiny_dir_with_tokenizer, text_f
     assert not list(tmp_path.glob(".eval-*"))
 
 
+def test_eval_compares_several_wordings_on_the_same_keys(tiny_dir_with_tokenizer, text_file, tmp_path, capsys,
+                                                        report_file, monkeypatch):
+    stub, report_cls = report_file
+    monkeypatch.setattr(report_cls, "load", classmethod(lambda cls, path: stub))
+    out = tmp_path / "words.json"
+    code, _, err = run_cli([
+        "eval", "--baseline", str(tiny_dir_with_tokenizer), "--text", str(text_file), "--report", "r.json",
+        "--lengths", "64", "--windows", "1", "--passkey-lengths", "256", "--passkey-depths", "2",
+        "--passkey-trials", "1", "--passkey-format", "needle,passkey", "--sink", str(SINK), "--window", str(WINDOW),
+        "--rows", "original,lighttransfer", "--device", "cpu", "--out", str(out), "-q",
+    ], capsys)
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["passkey_format"] == "needle" and data["passkey_formats"] == ["needle", "passkey"]
+    for row in data["rows"]:
+        by_format = row["passkey_by_format"]
+        assert set(by_format) == {"needle", "passkey"} and by_format["passkey"]["n"] == 2
+        assert row["passkey"] == by_format["needle"]  # the first wording fills the main columns
+    md = (tmp_path / "words.md").read_text()
+    assert "| needle @256 | needle all | passkey all |" in md and "the last columns: 'passkey'" in md
+
+
 @pytest.mark.parametrize("args, match", [
     (["--text", "/no/such/file.txt"], "does not exist"),
     (["--lengths", "64,abc"], "comma-separated list"),
     (["--lengths", "16"], "inside sink"),
     (["--text-lines", "9:3"], "FIRST <= LAST"),
     (["--rows", "original,bogus"], "unknown row"),
-], ids=["missing-text", "bad-lengths", "length-inside-window", "bad-line-range", "unknown-row"])
+    (["--passkey-format", "passkey,riddle"], "--passkey-format 'riddle'"),
+], ids=["missing-text", "bad-lengths", "length-inside-window", "bad-line-range", "unknown-row", "unknown-format"])
 def test_eval_cli_errors_are_one_line(tiny_dir_with_tokenizer, text_file, tmp_path, capsys, args, match,
                                       report_file, monkeypatch):
     stub, report_cls = report_file
