@@ -38,12 +38,15 @@ def _rows_table(rows, *, num_kv_heads: int, title: str):
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
-    for name in ("layer", "attention", "KV heads streaming", "lazy ratio", "rank", "why"):
-        table.add_column(name, justify="right" if name in ("layer", "lazy ratio", "rank", "KV heads streaming") else "left")
+    label = next((row.score_label for row in rows if row.score_label), None)
+    names = ["layer", "attention", "KV heads streaming", "lazy ratio", *([label] if label else []), "rank", "why"]
+    for name in names:
+        table.add_column(name, justify="left" if name in ("attention", "why") else "right")
     styles = {"streaming": "bold cyan", "mixed": "yellow", "full": "dim"}
     for row in rows:
+        score = ["—" if row.score is None else f"{row.score:.3f}"] if label else []
         table.add_row(str(row.layer), f"[{styles[row.kind]}]{row.kind}[/]", f"{row.streaming_heads}/{num_kv_heads}",
-                      "—" if row.lazy_ratio is None else f"{row.lazy_ratio:.3f}",
+                      "—" if row.lazy_ratio is None else f"{row.lazy_ratio:.3f}", *score,
                       "—" if row.rank is None else str(row.rank), row.reason)
     return table
 

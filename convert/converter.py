@@ -392,6 +392,13 @@ def _warn_ties(report, hybrid: HybridConfig, *, granularity: str, warnings: list
                         f"decided them; {hint}.")
 
 
+def _ranking_score(report, layer_scores) -> dict[str, Any]:
+    """The layer score that ranked the selection, for the table, when it is not the lazy ratio."""
+    if report is None or getattr(report, "head_score_method", "attention") != "optimize" or layer_scores is None:
+        return {}
+    return {"scores": layer_scores, "score_label": "1 - max gate"}
+
+
 def _select(report, *, num_layers, num_kv_heads, ratio, layers, keep, granularity, strategy, seed, sink, window,
             prefill, native_swa, source) -> tuple[HybridConfig, list[SelectionRow]]:
     lazy = list(report.layer_lazy_ratios()) if report is not None else None
@@ -425,7 +432,7 @@ def _select(report, *, num_layers, num_kv_heads, ratio, layers, keep, granularit
     )
     rows = explain_selection(num_layers=num_layers, num_kv_heads=num_kv_heads, streaming_layers=hybrid.streaming_layers,
                              head_masks=hybrid.head_masks, lazy_ratios=lazy, keep=keep, manual=layers is not None,
-                             strategy=strategy)
+                             strategy=strategy, **_ranking_score(report, layer_scores))
     return hybrid, rows
 
 

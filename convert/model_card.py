@@ -140,10 +140,14 @@ def render_model_card(
     if heatmap:
         lines += ["Lazy ratio per query head and per layer, from the analysis the layers were chosen with:", "",
                   f"![lazy-ratio heatmap]({heatmap})", ""]
-    lines += ["| layer | attention | streaming KV heads | lazy ratio | rank | why |", "|---:|---|---:|---:|---:|---|"]
+    label = next((row.score_label for row in rows if row.score_label), None)
+    score_head, score_rule = (f" {label} |", "---:|") if label else ("", "")
+    lines += [f"| layer | attention | streaming KV heads | lazy ratio |{score_head} rank | why |",
+              f"|---:|---|---:|---:|{score_rule}---:|---|"]
     for row in rows:
+        score = f" {_fmt_ratio(row.score)} |" if label else ""
         lines.append(f"| {row.layer} | {row.kind} | {row.streaming_heads}/{hybrid.num_kv_heads} | "
-                     f"{_fmt_ratio(row.lazy_ratio)} | {row.rank or '—'} | {row.reason} |")
+                     f"{_fmt_ratio(row.lazy_ratio)} |{score} {row.rank or '—'} | {row.reason} |")
     lines += [
         "",
         "## Loading",

@@ -174,7 +174,7 @@ class SelectionRow:
     Attributes:
         layer: layer index.
         lazy_ratio: the analysis' lazy ratio of the layer, or ``None`` without a report.
-        rank: 1 = laziest layer, or ``None`` without a report.
+        rank: 1 = the layer that streams first by the score the selection used, or ``None`` without a report.
         kind: ``streaming``, ``mixed`` (some KV heads stream) or ``full``.
         streaming_heads: how many KV heads of the layer stream.
         reason: why, in a few words.
@@ -186,10 +186,15 @@ class SelectionRow:
     kind: str
     streaming_heads: int
     reason: str
+    score: float | None = None
+    score_label: str | None = None
 
     def to_dict(self) -> dict:
-        return {"layer": self.layer, "lazy_ratio": self.lazy_ratio, "rank": self.rank, "kind": self.kind,
-                "streaming_heads": self.streaming_heads, "reason": self.reason}
+        out = {"layer": self.layer, "lazy_ratio": self.lazy_ratio, "rank": self.rank, "kind": self.kind,
+               "streaming_heads": self.streaming_heads, "reason": self.reason}
+        if self.score_label is not None:
+            out.update(score=self.score, score_label=self.score_label)
+        return out
 
 
 def explain_selection(
@@ -202,16 +207,25 @@ def explain_selection(
     keep: Iterable[int] = (),
     manual: bool = False,
     strategy: str = "lazy",
+    scores: Sequence[float] | None = None,
+    score_label: str | None = None,
 ) -> list[SelectionRow]:
-    """One :class:`SelectionRow` per layer, in layer order."""
+    """One :class:`SelectionRow` per layer, in layer order.
+
+    ``scores`` (with ``score_label``, e.g. ``1 - max gate``) is the per-layer score that ranked the layers when it
+    is not the lazy ratio; ranks and reasons then follow it.
+    """
     head_masks = head_masks or {}
     keep = set(keep)
     streaming = set(streaming_layers)
+    ranking = scores if scores is not None else lazy_ratios
     ranks: dict[int, int] = {}
-    if lazy_ratios is not None:
-        order = sorted(range(num_layers), key=lambda i: (-_finite_low(lazy_ratios[i]), i))
+    if ranking is not None:
+        order = sorted(range(num_layers), key=lambda i: (-_finite_low(ranking[i]), i))
         ranks = {layer: r + 1 for r, layer in enumerate(order)}
     picked_by = {"lazy": "among the laziest", "least_lazy": "among the least lazy", "random": "drawn at random"}
+    if scores is not None:
+        picked_by.update(lazy="lowest gates", least_lazy="highest gates")
     rows = []
     for layer in range(num_layers):
         mask = [True] * num_kv_heads if layer in streaming else head_masks.get(layer, [False] * num_kv_heads)
@@ -230,7 +244,9 @@ def explain_selection(
         else:
             reason = picked_by.get(strategy, "selected")
         ratio = None if lazy_ratios is None else float(lazy_ratios[layer])
-        rows.append(SelectionRow(layer, ratio, ranks.get(layer), kind, n, reason))
+        rows.append(SelectionRow(layer, ratio, ranks.get(layer), kind, n, reason,
+                                 score=None if scores is None else float(scores[layer]),
+                                 score_label=score_label if scores is not None else None))
     return rows
 
 

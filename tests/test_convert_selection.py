@@ -121,3 +121,15 @@ def test_layer_scores_from_gates_rank_a_layer_by_its_most_needed_head():
     scores = layer_scores_from_gates(gates)
     assert scores == pytest.approx([0.1, 0.7, 0.95, 0.0])
     assert select_layers(scores, ratio=0.5) == [1, 2]  # layer 3 has one head that needs everything
+
+
+def test_explain_selection_ranks_by_the_score_that_chose():
+    lazy = [0.9, 0.8, 0.1, 0.2]  # the lazy ratio would stream layers 0 and 1
+    scores = [0.0, 0.1, 0.9, 0.8]  # the gate-derived score streams layers 2 and 3
+    rows = explain_selection(num_layers=4, num_kv_heads=2, streaming_layers=[2, 3], lazy_ratios=lazy,
+                             scores=scores, score_label="1 - max gate")
+    assert [r.rank for r in rows] == [4, 3, 1, 2]
+    assert rows[2].reason == "lowest gates" and rows[0].reason == "below the cutoff"
+    assert rows[2].to_dict()["score_label"] == "1 - max gate" and rows[2].lazy_ratio == 0.1
+    plain = explain_selection(num_layers=4, num_kv_heads=2, streaming_layers=[0, 1], lazy_ratios=lazy)
+    assert [r.rank for r in plain] == [1, 2, 4, 3] and "score_label" not in plain[0].to_dict()

@@ -246,6 +246,8 @@ def test_analyze_method_optimize_stores_gates_that_convert_ranks(tiny_dir, tmp_p
     by_gate = sorted(range(4), key=lambda i: (-layer_scores[i], i))[:2]  # the two layers whose gates are lowest
     assert block["streaming_layers"] == sorted(by_gate)
     assert block["report_summary"]["selection"]["score"] == "optimize"
+    card = (hybrid / "README.md").read_text()
+    assert "| 1 - max gate |" in card and "lowest gates" in card  # the table explains the ranking it used
     streamed = select_kv_heads(report.kv_head_long_context_scores(), ratio=0.5)
     lowest = sorted(((g, layer, head) for layer, row in enumerate(gates) for head, g in enumerate(row)))[:4]
     assert {(layer, head) for _, layer, head in lowest} == {(layer, head) for layer, mask in streamed.items()
