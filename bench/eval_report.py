@@ -9,6 +9,24 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
+def _with_ci(pk: dict) -> str:
+    if not pk:
+        return "-"
+    ci = pk.get("ci95")
+    return f"{_pct(pk['accuracy'])} (n={pk['n']}" + (f"; {100 * ci[0]:.0f}-{100 * ci[1]:.0f}%)" if ci else ")")
+
+
+def _versus(pk: dict, original: dict) -> str:
+    """Paired difference to the original on the same prompts, in points."""
+    from .stats import paired_difference
+
+    a, b = pk.get("outcomes"), original.get("outcomes")
+    if not a or not b or len(a) != len(b):
+        return "-"
+    diff, low, high = paired_difference(a, b)
+    return f"{100 * diff:+.0f} ({100 * low:+.0f} to {100 * high:+.0f})"
+
+
 def markdown_report(result) -> str:
     """Perplexity, passkey accuracy and KV budget per row, as markdown tables."""
     lines = [
@@ -22,7 +40,9 @@ def markdown_report(result) -> str:
         "Perplexity is scored only on tokens after at least "
         + ", ".join(f"{int(L) - s} (at {L})" for L, s in result.strides.items())
         + " tokens of context, i.e. beyond sink + window. KV is the cache kept after L tokens as a share of the "
-        "original's, sink and window included (with a full prefill, the peak during prefill is 100%).",
+        "original's, sink and window included (with a full prefill, the peak during prefill is 100%). "
+        "Retrieval intervals: Wilson 95% for a row's accuracy; for the difference to the original, a paired normal "
+        "interval over the same prompts.",
         "",
     ]
     formats = list(getattr(result, "passkey_formats", None) or [getattr(result, "passkey_format", "passkey")])
@@ -33,8 +53,12 @@ def markdown_report(result) -> str:
                      if extra else "."), ""]
     header = ["row", "layers streaming", *[f"ppl @{L}" for L in result.lengths]]
     header += [f"{formats[0]} @{L}" for L in result.passkey_lengths]  # columns named by the wording
+    original = next((r.get("passkey", {}) for r in result.rows if r["name"] == "original"), {})
+    paired = bool(result.passkey_lengths and original.get("outcomes"))
     if result.passkey_lengths:
-        header.append(f"{formats[0]} all")
+        header.append(f"{formats[0]} all (95% CI)")
+    if paired:
+        header.append("vs original, points (95% CI)")
     header += [f"{fmt} all" for fmt in extra]
     kv_lengths = sorted({*result.lengths, *result.passkey_lengths})
     header += [f"KV @{L}" for L in kv_lengths]
@@ -56,7 +80,9 @@ def markdown_report(result) -> str:
             pk = row.get("passkey", {})
             cells += [_pct(pk["by_length"][str(L)]) if str(L) in pk.get("by_length", {}) else "-"
                       for L in result.passkey_lengths]
-            cells.append(f"{_pct(pk['accuracy'])} (n={pk['n']})" if pk else "-")
+            cells.append(_with_ci(pk))
+            if paired:
+                cells.append(_versus(pk, original))
             by_format = row.get("passkey_by_format", {})
             cells += [f"{_pct(by_format[f]['accuracy'])} (n={by_format[f]['n']})" if f in by_format else "-"
                       for f in extra]

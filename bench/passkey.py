@@ -93,20 +93,27 @@ def passkey_accuracy(
     Args:
         sequence: ``() -> context manager yielding (model, after_prefill)`` (a row's backend).
     Returns:
-        ``{"accuracy", "n", "by_length": {L: acc}, "grid": {L: {depth: acc}}}`` (accuracies in [0, 1]).
+        ``{"accuracy", "n", "ci95": [low, high], "outcomes": [bool per sample, in order], "by_length": {L: acc},
+        "grid": {L: {depth: acc}}}`` (accuracies in [0, 1]; ``ci95``: Wilson interval; ``outcomes`` lets two rows
+        that answered the same samples be compared per prompt, :func:`~lighttransfer.bench.stats.paired_difference`).
     """
+    from .stats import wilson_interval
+
     hits: dict[int, dict[float, list[bool]]] = {}
+    outcomes = []
     for sample in samples:
         with sequence() as (model, after_prefill):
             ok = check_answer(model, sample, after_prefill=after_prefill)
         hits.setdefault(sample.length, {}).setdefault(round(sample.depth, 4), []).append(ok)
+        outcomes.append(ok)
         if on_sample is not None:
             on_sample()
     grid = {str(L): {f"{d:.3f}": sum(v) / len(v) for d, v in sorted(by_d.items())} for L, by_d in sorted(hits.items())}
     by_length = {str(L): sum(sum(v) for v in by_d.values()) / sum(len(v) for v in by_d.values())
                  for L, by_d in sorted(hits.items())}
-    flat = [ok for by_d in hits.values() for v in by_d.values() for ok in v]
-    return {"accuracy": sum(flat) / len(flat) if flat else 0.0, "n": len(flat), "by_length": by_length, "grid": grid}
+    low, high = wilson_interval(sum(outcomes), len(outcomes))
+    return {"accuracy": sum(outcomes) / len(outcomes) if outcomes else 0.0, "n": len(outcomes),
+            "ci95": [round(low, 4), round(high, 4)], "outcomes": outcomes, "by_length": by_length, "grid": grid}
 
 
 __all__ = ["PasskeySample", "make_sample", "passkey_samples", "passkey_depths", "check_answer",

@@ -241,6 +241,8 @@ def test_eval_cli_writes_json_markdown_and_plots(tiny_dir_with_tokenizer, text_f
     assert lt["streaming_layers"] == [0, 2]
     assert lt["kv_fraction"]["128"] == pytest.approx((2 * 128 + 2 * 18) / (4 * 128))
     assert set(lt["perplexity"]) == {"64", "128"} and lt["passkey"]["n"] == 3
+    low, high = lt["passkey"]["ci95"]
+    assert len(lt["passkey"]["outcomes"]) == 3 and low <= lt["passkey"]["accuracy"] <= high
     assert set(lt["passkey"]["grid"]["256"]) == {"0.000", "0.500", "1.000"}
     assert (tmp_path / "res.md").read_text().count("| original") == 1
     assert (tmp_path / "res_passkey.png").stat().st_size > 0 and (tmp_path / "res_perplexity.png").exists()
@@ -266,7 +268,11 @@ def test_eval_compares_several_wordings_on_the_same_keys(tiny_dir_with_tokenizer
         assert set(by_format) == {"needle", "passkey"} and by_format["passkey"]["n"] == 2
         assert row["passkey"] == by_format["needle"]  # the first wording fills the main columns
     md = (tmp_path / "words.md").read_text()
-    assert "| needle @256 | needle all | passkey all |" in md and "the last columns: 'passkey'" in md
+    assert "| needle @256 | needle all (95% CI) | vs original, points (95% CI) | passkey all |" in md
+    assert "the last columns: 'passkey'" in md
+    original = data["rows"][0]["passkey"]
+    assert "| original | 0 |" in md and "+0 (+0 to +0)" in md.split("| original")[1].split("\n")[0]
+    assert len(original["outcomes"]) == original["n"] == 2
 
 
 @pytest.mark.parametrize("args, match", [
