@@ -17,6 +17,8 @@ _LAZY = {
     "benchmark": "lighttransfer.bench.speed:benchmark",
     "BenchResult": "lighttransfer.bench.speed:BenchResult",
     "build_shaped_model": "lighttransfer.bench.shaped_model:build_shaped_model",
+    "wilson_interval": "lighttransfer.bench.stats:wilson_interval",
+    "paired_difference": "lighttransfer.bench.stats:paired_difference",
 }
 
 __all__ = list(_LAZY)
