@@ -221,8 +221,9 @@ def standard_rows(
     build["head-level-gates"] = lambda: head_level(
         "head-level-gates", kv_head_gates, "optimized gates",
         "KV-head gates; pass --report with gates from 'lighttransfer analyze --method optimize'")
+    # a random draw needs only the shape, so this row works without a report
     build["random-heads"] = lambda: head_level(
-        "random-heads", kv_head_default, "", "per-KV-head scores; pass --report REPORT.json", strategy="random")
+        "random-heads", kv_head_default or [[0.0] * num_kv_heads for _ in range(n)], "", "", strategy="random")
     build["least-lazy-heads"] = lambda: head_level(
         "least-lazy-heads", kv_head_default, "long-context score", "per-KV-head scores; pass --report REPORT.json",
         strategy="least_lazy")

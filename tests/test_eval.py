@@ -379,6 +379,9 @@ def test_head_level_baselines_stream_the_other_end_and_a_random_draw_of_the_same
         assert len(picked[seed]) == 4 and f"seed {seed}" in rows["random-heads"].note
         assert rows["random-heads"].kv_fraction(500) == pytest.approx(rows["lighttransfer"].kv_fraction(500))
     assert picked[0] != picked[1]
+    alone = standard_rows(lazy_ratios=[0.9, 0.1, 0.8, 0.2], ratio=0.5, num_kv_heads=2, sink=SINK, window=WINDOW,
+                          names=["random-heads"])[0]  # no report: the draw needs only the shape
+    assert sum(map(sum, alone.head_masks.values())) + 2 * len(alone.streaming_layers) == 4
 
 
 def test_eval_cli_compares_mass_and_gate_picked_heads(tiny_dir_with_tokenizer, text_file, gated_report, tmp_path,
