@@ -30,7 +30,7 @@ from ..loading import (
 from .hybrid_config import CONFIG_KEY, SIDECAR_NAME, HybridConfig
 from .kv_memory import DTYPE_BYTES, KVMemoryRow, kv_memory_table
 from .model_card import FIGURE_NAME, plot_selection, render_model_card
-from .native_swa import NATIVE_SWA_WARNING, native_swa_fields
+from .native_swa import NATIVE_SWA_WARNING, native_sliding_layers, native_swa_fields
 from .selection import (
     STRATEGIES,
     SelectionRow,
@@ -272,8 +272,22 @@ def convert(
     keep = check_layer_indices(keep, num_layers, option="--keep")
     if layers is not None:
         check_layer_indices(layers, num_layers, option="--layers")
+    native = native_sliding_layers(text_config)
     if native_swa:
-        native_swa_fields(str(text_config.model_type), HybridConfig(num_layers, num_kv_heads))  # fail early
+        native_swa_fields(str(text_config.model_type), HybridConfig(num_layers, num_kv_heads),
+                          native_layers=native)  # fail early
+    if native:
+        if layers is not None and set(layers) & set(native):
+            raise LightTransferError(
+                f"--layers {','.join(map(str, sorted(set(layers) & set(native))))}: these layers already slide the "
+                f"model's own window of {getattr(text_config, 'sliding_window', '?')} tokens; pick full-attention "
+                "layers."
+            )
+        # already bounded by the architecture: never candidates, and the runtime keeps their own window
+        keep = sorted(set(keep) | set(native))
+        warnings.append(f"{len(native)} of {num_layers} layers already slide the model's own window of "
+                        f"{getattr(text_config, 'sliding_window', '?')} tokens; they stay as they are, and the "
+                        "streaming layers come from the other layers.")
 
     report = _load_report(report)
     if calib and (report is not None or layers is not None):
@@ -300,7 +314,7 @@ def convert(
                                    seed=seed, device=device, dtype=dtype, progress=progress)
         hybrid, rows = _select(report, num_layers=num_layers, num_kv_heads=num_kv_heads, ratio=ratio,
                                layers=layers, keep=keep, granularity=granularity, strategy=strategy, seed=seed,
-                               sink=sink, window=window, prefill=prefill, native_swa=native_swa,
+                               sink=sink, window=window, prefill=prefill, native_swa=native_swa, native=native,
                                source={"model_id": model_id, "fingerprint": fingerprint,
                                        "format": source.kind})
         if not hybrid.streaming_kv_heads:
@@ -312,7 +326,7 @@ def convert(
             else json.loads((tmp / "config.json").read_text())
         config_dict[CONFIG_KEY] = hybrid.to_dict()
         if native_swa:
-            config_dict.update(native_swa_fields(str(text_config.model_type), hybrid))
+            config_dict.update(native_swa_fields(str(text_config.model_type), hybrid, native_layers=native))
             warnings.append(NATIVE_SWA_WARNING)
             if hybrid.head_masks:
                 warnings.append("--native-swa marks whole layers only; layers with some streaming KV heads stay "
@@ -400,7 +414,7 @@ def _ranking_score(report, layer_scores) -> dict[str, Any]:
 
 
 def _select(report, *, num_layers, num_kv_heads, ratio, layers, keep, granularity, strategy, seed, sink, window,
-            prefill, native_swa, source) -> tuple[HybridConfig, list[SelectionRow]]:
+            prefill, native_swa, source, native=()) -> tuple[HybridConfig, list[SelectionRow]]:
     lazy = list(report.layer_lazy_ratios()) if report is not None else None
     # what ranks the layers: the lazy ratio, or the optimized gates when the report's method says so
     layer_scores = list(report.layer_streaming_scores()) if report is not None else None
@@ -432,7 +446,7 @@ def _select(report, *, num_layers, num_kv_heads, ratio, layers, keep, granularit
     )
     rows = explain_selection(num_layers=num_layers, num_kv_heads=num_kv_heads, streaming_layers=hybrid.streaming_layers,
                              head_masks=hybrid.head_masks, lazy_ratios=lazy, keep=keep, manual=layers is not None,
-                             strategy=strategy, **_ranking_score(report, layer_scores))
+                             strategy=strategy, native=native, **_ranking_score(report, layer_scores))
     return hybrid, rows
 
 

@@ -34,7 +34,15 @@ NATIVE_SWA_WARNING = (
 )
 
 
-def native_swa_fields(model_type: str, hybrid: HybridConfig) -> dict[str, Any]:
+def native_sliding_layers(config) -> list[int]:
+    """Layers that already slide the model's own window (``layer_types[i] == "sliding_attention"``: Gemma 2/3,
+    Cohere2, gpt-oss, Qwen with ``use_sliding_window``). Their cache is bounded by the architecture itself, so a
+    conversion leaves them as they are."""
+    types = getattr(config, "layer_types", None) or []
+    return [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+
+
+def native_swa_fields(model_type: str, hybrid: HybridConfig, *, native_layers=()) -> dict[str, Any]:
     """The config keys that make a stock loader slide the window over the fully streaming layers.
 
     Args:
@@ -46,7 +54,8 @@ def native_swa_fields(model_type: str, hybrid: HybridConfig) -> dict[str, Any]:
         ``{"layer_types": [...], "sliding_window": window, ...}`` to merge into ``config.json``.
 
     Raises:
-        LightTransferError: the architecture has no per-layer attention types in transformers.
+        LightTransferError: the architecture has no per-layer attention types in transformers, or the model already
+            has sliding layers (``native_layers``) whose window one ``sliding_window`` field would overwrite.
     """
     extra = NATIVE_SWA_ARCHITECTURES.get(model_type)
     if extra is None:
@@ -55,6 +64,11 @@ def native_swa_fields(model_type: str, hybrid: HybridConfig) -> dict[str, Any]:
             f"so stock loaders cannot serve a hybrid of it; supported: {', '.join(NATIVE_SWA_ARCHITECTURES)}. "
             "Convert without --native-swa and run it with lighttransfer."
         )
+    if native_layers:
+        raise LightTransferError(
+            f"--native-swa: the model already slides its own window on layers {_ranges(native_layers)}, and one "
+            "sliding_window field cannot hold both windows; convert without --native-swa and run it with lighttransfer."
+        )
     streaming = set(hybrid.streaming_layers)
     layer_types = [
         "sliding_attention" if i in streaming else "full_attention" for i in range(hybrid.num_layers)
@@ -62,4 +76,8 @@ def native_swa_fields(model_type: str, hybrid: HybridConfig) -> dict[str, Any]:
     return {**extra, "layer_types": layer_types, "sliding_window": hybrid.window}
 
 
-__all__ = ["native_swa_fields", "NATIVE_SWA_ARCHITECTURES", "NATIVE_SWA_WARNING"]
+def _ranges(layers) -> str:
+    return ",".join(map(str, sorted(layers)))
+
+
+__all__ = ["native_sliding_layers", "native_swa_fields", "NATIVE_SWA_ARCHITECTURES", "NATIVE_SWA_WARNING"]

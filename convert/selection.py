@@ -209,14 +209,17 @@ def explain_selection(
     strategy: str = "lazy",
     scores: Sequence[float] | None = None,
     score_label: str | None = None,
+    native: Iterable[int] = (),
 ) -> list[SelectionRow]:
     """One :class:`SelectionRow` per layer, in layer order.
 
     ``scores`` (with ``score_label``, e.g. ``1 - max gate``) is the per-layer score that ranked the layers when it
-    is not the lazy ratio; ranks and reasons then follow it.
+    is not the lazy ratio; ranks and reasons then follow it. ``native``: layers that slide the model's own window
+    (left as they are).
     """
     head_masks = head_masks or {}
     keep = set(keep)
+    native = set(native)
     streaming = set(streaming_layers)
     ranking = scores if scores is not None else lazy_ratios
     ranks: dict[int, int] = {}
@@ -231,7 +234,9 @@ def explain_selection(
         mask = [True] * num_kv_heads if layer in streaming else head_masks.get(layer, [False] * num_kv_heads)
         n = sum(mask)
         kind = "streaming" if n == num_kv_heads and n else "mixed" if n else "full"
-        if layer in keep:
+        if layer in native:
+            reason = "the model's own sliding window"
+        elif layer in keep:
             reason = "kept full (--keep)"
         elif manual:
             reason = "chosen by hand (--layers)" if n else "not in --layers"

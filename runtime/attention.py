@@ -4,7 +4,8 @@ A model switched to it (``config._attn_implementation == "lighttransfer"``) call
 :func:`lighttransfer_attention` in every attention layer, after the layer has applied RoPE at the tokens'
 original positions and updated the cache. What it does depends on the layer:
 
-* a full layer (or any layer without a plan) -> transformers' SDPA attention, causal, minus left padding;
+* a full layer (or any layer without a plan) -> transformers' SDPA attention, causal, minus left padding, and
+  within the model's own sliding window when the layer has one;
 * a streaming layer whose cache part is a :class:`~lighttransfer.runtime.cache.StreamingLayer` -> the keys that
   ``update`` returned, at the positions its ``view`` records (contiguous first forward, or explicit slots);
 * a streaming layer without our cache (``use_cache=False``, or another ``Cache``) -> sink + window attention over
@@ -101,8 +102,10 @@ def lighttransfer_attention(module, query, key, value, attention_mask, scaling=N
             out = prefill_attention(query, key, value, sink=plan.sink, window=plan.window, q_offset=big_n - n,
                                     kv_start=kv_start if has_padding else None, scale=scaling)
     else:
+        # a full layer keeps the model's own sliding window, if it has one (Gemma 2/3, Mistral, SWA Qwen layers)
         out = full_attention(module, query, key, value, q_offset=big_n - n, kv_start=kv_start,
-                             has_padding=has_padding, scale=scaling, dropout=dropout)
+                             has_padding=has_padding, scale=scaling, dropout=dropout,
+                             sliding_window=kwargs.get("sliding_window"))
         online = cache.online if cache is not None else None
         if online is not None and part is not None and not online.decided and plan is not None:
             _offer_online(cache, module.layer_idx, query, key, plan, kv_start if has_padding else None, scaling)

@@ -16,6 +16,8 @@ repeated here), outputs ``[batch, heads, n, head_dim]`` in the queries' dtype.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -62,10 +64,18 @@ def slot_attention(q, k, v, slot_pos: torch.Tensor, q_pos: torch.Tensor, *, sink
 
 
 def full_attention(module, q, k, v, *, q_offset: int, kv_start: torch.Tensor | None, has_padding: bool,
-                   scale: float | None, dropout: float = 0.0) -> torch.Tensor:
+                   scale: float | None, dropout: float = 0.0, sliding_window: int | None = None) -> torch.Tensor:
     """Full causal attention (SDPA, or the prefill kernel for an unpadded chunk after cached keys on CUDA); returns
-    ``[batch, heads, n, head_dim]``."""
+    ``[batch, heads, n, head_dim]``.
+
+    ``sliding_window``: the model's own window for this layer (Gemma 2/3, Mistral, Qwen with sliding layers), which
+    the layer was trained with: a query at ``p`` then sees only keys in ``(p - sliding_window, p]``.
+    """
     n, big_n = q.shape[2], k.shape[2]
+    if sliding_window:
+        mask = causal_padding_mask(n, big_n, q_offset=q_offset, kv_start=kv_start if has_padding else None,
+                                   device=q.device, window=int(sliding_window))
+        return _sdpa(module, q, k, v, mask, scale=scale, dropout=dropout)
     if (q.is_cuda and 1 < n < big_n and not has_padding and dropout == 0.0 and not kernels.reference_forced()
             and q.shape[-1] <= kernels.MAX_HEAD_DIM):
         # measured on an H100, Llama-3-8B shape, 32k tokens in 8k chunks: SDPA with the mask (mem-efficient
@@ -75,23 +85,28 @@ def full_attention(module, q, k, v, *, q_offset: int, kv_start: torch.Tensor | N
     mask = None
     if has_padding or (n > 1 and big_n != n):
         mask = causal_padding_mask(n, big_n, q_offset=q_offset, kv_start=kv_start, device=q.device)
-    if q.is_cuda:
-        with sdpa_kernel(FULL_ATTENTION_BACKENDS):
-            out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scale,
-                                            is_causal=mask is None)
-    else:
+    return _sdpa(module, q, k, v, mask, scale=scale, dropout=dropout)
+
+
+def _sdpa(module, q, k, v, mask, *, scale, dropout) -> torch.Tensor:
+    """transformers' SDPA attention (causal when ``mask`` is None), never through cuDNN on CUDA."""
+    context = sdpa_kernel(FULL_ATTENTION_BACKENDS) if q.is_cuda else contextlib.nullcontext()
+    with context:
         out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scale,
                                         is_causal=mask is None)
     return out.transpose(1, 2)
 
 
 def causal_padding_mask(n: int, big_n: int, *, q_offset: int, kv_start: torch.Tensor | None,
-                        device) -> torch.Tensor:
-    """Bool mask ``[batch or 1, 1, n, N]``: causal, without the left padding. A padding query (no real key at or
-    before it) sees its own key, so every row stays finite."""
+                        device, window: int | None = None) -> torch.Tensor:
+    """Bool mask ``[batch or 1, 1, n, N]``: causal, without the left padding, and within ``window`` (keys in
+    ``(p - window, p]``) when given. A padding query (no real key at or before it) sees its own key, so every row
+    stays finite."""
     q_idx = torch.arange(n, device=device).view(1, 1, n, 1) + q_offset
     k_idx = torch.arange(big_n, device=device).view(1, 1, 1, big_n)
     visible = k_idx <= q_idx
+    if window is not None:
+        visible = visible & (q_idx - k_idx < window)
     if kv_start is not None:
         visible = visible & (k_idx >= kv_start.to(device).view(-1, 1, 1, 1))
     return visible | (k_idx == q_idx)

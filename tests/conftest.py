@@ -42,6 +42,11 @@ TINY_CONFIGS = {
     "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                      num_attention_heads=4, max_position_embeddings=2048, vocab_size=256,
                      rotary_pct=0.5),
+    # the model's own sliding window on some layers (5 local : 1 global in the real model)
+    "gemma3": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=2048,
+                   vocab_size=256, sliding_window=8,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"]),
 }
 
 

@@ -1,0 +1,75 @@
+"""Models whose own layers slide a window (Gemma 3 style ``layer_types``): the runtime keeps that window on the
+layers it leaves full, and a conversion leaves those layers as they are."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from lighttransfer.convert import convert
+from lighttransfer.convert.native_swa import native_sliding_layers
+from lighttransfer.errors import LightTransferError
+from lighttransfer.runtime import enable_hybrid, resolve_layout
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 256, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_native_window_really_matters_at_this_length():
+    model = make_tiny_model("gemma3")
+    ids = _ids(40)
+    with torch.no_grad():
+        windowed = model(ids).logits
+        model.config.layer_types = ["full_attention"] * 4
+        for layer in model.model.layers:
+            layer.self_attn.sliding_window = None
+        full = model(ids).logits
+    assert (windowed - full).abs().max() > 1e-2  # else the tests below could not tell the two apart
+
+
+@pytest.mark.parametrize("streaming", [[], [3]], ids=["no-streaming", "global-layer-streams"])
+def test_runtime_keeps_the_model_window_on_its_sliding_layers(streaming):
+    model = make_tiny_model("gemma3")
+    ids = _ids(40, seed=1)
+    with torch.no_grad():
+        ref = model(ids).logits
+    enable_hybrid(model, resolve_layout(model.config, streaming_layers=streaming, sink=2, window=30))
+    with torch.no_grad():
+        got = model(ids).logits
+    if not streaming:
+        assert (got - ref).abs().max() <= 1e-5
+    else:  # layer 3 streams with window 30 over 40 tokens: only the last positions can change
+        assert (got[:, :30] - ref[:, :30]).abs().max() <= 1e-5
+
+
+def test_decoding_keeps_the_native_window():
+    model = make_tiny_model("gemma3")
+    prompt = _ids(20, seed=2)
+    with torch.no_grad():
+        ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                             pad_token_id=0)
+    enable_hybrid(model, resolve_layout(model.config, streaming_layers=[], sink=2, window=16))
+    with torch.no_grad():
+        got = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                             pad_token_id=0)
+    assert torch.equal(got, ref)
+
+
+def test_convert_leaves_native_sliding_layers_alone(tmp_path):
+    src = tmp_path / "gemma3"
+    model = make_tiny_model("gemma3")
+    model.save_pretrained(src)
+    assert native_sliding_layers(model.config) == [0, 1]
+    result = convert(src, out=tmp_path / "hybrid", strategy="random", ratio=0.5, sink=2, window=16)
+    assert result.hybrid.streaming_layers == [2, 3]  # half of 4 layers, drawn only from the full-attention ones
+    assert any("own window of 8 tokens" in w for w in result.warnings)
+    assert [r.reason for r in result.rows][:2] == ["the model's own sliding window"] * 2
+    config = json.loads((tmp_path / "hybrid" / "config.json").read_text())
+    assert config["layer_types"][:2] == ["sliding_attention"] * 2 and config["sliding_window"] == 8
+    with pytest.raises(LightTransferError, match="already slides its own window on layers 0,1"):
+        convert(src, out=tmp_path / "swa", strategy="random", ratio=0.5, sink=2, window=16, native_swa=True)
+    with pytest.raises(LightTransferError, match="--layers 1"):
+        convert(src, out=tmp_path / "manual", layers=[1, 2], sink=2, window=16)
