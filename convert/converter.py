@@ -276,6 +276,9 @@ def convert(
     if native_swa:
         native_swa_fields(str(text_config.model_type), HybridConfig(num_layers, num_kv_heads),
                           native_layers=native)  # fail early
+    if native and len(native) == num_layers:
+        raise LightTransferError(f"every layer of '{model_id}' already slides its own window of "
+                                 f"{getattr(text_config, 'sliding_window', '?')} tokens; there is nothing to convert.")
     if native:
         if layers is not None and set(layers) & set(native):
             raise LightTransferError(
@@ -286,8 +289,8 @@ def convert(
         # already bounded by the architecture: never candidates, and the runtime keeps their own window
         keep = sorted(set(keep) | set(native))
         warnings.append(f"{len(native)} of {num_layers} layers already slide the model's own window of "
-                        f"{getattr(text_config, 'sliding_window', '?')} tokens; they stay as they are, and the "
-                        "streaming layers come from the other layers.")
+                        f"{getattr(text_config, 'sliding_window', '?')} tokens; they stay as they are, and --ratio "
+                        f"is a share of the other {num_layers - len(native)}.")
 
     report = _load_report(report)
     if calib and (report is not None or layers is not None):
@@ -419,12 +422,15 @@ def _select(report, *, num_layers, num_kv_heads, ratio, layers, keep, granularit
     # what ranks the layers: the lazy ratio, or the optimized gates when the report's method says so
     layer_scores = list(report.layer_streaming_scores()) if report is not None else None
     head_masks: dict[int, list[bool]] = {}
+    # with natively sliding layers the ratio is a share of the model's full-attention layers, the only ones a
+    # conversion can bound further (Gemma 3 270M: ratio 0.5 streams 2 of its 3 global layers, not all of them)
+    share = ratio * (num_layers - len(native)) / num_layers if native else ratio
     if granularity == "head":
         scores = report.kv_head_long_context_scores() if report is not None else [[0.0] * num_kv_heads] * num_layers
         streaming, head_masks = split_head_masks(
-            select_kv_heads(scores, ratio=ratio, keep_layers=keep, strategy=strategy, seed=seed))
+            select_kv_heads(scores, ratio=share, keep_layers=keep, strategy=strategy, seed=seed))
     else:
-        streaming = select_layers(layer_scores if layer_scores is not None else [0.0] * num_layers, ratio=ratio,
+        streaming = select_layers(layer_scores if layer_scores is not None else [0.0] * num_layers, ratio=share,
                                   keep=keep, layers=layers, strategy=strategy, seed=seed)
     calibration = {}
     summary: dict[str, Any] = {}

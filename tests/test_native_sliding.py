@@ -64,7 +64,10 @@ def test_convert_leaves_native_sliding_layers_alone(tmp_path):
     model.save_pretrained(src)
     assert native_sliding_layers(model.config) == [0, 1]
     result = convert(src, out=tmp_path / "hybrid", strategy="random", ratio=0.5, sink=2, window=16)
-    assert result.hybrid.streaming_layers == [2, 3]  # half of 4 layers, drawn only from the full-attention ones
+    # the ratio is a share of the two full-attention layers: one of them streams
+    assert len(result.hybrid.streaming_layers) == 1 and set(result.hybrid.streaming_layers) <= {2, 3}
+    everything = convert(src, out=tmp_path / "all", strategy="random", ratio=1.0, sink=2, window=16)
+    assert everything.hybrid.streaming_layers == [2, 3]
     assert any("own window of 8 tokens" in w for w in result.warnings)
     assert [r.reason for r in result.rows][:2] == ["the model's own sliding window"] * 2
     config = json.loads((tmp_path / "hybrid" / "config.json").read_text())
@@ -73,3 +76,11 @@ def test_convert_leaves_native_sliding_layers_alone(tmp_path):
         convert(src, out=tmp_path / "swa", strategy="random", ratio=0.5, sink=2, window=16, native_swa=True)
     with pytest.raises(LightTransferError, match="--layers 1"):
         convert(src, out=tmp_path / "manual", layers=[1, 2], sink=2, window=16)
+
+
+def test_a_model_that_slides_everywhere_has_nothing_to_convert(tmp_path):
+    src = tmp_path / "local-only"
+    make_tiny_model("gemma3", layer_types=["sliding_attention"] * 4).save_pretrained(src)
+    with pytest.raises(LightTransferError, match="nothing to convert"):
+        convert(src, out=tmp_path / "hybrid", strategy="random", ratio=0.5, sink=2, window=16)
+    assert not (tmp_path / "hybrid").exists()
