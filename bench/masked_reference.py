@@ -154,7 +154,12 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     streams = plan.kv_head_streams(layer)
     if is_prefill and plan.prefill == "full":
         streams = None
-    if streams is None:
+    native = kwargs.get("sliding_window")
+    if streams is None and native:
+        # the layer's own window (Gemma 2/3, Mistral, SWA Qwen layers): window-only, the sink + window rule with
+        # no sink
+        out = _streaming_attention(query, key, value, sink=0, window=int(native), scale=scale)
+    elif streams is None:
         out = _causal_attention(query, key, value, scale=scale)
     else:
         out = _streaming_attention(query, key, value, sink=plan.sink, window=plan.window, scale=scale)

@@ -84,3 +84,24 @@ def test_a_model_that_slides_everywhere_has_nothing_to_convert(tmp_path):
     with pytest.raises(LightTransferError, match="nothing to convert"):
         convert(src, out=tmp_path / "hybrid", strategy="random", ratio=0.5, sink=2, window=16)
     assert not (tmp_path / "hybrid").exists()
+
+
+@pytest.mark.parametrize("streaming", [[], [3]], ids=["no-streaming", "global-layer-streams"])
+def test_masked_reference_keeps_the_native_window_and_matches_the_runtime(streaming):
+    from lighttransfer.bench.masked_reference import masked_streaming
+
+    model = make_tiny_model("gemma3")
+    ids = _ids(48, seed=3)
+    with torch.no_grad():
+        plain = model(ids).logits
+        with masked_streaming(model, streaming_layers=streaming, sink=2, window=20):
+            masked = model(ids).logits
+    hybrid = make_tiny_model("gemma3")
+    enable_hybrid(hybrid, resolve_layout(hybrid.config, streaming_layers=streaming, sink=2, window=20))
+    with torch.no_grad():
+        runtime = hybrid(ids).logits
+    assert (masked - runtime).abs().max() <= 1e-4
+    if not streaming:
+        assert (masked - plain).abs().max() <= 1e-5
+    else:
+        assert (masked - plain).abs().max() > 1e-3  # layer 3 really streams
