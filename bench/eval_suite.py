@@ -227,6 +227,12 @@ def evaluate(
     if too_long:
         raise LightTransferError(f"lengths {too_long} exceed the model's {max_pos} positions; use shorter lengths.")
 
+    from ..convert.native_swa import native_sliding_layers
+
+    native = native_sliding_layers(config)
+    if native:
+        log.warning("layers %s already slide the model's own window; the rows' layer choices and KV shares do "
+                    "not account for it yet (convert leaves those layers alone)", ",".join(map(str, native)))
     eval_rows = _build_rows(rows, hcfg=hcfg, report=report, ratio=ratio, sink=sink, window=window,
                             num_layers=num_layers, num_kv_heads=num_kv_heads, seed=seed)
     if ratio is None:
