@@ -47,25 +47,43 @@ class LazyMassRecorder:
         layer = getattr(module, "layer_idx", None)
         if layer is None:
             layer = self._order.setdefault(id(module), len(self._order))
-        if kwargs.get("sliding_window") and not self._warned_window:
-            log.warning("the model's own attention uses a sliding window; lazy ratios assume full attention")
-            self._warned_window = True
         q_len, k_len = query.shape[2], key.shape[2]
         n = min(self.last, q_len)
         scale = kwargs.get("scaling")
         if scale is None:
             scale = getattr(module, "scaling", query.shape[-1] ** -0.5)
+        native = kwargs.get("sliding_window")
         with torch.no_grad():
-            mass = streaming_attention_mass(
-                query[:, :, q_len - n :], key, q_offset=k_len - n, sink=self.sink, recent=self.recent,
-                scale=float(scale), softcap=kwargs.get("softcap"), block_size=self.block_size,
-            )
+            if native and k_len - n - int(native) + 1 > 0:
+                mass = self._native_window_mass(query[:, :, q_len - n :], key, int(native), float(scale), kwargs)
+            else:
+                mass = streaming_attention_mass(
+                    query[:, :, q_len - n :], key, q_offset=k_len - n, sink=self.sink, recent=self.recent,
+                    scale=float(scale), softcap=kwargs.get("softcap"), block_size=self.block_size,
+                )
         self._mass[int(layer)] = mass
         b, h, _, d = query.shape
         self.peak_workspace_bytes = max(
             self.peak_workspace_bytes,
             stats_workspace_bytes(batch=b, q_heads=h, q_len=n, head_dim=d, k_len=k_len, block_size=self.block_size),
         )
+
+    def _native_window_mass(self, q: torch.Tensor, key: torch.Tensor, window: int, scale: float, kwargs) -> torch.Tensor:
+        """Lazy mass of a layer that slides the model's own ``window``: each of the queries ``q [b, h, n, d]`` (the
+        last ``n`` positions) against the keys it can see, ``(p - window, p]``, which hold no sink tokens."""
+        if not self._warned_window:
+            log.warning("some layers slide the model's own window; their lazy ratios are measured inside it "
+                        "(no sink), and convert leaves them alone")
+            self._warned_window = True
+        n, k_len = q.shape[2], key.shape[2]
+        out = []
+        for i in range(n):
+            p = k_len - n + i
+            lo = max(0, p - window + 1)
+            out.append(streaming_attention_mass(q[:, :, i : i + 1], key[:, :, lo : p + 1], q_offset=p - lo, sink=0,
+                                                recent=self.recent, scale=scale, softcap=kwargs.get("softcap"),
+                                                block_size=self.block_size))
+        return torch.cat(out, dim=-1)
 
     def take(self) -> torch.Tensor:
         """The lazy mass of every layer of the last forward, ``[layers, batch, q_heads, last]`` fp32 on the

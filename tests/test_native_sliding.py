@@ -105,3 +105,20 @@ def test_masked_reference_keeps_the_native_window_and_matches_the_runtime(stream
         assert (masked - plain).abs().max() <= 1e-5
     else:
         assert (masked - plain).abs().max() > 1e-3  # layer 3 really streams
+
+
+def test_analysis_measures_native_layers_inside_their_window():
+    from lighttransfer.analysis.pipeline import analyze_tokens
+
+    model = make_tiny_model("gemma3", attn_implementation="eager")
+    ids = _ids(64, seed=4)
+    with torch.no_grad():
+        probs = model(ids, output_attentions=True).attentions  # the model's own weights, its window included
+    report = analyze_tokens(model, ids, sink=2, recent=4, last=8, model_id="tiny-gemma3")
+    q_pos = torch.arange(56, 64).view(-1, 1)
+    k_pos = torch.arange(64).view(1, -1)
+    for layer, p in enumerate(probs):
+        sink = 0 if layer in (0, 1) else 2  # a native window of 8 holds no sink token at these positions
+        kept = (k_pos < sink) | ((q_pos - k_pos < 4) & (k_pos <= q_pos))
+        expected = (p[:, :, 56:] * kept).sum(-1).mean().item()
+        assert report.layers[layer].lazy_ratio.mean == pytest.approx(expected, abs=1e-4), layer
