@@ -290,7 +290,8 @@ def convert(
         keep = sorted(set(keep) | set(native))
         warnings.append(f"{len(native)} of {num_layers} layers already slide the model's own window of "
                         f"{getattr(text_config, 'sliding_window', '?')} tokens; they stay as they are, and --ratio "
-                        f"is a share of the other {num_layers - len(native)}.")
+                        f"is a share of the other {num_layers - len(native)}. The KV table counts them in full on "
+                        "both sides, as lighttransfer's cache keeps their history (stock transformers bounds it).")
 
     report = _load_report(report)
     if calib and (report is not None or layers is not None):
