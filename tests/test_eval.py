@@ -222,19 +222,21 @@ def report_file(tmp_path_factory):
     return _Stub, AnalysisReport
 
 
-def test_eval_cli_writes_json_markdown_and_plots(tiny_dir_with_tokenizer, text_file, tmp_path, capsys,
-                                                 report_file, monkeypatch):
+def _stub_eval(model_dir, text_file, out, capsys, report_file, monkeypatch, *args: str) -> dict:
+    """Run ``eval`` on the tiny model with the stand-in report and return its JSON."""
     stub, report_cls = report_file
     monkeypatch.setattr(report_cls, "load", classmethod(lambda cls, path: stub))
-    out = tmp_path / "res.json"
-    code, stdout, err = run_cli([
-        "eval", "--baseline", str(tiny_dir_with_tokenizer), "--text", str(text_file), "--report", "r.json",
-        "--lengths", "64,128", "--windows", "1", "--passkey-lengths", "256", "--passkey-depths", "3",
-        "--passkey-trials", "1", "--sink", str(SINK), "--window", str(WINDOW), "--ratio", "0.5",
-        "--device", "cpu", "--out", str(out), "-q",
-    ], capsys)
+    code, _, err = run_cli(["eval", "--baseline", str(model_dir), "--text", str(text_file), "--report", "r.json",
+                            "--windows", "1", "--passkey-trials", "1", "--sink", str(SINK), "--window", str(WINDOW),
+                            "--device", "cpu", "--out", str(out), "-q", *args], capsys)
     assert code == 0, err
-    data = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_eval_cli_writes_json_markdown_and_plots(tiny_dir_with_tokenizer, text_file, tmp_path, capsys,
+                                                 report_file, monkeypatch):
+    data = _stub_eval(tiny_dir_with_tokenizer, text_file, tmp_path / "res.json", capsys, report_file, monkeypatch,
+                      "--lengths", "64,128", "--passkey-lengths", "256", "--passkey-depths", "3", "--ratio", "0.5")
     names = [r["name"] for r in data["rows"]]
     assert names == ["original", "lighttransfer", "random", "least-lazy", "streamingllm", "prefill-full", "online"]
     lt = data["rows"][1]
@@ -251,17 +253,9 @@ def test_eval_cli_writes_json_markdown_and_plots(tiny_dir_with_tokenizer, text_f
 
 def test_eval_compares_several_wordings_on_the_same_keys(tiny_dir_with_tokenizer, text_file, tmp_path, capsys,
                                                         report_file, monkeypatch):
-    stub, report_cls = report_file
-    monkeypatch.setattr(report_cls, "load", classmethod(lambda cls, path: stub))
-    out = tmp_path / "words.json"
-    code, _, err = run_cli([
-        "eval", "--baseline", str(tiny_dir_with_tokenizer), "--text", str(text_file), "--report", "r.json",
-        "--lengths", "64", "--windows", "1", "--passkey-lengths", "256", "--passkey-depths", "2",
-        "--passkey-trials", "1", "--passkey-format", "needle,passkey", "--sink", str(SINK), "--window", str(WINDOW),
-        "--rows", "original,lighttransfer", "--device", "cpu", "--out", str(out), "-q",
-    ], capsys)
-    assert code == 0, err
-    data = json.loads(out.read_text())
+    data = _stub_eval(tiny_dir_with_tokenizer, text_file, tmp_path / "words.json", capsys, report_file, monkeypatch,
+                      "--lengths", "64", "--passkey-lengths", "256", "--passkey-depths", "2",
+                      "--passkey-format", "needle,passkey", "--rows", "original,lighttransfer")
     assert data["passkey_format"] == "needle" and data["passkey_formats"] == ["needle", "passkey"]
     for row in data["rows"]:
         by_format = row["passkey_by_format"]

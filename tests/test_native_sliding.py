@@ -18,6 +18,14 @@ def _ids(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 256, (2, n), generator=torch.Generator().manual_seed(seed))
 
 
+def _runtime_logits(ids: torch.Tensor, streaming: list[int], *, sink: int, window: int) -> torch.Tensor:
+    """Logits of the tiny Gemma 3 run through the hybrid runtime with ``streaming`` layers."""
+    model = make_tiny_model("gemma3")
+    enable_hybrid(model, resolve_layout(model.config, streaming_layers=streaming, sink=sink, window=window))
+    with torch.no_grad():
+        return model(ids).logits
+
+
 def test_the_native_window_really_matters_at_this_length():
     model = make_tiny_model("gemma3")
     ids = _ids(40)
@@ -32,13 +40,10 @@ def test_the_native_window_really_matters_at_this_length():
 
 @pytest.mark.parametrize("streaming", [[], [3]], ids=["no-streaming", "global-layer-streams"])
 def test_runtime_keeps_the_model_window_on_its_sliding_layers(streaming):
-    model = make_tiny_model("gemma3")
     ids = _ids(40, seed=1)
     with torch.no_grad():
-        ref = model(ids).logits
-    enable_hybrid(model, resolve_layout(model.config, streaming_layers=streaming, sink=2, window=30))
-    with torch.no_grad():
-        got = model(ids).logits
+        ref = make_tiny_model("gemma3")(ids).logits
+    got = _runtime_logits(ids, streaming, sink=2, window=30)
     if not streaming:
         assert (got - ref).abs().max() <= 1e-5
     else:  # layer 3 streams with window 30 over 40 tokens: only the last positions can change
@@ -96,10 +101,7 @@ def test_masked_reference_keeps_the_native_window_and_matches_the_runtime(stream
         plain = model(ids).logits
         with masked_streaming(model, streaming_layers=streaming, sink=2, window=20):
             masked = model(ids).logits
-    hybrid = make_tiny_model("gemma3")
-    enable_hybrid(hybrid, resolve_layout(hybrid.config, streaming_layers=streaming, sink=2, window=20))
-    with torch.no_grad():
-        runtime = hybrid(ids).logits
+    runtime = _runtime_logits(ids, streaming, sink=2, window=20)
     assert (masked - runtime).abs().max() <= 1e-4
     if not streaming:
         assert (masked - plain).abs().max() <= 1e-5
