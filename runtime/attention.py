@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from ..kernels import merge_attention
 from .cache import ChunkView, ContiguousView, HybridCache, MixedLayer, SlotView, StreamingLayer
@@ -103,6 +104,9 @@ def lighttransfer_attention(module, query, key, value, attention_mask, scaling=N
                                     kv_start=kv_start if has_padding else None, scale=scaling)
     else:
         # a full layer keeps the model's own sliding window, if it has one (Gemma 2/3, Mistral, SWA Qwen layers)
+        if has_padding and isinstance(part, DynamicSlidingWindowLayer):
+            # its cache dropped the oldest keys: key index 0 is token (seen - big_n), so the padding shifts too
+            kv_start = (kv_start - (part.get_seq_length() - big_n)).clamp(min=0)
         out = full_attention(module, query, key, value, q_offset=big_n - n, kv_start=kv_start,
                              has_padding=has_padding, scale=scaling, dropout=dropout,
                              sliding_window=kwargs.get("sliding_window"))

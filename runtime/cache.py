@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from .slots import slot_of, slot_positions
 
@@ -439,14 +439,17 @@ class HybridCache(Cache):
         prefill: ``streaming`` or ``full`` (streaming layers attend fully in prefill, trimmed after).
         online: an online selector (see :mod:`lighttransfer.runtime.online`) when the layout is decided per
             prompt; every layer then starts full.
+        native_windows: ``{layer: window}`` for the model's own sliding layers that run full here; their cache
+            keeps only what that window can see.
     """
 
     def __init__(self, kinds, *, sink: int, window: int, prefill: str = "streaming", kv_head_masks=None,
-                 online=None) -> None:
+                 online=None, native_windows: dict[int, int] | None = None) -> None:
         self.sequence = SequenceState()
         self.sink, self.window, self.prefill = int(sink), int(window), prefill
         self.online = online
         kv_head_masks = kv_head_masks or {}
+        native_windows = native_windows or {}
         layers = []
         for idx, kind in enumerate(kinds):
             if kind == "streaming":
@@ -454,6 +457,9 @@ class HybridCache(Cache):
             elif kind == "mixed":
                 layers.append(MixedLayer(kv_head_masks[idx], sink=sink, window=window, prefill=prefill,
                                          sequence=self.sequence))
+            elif idx in native_windows:
+                # the model's own sliding layer: bounded as stock transformers bounds it (last window - 1 tokens)
+                layers.append(DynamicSlidingWindowLayer(sliding_window=int(native_windows[idx])))
             else:
                 layers.append(DynamicLayer())
         super().__init__(layers=layers)

@@ -69,8 +69,12 @@ class HybridRuntime:
             online = OnlineSelector.for_ratio(num_layers=layout.num_layers, ratio=layout.online_ratio,
                                               last=layout.online_last)
             kinds = ("full",) * layout.num_layers
+        from ..convert.native_swa import native_sliding_layers
+
+        window = getattr(self.config, "sliding_window", None)
+        native = {i: int(window) for i in native_sliding_layers(self.config)} if window else {}
         return HybridCache(kinds, sink=layout.sink, window=layout.window, prefill=layout.prefill,
-                           kv_head_masks=layout.kv_head_masks, online=online)
+                           kv_head_masks=layout.kv_head_masks, online=online, native_windows=native)
 
     def remove(self) -> None:
         self._handle.remove()

@@ -124,3 +124,28 @@ def test_analysis_measures_native_layers_inside_their_window():
         kept = (k_pos < sink) | ((q_pos - k_pos < 4) & (k_pos <= q_pos))
         expected = (p[:, :, 56:] * kept).sum(-1).mean().item()
         assert report.layers[layer].lazy_ratio.mean == pytest.approx(expected, abs=1e-4), layer
+
+
+def test_the_cache_of_native_sliding_layers_stays_bounded():
+    model = make_tiny_model("gemma3")
+    enable_hybrid(model, resolve_layout(model.config, streaming_layers=[3], sink=2, window=16))
+    prompt = _ids(40, seed=5)
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                             pad_token_id=0, return_dict_in_generate=True)
+    cache = out.past_key_values
+    held = [layer.keys.shape[2] for layer in cache.layers]
+    # native window 8: the two sliding layers keep 7 tokens, like stock transformers; layer 2 keeps all 45
+    assert held[0] == held[1] == 7 and held[2] == 45 and held[3] <= 2 + 16
+
+
+def test_left_padded_batch_decodes_like_the_stock_model():
+    prompt = _ids(30, seed=6)
+    mask = torch.ones_like(prompt)
+    prompt[0, :9], mask[0, :9] = 0, 0  # the first sequence is 9 tokens shorter, padded on the left
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    stock = make_tiny_model("gemma3")
+    hybrid = make_tiny_model("gemma3")
+    enable_hybrid(hybrid, resolve_layout(hybrid.config, streaming_layers=[], sink=2, window=16))
+    with torch.no_grad():
+        assert torch.equal(hybrid.generate(prompt, **kwargs), stock.generate(prompt, **kwargs))
