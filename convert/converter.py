@@ -290,8 +290,7 @@ def convert(
         keep = sorted(set(keep) | set(native))
         warnings.append(f"{len(native)} of {num_layers} layers already slide the model's own window of "
                         f"{getattr(text_config, 'sliding_window', '?')} tokens; they stay as they are, and --ratio "
-                        f"is a share of the other {num_layers - len(native)}. The KV table counts them in full on "
-                        "both sides, as lighttransfer's cache keeps their history (stock transformers bounds it).")
+                        f"is a share of the other {num_layers - len(native)}.")
 
     report = _load_report(report)
     if calib and (report is not None or layers is not None):
@@ -480,7 +479,9 @@ def _memory(hybrid: HybridConfig, text_config, config_dict: dict[str, Any]) -> l
     heads = int(text_config.num_attention_heads)
     head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
     dtype = str(config_dict.get("dtype") or config_dict.get("torch_dtype") or "float32").removeprefix("torch.")
-    return kv_memory_table(hybrid, head_dim=head_dim, dtype_bytes=DTYPE_BYTES.get(dtype, 4))
+    window = getattr(text_config, "sliding_window", None)
+    native = {i: int(window) for i in native_sliding_layers(text_config)} if window else {}
+    return kv_memory_table(hybrid, head_dim=head_dim, dtype_bytes=DTYPE_BYTES.get(dtype, 4), native_windows=native)
 
 
 def _write_card(tmp: Path, name: str, hybrid: HybridConfig, rows, memory, report, written: WrittenWeights, *,

@@ -33,8 +33,9 @@ class KVMemoryRow:
                 "saved_fraction": self.saved_fraction}
 
 
-def kv_cache_bytes(hybrid: HybridConfig, *, head_dim: int, dtype_bytes: int, tokens: int, batch: int = 1) -> tuple[int, int]:
-    """``(dense, hybrid)`` KV-cache bytes for ``batch`` sequences of ``tokens`` tokens.
+def kv_cache_bytes(hybrid: HybridConfig, *, head_dim: int, dtype_bytes: int, tokens: int, batch: int = 1,
+                   native_windows: dict[int, int] | None = None) -> tuple[int, int]:
+    """``(original, hybrid)`` KV-cache bytes for ``batch`` sequences of ``tokens`` tokens.
 
     Args:
         hybrid: the layout (``num_layers``, ``num_kv_heads``, which KV heads stream, ``sink``, ``window``).
@@ -42,20 +43,26 @@ def kv_cache_bytes(hybrid: HybridConfig, *, head_dim: int, dtype_bytes: int, tok
         dtype_bytes: bytes per cached element (2 for bf16/fp16).
         tokens: sequence length in tokens.
         batch: sequences.
+        native_windows: ``{layer: window}`` of the model's own sliding layers, which keep at most ``window``
+            tokens in the original and in the hybrid alike (never streaming layers of ours).
     """
     per_head_token = 2 * head_dim * dtype_bytes * batch  # one key + one value vector
-    heads = hybrid.num_layers * hybrid.num_kv_heads
+    native = native_windows or {}
+    heads = (hybrid.num_layers - len(native)) * hybrid.num_kv_heads
     streaming = hybrid.streaming_kv_heads
     kept = min(tokens, hybrid.sink + hybrid.window)
-    dense = per_head_token * heads * tokens
-    mixed = per_head_token * ((heads - streaming) * tokens + streaming * kept)
-    return dense, mixed
+    bounded = per_head_token * hybrid.num_kv_heads * sum(min(tokens, w) for w in native.values())
+    original = per_head_token * heads * tokens + bounded
+    mixed = per_head_token * ((heads - streaming) * tokens + streaming * kept) + bounded
+    return original, mixed
 
 
 def kv_memory_table(hybrid: HybridConfig, *, head_dim: int, dtype_bytes: int,
-                    tokens: tuple[int, ...] = DEFAULT_TOKENS) -> list[KVMemoryRow]:
+                    tokens: tuple[int, ...] = DEFAULT_TOKENS,
+                    native_windows: dict[int, int] | None = None) -> list[KVMemoryRow]:
     """One :class:`KVMemoryRow` per length in ``tokens`` (batch 1)."""
-    return [KVMemoryRow(t, *kv_cache_bytes(hybrid, head_dim=head_dim, dtype_bytes=dtype_bytes, tokens=t))
+    return [KVMemoryRow(t, *kv_cache_bytes(hybrid, head_dim=head_dim, dtype_bytes=dtype_bytes, tokens=t,
+                                           native_windows=native_windows))
             for t in tokens]
 
 

@@ -149,3 +149,18 @@ def test_left_padded_batch_decodes_like_the_stock_model():
     enable_hybrid(hybrid, resolve_layout(hybrid.config, streaming_layers=[], sink=2, window=16))
     with torch.no_grad():
         assert torch.equal(hybrid.generate(prompt, **kwargs), stock.generate(prompt, **kwargs))
+
+
+def test_kv_table_bounds_native_layers_on_both_sides(tmp_path):
+    from lighttransfer.convert import inspect_checkpoint
+
+    src = tmp_path / "gemma3"
+    make_tiny_model("gemma3").save_pretrained(src)
+    result = convert(src, out=tmp_path / "hybrid", strategy="random", ratio=0.5, sink=2, window=16)
+    row = next(r for r in result.memory if r.tokens == 8192)
+    per_layer_token = 2 * 16 * 4  # key + value, head_dim 16, one KV head, float32
+    # original: two native layers of 8 tokens + two full layers; hybrid: one full layer streams 2 + 16
+    assert row.dense_bytes == per_layer_token * (2 * 8 + 2 * 8192)
+    assert row.hybrid_bytes == per_layer_token * (2 * 8 + 8192 + 18)
+    inspected = next(r for r in inspect_checkpoint(tmp_path / "hybrid").memory if r.tokens == 8192)
+    assert (inspected.dense_bytes, inspected.hybrid_bytes) == (row.dense_bytes, row.hybrid_bytes)
