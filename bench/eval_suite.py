@@ -229,12 +229,13 @@ def evaluate(
 
     from ..convert.native_swa import native_sliding_layers
 
-    native = native_sliding_layers(config)
+    native_window = getattr(config, "sliding_window", None)
+    native = {i: int(native_window) for i in native_sliding_layers(config)} if native_window else {}
     if native:
-        log.warning("layers %s already slide the model's own window; the rows' layer choices and KV shares do "
-                    "not account for it yet (convert leaves those layers alone)", ",".join(map(str, native)))
+        log.info("layers %s slide the model's own window: no row streams them, and --ratio is a share of the "
+                 "others (as in convert)", ",".join(map(str, native)))
     eval_rows = _build_rows(rows, hcfg=hcfg, report=report, ratio=ratio, sink=sink, window=window,
-                            num_layers=num_layers, num_kv_heads=num_kv_heads, seed=seed)
+                            num_layers=num_layers, num_kv_heads=num_kv_heads, seed=seed, native_windows=native)
     if ratio is None:
         named = [r for r in eval_rows if r.name == "lighttransfer"]
         ratio = named[0].num_streaming_layers / num_layers if named else 0.5
@@ -301,7 +302,8 @@ def _check_lengths(values: Sequence[int], option: str, *, allow_empty: bool = Fa
     return sorted(set(values))
 
 
-def _build_rows(rows, *, hcfg, report, ratio, sink, window, num_layers, num_kv_heads, seed) -> list[EvalRow]:
+def _build_rows(rows, *, hcfg, report, ratio, sink, window, num_layers, num_kv_heads, seed,
+                native_windows=None) -> list[EvalRow]:
     if rows and all(isinstance(r, EvalRow) for r in rows):
         return list(rows)
     names = list(rows)
@@ -348,7 +350,8 @@ def _build_rows(rows, *, hcfg, report, ratio, sink, window, num_layers, num_kv_h
             kv_gates = loaded.kv_head_long_context_scores("optimize")
     return standard_rows(lazy_ratios=lazy, ratio=ratio, num_kv_heads=num_kv_heads, sink=sink, window=window,
                          names=names, lazy_selection=selection, kv_head_scores=kv_scores, kv_head_gates=kv_gates,
-                         kv_head_default=kv_default, attention_lazy_ratios=attention, ranked_by=ranked_by, seed=seed)
+                         kv_head_default=kv_default, attention_lazy_ratios=attention, ranked_by=ranked_by, seed=seed,
+                         native_windows=native_windows)
 
 
 def output_paths(out: str | os.PathLike[str]) -> dict[str, Path]:

@@ -52,6 +52,7 @@ class EvalRow:
         online_ratio: share of layers chosen per input at the end of the prefill (online mode), else ``None``.
         num_layers, num_kv_heads: the model's shape, for the KV budget.
         note: how the layers were chosen, for the table.
+        native_windows: ``{layer: window}`` of the model's own sliding layers (bounded in the original too).
     """
 
     name: str
@@ -64,6 +65,7 @@ class EvalRow:
     prefill: str = "streaming"
     online_ratio: float | None = None
     note: str = ""
+    native_windows: dict[int, int] = field(default_factory=dict)
 
     @property
     def is_dense(self) -> bool:
@@ -92,12 +94,20 @@ class EvalRow:
 
     def kv_fraction(self, seq_len: int) -> float:
         """KV-cache entries kept after ``seq_len`` tokens, as a fraction of the dense model's (sink + window
-        included). With a full prefill the peak during the prefill is the dense model's (1.0)."""
-        return self.hybrid_config().kv_fraction(seq_len)
+        included). With a full prefill the peak during the prefill is the dense model's (1.0). The model's own
+        sliding layers count as bounded on both sides."""
+        if not self.native_windows:
+            return self.hybrid_config().kv_fraction(seq_len)
+        from ..convert.kv_memory import kv_cache_bytes
+
+        original, kept = kv_cache_bytes(self.hybrid_config(), head_dim=1, dtype_bytes=1, tokens=max(1, seq_len),
+                                        native_windows=self.native_windows)
+        return kept / original
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["head_masks"] = {str(k): v for k, v in sorted(self.head_masks.items())}
+        d["native_windows"] = {str(k): v for k, v in sorted(self.native_windows.items())}
         return d
 
 
@@ -106,11 +116,14 @@ def rank_laziest(lazy_ratios: Sequence[float]) -> list[int]:
     return sorted(range(len(lazy_ratios)), key=lambda i: (-float(lazy_ratios[i]), i))
 
 
-def pick_layers(lazy_ratios: Sequence[float], *, ratio: float, strategy: str = "lazy", seed: int = 0) -> list[int]:
-    """The ``ratio`` share of layers by the conversion's own rule (``lazy``, ``least_lazy`` or ``random``)."""
+def pick_layers(lazy_ratios: Sequence[float], *, ratio: float, strategy: str = "lazy", seed: int = 0,
+                exclude: Sequence[int] = ()) -> list[int]:
+    """The ``ratio`` share of layers by the conversion's own rule (``lazy``, ``least_lazy`` or ``random``), never
+    one of ``exclude`` (the model's own sliding layers)."""
     from ..convert import select_layers
 
-    return sorted(int(i) for i in select_layers(list(lazy_ratios), ratio=ratio, strategy=strategy, seed=seed))
+    return sorted(int(i) for i in select_layers(list(lazy_ratios), ratio=ratio, strategy=strategy, seed=seed,
+                                                keep=exclude))
 
 
 def standard_rows(
@@ -128,6 +141,7 @@ def standard_rows(
     attention_lazy_ratios: Sequence[float] | None = None,
     ranked_by: str = "lazy ratio",
     seed: int = 0,
+    native_windows: dict[int, int] | None = None,
 ) -> list[EvalRow]:
     """Build the rows compared at one ratio.
 
@@ -152,6 +166,8 @@ def standard_rows(
         attention_lazy_ratios: ``[num_layers]`` lazy ratios for the ``lazy-ratio`` row (default: ``lazy_ratios``).
         ranked_by: what ``lazy_ratios`` is, for the rows' notes.
         seed: seed of the random row.
+        native_windows: ``{layer: window}`` of the model's own sliding layers: no row streams them, and, as in
+            ``convert``, ``ratio`` is then a share of the other layers.
     """
     unknown = [n for n in names if n not in ROW_KINDS]
     if unknown:
@@ -159,25 +175,28 @@ def standard_rows(
     if not 0.0 <= ratio <= 1.0:
         raise LightTransferError(f"--ratio must be between 0 and 1, got {ratio}.")
     n = len(lazy_ratios)
+    native = dict(native_windows or {})
+    exclude = sorted(native)
     if lazy_selection is not None:
         lazy = sorted(int(i) for i in lazy_selection)
-        ratio = len(lazy) / n
     else:
-        lazy = pick_layers(lazy_ratios, ratio=ratio) if ratio > 0 else []
+        share = ratio * (n - len(exclude)) / n if exclude else ratio
+        lazy = pick_layers(lazy_ratios, ratio=share, exclude=exclude) if share > 0 else []
     k = len(lazy)
+    ratio = k / n if n else 0.0  # every other row streams as many layers
 
     def other(strategy: str) -> list[int]:
-        return pick_layers(lazy_ratios, ratio=ratio, strategy=strategy, seed=seed) if k else []
+        return pick_layers(lazy_ratios, ratio=ratio, strategy=strategy, seed=seed, exclude=exclude) if k else []
 
     def random_layers() -> tuple[list[int], int]:
         # a random draw that happens to equal the lazy choice would compare nothing; take the next seed then
         for s in range(seed, seed + 100):
-            layers = pick_layers(lazy_ratios, ratio=ratio, strategy="random", seed=s) if k else []
-            if layers != lazy or k in (0, n):
+            layers = pick_layers(lazy_ratios, ratio=ratio, strategy="random", seed=s, exclude=exclude) if k else []
+            if layers != lazy or k in (0, n - len(exclude)):
                 return layers, s
         return layers, s
 
-    common = dict(num_layers=n, num_kv_heads=num_kv_heads, sink=sink, window=window)
+    common = dict(num_layers=n, num_kv_heads=num_kv_heads, sink=sink, window=window, native_windows=native)
     by_lazy_ratio = ranked_by == "lazy ratio"
     attention = list(attention_lazy_ratios) if attention_lazy_ratios is not None else list(lazy_ratios)
     if len(attention) != n:
@@ -186,7 +205,8 @@ def standard_rows(
         "original": lambda: EvalRow("original", **dict(common, sink=0, window=1), note="dense"),
         "lighttransfer": lambda: EvalRow("lighttransfer", streaming_layers=lazy, **common,
                                          note="laziest layers" if by_lazy_ratio else f"layers ranked by {ranked_by}"),
-        "lazy-ratio": lambda: EvalRow("lazy-ratio", streaming_layers=pick_layers(attention, ratio=k / n) if k else [],
+        "lazy-ratio": lambda: EvalRow("lazy-ratio", streaming_layers=pick_layers(attention, ratio=ratio,
+                                                                                 exclude=exclude) if k else [],
                                       **common, note="layers with the highest lazy ratio"),
         "random": lambda: EvalRow(
             "random", streaming_layers=random_layers()[0], **common,
@@ -194,8 +214,8 @@ def standard_rows(
         "least-lazy": lambda: EvalRow(
             "least-lazy", streaming_layers=other("least_lazy"), **common,
             note="least lazy layers" if by_lazy_ratio else f"layers ranked last by {ranked_by}"),
-        "streamingllm": lambda: EvalRow("streamingllm", streaming_layers=list(range(n)), **common,
-                                        note="all layers"),
+        "streamingllm": lambda: EvalRow("streamingllm", streaming_layers=[i for i in range(n) if i not in native],
+                                        **common, note="all full-attention layers" if native else "all layers"),
         "prefill-full": lambda: EvalRow("prefill-full", streaming_layers=lazy, prefill="full", **common,
                                         note="laziest layers, full prefill"),
         "online": lambda: EvalRow("online", online_ratio=k / n if n else 0.0, prefill="full", **common,
@@ -208,7 +228,7 @@ def standard_rows(
         if scores is None:
             raise LightTransferError(f"the {name} row needs {missing}.")
         # the same number of streaming KV heads as the layer-level rows: equal KV budget at every length
-        masks = select_kv_heads(scores, ratio=k / n, strategy=strategy, seed=seed) if k else {}
+        masks = select_kv_heads(scores, ratio=ratio, strategy=strategy, seed=seed, keep_layers=exclude) if k else {}
         layers, partial = split_head_masks(masks)
         count = sum(map(sum, masks.values()))
         how = {"lazy": f"with the lowest {what}", "least_lazy": f"with the highest {what}",

@@ -164,3 +164,20 @@ def test_kv_table_bounds_native_layers_on_both_sides(tmp_path):
     assert row.hybrid_bytes == per_layer_token * (2 * 8 + 8192 + 18)
     inspected = next(r for r in inspect_checkpoint(tmp_path / "hybrid").memory if r.tokens == 8192)
     assert (inspected.dense_bytes, inspected.hybrid_bytes) == (row.dense_bytes, row.hybrid_bytes)
+
+
+def test_eval_rows_leave_native_layers_alone_and_count_them_bounded():
+    from lighttransfer.bench.rows import standard_rows
+
+    rows = {r.name: r for r in standard_rows(
+        lazy_ratios=[0.9, 0.8, 0.3, 0.7], ratio=0.5, num_kv_heads=1, sink=2, window=16,
+        names=["original", "lighttransfer", "random", "least-lazy", "streamingllm", "random-heads"],
+        native_windows={0: 8, 1: 8})}
+    # ratio 0.5 of the two full-attention layers: one streams, never a native one
+    assert rows["lighttransfer"].streaming_layers == [3] and rows["least-lazy"].streaming_layers == [2]
+    assert rows["random"].streaming_layers in ([2], [3]) and rows["streamingllm"].streaming_layers == [2, 3]
+    heads = rows["random-heads"]
+    assert not ({0, 1} & (set(heads.streaming_layers) | set(heads.head_masks)))
+    # KV at 1000 tokens: original 8 + 8 + 1000 + 1000; the conversion 8 + 8 + 1000 + 18
+    assert rows["original"].kv_fraction(1000) == 1.0
+    assert rows["lighttransfer"].kv_fraction(1000) == pytest.approx((16 + 1000 + 18) / (16 + 2000))
