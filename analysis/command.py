@@ -47,11 +47,13 @@ def _table(report, lazy_fraction: float):
     table.add_column("lazy ratio", justify="right")
     table.add_column("rank", justify="right")
     table.add_column("", no_wrap=True)
+    native = set(report.params.get("native_sliding_layers") or [])
     for s in report.layers:
         width = round(s.lazy_ratio.mean * 30)
         style = "orange3" if s.layer in marked else "blue"
-        table.add_row(str(s.layer), f"{s.lazy_ratio.mean:.3f} \u00b1 {s.lazy_ratio.std:.3f}", str(rank[s.layer]),
-                      f"[{style}]{BAR * width}[/{style}]")
+        bar = (f"[dim]own window of {report.params.get('native_sliding_window')} tokens[/dim]" if s.layer in native
+               else f"[{style}]{BAR * width}[/{style}]")
+        table.add_row(str(s.layer), f"{s.lazy_ratio.mean:.3f} \u00b1 {s.lazy_ratio.std:.3f}", str(rank[s.layer]), bar)
     return table
 
 

@@ -145,6 +145,7 @@ def analyze_tokens(
             "dtype": str(dtype).removeprefix("torch."), "device": str(device),
             "attn_implementation": str(model.config._attn_implementation),
             "lazy_ratio_definition": "per-query sink + own recent window (kernels.mask.streaming_visible)",
+            **_native_window_params(model.config),
         },
         calibration=calibration or {"samples": int(samples), "seq_len": int(seq_len),
                                     "tokens_used": int(samples * seq_len)},
@@ -254,6 +255,15 @@ def analyze(
                             calibration=calib_set.to_dict(), seed=seed, on_sample=on_sample)
     report.timings = {"load": round(load_s, 4), "calibration": round(calib_s, 4), **report.timings}
     return report
+
+
+def _native_window_params(config) -> dict:
+    """The model's own sliding layers, for readers of the report (measured inside that window; convert skips them)."""
+    from ..convert.native_swa import native_sliding_layers
+
+    layers = native_sliding_layers(config)
+    window = getattr(config, "sliding_window", None)
+    return {"native_sliding_layers": layers, "native_sliding_window": int(window)} if layers and window else {}
 
 
 __all__ = ["analyze", "analyze_tokens", "check_params"]
