@@ -114,7 +114,7 @@ def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq
         raise LightTransferError(
             f"unexpected argument(s) {' '.join(more_calib)}; calibration files go after --calib."
         )
-    formats = check_templates([f.strip() for f in gate_formats.split(",") if f.strip()], option="--gate-formats")
+    formats = check_templates(gate_formats, option="--gate-formats")
     out_path = _check_output(out, "--out", ".json")
     plot_path = _check_output(plot, "--plot", ".png")
     quiet = is_quiet()

@@ -188,10 +188,11 @@ def passkey_rows(tokenizer, *, samples: int, seq_len: int, window: int, seed: in
     top = min(MAX_DEPTH, max(MIN_DEPTH, 1.0 - (window + 32) / seq_len))
     depths = [MIN_DEPTH + (top - MIN_DEPTH) * (i + 0.5) / samples for i in range(samples)]
     rng.shuffle(depths)
-    rows, supervised = [], []
+    rows, supervised, worded = [], [], []
     for i, depth in enumerate(depths):
         sample_seed = rng.randrange(2**31)
         template = templates[i % len(templates)]
+        worded.append(template)
         # the key depends on the seed only; build once to learn it, then leave room for its tokens
         key = make_passkey_sample(tokenizer, filler, length_tokens=seq_len, depth=depth, seed=sample_seed,
                                   template=template).answer
@@ -200,8 +201,7 @@ def passkey_rows(tokenizer, *, samples: int, seq_len: int, window: int, seed: in
                                      seed=sample_seed, template=template)
         rows.append(torch.cat([prompt.input_ids, torch.tensor(answer, dtype=torch.long)]))
         supervised.append(len(answer) + 1)  # the prompt's last token predicts the answer's first
-    return PasskeyRows(input_ids=torch.stack(rows), supervised=supervised, depths=depths,
-                       templates=[templates[i % len(templates)] for i in range(len(depths))])
+    return PasskeyRows(input_ids=torch.stack(rows), supervised=supervised, depths=depths, templates=worded)
 
 
 def _decoder(model):

@@ -259,11 +259,11 @@ def analyze(
 
 def _native_window_params(config) -> dict:
     """The model's own sliding layers, for readers of the report (measured inside that window; convert skips them)."""
-    from ..convert.native_swa import native_sliding_layers
+    from ..convert.native_swa import native_sliding_windows
 
-    layers = native_sliding_layers(config)
-    window = getattr(config, "sliding_window", None)
-    return {"native_sliding_layers": layers, "native_sliding_window": int(window)} if layers and window else {}
+    windows = native_sliding_windows(config)
+    return {"native_sliding_layers": sorted(windows), "native_sliding_window": next(iter(windows.values()))} \
+        if windows else {}
 
 
 __all__ = ["analyze", "analyze_tokens", "check_params"]

@@ -107,12 +107,15 @@ def read_text(path: str | os.PathLike[str], *, lines: tuple[int, int] | None = N
     return text
 
 
-def lazy_ratios_from(report: str | os.PathLike[str] | None, hybrid_config) -> list[float] | None:
-    """Per-layer lazy ratios from an analysis report, else from a checkpoint's report summary."""
-    if report is not None:
+def lazy_ratios_from(report, hybrid_config) -> list[float] | None:
+    """Per-layer lazy ratios from an analysis report (its path, or the report already loaded), else from a
+    checkpoint's report summary."""
+    if isinstance(report, (str, os.PathLike)):
         from ..analysis import AnalysisReport
 
-        return [float(x) for x in AnalysisReport.load(report).layer_lazy_ratios()]
+        report = AnalysisReport.load(report)
+    if report is not None:
+        return [float(x) for x in report.layer_lazy_ratios()]
     if hybrid_config is not None:
         summary = hybrid_config.report_summary or {}
         for key in ("layer_lazy_ratios", "lazy_ratios"):
@@ -194,8 +197,7 @@ def evaluate(
     from .backends import MaskedBackend, RuntimeBackend
 
     lengths = _check_lengths(lengths, "--lengths")
-    formats = check_templates([f.strip() for f in passkey_format.split(",") if f.strip()]
-                              if isinstance(passkey_format, str) else passkey_format, option="--passkey-format")
+    formats = check_templates(passkey_format, option="--passkey-format")
     passkey_lengths = _check_lengths(passkey_lengths, "--passkey-lengths", allow_empty=True)
     if backend not in ("masked", "runtime"):
         raise LightTransferError(f"--backend must be 'masked' or 'runtime', got {backend!r}.")
@@ -227,10 +229,9 @@ def evaluate(
     if too_long:
         raise LightTransferError(f"lengths {too_long} exceed the model's {max_pos} positions; use shorter lengths.")
 
-    from ..convert.native_swa import native_sliding_layers
+    from ..convert.native_swa import native_sliding_windows
 
-    native_window = getattr(config, "sliding_window", None)
-    native = {i: int(native_window) for i in native_sliding_layers(config)} if native_window else {}
+    native = native_sliding_windows(config)
     if native:
         log.info("layers %s slide the model's own window: no row streams them, and --ratio is a share of the "
                  "others (as in convert)", ",".join(map(str, native)))
@@ -307,15 +308,16 @@ def _build_rows(rows, *, hcfg, report, ratio, sink, window, num_layers, num_kv_h
     if rows and all(isinstance(r, EvalRow) for r in rows):
         return list(rows)
     names = list(rows)
-    lazy = lazy_ratios_from(report, hcfg)
-    attention, ranked_by = lazy, "lazy ratio"
+    loaded = None
     if report is not None:
         from ..analysis import AnalysisReport
 
-        # rank like convert does: by the gates when the report has them from analyze --method optimize
-        loaded_report = AnalysisReport.load(report)
-        if loaded_report.head_score_method == "optimize":
-            lazy, ranked_by = [float(x) for x in loaded_report.layer_streaming_scores()], "optimized gates"
+        loaded = AnalysisReport.load(report)
+    lazy = lazy_ratios_from(loaded, hcfg)
+    attention, ranked_by = lazy, "lazy ratio"
+    # rank like convert does: by the gates when the report has them from analyze --method optimize
+    if loaded is not None and loaded.head_score_method == "optimize":
+        lazy, ranked_by = [float(x) for x in loaded.layer_streaming_scores()], "optimized gates"
     selection = None
     if hcfg is not None and ratio is None:
         selection = hcfg.streaming_layers
@@ -334,10 +336,7 @@ def _build_rows(rows, *, hcfg, report, ratio, sink, window, num_layers, num_kv_h
             "pass the report of this model."
         )
     kv_scores = kv_gates = kv_default = None
-    if set(HEAD_LEVEL_ROWS) & set(names) and report is not None:
-        from ..analysis import AnalysisReport
-
-        loaded = AnalysisReport.load(report)
+    if set(HEAD_LEVEL_ROWS) & set(names) and loaded is not None:
         # head-level always ranks by attention mass, head-level-gates by the gates: one run compares the two
         kv_scores = loaded.kv_head_long_context_scores("attention")
         kv_default = loaded.kv_head_long_context_scores()

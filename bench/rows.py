@@ -197,6 +197,10 @@ def standard_rows(
         return layers, s
 
     common = dict(num_layers=n, num_kv_heads=num_kv_heads, sink=sink, window=window, native_windows=native)
+
+    def random_row() -> EvalRow:
+        layers, drawn = random_layers()
+        return EvalRow("random", streaming_layers=layers, **common, note=f"random layers (seed {drawn})")
     by_lazy_ratio = ranked_by == "lazy ratio"
     attention = list(attention_lazy_ratios) if attention_lazy_ratios is not None else list(lazy_ratios)
     if len(attention) != n:
@@ -208,9 +212,7 @@ def standard_rows(
         "lazy-ratio": lambda: EvalRow("lazy-ratio", streaming_layers=pick_layers(attention, ratio=ratio,
                                                                                  exclude=exclude) if k else [],
                                       **common, note="layers with the highest lazy ratio"),
-        "random": lambda: EvalRow(
-            "random", streaming_layers=random_layers()[0], **common,
-            note=f"random layers (seed {random_layers()[1]})"),
+        "random": random_row,
         "least-lazy": lambda: EvalRow(
             "least-lazy", streaming_layers=other("least_lazy"), **common,
             note="least lazy layers" if by_lazy_ratio else f"layers ranked last by {ranked_by}"),

@@ -89,8 +89,10 @@ HELD_OUT_TEMPLATES = ("needle", "locker")
 
 
 def check_templates(names, *, option: str = "passkey format") -> tuple[str, ...]:
-    """``names`` as a tuple after checking each is a key of :data:`TEMPLATES` (one-line error naming
-    ``option`` otherwise)."""
+    """``names`` (a sequence, or a comma-separated string as an option gives it) as a tuple after checking each
+    is a key of :data:`TEMPLATES` (one-line error naming ``option`` otherwise)."""
+    if isinstance(names, str):
+        names = [name.strip() for name in names.split(",") if name.strip()]
     names = tuple(names)
     unknown = [n for n in names if n not in TEMPLATES]
     if unknown or not names:

@@ -30,7 +30,7 @@ from ..loading import (
 from .hybrid_config import CONFIG_KEY, SIDECAR_NAME, HybridConfig
 from .kv_memory import DTYPE_BYTES, KVMemoryRow, kv_memory_table
 from .model_card import FIGURE_NAME, plot_selection, render_model_card
-from .native_swa import NATIVE_SWA_WARNING, native_sliding_layers, native_swa_fields
+from .native_swa import NATIVE_SWA_WARNING, native_sliding_layers, native_sliding_windows, native_swa_fields
 from .selection import (
     STRATEGIES,
     SelectionRow,
@@ -273,23 +273,24 @@ def convert(
     if layers is not None:
         check_layer_indices(layers, num_layers, option="--layers")
     native = native_sliding_layers(text_config)
+    own_window = getattr(text_config, "sliding_window", "?")
     if native_swa:
         native_swa_fields(str(text_config.model_type), HybridConfig(num_layers, num_kv_heads),
                           native_layers=native)  # fail early
     if native and len(native) == num_layers:
         raise LightTransferError(f"every layer of '{model_id}' already slides its own window of "
-                                 f"{getattr(text_config, 'sliding_window', '?')} tokens; there is nothing to convert.")
+                                 f"{own_window} tokens; there is nothing to convert.")
     if native:
         if layers is not None and set(layers) & set(native):
             raise LightTransferError(
                 f"--layers {','.join(map(str, sorted(set(layers) & set(native))))}: these layers already slide the "
-                f"model's own window of {getattr(text_config, 'sliding_window', '?')} tokens; pick full-attention "
+                f"model's own window of {own_window} tokens; pick full-attention "
                 "layers."
             )
         # already bounded by the architecture: never candidates, and the runtime keeps their own window
         keep = sorted(set(keep) | set(native))
         warnings.append(f"{len(native)} of {num_layers} layers already slide the model's own window of "
-                        f"{getattr(text_config, 'sliding_window', '?')} tokens; they stay as they are, and --ratio "
+                        f"{own_window} tokens; they stay as they are, and --ratio "
                         f"is a share of the other {num_layers - len(native)}.")
 
     report = _load_report(report)
@@ -479,9 +480,8 @@ def _memory(hybrid: HybridConfig, text_config, config_dict: dict[str, Any]) -> l
     heads = int(text_config.num_attention_heads)
     head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
     dtype = str(config_dict.get("dtype") or config_dict.get("torch_dtype") or "float32").removeprefix("torch.")
-    window = getattr(text_config, "sliding_window", None)
-    native = {i: int(window) for i in native_sliding_layers(text_config)} if window else {}
-    return kv_memory_table(hybrid, head_dim=head_dim, dtype_bytes=DTYPE_BYTES.get(dtype, 4), native_windows=native)
+    return kv_memory_table(hybrid, head_dim=head_dim, dtype_bytes=DTYPE_BYTES.get(dtype, 4),
+                           native_windows=native_sliding_windows(text_config))
 
 
 def _write_card(tmp: Path, name: str, hybrid: HybridConfig, rows, memory, report, written: WrittenWeights, *,

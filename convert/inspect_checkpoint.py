@@ -11,6 +11,7 @@ from typing import Any
 from ..errors import LightTransferError
 from .hybrid_config import CONFIG_KEY, HybridConfig
 from .kv_memory import DEFAULT_TOKENS, DTYPE_BYTES, KVMemoryRow, kv_memory_table
+from .native_swa import native_sliding_windows
 
 
 @dataclass
@@ -87,10 +88,8 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, tokens: tuple[int, ...] 
     dtype = dtype.removeprefix("torch.")
     if dtype not in DTYPE_BYTES:
         raise LightTransferError(f"cache dtype '{dtype}' is not known; use one of {', '.join(DTYPE_BYTES)}.")
-    window = text.get("sliding_window")
     # the model's own sliding layers (with --native-swa the layer types are ours, and the streaming layers)
-    native = {} if hybrid.native_swa or not window else {
-        i: int(window) for i, kind in enumerate(text.get("layer_types") or []) if kind == "sliding_attention"}
+    native = {} if hybrid.native_swa else native_sliding_windows(text)
     memory = kv_memory_table(hybrid, head_dim=int(head_dim), dtype_bytes=DTYPE_BYTES[dtype], tokens=tokens,
                              native_windows=native)
     return InspectResult(

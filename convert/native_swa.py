@@ -34,12 +34,23 @@ NATIVE_SWA_WARNING = (
 )
 
 
+def _field(config, name: str):
+    # a transformers config object, or its dict (config.json as read from disk)
+    return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+
 def native_sliding_layers(config) -> list[int]:
     """Layers that already slide the model's own window (``layer_types[i] == "sliding_attention"``: Gemma 2/3,
     Cohere2, gpt-oss, Qwen with ``use_sliding_window``). Their cache is bounded by the architecture itself, so a
-    conversion leaves them as they are."""
-    types = getattr(config, "layer_types", None) or []
-    return [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+    conversion leaves them as they are. ``config``: a config object or its dict."""
+    return [i for i, kind in enumerate(_field(config, "layer_types") or []) if kind == "sliding_attention"]
+
+
+def native_sliding_windows(config) -> dict[int, int]:
+    """``{layer: window}`` for :func:`native_sliding_layers` (empty when the config names no ``sliding_window``):
+    what the cache, the KV tables and the evaluation rows bound those layers to."""
+    window = _field(config, "sliding_window")
+    return {i: int(window) for i in native_sliding_layers(config)} if window else {}
 
 
 def native_swa_fields(model_type: str, hybrid: HybridConfig, *, native_layers=()) -> dict[str, Any]:
@@ -80,4 +91,4 @@ def _ranges(layers) -> str:
     return ",".join(map(str, sorted(layers)))
 
 
-__all__ = ["native_sliding_layers", "native_swa_fields", "NATIVE_SWA_ARCHITECTURES", "NATIVE_SWA_WARNING"]
+__all__ = ["native_sliding_layers", "native_sliding_windows", "native_swa_fields", "NATIVE_SWA_ARCHITECTURES", "NATIVE_SWA_WARNING"]

@@ -31,6 +31,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from ..convert.hybrid_config import CONFIG_KEY
+from ..convert.native_swa import native_sliding_windows
 from ..errors import LightTransferError
 from ..loading import check_attention_swappable
 from .attention import ATTENTION_NAME, PLAN_ATTR, STEP_KWARG, LayerPlan, StepContext, register
@@ -59,6 +60,8 @@ class HybridRuntime:
         # {layer: KV-head order applied to the weights} (see head_order.py), undone by disable_hybrid
         self.head_orders: dict[int, list[int]] = {}
         self.previous_config_block = None
+        # the model's own sliding layers: their cache stays bounded to that window (fixed per model)
+        self.native_windows = native_sliding_windows(model.config)
 
     def make_cache(self) -> HybridCache:
         """A fresh, empty cache laid out for this model."""
@@ -69,12 +72,8 @@ class HybridRuntime:
             online = OnlineSelector.for_ratio(num_layers=layout.num_layers, ratio=layout.online_ratio,
                                               last=layout.online_last)
             kinds = ("full",) * layout.num_layers
-        from ..convert.native_swa import native_sliding_layers
-
-        window = getattr(self.config, "sliding_window", None)
-        native = {i: int(window) for i in native_sliding_layers(self.config)} if window else {}
         return HybridCache(kinds, sink=layout.sink, window=layout.window, prefill=layout.prefill,
-                           kv_head_masks=layout.kv_head_masks, online=online, native_windows=native)
+                           kv_head_masks=layout.kv_head_masks, online=online, native_windows=self.native_windows)
 
     def remove(self) -> None:
         self._handle.remove()
