@@ -96,8 +96,6 @@ class EvalRow:
         """KV-cache entries kept after ``seq_len`` tokens, as a fraction of the dense model's (sink + window
         included). With a full prefill the peak during the prefill is the dense model's (1.0). The model's own
         sliding layers count as bounded on both sides."""
-        if not self.native_windows:
-            return self.hybrid_config().kv_fraction(seq_len)
         from ..convert.kv_memory import kv_cache_bytes
 
         original, kept = kv_cache_bytes(self.hybrid_config(), head_dim=1, dtype_bytes=1, tokens=max(1, seq_len),
