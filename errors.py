@@ -21,11 +21,4 @@ class LightTransferError(Exception):
         self.exit_code = exit_code
 
 
-class NotBuiltYetError(LightTransferError):
-    """A command or option that is declared but not implemented yet (exit status 2)."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__(f"{what} is not built yet in this version of lighttransfer.", exit_code=2)
-
-
-__all__ = ["LightTransferError", "NotBuiltYetError"]
+__all__ = ["LightTransferError"]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
+from ..output_files import atomic_path
 from .report import AnalysisReport
 
 
@@ -62,15 +62,9 @@ def plot_heatmap(report: AnalysisReport, path: str | os.PathLike[str], *, lazy_f
     fig.tight_layout()
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=130, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=130, format="png")
     finally:
         plt.close(fig)
     return path

@@ -7,7 +7,6 @@ core on ready token rows ``[samples, seq_len]``, with no tokenizer needed (bench
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -161,13 +160,10 @@ def analyze_tokens(
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
-    import transformers
+    from ..environment import device_facts, software_versions
 
-    from .. import __version__
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"lighttransfer": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "device_name": name}
+    facts = device_facts(device)
+    return {**software_versions(), "device_name": facts.get("gpu") or facts.get("cpu") or "cpu"}
 
 
 def analyze(

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from lighttransfer.environment import device_facts, software_versions
 
 LLAMA3_8B_SHAPE = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -75,7 +75,6 @@ def _peak(fn) -> tuple[float, int]:
 def run(*, samples: int, seq_len: int, batch: int, layers: int | None, sink: int, recent: int,
         last: int, tiny: bool = False) -> dict:
     from lighttransfer.analysis.pipeline import analyze_tokens
-    from transformers import __version__ as transformers_version
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(layers=layers, device=device, tiny=tiny)
@@ -111,10 +110,10 @@ def run(*, samples: int, seq_len: int, batch: int, layers: int | None, sink: int
     decoder = min(before_decoder, after_decoder)
     causal_lm = min(before_lm, after_lm)
     r = report["r"]
+    versions, facts = software_versions(), device_facts(device)
     return {
-        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "cuda": torch.version.cuda, "transformers": transformers_version},
+        "gpu": facts.get("gpu") or facts.get("cpu"),
+        "versions": {**{k: versions[k] for k in ("python", "torch", "transformers")}, "cuda": torch.version.cuda},
         "model": {"shape": "tiny" if tiny else "Llama-3-8B", **LLAMA3_8B_SHAPE, **(TINY_SHAPE if tiny else {}),
                   "num_hidden_layers": model.config.num_hidden_layers, "dtype": "bfloat16",
                   "attn_implementation": "sdpa", "weights": "random"},

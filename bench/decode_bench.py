@@ -23,10 +23,9 @@ from lighttransfer.bench.gpu_env import (
     environment_markdown,
     markdown_table,
     measure_peaks,
-    write_atomically,
-    write_json,
 )
 from lighttransfer.kernels import streaming_decode, streaming_decode_reference
+from lighttransfer.output_files import write_atomically, write_json
 
 log = logging.getLogger(__name__)
 

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import subprocess
-import tempfile
-from pathlib import Path
-
 import torch
+
+from ..environment import device_facts, gpu_driver, software_versions
 
 
 def environment() -> dict:
     """GPU name, compute capability, SM count, driver, and the versions of Python, torch, CUDA and Triton."""
-    import triton
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda}
+    info = {**software_versions(), **device_facts()}
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
-                    memory_gib=round(props.total_memory / 2**30, 1))
-        try:
-            info["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20,
-            ).stdout.strip().splitlines()[0]
-        except (OSError, IndexError, subprocess.SubprocessError):
-            info["driver"] = "unknown"
+        info.update(memory_gib=round(info["gpu_memory_bytes"] / 2**30, 1), driver=gpu_driver())
     return info
 
 
@@ -52,19 +35,6 @@ def measure_peaks(*, copy_gib: float = 4.0) -> dict:
     return {"hbm_copy_gbps": 2 * n * 2 / copy / 1e6, "bf16_matmul_tflops": 2 * 8192**3 / matmul_ms(8192) / 1e9}
 
 
-def write_atomically(path: Path, data: bytes | str) -> None:
-    """Write ``path`` through a temporary file beside it, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    write_atomically(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -78,5 +48,5 @@ def environment_markdown(env: dict, peaks: dict) -> str:
             f"bf16 matmul {peaks['bf16_matmul_tflops']:.0f} TFLOP/s.\n")
 
 
-__all__ = ["environment", "measure_peaks", "write_atomically", "write_json", "markdown_table",
+__all__ = ["environment", "measure_peaks", "markdown_table",
            "environment_markdown"]

@@ -23,8 +23,6 @@ from lighttransfer.bench.gpu_env import (
     environment_markdown,
     markdown_table,
     measure_peaks,
-    write_atomically,
-    write_json,
 )
 from lighttransfer.kernels import (
     prefill_triton,
@@ -32,6 +30,7 @@ from lighttransfer.kernels import (
     streaming_attention_reference,
     streaming_visible,
 )
+from lighttransfer.output_files import write_atomically, write_json
 
 log = logging.getLogger(__name__)
 

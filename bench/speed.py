@@ -23,9 +23,6 @@ import gc
 import json
 import logging
 import os
-import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,7 +31,10 @@ from typing import Any
 
 import torch
 
+from ..compat import cache_keyword
+from ..environment import environment
 from ..errors import LightTransferError
+from ..output_files import publish_together, write_json
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -152,8 +152,6 @@ def _prefill(model, ids: torch.Tensor):
 @torch.inference_mode()
 def _decode(model, cache, token: torch.Tensor, steps: int, device: torch.device) -> float:
     """Seconds for ``steps`` greedy decode steps (after one untimed step)."""
-    from .scoring import cache_keyword
-
     key = cache_keyword(model)
     out = model(token, use_cache=True, **{key: cache})
     token = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -170,31 +168,12 @@ def _layers_for(ratio: float, *, num_layers: int, lazy_ratios: Sequence[float] |
     if ratio <= 0:
         return []
     if lazy_ratios is not None:
-        from .rows import pick_layers
+        from ..evaluation.rows import pick_layers
 
         return pick_layers(lazy_ratios, ratio=ratio)
     # without a report the choice does not change speed: spread the layers evenly
     k = round(ratio * num_layers)
     return sorted({int(i * num_layers / k) for i in range(k)})
-
-
-def _environment(device: torch.device) -> dict[str, Any]:
-    import transformers
-
-    env = {"torch": torch.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "device": str(device)}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, gpu_memory_bytes=int(props.total_memory), cuda=torch.version.cuda)
-    else:
-        env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
-    return env
 
 
 # ---- the benchmark ------------------------------------------------------------------------------------------
@@ -297,7 +276,7 @@ def benchmark(
 
     result = BenchResult(model_id=model_id, contexts=contexts, ratios=ratio_list, sink=sink, window=window,
                          decode_steps=decode_steps, memory_budget_bytes=budget,
-                         dtype=str(torch_dtype).replace("torch.", ""), environment=_environment(dev),
+                         dtype=str(torch_dtype).replace("torch.", ""), environment=environment(dev),
                          layer_choice=layer_choice)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -449,19 +428,14 @@ def write_bench_outputs(result: BenchResult, out: str | os.PathLike[str]) -> dic
     stem, parent = (out.stem, out.parent) if out.suffix == ".json" else ("bench", out)
     parent.mkdir(parents=True, exist_ok=True)
     paths = {"json": parent / f"{stem}.json", "md": parent / f"{stem}.md", "png": parent / f"{stem}.png"}
-    tmp = Path(tempfile.mkdtemp(prefix=".bench-", dir=parent))
-    try:
-        from .speed_plot import plot_bench
+    from .speed_plot import plot_bench
 
-        (tmp / "json").write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
-        (tmp / "md").write_text(markdown_bench(result))
-        if not plot_bench(result, tmp / "png"):
-            del paths["png"]
-        for key, path in paths.items():
-            os.replace(tmp / key, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return paths
+    written = publish_together({
+        paths["json"]: lambda p: write_json(p, result.to_dict()),
+        paths["md"]: lambda p: p.write_text(markdown_bench(result)),
+        paths["png"]: lambda p: plot_bench(result, p),
+    })
+    return {key: path for key, path in paths.items() if path in written}
 
 
 __all__ = ["benchmark", "BenchResult", "SpeedPoint", "markdown_bench", "write_bench_outputs", "cache_kv_bytes"]

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import logging
 
 import torch
 from transformers.cache_utils import DynamicCache
 
+from ..compat import cache_keyword
 from ..convert.hybrid_config import CONFIG_KEY
 from ..convert.native_swa import native_sliding_windows
 from ..errors import LightTransferError
@@ -52,9 +52,7 @@ class HybridRuntime:
         self.layout = layout
         self.config = model.config
         base = model.base_model
-        params = inspect.signature(type(base).forward).parameters
-        # transformers 5.24 names the cache keyword `cache`, earlier 5.x releases `past_key_values`
-        self.cache_keyword = "cache" if "cache" in params else "past_key_values"
+        self.cache_keyword = cache_keyword(base)
         self._handle = base.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self.previous_attn_implementation = model.config._attn_implementation
         # {layer: KV-head order applied to the weights} (see head_order.py), undone by disable_hybrid

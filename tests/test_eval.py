@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 from conftest import run_cli
-from lighttransfer.bench.backends import MaskedBackend, RuntimeBackend
-from lighttransfer.bench.passkey import check_answer, make_sample, passkey_depths
-from lighttransfer.bench.perplexity import perplexity, plan_windows
-from lighttransfer.bench.rows import EvalRow, standard_rows
-from lighttransfer.bench.scoring import continuation_logits, greedy_matches
 from lighttransfer.errors import LightTransferError
+from lighttransfer.evaluation.backends import MaskedBackend, RuntimeBackend
+from lighttransfer.evaluation.passkey import check_answer, make_sample, passkey_depths
+from lighttransfer.evaluation.perplexity import perplexity, plan_windows
+from lighttransfer.evaluation.rows import EvalRow, standard_rows
+from lighttransfer.evaluation.scoring import continuation_logits, greedy_matches
 
 SINK, WINDOW = 2, 16
 
@@ -391,7 +391,7 @@ def test_eval_cli_compares_mass_and_gate_picked_heads(tiny_dir_with_tokenizer, t
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     from lighttransfer.analysis.report import AnalysisReport
-    from lighttransfer.bench.rows import pick_layers
+    from lighttransfer.evaluation.rows import pick_layers
 
     report = AnalysisReport.load(gated)
     by_gates = report.layer_streaming_scores("optimize")

@@ -93,7 +93,7 @@ def test_a_model_that_slides_everywhere_has_nothing_to_convert(tmp_path):
 
 @pytest.mark.parametrize("streaming", [[], [3]], ids=["no-streaming", "global-layer-streams"])
 def test_masked_reference_keeps_the_native_window_and_matches_the_runtime(streaming):
-    from lighttransfer.bench.masked_reference import masked_streaming
+    from lighttransfer.evaluation.masked_reference import masked_streaming
 
     model = make_tiny_model("gemma3")
     ids = _ids(48, seed=3)
@@ -168,7 +168,7 @@ def test_kv_table_bounds_native_layers_on_both_sides(tmp_path):
 
 
 def test_eval_rows_leave_native_layers_alone_and_count_them_bounded():
-    from lighttransfer.bench.rows import standard_rows
+    from lighttransfer.evaluation.rows import standard_rows
 
     rows = {r.name: r for r in standard_rows(
         lazy_ratios=[0.9, 0.8, 0.3, 0.7], ratio=0.5, num_kv_heads=1, sink=2, window=16,

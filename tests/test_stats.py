@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from lighttransfer.bench.stats import paired_difference, wilson_interval
+from lighttransfer.evaluation.stats import paired_difference, wilson_interval
 
 
 @pytest.mark.parametrize("hits, n, expected", [

@@ -9,15 +9,11 @@ position is the answer's next token.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
 
-
-def cache_keyword(model) -> str:
-    """The forward keyword for a KV cache: ``cache`` in transformers >= 5.24, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+from ..compat import cache_keyword
 
 
 @torch.inference_mode()
@@ -63,4 +59,4 @@ def greedy_matches(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=-1) == targets).all(dim=-1)
 
 
-__all__ = ["cache_keyword", "continuation_logits", "token_nll", "greedy_matches"]
+__all__ = ["continuation_logits", "token_nll", "greedy_matches"]

@@ -7,12 +7,11 @@ chosen per prompt); layer-level again with a chunked prefill (2048 tokens a chun
 the heads (gathers per step instead of views). Sink 4, window 1020.
 For each prompt length: prefill time, decode tokens/s over 128 greedy steps, KV-cache bytes at the end, and the allocator's peak over prefill + decode.
 
-    PYTHONPATH=<dir with a lighttransfer link> python3 bench/results/runtime_gpu_bench.py OUT.json [VARIANT ...]
+    PYTHONPATH=<dir with a lighttransfer link> python3 bench/scripts/runtime_gpu_bench.py OUT.json [VARIANT ...]
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 import time
@@ -20,6 +19,7 @@ import time
 import torch
 import transformers
 import triton
+from lighttransfer.compat import cache_keyword
 from lighttransfer.runtime import enable_hybrid, make_cache, prefill_chunked, resolve_layout
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
@@ -56,7 +56,7 @@ def kv_bytes(cache) -> int:
 
 @torch.no_grad()
 def measure(model, variant: str, length: int) -> dict:
-    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    keyword = cache_keyword(model)
     ids = torch.randint(3, 49152, (1, length), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -9,7 +9,7 @@
    teacher-forced accuracy of the answer tokens.
 
 Writes head_gates_smollm2.json / .md beside this file and docs/head_gates_smollm2.png.
-Run: ``.venv/bin/python bench/results/head_gates_compare.py`` (about 20 CPU minutes on 2 cores).
+Run: ``.venv/bin/python bench/scripts/head_gates_compare.py`` (about 20 CPU minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def write_markdown(r: dict) -> None:
         f"{r['machine']}; torch {r['versions']['torch']}, transformers {r['versions']['transformers']}.",
         f"Passkey prompts of {p['seq_len']} tokens, sink {p['sink']}, window {p['window']}; attention mass over the "
         f"last {p['last']} queries; gates: {p['steps']} steps on {p['train_samples']} prompts, peak lr {p['lr']}, "
-        f"L1 {p['l1']} (sum of gates), seed {p['seed']}. Script: `bench/results/head_gates_compare.py`.",
+        f"L1 {p['l1']} (sum of gates), seed {p['seed']}. Script: `bench/scripts/head_gates_compare.py`.",
         "",
         "## Rank agreement over the 90 KV heads",
         "",

@@ -1,6 +1,6 @@
 """Kernel agreement at the shapes the runtime's CUDA tests use: Triton vs the PyTorch reference (max abs diff).
 
-    PYTHONPATH=<dir with a lighttransfer link> python3 bench/results/runtime_kernel_check.py
+    PYTHONPATH=<dir with a lighttransfer link> python3 bench/scripts/runtime_kernel_check.py
 """
 
 import torch

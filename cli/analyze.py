@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from ..calibration.passkey import HELD_OUT_TEMPLATES, TEMPLATES, TRAINING_TEMPLATES, check_templates
-from ..cli import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
 from ..errors import LightTransferError
+from .options import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
 
 BAR = "\u2588"
 
@@ -38,7 +38,7 @@ def _writable(folder: Path) -> bool:
 def _table(report, lazy_fraction: float):
     from rich.table import Table
 
-    from .heatmap import lazy_layers
+    from ..analysis.heatmap import lazy_layers
 
     marked = set(lazy_layers(report, lazy_fraction))
     rank = {layer: i + 1 for i, layer in enumerate(report.ranking)}
@@ -107,8 +107,8 @@ def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq
     Example:
       lighttransfer analyze model/ --calib book.txt --seq-len 4096 --samples 8 --out report.json --plot heat.png
     """
-    from .heatmap import plot_heatmap
-    from .pipeline import analyze as run_analysis
+    from ..analysis.heatmap import plot_heatmap
+    from ..analysis.pipeline import analyze as run_analysis
 
     if more_calib and not calib:
         raise LightTransferError(
@@ -138,7 +138,7 @@ def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
         if method == "optimize":
-            from .head_gates import attach_head_gates, optimize_head_gates
+            from ..analysis.head_gates import attach_head_gates, optimize_head_gates
 
             gate_task = progress.add_task("gates", total=gate_steps)
             gates = optimize_head_gates(

@@ -2,8 +2,8 @@
 # Quality runs of SmolLM2-135M-Instruct on one GPU: gates optimized on the training wordings, then the
 # evaluation of every selection rule on training and held-out wordings, with the same prompts for every row.
 #
-#   bench/results/smollm2_quality_gpu.sh gates GGUF OUT_DIR NAME L1                # analysis + gates
-#   bench/results/smollm2_quality_gpu.sh eval  GGUF OUT_DIR NAME TEXT FORMAT       # one wording, all rows
+#   bench/scripts/smollm2_quality_gpu.sh gates GGUF OUT_DIR NAME L1                # analysis + gates
+#   bench/scripts/smollm2_quality_gpu.sh eval  GGUF OUT_DIR NAME TEXT FORMAT       # one wording, all rows
 #
 # GGUF: SmolLM2-135M-Instruct.Q4_1.gguf; TEXT: held-out prose (Emma: austen_novels.txt lines 1-16237);
 # the analysis and the gates read the shipped Sense and Sensibility excerpt, so no evaluation text is seen.

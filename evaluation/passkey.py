@@ -4,7 +4,7 @@ A sample is ``intro + filler[:d] + needle + filler[d:] + question``, exactly ``l
 :func:`lighttransfer.calibration.make_passkey_sample`, the same builder the analysis uses), followed by the
 answer tokens. The filler is real prose (not a repeated filler sentence), so the model has to retrieve the key
 rather than spot the one odd line in a repetitive pattern. Success is exact greedy
-reproduction of the key (:func:`~lighttransfer.bench.scoring.greedy_matches`).
+reproduction of the key (:func:`~lighttransfer.evaluation.scoring.greedy_matches`).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def passkey_accuracy(
     Returns:
         ``{"accuracy", "n", "ci95": [low, high], "outcomes": [bool per sample, in order], "by_length": {L: acc},
         "grid": {L: {depth: acc}}}`` (accuracies in [0, 1]; ``ci95``: Wilson interval; ``outcomes`` lets two rows
-        that answered the same samples be compared per prompt, :func:`~lighttransfer.bench.stats.paired_difference`).
+        that answered the same samples be compared per prompt, :func:`~lighttransfer.evaluation.stats.paired_difference`).
     """
     from .stats import wilson_interval
 

@@ -4,7 +4,7 @@ SmolLM2-135M shape, random bf16 weights (as runtime_gpu_bench.py), 4096-token pr
 Prints per-step wall time for each variant, the host time of one eager ``streaming_decode`` call, and the
 torch-profiler table (self CPU time) of 16 decode steps of the layer-level hybrid.
 
-    PYTHONPATH=<dir with a lighttransfer link> python3 bench/results/runtime_decode_profile.py OUT_DIR
+    PYTHONPATH=<dir with a lighttransfer link> python3 bench/scripts/runtime_decode_profile.py OUT_DIR
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from lighttransfer import kernels
+from lighttransfer.compat import cache_keyword
 from torch.profiler import ProfilerActivity, profile
 
 spec = importlib.util.spec_from_file_location("rgb", Path(__file__).with_name("runtime_gpu_bench.py"))
@@ -26,12 +27,11 @@ spec.loader.exec_module(rgb)
 
 @torch.no_grad()
 def step_times(model, variant: str, length: int = 4096, steps: int = 64):
-    import inspect
 
     from lighttransfer.runtime import make_cache
     from transformers import DynamicCache
 
-    keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    keyword = cache_keyword(model)
     ids = torch.randint(3, 49152, (1, length), device="cuda")
     cache = DynamicCache(config=model.config) if variant == "dense" else make_cache(model)
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{keyword: cache})

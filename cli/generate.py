@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..cli import is_quiet, model_options, stderr_console, verbosity_options
 from ..errors import LightTransferError
+from .options import is_quiet, model_options, stderr_console, verbosity_options
 
 
 def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
@@ -54,8 +54,8 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
     MODEL_DIR is a directory written by `lighttransfer convert`. Afterwards the speed (tokens/s) and the
     KV-cache size (kept vs what the dense model would hold) are printed on stderr.
     """
-    from .generation import generate_text
-    from .loader import load_hybrid
+    from ..runtime.generation import generate_text
+    from ..runtime.loader import load_hybrid
 
     text = _read_prompt(prompt, prompt_file)
     loaded = load_hybrid(model_dir, device=device, dtype=dtype, prefill=prefill, chunk_size=chunk_size,

@@ -5,7 +5,7 @@ up at the same shapes, then times one-pass and chunked prefill at 16k tokens for
 profiles one chunked prefill (2048 tokens a chunk). Prints the profiler's top operators by self CPU and by CUDA
 time and writes the timings as JSON.
 
-    PYTHONPATH=<dir with a lighttransfer link> python3 bench/results/chunked_prefill_profile.py OUT.json [8b]
+    PYTHONPATH=<dir with a lighttransfer link> python3 bench/scripts/chunked_prefill_profile.py OUT.json [8b]
 
 With ``8b``: the Llama-3-8B shape instead (random bf16 weights, half the layers streaming, 32k tokens), timings
 only, to see how much of the chunking cost remains when each chunk has real work.
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lighttransfer.compat import cache_keyword  # noqa: E402
 from lighttransfer.runtime import make_cache, prefill_chunked  # noqa: E402
 from runtime_gpu_bench import build  # noqa: E402
 
@@ -33,7 +34,7 @@ def run(model, ids, chunk: int | None) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     if chunk is None:
-        keyword = "cache" if "cache" in model.forward.__code__.co_varnames else "past_key_values"
+        keyword = cache_keyword(model)
         model(input_ids=ids, use_cache=True, logits_to_keep=1, **{keyword: cache})
     else:
         prefill_chunked(model, ids, chunk_size=chunk, cache=cache)

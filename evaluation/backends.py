@@ -1,6 +1,6 @@
 """How an evaluation row becomes a model to run: two backends over one loaded dense model.
 
-* ``masked``: :func:`~lighttransfer.bench.masked_reference.masked_streaming` (full KV, streaming layers masked).
+* ``masked``: :func:`~lighttransfer.evaluation.masked_reference.masked_streaming` (full KV, streaming layers masked).
   Exact in its logits, dense in memory; independent of the runtime, so it checks it.
 * ``runtime``: the hybrid runtime switched on in place (:func:`lighttransfer.runtime.enable_hybrid`), whose
   streaming layers keep a bounded sink + window cache: what users run.

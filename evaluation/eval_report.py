@@ -1,4 +1,4 @@
-"""Markdown tables and plots of an :class:`~lighttransfer.bench.eval_suite.EvalResult`."""
+"""Markdown tables and plots of an :class:`~lighttransfer.evaluation.eval_suite.EvalResult`."""
 
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ import re
 
 import click
 
-from ..cli import is_quiet, model_options, stdout_console, verbosity_options
 from ..errors import LightTransferError
+from .options import is_quiet, model_options, stdout_console, verbosity_options
 
 
 def parse_layer_list(text: str | None, *, option: str) -> list[int] | None:
@@ -54,7 +54,7 @@ def _rows_table(rows, *, num_kv_heads: int, title: str):
 def _memory_table(memory, dtype: str | None = None):
     from rich.table import Table
 
-    from .kv_memory import format_bytes
+    from ..convert.kv_memory import format_bytes
 
     table = Table(title=f"KV cache, batch 1, {dtype}" if dtype else "KV cache, batch 1", title_justify="left")
     for name in ("tokens", "original", "hybrid", "saved"):
@@ -94,7 +94,7 @@ def _memory_table(memory, dtype: str | None = None):
 def convert(model, out, ratio, report, calib, layers, keep, sink, window, granularity, strategy, prefill,
             native_swa, seq_len, samples, seed, force, device, dtype, trust_remote_code) -> None:
     """Write a hybrid checkpoint of MODEL (directory, .gguf file or hub id) whose laziest layers stream."""
-    from .converter import convert as run_convert
+    from ..convert.converter import convert as run_convert
 
     quiet = is_quiet()
     result = run_convert(
@@ -136,7 +136,7 @@ def _head_grid(hybrid):
 @verbosity_options
 def inspect(checkpoint, cache_dtype, as_json) -> None:
     """Show CHECKPOINT's hybrid layout and its KV-cache memory at 8k/32k/128k tokens (from config.json only)."""
-    from .inspect_checkpoint import inspect_checkpoint
+    from ..convert.inspect_checkpoint import inspect_checkpoint
 
     result = inspect_checkpoint(checkpoint, dtype=cache_dtype)
     console = stdout_console()

@@ -1,4 +1,4 @@
-"""``lighttransfer eval`` and ``lighttransfer bench``: thin click layers over :func:`evaluate` and :func:`benchmark`."""
+"""``lighttransfer eval``: a thin click layer over :func:`lighttransfer.evaluation.evaluate`."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import time
 import click
 
 from ..calibration.passkey import HELD_OUT_TEMPLATES, TEMPLATES, TRAINING_TEMPLATES
-from ..cli import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
 from ..errors import LightTransferError
-from .rows import ROW_KINDS
+from ..evaluation.rows import ROW_KINDS
+from .options import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
 
 
-def _int_list(value: str, option: str) -> list[int]:
+def int_list(value: str, option: str) -> list[int]:
     """``"1k,2048,4K"`` -> ``[1024, 2048, 4096]`` (a ``k`` suffix means 1024)."""
     out = []
     for part in (p.strip().lower() for p in value.split(",")):
@@ -32,7 +32,7 @@ def _int_list(value: str, option: str) -> list[int]:
     return out
 
 
-def _float_list(value: str, option: str) -> list[float]:
+def float_list(value: str, option: str) -> list[float]:
     try:
         return [float(p) for p in value.split(",") if p.strip()]
     except ValueError:
@@ -140,9 +140,9 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
              passkey_depths, passkey_trials, passkey_format, rows, ratio, sink, window, backend, seed, out, device, dtype,
              trust_remote_code):
     """Perplexity and passkey retrieval of a hybrid against the original and baseline selections."""
-    from .eval_report import markdown_report
-    from .eval_suite import evaluate as run_eval
-    from .eval_suite import output_paths
+    from ..evaluation.eval_report import markdown_report
+    from ..evaluation.eval_suite import evaluate as run_eval
+    from ..evaluation.eval_suite import output_paths
 
     if max_windows < 1:
         raise LightTransferError(f"--windows must be at least 1, got {max_windows}.")
@@ -150,8 +150,8 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
         raise LightTransferError(f"--passkey-trials must be at least 1, got {passkey_trials}.")
     kwargs = dict(
         baseline=baseline, text=text, text_lines=_line_range(text_lines), hybrid=hybrid, report=report,
-        lengths=_int_list(lengths, "--lengths"), stride=stride, max_windows=max_windows,
-        passkey_lengths=_int_list(passkey_lengths, "--passkey-lengths"), passkey_depths_count=passkey_depths,
+        lengths=int_list(lengths, "--lengths"), stride=stride, max_windows=max_windows,
+        passkey_lengths=int_list(passkey_lengths, "--passkey-lengths"), passkey_depths_count=passkey_depths,
         passkey_trials=passkey_trials, passkey_format=passkey_format, rows=[r.strip() for r in rows.split(",") if r.strip()], ratio=ratio,
         sink=sink, window=window, backend=backend, seed=seed, device=device, dtype=dtype, out=out,
     )
@@ -167,39 +167,4 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
     console.print(f"wrote {paths['json']} and {paths['md']}")
 
 
-@click.command("bench")
-@click.argument("hybrid", required=False, metavar="[HYBRID_DIR]")
-@click.option("--baseline", required=True, metavar="MODEL",
-              help="The original model (directory, .gguf, hub id) or 'llama3-8b-shaped' (random bf16 weights).")
-@click.option("--report", default=None, metavar="REPORT.json", help="Analysis report whose ranking picks the layers.")
-@click.option("--context", "contexts", default="4k,16k,32k", show_default=True,
-              help="Context lengths, comma-separated (k = 1024).")
-@click.option("--ratios", default="0.25,0.5,0.75", show_default=True, help="Streaming ratios to sweep.")
-@click.option("--memory-budget", type=float, default=None, metavar="GB",
-              help="Memory the largest batch may use [default: the whole GPU; none on the CPU].")
-@click.option("--decode-steps", type=int, default=32, show_default=True, help="Timed decode steps per point.")
-@click.option("--max-batch", type=int, default=512, show_default=True, help="Upper bound of the batch search.")
-@click.option("--sink", type=int, default=None, help="Sink tokens [default: the hybrid's, else 4].")
-@click.option("--window", type=int, default=None, help="Window tokens [default: the hybrid's, else 1020].")
-@click.option("--out", default="bench_results.json", show_default=True, metavar="PATH",
-              help="Results JSON (a markdown table is written beside it), or a directory.")
-@model_options
-@verbosity_options
-def bench(hybrid, baseline, report, contexts, ratios, memory_budget, decode_steps, max_batch, sink, window, out,
-          device, dtype, trust_remote_code):
-    """Prefill latency, decode tokens/s, peak memory and KV bytes: original vs hybrids, in one process."""
-    from .speed import benchmark, markdown_bench
-
-    if max_batch < 1:
-        raise LightTransferError(f"--max-batch must be at least 1, got {max_batch}.")
-    err = stderr_console()
-    result = benchmark(
-        baseline=baseline, hybrid=hybrid, report=report, contexts=_int_list(contexts, "--context"),
-        ratios=_float_list(ratios, "--ratios"), memory_budget_gb=memory_budget, decode_steps=decode_steps,
-        max_batch=max_batch, sink=sink, window=window, device=device, dtype=dtype, out=out,
-        progress=None if is_quiet() else (lambda line: err.print(line, soft_wrap=True)),
-    )
-    console = stdout_console()
-    if not is_quiet():
-        console.print(markdown_bench(result), soft_wrap=True)
-    console.print(f"wrote {out}")
+__all__ = ["evaluate", "int_list", "float_list"]

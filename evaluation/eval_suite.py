@@ -9,9 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,7 +16,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..calibration.passkey import check_templates
+from ..environment import environment
 from ..errors import LightTransferError
+from ..output_files import publish_together, write_json
 from .passkey import passkey_accuracy, passkey_depths, passkey_samples
 from .perplexity import default_stride, perplexity, plan_windows
 from .rows import DEFAULT_ROWS, HEAD_LEVEL_ROWS, EvalRow, standard_rows
@@ -124,23 +123,6 @@ def lazy_ratios_from(report, hybrid_config) -> list[float] | None:
     return None
 
 
-def _environment(device) -> dict[str, Any]:
-    import torch
-    import transformers
-
-    env = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
-
-
 def evaluate(
     *,
     baseline: str,
@@ -176,7 +158,7 @@ def evaluate(
         hybrid: a converted checkpoint; its layers, sink, window and ratio define the ``lighttransfer`` row.
         report: an analysis report (lazy ratios for the least-lazy row and for choosing layers without a hybrid;
             attention-mass KV-head scores for ``head-level``, gates for ``head-level-gates``).
-        rows: row names (see :data:`~lighttransfer.bench.rows.ROW_KINDS`) or ready :class:`EvalRow` objects.
+        rows: row names (see :data:`~lighttransfer.evaluation.rows.ROW_KINDS`) or ready :class:`EvalRow` objects.
         ratio, sink, window: override the hybrid's (defaults without a hybrid: 0.5, 4, 1020).
         stride: scored tokens per perplexity window (default: a quarter of the length).
         max_windows: perplexity windows per length.
@@ -260,7 +242,7 @@ def evaluate(
         lengths=list(lengths), strides={str(k): v for k, v in strides.items()}, passkey_lengths=list(passkey_lengths),
         passkey_depths=depths, passkey_trials=passkey_trials, text=f"{Path(text).name}"
         + (f" lines {text_lines[0]}-{text_lines[1]}" if text_lines else ""), backend=backend,
-        environment=_environment(next(model.parameters()).device), hybrid=str(hybrid) if hybrid else None,
+        environment=environment(next(model.parameters()).device), hybrid=str(hybrid) if hybrid else None,
         passkey_format=formats[0], passkey_formats=list(formats),
     )
     for row in eval_rows:
@@ -373,21 +355,12 @@ def write_outputs(result: EvalResult, out: str | os.PathLike[str]) -> dict[str, 
     from .eval_report import markdown_report, plot_passkey, plot_perplexity
 
     paths = output_paths(out)
-    parent = paths["json"].parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".eval-", dir=parent))
-    try:
-        (tmp / "json").write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
-        (tmp / "md").write_text(markdown_report(result))
-        written = {"json", "md"}
-        if result.passkey_lengths and plot_passkey(result, tmp / "passkey_png"):
-            written.add("passkey_png")
-        if plot_perplexity(result, tmp / "ppl_png"):
-            written.add("ppl_png")
-        for key in written:
-            os.replace(tmp / key, paths[key])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish_together({
+        paths["json"]: lambda p: write_json(p, result.to_dict()),
+        paths["md"]: lambda p: p.write_text(markdown_report(result)),
+        paths["passkey_png"]: lambda p: bool(result.passkey_lengths) and plot_passkey(result, p),
+        paths["ppl_png"]: lambda p: plot_perplexity(result, p),
+    })
     return {k: v for k, v in paths.items() if v.exists()}
 
 

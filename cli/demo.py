@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .cli import stdout_console, verbosity_options
+from .options import stdout_console, verbosity_options
 
 DEFAULT_PROMPT = (
     "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, "
@@ -51,8 +51,8 @@ def demo_steps(model: Path, out: Path, *, seq_len: int, samples: int, ratio: flo
 @verbosity_options
 def main(out: Path, **options) -> None:
     """Analyze, convert and run SmolLM2-135M-Instruct as a hybrid model, printing where outputs went."""
-    from .cli import cli
-    from .demo_model import ensure_demo_model
+    from ..demo_model import ensure_demo_model
+    from . import cli
 
     console = stdout_console()
     model = ensure_demo_model()

@@ -1,0 +1,116 @@
+"""The ``lighttransfer`` command line: a thin click layer over the library, the roof over every stage.
+
+Each subcommand is a module of this package (``cli/analyze.py``, ``cli/convert.py``, ...) of a few lines over one
+library function, imported only when it runs, so ``lighttransfer --help`` starts without importing torch. No
+stage imports this package.
+
+Errors the user can fix print one line and exit non-zero; ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+
+import click
+
+from .. import __version__
+from ..errors import LightTransferError
+from .options import (
+    _state,
+    device_options,
+    is_quiet,
+    model_options,
+    stderr_console,
+    stdout_console,
+    verbosity_options,
+)
+
+# name -> ("module:attribute", short help shown by --help without importing the module)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "analyze": ("lighttransfer.cli.analyze:analyze", "Profile attention on calibration text: lazy layers, long-context heads."),
+    "convert": ("lighttransfer.cli.convert:convert", "Write a hybrid checkpoint whose laziest layers stream."),
+    "inspect": ("lighttransfer.cli.convert:inspect", "Show a hybrid checkpoint's layout and KV-cache memory."),
+    "generate": ("lighttransfer.cli.generate:generate", "Generate text with a hybrid checkpoint."),
+    "eval": ("lighttransfer.cli.evaluate:evaluate", "Perplexity and passkey retrieval, hybrid vs original."),
+    "bench": ("lighttransfer.cli.bench:bench", "Prefill/decode speed and memory, hybrid vs original."),
+    "demo": ("lighttransfer.cli.demo:main", "Analyze, convert and run the SmolLM2-135M demo model end to end."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module_name, attr = COMMANDS[cmd_name][0].split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # list from the table, so that --help imports no command module (and no torch)
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short) for name, (_, short) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="lighttransfer")
+@verbosity_options
+def cli() -> None:
+    """Turn a long-context causal LM into a hybrid of full and streaming attention layers.
+
+    \b
+    Typical flow:
+      lighttransfer analyze MODEL --calib book.txt --out report.json --plot heatmap.png
+      lighttransfer convert MODEL --report report.json --ratio 0.5 --out hybrid/
+      lighttransfer generate hybrid/ --prompt "Once upon a time"
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the CLI and turn errors into one line and an exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-v" in args or "--verbose" in args:
+        _state["verbose"] = True
+    else:
+        # third-party tqdm bars (transformers' GGUF dequantization) would interleave with ours; tqdm reads this
+        # when it is imported, so it must be set before any model code is
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        result = cli.main(args=args, prog_name="lighttransfer", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:  # click's form of Ctrl-C
+        stderr_console().print("[red]error:[/red] interrupted; no partial output was left behind.")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except LightTransferError as exc:
+        if _state["verbose"]:
+            traceback.print_exc()
+        stderr_console().print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        stderr_console().print("[red]error:[/red] interrupted; no partial output was left behind.")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence for a one-line error
+        if _state["verbose"]:
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        stderr_console().print(
+            f"[bold red]error:[/bold red] unexpected {type(exc).__name__}: {first} "
+            "(rerun with --verbose for the traceback)",
+            soft_wrap=True,
+        )
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+__all__ = ["cli", "main", "model_options", "device_options", "verbosity_options", "is_quiet",
+           "stderr_console", "stdout_console"]

@@ -1,0 +1,50 @@
+"""``lighttransfer bench``: a thin click layer over :func:`lighttransfer.bench.benchmark`."""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import LightTransferError
+from .evaluate import float_list, int_list
+from .options import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
+
+
+@click.command("bench")
+@click.argument("hybrid", required=False, metavar="[HYBRID_DIR]")
+@click.option("--baseline", required=True, metavar="MODEL",
+              help="The original model (directory, .gguf, hub id) or 'llama3-8b-shaped' (random bf16 weights).")
+@click.option("--report", default=None, metavar="REPORT.json", help="Analysis report whose ranking picks the layers.")
+@click.option("--context", "contexts", default="4k,16k,32k", show_default=True,
+              help="Context lengths, comma-separated (k = 1024).")
+@click.option("--ratios", default="0.25,0.5,0.75", show_default=True, help="Streaming ratios to sweep.")
+@click.option("--memory-budget", type=float, default=None, metavar="GB",
+              help="Memory the largest batch may use [default: the whole GPU; none on the CPU].")
+@click.option("--decode-steps", type=int, default=32, show_default=True, help="Timed decode steps per point.")
+@click.option("--max-batch", type=int, default=512, show_default=True, help="Upper bound of the batch search.")
+@click.option("--sink", type=int, default=None, help="Sink tokens [default: the hybrid's, else 4].")
+@click.option("--window", type=int, default=None, help="Window tokens [default: the hybrid's, else 1020].")
+@click.option("--out", default="bench_results.json", show_default=True, metavar="PATH",
+              help="Results JSON (a markdown table is written beside it), or a directory.")
+@model_options
+@verbosity_options
+def bench(hybrid, baseline, report, contexts, ratios, memory_budget, decode_steps, max_batch, sink, window, out,
+          device, dtype, trust_remote_code):
+    """Prefill latency, decode tokens/s, peak memory and KV bytes: original vs hybrids, in one process."""
+    from ..bench.speed import benchmark, markdown_bench
+
+    if max_batch < 1:
+        raise LightTransferError(f"--max-batch must be at least 1, got {max_batch}.")
+    err = stderr_console()
+    result = benchmark(
+        baseline=baseline, hybrid=hybrid, report=report, contexts=int_list(contexts, "--context"),
+        ratios=float_list(ratios, "--ratios"), memory_budget_gb=memory_budget, decode_steps=decode_steps,
+        max_batch=max_batch, sink=sink, window=window, device=device, dtype=dtype, out=out,
+        progress=None if is_quiet() else (lambda line: err.print(line, soft_wrap=True)),
+    )
+    console = stdout_console()
+    if not is_quiet():
+        console.print(markdown_bench(result), soft_wrap=True)
+    console.print(f"wrote {out}")
+
+
+__all__ = ["bench"]

@@ -1,0 +1,93 @@
+"""Options and consoles every command shares: ``--verbose``/``--quiet``, ``--device``/``--dtype``, rich consoles."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import click
+
+# set by --verbose anywhere on the command line; read by the error handler of :func:`lighttransfer.cli.main`
+_state = {"verbose": False}
+
+
+def _set_verbosity(verbose: bool, quiet: bool) -> None:
+    if verbose:
+        _state["verbose"] = True
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
+    try:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=stderr_console(), show_path=False, show_time=False)
+    except ImportError:  # pragma: no cover
+        handler = logging.StreamHandler()
+    root = logging.getLogger("lighttransfer")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # transformers' own warnings and bars are noise on our terminal unless asked for
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_info() if verbose else hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def stdout_console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _verbosity_callback(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.ensure_object(dict)[param.name] = True
+    obj = ctx.ensure_object(dict)
+    _set_verbosity(bool(obj.get("verbose")), bool(obj.get("quiet")))
+    return value
+
+
+def verbosity_options(f: Callable) -> Callable:
+    """``-v/--verbose`` and ``-q/--quiet``, accepted before or after the subcommand."""
+    f = click.option("-q", "--quiet", is_flag=True, expose_value=False, is_eager=True,
+                     callback=_verbosity_callback, help="Print only results and errors.")(f)
+    f = click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=True,
+                     callback=_verbosity_callback, help="Print debug logs, and tracebacks on errors.")(f)
+    return f
+
+
+def device_options(f: Callable) -> Callable:
+    """``--device`` and ``--dtype`` for commands that run a model."""
+    f = click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                     help="Compute dtype: auto is bfloat16 on CUDA, float32 on CPU.")(f)
+    f = click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+                     help="Where to run: auto picks CUDA when present, else the CPU.")(f)
+    return f
+
+
+def model_options(f: Callable) -> Callable:
+    """Options every command that loads a model shares."""
+    f = click.option("--trust-remote-code", is_flag=True,
+                     help="Allow the model's own Python code from its repository (off by default).")(f)
+    return device_options(f)
+
+
+def is_quiet() -> bool:
+    ctx = click.get_current_context(silent=True)
+    while ctx is not None:
+        if isinstance(ctx.obj, dict) and ctx.obj.get("quiet"):
+            return True
+        ctx = ctx.parent
+    return False
+
+
+__all__ = ["model_options", "device_options", "verbosity_options", "is_quiet", "stderr_console",
+           "stdout_console"]
