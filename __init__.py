@@ -18,7 +18,7 @@ _LAZY = {
     "AnalysisReport": "lighttransfer.analysis.report:AnalysisReport",
     # not `convert`: that name is the subpackage lighttransfer.convert
     "convert_model": "lighttransfer.convert:convert",
-    "HybridConfig": "lighttransfer.convert.hybrid_config:HybridConfig",
+    "HybridConfig": "lighttransfer.hybrid_format.config_block:HybridConfig",
     "load": "lighttransfer.runtime:load",
 }
 

@@ -349,7 +349,39 @@ def _load_error(source: ModelSource, exc: Exception, what: str = "model") -> Lig
     return LightTransferError(f"could not load {what} from '{source.spec}': {first[:200]}")
 
 
+def local_snapshot(source: ModelSource) -> ModelSource:
+    """A hub id becomes the local snapshot directory (downloaded, or from the cache when offline)."""
+    if source.kind != "hub":
+        return source
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(source.spec, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model",
+                                                             "*.txt", "*.jinja", "*.tiktoken", "LICENSE*", "NOTICE*"])
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise LightTransferError(
+            f"could not fetch '{source.spec}' from the hub ({first}); pass a local model directory or a .gguf file."
+        ) from exc
+    return ModelSource(source.spec, "directory", Path(path))
+
+
+def fingerprint_from_config(config) -> str:
+    """The :func:`~lighttransfer.loading.model_fingerprint` of a model, computed without loading weights
+    (the model is built on the meta device: parameter names and shapes only)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+    return model_fingerprint(model)
+
+
 __all__ = [
+    "local_snapshot",
+    "fingerprint_from_config",
     "ModelSource",
     "LoadedModel",
     "resolve_model_source",

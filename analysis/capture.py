@@ -31,10 +31,10 @@ _active: ContextVar[LazyMassRecorder | None] = ContextVar("lighttransfer_lazy_ca
 class LazyMassRecorder:
     """Collects, per layer, the lazy mass ``[batch, q_heads, last]`` (fp32) of the current forward pass."""
 
-    def __init__(self, *, last: int, sink: int, recent: int, block_size: int = DEFAULT_BLOCK) -> None:
+    def __init__(self, *, last: int, sink: int, window: int, block_size: int = DEFAULT_BLOCK) -> None:
         self.last = last
         self.sink = sink
-        self.recent = recent
+        self.window = window
         self.block_size = block_size
         self.peak_workspace_bytes = 0
         self._mass: dict[int, torch.Tensor] = {}
@@ -58,7 +58,7 @@ class LazyMassRecorder:
                 mass = self._native_window_mass(query[:, :, q_len - n :], key, int(native), float(scale), kwargs)
             else:
                 mass = streaming_attention_mass(
-                    query[:, :, q_len - n :], key, q_offset=k_len - n, sink=self.sink, recent=self.recent,
+                    query[:, :, q_len - n :], key, q_offset=k_len - n, sink=self.sink, window=self.window,
                     scale=float(scale), softcap=kwargs.get("softcap"), block_size=self.block_size,
                 )
         self._mass[int(layer)] = mass
@@ -81,7 +81,7 @@ class LazyMassRecorder:
             p = k_len - n + i
             lo = max(0, p - window + 1)
             out.append(streaming_attention_mass(q[:, :, i : i + 1], key[:, :, lo : p + 1], q_offset=p - lo, sink=0,
-                                                recent=self.recent, scale=scale, softcap=kwargs.get("softcap"),
+                                                window=self.window, scale=scale, softcap=kwargs.get("softcap"),
                                                 block_size=self.block_size))
         return torch.cat(out, dim=-1)
 
@@ -158,7 +158,7 @@ def attention_configs(model: torch.nn.Module) -> list:
 
 @contextlib.contextmanager
 def capture_lazy_mass(
-    model: torch.nn.Module, *, last: int, sink: int, recent: int, block_size: int = DEFAULT_BLOCK
+    model: torch.nn.Module, *, last: int, sink: int, window: int, block_size: int = DEFAULT_BLOCK
 ) -> Iterator[LazyMassRecorder]:
     """Within the block, every forward of ``model`` records each layer's lazy mass in the yielded recorder.
 
@@ -171,7 +171,7 @@ def capture_lazy_mass(
     if any(str(o).startswith(NAME_PREFIX) for o in originals):
         raise LightTransferError("this model is already being analysed; analyses cannot be nested.")
     names = {o: _register(o or "eager") for o in set(originals)}
-    recorder = LazyMassRecorder(last=last, sink=sink, recent=recent, block_size=block_size)
+    recorder = LazyMassRecorder(last=last, sink=sink, window=window, block_size=block_size)
     token = _active.set(recorder)
     try:
         for config, original in zip(configs, originals, strict=True):

@@ -48,7 +48,7 @@ def plot_heatmap(report: AnalysisReport, path: str | os.PathLike[str], *, lazy_f
     group = report.num_heads // report.num_kv_heads
     for boundary in range(group, report.num_heads, group):  # GQA groups
         ax_heads.axvline(boundary - 0.5, color="white", linewidth=1.2)
-    fig.colorbar(image, ax=ax_heads, fraction=0.05, pad=0.02, label="lazy ratio (sink + recent mass)")
+    fig.colorbar(image, ax=ax_heads, fraction=0.05, pad=0.02, label="lazy ratio (sink + window mass)")
 
     colors = ["tab:orange" if i in marked else "tab:blue" for i in range(layers)]
     ax_layers.barh(range(layers), means, xerr=stds, color=colors, height=0.8, error_kw={"linewidth": 0.8})
@@ -57,7 +57,7 @@ def plot_heatmap(report: AnalysisReport, path: str | os.PathLike[str], *, lazy_f
     ax_layers.grid(axis="x", alpha=0.3)
     p = report.params
     ax_layers.set_title(f"\u25c6 orange: {len(marked)} laziest layers ({lazy_fraction:.0%})", fontsize=9)
-    fig.suptitle(title or f"{report.model_id}: sink {p.get('sink')}, recent {p.get('recent')}, last "
+    fig.suptitle(title or f"{report.model_id}: sink {p.get('sink')}, window {p.get('window')}, last "
                  f"{p.get('last')} queries, {p.get('samples')} x {p.get('seq_len')} tokens", fontsize=10)
     fig.tight_layout()
 

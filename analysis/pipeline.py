@@ -24,13 +24,13 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]
 
 
-def check_params(*, seq_len: int, samples: int, batch: int, sink: int, recent: int, last: int,
+def check_params(*, seq_len: int, samples: int, batch: int, sink: int, window: int, last: int,
                  threshold: float, max_positions: int | None = None) -> None:
     """Refuse analysis parameters that make no sense, with one line naming the option."""
     if sink < 0:
         raise LightTransferError(f"--sink must be 0 or more tokens, got {sink}.")
-    if recent < 1:
-        raise LightTransferError(f"--recent must be at least 1 token, got {recent}.")
+    if window < 1:
+        raise LightTransferError(f"--window must be at least 1 token, got {window}.")
     if last < 1:
         raise LightTransferError(f"--last must be at least 1 query, got {last}.")
     if samples < 1 or batch < 1:
@@ -39,10 +39,10 @@ def check_params(*, seq_len: int, samples: int, batch: int, sink: int, recent: i
         raise LightTransferError(f"--threshold must be in [0, 1), got {threshold}.")
     if last > seq_len:
         raise LightTransferError(f"--last {last} is longer than --seq-len {seq_len}; lower --last.")
-    if seq_len <= sink + recent:
+    if seq_len <= sink + window:
         raise LightTransferError(
-            f"--seq-len {seq_len} is not longer than --sink + --recent ({sink + recent}): every key would be "
-            "kept and every ratio would be 1; raise --seq-len or lower --recent."
+            f"--seq-len {seq_len} is not longer than --sink + --window ({sink + window}): every key would be "
+            "kept and every ratio would be 1; raise --seq-len or lower --window."
         )
     if max_positions is not None and seq_len > max_positions:
         raise LightTransferError(
@@ -78,7 +78,7 @@ def analyze_tokens(
     input_ids: torch.Tensor,
     *,
     sink: int = 4,
-    recent: int = 1020,
+    window: int = 1020,
     last: int = 32,
     threshold: float = 0.1,
     batch: int = 1,
@@ -99,7 +99,7 @@ def analyze_tokens(
     if input_ids.ndim != 2:
         raise LightTransferError(f"input_ids must be [samples, seq_len], got shape {tuple(input_ids.shape)}.")
     samples, seq_len = input_ids.shape
-    check_params(seq_len=seq_len, samples=samples, batch=batch, sink=sink, recent=recent, last=last,
+    check_params(seq_len=seq_len, samples=samples, batch=batch, sink=sink, window=window, last=last,
                  threshold=threshold, max_positions=max_positions(model))
     num_layers, num_heads, num_kv_heads = _attention_shape(model)
     device = _input_device(model)
@@ -109,7 +109,7 @@ def analyze_tokens(
     lazy_rows, share_rows = [], []
     started = time.perf_counter()
     try:
-        with torch.inference_mode(), capture_lazy_mass(model, last=last, sink=sink, recent=recent,
+        with torch.inference_mode(), capture_lazy_mass(model, last=last, sink=sink, window=window,
                                                        block_size=block_size) as recorder:
             for first in range(0, samples, batch):
                 rows = input_ids[first : first + batch].to(device)
@@ -139,11 +139,11 @@ def analyze_tokens(
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         params={
-            "sink": sink, "recent": recent, "last": last, "threshold": threshold, "seq_len": int(seq_len),
+            "sink": sink, "window": window, "last": last, "threshold": threshold, "seq_len": int(seq_len),
             "samples": int(samples), "batch": batch, "seed": seed, "block_size": block_size,
             "dtype": str(dtype).removeprefix("torch."), "device": str(device),
             "attn_implementation": str(model.config._attn_implementation),
-            "lazy_ratio_definition": "per-query sink + own recent window (kernels.mask.streaming_visible)",
+            "lazy_ratio_definition": "per-query sink + own window (kernels.mask.streaming_visible)",
             **_native_window_params(model.config),
         },
         calibration=calibration or {"samples": int(samples), "seq_len": int(seq_len),
@@ -175,7 +175,7 @@ def analyze(
     samples: int = 8,
     batch: int = 1,
     sink: int = 4,
-    recent: int = 1020,
+    window: int = 1020,
     last: int = 32,
     threshold: float = 0.1,
     seed: int = 0,
@@ -196,7 +196,7 @@ def analyze(
         tokenizer: the tokenizer, when ``model`` is a bare transformers model.
         calib: calibration files, directories, globs, or ``synthetic:passkey``; ``None``: the shipped text.
         seq_len: tokens per sample; samples: rows; batch: rows per forward pass.
-        sink, recent: the streaming rule the ratio measures (first ``sink`` tokens + own last ``recent``).
+        sink, window: the streaming rule the ratio measures (first ``sink`` tokens + own last ``window``).
         last: how many final queries of each sample are measured.
         threshold: long-context mass above which a query counts as reaching far back.
         seed: picks the calibration windows.
@@ -213,7 +213,7 @@ def analyze(
     from ..loading import LoadedModel, load_model, model_fingerprint
 
     # cheap checks first: a typo should not cost a model load
-    check_params(seq_len=seq_len, samples=samples, batch=batch, sink=sink, recent=recent, last=last,
+    check_params(seq_len=seq_len, samples=samples, batch=batch, sink=sink, window=window, last=last,
                  threshold=threshold)
     check_sources(calib, field=field)
     started = time.perf_counter()
@@ -233,7 +233,7 @@ def analyze(
         fingerprint = model_fingerprint(net)
     if tok is None:
         raise LightTransferError("analyze needs the model's tokenizer; pass tokenizer=... with a bare model.")
-    check_params(seq_len=seq_len, samples=samples, batch=batch, sink=sink, recent=recent, last=last,
+    check_params(seq_len=seq_len, samples=samples, batch=batch, sink=sink, window=window, last=last,
                  threshold=threshold, max_positions=max_positions(net))
 
     started = time.perf_counter()
@@ -246,7 +246,7 @@ def analyze(
             log.info("analysed %d/%d samples", done, total)
     else:
         on_sample = progress or None
-    report = analyze_tokens(net, calib_set.input_ids, sink=sink, recent=recent, last=last, threshold=threshold,
+    report = analyze_tokens(net, calib_set.input_ids, sink=sink, window=window, last=last, threshold=threshold,
                             batch=batch, block_size=block_size, model_id=model_id, fingerprint=fingerprint,
                             calibration=calib_set.to_dict(), seed=seed, on_sample=on_sample)
     report.timings = {"load": round(load_s, 4), "calibration": round(calib_s, 4), **report.timings}
@@ -255,7 +255,7 @@ def analyze(
 
 def _native_window_params(config) -> dict:
     """The model's own sliding layers, for readers of the report (measured inside that window; convert skips them)."""
-    from ..convert.native_swa import native_sliding_windows
+    from ..architecture import native_sliding_windows
 
     windows = native_sliding_windows(config)
     return {"native_sliding_layers": sorted(windows), "native_sliding_window": next(iter(windows.values()))} \

@@ -47,8 +47,8 @@ class HeadStats:
     Attributes:
         lazy_ratio: mean lazy mass of the head's last queries (Eq. 1 per head).
         lazy_ratio_std: its standard deviation over samples.
-        long_context_mass: attention mass beyond sink + recent, ``1 - lazy_ratio``.
-        long_query_share: share of the last queries whose mass beyond sink + recent exceeds ``threshold``.
+        long_context_mass: attention mass beyond sink + window, ``1 - lazy_ratio``.
+        long_query_share: share of the last queries whose mass beyond sink + window exceeds ``threshold``.
     """
 
     lazy_ratio: list[list[float]]
@@ -74,7 +74,7 @@ class AnalysisReport:
         model_id: what the model was called (hub id, directory or file name).
         fingerprint: :func:`lighttransfer.loading.model_fingerprint` of the analysed model.
         num_layers, num_heads, num_kv_heads: the model's attention shape.
-        params: sink, recent, last, threshold, seq_len, samples, batch, seed, dtype, device,
+        params: sink, window, last, threshold, seq_len, samples, batch, seed, dtype, device,
             attn_implementation, block_size.
         calibration: sources, files, ``text_sha256``, ``tokens_sha256``, token counts, offsets.
         layers: per-layer lazy ratio statistics over samples.
@@ -138,7 +138,7 @@ class AnalysisReport:
         """``[num_layers][num_kv_heads]``: higher = the KV head's queries reach further back.
 
         ``method="attention"``: the *max* over the KV head's GQA group of the query heads' long-context mass
-        (mass beyond sink + recent, averaged over the last queries and samples): a KV head may stream only if
+        (mass beyond sink + window, averaged over the last queries and samples): a KV head may stream only if
         every query head reading it allows it. ``method="optimize"``: the optimized gates
         (:attr:`kv_head_gates`). ``None``: :attr:`head_score_method`.
         """
@@ -162,7 +162,7 @@ class AnalysisReport:
             "layer_lazy_ratios": [round(x, 4) for x in self.layer_lazy_ratios()],
             "ranking": list(self.ranking),
             "params": {k: self.params[k] for k in sorted(self.params)
-                       if k in ("sink", "recent", "last", "threshold", "seq_len", "samples", "seed")},
+                       if k in ("sink", "window", "last", "threshold", "seq_len", "samples", "seed")},
             "calibration_sha256": self.calibration.get("text_sha256"),
         }
 
@@ -181,6 +181,10 @@ class AnalysisReport:
                 f"{origin} has schema_version {version!r}; this lighttransfer reads version {SCHEMA_VERSION}: "
                 "rerun 'lighttransfer analyze' to write a new report."
             )
+        params = data.get("params")
+        if isinstance(params, dict) and "recent" in params and "window" not in params:
+            # reports written before the window had one name everywhere called it ``recent``
+            data = {**data, "params": {("window" if k == "recent" else k): v for k, v in params.items()}}
         required = [f.name for f in fields(cls) if _is_required(f)]
         missing = [name for name in required if name not in data]
         if missing:

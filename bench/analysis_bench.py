@@ -72,7 +72,7 @@ def _peak(fn) -> tuple[float, int]:
     return seconds, torch.cuda.max_memory_allocated()
 
 
-def run(*, samples: int, seq_len: int, batch: int, layers: int | None, sink: int, recent: int,
+def run(*, samples: int, seq_len: int, batch: int, layers: int | None, sink: int, window: int,
         last: int, tiny: bool = False) -> dict:
     from lighttransfer.analysis.pipeline import analyze_tokens
 
@@ -94,13 +94,13 @@ def run(*, samples: int, seq_len: int, batch: int, layers: int | None, sink: int
     report = {}
 
     def analysis_pass():
-        report["r"] = analyze_tokens(model, ids, sink=sink, recent=recent, last=last, batch=batch,
+        report["r"] = analyze_tokens(model, ids, sink=sink, window=window, last=last, batch=batch,
                                      fingerprint="random-weights")
 
     with torch.inference_mode():  # warm up kernels and the allocator
         model.model(input_ids=rows[0], use_cache=False)
         model(input_ids=rows[0], use_cache=False)
-    analyze_tokens(model, ids[:batch], sink=sink, recent=recent, last=last, batch=batch, fingerprint="warmup")
+    analyze_tokens(model, ids[:batch], sink=sink, window=window, last=last, batch=batch, fingerprint="warmup")
 
     before_decoder, peak_decoder = _peak(decoder_pass)
     before_lm, peak_lm = _peak(causal_lm_pass)
@@ -117,7 +117,7 @@ def run(*, samples: int, seq_len: int, batch: int, layers: int | None, sink: int
         "model": {"shape": "tiny" if tiny else "Llama-3-8B", **LLAMA3_8B_SHAPE, **(TINY_SHAPE if tiny else {}),
                   "num_hidden_layers": model.config.num_hidden_layers, "dtype": "bfloat16",
                   "attn_implementation": "sdpa", "weights": "random"},
-        "workload": {"samples": samples, "seq_len": seq_len, "batch": batch, "sink": sink, "recent": recent,
+        "workload": {"samples": samples, "seq_len": seq_len, "batch": batch, "sink": sink, "window": window,
                      "last": last, "tokens": samples * seq_len},
         "seconds": {"analysis": round(analysis, 3), "decoder_forward": round(decoder, 3),
                     "decoder_forward_runs": [round(before_decoder, 3), round(after_decoder, 3)],
@@ -142,7 +142,7 @@ def to_markdown(result: dict) -> str:
         "",
         f"Model: Llama-3-8B shape ({result['model']['num_hidden_layers']} layers, 32 q / 8 kv heads, hidden 4096), "
         f"random bf16 weights, sdpa. Workload: {w['samples']} samples x {w['seq_len']} tokens, batch {w['batch']}, "
-        f"sink {w['sink']}, recent {w['recent']}, last {w['last']}.",
+        f"sink {w['sink']}, window {w['window']}, last {w['last']}.",
         f"Versions: torch {result['versions']['torch']} (CUDA {result['versions']['cuda']}), transformers "
         f"{result['versions']['transformers']}, Python {result['versions']['python']}.",
         "",
@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check")
     parser.add_argument("--sink", type=int, default=4)
-    parser.add_argument("--recent", type=int, default=1020)
+    parser.add_argument("--window", "--recent", dest="window", type=int, default=1020)
     parser.add_argument("--last", type=int, default=32)
     parser.add_argument("--tiny", action="store_true", help="a miniature model: smoke-test the script on a CPU")
     parser.add_argument("--out-dir", type=Path, default=None)
@@ -176,7 +176,7 @@ def main() -> None:
     if not torch.cuda.is_available() and not args.tiny:
         raise SystemExit("analysis_bench needs a CUDA GPU (or --tiny for a smoke run)")
     result = run(samples=args.samples, seq_len=args.seq_len, batch=args.batch, layers=args.layers,
-                 sink=args.sink, recent=args.recent, last=args.last, tiny=args.tiny)
+                 sink=args.sink, window=args.window, last=args.last, tiny=args.tiny)
     text = json.dumps(result, indent=1, sort_keys=True)
     print(text)
     print(to_markdown(result))

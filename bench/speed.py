@@ -168,7 +168,7 @@ def _layers_for(ratio: float, *, num_layers: int, lazy_ratios: Sequence[float] |
     if ratio <= 0:
         return []
     if lazy_ratios is not None:
-        from ..evaluation.rows import pick_layers
+        from ..convert.plan import pick_layers
 
         return pick_layers(lazy_ratios, ratio=ratio)
     # without a report the choice does not change speed: spread the layers evenly
@@ -215,7 +215,7 @@ def benchmark(
         out: ``.json`` path (a markdown table is written beside it) or a directory.
         progress: called with a line per finished measurement.
     """
-    from ..convert.hybrid_config import HybridConfig
+    from ..hybrid_format import HybridConfig
     from ..loading import load_config, load_model, resolve_device, resolve_dtype, resolve_model_source
     from ..runtime import disable_hybrid, enable_hybrid, resolve_layout
     from .shaped_model import build_shaped_model, is_shaped_spec
@@ -288,11 +288,9 @@ def benchmark(
 
     for name, ratio, layers, through_runtime in variants:
         disable_hybrid(model)
+        expected = resolve_layout(config, streaming_layers=layers, sink=sink, window=window, prefill="streaming")
         if through_runtime:
-            enable_hybrid(model, resolve_layout(config, streaming_layers=layers, sink=sink, window=window,
-                                                prefill="streaming"))
-        expected = HybridConfig(num_layers=num_layers, num_kv_heads=getattr(config, "num_key_value_heads", None)
-                                or config.num_attention_heads, streaming_layers=layers, sink=sink, window=window)
+            enable_hybrid(model, expected)
         for context in contexts:
             ids = torch.randint(0, config.vocab_size, (1, context), generator=gen).to(dev)
             _free(dev)

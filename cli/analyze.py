@@ -67,8 +67,10 @@ def _table(report, lazy_fraction: float):
 @click.option("--samples", default=8, show_default=True, type=int, help="Number of calibration samples.")
 @click.option("--batch", default=1, show_default=True, type=int, help="Samples per forward pass.")
 @click.option("--sink", default=4, show_default=True, type=int, help="Initial tokens a streaming layer keeps.")
-@click.option("--recent", default=1020, show_default=True, type=int,
-              help="Most recent tokens a streaming layer keeps (each query's own window).")
+@click.option("--window", default=1020, show_default=True, type=int,
+              help="Most recent tokens a streaming layer keeps (each query's own window, itself included).")
+@click.option("--recent", "recent_alias", default=None, type=int, hidden=True,
+              help="Old name of --window.")
 @click.option("--last", default=32, show_default=True, type=int, help="Final queries of each sample measured.")
 @click.option("--threshold", default=0.1, show_default=True, type=float,
               help="Long-context mass above which a query counts as reaching far back.")
@@ -97,11 +99,11 @@ def _table(report, lazy_fraction: float):
 @model_options
 @verbosity_options
 def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq_len: int, samples: int,
-            batch: int, sink: int, recent: int, last: int, threshold: float, seed: int, field: str,
+            batch: int, sink: int, window: int, recent_alias: int | None, last: int, threshold: float, seed: int, field: str,
             out: str | None, plot: str | None, lazy_fraction: float, device_map: str | None, method: str,
             gate_steps: int, gate_samples: int | None, gate_l1: float,
             gate_formats: str, device: str, dtype: str, trust_remote_code: bool) -> None:
-    """Profile attention on calibration text: which layers are lazy (attend to sink + recent tokens only).
+    """Profile attention on calibration text: which layers are lazy (attend to sink + window tokens only).
 
     \b
     Example:
@@ -114,6 +116,8 @@ def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq
         raise LightTransferError(
             f"unexpected argument(s) {' '.join(more_calib)}; calibration files go after --calib."
         )
+    if recent_alias is not None:
+        window = recent_alias
     formats = check_templates(gate_formats, option="--gate-formats")
     out_path = _check_output(out, "--out", ".json")
     plot_path = _check_output(plot, "--plot", ".png")
@@ -132,7 +136,7 @@ def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq
                            device_map=device_map)
     with progress:
         report = run_analysis(
-            model, calib=sources, seq_len=seq_len, samples=samples, batch=batch, sink=sink, recent=recent,
+            model, calib=sources, seq_len=seq_len, samples=samples, batch=batch, sink=sink, window=window,
             last=last, threshold=threshold, seed=seed, field=field, device=device, dtype=dtype,
             trust_remote_code=trust_remote_code, device_map=device_map,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
@@ -143,7 +147,7 @@ def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq
             gate_task = progress.add_task("gates", total=gate_steps)
             gates = optimize_head_gates(
                 model.model, model.tokenizer, samples=gate_samples or samples, seq_len=seq_len, sink=sink,
-                window=recent,
+                window=window,
                 steps=gate_steps, l1=gate_l1, seed=seed, templates=formats,
                 progress=lambda done, total: progress.update(gate_task, completed=done, total=total),
             )

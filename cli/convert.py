@@ -54,7 +54,7 @@ def _rows_table(rows, *, num_kv_heads: int, title: str):
 def _memory_table(memory, dtype: str | None = None):
     from rich.table import Table
 
-    from ..convert.kv_memory import format_bytes
+    from ..hybrid_format import format_bytes
 
     table = Table(title=f"KV cache, batch 1, {dtype}" if dtype else "KV cache, batch 1", title_justify="left")
     for name in ("tokens", "original", "hybrid", "saved"):
@@ -155,7 +155,7 @@ def inspect(checkpoint, cache_dtype, as_json) -> None:
                   f"granularity {hybrid.granularity}; native sliding-window fields: {'yes' if hybrid.native_swa else 'no'}")
     if hybrid.calibration:
         c = hybrid.calibration
-        console.print(f"chosen with analysis sink {c.get('sink', '?')}, recent {c.get('recent', '?')}, "
+        console.print(f"chosen with analysis sink {c.get('sink', '?')}, window {c.get('window', c.get('recent', '?'))}, "
                       f"seq_len {c.get('seq_len', '?')}, samples {c.get('samples', '?')}")
     if hybrid.head_masks:
         console.print(_head_grid(hybrid))

@@ -28,7 +28,7 @@ def demo_steps(model: Path, out: Path, *, seq_len: int, samples: int, ratio: flo
     return [
         ("analyze: how lazy is each layer?",
          ["analyze", str(model), "--seq-len", str(seq_len), "--samples", str(samples), "--sink", str(sink),
-          "--recent", str(window), "--out", str(report), "--plot", str(heatmap), *common]),
+          "--window", str(window), "--out", str(report), "--plot", str(heatmap), *common]),
         (f"convert: stream the laziest {ratio:.0%} of layers",
          ["convert", str(model), "--report", str(report), "--ratio", str(ratio), "--sink", str(sink),
           "--window", str(window), "--out", str(hybrid), "--force", *common]),

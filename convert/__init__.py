@@ -1,10 +1,13 @@
-"""Write hybrid checkpoints (``convert``), read their layout (``inspect_checkpoint``), and the selection rules."""
+"""Write hybrid checkpoints (``convert``), read their layout (``inspect_checkpoint``), and the selection rules.
 
-from .converter import ConvertResult, convert, fingerprint_from_config
-from .hybrid_config import CONFIG_KEY, FORMAT_VERSION, SIDECAR_NAME, HybridConfig
+The checkpoint format itself (the ``lighttransfer`` block, the KV-size formula) lives in
+:mod:`lighttransfer.hybrid_format`, which every reader imports too.
+"""
+
+from .converter import ConvertResult, convert
 from .inspect_checkpoint import InspectResult, inspect_checkpoint
-from .kv_memory import KVMemoryRow, kv_cache_bytes, kv_memory_table
 from .native_swa import NATIVE_SWA_ARCHITECTURES, native_swa_fields
+from .plan import pick_layers, share_of_all_layers
 from .selection import (
     STRATEGIES,
     SelectionRow,
@@ -17,21 +20,15 @@ from .selection import (
 __all__ = [
     "convert",
     "ConvertResult",
-    "fingerprint_from_config",
-    "HybridConfig",
-    "CONFIG_KEY",
-    "FORMAT_VERSION",
-    "SIDECAR_NAME",
     "inspect_checkpoint",
     "InspectResult",
-    "KVMemoryRow",
-    "kv_cache_bytes",
-    "kv_memory_table",
     "native_swa_fields",
     "NATIVE_SWA_ARCHITECTURES",
     "select_layers",
     "select_kv_heads",
     "split_head_masks",
+    "pick_layers",
+    "share_of_all_layers",
     "explain_selection",
     "SelectionRow",
     "STRATEGIES",

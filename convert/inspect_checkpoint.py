@@ -8,10 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..architecture import native_sliding_windows
 from ..errors import LightTransferError
-from .hybrid_config import CONFIG_KEY, HybridConfig
-from .kv_memory import DEFAULT_TOKENS, DTYPE_BYTES, KVMemoryRow, kv_memory_table
-from .native_swa import native_sliding_windows
+from ..hybrid_format import (
+    CONFIG_KEY,
+    DEFAULT_TOKENS,
+    DTYPE_BYTES,
+    HybridConfig,
+    KVMemoryRow,
+    kv_memory_table,
+)
 
 
 @dataclass

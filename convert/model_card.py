@@ -6,8 +6,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from .hybrid_config import HybridConfig
-from .kv_memory import KVMemoryRow, format_bytes
+from ..hybrid_format import HybridConfig, KVMemoryRow, format_bytes
 from .selection import SelectionRow
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import LightTransferError
-from .hybrid_config import HybridConfig
+from ..hybrid_format import HybridConfig
 
 # model_type -> extra keys that switch the architecture's sliding window on. Each of these transformers
 # modeling files reads ``config.layer_types[layer_idx]`` per layer (checked in the sources of transformers 5.17 and 5.24).
@@ -32,25 +32,6 @@ NATIVE_SWA_WARNING = (
     "--native-swa: stock transformers/vLLM/SGLang will run the marked layers as window-only attention "
     "without sink tokens, which loses accuracy; lighttransfer.load keeps the sinks."
 )
-
-
-def _field(config, name: str):
-    # a transformers config object, or its dict (config.json as read from disk)
-    return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-
-
-def native_sliding_layers(config) -> list[int]:
-    """Layers that already slide the model's own window (``layer_types[i] == "sliding_attention"``: Gemma 2/3,
-    Cohere2, gpt-oss, Qwen with ``use_sliding_window``). Their cache is bounded by the architecture itself, so a
-    conversion leaves them as they are. ``config``: a config object or its dict."""
-    return [i for i, kind in enumerate(_field(config, "layer_types") or []) if kind == "sliding_attention"]
-
-
-def native_sliding_windows(config) -> dict[int, int]:
-    """``{layer: window}`` for :func:`native_sliding_layers` (empty when the config names no ``sliding_window``):
-    what the cache, the KV tables and the evaluation rows bound those layers to."""
-    window = _field(config, "sliding_window")
-    return {i: int(window) for i in native_sliding_layers(config)} if window else {}
 
 
 def native_swa_fields(model_type: str, hybrid: HybridConfig, *, native_layers=()) -> dict[str, Any]:
@@ -91,4 +72,4 @@ def _ranges(layers) -> str:
     return ",".join(map(str, sorted(layers)))
 
 
-__all__ = ["native_sliding_layers", "native_sliding_windows", "native_swa_fields", "NATIVE_SWA_ARCHITECTURES", "NATIVE_SWA_WARNING"]
+__all__ = ["native_swa_fields", "NATIVE_SWA_ARCHITECTURES", "NATIVE_SWA_WARNING"]

@@ -160,7 +160,7 @@ def split_head_masks(masks: dict[int, list[bool]]) -> tuple[list[int], dict[int,
 
     Returns:
         ``(streaming_layers, head_masks)``: layers whose every KV head streams, and the rest (with at least one
-        streaming head), as :class:`~lighttransfer.convert.hybrid_config.HybridConfig` stores them.
+        streaming head), as :class:`~lighttransfer.hybrid_format.config_block.HybridConfig` stores them.
     """
     full = sorted(layer for layer, mask in masks.items() if mask and all(mask))
     partial = {layer: list(mask) for layer, mask in sorted(masks.items()) if any(mask) and not all(mask)}

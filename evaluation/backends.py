@@ -11,6 +11,7 @@ Both give a context manager per sequence that yields ``(model, after_prefill)``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -36,16 +37,8 @@ class MaskedBackend:
         if row.is_dense:
             yield self.model, None
             return
-        with masked_streaming(
-            self.model,
-            streaming_layers=row.streaming_layers,
-            head_masks=row.head_masks,
-            sink=row.sink,
-            window=row.window,
-            prefill=row.prefill,
-            online_ratio=row.online_ratio,
-            online_last=self.online_last,
-        ) as plan:
+        layout = dataclasses.replace(row.layout, online_last=self.online_last)
+        with masked_streaming(self.model, layout) as plan:
             yield self.model, plan.finish_online_selection
 
     def release(self, row: EvalRow) -> None:
@@ -62,7 +55,7 @@ class RuntimeBackend:
         self._active: str | None = None
 
     def _enable(self, row: EvalRow) -> None:
-        from ..runtime import disable_hybrid, enable_hybrid, resolve_layout
+        from ..runtime import disable_hybrid, enable_hybrid
 
         if self._active == row.name:
             return
@@ -70,14 +63,7 @@ class RuntimeBackend:
         self._active = row.name
         if row.is_dense:
             return
-        kwargs: dict = dict(sink=row.sink, window=row.window, prefill=row.prefill)
-        if row.online_ratio is not None:
-            kwargs["online_ratio"] = row.online_ratio
-        else:
-            kwargs["streaming_layers"] = list(row.streaming_layers)
-            if row.head_masks:
-                kwargs["head_masks"] = dict(row.head_masks)
-        enable_hybrid(self.model, resolve_layout(self.model.config, **kwargs))
+        enable_hybrid(self.model, row.layout)
 
     @contextlib.contextmanager
     def sequence(self, row: EvalRow) -> Iterator[tuple[object, Callable[[], None] | None]]:

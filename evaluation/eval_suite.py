@@ -174,7 +174,7 @@ def evaluate(
     """
     import torch
 
-    from ..convert.hybrid_config import HybridConfig
+    from ..hybrid_format import HybridConfig
     from ..loading import load_config, load_model, resolve_model_source
     from .backends import MaskedBackend, RuntimeBackend
 
@@ -211,7 +211,7 @@ def evaluate(
     if too_long:
         raise LightTransferError(f"lengths {too_long} exceed the model's {max_pos} positions; use shorter lengths.")
 
-    from ..convert.native_swa import native_sliding_windows
+    from ..architecture import native_sliding_windows
 
     native = native_sliding_windows(config)
     if native:

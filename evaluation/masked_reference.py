@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..architecture import model_shape
+from ..hybrid_format import HybridLayout
 from ..kernels.mask import streaming_visible
 
 log = logging.getLogger(__name__)
@@ -38,26 +40,32 @@ _ACTIVE: list[_MaskPlan] = []
 
 @dataclass
 class _MaskPlan:
-    """What the reference attention does, per layer, while a model runs inside :func:`masked_streaming`."""
+    """What the reference attention does, per layer, while a model runs inside :func:`masked_streaming`: the
+    layout, and the state of one sequence (which layers have seen their prefill; in online mode, the lazy ratios
+    measured on the prompt and the layers chosen from them)."""
 
-    num_layers: int
-    num_kv_heads: int
-    streaming_layers: set[int]
-    head_masks: dict[int, list[bool]]
-    sink: int
-    window: int
-    prefill: str
-    online_ratio: float | None
-    online_last: int
+    layout: HybridLayout
+    streaming_layers: set[int] = field(default_factory=set)
     prefilled: set[int] = field(default_factory=set)
     online_scores: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.streaming_layers = set(self.layout.streaming_layers)
+
+    # the layout's fields the attention function reads
+    num_layers = property(lambda self: self.layout.num_layers)
+    sink = property(lambda self: self.layout.sink)
+    window = property(lambda self: self.layout.window)
+    prefill = property(lambda self: self.layout.prefill)
+    online_ratio = property(lambda self: self.layout.online_ratio)
+    online_last = property(lambda self: self.layout.online_last)
 
     def kv_head_streams(self, layer: int) -> list[bool] | None:
         """``[num_kv_heads]`` flags of the KV heads that stream in ``layer`` now, or ``None`` for a full layer."""
         if layer in self.streaming_layers:
-            return [True] * self.num_kv_heads
-        mask = self.head_masks.get(layer)
-        return mask if mask and any(mask) else None
+            return [True] * self.layout.num_kv_heads
+        mask = self.layout.head_masks.get(layer)
+        return list(mask) if mask and any(mask) else None
 
     def finish_online_selection(self) -> None:
         """After the prompt: stream the laziest ``online_ratio`` share of layers from now on."""
@@ -180,33 +188,30 @@ def _register() -> None:
 @contextlib.contextmanager
 def masked_streaming(
     model,
+    layout: HybridLayout | None = None,
     *,
     streaming_layers=(),
     head_masks: dict[int, list[bool]] | None = None,
-    sink: int,
-    window: int,
+    sink: int = 4,
+    window: int = 1020,
     prefill: str = "streaming",
     online_ratio: float | None = None,
     online_last: int = 64,
 ) -> Iterator[_MaskPlan]:
     """Run ``model`` (a dense transformers causal LM) as a hybrid, by masking, inside the ``with`` block.
 
-    One block is one sequence's life: its first forward call is the prefill. Open a new block per sequence.
-    Yields the plan; call ``plan.finish_online_selection()`` after the prefill in online mode.
+    The hybrid is ``layout``, or the one the keyword arguments describe (on the model's shape). One block is one
+    sequence's life: its first forward call is the prefill. Open a new block per sequence. Yields the plan; call
+    ``plan.finish_online_selection()`` after the prefill in online mode.
     """
     _register()
+    if layout is None:
+        shape = model_shape(model.config)
+        layout = HybridLayout(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
+                              streaming_layers=streaming_layers, head_masks=head_masks or {}, sink=sink,
+                              window=window, prefill=prefill, online_ratio=online_ratio, online_last=online_last)
     config = model.config
-    plan = _MaskPlan(
-        num_layers=config.num_hidden_layers,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        streaming_layers=set(int(i) for i in streaming_layers),
-        head_masks={int(k): list(v) for k, v in (head_masks or {}).items()},
-        sink=sink,
-        window=window,
-        prefill=prefill,
-        online_ratio=online_ratio,
-        online_last=online_last,
-    )
+    plan = _MaskPlan(layout)
     previous = config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
     _ACTIVE.append(plan)

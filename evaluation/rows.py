@@ -3,16 +3,18 @@
 All rows of one evaluation share the model weights and stream the same number of layers (the same ratio), so
 that only the *choice* of layers (lazy, random, least lazy, online) or the policy differs. Every row reports its
 KV budget honestly: the KV-cache entries kept at a given length as a fraction of the dense model's, sink and
-window included (:meth:`lighttransfer.convert.hybrid_config.HybridConfig.kv_fraction`).
+window included (:meth:`lighttransfer.hybrid_format.HybridLayout.kv_fraction`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
-from ..convert.hybrid_config import HybridConfig
+from ..convert.plan import pick_layers, share_of_all_layers
 from ..errors import LightTransferError
+from ..hybrid_format import HybridLayout
 
 # name of each standard row, in table order, and what it is
 ROW_KINDS: dict[str, str] = {
@@ -39,89 +41,52 @@ HEAD_LEVEL_ROWS = ("head-level", "head-level-gates", "random-heads", "least-lazy
 DEFAULT_ROWS = tuple(name for name in ROW_KINDS if name not in (*HEAD_LEVEL_ROWS, "lazy-ratio"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalRow:
-    """One model variant under evaluation.
+    """One model variant under evaluation: a name, its :class:`~lighttransfer.hybrid_format.HybridLayout` and
+    how it was chosen.
 
     Attributes:
         name: row label (``original``, ``lighttransfer``, ``random``, ...).
-        streaming_layers: sorted layer indices that stream (all their KV heads).
-        head_masks: ``{layer: [bool] * num_kv_heads}`` for head-level hybrids (True = streams).
-        sink, window: tokens a streaming layer keeps (the first ``sink`` and the last ``window``).
-        prefill: ``streaming`` or ``full`` (full attention over the prompt, cache trimmed after).
-        online_ratio: share of layers chosen per input at the end of the prefill (online mode), else ``None``.
-        num_layers, num_kv_heads: the model's shape, for the KV budget.
+        layout: which KV heads of which layers stream, sink, window, prefill policy, online ratio, and the model's
+            own sliding layers (bounded in the original too).
         note: how the layers were chosen, for the table.
-        native_windows: ``{layer: window}`` of the model's own sliding layers (bounded in the original too).
     """
 
     name: str
-    num_layers: int
-    num_kv_heads: int
-    streaming_layers: list[int] = field(default_factory=list)
-    head_masks: dict[int, list[bool]] = field(default_factory=dict)
-    sink: int = 4
-    window: int = 1020
-    prefill: str = "streaming"
-    online_ratio: float | None = None
+    layout: HybridLayout
     note: str = ""
-    native_windows: dict[int, int] = field(default_factory=dict)
 
-    @property
-    def is_dense(self) -> bool:
-        return not self.streaming_layers and not any(any(m) for m in self.head_masks.values()) and not self.online_ratio
+    @classmethod
+    def of(cls, name: str, *, note: str = "", **layout: Any) -> EvalRow:
+        """``EvalRow.of("random", num_layers=30, num_kv_heads=3, streaming_layers=[...], sink=4, window=1020)``."""
+        return cls(name, HybridLayout(**layout), note)
 
-    @property
-    def num_streaming_layers(self) -> int:
-        if self.online_ratio is not None:
-            return round(self.online_ratio * self.num_layers)
-        return len(self.streaming_layers)
-
-    def hybrid_config(self) -> HybridConfig:
-        """The row as a :class:`HybridConfig` (online rows: the first layers stand in; only the count matters)."""
-        layers = self.streaming_layers
-        if self.online_ratio is not None:
-            layers = list(range(self.num_streaming_layers))
-        return HybridConfig(
-            num_layers=self.num_layers,
-            num_kv_heads=self.num_kv_heads,
-            streaming_layers=layers,
-            head_masks=self.head_masks,
-            sink=self.sink,
-            window=self.window,
-            prefill="full" if self.prefill == "full" else "streaming",
-        )
+    # the layout's fields, as the backends and the tables read them
+    num_layers = property(lambda self: self.layout.num_layers)
+    num_kv_heads = property(lambda self: self.layout.num_kv_heads)
+    streaming_layers = property(lambda self: list(self.layout.streaming_layers))
+    head_masks = property(lambda self: {k: list(v) for k, v in self.layout.head_masks.items()})
+    sink = property(lambda self: self.layout.sink)
+    window = property(lambda self: self.layout.window)
+    prefill = property(lambda self: self.layout.prefill)
+    online_ratio = property(lambda self: self.layout.online_ratio)
+    native_windows = property(lambda self: dict(self.layout.native_windows))
+    is_dense = property(lambda self: self.layout.is_dense)
+    num_streaming_layers = property(lambda self: self.layout.num_streaming_layers)
 
     def kv_fraction(self, seq_len: int) -> float:
-        """KV-cache entries kept after ``seq_len`` tokens, as a fraction of the dense model's (sink + window
-        included). With a full prefill the peak during the prefill is the dense model's (1.0). The model's own
-        sliding layers count as bounded on both sides."""
-        from ..convert.kv_memory import kv_cache_bytes
-
-        original, kept = kv_cache_bytes(self.hybrid_config(), head_dim=1, dtype_bytes=1, tokens=max(1, seq_len),
-                                        native_windows=self.native_windows)
-        return kept / original
+        """KV-cache entries kept after ``seq_len`` tokens, as a fraction of the dense model's
+        (:meth:`HybridLayout.kv_fraction`: sink + window included, the model's own sliding layers bounded on both
+        sides; with a full prefill the peak during the prefill is the dense model's)."""
+        return self.layout.kv_fraction(seq_len)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["head_masks"] = {str(k): v for k, v in sorted(self.head_masks.items())}
-        d["native_windows"] = {str(k): v for k, v in sorted(self.native_windows.items())}
-        return d
-
-
-def rank_laziest(lazy_ratios: Sequence[float]) -> list[int]:
-    """Layer indices from the laziest (highest lazy ratio) to the busiest; ties broken by index."""
-    return sorted(range(len(lazy_ratios)), key=lambda i: (-float(lazy_ratios[i]), i))
-
-
-def pick_layers(lazy_ratios: Sequence[float], *, ratio: float, strategy: str = "lazy", seed: int = 0,
-                exclude: Sequence[int] = ()) -> list[int]:
-    """The ``ratio`` share of layers by the conversion's own rule (``lazy``, ``least_lazy`` or ``random``), never
-    one of ``exclude`` (the model's own sliding layers)."""
-    from ..convert import select_layers
-
-    return sorted(int(i) for i in select_layers(list(lazy_ratios), ratio=ratio, strategy=strategy, seed=seed,
-                                                keep=exclude))
+        return {"name": self.name, "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
+                "streaming_layers": self.streaming_layers,
+                "head_masks": {str(k): v for k, v in sorted(self.head_masks.items())},
+                "sink": self.sink, "window": self.window, "prefill": self.prefill, "online_ratio": self.online_ratio,
+                "note": self.note, "native_windows": {str(k): v for k, v in sorted(self.native_windows.items())}}
 
 
 def standard_rows(
@@ -178,7 +143,7 @@ def standard_rows(
     if lazy_selection is not None:
         lazy = sorted(int(i) for i in lazy_selection)
     else:
-        share = ratio * (n - len(exclude)) / n if exclude else ratio
+        share = share_of_all_layers(ratio, num_layers=n, native=exclude)
         lazy = pick_layers(lazy_ratios, ratio=share, exclude=exclude) if share > 0 else []
     k = len(lazy)
     ratio = k / n if n else 0.0  # every other row streams as many layers
@@ -198,27 +163,27 @@ def standard_rows(
 
     def random_row() -> EvalRow:
         layers, drawn = random_layers()
-        return EvalRow("random", streaming_layers=layers, **common, note=f"random layers (seed {drawn})")
+        return EvalRow.of("random", streaming_layers=layers, **common, note=f"random layers (seed {drawn})")
     by_lazy_ratio = ranked_by == "lazy ratio"
     attention = list(attention_lazy_ratios) if attention_lazy_ratios is not None else list(lazy_ratios)
     if len(attention) != n:
         raise LightTransferError(f"the lazy-ratio row has {len(attention)} lazy ratios for {n} layers.")
     build = {
-        "original": lambda: EvalRow("original", **dict(common, sink=0, window=1), note="dense"),
-        "lighttransfer": lambda: EvalRow("lighttransfer", streaming_layers=lazy, **common,
+        "original": lambda: EvalRow.of("original", **dict(common, sink=0, window=1), note="dense"),
+        "lighttransfer": lambda: EvalRow.of("lighttransfer", streaming_layers=lazy, **common,
                                          note="laziest layers" if by_lazy_ratio else f"layers ranked by {ranked_by}"),
-        "lazy-ratio": lambda: EvalRow("lazy-ratio", streaming_layers=pick_layers(attention, ratio=ratio,
+        "lazy-ratio": lambda: EvalRow.of("lazy-ratio", streaming_layers=pick_layers(attention, ratio=ratio,
                                                                                  exclude=exclude) if k else [],
                                       **common, note="layers with the highest lazy ratio"),
         "random": random_row,
-        "least-lazy": lambda: EvalRow(
+        "least-lazy": lambda: EvalRow.of(
             "least-lazy", streaming_layers=other("least_lazy"), **common,
             note="least lazy layers" if by_lazy_ratio else f"layers ranked last by {ranked_by}"),
-        "streamingllm": lambda: EvalRow("streamingllm", streaming_layers=[i for i in range(n) if i not in native],
+        "streamingllm": lambda: EvalRow.of("streamingllm", streaming_layers=[i for i in range(n) if i not in native],
                                         **common, note="all full-attention layers" if native else "all layers"),
-        "prefill-full": lambda: EvalRow("prefill-full", streaming_layers=lazy, prefill="full", **common,
+        "prefill-full": lambda: EvalRow.of("prefill-full", streaming_layers=lazy, prefill="full", **common,
                                         note="laziest layers, full prefill"),
-        "online": lambda: EvalRow("online", online_ratio=k / n if n else 0.0, prefill="full", **common,
+        "online": lambda: EvalRow.of("online", online_ratio=k / n if n else 0.0, prefill="full", **common,
                                   note="per-input selection after full prefill"),
     }
 
@@ -233,7 +198,7 @@ def standard_rows(
         count = sum(map(sum, masks.values()))
         how = {"lazy": f"with the lowest {what}", "least_lazy": f"with the highest {what}",
                "random": f"at random (seed {seed})"}[strategy]
-        return EvalRow(name, streaming_layers=layers, head_masks=partial, **common, note=f"{count} KV heads {how}")
+        return EvalRow.of(name, streaming_layers=layers, head_masks=partial, **common, note=f"{count} KV heads {how}")
 
     build["head-level"] = lambda: head_level(
         "head-level", kv_head_scores, "attention mass beyond sink + window",
@@ -250,4 +215,4 @@ def standard_rows(
     return [build[name]() for name in names]
 
 
-__all__ = ["EvalRow", "ROW_KINDS", "DEFAULT_ROWS", "HEAD_LEVEL_ROWS", "standard_rows", "rank_laziest", "pick_layers"]
+__all__ = ["EvalRow", "ROW_KINDS", "DEFAULT_ROWS", "HEAD_LEVEL_ROWS", "standard_rows"]

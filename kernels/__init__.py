@@ -6,7 +6,7 @@ is defined and ``import lighttransfer.kernels`` stays cheap.
 
 if __package__ == "lighttransfer.kernels":
     from .attention import MAX_HEAD_DIM, SUPPORTED_DTYPES, streaming_attention, streaming_decode
-    from .mask import causal_visible, kept_positions, streaming_mask, streaming_visible
+    from .mask import causal_visible, streaming_mask, streaming_visible
     from .merge import merge_attention
     from .reference import streaming_attention_reference, streaming_decode_reference
     from .switch import reference_forced, triton_runs_on, use_reference
@@ -23,7 +23,6 @@ if __package__ == "lighttransfer.kernels":
         "streaming_visible",
         "causal_visible",
         "streaming_mask",
-        "kept_positions",
         "SUPPORTED_DTYPES",
         "MAX_HEAD_DIM",
     ]

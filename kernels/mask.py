@@ -53,10 +53,4 @@ def streaming_mask(
     return streaming_visible(q_pos, k_pos, sink, window)
 
 
-def kept_positions(seq_len: int, *, sink: int, window: int) -> torch.Tensor:
-    """Positions a streaming cache keeps after ``seq_len`` tokens: the sink and the last ``window`` tokens."""
-    idx = torch.arange(seq_len)
-    return idx[(idx < sink) | (idx >= seq_len - window)]
-
-
-__all__ = ["streaming_visible", "causal_visible", "streaming_mask", "kept_positions"]
+__all__ = ["streaming_visible", "causal_visible", "streaming_mask"]

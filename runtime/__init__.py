@@ -28,7 +28,7 @@ from .cache import HybridCache, MixedLayer, SequenceState, StreamingLayer
 from .chunked import prefill_chunked
 from .generation import GenerationStats, generate_text
 from .hybrid import disable_hybrid, enable_hybrid, make_cache, runtime_of
-from .layout import RuntimeLayout, resolve_layout
+from .layout import resolve_layout
 from .loader import load, load_hybrid
 from .online import OnlineSelector
 
@@ -46,7 +46,6 @@ __all__ = [
     "StreamingLayer",
     "MixedLayer",
     "SequenceState",
-    "RuntimeLayout",
     "resolve_layout",
     "OnlineSelector",
 ]

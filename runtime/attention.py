@@ -23,12 +23,13 @@ pre-hook adds (:mod:`lighttransfer.runtime.hybrid`). Nothing global changes beyo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
+from ..hybrid_format import HybridLayout
 from ..kernels import merge_attention
 from .cache import ChunkView, ContiguousView, HybridCache, MixedLayer, SlotView, StreamingLayer
 from .online import prompt_lazy_ratio
@@ -41,15 +42,25 @@ PLAN_ATTR = "lighttransfer_plan"
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """How one attention layer runs: ``kind`` is ``full``, ``streaming``, ``mixed`` (``kv_head_mask``: per KV head,
-    True = streams) or ``online`` (decided per prompt)."""
+    """One attention layer's view of the model's :class:`~lighttransfer.hybrid_format.HybridLayout`, read once
+    (the attention function consults it in every layer of every forward): ``kind`` is ``full``, ``streaming``,
+    ``mixed`` (``kv_head_mask``: per KV head, True = streams) or ``online`` (decided per prompt)."""
 
     layer_idx: int
-    kind: str
-    sink: int
-    window: int
-    prefill: str = "streaming"
-    kv_head_mask: tuple[bool, ...] | None = None
+    layout: HybridLayout = field(repr=False)
+    kind: str = field(init=False)
+    sink: int = field(init=False)
+    window: int = field(init=False)
+    prefill: str = field(init=False)
+    kv_head_mask: tuple[bool, ...] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "kind", self.layout.layer_kind(self.layer_idx))
+        set_(self, "sink", self.layout.sink)
+        set_(self, "window", self.layout.window)
+        set_(self, "prefill", self.layout.prefill)
+        set_(self, "kv_head_mask", self.layout.mixed_masks.get(self.layer_idx))
 
     def query_head_mask(self, num_heads: int, device) -> torch.Tensor:
         """bool ``[num_heads]``: True where the query head's KV head streams (GQA groups are contiguous)."""

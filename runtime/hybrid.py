@@ -30,14 +30,12 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from ..compat import cache_keyword
-from ..convert.hybrid_config import CONFIG_KEY
-from ..convert.native_swa import native_sliding_windows
 from ..errors import LightTransferError
+from ..hybrid_format import CONFIG_KEY, HybridLayout
 from ..loading import check_attention_swappable
 from .attention import ATTENTION_NAME, PLAN_ATTR, STEP_KWARG, LayerPlan, StepContext, register
 from .cache import HybridCache, leading_padding
 from .head_order import grouped_kv_order, inverse, permute_heads, supports_reordering
-from .layout import RuntimeLayout
 from .online import OnlineSelector
 
 log = logging.getLogger(__name__)
@@ -48,7 +46,7 @@ RUNTIME_ATTR = "lighttransfer_runtime"
 class HybridRuntime:
     """The per-model state of the hybrid runtime: its layout, its hook, and the cache factory."""
 
-    def __init__(self, model, layout: RuntimeLayout) -> None:
+    def __init__(self, model, layout: HybridLayout) -> None:
         self.layout = layout
         self.config = model.config
         base = model.base_model
@@ -58,8 +56,6 @@ class HybridRuntime:
         # {layer: KV-head order applied to the weights} (see head_order.py), undone by disable_hybrid
         self.head_orders: dict[int, list[int]] = {}
         self.previous_config_block = None
-        # the model's own sliding layers: their cache stays bounded to that window (fixed per model)
-        self.native_windows = native_sliding_windows(model.config)
 
     def make_cache(self) -> HybridCache:
         """A fresh, empty cache laid out for this model."""
@@ -71,7 +67,7 @@ class HybridRuntime:
                                               last=layout.online_last)
             kinds = ("full",) * layout.num_layers
         return HybridCache(kinds, sink=layout.sink, window=layout.window, prefill=layout.prefill,
-                           kv_head_masks=layout.kv_head_masks, online=online, native_windows=self.native_windows)
+                           kv_head_masks=layout.mixed_masks, online=online, native_windows=layout.native_windows)
 
     def remove(self) -> None:
         self._handle.remove()
@@ -110,14 +106,18 @@ class HybridRuntime:
         return args, kwargs
 
 
-def enable_hybrid(model, layout: RuntimeLayout, *, reorder_heads: bool = True):
+def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, chunk_size: int | None = None):
     """Make ``model`` run ``layout`` (in place) and return it. Calling it again replaces the previous layout.
+
+    ``chunk_size``: prefill chunk length ``generate`` uses (sets ``generation_config.prefill_chunk_size``;
+    ``None``: one pass).
 
     ``reorder_heads``: in layers that mix streaming and full KV heads, permute the heads in the weights so that
     each group is contiguous (exact; saves a gather and a scatter per group and step, see ``head_order.py``).
     The checkpoint block on ``model.config`` is updated to the new order, so ``save_pretrained`` stays
     consistent; :func:`disable_hybrid` restores the original order.
     """
+    check_chunk_size(chunk_size)
     check_attention_swappable(model)
     register()
     disable_hybrid(model)
@@ -127,22 +127,26 @@ def enable_hybrid(model, layout: RuntimeLayout, *, reorder_heads: bool = True):
             f"found {len(modules)} attention layers in the model but the layout describes {layout.num_layers}; "
             "this architecture's attention modules are not recognized.")
     orders: dict[int, list[int]] = {}
-    if reorder_heads and layout.kv_head_masks:
+    if reorder_heads and layout.mixed_masks:
         layout, orders = _reorder_mixed_heads(modules, layout)
     for idx, module in modules.items():
-        kind = layout.kinds[idx]
-        setattr(module, PLAN_ATTR, LayerPlan(layer_idx=idx, kind=kind, sink=layout.sink, window=layout.window,
-                                             prefill=layout.prefill, kv_head_mask=layout.kv_head_masks.get(idx)))
+        setattr(module, PLAN_ATTR, LayerPlan(layer_idx=idx, layout=layout))
     runtime = HybridRuntime(model, layout)
     runtime.head_orders = orders
     if orders:
         runtime.previous_config_block = _reorder_config_block(model.config, orders)
     setattr(model, RUNTIME_ATTR, runtime)
     model.set_attn_implementation(ATTENTION_NAME)
-    if layout.chunk_size is not None and model.generation_config is not None:
-        model.generation_config.prefill_chunk_size = layout.chunk_size
+    if chunk_size is not None and model.generation_config is not None:
+        model.generation_config.prefill_chunk_size = chunk_size
     log.info("hybrid runtime: %s", layout.describe())
     return model
+
+
+def check_chunk_size(chunk_size) -> None:
+    """A one-line error unless ``chunk_size`` is ``None`` or a positive whole number of tokens."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise LightTransferError(f"chunk_size must be a positive number of tokens, got {chunk_size!r}.")
 
 
 def disable_hybrid(model) -> None:
@@ -169,18 +173,18 @@ def _permute(module, kv_order: list[int], num_kv_heads: int) -> None:
                   head_dim=head_dim)
 
 
-def _reorder_mixed_heads(modules, layout: RuntimeLayout) -> tuple[RuntimeLayout, dict[int, list[int]]]:
+def _reorder_mixed_heads(modules, layout: HybridLayout) -> tuple[HybridLayout, dict[int, list[int]]]:
     """Permute every mixed layer's heads (where the module allows it) and return the layout in the new order."""
-    masks = dict(layout.kv_head_masks)
+    masks = dict(layout.head_masks)
     orders = {}
-    for idx, mask in layout.kv_head_masks.items():
+    for idx, mask in layout.mixed_masks.items():
         order = grouped_kv_order(mask)
         if order == list(range(len(mask))) or not supports_reordering(modules[idx]):
             continue
         _permute(modules[idx], order, len(mask))
         orders[idx] = order
         masks[idx] = tuple(mask[i] for i in order)
-    return dataclasses.replace(layout, kv_head_masks=masks), orders
+    return dataclasses.replace(layout, head_masks=masks), orders
 
 
 def _reorder_config_block(config, orders: dict[int, list[int]]):

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from ..loading import LoadedModel, load_model, load_tokenizer
-from .hybrid import enable_hybrid
+from .hybrid import check_chunk_size, enable_hybrid
 from .layout import resolve_layout
 
 
@@ -26,11 +26,12 @@ def load_hybrid(
     with_tokenizer: bool = True,
 ) -> LoadedModel:
     """Like :func:`load`, but returns the :class:`~lighttransfer.loading.LoadedModel` (model, tokenizer, source)."""
+    check_chunk_size(chunk_size)  # before the weights load: a typo costs nothing
     loaded = load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, with_tokenizer=False)
     layout = resolve_layout(loaded.model.config, streaming_layers=streaming_layers, head_masks=head_masks,
                             sink=sink, window=window, prefill=prefill, online_ratio=online_ratio,
-                            chunk_size=chunk_size, source=f"model '{loaded.source.spec}'")
-    enable_hybrid(loaded.model, layout)
+                            source=f"model '{loaded.source.spec}'")
+    enable_hybrid(loaded.model, layout, chunk_size=chunk_size)
     if with_tokenizer:
         loaded.tokenizer = load_tokenizer(loaded.source, trust_remote_code=trust_remote_code)
     return loaded

@@ -93,7 +93,7 @@ def prompt_lazy_ratio(q: torch.Tensor, k: torch.Tensor, *, q_offset: int, kv_sta
             continue
         keys = k[b:b + 1, :, start:]
         mass = streaming_attention_mass(q[b:b + 1, :, n - take:], keys, q_offset=keys.shape[2] - take,
-                                        sink=sink, recent=window, scale=scale)
+                                        sink=sink, window=window, scale=scale)
         masses.append(mass.mean())
     if not masses:
         return 1.0

@@ -28,13 +28,6 @@ def slot_of(pos: torch.Tensor, *, sink: int, window: int) -> torch.Tensor:
     return torch.where(pos < sink, pos, ring)
 
 
-def slots_needed(last: torch.Tensor, *, sink: int, window: int) -> int:
-    """Slots to allocate once sequences have reached positions ``last`` (``[batch]``): ``min(sink + window,
-    max(last) + 1)``. Reads one scalar from the device."""
-    top = int(last.max().item()) + 1 if last.numel() else 0
-    return max(0, min(sink + window, top))
-
-
 def slot_positions(last: torch.Tensor, n_slots: int, *, sink: int, window: int) -> torch.Tensor:
     """Position each slot holds after sequence ``b`` has reached position ``last[b]`` (``-1`` = empty).
 
@@ -54,4 +47,4 @@ def slot_positions(last: torch.Tensor, n_slots: int, *, sink: int, window: int) 
     return torch.where(valid, pos, torch.full_like(pos, -1))
 
 
-__all__ = ["slot_of", "slots_needed", "slot_positions"]
+__all__ = ["slot_of", "slot_positions"]

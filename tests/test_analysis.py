@@ -60,7 +60,7 @@ def test_matches_eager_attention_weights(tiny_arch, attn):
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (3, SEQ))
     reference = expected_tables(reference_mass(sharpened(tiny_arch), ids), 0.3, make_tiny_model(tiny_arch).config.num_key_value_heads)
-    report = analyze_tokens(sharpened(tiny_arch, attn_implementation=attn), ids, sink=SINK, recent=RECENT,
+    report = analyze_tokens(sharpened(tiny_arch, attn_implementation=attn), ids, sink=SINK, window=RECENT,
                             last=LAST, threshold=0.3, batch=2)
     t = lambda x: torch.tensor(x, dtype=torch.float64)
     # the window matters: ratios are far from 1 and differ between layers and heads
@@ -82,31 +82,31 @@ def test_capture_leaves_outputs_and_implementation_unchanged(tiny_arch):
     ids = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
         plain = model(ids).logits
-        with capture_lazy_mass(model, last=4, sink=2, recent=8) as recorder:
+        with capture_lazy_mass(model, last=4, sink=2, window=8) as recorder:
             assert model.config._attn_implementation != "sdpa"
             captured = model(ids).logits
             mass = recorder.take()
     assert torch.equal(plain, captured)
     assert mass.shape == (model.config.num_hidden_layers, 2, model.config.num_attention_heads, 4)
     assert model.config._attn_implementation == "sdpa"
-    with pytest.raises(RuntimeError), capture_lazy_mass(model, last=4, sink=2, recent=8):
+    with pytest.raises(RuntimeError), capture_lazy_mass(model, last=4, sink=2, window=8):
         raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
 
 
-def _exact_mass(scores_by_key: dict[int, float], q_pos: int, *, sink: int, recent: int) -> float:
+def _exact_mass(scores_by_key: dict[int, float], q_pos: int, *, sink: int, window: int) -> float:
     """Eq. 1 for one query whose score is 0 on every key except those listed."""
     total = kept = 0.0
     for j in range(q_pos + 1):
         w = torch.tensor(scores_by_key.get(j, 0.0), dtype=torch.float64).exp().item()
         total += w
-        kept += w if bool(streaming_visible(q_pos, j, sink, recent)) else 0.0
+        kept += w if bool(streaming_visible(q_pos, j, sink, window)) else 0.0
     return kept / total
 
 
 def test_hand_made_queries_and_keys():
     """One KV head peaks on a sink key, the other on a far key, a third shape is uniform: known answers."""
-    k_len, d, q_len, sink, recent, scale = 64, 8, 8, 4, 8, 0.25
+    k_len, d, q_len, sink, window, scale = 64, 8, 8, 4, 8, 0.25
     e = torch.zeros(d)
     e[0] = 1.0
     k = torch.zeros(1, 3, k_len, d)
@@ -116,19 +116,19 @@ def test_hand_made_queries_and_keys():
     q = torch.zeros(1, 6, q_len, d)
     q[0, :, :, 0] = 12.0  # score 12 * 0.25 = 3 on the marked key, 0 elsewhere
     q[0, 1] = 0.0  # query head 1 (KV head 0): uniform attention
-    mass = streaming_attention_mass(q, k, q_offset=k_len - q_len, sink=sink, recent=recent, scale=scale,
+    mass = streaming_attention_mass(q, k, q_offset=k_len - q_len, sink=sink, window=window, scale=scale,
                                     block_size=16)
     for i in range(q_len):
         p = k_len - q_len + i
         expect = {
-            0: _exact_mass({2: 3.0}, p, sink=sink, recent=recent),
-            1: _exact_mass({}, p, sink=sink, recent=recent),
-            2: _exact_mass({20: 3.0}, p, sink=sink, recent=recent),
-            4: _exact_mass({60: 3.0}, p, sink=sink, recent=recent),
+            0: _exact_mass({2: 3.0}, p, sink=sink, window=window),
+            1: _exact_mass({}, p, sink=sink, window=window),
+            2: _exact_mass({20: 3.0}, p, sink=sink, window=window),
+            4: _exact_mass({60: 3.0}, p, sink=sink, window=window),
         }
         for head, value in expect.items():
             assert mass[0, head, i].item() == pytest.approx(value, rel=1e-5), (head, p)
-    assert mass[0, 1, 0].item() == pytest.approx((sink + recent) / (k_len - q_len + 1), rel=1e-6)
+    assert mass[0, 1, 0].item() == pytest.approx((sink + window) / (k_len - q_len + 1), rel=1e-6)
 
 
 @pytest.mark.parametrize("block", [1, 16, 113, 1024], ids=lambda b: f"block={b}")
@@ -136,7 +136,7 @@ def test_hand_made_queries_and_keys():
 def test_blockwise_equals_dense_reference(block, q_offset):
     torch.manual_seed(1)
     q, k = torch.randn(2, 6, 7, 16) * 2, torch.randn(2, 3, 113, 16) * 2
-    got = streaming_attention_mass(q, k, q_offset=q_offset, sink=5, recent=19, scale=16**-0.5, block_size=block)
+    got = streaming_attention_mass(q, k, q_offset=q_offset, sink=5, window=19, scale=16**-0.5, block_size=block)
     scores = (q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2)) * 16**-0.5
     q_pos = torch.arange(7)[:, None] + q_offset
     k_pos = torch.arange(113)[None, :]
@@ -165,7 +165,7 @@ def test_extra_memory_stays_far_below_n_squared():
     for n in (4096, 16384):
         q, k = torch.randn(1, 4, 32, 8), torch.randn(1, 2, n, 8)
         with LargestTensor() as probe:
-            mass = streaming_attention_mass(q, k, q_offset=n - 32, sink=4, recent=1020, scale=8**-0.5)
+            mass = streaming_attention_mass(q, k, q_offset=n - 32, sink=4, window=1020, scale=8**-0.5)
         assert mass.shape == (1, 4, 32)
         sizes[n] = probe.largest
     dense = 16384 * 16384 * 4  # one fp32 N x N score matrix for one head
@@ -187,7 +187,7 @@ class BytesTokenizer:
 
 def _tiny_report(**kwargs) -> AnalysisReport:
     model = sharpened("llama", attn_implementation="sdpa")
-    args = dict(tokenizer=BytesTokenizer(), seq_len=96, samples=3, sink=2, recent=16, last=8, threshold=0.2)
+    args = dict(tokenizer=BytesTokenizer(), seq_len=96, samples=3, sink=2, window=16, last=8, threshold=0.2)
     return analyze(model, **(args | kwargs))
 
 
@@ -207,7 +207,7 @@ def test_bfloat16_model_within_the_error_of_the_reference_in_bfloat16():
     exact = reference_mass(sharpened("llama"), ids).mean(-1)
     reference_bf16 = reference_mass(sharpened("llama", dtype=torch.bfloat16), ids).mean(-1)
     report = analyze_tokens(sharpened("llama", dtype=torch.bfloat16, attn_implementation="sdpa"), ids,
-                            sink=SINK, recent=RECENT, last=LAST)
+                            sink=SINK, window=RECENT, last=LAST)
     got = torch.tensor(report.head_lazy_ratios(), dtype=torch.float64)
     exact_heads, ref_heads = exact.mean(1), reference_bf16.mean(1)
     assert report.params["dtype"] == "bfloat16"
@@ -225,7 +225,7 @@ def test_report_round_trip_and_summary(tmp_path):
     assert len(loaded.kv_head_long_context_scores()) == 4 and len(loaded.kv_head_long_context_scores()[0]) == 2
     summary = report.summary()
     assert len(json.dumps(summary)) < 1000
-    assert summary["ranking"] == report.ranking and summary["params"]["recent"] == 16
+    assert summary["ranking"] == report.ranking and summary["params"]["window"] == 16
     assert summary["layer_lazy_ratios"] == [round(x, 4) for x in report.layer_lazy_ratios()]
 
 
@@ -262,18 +262,18 @@ def test_heatmap_png(tmp_path):
 def test_bad_parameters_are_one_liners():
     model = make_tiny_model("llama")
     with pytest.raises(LightTransferError, match="not longer than --sink"):
-        analyze(model, tokenizer=BytesTokenizer(), seq_len=64, sink=4, recent=60)
+        analyze(model, tokenizer=BytesTokenizer(), seq_len=64, sink=4, window=60)
     with pytest.raises(LightTransferError, match="beyond the model's 2048 positions"):
-        analyze(model, tokenizer=BytesTokenizer(), seq_len=4096, recent=64)
+        analyze(model, tokenizer=BytesTokenizer(), seq_len=4096, window=64)
     with pytest.raises(LightTransferError, match="--last 100 is longer"):
-        analyze_tokens(model, torch.zeros(1, 64, dtype=torch.long), sink=2, recent=8, last=100)
+        analyze_tokens(model, torch.zeros(1, 64, dtype=torch.long), sink=2, window=8, last=100)
 
 
 @pytest.mark.cuda
 def test_cuda_bfloat16_matches_cpu_float32():
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (2, 300))
-    args = dict(sink=4, recent=64, last=16)
+    args = dict(sink=4, window=64, last=16)
     cpu = analyze_tokens(sharpened("llama", attn_implementation="sdpa"), ids, **args)
     cpu_bf16 = analyze_tokens(sharpened("llama", dtype=torch.bfloat16, attn_implementation="sdpa"), ids, **args)
     gpu = analyze_tokens(sharpened("llama", dtype=torch.bfloat16, attn_implementation="sdpa").cuda(), ids, **args)
@@ -286,7 +286,7 @@ def test_cuda_bfloat16_matches_cpu_float32():
 
 @pytest.mark.real_model
 def test_real_model_first_layers_less_lazy(real_model):
-    report = analyze(real_model, seq_len=1024, samples=1, sink=4, recent=256, last=32)
+    report = analyze(real_model, seq_len=1024, samples=1, sink=4, window=256, last=32)
     ratios = report.layer_lazy_ratios()
     assert report.num_layers == 30 and report.num_heads == 9 and report.num_kv_heads == 3
     assert all(0.0 <= r <= 1.0 for r in ratios)
@@ -306,7 +306,7 @@ def test_device_map_model_matches_single_device(tmp_path):
     spread = AutoModelForCausalLM.from_pretrained(tmp_path, device_map=placement, dtype=torch.float32,
                                                   attn_implementation="sdpa")
     ids = torch.randint(0, 256, (2, 200))
-    args = dict(sink=4, recent=32, last=16)
+    args = dict(sink=4, window=32, last=16)
     single = analyze_tokens(sharpened("llama", attn_implementation="sdpa"), ids, **args)
     mapped = analyze_tokens(spread, ids, **args)
     assert torch.allclose(torch.tensor(mapped.head_lazy_ratios()), torch.tensor(single.head_lazy_ratios()),

@@ -82,7 +82,7 @@ def _empty(tmp_path):
         (lambda t, b: ["--calib", _latin1(t)], "not UTF-8"),
         (lambda t, b: ["--calib", str(b), "--samples", "50"], "tokens, enough for"),
         (lambda t, b: ["--calib", str(b), "--seq-len", "4096"], "beyond the model's 2048 positions"),
-        (lambda t, b: ["--calib", str(b), "--recent", "200"], "not longer than --sink + --recent"),
+        (lambda t, b: ["--calib", str(b), "--recent", "200"], "not longer than --sink + --window"),
         (lambda t, b: ["--calib", str(b), "--plot", str(t / "heat.jpg")], "must end with .png"),
         (lambda t, b: [str(b)], "calibration files go after --calib"),
     ],
@@ -102,6 +102,7 @@ def test_errors_are_one_line_and_leave_nothing_behind(tiny_dir, book, tmp_path, 
 def test_help_lists_the_options(capsys):
     code, stdout, _ = run(["analyze", "--help"], capsys)
     assert code == 0
-    for option in ("--calib", "--seq-len", "--samples", "--batch", "--sink", "--recent", "--last", "--out",
+    for option in ("--calib", "--seq-len", "--samples", "--batch", "--sink", "--window", "--last", "--out",
                    "--plot", "--threshold", "--seed", "--field", "--device", "--dtype", "--trust-remote-code"):
         assert option in stdout
+    assert "--recent" not in stdout  # the old name of --window still works (SMALL uses it) but is not shown

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import make_tiny_model
 from lighttransfer.analysis import analyze_tokens
-from lighttransfer.convert import HybridConfig, convert
+from lighttransfer.convert import convert
+from lighttransfer.hybrid_format import HybridConfig
 from test_analysis import LAST, RECENT, SEQ, SINK, reference_mass
 from test_runtime_reference import reference_logits
 from transformers import AutoModelForCausalLM
@@ -36,7 +37,7 @@ def test_lazy_ratios_match_eager_weights(arch):
     ids = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(0))
     eager = _sharpen(make_tiny_model(arch, attn_implementation="eager"))
     mass = reference_mass(eager, ids)  # [layers, batch, heads, last]
-    report = analyze_tokens(_sharpen(make_tiny_model(arch)), ids, sink=SINK, recent=RECENT, last=LAST)
+    report = analyze_tokens(_sharpen(make_tiny_model(arch)), ids, sink=SINK, window=RECENT, last=LAST)
     expected = mass.mean(-1).mean(-1).mean(-1)  # over queries, heads, samples
     got = torch.tensor(report.layer_lazy_ratios(), dtype=torch.float64)
     assert expected.min() < 0.99  # the window matters

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny_model, run_cli
-from lighttransfer.convert import HybridConfig, convert, fingerprint_from_config
+from lighttransfer.convert import convert
 from lighttransfer.convert import weights as weights_module
 from lighttransfer.convert.verify import safetensors_digests
 from lighttransfer.errors import LightTransferError
-from lighttransfer.loading import load_config, resolve_model_source
+from lighttransfer.hybrid_format import HybridConfig
+from lighttransfer.loading import fingerprint_from_config, load_config, resolve_model_source
 from safetensors import safe_open
 
 
@@ -400,13 +401,13 @@ def test_cli_refuses_existing_out_and_missing_model(source_dirs, tmp_path, capsy
 
 @pytest.fixture(scope="module")
 def tiny_report_path(source_dirs, tmp_path_factory) -> Path:
-    """A real analysis report of the saved tiny llama, on random tokens (sink 4, recent 16, last 8)."""
+    """A real analysis report of the saved tiny llama, on random tokens (sink 4, window 16, last 8)."""
     from lighttransfer.analysis.pipeline import analyze_tokens
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(source_dirs["llama"], dtype=torch.float32).eval()
     ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
-    report = analyze_tokens(model, ids, sink=4, recent=16, last=8, model_id="tiny-llama")
+    report = analyze_tokens(model, ids, sink=4, window=16, last=8, model_id="tiny-llama")
     return report.save(tmp_path_factory.mktemp("report") / "report.json")
 
 
@@ -420,7 +421,7 @@ def test_cli_convert_with_a_real_report(source_dirs, tiny_report_path, tmp_path,
     assert "among the laziest" in out
     hybrid = HybridConfig.from_model_config(json.loads((tmp_path / "h" / "config.json").read_text()))
     assert hybrid.streaming_layers == sorted(report.ranking[:2])
-    assert hybrid.calibration["recent"] == 16 and hybrid.report_summary["ranking"] == report.ranking
+    assert hybrid.calibration["window"] == 16 and hybrid.report_summary["ranking"] == report.ranking
     sidecar = json.loads((tmp_path / "h" / hybrid.sidecar).read_text())
     assert sidecar["kv_head_long_context_scores"] == report.kv_head_long_context_scores()
     assert len(sidecar["head_lazy_ratios"]) == 4 and len(sidecar["head_lazy_ratios"][0]) == 4

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from lighttransfer.convert import HybridConfig, convert, fingerprint_from_config, inspect_checkpoint
-from lighttransfer.loading import load_config, resolve_model_source
+from lighttransfer.convert import convert, inspect_checkpoint
+from lighttransfer.hybrid_format import HybridConfig
+from lighttransfer.loading import fingerprint_from_config, load_config, resolve_model_source
 
 pytestmark = pytest.mark.real_model
 
@@ -26,7 +27,7 @@ def test_one_step_convert_picks_the_laziest_layers(real_hybrid):
     hybrid = HybridConfig.from_model_config(json.loads((real_hybrid / "config.json").read_text()))
     assert hybrid.num_layers == 30 and hybrid.num_kv_heads == 3
     assert (hybrid.sink, hybrid.window) == (4, 128)
-    assert hybrid.calibration["sink"] == 4 and hybrid.calibration["recent"] == 128
+    assert hybrid.calibration["sink"] == 4 and hybrid.calibration["window"] == 128
     assert hybrid.calibration["seq_len"] == 512 and hybrid.calibration["samples"] == 2
     ranking = hybrid.report_summary["ranking"]
     assert hybrid.streaming_layers == sorted(ranking[:15])

@@ -53,7 +53,7 @@ def _ids(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def _row(name="lt", layers=(0, 2), window=WINDOW, prefill="streaming", online=None, num_layers=4, kv=2):
-    return EvalRow(name, num_layers=num_layers, num_kv_heads=kv, streaming_layers=list(layers), sink=SINK,
+    return EvalRow.of(name, num_layers=num_layers, num_kv_heads=kv, streaming_layers=list(layers), sink=SINK,
                    window=window, prefill=prefill, online_ratio=online)
 
 
@@ -83,7 +83,7 @@ def test_hybrid_with_window_covering_everything_equals_dense(tiny_model, prefill
     """Known answer: when the window holds the whole sequence, every streaming row is the dense model."""
     ids = _ids(600)
     windows = plan_windows(600, length=128, stride=32, min_context=SINK + WINDOW, max_windows=3)
-    dense_row = EvalRow("original", num_layers=4, num_kv_heads=2)
+    dense_row = EvalRow.of("original", num_layers=4, num_kv_heads=2)
     wide = _row(layers=range(4), window=128, prefill=prefill)
     for backend in (MaskedBackend(tiny_model), RuntimeBackend(tiny_model)):
         dense = perplexity(lambda b=backend: b.sequence(dense_row), ids, windows)
@@ -119,7 +119,7 @@ def test_masked_reference_matches_runtime(tiny_model, row):
     b = perplexity(lambda: runtime.sequence(row), ids, windows)
     runtime.release(row)
     assert a["nll"] == pytest.approx(b["nll"], rel=1e-5)
-    dense = perplexity(lambda: masked.sequence(EvalRow("original", num_layers=4, num_kv_heads=2)), ids, windows)
+    dense = perplexity(lambda: masked.sequence(EvalRow.of("original", num_layers=4, num_kv_heads=2)), ids, windows)
     assert a["nll"] != pytest.approx(dense["nll"], rel=1e-7)
 
 
@@ -187,7 +187,7 @@ def test_kv_fraction_counts_sink_and_window():
     row = _row()  # 2 of 4 layers stream, 2 KV heads, sink 2 + window 16
     assert row.kv_fraction(128) == pytest.approx((2 * 128 + 2 * 18) / (4 * 128))
     assert row.kv_fraction(10) == 1.0  # shorter than sink + window: nothing dropped
-    assert EvalRow("original", num_layers=4, num_kv_heads=2).kv_fraction(4096) == 1.0
+    assert EvalRow.of("original", num_layers=4, num_kv_heads=2).kv_fraction(4096) == 1.0
     assert _row(layers=(), online=0.5).kv_fraction(128) == row.kv_fraction(128)
 
 
@@ -300,7 +300,7 @@ def test_head_level_row_has_the_layer_level_kv_budget():
     rows = {r.name: r for r in standard_rows(lazy_ratios=lazy, ratio=0.5, num_kv_heads=2, sink=SINK, window=WINDOW,
                                              names=["lighttransfer", "head-level"], kv_head_scores=scores)}
     head = rows["head-level"]
-    assert head.hybrid_config().streaming_kv_heads == 4
+    assert head.layout.streaming_kv_heads == 4
     assert head.streaming_layers == [1] and head.head_masks == {0: [True, False], 2: [True, False]}
     for length in (64, 128, 1000):
         assert head.kv_fraction(length) == pytest.approx(rows["lighttransfer"].kv_fraction(length))
@@ -325,7 +325,7 @@ def gated_report(tiny_dir_with_tokenizer, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir_with_tokenizer, dtype=torch.float32).eval()
-    report = analyze_tokens(model, _ids(128).view(2, 64), sink=SINK, recent=WINDOW, last=8,
+    report = analyze_tokens(model, _ids(128).view(2, 64), sink=SINK, window=WINDOW, last=8,
                             model_id=str(tiny_dir_with_tokenizer))
     d = tmp_path_factory.mktemp("gated-report")
     plain = report.save(d / "plain.json")
@@ -391,7 +391,7 @@ def test_eval_cli_compares_mass_and_gate_picked_heads(tiny_dir_with_tokenizer, t
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     from lighttransfer.analysis.report import AnalysisReport
-    from lighttransfer.evaluation.rows import pick_layers
+    from lighttransfer.convert.plan import pick_layers
 
     report = AnalysisReport.load(gated)
     by_gates = report.layer_streaming_scores("optimize")

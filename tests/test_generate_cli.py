@@ -6,7 +6,7 @@ import lighttransfer
 import pytest
 from conftest import make_tiny_model
 from conftest import run_cli as run
-from lighttransfer.convert.hybrid_config import HybridConfig
+from lighttransfer.hybrid_format.config_block import HybridConfig
 from test_runtime_reference import word_tokenizer
 
 PROMPT = " ".join(f"w{i}" for i in range(10, 60))

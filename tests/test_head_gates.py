@@ -287,7 +287,7 @@ def test_report_without_gates_refuses_the_optimize_scores(tiny_dir, tmp_path):
     from lighttransfer.analysis.pipeline import analyze
     from lighttransfer.analysis.report import AnalysisReport
 
-    report = analyze(str(tiny_dir), calib="synthetic:passkey", seq_len=400, samples=1, sink=2, recent=16, last=8,
+    report = analyze(str(tiny_dir), calib="synthetic:passkey", seq_len=400, samples=1, sink=2, window=16, last=8,
                      device="cpu")
     assert report.kv_head_gates is None and report.head_score_method == "attention"
     with pytest.raises(LightTransferError, match="--method optimize"):

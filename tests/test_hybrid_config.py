@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from lighttransfer.convert import CONFIG_KEY, FORMAT_VERSION, HybridConfig
 from lighttransfer.errors import LightTransferError
+from lighttransfer.hybrid_format import CONFIG_KEY, FORMAT_VERSION, HybridConfig
 
 
 def _cfg(**kw) -> HybridConfig:
@@ -75,5 +75,5 @@ def test_layer_kinds_and_kv_fraction():
     assert [cfg.layer_kind(i) for i in range(4)] == ["streaming", "mixed", "streaming", "full"]
     assert cfg.streaming_kv_heads == 5
     # 8 KV heads; 5 keep 16 tokens, 3 keep all 64
-    assert cfg.kv_fraction(64) == pytest.approx((3 * 64 + 5 * 16) / (8 * 64))
-    assert cfg.kv_fraction(10) == 1.0
+    assert cfg.layout().kv_fraction(64) == pytest.approx((3 * 64 + 5 * 16) / (8 * 64))
+    assert cfg.layout().kv_fraction(10) == 1.0

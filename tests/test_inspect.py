@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_model
 from lighttransfer.cli import main
-from lighttransfer.convert import HybridConfig, inspect_checkpoint, kv_cache_bytes
+from lighttransfer.convert import inspect_checkpoint
 from lighttransfer.errors import LightTransferError
+from lighttransfer.hybrid_format import HybridConfig, kv_cache_bytes
 
 K = 1024
 

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_model
+from lighttransfer.architecture import native_sliding_layers
 from lighttransfer.convert import convert
-from lighttransfer.convert.native_swa import native_sliding_layers
 from lighttransfer.errors import LightTransferError
 from lighttransfer.runtime import enable_hybrid, resolve_layout
 
@@ -116,7 +116,7 @@ def test_analysis_measures_native_layers_inside_their_window():
     ids = _ids(64, seed=4)
     with torch.no_grad():
         probs = model(ids, output_attentions=True).attentions  # the model's own weights, its window included
-    report = analyze_tokens(model, ids, sink=2, recent=4, last=8, model_id="tiny-gemma3")
+    report = analyze_tokens(model, ids, sink=2, window=4, last=8, model_id="tiny-gemma3")
     assert report.params["native_sliding_layers"] == [0, 1] and report.params["native_sliding_window"] == 8
     q_pos = torch.arange(56, 64).view(-1, 1)
     k_pos = torch.arange(64).view(1, -1)

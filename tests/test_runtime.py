@@ -22,9 +22,10 @@ TOL = 1e-5
 def hybrid_pair(arch: str, *, streaming_layers=STREAMING, **options):
     """(hybrid model, plain model with the same weights)."""
     model = make_tiny_model(arch)
+    chunk_size = options.pop("chunk_size", None)
     layout = resolve_layout(model.config, streaming_layers=list(streaming_layers), sink=SINK, window=WINDOW,
                             **options)
-    return enable_hybrid(model, layout), make_tiny_model(arch)
+    return enable_hybrid(model, layout, chunk_size=chunk_size), make_tiny_model(arch)
 
 
 def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:

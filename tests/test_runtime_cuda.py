@@ -153,12 +153,11 @@ def test_peak_memory_really_falls(granularity, kernel_path):
     dense = make_tiny_model("llama", **cfg).to(DEV, torch.bfloat16)
     hybrid = make_tiny_model("llama", **cfg).to(DEV, torch.bfloat16)
     if granularity == "layer":
-        layout = resolve_layout(hybrid.config, streaming_layers=[2, 3, 4, 5, 6, 7], sink=4, window=252,
-                                chunk_size=1024)
+        layout = resolve_layout(hybrid.config, streaming_layers=[2, 3, 4, 5, 6, 7], sink=4, window=252)
     else:
         masks = {i: [True, True, True, False] for i in range(8)}
-        layout = resolve_layout(hybrid.config, head_masks=masks, sink=4, window=252, chunk_size=1024)
-    enable_hybrid(hybrid, layout)
+        layout = resolve_layout(hybrid.config, head_masks=masks, sink=4, window=252)
+    enable_hybrid(hybrid, layout, chunk_size=1024)
     dense.generation_config.prefill_chunk_size = 1024  # the same chunked prefill for both
     prompt = 8192
     for model in (dense, hybrid):  # warm-up: Triton's autotuning allocates its own scratch buffers

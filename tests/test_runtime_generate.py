@@ -9,8 +9,8 @@ import lighttransfer
 import pytest
 import torch
 from conftest import make_tiny_model
-from lighttransfer.convert.hybrid_config import HybridConfig
 from lighttransfer.errors import LightTransferError
+from lighttransfer.hybrid_format.config_block import HybridConfig
 from lighttransfer.runtime import disable_hybrid, make_cache, prefill_chunked
 from lighttransfer.runtime.cache import HybridCache
 from test_runtime import SINK, STREAMING, WINDOW, cache_kw, hybrid_pair, max_diff, random_ids

@@ -146,7 +146,7 @@ def test_reordered_heads_give_the_same_logits_and_are_restored(arch, bias):
 
 
 def test_reordering_keeps_the_checkpoint_block_consistent():
-    from lighttransfer.convert.hybrid_config import CONFIG_KEY, HybridConfig
+    from lighttransfer.hybrid_format.config_block import CONFIG_KEY, HybridConfig
     from lighttransfer.runtime import disable_hybrid
 
     model = _four_kv_heads("llama")

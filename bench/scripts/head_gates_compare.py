@@ -106,11 +106,11 @@ def main() -> None:
         results["mass_scores_from"] = previous["params"] | {"timings": previous["timings"]}
     else:
         t = time.perf_counter()
-        mass_passkey = analyze_tokens(model, rows.input_ids, sink=SINK, recent=WINDOW, last=LAST)
+        mass_passkey = analyze_tokens(model, rows.input_ids, sink=SINK, window=WINDOW, last=LAST)
         results["timings"]["mass_passkey"] = round(time.perf_counter() - t, 1)
         text = load_calibration(None, tok, seq_len=SEQ, samples=TRAIN_SAMPLES, seed=SEED)
         t = time.perf_counter()
-        mass_text = analyze_tokens(model, text.input_ids, sink=SINK, recent=WINDOW, last=LAST)
+        mass_text = analyze_tokens(model, text.input_ids, sink=SINK, window=WINDOW, last=LAST)
         results["timings"]["mass_text"] = round(time.perf_counter() - t, 1)
         scores = {"mass_passkey": mass_passkey.kv_head_long_context_scores(),
                   "mass_text": mass_text.kv_head_long_context_scores()}

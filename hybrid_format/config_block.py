@@ -1,6 +1,8 @@
 """The ``lighttransfer`` block of a hybrid checkpoint's ``config.json``.
 
-This block is the contract between ``convert`` (which writes it) and ``runtime`` (which reads it). It is
+This block is the contract between ``convert`` (which writes it) and the readers (``runtime``, ``inspect``,
+``eval``, ``bench``): all of them import it from here, the ground floor. In memory it becomes a
+:class:`~lighttransfer.hybrid_format.layout.HybridLayout` (:meth:`HybridConfig.layout`). It is
 namespaced under one key so that plain transformers loads the checkpoint as the dense model and keeps the
 block through ``from_pretrained`` -> ``save_pretrained``::
 
@@ -12,7 +14,7 @@ block through ``from_pretrained`` -> ``save_pretrained``::
       "prefill": "streaming",                  # or "full" (full attention in prefill, cache trimmed after)
       "granularity": "layer",                  # or "head"
       "source": {"model_id": ..., "fingerprint": ...},
-      "calibration": {"sink": 4, "recent": 1020, "last": 32, ...},  # what the layers were chosen with
+      "calibration": {"sink": 4, "window": 1020, "last": 32, ...},  # what the layers were chosen with
       "report_summary": {...},                 # small: lazy ratios per layer, ranking
       "sidecar": "lighttransfer_scores.json",  # bulky per-head scores beside the weights, or null
       "native_swa": false                      # true when layer_types/sliding_window were also written
@@ -26,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from ..errors import LightTransferError
+from .layout import HybridLayout
 
 CONFIG_KEY = "lighttransfer"
 FORMAT_VERSION = 1
@@ -50,7 +53,7 @@ class HybridConfig:
         prefill: ``streaming`` (sink + window in prefill too) or ``full`` (full prefill, cache trimmed after).
         granularity: ``layer`` or ``head``; how the selection was made.
         source: ``{"model_id", "fingerprint"}`` of the dense model this came from.
-        calibration: analysis parameters the selection was made with (sink, recent, last, seq_len, ...).
+        calibration: analysis parameters the selection was made with (sink, window, last, seq_len, ...; older blocks say recent).
         report_summary: small summary of the analysis (per-layer lazy ratios, ranking).
         sidecar: file name of the bulky per-head scores beside the weights, or ``None``.
         native_swa: the architecture's own ``layer_types`` + ``sliding_window`` fields were also written, so
@@ -77,36 +80,25 @@ class HybridConfig:
         self.head_masks = {int(k): [bool(x) for x in v] for k, v in self.head_masks.items()}
         self.validate()
 
-    # ---- queries -------------------------------------------------------------------------------------
-    def layer_kind(self, layer: int) -> Literal["full", "streaming", "mixed"]:
-        """``streaming`` when every KV head of ``layer`` streams, ``mixed`` when some do, else ``full``."""
-        if layer in self.streaming_layers:
-            return "streaming"
-        mask = self.head_masks.get(layer)
-        if mask is None or not any(mask):
-            return "full"
-        return "streaming" if all(mask) else "mixed"
+    # ---- the layout ----------------------------------------------------------------------------------------
+    def layout(self, *, native_windows: dict[int, int] | None = None, prefill: str | None = None) -> HybridLayout:
+        """The block's layout in memory (``native_windows``: the model's own sliding layers, from its config)."""
+        return HybridLayout(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
+                            streaming_layers=self.streaming_layers, head_masks=self.head_masks, sink=self.sink,
+                            window=self.window, prefill=prefill or self.prefill, native_windows=native_windows or {})
+
+    def layer_kind(self, layer: int) -> str:
+        """``streaming``, ``mixed`` or ``full`` (:meth:`HybridLayout.layer_kind`)."""
+        return self.layout().layer_kind(layer)
 
     def kv_head_mask(self, layer: int) -> list[bool]:
         """``[num_kv_heads]`` booleans, True where that KV head of ``layer`` streams."""
-        if layer in self.streaming_layers:
-            return [True] * self.num_kv_heads
-        return list(self.head_masks.get(layer, [False] * self.num_kv_heads))
+        return list(self.layout().kv_head_mask(layer))
 
     @property
     def streaming_kv_heads(self) -> int:
         """How many (layer, KV head) pairs stream, model-wide."""
-        return sum(sum(self.kv_head_mask(i)) for i in range(self.num_layers))
-
-    def kv_fraction(self, seq_len: int) -> float:
-        """KV-cache entries kept at ``seq_len`` tokens, as a fraction of the dense model's (sink + window
-        included); the same for every batch size and dtype."""
-        if seq_len <= 0:
-            return 1.0
-        kept = min(seq_len, self.sink + self.window)
-        total = self.num_layers * self.num_kv_heads
-        streaming = self.streaming_kv_heads
-        return ((total - streaming) * seq_len + streaming * kept) / (total * seq_len)
+        return self.layout().streaming_kv_heads
 
     # ---- validation and (de)serialization --------------------------------------------------------------
     def validate(self) -> None:
@@ -116,28 +108,9 @@ class HybridConfig:
                 f"hybrid config format_version {self.format_version} is not supported (this lighttransfer "
                 f"reads version {FORMAT_VERSION}); upgrade lighttransfer or reconvert the model."
             )
-        if self.window < 1:
-            raise LightTransferError(f"window must be at least 1 token, got {self.window}.")
-        if self.sink < 0:
-            raise LightTransferError(f"sink must be 0 or more tokens, got {self.sink}.")
-        if self.prefill not in ("streaming", "full"):
-            raise LightTransferError(f"prefill policy must be 'streaming' or 'full', got {self.prefill!r}.")
         if self.granularity not in ("layer", "head"):
             raise LightTransferError(f"granularity must be 'layer' or 'head', got {self.granularity!r}.")
-        bad = [i for i in [*self.streaming_layers, *self.head_masks] if not 0 <= i < self.num_layers]
-        if bad:
-            raise LightTransferError(
-                f"layer indices {bad} are out of range for a model with {self.num_layers} layers (0..{self.num_layers - 1})."
-            )
-        if len(set(self.streaming_layers)) != len(self.streaming_layers):
-            raise LightTransferError(f"streaming_layers has duplicates: {self.streaming_layers}.")
-        for layer, mask in self.head_masks.items():
-            if len(mask) != self.num_kv_heads:
-                raise LightTransferError(
-                    f"head mask of layer {layer} has {len(mask)} entries; the model has {self.num_kv_heads} KV heads."
-                )
-            if layer in self.streaming_layers:
-                raise LightTransferError(f"layer {layer} is both fully streaming and head-masked; pick one.")
+        self.layout()  # the layer-level rules: ranges, duplicates, mask lengths, sink and window
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

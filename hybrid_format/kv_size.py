@@ -3,14 +3,18 @@
 Each cached token costs one key and one value vector per KV head per layer, so a dense cache holds
 ``2 * layers * kv_heads * head_dim * tokens * dtype_bytes`` bytes per sequence. A streaming KV head keeps only
 ``min(tokens, sink + window)`` tokens (the sink and the window of :func:`lighttransfer.kernels.mask.
-streaming_visible`), whatever the length.
+streaming_visible`), whatever the length. This is the one formula every table, row and benchmark uses.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .hybrid_config import HybridConfig
+from .layout import HybridLayout
+
+if TYPE_CHECKING:
+    from .config_block import HybridConfig
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1}
 DEFAULT_TOKENS = (8 * 1024, 32 * 1024, 128 * 1024)
@@ -33,12 +37,13 @@ class KVMemoryRow:
                 "saved_fraction": self.saved_fraction}
 
 
-def kv_cache_bytes(hybrid: HybridConfig, *, head_dim: int, dtype_bytes: int, tokens: int, batch: int = 1,
+def kv_cache_bytes(layout: HybridLayout | HybridConfig, *, head_dim: int, dtype_bytes: int, tokens: int, batch: int = 1,
                    native_windows: dict[int, int] | None = None) -> tuple[int, int]:
-    """``(original, hybrid)`` KV-cache bytes for ``batch`` sequences of ``tokens`` tokens.
+    """``(original, hybrid)`` KV-cache bytes for ``batch`` sequences of ``tokens`` tokens: the one KV-size formula.
 
     Args:
-        hybrid: the layout (``num_layers``, ``num_kv_heads``, which KV heads stream, ``sink``, ``window``).
+        layout: the layout (``num_layers``, ``num_kv_heads``, which KV heads stream, ``sink``, ``window``; its
+            ``native_windows`` unless ``native_windows`` is given), or a checkpoint's block.
         head_dim: channels per head.
         dtype_bytes: bytes per cached element (2 for bf16/fp16).
         tokens: sequence length in tokens.
@@ -46,22 +51,24 @@ def kv_cache_bytes(hybrid: HybridConfig, *, head_dim: int, dtype_bytes: int, tok
         native_windows: ``{layer: window}`` of the model's own sliding layers, which keep at most ``window``
             tokens in the original and in the hybrid alike (never streaming layers of ours).
     """
+    if not isinstance(layout, HybridLayout):
+        layout = layout.layout()
     per_head_token = 2 * head_dim * dtype_bytes * batch  # one key + one value vector
-    native = native_windows or {}
-    heads = (hybrid.num_layers - len(native)) * hybrid.num_kv_heads
-    streaming = hybrid.streaming_kv_heads
-    kept = min(tokens, hybrid.sink + hybrid.window)
-    bounded = per_head_token * hybrid.num_kv_heads * sum(min(tokens, w) for w in native.values())
+    native = layout.native_windows if native_windows is None else native_windows
+    heads = (layout.num_layers - len(native)) * layout.num_kv_heads
+    streaming = layout.streaming_kv_heads
+    kept = min(tokens, layout.sink + layout.window)
+    bounded = per_head_token * layout.num_kv_heads * sum(min(tokens, w) for w in native.values())
     original = per_head_token * heads * tokens + bounded
     mixed = per_head_token * ((heads - streaming) * tokens + streaming * kept) + bounded
     return original, mixed
 
 
-def kv_memory_table(hybrid: HybridConfig, *, head_dim: int, dtype_bytes: int,
+def kv_memory_table(layout: HybridLayout | HybridConfig, *, head_dim: int, dtype_bytes: int,
                     tokens: tuple[int, ...] = DEFAULT_TOKENS,
                     native_windows: dict[int, int] | None = None) -> list[KVMemoryRow]:
     """One :class:`KVMemoryRow` per length in ``tokens`` (batch 1)."""
-    return [KVMemoryRow(t, *kv_cache_bytes(hybrid, head_dim=head_dim, dtype_bytes=dtype_bytes, tokens=t,
+    return [KVMemoryRow(t, *kv_cache_bytes(layout, head_dim=head_dim, dtype_bytes=dtype_bytes, tokens=t,
                                            native_windows=native_windows))
             for t in tokens]
 

@@ -1,0 +1,25 @@
+"""The hybrid checkpoint format, shared by the writer (``convert``) and every reader (``runtime``, ``inspect``,
+``eval``, ``bench``, a serving plugin): the versioned ``lighttransfer`` block of ``config.json``
+(:class:`HybridConfig`), the layout it describes in memory (:class:`HybridLayout`) and the one KV-size formula
+(:func:`kv_cache_bytes`). Plain Python, no torch."""
+
+from .config_block import CONFIG_KEY, FORMAT_VERSION, SIDECAR_NAME, HybridConfig
+from .kv_size import DEFAULT_TOKENS, DTYPE_BYTES, KVMemoryRow, format_bytes, kv_cache_bytes, kv_memory_table
+from .layout import DEFAULT_SINK, DEFAULT_WINDOW, PREFILL_POLICIES, HybridLayout
+
+__all__ = [
+    "HybridConfig",
+    "CONFIG_KEY",
+    "FORMAT_VERSION",
+    "SIDECAR_NAME",
+    "HybridLayout",
+    "DEFAULT_SINK",
+    "DEFAULT_WINDOW",
+    "PREFILL_POLICIES",
+    "kv_cache_bytes",
+    "kv_memory_table",
+    "KVMemoryRow",
+    "format_bytes",
+    "DTYPE_BYTES",
+    "DEFAULT_TOKENS",
+]
