@@ -187,6 +187,12 @@ def analyze(
     attn_implementation: str | None = None,
     device_map: str | dict | None = None,
     block_size: int = DEFAULT_BLOCK,
+    method: str = "attention",
+    gate_steps: int = 200,
+    gate_samples: int | None = None,
+    gate_l1: float = 0.01,
+    gate_formats: str | Sequence[str] | None = None,
+    gate_progress: ProgressCallback | None = None,
 ) -> AnalysisReport:
     """Profile a model's attention on calibration text: per-layer lazy ratios, per-head long-context scores.
 
@@ -205,6 +211,12 @@ def analyze(
             (ignored for an already loaded model).
         progress: ``True`` logs each sample; a callable ``(done, total)`` is called after each forward.
         block_size: keys per block in the log-sum-exp.
+        method: how KV heads are scored for ``convert``: ``attention`` (their attention mass beyond sink +
+            window) or ``optimize`` (DuoAttention-style gates trained on synthetic passkey prompts with the model
+            frozen, :func:`~lighttransfer.analysis.head_gates.optimize_head_gates`, attached to the report).
+        gate_steps, gate_samples, gate_l1, gate_formats: with ``optimize``: optimizer steps, distinct prompts
+            (default: ``samples``), L1 weight on the gates, passkey wordings (default: the training wordings).
+        gate_progress: with ``optimize``, called ``(done, total)`` after each optimizer step.
 
     Raises:
         LightTransferError: bad options or calibration input, with one line saying what to do.
@@ -213,6 +225,15 @@ def analyze(
     from ..loading import LoadedModel, load_model, model_fingerprint
 
     # cheap checks first: a typo should not cost a model load
+    if method not in ("attention", "optimize"):
+        raise LightTransferError(f"--method {method!r} is not known; use attention or optimize.")
+    if method == "optimize":
+        from ..calibration.passkey import TRAINING_TEMPLATES, check_templates
+
+        formats = check_templates(gate_formats if gate_formats is not None else TRAINING_TEMPLATES,
+                                  option="--gate-formats")
+        if isinstance(gate_steps, bool) or not isinstance(gate_steps, int) or gate_steps < 1:
+            raise LightTransferError(f"--gate-steps must be a whole number of at least 1, got {gate_steps!r}.")
     check_params(seq_len=seq_len, samples=samples, batch=batch, sink=sink, window=window, last=last,
                  threshold=threshold)
     check_sources(calib, field=field)
@@ -250,6 +271,13 @@ def analyze(
                             batch=batch, block_size=block_size, model_id=model_id, fingerprint=fingerprint,
                             calibration=calib_set.to_dict(), seed=seed, on_sample=on_sample)
     report.timings = {"load": round(load_s, 4), "calibration": round(calib_s, 4), **report.timings}
+    if method == "optimize":
+        from .head_gates import attach_head_gates, optimize_head_gates
+
+        gates = optimize_head_gates(net, tok, samples=gate_samples or samples, seq_len=seq_len, sink=sink,
+                                    window=window, steps=gate_steps, l1=gate_l1, seed=seed, templates=formats,
+                                    progress=gate_progress)
+        attach_head_gates(report, gates)
     return report
 
 

@@ -129,29 +129,16 @@ def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq
     progress = Progress(TextColumn("analysing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=stderr_console(), disable=quiet, transient=True)
     task = progress.add_task("samples", total=samples)
-    if method == "optimize":  # one load serves the analysis and the gate optimization
-        from ..loading import load_model
-
-        model = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                           device_map=device_map)
+    gate_task = progress.add_task("gates", total=gate_steps, visible=method == "optimize")
     with progress:
         report = run_analysis(
             model, calib=sources, seq_len=seq_len, samples=samples, batch=batch, sink=sink, window=window,
             last=last, threshold=threshold, seed=seed, field=field, device=device, dtype=dtype,
             trust_remote_code=trust_remote_code, device_map=device_map,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
+            method=method, gate_steps=gate_steps, gate_samples=gate_samples, gate_l1=gate_l1, gate_formats=formats,
+            gate_progress=lambda done, total: progress.update(gate_task, completed=done, total=total),
         )
-        if method == "optimize":
-            from ..analysis.head_gates import attach_head_gates, optimize_head_gates
-
-            gate_task = progress.add_task("gates", total=gate_steps)
-            gates = optimize_head_gates(
-                model.model, model.tokenizer, samples=gate_samples or samples, seq_len=seq_len, sink=sink,
-                window=window,
-                steps=gate_steps, l1=gate_l1, seed=seed, templates=formats,
-                progress=lambda done, total: progress.update(gate_task, completed=done, total=total),
-            )
-            attach_head_gates(report, gates)
     console = stdout_console()
     console.print(_table(report, lazy_fraction))
     if out_path is not None:

@@ -81,7 +81,7 @@ def prompt_lazy_ratio(q: torch.Tensor, k: torch.Tensor, *, q_offset: int, kv_sta
     Returns:
         The mean share of attention on sink + window keys, in [0, 1] (a Python float: one device sync).
     """
-    from ..analysis.lazy_ratio import streaming_attention_mass
+    from ..kernels.attention_mass import streaming_attention_mass
 
     n, big_n = q.shape[2], k.shape[2]
     masses = []

@@ -8,7 +8,7 @@ import pytest
 import torch
 from kernel_error_policy import DEVICE, DTYPE_IDS, DTYPES, assert_within_policy
 from lighttransfer.errors import LightTransferError
-from lighttransfer.kernels import streaming_attention_reference, streaming_decode, streaming_decode_reference
+from lighttransfer.kernels import MAX_HEAD_DIM, streaming_attention_reference, streaming_decode, streaming_decode_reference
 from lighttransfer.kernels.reference import decode_visibility, masked_attention
 
 
@@ -50,6 +50,17 @@ def test_ring_buffer_cache(tokens, group, dtype):
                             ring_slot_positions(max(tokens - 3, 1), sink, window)]).to(DEVICE)
     q_pos = torch.tensor([[tokens - 1], [max(tokens - 3, 1) - 1]], device=DEVICE)
     _check(q, k, v, slot_pos, q_pos, dtype, f"tokens={tokens}", sink=sink, window=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("dim", [128, MAX_HEAD_DIM], ids=lambda d: f"D{d}")
+def test_largest_head_dims(dim, dtype):
+    """head_dim up to the claimed limit (``MAX_HEAD_DIM``, Gemma 3's 256) through the ring-buffer decode."""
+    sink, window, kv_heads, tokens = 4, 28, 1, 50
+    q, k, v = _inputs(2, 2 * kv_heads, kv_heads, 1, sink + window, dim, dtype, seed=dim)
+    slot_pos = torch.stack([ring_slot_positions(tokens, sink, window)] * 2).to(DEVICE)
+    q_pos = torch.tensor([[tokens - 1], [tokens - 1]], device=DEVICE)
+    _check(q, k, v, slot_pos, q_pos, dtype, f"D={dim}", sink=sink, window=window)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])

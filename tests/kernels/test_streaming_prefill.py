@@ -55,6 +55,9 @@ CASES = [
     Case("mixed-heads-padding-chunk", n_kv=80, n=33, sink=4, window=13, batch=2, kv_start=(7, 0),
          kv_len=(80, 71), stream_heads=(False, True, True, False)),
     Case("D=40-padded", n_kv=50, sink=4, window=12, dim=40),
+    # the largest head_dim the kernels claim (kernels.MAX_HEAD_DIM; Gemma 3 uses 256), and Llama's 128
+    Case("D=128", n_kv=70, sink=4, window=24, heads=2, kv_heads=1, dim=128),
+    Case("D=256-limit", n_kv=70, sink=4, window=24, heads=2, kv_heads=1, dim=256),
     # the sink rides in the window walk: more sink keys than one interpreter tile (16), and a window that has
     # slid past every key so that only the sink is left
     Case("sink-spans-tiles", n_kv=90, sink=20, window=24, heads=2, kv_heads=1, dim=16),
@@ -106,6 +109,7 @@ def test_kernel_matches_reference(case, dtype):
     "case",
     [
         Case("long-gqa4-D128", n_kv=1537, sink=4, window=300, heads=8, kv_heads=2, dim=128),
+        Case("long-gqa4-D256-limit", n_kv=1537, sink=4, window=512, heads=4, kv_heads=1, dim=256),
         Case("long-chunk-D64", n_kv=2049, n=513, sink=64, window=700, heads=4, kv_heads=1, dim=64),
         Case("long-mixed-padding", n_kv=1023, sink=16, window=257, batch=2, heads=4, kv_heads=2, dim=128,
              kv_start=(0, 113), kv_len=(1023, 1000), stream_heads=(True, False, False, True)),
