@@ -8,15 +8,13 @@ from __future__ import annotations
 
 from ..lazy_exports import lazy_exports
 
-_LAZY = {
-    "evaluate": "lighttransfer.evaluation.eval_suite:evaluate",
-    "EvalResult": "lighttransfer.evaluation.eval_suite:EvalResult",
-    "EvalRow": "lighttransfer.evaluation.rows:EvalRow",
-    "standard_rows": "lighttransfer.evaluation.rows:standard_rows",
-    "masked_streaming": "lighttransfer.evaluation.masked_reference:masked_streaming",
-    "wilson_interval": "lighttransfer.evaluation.stats:wilson_interval",
-    "paired_difference": "lighttransfer.evaluation.stats:paired_difference",
+# public name -> "module:attribute", resolved on first use
+_MODULES = {
+    "eval_suite": ("evaluate", "EvalResult"),
+    "rows": ("EvalRow", "standard_rows"),
+    "masked_reference": ("masked_streaming",),
 }
+_LAZY = {name: f"lighttransfer.evaluation.{module}:{name}" for module, names in _MODULES.items() for name in names}
 
 __all__ = list(_LAZY)
 
