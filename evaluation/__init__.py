@@ -1,0 +1,1 @@
+"""Evaluation suites for lighttransfer models."""
