@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import random
 import tempfile
@@ -116,7 +117,7 @@ class RulerResult:
 
     Attributes:
         samples: one outcome per sample, in run order: task, length, index, depth, score, prediction,
-            answers, new_tokens (so two runs on the same samples can be paired).
+            answers, new_tokens; ``to_dict`` adds ``outcomes``, the scores alone, to pair two runs.
         by_task: mean score per task.
         by_task_length: ``{task: {str(length): mean score}}``.
         average: the mean of the per-task means.
@@ -136,7 +137,8 @@ class RulerResult:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict with sorted keys."""
-        d = {"samples": [dict(sorted(o.items())) for o in self.samples], "by_task": self.by_task,
+        d = {"samples": [dict(sorted(o.items())) for o in self.samples],
+             "outcomes": [o["score"] for o in self.samples], "by_task": self.by_task,
              "by_task_length": self.by_task_length, "average": self.average,
              "schema_version": self.schema_version}
         return dict(sorted(d.items()))
@@ -168,7 +170,10 @@ def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos: set[i
     keyword = cache_keyword(model)
     device = next(model.parameters()).device
     ids = torch.tensor(input_ids, dtype=torch.long, device=device)
-    out = model(ids[None], use_cache=True)
+    # only the last position's logits: a full [seq, vocab] block would not fit at long lengths
+    keeps = "logits_to_keep" in inspect.signature(type(model).forward).parameters
+    last_only = {"logits_to_keep": 1} if keeps else {}
+    out = model(ids[None], use_cache=True, **last_only)
     if after_prefill is not None:
         after_prefill()
     new: list[int] = []
@@ -181,7 +186,7 @@ def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos: set[i
 
 
 def run_samples(sequence: Callable, samples: Sequence[RulerSample], *, tokenizer, eos_token_id=None,
-                on_sample: Callable[[int, dict], None] | None = None) -> dict:
+                on_sample: Callable[[], None] | None = None) -> dict:
     """Generate greedily for each sample and score it; returns :meth:`RulerResult.to_dict`.
 
     Args:
@@ -191,14 +196,19 @@ def run_samples(sequence: Callable, samples: Sequence[RulerSample], *, tokenizer
         samples: from :func:`build_samples`.
         tokenizer: decodes the new tokens (``decode(ids, skip_special_tokens=True)``).
         eos_token_id: an id or ids that end generation; the tokenizer's ``eos_token_id`` when None.
-        on_sample: called as ``on_sample(i, outcome)`` after each sample.
+        on_sample: called with no argument after each sample (a progress tick, as in the passkey eval).
+
+    Returns:
+        ``{"samples": [outcome per sample, in order], "outcomes": [score per sample, in order], "by_task",
+        "by_task_length", "average", "schema_version"}``, scores in percent; ``outcomes`` pairs two rows that
+        answered the same samples.
     """
     import torch
 
     eos = _eos_ids(tokenizer, eos_token_id)
     outcomes: list[dict] = []
     with torch.inference_mode():
-        for i, sample in enumerate(samples):
+        for sample in samples:
             with sequence() as (model, after_prefill):
                 new = greedy_generate(model, sample.input_ids, sample.max_new_tokens, eos, after_prefill)
             prediction = tokenizer.decode(new, skip_special_tokens=True)
@@ -207,7 +217,7 @@ def run_samples(sequence: Callable, samples: Sequence[RulerSample], *, tokenizer
                        "new_tokens": len(new), "score": score(prediction, sample.answers, sample.metric)}
             outcomes.append(outcome)
             if on_sample is not None:
-                on_sample(i, outcome)
+                on_sample()
     return RulerResult.from_outcomes(outcomes).to_dict()
 
 
