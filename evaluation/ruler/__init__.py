@@ -14,24 +14,25 @@ Usage::
 
 Tasks (:data:`TASKS`; RULER's names, with the one exception of our QA task):
 
-============== ========================================================================= ======== ======
-task           what the prompt holds / what is asked                                     tokens   metric
-============== ========================================================================= ======== ======
-niah_single_1  one needle "A special magic number for <key> is: <7 digits>." in noise       128      all
-niah_single_2  the same in the essay haystack                                               128      all
-niah_single_3  essay, the value is a UUID                                                   128      all
-niah_multikey_1 essay, 4 needles with different keys, one asked about                       128      all
-niah_multikey_2 a haystack of distractor needles only (word keys, numbers)                  128      all
-niah_multikey_3 a haystack of needles only, UUID keys and UUID values                       128      all
-niah_multivalue essay, 4 needles with the same key; all 4 values asked for                  128      all
-niah_multiquery essay, 4 keys, all 4 asked at once                                          128      all
-vt             noise with ``VAR A = 12345.`` ``VAR B = VAR A.`` (1 chain, 1 hop): which      30      all
-               variables hold 12345?
-cwe            a numbered word list, 10 words far more frequent: name them                   120      all
-fwe            coded words with Zipf(2) counts: name the 3 most frequent                      50      all
-qa_haystack    ours ("lighttransfer-qa"): a sentence of the essay with a name is planted;     32     part
-               which name is in the sentence that begins with "<its first words>"?
-============== ========================================================================= ======== ======
+================ ====================================================================== ====== ======
+task             what the prompt holds / what is asked                                  tokens metric
+================ ====================================================================== ====== ======
+niah_single_1    one needle "A special magic number for <key> is: <7 digits>." in noise    128   all
+niah_single_2    the same in the essay haystack                                            128   all
+niah_single_3    essay, the value is a UUID                                                128   all
+niah_multikey_1  essay, 4 needles with different keys, one asked about                     128   all
+niah_multikey_2  a haystack of distractor needles only (word keys, numbers)                128   all
+niah_multikey_3  a haystack of needles only, UUID keys and UUID values                     128   all
+niah_multivalue  essay, 4 needles with the same key; all 4 values asked for                128   all
+niah_multiquery  essay, 4 keys, all 4 asked at once                                        128   all
+vt               noise with ``VAR A = 12345.`` ``VAR B = VAR A.`` (1 chain, 1 hop):         30   all
+                 which variables hold 12345?
+cwe              a numbered word list, 10 words far more frequent: name them               120   all
+fwe              coded words with Zipf(2) counts: name the 3 most frequent                  50   all
+qa_haystack      ours ("lighttransfer-qa"): a sentence of the essay with a (not too         32   part
+                 frequent) name is planted; which name is in the sentence that begins
+                 with "<its first words>"?
+================ ====================================================================== ====== ======
 
 Haystacks (:mod:`.haystack`): ``noise`` repeats "The grass is green. The sky is blue. The sun is yellow.
 Here we go. There and back again."; ``essay`` is real text passed by the caller (by default lighttransfer's

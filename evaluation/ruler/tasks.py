@@ -23,12 +23,15 @@ Families (the defaults of :data:`.suite.TASKS` in brackets):
   never occurs in the text, titles such as "Mr" excluded) is planted at a random depth of the haystack, and
   the question quotes its first words (which hold no name and occur nowhere else in the essay) and asks
   which name the sentence contains [qa_haystack: 32 tokens, metric part over the sentence's names].
+  Sentences whose names are all outside the essay's 10 most frequent names are preferred, so that naming
+  the main character is not a good guess.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -366,16 +369,19 @@ _WORD = re.compile(r"[A-Za-z]+")
 
 
 @lru_cache(maxsize=4)
-def _qa_index(text: str) -> tuple[tuple[str, ...], frozenset[str], str]:
-    """``(sentences, names, normalized text)`` of an essay; names as defined in the module docstring."""
+def _qa_index(text: str) -> tuple[tuple[str, ...], frozenset[str], frozenset[str], str]:
+    """``(sentences, names, frequent names, normalized text)`` of an essay (names: see the module docstring).
+
+    The frequent names are the 10 most frequent ones; a model that guesses a main character's name would
+    often be right if they were answers, so sentences without them are preferred.
+    """
     norm = normalize(text)
-    lower = {w for w in _WORD.findall(norm) if w.islower()}
-    names = frozenset(
-        w for w in _WORD.findall(norm)
-        if len(w) >= 3 and w[0].isupper() and w[1:].islower() and w.lower() not in lower
-        and w.lower() not in _TITLES
-    )
-    return tuple(split_sentences(norm)), names, norm
+    tokens = _WORD.findall(norm)
+    lower = {w for w in tokens if w.islower()}
+    counts = Counter(w for w in tokens if len(w) >= 3 and w[0].isupper() and w[1:].islower()
+                     and w.lower() not in lower and w.lower() not in _TITLES)
+    frequent = frozenset(w for w, _ in counts.most_common(10))
+    return tuple(split_sentences(norm)), frozenset(counts), frequent, norm
 
 
 @dataclass(frozen=True)
@@ -404,8 +410,9 @@ class PlantedSentenceQA:
 
     def pick(self, rng: random.Random, text: str) -> tuple[str, str, list[str]]:
         """``(sentence, quoted prefix, names)`` for a random qualifying sentence of ``text``."""
-        sentences, names, norm = _qa_index(text)
-        for _ in range(5000):
+        sentences, names, frequent, norm = _qa_index(text)
+        for attempt in range(6000):
+            avoid = frequent if attempt < 3000 else frozenset()
             sentence = sentences[rng.randrange(len(sentences))]
             words = sentence.split()
             if not self.min_words <= len(words) <= self.max_words or not sentence[0].isalpha():
@@ -415,7 +422,7 @@ class PlantedSentenceQA:
                 if any(w in names for w in _WORD.findall(" ".join(head))):
                     break
                 found = [w for w in _WORD.findall(" ".join(words[k:])) if w in names]
-                if not found:
+                if not found or any(w in avoid for w in found):
                     break
                 prefix = " ".join(head)
                 if norm.count(prefix) == 1:
