@@ -120,6 +120,14 @@ class _Bar:
                    "keys, depths and filler, the first fills the main columns and the plots. The gate optimization "
                    f"trains on {', '.join(TRAINING_TEMPLATES)} by default; {' and '.join(HELD_OUT_TEMPLATES)} "
                    "stay out of training (held-out formats).")
+@click.option("--suite", default="perplexity,passkey", show_default=True, metavar="PARTS",
+              help="What to measure, comma-separated, of perplexity, passkey and ruler (RULER-style tasks generated "
+                   "from --text and fitted to the tokenizer at every --lengths).")
+@click.option("--ruler-tasks", default=None, metavar="NAMES",
+              help="With --suite ruler: the tasks, comma-separated [default: all: niah_single_1..3, niah_multikey_1..3, "
+                   "niah_multivalue, niah_multiquery, vt, cwe, fwe, qa_haystack].")
+@click.option("--samples", "ruler_samples", type=int, default=25, show_default=True,
+              help="With --suite ruler: samples per task and length.")
 @click.option("--rows", default=",".join(("original", "lighttransfer", "random", "least-lazy", "streamingllm",
                                           "prefill-full", "online")), show_default=True,
               help="Rows to compare, comma-separated. " + "; ".join(f"{k}: {v}" for k, v in ROW_KINDS.items())
@@ -137,9 +145,14 @@ class _Bar:
 @model_options
 @verbosity_options
 def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_windows, passkey_lengths,
-             passkey_depths, passkey_trials, passkey_format, rows, ratio, sink, window, backend, seed, out, device, dtype,
+             passkey_depths, passkey_trials, passkey_format, suite, ruler_tasks, ruler_samples, rows, ratio, sink, window, backend, seed, out, device, dtype,
              trust_remote_code):
-    """Perplexity and passkey retrieval of a hybrid against the original and baseline selections."""
+    """Perplexity, passkey retrieval and RULER-style tasks of a hybrid against the original and baselines.
+
+    \b
+    Example:
+      lighttransfer eval hybrid/ --baseline model/ --text book.txt --suite ruler --lengths 4k,8k --samples 25
+    """
     from ..evaluation.eval_report import markdown_report
     from ..evaluation.eval_suite import evaluate as run_eval
     from ..evaluation.eval_suite import output_paths
@@ -154,6 +167,7 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
         passkey_lengths=int_list(passkey_lengths, "--passkey-lengths"), passkey_depths_count=passkey_depths,
         passkey_trials=passkey_trials, passkey_format=passkey_format, rows=[r.strip() for r in rows.split(",") if r.strip()], ratio=ratio,
         sink=sink, window=window, backend=backend, seed=seed, device=device, dtype=dtype, out=out,
+        suite=suite, ruler_tasks=ruler_tasks, ruler_samples=ruler_samples,
     )
     if is_quiet():
         result = run_eval(**kwargs)

@@ -60,7 +60,7 @@ def markdown_report(result) -> str:
     if paired:
         header.append("vs original, points (95% CI)")
     header += [f"{fmt} all" for fmt in extra]
-    kv_lengths = sorted({*result.lengths, *result.passkey_lengths})
+    kv_lengths = sorted({*result.lengths, *result.passkey_lengths, *getattr(result, "ruler_lengths", [])})
     header += [f"KV @{L}" for L in kv_lengths]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in result.rows:
@@ -88,6 +88,8 @@ def markdown_report(result) -> str:
                       for f in extra]
         cells += [f"{100 * row['kv_fraction'][str(L)]:.1f}%" for L in kv_lengths]
         lines.append("| " + " | ".join(cells) + " |")
+    if getattr(result, "ruler_lengths", None):
+        lines += ["", *_ruler_section(result)]
     lines += ["", "Layers per row:", ""]
     for row in result.rows:
         if row["name"] == "original":
@@ -110,6 +112,80 @@ def markdown_report(result) -> str:
                 lines.append(f"| {float(d):.2f} | " + " | ".join(_pct(grid[L][d]) for L in lens) + " |")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _ruler_section(result) -> list[str]:
+    """RULER-style scores: rows x tasks (mean over lengths), the average, and the paired difference to the
+    original; then each row's task x length grid."""
+    from .ruler import task_order
+    from .stats import paired_difference
+
+    rows = [r for r in result.rows if "ruler" in r]
+    tasks = task_order(t for r in rows for t in r["ruler"]["by_task"])
+    original = next((r["ruler"] for r in rows if r["name"] == "original"), None)
+    lines = [f"RULER-style tasks (ours, generated from {result.text}; {result.ruler_samples} samples per task and "
+             f"length at {', '.join(map(str, result.ruler_lengths))} tokens; RULER's string_match_all / _part, %):",
+             "", "| row | " + " | ".join(tasks) + " | average |" + (" vs original, points (95% CI) |" if original else ""),
+             "|---" * (len(tasks) + 2 + bool(original)) + "|"]
+    for row in rows:
+        r = row["ruler"]
+        cells = [f"{r['by_task'][t]:.1f}" if t in r["by_task"] else "-" for t in tasks]
+        line = f"| {row['name']} | " + " | ".join(cells) + f" | {r['average']:.1f} |"
+        if original:
+            a, b = r.get("outcomes") or [], original.get("outcomes") or []
+            if a and len(a) == len(b):
+                diff, low, high = paired_difference([x / 100 for x in a], [x / 100 for x in b])
+                line += f" {100 * diff:+.1f} ({100 * low:+.1f} to {100 * high:+.1f}) |"
+            else:
+                line += " - |"
+        lines.append(line)
+    lines += ["", "By length (rows: task; columns: tokens):", ""]
+    for row in rows:
+        grid = row["ruler"]["by_task_length"]
+        lens = [str(L) for L in result.ruler_lengths]
+        lines += [f"**{row['name']}**", "", "| task | " + " | ".join(lens) + " |", "|---|" + "---|" * len(lens)]
+        lines += [f"| {t} | " + " | ".join(f"{grid[t][L]:.0f}" if L in grid.get(t, {}) else "-" for L in lens) + " |"
+                  for t in tasks]
+        lines.append("")
+    return lines
+
+
+def plot_ruler(result, path: Path) -> bool:
+    """One task x length heatmap per row (scores 0-100). Returns False without matplotlib."""
+    plt = _plt()
+    if plt is None:
+        return False
+    from .ruler import task_order
+
+    rows = [r for r in result.rows if "ruler" in r]
+    if not rows:
+        return False
+    tasks = task_order(t for r in rows for t in r["ruler"]["by_task_length"])
+    lens = [str(L) for L in result.ruler_lengths]
+    cols = min(4, len(rows))
+    nrows = (len(rows) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(max(6.0, (1.5 + 0.8 * len(lens)) * cols), (1.0 + 0.35 * len(tasks)) * nrows),
+                             squeeze=False)
+    for ax, row in zip(axes.flat, rows, strict=False):
+        grid = row["ruler"]["by_task_length"]
+        data = [[grid.get(t, {}).get(L, float("nan")) for L in lens] for t in tasks]
+        ax.imshow(data, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lens)), lens)
+        ax.set_yticks(range(len(tasks)), tasks if ax in axes[:, 0] else [""] * len(tasks), fontsize=7)
+        for i, values in enumerate(data):
+            for j, v in enumerate(values):
+                if v == v:
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7)
+        ax.set_title(f"{row['name']} ({row['ruler']['average']:.1f})", fontsize=9)
+        ax.set_xlabel("tokens")
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.suptitle(f"RULER-style tasks, {result.model_id}, ratio {result.ratio:.2f}, S={result.sink} W={result.window}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+    return True
 
 
 def _plt():
@@ -176,4 +252,4 @@ def plot_perplexity(result, path: Path) -> bool:
     return True
 
 
-__all__ = ["markdown_report", "plot_passkey", "plot_perplexity"]
+__all__ = ["markdown_report", "plot_passkey", "plot_perplexity", "plot_ruler"]

@@ -1,4 +1,5 @@
-"""``evaluate``: perplexity and passkey retrieval for every row (original, this conversion, baselines).
+"""``evaluate``: perplexity, passkey retrieval and the RULER-style tasks for every row (original, this conversion,
+baselines), every row on the same samples.
 
 All rows stream the same number of layers with the same sink and window, so they differ only in *which* layers
 stream or in the prefill policy; each row's KV budget is reported at every length.
@@ -41,8 +42,9 @@ class EvalResult:
 
     ``rows[i]`` holds the row's definition plus ``kv_fraction {length: fraction}``,
     ``perplexity {length: {ppl, nll, tokens, windows}}``, ``passkey {accuracy, n, by_length, grid}`` (the first
-    wording of :attr:`passkey_formats`) and ``passkey_by_format {wording: {...}}`` (every wording, the same keys,
-    depths and filler offsets in each).
+    wording of :attr:`passkey_formats`), ``passkey_by_format {wording: {...}}`` (every wording, the same keys,
+    depths and filler offsets in each) and, with ``ruler`` in :attr:`suite`, ``ruler {samples, outcomes, by_task,
+    by_task_length, average}`` (scores in percent, :func:`lighttransfer.evaluation.ruler.run_samples`).
     """
 
     model_id: str
@@ -62,6 +64,10 @@ class EvalResult:
     hybrid: str | None = None
     passkey_format: str = "passkey"
     passkey_formats: list[str] = field(default_factory=list)
+    suite: list[str] = field(default_factory=lambda: ["perplexity", "passkey"])
+    ruler_lengths: list[int] = field(default_factory=list)
+    ruler_tasks: list[str] = field(default_factory=list)
+    ruler_samples: int = 0
     schema_version: int = SCHEMA_VERSION
 
     def row(self, name: str) -> dict[str, Any]:
@@ -148,6 +154,10 @@ def evaluate(
     out: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     on_row: Callable[[EvalResult], None] | None = None,
+    suite: str | Sequence[str] = ("perplexity", "passkey"),
+    ruler_tasks: str | Sequence[str] | None = None,
+    ruler_samples: int = 25,
+    ruler_lengths: Sequence[int] | None = None,
 ) -> EvalResult:
     """Perplexity and passkey accuracy of every row, with each row's KV budget.
 
@@ -171,6 +181,12 @@ def evaluate(
         out: write ``<out>.json``, ``.md`` and plots (``out`` ending in ``.json``) or into directory ``out``.
         progress: receives ``start(total)`` and ``step(description)``.
         on_row: called with the result so far after each row (e.g. to keep a copy of a long run).
+        suite: what to measure, of ``perplexity``, ``passkey`` and ``ruler`` (a comma-separated string or a
+            sequence); ``ruler`` runs the RULER-style tasks (:mod:`lighttransfer.evaluation.ruler`), generated
+            from ``text`` and fitted to the tokenizer, ``ruler_samples`` per task and length.
+        ruler_tasks: the RULER tasks (default: all of them).
+        ruler_samples: samples per (task, length).
+        ruler_lengths: prompt lengths of the RULER tasks (default: ``lengths``).
     """
     import torch
 
@@ -178,7 +194,22 @@ def evaluate(
     from ..loading import load_config, load_model, resolve_model_source
     from .backends import MaskedBackend, RuntimeBackend
 
+    suite = check_suite(suite)
     lengths = _check_lengths(lengths, "--lengths")
+    ruler_lengths = _check_lengths(ruler_lengths if ruler_lengths is not None else lengths, "--lengths")
+    task_names: list[str] = []
+    if "ruler" in suite:
+        from .ruler import DEFAULT_TASKS, check_tasks
+
+        task_names = check_tasks(ruler_tasks if ruler_tasks is not None else DEFAULT_TASKS)
+        if isinstance(ruler_samples, bool) or not isinstance(ruler_samples, int) or ruler_samples < 1:
+            raise LightTransferError(f"--samples must be a whole number of at least 1, got {ruler_samples!r}.")
+    if "perplexity" not in suite:
+        lengths = []
+    if "ruler" not in suite:
+        ruler_lengths = []
+    if "passkey" not in suite:
+        passkey_lengths = ()
     formats = check_templates(passkey_format, option="--passkey-format")
     passkey_lengths = _check_lengths(passkey_lengths, "--passkey-lengths", allow_empty=True)
     if backend not in ("masked", "runtime"):
@@ -207,7 +238,7 @@ def evaluate(
             "pass the model the hybrid was converted from."
         )
     max_pos = getattr(config, "max_position_embeddings", None)
-    too_long = [L for L in [*lengths, *passkey_lengths] if max_pos and L > max_pos]
+    too_long = [L for L in [*lengths, *passkey_lengths, *ruler_lengths] if max_pos and L > max_pos]
     if too_long:
         raise LightTransferError(f"lengths {too_long} exceed the model's {max_pos} positions; use shorter lengths.")
 
@@ -232,8 +263,15 @@ def evaluate(
     samples = {fmt: passkey_samples(tokenizer, body, lengths=passkey_lengths, depths=depths, trials=passkey_trials,
                                     seed=seed, template=fmt) for fmt in formats} if passkey_lengths else {}
 
+    ruler_set = []
+    if ruler_lengths:
+        from .ruler import build_samples
+
+        ruler_set = build_samples(tokenizer, lengths=ruler_lengths, samples_per_task=ruler_samples, tasks=task_names,
+                                  essay_text=body, seed=seed)
     runner = MaskedBackend(model) if backend == "masked" else RuntimeBackend(model)
-    total = len(eval_rows) * (sum(len(w) for w in windows.values()) + sum(map(len, samples.values())))
+    total = len(eval_rows) * (sum(len(w) for w in windows.values()) + sum(map(len, samples.values()))
+                              + len(ruler_set))
     if progress is not None:
         progress.start(total)
 
@@ -243,12 +281,14 @@ def evaluate(
         passkey_depths=depths, passkey_trials=passkey_trials, text=f"{Path(text).name}"
         + (f" lines {text_lines[0]}-{text_lines[1]}" if text_lines else ""), backend=backend,
         environment=environment(next(model.parameters()).device), hybrid=str(hybrid) if hybrid else None,
-        passkey_format=formats[0], passkey_formats=list(formats),
+        passkey_format=formats[0], passkey_formats=list(formats), suite=list(suite),
+        ruler_lengths=list(ruler_lengths), ruler_tasks=task_names, ruler_samples=ruler_samples if ruler_set else 0,
     )
     for row in eval_rows:
         t0 = time.perf_counter()
         entry = row.to_dict()
-        entry["kv_fraction"] = {str(L): row.kv_fraction(L) for L in sorted({*lengths, *passkey_lengths})}
+        entry["kv_fraction"] = {str(L): row.kv_fraction(L)
+                                for L in sorted({*lengths, *passkey_lengths, *ruler_lengths})}
 
         def sequence(row=row):
             return runner.sequence(row)
@@ -263,6 +303,11 @@ def evaluate(
                 step = (lambda row=row, fmt=fmt: progress.step(f"{row.name}: {fmt}")) if progress else None
                 entry["passkey_by_format"][fmt] = passkey_accuracy(sequence, fmt_samples, on_sample=step)
             entry["passkey"] = entry["passkey_by_format"][formats[0]]
+        if ruler_set:
+            from .ruler import run_samples
+
+            step = (lambda row=row: progress.step(f"{row.name}: ruler")) if progress else None
+            entry["ruler"] = run_samples(sequence, ruler_set, tokenizer=tokenizer, on_sample=step)
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         runner.release(row)
         log.info("row %s done in %.0f s", row.name, entry["seconds"])
@@ -273,6 +318,20 @@ def evaluate(
     if out is not None:
         write_outputs(result, out)
     return result
+
+
+SUITE_PARTS = ("perplexity", "passkey", "ruler")
+
+
+def check_suite(suite: str | Sequence[str]) -> list[str]:
+    """``"perplexity,ruler"`` (or a sequence) as a list in :data:`SUITE_PARTS` order; one-line error otherwise."""
+    names = [s.strip() for s in suite.split(",")] if isinstance(suite, str) else [str(s).strip() for s in suite]
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in SUITE_PARTS]
+    if unknown or not names:
+        raise LightTransferError(f"--suite {','.join(names) or repr('')}: choose one or more of "
+                                 f"{', '.join(SUITE_PARTS)}, comma-separated.")
+    return [n for n in SUITE_PARTS if n in names]
 
 
 def _check_lengths(values: Sequence[int], option: str, *, allow_empty: bool = False) -> list[int]:
@@ -347,21 +406,23 @@ def output_paths(out: str | os.PathLike[str]) -> dict[str, Path]:
         "md": parent / f"{stem}.md",
         "passkey_png": parent / f"{stem}_passkey.png",
         "ppl_png": parent / f"{stem}_perplexity.png",
+        "ruler_png": parent / f"{stem}_ruler.png",
     }
 
 
 def write_outputs(result: EvalResult, out: str | os.PathLike[str]) -> dict[str, Path]:
     """Write JSON, markdown and plots; all files appear together or not at all."""
-    from .eval_report import markdown_report, plot_passkey, plot_perplexity
+    from .eval_report import markdown_report, plot_passkey, plot_perplexity, plot_ruler
 
     paths = output_paths(out)
     publish_together({
         paths["json"]: lambda p: write_json(p, result.to_dict()),
         paths["md"]: lambda p: p.write_text(markdown_report(result)),
         paths["passkey_png"]: lambda p: bool(result.passkey_lengths) and plot_passkey(result, p),
-        paths["ppl_png"]: lambda p: plot_perplexity(result, p),
+        paths["ppl_png"]: lambda p: bool(result.lengths) and plot_perplexity(result, p),
+        paths["ruler_png"]: lambda p: bool(result.ruler_lengths) and plot_ruler(result, p),
     })
     return {k: v for k, v in paths.items() if v.exists()}
 
 
-__all__ = ["evaluate", "EvalResult", "Progress", "read_text", "write_outputs", "output_paths", "SCHEMA_VERSION"]
+__all__ = ["evaluate", "check_suite", "SUITE_PARTS", "EvalResult", "Progress", "read_text", "write_outputs", "output_paths", "SCHEMA_VERSION"]

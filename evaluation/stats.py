@@ -33,19 +33,20 @@ def wilson_interval(hits: int, n: int, z: float = Z95) -> tuple[float, float]:
     return low, high
 
 
-def paired_difference(a: Sequence[bool], b: Sequence[bool], z: float = Z95) -> tuple[float, float, float]:
+def paired_difference(a: Sequence[float], b: Sequence[float], z: float = Z95) -> tuple[float, float, float]:
     """Mean per-prompt difference ``a - b`` of two rows answering the same prompts, with a normal-approximation
     interval: ``(difference, low, high)`` in shares (multiply by 100 for points).
 
-    Each prompt contributes ``a_i - b_i`` in {-1, 0, 1}; prompts both rows get right or wrong add nothing to the
-    spread, which is why the paired interval is tighter than two separate ones.
+    Outcomes are pass/fail (bools) or partial scores in [0, 1] (RULER's string_match_all). Each prompt
+    contributes ``a_i - b_i`` in [-1, 1]; prompts both rows score alike add nothing to the spread, which is why the
+    paired interval is tighter than two separate ones.
     """
     if len(a) != len(b):
         raise ValueError(f"paired rows must answer the same prompts, got {len(a)} and {len(b)} outcomes.")
     n = len(a)
     if n == 0:
         return 0.0, -1.0, 1.0
-    d = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
+    d = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
     mean = sum(d) / n
     var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
     half = z * math.sqrt(var / n)

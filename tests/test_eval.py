@@ -473,3 +473,36 @@ def test_eval_off_a_terminal_logs_plain_progress_lines(tiny_dir_with_tokenizer, 
     ], capsys)
     assert code == 0, err
     assert "eval: 2/2 (" in err  # the last step is always logged, with its description
+
+
+def test_eval_runs_the_ruler_suite_on_every_row(tiny_dir_with_tokenizer, text_file, tmp_path, capsys, report_file,
+                                                monkeypatch):
+    """``--suite ruler``: one task of each family (every task is generated and scored in test_ruler.py), the same
+    samples for every row, scores, the paired column and the heatmap."""
+    TASKS = ("niah_single_1", "vt", "fwe")
+    data = _stub_eval(tiny_dir_with_tokenizer, text_file, tmp_path / "ruler.json", capsys, report_file, monkeypatch,
+                      "--suite", "ruler", "--ruler-tasks", ",".join(TASKS), "--lengths", "700", "--samples", "1",
+                      "--rows", "original,lighttransfer")
+    assert data["suite"] == ["ruler"] and data["ruler_lengths"] == [700] and data["lengths"] == []
+    assert data["ruler_tasks"] == list(TASKS) and data["ruler_samples"] == 1
+    original, hybrid = (row["ruler"] for row in data["rows"])
+    assert set(original["by_task"]) == set(TASKS) and len(original["outcomes"]) == len(TASKS)
+    assert [s["answers"] for s in original["samples"]] == [s["answers"] for s in hybrid["samples"]]
+    assert all(0 <= x <= 100 for x in original["outcomes"] + hybrid["outcomes"])
+    assert "perplexity" not in data["rows"][0] or data["rows"][0]["perplexity"] == {}
+    md = (tmp_path / "ruler.md").read_text()
+    assert "RULER-style tasks" in md and "| lighttransfer |" in md and "vs original, points (95% CI)" in md
+    assert (tmp_path / "ruler_ruler.png").stat().st_size > 0 and not (tmp_path / "ruler_perplexity.png").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--suite", "perplexity,rulers"], "--suite"),
+    (["--suite", "ruler", "--ruler-tasks", "niah_single_9"], "unknown RULER task"),
+    (["--suite", "ruler", "--samples", "0"], "--samples"),
+], ids=["suite", "task", "samples"])
+def test_eval_ruler_options_are_checked_before_any_work(tiny_dir_with_tokenizer, text_file, tmp_path, capsys,
+                                                        args, message):
+    code, _, err = run_cli(["eval", "--baseline", str(tiny_dir_with_tokenizer), "--text", str(text_file),
+                            "--device", "cpu", "--out", str(tmp_path / "x.json"), *args], capsys)
+    assert code != 0 and message in err and "Traceback" not in err
+    assert not (tmp_path / "x.json").exists()

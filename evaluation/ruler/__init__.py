@@ -69,10 +69,12 @@ from .suite import (
     heatmap,
     markdown_table,
     run_samples,
+    task_order,
 )
 from .tasks import CommonWords, FrequentWords, NeedleTask, PlantedSentenceQA, VariableTracking
 
 __all__ = [
+    "task_order",
     "DEFAULT_TASKS",
     "NOISE",
     "TASKS",

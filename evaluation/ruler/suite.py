@@ -221,7 +221,7 @@ def run_samples(sequence: Callable, samples: Sequence[RulerSample], *, tokenizer
     return RulerResult.from_outcomes(outcomes).to_dict()
 
 
-def _task_order(names: Iterable[str]) -> list[str]:
+def task_order(names: Iterable[str]) -> list[str]:
     names = set(names)
     return [t for t in TASKS if t in names] + sorted(names - set(TASKS))
 
@@ -238,7 +238,7 @@ def markdown_table(results_by_row: dict[str, dict]) -> str:
 
     Values are percentages with one decimal; a task a row did not run shows as ``-``.
     """
-    tasks = _task_order(t for r in results_by_row.values() for t in r.get("by_task", {}))
+    tasks = task_order(t for r in results_by_row.values() for t in r.get("by_task", {}))
     lines = ["| row | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
     for row, result in results_by_row.items():
         cells, values = [], []
@@ -260,7 +260,7 @@ def heatmap(result: dict, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     cells = result.get("by_task_length", {})
-    tasks = _task_order(cells)
+    tasks = task_order(cells)
     lengths = sorted({int(n) for t in tasks for n in cells[t]})
     grid = [[cells[t].get(str(n), float("nan")) for n in lengths] for t in tasks]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * max(len(lengths), 1), 1.0 + 0.4 * max(len(tasks), 1)))
@@ -291,4 +291,4 @@ def heatmap(result: dict, path: str | os.PathLike) -> Path:
 
 
 __all__ = ["DEFAULT_TASKS", "RulerResult", "TASKS", "build_samples", "check_tasks", "greedy_generate",
-           "heatmap", "markdown_table", "run_samples", "sample_seed"]
+           "heatmap", "markdown_table", "run_samples", "sample_seed", "task_order"]

@@ -8,7 +8,12 @@ import pytest
 import torch
 from kernel_error_policy import DEVICE, DTYPE_IDS, DTYPES, assert_within_policy
 from lighttransfer.errors import LightTransferError
-from lighttransfer.kernels import MAX_HEAD_DIM, streaming_attention_reference, streaming_decode, streaming_decode_reference
+from lighttransfer.kernels import (
+    MAX_HEAD_DIM,
+    streaming_attention_reference,
+    streaming_decode,
+    streaming_decode_reference,
+)
 from lighttransfer.kernels.reference import decode_visibility, masked_attention
 
 
