@@ -261,15 +261,14 @@ def optimize_head_gates(
     Returns:
         :class:`HeadGateResult` with ``gates [num_layers][num_kv_heads]`` in [0, 1].
     """
+    from ..architecture import model_shape
     from ..loading import model_fingerprint
 
     _check_args(samples=samples if rows is None else rows.input_ids.shape[0],
                 seq_len=seq_len if rows is None else rows.input_ids.shape[1], sink=sink, window=window,
                 steps=steps, lr=lr, l1=l1)
-    config = model.config
-    layers = config.num_hidden_layers
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    max_pos = getattr(config, "max_position_embeddings", None)
+    shape = model_shape(model.config)
+    layers, kv_heads, max_pos = shape.num_layers, shape.num_kv_heads, shape.max_positions
     if rows is None:
         if max_pos and seq_len > max_pos:
             raise LightTransferError(f"--seq-len {seq_len} is beyond the model's {max_pos} positions.")
@@ -334,7 +333,7 @@ def optimize_head_gates(
         },
         timings={"targets": round(targets_s, 3), "optimize": round(optimize_s, 3),
                  "per_step": round(optimize_s / steps, 4)},
-        model_id=getattr(config, "_name_or_path", "") or type(model).__name__,
+        model_id=getattr(model.config, "_name_or_path", "") or type(model).__name__,
         fingerprint=model_fingerprint(model),
     )
 

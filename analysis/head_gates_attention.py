@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..architecture import model_shape
 from ..errors import LightTransferError
 from ..kernels.mask import streaming_mask
 from .capture import attention_configs
@@ -131,9 +132,8 @@ def gated_attention(model: torch.nn.Module, gates: torch.Tensor, *, sink: int, w
 
     The model's attention implementation is restored on exit, also when the block raises.
     """
-    config = model.config
-    layers = config.num_hidden_layers
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    shape = model_shape(model.config)
+    layers, kv_heads = shape.num_layers, shape.num_kv_heads
     if tuple(gates.shape) != (layers, kv_heads):
         raise LightTransferError(
             f"gates have shape {tuple(gates.shape)}, the model needs [{layers}, {kv_heads}] (layers x KV heads)."

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..architecture import model_shape
 from ..errors import LightTransferError
 from .aggregate import kv_head_stats, layer_stats, query_head_stats, rank_layers
 from .capture import capture_lazy_mass
@@ -53,14 +54,12 @@ def check_params(*, seq_len: int, samples: int, batch: int, sink: int, window: i
 
 def max_positions(model) -> int | None:
     """The model's maximum positions (``max_position_embeddings``), or ``None`` when it does not say."""
-    value = getattr(model.config, "max_position_embeddings", None)
-    return int(value) if value else None
+    return model_shape(model.config).max_positions
 
 
 def _attention_shape(model) -> tuple[int, int, int]:
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    return cfg.num_hidden_layers, heads, getattr(cfg, "num_key_value_heads", None) or heads
+    shape = model_shape(model.config)
+    return shape.num_layers, shape.num_heads, shape.num_kv_heads
 
 
 def _input_device(model) -> torch.device:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..architecture import model_shape
 from ..compat import cache_keyword
 from ..environment import environment
 from ..errors import LightTransferError
@@ -250,8 +251,8 @@ def benchmark(
                             with_tokenizer=False)
         model, model_id = loaded.model, loaded.model_id
     config = model.config
-    num_layers = config.num_hidden_layers
-    max_pos = getattr(config, "max_position_embeddings", None)
+    shape = model_shape(config, source=f"'{baseline}'")
+    num_layers, max_pos = shape.num_layers, shape.max_positions
     if max_pos and max(contexts) + decode_steps + 2 > max_pos:
         raise LightTransferError(f"context {max(contexts)} (+ decode steps) exceeds the model's {max_pos} positions.")
 

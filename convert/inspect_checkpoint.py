@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..architecture import native_sliding_windows
+from ..architecture import model_shape, native_sliding_windows, text_config
 from ..errors import LightTransferError
 from ..hybrid_format import (
     CONFIG_KEY,
@@ -53,12 +53,6 @@ class InspectResult:
         }
 
 
-def _text_config(config: dict) -> dict:
-    # multimodal wrappers keep the language model's shape under text_config
-    inner = config.get("text_config")
-    return inner if isinstance(inner, dict) and "num_hidden_layers" in inner else config
-
-
 def inspect_checkpoint(path: str | os.PathLike[str], *, tokens: tuple[int, ...] = DEFAULT_TOKENS,
                        dtype: str | None = None) -> InspectResult:
     """Read the hybrid layout of the checkpoint at ``path`` and size its KV cache.
@@ -85,11 +79,8 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, tokens: tuple[int, ...] 
             f"'{config_path.parent}' is a plain model, not a hybrid: its config.json has no '{CONFIG_KEY}' block. "
             "Make one with `lighttransfer convert`."
         )
-    text = _text_config(config)
-    heads = text.get("num_attention_heads")
-    head_dim = text.get("head_dim") or (text["hidden_size"] // heads if heads and text.get("hidden_size") else None)
-    if not head_dim:
-        raise LightTransferError(f"'{config_path}' says neither head_dim nor hidden_size/num_attention_heads.")
+    text = text_config(config)
+    head_dim = model_shape(config, source=f"'{config_path}'").head_dim
     dtype = str(dtype or text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or "float32")
     dtype = dtype.removeprefix("torch.")
     if dtype not in DTYPE_BYTES:

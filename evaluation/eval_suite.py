@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..architecture import model_shape
 from ..calibration.passkey import check_templates
 from ..environment import environment
 from ..errors import LightTransferError
@@ -230,21 +231,18 @@ def evaluate(
     if tokenizer is None:
         raise LightTransferError(f"baseline '{baseline}' has no tokenizer; pass a model that ships one.")
     config = model.config
-    num_layers = config.num_hidden_layers
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    shape = model_shape(config, source=f"baseline '{baseline}'")
+    num_layers, num_kv_heads, max_pos = shape.num_layers, shape.num_kv_heads, shape.max_positions
     if hcfg is not None and hcfg.num_layers != num_layers:
         raise LightTransferError(
             f"hybrid '{hybrid}' has {hcfg.num_layers} layers but baseline '{baseline}' has {num_layers}; "
             "pass the model the hybrid was converted from."
         )
-    max_pos = getattr(config, "max_position_embeddings", None)
     too_long = [L for L in [*lengths, *passkey_lengths, *ruler_lengths] if max_pos and L > max_pos]
     if too_long:
         raise LightTransferError(f"lengths {too_long} exceed the model's {max_pos} positions; use shorter lengths.")
 
-    from ..architecture import native_sliding_windows
-
-    native = native_sliding_windows(config)
+    native = shape.native_windows
     if native:
         log.info("layers %s slide the model's own window: no row streams them, and --ratio is a share of the "
                  "others (as in convert)", ",".join(map(str, native)))
