@@ -150,44 +150,6 @@ def _ruler_section(result) -> list[str]:
     return lines
 
 
-def plot_ruler(result, path: Path) -> bool:
-    """One task x length heatmap per row (scores 0-100). Returns False without matplotlib."""
-    plt = _plt()
-    if plt is None:
-        return False
-    from .ruler import task_order
-
-    rows = [r for r in result.rows if "ruler" in r]
-    if not rows:
-        return False
-    tasks = task_order(t for r in rows for t in r["ruler"]["by_task_length"])
-    lens = [str(L) for L in result.ruler_lengths]
-    cols = min(4, len(rows))
-    nrows = (len(rows) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(max(6.0, (1.5 + 0.8 * len(lens)) * cols), (1.0 + 0.35 * len(tasks)) * nrows),
-                             squeeze=False)
-    for ax, row in zip(axes.flat, rows, strict=False):
-        grid = row["ruler"]["by_task_length"]
-        data = [[grid.get(t, {}).get(L, float("nan")) for L in lens] for t in tasks]
-        ax.imshow(data, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lens)), lens)
-        ax.set_yticks(range(len(tasks)), tasks if ax in axes[:, 0] else [""] * len(tasks), fontsize=7)
-        for i, values in enumerate(data):
-            for j, v in enumerate(values):
-                if v == v:
-                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7)
-        ax.set_title(f"{row['name']} ({row['ruler']['average']:.1f})", fontsize=9)
-        ax.set_xlabel("tokens")
-    for ax in list(axes.flat)[len(rows):]:
-        ax.axis("off")
-    fig.suptitle(f"RULER-style tasks, {result.model_id}, ratio {result.ratio:.2f}, S={result.sink} W={result.window}",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
-    return True
-
-
 def _plt():
     try:
         import matplotlib
@@ -199,36 +161,69 @@ def _plt():
     return plt
 
 
-def plot_passkey(result, path: Path) -> bool:
-    """One heatmap per row: passkey accuracy by depth (y) and length (x). Returns False without matplotlib."""
+def _heatmap_panels(result, path: Path, rows: list[dict], draw, *, title: str, panel_size: tuple[float, float],
+                    ylabel: str) -> bool:
+    """One heatmap panel per row, four to a line; ``draw(ax, row, first_column)`` fills a panel. Returns False
+    without matplotlib or rows."""
     plt = _plt()
-    if plt is None:
+    if plt is None or not rows:
         return False
-    import numpy as np
-
-    rows = [r for r in result.rows if "passkey" in r]
     cols = min(4, len(rows))
     nrows = (len(rows) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(max(6.0, 3.2 * cols), 3.0 * nrows), squeeze=False)
-    for ax, row in zip(axes.flat, rows, strict=False):
-        grid = row["passkey"]["grid"]
-        lens = list(grid)
-        depths = list(next(iter(grid.values())))
-        data = np.array([[grid[L][d] for L in lens] for d in depths])
-        ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lens)), lens)
-        ax.set_yticks(range(len(depths)), [f"{float(d):.0%}" for d in depths], fontsize=7)
-        ax.set_title(f"{row['name']} ({_pct(row['passkey']['accuracy'])})", fontsize=9)
-        ax.set_xlabel("context length")
+    fig, axes = plt.subplots(nrows, cols, figsize=(max(6.0, panel_size[0] * cols), panel_size[1] * nrows),
+                             squeeze=False)
+    for i, (ax, row) in enumerate(zip(axes.flat, rows, strict=False)):
+        draw(ax, row, i % cols == 0)
     for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
-    axes[0][0].set_ylabel("needle depth")
-    fig.suptitle(f"Passkey retrieval, {result.model_id}, ratio {result.ratio:.2f}, S={result.sink} W={result.window}",
-                 fontsize=10)
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(f"{title}, {result.model_id}, ratio {result.ratio:.2f}, S={result.sink} W={result.window}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return True
+
+
+def plot_passkey(result, path: Path) -> bool:
+    """One heatmap per row: passkey accuracy by depth (y) and length (x). Returns False without matplotlib."""
+    def draw(ax, row, first_column):
+        grid = row["passkey"]["grid"]
+        lens = list(grid)
+        depths = list(next(iter(grid.values())))
+        ax.imshow([[grid[L][d] for L in lens] for d in depths], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lens)), lens)
+        ax.set_yticks(range(len(depths)), [f"{float(d):.0%}" for d in depths], fontsize=7)
+        ax.set_title(f"{row['name']} ({_pct(row['passkey']['accuracy'])})", fontsize=9)
+        ax.set_xlabel("context length")
+
+    rows = [r for r in result.rows if "passkey" in r]
+    return _heatmap_panels(result, path, rows, draw, title="Passkey retrieval", panel_size=(3.2, 3.0),
+                           ylabel="needle depth")
+
+
+def plot_ruler(result, path: Path) -> bool:
+    """One task x length heatmap per row (scores 0-100). Returns False without matplotlib."""
+    from .ruler import task_order
+
+    rows = [r for r in result.rows if "ruler" in r]
+    tasks = task_order(t for r in rows for t in r["ruler"]["by_task_length"])
+    lens = [str(L) for L in result.ruler_lengths]
+
+    def draw(ax, row, first_column):
+        grid = row["ruler"]["by_task_length"]
+        data = [[grid.get(t, {}).get(L, float("nan")) for L in lens] for t in tasks]
+        ax.imshow(data, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lens)), lens)
+        ax.set_yticks(range(len(tasks)), tasks if first_column else [""] * len(tasks), fontsize=7)
+        for i, values in enumerate(data):
+            for j, v in enumerate(values):
+                if v == v:  # not NaN
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7)
+        ax.set_title(f"{row['name']} ({row['ruler']['average']:.1f})", fontsize=9)
+        ax.set_xlabel("tokens")
+
+    return _heatmap_panels(result, path, rows, draw, title="RULER-style tasks",
+                           panel_size=(1.5 + 0.8 * len(lens), 1.0 + 0.35 * len(tasks)), ylabel="")
 
 
 def plot_perplexity(result, path: Path) -> bool:
