@@ -151,7 +151,8 @@ def full_decode_triton(
     block_d = max(16, triton.next_power_of_2(dim))
     block_m = max(16, triton.next_power_of_2(group))
     if q.is_cuda:
-        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        current = torch.cuda.current_device()
+        index = q.device.index if q.device.index is not None else current
         # more programs than SMs x 2, so that the last wave of a large batch leaves few SMs idle
         wanted = 4 * _multiprocessors(index)
         chunk, n_splits = plan_splits(batch, kv_heads, n_keys, wanted, align=_CHUNK_ALIGN, splits=splits)
@@ -195,13 +196,29 @@ def full_decode_triton(
     if not q.is_cuda:
         launch(_full_decode_split, INTERPRETER_CONFIG.kwargs)
         return o
-    kernel = _tuned_launcher(_capability(index), block_d, block_m, _autotune_enabled())
-    if index == torch.cuda.current_device():
-        launch(kernel, {})
+    capability = _capability(index)
+    key = (capability, block_d, block_m, single, q.dtype, _autotune_enabled())
+    best = _BEST_CONFIG.get(key)
+    if best is not None:
+        # tuned before: launch the kernel itself (the autotuner's dispatch costs ~15 us of host time per call,
+        # measured on an H200, and decode at small batch is host-bound)
+        kernel, extra = _full_decode_split, best
+    else:
+        kernel, extra = _tuned_launcher(capability, block_d, block_m, key[-1]), {}
+    if index == current:
+        launch(kernel, extra)
     else:
         with torch.cuda.device(index):
-            launch(kernel, {})
+            launch(kernel, extra)
+    if best is None:
+        config = getattr(kernel, "best_config", None)
+        if config is not None and hasattr(config, "all_kwargs"):
+            _BEST_CONFIG[key] = config.all_kwargs()
     return o
+
+
+# (capability, BLOCK_D, BLOCK_M, single split, dtype, autotune) -> the tuned config's launch options
+_BEST_CONFIG: dict[tuple, dict] = {}
 
 
 __all__ = ["full_decode_triton", "HOPPER_CONFIGS", "FALLBACK_CONFIG"]
