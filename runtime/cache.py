@@ -123,10 +123,12 @@ class _CountingLayer(CacheLayerMixin):
 
 
 # FullLayer storage growth: to max(GROWTH x, + GROWTH_MIN_TOKENS) tokens, rounded up to CAPACITY_ALIGN tokens.
-# 1.25x rather than 2x: a long-context batch is sized to fill the GPU, and the full layers hold most of its cache;
-# 2x could double them at the first decoded token. Growth stays geometric (O(log n) copies of the history).
+# 1.25x (and at least 1024 tokens) rather than 2x (+4096): a long-context batch is sized to fill the GPU and the
+# full layers hold most of its cache; 2x (or +4096 on a 4k prompt) could double them at the first decoded token.
+# Growth stays geometric: O(log n) copies of the history, each worth ~2 decode steps of that layer's traffic,
+# one every >= n/4 steps. A generation of known length avoids them with HybridCache(max_tokens=...)/reserve().
 GROWTH = 1.25
-GROWTH_MIN_TOKENS = 4096
+GROWTH_MIN_TOKENS = 1024
 CAPACITY_ALIGN = 256
 
 
