@@ -13,11 +13,16 @@ import pytest
 import torch
 from conftest import make_tiny_model
 from lighttransfer import kernels
-from lighttransfer.runtime import enable_hybrid, make_cache, prefill_chunked, resolve_layout
-from lighttransfer.runtime import ops
-from lighttransfer.runtime.cache import (CAPACITY_ALIGN, GROWTH_MIN_TOKENS, FullLayer, HybridCache, MixedLayer,
-                                         StreamingLayer)
-from test_runtime import SINK, STREAMING, WINDOW, cache_kw, hybrid_pair, max_diff, random_ids
+from lighttransfer.runtime import enable_hybrid, make_cache, ops, prefill_chunked, resolve_layout
+from lighttransfer.runtime.cache import (
+    CAPACITY_ALIGN,
+    GROWTH_MIN_TOKENS,
+    FullLayer,
+    HybridCache,
+    MixedLayer,
+    StreamingLayer,
+)
+from test_runtime import SINK, WINDOW, cache_kw, hybrid_pair, max_diff, random_ids
 from test_runtime_generate import left_pad
 from test_runtime_heads import head_pair
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
@@ -166,7 +171,7 @@ def test_storage_grows_geometrically_a_logarithmic_number_of_times():
     assert torch.equal(layer.values[0, 0, :, 0], -torch.arange(tokens, dtype=torch.float32))
     assert layer.growths == len(capacities) - 1 <= math.ceil(math.log(tokens / GROWTH_MIN_TOKENS, 1.25)) + 1
     assert all(c % CAPACITY_ALIGN == 0 for c in capacities)
-    assert all(b >= 1.25 * a and b >= a + GROWTH_MIN_TOKENS for a, b in zip(capacities, capacities[1:]))
+    assert all(b >= 1.25 * a and b >= a + GROWTH_MIN_TOKENS for a, b in zip(capacities, capacities[1:], strict=False))
     assert len(ptrs) <= len(capacities)
 
 

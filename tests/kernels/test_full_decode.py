@@ -8,7 +8,12 @@ import pytest
 import torch
 from kernel_error_policy import DEVICE, DTYPE_IDS, DTYPES, assert_within_policy
 from lighttransfer.errors import LightTransferError
-from lighttransfer.kernels import full_decode, full_decode_reference, streaming_decode_reference, use_reference
+from lighttransfer.kernels import (
+    full_decode,
+    full_decode_reference,
+    streaming_decode_reference,
+    use_reference,
+)
 from lighttransfer.kernels.reference import full_decode_visibility, masked_attention
 
 
