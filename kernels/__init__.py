@@ -1,4 +1,5 @@
-"""Streaming-attention kernels (Triton) with plain PyTorch references and a switch between them.
+"""Streaming-attention and full-layer decode kernels (Triton), with plain PyTorch references and a switch
+between them.
 
 The Triton modules are imported on first use, so that ``TRITON_INTERPRET`` can still be set before any kernel
 is defined and ``import lighttransfer.kernels`` stays cheap.
@@ -6,14 +7,17 @@ is defined and ``import lighttransfer.kernels`` stays cheap.
 
 if __package__ == "lighttransfer.kernels":
     from .attention import MAX_HEAD_DIM, SUPPORTED_DTYPES, streaming_attention, streaming_decode
+    from .full import full_decode
     from .mask import causal_visible, streaming_mask, streaming_visible
     from .merge import merge_attention
-    from .reference import streaming_attention_reference, streaming_decode_reference
+    from .reference import full_decode_reference, streaming_attention_reference, streaming_decode_reference
     from .switch import reference_forced, triton_runs_on, use_reference
 
     __all__ = [
         "streaming_attention",
         "streaming_decode",
+        "full_decode",
+        "full_decode_reference",
         "streaming_attention_reference",
         "streaming_decode_reference",
         "merge_attention",

@@ -5,7 +5,8 @@ A model switched to it (``config._attn_implementation == "lighttransfer"``) call
 original positions and updated the cache. What it does depends on the layer:
 
 * a full layer (or any layer without a plan) -> transformers' SDPA attention, causal, minus left padding, and
-  within the model's own sliding window when the layer has one;
+  within the model's own sliding window when the layer has one; a decode step on CUDA (one query against the
+  layer's whole cache, no native window) -> the split-K kernel ``kernels.full_decode`` (see :mod:`.ops`);
 * a streaming layer whose cache part is a :class:`~lighttransfer.runtime.cache.StreamingLayer` -> the keys that
   ``update`` returned, at the positions its ``view`` records (contiguous first forward, or explicit slots);
 * a streaming layer without our cache (``use_cache=False``, or another ``Cache``) -> sink + window attention over

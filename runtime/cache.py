@@ -1,8 +1,9 @@
 """The hybrid KV cache: full layers keep every token, streaming layers keep ``sink + window`` slots.
 
 :class:`HybridCache` is an ordinary transformers :class:`~transformers.Cache` whose per-layer parts are
-transformers' own :class:`~transformers.cache_utils.DynamicLayer` for full layers and :class:`StreamingLayer`
-(a ring buffer with each slot's absolute position, see :mod:`lighttransfer.runtime.slots`) for streaming layers.
+:class:`FullLayer` for full layers (preallocated storage written in place, so a decode step copies nothing but the new
+token) and :class:`StreamingLayer` (a ring buffer with each slot's absolute position, see
+:mod:`lighttransfer.runtime.slots`) for streaming layers.
 ``generate``, pipelines and beam-search bookkeeping see a normal cache; ``get_seq_length`` counts every token
 processed, so position bookkeeping outside the cache is unchanged.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from .slots import slot_of, slot_positions
 
@@ -119,6 +120,183 @@ class _CountingLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
+
+
+# FullLayer storage growth: to max(GROWTH x, + GROWTH_MIN_TOKENS) tokens, rounded up to CAPACITY_ALIGN tokens.
+# 1.25x (and at least 1024 tokens) rather than 2x (+4096): a long-context batch is sized to fill the GPU and the
+# full layers hold most of its cache; 2x (or +4096 on a 4k prompt) could double them at the first decoded token.
+# Growth stays geometric: O(log n) copies of the history, each worth ~2 decode steps of that layer's traffic,
+# one every >= n/4 steps. A generation of known length avoids them with HybridCache(max_tokens=...)/reserve().
+GROWTH = 1.25
+GROWTH_MIN_TOKENS = 1024
+CAPACITY_ALIGN = 256
+
+
+def _round_up(tokens: int, align: int = CAPACITY_ALIGN) -> int:
+    return -(-int(tokens) // align) * align
+
+
+class FullLayer(_CountingLayer):
+    """KV cache of one full layer: every token, in preallocated storage that ``update`` writes in place.
+
+    Storage: ``[batch, kv_heads, capacity, head_dim]`` (:attr:`key_storage`, :attr:`value_storage`), of which the
+    first ``seen`` tokens are filled; ``keys``/``values`` are views of those ``seen`` tokens (what transformers'
+    ``DynamicLayer`` would hold, as a view instead of a fresh tensor). A step of ``n`` tokens copies only those
+    ``n`` tokens; when they do not fit, the storage grows to ``max(GROWTH x, + GROWTH_MIN_TOKENS)`` tokens rounded
+    up to ``CAPACITY_ALIGN`` (one copy of the history, ``O(log n)`` times over a generation), or to exactly what
+    :meth:`reserve` asked for. Behaves as ``DynamicLayer`` otherwise: left padding is stored as it comes,
+    ``crop`` drops the last tokens, beam search reorders the batch.
+
+    Args:
+        reserve_tokens: capacity to allocate at the first ``update`` (e.g. prompt + ``max_new_tokens``), so that a
+            generation of known length allocates once.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, *, reserve_tokens: int = 0) -> None:
+        super().__init__()
+        self.seen = 0
+        self.reserved = max(0, int(reserve_tokens))
+        self.key_storage: torch.Tensor | None = None
+        self.value_storage: torch.Tensor | None = None
+        self.growths = 0  # storage (re)allocations that copied a non-empty history
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.key_storage is None else self.key_storage.shape[2]
+
+    # ---- transformers' layer interface ---------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        b, h, _, d = key_states.shape
+        cap = _round_up(self.reserved) if self.reserved else 0
+        self.key_storage = key_states.new_empty((b, h, cap, d))
+        self.value_storage = value_states.new_empty((b, h, cap, value_states.shape[-1]))
+        self.is_initialized = True
+        self._refresh_views()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write ``key_states``/``value_states`` ``[batch, kv_heads, n, head_dim]`` after the ``seen`` tokens and
+        return views of all of them (``[batch, kv_heads, seen + n, head_dim]``)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b = key_states.shape[0]
+        if self.key_storage.shape[0] != b:
+            if self.seen:
+                raise ValueError(f"cache holds a batch of {self.key_storage.shape[0]}, got {b} new rows")
+            self.lazy_initialization(key_states, value_states)  # an empty (early-initialized) layer: re-shape
+        n = key_states.shape[2]
+        end = self.seen + n
+        if end > self.capacity:
+            self._grow(end)
+        self.key_storage[:, :, self.seen:end] = key_states
+        self.value_storage[:, :, self.seen:end] = value_states
+        self.seen = end
+        self._refresh_views()
+        return self.keys, self.values
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for ``tokens`` tokens in all (allocating now if the layer has storage, else at the first
+        ``update``); never shrinks."""
+        tokens = int(tokens)
+        self.reserved = max(self.reserved, tokens)
+        if self.is_initialized and tokens > self.capacity:
+            self._reallocate(_round_up(tokens))
+
+    def reset(self) -> None:
+        self.key_storage = self.value_storage = None
+        self.keys = self.values = None
+        self.seen = 0
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """``DynamicLayer.crop``: remove the last ``-tokens_to_remove`` tokens (a positive value is refused)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
+                "Please use a negative integer to remove that number of tokens from the cache instead.")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self.seen = max(0, self.seen - abs(int(tokens_to_remove)))
+        self._refresh_views()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized or self.seen == 0:
+            return
+        indices = indices.to(self.key_storage.device)
+        kept_k = self.keys[indices]  # [B', H, seen, D], a copy of the held tokens only
+        kept_v = self.values[indices]
+        if kept_k.shape[0] == self.key_storage.shape[0]:
+            self.keys.copy_(kept_k)
+            self.values.copy_(kept_v)
+            return
+        self._replace(kept_k, kept_v, self.capacity)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if not self.is_initialized or self.seen == 0:
+            return
+        self._replace(self.keys.repeat_interleave(repeats, dim=0),
+                      self.values.repeat_interleave(repeats, dim=0), self.capacity)
+
+    def offload(self):
+        if self.is_initialized:
+            self.key_storage = self.key_storage.to("cpu", non_blocking=True)
+            self.value_storage = self.value_storage.to("cpu", non_blocking=True)
+            self._refresh_views()
+
+    def prefetch(self):
+        if self.is_initialized and self.key_storage.device != self.device:
+            self.key_storage = self.key_storage.to(self.device, non_blocking=True)
+            self.value_storage = self.value_storage.to(self.device, non_blocking=True)
+            self._refresh_views()
+
+    # ---- memory accounting ---------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes of the ``seen`` tokens' keys and values (what the layer holds)."""
+        return _nbytes(self.keys) + _nbytes(self.values)
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the storage, filled or not."""
+        return _nbytes(self.key_storage) + _nbytes(self.value_storage)
+
+    # ---- internals -------------------------------------------------------------------------------------------
+    def _refresh_views(self) -> None:
+        if self.key_storage is None:
+            self.keys = self.values = None
+            return
+        self.keys = self.key_storage[:, :, : self.seen]
+        self.values = self.value_storage[:, :, : self.seen]
+
+    def _grow(self, needed: int) -> None:
+        cap = self.capacity
+        target = max(needed, int(cap * GROWTH), cap + GROWTH_MIN_TOKENS)
+        if self.reserved >= needed:
+            target = max(needed, self.reserved)
+        if self.seen:
+            self.growths += 1
+        self._reallocate(_round_up(target))
+
+    def _reallocate(self, capacity: int) -> None:
+        self._replace(self.keys, self.values, capacity)
+
+    def _replace(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+        """New storage of ``capacity`` tokens holding ``keys``/``values`` (the ``seen`` tokens, any batch)."""
+        b, h, seen, d = keys.shape
+        capacity = max(capacity, seen)
+        key_storage = keys.new_empty((b, h, capacity, d))
+        value_storage = values.new_empty((b, h, capacity, values.shape[-1]))
+        if seen:
+            key_storage[:, :, :seen] = keys
+            value_storage[:, :, :seen] = values
+        self.key_storage, self.value_storage = key_storage, value_storage
+        self.seen = seen
+        self._refresh_views()
 
 
 class StreamingLayer(_CountingLayer):
@@ -333,8 +511,9 @@ def _gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class MixedLayer(_CountingLayer):
     """KV cache of a layer where only some KV heads stream: no full-size copy of either group.
 
-    The full KV heads keep their whole history contiguous (``keys``/``values`` ``[batch, full_heads, T, D]``,
-    like a ``DynamicLayer``); the streaming KV heads live in an inner :class:`StreamingLayer`
+    The full KV heads keep their whole history contiguous in an inner :class:`FullLayer` (``keys``/``values``
+    ``[batch, full_heads, T, D]`` are views of its preallocated storage); the streaming KV heads live in an inner
+    :class:`StreamingLayer`
     (``[batch, streaming_heads, <= sink + window, D]``). ``update`` returns the full group's keys and values and
     leaves the streaming group's in :attr:`stream_kv` (with its positions in ``streaming.view``); the attention
     function runs the two groups separately and puts the query heads back in order.
@@ -348,7 +527,7 @@ class MixedLayer(_CountingLayer):
     is_croppable = False
 
     def __init__(self, kv_mask, *, sink: int, window: int, prefill: str = "streaming",
-                 sequence: SequenceState | None = None) -> None:
+                 sequence: SequenceState | None = None, reserve_tokens: int = 0) -> None:
         super().__init__()
         self.kv_mask = tuple(bool(x) for x in kv_mask)
         if all(self.kv_mask) or not any(self.kv_mask):
@@ -358,6 +537,7 @@ class MixedLayer(_CountingLayer):
         # full heads first (the runtime reorders the weights so): each group is a view, no gather
         self.grouped = self.full_heads == list(range(len(self.full_heads)))
         self.streaming = StreamingLayer(sink=sink, window=window, prefill=prefill, sequence=sequence)
+        self.full = FullLayer(reserve_tokens=reserve_tokens)
         self.seen = 0
         self.stream_kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self._index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -372,9 +552,10 @@ class MixedLayer(_CountingLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
-        b, _, _, d = key_states.shape
-        self.keys = key_states.new_empty((b, len(self.full_heads), 0, d))
-        self.values = value_states.new_empty((b, len(self.full_heads), 0, value_states.shape[-1]))
+        full_k, _ = self.split_heads(key_states)
+        full_v, _ = self.split_heads(value_states)
+        self.full.lazy_initialization(full_k, full_v)
+        self._sync_full()
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -382,11 +563,19 @@ class MixedLayer(_CountingLayer):
             self.lazy_initialization(key_states, value_states)
         full_k, stream_k = self.split_heads(key_states)
         full_v, stream_v = self.split_heads(value_states)
-        self.keys = torch.cat([self.keys, full_k], dim=2)
-        self.values = torch.cat([self.values, full_v], dim=2)
+        self.full.update(full_k, full_v)
+        self._sync_full()
         self.seen += key_states.shape[2]
         self.stream_kv = self.streaming.update(stream_k, stream_v)
         return self.keys, self.values
+
+    def reserve(self, tokens: int) -> None:
+        """Room for ``tokens`` tokens in the full heads' storage (see :meth:`FullLayer.reserve`)."""
+        self.full.reserve(tokens)
+        self._sync_full()
+
+    def _sync_full(self) -> None:
+        self.keys, self.values = self.full.keys, self.full.values
 
     def split_heads(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``states [batch, kv_heads, n, D]`` split into ``(full KV heads, streaming KV heads)``: views when the
@@ -398,7 +587,8 @@ class MixedLayer(_CountingLayer):
         return states.index_select(1, full_idx), states.index_select(1, stream_idx)
 
     def reset(self) -> None:
-        self.keys = self.values = None
+        self.full.reset()
+        self._sync_full()
         self.stream_kv = None
         self.seen = 0
         self.is_initialized = False
@@ -411,26 +601,27 @@ class MixedLayer(_CountingLayer):
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self.keys = self.keys.index_select(0, indices.to(self.keys.device))
-            self.values = self.values.index_select(0, indices.to(self.values.device))
+        self.full.batch_select_indices(indices)
+        self._sync_full()
         self.streaming.batch_select_indices(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
+        self.full.batch_repeat_interleave(repeats)
+        self._sync_full()
         self.streaming.batch_repeat_interleave(repeats)
 
     def nbytes(self) -> int:
-        """Bytes held by both head groups."""
-        return _nbytes(self.keys) + _nbytes(self.values) + _nbytes(self.streaming.keys) + \
-            _nbytes(self.streaming.values)
+        """Bytes held by both head groups (the full heads' ``seen`` tokens, the streaming heads' slots)."""
+        return self.full.nbytes() + _nbytes(self.streaming.keys) + _nbytes(self.streaming.values)
+
+    def allocated_bytes(self) -> int:
+        """Bytes allocated by both head groups (the full heads' whole storage)."""
+        return self.full.allocated_bytes() + _nbytes(self.streaming.keys) + _nbytes(self.streaming.values)
 
 
 class HybridCache(Cache):
-    """A transformers ``Cache`` whose full layers grow (``DynamicLayer``) and whose streaming layers keep
-    ``sink + window`` slots (:class:`StreamingLayer`).
+    """A transformers ``Cache`` whose full layers keep every token in preallocated storage (:class:`FullLayer`)
+    and whose streaming layers keep ``sink + window`` slots (:class:`StreamingLayer`).
 
     Args:
         kinds: per decoder layer, ``"full"``, ``"streaming"`` or ``"mixed"``.
@@ -440,37 +631,60 @@ class HybridCache(Cache):
         online: an online selector (see :mod:`lighttransfer.runtime.online`) when the layout is decided per
             prompt; every layer then starts full.
         native_windows: ``{layer: window}`` for the model's own sliding layers that run full here; their cache
-            keeps only what that window can see.
+            keeps only what that window can see (transformers' ``DynamicSlidingWindowLayer``).
+        max_tokens: tokens per sequence the full layers (and the full heads of mixed layers) allocate room for at
+            their first update, e.g. prompt + ``max_new_tokens``: a generation that stays within it allocates
+            once. Default: grow as needed (see :class:`FullLayer`).
     """
 
     def __init__(self, kinds, *, sink: int, window: int, prefill: str = "streaming", kv_head_masks=None,
-                 online=None, native_windows: dict[int, int] | None = None) -> None:
+                 online=None, native_windows: dict[int, int] | None = None, max_tokens: int | None = None) -> None:
         self.sequence = SequenceState()
         self.sink, self.window, self.prefill = int(sink), int(window), prefill
         self.online = online
         kv_head_masks = kv_head_masks or {}
         native_windows = native_windows or {}
+        reserve = int(max_tokens or 0)
         layers = []
         for idx, kind in enumerate(kinds):
             if kind == "streaming":
                 layers.append(StreamingLayer(sink=sink, window=window, prefill=prefill, sequence=self.sequence))
             elif kind == "mixed":
                 layers.append(MixedLayer(kv_head_masks[idx], sink=sink, window=window, prefill=prefill,
-                                         sequence=self.sequence))
+                                         sequence=self.sequence, reserve_tokens=reserve))
             elif idx in native_windows:
                 # the model's own sliding layer: bounded as stock transformers bounds it (last window - 1 tokens)
                 layers.append(DynamicSlidingWindowLayer(sliding_window=int(native_windows[idx])))
             else:
-                layers.append(DynamicLayer())
+                layers.append(FullLayer(reserve_tokens=reserve))
         super().__init__(layers=layers)
+
+    def reserve(self, tokens: int) -> None:
+        """Room for ``tokens`` tokens per sequence in every full layer and every mixed layer's full heads (now for
+        layers that hold storage, at their first update otherwise). Call it before ``generate`` with
+        prompt + ``max_new_tokens`` when the cache is made by hand (:func:`~lighttransfer.runtime.make_cache`)."""
+        for layer in self.layers:
+            if isinstance(layer, (FullLayer, MixedLayer)):
+                layer.reserve(tokens)
 
     # ---- memory accounting ---------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
         """Bytes of keys and values held right now, over all layers."""
         total = 0
         for layer in self.layers:
-            if isinstance(layer, MixedLayer):
+            if isinstance(layer, (FullLayer, MixedLayer)):
                 total += layer.nbytes()
+            elif layer.is_initialized:
+                total += _nbytes(layer.keys) + _nbytes(layer.values)
+        return total
+
+    def allocated_kv_bytes(self) -> int:
+        """Bytes allocated for keys and values, over all layers: :meth:`kv_bytes` plus the full layers' storage
+        that is not filled yet."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, (FullLayer, MixedLayer)):
+                total += layer.allocated_bytes()
             elif layer.is_initialized:
                 total += _nbytes(layer.keys) + _nbytes(layer.values)
         return total
@@ -524,4 +738,4 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-__all__ = ["HybridCache", "StreamingLayer", "MixedLayer", "SequenceState", "ContiguousView", "SlotView", "ChunkView", "leading_padding"]
+__all__ = ["HybridCache", "FullLayer", "StreamingLayer", "MixedLayer", "SequenceState", "ContiguousView", "SlotView", "ChunkView", "leading_padding"]

@@ -5,7 +5,10 @@ references for CPU tensors. (The references are called directly on the CPU: the 
 public kernel entry points use for CPU tensors under ``TRITON_INTERPRET=1`` is a tool for testing kernels, far too
 slow to run a model.) ``kernels.use_reference()`` forces the references on CUDA too.
 
-Full attention goes to transformers' own SDPA attention, with an explicit mask only for left padding. A chunk of
+Full attention goes to transformers' own SDPA attention, with an explicit mask only for left padding, except for a
+decode step on CUDA (one query per sequence against the layer's whole cache), which goes to the GQA-aware split-K
+kernel ``kernels.full_decode`` (the query heads of a KV head share each K/V tile; SDPA repeats nothing either, but
+its decode path is not a flash-decoding one). A chunk of
 queries after cached keys (chunked prefill) goes on CUDA to the prefill kernel with a window that spans every
 key, i.e. causal attention at an offset: SDPA's ``is_causal`` puts the diagonal top-left, and the explicit
 ``[n, N]`` mask it would need keeps it off its flash kernel.
@@ -31,6 +34,9 @@ DECODE_TILE_ROWS = 64
 # 39 ms of host time with the default backends, 62 us without cuDNN; in a 135M hybrid the full layers spent
 # ~3.5 ms each per decoded token (bench/results/runtime_decode_profile_h100*).
 FULL_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Full-layer decode steps on CPU tensors: False = SDPA (the default; the kernel would run in the Triton interpreter
+# or as its reference, both slower than SDPA), True = ``kernels.full_decode`` (for tests of the wiring).
+FULL_DECODE_KERNEL_ON_CPU = False
 
 
 def prefill_attention(q, k, v, *, sink: int, window: int, q_offset: int, kv_start: torch.Tensor | None,
@@ -72,6 +78,12 @@ def full_attention(module, q, k, v, *, q_offset: int, kv_start: torch.Tensor | N
     the layer was trained with: a query at ``p`` then sees only keys in ``(p - sliding_window, p]``.
     """
     n, big_n = q.shape[2], k.shape[2]
+    if n == 1 and not sliding_window and _full_decode_applies(q, k, q_offset, dropout):
+        start = None
+        if has_padding and kv_start is not None:
+            # a sequence with no real key yet sees its own key, as under the SDPA mask below
+            start = kv_start.to(q.device).clamp(max=big_n - 1)
+        return kernels.full_decode(q, k, v, kv_start=start, scale=scale)
     if sliding_window:
         mask = causal_padding_mask(n, big_n, q_offset=q_offset, kv_start=kv_start if has_padding else None,
                                    device=q.device, window=int(sliding_window))
@@ -86,6 +98,19 @@ def full_attention(module, q, k, v, *, q_offset: int, kv_start: torch.Tensor | N
     if has_padding or (n > 1 and big_n != n):
         mask = causal_padding_mask(n, big_n, q_offset=q_offset, kv_start=kv_start, device=q.device)
     return _sdpa(module, q, k, v, mask, scale=scale, dropout=dropout)
+
+
+def _full_decode_applies(q, k, q_offset: int, dropout: float) -> bool:
+    """Whether a one-query step of a full layer goes to ``kernels.full_decode``: the query is the last key, no
+    dropout, a dtype and head size the kernel takes; on CUDA unless ``use_reference()`` is on (then SDPA, the
+    path before the kernel), on the CPU only with :data:`FULL_DECODE_KERNEL_ON_CPU`."""
+    if q_offset != k.shape[2] - 1 or dropout != 0.0:
+        return False
+    if q.dtype not in kernels.SUPPORTED_DTYPES or q.shape[-1] > kernels.MAX_HEAD_DIM or k.dtype != q.dtype:
+        return False
+    if q.is_cuda:
+        return not kernels.reference_forced()
+    return FULL_DECODE_KERNEL_ON_CPU
 
 
 def _sdpa(module, q, k, v, mask, *, scale, dropout) -> torch.Tensor:

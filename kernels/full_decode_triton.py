@@ -1,0 +1,224 @@
+"""Triton kernel for decode attention of a full layer: one new query per sequence against a contiguous cache.
+
+The keys are the full layer's history in index order (``[batch, kv_heads, N, head_dim]``, any strides with a
+contiguous last dim, e.g. a view of the first ``N`` tokens of preallocated storage); keys before ``kv_start[b]``
+are left padding. Flash-decoding: one program takes one (sequence, KV head) and one chunk of keys, and handles
+all ``GROUP`` query heads of that KV head together, so each K/V tile is read from memory once per KV head. The
+key axis is split over enough programs to fill the GPU, and the partial results are merged by log-sum-exp by the
+merge kernel of :mod:`lighttransfer.kernels.decode_triton`. Positions are implicit (key ``j`` is visible iff
+``j >= kv_start[b]``), so unlike the slot kernel nothing but K and V is read per key.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode_triton import _capability, _multiprocessors, _streaming_decode_merge, fits_hopper, plan_splits
+
+_LOG2E = 1.4426950408889634
+# split granularity on CUDA: a multiple of every candidate BLOCK_N, so a tile never straddles two chunks
+_CHUNK_ALIGN = 256
+
+
+@triton.jit
+def _full_decode_split(
+    Q, K, V, KV_START, Out, PART_O, PART_LSE,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh,
+    n_kv_heads, GROUP, n_keys, chunk, n_splits, qk_scale,
+    HAS_START: tl.constexpr, SINGLE_SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_bk = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bk // n_kv_heads
+    hk = pid_bk % n_kv_heads
+
+    # row m of the tile = query head hk * GROUP + m
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < GROUP
+    d_ok = offs_d < HEAD_DIM
+    h = hk * GROUP + offs_m
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+
+    lo = pid_s * chunk
+    hi = tl.minimum(lo + chunk, n_keys)
+    if HAS_START:
+        lo = tl.maximum(lo, tl.load(KV_START + b).to(tl.int32))
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        k = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
+                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        qk = tl.where(n_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    out_mask = row_ok[:, None] & d_ok[None, :]
+    if SINGLE_SPLIT:
+        o_ptrs = Out + b.to(tl.int64) * stride_ob + h[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=out_mask)
+    else:
+        # partials [B, H, n_splits, BLOCK_D] fp32 and their log2-sum-exp [B, H, n_splits] (the merge kernel's
+        # layout with one query per sequence)
+        row = b * n_kv_heads * GROUP + h
+        part = row.to(tl.int64) * n_splits + pid_s
+        tl.store(PART_O + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=out_mask)
+        lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(PART_LSE + part, lse2, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------------- configs
+def _config(block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# Bandwidth-bound: the candidates differ in how many K/V bytes each program keeps in flight.
+HOPPER_CONFIGS = [
+    _config(128, 4, 3),
+    _config(64, 4, 4),
+    _config(128, 8, 3),
+    _config(64, 4, 3),
+    _config(256, 8, 2),
+]
+FALLBACK_CONFIG = _config(64, 4, 2)
+INTERPRETER_CONFIG = _config(16, 1, 1)
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("LIGHTTRANSFER_TRITON_AUTOTUNE", "1") != "0"
+
+
+@functools.cache
+def _tuned_launcher(capability: tuple[int, int], block_d: int, block_m: int, autotune: bool):
+    if capability[0] == 9:
+        configs = [c for c in HOPPER_CONFIGS if fits_hopper(c, block_d, block_m)] or [FALLBACK_CONFIG]
+    else:
+        configs = [FALLBACK_CONFIG]
+    if not autotune:
+        configs = configs[:1]
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "BLOCK_M", "SINGLE_SPLIT"])(_full_decode_split)
+
+
+def full_decode_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    kv_start: torch.Tensor | None,
+    scale: float,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """Launch the kernels on validated inputs (see :func:`~lighttransfer.kernels.full_decode`); ``splits``
+    overrides the number of chunks per (sequence, KV head)."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    batch, heads, _, dim = q.shape
+    kv_heads, n_keys = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    o = torch.empty((batch, heads, 1, dim), dtype=q.dtype, device=q.device)
+    if n_keys == 0:
+        return o.zero_()
+    block_d = max(16, triton.next_power_of_2(dim))
+    block_m = max(16, triton.next_power_of_2(group))
+    if q.is_cuda:
+        current = torch.cuda.current_device()
+        index = q.device.index if q.device.index is not None else current
+        # more programs than SMs x 2, so that the last wave of a large batch leaves few SMs idle
+        wanted = 4 * _multiprocessors(index)
+        chunk, n_splits = plan_splits(batch, kv_heads, n_keys, wanted, align=_CHUNK_ALIGN, splits=splits)
+    else:
+        chunk, n_splits = plan_splits(batch, kv_heads, n_keys, 1, align=INTERPRETER_CONFIG.kwargs["BLOCK_N"],
+                                      splits=splits)
+    single = n_splits == 1
+    start = None
+    if kv_start is not None:
+        start = kv_start.to(q.device)
+        if start.dtype not in (torch.int32, torch.int64):
+            start = start.long()
+        start = start.contiguous()
+    if single:
+        part_o = part_lse = o
+    else:
+        part_o = torch.empty((batch, heads, 1, n_splits, block_d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, heads, 1, n_splits), dtype=torch.float32, device=q.device)
+    args = (
+        q, k, v, start if start is not None else o, o, part_o, part_lse,
+        q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1),
+        kv_heads, group, n_keys, chunk, n_splits, scale * _LOG2E,
+    )
+    flags = dict(
+        HAS_START=start is not None, SINGLE_SPLIT=single, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    grid = (batch * kv_heads, n_splits)
+
+    def launch(split_kernel, extra: dict):
+        split_kernel[grid](*args, **flags, **extra)
+        if not single:
+            _streaming_decode_merge[(batch * heads,)](
+                part_o, part_lse, o, heads, 1, n_splits, o.stride(0), o.stride(1), o.stride(2),
+                HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
+            )
+
+    if not q.is_cuda:
+        launch(_full_decode_split, INTERPRETER_CONFIG.kwargs)
+        return o
+    capability = _capability(index)
+    key = (capability, block_d, block_m, single, q.dtype, _autotune_enabled())
+    best = _BEST_CONFIG.get(key)
+    if best is not None:
+        # tuned before: launch the kernel itself (the autotuner's dispatch costs ~15 us of host time per call,
+        # measured on an H200, and decode at small batch is host-bound)
+        kernel, extra = _full_decode_split, best
+    else:
+        kernel, extra = _tuned_launcher(capability, block_d, block_m, key[-1]), {}
+    if index == current:
+        launch(kernel, extra)
+    else:
+        with torch.cuda.device(index):
+            launch(kernel, extra)
+    if best is None:
+        config = getattr(kernel, "best_config", None)
+        if config is not None and hasattr(config, "all_kwargs"):
+            _BEST_CONFIG[key] = config.all_kwargs()
+    return o
+
+
+# (capability, BLOCK_D, BLOCK_M, single split, dtype, autotune) -> the tuned config's launch options
+_BEST_CONFIG: dict[tuple, dict] = {}
+
+
+__all__ = ["full_decode_triton", "HOPPER_CONFIGS", "FALLBACK_CONFIG"]
