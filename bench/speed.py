@@ -15,6 +15,11 @@ Per variant and context length:
 
 Decode throughput is ``batch * steps / seconds``; KV bytes are what the cache holds after the prefill (the
 runtime's :meth:`~lighttransfer.runtime.cache.HybridCache.kv_bytes`, or the dense cache's tensors).
+
+The physical floor of a decode step is the bytes it must read once: every weight matrix (the input embedding
+only as the rows it gathers, which is nothing to speak of) plus the KV cache it holds, over the device's copy
+bandwidth measured in the same run (bytes read + written of a large device-to-device copy). Every point reports
+``bytes_per_step`` and ``floor_share = floor time / step time``.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ class SpeedPoint:
     prefill_peak_memory: int | None = None
     kv_fraction_expected: float | None = None
     largest_batch: bool = False
+    bytes_per_step: int | None = None
+    floor_share: float | None = None
 
 
 @dataclass
@@ -82,6 +89,8 @@ class BenchResult:
     points: list[dict[str, Any]] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
     layer_choice: str = ""
+    weight_bytes_per_step: int | None = None
+    copy_gbps: float | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -280,6 +289,11 @@ def benchmark(
                          dtype=str(torch_dtype).replace("torch.", ""), environment=environment(dev),
                          layer_choice=layer_choice)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    result.weight_bytes_per_step = weights_read_per_step(model)
+    if dev.type == "cuda":
+        from .gpu_env import measure_peaks
+
+        result.copy_gbps = round(measure_peaks(copy_gib=4.0)["hbm_copy_gbps"], 1)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # "original" is the model as transformers runs it; "runtime, 0 streaming" is the same dense model through
     # the hybrid runtime's code path with no layer streaming, which separates the gain of streaming from any
@@ -312,6 +326,7 @@ def benchmark(
                                decode_ms_per_step=1000 * seconds / decode_steps, kv_bytes=kv1,
                                peak_memory=_peak(dev), prefill_s=prefill_s, prefill_tokens_per_s=context / prefill_s,
                                prefill_peak_memory=prefill_peak, kv_fraction_expected=expected.kv_fraction(context))
+            with_floor(point, weight_bytes=result.weight_bytes_per_step, copy_gbps=result.copy_gbps)
             result.points.append(asdict(point))
             if progress:
                 progress(_describe(point))
@@ -321,6 +336,7 @@ def benchmark(
                 big = _largest_batch_point(model, ids, holder, point, weights=weights, budget=budget,
                                            max_batch=max_batch, steps=decode_steps, device=dev)
                 if big is not None:
+                    with_floor(big, weight_bytes=result.weight_bytes_per_step, copy_gbps=result.copy_gbps)
                     result.points.append(asdict(big))
                     if progress:
                         progress(_describe(big))
@@ -374,11 +390,34 @@ def _largest_batch_point(model, ids, holder: list, one: SpeedPoint, *, weights: 
     return None
 
 
+def weights_read_per_step(model) -> int:
+    """Bytes of weights one decode step reads: every parameter once, less the input embedding table when it is
+    not tied to the output head (a step gathers only its ``batch`` rows)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if embed is not None and (head is None or head.weight.data_ptr() != embed.weight.data_ptr()):
+        total -= embed.weight.numel() * embed.weight.element_size()
+    return total
+
+
+def with_floor(point: SpeedPoint, *, weight_bytes: int | None, copy_gbps: float | None) -> SpeedPoint:
+    """``point`` with ``bytes_per_step`` (weights + the KV it holds) and, with a measured bandwidth,
+    ``floor_share`` (the time those bytes take at ``copy_gbps`` GB/s over the measured step time)."""
+    if weight_bytes is None:
+        return point
+    point.bytes_per_step = int(weight_bytes + point.kv_bytes)
+    if copy_gbps:
+        point.floor_share = point.bytes_per_step / (copy_gbps * 1e9) / (point.decode_ms_per_step / 1e3)
+    return point
+
+
 def _describe(p: SpeedPoint) -> str:
     pre = f", prefill {p.prefill_s:.3f} s" if p.prefill_s is not None else ""
     peak = f", peak {p.peak_memory / GIB:.1f} GiB" if p.peak_memory else ""
+    floor = f", {100 * p.floor_share:.0f}% of the bandwidth floor" if p.floor_share else ""
     return (f"{p.variant} @ {p.context} x{p.batch}: decode {p.decode_tokens_per_s:.1f} tok/s{pre}, "
-            f"KV {p.kv_bytes / GIB:.2f} GiB{peak}")
+            f"KV {p.kv_bytes / GIB:.2f} GiB{peak}{floor}")
 
 
 # ---- outputs -----------------------------------------------------------------------------------------------
@@ -395,11 +434,13 @@ def markdown_bench(result: BenchResult) -> str:
         f"{result.decode_steps} timed decode steps; streaming layers: {result.layer_choice}. "
         "Largest batch: the most sequences whose decode fits the memory budget"
         + (f" ({result.memory_budget_bytes / 1e9:.1f} GB)" if result.memory_budget_bytes else "")
-        + ", each holding the full context.",
+        + ", each holding the full context."
+        + (f" Floor: (weights {result.weight_bytes_per_step / 1e9:.2f} GB + the KV held) / the copy bandwidth "
+           f"measured in this run, {result.copy_gbps:.0f} GB/s." if result.copy_gbps else ""),
         "",
-        "| variant | context | batch | prefill (s) | decode tok/s | x original | x runtime dense | KV (MiB) | "
-        "KV / original | expected KV | peak mem (GiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | context | batch | prefill (s) | decode tok/s | ms/step | x original | x runtime dense | KV (MiB) | "
+        "KV / original | expected KV | bytes/step (GB) | share of floor | peak mem (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result.points:
         base = result.point("original", p["context"], largest=p["largest_batch"])
@@ -414,8 +455,10 @@ def markdown_bench(result: BenchResult) -> str:
             f"| {p['variant']} | {p['context']} | {p['batch']}{' (max)' if p['largest_batch'] else ''} | - | "
         )
         lines[-1] += (
-            f"{p['decode_tokens_per_s']:.1f} | {speed:.2f}x | {speed_same:.2f}x | {p['kv_bytes'] / 2**20:.1f} | {100 * kv_ratio:.1f}% | "
-            f"{100 * (p['kv_fraction_expected'] or 1.0):.1f}% | "
+            f"{p['decode_tokens_per_s']:.1f} | {p['decode_ms_per_step']:.2f} | {speed:.2f}x | {speed_same:.2f}x | "
+            f"{p['kv_bytes'] / 2**20:.1f} | {100 * kv_ratio:.1f}% | {100 * (p['kv_fraction_expected'] or 1.0):.1f}% | "
+            + (f"{p['bytes_per_step'] / 1e9:.2f} | " if p.get("bytes_per_step") else "- | ")
+            + (f"{100 * p['floor_share']:.0f}% | " if p.get("floor_share") else "- | ")
             + (f"{p['peak_memory'] / GIB:.1f}" if p["peak_memory"] else "-") + " |"
         )
     return "\n".join(lines) + "\n"

@@ -95,3 +95,18 @@ def test_bench_cli_errors_are_one_line(tiny_model_dir, tmp_path, capsys, args, m
     code, _, err = run_cli(argv, capsys)
     assert code != 0 and match in err and "Traceback" not in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_every_point_reports_its_bytes_per_step(bench_result, tiny_model_dir):
+    """Weights read per step (the untied input embedding excluded) plus the KV held; no bandwidth on the CPU."""
+    from lighttransfer.bench.speed import weights_read_per_step
+    from transformers import AutoModelForCausalLM
+
+    result, _ = bench_result
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    embed = model.get_input_embeddings().weight
+    weights = weights_read_per_step(model)
+    assert weights == sum(p.numel() * p.element_size() for p in model.parameters()) - embed.numel() * embed.element_size()
+    assert result.weight_bytes_per_step == weights and result.copy_gbps is None
+    for p in result.points:
+        assert p["bytes_per_step"] == weights + p["kv_bytes"] and p["floor_share"] is None

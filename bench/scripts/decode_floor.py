@@ -1,0 +1,28 @@
+"""Decode at the bandwidth floor: the Llama-3-8B shape (random bf16 weights), original vs the runtime's dense path
+vs a ratio-0.5 hybrid, batch 1 and the largest batch, at 16k and 32k, with the floor share of every point.
+
+    PYTHONPATH=<dir with a lighttransfer link> LIGHTTRANSFER_TRITON_AUTOTUNE=0 \
+        python3 bench/scripts/decode_floor.py OUT_DIR [CONTEXTS]
+
+Writes ``OUT_DIR/decode_floor.{json,md,png}`` (lighttransfer.bench's own outputs).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lighttransfer.bench.speed import benchmark, markdown_bench
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    contexts = tuple(int(c) for c in (sys.argv[2] if len(sys.argv) > 2 else "16384,32768").split(","))
+    result = benchmark(baseline="llama3-8b-shaped", contexts=contexts, ratios=(0.5,), decode_steps=16, sink=4,
+                       window=1020, memory_budget_gb=130, device="cuda", out=out / "decode_floor.json",
+                       progress=lambda line: print(line, flush=True))
+    print(markdown_bench(result))
+
+
+if __name__ == "__main__":
+    main()
