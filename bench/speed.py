@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 GIB = 1024**3
 RUNTIME_DENSE = "runtime, 0 streaming"
+# untimed decode steps first: kernels compile for the new shapes, the allocator settles
+WARMUP_STEPS = 3
 
 
 @dataclass
@@ -161,10 +163,11 @@ def _prefill(model, ids: torch.Tensor):
 
 @torch.inference_mode()
 def _decode(model, cache, token: torch.Tensor, steps: int, device: torch.device) -> float:
-    """Seconds for ``steps`` greedy decode steps (after one untimed step)."""
+    """Seconds for ``steps`` greedy decode steps (after :data:`WARMUP_STEPS` untimed ones)."""
     key = cache_keyword(model)
-    out = model(token, use_cache=True, **{key: cache})
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(WARMUP_STEPS):
+        out = model(token, use_cache=True, **{key: cache})
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):

@@ -25,7 +25,9 @@ _LOG2E = 1.4426950408889634
 _CHUNK_ALIGN = 256
 
 
-@triton.jit
+# the key count and chunk change at every decode step: specializing on them (divisible by 16 or not) would
+# compile a second variant in the middle of a generation
+@triton.jit(do_not_specialize=["n_keys", "chunk"])
 def _full_decode_split(
     Q, K, V, KV_START, Out, PART_O, PART_LSE,
     stride_qb, stride_qh,
