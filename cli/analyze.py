@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from ..calibration.passkey import HELD_OUT_TEMPLATES, TEMPLATES, TRAINING_TEMPLATES, check_templates
 from ..errors import LightTransferError
@@ -36,13 +37,14 @@ def _writable(folder: Path) -> bool:
 
 
 def _table(report, lazy_fraction: float):
+    from rich.markup import escape
     from rich.table import Table
 
     from ..analysis.heatmap import lazy_layers
 
     marked = set(lazy_layers(report, lazy_fraction))
     rank = {layer: i + 1 for i, layer in enumerate(report.ranking)}
-    table = Table(title=f"lazy ratio per layer ({report.model_id})", title_style="bold")
+    table = Table(title=f"lazy ratio per layer ({escape(str(report.model_id))})", title_style="bold")
     table.add_column("layer", justify="right")
     table.add_column("lazy ratio", justify="right")
     table.add_column("rank", justify="right")
@@ -143,10 +145,10 @@ def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq
     console.print(_table(report, lazy_fraction))
     if out_path is not None:
         report.save(out_path)
-        console.print(f"report: {out_path}")
+        console.print(f"report: {escape(str(out_path))}")
     if plot_path is not None:
         plot_heatmap(report, plot_path, lazy_fraction=lazy_fraction)
-        console.print(f"heatmap: {plot_path}")
+        console.print(f"heatmap: {escape(str(plot_path))}")
     if not quiet:
         t = report.timings
         console.print(f"[dim]{report.calibration.get('samples')} x {report.calibration.get('seq_len')} tokens "

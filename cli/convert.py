@@ -6,6 +6,7 @@ import json
 import re
 
 import click
+from rich.markup import escape
 
 from ..errors import LightTransferError
 from .options import is_quiet, model_options, stdout_console, verbosity_options
@@ -47,7 +48,7 @@ def _rows_table(rows, *, num_kv_heads: int, title: str):
         score = ["—" if row.score is None else f"{row.score:.3f}"] if label else []
         table.add_row(str(row.layer), f"[{styles[row.kind]}]{row.kind}[/]", f"{row.streaming_heads}/{num_kv_heads}",
                       "—" if row.lazy_ratio is None else f"{row.lazy_ratio:.3f}", *score,
-                      "—" if row.rank is None else str(row.rank), row.reason)
+                      "—" if row.rank is None else str(row.rank), escape(str(row.reason)))
     return table
 
 
@@ -111,8 +112,8 @@ def convert(model, out, ratio, report, calib, layers, keep, sink, window, granul
         console.print(_rows_table(result.rows, num_kv_heads=hybrid.num_kv_heads,
                                   title=f"Layer selection ({hybrid.granularity}, sink {hybrid.sink}, window {hybrid.window})"))
         console.print(_memory_table(result.memory))
-        console.print(f"weights: {result.weights}; {result.tensors_verified} tensors checked against the source.")
-    console.print(f"wrote {result.out} ({len(hybrid.streaming_layers)} of {hybrid.num_layers} layers streaming"
+        console.print(f"weights: {escape(str(result.weights))}; {result.tensors_verified} tensors checked against the source.")
+    console.print(f"wrote {escape(str(result.out))} ({len(hybrid.streaming_layers)} of {hybrid.num_layers} layers streaming"
                   + (f", {len(hybrid.head_masks)} mixed" if hybrid.head_masks else "") + ")")
 
 
@@ -147,16 +148,17 @@ def inspect(checkpoint, cache_dtype, as_json) -> None:
     hybrid = result.hybrid
     source = hybrid.source or {}
     streaming = ",".join(map(str, hybrid.streaming_layers)) or "none"
-    console.print(f"[bold]{result.path}[/]: {result.model_type}, {hybrid.num_layers} layers x {hybrid.num_kv_heads} "
+    console.print(f"[bold]{escape(str(result.path))}[/]: {escape(result.model_type)}, {hybrid.num_layers} layers x {hybrid.num_kv_heads} "
                   f"KV heads, head_dim {result.head_dim}, {result.dtype}")
-    console.print(f"source: {source.get('model_id', '?')} (fingerprint {source.get('fingerprint', '?')})")
+    console.print(f"source: {escape(str(source.get('model_id', '?')))} "
+                  f"(fingerprint {escape(str(source.get('fingerprint', '?')))})")
     console.print(f"streaming layers ({len(hybrid.streaming_layers)}/{hybrid.num_layers}): {streaming}")
-    console.print(f"sink {hybrid.sink} + window {hybrid.window} tokens; prefill {hybrid.prefill}; "
+    console.print(f"sink {hybrid.sink} + window {hybrid.window} tokens; prefill {escape(str(hybrid.prefill))}; "
                   f"granularity {hybrid.granularity}; native sliding-window fields: {'yes' if hybrid.native_swa else 'no'}")
     if hybrid.calibration:
         c = hybrid.calibration
-        console.print(f"chosen with analysis sink {c.get('sink', '?')}, window {c.get('window', c.get('recent', '?'))}, "
-                      f"seq_len {c.get('seq_len', '?')}, samples {c.get('samples', '?')}")
+        console.print(escape(f"chosen with analysis sink {c.get('sink', '?')}, window {c.get('window', c.get('recent', '?'))}, "
+                      f"seq_len {c.get('seq_len', '?')}, samples {c.get('samples', '?')}"))
     if hybrid.head_masks:
         console.print(_head_grid(hybrid))
     console.print(_memory_table(result.memory, result.dtype))

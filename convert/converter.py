@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import architecture
-from ..architecture import native_sliding_layers, native_sliding_windows
+from ..architecture import check_window_fits, native_sliding_layers, native_sliding_windows
 from ..errors import LightTransferError
 from ..hybrid_format import CONFIG_KEY, DTYPE_BYTES, SIDECAR_NAME, HybridConfig, KVMemoryRow, kv_memory_table
 from ..loading import (
     LoadedModel,
+    check_weight_files,
     fingerprint_from_config,
     load_config,
     load_model,
@@ -84,7 +85,7 @@ def convert(
     trust_remote_code: bool = False,
     progress: bool = False,
     seed: int = 0,
-    seq_len: int = 4096,
+    seq_len: int | None = None,
     samples: int = 8,
 ) -> ConvertResult:
     """Write a hybrid checkpoint of ``model`` into ``out``.
@@ -111,7 +112,8 @@ def convert(
         trust_remote_code: allow the model's own code.
         progress: show the analysis progress bar.
         seed: seed of the analysis sampling and of ``strategy="random"``.
-        seq_len, samples: calibration windows of the one-step analysis (tokens per sample, number of samples).
+        seq_len, samples: calibration windows of the one-step analysis (tokens per sample, number of samples);
+            ``seq_len`` defaults to 4096 or the model's positions, whichever is fewer.
 
     Raises:
         LightTransferError: bad options, an existing ``out`` without ``force``, a report for another model,
@@ -136,6 +138,12 @@ def convert(
     text_config = architecture.text_config(config)
     shape = architecture.model_shape(config, source=f"'{model_id}'")
     num_layers, num_kv_heads = shape.num_layers, shape.num_kv_heads
+    check_window_fits(text_config, sink=sink, window=window)
+    _refuse_reordered_heads(config, model_id)
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, shape.max_positions or DEFAULT_SEQ_LEN)
+    if loaded is None and source.kind == "directory":
+        check_weight_files(source, config)  # the weights are copied, maybe never loaded: check them here
     keep = check_layer_indices(keep, num_layers, option="--keep")
     if layers is not None:
         check_layer_indices(layers, num_layers, option="--layers")
@@ -173,7 +181,7 @@ def convert(
                             with_tokenizer=True)
     elif loaded is None and needs_analysis:
         loaded = load_model(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    fingerprint = loaded.fingerprint if loaded else fingerprint_from_config(config)
+    fingerprint = loaded.fingerprint if loaded else fingerprint_from_config(config, source)
     if report is not None:
         check_report(report, fingerprint=fingerprint, model_id=model_id, num_layers=num_layers,
                       num_kv_heads=num_kv_heads, sink=sink, window=window, warnings=warnings)
@@ -217,6 +225,25 @@ def convert(
         log.warning(line)
     return ConvertResult(out=out, hybrid=hybrid, rows=rows, memory=memory, weights=written.method,
                          tensors_verified=checked, warnings=warnings)
+
+
+DEFAULT_SEQ_LEN = 4096
+
+
+def _refuse_reordered_heads(config, model_id: str) -> None:
+    """A model saved from a loaded head-level hybrid has its KV heads reordered in the weights (the block's
+    ``head_order``): reports and head indices of the original model no longer fit it."""
+    try:
+        block = HybridConfig.from_model_config(config)
+    except LightTransferError:
+        return  # a damaged block is replaced by the new one
+    if block is not None and block.head_order:
+        raise LightTransferError(
+            f"'{model_id}' was saved from a loaded head-level hybrid: the KV heads of layers "
+            f"{','.join(map(str, sorted(block.head_order)))} are reordered in its weights (config.json's "
+            "lighttransfer.head_order), so head indices and reports of the original model do not fit it. "
+            "Convert the original model instead."
+        )
 
 
 def _check_analysis_options(*, calib, seq_len, samples, sink, window) -> None:

@@ -79,7 +79,7 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, tokens: tuple[int, ...] 
         config = json.loads(config_path.read_text())
     except ValueError as exc:
         raise LightTransferError(f"'{config_path}' is not valid JSON ({exc}).") from exc
-    hybrid = HybridConfig.from_model_config(config)
+    hybrid = HybridConfig.from_model_config(config, origin=str(config_path))
     if hybrid is None:
         raise LightTransferError(
             f"'{config_path.parent}' is a plain model, not a hybrid: its config.json has no '{CONFIG_KEY}' block. "
@@ -87,6 +87,13 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, tokens: tuple[int, ...] 
         )
     text = _text_config(config)
     heads = text.get("num_attention_heads")
+    # the same consistency check the runtime (generate, eval) makes before it trusts the block
+    layers, kv_heads = text.get("num_hidden_layers"), text.get("num_key_value_heads") or heads
+    if (layers, kv_heads) != (hybrid.num_layers, hybrid.num_kv_heads) and layers and kv_heads:
+        raise LightTransferError(
+            f"'{config_path}': its lighttransfer block describes {hybrid.num_layers} layers x {hybrid.num_kv_heads} "
+            f"KV heads but the model has {layers} x {kv_heads}; the block was edited or belongs to another model. "
+            "Reconvert the checkpoint with `lighttransfer convert`.")
     head_dim = text.get("head_dim") or (text["hidden_size"] // heads if heads and text.get("hidden_size") else None)
     if not head_dim:
         raise LightTransferError(f"'{config_path}' says neither head_dim nor hidden_size/num_attention_heads.")

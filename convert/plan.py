@@ -68,11 +68,20 @@ def load_report(report):
 
 def check_report(report, *, fingerprint: str, model_id: str, num_layers: int, num_kv_heads: int,
                   sink: int, window: int, warnings: list[str]) -> None:
-    if report.fingerprint != fingerprint:
+    from ..loading import compare_fingerprints
+
+    match = compare_fingerprints(report.fingerprint, fingerprint)
+    if match == "different":
         raise LightTransferError(
             f"the report was made for model '{report.model_id}' (fingerprint {report.fingerprint}), not for "
-            f"'{model_id}' (fingerprint {fingerprint}); run `lighttransfer analyze` on this model, or pass the "
-            "model the report belongs to."
+            f"'{model_id}' (fingerprint {fingerprint}): another model, or the same shape with other weights (a "
+            "base model and its fine-tune); run `lighttransfer analyze` on this model, or pass the model the "
+            "report belongs to."
+        )
+    if match == "legacy":
+        warnings.append(
+            f"the report predates weight fingerprints: it matches the shape of '{model_id}', but lighttransfer "
+            "cannot tell whether it was made on these weights; rerun `lighttransfer analyze` to be sure."
         )
     if report.num_layers != num_layers or report.num_kv_heads != num_kv_heads:
         raise LightTransferError(

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from ..calibration.passkey import check_templates
 from ..environment import environment
 from ..errors import LightTransferError
-from ..output_files import publish_together, write_json
+from ..output_files import check_output_target, publish_together, write_json
 from .passkey import passkey_accuracy, passkey_depths, passkey_samples
 from .perplexity import default_stride, perplexity, plan_windows
 from .rows import DEFAULT_ROWS, HEAD_LEVEL_ROWS, EvalRow, standard_rows
@@ -178,6 +178,10 @@ def evaluate(
     from ..loading import load_config, load_model, resolve_model_source
     from .backends import MaskedBackend, RuntimeBackend
 
+    check_output_target(out, "--out")  # before the work: a read-only or mistyped path costs nothing
+    if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or stride < 1):
+        raise LightTransferError(f"--stride must be a whole number of at least 1 token, got {stride!r}; "
+                                 "leave it out for a quarter of each length.")
     lengths = _check_lengths(lengths, "--lengths")
     formats = check_templates(passkey_format, option="--passkey-format")
     passkey_lengths = _check_lengths(passkey_lengths, "--passkey-lengths", allow_empty=True)

@@ -193,10 +193,16 @@ def _reorder_config_block(config, orders: dict[int, list[int]]):
     if not isinstance(block, dict) or not block.get("head_masks"):
         return None
     new = copy.deepcopy(block)
+    # recorded, so that a saved copy says its weights are no longer in the source model's head order
+    recorded = {int(k): v for k, v in (block.get("head_order") or {}).items()}
     for key, mask in block["head_masks"].items():
         order = orders.get(int(key))
         if order is not None:
             new["head_masks"][key] = [mask[i] for i in order]
+            before = recorded.get(int(key), list(range(len(order))))
+            recorded[int(key)] = [before[i] for i in order]
+    if recorded:
+        new["head_order"] = {str(k): v for k, v in sorted(recorded.items())}
     setattr(config, CONFIG_KEY, new)
     return block
 
