@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,7 @@ def convert(
     seed: int = 0,
     seq_len: int | None = None,
     samples: int = 8,
+    status: Callable[[str], None] | None = None,
 ) -> ConvertResult:
     """Write a hybrid checkpoint of ``model`` into ``out``.
 
@@ -114,17 +115,21 @@ def convert(
         seed: seed of the analysis sampling and of ``strategy="random"``.
         seq_len, samples: calibration windows of the one-step analysis (tokens per sample, number of samples);
             ``seq_len`` defaults to 4096 or the model's positions, whichever is fewer.
+        status: called with a short line before each slow step (dequantizing a GGUF file, the analysis,
+            writing and checking the weights), so that a terminal is never silent for long.
 
     Raises:
         LightTransferError: bad options, an existing ``out`` without ``force``, a report for another model,
             a full disk, or a written tensor that does not match the source.
     """
+    layers = None if layers is None else list(layers)
     check_options(ratio=ratio, sink=sink, window=window, granularity=granularity, strategy=strategy,
                    prefill=prefill, layers=layers)
+    _check_whole(seed=seed, samples=samples, **({} if seq_len is None else {"seq_len": seq_len}))
+    say = status or (lambda line: log.info("%s", line))
     out = Path(out).expanduser()
     check_target(out.absolute(), force=force)
     keep = list(keep)
-    layers = None if layers is None else list(layers)
     warnings: list[str] = []
 
     loaded = model if isinstance(model, LoadedModel) else None
@@ -173,13 +178,16 @@ def convert(
         warnings.append("--calib is ignored: the layers come from " + ("--layers." if layers is not None else "the report."))
     needs_analysis = report is None and layers is None and strategy != "random"
     if needs_analysis:
-        _check_analysis_options(calib=calib, seq_len=seq_len, samples=samples, sink=sink, window=window)
+        _check_analysis_options(calib=calib, seq_len=seq_len, samples=samples, sink=sink, window=window,
+                                max_positions=shape.max_positions)
     gguf_dtype = "float32" if dtype == "auto" else dtype
     if loaded is None and source.kind == "gguf":
         # weights are written from this copy, so it stays in float32 on the CPU (the dequantized values)
+        say(f"dequantizing {source.path.name} to {gguf_dtype} (transformers' GGUF reader; this can take a minute)")
         loaded = load_model(source, device="cpu", dtype=gguf_dtype, trust_remote_code=trust_remote_code,
                             with_tokenizer=True)
     elif loaded is None and needs_analysis:
+        say(f"loading {model_id}")
         loaded = load_model(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     fingerprint = loaded.fingerprint if loaded else fingerprint_from_config(config, source)
     if report is not None:
@@ -187,8 +195,10 @@ def convert(
                       num_kv_heads=num_kv_heads, sink=sink, window=window, warnings=warnings)
 
     with staged_directory(out, force=force) as tmp:
+        say("writing the weights")
         written = write_weights(source, loaded, tmp)
         if needs_analysis:
+            say(f"analysing {samples} x {seq_len} tokens to choose the layers")
             report = _run_analysis(loaded, calib=calib, seq_len=seq_len, samples=samples, sink=sink, window=window,
                                    seed=seed, device=device, dtype=dtype, progress=progress)
         hybrid, rows = plan_hybrid(report, num_layers=num_layers, num_kv_heads=num_kv_heads, ratio=ratio,
@@ -218,6 +228,7 @@ def convert(
         memory = _memory(hybrid, text_config, config_dict)
         write_card(tmp, out.name, hybrid, rows, memory, report, written, source=source, gguf_dtype=gguf_dtype,
                     hub_id=hub_id, license_id=gguf_metadata.get("general.license"))
+        say("checking the written tensors against the source")
         checked = verify_weights(tmp, written)
         log.info("checked %d tensors against the source", checked)
 
@@ -228,6 +239,13 @@ def convert(
 
 
 DEFAULT_SEQ_LEN = 4096
+
+
+def _check_whole(**values) -> None:
+    """Whole-number options given as strings, floats or bools through the Python API: one line, not a crash."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LightTransferError(f"{name}={value!r}: pass a whole number (an int), e.g. {name}=8.")
 
 
 def _refuse_reordered_heads(config, model_id: str) -> None:
@@ -246,12 +264,13 @@ def _refuse_reordered_heads(config, model_id: str) -> None:
         )
 
 
-def _check_analysis_options(*, calib, seq_len, samples, sink, window) -> None:
+def _check_analysis_options(*, calib, seq_len, samples, sink, window, max_positions=None) -> None:
     """The analysis' own one-line errors, before any model is loaded."""
     from ..analysis.pipeline import check_params
     from ..calibration import check_sources
 
-    check_params(seq_len=seq_len, samples=samples, batch=1, sink=sink, window=window, last=32, threshold=0.1)
+    check_params(seq_len=seq_len, samples=samples, batch=1, sink=sink, window=window, last=32, threshold=0.1,
+                 max_positions=max_positions)
     check_sources([str(c) for c in calib] if isinstance(calib, (list, tuple)) else
                   (str(calib) if calib is not None else None))
 

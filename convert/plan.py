@@ -41,7 +41,13 @@ def pick_layers(scores: Sequence[float], *, ratio: float, strategy: str = "lazy"
 
 
 def check_options(*, ratio, sink, window, granularity, strategy, prefill, layers) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise LightTransferError(f"ratio={ratio!r}: pass a number in (0, 1], e.g. 0.5.")
     check_ratio(ratio)
+    if isinstance(window, bool) or isinstance(sink, bool):
+        raise LightTransferError(f"sink={sink!r}, window={window!r}: pass whole numbers of tokens, not True/False.")
+    if layers is not None and any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+        raise LightTransferError(f"layers={list(layers)!r}: pass layer indices as ints, e.g. layers=[3, 5].")
     if not isinstance(window, int) or window < 1:
         raise LightTransferError(f"--window {window}: the window must be at least 1 token (it includes the query itself).")
     if not isinstance(sink, int) or sink < 0:

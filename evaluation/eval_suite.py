@@ -19,6 +19,7 @@ from ..calibration.passkey import check_templates
 from ..environment import environment
 from ..errors import LightTransferError
 from ..output_files import check_output_target, publish_together, write_json
+from .identity import check_same_model
 from .passkey import passkey_accuracy, passkey_depths, passkey_samples
 from .perplexity import default_stride, perplexity, plan_windows
 from .rows import DEFAULT_ROWS, HEAD_LEVEL_ROWS, EvalRow, standard_rows
@@ -202,6 +203,7 @@ def evaluate(
     model, tokenizer = loaded.model, loaded.tokenizer
     if tokenizer is None:
         raise LightTransferError(f"baseline '{baseline}' has no tokenizer; pass a model that ships one.")
+    check_same_model(loaded.fingerprint, baseline=baseline, hcfg=hcfg, hybrid=hybrid, report=report)
     config = model.config
     num_layers = config.num_hidden_layers
     num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
