@@ -580,6 +580,15 @@ def check_weight_files(source: ModelSource, config) -> None:
             f"{', ...' if len(missing) > 3 else ''}); they would be random. The checkpoint is incomplete: copy all "
             "its weight files (and the index) there, or pass another model."
         )
+    ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    extra = sorted(n for n in found if n not in expected and not any(p.search(n) for p in ignored))
+    if extra:
+        path = found[extra[0]][1]
+        raise LightTransferError(
+            f"weights file '{path}' holds {len(extra)} tensor(s) the config does not use ({', '.join(extra[:3])}"
+            f"{', ...' if len(extra) > 3 else ''}); the weights belong to another model or architecture. Put the "
+            "matching config.json beside them, or pass another model."
+        )
 
 
 def check_loading_info(info: dict | None, source: ModelSource) -> None:

@@ -77,14 +77,19 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every ``finally`` and temp-directory cleanup runs."""
 
 
+_signalled = {"term": False}
+
+
 def _on_sigterm(signum, frame) -> None:
+    _signalled["term"] = True  # click turns any KeyboardInterrupt into Abort: remember which one it was
     raise Terminated()
 
 
 def _interrupted(exc: BaseException) -> None:
-    what = "terminated" if isinstance(exc, Terminated) else "interrupted"
-    stderr_console().print(f"[red]error:[/red] {what}; no partial output was left behind.")
-    sys.exit(143 if isinstance(exc, Terminated) else 130)
+    term = isinstance(exc, Terminated) or _signalled["term"]
+    stderr_console().print(f"[red]error:[/red] {'terminated' if term else 'interrupted'}; no partial output was "
+                           "left behind.")
+    sys.exit(143 if term else 130)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-import logging
 
 from ..architecture import check_positions
 from ..errors import LightTransferError
