@@ -479,13 +479,19 @@ def fingerprint_from_config(config, source: ModelSource | str | os.PathLike[str]
         source = resolve_model_source(source)
     if source.kind != "directory":
         return structure
-    expected = set(model.state_dict())
+    ignored = _ignore_patterns(model, "_keys_to_ignore_on_load_unexpected")
     digests = set()
     for path in _weight_files(source.path):
         for name, shape, read in _iter_file_tensors(path):
-            if name in expected:
+            # every tensor the load keeps, under its file name (transformers may rename some, e.g. GPT-NeoX's
+            # embed_out to lm_head; the digests do not depend on names)
+            if not any(p.search(name) for p in ignored):
                 digests.add(_digest_of_pieces(shape, [read(idx) for idx in _sample_index(shape)]))
     return f"{structure}-{_values_digest(digests)}"
+
+
+def _ignore_patterns(model, attr: str) -> list[re.Pattern]:
+    return [re.compile(p) for p in (getattr(model, attr, None) or [])]
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -524,7 +530,10 @@ def _iter_file_tensors(path: Path):
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise _broken_file(path, exc) from exc
     for n, t in state.items():
@@ -571,17 +580,21 @@ def check_weight_files(source: ModelSource, config) -> None:
             f"the config needs {list(want)}{more}; the weights and config.json belong to different models. "
             "Put the matching config.json beside the weights, or pass the original model."
         )
-    ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
+    ignored = _ignore_patterns(model, "_keys_to_ignore_on_load_missing")
     missing = sorted(n for n in expected if n not in found and not (alias_of.get(n, {n}) & set(found))
                      and not any(p.search(n) for p in ignored) and n in alias_of)
+    ignored = _ignore_patterns(model, "_keys_to_ignore_on_load_unexpected")
+    extra = sorted(n for n in found if n not in expected and not any(p.search(n) for p in ignored))
+    # transformers renames some keys on load (GPT-NeoX's embed_out is lm_head): a missing and an unexpected
+    # tensor of the same shapes are taken for such a rename; what is left over is not
+    if sorted(expected[n] for n in missing) == sorted(found[n][0] for n in extra):
+        missing, extra = [], []
     if missing:
         raise LightTransferError(
             f"the weights in '{source.path}' lack {len(missing)} tensor(s) the config needs ({', '.join(missing[:3])}"
             f"{', ...' if len(missing) > 3 else ''}); they would be random. The checkpoint is incomplete: copy all "
             "its weight files (and the index) there, or pass another model."
         )
-    ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
-    extra = sorted(n for n in found if n not in expected and not any(p.search(n) for p in ignored))
     if extra:
         path = found[extra[0]][1]
         raise LightTransferError(

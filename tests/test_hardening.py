@@ -252,6 +252,18 @@ def test_same_shape_mixups_are_refused(case, good_dir, other_dir, words_file, tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("arch", ["gpt_neox", "qwen2"])
+def test_fingerprint_from_files_matches_the_loaded_model(arch, tmp_path):
+    """GPT-NeoX's file names its head embed_out, transformers lm_head: the value digests do not depend on names."""
+    from lighttransfer.loading import fingerprint_from_config, load_config, load_model, resolve_model_source
+
+    d = tmp_path / arch
+    make_tiny_model(arch).save_pretrained(d)
+    source = resolve_model_source(d)
+    assert fingerprint_from_config(load_config(source), source) == \
+        load_model(d, device="cpu", with_tokenizer=False).fingerprint
+
+
 def test_fingerprint_sees_weights_not_dtype_and_agrees_with_the_files(good_dir, other_dir):
     from lighttransfer.loading import (
         compare_fingerprints,
