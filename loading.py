@@ -248,7 +248,8 @@ def load_model(
         dtype: ``auto | float32 | bfloat16 | float16`` or a ``torch.dtype`` (``auto``: bf16 on CUDA, fp32 on CPU).
         trust_remote_code: allow the model's own Python code (off by default).
         attn_implementation: transformers attention backend (``sdpa``, ``eager``, ...); default: transformers'.
-        device_map: passed to accelerate (e.g. ``"auto"`` for a model too big for one GPU).
+        device_map: passed to accelerate (e.g. ``"auto"`` for a model too big for one GPU); a single device
+            (``"cuda:1"``, ``torch.device``) works for GGUF files too.
         with_tokenizer: also load the tokenizer.
 
     Raises:
@@ -267,7 +268,18 @@ def load_model(
     kwargs = dict(kwargs, trust_remote_code=trust_remote_code, dtype=torch_dtype, output_loading_info=True)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if device_map is not None and source.kind != "gguf":
+    import torch
+
+    if isinstance(device_map, torch.device):
+        device_map = str(device_map)
+    if device_map is not None and source.kind == "gguf":
+        # the GGUF copy is rebuilt in memory (see _plain_copy): one device only
+        if isinstance(device_map, str) and device_map not in ("auto", "balanced", "sequential"):
+            dev, device_map = resolve_device(device_map), None
+        else:
+            raise LightTransferError(f"device_map={device_map!r} cannot spread a GGUF file over devices; pass "
+                                     "device='cuda:N' (or a single-device device_map), or convert it first.")
+    if device_map is not None:
         kwargs["device_map"] = device_map
     try:
         model, info = AutoModelForCausalLM.from_pretrained(name, **kwargs)

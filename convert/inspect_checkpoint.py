@@ -97,6 +97,9 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, tokens: tuple[int, ...] 
     head_dim = text.get("head_dim") or (text["hidden_size"] // heads if heads and text.get("hidden_size") else None)
     if not head_dim:
         raise LightTransferError(f"'{config_path}' says neither head_dim nor hidden_size/num_attention_heads.")
+    from ..architecture import check_window_fits
+
+    check_window_fits(text, sink=hybrid.sink, window=hybrid.window, option="its window")  # as the runtime refuses
     dtype = str(dtype or text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or "float32")
     dtype = dtype.removeprefix("torch.")
     if dtype not in DTYPE_BYTES:

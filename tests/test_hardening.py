@@ -478,7 +478,8 @@ def test_convert_calib_takes_directories_and_several_files(good_dir, words_file,
 @pytest.mark.parametrize("kwargs", [
     {"dtype": torch.bfloat16}, {"dtype": "torch.float16"}, {"dtype": "bf16"},
     {"device": torch.device("cpu")}, {"device": torch.device("cpu"), "dtype": torch.float32},
-], ids=["torch-dtype", "torch-dtype-string", "alias", "torch-device", "both"])
+    {"device_map": "cpu"}, {"device_map": torch.device("cpu")},
+], ids=["torch-dtype", "torch-dtype-string", "alias", "torch-device", "both", "device-map", "device-map-torch"])
 def test_api_takes_torch_dtypes_and_devices(kwargs, good_dir):
     import lighttransfer
 
