@@ -93,4 +93,38 @@ def model_shape(config: Any, *, source: str = "the model's config") -> ModelShap
                       native_windows=native_sliding_windows(config))
 
 
-__all__ = ["ModelShape", "model_shape", "text_config", "native_sliding_layers", "native_sliding_windows"]
+# architectures whose positions are learned embeddings: a token past the last one has no position at all (an
+# index error deep in the model), where rotary models only degrade
+ABSOLUTE_POSITION_TYPES = frozenset({"gpt2", "gpt_bigcode", "opt", "biogpt", "imagegpt", "openai-gpt", "ctrl", "xglm",
+                                     "decision_transformer"})
+
+
+def check_positions(config: Any, tokens: int, *, what: str, fix: str) -> str | None:
+    """Refuse ``tokens`` beyond a model's positions when it has learned position embeddings; return a warning
+    line (``None`` when within) for rotary models, which run but degrade there.
+
+    Args:
+        what: what holds the tokens (``"the prompt plus --max-new-tokens"``); fix: what to pass instead.
+    """
+    shape = model_shape(config)
+    if not shape.max_positions or tokens <= shape.max_positions:
+        return None
+    line = (f"{what} ({tokens} tokens) is beyond the model's {shape.max_positions} positions")
+    if shape.model_type in ABSOLUTE_POSITION_TYPES:
+        raise LightTransferError(f"{line}; {shape.model_type} has no position past {shape.max_positions}. {fix}")
+    return f"{line}; quality usually drops past them. {fix}"
+
+
+def check_window_fits(config: Any, *, sink: int, window: int, option: str = "--window") -> None:
+    """Refuse a sink + window that covers every position of the model: streaming would never drop a token, and
+    the hybrid would silently be the dense model."""
+    shape = model_shape(config)
+    if shape.max_positions and sink + window >= shape.max_positions:
+        raise LightTransferError(
+            f"{option} {window} (plus {sink} sink tokens) covers all {shape.max_positions} positions of the model, "
+            "so the streaming layers would never drop a token and the hybrid would be the dense model; pass "
+            f"{option} {max(1, shape.max_positions // 4 - sink)} or another value below {shape.max_positions - sink}."
+        )
+
+
+__all__ = ["ABSOLUTE_POSITION_TYPES", "check_positions", "check_window_fits", "ModelShape", "model_shape", "text_config", "native_sliding_layers", "native_sliding_windows"]

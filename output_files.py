@@ -69,6 +69,23 @@ def check_output_dir(path: str | os.PathLike[str], option: str) -> Path:
     return target
 
 
+def check_output_target(path: str | os.PathLike[str] | None, option: str = "--out") -> Path | None:
+    """``--out`` of a command that writes ``<stem>.json`` and files beside it, or into a directory: checked
+    before the work, as a file when it ends with ``.json``, else as a directory."""
+    if path is None:
+        return None
+    if Path(path).suffix.lower() == ".json":
+        return check_output_file(path, option, ".json")
+    return check_output_dir(path, option)
+
+
+def write_error(path: str | os.PathLike[str], exc: OSError) -> LightTransferError:
+    """A one-line error for a write that failed (a full disk, a folder that became read-only)."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return LightTransferError(f"could not write '{path}' ({reason}); nothing was left half-written. Free some "
+                              "space or pick another place.")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary path beside ``path``: renamed onto ``path`` when the block succeeds, removed when it fails.
@@ -76,12 +93,18 @@ def atomic_path(path: str | os.PathLike[str], *, suffix: str = ".tmp") -> Iterat
     The folder is created if needed; the rename is atomic (same file system), so readers see the old file or the
     whole new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, exc) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -114,20 +137,28 @@ def publish_together(writers: Mapping[Path, Callable[[Path], bool | None]]) -> l
     parent = paths[0].parent
     if any(p.parent != parent for p in paths):
         raise ValueError("publish_together writes into one folder")
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=parent))
+    except OSError as exc:
+        raise write_error(paths[0], exc) from exc
+    current = paths[0]
     try:
         staged = []
         for i, (path, write) in enumerate(writers.items()):
+            current = path
             part = tmp / f"{i}{path.suffix}"
             if write(part) is not False:
                 staged.append((part, path))
         for part, path in staged:
+            current = path
             os.replace(part, path)
         return [path for _, path in staged]
+    except OSError as exc:
+        raise write_error(current, exc) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["check_output_file", "check_output_dir", "atomic_path", "write_atomically", "write_json",
+__all__ = ["check_output_file", "check_output_dir", "check_output_target", "write_error", "atomic_path", "write_atomically", "write_json",
            "publish_together"]

@@ -23,11 +23,19 @@ from .report import AnalysisReport
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
+DEFAULT_SEQ_LEN = 4096  # tokens per calibration sample, unless the model has fewer positions
 
 
 def check_params(*, seq_len: int, samples: int, batch: int, sink: int, window: int, last: int,
                  threshold: float, max_positions: int | None = None) -> None:
     """Refuse analysis parameters that make no sense, with one line naming the option."""
+    for name, value in (("seq-len", seq_len), ("samples", samples), ("batch", batch), ("sink", sink),
+                        ("window", window), ("last", last)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LightTransferError(f"--{name} (argument {name.replace('-', '_')}) must be a whole number, got "
+                                     f"{value!r}; pass an int, e.g. {name.replace('-', '_')}=8.")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise LightTransferError(f"--threshold must be a number in [0, 1), got {threshold!r}.")
     if sink < 0:
         raise LightTransferError(f"--sink must be 0 or more tokens, got {sink}.")
     if window < 1:
@@ -43,7 +51,10 @@ def check_params(*, seq_len: int, samples: int, batch: int, sink: int, window: i
     if seq_len <= sink + window:
         raise LightTransferError(
             f"--seq-len {seq_len} is not longer than --sink + --window ({sink + window}): every key would be "
-            "kept and every ratio would be 1; raise --seq-len or lower --window."
+            "kept and every ratio would be 1; "
+            + (f"the model has only {max_positions} positions, so lower --window (e.g. --window {max_positions // 4})."
+               if max_positions is not None and max_positions <= sink + window else
+               "raise --seq-len or lower --window.")
         )
     if max_positions is not None and seq_len > max_positions:
         raise LightTransferError(
@@ -170,7 +181,7 @@ def analyze(
     *,
     tokenizer=None,
     calib: str | Sequence[str] | None = None,
-    seq_len: int = 4096,
+    seq_len: int | None = None,
     samples: int = 8,
     batch: int = 1,
     sink: int = 4,
@@ -200,7 +211,8 @@ def analyze(
             or a transformers causal LM (then pass ``tokenizer``, unless ``calib`` needs none).
         tokenizer: the tokenizer, when ``model`` is a bare transformers model.
         calib: calibration files, directories, globs, or ``synthetic:passkey``; ``None``: the shipped text.
-        seq_len: tokens per sample; samples: rows; batch: rows per forward pass.
+        seq_len: tokens per sample (default: 4096, or the model's positions if fewer); samples: rows; batch: rows
+            per forward pass.
         sink, window: the streaming rule the ratio measures (first ``sink`` tokens + own last ``window``).
         last: how many final queries of each sample are measured.
         threshold: long-context mass above which a query counts as reaching far back.
@@ -233,8 +245,9 @@ def analyze(
                                   option="--gate-formats")
         if isinstance(gate_steps, bool) or not isinstance(gate_steps, int) or gate_steps < 1:
             raise LightTransferError(f"--gate-steps must be a whole number of at least 1, got {gate_steps!r}.")
-    check_params(seq_len=seq_len, samples=samples, batch=batch, sink=sink, window=window, last=last,
-                 threshold=threshold)
+    fitted_seq_len = seq_len is None
+    check_params(seq_len=DEFAULT_SEQ_LEN if fitted_seq_len else seq_len, samples=samples, batch=batch, sink=sink,
+                 window=window, last=last, threshold=threshold)
     check_sources(calib, field=field)
     started = time.perf_counter()
     if isinstance(model, LoadedModel):
@@ -253,6 +266,8 @@ def analyze(
         fingerprint = model_fingerprint(net)
     if tok is None:
         raise LightTransferError("analyze needs the model's tokenizer; pass tokenizer=... with a bare model.")
+    if fitted_seq_len:
+        seq_len = min(DEFAULT_SEQ_LEN, max_positions(net) or DEFAULT_SEQ_LEN)
     check_params(seq_len=seq_len, samples=samples, batch=batch, sink=sink, window=window, last=last,
                  threshold=threshold, max_positions=max_positions(net))
 

@@ -40,7 +40,7 @@ from ..architecture import model_shape
 from ..compat import cache_keyword
 from ..environment import environment
 from ..errors import LightTransferError
-from ..output_files import publish_together, write_json
+from ..output_files import check_output_target, publish_together, write_json
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -233,6 +233,7 @@ def benchmark(
     from ..runtime import disable_hybrid, enable_hybrid, resolve_layout
     from .shaped_model import build_shaped_model, is_shaped_spec
 
+    check_output_target(out, "--out")  # before the work: a read-only or mistyped path costs nothing
     contexts = sorted({int(c) for c in contexts})
     if not contexts or min(contexts) < 2:
         raise LightTransferError(f"--context needs lengths of at least 2 tokens, got {list(contexts)}.")

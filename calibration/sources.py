@@ -53,6 +53,15 @@ def expand_source(spec: str) -> list[Path]:
     raise LightTransferError(f"--calib '{spec}': no such file or directory; pass an existing .txt/.jsonl file.")
 
 
+def _looks_binary(text: str, *, limit: float = 0.01) -> bool:
+    """NUL bytes, or more than ``limit`` of the first 64k characters control characters other than whitespace."""
+    head = text[:65536]
+    if "\x00" in head:
+        return True
+    control = sum(1 for ch in head if ord(ch) < 32 and ch not in "\t\n\r\f\v" or 0x7F <= ord(ch) < 0xA0)
+    return control > limit * max(len(head), 1)
+
+
 def read_documents(path: Path, *, field: str = "text") -> list[Document]:
     """Read the documents of one file (see the module docstring), refusing empty or undecodable files."""
     try:
@@ -68,6 +77,11 @@ def read_documents(path: Path, *, field: str = "text") -> list[Document]:
     text = text.removeprefix("\ufeff")
     if not text.strip():
         raise LightTransferError(f"--calib '{path}' is empty; pass a file with text in it.")
+    if _looks_binary(text):
+        raise LightTransferError(
+            f"--calib '{path}' looks like a binary file, not text (NUL or control bytes); pass plain text or "
+            ".jsonl with a text field."
+        )
     if path.suffix.lower() not in JSONL_SUFFIXES:
         return [Document(text=text, origin=str(path))]
     return _jsonl_documents(text, path, field)

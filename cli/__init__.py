@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import traceback
 
@@ -72,9 +73,36 @@ def cli() -> None:
     """
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and temp-directory cleanup runs."""
+
+
+_signalled = {"term": False}
+
+
+def _on_sigterm(signum, frame) -> None:
+    _signalled["term"] = True  # click turns any KeyboardInterrupt into Abort: remember which one it was
+    raise Terminated()
+
+
+def _interrupted(exc: BaseException) -> None:
+    term = isinstance(exc, Terminated) or _signalled["term"]
+    stderr_console().print(f"[red]error:[/red] {'terminated' if term else 'interrupted'}; no partial output was "
+                           "left behind.")
+    sys.exit(143 if term else 130)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the CLI and turn errors into one line and an exit status."""
+    """Console-script entry point: run the CLI and turn errors into one line and an exit status.
+
+    SIGTERM (a scheduler's kill, ``timeout``) is handled like Ctrl-C: temp files and directories are removed."""
+    from rich.markup import escape
+
     args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     if "-v" in args or "--verbose" in args:
         _state["verbose"] = True
     else:
@@ -86,29 +114,30 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.Abort:  # click's form of Ctrl-C
-        stderr_console().print("[red]error:[/red] interrupted; no partial output was left behind.")
-        sys.exit(130)
+        _interrupted(KeyboardInterrupt())
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except LightTransferError as exc:
         if _state["verbose"]:
             traceback.print_exc()
-        stderr_console().print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+        stderr_console().print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        stderr_console().print("[red]error:[/red] interrupted; no partial output was left behind.")
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     except Exception as exc:  # noqa: BLE001 - the last line of defence for a one-line error
         if _state["verbose"]:
             traceback.print_exc()
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         stderr_console().print(
-            f"[bold red]error:[/bold red] unexpected {type(exc).__name__}: {first} "
+            f"[bold red]error:[/bold red] unexpected {type(exc).__name__}: {escape(first)} "
             "(rerun with --verbose for the traceback)",
             soft_wrap=True,
         )
         sys.exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     sys.exit(result if isinstance(result, int) else 0)
 
 

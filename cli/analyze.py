@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from ..calibration.passkey import HELD_OUT_TEMPLATES, TEMPLATES, TRAINING_TEMPLATES, check_templates
 from ..errors import LightTransferError
@@ -35,14 +36,34 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
+def _save_report(report, path: Path) -> None:
+    """Save the report; when that fails (a full disk), save it to the temp folder so that the analysis is not
+    lost, and say where."""
+    import os
+    import tempfile
+
+    try:
+        report.save(path)
+    except LightTransferError as exc:
+        spare = Path(tempfile.gettempdir()) / f"lighttransfer-report-{os.getpid()}.json"
+        try:
+            report.save(spare)
+        except LightTransferError:
+            raise LightTransferError(f"{str(exc).rstrip('.')}; the table above is the analysis, and it could not "
+                                     "be saved anywhere else either.") from exc
+        raise LightTransferError(f"{str(exc).rstrip('.')}; the analysis was saved to '{spare}' instead: move it "
+                                 f"where you want it (mv '{spare}' '{path}').") from exc
+
+
 def _table(report, lazy_fraction: float):
+    from rich.markup import escape
     from rich.table import Table
 
     from ..analysis.heatmap import lazy_layers
 
     marked = set(lazy_layers(report, lazy_fraction))
     rank = {layer: i + 1 for i, layer in enumerate(report.ranking)}
-    table = Table(title=f"lazy ratio per layer ({report.model_id})", title_style="bold")
+    table = Table(title=f"lazy ratio per layer ({escape(str(report.model_id))})", title_style="bold")
     table.add_column("layer", justify="right")
     table.add_column("lazy ratio", justify="right")
     table.add_column("rank", justify="right")
@@ -63,7 +84,8 @@ def _table(report, lazy_fraction: float):
 @click.option("--calib", multiple=True, metavar="FILE",
               help="Calibration text: .txt/.jsonl files, directories, globs, or synthetic:passkey; repeat the "
                    "option or list several files after it. Default: the shipped Sense and Sensibility excerpt.")
-@click.option("--seq-len", default=4096, show_default=True, type=int, help="Tokens per calibration sample.")
+@click.option("--seq-len", default=None, type=int,
+              help="Tokens per calibration sample [default: 4096, or the model's positions if fewer].")
 @click.option("--samples", default=8, show_default=True, type=int, help="Number of calibration samples.")
 @click.option("--batch", default=1, show_default=True, type=int, help="Samples per forward pass.")
 @click.option("--sink", default=4, show_default=True, type=int, help="Initial tokens a streaming layer keeps.")
@@ -142,11 +164,11 @@ def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq
     console = stdout_console()
     console.print(_table(report, lazy_fraction))
     if out_path is not None:
-        report.save(out_path)
-        console.print(f"report: {out_path}")
+        _save_report(report, out_path)
+        console.print(f"report: {escape(str(out_path))}")
     if plot_path is not None:
         plot_heatmap(report, plot_path, lazy_fraction=lazy_fraction)
-        console.print(f"heatmap: {plot_path}")
+        console.print(f"heatmap: {escape(str(plot_path))}")
     if not quiet:
         t = report.timings
         console.print(f"[dim]{report.calibration.get('samples')} x {report.calibration.get('seq_len')} tokens "

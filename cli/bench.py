@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from rich.markup import escape
 
 from ..errors import LightTransferError
 from .evaluate import float_list, int_list
@@ -34,17 +35,22 @@ def bench(hybrid, baseline, report, contexts, ratios, memory_budget, decode_step
 
     if max_batch < 1:
         raise LightTransferError(f"--max-batch must be at least 1, got {max_batch}.")
+    from ..bench.speed import write_bench_outputs
+    from ..output_files import check_output_target
+
+    check_output_target(out, "--out")  # before the work, not after
     err = stderr_console()
     result = benchmark(
         baseline=baseline, hybrid=hybrid, report=report, contexts=int_list(contexts, "--context"),
         ratios=float_list(ratios, "--ratios"), memory_budget_gb=memory_budget, decode_steps=decode_steps,
-        max_batch=max_batch, sink=sink, window=window, device=device, dtype=dtype, out=out,
-        progress=None if is_quiet() else (lambda line: err.print(line, soft_wrap=True)),
+        max_batch=max_batch, sink=sink, window=window, device=device, dtype=dtype, out=None,
+        progress=None if is_quiet() else (lambda line: err.print(escape(str(line)), soft_wrap=True)),
     )
     console = stdout_console()
     if not is_quiet():
-        console.print(markdown_bench(result), soft_wrap=True)
-    console.print(f"wrote {out}")
+        console.print(markdown_bench(result), soft_wrap=True, markup=False)
+    write_bench_outputs(result, out)  # after the results are on the screen: a failed write loses nothing
+    console.print(f"wrote {escape(str(out))}")
 
 
 __all__ = ["bench"]

@@ -6,9 +6,10 @@ import json
 import re
 
 import click
+from rich.markup import escape
 
 from ..errors import LightTransferError
-from .options import is_quiet, model_options, stdout_console, verbosity_options
+from .options import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
 
 
 def parse_layer_list(text: str | None, *, option: str) -> list[int] | None:
@@ -47,7 +48,7 @@ def _rows_table(rows, *, num_kv_heads: int, title: str):
         score = ["—" if row.score is None else f"{row.score:.3f}"] if label else []
         table.add_row(str(row.layer), f"[{styles[row.kind]}]{row.kind}[/]", f"{row.streaming_heads}/{num_kv_heads}",
                       "—" if row.lazy_ratio is None else f"{row.lazy_ratio:.3f}", *score,
-                      "—" if row.rank is None else str(row.rank), row.reason)
+                      "—" if row.rank is None else str(row.rank), escape(str(row.reason)))
     return table
 
 
@@ -67,12 +68,14 @@ def _memory_table(memory, dtype: str | None = None):
 
 @click.command("convert")
 @click.argument("model")
+@click.argument("more_calib", nargs=-1, metavar="", required=False)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Directory to write the hybrid checkpoint to.")
 @click.option("--ratio", default=0.5, show_default=True, type=float,
               help="Share of layers (or, with --granularity head, of KV heads) to stream, in (0, 1].")
 @click.option("--report", type=click.Path(dir_okay=False), help="Analysis report JSON from `lighttransfer analyze`; without it the analysis runs first.")
-@click.option("--calib", multiple=True, type=click.Path(dir_okay=False),
-              help="Calibration text for the one-step analysis (repeatable); default: the shipped text.")
+@click.option("--calib", multiple=True, metavar="FILE",
+              help="Calibration text for the one-step analysis: .txt/.jsonl files, directories, globs or "
+                   "synthetic:passkey; repeat the option or list several files after it. Default: the shipped text.")
 @click.option("--layers", metavar="LIST", help="Streaming layers by hand, e.g. 3,5,7 or 10-20 (no analysis needed).")
 @click.option("--keep", metavar="LIST", help="Layers that always keep full attention, e.g. 0,1.")
 @click.option("--sink", default=4, show_default=True, type=int, help="Initial tokens every streaming query keeps.")
@@ -85,24 +88,29 @@ def _memory_table(memory, dtype: str | None = None):
               help="Runtime prefill policy stored in the checkpoint.")
 @click.option("--native-swa", is_flag=True,
               help="Also write layer_types + sliding_window for stock loaders (window only, no sinks: less accurate).")
-@click.option("--seq-len", default=4096, show_default=True, type=int, help="Tokens per calibration sample (one-step analysis).")
+@click.option("--seq-len", default=None, type=int,
+              help="Tokens per calibration sample (one-step analysis) [default: 4096, or the model's positions if fewer].")
 @click.option("--samples", default=8, show_default=True, type=int, help="Calibration samples (one-step analysis).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling and --strategy random.")
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint at --out.")
 @model_options
 @verbosity_options
-def convert(model, out, ratio, report, calib, layers, keep, sink, window, granularity, strategy, prefill,
+def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, window, granularity, strategy, prefill,
             native_swa, seq_len, samples, seed, force, device, dtype, trust_remote_code) -> None:
     """Write a hybrid checkpoint of MODEL (directory, .gguf file or hub id) whose laziest layers stream."""
     from ..convert.converter import convert as run_convert
 
+    if more_calib and not calib:
+        raise LightTransferError(f"unexpected argument(s) {' '.join(more_calib)}; calibration files go after --calib.",
+                                 exit_code=2)
     quiet = is_quiet()
     result = run_convert(
-        model, out=out, ratio=ratio, report=report, calib=list(calib) or None,
+        model, out=out, ratio=ratio, report=report, calib=[*calib, *more_calib] or None,
         layers=parse_layer_list(layers, option="--layers"), keep=parse_layer_list(keep, option="--keep") or (),
         sink=sink, window=window, granularity=granularity, strategy=strategy, prefill=prefill,
         native_swa=native_swa, force=force, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         progress=not quiet, seed=seed, seq_len=seq_len, samples=samples,
+        status=None if quiet else (lambda line: stderr_console().print(f"[dim]{escape(line)}…[/dim]")),
     )
     console = stdout_console()
     console.soft_wrap = True  # plain lines stay whole for grep; tables still fit the terminal
@@ -111,8 +119,8 @@ def convert(model, out, ratio, report, calib, layers, keep, sink, window, granul
         console.print(_rows_table(result.rows, num_kv_heads=hybrid.num_kv_heads,
                                   title=f"Layer selection ({hybrid.granularity}, sink {hybrid.sink}, window {hybrid.window})"))
         console.print(_memory_table(result.memory))
-        console.print(f"weights: {result.weights}; {result.tensors_verified} tensors checked against the source.")
-    console.print(f"wrote {result.out} ({len(hybrid.streaming_layers)} of {hybrid.num_layers} layers streaming"
+        console.print(f"weights: {escape(str(result.weights))}; {result.tensors_verified} tensors checked against the source.")
+    console.print(f"wrote {escape(str(result.out))} ({len(hybrid.streaming_layers)} of {hybrid.num_layers} layers streaming"
                   + (f", {len(hybrid.head_masks)} mixed" if hybrid.head_masks else "") + ")")
 
 
@@ -147,16 +155,17 @@ def inspect(checkpoint, cache_dtype, as_json) -> None:
     hybrid = result.hybrid
     source = hybrid.source or {}
     streaming = ",".join(map(str, hybrid.streaming_layers)) or "none"
-    console.print(f"[bold]{result.path}[/]: {result.model_type}, {hybrid.num_layers} layers x {hybrid.num_kv_heads} "
+    console.print(f"[bold]{escape(str(result.path))}[/]: {escape(result.model_type)}, {hybrid.num_layers} layers x {hybrid.num_kv_heads} "
                   f"KV heads, head_dim {result.head_dim}, {result.dtype}")
-    console.print(f"source: {source.get('model_id', '?')} (fingerprint {source.get('fingerprint', '?')})")
+    console.print(f"source: {escape(str(source.get('model_id', '?')))} "
+                  f"(fingerprint {escape(str(source.get('fingerprint', '?')))})")
     console.print(f"streaming layers ({len(hybrid.streaming_layers)}/{hybrid.num_layers}): {streaming}")
-    console.print(f"sink {hybrid.sink} + window {hybrid.window} tokens; prefill {hybrid.prefill}; "
+    console.print(f"sink {hybrid.sink} + window {hybrid.window} tokens; prefill {escape(str(hybrid.prefill))}; "
                   f"granularity {hybrid.granularity}; native sliding-window fields: {'yes' if hybrid.native_swa else 'no'}")
     if hybrid.calibration:
         c = hybrid.calibration
-        console.print(f"chosen with analysis sink {c.get('sink', '?')}, window {c.get('window', c.get('recent', '?'))}, "
-                      f"seq_len {c.get('seq_len', '?')}, samples {c.get('samples', '?')}")
+        console.print(escape(f"chosen with analysis sink {c.get('sink', '?')}, window {c.get('window', c.get('recent', '?'))}, "
+                      f"seq_len {c.get('seq_len', '?')}, samples {c.get('samples', '?')}"))
     if hybrid.head_masks:
         console.print(_head_grid(hybrid))
     console.print(_memory_table(result.memory, result.dtype))

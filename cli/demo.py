@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from .options import stdout_console, verbosity_options
 
@@ -56,14 +57,14 @@ def main(out: Path, **options) -> None:
 
     console = stdout_console()
     model = ensure_demo_model()
-    console.print(f"demo model: SmolLM2-135M-Instruct ({model})")
+    console.print(f"demo model: SmolLM2-135M-Instruct ({escape(str(model))})")
     out.mkdir(parents=True, exist_ok=True)
     for i, (title, argv) in enumerate(demo_steps(model, out, **options), start=1):
-        console.rule(f"[bold]{i}. {title}")
-        console.print(f"[dim]$ lighttransfer {shlex.join(argv)}[/dim]")
+        console.rule(f"[bold]{i}. {escape(title)}")
+        console.print(f"[dim]$ lighttransfer {escape(shlex.join(argv))}[/dim]")
         cli.main(args=argv, prog_name="lighttransfer", standalone_mode=False)
     console.rule("[bold]outputs")
     for name, path in [("analysis report", out / "report.json"), ("heatmap", out / "heatmap.png"),
                        ("hybrid checkpoint", out / "smollm2-hybrid"),
                        ("model card", out / "smollm2-hybrid" / "README.md")]:
-        console.print(f"{name:>18}: {path}")
+        console.print(f"{name:>18}: {escape(str(path))}")

@@ -6,6 +6,7 @@ import sys
 import time
 
 import click
+from rich.markup import escape
 
 from ..calibration.passkey import HELD_OUT_TEMPLATES, TEMPLATES, TRAINING_TEMPLATES
 from ..errors import LightTransferError
@@ -155,7 +156,10 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
     """
     from ..evaluation.eval_report import markdown_report
     from ..evaluation.eval_suite import evaluate as run_eval
-    from ..evaluation.eval_suite import output_paths
+    from ..evaluation.eval_suite import output_paths, write_outputs
+    from ..output_files import check_output_target
+
+    check_output_target(out, "--out")  # before hours of work, not after
 
     if max_windows < 1:
         raise LightTransferError(f"--windows must be at least 1, got {max_windows}.")
@@ -166,7 +170,7 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
         lengths=int_list(lengths, "--lengths"), stride=stride, max_windows=max_windows,
         passkey_lengths=int_list(passkey_lengths, "--passkey-lengths"), passkey_depths_count=passkey_depths,
         passkey_trials=passkey_trials, passkey_format=passkey_format, rows=[r.strip() for r in rows.split(",") if r.strip()], ratio=ratio,
-        sink=sink, window=window, backend=backend, seed=seed, device=device, dtype=dtype, out=out,
+        sink=sink, window=window, backend=backend, seed=seed, device=device, dtype=dtype, out=None,
         suite=suite, ruler_tasks=ruler_tasks, ruler_samples=ruler_samples,
     )
     if is_quiet():
@@ -176,9 +180,10 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
             result = run_eval(progress=bar, **kwargs)
     console = stdout_console()
     if not is_quiet():
-        console.print(markdown_report(result).split("\n\nLayers per row")[0], soft_wrap=True)
+        console.print(markdown_report(result).split("\n\nLayers per row")[0], soft_wrap=True, markup=False)
+    write_outputs(result, out)  # after the results are on the screen: a failed write loses nothing
     paths = output_paths(out)
-    console.print(f"wrote {paths['json']} and {paths['md']}")
+    console.print(f"wrote {escape(str(paths['json']))} and {escape(str(paths['md']))}")
 
 
 __all__ = ["evaluate", "int_list", "float_list"]

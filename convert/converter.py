@@ -13,17 +13,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import architecture
-from ..architecture import native_sliding_layers, native_sliding_windows
+from ..architecture import check_window_fits, native_sliding_layers, native_sliding_windows
 from ..errors import LightTransferError
 from ..hybrid_format import CONFIG_KEY, DTYPE_BYTES, SIDECAR_NAME, HybridConfig, KVMemoryRow, kv_memory_table
 from ..loading import (
     LoadedModel,
+    check_weight_files,
     fingerprint_from_config,
     load_config,
     load_model,
@@ -84,8 +85,9 @@ def convert(
     trust_remote_code: bool = False,
     progress: bool = False,
     seed: int = 0,
-    seq_len: int = 4096,
+    seq_len: int | None = None,
     samples: int = 8,
+    status: Callable[[str], None] | None = None,
 ) -> ConvertResult:
     """Write a hybrid checkpoint of ``model`` into ``out``.
 
@@ -111,18 +113,23 @@ def convert(
         trust_remote_code: allow the model's own code.
         progress: show the analysis progress bar.
         seed: seed of the analysis sampling and of ``strategy="random"``.
-        seq_len, samples: calibration windows of the one-step analysis (tokens per sample, number of samples).
+        seq_len, samples: calibration windows of the one-step analysis (tokens per sample, number of samples);
+            ``seq_len`` defaults to 4096 or the model's positions, whichever is fewer.
+        status: called with a short line before each slow step (dequantizing a GGUF file, the analysis,
+            writing and checking the weights), so that a terminal is never silent for long.
 
     Raises:
         LightTransferError: bad options, an existing ``out`` without ``force``, a report for another model,
             a full disk, or a written tensor that does not match the source.
     """
+    layers = None if layers is None else list(layers)
     check_options(ratio=ratio, sink=sink, window=window, granularity=granularity, strategy=strategy,
                    prefill=prefill, layers=layers)
+    _check_whole(seed=seed, samples=samples, **({} if seq_len is None else {"seq_len": seq_len}))
+    say = status or (lambda line: log.info("%s", line))
     out = Path(out).expanduser()
     check_target(out.absolute(), force=force)
     keep = list(keep)
-    layers = None if layers is None else list(layers)
     warnings: list[str] = []
 
     loaded = model if isinstance(model, LoadedModel) else None
@@ -136,6 +143,12 @@ def convert(
     text_config = architecture.text_config(config)
     shape = architecture.model_shape(config, source=f"'{model_id}'")
     num_layers, num_kv_heads = shape.num_layers, shape.num_kv_heads
+    check_window_fits(text_config, sink=sink, window=window)
+    _refuse_reordered_heads(config, model_id)
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, shape.max_positions or DEFAULT_SEQ_LEN)
+    if loaded is None and source.kind == "directory":
+        check_weight_files(source, config)  # the weights are copied, maybe never loaded: check them here
     keep = check_layer_indices(keep, num_layers, option="--keep")
     if layers is not None:
         check_layer_indices(layers, num_layers, option="--layers")
@@ -165,22 +178,27 @@ def convert(
         warnings.append("--calib is ignored: the layers come from " + ("--layers." if layers is not None else "the report."))
     needs_analysis = report is None and layers is None and strategy != "random"
     if needs_analysis:
-        _check_analysis_options(calib=calib, seq_len=seq_len, samples=samples, sink=sink, window=window)
+        _check_analysis_options(calib=calib, seq_len=seq_len, samples=samples, sink=sink, window=window,
+                                max_positions=shape.max_positions)
     gguf_dtype = "float32" if dtype == "auto" else dtype
     if loaded is None and source.kind == "gguf":
         # weights are written from this copy, so it stays in float32 on the CPU (the dequantized values)
+        say(f"dequantizing {source.path.name} to {gguf_dtype} (transformers' GGUF reader; this can take a minute)")
         loaded = load_model(source, device="cpu", dtype=gguf_dtype, trust_remote_code=trust_remote_code,
                             with_tokenizer=True)
     elif loaded is None and needs_analysis:
+        say(f"loading {model_id}")
         loaded = load_model(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    fingerprint = loaded.fingerprint if loaded else fingerprint_from_config(config)
+    fingerprint = loaded.fingerprint if loaded else fingerprint_from_config(config, source)
     if report is not None:
         check_report(report, fingerprint=fingerprint, model_id=model_id, num_layers=num_layers,
                       num_kv_heads=num_kv_heads, sink=sink, window=window, warnings=warnings)
 
     with staged_directory(out, force=force) as tmp:
+        say("writing the weights")
         written = write_weights(source, loaded, tmp)
         if needs_analysis:
+            say(f"analysing {samples} x {seq_len} tokens to choose the layers")
             report = _run_analysis(loaded, calib=calib, seq_len=seq_len, samples=samples, sink=sink, window=window,
                                    seed=seed, device=device, dtype=dtype, progress=progress)
         hybrid, rows = plan_hybrid(report, num_layers=num_layers, num_kv_heads=num_kv_heads, ratio=ratio,
@@ -210,6 +228,7 @@ def convert(
         memory = _memory(hybrid, text_config, config_dict)
         write_card(tmp, out.name, hybrid, rows, memory, report, written, source=source, gguf_dtype=gguf_dtype,
                     hub_id=hub_id, license_id=gguf_metadata.get("general.license"))
+        say("checking the written tensors against the source")
         checked = verify_weights(tmp, written)
         log.info("checked %d tensors against the source", checked)
 
@@ -219,12 +238,39 @@ def convert(
                          tensors_verified=checked, warnings=warnings)
 
 
-def _check_analysis_options(*, calib, seq_len, samples, sink, window) -> None:
+DEFAULT_SEQ_LEN = 4096
+
+
+def _check_whole(**values) -> None:
+    """Whole-number options given as strings, floats or bools through the Python API: one line, not a crash."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LightTransferError(f"{name}={value!r}: pass a whole number (an int), e.g. {name}=8.")
+
+
+def _refuse_reordered_heads(config, model_id: str) -> None:
+    """A model saved from a loaded head-level hybrid has its KV heads reordered in the weights (the block's
+    ``head_order``): reports and head indices of the original model no longer fit it."""
+    try:
+        block = HybridConfig.from_model_config(config)
+    except LightTransferError:
+        return  # a damaged block is replaced by the new one
+    if block is not None and block.head_order:
+        raise LightTransferError(
+            f"'{model_id}' was saved from a loaded head-level hybrid: the KV heads of layers "
+            f"{','.join(map(str, sorted(block.head_order)))} are reordered in its weights (config.json's "
+            "lighttransfer.head_order), so head indices and reports of the original model do not fit it. "
+            "Convert the original model instead."
+        )
+
+
+def _check_analysis_options(*, calib, seq_len, samples, sink, window, max_positions=None) -> None:
     """The analysis' own one-line errors, before any model is loaded."""
     from ..analysis.pipeline import check_params
     from ..calibration import check_sources
 
-    check_params(seq_len=seq_len, samples=samples, batch=1, sink=sink, window=window, last=32, threshold=0.1)
+    check_params(seq_len=seq_len, samples=samples, batch=1, sink=sink, window=window, last=32, threshold=0.1,
+                 max_positions=max_positions)
     check_sources([str(c) for c in calib] if isinstance(calib, (list, tuple)) else
                   (str(calib) if calib is not None else None))
 

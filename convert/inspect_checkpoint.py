@@ -73,14 +73,24 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, tokens: tuple[int, ...] 
         config = json.loads(config_path.read_text())
     except ValueError as exc:
         raise LightTransferError(f"'{config_path}' is not valid JSON ({exc}).") from exc
-    hybrid = HybridConfig.from_model_config(config)
+    hybrid = HybridConfig.from_model_config(config, origin=str(config_path))
     if hybrid is None:
         raise LightTransferError(
             f"'{config_path.parent}' is a plain model, not a hybrid: its config.json has no '{CONFIG_KEY}' block. "
             "Make one with `lighttransfer convert`."
         )
     text = text_config(config)
-    head_dim = model_shape(config, source=f"'{config_path}'").head_dim
+    shape = model_shape(config, source=f"'{config_path}'")
+    # the same consistency check the runtime (generate, eval) makes before it trusts the block
+    if (shape.num_layers, shape.num_kv_heads) != (hybrid.num_layers, hybrid.num_kv_heads):
+        raise LightTransferError(
+            f"'{config_path}': its lighttransfer block describes {hybrid.num_layers} layers x {hybrid.num_kv_heads} "
+            f"KV heads but the model has {shape.num_layers} x {shape.num_kv_heads}; the block was edited or belongs "
+            "to another model. Reconvert the checkpoint with `lighttransfer convert`.")
+    head_dim = shape.head_dim
+    from ..architecture import check_window_fits
+
+    check_window_fits(text, sink=hybrid.sink, window=hybrid.window, option="its window")  # as the runtime refuses
     dtype = str(dtype or text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or "float32")
     dtype = dtype.removeprefix("torch.")
     if dtype not in DTYPE_BYTES:

@@ -41,7 +41,13 @@ def pick_layers(scores: Sequence[float], *, ratio: float, strategy: str = "lazy"
 
 
 def check_options(*, ratio, sink, window, granularity, strategy, prefill, layers) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise LightTransferError(f"ratio={ratio!r}: pass a number in (0, 1], e.g. 0.5.")
     check_ratio(ratio)
+    if isinstance(window, bool) or isinstance(sink, bool):
+        raise LightTransferError(f"sink={sink!r}, window={window!r}: pass whole numbers of tokens, not True/False.")
+    if layers is not None and any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+        raise LightTransferError(f"layers={list(layers)!r}: pass layer indices as ints, e.g. layers=[3, 5].")
     if not isinstance(window, int) or window < 1:
         raise LightTransferError(f"--window {window}: the window must be at least 1 token (it includes the query itself).")
     if not isinstance(sink, int) or sink < 0:
@@ -68,11 +74,20 @@ def load_report(report):
 
 def check_report(report, *, fingerprint: str, model_id: str, num_layers: int, num_kv_heads: int,
                   sink: int, window: int, warnings: list[str]) -> None:
-    if report.fingerprint != fingerprint:
+    from ..loading import compare_fingerprints
+
+    match = compare_fingerprints(report.fingerprint, fingerprint)
+    if match == "different":
         raise LightTransferError(
             f"the report was made for model '{report.model_id}' (fingerprint {report.fingerprint}), not for "
-            f"'{model_id}' (fingerprint {fingerprint}); run `lighttransfer analyze` on this model, or pass the "
-            "model the report belongs to."
+            f"'{model_id}' (fingerprint {fingerprint}): another model, or the same shape with other weights (a "
+            "base model and its fine-tune); run `lighttransfer analyze` on this model, or pass the model the "
+            "report belongs to."
+        )
+    if match == "legacy":
+        warnings.append(
+            f"the report predates weight fingerprints: it matches the shape of '{model_id}', but lighttransfer "
+            "cannot tell whether it was made on these weights; rerun `lighttransfer analyze` to be sure."
         )
     if report.num_layers != num_layers or report.num_kv_heads != num_kv_heads:
         raise LightTransferError(

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -55,7 +57,8 @@ def staged_directory(target: str | os.PathLike[str], *, force: bool = False) -> 
     target = Path(target).expanduser().absolute()
     check_target(target, force=force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    clean_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         _normalize_permissions(tmp)
@@ -68,10 +71,48 @@ def staged_directory(target: str | os.PathLike[str], *, force: bool = False) -> 
                 f"the disk holding '{target.parent}' is full; nothing was written. Free some space or choose "
                 "another --out."
             ) from exc
-        raise
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise LightTransferError(
+            f"could not write the checkpoint '{target}' ({reason}: {exc.filename or target.parent}); nothing was "
+            "written. Check the permissions and free space there, or choose another --out."
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_STALE = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)-)?[^/]*$")
+
+
+def clean_stale(target: Path) -> list[Path]:
+    """Remove the temp directories an earlier, killed run left beside ``target`` (``.{name}.tmp-{pid}-*``
+    whose process is gone); report, and keep, those of a run still alive or written before the name carried
+    its pid. Returns the ones removed."""
+    removed = []
+    for path in sorted(target.parent.glob(f".{glob.escape(target.name)}.tmp-*")) + \
+            sorted(target.parent.glob(f".{glob.escape(target.name)}.old-*")):
+        match = _STALE.match(path.name)
+        if not path.is_dir() or match is None or match["name"] != target.name:
+            continue
+        pid = int(match["pid"]) if match["pid"] else None
+        if pid is not None and pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            log.warning("removed %s, left behind by an interrupted convert (process %d)", path, pid)
+        elif pid is None:
+            log.warning("%s was left behind by an interrupted convert; remove it to free its space "
+                        "(rm -r '%s')", path, path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _normalize_permissions(root: Path) -> None:
@@ -93,7 +134,7 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     if not target.exists():
         os.replace(tmp, target)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
     os.rmdir(old)
     os.replace(target, old)
     try:
@@ -105,4 +146,4 @@ def _move_into_place(tmp: Path, target: Path) -> None:
     log.info("replaced the previous contents of %s", target)
 
 
-__all__ = ["staged_directory", "check_target"]
+__all__ = ["staged_directory", "check_target", "clean_stale"]

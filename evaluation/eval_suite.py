@@ -20,7 +20,8 @@ from ..architecture import model_shape
 from ..calibration.passkey import check_templates
 from ..environment import environment
 from ..errors import LightTransferError
-from ..output_files import publish_together, write_json
+from ..output_files import check_output_target, publish_together, write_json
+from .identity import check_same_model
 from .passkey import passkey_accuracy, passkey_depths, passkey_samples
 from .perplexity import default_stride, perplexity, plan_windows
 from .rows import DEFAULT_ROWS, HEAD_LEVEL_ROWS, EvalRow, standard_rows
@@ -196,6 +197,10 @@ def evaluate(
     from .backends import MaskedBackend, RuntimeBackend
 
     suite = check_suite(suite)
+    check_output_target(out, "--out")  # before the work: a read-only or mistyped path costs nothing
+    if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or stride < 1):
+        raise LightTransferError(f"--stride must be a whole number of at least 1 token, got {stride!r}; "
+                                 "leave it out for a quarter of each length.")
     lengths = _check_lengths(lengths, "--lengths")
     ruler_lengths = _check_lengths(ruler_lengths if ruler_lengths is not None else lengths, "--lengths")
     task_names: list[str] = []
@@ -230,6 +235,7 @@ def evaluate(
     model, tokenizer = loaded.model, loaded.tokenizer
     if tokenizer is None:
         raise LightTransferError(f"baseline '{baseline}' has no tokenizer; pass a model that ships one.")
+    check_same_model(loaded.fingerprint, baseline=baseline, hcfg=hcfg, hybrid=hybrid, report=report)
     config = model.config
     shape = model_shape(config, source=f"baseline '{baseline}'")
     num_layers, num_kv_heads, max_pos = shape.num_layers, shape.num_kv_heads, shape.max_positions

@@ -58,6 +58,9 @@ class HybridConfig:
         sidecar: file name of the bulky per-head scores beside the weights, or ``None``.
         native_swa: the architecture's own ``layer_types`` + ``sliding_window`` fields were also written, so
             stock loaders slide a window (without sinks) over ``streaming_layers``.
+        head_order: ``{layer: [original KV head of each slot]}`` for layers whose heads the runtime reordered in
+            the weights before they were saved (empty for what ``convert`` writes): such weights are no longer
+            in the source model's head order, so ``source`` and any report on it no longer index them.
     """
 
     num_layers: int
@@ -73,11 +76,19 @@ class HybridConfig:
     report_summary: dict[str, Any] = field(default_factory=dict)
     sidecar: str | None = None
     native_swa: bool = False
+    head_order: dict[int, list[int]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        self.streaming_layers = sorted(int(i) for i in self.streaming_layers)
-        self.head_masks = {int(k): [bool(x) for x in v] for k, v in self.head_masks.items()}
+        try:
+            self.streaming_layers = sorted(int(i) for i in self.streaming_layers)
+            self.head_masks = {int(k): [bool(x) for x in v] for k, v in dict(self.head_masks).items()}
+            self.head_order = {int(k): [int(x) for x in v] for k, v in dict(self.head_order or {}).items()}
+            self.sink, self.window = _whole(self.sink, "sink"), _whole(self.window, "window")
+            self.num_layers = _whole(self.num_layers, "num_layers")
+            self.num_kv_heads = _whole(self.num_kv_heads, "num_kv_heads")
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise LightTransferError(f"a value has the wrong type ({exc})") from exc
         self.validate()
 
     # ---- the layout ----------------------------------------------------------------------------------------
@@ -115,6 +126,9 @@ class HybridConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["head_masks"] = {str(k): v for k, v in sorted(self.head_masks.items())}
+        d["head_order"] = {str(k): v for k, v in sorted(self.head_order.items())}
+        if not d["head_order"]:
+            del d["head_order"]  # blocks written by convert stay as before
         return json.loads(json.dumps(d, sort_keys=True))
 
     @classmethod
@@ -129,18 +143,37 @@ class HybridConfig:
             raise LightTransferError(f"lighttransfer config block is incomplete: {exc}.") from exc
 
     @classmethod
-    def from_model_config(cls, config: Any) -> HybridConfig | None:
-        """Read the block from a transformers config (object or dict); ``None`` when there is none."""
+    def from_model_config(cls, config: Any, *, origin: str | None = None) -> HybridConfig | None:
+        """Read the block from a transformers config (object or dict); ``None`` when there is none.
+
+        Raises:
+            LightTransferError: the block is damaged; the message names ``config.json`` (``origin``: its path or
+                model) and says to reconvert.
+        """
         block = config.get(CONFIG_KEY) if isinstance(config, dict) else getattr(config, CONFIG_KEY, None)
         if block is None:
             return None
+        where = f"'{origin}'" if origin else "config.json"
         if not isinstance(block, dict):
-            raise LightTransferError(f"config.json's '{CONFIG_KEY}' entry must be an object.")
-        return cls.from_dict(block)
+            raise LightTransferError(f"the '{CONFIG_KEY}' entry of {where} must be an object; it was edited or "
+                                     "damaged: reconvert the model with `lighttransfer convert`.")
+        try:
+            return cls.from_dict(block)
+        except LightTransferError as exc:
+            raise LightTransferError(
+                f"the '{CONFIG_KEY}' block of {where} is damaged: {str(exc).rstrip('.')}. Restore config.json or "
+                "reconvert the model with `lighttransfer convert`."
+            ) from exc
 
     def attach(self, config: Any) -> None:
         """Store the block on a transformers config object (it is then written by ``save_pretrained``)."""
         setattr(config, CONFIG_KEY, self.to_dict())
+
+
+def _whole(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return value
 
 
 __all__ = ["HybridConfig", "CONFIG_KEY", "FORMAT_VERSION", "SIDECAR_NAME"]

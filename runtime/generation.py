@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ..architecture import check_positions
 from ..errors import LightTransferError
 from .cache import HybridCache
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,11 @@ def generate_text(
     if seed is not None:
         torch.manual_seed(seed)
     inputs = encode_prompt(tokenizer, prompt, chat=chat, device=model.device)
+    warning = check_positions(model.config, int(inputs["input_ids"].shape[1]) + int(max_new_tokens),
+                              what=f"the prompt ({inputs['input_ids'].shape[1]} tokens) plus --max-new-tokens",
+                              fix="Shorten the prompt or lower --max-new-tokens.")
+    if warning:
+        log.warning(warning)
     pieces: list[str] = []
     clock: list[float] = []
 

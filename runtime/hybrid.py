@@ -134,7 +134,7 @@ def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, ch
     runtime = HybridRuntime(model, layout)
     runtime.head_orders = orders
     if orders:
-        runtime.previous_config_block = _reorder_config_block(model.config, orders)
+        runtime.previous_config_block = _reorder_config_block(model.config, orders, layout)
     setattr(model, RUNTIME_ATTR, runtime)
     model.set_attn_implementation(ATTENTION_NAME)
     if chunk_size is not None and model.generation_config is not None:
@@ -161,7 +161,10 @@ def disable_hybrid(model) -> None:
             delattr(module, PLAN_ATTR)
     for idx, order in runtime.head_orders.items():
         _permute(modules[idx], inverse(order), len(order))
-    if runtime.previous_config_block is not None:
+    if runtime.previous_config_block is _NO_BLOCK:
+        if hasattr(model.config, CONFIG_KEY):
+            delattr(model.config, CONFIG_KEY)
+    elif runtime.previous_config_block is not None:
         setattr(model.config, CONFIG_KEY, runtime.previous_config_block)
     delattr(model, RUNTIME_ATTR)
     model.set_attn_implementation(runtime.previous_attn_implementation or "sdpa")
@@ -187,16 +190,38 @@ def _reorder_mixed_heads(modules, layout: HybridLayout) -> tuple[HybridLayout, d
     return dataclasses.replace(layout, head_masks=masks), orders
 
 
-def _reorder_config_block(config, orders: dict[int, list[int]]):
-    """Rewrite the checkpoint block's head masks in the weights' new order; return the block as it was."""
+_NO_BLOCK = object()  # the config had no block before the heads were reordered
+
+
+def _reorder_config_block(config, orders: dict[int, list[int]], layout: HybridLayout | None = None):
+    """Rewrite the checkpoint block's head masks in the weights' new order, and record the order, so that a
+    ``save_pretrained`` copy says how its heads are stored; return the block as it was.
+
+    A model without a block (an explicit layout) gets one: its saved weights are no longer the source's."""
     block = getattr(config, CONFIG_KEY, None)
+    if block is None and layout is not None:
+        from ..hybrid_format import HybridConfig
+
+        fresh = HybridConfig(num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
+                             streaming_layers=list(layout.streaming_layers),
+                             head_masks={k: list(v) for k, v in layout.head_masks.items()}, sink=layout.sink,
+                             window=layout.window, prefill=layout.prefill, head_order=orders,
+                             granularity="head").to_dict()
+        setattr(config, CONFIG_KEY, fresh)
+        return _NO_BLOCK
     if not isinstance(block, dict) or not block.get("head_masks"):
         return None
     new = copy.deepcopy(block)
+    # recorded, so that a saved copy says its weights are no longer in the source model's head order
+    recorded = {int(k): v for k, v in (block.get("head_order") or {}).items()}
     for key, mask in block["head_masks"].items():
         order = orders.get(int(key))
         if order is not None:
             new["head_masks"][key] = [mask[i] for i in order]
+            before = recorded.get(int(key), list(range(len(order))))
+            recorded[int(key)] = [before[i] for i in order]
+    if recorded:
+        new["head_order"] = {str(k): v for k, v in sorted(recorded.items())}
     setattr(config, CONFIG_KEY, new)
     return block
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..architecture import check_window_fits
 from ..architecture import model_shape as _shape
 from ..errors import LightTransferError
 from ..hybrid_format import DEFAULT_SINK, DEFAULT_WINDOW, PREFILL_POLICIES, HybridConfig, HybridLayout
@@ -38,7 +39,7 @@ def resolve_layout(
     """
     shape = _shape(config, source=source)
     num_layers, num_kv_heads = shape.num_layers, shape.num_kv_heads
-    block = HybridConfig.from_model_config(config)
+    block = HybridConfig.from_model_config(config, origin=f"config.json of {source}")
     explicit = streaming_layers is not None or head_masks is not None
     if online_ratio is not None and explicit:
         raise LightTransferError("pass either online_ratio (layers chosen per prompt) or streaming_layers/"
@@ -53,6 +54,7 @@ def resolve_layout(
     sink = sink if sink is not None else (block.sink if block else DEFAULT_SINK)
     window = window if window is not None else (block.window if block else DEFAULT_WINDOW)
     prefill = prefill or (block.prefill if block else "streaming")
+    check_window_fits(config, sink=sink, window=window, option="window")
     if block is not None:
         _warn_if_not_calibrated(block, sink=sink, window=window)
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..loading import LoadedModel, load_model, load_tokenizer
 from .hybrid import check_chunk_size, enable_hybrid
 from .layout import resolve_layout
 
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
 
 def load_hybrid(
     path: str | os.PathLike[str],
     *,
-    device: str = "auto",
-    dtype: str = "auto",
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
     streaming_layers: list[int] | None = None,
     head_masks: dict[int, list[bool]] | None = None,
     sink: int | None = None,
@@ -24,10 +27,12 @@ def load_hybrid(
     chunk_size: int | None = None,
     trust_remote_code: bool = False,
     with_tokenizer: bool = True,
+    device_map: str | dict | None = None,
 ) -> LoadedModel:
     """Like :func:`load`, but returns the :class:`~lighttransfer.loading.LoadedModel` (model, tokenizer, source)."""
     check_chunk_size(chunk_size)  # before the weights load: a typo costs nothing
-    loaded = load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, with_tokenizer=False)
+    loaded = load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, with_tokenizer=False,
+                        device_map=device_map)
     layout = resolve_layout(loaded.model.config, streaming_layers=streaming_layers, head_masks=head_masks,
                             sink=sink, window=window, prefill=prefill, online_ratio=online_ratio,
                             source=f"model '{loaded.source.spec}'")
@@ -40,8 +45,8 @@ def load_hybrid(
 def load(
     path: str | os.PathLike[str],
     *,
-    device: str = "auto",
-    dtype: str = "auto",
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
     streaming_layers: list[int] | None = None,
     head_masks: dict[int, list[bool]] | None = None,
     sink: int | None = None,
@@ -50,6 +55,7 @@ def load(
     online_ratio: float | None = None,
     chunk_size: int | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
 ) -> Any:
     """Load a hybrid checkpoint as an ordinary transformers causal LM with a bounded KV cache.
 
@@ -58,8 +64,8 @@ def load(
 
     Args:
         path: hybrid checkpoint directory, plain model directory, ``.gguf`` file or hub id.
-        device: ``auto | cpu | cuda[:N]``.
-        dtype: ``auto | float32 | bfloat16 | float16`` (``auto``: bf16 on CUDA, fp32 on CPU).
+        device: ``auto | cpu | cuda[:N]`` or a ``torch.device``.
+        dtype: ``auto | float32 | bfloat16 | float16`` or a ``torch.dtype`` (``auto``: bf16 on CUDA, fp32 on CPU).
         streaming_layers: layers whose every KV head streams (overrides the block).
         head_masks: ``{layer: [bool] * kv_heads}`` for layers where only some KV heads stream.
         sink, window: tokens a streaming layer keeps (first ``sink``, last ``window``); default the block's.
@@ -70,6 +76,7 @@ def load(
             streams, the least lazy ones on the prompt's last queries stay full.
         chunk_size: prefill in chunks of this many tokens inside ``generate`` (bounded prefill memory).
         trust_remote_code: allow the model's own Python code (off by default).
+        device_map: as in transformers' ``from_pretrained`` (``"auto"`` spreads a big model over the GPUs).
 
     Returns:
         The transformers model; ``model.generate`` and ``pipeline("text-generation", model=model)`` use the
@@ -80,7 +87,8 @@ def load(
     """
     return load_hybrid(path, device=device, dtype=dtype, streaming_layers=streaming_layers,
                        head_masks=head_masks, sink=sink, window=window, prefill=prefill, online_ratio=online_ratio,
-                       chunk_size=chunk_size, trust_remote_code=trust_remote_code, with_tokenizer=False).model
+                       chunk_size=chunk_size, trust_remote_code=trust_remote_code, with_tokenizer=False,
+                       device_map=device_map).model
 
 
 __all__ = ["load", "load_hybrid"]

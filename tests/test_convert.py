@@ -65,7 +65,8 @@ def source_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _fingerprint(path: Path) -> str:
-    return fingerprint_from_config(load_config(resolve_model_source(path)))
+    source = resolve_model_source(path)
+    return fingerprint_from_config(load_config(source), source)
 
 
 def _logits(path: Path, ids: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,8 @@ def test_real_hybrid_loads_in_plain_transformers_as_the_dense_model(real_hybrid,
         assert torch.equal(model(ids).logits, real_model.model(ids).logits)
     # the GGUF's chat template and special tokens survive into the checkpoint
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
-    assert fingerprint_from_config(load_config(resolve_model_source(real_hybrid))) == real_model.fingerprint
+    hybrid_source = resolve_model_source(real_hybrid)
+    assert fingerprint_from_config(load_config(hybrid_source), hybrid_source) == real_model.fingerprint
     card = (real_hybrid / "README.md").read_text()
     assert "GGUF" in card and "float32" in card and "license: apache-2.0" in card
     assert (real_hybrid / "LICENSE").is_file() and (real_hybrid / "lighttransfer_heatmap.png").is_file()
