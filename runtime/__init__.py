@@ -3,11 +3,12 @@
 ``lighttransfer.load(path)`` returns an ordinary transformers causal LM. How it works:
 
 * **Attention.** One function is registered in transformers' ``AttentionInterface`` under ``"lighttransfer"``
-  and the model's attention implementation is set to it (:mod:`.attention`). Full layers delegate to
-  transformers' SDPA attention; streaming layers call the Triton kernels of :mod:`lighttransfer.kernels` on CUDA
+  and the model's attention implementation is set to it (:mod:`.attention`). Full layers prefill through SDPA
+  and decode through the GQA split-K kernel :func:`lighttransfer.kernels.full_decode` on CUDA; streaming layers call the Triton kernels of :mod:`lighttransfer.kernels` on CUDA
   and their PyTorch references on the CPU; mixed layers (some KV heads stream) run both groups and put the heads
   back in order. Nothing else in transformers is touched, so a plain model works beside a hybrid one.
-* **Cache.** :class:`HybridCache` is a transformers ``Cache`` whose parts are ``DynamicLayer`` (full layers),
+* **Cache.** :class:`HybridCache` is a transformers ``Cache`` whose parts are :class:`FullLayer` (full layers:
+  storage preallocated and grown geometrically, new tokens written in place, never a whole-cache copy per step),
   :class:`StreamingLayer` (``sink`` fixed slots + a ring of ``window`` slots, each slot recording its token's
   absolute position) and :class:`MixedLayer` (full heads whole, streaming heads in an inner ring).
 * **Positions.** Keys are cached with the RoPE of their original position and never re-indexed, as LightTransfer
@@ -24,7 +25,7 @@
 * **Online mode.** ``load(..., online_ratio=r)`` picks the streaming layers per prompt (:mod:`.online`).
 """
 
-from .cache import HybridCache, MixedLayer, SequenceState, StreamingLayer
+from .cache import FullLayer, HybridCache, MixedLayer, SequenceState, StreamingLayer
 from .chunked import prefill_chunked
 from .generation import GenerationStats, generate_text
 from .hybrid import disable_hybrid, enable_hybrid, make_cache, runtime_of
@@ -43,6 +44,7 @@ __all__ = [
     "generate_text",
     "GenerationStats",
     "HybridCache",
+    "FullLayer",
     "StreamingLayer",
     "MixedLayer",
     "SequenceState",

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
+from ..hybrid_format import PREFILL_POLICIES
 from .slots import slot_of, slot_positions
-
-PREFILL_POLICIES = ("streaming", "full")
 
 
 class SequenceState:
