@@ -11,11 +11,21 @@ results a second kernel merges by log-sum-exp.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .decode_launch import (
+    FALLBACK_CONFIG,
+    INTERPRETER_CONFIG,
+    autotune_enabled,
+    capability,
+    decode_config,
+    fits_hopper,
+    multiprocessors,
+    tuned_launcher,
+)
 
 _UNBOUNDED = tl.constexpr(1 << 30)
 _LOG2E = 1.4426950408889634
@@ -129,52 +139,16 @@ def _streaming_decode_merge(
 
 
 # --------------------------------------------------------------------------------------------------- configs
-def _config(block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-
-
-# Decode is bandwidth-bound: candidates differ in how many bytes each program keeps in flight.
 HOPPER_CONFIGS = [
-    _config(64, 4, 3),
-    _config(128, 4, 3),
-    _config(64, 4, 4),
-    _config(128, 8, 3),
-    _config(32, 4, 4),
+    decode_config(64, 4, 3),
+    decode_config(128, 4, 3),
+    decode_config(64, 4, 4),
+    decode_config(128, 8, 3),
+    decode_config(32, 4, 4),
 ]
-FALLBACK_CONFIG = _config(64, 4, 2)
-INTERPRETER_CONFIG = _config(16, 1, 1)
-
-
-def fits_hopper(config: triton.Config, block_d: int, block_m: int) -> bool:
-    """Keep configs whose pipelined K/V tiles fit the H100's 227 KB of shared memory per block."""
-    bn = config.kwargs["BLOCK_N"]
-    smem = 2 * (block_m * block_d + config.num_stages * 2 * bn * block_d)
-    return smem <= 227 * 1024 and not (block_d > 128 and bn > 64)
-
-
-def _autotune_enabled() -> bool:
-    return os.environ.get("LIGHTTRANSFER_TRITON_AUTOTUNE", "1") != "0"
-
-
 @functools.cache
 def _tuned_launcher(capability: tuple[int, int], block_d: int, block_m: int, autotune: bool):
-    if capability[0] == 9:
-        configs = [c for c in HOPPER_CONFIGS if fits_hopper(c, block_d, block_m)] or [FALLBACK_CONFIG]
-    else:
-        configs = [FALLBACK_CONFIG]
-    if not autotune:
-        configs = configs[:1]
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "BLOCK_M", "SINGLE_SPLIT"])(_streaming_decode_split)
-
-
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-@functools.cache
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return tuned_launcher(_streaming_decode_split, HOPPER_CONFIGS, capability, block_d, block_m, autotune)
 
 
 def plan_splits(batch: int, kv_heads: int, n_slots: int, programs_wanted: int, align: int = _CHUNK_ALIGN,
@@ -215,7 +189,7 @@ def streaming_decode_triton(
     block_d = max(16, triton.next_power_of_2(dim))
     block_m = max(16, triton.next_power_of_2(group * nq))
     if q.is_cuda:
-        wanted = 2 * _multiprocessors(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        wanted = 2 * multiprocessors(q.device.index if q.device.index is not None else torch.cuda.current_device())
         chunk, n_splits = plan_splits(batch, kv_heads, n_slots, wanted, splits=splits)
     else:
         align = INTERPRETER_CONFIG.kwargs["BLOCK_N"]
@@ -258,7 +232,7 @@ def streaming_decode_triton(
         return o
     # decode at batch 1 is host-bound: no per-call device queries or context switches unless needed
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    kernel = _tuned_launcher(_capability(index), block_d, block_m, _autotune_enabled())
+    kernel = _tuned_launcher(capability(index), block_d, block_m, autotune_enabled())
     if index == torch.cuda.current_device():
         launch(kernel, {})
     else:

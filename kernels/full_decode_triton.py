@@ -12,13 +12,21 @@ merge kernel of :mod:`lighttransfer.kernels.decode_triton`. Positions are implic
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .decode_triton import _capability, _multiprocessors, _streaming_decode_merge, fits_hopper, plan_splits
+from .decode_launch import (
+    FALLBACK_CONFIG,
+    INTERPRETER_CONFIG,
+    autotune_enabled,
+    capability,
+    decode_config,
+    multiprocessors,
+    tuned_launcher,
+)
+from .decode_triton import _streaming_decode_merge, plan_splits
 
 _LOG2E = 1.4426950408889634
 # split granularity on CUDA: a multiple of every candidate BLOCK_N, so a tile never straddles two chunks
@@ -96,35 +104,16 @@ def _full_decode_split(
 
 
 # --------------------------------------------------------------------------------------------------- configs
-def _config(block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-
-
-# Bandwidth-bound: the candidates differ in how many K/V bytes each program keeps in flight.
 HOPPER_CONFIGS = [
-    _config(128, 4, 3),
-    _config(64, 4, 4),
-    _config(128, 8, 3),
-    _config(64, 4, 3),
-    _config(256, 8, 2),
+    decode_config(128, 4, 3),
+    decode_config(64, 4, 4),
+    decode_config(128, 8, 3),
+    decode_config(64, 4, 3),
+    decode_config(256, 8, 2),
 ]
-FALLBACK_CONFIG = _config(64, 4, 2)
-INTERPRETER_CONFIG = _config(16, 1, 1)
-
-
-def _autotune_enabled() -> bool:
-    return os.environ.get("LIGHTTRANSFER_TRITON_AUTOTUNE", "1") != "0"
-
-
 @functools.cache
 def _tuned_launcher(capability: tuple[int, int], block_d: int, block_m: int, autotune: bool):
-    if capability[0] == 9:
-        configs = [c for c in HOPPER_CONFIGS if fits_hopper(c, block_d, block_m)] or [FALLBACK_CONFIG]
-    else:
-        configs = [FALLBACK_CONFIG]
-    if not autotune:
-        configs = configs[:1]
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "BLOCK_M", "SINGLE_SPLIT"])(_full_decode_split)
+    return tuned_launcher(_full_decode_split, HOPPER_CONFIGS, capability, block_d, block_m, autotune)
 
 
 def full_decode_triton(
@@ -156,7 +145,7 @@ def full_decode_triton(
         current = torch.cuda.current_device()
         index = q.device.index if q.device.index is not None else current
         # more programs than SMs x 2, so that the last wave of a large batch leaves few SMs idle
-        wanted = 4 * _multiprocessors(index)
+        wanted = 4 * multiprocessors(index)
         chunk, n_splits = plan_splits(batch, kv_heads, n_keys, wanted, align=_CHUNK_ALIGN, splits=splits)
     else:
         chunk, n_splits = plan_splits(batch, kv_heads, n_keys, 1, align=INTERPRETER_CONFIG.kwargs["BLOCK_N"],
@@ -198,15 +187,15 @@ def full_decode_triton(
     if not q.is_cuda:
         launch(_full_decode_split, INTERPRETER_CONFIG.kwargs)
         return o
-    capability = _capability(index)
-    key = (capability, block_d, block_m, single, q.dtype, _autotune_enabled())
+    cap = capability(index)
+    key = (cap, block_d, block_m, single, q.dtype, autotune_enabled())
     best = _BEST_CONFIG.get(key)
     if best is not None:
         # tuned before: launch the kernel itself (the autotuner's dispatch costs ~15 us of host time per call,
         # measured on an H200, and decode at small batch is host-bound)
         kernel, extra = _full_decode_split, best
     else:
-        kernel, extra = _tuned_launcher(capability, block_d, block_m, key[-1]), {}
+        kernel, extra = _tuned_launcher(cap, block_d, block_m, key[-1]), {}
     if index == current:
         launch(kernel, extra)
     else:

@@ -133,3 +133,20 @@ def test_realistic_shapes_on_gpu(batch, kv_heads, group, n_keys, dim, dtype):
     q, k, v = _inputs(batch, kv_heads, group, n_keys, dim, dtype, seed=n_keys, capacity=n_keys + 256)
     kv_start = torch.tensor([(b % 2) * (b * 37 % 500) for b in range(batch)], device=DEVICE)
     _check(q, k, v, dtype, f"B={batch} N={n_keys}", kv_start=kv_start)
+
+
+@pytest.mark.parametrize("module", ["decode_triton", "full_decode_triton"])
+def test_the_tuned_launchers_keep_only_configs_that_fit(module):
+    """The host side of both decode kernels (no launch): Hopper candidates filtered by shared memory, the fallback
+    elsewhere, one candidate with autotuning off."""
+    import importlib
+
+    from lighttransfer.kernels.decode_launch import FALLBACK_CONFIG, fits_hopper
+
+    mod = importlib.import_module(f"lighttransfer.kernels.{module}")
+    hopper = mod._tuned_launcher((9, 0), 128, 16, True)
+    assert [str(c) for c in hopper.configs] == [str(c) for c in mod.HOPPER_CONFIGS if fits_hopper(c, 128, 16)]
+    assert [str(c) for c in mod._tuned_launcher((8, 0), 128, 16, True).configs] == [str(FALLBACK_CONFIG)]
+    assert len(mod._tuned_launcher((9, 0), 256, 16, False).configs) == 1
+    big = mod._tuned_launcher((9, 0), 256, 64, True)
+    assert all(c.kwargs["BLOCK_N"] <= 64 for c in big.configs)
