@@ -24,8 +24,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def _check_common(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int,
-                  stream_heads: torch.Tensor | None) -> None:
+def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """One-line errors for what every attention kernel needs of ``q [B, H, n, D]``, ``k, v [B, Hkv, N, D]``:
+    4-D, matching batch and head_dim, ``Hkv`` dividing ``H``, one dtype."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise LightTransferError(f"{name}: q, k and v must be 4-D [batch, heads, seq, head_dim]; got "
                                  f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
@@ -36,17 +37,23 @@ def _check_common(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                                  f"{tuple(k.shape)}.")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise LightTransferError(f"{name}: {k.shape[1]} KV heads must divide {q.shape[1]} query heads.")
-    if window < 1 or sink < 0:
-        raise LightTransferError(f"{name}: need window >= 1 and sink >= 0, got sink={sink}, window={window}.")
-    if stream_heads is not None and stream_heads.numel() != q.shape[1]:
-        raise LightTransferError(f"{name}: stream_heads has {stream_heads.numel()} entries for {q.shape[1]} "
-                                 "query heads.")
     if q.dtype != k.dtype or k.dtype != v.dtype:
         raise LightTransferError(f"{name}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them "
                                  "to one dtype.")
 
 
-def _check_triton_support(name: str, q: torch.Tensor) -> None:
+def _check_common(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: int, window: int,
+                  stream_heads: torch.Tensor | None) -> None:
+    check_qkv(name, q, k, v)
+    if window < 1 or sink < 0:
+        raise LightTransferError(f"{name}: need window >= 1 and sink >= 0, got sink={sink}, window={window}.")
+    if stream_heads is not None and stream_heads.numel() != q.shape[1]:
+        raise LightTransferError(f"{name}: stream_heads has {stream_heads.numel()} entries for {q.shape[1]} "
+                                 "query heads.")
+
+
+def check_triton_support(name: str, q: torch.Tensor) -> None:
+    """One-line errors for what the Triton kernels cannot take: other dtypes, head_dim over the limit."""
     if q.dtype not in SUPPORTED_DTYPES:
         raise LightTransferError(f"{name}: dtype {q.dtype} is not supported by the Triton kernel (use float16, "
                                  "bfloat16 or float32, or force the reference with use_reference()).")
@@ -100,7 +107,7 @@ def streaming_attention(
                   scale=scale, stream_heads=stream_heads)
     if not triton_runs_on(q):
         return streaming_attention_reference(q, k, v, **kwargs, return_lse=return_lse)
-    _check_triton_support("streaming_attention", q)
+    check_triton_support("streaming_attention", q)
     from .prefill_triton import streaming_attention_triton
 
     o, lse = streaming_attention_triton(q, k, v, **kwargs, return_lse=return_lse)
@@ -147,10 +154,11 @@ def streaming_decode(
     kwargs = dict(sink=int(sink), window=int(window), scale=scale, stream_heads=stream_heads)
     if not triton_runs_on(q):
         return streaming_decode_reference(q, k_cache, v_cache, slot_pos, q_pos, **kwargs)
-    _check_triton_support("streaming_decode", q)
+    check_triton_support("streaming_decode", q)
     from .decode_triton import streaming_decode_triton
 
     return streaming_decode_triton(q, k_cache, v_cache, slot_pos, q_pos, **kwargs)
 
 
-__all__ = ["streaming_attention", "streaming_decode", "SUPPORTED_DTYPES", "MAX_HEAD_DIM"]
+__all__ = ["streaming_attention", "streaming_decode", "check_qkv", "check_triton_support", "SUPPORTED_DTYPES",
+           "MAX_HEAD_DIM"]

@@ -13,7 +13,7 @@ import math
 import torch
 
 from ..errors import LightTransferError
-from .attention import MAX_HEAD_DIM, SUPPORTED_DTYPES
+from .attention import check_qkv, check_triton_support
 from .reference import full_decode_reference
 from .switch import triton_runs_on
 
@@ -44,33 +44,16 @@ def full_decode(
     Returns:
         ``o [batch, heads, 1, head_dim]`` in ``q.dtype``.
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise LightTransferError(f"full_decode: q, k and v must be 4-D [batch, heads, seq, head_dim]; got "
-                                 f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
+    check_qkv("full_decode", q, k, v)
     if q.shape[2] != 1:
         raise LightTransferError(f"full_decode: one query per sequence, got {q.shape[2]} (q {tuple(q.shape)}).")
-    if k.shape != v.shape:
-        raise LightTransferError(f"full_decode: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}.")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise LightTransferError(f"full_decode: batch or head_dim of q {tuple(q.shape)} does not match k "
-                                 f"{tuple(k.shape)}.")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise LightTransferError(f"full_decode: {k.shape[1]} KV heads must divide {q.shape[1]} query heads.")
-    if q.dtype != k.dtype or k.dtype != v.dtype:
-        raise LightTransferError(f"full_decode: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast "
-                                 "them to one dtype.")
     if kv_start is not None and tuple(kv_start.shape) != (q.shape[0],):
         raise LightTransferError(f"full_decode: kv_start must be [batch] = [{q.shape[0]}], got "
                                  f"{tuple(kv_start.shape)}.")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not triton_runs_on(q):
         return full_decode_reference(q, k, v, kv_start=kv_start, scale=scale)
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise LightTransferError(f"full_decode: dtype {q.dtype} is not supported by the Triton kernel (use "
-                                 "float16, bfloat16 or float32, or force the reference with use_reference()).")
-    if q.shape[-1] > MAX_HEAD_DIM:
-        raise LightTransferError(f"full_decode: head_dim {q.shape[-1]} exceeds the kernel's limit of "
-                                 f"{MAX_HEAD_DIM} (force the reference with use_reference()).")
+    check_triton_support("full_decode", q)
     from .full_decode_triton import full_decode_triton
 
     return full_decode_triton(q, k, v, kv_start=kv_start, scale=scale, splits=splits)
