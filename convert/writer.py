@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..gguf_metadata import read_gguf_metadata
-from ..hybrid_format import HybridConfig
+from ..hybrid_format import SIDECAR_FORMAT_VERSION, HybridConfig
 from ..loading import LoadedModel, ModelSource
 from .model_card import FIGURE_NAME, plot_selection, render_model_card
 from .weights import (
@@ -31,7 +31,6 @@ AUX_PATTERNS = (
     "chat_template.json", "generation_config.json",
 )
 LICENSE_PATTERNS = ("LICENSE*", "LICENCE*", "License*", "license*", "NOTICE*", "COPYING*", "USE_POLICY*")
-SIDECAR_FORMAT_VERSION = 1
 HEATMAP_NAME = "lighttransfer_heatmap.png"
 
 
@@ -120,4 +119,4 @@ def write_card(tmp: Path, name: str, hybrid: HybridConfig, rows, memory, report,
 
 
 __all__ = ["write_weights", "write_aux_files", "write_card", "write_json", "sidecar", "copy_aux_files",
-           "AUX_PATTERNS", "LICENSE_PATTERNS", "HEATMAP_NAME", "SIDECAR_FORMAT_VERSION"]
+           "AUX_PATTERNS", "LICENSE_PATTERNS", "HEATMAP_NAME"]

@@ -3,7 +3,7 @@
 (:class:`HybridConfig`), the layout it describes in memory (:class:`HybridLayout`) and the one KV-size formula
 (:func:`kv_cache_bytes`). Plain Python, no torch."""
 
-from .config_block import CONFIG_KEY, FORMAT_VERSION, SIDECAR_NAME, HybridConfig
+from .config_block import CONFIG_KEY, FORMAT_VERSION, SIDECAR_FORMAT_VERSION, SIDECAR_NAME, HybridConfig
 from .kv_size import DEFAULT_TOKENS, DTYPE_BYTES, KVMemoryRow, format_bytes, kv_cache_bytes, kv_memory_table
 from .layout import DEFAULT_SINK, DEFAULT_WINDOW, PREFILL_POLICIES, HybridLayout
 
@@ -12,6 +12,7 @@ __all__ = [
     "CONFIG_KEY",
     "FORMAT_VERSION",
     "SIDECAR_NAME",
+    "SIDECAR_FORMAT_VERSION",
     "HybridLayout",
     "DEFAULT_SINK",
     "DEFAULT_WINDOW",

@@ -33,6 +33,9 @@ from .layout import HybridLayout
 CONFIG_KEY = "lighttransfer"
 FORMAT_VERSION = 1
 SIDECAR_NAME = "lighttransfer_scores.json"
+# the sidecar's own version (per-head scores beside the weights; its keys: format_version, model_id, fingerprint,
+# params, layer_lazy_ratios, kv_head_long_context_scores, head_lazy_ratios)
+SIDECAR_FORMAT_VERSION = 1
 PrefillPolicy = Literal["streaming", "full"]
 Granularity = Literal["layer", "head"]
 
@@ -176,4 +179,4 @@ def _whole(value: Any, name: str) -> int:
     return value
 
 
-__all__ = ["HybridConfig", "CONFIG_KEY", "FORMAT_VERSION", "SIDECAR_NAME"]
+__all__ = ["HybridConfig", "CONFIG_KEY", "FORMAT_VERSION", "SIDECAR_NAME", "SIDECAR_FORMAT_VERSION"]
