@@ -12,8 +12,6 @@ A model is named by
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
@@ -22,6 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import LightTransferError
+
+# re-exported too: loading is where the stages find a model's identity and the weight checks
+from .fingerprint import (
+    compare_fingerprints,
+    fingerprint_from_config,
+    fingerprint_structure,
+    model_fingerprint,
+)
+from .weight_files import check_loading_info, check_weight_files
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -38,22 +45,6 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 TESTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # config keys that say nothing about the model's identity (left out of the fingerprint)
-_VOLATILE_CONFIG_KEYS = {
-    "_name_or_path",
-    "transformers_version",
-    "dtype",
-    "torch_dtype",
-    "quantization_config",
-    "lighttransfer",
-    "architectures",
-    "_attn_implementation_autoset",
-    "_commit_hash",
-    "layer_types",
-    "sliding_window",
-    "use_sliding_window",
-    "max_window_layers",
-    "use_cache",
-}
 
 
 @dataclass(frozen=True)
@@ -332,71 +323,6 @@ def check_attention_swappable(model_or_class, model_type: str | None = None) -> 
         )
 
 
-FINGERPRINT_SAMPLE = 8  # elements per sampled row and trailing dimension
-
-
-def model_fingerprint(model) -> str:
-    """A short hash of a model's identity: its structure, then its weight values (``"<structure>-<values>"``).
-
-    The structure is the config (minus volatile keys) and the sorted parameter names and shapes. The values are a
-    few sampled slices of every tensor (4 rows, the first elements of each), rounded to bfloat16 and hashed as
-    a set, so a base model and its fine-tune differ while dtype, device, tied copies and where the weights came
-    from (GGUF, safetensors, a converted hybrid) do not change it. :func:`fingerprint_from_config` computes the
-    same hash from the weight files without loading the model.
-    """
-    digests = {_tensor_digest(t) for t in model.state_dict().values() if not t.is_meta}
-    return f"{_structure_fingerprint(model)}-{_values_digest(digests)}"
-
-
-def fingerprint_structure(fingerprint: str | None) -> str:
-    """The structure part of a fingerprint (all of one written before lighttransfer hashed weight values)."""
-    return str(fingerprint or "").split("-", 1)[0]
-
-
-def compare_fingerprints(recorded: str | None, actual: str) -> str:
-    """``"same"``, ``"different"``, or ``"legacy"``: ``recorded`` predates weight values and only its
-    structure (config, names, shapes) matches ``actual``."""
-    if recorded == actual:
-        return "same"
-    if recorded and "-" not in recorded and recorded == fingerprint_structure(actual):
-        return "legacy"
-    return "different"
-
-
-def _structure_fingerprint(model) -> str:
-    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    index = sorted((name, list(t.shape)) for name, t in model.state_dict().items())
-    blob = json.dumps({"config": config, "weights": index}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _sample_index(shape) -> list[tuple[slice, ...]]:
-    """The slices sampled from a tensor of ``shape``: 4 rows spread over dim 0, the first elements of the rest."""
-    if len(shape) == 0:
-        return [()]
-    rows = sorted({0, shape[0] // 3, 2 * shape[0] // 3, max(shape[0] - 1, 0)})
-    rest = tuple(slice(0, min(FINGERPRINT_SAMPLE, d)) for d in shape[1:])
-    return [(slice(r, r + 1), *rest) for r in rows if r < shape[0]]
-
-
-def _digest_of_pieces(shape, pieces) -> str:
-    import torch
-
-    h = hashlib.sha1(json.dumps(list(shape)).encode())
-    for piece in pieces:
-        piece = piece.detach().to("cpu", torch.bfloat16).contiguous()
-        h.update(piece.view(torch.int16).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _tensor_digest(t) -> str:
-    return _digest_of_pieces(tuple(t.shape), [t[idx] for idx in _sample_index(tuple(t.shape))])
-
-
-def _values_digest(digests) -> str:
-    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()[:8]
-
-
 def _plain_copy(model, dtype, attn_implementation):
     """Rebuild a GGUF-loaded model without its gguf quantization config, so it behaves like any other."""
     import torch
@@ -466,173 +392,7 @@ def local_snapshot(source: ModelSource) -> ModelSource:
     return ModelSource(source.spec, "directory", Path(path))
 
 
-def _meta_model(config):
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(copy.deepcopy(config))
-
-
-def fingerprint_from_config(config, source: ModelSource | str | os.PathLike[str] | None = None) -> str:
-    """The :func:`~lighttransfer.loading.model_fingerprint` of a model, computed without loading the model.
-
-    The structure comes from ``config`` (the model built on the meta device); the weight values are sampled from
-    ``source``'s safetensors or ``.bin`` files (a few rows per tensor, read from disk). Without ``source``, or for
-    a GGUF file, only the structure part is returned (load the model for the full fingerprint).
-    """
-    model = _meta_model(config)
-    structure = _structure_fingerprint(model)
-    if source is None:
-        return structure
-    if not isinstance(source, ModelSource):
-        source = resolve_model_source(source)
-    if source.kind != "directory":
-        return structure
-    ignored = _ignore_patterns(model, "_keys_to_ignore_on_load_unexpected")
-    digests = set()
-    for path in _weight_files(source.path):
-        for name, shape, read in _iter_file_tensors(path):
-            # every tensor the load keeps, under its file name (transformers may rename some, e.g. GPT-NeoX's
-            # embed_out to lm_head; the digests do not depend on names)
-            if not any(p.search(name) for p in ignored):
-                digests.add(_digest_of_pieces(shape, [read(idx) for idx in _sample_index(shape)]))
-    return f"{structure}-{_values_digest(digests)}"
-
-
-def _ignore_patterns(model, attr: str) -> list[re.Pattern]:
-    return [re.compile(p) for p in (getattr(model, attr, None) or [])]
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    """The weight files transformers would read from ``folder`` (safetensors first, else ``.bin``)."""
-    for pattern in ("*.safetensors", "*.bin"):
-        found = sorted(p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith("."))
-        if found:
-            return found
-    return []
-
-
-def _iter_file_tensors(path: Path):
-    """``(name, shape, read(index))`` for every tensor of a weight file, reading only the slices asked for.
-
-    Raises:
-        LightTransferError: the file is corrupt or truncated (named, with what to do).
-    """
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            handle = safe_open(str(path), framework="pt")
-            names = list(handle.keys())
-            slices = {n: handle.get_slice(n) for n in names}
-            shapes = {n: tuple(slices[n].get_shape()) for n in names}
-        except Exception as exc:  # noqa: BLE001 - SafetensorError and friends
-            raise _broken_file(path, exc) from exc
-        for n in names:
-            def read(idx, _s=slices[n], _p=path):
-                try:
-                    return _s[idx] if idx else _s[:]
-                except Exception as exc:  # noqa: BLE001
-                    raise _broken_file(_p, exc) from exc
-            yield n, shapes[n], read
-        return
-    import torch
-
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise _broken_file(path, exc) from exc
-    for n, t in state.items():
-        if isinstance(t, torch.Tensor):
-            yield n, tuple(t.shape), (lambda idx, _t=t: _t[idx])
-
-
-def _broken_file(path: Path, exc: Exception) -> LightTransferError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-    return LightTransferError(
-        f"weights file '{path}' is corrupt or truncated ({first}); download or save it again, or pass another model."
-    )
-
-
-def check_weight_files(source: ModelSource, config) -> None:
-    """Check a model directory's weight files against ``config`` without loading them: every file readable,
-    no tensor missing (tied copies such as ``lm_head.weight`` excepted), none unexpected, none of another shape.
-
-    Raises:
-        LightTransferError: naming the file and the tensors, and what to do.
-    """
-    if source.kind != "directory":
-        return
-    files = _weight_files(source.path)
-    if not files:
-        return
-    model = _meta_model(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    aliases: dict[int, set[str]] = {}
-    for name, param in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        aliases.setdefault(id(param), set()).add(name)
-    alias_of = {name: group for group in aliases.values() for name in group}
-    found: dict[str, tuple[tuple[int, ...], Path]] = {}
-    for path in files:
-        for name, shape, _ in _iter_file_tensors(path):
-            found[name] = (shape, path)
-    mismatched = [(n, shape, expected[n], path) for n, (shape, path) in found.items()
-                  if n in expected and shape != expected[n]]
-    if mismatched:
-        n, got, want, path = mismatched[0]
-        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
-        raise LightTransferError(
-            f"weights file '{path}' does not fit '{source.path / 'config.json'}': tensor {n} has shape {list(got)}, "
-            f"the config needs {list(want)}{more}; the weights and config.json belong to different models. "
-            "Put the matching config.json beside the weights, or pass the original model."
-        )
-    ignored = _ignore_patterns(model, "_keys_to_ignore_on_load_missing")
-    missing = sorted(n for n in expected if n not in found and not (alias_of.get(n, {n}) & set(found))
-                     and not any(p.search(n) for p in ignored) and n in alias_of)
-    ignored = _ignore_patterns(model, "_keys_to_ignore_on_load_unexpected")
-    extra = sorted(n for n in found if n not in expected and not any(p.search(n) for p in ignored))
-    # transformers renames some keys on load (GPT-NeoX's embed_out is lm_head): a missing and an unexpected
-    # tensor of the same shapes are taken for such a rename; what is left over is not
-    if sorted(expected[n] for n in missing) == sorted(found[n][0] for n in extra):
-        missing, extra = [], []
-    if missing:
-        raise LightTransferError(
-            f"the weights in '{source.path}' lack {len(missing)} tensor(s) the config needs ({', '.join(missing[:3])}"
-            f"{', ...' if len(missing) > 3 else ''}); they would be random. The checkpoint is incomplete: copy all "
-            "its weight files (and the index) there, or pass another model."
-        )
-    if extra:
-        path = found[extra[0]][1]
-        raise LightTransferError(
-            f"weights file '{path}' holds {len(extra)} tensor(s) the config does not use ({', '.join(extra[:3])}"
-            f"{', ...' if len(extra) > 3 else ''}); the weights belong to another model or architecture. Put the "
-            "matching config.json beside them, or pass another model."
-        )
-
-
-def check_loading_info(info: dict | None, source: ModelSource) -> None:
-    """Refuse a load that left tensors random (missing), ignored some (unexpected) or reshaped some (mismatched),
-    from transformers' ``output_loading_info``."""
-    if not info:
-        return
-    where = source.path or source.spec
-    for key, what in (("missing_keys", "lacks"), ("mismatched_keys", "has tensors of the wrong shape:"),
-                      ("unexpected_keys", "has tensors the model does not use:")):
-        names = sorted(str(n if isinstance(n, str) else n[0]) for n in (info.get(key) or ()))
-        if names:
-            tail = ("they would be random weights" if key == "missing_keys" else
-                    "the weights belong to another model or architecture")
-            raise LightTransferError(
-                f"model '{where}' {what} {', '.join(names[:3])}{', ...' if len(names) > 3 else ''} "
-                f"({len(names)} tensor(s)); {tail}. Fix or re-download the checkpoint, or pass another model."
-            )
-
+# re-exported: loading is where every stage finds them
 
 __all__ = [
     "local_snapshot",

@@ -12,6 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # what several stages share and none owns
 GROUND = {"errors", "lazy_exports", "compat", "architecture", "output_files", "environment", "hybrid_format",
+          "fingerprint", "weight_files",
           "kernels", "loading", "gguf_metadata", "demo_model", "__init__"}
 # each stage, and the stages it may import besides the ground floor
 STAGES = {
