@@ -14,14 +14,8 @@ import torch
 from conftest import make_tiny_model
 from lighttransfer import kernels
 from lighttransfer.runtime import enable_hybrid, make_cache, ops, prefill_chunked, resolve_layout
-from lighttransfer.runtime.cache import (
-    CAPACITY_ALIGN,
-    GROWTH_MIN_TOKENS,
-    FullLayer,
-    HybridCache,
-    MixedLayer,
-    StreamingLayer,
-)
+from lighttransfer.runtime.cache import FullLayer, HybridCache, MixedLayer, StreamingLayer
+from lighttransfer.runtime.full_layer import CAPACITY_ALIGN, GROWTH_MIN_TOKENS
 from test_runtime import SINK, WINDOW, cache_kw, hybrid_pair, max_diff, random_ids
 from test_runtime_generate import left_pad
 from test_runtime_heads import head_pair
