@@ -37,9 +37,10 @@ def markdown_report(result) -> str:
         f"{result.environment.get('device')}, torch {result.environment.get('torch')}, "
         f"transformers {result.environment.get('transformers')}.",
         "",
-        "Perplexity is scored only on tokens after at least "
-        + ", ".join(f"{int(L) - s} (at {L})" for L, s in result.strides.items())
-        + " tokens of context, i.e. beyond sink + window. KV is the cache kept after L tokens as a share of the "
+        ("Perplexity is scored only on tokens after at least "
+         + ", ".join(f"{int(L) - s} (at {L})" for L, s in result.strides.items())
+         + " tokens of context, i.e. beyond sink + window. " if result.strides else "")
+        + "KV is the cache kept after L tokens as a share of the "
         "original's, sink and window included (with a full prefill, the peak during prefill is 100%). "
         "Retrieval intervals: Wilson 95% for a row's accuracy; for the difference to the original, a paired normal "
         "interval over the same prompts.",
