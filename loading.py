@@ -44,7 +44,6 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # interface works too.
 TESTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt_neox")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-# config keys that say nothing about the model's identity (left out of the fingerprint)
 
 
 @dataclass(frozen=True)
@@ -392,7 +391,6 @@ def local_snapshot(source: ModelSource) -> ModelSource:
     return ModelSource(source.spec, "directory", Path(path))
 
 
-# re-exported: loading is where every stage finds them
 
 __all__ = [
     "local_snapshot",

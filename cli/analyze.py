@@ -9,31 +9,10 @@ from rich.markup import escape
 
 from ..calibration.passkey import HELD_OUT_TEMPLATES, TEMPLATES, TRAINING_TEMPLATES, check_templates
 from ..errors import LightTransferError
+from ..output_files import check_output_file
 from .options import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
 
 BAR = "\u2588"
-
-
-def _check_output(path: str | None, option: str, suffix: str) -> Path | None:
-    if path is None:
-        return None
-    target = Path(path)
-    if target.suffix.lower() != suffix:
-        raise LightTransferError(f"{option} '{path}' must end with {suffix}.")
-    if target.is_dir():
-        raise LightTransferError(f"{option} '{path}' is a directory; pass a file name ending with {suffix}.")
-    parent = target.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not _writable(parent):
-        raise LightTransferError(f"{option} '{path}': cannot write into '{parent}'; pick another place.")
-    return target
-
-
-def _writable(folder: Path) -> bool:
-    import os
-
-    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def _save_report(report, path: Path) -> None:
@@ -141,8 +120,8 @@ def analyze(model: str, more_calib: tuple[str, ...], calib: tuple[str, ...], seq
     if recent_alias is not None:
         window = recent_alias
     formats = check_templates(gate_formats, option="--gate-formats")
-    out_path = _check_output(out, "--out", ".json")
-    plot_path = _check_output(plot, "--plot", ".png")
+    out_path = check_output_file(out, "--out", ".json")
+    plot_path = check_output_file(plot, "--plot", ".png")
     quiet = is_quiet()
     sources = [*calib, *more_calib] or None
 
