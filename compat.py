@@ -12,4 +12,11 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-__all__ = ["cache_keyword"]
+def output_cache(out):
+    """The cache a forward returned: ``out.cache`` in transformers >= 5.24 (which keeps ``past_key_values`` only
+    as an alias), ``out.past_key_values`` before."""
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
+__all__ = ["cache_keyword", "output_cache"]

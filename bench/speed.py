@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ..architecture import model_shape
-from ..compat import cache_keyword
+from ..compat import cache_keyword, output_cache
 from ..environment import environment
 from ..errors import LightTransferError
 from ..output_files import check_output_target, publish_together, write_json
@@ -158,7 +158,7 @@ def _is_oom(exc: BaseException) -> bool:
 @torch.inference_mode()
 def _prefill(model, ids: torch.Tensor):
     out = model(ids, use_cache=True, logits_to_keep=1)
-    return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    return output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
 
 
 @torch.inference_mode()

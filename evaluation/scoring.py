@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..compat import cache_keyword
+from ..compat import cache_keyword, output_cache
 
 
 @torch.inference_mode()
@@ -42,7 +42,7 @@ def continuation_logits(
         after_prefill()
     parts = [first.logits[:, -1:].float()]
     if seq - split > 1:
-        cache = {cache_keyword(model): first.past_key_values}
+        cache = {cache_keyword(model): output_cache(first)}
         rest = model(input_ids[:, split:-1], use_cache=True, **cache)
         parts.append(rest.logits.float())
     return torch.cat(parts, dim=1)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..architecture import check_positions
+from ..compat import output_cache
 from ..errors import LightTransferError
 from .cache import HybridCache
 
@@ -135,7 +136,7 @@ def generate_text(
                          return_dict_in_generate=True, pad_token_id=pad, **sampling)
     end = time.perf_counter()
     first = clock[0] if clock else end
-    cache = out.past_key_values
+    cache = output_cache(out)
     kv = cache.kv_bytes() if isinstance(cache, HybridCache) else 0
     dense = cache.dense_kv_bytes() if isinstance(cache, HybridCache) else 0
     prompt_tokens = inputs["input_ids"].shape[1]

@@ -151,11 +151,6 @@ def _eos_ids(tokenizer, eos_token_id) -> set[int]:
     return {int(v) for v in value} if isinstance(value, (list, tuple, set)) else {int(value)}
 
 
-def _cache_of(out):
-    cache = getattr(out, "cache", None)
-    return out.past_key_values if cache is None else cache
-
-
 def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos: set[int],
                     after_prefill: Callable[[], None] | None = None) -> list[int]:
     """Greedy tokens after ``input_ids``: one prefill forward, then one forward per new token.
@@ -165,7 +160,7 @@ def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos: set[i
     """
     import torch
 
-    from ...compat import cache_keyword
+    from ...compat import cache_keyword, output_cache
 
     keyword = cache_keyword(model)
     device = next(model.parameters()).device
@@ -182,7 +177,7 @@ def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos: set[i
         new.append(int(token))
         if len(new) >= max_new_tokens or new[-1] in eos:
             return new
-        out = model(token.view(1, 1), use_cache=True, **{keyword: _cache_of(out)})
+        out = model(token.view(1, 1), use_cache=True, **{keyword: output_cache(out)})
 
 
 def run_samples(sequence: Callable, samples: Sequence[RulerSample], *, tokenizer, eos_token_id=None,
