@@ -74,21 +74,18 @@ class HybridCache(Cache):
     # ---- memory accounting ---------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
         """Bytes of keys and values held right now, over all layers."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, (FullLayer, MixedLayer)):
-                total += layer.nbytes()
-            elif layer.is_initialized:
-                total += tensor_nbytes(layer.keys) + tensor_nbytes(layer.values)
-        return total
+        return self._bytes(allocated=False)
 
     def allocated_kv_bytes(self) -> int:
         """Bytes allocated for keys and values, over all layers: :meth:`kv_bytes` plus the full layers' storage
         that is not filled yet."""
+        return self._bytes(allocated=True)
+
+    def _bytes(self, *, allocated: bool) -> int:
         total = 0
         for layer in self.layers:
             if isinstance(layer, (FullLayer, MixedLayer)):
-                total += layer.allocated_bytes()
+                total += layer.allocated_bytes() if allocated else layer.nbytes()
             elif layer.is_initialized:
                 total += tensor_nbytes(layer.keys) + tensor_nbytes(layer.values)
         return total
