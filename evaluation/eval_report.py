@@ -204,22 +204,14 @@ def plot_passkey(result, path: Path) -> bool:
 
 def plot_ruler(result, path: Path) -> bool:
     """One task x length heatmap per row (scores 0-100). Returns False without matplotlib."""
-    from .ruler import task_order
+    from .ruler import draw_scores, task_order
 
     rows = [r for r in result.rows if "ruler" in r]
     tasks = task_order(t for r in rows for t in r["ruler"]["by_task_length"])
     lens = [str(L) for L in result.ruler_lengths]
 
     def draw(ax, row, first_column):
-        grid = row["ruler"]["by_task_length"]
-        data = [[grid.get(t, {}).get(L, float("nan")) for L in lens] for t in tasks]
-        ax.imshow(data, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lens)), lens)
-        ax.set_yticks(range(len(tasks)), tasks if first_column else [""] * len(tasks), fontsize=7)
-        for i, values in enumerate(data):
-            for j, v in enumerate(values):
-                if v == v:  # not NaN
-                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7)
+        draw_scores(ax, row["ruler"]["by_task_length"], tasks, lens, task_labels=first_column)
         ax.set_title(f"{row['name']} ({row['ruler']['average']:.1f})", fontsize=9)
         ax.set_xlabel("tokens")
 

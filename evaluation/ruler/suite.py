@@ -15,7 +15,6 @@ import hashlib
 import inspect
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,6 +246,22 @@ def markdown_table(results_by_row: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def draw_scores(ax, by_task_length: dict, tasks: Sequence[str], lengths: Sequence[str], *,
+                task_labels: bool = True, fontsize: int = 7):
+    """A task x length grid of scores (0-100) on matplotlib axes ``ax``, each cell labelled; returns the image.
+
+    ``by_task_length``: ``{task: {str(length): score}}``; missing cells stay blank."""
+    grid = [[by_task_length.get(t, {}).get(L, float("nan")) for L in lengths] for t in tasks]
+    image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), list(lengths))
+    ax.set_yticks(range(len(tasks)), list(tasks) if task_labels else [""] * len(tasks), fontsize=fontsize)
+    for i, values in enumerate(grid):
+        for j, v in enumerate(values):
+            if v == v:  # not NaN
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=fontsize)
+    return image
+
+
 def heatmap(result: dict, path: str | os.PathLike) -> Path:
     """Plot a task x length heat map of ``result`` (scores 0-100) to ``path``, written atomically."""
     import matplotlib
@@ -254,36 +269,25 @@ def heatmap(result: dict, path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ...output_files import atomic_path
+
     cells = result.get("by_task_length", {})
     tasks = task_order(cells)
-    lengths = sorted({int(n) for t in tasks for n in cells[t]})
-    grid = [[cells[t].get(str(n), float("nan")) for n in lengths] for t in tasks]
+    lengths = [str(n) for n in sorted({int(n) for t in tasks for n in cells[t]})]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * max(len(lengths), 1), 1.0 + 0.4 * max(len(tasks), 1)))
-    im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(tasks)), tasks)
+    image = draw_scores(ax, cells, tasks, lengths, fontsize=8)
     ax.set_xlabel("length (tokens)")
-    for i, row in enumerate(grid):
-        for j, v in enumerate(row):
-            if v == v:
-                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=ax, label="score (%)")
+    fig.colorbar(image, ax=ax, label="score (%)")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".") or "png"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{fmt}", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path, suffix=f".{fmt}") as tmp:
+            fig.savefig(tmp, format=fmt)
     finally:
         plt.close(fig)
     return path
 
 
 __all__ = ["DEFAULT_TASKS", "RulerResult", "TASKS", "build_samples", "check_tasks", "greedy_generate",
-           "heatmap", "markdown_table", "run_samples", "sample_seed", "task_order"]
+           "draw_scores", "heatmap", "markdown_table", "run_samples", "sample_seed", "task_order"]
