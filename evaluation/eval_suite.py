@@ -231,11 +231,17 @@ def evaluate(
     sink = sink if sink is not None else (hcfg.sink if hcfg else 4)
     window = window if window is not None else (hcfg.window if hcfg else 1020)
 
+    report_data = None
+    if report is not None:  # read once: the identity check and the rows both need it
+        from ..analysis import AnalysisReport
+
+        report_data = AnalysisReport.load(report)
     loaded = load_model(baseline, device=device, dtype=dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     if tokenizer is None:
         raise LightTransferError(f"baseline '{baseline}' has no tokenizer; pass a model that ships one.")
-    check_same_model(loaded.fingerprint, baseline=baseline, hcfg=hcfg, hybrid=hybrid, report=report)
+    check_same_model(loaded.fingerprint, baseline=baseline, hcfg=hcfg, hybrid=hybrid, report=report_data,
+                     report_name=None if report is None else str(report))
     config = model.config
     shape = model_shape(config, source=f"baseline '{baseline}'")
     num_layers, num_kv_heads, max_pos = shape.num_layers, shape.num_kv_heads, shape.max_positions
@@ -252,7 +258,7 @@ def evaluate(
     if native:
         log.info("layers %s slide the model's own window: no row streams them, and --ratio is a share of the "
                  "others (as in convert)", ",".join(map(str, native)))
-    eval_rows = _build_rows(rows, hcfg=hcfg, report=report, ratio=ratio, sink=sink, window=window,
+    eval_rows = _build_rows(rows, hcfg=hcfg, report=report, report_data=report_data, ratio=ratio, sink=sink, window=window,
                             num_layers=num_layers, num_kv_heads=num_kv_heads, seed=seed, native_windows=native)
     if ratio is None:
         named = [r for r in eval_rows if r.name == "lighttransfer"]
@@ -348,16 +354,13 @@ def _check_lengths(values: Sequence[int], option: str, *, allow_empty: bool = Fa
     return sorted(set(values))
 
 
-def _build_rows(rows, *, hcfg, report, ratio, sink, window, num_layers, num_kv_heads, seed,
+def _build_rows(rows, *, hcfg, report, report_data, ratio, sink, window, num_layers, num_kv_heads, seed,
                 native_windows=None) -> list[EvalRow]:
+    """``report``: the report's path (for messages); ``report_data``: the report, loaded once by the caller."""
     if rows and all(isinstance(r, EvalRow) for r in rows):
         return list(rows)
     names = list(rows)
-    loaded = None
-    if report is not None:
-        from ..analysis import AnalysisReport
-
-        loaded = AnalysisReport.load(report)
+    loaded = report_data
     lazy = lazy_ratios_from(loaded, hcfg)
     attention, ranked_by = lazy, "lazy ratio"
     # rank like convert does: by the gates when the report has them from analyze --method optimize

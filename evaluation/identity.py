@@ -13,7 +13,8 @@ from ..loading import compare_fingerprints
 log = logging.getLogger(__name__)
 
 
-def check_same_model(fingerprint: str, *, baseline: str | os.PathLike[str], hcfg=None, hybrid=None, report=None) -> None:
+def check_same_model(fingerprint: str, *, baseline: str | os.PathLike[str], hcfg=None, hybrid=None, report=None,
+                     report_name: str | None = None) -> None:
     """Refuse a hybrid or a report that belongs to other weights than ``baseline`` (whose fingerprint is
     ``fingerprint``); log a warning for ones written before fingerprints covered weight values.
 
@@ -44,7 +45,7 @@ def check_same_model(fingerprint: str, *, baseline: str | os.PathLike[str], hcfg
 
             report_obj, name = AnalysisReport.load(report), str(report)
         else:
-            report_obj, name = report, getattr(report, "model_id", "the report")
+            report_obj, name = report, report_name or getattr(report, "model_id", "the report")
         recorded = getattr(report_obj, "fingerprint", None)
         match = compare_fingerprints(recorded, fingerprint) if recorded else "unknown"
         if match == "different":
