@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import LightTransferError
+from ..hybrid_format import format_bytes
 from .options import is_quiet, model_options, stderr_console, verbosity_options
 
 
@@ -20,14 +21,6 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise LightTransferError(f"--prompt-file '{path}' cannot be read as UTF-8 text ({exc}).") from exc
-
-
-def _format_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 @click.command("generate")
@@ -70,5 +63,5 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
     if not is_quiet():
         stderr_console().print(
             f"[dim]{stats.prompt_tokens} prompt tokens in {stats.prefill_seconds:.2f} s, {stats.new_tokens} new "
-            f"tokens at {stats.decode_tokens_per_second:.1f} tokens/s; KV cache {_format_bytes(stats.kv_bytes)} "
-            f"kept vs {_format_bytes(stats.dense_kv_bytes)} dense ({100 * stats.kv_fraction:.0f}%)[/dim]")
+            f"tokens at {stats.decode_tokens_per_second:.1f} tokens/s; KV cache {format_bytes(stats.kv_bytes)} "
+            f"kept vs {format_bytes(stats.dense_kv_bytes)} dense ({100 * stats.kv_fraction:.0f}%)[/dim]")
