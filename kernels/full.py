@@ -25,6 +25,7 @@ def full_decode(
     *,
     kv_start: torch.Tensor | None = None,
     scale: float | None = None,
+    n_valid: torch.Tensor | None = None,
     splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of one new query per sequence against every cached key (a full layer's decode step).
@@ -38,6 +39,9 @@ def full_decode(
         kv_start: int ``[batch]`` left padding per sequence (default 0): keys ``j < kv_start[b]`` are invisible.
             A sequence with ``kv_start[b] >= N`` sees nothing and gets zeros.
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
+        n_valid: int tensor ``[1]`` on ``q``'s device: only keys ``j < n_valid`` exist (the rest of ``k``/``v`` is
+            reserved storage, never read on the Triton path). Read in device memory, never on the host, so that a
+            CUDA graph captured once serves every length up to ``N``. Default: all ``N`` keys.
         splits: chunks of the key axis per (sequence, KV head) (Triton path only; default: enough to fill the
             GPU). For tests.
 
@@ -50,13 +54,16 @@ def full_decode(
     if kv_start is not None and tuple(kv_start.shape) != (q.shape[0],):
         raise LightTransferError(f"full_decode: kv_start must be [batch] = [{q.shape[0]}], got "
                                  f"{tuple(kv_start.shape)}.")
+    if n_valid is not None and (n_valid.numel() != 1 or n_valid.dtype not in (torch.int32, torch.int64)):
+        raise LightTransferError(f"full_decode: n_valid must be one int32/int64 element, got "
+                                 f"{tuple(n_valid.shape)} {n_valid.dtype}.")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not triton_runs_on(q):
-        return full_decode_reference(q, k, v, kv_start=kv_start, scale=scale)
+        return full_decode_reference(q, k, v, kv_start=kv_start, scale=scale, n_valid=n_valid)
     check_triton_support("full_decode", q)
     from .full_decode_triton import full_decode_triton
 
-    return full_decode_triton(q, k, v, kv_start=kv_start, scale=scale, splits=splits)
+    return full_decode_triton(q, k, v, kv_start=kv_start, scale=scale, n_valid=n_valid, splits=splits)
 
 
 __all__ = ["full_decode"]

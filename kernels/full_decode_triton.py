@@ -37,13 +37,13 @@ _CHUNK_ALIGN = 256
 # compile a second variant in the middle of a generation
 @triton.jit(do_not_specialize=["n_keys", "chunk"])
 def _full_decode_split(
-    Q, K, V, KV_START, Out, PART_O, PART_LSE,
+    Q, K, V, KV_START, N_VALID, Out, PART_O, PART_LSE,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh,
     n_kv_heads, GROUP, n_keys, chunk, n_splits, qk_scale,
-    HAS_START: tl.constexpr, SINGLE_SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_START: tl.constexpr, HAS_N_VALID: tl.constexpr, SINGLE_SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_bk = tl.program_id(0)
@@ -63,6 +63,8 @@ def _full_decode_split(
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
+    if HAS_N_VALID:
+        n_keys = tl.minimum(n_keys, tl.load(N_VALID).to(tl.int32))
     lo = pid_s * chunk
     hi = tl.minimum(lo + chunk, n_keys)
     if HAS_START:
@@ -123,10 +125,12 @@ def full_decode_triton(
     *,
     kv_start: torch.Tensor | None,
     scale: float,
+    n_valid: torch.Tensor | None = None,
     splits: int | None = None,
 ) -> torch.Tensor:
     """Launch the kernels on validated inputs (see :func:`~lighttransfer.kernels.full_decode`); ``splits``
-    overrides the number of chunks per (sequence, KV head)."""
+    overrides the number of chunks per (sequence, KV head). The launch reads no tensor on the host (no sync), so it
+    can be captured in a CUDA graph."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
@@ -157,13 +161,15 @@ def full_decode_triton(
         if start.dtype not in (torch.int32, torch.int64):
             start = start.long()
         start = start.contiguous()
+    if n_valid is not None:
+        n_valid = n_valid.to(q.device)
     if single:
         part_o = part_lse = o
     else:
         part_o = torch.empty((batch, heads, 1, n_splits, block_d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch, heads, 1, n_splits), dtype=torch.float32, device=q.device)
     args = (
-        q, k, v, start if start is not None else o, o, part_o, part_lse,
+        q, k, v, start if start is not None else o, n_valid if n_valid is not None else o, o, part_o, part_lse,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -171,7 +177,7 @@ def full_decode_triton(
         kv_heads, group, n_keys, chunk, n_splits, scale * _LOG2E,
     )
     flags = dict(
-        HAS_START=start is not None, SINGLE_SPLIT=single, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m,
+        HAS_START=start is not None, HAS_N_VALID=n_valid is not None, SINGLE_SPLIT=single, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     grid = (batch * kv_heads, n_splits)
@@ -188,7 +194,7 @@ def full_decode_triton(
         launch(_full_decode_split, INTERPRETER_CONFIG.kwargs)
         return o
     cap = capability(index)
-    key = (cap, block_d, block_m, single, q.dtype, autotune_enabled())
+    key = (cap, block_d, block_m, single, q.dtype, n_valid is not None, autotune_enabled())
     best = _BEST_CONFIG.get(key)
     if best is not None:
         # tuned before: launch the kernel itself (the autotuner's dispatch costs ~15 us of host time per call,
@@ -208,7 +214,7 @@ def full_decode_triton(
     return o
 
 
-# (capability, BLOCK_D, BLOCK_M, single split, dtype, autotune) -> the tuned config's launch options
+# (capability, BLOCK_D, BLOCK_M, single split, dtype, device length, autotune) -> the tuned config's options
 _BEST_CONFIG: dict[tuple, dict] = {}
 
 

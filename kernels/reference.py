@@ -152,14 +152,16 @@ def streaming_decode_reference(
 
 
 def full_decode_visibility(batch: int, heads: int, n_keys: int, kv_start: torch.Tensor | None = None,
-                           device=None) -> torch.Tensor:
+                           device=None, n_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Dense mask ``[batch, heads, 1, N]`` of :func:`full_decode_reference`: key ``j`` is visible iff
-    ``j >= kv_start[b]``."""
+    ``kv_start[b] <= j < n_valid`` (``n_valid``: an int tensor of one element, default ``N``)."""
     idx = torch.arange(n_keys, device=device).view(1, 1, 1, n_keys)
-    if kv_start is None:
-        return torch.ones(batch, heads, 1, n_keys, dtype=torch.bool, device=device)
-    start = kv_start.to(device).long().view(batch, 1, 1, 1)
-    return (idx >= start).expand(batch, heads, 1, n_keys)
+    visible = torch.ones(1, 1, 1, n_keys, dtype=torch.bool, device=device)
+    if kv_start is not None:
+        visible = idx >= kv_start.to(device).long().view(batch, 1, 1, 1)
+    if n_valid is not None:
+        visible = visible & (idx < n_valid.to(device).long().view(1, 1, 1, 1))
+    return visible.expand(batch, heads, 1, n_keys)
 
 
 def full_decode_reference(
@@ -169,13 +171,15 @@ def full_decode_reference(
     *,
     kv_start: torch.Tensor | None = None,
     scale: float | None = None,
+    n_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of a full layer (see ``full_decode``): one query per sequence, ``q [B, H, 1, D]``,
     against every key of a contiguous cache ``k/v [B, Hkv, N, D]`` from ``kv_start[b]`` on (keys before it are
-    left padding). Returns ``o [B, H, 1, D]`` in ``q.dtype`` (zeros for a sequence that sees no key)."""
+    left padding) and before ``n_valid`` (default ``N``). Returns ``o [B, H, 1, D]`` in ``q.dtype`` (zeros for a
+    sequence that sees no key)."""
     batch, heads, _, dim = q.shape
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-    visible = full_decode_visibility(batch, heads, k.shape[2], kv_start, device=q.device)
+    visible = full_decode_visibility(batch, heads, k.shape[2], kv_start, device=q.device, n_valid=n_valid)
     o, _ = masked_attention(q, k, v, visible, scale)
     return o.to(q.dtype)
 

@@ -66,6 +66,25 @@ def test_split_counts_merge_to_the_same_result(splits):
     _check(q, k, v, dtype, f"splits={splits}", kv_start=kv_start, splits=splits)
 
 
+@pytest.mark.parametrize("n_valid", [1, 64, 113, 300], ids=lambda n: f"valid{n}")
+def test_a_device_length_hides_the_reserved_storage(n_valid):
+    """``n_valid`` in device memory over storage of 301 keys (what a CUDA-graph step reads): the same result as a
+    view of the first ``n_valid`` keys; the Triton path never reads beyond them (NaN there stays out), with the
+    grid planned for the whole storage."""
+    dtype = DTYPES[0]
+    q, k, v = _inputs(2, 2, 4, 301, 32, dtype, seed=n_valid)
+    kv_start = torch.tensor([0, min(9, n_valid - 1)], device=DEVICE)
+    length = torch.tensor([n_valid], device=DEVICE, dtype=torch.int32)
+    want = full_decode_reference(q, k[:, :, :n_valid], v[:, :, :n_valid], kv_start=kv_start)
+    torch.testing.assert_close(full_decode_reference(q, k, v, kv_start=kv_start, n_valid=length), want)
+    k, v = k.clone(), v.clone()
+    k[:, :, n_valid:], v[:, :, n_valid:] = float("nan"), float("nan")
+    got = full_decode(q, k, v, kv_start=kv_start, n_valid=length, splits=5)
+    _check(q, k[:, :, :n_valid], v[:, :, :n_valid], dtype, f"n_valid={n_valid}", kv_start=kv_start)
+    torch.testing.assert_close(got, full_decode(q, k[:, :, :n_valid], v[:, :, :n_valid], kv_start=kv_start),
+                               atol=2e-5, rtol=2e-5)
+
+
 def test_head_dim_not_a_power_of_two():
     dtype = DTYPES[0]
     q, k, v = _inputs(2, 2, 2, 77, 24, dtype, seed=5)
@@ -109,8 +128,9 @@ def test_use_reference_forces_the_reference(monkeypatch):
         (dict(q_len=2), "one query"),
         (dict(kv_heads=3), "KV heads must divide"),
         (dict(kv_start=torch.zeros(3, dtype=torch.long)), "kv_start"),
+        (dict(n_valid=torch.tensor([3.0])), "n_valid"),
     ],
-    ids=["two-queries", "heads-not-divisible", "kv-start-shape"],
+    ids=["two-queries", "heads-not-divisible", "kv-start-shape", "n-valid-dtype"],
 )
 def test_bad_input_is_one_clear_error(bad, message):
     q = torch.randn(2, 4, bad.pop("q_len", 1), 16)
