@@ -28,10 +28,12 @@
 from .cache import FullLayer, HybridCache, MixedLayer, SequenceState, StreamingLayer
 from .chunked import prefill_chunked
 from .generation import GenerationStats, generate_text
+from .graphs import StaticDecoder
 from .hybrid import disable_hybrid, enable_hybrid, make_cache, runtime_of
 from .layout import resolve_layout
 from .loader import load, load_hybrid
 from .online import OnlineSelector
+from .static_generate import generate_static
 
 __all__ = [
     "load",
@@ -42,6 +44,8 @@ __all__ = [
     "runtime_of",
     "prefill_chunked",
     "generate_text",
+    "generate_static",
+    "StaticDecoder",
     "GenerationStats",
     "HybridCache",
     "FullLayer",

@@ -32,7 +32,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from ..hybrid_format import HybridLayout
 from ..kernels import merge_attention
-from .cache import ChunkView, ContiguousView, HybridCache, MixedLayer, SlotView, StreamingLayer
+from .cache import ChunkView, ContiguousView, HybridCache, MixedLayer, SlotView, StaticStep, StreamingLayer
 from .online import prompt_lazy_ratio
 from .ops import full_attention, prefill_attention, slot_attention
 
@@ -77,11 +77,14 @@ class StepContext:
         cache: the :class:`HybridCache` of this forward, or ``None`` (no cache, or a foreign one).
         kv_start: int64 ``[batch]`` left padding of each sequence, or ``None`` (no padding).
         has_padding: whether any sequence is left-padded.
+        static: the cache's :class:`~lighttransfer.runtime.cache_state.StaticStep` during static decode steps
+            (full layers then get their whole storage and read the live length ``static.n_valid`` on the device).
     """
 
     cache: HybridCache | None
     kv_start: torch.Tensor | None
     has_padding: bool
+    static: StaticStep | None = None
 
 
 def lighttransfer_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -94,11 +97,13 @@ def lighttransfer_attention(module, query, key, value, attention_mask, scaling=N
     cache = step.cache if step is not None else None
     part = cache.layers[module.layer_idx] if cache is not None and module.layer_idx < len(cache.layers) else None
     n, big_n = query.shape[2], key.shape[2]
+    # static decode step: the full keys are the layer's whole storage, of which the first n_valid exist
+    n_valid = step.static.n_valid if step is not None and step.static is not None and part is not None else None
 
     if isinstance(part, StreamingLayer):
         out = _streaming_from_view(module, query, key, value, part, kv_start, has_padding, scaling, dropout)
     elif isinstance(part, MixedLayer):
-        out = _mixed(module, query, key, value, part, kv_start, has_padding, scaling, dropout)
+        out = _mixed(module, query, key, value, part, kv_start, has_padding, scaling, dropout, n_valid)
     elif plan is not None and plan.kind == "mixed" and part is None:
         if plan.prefill == "full" and n > 1:
             out = full_attention(module, query, key, value, q_offset=big_n - n, kv_start=kv_start,
@@ -121,7 +126,7 @@ def lighttransfer_attention(module, query, key, value, attention_mask, scaling=N
             kv_start = (kv_start - (part.get_seq_length() - big_n)).clamp(min=0)
         out = full_attention(module, query, key, value, q_offset=big_n - n, kv_start=kv_start,
                              has_padding=has_padding, scale=scaling, dropout=dropout,
-                             sliding_window=kwargs.get("sliding_window"))
+                             sliding_window=kwargs.get("sliding_window"), n_valid=n_valid)
         online = cache.online if cache is not None else None
         if online is not None and part is not None and not online.decided and plan is not None:
             _offer_online(cache, module.layer_idx, query, key, plan, kv_start if has_padding else None, scaling)
@@ -151,7 +156,7 @@ def _streaming_from_view(module, query, key, value, part: StreamingLayer, kv_sta
                              kv_start=kv_start if has_padding else None, scale=scaling)
 
 
-def _mixed(module, query, key, value, part: MixedLayer, kv_start, has_padding, scaling, dropout):
+def _mixed(module, query, key, value, part: MixedLayer, kv_start, has_padding, scaling, dropout, n_valid=None):
     """Full query heads over the full KV heads' history, streaming ones over the slots, back in head order."""
     heads, n = query.shape[1], query.shape[2]
     group = heads // len(part.kv_mask)
@@ -160,7 +165,7 @@ def _mixed(module, query, key, value, part: MixedLayer, kv_start, has_padding, s
     if part.grouped:  # full heads first: the two groups are views and the outputs join with one cat
         f = len(part.full_heads) * group
         full = full_attention(module, query[:, :f], key, value, q_offset=key.shape[2] - n, kv_start=kv_start,
-                              has_padding=has_padding, scale=scaling, dropout=dropout)
+                              has_padding=has_padding, scale=scaling, dropout=dropout, n_valid=n_valid)
         stream = _streaming_from_view(module, query[:, f:], s_key, s_value, part.streaming, kv_start,
                                       has_padding, scaling, dropout)
         return torch.cat([full, stream], dim=1)
@@ -169,7 +174,8 @@ def _mixed(module, query, key, value, part: MixedLayer, kv_start, has_padding, s
     stream_q = (stream_kv.view(-1, 1) * group + torch.arange(group, device=query.device)).flatten()
     out = query.new_empty(query.shape[0], heads, n, value.shape[-1])
     out[:, full_q] = full_attention(module, query.index_select(1, full_q), key, value, q_offset=key.shape[2] - n,
-                                    kv_start=kv_start, has_padding=has_padding, scale=scaling, dropout=dropout)
+                                    kv_start=kv_start, has_padding=has_padding, scale=scaling, dropout=dropout,
+                                    n_valid=n_valid)
     out[:, stream_q] = _streaming_from_view(module, query.index_select(1, stream_q), s_key, s_value,
                                             part.streaming, kv_start, has_padding, scaling, dropout)
     return out

@@ -17,7 +17,16 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
-from .cache_state import ChunkView, ContiguousView, SequenceState, SlotView, leading_padding, tensor_nbytes
+from ..errors import LightTransferError
+from .cache_state import (
+    ChunkView,
+    ContiguousView,
+    SequenceState,
+    SlotView,
+    StaticStep,
+    leading_padding,
+    tensor_nbytes,
+)
 from .full_layer import FullLayer
 from .mixed_layer import MixedLayer
 from .streaming_layer import StreamingLayer
@@ -62,6 +71,8 @@ class HybridCache(Cache):
             else:
                 layers.append(FullLayer(reserve_tokens=reserve))
         super().__init__(layers=layers)
+        self._counters: list = []  # the layers whose host counters advance() moves (static steps)
+        self.static_tokens: int | None = None  # tokens per sequence reserved by begin_static
 
     def reserve(self, tokens: int) -> None:
         """Room for ``tokens`` tokens per sequence in every full layer and every mixed layer's full heads (now for
@@ -70,6 +81,81 @@ class HybridCache(Cache):
         for layer in self.layers:
             if isinstance(layer, (FullLayer, MixedLayer)):
                 layer.reserve(tokens)
+
+    # ---- static decode steps (CUDA graphs) -------------------------------------------------------------------
+    def static_unsupported(self) -> str | None:
+        """Why this cache cannot take static decode steps right now, or ``None`` when it can."""
+        if self.online is not None and not self.online.decided:
+            return "online layer selection still undecided"
+        if self.sequence.defer_compaction:
+            return "chunked prefill in progress"
+        if self.get_seq_length() == 0:
+            return "the cache is empty (static steps follow a prefill)"
+        for idx, layer in enumerate(self.layers):
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                return f"layer {idx} keeps the model's own sliding window (transformers' cache layer)"
+            inner = layer.streaming if isinstance(layer, MixedLayer) else layer
+            if isinstance(inner, StreamingLayer) and inner.slot_pos is None:
+                return f"layer {idx} still holds its prefill history (prefill='full' not trimmed yet)"
+            if not isinstance(layer, (FullLayer, StreamingLayer, MixedLayer)):
+                return f"layer {idx} is a {type(layer).__name__}"
+        return None
+
+    def begin_static(self, tokens: int) -> StaticStep:
+        """Switch to static decode steps with room for ``tokens`` tokens per sequence: full layers reserve and zero
+        their storage, streaming layers allocate all their slots, and every one-token ``update`` from now on writes
+        at the device-side :class:`StaticStep` and returns storage of fixed shape. The host counters (``seen``)
+        move only through :meth:`advance`. Raises ``LightTransferError`` where :meth:`static_unsupported` says
+        why not."""
+        reason = self.static_unsupported()
+        if reason is not None:
+            raise LightTransferError(f"static decode steps are not possible: {reason}.")
+        tokens = int(tokens)
+        if tokens <= self.get_seq_length():
+            raise LightTransferError(f"static decode steps need room for more than the {self.get_seq_length()} "
+                                     f"tokens held, got {tokens}.")
+        counters = []
+        for layer in self.layers:
+            if isinstance(layer, StreamingLayer):
+                layer.make_static()
+                counters.append(layer)
+            else:
+                layer.make_static(tokens)
+                counters.append(layer)
+                if isinstance(layer, MixedLayer):
+                    counters += [layer.full, layer.streaming]
+        self._counters = counters
+        self.static_tokens = tokens
+        kv_start = self.sequence.kv_start
+        if kv_start is None:
+            kv_start = torch.zeros(self.layers[0].keys.shape[0], dtype=torch.long, device=self.layers[0].keys.device)
+        self.sequence.static = StaticStep(self.get_seq_length(), kv_start)
+        return self.sequence.static
+
+    def advance(self, tokens: int = 1) -> None:
+        """Count ``tokens`` static steps on the host (the device counters move inside the step itself)."""
+        for layer in self._counters:
+            layer.seen += tokens
+
+    def end_static(self) -> None:
+        """Back to dynamic steps: the full layers' views cover the tokens held again."""
+        if self.sequence.static is None:
+            return
+        self.sequence.static = None
+        for layer in self._counters:
+            if isinstance(layer, FullLayer):
+                layer._refresh_views()
+        for layer in self._counters:  # after their inner full layers
+            if isinstance(layer, MixedLayer):
+                layer._sync_full()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        step = self.sequence.static
+        if step is None:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if key_states.shape[2] != 1:
+            raise LightTransferError("a static decode step takes one token per sequence; call end_static() first.")
+        return self.layers[layer_idx].static_update(key_states, value_states, step)
 
     # ---- memory accounting ---------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
@@ -135,5 +221,5 @@ class HybridCache(Cache):
             sequence=self.sequence)
 
 
-__all__ = ["HybridCache", "FullLayer", "StreamingLayer", "MixedLayer", "SequenceState", "ContiguousView", "SlotView",
-           "ChunkView", "leading_padding"]
+__all__ = ["HybridCache", "FullLayer", "StreamingLayer", "MixedLayer", "SequenceState", "StaticStep",
+           "ContiguousView", "SlotView", "ChunkView", "leading_padding"]

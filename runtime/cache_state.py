@@ -20,6 +20,8 @@ class SequenceState:
         has_padding: whether any sequence is left-padded.
         defer_compaction: set by chunked prefill under the ``full`` prefill policy, so that streaming layers keep
             their whole history until the last chunk (full attention in prefill stays exact).
+        static: the device-side counters of static decode steps (:class:`StaticStep`), or ``None`` (the dynamic
+            path: shapes follow the tokens held).
     """
 
     def __init__(self) -> None:
@@ -28,6 +30,7 @@ class SequenceState:
         self.max_start = 0
         self.has_padding = False
         self.defer_compaction = False
+        self.static: StaticStep | None = None
 
     def observe(self, attention_mask: torch.Tensor | None, batch: int, device: torch.device,
                 new_tokens: int) -> torch.Tensor:
@@ -48,6 +51,33 @@ class SequenceState:
     def select(self, index: torch.Tensor) -> None:
         if self.kv_start is not None:
             self.kv_start = self.kv_start[index.to(self.kv_start.device)]
+
+
+class StaticStep:
+    """Where the next decode step writes, held in device memory, so that the step has the same shapes and reads
+    no host value at every token (what a CUDA graph captured once replays).
+
+    Every sequence of a batch is at the same token index (left padding is stored as tokens), so one index serves
+    the whole batch; positions differ by the left padding.
+
+    Attributes:
+        index: int64 ``[1]``: token index the new token is written at (tokens held before it).
+        n_valid: int32 ``[1]``: ``index + 1``, the keys a full layer holds once the new one is written.
+        q_pos: int64 ``[batch, 1]``: the new token's position ``index - kv_start[b]`` (RoPE position and the
+            streaming rule's query position; negative for a sequence that has no real token yet).
+    """
+
+    def __init__(self, index: int, kv_start: torch.Tensor) -> None:
+        device = kv_start.device
+        self.index = torch.tensor([index], dtype=torch.long, device=device)
+        self.n_valid = torch.tensor([index + 1], dtype=torch.int32, device=device)
+        self.q_pos = (index - kv_start.long()).view(-1, 1).clone()
+
+    def advance(self) -> None:
+        """One token on, in place (recorded into a captured graph, so each replay moves the counters)."""
+        self.index.add_(1)
+        self.n_valid.add_(1)
+        self.q_pos.add_(1)
 
 
 def leading_padding(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -118,5 +148,5 @@ def tensor_nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-__all__ = ["SequenceState", "leading_padding", "ContiguousView", "SlotView", "ChunkView", "CountingLayer",
+__all__ = ["SequenceState", "StaticStep", "leading_padding", "ContiguousView", "SlotView", "ChunkView", "CountingLayer",
            "tensor_nbytes"]

@@ -78,6 +78,23 @@ class FullLayer(CountingLayer):
         self._refresh_views()
         return self.keys, self.values
 
+    # ---- static decode steps (see HybridCache.begin_static) ----------------------------------------------------
+    def make_static(self, tokens: int) -> None:
+        """Storage for ``tokens`` tokens, the unfilled part zeroed (a masked-out key must still be finite: its zero
+        weight times a NaN would be NaN on the SDPA path), ready for :meth:`static_update`."""
+        if self.capacity < tokens:
+            self._reallocate(_round_up(tokens))
+        self.key_storage[:, :, self.seen:].zero_()
+        self.value_storage[:, :, self.seen:].zero_()
+
+    def static_update(self, key_states: torch.Tensor, value_states: torch.Tensor, step) -> tuple:
+        """Write one token ``[batch, kv_heads, 1, head_dim]`` at ``step.index`` (device memory) and return the
+        whole storage ``[batch, kv_heads, capacity, head_dim]``, of which the first ``step.n_valid`` keys exist.
+        ``seen`` is left to the caller (:meth:`HybridCache.advance`): nothing here reads the host."""
+        self.key_storage.index_copy_(2, step.index, key_states)
+        self.value_storage.index_copy_(2, step.index, value_states)
+        return self.key_storage, self.value_storage
+
     def reserve(self, tokens: int) -> None:
         """Make room for ``tokens`` tokens in all (allocating now if the layer has storage, else at the first
         ``update``); never shrinks."""

@@ -57,8 +57,8 @@ class HybridRuntime:
         self.head_orders: dict[int, list[int]] = {}
         self.previous_config_block = None
 
-    def make_cache(self) -> HybridCache:
-        """A fresh, empty cache laid out for this model."""
+    def make_cache(self, max_tokens: int | None = None) -> HybridCache:
+        """A fresh, empty cache laid out for this model (``max_tokens``: see :class:`HybridCache`)."""
         layout = self.layout
         online = None
         kinds = layout.kinds
@@ -67,7 +67,8 @@ class HybridRuntime:
                                               last=layout.online_last)
             kinds = ("full",) * layout.num_layers
         return HybridCache(kinds, sink=layout.sink, window=layout.window, prefill=layout.prefill,
-                           kv_head_masks=layout.mixed_masks, online=online, native_windows=layout.native_windows)
+                           kv_head_masks=layout.mixed_masks, online=online, native_windows=layout.native_windows,
+                           max_tokens=max_tokens)
 
     def remove(self) -> None:
         self._handle.remove()
@@ -102,7 +103,8 @@ class HybridRuntime:
                 kv_start = leading_padding(mask)
                 has_padding = bool(kv_start.max().item() > 0)
         kwargs[STEP_KWARG] = StepContext(cache=cache, kv_start=kv_start if has_padding else None,
-                                         has_padding=has_padding)
+                                         has_padding=has_padding,
+                                         static=cache.sequence.static if cache is not None else None)
         return args, kwargs
 
 
@@ -234,9 +236,10 @@ def runtime_of(model) -> HybridRuntime:
     return runtime
 
 
-def make_cache(model) -> HybridCache:
-    """A fresh :class:`HybridCache` for ``model`` (for ``past_key_values=`` / ``cache=`` in manual loops)."""
-    return runtime_of(model).make_cache()
+def make_cache(model, max_tokens: int | None = None) -> HybridCache:
+    """A fresh :class:`HybridCache` for ``model`` (for ``past_key_values=`` / ``cache=`` in manual loops);
+    ``max_tokens``: tokens per sequence the full layers allocate at once (prompt + ``max_new_tokens``)."""
+    return runtime_of(model).make_cache(max_tokens)
 
 
 def attention_modules(model) -> dict[int, torch.nn.Module]:

@@ -70,6 +70,20 @@ class MixedLayer(CountingLayer):
         self.stream_kv = self.streaming.update(stream_k, stream_v)
         return self.keys, self.values
 
+    def make_static(self, tokens: int) -> None:
+        """Both groups ready for static steps (see :meth:`FullLayer.make_static`, :meth:`StreamingLayer.make_static`)."""
+        self.full.make_static(tokens)
+        self._sync_full()
+        self.streaming.make_static()
+
+    def static_update(self, key_states: torch.Tensor, value_states: torch.Tensor, step):
+        """One token in both groups at the step's device index; returns the full heads' whole storage."""
+        full_k, stream_k = self.split_heads(key_states)
+        full_v, stream_v = self.split_heads(value_states)
+        keys, values = self.full.static_update(full_k, full_v, step)
+        self.stream_kv = self.streaming.static_update(stream_k, stream_v, step)
+        return keys, values
+
     def reserve(self, tokens: int) -> None:
         """Room for ``tokens`` tokens in the full heads' storage (see :meth:`FullLayer.reserve`)."""
         self.full.reserve(tokens)

@@ -70,14 +70,21 @@ def slot_attention(q, k, v, slot_pos: torch.Tensor, q_pos: torch.Tensor, *, sink
 
 
 def full_attention(module, q, k, v, *, q_offset: int, kv_start: torch.Tensor | None, has_padding: bool,
-                   scale: float | None, dropout: float = 0.0, sliding_window: int | None = None) -> torch.Tensor:
+                   scale: float | None, dropout: float = 0.0, sliding_window: int | None = None,
+                   n_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Full causal attention (SDPA, or the prefill kernel for an unpadded chunk after cached keys on CUDA); returns
     ``[batch, heads, n, head_dim]``.
 
     ``sliding_window``: the model's own window for this layer (Gemma 2/3, Mistral, Qwen with sliding layers), which
     the layer was trained with: a query at ``p`` then sees only keys in ``(p - sliding_window, p]``.
+
+    ``n_valid``: a static decode step (one query, the last of the keys that exist): ``k``/``v`` are the layer's
+    whole reserved storage and only the first ``n_valid`` keys (int tensor ``[1]`` on the device) exist.
     """
     n, big_n = q.shape[2], k.shape[2]
+    if n_valid is not None:
+        return _static_decode(module, q, k, v, n_valid, kv_start=kv_start if has_padding else None, scale=scale,
+                              dropout=dropout, sliding_window=sliding_window)
     if n == 1 and not sliding_window and _full_decode_applies(q, k, q_offset, dropout):
         start = None
         if has_padding and kv_start is not None:
@@ -97,6 +104,25 @@ def full_attention(module, q, k, v, *, q_offset: int, kv_start: torch.Tensor | N
     mask = None
     if has_padding or (n > 1 and big_n != n):
         mask = causal_padding_mask(n, big_n, q_offset=q_offset, kv_start=kv_start, device=q.device)
+    return _sdpa(module, q, k, v, mask, scale=scale, dropout=dropout)
+
+
+def _static_decode(module, q, k, v, n_valid: torch.Tensor, *, kv_start, scale, dropout, sliding_window):
+    """A full layer's decode step over reserved storage, reading the live length on the device only (no sync):
+    the same keys as the dynamic path (the split-K kernel, or SDPA under a mask built from ``n_valid``)."""
+    if sliding_window or q.shape[2] != 1:
+        raise ValueError("a static decode step takes one query per sequence and no sliding window")
+    start = None
+    if kv_start is not None:
+        # a sequence with no real key yet sees its own key, as on the dynamic path
+        start = torch.minimum(kv_start.to(q.device).long(), n_valid.long() - 1)
+    big_n = k.shape[2]
+    if _full_decode_applies(q, k, big_n - 1, dropout):
+        return kernels.full_decode(q, k, v, kv_start=start, scale=scale, n_valid=n_valid)
+    k_idx = torch.arange(big_n, device=q.device).view(1, 1, 1, big_n)
+    mask = k_idx < n_valid.view(1, 1, 1, 1)
+    if start is not None:
+        mask = mask & (k_idx >= start.view(-1, 1, 1, 1))
     return _sdpa(module, q, k, v, mask, scale=scale, dropout=dropout)
 
 

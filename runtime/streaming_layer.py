@@ -108,6 +108,19 @@ class StreamingLayer(CountingLayer):
                               recent_start=(~valid).sum(-1).to(torch.int32))
         return keys, values
 
+    # ---- static decode steps (see HybridCache.begin_static) ----------------------------------------------------
+    def make_static(self) -> None:
+        """All ``sink + window`` slots allocated now (empty ones at position -1), so the shapes stop changing."""
+        self._grow(self.capacity)
+
+    def static_update(self, key_states: torch.Tensor, value_states: torch.Tensor, step):
+        """Write one token per sequence into the slot of its position ``step.q_pos`` (device memory) and return the
+        slots (``[batch, kv_heads, sink + window, head_dim]``); sets :attr:`view`. The same write as the dynamic
+        path's, by scatter instead of a host-computed slot."""
+        self._write_one(key_states, value_states, step.q_pos[:, 0])
+        self.view = SlotView(slot_pos=self.slot_pos, q_pos=step.q_pos)
+        return self.keys, self.values
+
     def reset(self) -> None:
         self.keys = self.values = None
         self.slot_pos = None
