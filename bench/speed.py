@@ -16,6 +16,13 @@ Per variant and context length:
 Decode throughput is ``batch * steps / seconds``; KV bytes are what the cache holds after the prefill (the
 runtime's :meth:`~lighttransfer.runtime.cache.HybridCache.kv_bytes`, or the dense cache's tensors).
 
+With ``cuda_graphs=True`` every runtime variant is measured a second time, on the same cache right after its eager
+steps, with the decode step replayed from a CUDA graph (:class:`~lighttransfer.runtime.StaticDecoder`; the cache
+is reserved for both runs at the prefill, so neither copies the history); the row says how its steps ran
+(``decode_path``). With ``compiled_baseline=True`` the original model runs a second time as the fastest stock
+transformers a user has: ``StaticCache`` + ``torch.compile(mode="reduce-overhead")`` (CUDA only; at batch 1 on the
+first context and at the original's largest batch at every context, so each compiled shape is one compile).
+
 The physical floor of a decode step is the bytes it must read once: every weight matrix (the input embedding
 only as the rows it gathers, which is nothing to speak of) plus the KV cache it holds, over the device's copy
 bandwidth measured in the same run (bytes read + written of a large device-to-device copy). Every point reports
@@ -46,6 +53,8 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 GIB = 1024**3
 RUNTIME_DENSE = "runtime, 0 streaming"
+ORIGINAL_COMPILED = "original, static cache + compile"
+GRAPHED = ", cuda graph"  # suffix of a runtime variant's rows whose decode step is a CUDA-graph replay
 # untimed decode steps first: kernels compile for the new shapes, the allocator settles
 WARMUP_STEPS = 3
 
@@ -74,6 +83,7 @@ class SpeedPoint:
     largest_batch: bool = False
     bytes_per_step: int | None = None
     floor_share: float | None = None
+    decode_path: str | None = None
 
 
 @dataclass
@@ -156,8 +166,15 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 @torch.inference_mode()
-def _prefill(model, ids: torch.Tensor):
-    out = model(ids, use_cache=True, logits_to_keep=1)
+def _prefill(model, ids: torch.Tensor, reserve: int | None = None):
+    """Batch-1 prefill; ``reserve``: tokens per sequence the runtime's cache allocates at once (for the
+    static steps of the graphed rows)."""
+    kwargs = {}
+    if reserve is not None:
+        from ..runtime import make_cache
+
+        kwargs[cache_keyword(model)] = make_cache(model, max_tokens=reserve)
+    out = model(ids, use_cache=True, logits_to_keep=1, **kwargs)
     return output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
 
 
@@ -175,6 +192,86 @@ def _decode(model, cache, token: torch.Tensor, steps: int, device: torch.device)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def _decode_graphed(model, cache, token: torch.Tensor, steps: int, device: torch.device) -> tuple[float, str]:
+    """``(seconds, decode path)`` of ``steps`` static decode steps after :data:`WARMUP_STEPS` untimed ones (an
+    eager warm-up, the capture, a replay); eager static steps where no graph can be captured."""
+    from ..runtime import StaticDecoder
+
+    decoder = StaticDecoder(model, cache, tokens=cache.get_seq_length() + WARMUP_STEPS + steps + 1)
+    try:
+        for _ in range(WARMUP_STEPS):
+            token = decoder(token).argmax(-1, keepdim=True)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            token = decoder(token).argmax(-1, keepdim=True)
+        _sync(device)
+        return time.perf_counter() - t0, decoder.path
+    finally:
+        decoder.close()
+
+
+def graphed_reserve(context: int, steps: int) -> int:
+    """Tokens per sequence a graphed row's cache reserves: the prompt, the eager row's steps, then its own."""
+    return context + 2 * (WARMUP_STEPS + steps) + 2
+
+
+_COMPILED: dict[int, Any] = {}
+
+
+def _compiled_model(model):
+    """``torch.compile(model, mode="reduce-overhead", fullgraph=True)``, once per model (a new shape recompiles)."""
+    if id(model) not in _COMPILED:
+        _COMPILED[id(model)] = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return _COMPILED[id(model)]
+
+
+@torch.no_grad()
+def _compiled_point(model, ids: torch.Tensor, *, batch: int, steps: int, device: torch.device,
+                    largest: bool) -> SpeedPoint:
+    """Stock transformers at its fastest: ``StaticCache`` reserved for the run, eager prefill at batch 1 (the cache
+    replicated to ``batch``, as for the other rows), then compiled decode steps replayed as CUDA graphs."""
+    from transformers import StaticCache
+
+    key = cache_keyword(model)
+    context = ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=context + WARMUP_STEPS + steps + 1)
+    out = model(ids, use_cache=True, logits_to_keep=1, **{key: cache})
+    token = out.logits[:, -1].argmax(-1, keepdim=True).repeat_interleave(batch, dim=0)
+    del out
+    if batch > 1:
+        for layer in cache.layers:
+            layer.keys = layer.keys.repeat_interleave(batch, dim=0)
+            layer.values = layer.values.repeat_interleave(batch, dim=0)
+            # fixed addresses, or the cudagraphs would copy the cache into their own buffers
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
+    kv = cache_kv_bytes(cache)
+    step = _compiled_model(model)
+    pos = torch.full((batch, 1), context, dtype=torch.long, device=device)
+    _free(device)
+    _reset_peak(device)
+
+    def one(token, pos):
+        torch.compiler.cudagraph_mark_step_begin()
+        out = step(input_ids=token, position_ids=pos, use_cache=True, **{key: cache})
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    for _ in range(WARMUP_STEPS):  # compile, record, replay
+        token, pos = one(token, pos), pos + 1
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        token, pos = one(token, pos), pos + 1
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return SpeedPoint(variant=ORIGINAL_COMPILED, ratio=0.0, streaming_layers=0, context=context, batch=batch,
+                      decode_tokens_per_s=batch * steps / seconds, decode_ms_per_step=1000 * seconds / steps,
+                      kv_bytes=kv, peak_memory=_peak(device), kv_fraction_expected=1.0, largest_batch=largest,
+                      decode_path="torch.compile reduce-overhead (CUDA graphs)")
 
 
 def _layers_for(ratio: float, *, num_layers: int, lazy_ratios: Sequence[float] | None) -> list[int]:
@@ -207,6 +304,8 @@ def benchmark(
     device: str = "auto",
     dtype: str = "auto",
     seed: int = 0,
+    cuda_graphs: bool = False,
+    compiled_baseline: bool = False,
     out: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
@@ -225,6 +324,8 @@ def benchmark(
         max_batch: upper bound of the batch search.
         largest_batch: also measure the largest batch that fits (else batch 1 only).
         sink, window: streaming parameters (default: the hybrid's, else 4 and 1020).
+        cuda_graphs: also measure every runtime variant with its decode step replayed from a CUDA graph.
+        compiled_baseline: also measure the original with ``StaticCache`` + ``torch.compile`` (CUDA only).
         out: ``.json`` path (a markdown table is written beside it) or a directory.
         progress: called with a line per finished measurement.
     """
@@ -242,6 +343,8 @@ def benchmark(
         raise LightTransferError(f"--ratios must be in (0, 1], got {bad}.")
     if decode_steps < 1:
         raise LightTransferError(f"--decode-steps must be at least 1, got {decode_steps}.")
+    if compiled_baseline and resolve_device(device).type != "cuda":
+        raise LightTransferError("--compiled-baseline needs a CUDA device (torch.compile reduce-overhead).")
     if memory_budget_gb is not None and memory_budget_gb <= 0:
         raise LightTransferError(f"--memory-budget must be a positive number of GB, got {memory_budget_gb}.")
 
@@ -305,20 +408,28 @@ def benchmark(
     variants = [("original", 0.0, [], False), (RUNTIME_DENSE, 0.0, [], True)] + [
         (f"ratio {r:g}", r, _layers_for(r, num_layers=num_layers, lazy_ratios=lazy), True) for r in ratio_list]
 
+    def record(point: SpeedPoint) -> None:
+        with_floor(point, weight_bytes=result.weight_bytes_per_step, copy_gbps=result.copy_gbps)
+        result.points.append(asdict(point))
+        if progress:
+            progress(_describe(point))
+
     for name, ratio, layers, through_runtime in variants:
         disable_hybrid(model)
         expected = resolve_layout(config, streaming_layers=layers, sink=sink, window=window, prefill="streaming")
         if through_runtime:
             enable_hybrid(model, expected)
+        graphed = cuda_graphs and through_runtime
         for context in contexts:
             ids = torch.randint(0, config.vocab_size, (1, context), generator=gen).to(dev)
+            reserve = graphed_reserve(context, decode_steps) if graphed else None
             _free(dev)
-            _prefill(model, ids)  # warm-up: kernels compile and autotune at this shape
+            _prefill(model, ids, reserve)  # warm-up: kernels compile and autotune at this shape
             _free(dev)
             _reset_peak(dev)
             _sync(dev)
             t0 = time.perf_counter()
-            cache, token = _prefill(model, ids)
+            cache, token = _prefill(model, ids, reserve)
             _sync(dev)
             prefill_s = time.perf_counter() - t0
             prefill_peak = _peak(dev)
@@ -329,32 +440,80 @@ def benchmark(
                                decode_tokens_per_s=decode_steps / seconds,
                                decode_ms_per_step=1000 * seconds / decode_steps, kv_bytes=kv1,
                                peak_memory=_peak(dev), prefill_s=prefill_s, prefill_tokens_per_s=context / prefill_s,
-                               prefill_peak_memory=prefill_peak, kv_fraction_expected=expected.kv_fraction(context))
-            with_floor(point, weight_bytes=result.weight_bytes_per_step, copy_gbps=result.copy_gbps)
-            result.points.append(asdict(point))
-            if progress:
-                progress(_describe(point))
+                               prefill_peak_memory=prefill_peak, kv_fraction_expected=expected.kv_fraction(context),
+                               decode_path="eager")
+            record(point)
+            if graphed:
+                _record_graphed(record, model, cache, token, point, steps=decode_steps, device=dev)
             holder = [(cache, token)]
             del cache, token
             if largest_batch:
                 big = _largest_batch_point(model, ids, holder, point, weights=weights, budget=budget,
-                                           max_batch=max_batch, steps=decode_steps, device=dev)
+                                           max_batch=max_batch, steps=decode_steps, device=dev, reserve=reserve)
                 if big is not None:
-                    with_floor(big, weight_bytes=result.weight_bytes_per_step, copy_gbps=result.copy_gbps)
-                    result.points.append(asdict(big))
-                    if progress:
-                        progress(_describe(big))
+                    record(big[0])
+                    if graphed:
+                        _record_graphed(record, model, big[1], big[2], big[0], steps=decode_steps, device=dev)
+                    big = None
             holder.clear()
             _free(dev)
+        if out is not None:  # after each variant: a run cut short keeps what it measured
+            write_bench_outputs(result, out)
     disable_hybrid(model)
+    if compiled_baseline:  # last: its compiles take the longest, and it needs the original's largest batches
+        _compiled_rows(model, config, contexts, result, record, gen=gen, steps=decode_steps, device=dev,
+                       largest_batch=largest_batch)
     if out is not None:
         write_bench_outputs(result, out)
     return result
 
 
+def _graphed_point(model, cache, token, eager: SpeedPoint, *, steps: int, device: torch.device) -> SpeedPoint:
+    """The graphed row beside ``eager``: the same cache, continued with static steps replayed from a CUDA graph."""
+    _free(device)
+    _reset_peak(device)
+    seconds, path = _decode_graphed(model, cache, token, steps, device)
+    return SpeedPoint(variant=eager.variant + GRAPHED, ratio=eager.ratio, streaming_layers=eager.streaming_layers,
+                      context=eager.context, batch=eager.batch, decode_tokens_per_s=eager.batch * steps / seconds,
+                      decode_ms_per_step=1000 * seconds / steps, kv_bytes=cache_kv_bytes(cache),
+                      peak_memory=_peak(device), kv_fraction_expected=eager.kv_fraction_expected,
+                      largest_batch=eager.largest_batch, decode_path=path)
+
+
+def _record_graphed(record, model, cache, token, eager: SpeedPoint, *, steps: int, device) -> None:
+    try:
+        record(_graphed_point(model, cache, token, eager, steps=steps, device=device))
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is expected here
+        if not _is_oom(exc):
+            raise
+        log.warning("%s%s at %d x%d: out of memory", eager.variant, GRAPHED, eager.context, eager.batch)
+        _free(device)
+
+
+def _compiled_rows(model, config, contexts, result: BenchResult, record, *, gen, steps: int, device,
+                   largest_batch: bool) -> None:
+    """The compiled original at batch 1 on the first context, and at the original's largest batch everywhere (a
+    failure, e.g. a compile error, is logged and leaves the row out)."""
+    for i, context in enumerate(contexts):
+        ids = torch.randint(0, config.vocab_size, (1, context), generator=gen).to(device)
+        batches = [(1, False)] if i == 0 else []
+        big = result.point("original", context, largest=True)
+        if largest_batch and big is not None:
+            batches.append((big["batch"], True))
+        for batch, largest in batches:
+            _free(device)
+            try:
+                record(_compiled_point(model, ids, batch=batch, steps=steps, device=device, largest=largest))
+            except Exception as exc:  # noqa: BLE001 - the baseline is best effort; the others still run
+                log.warning("%s at %d x%d failed: %s", ORIGINAL_COMPILED, context, batch,
+                            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            _free(device)
+
+
 def _largest_batch_point(model, ids, holder: list, one: SpeedPoint, *, weights: int, budget: int | None,
-                         max_batch: int, steps: int, device: torch.device) -> SpeedPoint | None:
-    """Decode at the largest batch that fits ``budget``; ``None`` when no budget is known (CPU, no --memory-budget).
+                         max_batch: int, steps: int, device: torch.device, reserve: int | None = None):
+    """Decode at the largest batch that fits ``budget``: ``(point, cache, next token)``; ``None`` when no budget is
+    known (CPU, no --memory-budget).
 
     ``holder`` holds the batch-1 ``(cache, token)``; it is consumed (replicated in place, so no second copy
     competes with the batch for memory) and re-made by a new prefill only if a trial runs out of memory.
@@ -368,7 +527,7 @@ def _largest_batch_point(model, ids, holder: list, one: SpeedPoint, *, weights: 
         # a failed trial's tensors live on in reference cycles of its traceback until collected
         _free(device)
         try:
-            cache, token = holder.pop() if holder else _prefill(model, ids)
+            cache, token = holder.pop() if holder else _prefill(model, ids, reserve)
             if batch > 1:
                 cache.batch_repeat_interleave(batch)
             tokens = token.repeat_interleave(batch, dim=0)
@@ -379,10 +538,12 @@ def _largest_batch_point(model, ids, holder: list, one: SpeedPoint, *, weights: 
             peak = _peak(device)
             if peak is not None and peak > budget:
                 raise torch.OutOfMemoryError(f"out of memory: peak {peak} over the budget {budget}")
-            return SpeedPoint(variant=one.variant, ratio=one.ratio, streaming_layers=one.streaming_layers,
-                              context=one.context, batch=batch, decode_tokens_per_s=batch * steps / seconds,
-                              decode_ms_per_step=1000 * seconds / steps, kv_bytes=kv, peak_memory=peak,
-                              kv_fraction_expected=one.kv_fraction_expected, largest_batch=True)
+            point = SpeedPoint(variant=one.variant, ratio=one.ratio, streaming_layers=one.streaming_layers,
+                               context=one.context, batch=batch, decode_tokens_per_s=batch * steps / seconds,
+                               decode_ms_per_step=1000 * seconds / steps, kv_bytes=kv, peak_memory=peak,
+                               kv_fraction_expected=one.kv_fraction_expected, largest_batch=True,
+                               decode_path="eager")
+            return point, cache, tokens
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is expected here
             if not _is_oom(exc):
                 raise
@@ -420,8 +581,9 @@ def _describe(p: SpeedPoint) -> str:
     pre = f", prefill {p.prefill_s:.3f} s" if p.prefill_s is not None else ""
     peak = f", peak {p.peak_memory / GIB:.1f} GiB" if p.peak_memory else ""
     floor = f", {100 * p.floor_share:.0f}% of the bandwidth floor" if p.floor_share else ""
+    path = f" [{p.decode_path}]" if p.decode_path else ""
     return (f"{p.variant} @ {p.context} x{p.batch}: decode {p.decode_tokens_per_s:.1f} tok/s{pre}, "
-            f"KV {p.kv_bytes / GIB:.2f} GiB{peak}{floor}")
+            f"KV {p.kv_bytes / GIB:.2f} GiB{peak}{floor}{path}")
 
 
 # ---- outputs -----------------------------------------------------------------------------------------------
@@ -442,15 +604,17 @@ def markdown_bench(result: BenchResult) -> str:
         + (f" Floor: (weights {result.weight_bytes_per_step / 1e9:.2f} GB + the KV held) / the copy bandwidth "
            f"measured in this run, {result.copy_gbps:.0f} GB/s." if result.copy_gbps else ""),
         "",
-        "| variant | context | batch | prefill (s) | decode tok/s | ms/step | x original | x runtime dense | KV (MiB) | "
-        "KV / original | expected KV | bytes/step (GB) | share of floor | peak mem (GiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | context | batch | prefill (s) | decode tok/s | ms/step | x original | x compiled original | "
+        "x runtime dense | KV (MiB) | KV / original | expected KV | bytes/step (GB) | share of floor | "
+        "peak mem (GiB) | decode steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result.points:
         base = result.point("original", p["context"], largest=p["largest_batch"])
-        same = result.point(RUNTIME_DENSE, p["context"], largest=p["largest_batch"])
-        speed = p["decode_tokens_per_s"] / base["decode_tokens_per_s"] if base else float("nan")
-        speed_same = p["decode_tokens_per_s"] / same["decode_tokens_per_s"] if same else float("nan")
+        fast = result.point(ORIGINAL_COMPILED, p["context"], largest=p["largest_batch"])
+        graphed = p["variant"].endswith(GRAPHED)
+        same = result.point(RUNTIME_DENSE + (GRAPHED if graphed else ""), p["context"], largest=p["largest_batch"])
+        speed, speed_fast, speed_same = (_times(p, other) for other in (base, fast, same))
         # KV relative to the original at the same context, per sequence
         kv_ratio = ((p["kv_bytes"] / p["batch"]) / (base["kv_bytes"] / base["batch"])) if base else float("nan")
         lines.append(
@@ -459,13 +623,19 @@ def markdown_bench(result: BenchResult) -> str:
             f"| {p['variant']} | {p['context']} | {p['batch']}{' (max)' if p['largest_batch'] else ''} | - | "
         )
         lines[-1] += (
-            f"{p['decode_tokens_per_s']:.1f} | {p['decode_ms_per_step']:.2f} | {speed:.2f}x | {speed_same:.2f}x | "
+            f"{p['decode_tokens_per_s']:.1f} | {p['decode_ms_per_step']:.2f} | {speed} | {speed_fast} | "
+            f"{speed_same} | "
             f"{p['kv_bytes'] / 2**20:.1f} | {100 * kv_ratio:.1f}% | {100 * (p['kv_fraction_expected'] or 1.0):.1f}% | "
             + (f"{p['bytes_per_step'] / 1e9:.2f} | " if p.get("bytes_per_step") else "- | ")
             + (f"{100 * p['floor_share']:.0f}% | " if p.get("floor_share") else "- | ")
-            + (f"{p['peak_memory'] / GIB:.1f}" if p["peak_memory"] else "-") + " |"
+            + (f"{p['peak_memory'] / GIB:.1f}" if p["peak_memory"] else "-") + " | "
+            + (p.get("decode_path") or "-") + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _times(point: dict, other: dict | None) -> str:
+    return f"{point['decode_tokens_per_s'] / other['decode_tokens_per_s']:.2f}x" if other else "-"
 
 
 def write_bench_outputs(result: BenchResult, out: str | os.PathLike[str]) -> dict[str, Path]:
@@ -484,4 +654,5 @@ def write_bench_outputs(result: BenchResult, out: str | os.PathLike[str]) -> dic
     return {key: path for key, path in paths.items() if path in written}
 
 
-__all__ = ["benchmark", "BenchResult", "SpeedPoint", "markdown_bench", "write_bench_outputs", "cache_kv_bytes"]
+__all__ = ["benchmark", "BenchResult", "SpeedPoint", "markdown_bench", "write_bench_outputs", "cache_kv_bytes",
+           "RUNTIME_DENSE", "ORIGINAL_COMPILED", "GRAPHED"]

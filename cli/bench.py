@@ -24,12 +24,17 @@ from .options import is_quiet, model_options, stderr_console, stdout_console, ve
 @click.option("--max-batch", type=int, default=512, show_default=True, help="Upper bound of the batch search.")
 @click.option("--sink", type=int, default=None, help="Sink tokens [default: the hybrid's, else 4].")
 @click.option("--window", type=int, default=None, help="Window tokens [default: the hybrid's, else 1020].")
+@click.option("--cuda-graphs", is_flag=True, default=False,
+              help="Also time every runtime variant with its decode step replayed from a CUDA graph.")
+@click.option("--compiled-baseline", is_flag=True, default=False,
+              help="Also time the original with transformers' StaticCache + torch.compile(mode='reduce-overhead') "
+                   "(CUDA only; compiles once per batch size).")
 @click.option("--out", default="bench_results.json", show_default=True, metavar="PATH",
               help="Results JSON (a markdown table is written beside it), or a directory.")
 @model_options
 @verbosity_options
-def bench(hybrid, baseline, report, contexts, ratios, memory_budget, decode_steps, max_batch, sink, window, out,
-          device, dtype, trust_remote_code):
+def bench(hybrid, baseline, report, contexts, ratios, memory_budget, decode_steps, max_batch, sink, window,
+          cuda_graphs, compiled_baseline, out, device, dtype, trust_remote_code):
     """Prefill latency, decode tokens/s, peak memory and KV bytes: original vs hybrids, in one process."""
     from ..bench.speed import benchmark, markdown_bench
 
@@ -43,7 +48,8 @@ def bench(hybrid, baseline, report, contexts, ratios, memory_budget, decode_step
     result = benchmark(
         baseline=baseline, hybrid=hybrid, report=report, contexts=int_list(contexts, "--context"),
         ratios=float_list(ratios, "--ratios"), memory_budget_gb=memory_budget, decode_steps=decode_steps,
-        max_batch=max_batch, sink=sink, window=window, device=device, dtype=dtype, out=None,
+        max_batch=max_batch, sink=sink, window=window, device=device, dtype=dtype, cuda_graphs=cuda_graphs,
+        compiled_baseline=compiled_baseline, out=None,
         progress=None if is_quiet() else (lambda line: err.print(escape(str(line)), soft_wrap=True)),
     )
     console = stdout_console()

@@ -110,3 +110,26 @@ def test_every_point_reports_its_bytes_per_step(bench_result, tiny_model_dir):
     assert result.weight_bytes_per_step == weights and result.copy_gbps is None
     for p in result.points:
         assert p["bytes_per_step"] == weights + p["kv_bytes"] and p["floor_share"] is None
+
+
+def test_graphed_rows_continue_the_same_cache_and_say_how_they_ran(tiny_model_dir):
+    """``cuda_graphs=True``: every runtime variant gets a second row per point, measured with static steps on the
+    same cache (eager on the CPU, and the row says why)."""
+    from lighttransfer.bench.speed import GRAPHED, markdown_bench
+    from lighttransfer.errors import LightTransferError
+    from lighttransfer.kernels.switch import use_reference
+
+    with use_reference():
+        result = benchmark(baseline=str(tiny_model_dir), contexts=[48], ratios=[0.5], memory_budget_gb=0.002,
+                           decode_steps=2, max_batch=2, sink=2, window=16, device="cpu", dtype="float32",
+                           cuda_graphs=True)
+    rows = {(p["variant"], p["largest_batch"]): p for p in result.points}
+    for variant in (RUNTIME_DENSE, "ratio 0.5"):
+        for largest in (False, True):
+            eager, graphed = rows[(variant, largest)], rows[(variant + GRAPHED, largest)]
+            assert eager["decode_path"] == "eager" and graphed["batch"] == eager["batch"]
+            assert graphed["decode_path"].startswith("eager (CUDA graphs need a CUDA device")
+    assert ("original" + GRAPHED, False) not in rows
+    assert "| ratio 0.5, cuda graph |" in markdown_bench(result)
+    with pytest.raises(LightTransferError, match="compiled-baseline needs a CUDA device"):
+        benchmark(baseline=str(tiny_model_dir), contexts=[48], device="cpu", compiled_baseline=True)

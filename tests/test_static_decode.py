@@ -70,7 +70,8 @@ def test_generate_static_equals_transformers_generate(tiny_arch, prefill):
     model, _ = hybrid_pair(tiny_arch, prefill=prefill)
     ids, mask = left_pad([random_ids(1, 31, seed=1)[0], random_ids(1, 12, seed=2)[0]])
     want = greedy(model, ids, mask, new=20)
-    got = generate_static(model, ids, attention_mask=mask, max_new_tokens=20, pad_token_id=0)
+    got = generate_static(model, ids, attention_mask=mask, max_new_tokens=20, pad_token_id=0,
+                          eos_token_id=model.generation_config.eos_token_id)
     assert torch.equal(got.sequences, want.sequences)
     assert got.decode_path.startswith("eager (CUDA graphs need a CUDA device")
     # the cache is back on the dynamic path and holds what transformers' holds

@@ -1,5 +1,8 @@
-"""Decode at the bandwidth floor: the Llama-3-8B shape (random bf16 weights), original vs the runtime's dense path
-vs a ratio-0.5 hybrid, batch 1 and the largest batch, at 16k and 32k, with the floor share of every point.
+"""Decode at the bandwidth floor: the Llama-3-8B shape (random bf16 weights), batch 1 and the largest batch, at 16k
+and 32k, with the floor share of every point. Rows: stock transformers (dynamic cache, eager), stock transformers
+with ``StaticCache`` + ``torch.compile(mode="reduce-overhead")`` (batch 1 at the first context, the largest batch
+at each), the runtime's dense path and a ratio-0.5 hybrid, each eager and with the decode step replayed from a CUDA
+graph.
 
     PYTHONPATH=<dir with a lighttransfer link> LIGHTTRANSFER_TRITON_AUTOTUNE=0 \
         python3 bench/scripts/decode_floor.py OUT_DIR [CONTEXTS]
@@ -20,7 +23,8 @@ def main() -> None:
     contexts = tuple(int(c) for c in (sys.argv[2] if len(sys.argv) > 2 else "16384,32768").split(","))
     # 48 timed steps: at 16 the same point moved by up to 30% between two machines
     result = benchmark(baseline="llama3-8b-shaped", contexts=contexts, ratios=(0.5,), decode_steps=48, sink=4,
-                       window=1020, memory_budget_gb=130, device="cuda", out=out / "decode_floor.json",
+                       window=1020, memory_budget_gb=130, device="cuda", cuda_graphs=True, compiled_baseline=True,
+                       out=out / "decode_floor.json",
                        progress=lambda line: print(line, flush=True))
     print(markdown_bench(result))
 
