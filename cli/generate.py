@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from ..errors import LightTransferError
 from ..hybrid_format import format_bytes
@@ -38,10 +39,13 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 @click.option("--chunk-size", type=int, help="Prefill long prompts in chunks of this many tokens.")
 @click.option("--online-ratio", type=float,
               help="Choose the streaming layers per prompt instead: this share of layers streams.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
+              help="Decode with the step captured once in a CUDA graph and replayed per token (static shapes, cache "
+                   "reserved for prompt + --max-new-tokens); eager where no graph can be captured, with the reason.")
 @model_options
 @verbosity_options
 def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p, seed, chat, prefill, chunk_size,
-             online_ratio, device, dtype, trust_remote_code):
+             online_ratio, cuda_graphs, device, dtype, trust_remote_code):
     """Generate text with a hybrid checkpoint, streaming it as it is produced.
 
     MODEL_DIR is a directory written by `lighttransfer convert`. Afterwards the speed (tokens/s) and the
@@ -52,7 +56,7 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
 
     text = _read_prompt(prompt, prompt_file)
     loaded = load_hybrid(model_dir, device=device, dtype=dtype, prefill=prefill, chunk_size=chunk_size,
-                         online_ratio=online_ratio, trust_remote_code=trust_remote_code)
+                         online_ratio=online_ratio, cuda_graphs=cuda_graphs, trust_remote_code=trust_remote_code)
 
     def emit(piece: str) -> None:
         click.echo(piece, nl=False)
@@ -64,4 +68,5 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
         stderr_console().print(
             f"[dim]{stats.prompt_tokens} prompt tokens in {stats.prefill_seconds:.2f} s, {stats.new_tokens} new "
             f"tokens at {stats.decode_tokens_per_second:.1f} tokens/s; KV cache {format_bytes(stats.kv_bytes)} "
-            f"kept vs {format_bytes(stats.dense_kv_bytes)} dense ({100 * stats.kv_fraction:.0f}%)[/dim]")
+            f"kept vs {format_bytes(stats.dense_kv_bytes)} dense ({100 * stats.kv_fraction:.0f}%); decode: "
+            f"{escape(stats.decode_path)}[/dim]")

@@ -13,6 +13,8 @@ from ..architecture import check_positions
 from ..compat import output_cache
 from ..errors import LightTransferError
 from .cache import HybridCache
+from .hybrid import RUNTIME_ATTR
+from .static_generate import generate_static
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,8 @@ class GenerationStats:
         decode_seconds: from the first new token to the last.
         kv_bytes: KV-cache bytes held at the end (keys + values, every layer).
         dense_kv_bytes: bytes a dense cache would hold for the same tokens.
+        decode_path: how the decode steps ran: ``transformers generate`` (eager, dynamic shapes), ``cuda graph``
+            (static steps replayed from one captured graph) or ``eager (<why no graph>)`` (static steps, eagerly).
     """
 
     prompt_tokens: int
@@ -36,6 +40,7 @@ class GenerationStats:
     decode_seconds: float
     kv_bytes: int
     dense_kv_bytes: int
+    decode_path: str = "transformers generate"
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -128,21 +133,34 @@ def generate_text(
         if on_text is not None:
             on_text(text)
 
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    streamer = _text_streamer(tokenizer, take, clock)
     start = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=_text_streamer(tokenizer, take, clock),
-                         return_dict_in_generate=True, pad_token_id=pad, **sampling)
+    runtime = getattr(model, RUNTIME_ATTR, None)
+    if runtime is not None and runtime.cuda_graphs:
+        streamer.put(inputs["input_ids"].cpu())
+        out = generate_static(model, inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              eos_token_id=model.generation_config.eos_token_id, pad_token_id=pad,
+                              cuda_graphs=True, on_tokens=lambda tokens: streamer.put(tokens.cpu()))
+        streamer.end()
+        sequences, cache, path = out.sequences, out.cache, out.decode_path
+    else:
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
+            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
+                             return_dict_in_generate=True, pad_token_id=pad, **sampling)
+        sequences, cache, path = out.sequences, output_cache(out), "transformers generate"
     end = time.perf_counter()
     first = clock[0] if clock else end
-    cache = output_cache(out)
     kv = cache.kv_bytes() if isinstance(cache, HybridCache) else 0
     dense = cache.dense_kv_bytes() if isinstance(cache, HybridCache) else 0
     prompt_tokens = inputs["input_ids"].shape[1]
-    stats = GenerationStats(prompt_tokens=prompt_tokens, new_tokens=out.sequences.shape[1] - prompt_tokens,
+    stats = GenerationStats(prompt_tokens=prompt_tokens, new_tokens=sequences.shape[1] - prompt_tokens,
                             prefill_seconds=first - start, decode_seconds=end - first, kv_bytes=kv,
-                            dense_kv_bytes=dense)
+                            dense_kv_bytes=dense, decode_path=path)
+    if path != "transformers generate":
+        log.info("decode steps: %s", path)
     return "".join(pieces), stats
 
 

@@ -56,6 +56,9 @@ class HybridRuntime:
         # {layer: KV-head order applied to the weights} (see head_order.py), undone by disable_hybrid
         self.head_orders: dict[int, list[int]] = {}
         self.previous_config_block = None
+        # lighttransfer's own generation loops (generate_text, generate_static) replay the decode step from a
+        # CUDA graph where one can be captured (see graphs.py); transformers' generate keeps its eager loop
+        self.cuda_graphs = False
 
     def make_cache(self, max_tokens: int | None = None) -> HybridCache:
         """A fresh, empty cache laid out for this model (``max_tokens``: see :class:`HybridCache`)."""
@@ -108,11 +111,16 @@ class HybridRuntime:
         return args, kwargs
 
 
-def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, chunk_size: int | None = None):
+def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, chunk_size: int | None = None,
+                  cuda_graphs: bool = False):
     """Make ``model`` run ``layout`` (in place) and return it. Calling it again replaces the previous layout.
 
     ``chunk_size``: prefill chunk length ``generate`` uses (sets ``generation_config.prefill_chunk_size``;
     ``None``: one pass).
+
+    ``cuda_graphs``: lighttransfer's generation loops (:func:`~lighttransfer.runtime.generate_text`,
+    :func:`~lighttransfer.runtime.generate_static`) decode with static steps replayed from a CUDA graph (eagerly
+    where none can be captured, e.g. on the CPU; the reason is reported). ``model.generate`` is not affected.
 
     ``reorder_heads``: in layers that mix streaming and full KV heads, permute the heads in the weights so that
     each group is contiguous (exact; saves a gather and a scatter per group and step, see ``head_order.py``).
@@ -135,6 +143,7 @@ def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, ch
         setattr(module, PLAN_ATTR, LayerPlan(layer_idx=idx, layout=layout))
     runtime = HybridRuntime(model, layout)
     runtime.head_orders = orders
+    runtime.cuda_graphs = bool(cuda_graphs)
     if orders:
         runtime.previous_config_block = _reorder_config_block(model.config, orders, layout)
     setattr(model, RUNTIME_ATTR, runtime)

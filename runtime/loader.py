@@ -25,6 +25,7 @@ def load_hybrid(
     prefill: str | None = None,
     online_ratio: float | None = None,
     chunk_size: int | None = None,
+    cuda_graphs: bool = False,
     trust_remote_code: bool = False,
     with_tokenizer: bool = True,
     device_map: str | dict | None = None,
@@ -36,7 +37,7 @@ def load_hybrid(
     layout = resolve_layout(loaded.model.config, streaming_layers=streaming_layers, head_masks=head_masks,
                             sink=sink, window=window, prefill=prefill, online_ratio=online_ratio,
                             source=f"model '{loaded.source.spec}'")
-    enable_hybrid(loaded.model, layout, chunk_size=chunk_size)
+    enable_hybrid(loaded.model, layout, chunk_size=chunk_size, cuda_graphs=cuda_graphs)
     if with_tokenizer:
         loaded.tokenizer = load_tokenizer(loaded.source, trust_remote_code=trust_remote_code)
     return loaded
@@ -54,6 +55,7 @@ def load(
     prefill: str | None = None,
     online_ratio: float | None = None,
     chunk_size: int | None = None,
+    cuda_graphs: bool = False,
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
 ) -> Any:
@@ -75,6 +77,11 @@ def load(
         online_ratio: choose the streaming layers per prompt instead (LightTransfer-Test): this share of layers
             streams, the least lazy ones on the prompt's last queries stay full.
         chunk_size: prefill in chunks of this many tokens inside ``generate`` (bounded prefill memory).
+        cuda_graphs: decode in lighttransfer's own loops (``lighttransfer.generate_static``, ``lighttransfer
+            generate``) with the step captured once in a CUDA graph and replayed per token: the cache is reserved
+            for prompt + ``max_new_tokens``, and no host work or sync is left inside a step. Off by default; where
+            no graph can be captured (CPU, a cache layer of transformers' own) the same static steps run eagerly
+            and the reason is reported. ``model.generate`` keeps transformers' loop either way.
         trust_remote_code: allow the model's own Python code (off by default).
         device_map: as in transformers' ``from_pretrained`` (``"auto"`` spreads a big model over the GPUs).
 
@@ -87,8 +94,8 @@ def load(
     """
     return load_hybrid(path, device=device, dtype=dtype, streaming_layers=streaming_layers,
                        head_masks=head_masks, sink=sink, window=window, prefill=prefill, online_ratio=online_ratio,
-                       chunk_size=chunk_size, trust_remote_code=trust_remote_code, with_tokenizer=False,
-                       device_map=device_map).model
+                       chunk_size=chunk_size, cuda_graphs=cuda_graphs, trust_remote_code=trust_remote_code,
+                       with_tokenizer=False, device_map=device_map).model
 
 
 __all__ = ["load", "load_hybrid"]

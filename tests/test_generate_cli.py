@@ -36,6 +36,21 @@ def test_generate_streams_the_greedy_text_and_reports_speed_and_memory(hybrid_di
     assert f"({round(100 * (2 * 55 + 2 * 10) / (4 * 55))}%)" in err
 
 
+def test_generate_with_cuda_graphs_on_the_cpu_runs_static_steps_eagerly_and_says_why(hybrid_dir, capsys):
+    """``--cuda-graphs`` on the CPU: the static loop, eagerly, the same greedy text as transformers' generate."""
+    code, out, err = run(["generate", str(hybrid_dir), "--prompt", PROMPT, "--max-new-tokens", "12",
+                          "--device", "cpu", "--cuda-graphs"], capsys)
+    assert code == 0, err
+    model = lighttransfer.load(hybrid_dir, device="cpu")
+    tok = word_tokenizer()
+    ids = tok(PROMPT, return_tensors="pt")
+    want = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert out.split() == tok.decode(want[0, ids["input_ids"].shape[1]:]).split()
+    assert "decode: eager (CUDA graphs need a CUDA device" in err.replace("\n", " ")
+    # the same cache bytes as the dynamic path: 2 full layers of 62 tokens, 2 streaming of 10 slots
+    assert f"({round(100 * (2 * 62 + 2 * 10) / (4 * 62))}%)" in err
+
+
 def test_generate_from_a_prompt_file_with_sampling(hybrid_dir, tmp_path, capsys):
     f = tmp_path / "prompt.txt"
     f.write_text(PROMPT)
