@@ -408,6 +408,10 @@ def benchmark(
     variants = [("original", 0.0, [], False), (RUNTIME_DENSE, 0.0, [], True)] + [
         (f"ratio {r:g}", r, _layers_for(r, num_layers=num_layers, lazy_ratios=lazy), True) for r in ratio_list]
 
+    def checkpoint() -> None:  # after each variant: a run cut short keeps what it measured
+        if out is not None:
+            write_bench_outputs(result, out)
+
     def record(point: SpeedPoint) -> None:
         with_floor(point, weight_bytes=result.weight_bytes_per_step, copy_gbps=result.copy_gbps)
         result.points.append(asdict(point))
@@ -457,12 +461,11 @@ def benchmark(
                     big = None
             holder.clear()
             _free(dev)
-        if out is not None:  # after each variant: a run cut short keeps what it measured
-            write_bench_outputs(result, out)
+        checkpoint()
     disable_hybrid(model)
     if compiled_baseline:  # last: its compiles take the longest, and it needs the original's largest batches
         _compiled_rows(model, config, contexts, result, record, gen=gen, steps=decode_steps, device=dev,
-                       largest_batch=largest_batch)
+                       largest_batch=largest_batch, checkpoint=checkpoint)
     if out is not None:
         write_bench_outputs(result, out)
     return result
@@ -491,23 +494,23 @@ def _record_graphed(record, model, cache, token, eager: SpeedPoint, *, steps: in
 
 
 def _compiled_rows(model, config, contexts, result: BenchResult, record, *, gen, steps: int, device,
-                   largest_batch: bool) -> None:
-    """The compiled original at batch 1 on the first context, and at the original's largest batch everywhere (a
-    failure, e.g. a compile error, is logged and leaves the row out)."""
-    for i, context in enumerate(contexts):
+                   largest_batch: bool, checkpoint: Callable[[], None]) -> None:
+    """The compiled original at the original's largest batch at every context, then at batch 1 on the first (a
+    failure, e.g. a compile error, is logged and leaves the row out); ``checkpoint`` after each row."""
+    # the largest batches first (the throughput comparison), then batch 1 on the first context
+    todo = [(context, result.point("original", context, largest=True)) for context in contexts]
+    todo = [(context, big["batch"], True) for context, big in todo if largest_batch and big is not None]
+    todo.append((contexts[0], 1, False))
+    for context, batch, largest in todo:
         ids = torch.randint(0, config.vocab_size, (1, context), generator=gen).to(device)
-        batches = [(1, False)] if i == 0 else []
-        big = result.point("original", context, largest=True)
-        if largest_batch and big is not None:
-            batches.append((big["batch"], True))
-        for batch, largest in batches:
-            _free(device)
-            try:
-                record(_compiled_point(model, ids, batch=batch, steps=steps, device=device, largest=largest))
-            except Exception as exc:  # noqa: BLE001 - the baseline is best effort; the others still run
-                log.warning("%s at %d x%d failed: %s", ORIGINAL_COMPILED, context, batch,
-                            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-            _free(device)
+        _free(device)
+        try:
+            record(_compiled_point(model, ids, batch=batch, steps=steps, device=device, largest=largest))
+        except Exception as exc:  # noqa: BLE001 - the baseline is best effort; the others still run
+            log.warning("%s at %d x%d failed: %s", ORIGINAL_COMPILED, context, batch,
+                        str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        _free(device)
+        checkpoint()
 
 
 def _largest_batch_point(model, ids, holder: list, one: SpeedPoint, *, weights: int, budget: int | None,

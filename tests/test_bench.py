@@ -133,3 +133,35 @@ def test_graphed_rows_continue_the_same_cache_and_say_how_they_ran(tiny_model_di
     assert "| ratio 0.5, cuda graph |" in markdown_bench(result)
     with pytest.raises(LightTransferError, match="compiled-baseline needs a CUDA device"):
         benchmark(baseline=str(tiny_model_dir), contexts=[48], device="cpu", compiled_baseline=True)
+
+
+def test_the_static_cache_baseline_replicates_its_cache_and_decodes(tiny_model, monkeypatch):
+    """The compiled original's host side on the CPU, with torch.compile left out (it needs CUDA for its graphs):
+    the StaticCache reserved for the run, replicated to the batch, decoded step by step at the right positions
+    (the greedy tokens are those of the dynamic cache)."""
+    import lighttransfer.bench.speed as speed
+
+    monkeypatch.setattr(speed, "_compiled_model", lambda model: model)
+    monkeypatch.setattr(speed, "WARMUP_STEPS", 1)
+    seen = []
+    original = tiny_model.forward
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if kwargs.get("input_ids") is not None and kwargs["input_ids"].shape[1] == 1:
+            seen.append(out.logits[:, -1].argmax(-1))
+        return out
+
+    monkeypatch.setattr(tiny_model, "forward", spy)
+    ids = torch.randint(3, 200, (1, 30), generator=torch.Generator().manual_seed(0))
+    point = speed._compiled_point(tiny_model, ids, batch=3, steps=4, device=torch.device("cpu"), largest=True)
+    cfg = tiny_model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_key_value_heads * head_dim * 4 * cfg.num_hidden_layers
+    assert point.kv_bytes == 3 * per_token * (30 + 1 + 4 + 1) and point.batch == 3 and point.largest_batch
+    monkeypatch.setattr(tiny_model, "forward", original)
+    want = tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                               do_sample=False, pad_token_id=0, eos_token_id=None)[0, 30:]
+    got = torch.stack(seen, 1)  # each decode step's prediction: the token after the one it was fed
+    assert got.shape == (3, 5) and len(set(want.tolist())) > 1
+    assert torch.equal(got, want[1:6].expand(3, -1))
