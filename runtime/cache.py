@@ -72,6 +72,7 @@ class HybridCache(Cache):
                 layers.append(FullLayer(reserve_tokens=reserve))
         super().__init__(layers=layers)
         self._counters: list = []  # the layers whose host counters advance() moves (static steps)
+        self._static_step: StaticStep | None = None  # kept across generations: a captured graph reads it
         self.static_tokens: int | None = None  # tokens per sequence reserved by begin_static
 
     def reserve(self, tokens: int) -> None:
@@ -129,8 +130,29 @@ class HybridCache(Cache):
         kv_start = self.sequence.kv_start
         if kv_start is None:
             kv_start = torch.zeros(self.layers[0].keys.shape[0], dtype=torch.long, device=self.layers[0].keys.device)
-        self.sequence.static = StaticStep(self.get_seq_length(), kv_start)
-        return self.sequence.static
+        step = self._static_step
+        if step is not None and step.q_pos.shape[0] == kv_start.shape[0]:
+            step.reset(self.get_seq_length(), kv_start)  # the same tensors as before: a graph captured on them
+        else:
+            step = self._static_step = StaticStep(self.get_seq_length(), kv_start)
+        self.sequence.static = step
+        return step
+
+    def load_from(self, other: HybridCache) -> None:
+        """Hold ``other``'s tokens in this cache's own storage (copied in place, addresses kept), so that a decode
+        step captured on this cache serves ``other``'s generation. Both caches must have the same layer kinds, the
+        same batch, head counts and dtype; this one's storage must have room for ``other``'s tokens."""
+        if self.sequence.static is not None:
+            self.end_static()
+        if [type(a) for a in self.layers] != [type(b) for b in other.layers]:
+            raise LightTransferError("load_from: the caches have different layer kinds.")
+        for mine, theirs in zip(self.layers, other.layers, strict=True):
+            mine.load_from(theirs)
+        seq, src = self.sequence, other.sequence
+        if seq.kv_start is None or src.kv_start is None or seq.kv_start.shape != src.kv_start.shape:
+            raise LightTransferError("load_from: the caches hold different batches.")
+        seq.kv_start.copy_(src.kv_start)
+        seq.min_start, seq.max_start, seq.has_padding = src.min_start, src.max_start, src.has_padding
 
     def advance(self, tokens: int = 1) -> None:
         """Count ``tokens`` static steps on the host (the device counters move inside the step itself)."""

@@ -73,6 +73,12 @@ class StaticStep:
         self.n_valid = torch.tensor([index + 1], dtype=torch.int32, device=device)
         self.q_pos = (index - kv_start.long()).view(-1, 1).clone()
 
+    def reset(self, index: int, kv_start: torch.Tensor) -> None:
+        """The counters of a new generation, written into the same tensors (a captured graph reads these)."""
+        self.index.fill_(index)
+        self.n_valid.fill_(index + 1)
+        self.q_pos.copy_((index - kv_start.long()).view(-1, 1))
+
     def advance(self) -> None:
         """One token on, in place (recorded into a captured graph, so each replay moves the counters)."""
         self.index.add_(1)

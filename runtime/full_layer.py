@@ -95,6 +95,16 @@ class FullLayer(CountingLayer):
         self.value_storage.index_copy_(2, step.index, value_states)
         return self.key_storage, self.value_storage
 
+    def load_from(self, other: FullLayer) -> None:
+        """``other``'s tokens copied into this layer's storage (same batch, heads and dtype; room enough)."""
+        if other.seen > self.capacity or self.key_storage is None or other.keys is None \
+                or other.keys.shape[:2] != self.key_storage.shape[:2] or other.keys.dtype != self.key_storage.dtype:
+            raise ValueError("load_from: storage of another shape or too small")
+        self.key_storage[:, :, : other.seen].copy_(other.keys)
+        self.value_storage[:, :, : other.seen].copy_(other.values)
+        self.seen = other.seen
+        self._refresh_views()
+
     def reserve(self, tokens: int) -> None:
         """Make room for ``tokens`` tokens in all (allocating now if the layer has storage, else at the first
         ``update``); never shrinks."""

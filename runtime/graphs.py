@@ -16,7 +16,9 @@ and read nothing from the host. :meth:`HybridCache.begin_static` makes the cache
 :class:`StaticDecoder` runs such steps: eagerly where no graph can be captured (the CPU, ``cuda_graphs=False``, a
 failed capture; the reason is kept in :attr:`StaticDecoder.reason`), otherwise one eager warm-up step (kernels
 compile and autotune), then one capture, then one replay per token. A graph belongs to one cache, i.e. to one
-(batch, reserved length); a new generation captures again (about one eager step's host time).
+(batch, reserved length, padded or not): :meth:`StaticDecoder.reuse` copies a new generation's prefilled cache into
+that cache's storage, so the graph captured once serves every later generation of the same shape
+(:func:`~lighttransfer.runtime.generate_static` keeps such decoders on the model's runtime).
 """
 
 from __future__ import annotations
@@ -96,6 +98,35 @@ class StaticDecoder:
             self.eager_steps += 1
         self.cache.advance(1)
         return logits
+
+    def compatible(self, cache: HybridCache) -> bool:
+        """Whether :meth:`reuse` can take ``cache``: the same layer kinds and head split, batch and left padding
+        (the capture recorded the padding's masking or not), and room for one more token."""
+        mine, theirs = self.cache, cache
+        return (isinstance(theirs, HybridCache) and theirs.static_unsupported() is None
+                and [type(a) for a in mine.layers] == [type(b) for b in theirs.layers]
+                and all(getattr(a, "kv_mask", None) == getattr(b, "kv_mask", None)
+                        for a, b in zip(mine.layers, theirs.layers, strict=True))
+                and theirs.sequence.kv_start is not None
+                and theirs.sequence.kv_start.shape == self.step.q_pos.shape[:1]
+                and theirs.sequence.has_padding == mine.sequence.has_padding
+                and theirs.get_seq_length() < self.tokens_reserved)
+
+    def reuse(self, cache: HybridCache) -> None:
+        """Serve a new generation: ``cache`` (a fresh prefill, :meth:`compatible`) is copied into this decoder's
+        own cache, whose storage, slots and counters the captured graph reads; decode on with this decoder (and
+        its :attr:`cache`) from here on."""
+        if not self.compatible(cache):
+            raise LightTransferError("this captured decode step cannot serve that cache (another layout, batch, "
+                                     "padding or length); make a new StaticDecoder.")
+        self.cache.load_from(cache)
+        step = self.cache.begin_static(self.tokens_reserved)
+        assert step is self.step  # the tensors the graph was captured on
+
+    def pause(self) -> None:
+        """Return the cache to dynamic steps (its views cover the tokens held again), keeping the graph for
+        :meth:`reuse`."""
+        self.cache.end_static()
 
     def close(self) -> None:
         """Drop the graph and return the cache to dynamic steps (its views cover the tokens held again)."""

@@ -59,6 +59,8 @@ class HybridRuntime:
         # lighttransfer's own generation loops (generate_text, generate_static) replay the decode step from a
         # CUDA graph where one can be captured (see graphs.py); transformers' generate keeps its eager loop
         self.cuda_graphs = False
+        # (batch, reserved tokens, padded, device) -> StaticDecoder whose captured graph later generations replay
+        self.decoders: dict = {}
 
     def make_cache(self, max_tokens: int | None = None) -> HybridCache:
         """A fresh, empty cache laid out for this model (``max_tokens``: see :class:`HybridCache`)."""

@@ -84,6 +84,15 @@ class MixedLayer(CountingLayer):
         self.stream_kv = self.streaming.static_update(stream_k, stream_v, step)
         return keys, values
 
+    def load_from(self, other: MixedLayer) -> None:
+        """``other``'s tokens in both head groups (see :meth:`FullLayer.load_from`)."""
+        if other.kv_mask != self.kv_mask:
+            raise ValueError("load_from: another head split")
+        self.full.load_from(other.full)
+        self.streaming.load_from(other.streaming)
+        self._sync_full()
+        self.seen = other.seen
+
     def reserve(self, tokens: int) -> None:
         """Room for ``tokens`` tokens in the full heads' storage (see :meth:`FullLayer.reserve`)."""
         self.full.reserve(tokens)

@@ -3,7 +3,13 @@
 The loop gpt-fast runs, with transformers' conventions: left padding through ``attention_mask`` (positions counted
 from each sequence's first real token), greedy decoding or sampling at a temperature with nucleus ``top_p``, and
 per-sequence stopping at ``eos_token_id`` (a finished sequence is filled with ``pad_token_id``, as ``generate``
-does). The cache is reserved at once for prompt + ``max_new_tokens``, so no step allocates or copies the history.
+does). The cache is reserved at once for prompt + ``max_new_tokens`` (rounded up to :data:`RESERVE_ALIGN`), so no
+step allocates or copies the history.
+
+With ``cuda_graphs`` the decoders are kept on the model's runtime, one per (batch, reserved length, padded or not),
+at most :data:`KEPT_DECODERS`: a later generation of the same shape prefills a cache of its own, copies it into
+the kept decoder's cache and replays the graph captured the first time. Its result's ``cache`` is then the kept
+one, which the next generation of that shape overwrites.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ from .cache import HybridCache
 from .chunked import prefill_chunked
 from .graphs import StaticDecoder
 from .hybrid import runtime_of
+
+# reserved lengths are rounded up to this many tokens, so that prompts of about the same length share a graph
+RESERVE_ALIGN = 1024
+KEPT_DECODERS = 2
 
 
 @dataclass
@@ -81,7 +91,11 @@ def generate_static(
     batch, prompt = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    cache = runtime.make_cache(max_tokens=prompt + max_new_tokens)
+    reserve = -(-(prompt + max_new_tokens) // RESERVE_ALIGN) * RESERVE_ALIGN
+    key = (batch, reserve, bool((attention_mask[:, 0] == 0).any()), input_ids.device)
+    kept = runtime.decoders.get(key) if cuda_graphs else None
+    # with a kept decoder, the prefill's cache only passes its tokens on: no room for the new ones
+    cache = runtime.make_cache(max_tokens=None if kept is not None else reserve)
     if chunk_size is None:
         chunk_size = getattr(model.generation_config, "prefill_chunk_size", None)
     if chunk_size and prompt > chunk_size:
@@ -113,14 +127,31 @@ def generate_static(
             if i == max_new_tokens - 1:
                 break
             if decoder is None:
-                decoder = StaticDecoder(model, cache, tokens=prompt + max_new_tokens, cuda_graphs=cuda_graphs)
+                decoder, cache = _decoder_for(model, runtime, key, cache, reserve, cuda_graphs)
             token = next_tokens(decoder(token), temperature=temperature, top_p=top_p)
         path = decoder.path if decoder is not None else "no decode step"
     finally:
         if decoder is not None:
-            decoder.close()
+            decoder.pause()
     return StaticGeneration(sequences=torch.cat([input_ids, torch.stack(produced, 1)], dim=1), cache=cache,
                             decode_path=path)
 
 
-__all__ = ["generate_static", "next_tokens", "StaticGeneration"]
+def _decoder_for(model, runtime, key, cache: HybridCache, reserve: int, cuda_graphs: bool):
+    """``(decoder, its cache)``: the runtime's kept decoder of this shape fed with ``cache``, else a new one
+    (kept when ``cuda_graphs``, the oldest dropped beyond :data:`KEPT_DECODERS`)."""
+    kept = runtime.decoders.get(key) if cuda_graphs else None
+    if kept is not None and kept.compatible(cache):
+        kept.reuse(cache)
+        return kept, kept.cache
+    if kept is not None:  # another layout this time (online selection): capture anew
+        runtime.decoders.pop(key).close()
+    decoder = StaticDecoder(model, cache, tokens=reserve, cuda_graphs=cuda_graphs)
+    if cuda_graphs:
+        runtime.decoders[key] = decoder
+        while len(runtime.decoders) > KEPT_DECODERS:
+            runtime.decoders.pop(next(iter(runtime.decoders))).close()
+    return decoder, cache
+
+
+__all__ = ["generate_static", "next_tokens", "StaticGeneration", "RESERVE_ALIGN", "KEPT_DECODERS"]

@@ -121,6 +121,20 @@ class StreamingLayer(CountingLayer):
         self.view = SlotView(slot_pos=self.slot_pos, q_pos=step.q_pos)
         return self.keys, self.values
 
+    def load_from(self, other: StreamingLayer) -> None:
+        """``other``'s slots copied into this layer's (all ``sink + window`` allocated; same batch and heads)."""
+        if self.slot_pos is None or other.slot_pos is None or self.keys.shape[2] != self.capacity \
+                or other.keys.shape[:2] != self.keys.shape[:2] or other.keys.dtype != self.keys.dtype:
+            raise ValueError("load_from: slots of another shape, or not compacted yet")
+        n = other.keys.shape[2]
+        self.keys[:, :, :n].copy_(other.keys)
+        self.values[:, :, :n].copy_(other.values)
+        self.slot_pos[:, :n].copy_(other.slot_pos)
+        self.keys[:, :, n:].zero_()
+        self.values[:, :, n:].zero_()
+        self.slot_pos[:, n:].fill_(-1)
+        self.seen = other.seen
+
     def reset(self) -> None:
         self.keys = self.values = None
         self.slot_pos = None

@@ -105,3 +105,18 @@ def test_a_graph_needs_no_host_sync_and_is_faster_at_batch_one():
         torch.cuda.synchronize()
         eager = time.perf_counter() - t0
     assert graphed < eager
+
+
+def test_the_graph_captured_once_serves_later_generations_of_the_same_shape():
+    model = hybrid_pair("llama")[0].to(DEV)
+    runtime = model.lighttransfer_runtime
+    generate_static(model, random_ids(1, 33, seed=6).to(DEV), max_new_tokens=16)
+    (decoder,) = runtime.decoders.values()
+    graph = decoder.graph
+    assert graph is not None
+    for seed, length in ((7, 45), (8, 21)):
+        ids = random_ids(1, length, seed=seed).to(DEV)
+        want = greedy(model, ids, torch.ones_like(ids), new=16)
+        got = generate_static(model, ids, max_new_tokens=16, eos_token_id=model.generation_config.eos_token_id)
+        assert got.decode_path == "cuda graph" and decoder.graph is graph and len(runtime.decoders) == 1
+        assert torch.equal(got.sequences, want.sequences)

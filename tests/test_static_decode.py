@@ -129,3 +129,28 @@ def test_steps_beyond_the_reserved_length_are_refused():
         with pytest.raises(LightTransferError, match="reserved for 12 tokens"):
             decoder(token)
     assert decoder.path == "eager (cuda_graphs is off)"
+
+
+def test_a_kept_decoder_serves_the_next_generation_of_the_same_shape():
+    """The second generation of a shape copies its prefill into the first one's cache (what its graph reads) and
+    gives the tokens transformers' generate gives; another shape gets a decoder of its own."""
+    model, _ = hybrid_pair("llama", streaming_layers=STREAMING)
+    runtime = model.lighttransfer_runtime
+    first = generate_static(model, random_ids(1, 30, seed=7), max_new_tokens=12, cuda_graphs=True)
+    assert len(runtime.decoders) == 1
+    kept = next(iter(runtime.decoders.values()))
+    assert first.cache is kept.cache
+    for seed, length in ((8, 41), (9, 17)):
+        ids = random_ids(1, length, seed=seed)
+        want = greedy(model, ids, torch.ones_like(ids), new=12)
+        got = generate_static(model, ids, max_new_tokens=12, cuda_graphs=True,
+                              eos_token_id=model.generation_config.eos_token_id)
+        assert got.cache is kept.cache and len(runtime.decoders) == 1
+        assert torch.equal(got.sequences, want.sequences)
+        assert got.cache.get_seq_length() == want.past_key_values.get_seq_length()
+        assert got.cache.kv_bytes() == want.past_key_values.kv_bytes()
+    # a batch of two is another shape
+    ids, mask = left_pad([random_ids(1, 20, seed=10)[0], random_ids(1, 14, seed=11)[0]])
+    got = generate_static(model, ids, attention_mask=mask, max_new_tokens=5, cuda_graphs=True)
+    assert len(runtime.decoders) == 2 and got.cache is not kept.cache
+    assert torch.equal(got.sequences, greedy(model, ids, mask, new=5).sequences)
