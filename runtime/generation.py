@@ -141,6 +141,7 @@ def generate_text(
         streamer.put(inputs["input_ids"].cpu())
         out = generate_static(model, inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              top_k=getattr(model.generation_config, "top_k", None),
                               eos_token_id=model.generation_config.eos_token_id, pad_token_id=pad,
                               cuda_graphs=True, on_tokens=lambda tokens: streamer.put(tokens.cpu()))
         streamer.end()

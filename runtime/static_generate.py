@@ -41,14 +41,19 @@ class StaticGeneration:
     decode_path: str
 
 
-def next_tokens(logits: torch.Tensor, *, temperature: float, top_p: float,
+def next_tokens(logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """int64 ``[batch]`` from ``logits [batch, vocab]``: the argmax at ``temperature == 0``, otherwise a sample of
-    ``softmax(logits / temperature)`` restricted to the smallest set of tokens whose probability reaches
-    ``top_p`` (the most likely token always stays)."""
+    ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens (when given) and to the
+    smallest set of tokens whose probability reaches ``top_p`` (the most likely token always stays), as
+    transformers' ``TopKLogitsWarper`` and ``TopPLogitsWarper`` do."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the more likely tokens
@@ -66,6 +71,7 @@ def generate_static(
     attention_mask: torch.Tensor | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     cuda_graphs: bool = True,
@@ -77,7 +83,7 @@ def generate_static(
     Args:
         model: a model prepared by :func:`lighttransfer.load`.
         attention_mask: ``[batch, prompt]``, 1 = real token (left padding); default all ones.
-        temperature, top_p: see :func:`next_tokens`.
+        temperature, top_p, top_k: see :func:`next_tokens`.
         eos_token_id: token(s) that end a sequence; generation stops when every sequence has ended.
         pad_token_id: what fills a sequence after its end (default: its first ``eos_token_id``).
         cuda_graphs: replay the decode step from a CUDA graph where possible (else the same static steps eagerly).
@@ -112,7 +118,7 @@ def generate_static(
         pad_token_id = int(eos[0]) if eos.numel() else 0
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     produced = []
-    token = next_tokens(out.logits[:, -1], temperature=temperature, top_p=top_p)
+    token = next_tokens(out.logits[:, -1], temperature=temperature, top_p=top_p, top_k=top_k)
     decoder = None
     try:
         for i in range(max_new_tokens):
@@ -128,7 +134,7 @@ def generate_static(
                 break
             if decoder is None:
                 decoder, cache = _decoder_for(model, runtime, key, cache, reserve, cuda_graphs)
-            token = next_tokens(decoder(token), temperature=temperature, top_p=top_p)
+            token = next_tokens(decoder(token), temperature=temperature, top_p=top_p, top_k=top_k)
         path = decoder.path if decoder is not None else "no decode step"
     finally:
         if decoder is not None:

@@ -103,6 +103,9 @@ def test_sampling_is_reproducible_and_top_p_keeps_the_top_token():
     a = next_tokens(logits.repeat(50, 1), temperature=2.0, top_p=1.0, generator=g1)
     b = next_tokens(logits.repeat(50, 1), temperature=2.0, top_p=1.0, generator=g2)
     assert torch.equal(a, b) and len(set(a.tolist())) > 1
+    # top_k: only the k most likely tokens are ever drawn
+    top2 = next_tokens(logits.repeat(200, 1), temperature=5.0, top_p=1.0, top_k=2)
+    assert set(top2.tolist()) == {1, 2}
 
 
 def test_a_cache_that_cannot_take_static_steps_says_why():
