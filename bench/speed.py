@@ -219,14 +219,12 @@ def graphed_reserve(context: int, steps: int) -> int:
     return context + 2 * (WARMUP_STEPS + steps) + 2
 
 
-_COMPILED: dict[int, Any] = {}
-
-
 def _compiled_model(model):
-    """``torch.compile(model, mode="reduce-overhead", fullgraph=True)``, once per model (a new shape recompiles)."""
-    if id(model) not in _COMPILED:
-        _COMPILED[id(model)] = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    return _COMPILED[id(model)]
+    """``torch.compile(model, mode="reduce-overhead", fullgraph=True)``, compiled afresh: each compiled row is a
+    new shape (a recompile anyway), and dropping the previous compilation frees its CUDA graphs and whatever
+    they keep of the previous row's cache."""
+    torch._dynamo.reset()
+    return torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
 
 @torch.no_grad()
