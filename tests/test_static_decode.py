@@ -157,3 +157,42 @@ def test_a_kept_decoder_serves_the_next_generation_of_the_same_shape():
     got = generate_static(model, ids, attention_mask=mask, max_new_tokens=5, cuda_graphs=True)
     assert len(runtime.decoders) == 2 and got.cache is not kept.cache
     assert torch.equal(got.sequences, greedy(model, ids, mask, new=5).sequences)
+
+
+def test_a_failed_capture_falls_back_to_eager_steps_and_says_why(monkeypatch):
+    """The capture's failure path, simulated on the CPU: the step is run eagerly instead, with the same logits as
+    an eager static step, and every later step stays eager with the reason kept."""
+    import contextlib
+
+    import lighttransfer.runtime.graphs as graphs
+
+    model, _ = hybrid_pair("llama")
+    ids = random_ids(1, 20, seed=12)
+
+    @contextlib.contextmanager
+    def refuse(graph):
+        raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+
+    monkeypatch.setattr(graphs.torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(graphs.torch.cuda, "graph", refuse)
+    monkeypatch.setattr(graphs.torch.cuda, "synchronize", lambda device=None: None)
+    logits = []
+    with torch.inference_mode():
+        for capture in (True, False):
+            out = model(ids, use_cache=True, **cache_kw(model, make_cache(model, max_tokens=30)))
+            decoder = StaticDecoder(model, out.past_key_values, tokens=30, cuda_graphs=capture)
+            if capture:  # as on a GPU: a graph is wanted, the warm-up step runs on the current stream here
+                decoder.reason = None
+                monkeypatch.setattr(decoder, "_warmup", decoder._forward)
+            token, row = out.logits[:, -1].argmax(-1), []
+            for _ in range(4):
+                step = decoder(token)
+                row.append(step.clone())
+                token = step.argmax(-1)
+            logits.append(torch.stack(row))
+            if capture:
+                assert decoder.path == ("eager (capture failed: RuntimeError: operation not permitted when stream "
+                                        "is capturing)")
+                assert decoder.graph is None
+    assert max_diff(logits[0], logits[1]) == 0
