@@ -219,17 +219,25 @@ def graphed_reserve(context: int, steps: int) -> int:
     return context + 2 * (WARMUP_STEPS + steps) + 2
 
 
-def _compiled_model(model):
-    """``torch.compile(model, mode="reduce-overhead", fullgraph=True)``, compiled afresh: each compiled row is a
-    new shape (a recompile anyway), and dropping the previous compilation frees its CUDA graphs and whatever
+# how the compiled original is compiled: Inductor's code + CUDA graphs (what transformers documents), or the
+# graph capture alone (TorchDynamo's "cudagraphs" backend: no generated kernels, a compile of seconds, not minutes)
+COMPILED_BACKENDS = {
+    "inductor": dict(mode="reduce-overhead"),
+    "cudagraphs": dict(backend="cudagraphs"),
+}
+
+
+def _compiled_model(model, backend: str = "inductor"):
+    """``torch.compile(model, fullgraph=True, **COMPILED_BACKENDS[backend])``, compiled afresh: each compiled row is
+    a new shape (a recompile anyway), and dropping the previous compilation frees its CUDA graphs and whatever
     they keep of the previous row's cache."""
     torch._dynamo.reset()
-    return torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return torch.compile(model, fullgraph=True, dynamic=False, **COMPILED_BACKENDS[backend])
 
 
 @torch.no_grad()
 def _compiled_point(model, ids: torch.Tensor, *, batch: int, steps: int, device: torch.device,
-                    largest: bool) -> SpeedPoint:
+                    largest: bool, backend: str = "inductor") -> SpeedPoint:
     """Stock transformers at its fastest: ``StaticCache`` reserved for the run, eager prefill at batch 1 (the cache
     replicated to ``batch``, as for the other rows), then compiled decode steps replayed as CUDA graphs."""
     from transformers import StaticCache
@@ -248,7 +256,7 @@ def _compiled_point(model, ids: torch.Tensor, *, batch: int, steps: int, device:
             torch._dynamo.mark_static_address(layer.keys)
             torch._dynamo.mark_static_address(layer.values)
     kv = cache_kv_bytes(cache)
-    step = _compiled_model(model)
+    step = _compiled_model(model, backend)
     pos = torch.full((batch, 1), context, dtype=torch.long, device=device)
     _free(device)
     _reset_peak(device)
@@ -269,7 +277,8 @@ def _compiled_point(model, ids: torch.Tensor, *, batch: int, steps: int, device:
     return SpeedPoint(variant=ORIGINAL_COMPILED, ratio=0.0, streaming_layers=0, context=context, batch=batch,
                       decode_tokens_per_s=batch * steps / seconds, decode_ms_per_step=1000 * seconds / steps,
                       kv_bytes=kv, peak_memory=_peak(device), kv_fraction_expected=1.0, largest_batch=largest,
-                      decode_path="torch.compile reduce-overhead (CUDA graphs)")
+                      decode_path="torch.compile " + ("reduce-overhead (Inductor + CUDA graphs)" if backend == "inductor"
+                                                      else "backend=cudagraphs (CUDA graphs, no Inductor)"))
 
 
 def _layers_for(ratio: float, *, num_layers: int, lazy_ratios: Sequence[float] | None) -> list[int]:
@@ -304,6 +313,7 @@ def benchmark(
     seed: int = 0,
     cuda_graphs: bool = False,
     compiled_baseline: bool = False,
+    compiled_backend: str = "inductor",
     out: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
@@ -324,6 +334,8 @@ def benchmark(
         sink, window: streaming parameters (default: the hybrid's, else 4 and 1020).
         cuda_graphs: also measure every runtime variant with its decode step replayed from a CUDA graph.
         compiled_baseline: also measure the original with ``StaticCache`` + ``torch.compile`` (CUDA only).
+        compiled_backend: ``inductor`` (``mode="reduce-overhead"``) or ``cudagraphs`` (capture only, compiles in
+            seconds); see :data:`COMPILED_BACKENDS`.
         out: ``.json`` path (a markdown table is written beside it) or a directory.
         progress: called with a line per finished measurement.
     """
@@ -341,6 +353,9 @@ def benchmark(
         raise LightTransferError(f"--ratios must be in (0, 1], got {bad}.")
     if decode_steps < 1:
         raise LightTransferError(f"--decode-steps must be at least 1, got {decode_steps}.")
+    if compiled_backend not in COMPILED_BACKENDS:
+        raise LightTransferError(f"compiled backend must be one of {sorted(COMPILED_BACKENDS)}, got "
+                                 f"{compiled_backend!r}.")
     if compiled_baseline and resolve_device(device).type != "cuda":
         raise LightTransferError("--compiled-baseline needs a CUDA device (torch.compile reduce-overhead).")
     if memory_budget_gb is not None and memory_budget_gb <= 0:
@@ -463,7 +478,7 @@ def benchmark(
     disable_hybrid(model)
     if compiled_baseline:  # last: its compiles take the longest, and it needs the original's largest batches
         _compiled_rows(model, config, contexts, result, record, gen=gen, steps=decode_steps, device=dev,
-                       largest_batch=largest_batch, checkpoint=checkpoint)
+                       largest_batch=largest_batch, checkpoint=checkpoint, backend=compiled_backend)
     if out is not None:
         write_bench_outputs(result, out)
     return result
@@ -492,7 +507,7 @@ def _record_graphed(record, model, cache, token, eager: SpeedPoint, *, steps: in
 
 
 def _compiled_rows(model, config, contexts, result: BenchResult, record, *, gen, steps: int, device,
-                   largest_batch: bool, checkpoint: Callable[[], None]) -> None:
+                   largest_batch: bool, checkpoint: Callable[[], None], backend: str = "inductor") -> None:
     """The compiled original at the original's largest batch at every context, then at batch 1 on the first (a
     failure, e.g. a compile error, is logged and leaves the row out); ``checkpoint`` after each row."""
     # the largest batches first (the throughput comparison), then batch 1 on the first context
@@ -503,7 +518,8 @@ def _compiled_rows(model, config, contexts, result: BenchResult, record, *, gen,
         ids = torch.randint(0, config.vocab_size, (1, context), generator=gen).to(device)
         _free(device)
         try:
-            record(_compiled_point(model, ids, batch=batch, steps=steps, device=device, largest=largest))
+            record(_compiled_point(model, ids, batch=batch, steps=steps, device=device, largest=largest,
+                                   backend=backend))
         except Exception as exc:  # noqa: BLE001 - the baseline is best effort; the others still run
             log.warning("%s at %d x%d failed: %s", ORIGINAL_COMPILED, context, batch,
                         str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)

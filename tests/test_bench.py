@@ -141,7 +141,7 @@ def test_the_static_cache_baseline_replicates_its_cache_and_decodes(tiny_model, 
     (the greedy tokens are those of the dynamic cache)."""
     import lighttransfer.bench.speed as speed
 
-    monkeypatch.setattr(speed, "_compiled_model", lambda model: model)
+    monkeypatch.setattr(speed, "_compiled_model", lambda model, backend: model)
     monkeypatch.setattr(speed, "WARMUP_STEPS", 1)
     seen = []
     original = tiny_model.forward
