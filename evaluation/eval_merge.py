@@ -37,8 +37,10 @@ def merge_results(parts: Sequence[EvalResult], *, names: Sequence[str] | None = 
     if not parts:
         raise LightTransferError("nothing to merge: give at least one evaluation result.")
     names = list(names) if names is not None else [f"part {i + 1}" for i in range(len(parts))]
+    if len(names) != len(parts):
+        raise LightTransferError(f"{len(names)} names for {len(parts)} results to merge; give one name per result.")
     first = parts[0]
-    for name, part in zip(names[1:], parts[1:]):
+    for name, part in zip(names[1:], parts[1:], strict=True):
         for f in fields(EvalResult):
             if f.name not in _PER_PART and getattr(part, f.name) != getattr(first, f.name):
                 raise LightTransferError(f"{name} differs from {names[0]} in '{f.name}' ({getattr(part, f.name)!r} vs "
@@ -50,7 +52,7 @@ def merge_results(parts: Sequence[EvalResult], *, names: Sequence[str] | None = 
                                          f"{first.environment.get(key)!r}; merge only results of one setup.")
     seen: dict[str, str] = {}
     rows = []
-    for name, part in zip(names, parts):
+    for name, part in zip(names, parts, strict=True):
         for row in part.rows:
             if row["name"] in seen:
                 raise LightTransferError(f"row '{row['name']}' is in both {seen[row['name']]} and {name}; "

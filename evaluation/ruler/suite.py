@@ -277,7 +277,7 @@ def run_samples(sequence: Callable, samples: Sequence[RulerSample], *, tokenizer
                 else:
                     news = greedy_generate_batch(model, [s.input_ids for s in batch],
                                                  max(s.max_new_tokens for s in batch), eos, pad_id)
-            for sample, new in zip(batch, news):
+            for sample, new in zip(batch, news, strict=True):
                 new = new[:sample.max_new_tokens]
                 prediction = tokenizer.decode(new, skip_special_tokens=True)
                 outcomes.append({"task": sample.task, "length": sample.length, "index": sample.index,
