@@ -75,7 +75,7 @@ def profile_split(fn: Callable[[], None], *, top: int = 8) -> dict:
     kernels: dict[str, float] = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time / 1e3
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3
     split = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for name, ms in kernels.items():
         split[kernel_category(name)] += ms
