@@ -23,6 +23,8 @@ Private state reached into (the names a vLLM upgrade must be checked for):
 
 - ``KVCacheSpecRegistry._ensure_registered``: the registry skips its built-in types once anything is in it,
   so the built-ins are put in first (:func:`ensure_builtin_kv_specs`);
+- ``LLM.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.coordinator.single_type_managers``: the
+  per-group KV managers of an in-process engine, for tests and measurements (:func:`kv_cache_managers`);
 - ``VllmConfig.compilation_config.static_forward_context``: an ``Attention`` registers itself there under its
   layer name; replacing a built layer's attention first removes the old entry (:func:`forget_attention_layer`).
 """
@@ -69,7 +71,17 @@ def forget_attention_layer(vllm_config: VllmConfig, layer_name: str) -> None:
     vllm_config.compilation_config.static_forward_context.pop(layer_name, None)
 
 
+def kv_cache_managers(llm) -> tuple:
+    """The KV cache managers, one per KV cache group, of an ``LLM`` whose engine runs in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); private: the scheduler's coordinator."""
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    if core is None:
+        raise RuntimeError("the engine runs in another process; set VLLM_ENABLE_V1_MULTIPROCESSING=0 to inspect it.")
+    return tuple(core.scheduler.kv_cache_manager.coordinator.single_type_managers)
+
+
 __all__ = [
+    "kv_cache_managers",
     "ModelRegistry", "VllmConfig", "get_current_vllm_config", "Attention", "vllm_model_classes", "extract_layer_index", "cdiv",
     "AttentionBackend", "AttentionImpl", "AttentionMetadataBuilder", "AttentionType", "CommonAttentionMetadata",
     "AttentionBackendEnum", "register_backend", "SlidingWindowManager", "KVCacheLayout", "SlidingWindowSpec",
