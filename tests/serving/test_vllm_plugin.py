@@ -205,3 +205,19 @@ def test_head_level_hybrids_are_refused_with_one_line(tmp_path_factory, release)
     with pytest.raises(Exception, match="head-level hybrid") as info:
         _llm(root / "hybrid")
     assert "lighttransfer.load" in str(info.value)
+
+
+def test_stock_vllm_refuses_a_native_swa_qwen2_loudly(tmp_path_factory):
+    """Without the plugin (``VLLM_PLUGINS=""`` loads none), vLLM's own Qwen2 refuses what --native-swa wrote,
+    instead of running every layer as full attention."""
+    import subprocess
+    import sys
+
+    root = _checkpoint(tmp_path_factory, "qwen2", layers=[0, 2], native_swa=True)
+    code = ("from vllm import LLM\n"
+            f"LLM({str(root / 'hybrid')!r}, skip_tokenizer_init=True, dtype='float32', max_model_len=512, "
+            "enforce_eager=True, kv_cache_memory_bytes=32 << 20, block_size=32)\n")
+    env = {**os.environ, "VLLM_PLUGINS": "", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "max_window_layers" in proc.stderr + proc.stdout
