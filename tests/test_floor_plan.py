@@ -63,7 +63,7 @@ def _package_files():
     tops = GROUND | set(STAGES) | {ROOF}
     for path in sorted(REPO.rglob("*.py")):
         rel = path.relative_to(REPO)
-        if rel.parts[0] in {"tests", ".venv", ".cache", "build"} or rel.parts[:2] == ("bench", "scripts"):
+        if rel.parts[0] in {"tests", ".venv", ".venv-vllm", ".cache", "build"} or rel.parts[:2] == ("bench", "scripts"):
             continue
         if _top(path) in tops or (len(rel.parts) == 1 and rel.stem in tops):
             yield path

@@ -19,7 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from .internals import KVCacheSpecRegistry, SlidingWindowManager, SlidingWindowSpec, cdiv, ensure_builtin_kv_specs
+from .internals import (
+    KVCacheSpecRegistry,
+    SlidingWindowManager,
+    SlidingWindowSpec,
+    cdiv,
+    ensure_builtin_kv_specs,
+)
 
 
 @dataclass(frozen=True, kw_only=True)

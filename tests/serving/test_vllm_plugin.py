@@ -14,7 +14,6 @@ import os
 import pytest
 import torch
 from conftest import make_tiny_model
-
 from lighttransfer.serving.vllm.version import unsupported_reason
 
 _reason = unsupported_reason()
@@ -117,11 +116,10 @@ def _held(manager) -> list[int]:
 
 
 def test_streaming_group_blocks_stay_bounded_and_sinks_stay_resident(llama, release):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     from lighttransfer.serving.vllm.internals import kv_cache_managers
     from lighttransfer.serving.vllm.kv_cache import SinkWindowManager
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
 
     llm = _llm(llama / "hybrid")
     managers = kv_cache_managers(llm)
