@@ -17,6 +17,7 @@ import logging
 from torch import nn
 
 from .attention import SinkWindowAttention
+from .grouping import vllm_grouping
 from .internals import (
     Attention,
     VllmConfig,
@@ -84,6 +85,9 @@ class HybridModelMixin:
         replaced = install_sink_window(self, layout, vllm_config)
         log.info("lighttransfer: %d of %d layers run sink %d + window %d attention (layers %s)", len(replaced),
                  config.num_hidden_layers, layout.sink, layout.window, ",".join(map(str, replaced)) or "none")
+        grouping = vllm_grouping(len(layout.streaming_layers), config.num_hidden_layers - len(layout.streaming_layers))
+        if grouping is not None:
+            (log.warning if grouping.full_padding else log.info)("lighttransfer: %s", grouping.describe())
 
 
 _VLLM = vllm_model_classes()

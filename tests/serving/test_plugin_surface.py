@@ -60,3 +60,16 @@ def test_register_on_an_unsupported_vllm_registers_nothing_and_says_so(monkeypat
         plugin.register()
     assert not plugin._registered
     assert any("vLLM 0.20.0 is outside" in r.getMessage() and "dense" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("streaming,full,size,pads", [
+    (16, 16, 16, (0, 0)), (12, 18, 12, (0, 6)), (15, 17, 17, (2, 0)), (8, 24, 8, (0, 0)), (2, 2, 2, (0, 0)),
+], ids=["equal", "12-18-pads-full", "15-17-pads-streaming", "1-to-3", "tiny"])
+def test_vllm_grouping_rule(streaming, full, size, pads):
+    from lighttransfer.serving.vllm.grouping import vllm_grouping
+
+    g = vllm_grouping(streaming, full)
+    assert g.group_size == size and (g.streaming_padding, g.full_padding) == pads
+    assert (g.streaming_groups + g.full_groups) * size == streaming + full + sum(pads)
+    assert ("more full layers" in g.describe()) == (pads[1] > 0)
+    assert vllm_grouping(0, 32) is None

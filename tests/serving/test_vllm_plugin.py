@@ -85,13 +85,25 @@ def release():
 
 
 def test_llama_hybrid_greedy_tokens_equal_the_runtime_and_differ_from_dense(llama, release):
-    llm = _llm(llama / "hybrid")
+    llm = _llm(llama / "hybrid", enable_prefix_caching=True)
     served = _vllm_greedy(llm)
+    # the same prompts again, with prefix caching on: the streaming group reports no hit, so nothing stale is read
+    assert _vllm_greedy(llm) == served
     del llm
     assert served == _runtime_greedy(llama / "hybrid")
     dense = _llm(llama / "src")
     assert _vllm_greedy(dense) != served  # the streaming layers changed something this test can see
     del dense
+
+
+def test_chunked_prefill_of_a_long_prompt_equals_the_runtime(llama, release):
+    """A 300-token prompt in steps of 64: the manager frees blocks between the chunks of one prefill, and the
+    later chunks still find the sinks and their window."""
+    prompts = [[(13 * i + 7) % 250 + 3 for i in range(300)], PROMPTS[0]]
+    llm = _llm(llama / "hybrid", max_num_batched_tokens=64)
+    served = _vllm_greedy(llm, prompts, 40)
+    del llm
+    assert served == _runtime_greedy(llama / "hybrid", prompts, 40)
 
 
 @pytest.mark.parametrize("arch,layers", [("qwen2", [0, 2]), ("qwen3", [1])], ids=["qwen2-native-swa", "qwen3"])
