@@ -31,22 +31,26 @@ Private state reached into (the names a vLLM upgrade must be checked for):
 
 from __future__ import annotations
 
-from vllm import ModelRegistry
-from vllm.config import VllmConfig, get_current_vllm_config
-from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.models.utils import extract_layer_index
-from vllm.utils.math_utils import cdiv
-from vllm.v1.attention.backend import (
+from .version import check_vllm_version
+
+check_vllm_version()  # before any vLLM import: one line naming the supported range, not an ImportError deep inside
+
+from vllm import ModelRegistry  # noqa: E402
+from vllm.config import VllmConfig, get_current_vllm_config  # noqa: E402
+from vllm.model_executor.layers.attention import Attention  # noqa: E402
+from vllm.model_executor.models.utils import extract_layer_index  # noqa: E402
+from vllm.utils.math_utils import cdiv  # noqa: E402
+from vllm.v1.attention.backend import (  # noqa: E402
     AttentionBackend,
     AttentionImpl,
     AttentionMetadataBuilder,
     AttentionType,
     CommonAttentionMetadata,
 )
-from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
-from vllm.v1.kv_cache_interface import KVCacheLayout, SlidingWindowSpec
-from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend  # noqa: E402
+from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager  # noqa: E402
+from vllm.v1.kv_cache_interface import KVCacheLayout, SlidingWindowSpec  # noqa: E402
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry  # noqa: E402
 
 
 def vllm_model_classes() -> dict[str, type]:

@@ -73,3 +73,13 @@ def test_vllm_grouping_rule(streaming, full, size, pads):
     assert (g.streaming_groups + g.full_groups) * size == streaming + full + sum(pads)
     assert ("more full layers" in g.describe()) == (pads[1] > 0)
     assert vllm_grouping(0, 32) is None
+
+
+def test_importing_the_vllm_side_on_an_unsupported_vllm_is_one_line(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setattr(version, "installed_vllm", lambda: "0.20.0")
+    monkeypatch.delitem(sys.modules, "lighttransfer.serving.vllm.internals", raising=False)
+    with pytest.raises(LightTransferError, match=r"vLLM 0\.20\.0 is outside .*>=0\.32\.0,<0\.33"):
+        importlib.import_module("lighttransfer.serving.vllm.internals")
