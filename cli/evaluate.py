@@ -129,6 +129,8 @@ class _Bar:
                    "niah_multivalue, niah_multiquery, vt, cwe, fwe, qa_haystack].")
 @click.option("--samples", "ruler_samples", type=int, default=25, show_default=True,
               help="With --suite ruler: samples per task and length.")
+@click.option("--ruler-batch", type=int, default=1, show_default=True,
+              help="With --suite ruler: samples generated together (left-padded); above 1 needs --backend runtime.")
 @click.option("--rows", default=",".join(("original", "lighttransfer", "random", "least-lazy", "streamingllm",
                                           "prefill-full", "online")), show_default=True,
               help="Rows to compare, comma-separated. " + "; ".join(f"{k}: {v}" for k, v in ROW_KINDS.items())
@@ -146,7 +148,7 @@ class _Bar:
 @model_options
 @verbosity_options
 def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_windows, passkey_lengths,
-             passkey_depths, passkey_trials, passkey_format, suite, ruler_tasks, ruler_samples, rows, ratio, sink, window, backend, seed, out, device, dtype,
+             passkey_depths, passkey_trials, passkey_format, suite, ruler_tasks, ruler_samples, ruler_batch, rows, ratio, sink, window, backend, seed, out, device, dtype,
              trust_remote_code):
     """Perplexity, passkey retrieval and RULER-style tasks of a hybrid against the original and baselines.
 
@@ -171,7 +173,7 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
         passkey_lengths=int_list(passkey_lengths, "--passkey-lengths"), passkey_depths_count=passkey_depths,
         passkey_trials=passkey_trials, passkey_format=passkey_format, rows=[r.strip() for r in rows.split(",") if r.strip()], ratio=ratio,
         sink=sink, window=window, backend=backend, seed=seed, device=device, dtype=dtype, out=None,
-        suite=suite, ruler_tasks=ruler_tasks, ruler_samples=ruler_samples,
+        suite=suite, ruler_tasks=ruler_tasks, ruler_samples=ruler_samples, ruler_batch=ruler_batch,
     )
     if is_quiet():
         result = run_eval(**kwargs)
@@ -187,3 +189,28 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
 
 
 __all__ = ["evaluate", "int_list", "float_list"]
+
+
+@click.command("eval-merge")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, metavar="PATH",
+              help="Merged results JSON (markdown and plots are written beside it), or a directory.")
+@verbosity_options
+def eval_merge(results, out):
+    """Join results of one evaluation whose rows ran apart (e.g. `--rows` split over several GPUs).
+
+    \b
+    Example:
+      lighttransfer eval ... --rows original --out a.json   # on one GPU
+      lighttransfer eval ... --rows lighttransfer,random --out b.json   # on another
+      lighttransfer eval-merge a.json b.json --out eval.json
+    """
+    from ..evaluation.eval_merge import merge_files
+    from ..evaluation.eval_suite import write_outputs
+    from ..output_files import check_output_target
+
+    check_output_target(out, "--out")
+    merged = merge_files(results)
+    paths = write_outputs(merged, out)
+    stderr_console().print(f"merged {len(merged.rows)} rows of {len(results)} results: "
+                           + ", ".join(escape(str(p)) for p in paths.values()))

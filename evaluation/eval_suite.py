@@ -70,6 +70,7 @@ class EvalResult:
     ruler_lengths: list[int] = field(default_factory=list)
     ruler_tasks: list[str] = field(default_factory=list)
     ruler_samples: int = 0
+    ruler_batch: int = 1
     schema_version: int = SCHEMA_VERSION
 
     def row(self, name: str) -> dict[str, Any]:
@@ -160,6 +161,7 @@ def evaluate(
     ruler_tasks: str | Sequence[str] | None = None,
     ruler_samples: int = 25,
     ruler_lengths: Sequence[int] | None = None,
+    ruler_batch: int = 1,
 ) -> EvalResult:
     """Perplexity and passkey accuracy of every row, with each row's KV budget.
 
@@ -189,6 +191,8 @@ def evaluate(
         ruler_tasks: the RULER tasks (default: all of them).
         ruler_samples: samples per (task, length).
         ruler_lengths: prompt lengths of the RULER tasks (default: ``lengths``).
+        ruler_batch: RULER samples generated together (left-padded, one task and length per batch); more than 1
+            needs ``backend="runtime"`` (the masked reference runs unpadded sequences); online rows run one by one.
     """
     import torch
 
@@ -210,6 +214,11 @@ def evaluate(
         task_names = check_tasks(ruler_tasks if ruler_tasks is not None else DEFAULT_TASKS)
         if isinstance(ruler_samples, bool) or not isinstance(ruler_samples, int) or ruler_samples < 1:
             raise LightTransferError(f"--samples must be a whole number of at least 1, got {ruler_samples!r}.")
+        if isinstance(ruler_batch, bool) or not isinstance(ruler_batch, int) or ruler_batch < 1:
+            raise LightTransferError(f"--ruler-batch must be a whole number of at least 1, got {ruler_batch!r}.")
+        if ruler_batch > 1 and backend != "runtime":
+            raise LightTransferError("--ruler-batch above 1 needs --backend runtime: the masked reference runs "
+                                     "unpadded sequences one at a time.")
     if "perplexity" not in suite:
         lengths = []
     if "ruler" not in suite:
@@ -293,6 +302,7 @@ def evaluate(
         environment=environment(next(model.parameters()).device), hybrid=str(hybrid) if hybrid else None,
         passkey_format=formats[0], passkey_formats=list(formats), suite=list(suite),
         ruler_lengths=list(ruler_lengths), ruler_tasks=task_names, ruler_samples=ruler_samples if ruler_set else 0,
+        ruler_batch=ruler_batch if ruler_set else 1,
     )
     for row in eval_rows:
         t0 = time.perf_counter()
@@ -317,7 +327,8 @@ def evaluate(
             from .ruler import run_samples
 
             step = (lambda row=row: progress.step(f"{row.name}: ruler")) if progress else None
-            entry["ruler"] = run_samples(sequence, ruler_set, tokenizer=tokenizer, on_sample=step)
+            batch = 1 if row.online_ratio is not None else ruler_batch  # online rows choose layers per prompt
+            entry["ruler"] = run_samples(sequence, ruler_set, tokenizer=tokenizer, on_sample=step, batch_size=batch)
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         runner.release(row)
         log.info("row %s done in %.0f s", row.name, entry["seconds"])

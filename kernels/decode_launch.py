@@ -17,14 +17,36 @@ def decode_config(block_n: int, warps: int, stages: int) -> triton.Config:
 
 
 FALLBACK_CONFIG = decode_config(64, 4, 2)
+# ever smaller tiles for when even the fallback does not fit (fp32 at head size 256: 278 KB with 64-key tiles)
+_SMALLER_FALLBACKS = (decode_config(32, 4, 2), decode_config(16, 4, 1))
 INTERPRETER_CONFIG = decode_config(16, 1, 1)
+HOPPER_SHARED_MEMORY = 227 * 1024
+# what every CUDA GPU since Ampere offers a block (the consumer parts' 99 KB), for GPUs other than Hopper
+OTHER_SHARED_MEMORY = 99 * 1024
+# Triton's own scratch beside the K/V tiles (measured: ~5 KB more than the tiles at fp32, head size 256)
+_SHARED_MEMORY_MARGIN = 8 * 1024
 
 
-def fits_hopper(config: triton.Config, block_d: int, block_m: int) -> bool:
-    """Keep configs whose pipelined K/V tiles fit the H100's 227 KB of shared memory per block."""
+def shared_memory(config: triton.Config, block_d: int, block_m: int, element_bytes: int = 2) -> int:
+    """Bytes of shared memory a config's Q tile and pipelined K/V tiles take (elements of ``element_bytes``)."""
     bn = config.kwargs["BLOCK_N"]
-    smem = 2 * (block_m * block_d + config.num_stages * 2 * bn * block_d)
-    return smem <= 227 * 1024 and not (block_d > 128 and bn > 64)
+    return element_bytes * (block_m * block_d + config.num_stages * 2 * bn * block_d)
+
+
+def fits_hopper(config: triton.Config, block_d: int, block_m: int, element_bytes: int = 2,
+                limit: int = HOPPER_SHARED_MEMORY) -> bool:
+    """Keep configs whose tiles fit ``limit`` bytes of shared memory per block (the H100/H200's 227 KB) with
+    Triton's margin, and no wide key tiles at head sizes above 128 (their registers spill)."""
+    bn = config.kwargs["BLOCK_N"]
+    used = shared_memory(config, block_d, block_m, element_bytes) + _SHARED_MEMORY_MARGIN
+    return used <= limit and not (block_d > 128 and bn > 64)
+
+
+def fallback_config(block_d: int, block_m: int, element_bytes: int = 2,
+                    limit: int = OTHER_SHARED_MEMORY) -> triton.Config:
+    """The fallback config, or the first smaller one that fits ``limit`` (the smallest when none does)."""
+    chain = (FALLBACK_CONFIG, *_SMALLER_FALLBACKS)
+    return next((c for c in chain if fits_hopper(c, block_d, block_m, element_bytes, limit)), chain[-1])
 
 
 def autotune_enabled() -> bool:
@@ -33,13 +55,15 @@ def autotune_enabled() -> bool:
 
 
 def tuned_launcher(kernel, hopper_configs: list[triton.Config], capability: tuple[int, int], block_d: int,
-                   block_m: int, autotune: bool):
+                   block_m: int, autotune: bool, element_bytes: int = 2):
     """``kernel`` autotuned over the candidates that fit (Hopper), or the fallback config (other GPUs); only the
-    first candidate when ``autotune`` is off. Keyed on the kernel's ``HEAD_DIM``, ``BLOCK_M``, ``SINGLE_SPLIT``."""
+    first candidate when ``autotune`` is off. Keyed on the kernel's ``HEAD_DIM``, ``BLOCK_M``, ``SINGLE_SPLIT``;
+    the caller builds one per element size (fp32 tiles take twice the shared memory of bf16 ones)."""
     if capability[0] == 9:
-        configs = [c for c in hopper_configs if fits_hopper(c, block_d, block_m)] or [FALLBACK_CONFIG]
+        configs = [c for c in hopper_configs if fits_hopper(c, block_d, block_m, element_bytes)] \
+            or [fallback_config(block_d, block_m, element_bytes, HOPPER_SHARED_MEMORY)]
     else:
-        configs = [FALLBACK_CONFIG]
+        configs = [fallback_config(block_d, block_m, element_bytes)]
     if not autotune:
         configs = configs[:1]
     return triton.autotune(configs=configs, key=["HEAD_DIM", "BLOCK_M", "SINGLE_SPLIT"])(kernel)
@@ -57,5 +81,5 @@ def multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-__all__ = ["decode_config", "fits_hopper", "autotune_enabled", "tuned_launcher", "capability", "multiprocessors",
+__all__ = ["decode_config", "fits_hopper", "fallback_config", "shared_memory", "autotune_enabled", "tuned_launcher", "capability", "multiprocessors",
            "FALLBACK_CONFIG", "INTERPRETER_CONFIG"]

@@ -147,8 +147,10 @@ HOPPER_CONFIGS = [
     decode_config(32, 4, 4),
 ]
 @functools.cache
-def _tuned_launcher(capability: tuple[int, int], block_d: int, block_m: int, autotune: bool):
-    return tuned_launcher(_streaming_decode_split, HOPPER_CONFIGS, capability, block_d, block_m, autotune)
+def _tuned_launcher(capability: tuple[int, int], block_d: int, block_m: int, autotune: bool,
+                    element_bytes: int = 2):
+    return tuned_launcher(_streaming_decode_split, HOPPER_CONFIGS, capability, block_d, block_m, autotune,
+                          element_bytes)
 
 
 def plan_splits(batch: int, kv_heads: int, n_slots: int, programs_wanted: int, align: int = _CHUNK_ALIGN,
@@ -232,7 +234,7 @@ def streaming_decode_triton(
         return o
     # decode at batch 1 is host-bound: no per-call device queries or context switches unless needed
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    kernel = _tuned_launcher(capability(index), block_d, block_m, autotune_enabled())
+    kernel = _tuned_launcher(capability(index), block_d, block_m, autotune_enabled(), q.element_size())
     if index == torch.cuda.current_device():
         launch(kernel, {})
     else:

@@ -114,8 +114,10 @@ HOPPER_CONFIGS = [
     decode_config(256, 8, 2),
 ]
 @functools.cache
-def _tuned_launcher(capability: tuple[int, int], block_d: int, block_m: int, autotune: bool):
-    return tuned_launcher(_full_decode_split, HOPPER_CONFIGS, capability, block_d, block_m, autotune)
+def _tuned_launcher(capability: tuple[int, int], block_d: int, block_m: int, autotune: bool,
+                    element_bytes: int = 2):
+    return tuned_launcher(_full_decode_split, HOPPER_CONFIGS, capability, block_d, block_m, autotune,
+                          element_bytes)
 
 
 def full_decode_triton(
@@ -201,7 +203,7 @@ def full_decode_triton(
         # measured on an H200, and decode at small batch is host-bound)
         kernel, extra = _full_decode_split, best
     else:
-        kernel, extra = _tuned_launcher(cap, block_d, block_m, key[-1]), {}
+        kernel, extra = _tuned_launcher(cap, block_d, block_m, key[-1], q.element_size()), {}
     if index == current:
         launch(kernel, extra)
     else:

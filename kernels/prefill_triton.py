@@ -403,21 +403,34 @@ EXPERIMENTAL_CONFIGS = [
     _config(128, 64, 8, 3, persistent=1),
     _config(64, 64, 4, 3, one_loop=True, persistent=2),
 ]
-# Works on any CUDA GPU with 64 KB of shared memory per block (Ampere and newer, also older cards).
+# Works on any CUDA GPU with 64 KB of shared memory per block (Ampere and newer, also older cards) at bf16/fp16
+# and head sizes up to 128; smaller tiles where even it does not fit (fp32 at head size 256 needs 327 KB with it).
 FALLBACK_CONFIG = _config(64, 64, 4, 2)
+_SMALLER_FALLBACKS = (_config(32, 32, 4, 2), _config(16, 16, 4, 1))
+HOPPER_SHARED_MEMORY = 227 * 1024
+OTHER_SHARED_MEMORY = 99 * 1024  # what every CUDA GPU since Ampere offers a block
+_SHARED_MEMORY_MARGIN = 8 * 1024  # Triton's own scratch beside the tiles
 # Triton's interpreter runs programs one by one on the CPU: small tiles keep tests quick.
 INTERPRETER_CONFIG = _config(16, 16, 1, 1)
 # "SMs" of the interpreter, so that a persistent grid there still walks several items per program
 _INTERPRETER_SMS = 2
 
 
-def fits_hopper(config: triton.Config, block_d: int) -> bool:
-    """Keep configs whose pipelined K/V tiles and Q tile fit the H100's 227 KB of shared memory per block,
-    and whose accumulator stays in registers (``BLOCK_M * BLOCK_D`` fp32 over the warps' register file)."""
+def fits_hopper(config: triton.Config, block_d: int, element_bytes: int = 2,
+                limit: int = HOPPER_SHARED_MEMORY) -> bool:
+    """Keep configs whose pipelined K/V tiles and Q tile (elements of ``element_bytes``) fit ``limit`` bytes of
+    shared memory per block (the H100/H200's 227 KB) with Triton's margin, and whose accumulator stays in
+    registers (``BLOCK_M * BLOCK_D`` fp32 over the warps' register file)."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    smem = 2 * (bm * block_d + config.num_stages * 2 * bn * block_d)
+    smem = element_bytes * (bm * block_d + config.num_stages * 2 * bn * block_d) + _SHARED_MEMORY_MARGIN
     acc_regs_per_thread = bm * block_d // (32 * config.num_warps)
-    return smem <= 227 * 1024 and acc_regs_per_thread <= 128 and not (block_d > 128 and bn > 64)
+    return smem <= limit and acc_regs_per_thread <= 128 and not (block_d > 128 and bn > 64)
+
+
+def fallback_config(block_d: int, element_bytes: int = 2, limit: int = OTHER_SHARED_MEMORY) -> triton.Config:
+    """The fallback config, or the first smaller one that fits ``limit`` (the smallest when none does)."""
+    chain = (FALLBACK_CONFIG, *_SMALLER_FALLBACKS)
+    return next((c for c in chain if fits_hopper(c, block_d, element_bytes, limit)), chain[-1])
 
 
 def head_pack(group: int, block_m: int) -> int:
@@ -478,11 +491,12 @@ _PACK_HEURISTIC = {"PACK": lambda args: head_pack(args["GROUP"], args["BLOCK_M"]
 
 
 @functools.cache
-def _tuned_launcher(capability: tuple[int, int], block_d: int, autotune: bool):
+def _tuned_launcher(capability: tuple[int, int], block_d: int, autotune: bool, element_bytes: int = 2):
     if capability[0] == 9:
-        configs = [c for c in HOPPER_CONFIGS if fits_hopper(c, block_d)] or [FALLBACK_CONFIG]
+        configs = [c for c in HOPPER_CONFIGS if fits_hopper(c, block_d, element_bytes)] \
+            or [fallback_config(block_d, element_bytes, HOPPER_SHARED_MEMORY)]
     else:
-        configs = [FALLBACK_CONFIG]
+        configs = [fallback_config(block_d, element_bytes)]
     if not autotune:
         configs = configs[:1]
     kernel = triton.heuristics(_PACK_HEURISTIC)(_streaming_attn_fwd)
@@ -574,7 +588,8 @@ def streaming_attention_triton(
                 _streaming_attn_fwd[grid(meta)](*args, **flags, **meta, num_warps=config.num_warps,
                                                 num_stages=config.num_stages)
             else:
-                kernel = _tuned_launcher(torch.cuda.get_device_capability(q.device), block_d, autotune_enabled())
+                kernel = _tuned_launcher(torch.cuda.get_device_capability(q.device), block_d, autotune_enabled(),
+                                         q.element_size())
                 kernel[grid](*args, **flags)
     else:
         meta = dict((config or INTERPRETER_CONFIG).kwargs)
@@ -584,4 +599,4 @@ def streaming_attention_triton(
 
 
 __all__ = ["streaming_attention_triton", "HOPPER_CONFIGS", "EXPERIMENTAL_CONFIGS", "PREVIOUS_DEFAULT",
-           "FALLBACK_CONFIG", "fits_hopper", "head_pack", "tma_allowed"]
+           "FALLBACK_CONFIG", "fallback_config", "fits_hopper", "head_pack", "tma_allowed"]

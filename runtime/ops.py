@@ -34,6 +34,12 @@ DECODE_TILE_ROWS = 64
 # 39 ms of host time with the default backends, 62 us without cuDNN; in a 135M hybrid the full layers spent
 # ~3.5 ms each per decoded token (bench/results/runtime_decode_profile_h100*).
 FULL_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# How a full layer prefills one unpadded pass (every query, causal) on CUDA: ``sdpa-flash`` (SDPA's flash kernel,
+# FlashAttention-2), ``sdpa-cudnn`` (SDPA with cuDNN allowed: one plan per prompt length, built once per length, as
+# stock transformers does) or ``triton`` (our prefill kernel with a window spanning every key: causal). Chosen with
+# :func:`full_prefill_backend`; measured side by side by ``bench/scripts/prefill_floor.py``.
+FULL_PREFILL_BACKENDS = ("sdpa-flash", "sdpa-cudnn", "triton")
+_full_prefill = ["sdpa-flash"]
 # Full-layer decode steps on CPU tensors: False = SDPA (the default; the kernel would run in the Triton interpreter
 # or as its reference, both slower than SDPA), True = ``kernels.full_decode`` (for tests of the wiring).
 FULL_DECODE_KERNEL_ON_CPU = False
@@ -104,6 +110,12 @@ def full_attention(module, q, k, v, *, q_offset: int, kv_start: torch.Tensor | N
     mask = None
     if has_padding or (n > 1 and big_n != n):
         mask = causal_padding_mask(n, big_n, q_offset=q_offset, kv_start=kv_start, device=q.device)
+    backend = _full_prefill[0]
+    if mask is None and n > 1 and q.is_cuda and dropout == 0.0:
+        if backend == "triton" and not kernels.reference_forced() and q.shape[-1] <= kernels.MAX_HEAD_DIM:
+            return prefill_attention(q, k, v, sink=0, window=big_n, q_offset=0, kv_start=None, scale=scale)
+        if backend == "sdpa-cudnn":
+            return _sdpa(module, q, k, v, None, scale=scale, dropout=dropout, cudnn=True)
     return _sdpa(module, q, k, v, mask, scale=scale, dropout=dropout)
 
 
@@ -126,6 +138,20 @@ def _static_decode(module, q, k, v, n_valid: torch.Tensor, *, kv_start, scale, d
     return _sdpa(module, q, k, v, mask, scale=scale, dropout=dropout)
 
 
+@contextlib.contextmanager
+def full_prefill_backend(name: str):
+    """Within the block, full layers prefill one unpadded pass on CUDA through ``name`` (one of
+    :data:`FULL_PREFILL_BACKENDS`); decode steps, padded batches and chunks after cached keys are unaffected."""
+    if name not in FULL_PREFILL_BACKENDS:
+        raise ValueError(f"unknown full-layer prefill backend {name!r}; choose from {', '.join(FULL_PREFILL_BACKENDS)}")
+    before = _full_prefill[0]
+    _full_prefill[0] = name
+    try:
+        yield
+    finally:
+        _full_prefill[0] = before
+
+
 def _full_decode_applies(q, k, q_offset: int, dropout: float) -> bool:
     """Whether a one-query step of a full layer goes to ``kernels.full_decode``: the query is the last key, no
     dropout, a dtype and head size the kernel takes; on CUDA unless ``use_reference()`` is on (then SDPA, the
@@ -139,9 +165,10 @@ def _full_decode_applies(q, k, q_offset: int, dropout: float) -> bool:
     return FULL_DECODE_KERNEL_ON_CPU
 
 
-def _sdpa(module, q, k, v, mask, *, scale, dropout) -> torch.Tensor:
-    """transformers' SDPA attention (causal when ``mask`` is None), never through cuDNN on CUDA."""
-    context = sdpa_kernel(FULL_ATTENTION_BACKENDS) if q.is_cuda else contextlib.nullcontext()
+def _sdpa(module, q, k, v, mask, *, scale, dropout, cudnn: bool = False) -> torch.Tensor:
+    """transformers' SDPA attention (causal when ``mask`` is None), through cuDNN on CUDA only when ``cudnn``."""
+    backends = [SDPBackend.CUDNN_ATTENTION, *FULL_ATTENTION_BACKENDS] if cudnn else FULL_ATTENTION_BACKENDS
+    context = sdpa_kernel(backends, set_priority=cudnn) if q.is_cuda else contextlib.nullcontext()
     with context:
         out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scale,
                                         is_causal=mask is None)
@@ -163,4 +190,5 @@ def causal_padding_mask(n: int, big_n: int, *, q_offset: int, kv_start: torch.Te
     return visible | (k_idx == q_idx)
 
 
-__all__ = ["prefill_attention", "slot_attention", "full_attention", "causal_padding_mask"]
+__all__ = ["prefill_attention", "slot_attention", "full_attention", "causal_padding_mask", "full_prefill_backend",
+           "FULL_PREFILL_BACKENDS"]

@@ -270,6 +270,8 @@ def test_native_swa_qwen2_loads_in_stock_transformers_with_windows(source_dirs, 
     config = AutoConfig.from_pretrained(out)
     assert config.layer_types == ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
     assert config.sliding_window == 8
+    # below num_hidden_layers: stock vLLM's Qwen2 refuses the mixed layer types instead of running them all full
+    assert config.max_window_layers == 1 < config.num_hidden_layers
     assert HybridConfig.from_model_config(config).native_swa
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert [layer.self_attn.sliding_window for layer in model.model.layers] == [None, 8, None, 8]
@@ -457,3 +459,17 @@ def test_package_level_convert_model(source_dirs, tmp_path):
 
     result = lighttransfer.convert_model(source_dirs["qwen2"], out=tmp_path / "h", layers=[2])
     assert result.hybrid.streaming_layers == [2]
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "qwen2_moe"])
+def test_native_swa_makes_vllm_qwen_refuse_mixed_layers_instead_of_running_them_full(model_type):
+    """vLLM's Qwen2Model accepts mixed layer_types only when max_window_layers == num_hidden_layers, and then runs
+    every layer full; the fields we write always fail that check when the layers mix, and are uniform otherwise."""
+    from lighttransfer.convert.native_swa import native_swa_fields
+
+    mixed = native_swa_fields(model_type, HybridConfig(num_layers=6, num_kv_heads=2, streaming_layers=[2, 5]))
+    assert len(set(mixed["layer_types"])) > 1 and mixed["max_window_layers"] == 2 < 6
+    everything = native_swa_fields(model_type, HybridConfig(num_layers=3, num_kv_heads=2, streaming_layers=[0, 1, 2]))
+    assert set(everything["layer_types"]) == {"sliding_attention"}  # vLLM then slides every layer
+    assert "max_window_layers" not in native_swa_fields("gemma2", HybridConfig(num_layers=3, num_kv_heads=2,
+                                                                                  streaming_layers=[1]))

@@ -495,11 +495,54 @@ def test_eval_runs_the_ruler_suite_on_every_row(tiny_dir_with_tokenizer, text_fi
     assert (tmp_path / "ruler_ruler.png").stat().st_size > 0 and not (tmp_path / "ruler_perplexity.png").exists()
 
 
+def test_eval_ruler_batches_on_the_runtime_give_the_one_by_one_scores(tiny_dir_with_tokenizer, text_file, tmp_path,
+                                                                      capsys, report_file, monkeypatch):
+    args = ("--suite", "ruler", "--ruler-tasks", "niah_single_1,vt", "--lengths", "700", "--samples", "3",
+            "--rows", "original,lighttransfer", "--backend", "runtime")
+    alone = _stub_eval(tiny_dir_with_tokenizer, text_file, tmp_path / "a.json", capsys, report_file, monkeypatch,
+                       *args)
+    together = _stub_eval(tiny_dir_with_tokenizer, text_file, tmp_path / "b.json", capsys, report_file,
+                          monkeypatch, *args, "--ruler-batch", "3")
+    assert alone["ruler_batch"] == 1 and together["ruler_batch"] == 3
+    for a, b in zip(alone["rows"], together["rows"], strict=True):
+        assert a["ruler"]["samples"] == b["ruler"]["samples"]
+
+
+def test_rows_run_apart_merge_into_the_one_run(tiny_dir_with_tokenizer, text_file, tmp_path, capsys, report_file,
+                                               monkeypatch):
+    args = ("--suite", "perplexity,ruler", "--ruler-tasks", "niah_single_1", "--lengths", "700", "--samples", "2")
+    both = _stub_eval(tiny_dir_with_tokenizer, text_file, tmp_path / "both.json", capsys, report_file, monkeypatch,
+                      *args, "--rows", "original,lighttransfer")
+    for row in ("original", "lighttransfer"):
+        _stub_eval(tiny_dir_with_tokenizer, text_file, tmp_path / f"{row}.json", capsys, report_file, monkeypatch,
+                   *args, "--rows", row)
+    _stub_eval(tiny_dir_with_tokenizer, text_file, tmp_path / "other.json", capsys, report_file, monkeypatch,
+               *args[:-1], "3", "--rows", "random")
+    code, _, err = run_cli(["eval-merge", str(tmp_path / "original.json"), str(tmp_path / "lighttransfer.json"),
+                            "--out", str(tmp_path / "merged.json")], capsys)
+    assert code == 0, err
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    drop = lambda row: {k: v for k, v in row.items() if k != "seconds"}  # noqa: E731
+    assert [drop(r) for r in merged["rows"]] == [drop(r) for r in both["rows"]]
+    assert [p["rows"] for p in merged["environment"]["parts"]] == [["original"], ["lighttransfer"]]
+    md = (tmp_path / "merged.md").read_text()
+    assert "vs original" in md and (tmp_path / "merged_ruler.png").exists()
+    # parts of different evaluations, or one row twice: one line, nothing written
+    for extra, message in ((str(tmp_path / "other.json"), "differs from"), (str(tmp_path / "original.json"),
+                                                                             "is in both")):
+        code, _, err = run_cli(["eval-merge", str(tmp_path / "original.json"), extra, "--out",
+                                str(tmp_path / "bad.json")], capsys)
+        assert code != 0 and message in err and "Traceback" not in err
+        assert not (tmp_path / "bad.json").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--suite", "perplexity,rulers"], "--suite"),
     (["--suite", "ruler", "--ruler-tasks", "niah_single_9"], "unknown RULER task"),
     (["--suite", "ruler", "--samples", "0"], "--samples"),
-], ids=["suite", "task", "samples"])
+    (["--suite", "ruler", "--ruler-batch", "0", "--backend", "runtime"], "--ruler-batch"),
+    (["--suite", "ruler", "--ruler-batch", "4"], "needs --backend runtime"),
+], ids=["suite", "task", "samples", "batch", "batch-masked"])
 def test_eval_ruler_options_are_checked_before_any_work(tiny_dir_with_tokenizer, text_file, tmp_path, capsys,
                                                         args, message):
     code, _, err = run_cli(["eval", "--baseline", str(tiny_dir_with_tokenizer), "--text", str(text_file),

@@ -1,4 +1,4 @@
-"""The floor plan: data flows one way (calibration -> analysis -> convert -> runtime -> evaluation, bench), and the
+"""The floor plan: data flows one way (calibration -> analysis -> convert -> runtime | serving -> evaluation, bench), and the
 imports follow it. A stage imports the ground floor and the stages before it, never one after it, never the CLI;
 the ground floor imports no stage. Every import counts, also those inside functions."""
 
@@ -22,6 +22,9 @@ STAGES = {
     "runtime": {"calibration"},  # reads the checkpoint format from the ground floor, not from convert
     "evaluation": {"calibration", "analysis", "convert", "runtime"},
     "bench": {"calibration", "analysis", "convert", "runtime"},
+    # engines other than our runtime (the vLLM plugin): they read the checkpoint format from the ground floor,
+    # like the runtime, and import no stage
+    "serving": set(),
 }
 ROOF = "cli"
 
@@ -60,7 +63,7 @@ def _package_files():
     tops = GROUND | set(STAGES) | {ROOF}
     for path in sorted(REPO.rglob("*.py")):
         rel = path.relative_to(REPO)
-        if rel.parts[0] in {"tests", ".venv", ".cache", "build"} or rel.parts[:2] == ("bench", "scripts"):
+        if rel.parts[0] in {"tests", ".venv", ".venv-vllm", ".cache", "build"} or rel.parts[:2] == ("bench", "scripts"):
             continue
         if _top(path) in tops or (len(rel.parts) == 1 and rel.stem in tops):
             yield path

@@ -65,6 +65,7 @@ def test_inspect_a_converted_checkpoint_through_the_cli(tmp_path, capsys, monkey
     assert "streaming layers (2/4): 1,3" in out and "sink 4 + window 1020" in out
     # tiny llama: 4 layers x 2 KV heads x head_dim 16, fp32 -> 8 MiB dense at 8k tokens, 4.5 MiB hybrid
     assert "8.0 MiB" in out and "4.5 MiB" in out
+    assert "vLLM plugin: served; vLLM KV cache groups of 2 layers (1 streaming, 1 full); no padding" in out
     with pytest.raises(SystemExit):
         main(["inspect", str(tmp_path / "hybrid"), "--json"])
     data = json.loads(capsys.readouterr().out)
@@ -84,6 +85,7 @@ def test_head_masks_show_as_a_grid(tmp_path, capsys, monkeypatch):
     grid = out.split("KV heads\n", 1)[1].split("S = streaming", 1)[0]
     rows = [line for line in grid.splitlines() if line.startswith("│")]
     assert [line.count("S") for line in rows] == [2, 0, 1]
+    assert "vLLM plugin: not served:" in out and "head-level hybrid" in out
 
 
 @pytest.mark.parametrize("case", ["missing", "plain-model", "bad-json"])

@@ -21,12 +21,15 @@ def test_wheel_holds_one_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert all(t == "lighttransfer" or t.endswith(".dist-info") for t in top), top
-    for sub in ("calibration", "analysis", "convert", "kernels", "runtime", "bench"):
+    for sub in ("calibration", "analysis", "convert", "kernels", "runtime", "bench", "serving", "serving/vllm"):
         assert f"lighttransfer/{sub}/__init__.py" in names
     assert "lighttransfer/calibration/data/sense_and_sensibility.txt" in names
     assert not any(n.startswith("lighttransfer/tests/") for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "lighttransfer = lighttransfer.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    entry_text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "lighttransfer = lighttransfer.cli:main" in entry_text
+    # vLLM finds the serving plugin through this group (only when vLLM is installed does anything load it)
+    assert "[vllm.general_plugins]\nlighttransfer = lighttransfer.serving.vllm:register" in entry_text
 
 
 def test_help_does_not_import_torch():

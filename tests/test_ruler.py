@@ -16,6 +16,7 @@ from lighttransfer.evaluation.ruler import (
     build_samples,
     check_tasks,
     greedy_generate,
+    greedy_generate_batch,
     heatmap,
     markdown_table,
     run_samples,
@@ -342,6 +343,71 @@ def test_greedy_loop_matches_generate(generation):
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
                              pad_token_id=0, eos_token_id=None)
     assert ours == ref[0, ids.shape[1]:].tolist()
+
+
+def _prompts_of_three_lengths(samples):
+    """Three prompts of clearly different lengths (so the batch pads), cut from one sample's prompt."""
+    ids = samples[0].input_ids
+    return [ids, ids[: len(ids) - 37], ids[5: len(ids) - 90]]
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["dense", "hybrid-runtime"])
+def test_left_padded_batch_generates_what_each_prompt_would_alone(generation, hybrid):
+    from lighttransfer.hybrid_format import HybridLayout
+    from lighttransfer.runtime import disable_hybrid, enable_hybrid
+
+    model, samples = generation
+    prompts = _prompts_of_three_lengths(samples)
+    if hybrid:  # layer 1 streams with a window the prompts outgrow: the sink must follow each row's padding
+        enable_hybrid(model, HybridLayout(num_layers=2, num_kv_heads=2, streaming_layers=(1,), sink=4, window=64))
+    try:
+        with torch.inference_mode():
+            alone = [greedy_generate(model, p, 12, set()) for p in prompts]
+            together = greedy_generate_batch(model, prompts, 12, set(), pad_id=0)
+    finally:
+        disable_hybrid(model)
+    assert together == alone
+
+
+def test_batch_rows_stop_at_their_own_eos(generation):
+    model, samples = generation
+    prompts = _prompts_of_three_lengths(samples)
+    with torch.inference_mode():
+        alone = [greedy_generate(model, p, 10, set()) for p in prompts]
+        stop = alone[1][3]  # the fourth token of the second row ends that row (and any row that makes it)
+        together = greedy_generate_batch(model, prompts, 10, {stop}, pad_id=0)
+    for got, full in zip(together, alone, strict=True):
+        cut = full.index(stop) + 1 if stop in full else len(full)
+        assert got == full[:cut]
+    assert len(together[1]) <= 4
+
+
+class _Plain(_Sequences):
+    """Like :class:`_Sequences` but with no after-prefill step (what a batch needs)."""
+
+    @contextlib.contextmanager
+    def __call__(self):
+        self.entered += 1
+        yield self.model, None
+
+
+def test_run_samples_in_batches_equals_one_by_one(tokenizer):
+    model = _tiny_llama(len(tokenizer))
+    samples = build_samples(tokenizer, lengths=[512, 600], samples_per_task=3, tasks="niah_single_1,vt", seed=1)
+    alone = run_samples(_Plain(model), samples, tokenizer=tokenizer, eos_token_id=-1)
+    seq = _Plain(model)
+    together = run_samples(seq, samples, tokenizer=tokenizer, eos_token_id=-1, batch_size=2)
+    assert seq.entered == 8  # per (task, length): a batch of 2, then 1
+    assert together == alone
+
+
+def test_batches_refuse_per_prompt_rows_and_bad_sizes(generation, tokenizer):
+    model, samples = generation
+    two = [samples[0], samples[0]]
+    with pytest.raises(LightTransferError, match="batch size of 1"):
+        run_samples(_Sequences(model), two, tokenizer=tokenizer, batch_size=2)
+    with pytest.raises(LightTransferError, match="batch size must be a whole number"):
+        run_samples(_Plain(model), two, tokenizer=tokenizer, batch_size=0)
 
 
 # ---------------------------------------------------------------------------------------------- reports

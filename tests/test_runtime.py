@@ -165,3 +165,16 @@ def test_beam_search_runs_with_the_bounded_cache():
     out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
                          num_beams=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 26)
+
+
+def test_full_prefill_backend_is_scoped_and_checked():
+    from lighttransfer.runtime import ops
+
+    assert ops._full_prefill[0] == "sdpa-flash"
+    with ops.full_prefill_backend("triton"):
+        assert ops._full_prefill[0] == "triton"
+        with pytest.raises(ValueError, match="unknown full-layer prefill backend"):
+            with ops.full_prefill_backend("flash3"):
+                pass
+        assert ops._full_prefill[0] == "triton"
+    assert ops._full_prefill[0] == "sdpa-flash"

@@ -94,6 +94,24 @@ def test_full_attention_of_a_chunk_equals_masked_sdpa():
     assert got.shape == (2, 8, 24, 64) and err(got, want) <= 1e-4
 
 
+@pytest.mark.parametrize("backend", ["sdpa-flash", "sdpa-cudnn", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_full_prefill_backend_is_causal_attention(backend, dtype):
+    from lighttransfer.runtime.ops import full_attention, full_prefill_backend
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 300, 64, device=DEV, dtype=dtype)
+    k, v = (torch.randn(2, 2, 300, 64, device=DEV, dtype=dtype) for _ in range(2))
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 4, True, False
+    with full_prefill_backend(backend):
+        got = full_attention(module, q, k, v, q_offset=0, kv_start=None, has_padding=False, scale=None)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        *(t.double() for t in (q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1))), is_causal=True)
+    assert got.shape == (2, 8, 300, 64) and got.dtype == dtype
+    assert err(got, want) <= (1e-4 if dtype == torch.float32 else 2e-2)
+
+
 def test_padded_chunked_online_and_mixed_layers_on_cuda():
     # left-padded batch + chunked prefill
     model, plain = hybrid_pair("llama")

@@ -179,18 +179,78 @@ def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos: set[i
         out = model(token.view(1, 1), use_cache=True, **{keyword: output_cache(out)})
 
 
+def greedy_generate_batch(model, prompts: Sequence[list[int]], max_new_tokens: int, eos: set[int],
+                          pad_id: int) -> list[list[int]]:
+    """Greedy tokens after each of ``prompts`` (token-id lists), run as one left-padded batch.
+
+    The batch is ``[len(prompts), longest prompt]`` with ``pad_id`` on the left and a 2-D attention mask; positions
+    count from each prompt's first real token (as ``generate`` does), so each row sees what it would alone. A row
+    stops after ``max_new_tokens`` tokens or at its first token in ``eos`` (kept); finished rows keep stepping
+    (their tokens are dropped) until every row is done. Call under ``torch.inference_mode()``.
+
+    The model must accept left padding: the dense model and the hybrid runtime do, the masked reference does not.
+    """
+    import torch
+
+    from ...compat import cache_keyword, output_cache
+
+    keyword = cache_keyword(model)
+    device = next(model.parameters()).device
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), int(pad_id), dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, longest - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    keeps = "logits_to_keep" in inspect.signature(type(model).forward).parameters
+    last_only = {"logits_to_keep": 1} if keeps else {}
+    out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
+    new: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    next_position = positions[:, -1:] + 1
+    while True:
+        tokens = out.logits[:, -1].argmax(-1)
+        for i, t in enumerate(tokens.tolist()):
+            if not done[i]:
+                new[i].append(t)
+                done[i] = len(new[i]) >= max_new_tokens or t in eos
+        if all(done):
+            return new
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        out = model(tokens[:, None], attention_mask=mask, position_ids=next_position, use_cache=True,
+                    **{keyword: output_cache(out)})
+        next_position = next_position + 1
+
+
+def _batches(samples: Sequence[RulerSample], batch_size: int) -> Iterable[list[RulerSample]]:
+    """Runs of at most ``batch_size`` consecutive samples of one (task, length): alike in length and answer size."""
+    run: list[RulerSample] = []
+    for sample in samples:
+        if run and (len(run) == batch_size or (run[0].task, run[0].length) != (sample.task, sample.length)):
+            yield run
+            run = []
+        run.append(sample)
+    if run:
+        yield run
+
+
 def run_samples(sequence: Callable, samples: Sequence[RulerSample], *, tokenizer, eos_token_id=None,
-                on_sample: Callable[[], None] | None = None) -> dict:
+                on_sample: Callable[[], None] | None = None, batch_size: int = 1) -> dict:
     """Generate greedily for each sample and score it; returns :meth:`RulerResult.to_dict`.
 
     Args:
         sequence: zero-argument callable returning a context manager that yields ``(model, after_prefill)``,
-            one per sample; ``after_prefill`` is None or a zero-argument callable, called once right after the
-            prefill forward.
+            one per sequence (or batch); ``after_prefill`` is None or a zero-argument callable, called once right
+            after the prefill forward.
         samples: from :func:`build_samples`.
         tokenizer: decodes the new tokens (``decode(ids, skip_special_tokens=True)``).
         eos_token_id: an id or ids that end generation; the tokenizer's ``eos_token_id`` when None.
         on_sample: called with no argument after each sample (a progress tick, as in the passkey eval).
+        batch_size: samples generated together (consecutive samples of one task and length, left-padded; see
+            :func:`greedy_generate_batch`). 1 runs each sample alone, which every backend supports; more needs a
+            model that takes left padding and no ``after_prefill`` step (online selection picks layers per prompt).
 
     Returns:
         ``{"samples": [outcome per sample, in order], "outcomes": [score per sample, in order], "by_task",
@@ -199,19 +259,32 @@ def run_samples(sequence: Callable, samples: Sequence[RulerSample], *, tokenizer
     """
     import torch
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise LightTransferError(f"the RULER batch size must be a whole number of at least 1, got {batch_size!r}.")
     eos = _eos_ids(tokenizer, eos_token_id)
+    # any real token id pads (the mask hides it): the tokenizer's pad token, else an end-of-sequence id, else 0
+    pads = [getattr(tokenizer, "pad_token_id", None), *sorted(eos)]
+    pad_id = next((int(t) for t in pads if t is not None and int(t) >= 0), 0)
     outcomes: list[dict] = []
     with torch.inference_mode():
-        for sample in samples:
+        for batch in _batches(samples, batch_size):
             with sequence() as (model, after_prefill):
-                new = greedy_generate(model, sample.input_ids, sample.max_new_tokens, eos, after_prefill)
-            prediction = tokenizer.decode(new, skip_special_tokens=True)
-            outcome = {"task": sample.task, "length": sample.length, "index": sample.index,
-                       "depth": sample.depth, "answers": list(sample.answers), "prediction": prediction,
-                       "new_tokens": len(new), "score": score(prediction, sample.answers, sample.metric)}
-            outcomes.append(outcome)
-            if on_sample is not None:
-                on_sample()
+                if len(batch) == 1:
+                    news = [greedy_generate(model, batch[0].input_ids, batch[0].max_new_tokens, eos, after_prefill)]
+                elif after_prefill is not None:
+                    raise LightTransferError("a RULER batch cannot run on a row that picks its layers per prompt "
+                                             "(online selection); use a batch size of 1.")
+                else:
+                    news = greedy_generate_batch(model, [s.input_ids for s in batch],
+                                                 max(s.max_new_tokens for s in batch), eos, pad_id)
+            for sample, new in zip(batch, news, strict=True):
+                new = new[:sample.max_new_tokens]
+                prediction = tokenizer.decode(new, skip_special_tokens=True)
+                outcomes.append({"task": sample.task, "length": sample.length, "index": sample.index,
+                                 "depth": sample.depth, "answers": list(sample.answers), "prediction": prediction,
+                                 "new_tokens": len(new), "score": score(prediction, sample.answers, sample.metric)})
+                if on_sample is not None:
+                    on_sample()
     return RulerResult.from_outcomes(outcomes).to_dict()
 
 
@@ -290,4 +363,4 @@ def heatmap(result: dict, path: str | os.PathLike) -> Path:
 
 
 __all__ = ["DEFAULT_TASKS", "RulerResult", "TASKS", "build_samples", "check_tasks", "greedy_generate",
-           "draw_scores", "heatmap", "markdown_table", "run_samples", "sample_seed", "task_order"]
+           "draw_scores", "greedy_generate_batch", "heatmap", "markdown_table", "run_samples", "sample_seed", "task_order"]

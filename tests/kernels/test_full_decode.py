@@ -170,3 +170,21 @@ def test_the_tuned_launchers_keep_only_configs_that_fit(module):
     assert len(mod._tuned_launcher((9, 0), 256, 16, False).configs) == 1
     big = mod._tuned_launcher((9, 0), 256, 64, True)
     assert all(c.kwargs["BLOCK_N"] <= 64 for c in big.configs)
+
+
+@pytest.mark.parametrize("module", ["decode_triton", "full_decode_triton"])
+@pytest.mark.parametrize("capability, limit", [((9, 0), 227 * 1024), ((8, 6), 99 * 1024)], ids=["hopper", "other"])
+def test_fp32_tiles_are_sized_by_their_element_size(module, capability, limit):
+    """fp32 tiles take twice the shared memory of bf16 ones: at head size 256 even the bf16 fallback (278 KB in
+    fp32, what an H200 refused) must give way to smaller tiles, on Hopper and on the 99 KB of other GPUs."""
+    import importlib
+
+    from lighttransfer.kernels.decode_launch import FALLBACK_CONFIG, shared_memory
+
+    mod = importlib.import_module(f"lighttransfer.kernels.{module}")
+    assert shared_memory(FALLBACK_CONFIG, 256, 16, 4) > 227 * 1024  # the config that failed
+    for block_m in (16, 64):
+        configs = mod._tuned_launcher(capability, 256, block_m, True, 4).configs
+        assert configs and all(shared_memory(c, 256, block_m, 4) <= limit for c in configs)
+        bf16 = mod._tuned_launcher(capability, 256, block_m, True, 2).configs
+        assert max(shared_memory(c, 256, block_m, 2) for c in bf16) <= limit

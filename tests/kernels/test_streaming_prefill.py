@@ -290,3 +290,20 @@ def test_sink_in_window_walk_saves_a_tile_at_the_benchmark_shape():
     separate = math.ceil(sink / block_n) + math.ceil(window_keys / block_n)
     folded = math.ceil((sink + window_keys) / block_n)
     assert (separate, folded) == (18, 17)
+
+
+@pytest.mark.parametrize("capability, limit", [((9, 0), 227 * 1024), ((8, 6), 99 * 1024)], ids=["hopper", "other"])
+@pytest.mark.parametrize("element_bytes", [2, 4], ids=["bf16", "fp32"])
+def test_prefill_tiles_fit_shared_memory_at_every_element_size(capability, limit, element_bytes):
+    """The host side (no launch): at head size 256 the fp32 fallback tiles (327 KB, refused by an H200) give way to
+    smaller ones; every candidate kept fits the block's shared memory for its element size."""
+    from lighttransfer.kernels import prefill_triton as pt
+
+    def smem(c):
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return element_bytes * (bm * 256 + c.num_stages * 2 * bn * 256)
+
+    configs = pt._tuned_launcher(capability, 256, True, element_bytes).configs
+    assert configs and all(smem(c) <= limit for c in configs)
+    if element_bytes == 4:
+        assert smem(pt.FALLBACK_CONFIG) > 227 * 1024 and str(pt.FALLBACK_CONFIG) not in map(str, configs)
