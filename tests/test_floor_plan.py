@@ -1,4 +1,4 @@
-"""The floor plan: data flows one way (calibration -> analysis -> convert -> runtime -> evaluation, bench), and the
+"""The floor plan: data flows one way (calibration -> analysis -> convert -> runtime -> training, evaluation, bench), and the
 imports follow it. A stage imports the ground floor and the stages before it, never one after it, never the CLI;
 the ground floor imports no stage. Every import counts, also those inside functions."""
 
@@ -20,6 +20,9 @@ STAGES = {
     "analysis": {"calibration"},
     "convert": {"calibration", "analysis"},
     "runtime": {"calibration"},  # reads the checkpoint format from the ground floor, not from convert
+    # fine-tunes a converted checkpoint into a new one: reads text like the calibration, layouts like the runtime,
+    # and writes through convert's staging
+    "training": {"calibration", "analysis", "convert", "runtime"},
     "evaluation": {"calibration", "analysis", "convert", "runtime"},
     "bench": {"calibration", "analysis", "convert", "runtime"},
 }
