@@ -106,14 +106,31 @@ def _versions() -> dict[str, str]:
             "peft": peft.__version__}
 
 
+def read_block(hybrid) -> HybridConfig:
+    """The ``lighttransfer`` block of ``HYBRID/config.json``, read before any weight; one line when there is none."""
+    import json
+
+    config = Path(hybrid).expanduser() / "config.json"
+    if not config.is_file():
+        raise LightTransferError(f"HYBRID '{hybrid}' is not a checkpoint directory (no config.json); pass one "
+                                 "written by `lighttransfer convert`.")
+    try:
+        raw = json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise LightTransferError(f"HYBRID '{hybrid}': config.json cannot be read ({exc}).") from exc
+    block = HybridConfig.from_model_config(raw, origin=str(config))
+    if block is None:
+        raise LightTransferError(f"HYBRID '{hybrid}' has no 'lighttransfer' block in its config.json; convert the "
+                                 "model first (lighttransfer convert MODEL --out HYBRID).")
+    return block
+
+
 def check_finetune_inputs(hybrid, *, data: Sequence[str], out, settings: FinetuneSettings, field: str = "text",
                           force: bool = False, resume=None, state_dir=None, save_every: int = 0) -> Path | None:
     """Every check that needs no model: raises a one-line error before anything heavy happens. Returns the
     state directory that will be written (``None`` when ``save_every`` is 0)."""
     require_peft()
-    if not Path(hybrid).expanduser().is_dir():
-        raise LightTransferError(f"HYBRID '{hybrid}' is not a directory; pass a checkpoint written by "
-                                 "`lighttransfer convert`.")
+    read_block(hybrid)
     check_data_sources(data, field=field)
     target = Path(out).expanduser().absolute()
     if target == Path(hybrid).expanduser().absolute():
@@ -180,10 +197,7 @@ def finetune(
     loaded = load_model(hybrid, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
     source = f"HYBRID '{hybrid}'"
-    block = HybridConfig.from_model_config(model.config, origin=f"{hybrid}/config.json")
-    if block is None:
-        raise LightTransferError(f"{source} has no 'lighttransfer' block in its config.json; convert the model "
-                                 "first (lighttransfer convert MODEL --out HYBRID).")
+    block = read_block(hybrid)
     layout = resolve_layout(model.config, source=source)
     shape = model_shape(model.config, source=source)
     if shape.max_positions and settings.seq_len > shape.max_positions:
