@@ -6,7 +6,8 @@ the model's own sliding layers: their window) and the model's attention implemen
 function; leaving the block restores both. Two backends evaluate the same rule (:mod:`.masks`):
 
 * ``flex`` (CUDA): FlexAttention, compiled, with a ``BlockMask`` per distinct layer rule and length (built once,
-  cached): the blocks outside the pattern are never computed, forward or backward;
+  cached): the blocks outside the pattern are never computed, forward or backward; a layer whose every head is
+  plain causal (a full layer without S²-Attn) runs SDPA's causal kernel instead (flash attention on CUDA);
 * ``dense`` (the CPU, or forced): SDPA with the explicit ``[heads, N, N]`` boolean mask (FlexAttention has no
   backward on the CPU in torch 2.13); exact, but ``O(N^2)`` memory, so only for short sequences.
 
@@ -102,13 +103,13 @@ def training_attention_forward(module, query, key, value, attention_mask, scalin
     heads, seq_len = query.shape[1], query.shape[2]
     rules = state.rules(module.layer_idx, heads, seq_len)
     gqa = heads != key.shape[1]
-    if state.backend == "flex":
-        out = _flex()(query, key, value, block_mask=state.mask(rules, seq_len, query.device), scale=scaling,
-                      enable_gqa=gqa)
-    elif rules.is_causal:
+    if rules.is_causal:  # plain causal (full layers without S²-Attn): SDPA's flash kernel beats any mask
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa,
             dropout_p=dropout if module.training else 0.0)
+    elif state.backend == "flex":
+        out = _flex()(query, key, value, block_mask=state.mask(rules, seq_len, query.device), scale=scaling,
+                      enable_gqa=gqa)
     else:
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=state.mask(rules, seq_len, query.device), scale=scaling, enable_gqa=gqa,

@@ -52,7 +52,7 @@ from .state import (
 
 log = logging.getLogger(__name__)
 
-# the record's first/final loss: mean over this many steps at each end of the run
+# the record's first/final loss: mean over this many steps at each end of the run (fewer on short runs)
 LOSS_SPAN = 10
 
 
@@ -284,10 +284,11 @@ def finetune(
                 save_state(state_path, state_of(done), peft_model, optimizer)
     peft_model.eval()
 
+    span = max(1, min(LOSS_SPAN, len(losses) // 2))  # the two ends never overlap
     record = FinetuneRecord(
         output="adapter" if adapter_only else "merged", steps=settings.steps,
         tokens=settings.steps * settings.batch * settings.seq_len,
-        final_loss=_mean(losses[-LOSS_SPAN:]), first_loss=_mean(losses[:LOSS_SPAN]),
+        final_loss=_mean(losses[-span:]), first_loss=_mean(losses[:span]),
         settings=dict(settings.to_dict(), backend=backend, device=dev.type, dtype=str(base_dtype).removeprefix("torch."),
                       gradient_checkpointing=bool(checkpointing), trainable_parameters=share.trainable,
                       total_parameters=share.total),
