@@ -15,7 +15,10 @@ from .options import is_quiet, model_options, stderr_console, stdout_console, ve
 @click.argument("more_data", nargs=-1, metavar="", required=False)
 @click.option("--data", multiple=True, metavar="FILE",
               help="Training text: .txt/.md/.jsonl files, directories or globs (as analyze --calib); repeat the "
-                   "option or list several files after it. Keep the evaluation text out of it.")
+                   "option or list several files after it. Keep the evaluation text out of it. synthetic:passkey "
+                   "adds retrieval rows (a key hidden in that text, asked for at the row's end).")
+@click.option("--passkey-rows", default=None, type=int,
+              help="Synthetic passkey rows with synthetic:passkey [default: one per four text rows].")
 @click.option("--seq-len", default=8192, show_default=True, type=int, help="Tokens per training row.")
 @click.option("--steps", required=True, type=int, help="Optimizer steps (in all, when resuming).")
 @click.option("--out", required=True, metavar="DIR", help="Write the fine-tuned checkpoint (or adapter) here.")
@@ -53,7 +56,7 @@ from .options import is_quiet, model_options, stderr_console, stdout_console, ve
               help="auto: FlexAttention block masks on CUDA, explicit masks on the CPU (short rows only).")
 @model_options
 @verbosity_options
-def finetune(hybrid, more_data, data, seq_len, steps, out, batch, lr, warmup_steps, lora_r, lora_alpha, lora_dropout,
+def finetune(hybrid, more_data, data, passkey_rows, seq_len, steps, out, batch, lr, warmup_steps, lora_r, lora_alpha, lora_dropout,
              train_norms, train_embeddings, s2_attn, group_frac, s2_sink, seed, field, adapter_only, save_every,
              state_dir, resume, force, gradient_checkpointing, attention, device, dtype, trust_remote_code):
     """Recovery fine-tuning of a hybrid checkpoint: LoRA on the attention, trained with the hybrid's own masks.
@@ -85,7 +88,8 @@ def finetune(hybrid, more_data, data, seq_len, steps, out, batch, lr, warmup_ste
         if not quiet:
             err.print(f"[bold]fine-tuning[/bold] {escape(str(hybrid))}: {escape(start.layout_description)}")
             err.print(f"  {escape(start.share.describe())}")
-            err.print(f"  data: {start.data.num_rows} rows of {start.data.seq_len} tokens from "
+            passkey = f", {start.data.passkey_rows} of them passkey rows" if start.data.passkey_rows else ""
+            err.print(f"  data: {start.data.num_rows} rows of {start.data.seq_len} tokens{passkey} from "
                       f"{len(start.data.files)} file(s) ({start.data.total_tokens:,} tokens); attention "
                       f"{start.backend} on {start.device}, {start.dtype}")
             for line in start.warnings:
@@ -108,7 +112,7 @@ def finetune(hybrid, more_data, data, seq_len, steps, out, batch, lr, warmup_ste
     try:
         result = run_finetune(hybrid, data=list(data) + list(more_data), out=out, settings=settings,
                               adapter_only=adapter_only, resume=resume, save_every=save_every, state_dir=state_dir,
-                              force=force, field=field, device=device, dtype=dtype,
+                              force=force, field=field, passkey_rows=passkey_rows, device=device, dtype=dtype,
                               trust_remote_code=trust_remote_code, on_start=on_start, on_step=on_step)
     finally:
         if progress is not None:

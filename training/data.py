@@ -6,6 +6,12 @@ a string field; directories and globs), tokenized without special tokens and joi
 ``seq_len`` tokens, each led by the BOS the tokenizer puts before text; the tail that does not fill a row is left
 out. Every row is a whole sequence (no padding), so the loss counts every token after the first.
 
+**Synthetic retrieval rows.** ``synthetic:passkey`` among the sources adds passkey rows: a key hidden at an evenly
+spread depth of the other sources' text, the question, and the answer as the row's last tokens, so the loss
+teaches the model to fetch it. They use the six training wordings of :mod:`lighttransfer.calibration.passkey`
+in turn; ``needle`` and ``locker`` stay out, for evaluation on wordings never trained on. By default one passkey
+row is added for every four text rows (``passkey_rows`` sets the number).
+
 Row order: each pass over the rows ("epoch") is a fresh permutation drawn from ``seed`` and the epoch number, so
 step ``s`` always sees the same rows, and a resumed run continues exactly where it stopped.
 """
@@ -13,13 +19,14 @@ step ``s`` always sees the same rows, and a resumed run continues exactly where 
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..calibration.calibration_set import token_stream
-from ..calibration.passkey import bos_prefix
+from ..calibration.passkey import ANSWER, TRAINING_TEMPLATES, bos_prefix, make_passkey_sample
 from ..calibration.sources import collect_documents
 from ..errors import LightTransferError
 
@@ -35,7 +42,8 @@ class TrainingData:
         text_sha256: sha256 of the text read (documents joined by ``"\\n\\x1e\\n"``, as the calibration hashes).
         tokens_sha256: sha256 of ``rows`` (int64, row-major): the exact training tokens.
         total_tokens: tokens in the joined stream (the unused tail included).
-        seed: seeds the row order.
+        seed: seeds the row order (and the passkey rows).
+        passkey_rows: how many of ``rows`` (the last ones) are synthetic passkey rows.
     """
 
     rows: torch.Tensor
@@ -45,6 +53,7 @@ class TrainingData:
     tokens_sha256: str
     total_tokens: int
     seed: int = 0
+    passkey_rows: int = 0
     _order: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -74,29 +83,70 @@ class TrainingData:
         """What the fine-tune record keeps of the data (no token ids)."""
         return {"sources": list(self.sources), "files": list(self.files), "text_sha256": self.text_sha256,
                 "tokens_sha256": self.tokens_sha256, "total_tokens": self.total_tokens, "rows": self.num_rows,
-                "seq_len": self.seq_len, "seed": self.seed}
+                "seq_len": self.seq_len, "seed": self.seed, "passkey_rows": self.passkey_rows}
+
+
+SYNTHETIC_PREFIX = "synthetic:"
+SYNTHETIC_SOURCES = ("passkey",)
+
+
+def _split(sources: Sequence[str]) -> tuple[bool, list[str]]:
+    synthetic = [s for s in sources if s.startswith(SYNTHETIC_PREFIX)]
+    for spec in synthetic:
+        if spec[len(SYNTHETIC_PREFIX):] not in SYNTHETIC_SOURCES:
+            raise LightTransferError(f"--data '{spec}' is not a known synthetic source; use synthetic:passkey.")
+    files = [s for s in sources if not s.startswith(SYNTHETIC_PREFIX)]
+    if not files:
+        raise LightTransferError("--data: pass at least one .txt/.md/.jsonl file, directory or glob (synthetic "
+                                 "rows hide their key in that text).", exit_code=2)
+    return bool(synthetic), files
 
 
 def check_data_sources(sources: Sequence[str], *, field: str = "text") -> None:
     """Raise the one-line error :func:`load_training_data` would raise for unreadable ``--data``, before a model
     is loaded."""
-    if not sources:
-        raise LightTransferError("--data: pass at least one .txt/.md/.jsonl file, directory or glob.", exit_code=2)
-    collect_documents(list(sources), field=field, option="--data")
+    _, files = _split(sources)
+    collect_documents(files, field=field, option="--data")
 
 
-def load_training_data(sources: Sequence[str], tokenizer, *, seq_len: int, seed: int = 0,
-                       field: str = "text") -> TrainingData:
+def passkey_rows(tokenizer, filler: str, *, seq_len: int, count: int, seed: int) -> torch.Tensor:
+    """int64 ``[count, seq_len]``: passkey prompts of ``seq_len - len(answer)`` tokens followed by the answer
+    (``ANSWER``), needles at evenly spread depths in a seeded order, the training wordings in turn."""
+    rng = random.Random(seed)
+    depths = [(i + 0.5) / count for i in range(count)]
+    rng.shuffle(depths)
+    rows = []
+    for i, depth in enumerate(depths):
+        template = TRAINING_TEMPLATES[i % len(TRAINING_TEMPLATES)]
+        seed_i = rng.randrange(2**31)
+        # the key is drawn first from the sample's seed, whatever the length: a probe tells the answer's length
+        key = make_passkey_sample(tokenizer, filler, length_tokens=seq_len, depth=depth, seed=seed_i,
+                                  template=template).answer
+        answer = tokenizer(ANSWER.format(key=key), add_special_tokens=False)["input_ids"]
+        sample = make_passkey_sample(tokenizer, filler, length_tokens=seq_len - len(answer), depth=depth,
+                                     seed=seed_i, template=template)
+        if sample.answer != key:  # pragma: no cover - guards the builder's contract
+            raise RuntimeError("passkey builder drew another key for the same seed")
+        rows.append(torch.cat([sample.input_ids, torch.tensor(answer, dtype=torch.long)]))
+    return torch.stack(rows)
+
+
+def load_training_data(sources: Sequence[str], tokenizer, *, seq_len: int, seed: int = 0, field: str = "text",
+                       passkey_count: int | None = None) -> TrainingData:
     """Read, tokenize and cut ``--data`` into rows of ``seq_len`` tokens (see the module docstring).
 
+    Args:
+        passkey_count: synthetic passkey rows when ``synthetic:passkey`` is among the sources (default: one per
+            four text rows, at least one).
+
     Raises:
-        LightTransferError: a missing, empty, binary or non-UTF-8 file, a bad JSONL line, or fewer tokens than
-            one row (the message says how many there are).
+        LightTransferError: a missing, empty, binary or non-UTF-8 file, a bad JSONL line, an unknown synthetic
+            source, or fewer tokens than one row (the message says how many there are).
     """
     if seq_len < 2:
         raise LightTransferError(f"--seq-len must be at least 2 tokens, got {seq_len}.")
-    check_data_sources(sources, field=field)
-    docs = collect_documents(list(sources), field=field, option="--data")
+    synthetic, files = _split(sources)
+    docs = collect_documents(files, field=field, option="--data")
     text_sha = hashlib.sha256("\n\x1e\n".join(d.text for d in docs).encode()).hexdigest()
     stream = token_stream(tokenizer, [d.text for d in docs])
     bos = bos_prefix(tokenizer)
@@ -106,10 +156,18 @@ def load_training_data(sources: Sequence[str], tokenizer, *, seq_len: int, seed:
         raise LightTransferError(f"--data holds {len(stream):,} tokens, fewer than one row of --seq-len {seq_len}; "
                                  "add text or pass a lower --seq-len.")
     rows = torch.tensor([bos + stream[i * body : (i + 1) * body] for i in range(count)], dtype=torch.long)
-    files = list(dict.fromkeys(_file_of(d.origin) for d in docs))
+    extra = 0
+    if synthetic:
+        extra = passkey_count if passkey_count is not None else max(1, count // 4)
+        if extra:
+            filler = "\n\n".join(d.text for d in docs)
+            rows = torch.cat([rows, passkey_rows(tokenizer, filler, seq_len=seq_len, count=extra, seed=seed)])
+    elif passkey_count:
+        raise LightTransferError("--passkey-rows needs synthetic:passkey among the --data sources.")
+    files_read = list(dict.fromkeys(_file_of(d.origin) for d in docs))
     tokens_sha = hashlib.sha256(rows.contiguous().numpy().tobytes()).hexdigest()
-    return TrainingData(rows=rows, sources=list(sources), files=files, text_sha256=text_sha,
-                        tokens_sha256=tokens_sha, total_tokens=len(stream), seed=seed)
+    return TrainingData(rows=rows, sources=list(sources), files=files_read, text_sha256=text_sha,
+                        tokens_sha256=tokens_sha, total_tokens=len(stream), seed=seed, passkey_rows=extra)
 
 
 def _file_of(origin: str) -> str:
@@ -117,4 +175,4 @@ def _file_of(origin: str) -> str:
     return head if sep and tail.isdigit() else origin
 
 
-__all__ = ["TrainingData", "load_training_data", "check_data_sources"]
+__all__ = ["TrainingData", "load_training_data", "check_data_sources", "passkey_rows", "SYNTHETIC_SOURCES"]

@@ -162,6 +162,7 @@ def finetune(
     state_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
     field: str = "text",
+    passkey_rows: int | None = None,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
@@ -172,7 +173,8 @@ def finetune(
 
     Args:
         hybrid: a directory written by ``lighttransfer convert`` (or an earlier ``finetune``).
-        data: ``.txt``/``.md``/``.jsonl`` files, directories or globs (as ``analyze --calib``).
+        data: ``.txt``/``.md``/``.jsonl`` files, directories or globs (as ``analyze --calib``), and optionally
+            ``synthetic:passkey`` (retrieval rows hidden in that text).
         out: the output directory: a merged hybrid checkpoint, or with ``adapter_only`` a peft adapter
             (``adapter_config.json`` + ``adapter_model.safetensors``) and ``lighttransfer_finetune.json``.
         settings: what to train and how (:class:`FinetuneSettings`; defaults: LoRA r 8 / alpha 16 on q/k/v/o,
@@ -182,6 +184,8 @@ def finetune(
         state_dir: where the state goes (default ``OUT.state`` beside ``out``).
         force: replace an existing checkpoint at ``out``.
         field: JSONL field holding the text.
+        passkey_rows: synthetic passkey rows with ``synthetic:passkey`` in ``data`` (default: one per four text
+            rows); they use the six training wordings, ``needle`` and ``locker`` stay out.
         device, dtype: as :func:`lighttransfer.load` (``auto``: CUDA + bf16 when present, else CPU + fp32).
         on_start, on_step: progress callbacks (the CLI's bar).
 
@@ -216,7 +220,8 @@ def finetune(
     base_dtype = next(model.parameters()).dtype
     base = {"model_id": str(hybrid), "fingerprint": model_fingerprint(model)}
 
-    rows = load_training_data(data, tokenizer, seq_len=settings.seq_len, seed=settings.seed, field=field)
+    rows = load_training_data(data, tokenizer, seq_len=settings.seq_len, seed=settings.seed, field=field,
+                              passkey_count=passkey_rows)
     data_record = rows.to_dict()
     if previous_state is not None:
         check_resumable(previous_state, settings, data=data_record, base=base, where=str(resume))
