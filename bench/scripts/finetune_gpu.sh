@@ -2,7 +2,7 @@
 # The GPU targets of `lighttransfer finetune` (one GPU), each stage writing JSON that names the GPU and versions.
 #
 #   bench/scripts/finetune_gpu.sh recovery GGUF AUSTEN OUT_DIR   # SmolLM2 at ratio 0.75: gap vs steps, S² and dense
-#   bench/scripts/finetune_gpu.sh speed OUT_DIR                  # S²-Attn vs dense step time, 8B shape, 8k / 32k
+#   bench/scripts/finetune_gpu.sh speed OUT_DIR [LENGTHS]        # S²-Attn vs dense step time, 8B shape (8192,32768)
 #
 # recovery: the laziest 22 of 30 layers by lazy ratio stream (ratio 0.75, the ranking that loses most on this
 # model), sink 4 + window 1020, as the README's quality table; training text: austen_novels.txt from Mansfield
@@ -46,9 +46,13 @@ case "$stage" in
       --out "$out/finetune_recovery_smollm2.json"
     ;;
   speed)
+    # one process per length, so that each stays within a 10-minute command (the 8B shape at 32k: ~10 s a step)
     out=$2
     mkdir -p "$out"
-    py "$here/bench/scripts/finetune_step_speed.py" "$out/finetune_step_speed_8b.json" ${SPEED_ARGS:-}
+    for length in $(echo "${3:-8192,32768}" | tr , ' '); do
+      py "$here/bench/scripts/finetune_step_speed.py" "$out/finetune_step_speed_8b_$length.json" --lengths "$length" \
+        ${SPEED_ARGS:-}
+    done
     ;;
-  *) echo "usage: $0 recovery GGUF AUSTEN_TXT OUT_DIR | speed OUT_DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 recovery GGUF AUSTEN_TXT OUT_DIR | speed OUT_DIR [LENGTHS]" >&2; exit 2 ;;
 esac

@@ -34,6 +34,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  head_dim=128, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
                  max_position_embeddings=131072, tie_word_embeddings=False)
+# a smoke-test shape for checking the script on a CPU (--tiny); its timings mean nothing
+TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            vocab_size=512, rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=4096,
+            tie_word_embeddings=False)
 SINK, WINDOW = 4, 1020
 
 
@@ -43,33 +47,42 @@ def _pair_share(seq_len: int, heads: int, **kw) -> float:
     return rules.visible_pairs(seq_len) / (heads * seq_len * (seq_len + 1) / 2)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_variant(model, variant: str, seq_len: int, steps: int, warmup: int) -> dict:
     layers = model.config.num_hidden_layers
     streaming = list(range(0, layers, 2)) if variant.startswith("hybrid") else []
     layout = resolve_layout(model.config, streaming_layers=streaming, sink=SINK, window=WINDOW)
-    state = TrainingAttention(layout=layout, s2_attn=variant.endswith("s2"), backend="flex")
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    state = TrainingAttention(layout=layout, s2_attn=variant.endswith("s2"), backend="flex" if cuda else "dense")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), device=device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     with training_attention(model, state):
         for i in range(warmup + steps):
-            torch.cuda.synchronize()
+            _sync(device)
             start = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
     del opt
     mean = sum(times) / len(times)
     return {"variant": variant, "seq_len": seq_len, "step_s_mean": mean, "step_s_min": min(times),
-            "step_s_all": times, "tokens_per_s": seq_len / mean,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "streaming_layers": len(streaming)}
+            "step_s_all": times, "tokens_per_s": seq_len / mean, "backend": state.backend,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "streaming_layers": len(streaming)}
 
 
 def main() -> None:
@@ -78,17 +91,21 @@ def main() -> None:
     ap.add_argument("--lengths", default="8192,32768")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers (32: the full 8B shape)")
     ap.add_argument("--variants", default="dense,s2,hybrid-dense,hybrid-s2")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--tiny", action="store_true", help="a tiny shape on the CPU: checks the script, times nothing")
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    config = LlamaConfig(**LLAMA3_8B, num_hidden_layers=args.layers)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    shape = TINY if args.tiny else LLAMA3_8B
+    device = "cpu" if args.tiny else "cuda"
+    config = LlamaConfig(**shape, num_hidden_layers=args.layers)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.float32 if args.tiny else torch.bfloat16)
     model.config.use_cache = False
     model = add_lora(model, r=8, alpha=16)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not args.tiny:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
     rows = []
@@ -100,22 +117,24 @@ def main() -> None:
         for variant in args.variants.split(","):
             try:
                 row = run_variant(model, variant, seq_len, args.steps, args.warmup)
-            except torch.cuda.OutOfMemoryError as exc:
+            except torch.OutOfMemoryError as exc:
                 row = {"variant": variant, "seq_len": seq_len, "error": f"out of memory: {str(exc)[:200]}"}
             row["pair_share_vs_dense"] = shares
             rows.append(row)
             print({k: v for k, v in row.items() if k != "step_s_all"}, flush=True)
             gc.collect()
-            torch.cuda.empty_cache()
+            if device == "cuda":
+                torch.cuda.empty_cache()
         base = next((r for r in rows if r["seq_len"] == seq_len and r["variant"] == "dense" and "error" not in r), None)
         for r in rows:
             if r["seq_len"] == seq_len and base is not None and "error" not in r:
                 r["speedup_vs_dense"] = base["step_s_mean"] / r["step_s_mean"]
 
-    write_json(args.out, {"schema_version": 1, "shape": dict(LLAMA3_8B, num_hidden_layers=args.layers),
+    write_json(args.out, {"schema_version": 1, "shape": dict(shape, num_hidden_layers=args.layers),
+                          "smoke_test_only": bool(args.tiny),
                           "lora": {"r": 8, "alpha": 16, "targets": "q,k,v,o"}, "batch": 1,
                           "gradient_checkpointing": True, "dtype": "bfloat16 (autocast), LoRA fp32",
-                          "sink": SINK, "window": WINDOW, "rows": rows, "environment": environment("cuda")})
+                          "sink": SINK, "window": WINDOW, "rows": rows, "environment": environment(device)})
 
 
 if __name__ == "__main__":
