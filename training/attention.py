@@ -101,6 +101,11 @@ def training_attention_forward(module, query, key, value, attention_mask, scalin
         raise LightTransferError("fine-tuning attention takes whole sequences (no cache): call the model with "
                                  "use_cache=False.")
     heads, seq_len = query.shape[1], query.shape[2]
+    # under autocast, fp32 hidden states (trained fp32 norms or embeddings) make RoPE return fp32 queries and keys
+    # beside bf16 values; SDPA is an autocast op and casts them, FlexAttention is not: one dtype for all three
+    dtype = torch.get_autocast_dtype(query.device.type) if torch.is_autocast_enabled(query.device.type) \
+        else value.dtype
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     rules = state.rules(module.layer_idx, heads, seq_len)
     gqa = heads != key.shape[1]
     if rules.is_causal:  # plain causal (full layers without S²-Attn): SDPA's flash kernel beats any mask

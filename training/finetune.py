@@ -33,7 +33,7 @@ from ..convert.staging import check_target, staged_directory
 from ..convert.writer import LICENSE_PATTERNS, copy_aux_files
 from ..errors import LightTransferError
 from ..hybrid_format import FINETUNE_FILE, FinetuneRecord, HybridConfig
-from ..loading import load_model, model_fingerprint
+from ..loading import load_model, model_fingerprint, resolve_device
 from ..output_files import write_json
 from ..runtime.layout import resolve_layout
 from .attention import TrainingAttention, resolve_backend, training_attention
@@ -106,8 +106,9 @@ def _versions() -> dict[str, str]:
             "peft": peft.__version__}
 
 
-def read_block(hybrid) -> HybridConfig:
-    """The ``lighttransfer`` block of ``HYBRID/config.json``, read before any weight; one line when there is none."""
+def read_block(hybrid) -> tuple[HybridConfig, dict]:
+    """The ``lighttransfer`` block of ``HYBRID/config.json`` and the config itself, read before any weight; one
+    line when there is none."""
     import json
 
     config = Path(hybrid).expanduser() / "config.json"
@@ -122,15 +123,21 @@ def read_block(hybrid) -> HybridConfig:
     if block is None:
         raise LightTransferError(f"HYBRID '{hybrid}' has no 'lighttransfer' block in its config.json; convert the "
                                  "model first (lighttransfer convert MODEL --out HYBRID).")
-    return block
+    return block, raw
 
 
 def check_finetune_inputs(hybrid, *, data: Sequence[str], out, settings: FinetuneSettings, field: str = "text",
-                          force: bool = False, resume=None, state_dir=None, save_every: int = 0) -> Path | None:
-    """Every check that needs no model: raises a one-line error before anything heavy happens. Returns the
+                          force: bool = False, resume=None, state_dir=None, save_every: int = 0,
+                          device: str | torch.device = "auto") -> Path | None:
+    """Every check that needs no weights: raises a one-line error before anything heavy happens. Returns the
     state directory that will be written (``None`` when ``save_every`` is 0)."""
     require_peft()
-    read_block(hybrid)
+    _, config = read_block(hybrid)
+    shape = model_shape(config, source=f"HYBRID '{hybrid}'")
+    if shape.max_positions and settings.seq_len > shape.max_positions:
+        raise LightTransferError(f"--seq-len {settings.seq_len} is beyond the model's {shape.max_positions} "
+                                 "positions; pass at most that (context extension is not supported yet).")
+    resolve_backend(settings.attention, resolve_device(device))
     check_data_sources(data, field=field)
     target = Path(out).expanduser().absolute()
     if target == Path(hybrid).expanduser().absolute():
@@ -142,7 +149,10 @@ def check_finetune_inputs(hybrid, *, data: Sequence[str], out, settings: Finetun
     if save_every < 0:
         raise LightTransferError(f"--save-every must be >= 0, got {save_every}.")
     if resume is not None:
-        read_state(resume)
+        done = read_state(resume).step
+        if done >= settings.steps:
+            raise LightTransferError(f"--resume '{resume}' has already done {done} steps; pass --steps above "
+                                     f"{done} to train further.")
     if save_every == 0:
         return None
     path = Path(state_dir).expanduser().absolute() if state_dir is not None else default_state_dir(target)
@@ -195,18 +205,13 @@ def finetune(
     """
     settings = settings or FinetuneSettings()
     state_path = check_finetune_inputs(hybrid, data=data, out=out, settings=settings, field=field, force=force,
-                                       resume=resume, state_dir=state_dir, save_every=save_every)
+                                       resume=resume, state_dir=state_dir, save_every=save_every, device=device)
     previous_state = read_state(resume) if resume is not None else None
 
     loaded = load_model(hybrid, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
-    source = f"HYBRID '{hybrid}'"
-    block = read_block(hybrid)
-    layout = resolve_layout(model.config, source=source)
-    shape = model_shape(model.config, source=source)
-    if shape.max_positions and settings.seq_len > shape.max_positions:
-        raise LightTransferError(f"--seq-len {settings.seq_len} is beyond the model's {shape.max_positions} "
-                                 "positions; pass at most that (context extension is not supported yet).")
+    block, _ = read_block(hybrid)
+    layout = resolve_layout(model.config, source=f"HYBRID '{hybrid}'")
     warnings = []
     if layout.num_streaming_layers or layout.mixed_masks:
         if settings.seq_len <= layout.sink + layout.window:
