@@ -189,11 +189,13 @@ def flex_mask_mod(rules: LayerRules, *, device=None):
 def flex_block_mask(rules: LayerRules, seq_len: int, *, device, compile_mask: bool = True):
     """A FlexAttention ``BlockMask`` for ``[1, num_heads, seq_len, seq_len]`` from :func:`flex_mask_mod`.
 
-    ``compile_mask`` builds it without materializing the ``heads x N x N`` mask (needed at long context)."""
+    ``compile_mask`` builds it through ``torch.compile``, which fuses the mask into the block reduction instead of
+    materializing the ``heads x N x N`` boolean mask (needed at long context; the tests build small ones eagerly)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(flex_mask_mod(rules, device=device), B=None, H=len(rules.heads), Q_LEN=seq_len,
-                             KV_LEN=seq_len, device=device, _compile=compile_mask)
+    build = torch.compile(create_block_mask) if compile_mask else create_block_mask
+    return build(flex_mask_mod(rules, device=device), B=None, H=len(rules.heads), Q_LEN=seq_len, KV_LEN=seq_len,
+                 device=device)
 
 
 __all__ = ["LONG", "HeadRule", "CAUSAL", "LayerRules", "head_visible", "s2_group_size", "s2_shifted_heads",
