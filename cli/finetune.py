@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import sys
+import time
 
 import click
 from rich.markup import escape
 
 from .options import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
+
+PLAIN_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal
 
 
 @click.command("finetune")
@@ -82,6 +86,7 @@ def finetune(hybrid, more_data, data, passkey_rows, seq_len, steps, out, batch, 
     quiet = is_quiet()
     progress = None
     task = None
+    plain: dict[str, float] = {}
 
     def on_start(start) -> None:
         nonlocal progress, task
@@ -96,6 +101,9 @@ def finetune(hybrid, more_data, data, passkey_rows, seq_len, steps, out, batch, 
                 err.print(f"[yellow]warning:[/yellow] {escape(line)}")
         if quiet:
             return
+        if not err.is_terminal:  # logs, nohup: a plain line every 30 s instead of a bar nobody sees
+            plain["started"] = plain["last"] = time.monotonic()
+            return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
@@ -108,6 +116,13 @@ def finetune(hybrid, more_data, data, passkey_rows, seq_len, steps, out, batch, 
         if progress is not None:
             progress.update(task, completed=report.step, loss=f"{report.loss:.3f}",
                             speed=f"{report.tokens_per_second:,.0f}")
+            return
+        now = time.monotonic()
+        if "last" in plain and (now - plain["last"] >= PLAIN_EVERY or report.step == report.steps):
+            plain["last"] = now
+            print(f"finetune: step {report.step}/{report.steps}, loss {report.loss:.3f}, "
+                  f"{report.tokens_per_second:,.0f} tok/s, {now - plain['started']:.0f} s", file=sys.stderr,
+                  flush=True)
 
     try:
         result = run_finetune(hybrid, data=list(data) + list(more_data), out=out, settings=settings,
