@@ -9,7 +9,7 @@
 # Park on (lines 16238-73434), evaluation: Emma (lines 1-16237), never trained on. Each curve point is a resumed
 # run (the same run continued), merged and evaluated on its own weights by finetune_recovery.py: perplexity at
 # EVAL_LENGTHS and passkey, original vs hybrid vs every point, gap recovered per length.
-# Environment: SEQ (8192), BATCH (4), LR (2e-4), WARMUP (10; fixed, so that every resumed point continues one schedule), STEPS ("25 50 100 200"), MODES ("s2-attn no-s2-attn"),
+# Environment: SEQ (8192), BATCH (4), LR (2e-4), WARMUP (10; fixed, so that every resumed point continues one schedule), STEPS ("50 100 200 400"), MODES ("s2-attn no-s2-attn"),
 # FT_ARGS (more finetune options, e.g. --train-norms), EVAL_LENGTHS (4096,8192), EVAL_WINDOWS (8),
 # PASSKEY_TRIALS (5), LAYERS (the 0.75 selection below), SPEED_ARGS (finetune_step_speed.py options).
 set -euo pipefail
@@ -22,7 +22,7 @@ case "$stage" in
   recovery)
     gguf=$2 austen=$3 out=$4
     mkdir -p "$out"
-    SEQ=${SEQ:-8192} BATCH=${BATCH:-4} LR=${LR:-2e-4} STEPS=${STEPS:-"25 50 100 200"}
+    SEQ=${SEQ:-8192} BATCH=${BATCH:-4} LR=${LR:-2e-4} STEPS=${STEPS:-"50 100 200 400"}
     # lazy-ratio ranking of SmolLM2-135M (bench/results/analysis_smollm2_with_gates_w128.json), first 22
     LAYERS=${LAYERS:-25,13,16,18,27,12,22,19,26,17,15,14,21,23,11,28,29,24,20,10,1,2}
     sed -n '1,16237p' "$austen" > "$out/emma_eval.txt"
