@@ -9,8 +9,10 @@
 # Park on (lines 16238-73434), evaluation: Emma (lines 1-16237), never trained on. Each curve point is a resumed
 # run (the same run continued), merged and evaluated on its own weights by finetune_recovery.py: perplexity at
 # EVAL_LENGTHS and passkey, original vs hybrid vs every point, gap recovered per length.
-# Environment: SEQ (8192), BATCH (4), LR (2e-4), WARMUP (10; fixed, so that every resumed point continues one schedule), STEPS ("50 100 200 400"), MODES ("s2-attn no-s2-attn"),
-# FT_ARGS (more finetune options, e.g. --train-norms), EVAL_LENGTHS (4096,8192), EVAL_WINDOWS (8),
+# Environment: SEQ (8192), BATCH (4), LR (2e-4), WARMUP (10; fixed, so that every resumed point continues one schedule), STEPS ("50 100 200 400"), MODES ("s2 dense";
+# s2: S²-Attn, dense: --no-s2-attn, s2sink: S²-Attn whose heads also see the first 4 tokens, SinkLoRA-style),
+# DATA_EXTRA (synthetic:passkey: retrieval rows in the six training wordings; empty for text only),
+# PASSKEY_FORMAT (locker: a wording never trained on), FT_ARGS (more finetune options, e.g. --train-norms), EVAL_LENGTHS (4096,8192), EVAL_WINDOWS (8),
 # PASSKEY_TRIALS (5), LAYERS (the 0.75 selection below), SPEED_ARGS (finetune_step_speed.py options).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -30,11 +32,17 @@ case "$stage" in
     [[ -d "$out/hybrid" ]] || lt convert "$gguf" --layers "$LAYERS" --sink 4 --window 1020 --out "$out/hybrid" \
       --device cuda --dtype bfloat16
     finetuned=()
-    for mode in ${MODES:-s2-attn no-s2-attn}; do
+    for mode in ${MODES:-s2 dense}; do
+      case "$mode" in
+        s2) flags=(--s2-attn) ;;
+        dense) flags=(--no-s2-attn) ;;
+        s2sink) flags=(--s2-attn --s2-sink 4) ;;
+        *) echo "unknown mode $mode (s2, dense, s2sink)" >&2; exit 2 ;;
+      esac
       state="$out/state_$mode" resume=()
       for steps in $STEPS; do
-        lt finetune "$out/hybrid" --data "$out/austen_train.txt" --seq-len "$SEQ" --batch "$BATCH" --lr "$LR" \
-          --warmup-steps "${WARMUP:-10}" --"$mode" --steps "$steps" --save-every "$steps" --state-dir "$state" "${resume[@]}" ${FT_ARGS:-} \
+        lt finetune "$out/hybrid" --data "$out/austen_train.txt" ${DATA_EXTRA-synthetic:passkey} --seq-len "$SEQ" --batch "$BATCH" --lr "$LR" \
+          --warmup-steps "${WARMUP:-10}" "${flags[@]}" --steps "$steps" --save-every "$steps" --state-dir "$state" "${resume[@]}" ${FT_ARGS:-} \
           --out "$out/ft_${mode}_$steps" --force --device cuda 2>&1 | tail -4
         resume=(--resume "$state")
         finetuned+=(--finetuned "${mode}_$steps=$out/ft_${mode}_$steps")
@@ -42,7 +50,8 @@ case "$stage" in
     done
     py "$here/bench/scripts/finetune_recovery.py" --original "$gguf" --hybrid "$out/hybrid" "${finetuned[@]}" \
       --text "$out/emma_eval.txt" --lengths "${EVAL_LENGTHS:-4096,8192}" --windows "${EVAL_WINDOWS:-8}" \
-      --passkey-trials "${PASSKEY_TRIALS:-5}" --passkey-depths 10 --device cuda --dtype bfloat16 \
+      --passkey-trials "${PASSKEY_TRIALS:-5}" --passkey-depths 10 --passkey-format "${PASSKEY_FORMAT:-locker}" \
+      --device cuda --dtype bfloat16 \
       --out "$out/finetune_recovery_smollm2.json"
     ;;
   speed)

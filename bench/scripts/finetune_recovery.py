@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8, help="perplexity windows per length")
     ap.add_argument("--passkey-trials", type=int, default=0, help="per depth and length; 0: no passkey")
     ap.add_argument("--passkey-depths", type=int, default=5)
+    ap.add_argument("--passkey-format", default="passkey",
+                    help="wording (calibration.passkey.TEMPLATES); needle and locker are never trained on")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--out", required=True)
@@ -73,7 +75,7 @@ def main() -> None:
     plans = {L: plan_windows(len(ids), length=L, stride=default_stride(L, min_context), min_context=min_context,
                              max_windows=args.windows) for L in lengths}
     samples = passkey_samples(tokenizer, text, lengths=lengths, depths=passkey_depths(args.passkey_depths),
-                              trials=args.passkey_trials) if args.passkey_trials else []
+                              trials=args.passkey_trials, template=args.passkey_format) if args.passkey_trials else []
 
     models = [("original", args.original), ("hybrid", args.hybrid)]
     models += [tuple(spec.split("=", 1)) for spec in args.finetuned]
@@ -113,6 +115,8 @@ def main() -> None:
         print(name, "gap recovered", row["gap_recovered"], flush=True)
 
     write_json(args.out, {"schema_version": 1, "rows": rows, "lengths": lengths, "windows": args.windows,
+                          "passkey": {"format": args.passkey_format, "trials": args.passkey_trials,
+                                      "depths": args.passkey_depths},
                           "text": {"path": args.text, "lines": args.text_lines, "tokens": len(ids)},
                           "layout": {"streaming_layers": block.streaming_layers, "sink": block.sink,
                                      "window": block.window},
