@@ -96,7 +96,7 @@ def test_s2_attn_changes_only_what_the_full_layers_see(hybrid):
     assert (out[True][:, 20:] - out[False][:, 20:]).abs().max().item() > 1e-4
 
 
-def test_loss_falls_and_the_merged_checkpoint_loads_and_generates(hybrid, merged):
+def test_loss_falls_and_the_merged_checkpoint_loads_and_generates(hybrid, merged, capsys):
     import lighttransfer
     from transformers import AutoModelForCausalLM
 
@@ -111,6 +111,9 @@ def test_loss_falls_and_the_merged_checkpoint_loads_and_generates(hybrid, merged
     config = json.loads((merged.out / "config.json").read_text())
     block = HybridConfig.from_model_config(config)
     assert block.streaming_layers == [1, 3] and block.sink == SINK and block.finetune["final_loss"] == record.final_loss
+
+    code, shown, _ = run(["inspect", str(merged.out)], capsys)
+    assert code == 0 and "fine-tuned: 20 steps" in shown and "S²-Attn" in shown
 
     model = lighttransfer.load(merged.out, device="cpu")
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied embeddings stay tied
