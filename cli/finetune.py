@@ -36,7 +36,7 @@ PLAIN_EVERY = 30.0  # seconds between progress lines when stderr is not a termin
 @click.option("--train-norms", is_flag=True, help="Also train every normalization layer (LongLoRA's LoRA+).")
 @click.option("--train-embeddings", is_flag=True,
               help="Also train the input embedding (LoRA+). With tied embeddings (SmolLM2 and most small models) "
-                   "that is also the output head: one matrix, 21%% of SmolLM2-135M, kept tied in the output.")
+                   "that is also the output head: one matrix, 21% of SmolLM2-135M, kept tied in the output.")
 @click.option("--s2-attn/--no-s2-attn", default=True, show_default=True,
               help="Full layers train with LongLoRA's shifted sparse attention (never wrapping) or dense causal "
                    "attention; streaming layers always train with their sink + window.")
