@@ -166,8 +166,8 @@ def inspect(checkpoint, cache_dtype, as_json) -> None:
         c = hybrid.calibration
         console.print(escape(f"chosen with analysis sink {c.get('sink', '?')}, window {c.get('window', c.get('recent', '?'))}, "
                       f"seq_len {c.get('seq_len', '?')}, samples {c.get('samples', '?')}"))
-    if hybrid.finetune:
-        f = hybrid.finetune
+    if result.finetune:
+        f = result.finetune
         settings = f.get("settings", {})
         attention = "S²-Attn" if settings.get("s2_attn") else "dense attention"
         console.print(escape(f"fine-tuned: {f['steps']} steps, {f['tokens']:,} tokens, LoRA r {settings.get('lora_r', '?')} "

@@ -67,7 +67,8 @@ def finetune(hybrid, more_data, data, passkey_rows, seq_len, steps, out, batch, 
 
     HYBRID is a directory written by `lighttransfer convert`. Streaming layers train with their sink + window
     attention, full layers with S²-Attn (LongLoRA; inference keeps them full). The output is a new hybrid
-    checkpoint with the LoRA merged and a `finetune` record in its config block, or with --adapter-only a peft
+    checkpoint with the LoRA merged, its config block unchanged and a fine-tune record beside it, or with
+    --adapter-only a peft
     adapter for HYBRID.
 
     \b

@@ -17,12 +17,12 @@ block through ``from_pretrained`` -> ``save_pretrained``::
       "calibration": {"sink": 4, "window": 1020, "last": 32, ...},  # what the layers were chosen with
       "report_summary": {...},                 # small: lazy ratios per layer, ranking
       "sidecar": "lighttransfer_scores.json",  # bulky per-head scores beside the weights, or null
-      "native_swa": false,                     # true when layer_types/sliding_window were also written
-      "finetune": {...}                        # only after `lighttransfer finetune` (finetune_record.py)
+      "native_swa": false                      # true when layer_types/sliding_window were also written
     }
 
-Optional keys are left out when empty (``head_order``, ``finetune``), so a block ``convert`` writes is the same as
-before they existed, and every older block still reads.
+A fine-tuned checkpoint keeps this block as it was and records the fine-tune beside it, under its own key
+(``"lighttransfer_finetune"``, :mod:`.finetune_record`), so every reader of the block, older ones included, reads
+it unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from ..errors import LightTransferError
-from .finetune_record import FinetuneRecord
 from .layout import HybridLayout
 
 CONFIG_KEY = "lighttransfer"
@@ -69,8 +68,6 @@ class HybridConfig:
         head_order: ``{layer: [original KV head of each slot]}`` for layers whose heads the runtime reordered in
             the weights before they were saved (empty for what ``convert`` writes): such weights are no longer
             in the source model's head order, so ``source`` and any report on it no longer index them.
-        finetune: the :class:`~lighttransfer.hybrid_format.finetune_record.FinetuneRecord` (as a dict) of a
-            checkpoint whose weights ``lighttransfer finetune`` changed, or ``None`` (weights as converted).
     """
 
     num_layers: int
@@ -87,7 +84,6 @@ class HybridConfig:
     sidecar: str | None = None
     native_swa: bool = False
     head_order: dict[int, list[int]] = field(default_factory=dict)
-    finetune: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -100,8 +96,6 @@ class HybridConfig:
             self.num_kv_heads = _whole(self.num_kv_heads, "num_kv_heads")
         except (TypeError, ValueError, AttributeError) as exc:
             raise LightTransferError(f"a value has the wrong type ({exc})") from exc
-        if self.finetune is not None:
-            self.finetune = FinetuneRecord.from_dict(self.finetune).to_dict()
         self.validate()
 
     # ---- the layout ----------------------------------------------------------------------------------------
@@ -142,8 +136,6 @@ class HybridConfig:
         d["head_order"] = {str(k): v for k, v in sorted(self.head_order.items())}
         if not d["head_order"]:
             del d["head_order"]  # blocks written by convert stay as before
-        if d["finetune"] is None:
-            del d["finetune"]
         return json.loads(json.dumps(d, sort_keys=True))
 
     @classmethod

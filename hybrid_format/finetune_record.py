@@ -1,10 +1,12 @@
-"""The ``finetune`` record of a hybrid checkpoint's ``lighttransfer`` block: how its weights were fine-tuned.
+"""The fine-tune record of a hybrid checkpoint: how ``lighttransfer finetune`` changed its weights.
 
-``lighttransfer finetune`` writes it (merged checkpoints: inside the block; adapter-only outputs: as
-``lighttransfer_finetune.json`` beside the adapter). Blocks without it are what ``convert`` writes; readers that
-do not need it ignore it::
+A merged checkpoint keeps its ``lighttransfer`` block exactly as ``convert`` wrote it (the layout did not change)
+and stores the record beside it in ``config.json`` under its own key, ``"lighttransfer_finetune"``: a reader of the
+block, of any lighttransfer version, reads a fine-tuned checkpoint as it reads any hybrid, and transformers keeps
+the key through ``from_pretrained`` -> ``save_pretrained`` like the block. An adapter-only output writes the record
+as ``lighttransfer_finetune.json`` beside the adapter::
 
-    "finetune": {
+    "lighttransfer_finetune": {
       "schema_version": 1,
       "output": "merged",                   # or "adapter"
       "steps": 200, "tokens": 1638400,      # optimizer steps, training tokens seen
@@ -26,6 +28,7 @@ from typing import Any
 from ..errors import LightTransferError
 
 FINETUNE_SCHEMA_VERSION = 1
+FINETUNE_KEY = "lighttransfer_finetune"
 FINETUNE_FILE = "lighttransfer_finetune.json"
 OUTPUTS = ("merged", "adapter")
 
@@ -79,5 +82,26 @@ class FinetuneRecord:
         except TypeError as exc:
             raise LightTransferError(f"the finetune record is incomplete: {exc}.") from exc
 
+    @classmethod
+    def from_model_config(cls, config: Any, *, origin: str | None = None) -> FinetuneRecord | None:
+        """The record of a transformers config (object or dict), or ``None`` (never fine-tuned).
 
-__all__ = ["FinetuneRecord", "FINETUNE_SCHEMA_VERSION", "FINETUNE_FILE"]
+        Raises:
+            LightTransferError: the record is damaged (the message names ``origin``).
+        """
+        raw = config.get(FINETUNE_KEY) if isinstance(config, dict) else getattr(config, FINETUNE_KEY, None)
+        if raw is None:
+            return None
+        try:
+            return cls.from_dict(raw)
+        except LightTransferError as exc:
+            where = f"'{origin}'" if origin else "config.json"
+            raise LightTransferError(f"the '{FINETUNE_KEY}' record of {where} is damaged: {str(exc).rstrip('.')}.") \
+                from exc
+
+    def attach(self, config: Any) -> None:
+        """Store the record on a transformers config object (``save_pretrained`` then writes it)."""
+        setattr(config, FINETUNE_KEY, self.to_dict())
+
+
+__all__ = ["FinetuneRecord", "FINETUNE_SCHEMA_VERSION", "FINETUNE_KEY", "FINETUNE_FILE"]

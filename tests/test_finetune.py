@@ -110,7 +110,9 @@ def test_loss_falls_and_the_merged_checkpoint_loads_and_generates(hybrid, merged
     assert record.versions["peft"] == peft.__version__
     config = json.loads((merged.out / "config.json").read_text())
     block = HybridConfig.from_model_config(config)
-    assert block.streaming_layers == [1, 3] and block.sink == SINK and block.finetune["final_loss"] == record.final_loss
+    # the block is the hybrid's own, unchanged (older readers read it); the record sits beside it
+    assert block.to_dict() == HybridConfig.from_model_config(json.loads((hybrid / "config.json").read_text())).to_dict()
+    assert FinetuneRecord.from_model_config(config).final_loss == record.final_loss
 
     code, shown, _ = run(["inspect", str(merged.out)], capsys)
     assert code == 0 and "fine-tuned: 20 steps" in shown and "S²-Attn" in shown
@@ -178,8 +180,7 @@ def test_the_cli_trains_and_prints_the_share_and_the_loss(hybrid, tmp_path, caps
     assert code == 0, stderr
     assert f"wrote {out}" in stdout
     assert "trainable of" in stderr and "loss " in stderr and "tok/s" in stderr
-    assert HybridConfig.from_model_config(json.loads((out / "config.json").read_text())).finetune["settings"][
-        "s2_attn"] is False
+    assert FinetuneRecord.from_model_config(json.loads((out / "config.json").read_text())).settings["s2_attn"] is False
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -219,15 +220,16 @@ def test_a_plain_model_is_refused(tiny_model_dir, hybrid, tmp_path, capsys):
     assert code == 1 and "no 'lighttransfer' block" in stderr
 
 
-def test_the_block_reads_old_and_new_forms():
-    old = HybridConfig(num_layers=4, num_kv_heads=2, streaming_layers=[1]).to_dict()
-    assert "finetune" not in old  # what convert writes is unchanged
-    assert HybridConfig.from_dict(old).finetune is None
-    record = FinetuneRecord(output="merged", steps=3, tokens=300, final_loss=2.0, first_loss=3.0)
-    new = HybridConfig.from_dict(dict(old, finetune=record.to_dict()))
-    assert HybridConfig.from_dict(new.to_dict()).finetune == record.to_dict()
-    with pytest.raises(LightTransferError, match="schema_version"):
-        HybridConfig.from_dict(dict(old, finetune=dict(record.to_dict(), schema_version=9)))
+def test_the_record_sits_beside_the_block_and_survives_save_pretrained(merged, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(merged.out).save_pretrained(tmp_path / "resaved")
+    config = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert FinetuneRecord.from_model_config(config) == merged.record
+    assert "finetune" not in config["lighttransfer"]  # a reader of the block sees a plain hybrid
+    assert FinetuneRecord.from_model_config({"lighttransfer": config["lighttransfer"]}) is None
+    with pytest.raises(LightTransferError, match="damaged: finetune record schema_version"):
+        FinetuneRecord.from_model_config({"lighttransfer_finetune": dict(merged.record.to_dict(), schema_version=9)})
     with pytest.raises(LightTransferError, match="final_loss"):
         FinetuneRecord(output="merged", steps=1, tokens=1, final_loss=float("nan"), first_loss=None)
 

@@ -11,7 +11,7 @@ The loop, in order:
    attention, the model's own sliding layers with their window; loss = next-token cross-entropy over whole rows;
    AdamW, linear warmup, gradient clipping, autocast to bf16 and gradient checkpointing on CUDA;
 4. the state is saved every ``save_every`` steps (resumable with ``resume``); at the end the output is written
-   in one piece: a hybrid checkpoint with the LoRA merged and a ``finetune`` record in its block, or the adapter
+   in one piece: a hybrid checkpoint with the LoRA merged and a fine-tune record beside its block, or the adapter
    alone in peft's format (``adapter_only``).
 """
 
@@ -210,7 +210,8 @@ def finetune(
 
     loaded = load_model(hybrid, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     model, tokenizer = loaded.model, loaded.tokenizer
-    block, _ = read_block(hybrid)
+    block, config = read_block(hybrid)
+    previous_record = FinetuneRecord.from_model_config(config, origin=f"{hybrid}/config.json")
     layout = resolve_layout(model.config, source=f"HYBRID '{hybrid}'")
     warnings = []
     if layout.num_streaming_layers or layout.mixed_masks:
@@ -302,7 +303,8 @@ def finetune(
         settings=dict(settings.to_dict(), backend=backend, device=dev.type, dtype=str(base_dtype).removeprefix("torch."),
                       gradient_checkpointing=bool(checkpointing), trainable_parameters=share.trainable,
                       total_parameters=share.total),
-        data=data_record, base=base, versions=_versions(), previous=block.finetune)
+        data=data_record, base=base, versions=_versions(),
+        previous=previous_record.to_dict() if previous_record is not None else None)
     target = Path(out).expanduser().absolute()
     src_dir = Path(hybrid).expanduser()
     with staged_directory(target, force=force) as tmp:
@@ -323,8 +325,8 @@ def _write_merged(peft_model, tmp: Path, block: HybridConfig, record: FinetuneRe
     if getattr(merged, "_tied_weights_keys", None) and merged.config.get_text_config().tie_word_embeddings:
         merged.tie_weights()
     merged.config.use_cache = True
-    block = HybridConfig.from_dict(dict(block.to_dict(), finetune=record.to_dict()))
-    block.attach(merged.config)
+    block.attach(merged.config)  # the layout is unchanged; the record goes beside the block
+    record.attach(merged.config)
     merged.save_pretrained(tmp, safe_serialization=True)
 
 

@@ -26,7 +26,7 @@ import torch
 from lighttransfer.environment import environment
 from lighttransfer.evaluation.passkey import passkey_accuracy, passkey_depths, passkey_samples
 from lighttransfer.evaluation.perplexity import default_stride, perplexity, plan_windows
-from lighttransfer.hybrid_format import HybridConfig
+from lighttransfer.hybrid_format import FinetuneRecord, HybridConfig
 from lighttransfer.loading import load_model, load_tokenizer, resolve_model_source
 from lighttransfer.output_files import write_json
 
@@ -94,11 +94,10 @@ def main() -> None:
                 acc = passkey_accuracy(sequence, samples)
                 row["passkey"] = {"accuracy": acc["accuracy"], "n": acc["n"], "ci95": acc["ci95"],
                                   "by_length": acc["by_length"]}
-        config = getattr(model.config, "lighttransfer", None)
-        if isinstance(config, dict) and config.get("finetune"):
-            record = config["finetune"]
-            row["finetune"] = {k: record[k] for k in ("steps", "tokens", "first_loss", "final_loss")}
-            row["finetune"]["settings"] = record["settings"]
+        record = FinetuneRecord.from_model_config(model.config)
+        if record is not None:
+            row["finetune"] = {"steps": record.steps, "tokens": record.tokens, "first_loss": record.first_loss,
+                               "final_loss": record.final_loss, "settings": record.settings}
         row["seconds"] = time.perf_counter() - start
         rows[name] = row
         print(name, {L: round(p, 3) for L, p in row["ppl"].items()}, row.get("passkey", {}).get("accuracy"),
