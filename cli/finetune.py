@@ -68,8 +68,7 @@ def finetune(hybrid, more_data, data, passkey_rows, seq_len, steps, out, batch, 
     HYBRID is a directory written by `lighttransfer convert`. Streaming layers train with their sink + window
     attention, full layers with S²-Attn (LongLoRA; inference keeps them full). The output is a new hybrid
     checkpoint with the LoRA merged, its config block unchanged and a fine-tune record beside it, or with
-    --adapter-only a peft
-    adapter for HYBRID.
+    --adapter-only a peft adapter for HYBRID.
 
     \b
     The trainable share is printed first. LoRA r 8 on q/k/v/o is well under 1% of a model; --train-embeddings
