@@ -144,7 +144,7 @@ def load_calibration(
                               tokens_sha256=_tokens_sha(ids), total_tokens=samples * seq_len, seed=seed,
                               depths=depths)
 
-    stream = _token_stream(tokenizer, [d.text for d in docs])
+    stream = token_stream(tokenizer, [d.text for d in docs])
     bos = bos_prefix(tokenizer)
     body = seq_len - len(bos)
     windows = len(stream) // body
@@ -164,7 +164,8 @@ def load_calibration(
                           tokens_sha256=_tokens_sha(ids), total_tokens=len(stream), seed=seed, offsets=offsets)
 
 
-def _token_stream(tokenizer, texts: list[str]) -> list[int]:
+def token_stream(tokenizer, texts: list[str]) -> list[int]:
+    """The documents tokenized without special tokens and joined by the tokenizer's EOS (``"\\n\\n"`` without one)."""
     eos = getattr(tokenizer, "eos_token_id", None)
     separator = [eos] if eos is not None else token_ids(tokenizer, "\n\n")
     stream: list[int] = []
@@ -184,4 +185,4 @@ def _tokens_sha(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
-__all__ = ["CalibrationSet", "check_sources", "load_calibration", "SYNTHETIC_SOURCES"]
+__all__ = ["CalibrationSet", "check_sources", "load_calibration", "token_stream", "SYNTHETIC_SOURCES"]

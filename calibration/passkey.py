@@ -33,6 +33,8 @@ from ..errors import LightTransferError
 INTRO = "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it.\n\n"
 NEEDLE = "\n{key} is important. The pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\n\nWhat is the pass key? The pass key is"
+# what follows every question: the key after a space (the evaluation scores it, fine-tuning trains on it)
+ANSWER = " {key}"
 
 
 class Template(NamedTuple):
@@ -212,6 +214,7 @@ def passkey_samples(
 
 
 __all__ = [
+    "ANSWER",
     "HELD_OUT_TEMPLATES",
     "TEMPLATES",
     "TRAINING_TEMPLATES",

@@ -33,8 +33,8 @@ class Document:
     origin: str
 
 
-def expand_source(spec: str) -> list[Path]:
-    """The files a source names, sorted; raises when it names none."""
+def expand_source(spec: str, *, option: str = "--calib") -> list[Path]:
+    """The files a source names, sorted; raises when it names none (the message names ``option``)."""
     path = Path(spec).expanduser()
     if path.is_file():
         return [path]
@@ -42,15 +42,15 @@ def expand_source(spec: str) -> list[Path]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in READABLE_SUFFIXES)
         if not files:
             raise LightTransferError(
-                f"--calib '{spec}': the directory holds no .txt, .md or .jsonl file; add text or pass files."
+                f"{option} '{spec}': the directory holds no .txt, .md or .jsonl file; add text or pass files."
             )
         return files
     if glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
-            raise LightTransferError(f"--calib '{spec}': the pattern matches no file; check the path.")
+            raise LightTransferError(f"{option} '{spec}': the pattern matches no file; check the path.")
         return files
-    raise LightTransferError(f"--calib '{spec}': no such file or directory; pass an existing .txt/.jsonl file.")
+    raise LightTransferError(f"{option} '{spec}': no such file or directory; pass an existing .txt/.jsonl file.")
 
 
 def _looks_binary(text: str, *, limit: float = 0.01) -> bool:
@@ -62,32 +62,33 @@ def _looks_binary(text: str, *, limit: float = 0.01) -> bool:
     return control > limit * max(len(head), 1)
 
 
-def read_documents(path: Path, *, field: str = "text") -> list[Document]:
-    """Read the documents of one file (see the module docstring), refusing empty or undecodable files."""
+def read_documents(path: Path, *, field: str = "text", option: str = "--calib") -> list[Document]:
+    """Read the documents of one file (see the module docstring), refusing empty or undecodable files; errors
+    name ``option`` (``--calib`` for the analysis, ``--data`` for fine-tuning)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise LightTransferError(f"--calib '{path}': cannot be read ({exc.strerror or exc}).") from exc
+        raise LightTransferError(f"{option} '{path}': cannot be read ({exc.strerror or exc}).") from exc
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise LightTransferError(
-            f"--calib '{path}' is not UTF-8 text (bad byte at offset {exc.start}); convert it to UTF-8 first."
+            f"{option} '{path}' is not UTF-8 text (bad byte at offset {exc.start}); convert it to UTF-8 first."
         ) from exc
     text = text.removeprefix("\ufeff")
     if not text.strip():
-        raise LightTransferError(f"--calib '{path}' is empty; pass a file with text in it.")
+        raise LightTransferError(f"{option} '{path}' is empty; pass a file with text in it.")
     if _looks_binary(text):
         raise LightTransferError(
-            f"--calib '{path}' looks like a binary file, not text (NUL or control bytes); pass plain text or "
+            f"{option} '{path}' looks like a binary file, not text (NUL or control bytes); pass plain text or "
             ".jsonl with a text field."
         )
     if path.suffix.lower() not in JSONL_SUFFIXES:
         return [Document(text=text, origin=str(path))]
-    return _jsonl_documents(text, path, field)
+    return _jsonl_documents(text, path, field, option)
 
 
-def _jsonl_documents(text: str, path: Path, field: str) -> list[Document]:
+def _jsonl_documents(text: str, path: Path, field: str, option: str) -> list[Document]:
     docs = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -95,30 +96,31 @@ def _jsonl_documents(text: str, path: Path, field: str) -> list[Document]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise LightTransferError(f"--calib '{path}' line {number} is not valid JSON ({exc.msg}).") from exc
+            raise LightTransferError(f"{option} '{path}' line {number} is not valid JSON ({exc.msg}).") from exc
         if not isinstance(record, dict) or field not in record:
             raise LightTransferError(
-                f"--calib '{path}' line {number} has no field '{field}'; pass --field with the name of the "
+                f"{option} '{path}' line {number} has no field '{field}'; pass --field with the name of the "
                 "field that holds the text."
             )
         value = record[field]
         if not isinstance(value, str):
             raise LightTransferError(
-                f"--calib '{path}' line {number}: field '{field}' is a {type(value).__name__}, not a string."
+                f"{option} '{path}' line {number}: field '{field}' is a {type(value).__name__}, not a string."
             )
         if value.strip():
             docs.append(Document(text=value, origin=f"{path}:{number}"))
     if not docs:
-        raise LightTransferError(f"--calib '{path}' has no non-empty '{field}' field in any line.")
+        raise LightTransferError(f"{option} '{path}' has no non-empty '{field}' field in any line.")
     return docs
 
 
-def collect_documents(specs: list[str], *, field: str = "text") -> list[Document]:
-    """All documents of the file sources ``specs``, in the order given (files of a directory sorted)."""
+def collect_documents(specs: list[str], *, field: str = "text", option: str = "--calib") -> list[Document]:
+    """All documents of the file sources ``specs``, in the order given (files of a directory sorted); errors
+    name the command-line ``option`` the sources came from."""
     docs: list[Document] = []
     for spec in specs:
-        for path in expand_source(spec):
-            docs.extend(read_documents(path, field=field))
+        for path in expand_source(spec, option=option):
+            docs.extend(read_documents(path, field=field, option=option))
     return docs
 
 

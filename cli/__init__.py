@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("lighttransfer.cli.convert:convert", "Write a hybrid checkpoint whose laziest layers stream."),
     "inspect": ("lighttransfer.cli.convert:inspect", "Show a hybrid checkpoint's layout and KV-cache memory."),
     "generate": ("lighttransfer.cli.generate:generate", "Generate text with a hybrid checkpoint."),
+    "finetune": ("lighttransfer.cli.finetune:finetune", "Recovery fine-tuning: LoRA trained with the hybrid's masks."),
     "eval": ("lighttransfer.cli.evaluate:evaluate", "Perplexity, passkey and RULER-style tasks, hybrid vs original."),
     "eval-merge": ("lighttransfer.cli.evaluate:eval_merge", "Join evaluation results whose rows ran apart."),
     "bench": ("lighttransfer.cli.bench:bench", "Prefill/decode speed and memory, hybrid vs original."),

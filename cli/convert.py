@@ -166,6 +166,12 @@ def inspect(checkpoint, cache_dtype, as_json) -> None:
         c = hybrid.calibration
         console.print(escape(f"chosen with analysis sink {c.get('sink', '?')}, window {c.get('window', c.get('recent', '?'))}, "
                       f"seq_len {c.get('seq_len', '?')}, samples {c.get('samples', '?')}"))
+    if result.finetune:
+        f = result.finetune
+        settings = f.get("settings", {})
+        attention = "S²-Attn" if settings.get("s2_attn") else "dense attention"
+        console.print(escape(f"fine-tuned: {f['steps']} steps, {f['tokens']:,} tokens, LoRA r {settings.get('lora_r', '?')} "
+                             f"with {attention}; loss {f['first_loss']:.3f} -> {f['final_loss']:.3f}"))
     if hybrid.head_masks:
         console.print(_head_grid(hybrid))
     console.print(_memory_table(result.memory, result.dtype))

@@ -14,6 +14,7 @@ from ..hybrid_format import (
     CONFIG_KEY,
     DEFAULT_TOKENS,
     DTYPE_BYTES,
+    FinetuneRecord,
     HybridConfig,
     KVMemoryRow,
     kv_memory_table,
@@ -33,6 +34,7 @@ class InspectResult:
         memory: KV-cache bytes of the dense and the hybrid model at 8k/32k/128k tokens, batch 1.
         native_layer_types: the architecture's own ``layer_types`` when ``--native-swa`` wrote them.
         max_position_embeddings: the context length the config declares, when it says.
+        finetune: the fine-tune record beside the block (``lighttransfer finetune``), or ``None``.
     """
 
     path: Path
@@ -43,6 +45,7 @@ class InspectResult:
     memory: list[KVMemoryRow]
     native_layer_types: list[str] | None = None
     max_position_embeddings: int | None = None
+    finetune: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +53,7 @@ class InspectResult:
             "hybrid": self.hybrid.to_dict(), "memory": [row.to_dict() for row in self.memory],
             "native_layer_types": self.native_layer_types,
             "max_position_embeddings": self.max_position_embeddings,
+            **({"finetune": self.finetune} if self.finetune is not None else {}),
         }
 
 
@@ -79,6 +83,7 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, tokens: tuple[int, ...] 
             f"'{config_path.parent}' is a plain model, not a hybrid: its config.json has no '{CONFIG_KEY}' block. "
             "Make one with `lighttransfer convert`."
         )
+    record = FinetuneRecord.from_model_config(config, origin=str(config_path))
     text = text_config(config)
     shape = model_shape(config, source=f"'{config_path}'")
     # the same consistency check the runtime (generate, eval) makes before it trusts the block
@@ -108,6 +113,7 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, tokens: tuple[int, ...] 
         memory=memory,
         native_layer_types=text.get("layer_types") if hybrid.native_swa else None,
         max_position_embeddings=text.get("max_position_embeddings"),
+        finetune=record.to_dict() if record is not None else None,
     )
 
 

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..calibration.passkey import ANSWER
 from ..errors import LightTransferError
 from .scoring import continuation_logits, greedy_matches
-
-ANSWER = " {key}"
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@
 (:func:`kv_cache_bytes`). Plain Python, no torch."""
 
 from .config_block import CONFIG_KEY, FORMAT_VERSION, SIDECAR_FORMAT_VERSION, SIDECAR_NAME, HybridConfig
+from .finetune_record import FINETUNE_FILE, FINETUNE_KEY, FINETUNE_SCHEMA_VERSION, FinetuneRecord
 from .kv_size import DEFAULT_TOKENS, DTYPE_BYTES, KVMemoryRow, format_bytes, kv_cache_bytes, kv_memory_table
 from .layout import DEFAULT_SINK, DEFAULT_WINDOW, PREFILL_POLICIES, HybridLayout
 
@@ -14,6 +15,10 @@ __all__ = [
     "SIDECAR_NAME",
     "SIDECAR_FORMAT_VERSION",
     "HybridLayout",
+    "FinetuneRecord",
+    "FINETUNE_FILE",
+    "FINETUNE_KEY",
+    "FINETUNE_SCHEMA_VERSION",
     "DEFAULT_SINK",
     "DEFAULT_WINDOW",
     "PREFILL_POLICIES",

@@ -19,6 +19,10 @@ block through ``from_pretrained`` -> ``save_pretrained``::
       "sidecar": "lighttransfer_scores.json",  # bulky per-head scores beside the weights, or null
       "native_swa": false                      # true when layer_types/sliding_window were also written
     }
+
+A fine-tuned checkpoint keeps this block as it was and records the fine-tune beside it, under its own key
+(``"lighttransfer_finetune"``, :mod:`.finetune_record`), so every reader of the block, older ones included, reads
+it unchanged.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The floor plan: data flows one way (calibration -> analysis -> convert -> runtime | serving -> evaluation, bench), and the
-imports follow it. A stage imports the ground floor and the stages before it, never one after it, never the CLI;
-the ground floor imports no stage. Every import counts, also those inside functions."""
+"""The floor plan: data flows one way (calibration -> analysis -> convert -> runtime | serving -> training, evaluation,
+bench), and the imports follow it. A stage imports the ground floor and the stages before it, never one after it,
+never the CLI; the ground floor imports no stage. Every import counts, also those inside functions."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ STAGES = {
     "analysis": {"calibration"},
     "convert": {"calibration", "analysis"},
     "runtime": {"calibration"},  # reads the checkpoint format from the ground floor, not from convert
+    # fine-tunes a converted checkpoint into a new one: reads text like the calibration, layouts like the runtime,
+    # and writes through convert's staging
+    "training": {"calibration", "analysis", "convert", "runtime"},
     "evaluation": {"calibration", "analysis", "convert", "runtime"},
     "bench": {"calibration", "analysis", "convert", "runtime"},
     # engines other than our runtime (the vLLM plugin): they read the checkpoint format from the ground floor,

@@ -1,0 +1,126 @@
+"""How much of a hybrid's quality gap a fine-tune recovers: perplexity (and passkey) of the original, the hybrid
+and each fine-tuned checkpoint, each run with its own weights through ``lighttransfer.load``, on held-out text.
+
+``lighttransfer eval`` runs every row on one set of weights (the baseline's), so it cannot score a fine-tuned
+checkpoint against its source; this script loads each checkpoint itself and uses the same evaluation pieces
+(sliding-window perplexity scored beyond sink + window, passkey prompts built once and shared by every model).
+
+    PYTHONPATH=<dir with a lighttransfer link> python3 bench/scripts/finetune_recovery.py \
+        --original SmolLM2.gguf --hybrid hybrid/ --finetuned s2=ft_s2/ --finetuned dense=ft_dense/ \
+        --text austen_novels.txt --text-lines 1:16237 --lengths 1024,2048 --windows 8 \
+        --passkey-trials 5 --out recovery.json
+
+Gap recovered = (ppl_hybrid - ppl_finetuned) / (ppl_hybrid - ppl_original), per length: 1 = back to the
+original, 0 = no better than the hybrid, negative = worse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from lighttransfer.environment import environment
+from lighttransfer.evaluation.passkey import passkey_accuracy, passkey_depths, passkey_samples
+from lighttransfer.evaluation.perplexity import default_stride, perplexity, plan_windows
+from lighttransfer.hybrid_format import FinetuneRecord, HybridConfig
+from lighttransfer.loading import load_model, load_tokenizer, resolve_model_source
+from lighttransfer.output_files import write_json
+
+
+def _read_text(path: str, lines: str | None) -> str:
+    text = Path(path).read_text()
+    if not lines:
+        return text
+    a, b = (int(x) for x in lines.split(":"))
+    return "\n".join(text.splitlines()[a - 1 : b])
+
+
+def _load(path: str, device: str, dtype: str):
+    import lighttransfer
+
+    config = Path(path) / "config.json"
+    if config.is_file() and HybridConfig.from_model_config(json.loads(config.read_text())) is not None:
+        return lighttransfer.load(path, device=device, dtype=dtype)
+    return load_model(path, device=device, dtype=dtype, with_tokenizer=False).model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--original", required=True)
+    ap.add_argument("--hybrid", required=True)
+    ap.add_argument("--finetuned", action="append", default=[], metavar="NAME=DIR")
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--text-lines", default=None)
+    ap.add_argument("--lengths", default="1024")
+    ap.add_argument("--windows", type=int, default=8, help="perplexity windows per length")
+    ap.add_argument("--passkey-trials", type=int, default=0, help="per depth and length; 0: no passkey")
+    ap.add_argument("--passkey-depths", type=int, default=5)
+    ap.add_argument("--passkey-format", default="passkey",
+                    help="wording (calibration.passkey.TEMPLATES); needle and locker are never trained on")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    block = HybridConfig.from_model_config(json.loads((Path(args.hybrid) / "config.json").read_text()))
+    min_context = block.sink + block.window
+    tokenizer = load_tokenizer(resolve_model_source(args.hybrid))
+    text = _read_text(args.text, args.text_lines)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    plans = {L: plan_windows(len(ids), length=L, stride=default_stride(L, min_context), min_context=min_context,
+                             max_windows=args.windows) for L in lengths}
+    samples = passkey_samples(tokenizer, text, lengths=lengths, depths=passkey_depths(args.passkey_depths),
+                              trials=args.passkey_trials, template=args.passkey_format) if args.passkey_trials else []
+
+    models = [("original", args.original), ("hybrid", args.hybrid)]
+    models += [tuple(spec.split("=", 1)) for spec in args.finetuned]
+    rows = {}
+    for name, path in models:
+        start = time.perf_counter()
+        model = _load(path, args.device, args.dtype)
+        sequence = lambda m=model: contextlib.nullcontext((m, None))
+        row = {"path": str(path), "ppl": {}, "nll": {}}
+        with torch.no_grad():
+            for L, windows in plans.items():
+                result = perplexity(sequence, ids, windows)
+                row["ppl"][str(L)], row["nll"][str(L)] = result["ppl"], result["nll"]
+                row["scored_tokens"] = result["tokens"]
+            if samples:
+                acc = passkey_accuracy(sequence, samples)
+                row["passkey"] = {"accuracy": acc["accuracy"], "n": acc["n"], "ci95": acc["ci95"],
+                                  "by_length": acc["by_length"]}
+        record = FinetuneRecord.from_model_config(model.config)
+        if record is not None:
+            row["finetune"] = {"steps": record.steps, "tokens": record.tokens, "first_loss": record.first_loss,
+                               "final_loss": record.final_loss, "settings": record.settings}
+        row["seconds"] = time.perf_counter() - start
+        rows[name] = row
+        print(name, {L: round(p, 3) for L, p in row["ppl"].items()}, row.get("passkey", {}).get("accuracy"),
+              flush=True)
+        del model
+
+    for name, row in rows.items():
+        if name in ("original", "hybrid"):
+            continue
+        row["gap_recovered"] = {}
+        for L in row["ppl"]:
+            gap = rows["hybrid"]["ppl"][L] - rows["original"]["ppl"][L]
+            row["gap_recovered"][L] = (rows["hybrid"]["ppl"][L] - row["ppl"][L]) / gap if gap else None
+        print(name, "gap recovered", row["gap_recovered"], flush=True)
+
+    write_json(args.out, {"schema_version": 1, "rows": rows, "lengths": lengths, "windows": args.windows,
+                          "passkey": {"format": args.passkey_format, "trials": args.passkey_trials,
+                                      "depths": args.passkey_depths},
+                          "text": {"path": args.text, "lines": args.text_lines, "tokens": len(ids)},
+                          "layout": {"streaming_layers": block.streaming_layers, "sink": block.sink,
+                                     "window": block.window},
+                          "environment": environment(args.device if args.device != "auto" else None)})
+
+
+if __name__ == "__main__":
+    main()
