@@ -6,6 +6,7 @@
 from .config_block import CONFIG_KEY, FORMAT_VERSION, SIDECAR_FORMAT_VERSION, SIDECAR_NAME, HybridConfig
 from .kv_size import DEFAULT_TOKENS, DTYPE_BYTES, KVMemoryRow, format_bytes, kv_cache_bytes, kv_memory_table
 from .layout import DEFAULT_SINK, DEFAULT_WINDOW, PREFILL_POLICIES, HybridLayout
+from .token_select import DECODE_POLICIES, TokenSelectConfig, token_select_config
 
 __all__ = [
     "HybridConfig",
@@ -14,6 +15,9 @@ __all__ = [
     "SIDECAR_NAME",
     "SIDECAR_FORMAT_VERSION",
     "HybridLayout",
+    "TokenSelectConfig",
+    "token_select_config",
+    "DECODE_POLICIES",
     "DEFAULT_SINK",
     "DEFAULT_WINDOW",
     "PREFILL_POLICIES",

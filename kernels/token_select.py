@@ -93,38 +93,51 @@ def token_votes(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_s
     return token_votes_triton(q, k, init=init, local=local, kv_start=kv_start, scale=scale, splits=splits)
 
 
-def select_indices(votes: torch.Tensor, *, k_select: int, init: int, local: int,
-                   kv_start: torch.Tensor | None = None) -> torch.Tensor:
-    """The keys each query attends to: ``[batch, n, init + k + local]`` int32, ascending, ``-1`` = unused slot.
-
-    Args:
-        votes: ``[batch, kv_heads, n, N]`` (or ``[batch, kv_heads, N]`` for one query) from :func:`token_votes`;
-            summed over the KV heads here, so one set serves every head of the layer.
-        k_select: candidates to pick by vote (fewer where a query has fewer candidates).
-        init, local, kv_start: as for the votes (query ``i`` sits at key index ``N - n + i``).
-    """
+def top_candidates(votes: torch.Tensor, k_select: int) -> torch.Tensor:
+    """The ``k_select`` candidates of largest vote: ``votes [batch, kv_heads, n, N]`` (or ``[batch, kv_heads, N]``)
+    summed over the KV heads -> int64 ``[batch, n, min(k_select, N)]``, ``-1`` where a query has fewer candidates.
+    Ties go to ``torch.topk``."""
     if votes.dim() == 3:
         votes = votes.unsqueeze(2)
-    batch, _, n, n_keys = votes.shape
     total = votes.sum(1)  # [B, n, N]; -inf stays -inf outside the candidates
-    picked = []
-    if k_select > 0:
-        kk = min(int(k_select), n_keys)
-        val, idx = torch.topk(total, kk, dim=-1)
-        picked.append(torch.where(torch.isfinite(val), idx, -1))
-    device = votes.device
+    val, idx = torch.topk(total, min(int(k_select), total.shape[-1]), dim=-1)
+    return torch.where(torch.isfinite(val), idx, -1)
+
+
+def assemble_indices(picked: torch.Tensor, *, n_keys: int, init: int, local: int,
+                     kv_start: torch.Tensor | None = None, recent_start: torch.Tensor | None = None) -> torch.Tensor:
+    """The keys each query attends to: the candidates ``picked [batch, n, k]`` (``-1`` = none) plus the kept ones,
+    ``[batch, n, S]`` int32, ascending, ``-1`` = unused slot (``S = init + k + local`` without ``recent_start``).
+
+    Query ``i`` sits at key index ``p = n_keys - n + i``; init keys are ``[s, s + init)`` up to the query, recent
+    ones ``(p - local, p]`` from ``s + init`` on, so no key is listed twice. ``recent_start [batch, n]`` moves the
+    start of the recent keys earlier (a reused selection keeps the local window it was made with, see
+    :mod:`lighttransfer.runtime.token_select`); the recent block is then as wide as the widest query needs."""
+    batch, n, _ = picked.shape
+    device = picked.device
     start = torch.zeros(batch, dtype=torch.long, device=device) if kv_start is None \
         else kv_start.to(device=device, dtype=torch.long)
     pos = torch.arange(n_keys - n, n_keys, device=device).view(1, n, 1)  # [1, n, 1]
+    parts = [picked.long()]
     if init > 0:
         first = start.view(batch, 1, 1) + torch.arange(init, device=device).view(1, 1, init)
-        picked.append(torch.where(first <= pos, first, -1).expand(batch, n, init))
-    if local > 0:
-        near = pos - local + 1 + torch.arange(local, device=device).view(1, 1, local)
+        parts.append(torch.where(first <= pos, first, -1).expand(batch, n, init))
+    lo = (pos - local + 1).expand(batch, n, 1) if recent_start is None else \
+        torch.minimum(recent_start.to(device=device, dtype=torch.long).view(batch, n, 1), pos - local + 1)
+    width = int((pos - lo + 1).max()) if lo.numel() else 0
+    if width > 0:
+        near = lo + torch.arange(width, device=device).view(1, 1, width)
         floor = (start + init).view(batch, 1, 1)  # below it the key is an init key (or padding)
-        picked.append(torch.where(near >= floor, near, -1).expand(batch, n, local))
-    out = torch.cat(picked, dim=-1) if picked else torch.empty(batch, n, 0, dtype=torch.long, device=device)
-    return out.sort(dim=-1).values.to(torch.int32)
+        parts.append(torch.where((near >= floor) & (near <= pos), near, -1))
+    return torch.cat(parts, dim=-1).sort(dim=-1).values.to(torch.int32)
+
+
+def select_indices(votes: torch.Tensor, *, k_select: int, init: int, local: int,
+                   kv_start: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`top_candidates` then :func:`assemble_indices`: ``votes [batch, kv_heads, n, N]`` (or
+    ``[batch, kv_heads, N]`` for one query) -> ``[batch, n, init + k + local]`` int32 (``-1`` = unused slot)."""
+    picked = top_candidates(votes, k_select)
+    return assemble_indices(picked, n_keys=votes.shape[-1], init=init, local=local, kv_start=kv_start)
 
 
 def select_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, *,
@@ -188,5 +201,5 @@ def _check_start(name: str, kv_start, batch: int) -> None:
         raise LightTransferError(f"{name}: kv_start must be [batch] = [{batch}], got {tuple(kv_start.shape)}.")
 
 
-__all__ = ["token_votes", "token_votes_reference", "select_indices", "select_attention",
+__all__ = ["token_votes", "token_votes_reference", "select_indices", "top_candidates", "assemble_indices", "select_attention",
            "select_attention_reference", "candidate_bounds", "REFERENCE_QUERY_BLOCK"]

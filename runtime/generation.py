@@ -13,6 +13,7 @@ from ..architecture import check_positions
 from ..compat import output_cache
 from ..errors import LightTransferError
 from .cache import HybridCache
+from .hybrid import RUNTIME_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ class GenerationStats:
         decode_seconds: from the first new token to the last.
         kv_bytes: KV-cache bytes held at the end (keys + values, every layer).
         dense_kv_bytes: bytes a dense cache would hold for the same tokens.
+        selection_lookups, selection_hits: TokenSelect's selections in this generation (full layers x sequences x
+            decode steps past the point where the budget stopped covering every key) and how many of them the
+            Selection Cache reused (0 and 0 with a dense decode).
     """
 
     prompt_tokens: int
@@ -36,6 +40,13 @@ class GenerationStats:
     decode_seconds: float
     kv_bytes: int
     dense_kv_bytes: int
+    selection_lookups: int = 0
+    selection_hits: int = 0
+
+    @property
+    def selection_hit_rate(self) -> float:
+        """Share of TokenSelect's selections reused from the Selection Cache (0 without lookups)."""
+        return self.selection_hits / self.selection_lookups if self.selection_lookups else 0.0
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -131,6 +142,8 @@ def generate_text(
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    selection = getattr(getattr(model, RUNTIME_ATTR, None), "selection_stats", None)
+    before = (selection.lookups, selection.hits) if selection is not None else (0, 0)
     start = time.perf_counter()
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=_text_streamer(tokenizer, take, clock),
                          return_dict_in_generate=True, pad_token_id=pad, **sampling)
@@ -142,7 +155,9 @@ def generate_text(
     prompt_tokens = inputs["input_ids"].shape[1]
     stats = GenerationStats(prompt_tokens=prompt_tokens, new_tokens=out.sequences.shape[1] - prompt_tokens,
                             prefill_seconds=first - start, decode_seconds=end - first, kv_bytes=kv,
-                            dense_kv_bytes=dense)
+                            dense_kv_bytes=dense,
+                            selection_lookups=selection.lookups - before[0] if selection is not None else 0,
+                            selection_hits=selection.hits - before[1] if selection is not None else 0)
     return "".join(pieces), stats
 
 

@@ -37,6 +37,7 @@ from .attention import ATTENTION_NAME, PLAN_ATTR, STEP_KWARG, LayerPlan, StepCon
 from .cache import HybridCache, leading_padding
 from .head_order import grouped_kv_order, inverse, permute_heads, supports_reordering
 from .online import OnlineSelector
+from .token_select import SelectionStats
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,11 @@ RUNTIME_ATTR = "lighttransfer_runtime"
 
 
 class HybridRuntime:
-    """The per-model state of the hybrid runtime: its layout, its hook, and the cache factory."""
+    """The per-model state of the hybrid runtime: its layout, its hook, and the cache factory.
+
+    :attr:`selection_stats` sums TokenSelect's Selection Cache counts over every cache this runtime made (hit rate:
+    ``runtime_of(model).selection_stats.hit_rate``; ``reset()`` it between measurements).
+    """
 
     def __init__(self, model, layout: HybridLayout) -> None:
         self.layout = layout
@@ -56,6 +61,7 @@ class HybridRuntime:
         # {layer: KV-head order applied to the weights} (see head_order.py), undone by disable_hybrid
         self.head_orders: dict[int, list[int]] = {}
         self.previous_config_block = None
+        self.selection_stats = SelectionStats()
 
     def make_cache(self) -> HybridCache:
         """A fresh, empty cache laid out for this model."""
@@ -67,7 +73,8 @@ class HybridRuntime:
                                               last=layout.online_last)
             kinds = ("full",) * layout.num_layers
         return HybridCache(kinds, sink=layout.sink, window=layout.window, prefill=layout.prefill,
-                           kv_head_masks=layout.mixed_masks, online=online, native_windows=layout.native_windows)
+                           kv_head_masks=layout.mixed_masks, online=online, native_windows=layout.native_windows,
+                           selection=layout.selection, selection_stats=self.selection_stats)
 
     def remove(self) -> None:
         self._handle.remove()
