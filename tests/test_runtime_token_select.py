@@ -234,3 +234,22 @@ def test_a_checkpoint_block_decodes_with_tokenselect_and_load_overrides_it(tiny_
     assert runtime_of(lighttransfer.load(ckpt, device="cpu", decode="dense")).layout.selection is None
     with pytest.raises(LightTransferError, match="select_k"):
         lighttransfer.load(tiny_model_dir, device="cpu", decode="dense", select_k=3)
+
+
+def test_convert_stores_tokenselect_and_the_runtime_reads_it(tiny_model_dir, tmp_path, capsys):
+    import lighttransfer
+    from conftest import run_cli
+
+    out = tmp_path / "hybrid"
+    code, stdout, err = run_cli(["convert", str(tiny_model_dir), "--layers", "1", "--out", str(out), "--decode",
+                                 "tokenselect", "--select-k", "16", "--select-init", "4", "--select-local", "8"],
+                                capsys)
+    assert code == 0, err
+    assert "TokenSelect k=16, init=4, local=8" in stdout
+    block = json.loads((out / "config.json").read_text())["lighttransfer"]
+    assert block["format_version"] == 2 and block["decode"] == "tokenselect" and block["select_reuse"] == 0.9
+    layout = runtime_of(lighttransfer.load(out, device="cpu")).layout
+    assert layout.streaming_layers == (1,) and layout.selection == TokenSelectConfig(k=16, init=4, local=8)
+    code, _, err = run_cli(["convert", str(tiny_model_dir), "--layers", "1", "--out", str(tmp_path / "bad"),
+                            "--select-k", "16"], capsys)
+    assert code != 0 and "select_k" in err and "Traceback" not in err
