@@ -29,8 +29,11 @@ class MaskedBackend:
     name = "masked"
 
     def __init__(self, model, *, online_last: int = ONLINE_LAST) -> None:
+        from ..runtime.token_select import SelectionStats
+
         self.model = model
         self.online_last = online_last
+        self.stats = SelectionStats()
 
     @contextlib.contextmanager
     def sequence(self, row: EvalRow) -> Iterator[tuple[object, Callable[[], None] | None]]:
@@ -38,11 +41,16 @@ class MaskedBackend:
             yield self.model, None
             return
         layout = dataclasses.replace(row.layout, online_last=self.online_last)
-        with masked_streaming(self.model, layout) as plan:
+        with masked_streaming(self.model, layout, selection_stats=self.stats) as plan:
             yield self.model, plan.finish_online_selection
 
+    def selection_stats(self) -> dict:
+        """TokenSelect's Selection Cache counts since the last :meth:`release`."""
+        return self.stats.to_dict()
+
     def release(self, row: EvalRow) -> None:
-        """Nothing to undo: the mask lives only inside each sequence."""
+        """Nothing to undo (the mask lives only inside each sequence); the counts start again."""
+        self.stats.reset()
 
 
 class RuntimeBackend:
@@ -69,6 +77,14 @@ class RuntimeBackend:
     def sequence(self, row: EvalRow) -> Iterator[tuple[object, Callable[[], None] | None]]:
         self._enable(row)
         yield self.model, None
+
+    def selection_stats(self) -> dict:
+        """TokenSelect's Selection Cache counts of the row switched on (empty counts for a dense row)."""
+        from ..runtime.hybrid import RUNTIME_ATTR
+        from ..runtime.token_select import SelectionStats
+
+        runtime = getattr(self.model, RUNTIME_ATTR, None)
+        return (runtime.selection_stats if runtime is not None else SelectionStats()).to_dict()
 
     def release(self, row: EvalRow) -> None:
         from ..runtime import disable_hybrid
