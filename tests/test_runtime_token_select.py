@@ -253,3 +253,20 @@ def test_convert_stores_tokenselect_and_the_runtime_reads_it(tiny_model_dir, tmp
     code, _, err = run_cli(["convert", str(tiny_model_dir), "--layers", "1", "--out", str(tmp_path / "bad"),
                             "--select-k", "16"], capsys)
     assert code != 0 and "select_k" in err and "Traceback" not in err
+
+
+def test_generate_cli_decodes_with_tokenselect_and_prints_the_hit_rate(tmp_path, capsys):
+    from conftest import run_cli
+    from test_runtime_reference import word_tokenizer
+
+    d = tmp_path / "hybrid"
+    model = make_tiny_model("llama")
+    HybridConfig(num_layers=4, num_kv_heads=2, streaming_layers=[1, 3], sink=2, window=8).attach(model.config)
+    model.save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
+    prompt = " ".join(f"w{i}" for i in range(10, 60))
+    code, out, err = run_cli(["generate", str(d), "--prompt", prompt, "--max-new-tokens", "6", "--device", "cpu",
+                              "--decode", "tokenselect", "--select-k", "4", "--select-init", "2", "--select-local",
+                              "4", "--select-reuse", "0.5"], capsys)
+    assert code == 0, err
+    assert "TokenSelect:" in err and "of 10 selections reused" in err  # 2 full layers x 5 decode steps
