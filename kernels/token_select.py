@@ -71,9 +71,13 @@ def token_votes_reference(q: torch.Tensor, k: torch.Tensor, *, init: int, local:
 
 
 def token_votes(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_start: torch.Tensor | None = None,
-                scale: float | None = None, splits: int | None = None) -> torch.Tensor:
+                scale: float | None = None, splits: int | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
     """Soft votes of one query per sequence (a decode step): ``q [B, H, 1, D]``, ``k [B, Hkv, N, D]`` (the query is
     the last key) -> ``[B, Hkv, N]`` float32, ``-inf`` outside the candidates (see the module docstring).
+
+    ``rows``: int ``[R]`` indices of the sequences to score (the others are not read); the result is then
+    ``[R, Hkv, N]`` in that order (the Selection Cache scores only the sequences that missed).
 
     Triton for CUDA tensors (or under ``TRITON_INTERPRET=1``): all query heads of a KV head in one program, the key
     axis split over programs; the reference otherwise. ``splits`` forces the split count (Triton only; tests).
@@ -84,13 +88,20 @@ def token_votes(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_s
         raise LightTransferError(f"token_votes: one query per sequence, got {q.shape[2]}; use "
                                  "token_votes_reference for several.")
     _check_start("token_votes", kv_start, q.shape[0])
+    if rows is not None and rows.dim() != 1:
+        raise LightTransferError(f"token_votes: rows must be 1-D sequence indices, got {tuple(rows.shape)}.")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not triton_runs_on(q):
+        if rows is not None:
+            rows = rows.to(q.device).long()
+            q, k = q.index_select(0, rows), k.index_select(0, rows)
+            kv_start = None if kv_start is None else kv_start.to(q.device).index_select(0, rows)
         return token_votes_reference(q, k, init=init, local=local, kv_start=kv_start, scale=scale)[:, :, 0]
     check_triton_support("token_votes", q)
     from .token_select_triton import token_votes_triton
 
-    return token_votes_triton(q, k, init=init, local=local, kv_start=kv_start, scale=scale, splits=splits)
+    return token_votes_triton(q, k, init=init, local=local, kv_start=kv_start, scale=scale, splits=splits,
+                              rows=rows)
 
 
 def top_candidates(votes: torch.Tensor, k_select: int) -> torch.Tensor:

@@ -37,20 +37,24 @@ _LOG2E = 1.4426950408889634
 # chunking of the key axis (votes: contiguous tiles up to 256 wide) and of the index list (gathers: up to 64)
 _VOTE_ALIGN = 256
 _GATHER_ALIGN = 64
-_VOTE_KEY = ("HEAD_DIM", "BLOCK_M", "HAS_START")
+_VOTE_KEY = ("HEAD_DIM", "BLOCK_M", "HAS_START", "HAS_ROWS")
 
 
 @triton.jit(do_not_specialize=["n_keys", "chunk", "init", "local"])
 def _token_votes_stats(
-    Q, K, KV_START, PART_LSE,
+    Q, K, KV_START, ROWS, PART_LSE,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
     n_kv_heads, GROUP, n_keys, chunk, n_splits, init, local, qk_scale,
-    HAS_START: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_START: tl.constexpr, HAS_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_bk = tl.program_id(0)
     pid_s = tl.program_id(1)
-    b = pid_bk // n_kv_heads
+    r = pid_bk // n_kv_heads  # output row; the sequence it scores is ROWS[r] when only some sequences are asked
+    if HAS_ROWS:
+        b = tl.load(ROWS + r).to(tl.int32)
+    else:
+        b = r
     hk = pid_bk % n_kv_heads
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -83,21 +87,25 @@ def _token_votes_stats(
 
     seen = l_i > 0.0
     lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    row = b * n_kv_heads * GROUP + h
+    row = r * n_kv_heads * GROUP + h
     tl.store(PART_LSE + row.to(tl.int64) * n_splits + pid_s, lse2, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["n_keys", "chunk", "init", "local"])
 def _token_votes_vote(
-    Q, K, KV_START, LSE, VOTES,
+    Q, K, KV_START, ROWS, LSE, VOTES,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
     n_kv_heads, GROUP, n_keys, chunk, init, local, qk_scale,
-    HAS_START: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_START: tl.constexpr, HAS_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_bk = tl.program_id(0)
     pid_s = tl.program_id(1)
-    b = pid_bk // n_kv_heads
+    r = pid_bk // n_kv_heads
+    if HAS_ROWS:
+        b = tl.load(ROWS + r).to(tl.int32)
+    else:
+        b = r
     hk = pid_bk % n_kv_heads
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -106,10 +114,10 @@ def _token_votes_vote(
     h = hk * GROUP + offs_m
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    row = b * n_kv_heads * GROUP + h
+    row = r * n_kv_heads * GROUP + h
     lse2 = tl.load(LSE + row.to(tl.int64), mask=row_ok, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = VOTES + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    v_base = VOTES + r.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
     cand_lo = init
     if HAS_START:
@@ -228,14 +236,19 @@ def _last_dim_contiguous(*ts: torch.Tensor) -> list[torch.Tensor]:
 
 
 def token_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_start: torch.Tensor | None,
-                       scale: float, splits: int | None = None) -> torch.Tensor:
+                       scale: float, splits: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the two vote passes on validated inputs (see :func:`~lighttransfer.kernels.token_select.token_votes`);
-    returns ``[batch, kv_heads, N]`` float32."""
+    returns ``[batch, kv_heads, N]`` float32, or ``[len(rows), kv_heads, N]`` for the sequences ``rows``."""
     q, k = _last_dim_contiguous(q, k)
-    batch, heads, _, dim = q.shape
+    _, heads, _, dim = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     group = heads // kv_heads
+    if rows is not None:
+        rows = rows.to(device=q.device, dtype=torch.int32).contiguous()
+    batch = q.shape[0] if rows is None else rows.numel()
     votes = torch.empty((batch, kv_heads, n_keys), dtype=torch.float32, device=q.device)
+    if batch == 0:
+        return votes
     if n_keys == 0:
         return votes
     block_d = max(16, triton.next_power_of_2(dim))
@@ -250,18 +263,21 @@ def token_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: in
     if kv_start is not None:
         start = kv_start.to(device=q.device, dtype=torch.int32).contiguous()
     part = torch.empty((batch, heads, n_splits), dtype=torch.float32, device=q.device)
-    flags = dict(HAS_START=start is not None, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m,
-                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    flags = dict(HAS_START=start is not None, HAS_ROWS=rows is not None, HEAD_DIM=dim, BLOCK_D=block_d,
+                 BLOCK_M=block_m, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     qk_scale = scale * _LOG2E
     grid = (batch * kv_heads, n_splits)
     start_arg = start if start is not None else part
+    rows_arg = rows if rows is not None else part
 
     def stats(kernel, extra):
-        kernel[grid](q, k, start_arg, part, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                     kv_heads, group, n_keys, chunk, n_splits, int(init), int(local), qk_scale, **flags, **extra)
+        kernel[grid](q, k, start_arg, rows_arg, part, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                     k.stride(2), kv_heads, group, n_keys, chunk, n_splits, int(init), int(local), qk_scale, **flags,
+                     **extra)
 
     def vote(kernel, extra, lse):
-        kernel[grid](q, k, start_arg, lse, votes, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        kernel[grid](q, k, start_arg, rows_arg, lse, votes, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                     k.stride(2),
                      votes.stride(0), votes.stride(1), kv_heads, group, n_keys, chunk, int(init), int(local),
                      qk_scale, **flags, **extra)
 

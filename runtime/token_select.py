@@ -18,8 +18,8 @@ decoding):
    the reused selection; this way a budget that covers every candidate stays exact with the cache on.) Attention
    then runs over the listed keys only (``kernels.select_attention``).
 
-In a batch, scoring runs for every sequence once any sequence misses (the hit sequences keep their cached
-selection), so compute is saved on steps where all sequences hit; the hit rate counts sequences.
+In a batch, the vote kernel scores only the sequences that missed (on the CPU, the reference scores the whole
+batch and the hits keep their cached selection); the hit rate counts sequences.
 State is on the cache (:class:`SelectionState` per full layer); counts go to a :class:`SelectionStats` that the
 model's runtime shares across its caches.
 """
@@ -38,6 +38,13 @@ VOTE_BLOCK = 64
 # attend densely when the budget covers every candidate (the same attention); tests turn it off to run the
 # selection path on everything
 DENSE_WHEN_COVERED = True
+# CPU tensors: False = the PyTorch references (the default: the Triton interpreter is far too slow for a model),
+# True = the kernel entry points (under TRITON_INTERPRET=1, the CUDA path's wiring, for tests)
+KERNELS_ON_CPU = False
+
+
+def _use_kernels(q: torch.Tensor) -> bool:
+    return (q.is_cuda or KERNELS_ON_CPU) and not kernels.reference_forced()
 
 
 @dataclass
@@ -119,14 +126,19 @@ def token_select_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         if not bool(hit.all()):
             needs_votes.append(i)
             anchor = flat[:, i] if anchor is None else torch.where(hit[:, None], anchor, flat[:, i])
-    fresh = _fresh_picks(q, k, needs_votes, config=config, kv_start=kv_start, scale=scale)
+    fresh = _fresh_picks(q, k, {i: ~hits[i] for i in needs_votes}, config=config, kv_start=kv_start, scale=scale)
     prev = state.picked if usable else None
     prev_pos = state.anchor_pos if usable else None
     for i in range(n):
         pos = n_keys - n + i
         if i in fresh:
             now = torch.full((batch,), pos, dtype=torch.long, device=q.device)
-            cur = fresh[i] if prev is None else torch.where(hits[i][:, None], prev, fresh[i])
+            rows, picks = fresh[i]
+            if rows is None:
+                cur = picks if prev is None else torch.where(hits[i][:, None], prev, picks)
+            else:  # only the sequences that missed were scored
+                cur = prev.clone()
+                cur[rows] = picks
             cur_pos = now if prev_pos is None else torch.where(hits[i], prev_pos, now)
         else:
             cur, cur_pos = prev, prev_pos
@@ -140,34 +152,39 @@ def token_select_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         stats.hits += int(torch.stack(hits).sum())
     indices = kernels.assemble_indices(picked, n_keys=n_keys, init=config.init, local=config.local, kv_start=start,
                                        recent_start=recent)
-    if q.is_cuda and not kernels.reference_forced():
+    if _use_kernels(q):
         return kernels.select_attention(q, k, v, indices, scale=scale)
     return kernels.select_attention_reference(q, k, v, indices, scale=scale)
 
 
-def _fresh_picks(q, k, rows: list[int], *, config: TokenSelectConfig, kv_start, scale) -> dict[int, torch.Tensor]:
-    """``{query row: top-k [B, k] int64}`` for the rows that need scoring; each row only sees the keys up to its
-    own position (query ``i`` of ``n`` sits at key index ``N - n + i``)."""
-    if not rows:
+def _fresh_picks(q, k, misses: dict[int, torch.Tensor], *, config: TokenSelectConfig, kv_start,
+                 scale) -> dict[int, tuple[torch.Tensor | None, torch.Tensor]]:
+    """``{query row: (sequences scored or None for all, their top-k [B or R, k] int64)}`` for the query rows that
+    need scoring (``misses[i]``: bool ``[B]``, the sequences whose Selection Cache missed); each row only sees the
+    keys up to its own position (query ``i`` of ``n`` sits at key index ``N - n + i``). The vote kernel scores
+    just the sequences that missed; the CPU reference scores blocks of queries for the whole batch."""
+    if not misses:
         return {}
     n, n_keys = q.shape[2], k.shape[2]
-    out: dict[int, torch.Tensor] = {}
-    if q.is_cuda and not kernels.reference_forced():
-        for i in rows:  # the vote kernel takes one query per sequence: its keys end at its own position
+    out: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+    if _use_kernels(q):
+        for i, miss in misses.items():  # the vote kernel takes one query per sequence: its keys end at its own
             end = n_keys - n + i + 1
+            rows = None if bool(miss.all()) else miss.nonzero().squeeze(1)
             votes = kernels.token_votes(q[:, :, i:i + 1], k[:, :, :end], init=config.init, local=config.local,
-                                        kv_start=kv_start, scale=scale)
-            out[i] = _pad_picks(kernels.top_candidates(votes, config.k)[:, 0], config.k)
+                                        kv_start=kv_start, scale=scale, rows=rows)
+            out[i] = (rows, _pad_picks(kernels.top_candidates(votes, config.k)[:, 0], config.k))
         return out
-    for a in range(0, len(rows), VOTE_BLOCK):
-        block = rows[a:a + VOTE_BLOCK]
+    wanted = list(misses)
+    for a in range(0, len(wanted), VOTE_BLOCK):
+        block = wanted[a:a + VOTE_BLOCK]
         lo, hi = block[0], block[-1] + 1
         end = n_keys - n + hi
         votes = kernels.token_votes_reference(q[:, :, lo:hi], k[:, :, :end], init=config.init, local=config.local,
                                               kv_start=kv_start, scale=scale)
         tops = _pad_picks(kernels.top_candidates(votes, config.k), config.k)  # [B, hi - lo, k]
         for i in block:
-            out[i] = tops[:, i - lo]
+            out[i] = (None, tops[:, i - lo])
     return out
 
 

@@ -270,3 +270,27 @@ def test_generate_cli_decodes_with_tokenselect_and_prints_the_hit_rate(tmp_path,
                               "4", "--select-reuse", "0.5"], capsys)
     assert code == 0, err
     assert "TokenSelect:" in err and "of 10 selections reused" in err  # 2 full layers x 5 decode steps
+
+
+def test_the_kernel_path_gives_the_reference_path_s_outputs(monkeypatch):
+    """The CUDA path's wiring (votes of the sequences that missed, attention over per-query lists) run through the
+    kernels in the Triton interpreter: the same logits as the references, decode and continuation chunk alike."""
+    import lighttransfer.runtime.token_select as ts
+
+    if not __import__("os").environ.get("TRITON_INTERPRET"):
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest on CPU machines)")
+    ids = ids_of(2, 16, seed=9)
+    model = selecting(select_k=3, select_init=1, select_local=2, select_reuse=0.0)
+    want = decode_logits(model, ids, 10)
+    ref_counts = runtime_of(model).selection_stats.to_dict()
+    runtime_of(model).selection_stats.reset()
+    monkeypatch.setattr(ts, "KERNELS_ON_CPU", True)
+    got = decode_logits(model, ids, 10)
+    assert (got - want).abs().max().item() <= 1e-4
+    assert runtime_of(model).selection_stats.to_dict() == ref_counts and ref_counts["hits"] > 0
+    with torch.no_grad():
+        cache = make_cache(model)
+        key = runtime_of(model).cache_keyword
+        first = model(ids[:, :10], use_cache=True, **{key: cache})
+        rest = model(ids[:, 10:-1], use_cache=True, **{key: output_cache(first)})
+    assert (torch.cat([first.logits[:, -1:], rest.logits], 1) - want).abs().max().item() <= 1e-4

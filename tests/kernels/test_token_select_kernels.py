@@ -74,6 +74,20 @@ def test_votes_with_padding_and_forced_splits(splits):
                          f"splits={splits}")
 
 
+def test_votes_of_some_sequences_only():
+    """``rows`` scores the listed sequences (in that order) and reads no other."""
+    dtype = DTYPES[0]
+    q, k, _ = _inputs(4, 2, 2, 90, 16, dtype, seed=4)
+    kv_start = torch.tensor([0, 3, 9, 1], device=DEVICE)
+    rows = torch.tensor([3, 1], device=DEVICE)
+    votes = token_votes(q, k, init=2, local=10, kv_start=kv_start, rows=rows)
+    ref = token_votes_reference(q, k, init=2, local=10, kv_start=kv_start)[:, :, 0][rows]
+    assert votes.shape == (2, 2, 90)
+    low = _low_votes(q, k, dtype, init=2, local=10, kv_start=kv_start)[:, :, 0][rows]
+    assert_within_policy(votes, ref, low, dtype, "rows")
+    assert token_votes(q, k, init=2, local=10, rows=rows[:0]).shape == (0, 2, 90)
+
+
 def test_vote_definition_per_head_softmax_summed_over_the_group():
     """The reference's vote is the sum over a KV head's query heads of each head's softmax over the candidates; a
     head with large logits cannot outvote the others by scale alone (each head contributes mass 1)."""
