@@ -248,6 +248,7 @@ def test_convert_stores_tokenselect_and_the_runtime_reads_it(tiny_model_dir, tmp
     assert "TokenSelect k=16, init=4, local=8" in stdout
     block = json.loads((out / "config.json").read_text())["lighttransfer"]
     assert block["format_version"] == 2 and block["decode"] == "tokenselect" and block["select_reuse"] == 0.9
+    assert "TokenSelect k=16, init=4, local=8" in (out / "README.md").read_text()
     layout = runtime_of(lighttransfer.load(out, device="cpu")).layout
     assert layout.streaming_layers == (1,) and layout.selection == TokenSelectConfig(k=16, init=4, local=8)
     code, _, err = run_cli(["convert", str(tiny_model_dir), "--layers", "1", "--out", str(tmp_path / "bad"),
