@@ -63,7 +63,7 @@ class RuntimeBackend:
         self._active: str | None = None
 
     def _enable(self, row: EvalRow) -> None:
-        from ..runtime import disable_hybrid, enable_hybrid
+        from ..runtime import disable_hybrid, enable_hybrid, runtime_of
 
         if self._active == row.name:
             return
@@ -72,6 +72,8 @@ class RuntimeBackend:
         if row.is_dense:
             return
         enable_hybrid(self.model, row.layout)
+        # teacher-forced continuations select per query, exactly as greedy decoding would
+        runtime_of(self.model).select_chunks = row.selection is not None
 
     @contextlib.contextmanager
     def sequence(self, row: EvalRow) -> Iterator[tuple[object, Callable[[], None] | None]]:

@@ -16,9 +16,10 @@ original positions and updated the cache. What it does depends on the layer:
   one launch of the kernels' per-head mode over the contiguous keys;
 * online mode, during the prompt's first forward -> full attention, then the layer's lazy ratio is offered to the
   running selection and the layers it drops are trimmed at once;
-* a full layer of a cache with TokenSelect (``decode="tokenselect"``), for queries after cached keys (decode
-  steps, continuation chunks) -> :func:`~lighttransfer.runtime.token_select.token_select_attention` (each query
-  over its selected keys), or dense attention when the budget covers every candidate.
+* a full layer of a cache with TokenSelect (``decode="tokenselect"``), for a decode step (and for a continuation
+  chunk when the cache's ``select_chunks`` is on) -> :func:`~lighttransfer.runtime.token_select.token_select_attention`
+  (each query over its selected keys), or dense attention when the budget covers every candidate; a prefill chunk
+  otherwise attends densely.
 
 Per-model state lives on the modules (``module.lighttransfer_plan``) and on the cache; the per-forward context
 (the cache and the left padding) arrives through the keyword ``lighttransfer_step``, which the model's forward
@@ -125,7 +126,7 @@ def lighttransfer_attention(module, query, key, value, attention_mask, scaling=N
             kv_start = (kv_start - (part.get_seq_length() - big_n)).clamp(min=0)
         out = None
         if (cache is not None and cache.selection is not None and isinstance(part, FullLayer) and big_n > n
-                and dropout == 0.0 and not kwargs.get("sliding_window")):
+                and (n == 1 or cache.select_chunks) and dropout == 0.0 and not kwargs.get("sliding_window")):
             out = token_select_attention(query, key, value, config=cache.selection,
                                          state=cache.selection_state(module.layer_idx), stats=cache.selection_stats,
                                          kv_start=kv_start if has_padding else None, scale=scaling)

@@ -44,13 +44,16 @@ class HybridCache(Cache):
             has a :class:`~lighttransfer.runtime.token_select.SelectionState` in :attr:`selection_states`.
         selection_stats: where the Selection Cache counts go (default: a fresh
             :class:`~lighttransfer.runtime.token_select.SelectionStats` of this cache's own).
+        select_chunks: with TokenSelect, a forward of several tokens after the prefill selects per query (as
+            decoding would) instead of attending densely (a prefill chunk).
     """
 
     def __init__(self, kinds, *, sink: int, window: int, prefill: str = "streaming", kv_head_masks=None,
                  online=None, native_windows: dict[int, int] | None = None, max_tokens: int | None = None,
-                 selection=None, selection_stats: SelectionStats | None = None) -> None:
+                 selection=None, selection_stats: SelectionStats | None = None, select_chunks: bool = False) -> None:
         self.sequence = SequenceState()
         self.selection = selection
+        self.select_chunks = bool(select_chunks)
         self.selection_stats = selection_stats if selection_stats is not None else SelectionStats()
         self.selection_states: dict[int, SelectionState] = {}
         self.sink, self.window, self.prefill = int(sink), int(window), prefill

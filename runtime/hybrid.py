@@ -48,7 +48,10 @@ class HybridRuntime:
     """The per-model state of the hybrid runtime: its layout, its hook, and the cache factory.
 
     :attr:`selection_stats` sums TokenSelect's Selection Cache counts over every cache this runtime made (hit rate:
-    ``runtime_of(model).selection_stats.hit_rate``; ``reset()`` it between measurements).
+    ``runtime_of(model).selection_stats.hit_rate``; ``reset()`` it between measurements). :attr:`select_chunks`
+    (default False): with TokenSelect, whether a multi-token forward after the prefill selects per query, as if
+    each query were decoded alone (what evaluation needs: teacher forcing then equals greedy decoding), instead of
+    attending densely like a prefill chunk.
     """
 
     def __init__(self, model, layout: HybridLayout) -> None:
@@ -62,6 +65,7 @@ class HybridRuntime:
         self.head_orders: dict[int, list[int]] = {}
         self.previous_config_block = None
         self.selection_stats = SelectionStats()
+        self.select_chunks = False
 
     def make_cache(self) -> HybridCache:
         """A fresh, empty cache laid out for this model."""
@@ -74,7 +78,8 @@ class HybridRuntime:
             kinds = ("full",) * layout.num_layers
         return HybridCache(kinds, sink=layout.sink, window=layout.window, prefill=layout.prefill,
                            kv_head_masks=layout.mixed_masks, online=online, native_windows=layout.native_windows,
-                           selection=layout.selection, selection_stats=self.selection_stats)
+                           selection=layout.selection, selection_stats=self.selection_stats,
+                           select_chunks=self.select_chunks)
 
     def remove(self) -> None:
         self._handle.remove()

@@ -2,8 +2,9 @@
 Selection Cache, per layer and sequence.
 
 What one call does (a full layer, ``n`` queries after cached keys: ``n = 1`` at decode, more for a continuation
-chunk, where every query selects as it would have been decoded alone, so teacher-forced scoring equals greedy
-decoding):
+chunk when the cache selects in chunks (``select_chunks``, what evaluation turns on), where every query selects
+as it would have been decoded alone, so teacher-forced scoring equals greedy decoding; without it a chunk after
+the prefill, as in chunked prefill, attends densely):
 
 1. When every candidate fits the budget (``init + k + local`` covers the longest sequence's keys), the selection
    would be everything: the caller attends densely (the same attention, without the scoring).

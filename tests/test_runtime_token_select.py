@@ -17,11 +17,13 @@ from lighttransfer.runtime import enable_hybrid, make_cache, resolve_layout, run
 TOL = 1e-5
 
 
-def selecting(arch="llama", *, streaming_layers=(), **select):
+def selecting(arch="llama", *, streaming_layers=(), chunks=True, **select):
     model = make_tiny_model(arch)
     layout = resolve_layout(model.config, streaming_layers=list(streaming_layers), sink=2, window=6,
                             decode="tokenselect", **select)
-    return enable_hybrid(model, layout)
+    enable_hybrid(model, layout)
+    runtime_of(model).select_chunks = chunks
+    return model
 
 
 def ids_of(batch, length, seed=0):
@@ -90,6 +92,20 @@ def test_teacher_forced_continuation_equals_decoding_step_by_step(reuse):
         assert stats.hits > 0
     if reuse == 1.0:
         assert stats.hits == 0
+
+
+def test_without_select_chunks_a_chunk_after_the_prefill_attends_densely():
+    """Chunked prefill stays a prefill: dense, like the model without TokenSelect."""
+    model = selecting(select_k=2, select_init=1, select_local=2, chunks=False)
+    plain = make_tiny_model("llama")
+    ids = ids_of(1, 40, seed=6)
+    with torch.no_grad():
+        key = runtime_of(model).cache_keyword
+        first = model(ids[:, :10], use_cache=True, **{key: make_cache(model)})
+        rest = model(ids[:, 10:], use_cache=True, **{key: output_cache(first)})
+        want = plain(ids).logits[:, 10:]
+    assert (rest.logits - want).abs().max().item() <= TOL
+    assert runtime_of(model).selection_stats.lookups == 0
 
 
 def test_hit_rate_counts_over_a_generation():
