@@ -165,9 +165,10 @@ def select_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         idx = indices[:, a:b_].long()  # [B, nb, S]
         ok = idx >= 0
         flat = idx.clamp(min=0).reshape(batch, 1, -1, 1)  # [B, 1, nb*S, 1]
-        ks = k.float().gather(2, flat.expand(batch, kv_heads, flat.shape[2], dim)).view(batch, kv_heads, b_ - a,
+        # gathered first, then cast: only the listed rows are ever copied to float32
+        ks = k.gather(2, flat.expand(batch, kv_heads, flat.shape[2], dim)).float().view(batch, kv_heads, b_ - a,
                                                                                          -1, dim)
-        vs = v.float().gather(2, flat.expand(batch, kv_heads, flat.shape[2], v.shape[-1])).view(
+        vs = v.gather(2, flat.expand(batch, kv_heads, flat.shape[2], v.shape[-1])).float().view(
             batch, kv_heads, b_ - a, -1, v.shape[-1])
         qg = q[:, :, a:b_].float().view(batch, kv_heads, group, b_ - a, dim)
         s = torch.einsum("bgqnd,bgnsd->bgqns", qg, ks) * scale  # [B, Hkv, G, nb, S]
