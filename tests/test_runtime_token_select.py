@@ -311,3 +311,26 @@ def test_the_kernel_path_gives_the_reference_path_s_outputs(monkeypatch):
         first = model(ids[:, :10], use_cache=True, **{key: cache})
         rest = model(ids[:, 10:-1], use_cache=True, **{key: output_cache(first)})
     assert (torch.cat([first.logits[:, -1:], rest.logits], 1) - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_on_cuda_the_kernels_give_the_references_outputs(dtype):
+    """The runtime's CUDA path (vote kernel for the sequences that missed, split-K attention over the lists)
+    against the references forced with use_reference(), on a padded batch."""
+    from lighttransfer.kernels import use_reference
+
+    model = selecting(select_k=8, select_init=2, select_local=4, select_reuse=0.5).to("cuda", dtype)
+    ids = ids_of(3, 80, seed=11).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                             output_scores=True, return_dict_in_generate=True)
+        with use_reference():
+            want = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                  output_scores=True, return_dict_in_generate=True)
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    first = (got.scores[0].float() - want.scores[0].float()).abs().max().item()
+    assert first <= tol
+    assert runtime_of(model).selection_stats.lookups > 0
