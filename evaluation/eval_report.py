@@ -74,8 +74,8 @@ def markdown_report(result) -> str:
                       f"({heads}/{row['num_layers'] * row['num_kv_heads']} KV heads)")
         else:
             layers = str(len(row["streaming_layers"]))
-        cells = [f"{row['name']} ({row.get('prefill', 'streaming')} prefill)" if row["name"] != "original"
-                 else "original", layers]
+        streams = row["streaming_layers"] or row.get("head_masks") or row.get("online_ratio") is not None
+        cells = [f"{row['name']} ({row.get('prefill', 'streaming')} prefill)" if streams else row["name"], layers]
         cells += [f"{row['perplexity'][str(L)]['ppl']:.3f}" for L in result.lengths]
         if result.passkey_lengths:
             pk = row.get("passkey", {})
