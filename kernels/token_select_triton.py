@@ -219,12 +219,14 @@ GATHER_CONFIGS = [
 
 
 @functools.cache
-def _launcher(which: str, cap: tuple[int, int], block_d: int, block_m: int, autotune: bool):
+def _launcher(which: str, cap: tuple[int, int], block_d: int, block_m: int, autotune: bool, element_bytes: int):
     if which == "stats":
-        return tuned_launcher(_token_votes_stats, CONTIGUOUS_CONFIGS, cap, block_d, block_m, autotune, key=_VOTE_KEY)
+        return tuned_launcher(_token_votes_stats, CONTIGUOUS_CONFIGS, cap, block_d, block_m, autotune, element_bytes,
+                              key=_VOTE_KEY)
     if which == "vote":
-        return tuned_launcher(_token_votes_vote, CONTIGUOUS_CONFIGS, cap, block_d, block_m, autotune, key=_VOTE_KEY)
-    return tuned_launcher(_select_attention_split, GATHER_CONFIGS, cap, block_d, block_m, autotune)
+        return tuned_launcher(_token_votes_vote, CONTIGUOUS_CONFIGS, cap, block_d, block_m, autotune, element_bytes,
+                              key=_VOTE_KEY)
+    return tuned_launcher(_select_attention_split, GATHER_CONFIGS, cap, block_d, block_m, autotune, element_bytes)
 
 
 def _device_index(t: torch.Tensor) -> int:
@@ -288,8 +290,9 @@ def token_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: in
     index = _device_index(q)
     cap, tune = capability(index), autotune_enabled()
     with torch.cuda.device(index):
-        stats(_launcher("stats", cap, block_d, block_m, tune), {})
-        vote(_launcher("vote", cap, block_d, block_m, tune), {}, _merge_lse2(part))
+        size = q.element_size()
+        stats(_launcher("stats", cap, block_d, block_m, tune, size), {})
+        vote(_launcher("vote", cap, block_d, block_m, tune, size), {}, _merge_lse2(part))
     return votes
 
 
@@ -357,7 +360,7 @@ def select_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         return o
     index = _device_index(q)
     with torch.cuda.device(index):
-        launch(_launcher("gather", capability(index), block_d, block_m, autotune_enabled()), {})
+        launch(_launcher("gather", capability(index), block_d, block_m, autotune_enabled(), q.element_size()), {})
     return o
 
 

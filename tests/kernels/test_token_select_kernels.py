@@ -245,3 +245,16 @@ def test_realistic_shapes_on_gpu(batch, n_keys, dtype):
                          dtype, "votes")
     idx = select_indices(ref, k_select=2048, init=128, local=512, kv_start=kv_start)
     _check_attention(q, k, v, idx, dtype, "attention")
+
+
+def test_the_tuned_launchers_keep_only_configs_that_fit():
+    """Host side only (no launch): Hopper candidates filtered by shared memory at the element size, the fallback
+    elsewhere, one candidate with autotuning off (the benchmark's pinned configs)."""
+    from lighttransfer.kernels.decode_launch import fits_hopper
+    from lighttransfer.kernels.token_select_triton import GATHER_CONFIGS, _launcher
+
+    hopper = _launcher("gather", (9, 0), 128, 16, True, 2)
+    assert [str(c) for c in hopper.configs] == [str(c) for c in GATHER_CONFIGS if fits_hopper(c, 128, 16, 2)]
+    assert len(_launcher("vote", (9, 0), 128, 16, False, 2).configs) == 1
+    assert len(_launcher("stats", (8, 0), 128, 16, True, 4).configs) == 1
+    assert all(c.kwargs["BLOCK_N"] <= 64 for c in _launcher("vote", (9, 0), 256, 16, True, 4).configs)
