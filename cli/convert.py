@@ -93,10 +93,21 @@ def _memory_table(memory, dtype: str | None = None):
 @click.option("--samples", default=8, show_default=True, type=int, help="Calibration samples (one-step analysis).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for sampling and --strategy random.")
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint at --out.")
+@click.option("--decode", default="dense", show_default=True, type=click.Choice(["dense", "tokenselect"]),
+              help="How the runtime decodes the full layers: every cached key, or TokenSelect's selected keys "
+                   "(arXiv 2411.02886; stored in the checkpoint block).")
+@click.option("--select-k", type=int, default=None, help="TokenSelect: keys selected per query by the soft vote "
+              "[default: 2048].")
+@click.option("--select-init", type=int, default=None, help="TokenSelect: first tokens always attended [default: 128].")
+@click.option("--select-local", type=int, default=None, help="TokenSelect: recent tokens always attended "
+              "[default: 512].")
+@click.option("--select-reuse", type=float, default=None, help="TokenSelect: Selection Cache threshold on the cosine "
+              "similarity of consecutive queries, 1 = off [default: 0.9].")
 @model_options
 @verbosity_options
 def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, window, granularity, strategy, prefill,
-            native_swa, seq_len, samples, seed, force, device, dtype, trust_remote_code) -> None:
+            native_swa, seq_len, samples, seed, force, decode, select_k, select_init, select_local, select_reuse,
+            device, dtype, trust_remote_code) -> None:
     """Write a hybrid checkpoint of MODEL (directory, .gguf file or hub id) whose laziest layers stream."""
     from ..convert.converter import convert as run_convert
 
@@ -109,7 +120,8 @@ def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, wi
         layers=parse_layer_list(layers, option="--layers"), keep=parse_layer_list(keep, option="--keep") or (),
         sink=sink, window=window, granularity=granularity, strategy=strategy, prefill=prefill,
         native_swa=native_swa, force=force, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-        progress=not quiet, seed=seed, seq_len=seq_len, samples=samples,
+        progress=not quiet, seed=seed, seq_len=seq_len, samples=samples, decode=decode, select_k=select_k,
+        select_init=select_init, select_local=select_local, select_reuse=select_reuse,
         status=None if quiet else (lambda line: stderr_console().print(f"[dim]{escape(line)}…[/dim]")),
     )
     console = stdout_console()
@@ -122,6 +134,8 @@ def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, wi
         console.print(f"weights: {escape(str(result.weights))}; {result.tensors_verified} tensors checked against the source.")
     console.print(f"wrote {escape(str(result.out))} ({len(hybrid.streaming_layers)} of {hybrid.num_layers} layers streaming"
                   + (f", {len(hybrid.head_masks)} mixed" if hybrid.head_masks else "") + ")")
+    if hybrid.selection is not None:
+        console.print(f"full layers decode with {escape(hybrid.selection.describe())}")
 
 
 def _head_grid(hybrid):
@@ -160,6 +174,8 @@ def inspect(checkpoint, cache_dtype, as_json) -> None:
     console.print(f"source: {escape(str(source.get('model_id', '?')))} "
                   f"(fingerprint {escape(str(source.get('fingerprint', '?')))})")
     console.print(f"streaming layers ({len(hybrid.streaming_layers)}/{hybrid.num_layers}): {streaming}")
+    if hybrid.selection is not None:
+        console.print(f"full layers decode with {escape(hybrid.selection.describe())}")
     console.print(f"sink {hybrid.sink} + window {hybrid.window} tokens; prefill {escape(str(hybrid.prefill))}; "
                   f"granularity {hybrid.granularity}; native sliding-window fields: {'yes' if hybrid.native_swa else 'no'}")
     if hybrid.calibration:

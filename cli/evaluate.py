@@ -142,14 +142,22 @@ class _Bar:
 @click.option("--backend", type=click.Choice(["masked", "runtime"]), default="masked", show_default=True,
               help="masked: the dense model with a streaming mask (exact, any model); runtime: the bounded-cache "
                    "runtime.")
+@click.option("--select-k", type=int, default=None,
+              help="tokenselect rows: keys selected per query [default: the hybrid's, else 2048].")
+@click.option("--select-init", type=int, default=None,
+              help="tokenselect rows: first tokens always attended [default: the hybrid's, else 128].")
+@click.option("--select-local", type=int, default=None,
+              help="tokenselect rows: recent tokens always attended [default: the hybrid's, else 512].")
+@click.option("--select-reuse", type=float, default=None,
+              help="tokenselect rows: Selection Cache cosine threshold, 1 = off [default: the hybrid's, else 0.9].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random row and passkeys.")
 @click.option("--out", default="eval_results.json", show_default=True, metavar="PATH",
               help="Results JSON (markdown and plots are written beside it), or a directory.")
 @model_options
 @verbosity_options
 def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_windows, passkey_lengths,
-             passkey_depths, passkey_trials, passkey_format, suite, ruler_tasks, ruler_samples, ruler_batch, rows, ratio, sink, window, backend, seed, out, device, dtype,
-             trust_remote_code):
+             passkey_depths, passkey_trials, passkey_format, suite, ruler_tasks, ruler_samples, ruler_batch, rows, ratio, sink, window, backend,
+             select_k, select_init, select_local, select_reuse, seed, out, device, dtype, trust_remote_code):
     """Perplexity, passkey retrieval and RULER-style tasks of a hybrid against the original and baselines.
 
     \b
@@ -173,7 +181,8 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
         passkey_lengths=int_list(passkey_lengths, "--passkey-lengths"), passkey_depths_count=passkey_depths,
         passkey_trials=passkey_trials, passkey_format=passkey_format, rows=[r.strip() for r in rows.split(",") if r.strip()], ratio=ratio,
         sink=sink, window=window, backend=backend, seed=seed, device=device, dtype=dtype, out=None,
-        suite=suite, ruler_tasks=ruler_tasks, ruler_samples=ruler_samples, ruler_batch=ruler_batch,
+        suite=suite, ruler_tasks=ruler_tasks, ruler_samples=ruler_samples, ruler_batch=ruler_batch, select_k=select_k,
+        select_init=select_init, select_local=select_local, select_reuse=select_reuse,
     )
     if is_quiet():
         result = run_eval(**kwargs)

@@ -39,13 +39,20 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 @click.option("--chunk-size", type=int, help="Prefill long prompts in chunks of this many tokens.")
 @click.option("--online-ratio", type=float,
               help="Choose the streaming layers per prompt instead: this share of layers streams.")
+@click.option("--decode", type=click.Choice(["dense", "tokenselect"]),
+              help="How the full layers decode; default: the checkpoint's (tokenselect: TokenSelect's selected keys).")
+@click.option("--select-k", type=int, help="TokenSelect: keys selected per query [default: the checkpoint's, else 2048].")
+@click.option("--select-init", type=int, help="TokenSelect: first tokens always attended [default: 128].")
+@click.option("--select-local", type=int, help="TokenSelect: recent tokens always attended [default: 512].")
+@click.option("--select-reuse", type=float, help="TokenSelect: Selection Cache cosine threshold, 1 = off [default: 0.9].")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
               help="Decode with the step captured once in a CUDA graph and replayed per token (static shapes, cache "
                    "reserved for prompt + --max-new-tokens); eager where no graph can be captured, with the reason.")
 @model_options
 @verbosity_options
 def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p, seed, chat, prefill, chunk_size,
-             online_ratio, cuda_graphs, device, dtype, trust_remote_code):
+             online_ratio, decode, select_k, select_init, select_local, select_reuse, cuda_graphs, device, dtype,
+             trust_remote_code):
     """Generate text with a hybrid checkpoint, streaming it as it is produced.
 
     MODEL_DIR is a directory written by `lighttransfer convert`. Afterwards the speed (tokens/s) and the
@@ -56,7 +63,9 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
 
     text = _read_prompt(prompt, prompt_file)
     loaded = load_hybrid(model_dir, device=device, dtype=dtype, prefill=prefill, chunk_size=chunk_size,
-                         online_ratio=online_ratio, cuda_graphs=cuda_graphs, trust_remote_code=trust_remote_code)
+                         online_ratio=online_ratio, cuda_graphs=cuda_graphs, trust_remote_code=trust_remote_code,
+                         decode=decode, select_k=select_k, select_init=select_init, select_local=select_local,
+                         select_reuse=select_reuse)
 
     def emit(piece: str) -> None:
         click.echo(piece, nl=False)
@@ -70,3 +79,7 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
             f"tokens at {stats.decode_tokens_per_second:.1f} tokens/s; KV cache {format_bytes(stats.kv_bytes)} "
             f"kept vs {format_bytes(stats.dense_kv_bytes)} dense ({100 * stats.kv_fraction:.0f}%); decode: "
             f"{escape(stats.decode_path)}[/dim]")
+        if stats.selection_lookups:
+            stderr_console().print(
+                f"[dim]TokenSelect: {stats.selection_hits} of {stats.selection_lookups} selections reused from the "
+                f"Selection Cache ({100 * stats.selection_hit_rate:.0f}%)[/dim]")

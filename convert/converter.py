@@ -21,7 +21,15 @@ from typing import Any
 from .. import architecture
 from ..architecture import check_window_fits, native_sliding_layers, native_sliding_windows
 from ..errors import LightTransferError
-from ..hybrid_format import CONFIG_KEY, DTYPE_BYTES, SIDECAR_NAME, HybridConfig, KVMemoryRow, kv_memory_table
+from ..hybrid_format import (
+    CONFIG_KEY,
+    DTYPE_BYTES,
+    SIDECAR_NAME,
+    HybridConfig,
+    KVMemoryRow,
+    kv_memory_table,
+    token_select_config,
+)
 from ..loading import (
     LoadedModel,
     check_weight_files,
@@ -88,6 +96,11 @@ def convert(
     seq_len: int | None = None,
     samples: int = 8,
     status: Callable[[str], None] | None = None,
+    decode: str = "dense",
+    select_k: int | None = None,
+    select_init: int | None = None,
+    select_local: int | None = None,
+    select_reuse: float | None = None,
 ) -> ConvertResult:
     """Write a hybrid checkpoint of ``model`` into ``out``.
 
@@ -117,6 +130,9 @@ def convert(
             ``seq_len`` defaults to 4096 or the model's positions, whichever is fewer.
         status: called with a short line before each slow step (dequantizing a GGUF file, the analysis,
             writing and checking the weights), so that a terminal is never silent for long.
+        decode: how the runtime decodes the full layers, stored in the block: ``dense`` or ``tokenselect``
+            (TokenSelect, arXiv 2411.02886; block format 2).
+        select_k, select_init, select_local, select_reuse: TokenSelect's settings (defaults 2048, 128, 512, 0.9).
 
     Raises:
         LightTransferError: bad options, an existing ``out`` without ``force``, a report for another model,
@@ -126,6 +142,8 @@ def convert(
     check_options(ratio=ratio, sink=sink, window=window, granularity=granularity, strategy=strategy,
                    prefill=prefill, layers=layers)
     _check_whole(seed=seed, samples=samples, **({} if seq_len is None else {"seq_len": seq_len}))
+    selection = token_select_config(decode, select_k=select_k, select_init=select_init, select_local=select_local,
+                                    select_reuse=select_reuse, option="--decode")
     say = status or (lambda line: log.info("%s", line))
     out = Path(out).expanduser()
     check_target(out.absolute(), force=force)
@@ -206,8 +224,10 @@ def convert(
                                sink=sink, window=window, prefill=prefill, native_swa=native_swa, native=native,
                                source={"model_id": model_id, "fingerprint": fingerprint,
                                        "format": source.kind})
+        hybrid = hybrid.with_selection(selection)
         if not hybrid.streaming_kv_heads:
-            warnings.append(f"ratio {ratio} streams no layer of {num_layers}; the checkpoint is the dense model.")
+            warnings.append(f"ratio {ratio} streams no layer of {num_layers}; the checkpoint is the dense model"
+                            + (" with TokenSelect decoding." if selection else "."))
         if report is not None and layers is None and strategy == "lazy":
             warn_ties(report, hybrid, granularity=granularity, warnings=warnings)
 

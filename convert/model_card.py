@@ -117,6 +117,9 @@ def render_model_card(
         + f"; granularity `{hybrid.granularity}`; prefill `{hybrid.prefill}`.",
         f"- Weights: {weights_note}.",
     ]
+    if hybrid.selection is not None:
+        lines.append(f"- Full layers decode with {hybrid.selection.describe()} (TokenSelect, arXiv 2411.02886; "
+                     "`lighttransfer.load` applies it, stock loaders decode densely).")
     if dtype_note:
         lines.append(f"- {dtype_note}")
     if hybrid.calibration:

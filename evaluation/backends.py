@@ -29,8 +29,11 @@ class MaskedBackend:
     name = "masked"
 
     def __init__(self, model, *, online_last: int = ONLINE_LAST) -> None:
+        from ..runtime.token_select import SelectionStats
+
         self.model = model
         self.online_last = online_last
+        self.stats = SelectionStats()
 
     @contextlib.contextmanager
     def sequence(self, row: EvalRow) -> Iterator[tuple[object, Callable[[], None] | None]]:
@@ -38,11 +41,16 @@ class MaskedBackend:
             yield self.model, None
             return
         layout = dataclasses.replace(row.layout, online_last=self.online_last)
-        with masked_streaming(self.model, layout) as plan:
+        with masked_streaming(self.model, layout, selection_stats=self.stats) as plan:
             yield self.model, plan.finish_online_selection
 
+    def selection_stats(self) -> dict:
+        """TokenSelect's Selection Cache counts since the last :meth:`release`."""
+        return self.stats.to_dict()
+
     def release(self, row: EvalRow) -> None:
-        """Nothing to undo: the mask lives only inside each sequence."""
+        """Nothing to undo (the mask lives only inside each sequence); the counts start again."""
+        self.stats.reset()
 
 
 class RuntimeBackend:
@@ -55,7 +63,7 @@ class RuntimeBackend:
         self._active: str | None = None
 
     def _enable(self, row: EvalRow) -> None:
-        from ..runtime import disable_hybrid, enable_hybrid
+        from ..runtime import disable_hybrid, enable_hybrid, runtime_of
 
         if self._active == row.name:
             return
@@ -64,11 +72,21 @@ class RuntimeBackend:
         if row.is_dense:
             return
         enable_hybrid(self.model, row.layout)
+        # teacher-forced continuations select per query, exactly as greedy decoding would
+        runtime_of(self.model).select_chunks = row.selection is not None
 
     @contextlib.contextmanager
     def sequence(self, row: EvalRow) -> Iterator[tuple[object, Callable[[], None] | None]]:
         self._enable(row)
         yield self.model, None
+
+    def selection_stats(self) -> dict:
+        """TokenSelect's Selection Cache counts of the row switched on (empty counts for a dense row)."""
+        from ..runtime.hybrid import RUNTIME_ATTR
+        from ..runtime.token_select import SelectionStats
+
+        runtime = getattr(self.model, RUNTIME_ATTR, None)
+        return (runtime.selection_stats if runtime is not None else SelectionStats()).to_dict()
 
     def release(self, row: EvalRow) -> None:
         from ..runtime import disable_hybrid

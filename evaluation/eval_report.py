@@ -74,8 +74,8 @@ def markdown_report(result) -> str:
                       f"({heads}/{row['num_layers'] * row['num_kv_heads']} KV heads)")
         else:
             layers = str(len(row["streaming_layers"]))
-        cells = [f"{row['name']} ({row.get('prefill', 'streaming')} prefill)" if row["name"] != "original"
-                 else "original", layers]
+        streams = row["streaming_layers"] or row.get("head_masks") or row.get("online_ratio") is not None
+        cells = [f"{row['name']} ({row.get('prefill', 'streaming')} prefill)" if streams else row["name"], layers]
         cells += [f"{row['perplexity'][str(L)]['ppl']:.3f}" for L in result.lengths]
         if result.passkey_lengths:
             pk = row.get("passkey", {})
@@ -101,6 +101,11 @@ def markdown_report(result) -> str:
                 f"{layer}:{[i for i, s in enumerate(m) if s]}" for layer, m in sorted(row["head_masks"].items(),
                                                                                  key=lambda kv: int(kv[0])))
         lines.append(f"- {row['name']}: {what} ({row.get('note', '')})")
+        cache = row.get("selection_cache")
+        if cache and cache.get("lookups"):
+            lines.append(f"  - Selection Cache: {cache['hits']} of {cache['lookups']} selections reused "
+                         f"({100 * cache['hit_rate']:.1f}%); {cache['dense']} queries attended densely (budget "
+                         "covered every key)")
     if result.passkey_lengths:
         lines += ["", "Passkey accuracy by depth (rows: depth of the key, 0 = start of the text):", ""]
         for row in result.rows:

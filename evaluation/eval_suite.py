@@ -162,6 +162,10 @@ def evaluate(
     ruler_samples: int = 25,
     ruler_lengths: Sequence[int] | None = None,
     ruler_batch: int = 1,
+    select_k: int | None = None,
+    select_init: int | None = None,
+    select_local: int | None = None,
+    select_reuse: float | None = None,
 ) -> EvalResult:
     """Perplexity and passkey accuracy of every row, with each row's KV budget.
 
@@ -193,6 +197,9 @@ def evaluate(
         ruler_lengths: prompt lengths of the RULER tasks (default: ``lengths``).
         ruler_batch: RULER samples generated together (left-padded, one task and length per batch); more than 1
             needs ``backend="runtime"`` (the masked reference runs unpadded sequences); online rows run one by one.
+        select_k, select_init, select_local, select_reuse: TokenSelect's settings for the ``tokenselect`` rows
+            (default: the hybrid's when it decodes with TokenSelect, else 2048, 128, 512, 0.9). Each such row
+            reports its Selection Cache counts (``selection_cache``: lookups, hits, dense, hit_rate).
     """
     import torch
 
@@ -239,6 +246,11 @@ def evaluate(
             raise LightTransferError(f"'{hybrid}' has no lighttransfer block in its config.json; convert it first.")
     sink = sink if sink is not None else (hcfg.sink if hcfg else 4)
     window = window if window is not None else (hcfg.window if hcfg else 1020)
+    from ..hybrid_format import token_select_config
+
+    selection = token_select_config("tokenselect", select_k=select_k, select_init=select_init,
+                                    select_local=select_local, select_reuse=select_reuse,
+                                    base=hcfg.selection if hcfg else None, option="--rows")
 
     report_data = None
     if report is not None:  # read once: the identity check and the rows both need it
@@ -268,13 +280,18 @@ def evaluate(
         log.info("layers %s slide the model's own window: no row streams them, and --ratio is a share of the "
                  "others (as in convert)", ",".join(map(str, native)))
     eval_rows = _build_rows(rows, hcfg=hcfg, report=report, report_data=report_data, ratio=ratio, sink=sink, window=window,
-                            num_layers=num_layers, num_kv_heads=num_kv_heads, seed=seed, native_windows=native)
+                            num_layers=num_layers, num_kv_heads=num_kv_heads, seed=seed, native_windows=native,
+                            token_select=selection)
     if ratio is None:
         named = [r for r in eval_rows if r.name == "lighttransfer"]
         ratio = named[0].num_streaming_layers / num_layers if named else 0.5
 
     token_ids = torch.tensor(tokenizer(body, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    min_context = max([r.sink + r.window for r in eval_rows if not r.is_dense] or [0])
+    # scored tokens must lie where every row can differ from the original: past sink + window, and past the
+    # TokenSelect budget (below it the selection is every key)
+    min_context = max([max(r.sink + r.window if r.layout.streaming_kv_heads or r.online_ratio is not None else 0,
+                           r.selection.budget if r.selection is not None else 0)
+                       for r in eval_rows if not r.is_dense] or [0])
     strides = {L: stride or default_stride(L, min_context) for L in lengths}
     windows = {L: plan_windows(len(token_ids), length=L, stride=strides[L], min_context=min_context,
                                max_windows=max_windows) for L in lengths}
@@ -329,6 +346,8 @@ def evaluate(
             step = (lambda row=row: progress.step(f"{row.name}: ruler")) if progress else None
             batch = 1 if row.online_ratio is not None else ruler_batch  # online rows choose layers per prompt
             entry["ruler"] = run_samples(sequence, ruler_set, tokenizer=tokenizer, on_sample=step, batch_size=batch)
+        if row.selection is not None:
+            entry["selection_cache"] = runner.selection_stats()
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         runner.release(row)
         log.info("row %s done in %.0f s", row.name, entry["seconds"])
@@ -366,7 +385,7 @@ def _check_lengths(values: Sequence[int], option: str, *, allow_empty: bool = Fa
 
 
 def _build_rows(rows, *, hcfg, report, report_data, ratio, sink, window, num_layers, num_kv_heads, seed,
-                native_windows=None) -> list[EvalRow]:
+                native_windows=None, token_select=None) -> list[EvalRow]:
     """``report``: the report's path (for messages); ``report_data``: the report, loaded once by the caller."""
     if rows and all(isinstance(r, EvalRow) for r in rows):
         return list(rows)
@@ -409,7 +428,7 @@ def _build_rows(rows, *, hcfg, report, report_data, ratio, sink, window, num_lay
     return standard_rows(lazy_ratios=lazy, ratio=ratio, num_kv_heads=num_kv_heads, sink=sink, window=window,
                          names=names, lazy_selection=selection, kv_head_scores=kv_scores, kv_head_gates=kv_gates,
                          kv_head_default=kv_default, attention_lazy_ratios=attention, ranked_by=ranked_by, seed=seed,
-                         native_windows=native_windows)
+                         native_windows=native_windows, selection=token_select)
 
 
 def output_paths(out: str | os.PathLike[str]) -> dict[str, Path]:

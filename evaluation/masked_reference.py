@@ -12,7 +12,10 @@ It honours the three policies of a hybrid:
   (decode, or a continuation chunk) mask, as a cache trimmed to sink + window after prefill would;
 * online mode (``online_ratio``): the prompt is prefilled with full attention while each layer's lazy ratio
   (LightTransfer, Sec. 3.2: the attention mass the last ``last`` queries put on the sink and recent keys) is
-  measured; the ``round(online_ratio * num_layers)`` laziest layers then stream for the rest of the sequence.
+  measured; the ``round(online_ratio * num_layers)`` laziest layers then stream for the rest of the sequence;
+* TokenSelect (``layout.selection``): after the first forward call, the full layers' queries attend the keys
+  :func:`lighttransfer.runtime.token_select.token_select_attention` selects over the dense cache (the same rule
+  and Selection Cache as the runtime, here over transformers' own contiguous cache).
 
 Hooks live in a context manager: the attention function is registered once under its own name in
 transformers' ``AttentionInterface`` and the model's implementation is switched only inside ``with``.
@@ -48,6 +51,8 @@ class _MaskPlan:
     streaming_layers: set[int] = field(default_factory=set)
     prefilled: set[int] = field(default_factory=set)
     online_scores: dict[int, float] = field(default_factory=dict)
+    selection_states: dict = field(default_factory=dict)
+    selection_stats: object = None
 
     def __post_init__(self) -> None:
         self.streaming_layers = set(self.layout.streaming_layers)
@@ -168,7 +173,15 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
         # no sink
         out = _streaming_attention(query, key, value, sink=0, window=int(native), scale=scale)
     elif streams is None:
-        out = _causal_attention(query, key, value, scale=scale)
+        out = None
+        if plan.layout.selection is not None and not is_prefill:
+            from ..runtime.token_select import SelectionState, token_select_attention
+
+            state = plan.selection_states.setdefault(layer, SelectionState())
+            out = token_select_attention(query, key, value, config=plan.layout.selection, state=state,
+                                         stats=plan.selection_stats, kv_start=None, scale=scale)
+        if out is None:
+            out = _causal_attention(query, key, value, scale=scale)
     else:
         out = _streaming_attention(query, key, value, sink=plan.sink, window=plan.window, scale=scale)
         if not all(streams):
@@ -197,12 +210,14 @@ def masked_streaming(
     prefill: str = "streaming",
     online_ratio: float | None = None,
     online_last: int = 64,
+    selection_stats=None,
 ) -> Iterator[_MaskPlan]:
     """Run ``model`` (a dense transformers causal LM) as a hybrid, by masking, inside the ``with`` block.
 
     The hybrid is ``layout``, or the one the keyword arguments describe (on the model's shape). One block is one
     sequence's life: its first forward call is the prefill. Open a new block per sequence. Yields the plan; call
-    ``plan.finish_online_selection()`` after the prefill in online mode.
+    ``plan.finish_online_selection()`` after the prefill in online mode. ``selection_stats``: a
+    :class:`~lighttransfer.runtime.token_select.SelectionStats` that TokenSelect's counts go to.
     """
     _register()
     if layout is None:
@@ -211,7 +226,7 @@ def masked_streaming(
                               streaming_layers=streaming_layers, head_masks=head_masks or {}, sink=sink,
                               window=window, prefill=prefill, online_ratio=online_ratio, online_last=online_last)
     config = model.config
-    plan = _MaskPlan(layout)
+    plan = _MaskPlan(layout, selection_stats=selection_stats)
     previous = config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
     _ACTIVE.append(plan)

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..convert.plan import pick_layers, share_of_all_layers
 from ..errors import LightTransferError
-from ..hybrid_format import HybridLayout
+from ..hybrid_format import HybridLayout, TokenSelectConfig
 
 # name of each standard row, in table order, and what it is
 ROW_KINDS: dict[str, str] = {
@@ -34,11 +34,16 @@ ROW_KINDS: dict[str, str] = {
     "random-heads": "as many random KV heads stream, model-wide (the head-level baseline)",
     "least-lazy-heads": "as many KV heads stream, those with the highest long-context score by the report's own "
                         "method (gates or attention mass)",
+    "tokenselect": "TokenSelect alone (arXiv 2411.02886): nothing streams; every layer decodes over the keys a soft "
+                   "vote of its heads selects (--select-k/--select-init/--select-local/--select-reuse)",
+    "lighttransfer+tokenselect": "the lighttransfer row's layers stream and its full layers decode with TokenSelect",
 }
 # the head-level rows need per-KV-head scores from an analysis report, so they are asked for by name, like the
 # lazy-ratio row, which differs from the lighttransfer row only for a report ranked by gates
 HEAD_LEVEL_ROWS = ("head-level", "head-level-gates", "random-heads", "least-lazy-heads")
-DEFAULT_ROWS = tuple(name for name in ROW_KINDS if name not in (*HEAD_LEVEL_ROWS, "lazy-ratio"))
+# TokenSelect rows decode selectively: asked for by name, like the head-level rows
+TOKENSELECT_ROWS = ("tokenselect", "lighttransfer+tokenselect")
+DEFAULT_ROWS = tuple(name for name in ROW_KINDS if name not in (*HEAD_LEVEL_ROWS, *TOKENSELECT_ROWS, "lazy-ratio"))
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,7 @@ class EvalRow:
     window = property(lambda self: self.layout.window)
     prefill = property(lambda self: self.layout.prefill)
     online_ratio = property(lambda self: self.layout.online_ratio)
+    selection = property(lambda self: self.layout.selection)
     native_windows = property(lambda self: dict(self.layout.native_windows))
     is_dense = property(lambda self: self.layout.is_dense)
     num_streaming_layers = property(lambda self: self.layout.num_streaming_layers)
@@ -86,7 +92,10 @@ class EvalRow:
                 "streaming_layers": self.streaming_layers,
                 "head_masks": {str(k): v for k, v in sorted(self.head_masks.items())},
                 "sink": self.sink, "window": self.window, "prefill": self.prefill, "online_ratio": self.online_ratio,
-                "note": self.note, "native_windows": {str(k): v for k, v in sorted(self.native_windows.items())}}
+                "note": self.note, "native_windows": {str(k): v for k, v in sorted(self.native_windows.items())},
+                "selection": None if self.selection is None else {"k": self.selection.k, "init": self.selection.init,
+                                                                  "local": self.selection.local,
+                                                                  "reuse": self.selection.reuse}}
 
 
 def standard_rows(
@@ -105,6 +114,7 @@ def standard_rows(
     ranked_by: str = "lazy ratio",
     seed: int = 0,
     native_windows: dict[int, int] | None = None,
+    selection: TokenSelectConfig | None = None,
 ) -> list[EvalRow]:
     """Build the rows compared at one ratio.
 
@@ -131,6 +141,7 @@ def standard_rows(
         seed: seed of the random row.
         native_windows: ``{layer: window}`` of the model's own sliding layers: no row streams them, and, as in
             ``convert``, ``ratio`` is then a share of the other layers.
+        selection: TokenSelect's settings for the ``tokenselect`` rows (default: the paper's, 2048/128/512/0.9).
     """
     unknown = [n for n in names if n not in ROW_KINDS]
     if unknown:
@@ -200,6 +211,12 @@ def standard_rows(
                "random": f"at random (seed {seed})"}[strategy]
         return EvalRow.of(name, streaming_layers=layers, head_masks=partial, **common, note=f"{count} KV heads {how}")
 
+    chosen = selection or TokenSelectConfig()
+    build["tokenselect"] = lambda: EvalRow.of("tokenselect", **dict(common, sink=0, window=1), selection=chosen,
+                                              note=chosen.describe())
+    build["lighttransfer+tokenselect"] = lambda: EvalRow.of(
+        "lighttransfer+tokenselect", streaming_layers=lazy, **common, selection=chosen,
+        note=("laziest layers" if by_lazy_ratio else f"layers ranked by {ranked_by}") + f"; {chosen.describe()}")
     build["head-level"] = lambda: head_level(
         "head-level", kv_head_scores, "attention mass beyond sink + window",
         "per-KV-head attention scores; pass --report REPORT.json")
@@ -215,4 +232,4 @@ def standard_rows(
     return [build[name]() for name in names]
 
 
-__all__ = ["EvalRow", "ROW_KINDS", "DEFAULT_ROWS", "HEAD_LEVEL_ROWS", "standard_rows"]
+__all__ = ["EvalRow", "ROW_KINDS", "DEFAULT_ROWS", "HEAD_LEVEL_ROWS", "TOKENSELECT_ROWS", "standard_rows"]

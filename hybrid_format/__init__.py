@@ -7,6 +7,7 @@ from .config_block import CONFIG_KEY, FORMAT_VERSION, SIDECAR_FORMAT_VERSION, SI
 from .finetune_record import FINETUNE_FILE, FINETUNE_KEY, FINETUNE_SCHEMA_VERSION, FinetuneRecord
 from .kv_size import DEFAULT_TOKENS, DTYPE_BYTES, KVMemoryRow, format_bytes, kv_cache_bytes, kv_memory_table
 from .layout import DEFAULT_SINK, DEFAULT_WINDOW, PREFILL_POLICIES, HybridLayout
+from .token_select import DECODE_POLICIES, TokenSelectConfig, token_select_config
 
 __all__ = [
     "HybridConfig",
@@ -19,6 +20,9 @@ __all__ = [
     "FINETUNE_FILE",
     "FINETUNE_KEY",
     "FINETUNE_SCHEMA_VERSION",
+    "TokenSelectConfig",
+    "token_select_config",
+    "DECODE_POLICIES",
     "DEFAULT_SINK",
     "DEFAULT_WINDOW",
     "PREFILL_POLICIES",

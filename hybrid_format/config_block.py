@@ -17,8 +17,14 @@ block through ``from_pretrained`` -> ``save_pretrained``::
       "calibration": {"sink": 4, "window": 1020, "last": 32, ...},  # what the layers were chosen with
       "report_summary": {...},                 # small: lazy ratios per layer, ranking
       "sidecar": "lighttransfer_scores.json",  # bulky per-head scores beside the weights, or null
-      "native_swa": false                      # true when layer_types/sliding_window were also written
+      "native_swa": false,                     # true when layer_types/sliding_window were also written
+      "decode": "tokenselect",                 # format 2 only: how the full layers decode (absent = dense)
+      "select_k": 2048, "select_init": 128, "select_local": 512, "select_reuse": 0.9
     }
+
+Versions: a block without a TokenSelect decode is written as format 1, exactly as before, so older readers load
+it; one with ``decode: "tokenselect"`` is format 2 (older readers refuse it with their version message instead of
+silently decoding densely). Both versions are read.
 
 A fine-tuned checkpoint keeps this block as it was and records the fine-tune beside it, under its own key
 (``"lighttransfer_finetune"``, :mod:`.finetune_record`), so every reader of the block, older ones included, reads
@@ -33,9 +39,12 @@ from typing import Any, Literal
 
 from ..errors import LightTransferError
 from .layout import HybridLayout
+from .token_select import DECODE_POLICIES, TokenSelectConfig
 
 CONFIG_KEY = "lighttransfer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this lighttransfer writes and reads
+READABLE_VERSIONS = (1, 2)
+_DECODE_FIELDS = ("decode", "select_k", "select_init", "select_local", "select_reuse")
 SIDECAR_NAME = "lighttransfer_scores.json"
 # the sidecar's own version (per-head scores beside the weights; its keys: format_version, model_id, fingerprint,
 # params, layer_lazy_ratios, kv_head_long_context_scores, head_lazy_ratios)
@@ -68,6 +77,9 @@ class HybridConfig:
         head_order: ``{layer: [original KV head of each slot]}`` for layers whose heads the runtime reordered in
             the weights before they were saved (empty for what ``convert`` writes): such weights are no longer
             in the source model's head order, so ``source`` and any report on it no longer index them.
+        decode: ``dense`` (every cached key) or ``tokenselect`` (the full layers' decode steps attend the
+            ``select_k`` keys of largest soft vote plus ``select_init`` first and ``select_local`` recent ones;
+            Selection Cache threshold ``select_reuse``). The ``select_*`` fields are ``None`` for a dense decode.
     """
 
     num_layers: int
@@ -84,6 +96,11 @@ class HybridConfig:
     sidecar: str | None = None
     native_swa: bool = False
     head_order: dict[int, list[int]] = field(default_factory=dict)
+    decode: str = "dense"
+    select_k: int | None = None
+    select_init: int | None = None
+    select_local: int | None = None
+    select_reuse: float | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -97,13 +114,32 @@ class HybridConfig:
         except (TypeError, ValueError, AttributeError) as exc:
             raise LightTransferError(f"a value has the wrong type ({exc})") from exc
         self.validate()
+        # the version is what the block needs: 1 unless the decode is TokenSelect (see the module docstring)
+        self.format_version = 2 if self.decode == "tokenselect" else 1
 
     # ---- the layout ----------------------------------------------------------------------------------------
     def layout(self, *, native_windows: dict[int, int] | None = None, prefill: str | None = None) -> HybridLayout:
         """The block's layout in memory (``native_windows``: the model's own sliding layers, from its config)."""
         return HybridLayout(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
                             streaming_layers=self.streaming_layers, head_masks=self.head_masks, sink=self.sink,
-                            window=self.window, prefill=prefill or self.prefill, native_windows=native_windows or {})
+                            window=self.window, prefill=prefill or self.prefill, native_windows=native_windows or {},
+                            selection=self.selection)
+
+    @property
+    def selection(self) -> TokenSelectConfig | None:
+        """The full layers' TokenSelect settings, or ``None`` for a dense decode."""
+        if self.decode != "tokenselect":
+            return None
+        return TokenSelectConfig(k=self.select_k, init=self.select_init, local=self.select_local,
+                                 reuse=self.select_reuse)
+
+    def with_selection(self, selection: TokenSelectConfig | None) -> HybridConfig:
+        """A copy whose full layers decode with ``selection`` (``None``: dense)."""
+        from dataclasses import replace
+
+        fields = selection.to_fields() if selection else dict(decode="dense", select_k=None, select_init=None,
+                                                              select_local=None, select_reuse=None)
+        return replace(self, **fields, format_version=2 if selection else 1)
 
     def layer_kind(self, layer: int) -> str:
         """``streaming``, ``mixed`` or ``full`` (:meth:`HybridLayout.layer_kind`)."""
@@ -121,11 +157,23 @@ class HybridConfig:
     # ---- validation and (de)serialization --------------------------------------------------------------
     def validate(self) -> None:
         """Raise :class:`LightTransferError` when the block is inconsistent."""
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in READABLE_VERSIONS:
             raise LightTransferError(
                 f"hybrid config format_version {self.format_version} is not supported (this lighttransfer "
-                f"reads version {FORMAT_VERSION}); upgrade lighttransfer or reconvert the model."
+                f"reads versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade lighttransfer or reconvert the "
+                "model."
             )
+        if self.decode not in DECODE_POLICIES:
+            raise LightTransferError(f"decode must be one of {', '.join(DECODE_POLICIES)}, got {self.decode!r}.")
+        if self.decode == "tokenselect":
+            if self.format_version < 2:
+                raise LightTransferError("decode 'tokenselect' needs format_version 2.")
+            missing = [f for f in _DECODE_FIELDS[1:] if getattr(self, f) is None]
+            if missing:
+                raise LightTransferError(f"decode 'tokenselect' needs {', '.join(missing)}.")
+            self.selection  # noqa: B018 - the ranges, checked by TokenSelectConfig
+        elif any(getattr(self, f) is not None for f in _DECODE_FIELDS[1:]):
+            raise LightTransferError("select_* fields are only meaningful with decode 'tokenselect'.")
         if self.granularity not in ("layer", "head"):
             raise LightTransferError(f"granularity must be 'layer' or 'head', got {self.granularity!r}.")
         self.layout()  # the layer-level rules: ranges, duplicates, mask lengths, sink and window
@@ -136,6 +184,9 @@ class HybridConfig:
         d["head_order"] = {str(k): v for k, v in sorted(self.head_order.items())}
         if not d["head_order"]:
             del d["head_order"]  # blocks written by convert stay as before
+        if self.decode == "dense":
+            for name in _DECODE_FIELDS:  # a dense decode writes the format-1 block, unchanged
+                del d[name]
         return json.loads(json.dumps(d, sort_keys=True))
 
     @classmethod
@@ -183,4 +234,5 @@ def _whole(value: Any, name: str) -> int:
     return value
 
 
-__all__ = ["HybridConfig", "CONFIG_KEY", "FORMAT_VERSION", "SIDECAR_NAME", "SIDECAR_FORMAT_VERSION"]
+__all__ = ["HybridConfig", "CONFIG_KEY", "FORMAT_VERSION", "READABLE_VERSIONS", "SIDECAR_NAME",
+           "SIDECAR_FORMAT_VERSION"]

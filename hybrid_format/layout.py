@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import LightTransferError
+from .token_select import TokenSelectConfig
 
 DEFAULT_SINK = 4
 DEFAULT_WINDOW = 1020
@@ -42,6 +43,8 @@ class HybridLayout:
         online_last: prompt queries whose lazy ratio decides, in online mode.
         native_windows: ``{layer: window}`` of the model's own sliding layers (never ours: bounded in the
             original too, and left as they are).
+        selection: how the full layers decode: ``None`` = every cached key (dense), or TokenSelect's settings
+            (:class:`~lighttransfer.hybrid_format.token_select.TokenSelectConfig`); memory is unchanged either way.
     """
 
     num_layers: int
@@ -54,6 +57,7 @@ class HybridLayout:
     online_ratio: float | None = None
     online_last: int = DEFAULT_ONLINE_LAST
     native_windows: Mapping[int, int] = field(default_factory=dict)
+    selection: TokenSelectConfig | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -108,8 +112,8 @@ class HybridLayout:
 
     @property
     def is_dense(self) -> bool:
-        """Nothing streams: the original model."""
-        return self.online_ratio is None and self.streaming_kv_heads == 0
+        """Nothing streams and the full layers decode densely: the original model."""
+        return self.online_ratio is None and self.streaming_kv_heads == 0 and self.selection is None
 
     def kv_fraction(self, tokens: int) -> float:
         """KV-cache entries kept after ``tokens`` tokens as a fraction of the original model's (sink + window
@@ -128,7 +132,8 @@ class HybridLayout:
         parts = [f"{len(self.streaming_layers)}/{self.num_layers} layers stream"]
         if self.mixed_masks:
             parts.append(f"{len(self.mixed_masks)} mixed")
-        return ", ".join(parts) + f" (sink {self.sink}, window {self.window}, prefill {self.prefill})"
+        line = ", ".join(parts) + f" (sink {self.sink}, window {self.window}, prefill {self.prefill})"
+        return line + (f"; full layers decode with {self.selection.describe()}" if self.selection else "")
 
     # ---- validation ------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -140,6 +145,8 @@ class HybridLayout:
             raise LightTransferError(f"window must be at least 1 token, got {self.window}.")
         if self.sink < 0:
             raise LightTransferError(f"sink must be 0 or more tokens, got {self.sink}.")
+        if self.selection is not None and not isinstance(self.selection, TokenSelectConfig):
+            raise LightTransferError(f"selection must be a TokenSelectConfig or None, got {self.selection!r}.")
         if self.prefill not in PREFILL_POLICIES:
             raise LightTransferError(f"prefill policy must be 'streaming' or 'full', got {self.prefill!r}.")
         bad = [i for i in [*self.streaming_layers, *self.head_masks] if not 0 <= i < self.num_layers]

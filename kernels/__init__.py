@@ -12,6 +12,15 @@ if __package__ == "lighttransfer.kernels":
     from .merge import merge_attention
     from .reference import full_decode_reference, streaming_attention_reference, streaming_decode_reference
     from .switch import reference_forced, triton_runs_on, use_reference
+    from .token_select import (
+        assemble_indices,
+        select_attention,
+        select_attention_reference,
+        select_indices,
+        token_votes,
+        token_votes_reference,
+        top_candidates,
+    )
 
     __all__ = [
         "streaming_attention",
@@ -21,6 +30,13 @@ if __package__ == "lighttransfer.kernels":
         "streaming_attention_reference",
         "streaming_decode_reference",
         "merge_attention",
+        "token_votes",
+        "token_votes_reference",
+        "top_candidates",
+        "assemble_indices",
+        "select_indices",
+        "select_attention",
+        "select_attention_reference",
         "use_reference",
         "reference_forced",
         "triton_runs_on",

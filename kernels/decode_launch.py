@@ -55,10 +55,12 @@ def autotune_enabled() -> bool:
 
 
 def tuned_launcher(kernel, hopper_configs: list[triton.Config], capability: tuple[int, int], block_d: int,
-                   block_m: int, autotune: bool, element_bytes: int = 2):
+                   block_m: int, autotune: bool, element_bytes: int = 2,
+                   key: tuple[str, ...] = ("HEAD_DIM", "BLOCK_M", "SINGLE_SPLIT")):
     """``kernel`` autotuned over the candidates that fit (Hopper), or the fallback config (other GPUs); only the
-    first candidate when ``autotune`` is off. Keyed on the kernel's ``HEAD_DIM``, ``BLOCK_M``, ``SINGLE_SPLIT``;
-    the caller builds one per element size (fp32 tiles take twice the shared memory of bf16 ones)."""
+    first candidate when ``autotune`` is off. Keyed on the kernel's arguments named in ``key`` (default
+    ``HEAD_DIM``, ``BLOCK_M``, ``SINGLE_SPLIT``); the caller builds one per element size (fp32 tiles take twice
+    the shared memory of bf16 ones)."""
     if capability[0] == 9:
         configs = [c for c in hopper_configs if fits_hopper(c, block_d, block_m, element_bytes)] \
             or [fallback_config(block_d, block_m, element_bytes, HOPPER_SHARED_MEMORY)]
@@ -66,7 +68,7 @@ def tuned_launcher(kernel, hopper_configs: list[triton.Config], capability: tupl
         configs = [fallback_config(block_d, block_m, element_bytes)]
     if not autotune:
         configs = configs[:1]
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "BLOCK_M", "SINGLE_SPLIT"])(kernel)
+    return triton.autotune(configs=configs, key=list(key))(kernel)
 
 
 @functools.cache

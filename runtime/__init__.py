@@ -23,6 +23,8 @@
   after); :func:`prefill_chunked` (or ``load(..., chunk_size=N)``, which sets ``generate``'s
   ``prefill_chunk_size``) bounds prefill memory with the same result as one pass.
 * **Online mode.** ``load(..., online_ratio=r)`` picks the streaming layers per prompt (:mod:`.online`).
+* **TokenSelect.** ``load(..., decode="tokenselect")``: the full layers' decode steps attend only the keys a soft
+  vote of the heads selects, with the Selection Cache (:mod:`.token_select`); on a hybrid or a plain model.
 """
 
 from .cache import FullLayer, HybridCache, MixedLayer, SequenceState, StreamingLayer
@@ -34,6 +36,7 @@ from .layout import resolve_layout
 from .loader import load, load_hybrid
 from .online import OnlineSelector
 from .static_generate import generate_static
+from .token_select import SelectionState, SelectionStats, token_select_attention
 
 __all__ = [
     "load",
@@ -54,4 +57,7 @@ __all__ = [
     "SequenceState",
     "resolve_layout",
     "OnlineSelector",
+    "SelectionStats",
+    "SelectionState",
+    "token_select_attention",
 ]

@@ -15,7 +15,11 @@ original positions and updated the cache. What it does depends on the layer:
   its streaming KV heads' query heads over their slots, outputs put back in head order; without our cache,
   one launch of the kernels' per-head mode over the contiguous keys;
 * online mode, during the prompt's first forward -> full attention, then the layer's lazy ratio is offered to the
-  running selection and the layers it drops are trimmed at once.
+  running selection and the layers it drops are trimmed at once;
+* a full layer of a cache with TokenSelect (``decode="tokenselect"``), for a decode step (and for a continuation
+  chunk when the cache's ``select_chunks`` is on) -> :func:`~lighttransfer.runtime.token_select.token_select_attention`
+  (each query over its selected keys), or dense attention when the budget covers every candidate; a prefill chunk
+  otherwise attends densely.
 
 Per-model state lives on the modules (``module.lighttransfer_plan``) and on the cache; the per-forward context
 (the cache and the left padding) arrives through the keyword ``lighttransfer_step``, which the model's forward
@@ -32,9 +36,19 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from ..hybrid_format import HybridLayout
 from ..kernels import merge_attention
-from .cache import ChunkView, ContiguousView, HybridCache, MixedLayer, SlotView, StaticStep, StreamingLayer
+from .cache import (
+    ChunkView,
+    ContiguousView,
+    FullLayer,
+    HybridCache,
+    MixedLayer,
+    SlotView,
+    StaticStep,
+    StreamingLayer,
+)
 from .online import prompt_lazy_ratio
 from .ops import full_attention, prefill_attention, slot_attention
+from .token_select import token_select_attention
 
 ATTENTION_NAME = "lighttransfer"
 STEP_KWARG = "lighttransfer_step"
@@ -124,9 +138,16 @@ def lighttransfer_attention(module, query, key, value, attention_mask, scaling=N
         if has_padding and isinstance(part, DynamicSlidingWindowLayer):
             # its cache dropped the oldest keys: key index 0 is token (seen - big_n), so the padding shifts too
             kv_start = (kv_start - (part.get_seq_length() - big_n)).clamp(min=0)
-        out = full_attention(module, query, key, value, q_offset=big_n - n, kv_start=kv_start,
-                             has_padding=has_padding, scale=scaling, dropout=dropout,
-                             sliding_window=kwargs.get("sliding_window"), n_valid=n_valid)
+        out = None
+        if (cache is not None and cache.selection is not None and isinstance(part, FullLayer) and big_n > n
+                and (n == 1 or cache.select_chunks) and dropout == 0.0 and not kwargs.get("sliding_window")):
+            out = token_select_attention(query, key, value, config=cache.selection,
+                                         state=cache.selection_state(module.layer_idx), stats=cache.selection_stats,
+                                         kv_start=kv_start if has_padding else None, scale=scaling)
+        if out is None:
+            out = full_attention(module, query, key, value, q_offset=big_n - n, kv_start=kv_start,
+                                 has_padding=has_padding, scale=scaling, dropout=dropout,
+                                 sliding_window=kwargs.get("sliding_window"), n_valid=n_valid)
         online = cache.online if cache is not None else None
         if online is not None and part is not None and not online.decided and plan is not None:
             _offer_online(cache, module.layer_idx, query, key, plan, kv_start if has_padding else None, scaling)

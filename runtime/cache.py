@@ -30,6 +30,7 @@ from .cache_state import (
 from .full_layer import FullLayer
 from .mixed_layer import MixedLayer
 from .streaming_layer import StreamingLayer
+from .token_select import SelectionState, SelectionStats
 
 
 class HybridCache(Cache):
@@ -48,11 +49,22 @@ class HybridCache(Cache):
         max_tokens: tokens per sequence the full layers (and the full heads of mixed layers) allocate room for at
             their first update, e.g. prompt + ``max_new_tokens``: a generation that stays within it allocates
             once. Default: grow as needed (see :class:`FullLayer`).
+        selection: TokenSelect's settings for the full layers' decode steps (``None``: dense); each full layer then
+            has a :class:`~lighttransfer.runtime.token_select.SelectionState` in :attr:`selection_states`.
+        selection_stats: where the Selection Cache counts go (default: a fresh
+            :class:`~lighttransfer.runtime.token_select.SelectionStats` of this cache's own).
+        select_chunks: with TokenSelect, a forward of several tokens after the prefill selects per query (as
+            decoding would) instead of attending densely (a prefill chunk).
     """
 
     def __init__(self, kinds, *, sink: int, window: int, prefill: str = "streaming", kv_head_masks=None,
-                 online=None, native_windows: dict[int, int] | None = None, max_tokens: int | None = None) -> None:
+                 online=None, native_windows: dict[int, int] | None = None, max_tokens: int | None = None,
+                 selection=None, selection_stats: SelectionStats | None = None, select_chunks: bool = False) -> None:
         self.sequence = SequenceState()
+        self.selection = selection
+        self.select_chunks = bool(select_chunks)
+        self.selection_stats = selection_stats if selection_stats is not None else SelectionStats()
+        self.selection_states: dict[int, SelectionState] = {}
         self.sink, self.window, self.prefill = int(sink), int(window), prefill
         self.online = online
         kv_head_masks = kv_head_masks or {}
@@ -88,6 +100,8 @@ class HybridCache(Cache):
         """Why this cache cannot take static decode steps right now, or ``None`` when it can."""
         if self.online is not None and not self.online.decided:
             return "online layer selection still undecided"
+        if self.selection is not None:
+            return "TokenSelect picks each step's keys on the host (its steps have no static shape)"
         if self.sequence.defer_compaction:
             return "chunked prefill in progress"
         if self.get_seq_length() == 0:
@@ -215,16 +229,26 @@ class HybridCache(Cache):
         return [i for i, layer in enumerate(self.layers) if isinstance(layer, StreamingLayer)]
 
     # ---- batch bookkeeping (beam search, batch splitting) ----------------------------------------------------
+    def selection_state(self, layer_idx: int) -> SelectionState:
+        """The Selection Cache of full layer ``layer_idx`` (made on first use)."""
+        state = self.selection_states.get(layer_idx)
+        if state is None:
+            state = self.selection_states[layer_idx] = SelectionState()
+        return state
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         self.sequence.select(beam_idx)
+        self.selection_states.clear()  # the rows moved: every layer selects afresh at its next step
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         self.sequence.select(indices)
+        self.selection_states.clear()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
+        self.selection_states.clear()
         if self.sequence.kv_start is not None:
             self.sequence.kv_start = self.sequence.kv_start.repeat_interleave(repeats, dim=0)
 

@@ -32,6 +32,9 @@ class GenerationStats:
         dense_kv_bytes: bytes a dense cache would hold for the same tokens.
         decode_path: how the decode steps ran: ``transformers generate`` (eager, dynamic shapes), ``cuda graph``
             (static steps replayed from one captured graph) or ``eager (<why no graph>)`` (static steps, eagerly).
+        selection_lookups, selection_hits: TokenSelect's selections in this generation (full layers x sequences x
+            decode steps past the point where the budget stopped covering every key) and how many of them the
+            Selection Cache reused (0 and 0 with a dense decode).
     """
 
     prompt_tokens: int
@@ -41,6 +44,13 @@ class GenerationStats:
     kv_bytes: int
     dense_kv_bytes: int
     decode_path: str = "transformers generate"
+    selection_lookups: int = 0
+    selection_hits: int = 0
+
+    @property
+    def selection_hit_rate(self) -> float:
+        """Share of TokenSelect's selections reused from the Selection Cache (0 without lookups)."""
+        return self.selection_hits / self.selection_lookups if self.selection_lookups else 0.0
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -135,6 +145,8 @@ def generate_text(
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     streamer = _text_streamer(tokenizer, take, clock)
+    selection = getattr(getattr(model, RUNTIME_ATTR, None), "selection_stats", None)
+    before = (selection.lookups, selection.hits) if selection is not None else (0, 0)
     start = time.perf_counter()
     runtime = getattr(model, RUNTIME_ATTR, None)
     if runtime is not None and runtime.cuda_graphs:
@@ -159,7 +171,9 @@ def generate_text(
     prompt_tokens = inputs["input_ids"].shape[1]
     stats = GenerationStats(prompt_tokens=prompt_tokens, new_tokens=sequences.shape[1] - prompt_tokens,
                             prefill_seconds=first - start, decode_seconds=end - first, kv_bytes=kv,
-                            dense_kv_bytes=dense, decode_path=path)
+                            dense_kv_bytes=dense, decode_path=path,
+                            selection_lookups=selection.lookups - before[0] if selection is not None else 0,
+                            selection_hits=selection.hits - before[1] if selection is not None else 0)
     if path != "transformers generate":
         log.info("decode steps: %s", path)
     return "".join(pieces), stats

@@ -37,6 +37,7 @@ from .attention import ATTENTION_NAME, PLAN_ATTR, STEP_KWARG, LayerPlan, StepCon
 from .cache import HybridCache, leading_padding
 from .head_order import grouped_kv_order, inverse, permute_heads, supports_reordering
 from .online import OnlineSelector
+from .token_select import SelectionStats
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,14 @@ RUNTIME_ATTR = "lighttransfer_runtime"
 
 
 class HybridRuntime:
-    """The per-model state of the hybrid runtime: its layout, its hook, and the cache factory."""
+    """The per-model state of the hybrid runtime: its layout, its hook, and the cache factory.
+
+    :attr:`selection_stats` sums TokenSelect's Selection Cache counts over every cache this runtime made (hit rate:
+    ``runtime_of(model).selection_stats.hit_rate``; ``reset()`` it between measurements). :attr:`select_chunks`
+    (default False): with TokenSelect, whether a multi-token forward after the prefill selects per query, as if
+    each query were decoded alone (what evaluation needs: teacher forcing then equals greedy decoding), instead of
+    attending densely like a prefill chunk.
+    """
 
     def __init__(self, model, layout: HybridLayout) -> None:
         self.layout = layout
@@ -61,6 +69,8 @@ class HybridRuntime:
         self.cuda_graphs = False
         # (batch, reserved tokens, padded, device) -> StaticDecoder whose captured graph later generations replay
         self.decoders: dict = {}
+        self.selection_stats = SelectionStats()
+        self.select_chunks = False
 
     def make_cache(self, max_tokens: int | None = None) -> HybridCache:
         """A fresh, empty cache laid out for this model (``max_tokens``: see :class:`HybridCache`)."""
@@ -73,7 +83,9 @@ class HybridRuntime:
             kinds = ("full",) * layout.num_layers
         return HybridCache(kinds, sink=layout.sink, window=layout.window, prefill=layout.prefill,
                            kv_head_masks=layout.mixed_masks, online=online, native_windows=layout.native_windows,
-                           max_tokens=max_tokens)
+                           max_tokens=max_tokens,
+                           selection=layout.selection, selection_stats=self.selection_stats,
+                           select_chunks=self.select_chunks)
 
     def remove(self) -> None:
         self._handle.remove()

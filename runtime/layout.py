@@ -13,7 +13,14 @@ from typing import Any
 from ..architecture import check_window_fits
 from ..architecture import model_shape as _shape
 from ..errors import LightTransferError
-from ..hybrid_format import DEFAULT_SINK, DEFAULT_WINDOW, PREFILL_POLICIES, HybridConfig, HybridLayout
+from ..hybrid_format import (
+    DEFAULT_SINK,
+    DEFAULT_WINDOW,
+    PREFILL_POLICIES,
+    HybridConfig,
+    HybridLayout,
+    token_select_config,
+)
 from .online import DEFAULT_LAST
 
 log = logging.getLogger(__name__)
@@ -29,10 +36,18 @@ def resolve_layout(
     prefill: str | None = None,
     online_ratio: float | None = None,
     online_last: int | None = None,
+    decode: str | None = None,
+    select_k: int | None = None,
+    select_init: int | None = None,
+    select_local: int | None = None,
+    select_reuse: float | None = None,
     source: str = "the model",
 ) -> HybridLayout:
     """Combine the checkpoint's block (if any) with explicit options into a :class:`HybridLayout` (the model's
     own sliding layers included, from its config).
+
+    ``decode`` (``dense`` or ``tokenselect``) and the ``select_*`` settings override the block's; TokenSelect alone
+    needs no block (a plain model: every layer full, each decoding with TokenSelect).
 
     Raises:
         LightTransferError: no layout anywhere, or an option out of range.
@@ -44,6 +59,10 @@ def resolve_layout(
     if online_ratio is not None and explicit:
         raise LightTransferError("pass either online_ratio (layers chosen per prompt) or streaming_layers/"
                                  "head_masks (a fixed layout), not both.")
+    selection = token_select_config(decode, select_k=select_k, select_init=select_init, select_local=select_local,
+                                    select_reuse=select_reuse, base=block.selection if block else None)
+    if block is None and not explicit and online_ratio is None and selection is not None:
+        explicit = True  # TokenSelect alone: nothing streams
     if block is None and not explicit and online_ratio is None:
         raise LightTransferError(
             f"{source} has no 'lighttransfer' block in its config.json; convert it first "
@@ -64,12 +83,13 @@ def resolve_layout(
         last = online_last or (block.calibration.get("last") if block else None) or DEFAULT_LAST
         return HybridLayout(num_layers=num_layers, num_kv_heads=num_kv_heads, sink=sink, window=window,
                             prefill="full", online_ratio=float(online_ratio), online_last=int(last),
-                            native_windows=shape.native_windows)
+                            native_windows=shape.native_windows, selection=selection)
 
     if explicit:
         return HybridLayout(num_layers=num_layers, num_kv_heads=num_kv_heads,
                             streaming_layers=list(streaming_layers or []), head_masks=dict(head_masks or {}),
-                            sink=sink, window=window, prefill=prefill, native_windows=shape.native_windows)
+                            sink=sink, window=window, prefill=prefill, native_windows=shape.native_windows,
+                            selection=selection)
     assert block is not None
     if block.num_layers != num_layers or block.num_kv_heads != num_kv_heads:
         raise LightTransferError(
@@ -79,7 +99,7 @@ def resolve_layout(
     native = {} if block.native_swa else shape.native_windows
     return HybridLayout(num_layers=num_layers, num_kv_heads=num_kv_heads, streaming_layers=block.streaming_layers,
                         head_masks=block.head_masks, sink=sink, window=window, prefill=prefill,
-                        native_windows=native)
+                        native_windows=native, selection=selection)
 
 
 def _warn_if_not_calibrated(block: HybridConfig, *, sink: int, window: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from ..hybrid_format import TokenSelectConfig, token_select_config
 from ..loading import LoadedModel, load_model, load_tokenizer
 from .hybrid import check_chunk_size, enable_hybrid
 from .layout import resolve_layout
@@ -29,14 +30,23 @@ def load_hybrid(
     trust_remote_code: bool = False,
     with_tokenizer: bool = True,
     device_map: str | dict | None = None,
+    decode: str | None = None,
+    select_k: int | None = None,
+    select_init: int | None = None,
+    select_local: int | None = None,
+    select_reuse: float | None = None,
 ) -> LoadedModel:
     """Like :func:`load`, but returns the :class:`~lighttransfer.loading.LoadedModel` (model, tokenizer, source)."""
     check_chunk_size(chunk_size)  # before the weights load: a typo costs nothing
+    selection = dict(decode=decode, select_k=select_k, select_init=select_init, select_local=select_local,
+                     select_reuse=select_reuse)
+    token_select_config(decode, **{k: v for k, v in selection.items() if k != "decode"},
+                        base=TokenSelectConfig() if decode is None else None)  # range checks, also before
     loaded = load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, with_tokenizer=False,
                         device_map=device_map)
     layout = resolve_layout(loaded.model.config, streaming_layers=streaming_layers, head_masks=head_masks,
                             sink=sink, window=window, prefill=prefill, online_ratio=online_ratio,
-                            source=f"model '{loaded.source.spec}'")
+                            source=f"model '{loaded.source.spec}'", **selection)
     enable_hybrid(loaded.model, layout, chunk_size=chunk_size, cuda_graphs=cuda_graphs)
     if with_tokenizer:
         loaded.tokenizer = load_tokenizer(loaded.source, trust_remote_code=trust_remote_code)
@@ -58,6 +68,11 @@ def load(
     cuda_graphs: bool = False,
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
+    decode: str | None = None,
+    select_k: int | None = None,
+    select_init: int | None = None,
+    select_local: int | None = None,
+    select_reuse: float | None = None,
 ) -> Any:
     """Load a hybrid checkpoint as an ordinary transformers causal LM with a bounded KV cache.
 
@@ -84,6 +99,13 @@ def load(
             and the reason is reported. ``model.generate`` keeps transformers' loop either way.
         trust_remote_code: allow the model's own Python code (off by default).
         device_map: as in transformers' ``from_pretrained`` (``"auto"`` spreads a big model over the GPUs).
+        decode: how the full layers decode: ``dense`` (every cached key) or ``tokenselect`` (TokenSelect, arXiv
+            2411.02886: each query attends its ``select_k`` keys of largest soft vote plus the first ``select_init``
+            and the last ``select_local`` tokens; the Selection Cache reuses a selection while consecutive queries
+            have cosine similarity >= ``select_reuse``). Default: the checkpoint block's, else dense. Works on a
+            plain model too (TokenSelect alone). Hit rate: ``runtime_of(model).selection_stats``.
+        select_k, select_init, select_local, select_reuse: TokenSelect's settings (defaults 2048, 128, 512, 0.9,
+            or the block's).
 
     Returns:
         The transformers model; ``model.generate`` and ``pipeline("text-generation", model=model)`` use the
@@ -95,7 +117,8 @@ def load(
     return load_hybrid(path, device=device, dtype=dtype, streaming_layers=streaming_layers,
                        head_masks=head_masks, sink=sink, window=window, prefill=prefill, online_ratio=online_ratio,
                        chunk_size=chunk_size, cuda_graphs=cuda_graphs, trust_remote_code=trust_remote_code,
-                       with_tokenizer=False, device_map=device_map).model
+                       with_tokenizer=False, device_map=device_map, decode=decode, select_k=select_k,
+                       select_init=select_init, select_local=select_local, select_reuse=select_reuse).model
 
 
 __all__ = ["load", "load_hybrid"]

@@ -118,6 +118,20 @@ def test_a_cache_that_cannot_take_static_steps_says_why():
     enable_hybrid(online, resolve_layout(online.config, online_ratio=0.5, sink=SINK, window=WINDOW))
     assert "online" in make_cache(online).static_unsupported()
     assert "CUDA device" in graphs_unsupported(make_cache(model), torch.device("cpu"))
+    import dataclasses
+
+    from lighttransfer.hybrid_format import TokenSelectConfig
+    from lighttransfer.runtime import runtime_of
+
+    selecting = make_tiny_model("llama")
+    layout = runtime_of(model).layout
+    enable_hybrid(selecting, dataclasses.replace(layout, selection=TokenSelectConfig(k=8, init=2, local=4)))
+    cache = make_cache(selecting)
+    with torch.no_grad():
+        from lighttransfer.compat import cache_keyword
+
+        selecting(torch.ones(1, 6, dtype=torch.long), use_cache=True, **{cache_keyword(selecting): cache})
+    assert "TokenSelect" in cache.static_unsupported()
 
 
 def test_steps_beyond_the_reserved_length_are_refused():

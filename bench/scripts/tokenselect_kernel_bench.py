@@ -1,0 +1,245 @@
+"""TokenSelect decode kernels against dense flash-decoding over the same cache (the issue's kernel target).
+
+    PYTHONPATH=<dir with a lighttransfer link> python3 bench/scripts/tokenselect_kernel_bench.py --out DIR
+    PYTHONPATH=... python3 bench/scripts/tokenselect_kernel_bench.py --tiny --out DIR   # CPU, Triton interpreter
+
+Shape (default): 32 query / 8 KV heads, D = 128, bf16, a 131072-token cache per sequence (a view of larger
+storage, as the runtime's full layer holds it), batch 1 and 16; TokenSelect k = 2048, init 128, local 512.
+Timed, each as a CUDA-graph replay and eagerly, every part in the same process (correctness checked first
+against the fp32 references):
+
+* ``dense``: ``kernels.full_decode`` (GQA split-K flash-decoding) over all N keys: the baseline;
+* ``attention``: ``kernels.select_attention`` over the init + k + local listed keys (the issue's target:
+  >= 10x faster than ``dense`` at batch 1 and 16);
+* ``votes``: ``kernels.token_votes`` (two passes over the candidate keys) and ``select``: top-k + the index list;
+* ``miss step`` = votes + select + attention (a step that rescores), ``hit step`` = the index list from a cached
+  top-k + attention (a Selection Cache hit), and the step time averaged at hit rates 0, 50 %, 90 %.
+
+Bytes per part (floors): dense reads K and V once (``2 * B * Hkv * N * D * 2``); the votes read the candidate keys
+twice; the attention reads the listed K/V rows and their int32 indices. "share of floor" = the floor time at the
+copy bandwidth measured in the same run / the measured time. Triton configs are pinned (the first candidate of
+each kernel, ``LIGHTTRANSFER_TRITON_AUTOTUNE=0``) unless ``--autotune``. Writes ``tokenselect_kernels.json`` and
+``.md`` into ``--out``, naming the GPU, driver, torch, Triton and CUDA versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if "--tiny" in sys.argv:  # the interpreter must be on before any kernel is defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+if "--autotune" not in sys.argv:
+    os.environ.setdefault("LIGHTTRANSFER_TRITON_AUTOTUNE", "0")
+
+import torch  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+
+
+def _timer(fn, *, graph: bool, cuda: bool, rounds: int) -> float:
+    """Median microseconds per call (CUDA: Triton's do_bench / do_bench_cudagraph; CPU: wall clock)."""
+    fn()  # compile (and autotune) outside the timed region and the graph capture
+    if cuda:
+        from triton.testing import do_bench, do_bench_cudagraph
+
+        torch.cuda.synchronize()
+        if graph:
+            return 1e3 * do_bench_cudagraph(fn, rep=100, return_mode="median")
+        return 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e6 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    finite = torch.isfinite(b)
+    if not torch.equal(torch.isfinite(a), finite):
+        return float("inf")
+    return ((a[finite] - b[finite]).norm() / b[finite].norm().clamp(min=1e-30)).item()
+
+
+def _attention_fp32(q, k, v, indices):
+    """The gather reference's float32 output (its result is cast back to ``q.dtype``): queries in float32, the
+    gathered rows cast after the gather."""
+    from lighttransfer.kernels import select_attention_reference
+
+    return select_attention_reference(q.float(), k, v, indices)
+
+
+def bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: int, dtype, device: str,
+                graph: bool, rounds: int, tolerance: float, seed: int = 0) -> dict:
+    from lighttransfer import kernels
+    from lighttransfer.kernels.token_select_triton import bytes_read
+
+    cuda = device == "cuda"
+    g = torch.Generator(device=device).manual_seed(seed + batch)
+    q = torch.randn(batch, HEADS, 1, HEAD_DIM, device=device, dtype=dtype, generator=g)
+    # views of the first n_keys tokens of larger storage, as the runtime's FullLayer returns them
+    k = torch.randn(batch, KV_HEADS, n_keys + 256, HEAD_DIM, device=device, dtype=dtype, generator=g)[:, :, :n_keys]
+    v = torch.randn(batch, KV_HEADS, n_keys + 256, HEAD_DIM, device=device, dtype=dtype, generator=g)[:, :, :n_keys]
+
+    def votes():
+        return kernels.token_votes(q, k, init=init, local=local)
+
+    picked = kernels.top_candidates(votes(), k_select)
+
+    def select(vv=None):
+        return kernels.select_indices(votes() if vv is None else vv, k_select=k_select, init=init, local=local)
+
+    indices = select()
+
+    def attention():
+        return kernels.select_attention(q, k, v, indices)
+
+    def dense():
+        return kernels.full_decode(q, k, v)
+
+    def miss_step():
+        return kernels.select_attention(q, k, v, select())
+
+    def hit_step():
+        idx = kernels.assemble_indices(picked, n_keys=n_keys, init=init, local=local)
+        return kernels.select_attention(q, k, v, idx)
+
+    # correctness first, against the fp32 references
+    # (the dense reference repeats K/V per query head in float32: checked on two sequences, not 16 x 128k)
+    errors = {
+        "votes": _rel_err(votes(), kernels.token_votes_reference(q, k, init=init, local=local)[:, :, 0]),
+        "attention": _rel_err(attention(), kernels.select_attention_reference(q, k, v, indices).float()
+                              if dtype == torch.float32 else _attention_fp32(q, k, v, indices)),
+        "dense": _rel_err(dense()[:2], kernels.full_decode_reference(q[:2], k[:2], v[:2])),
+    }
+    bad = {name: e for name, e in errors.items() if not e < tolerance}
+    if bad:
+        raise RuntimeError(f"B={batch} N={n_keys}: relative error above {tolerance}: {bad}")
+    n_sel = indices.shape[-1]
+    floors = bytes_read(batch=batch, kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype_bytes=q.element_size(),
+                        n_keys=n_keys, n_selected=n_sel, init=init, local=local)
+    parts = {"dense": dense, "attention": attention, "votes": votes, "select": lambda: select(picked_votes),
+             "miss_step": miss_step, "hit_step": hit_step}
+    picked_votes = votes()
+    row = {"batch": batch, "n_keys": n_keys, "k": k_select, "init": init, "local": local, "selected": n_sel,
+           "errors": errors, "bytes": {"dense": floors["dense"], "attention": floors["attention"],
+                                       "votes": floors["votes"],
+                                       "miss_step": floors["votes"] + floors["attention"],
+                                       "hit_step": floors["attention"]}}
+    for mode in (["graph", "eager"] if cuda and graph else ["eager"]):
+        row[f"us_{mode}"] = {name: _timer(fn, graph=mode == "graph", cuda=cuda, rounds=rounds)
+                             for name, fn in parts.items()}
+    return row
+
+
+def summarize(row: dict, copy_gbps: float | None) -> None:
+    """Ratios to dense, shares of the bandwidth floor, and the step time at a few hit rates, per timing mode."""
+    for mode in ("graph", "eager"):
+        us = row.get(f"us_{mode}")
+        if not us:
+            continue
+        out = {"dense_over_attention": us["dense"] / us["attention"],
+               "dense_over_miss_step": us["dense"] / us["miss_step"],
+               "dense_over_hit_step": us["dense"] / us["hit_step"]}
+        for h in (0.0, 0.5, 0.9):
+            step = h * us["hit_step"] + (1 - h) * us["miss_step"]
+            out[f"step_us_at_hit_rate_{h:g}"] = step
+            out[f"dense_over_step_at_hit_rate_{h:g}"] = us["dense"] / step
+        if copy_gbps:
+            for name, nbytes in row["bytes"].items():
+                out[f"share_of_floor_{name}"] = (nbytes / copy_gbps / 1e3) / us[name]
+        row[f"summary_{mode}"] = out
+
+
+def to_markdown(result: dict) -> str:
+    env, peaks = result["environment"], result.get("peaks") or {}
+    lines = [f"# TokenSelect decode kernels vs dense flash-decoding ({result['shape']['dtype']}, "
+             f"{HEADS}/{KV_HEADS} heads, D={HEAD_DIM})", "",
+             f"{env.get('gpu', 'CPU (Triton interpreter)')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+             f"CUDA {env.get('cuda')}, driver {env.get('driver')}; copy bandwidth "
+             f"{peaks.get('hbm_copy_gbps', float('nan')):.0f} GB/s; autotune {result['autotune']}.", ""]
+    for mode in ("graph", "eager"):
+        rows = [r for r in result["rows"] if f"us_{mode}" in r]
+        if not rows:
+            continue
+        lines += [f"## {mode} (us per call)", "",
+                  "| B | N | listed | dense | attention | votes | top-k + list | miss step | hit step | dense / "
+                  "attention | dense / step at 0 / 50 / 90 % hits | share of floor: dense, attention, votes |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            us, s = r[f"us_{mode}"], r[f"summary_{mode}"]
+            shares = ", ".join(f"{100 * s[f'share_of_floor_{n}']:.0f}%" if f"share_of_floor_{n}" in s else "-"
+                               for n in ("dense", "attention", "votes"))
+            lines.append(
+                f"| {r['batch']} | {r['n_keys']} | {r['selected']} | {us['dense']:.1f} | {us['attention']:.1f} | "
+                f"{us['votes']:.1f} | {us['select']:.1f} | {us['miss_step']:.1f} | {us['hit_step']:.1f} | "
+                f"{s['dense_over_attention']:.1f}x | {s['dense_over_step_at_hit_rate_0']:.2f} / "
+                f"{s['dense_over_step_at_hit_rate_0.5']:.2f} / {s['dense_over_step_at_hit_rate_0.9']:.2f} | "
+                f"{shares} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="Directory for tokenselect_kernels.json and .md.")
+    parser.add_argument("--context", type=int, default=131072, help="Cached tokens per sequence.")
+    parser.add_argument("--batches", default="1,16", help="Comma-separated batch sizes.")
+    parser.add_argument("--k", type=int, default=2048, help="TokenSelect: selected candidates.")
+    parser.add_argument("--init", type=int, default=128, help="TokenSelect: initial tokens kept.")
+    parser.add_argument("--local", type=int, default=512, help="TokenSelect: recent tokens kept.")
+    parser.add_argument("--tiny", action="store_true",
+                        help="CPU run in the Triton interpreter at a tiny shape (fp32): checks the script end to end.")
+    parser.add_argument("--autotune", action="store_true", help="Autotune the kernels instead of pinned configs.")
+    parser.add_argument("--no-graph", action="store_true", help="Eager timings only.")
+    parser.add_argument("--rounds", type=int, default=2, help="Timed calls per part on the CPU.")
+    parser.add_argument("--tolerance", type=float, default=2e-2, help="Largest relative error accepted.")
+    args = parser.parse_args(argv)
+
+    from lighttransfer.bench.gpu_env import environment, measure_peaks
+    from lighttransfer.kernels.decode_launch import autotune_enabled
+    from lighttransfer.output_files import write_atomically, write_json
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    if not cuda and not args.tiny:
+        parser.error("no CUDA GPU here: pass --tiny for the CPU check of the script")
+    if args.tiny:
+        n_keys, k_select, init, local, dtype, device = 240, 32, 8, 24, torch.float32, "cpu"
+        batches = [1, 2]
+    else:
+        n_keys, k_select, init, local, dtype, device = args.context, args.k, args.init, args.local, torch.bfloat16, \
+            "cuda"
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    env = environment()
+    peaks = measure_peaks() if cuda else None
+    rows = []
+    for batch in batches:
+        row = bench_batch(batch, n_keys=n_keys, k_select=k_select, init=init, local=local, dtype=dtype,
+                          device=device, graph=not args.no_graph, rounds=args.rounds, tolerance=args.tolerance)
+        summarize(row, peaks["hbm_copy_gbps"] if peaks else None)
+        rows.append(row)
+        print(f"B={batch}: " + ", ".join(f"{k} {v:.1f} us" for k, v in (row.get("us_graph") or row["us_eager"]).items()),
+              flush=True)
+        if cuda:
+            torch.cuda.empty_cache()
+    result = {"benchmark": "tokenselect_kernels", "format_version": 1, "environment": env, "peaks": peaks,
+              "autotune": autotune_enabled(), "tiny": args.tiny,
+              "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
+                        "dtype": str(dtype).replace("torch.", ""), "nq": 1},
+              "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "tokenselect_kernels.json", result)
+    write_atomically(out / "tokenselect_kernels.md", to_markdown(result))
+    print(to_markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The decode policy of the full layers: ``dense`` (every cached key) or ``tokenselect`` (TokenSelect, Wu et al.,
+arXiv 2411.02886: per query, the top-``k`` keys by a soft vote of the heads, plus ``init`` first and ``local``
+recent tokens; a Selection Cache reuses the previous selection while consecutive queries stay similar).
+
+Plain Python, stored in the checkpoint block and held by :class:`~lighttransfer.hybrid_format.HybridLayout`; the
+rule itself is in :mod:`lighttransfer.kernels.token_select`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import LightTransferError
+
+DECODE_POLICIES = ("dense", "tokenselect")
+# the paper's defaults (and the issue's): 2048 selected tokens, 128 initial, 512 local, reuse at cosine >= 0.9
+DEFAULT_SELECT_K = 2048
+DEFAULT_SELECT_INIT = 128
+DEFAULT_SELECT_LOCAL = 512
+DEFAULT_SELECT_REUSE = 0.9
+
+
+@dataclass(frozen=True)
+class TokenSelectConfig:
+    """TokenSelect's settings for the full layers' decode steps.
+
+    Attributes:
+        k: candidate tokens selected per query by the soft vote (>= 1).
+        init: first real tokens of each sequence always attended (>= 0).
+        local: most recent tokens always attended, the query's own included (>= 1, so the new token sees itself).
+        reuse: Selection Cache threshold on the cosine similarity between the query and the query the cached
+            selection was computed from, per layer and sequence (``[0, 1]``; ``1.0`` turns the cache off).
+    """
+
+    k: int = DEFAULT_SELECT_K
+    init: int = DEFAULT_SELECT_INIT
+    local: int = DEFAULT_SELECT_LOCAL
+    reuse: float = DEFAULT_SELECT_REUSE
+
+    def __post_init__(self) -> None:
+        for name, least in (("k", 1), ("init", 0), ("local", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise LightTransferError(f"select_{name} must be a whole number >= {least}, got {value!r}.")
+        reuse = self.reuse
+        if isinstance(reuse, bool) or not isinstance(reuse, (int, float)) or not 0.0 <= float(reuse) <= 1.0:
+            raise LightTransferError(f"select_reuse must be a cosine threshold in [0, 1] (1 = no Selection "
+                                     f"Cache), got {reuse!r}.")
+        object.__setattr__(self, "reuse", float(reuse))
+
+    @property
+    def cache_enabled(self) -> bool:
+        return self.reuse < 1.0
+
+    @property
+    def budget(self) -> int:
+        """Keys attended per query at most: ``init + k + local``."""
+        return self.init + self.k + self.local
+
+    def describe(self) -> str:
+        cache = f"reuse at cos >= {self.reuse:g}" if self.cache_enabled else "no Selection Cache"
+        return f"TokenSelect k={self.k}, init={self.init}, local={self.local}, {cache}"
+
+    def to_fields(self) -> dict:
+        """The checkpoint block's flat fields (the names of ``lighttransfer.load``'s keywords)."""
+        return {"decode": "tokenselect", "select_k": self.k, "select_init": self.init, "select_local": self.local,
+                "select_reuse": self.reuse}
+
+
+def token_select_config(decode: str | None, *, select_k: int | None = None, select_init: int | None = None,
+                        select_local: int | None = None, select_reuse: float | None = None,
+                        base: TokenSelectConfig | None = None, option: str = "decode") -> TokenSelectConfig | None:
+    """The config the options ask for: ``None`` for ``decode="dense"``; for ``tokenselect``, ``base``'s settings
+    (or the defaults) overridden by the ``select_*`` values given. ``decode=None`` keeps ``base``.
+
+    Raises:
+        LightTransferError: an unknown policy, ``select_*`` values with a dense decode, or a value out of range.
+    """
+    given = {k: v for k, v in dict(k=select_k, init=select_init, local=select_local, reuse=select_reuse).items()
+             if v is not None}
+    if decode is None:
+        decode = "tokenselect" if base is not None else "dense"
+    if decode not in DECODE_POLICIES:
+        raise LightTransferError(f"{option} {decode!r} is not known; use one of {', '.join(DECODE_POLICIES)}.")
+    if decode == "dense":
+        if given:
+            raise LightTransferError(f"select_{next(iter(given))} is a TokenSelect setting; pass "
+                                     f"{option}='tokenselect' with it, or drop it.")
+        return None
+    start = base or TokenSelectConfig()
+    return TokenSelectConfig(**{**dict(k=start.k, init=start.init, local=start.local, reuse=start.reuse), **given})
+
+
+__all__ = ["TokenSelectConfig", "token_select_config", "DECODE_POLICIES", "DEFAULT_SELECT_K", "DEFAULT_SELECT_INIT",
+           "DEFAULT_SELECT_LOCAL", "DEFAULT_SELECT_REUSE"]

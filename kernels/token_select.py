@@ -1,0 +1,217 @@
+"""TokenSelect (Wu et al., arXiv 2411.02886): per-head Q·K criticality, a soft vote over the heads, top-k tokens.
+
+The rule, per full layer, per sequence and per query at key index ``p`` (keys are cached after RoPE, so every token
+keeps its original position and nothing is re-indexed), with ``s = kv_start[b]`` the sequence's left padding:
+
+* always kept: the first ``init`` real tokens ``[s, s + init)`` and the local window ``(p - local, p]``;
+* candidates: every other key ``t`` with ``s + init <= t <= p - local``;
+* per-head criticality ``c_h(t) = scale * q_h · k_{g(h), t}``, ``g(h) = h // (heads // kv_heads)`` (query heads of
+  a KV head are contiguous, as in Llama/Qwen; the released code maps ``h % kv_heads``, which is wrong for them);
+* soft vote (the paper's per-head softmax normalisation before summing, so that no single head with large logits
+  decides alone): ``S(t) = sum_h softmax_t(c_h)(t)``, the softmax over the candidates only;
+* selected: the ``k`` candidates of largest ``S`` (one set per layer and sequence, shared by all its heads), plus
+  the kept tokens. Attention then runs over those keys only (:func:`select_attention`).
+
+Split into kernels the way the work splits on a GPU: :func:`token_votes` reads every candidate key (the
+``[batch, kv_heads, N]`` vote per KV head: the sum over its query heads; the caller sums over KV heads), the top-k
+is ``torch.topk`` (:func:`select_indices`), and :func:`select_attention` reads only the selected keys and values.
+Exact softmax normalisation needs each head's log-sum-exp over all candidates before any vote can be summed, so the
+Triton path reads the candidate keys twice (a statistics pass, then the vote pass); keeping per-head scores
+between the passes instead would take ``[batch, heads, N]`` memory, which this module never materializes.
+
+References here are plain PyTorch in float32; the Triton kernels (:mod:`.token_select_triton`) must match them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import LightTransferError
+from .attention import check_qkv, check_triton_support
+from .switch import triton_runs_on
+
+# queries per block in the references (bounds their [block, N] and [block, S, D] temporaries)
+REFERENCE_QUERY_BLOCK = 64
+
+
+def candidate_bounds(n_keys: int, n_queries: int, *, kv_start: torch.Tensor | None, batch: int, init: int,
+                     local: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo [batch, 1], hi [batch, n])`` int64: query ``i`` (at key index ``n_keys - n + i``) has the candidates
+    ``lo <= t < hi`` (``lo = kv_start + init``, ``hi = p + 1 - local``); empty where ``hi <= lo``."""
+    start = torch.zeros(batch, dtype=torch.long, device=device) if kv_start is None \
+        else kv_start.to(device=device, dtype=torch.long)
+    pos = torch.arange(n_keys - n_queries, n_keys, device=device).view(1, n_queries)
+    return (start + init).view(batch, 1), (pos + 1 - local).expand(batch, n_queries)
+
+
+def token_votes_reference(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int,
+                          kv_start: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Soft votes ``[batch, kv_heads, n, N]`` float32 of the queries ``q [B, H, n, D]`` (the last ``n`` keys) over
+    the keys ``k [B, Hkv, N, D]``: per KV head, the sum over its query heads of each head's softmax over the
+    candidates; ``-inf`` outside the candidates (and everywhere for a query without candidates)."""
+    batch, heads, n, dim = q.shape
+    kv_heads, n_keys = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    lo, hi = candidate_bounds(n_keys, n, kv_start=kv_start, batch=batch, init=init, local=local, device=q.device)
+    t = torch.arange(n_keys, device=q.device).view(1, 1, n_keys)
+    out = torch.full((batch, kv_heads, n, n_keys), float("-inf"), dtype=torch.float32, device=q.device)
+    for a in range(0, n, REFERENCE_QUERY_BLOCK):
+        b_ = min(n, a + REFERENCE_QUERY_BLOCK)
+        cand = (t >= lo.view(batch, 1, 1)) & (t < hi[:, a:b_].unsqueeze(-1))  # [B, nb, N]
+        for g in range(kv_heads):
+            qg = q[:, g * group:(g + 1) * group, a:b_].float()  # [B, G, nb, D]
+            s = torch.matmul(qg, k[:, g].float().transpose(-1, -2).unsqueeze(1)) * scale  # [B, G, nb, N]
+            s = s.masked_fill(~cand.unsqueeze(1), float("-inf"))
+            p = torch.softmax(s, dim=-1).nan_to_num(0.0).sum(1)  # [B, nb, N]
+            out[:, g, a:b_] = torch.where(cand, p, float("-inf"))
+    return out
+
+
+def token_votes(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_start: torch.Tensor | None = None,
+                scale: float | None = None, splits: int | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft votes of one query per sequence (a decode step): ``q [B, H, 1, D]``, ``k [B, Hkv, N, D]`` (the query is
+    the last key) -> ``[B, Hkv, N]`` float32, ``-inf`` outside the candidates (see the module docstring).
+
+    ``rows``: int ``[R]`` indices of the sequences to score (the others are not read); the result is then
+    ``[R, Hkv, N]`` in that order (the Selection Cache scores only the sequences that missed).
+
+    Triton for CUDA tensors (or under ``TRITON_INTERPRET=1``): all query heads of a KV head in one program, the key
+    axis split over programs; the reference otherwise. ``splits`` forces the split count (Triton only; tests).
+    """
+    check_qkv("token_votes", q, k, k)
+    _check_counts("token_votes", init=init, local=local)
+    if q.shape[2] != 1:
+        raise LightTransferError(f"token_votes: one query per sequence, got {q.shape[2]}; use "
+                                 "token_votes_reference for several.")
+    _check_start("token_votes", kv_start, q.shape[0])
+    if rows is not None and rows.dim() != 1:
+        raise LightTransferError(f"token_votes: rows must be 1-D sequence indices, got {tuple(rows.shape)}.")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not triton_runs_on(q):
+        if rows is not None:
+            rows = rows.to(q.device).long()
+            q, k = q.index_select(0, rows), k.index_select(0, rows)
+            kv_start = None if kv_start is None else kv_start.to(q.device).index_select(0, rows)
+        return token_votes_reference(q, k, init=init, local=local, kv_start=kv_start, scale=scale)[:, :, 0]
+    check_triton_support("token_votes", q)
+    from .token_select_triton import token_votes_triton
+
+    return token_votes_triton(q, k, init=init, local=local, kv_start=kv_start, scale=scale, splits=splits,
+                              rows=rows)
+
+
+def top_candidates(votes: torch.Tensor, k_select: int) -> torch.Tensor:
+    """The ``k_select`` candidates of largest vote: ``votes [batch, kv_heads, n, N]`` (or ``[batch, kv_heads, N]``)
+    summed over the KV heads -> int64 ``[batch, n, min(k_select, N)]``, ``-1`` where a query has fewer candidates.
+    Ties go to ``torch.topk``."""
+    if votes.dim() == 3:
+        votes = votes.unsqueeze(2)
+    total = votes.sum(1)  # [B, n, N]; -inf stays -inf outside the candidates
+    val, idx = torch.topk(total, min(int(k_select), total.shape[-1]), dim=-1)
+    return torch.where(torch.isfinite(val), idx, -1)
+
+
+def assemble_indices(picked: torch.Tensor, *, n_keys: int, init: int, local: int,
+                     kv_start: torch.Tensor | None = None, recent_start: torch.Tensor | None = None) -> torch.Tensor:
+    """The keys each query attends to: the candidates ``picked [batch, n, k]`` (``-1`` = none) plus the kept ones,
+    ``[batch, n, S]`` int32, ascending, ``-1`` = unused slot (``S = init + k + local`` without ``recent_start``).
+
+    Query ``i`` sits at key index ``p = n_keys - n + i``; init keys are ``[s, s + init)`` up to the query, recent
+    ones ``(p - local, p]`` from ``s + init`` on, so no key is listed twice. ``recent_start [batch, n]`` moves the
+    start of the recent keys earlier (a reused selection keeps the local window it was made with, see
+    :mod:`lighttransfer.runtime.token_select`); the recent block is then as wide as the widest query needs."""
+    batch, n, _ = picked.shape
+    device = picked.device
+    start = torch.zeros(batch, dtype=torch.long, device=device) if kv_start is None \
+        else kv_start.to(device=device, dtype=torch.long)
+    pos = torch.arange(n_keys - n, n_keys, device=device).view(1, n, 1)  # [1, n, 1]
+    parts = [picked.long()]
+    if init > 0:
+        first = start.view(batch, 1, 1) + torch.arange(init, device=device).view(1, 1, init)
+        parts.append(torch.where(first <= pos, first, -1).expand(batch, n, init))
+    lo = (pos - local + 1).expand(batch, n, 1) if recent_start is None else \
+        torch.minimum(recent_start.to(device=device, dtype=torch.long).view(batch, n, 1), pos - local + 1)
+    width = int((pos - lo + 1).max()) if lo.numel() else 0
+    if width > 0:
+        near = lo + torch.arange(width, device=device).view(1, 1, width)
+        floor = (start + init).view(batch, 1, 1)  # below it the key is an init key (or padding)
+        parts.append(torch.where((near >= floor) & (near <= pos), near, -1))
+    return torch.cat(parts, dim=-1).sort(dim=-1).values.to(torch.int32)
+
+
+def select_indices(votes: torch.Tensor, *, k_select: int, init: int, local: int,
+                   kv_start: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`top_candidates` then :func:`assemble_indices`: ``votes [batch, kv_heads, n, N]`` (or
+    ``[batch, kv_heads, N]`` for one query) -> ``[batch, n, init + k + local]`` int32 (``-1`` = unused slot)."""
+    picked = top_candidates(votes, k_select)
+    return assemble_indices(picked, n_keys=votes.shape[-1], init=init, local=local, kv_start=kv_start)
+
+
+def select_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, *,
+                               scale: float | None = None) -> torch.Tensor:
+    """Attention of ``q [B, H, n, D]`` over the keys ``indices [B, n, S]`` (``-1`` = unused) of ``k, v
+    [B, Hkv, N, D]``, in float32; returns ``[B, H, n, D]`` in ``q.dtype`` (zeros for a query with no index)."""
+    batch, heads, n, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    out = torch.zeros(batch, heads, n, v.shape[-1], dtype=torch.float32, device=q.device)
+    for a in range(0, n, REFERENCE_QUERY_BLOCK):
+        b_ = min(n, a + REFERENCE_QUERY_BLOCK)
+        idx = indices[:, a:b_].long()  # [B, nb, S]
+        ok = idx >= 0
+        flat = idx.clamp(min=0).reshape(batch, 1, -1, 1)  # [B, 1, nb*S, 1]
+        # gathered first, then cast: only the listed rows are ever copied to float32
+        ks = k.gather(2, flat.expand(batch, kv_heads, flat.shape[2], dim)).float().view(batch, kv_heads, b_ - a,
+                                                                                         -1, dim)
+        vs = v.gather(2, flat.expand(batch, kv_heads, flat.shape[2], v.shape[-1])).float().view(
+            batch, kv_heads, b_ - a, -1, v.shape[-1])
+        qg = q[:, :, a:b_].float().view(batch, kv_heads, group, b_ - a, dim)
+        s = torch.einsum("bgqnd,bgnsd->bgqns", qg, ks) * scale  # [B, Hkv, G, nb, S]
+        s = s.masked_fill(~ok.view(batch, 1, 1, b_ - a, -1), float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        o = torch.einsum("bgqns,bgnsd->bgqnd", p, vs)
+        out[:, :, a:b_] = o.reshape(batch, heads, b_ - a, -1)
+    return out.to(q.dtype)
+
+
+def select_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, *,
+                     scale: float | None = None, splits: int | None = None) -> torch.Tensor:
+    """Attention of ``q [B, H, n, D]`` over the keys listed per sequence and query in ``indices [B, n, S]`` (int32
+    or int64, ``-1`` = unused slot; any order, no duplicates) of ``k, v [B, Hkv, N, D]`` (any strides with a
+    contiguous last dim: views of the full layer's storage). Keys are gathered by index; GQA reads each gathered
+    K/V row once per KV head for all its query heads, never repeated in memory.
+
+    Returns ``o [B, H, n, D]`` in ``q.dtype`` (zeros for a query whose list is empty). Triton on CUDA (split-K over
+    the index list, partials merged by log-sum-exp with the decode merge kernel), the reference elsewhere.
+    """
+    check_qkv("select_attention", q, k, v)
+    batch, _, n, _ = q.shape
+    if indices.dim() != 3 or indices.shape[0] != batch or indices.shape[1] != n:
+        raise LightTransferError(f"select_attention: indices must be [batch, n, S] = [{batch}, {n}, S], got "
+                                 f"{tuple(indices.shape)}.")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not triton_runs_on(q):
+        return select_attention_reference(q, k, v, indices, scale=scale)
+    check_triton_support("select_attention", q)
+    from .token_select_triton import select_attention_triton
+
+    return select_attention_triton(q, k, v, indices, scale=scale, splits=splits)
+
+
+def _check_counts(name: str, *, init: int, local: int) -> None:
+    if init < 0 or local < 0:
+        raise LightTransferError(f"{name}: init and local must be >= 0, got init={init}, local={local}.")
+
+
+def _check_start(name: str, kv_start, batch: int) -> None:
+    if kv_start is not None and tuple(kv_start.shape) != (batch,):
+        raise LightTransferError(f"{name}: kv_start must be [batch] = [{batch}], got {tuple(kv_start.shape)}.")
+
+
+__all__ = ["token_votes", "token_votes_reference", "select_indices", "top_candidates", "assemble_indices", "select_attention",
+           "select_attention_reference", "candidate_bounds", "REFERENCE_QUERY_BLOCK"]

@@ -1,0 +1,200 @@
+"""TokenSelect decode for the full layers: the rule of :mod:`lighttransfer.kernels.token_select` with the paper's
+Selection Cache, per layer and sequence.
+
+What one call does (a full layer, ``n`` queries after cached keys: ``n = 1`` at decode, more for a continuation
+chunk when the cache selects in chunks (``select_chunks``, what evaluation turns on), where every query selects
+as it would have been decoded alone, so teacher-forced scoring equals greedy decoding; without it a chunk after
+the prefill, as in chunked prefill, attends densely):
+
+1. When every candidate fits the budget (``init + k + local`` covers the longest sequence's keys), the selection
+   would be everything: the caller attends densely (the same attention, without the scoring).
+2. Selection Cache (Wu et al., arXiv 2411.02886, Sec. 3.3): a sequence reuses its cached top-``k`` while the cosine
+   similarity between its query (all heads' post-RoPE query vectors, one vector per sequence) and the *anchor*
+   query, the one the cached selection was computed from, is at least ``reuse``. Comparing with the anchor rather
+   than with the previous step's query keeps a slow drift from carrying a stale selection on indefinitely. A miss
+   scores the candidates (soft vote, top-``k``) and makes this query the anchor.
+3. Reusing a selection reuses all of it: the anchor's top-``k``, the ``init`` first tokens, and the anchor's
+   local window, which the tokens that came since extend to the current query: ``(anchor - local, now]``. (Keeping
+   only the current local window would silently drop the tokens that left it since the anchor, which were part of
+   the reused selection; this way a budget that covers every candidate stays exact with the cache on.) Attention
+   then runs over the listed keys only (``kernels.select_attention``).
+
+In a batch, the vote kernel scores only the sequences that missed (on the CPU, the reference scores the whole
+batch and the hits keep their cached selection); the hit rate counts sequences.
+State is on the cache (:class:`SelectionState` per full layer); counts go to a :class:`SelectionStats` that the
+model's runtime shares across its caches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import kernels
+from ..hybrid_format import TokenSelectConfig
+
+# queries scored together by the CPU reference in a continuation chunk (bounds its [block, N] votes)
+VOTE_BLOCK = 64
+# attend densely when the budget covers every candidate (the same attention); tests turn it off to run the
+# selection path on everything
+DENSE_WHEN_COVERED = True
+# CPU tensors: False = the PyTorch references (the default: the Triton interpreter is far too slow for a model),
+# True = the kernel entry points (under TRITON_INTERPRET=1, the CUDA path's wiring, for tests)
+KERNELS_ON_CPU = False
+
+
+def _use_kernels(q: torch.Tensor) -> bool:
+    return (q.is_cuda or KERNELS_ON_CPU) and not kernels.reference_forced()
+
+
+@dataclass
+class SelectionStats:
+    """Counts of TokenSelect's decisions, summed over full layers, sequences and queries.
+
+    Attributes:
+        lookups: selections needed (one per full layer, sequence and query past the prefill, when the budget did
+            not cover every candidate).
+        hits: of those, reused from the Selection Cache.
+        dense: queries attended densely because the budget covered every candidate.
+    """
+
+    lookups: int = 0
+    hits: int = 0
+    dense: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        """``hits / lookups`` (0 before any lookup)."""
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    def reset(self) -> None:
+        self.lookups = self.hits = self.dense = 0
+
+    def to_dict(self) -> dict:
+        return {"lookups": self.lookups, "hits": self.hits, "dense": self.dense, "hit_rate": self.hit_rate}
+
+
+class SelectionState:
+    """One full layer's Selection Cache: per sequence, the anchor query ``[batch, heads * head_dim]`` float32, the
+    top-``k`` it selected ``[batch, k]`` int64 (``-1`` = unused) and its key index ``[batch]`` int64, or nothing
+    yet."""
+
+    def __init__(self) -> None:
+        self.anchor: torch.Tensor | None = None
+        self.picked: torch.Tensor | None = None
+        self.anchor_pos: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        self.anchor = self.picked = self.anchor_pos = None
+
+    def usable(self, batch: int, k: int) -> bool:
+        return self.anchor is not None and self.anchor.shape[0] == batch and self.picked.shape[-1] == k
+
+
+def token_select_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: TokenSelectConfig,
+                           state: SelectionState, stats: SelectionStats | None, kv_start: torch.Tensor | None,
+                           scale: float | None) -> torch.Tensor | None:
+    """TokenSelect attention of ``q [B, H, n, D]`` (the last ``n`` of the keys) over ``k, v [B, Hkv, N, D]``;
+    returns ``[B, H, n, D]``, or ``None`` when the budget covers every candidate (attend densely then).
+
+    ``kv_start``: int ``[B]`` left padding (keys before it are not attended; the init tokens start there).
+    """
+    batch, heads, n, dim = q.shape
+    n_keys = k.shape[2]
+    scale = dim ** -0.5 if scale is None else float(scale)
+    start = torch.zeros(batch, dtype=torch.long, device=q.device) if kv_start is None \
+        else kv_start.to(device=q.device, dtype=torch.long)
+    most = n_keys - config.local - int(start.min()) - config.init  # candidates of the last query, longest sequence
+    if most <= config.k and DENSE_WHEN_COVERED:
+        state.clear()
+        if stats is not None:
+            stats.dense += batch * n
+        return None
+
+    picked = torch.empty(batch, n, config.k, dtype=torch.long, device=q.device)
+    recent = torch.empty(batch, n, dtype=torch.long, device=q.device)  # where each query's recent keys start
+    flat = q.transpose(1, 2).reshape(batch, n, heads * dim).float()  # [B, n, H*D]
+    usable = state.usable(batch, config.k)
+    anchor = state.anchor if usable else None
+    needs_votes, hits = [], []
+    for i in range(n):
+        if anchor is None or not config.cache_enabled:
+            hit = torch.zeros(batch, dtype=torch.bool, device=q.device)
+        else:
+            hit = torch.nn.functional.cosine_similarity(flat[:, i], anchor, dim=-1) >= config.reuse
+        hits.append(hit)
+        if not bool(hit.all()):
+            needs_votes.append(i)
+            anchor = flat[:, i] if anchor is None else torch.where(hit[:, None], anchor, flat[:, i])
+    fresh = _fresh_picks(q, k, {i: ~hits[i] for i in needs_votes}, config=config, kv_start=kv_start, scale=scale)
+    prev = state.picked if usable else None
+    prev_pos = state.anchor_pos if usable else None
+    for i in range(n):
+        pos = n_keys - n + i
+        if i in fresh:
+            now = torch.full((batch,), pos, dtype=torch.long, device=q.device)
+            rows, picks = fresh[i]
+            if rows is None:
+                cur = picks if prev is None else torch.where(hits[i][:, None], prev, picks)
+            else:  # only the sequences that missed were scored
+                cur = prev.clone()
+                cur[rows] = picks
+            cur_pos = now if prev_pos is None else torch.where(hits[i], prev_pos, now)
+        else:
+            cur, cur_pos = prev, prev_pos
+        picked[:, i] = cur
+        # a reused selection keeps the recent keys it was made with: (anchor - local, now]
+        recent[:, i] = cur_pos - config.local + 1
+        prev, prev_pos = cur, cur_pos
+    state.anchor, state.picked, state.anchor_pos = anchor, prev, prev_pos
+    if stats is not None:
+        stats.lookups += batch * n
+        stats.hits += int(torch.stack(hits).sum())
+    indices = kernels.assemble_indices(picked, n_keys=n_keys, init=config.init, local=config.local, kv_start=start,
+                                       recent_start=recent)
+    if _use_kernels(q):
+        return kernels.select_attention(q, k, v, indices, scale=scale)
+    return kernels.select_attention_reference(q, k, v, indices, scale=scale)
+
+
+def _fresh_picks(q, k, misses: dict[int, torch.Tensor], *, config: TokenSelectConfig, kv_start,
+                 scale) -> dict[int, tuple[torch.Tensor | None, torch.Tensor]]:
+    """``{query row: (sequences scored or None for all, their top-k [B or R, k] int64)}`` for the query rows that
+    need scoring (``misses[i]``: bool ``[B]``, the sequences whose Selection Cache missed); each row only sees the
+    keys up to its own position (query ``i`` of ``n`` sits at key index ``N - n + i``). The vote kernel scores
+    just the sequences that missed; the CPU reference scores blocks of queries for the whole batch."""
+    if not misses:
+        return {}
+    n, n_keys = q.shape[2], k.shape[2]
+    out: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+    if _use_kernels(q):
+        for i, miss in misses.items():  # the vote kernel takes one query per sequence: its keys end at its own
+            end = n_keys - n + i + 1
+            rows = None if bool(miss.all()) else miss.nonzero().squeeze(1)
+            votes = kernels.token_votes(q[:, :, i:i + 1], k[:, :, :end], init=config.init, local=config.local,
+                                        kv_start=kv_start, scale=scale, rows=rows)
+            out[i] = (rows, _pad_picks(kernels.top_candidates(votes, config.k)[:, 0], config.k))
+        return out
+    wanted = list(misses)
+    for a in range(0, len(wanted), VOTE_BLOCK):
+        block = wanted[a:a + VOTE_BLOCK]
+        lo, hi = block[0], block[-1] + 1
+        end = n_keys - n + hi
+        votes = kernels.token_votes_reference(q[:, :, lo:hi], k[:, :, :end], init=config.init, local=config.local,
+                                              kv_start=kv_start, scale=scale)
+        tops = _pad_picks(kernels.top_candidates(votes, config.k), config.k)  # [B, hi - lo, k]
+        for i in block:
+            out[i] = (None, tops[:, i - lo])
+    return out
+
+
+def _pad_picks(picked: torch.Tensor, k: int) -> torch.Tensor:
+    """Right-pad the last dim to ``k`` with ``-1`` (a query whose keys number fewer than ``k``)."""
+    short = k - picked.shape[-1]
+    if short <= 0:
+        return picked
+    return torch.nn.functional.pad(picked, (0, short), value=-1)
+
+
+__all__ = ["token_select_attention", "SelectionState", "SelectionStats", "VOTE_BLOCK"]
