@@ -105,7 +105,7 @@ def run(*, n: int = 32768, ratio: float = 0.5, sink: int = 4, window: int = 1020
     from ..runtime.ops import FULL_PREFILL_BACKENDS, full_prefill_backend
     from .shaped_model import build_shaped_model
 
-    backends = list(backends or FULL_PREFILL_BACKENDS)
+    backends = list(backends or [b for b in FULL_PREFILL_BACKENDS if b != "auto"])
     env, peaks = environment(), measure_peaks()
     model = build_shaped_model("llama3-8b-shaped", device=torch.device("cuda"), dtype=torch.bfloat16)
     shape = model_shape(model.config)

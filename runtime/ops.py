@@ -38,8 +38,13 @@ FULL_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTE
 # FlashAttention-2), ``sdpa-cudnn`` (SDPA with cuDNN allowed: one plan per prompt length, built once per length, as
 # stock transformers does) or ``triton`` (our prefill kernel with a window spanning every key: causal). Chosen with
 # :func:`full_prefill_backend`; measured side by side by ``bench/scripts/prefill_floor.py``.
-FULL_PREFILL_BACKENDS = ("sdpa-flash", "sdpa-cudnn", "triton")
-_full_prefill = ["sdpa-flash"]
+# ``auto`` (the default) takes cuDNN from CUDNN_PREFILL_MIN_TOKENS on, where its per-length plan (tens of ms of host
+# time, once per prompt length) is small beside the prefill, and SDPA's flash kernel below. Measured on an H200,
+# Llama-3-8B shape, 32k tokens, ratio-0.5 hybrid: sdpa-flash 1356 ms, triton 1237 ms, sdpa-cudnn 1180 ms (stock
+# transformers, dense: 1409 ms; bench/results/prefill_floor_h200/).
+FULL_PREFILL_BACKENDS = ("auto", "sdpa-flash", "sdpa-cudnn", "triton")
+CUDNN_PREFILL_MIN_TOKENS = 4096
+_full_prefill = ["auto"]
 # Full-layer decode steps on CPU tensors: False = SDPA (the default; the kernel would run in the Triton interpreter
 # or as its reference, both slower than SDPA), True = ``kernels.full_decode`` (for tests of the wiring).
 FULL_DECODE_KERNEL_ON_CPU = False
@@ -111,6 +116,8 @@ def full_attention(module, q, k, v, *, q_offset: int, kv_start: torch.Tensor | N
     if has_padding or (n > 1 and big_n != n):
         mask = causal_padding_mask(n, big_n, q_offset=q_offset, kv_start=kv_start, device=q.device)
     backend = _full_prefill[0]
+    if backend == "auto":
+        backend = "sdpa-cudnn" if n >= CUDNN_PREFILL_MIN_TOKENS else "sdpa-flash"
     if mask is None and n > 1 and q.is_cuda and dropout == 0.0:
         if backend == "triton" and not kernels.reference_forced() and q.shape[-1] <= kernels.MAX_HEAD_DIM:
             return prefill_attention(q, k, v, sink=0, window=big_n, q_offset=0, kv_start=None, scale=scale)

@@ -170,11 +170,11 @@ def test_beam_search_runs_with_the_bounded_cache():
 def test_full_prefill_backend_is_scoped_and_checked():
     from lighttransfer.runtime import ops
 
-    assert ops._full_prefill[0] == "sdpa-flash"
+    assert ops._full_prefill[0] == "auto"
     with ops.full_prefill_backend("triton"):
         assert ops._full_prefill[0] == "triton"
         with pytest.raises(ValueError, match="unknown full-layer prefill backend"):
             with ops.full_prefill_backend("flash3"):
                 pass
         assert ops._full_prefill[0] == "triton"
-    assert ops._full_prefill[0] == "sdpa-flash"
+    assert ops._full_prefill[0] == "auto"

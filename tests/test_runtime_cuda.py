@@ -94,7 +94,7 @@ def test_full_attention_of_a_chunk_equals_masked_sdpa():
     assert got.shape == (2, 8, 24, 64) and err(got, want) <= 1e-4
 
 
-@pytest.mark.parametrize("backend", ["sdpa-flash", "sdpa-cudnn", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "sdpa-flash", "sdpa-cudnn", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_every_full_prefill_backend_is_causal_attention(backend, dtype):
     from lighttransfer.runtime.ops import full_attention, full_prefill_backend
