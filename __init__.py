@@ -20,6 +20,7 @@ _LAZY = {
     "convert_model": "lighttransfer.convert:convert",
     "HybridConfig": "lighttransfer.hybrid_format.config_block:HybridConfig",
     "load": "lighttransfer.runtime:load",
+    "sparse_prefill_stats": "lighttransfer.runtime:sparse_prefill_stats",
 }
 
 __all__ = ["__version__", "LightTransferError", *_LAZY]

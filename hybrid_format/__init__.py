@@ -6,6 +6,7 @@
 from .config_block import CONFIG_KEY, FORMAT_VERSION, SIDECAR_FORMAT_VERSION, SIDECAR_NAME, HybridConfig
 from .kv_size import DEFAULT_TOKENS, DTYPE_BYTES, KVMemoryRow, format_bytes, kv_cache_bytes, kv_memory_table
 from .layout import DEFAULT_SINK, DEFAULT_WINDOW, PREFILL_POLICIES, HybridLayout
+from .sparse_prefill import SPARSE_METHODS, SparsePrefillConfig
 
 __all__ = [
     "HybridConfig",
@@ -23,4 +24,6 @@ __all__ = [
     "format_bytes",
     "DTYPE_BYTES",
     "DEFAULT_TOKENS",
+    "SparsePrefillConfig",
+    "SPARSE_METHODS",
 ]

@@ -17,8 +17,9 @@ block through ``from_pretrained`` -> ``save_pretrained``::
       "calibration": {"sink": 4, "window": 1020, "last": 32, ...},  # what the layers were chosen with
       "report_summary": {...},                 # small: lazy ratios per layer, ranking
       "sidecar": "lighttransfer_scores.json",  # bulky per-head scores beside the weights, or null
-      "native_swa": false                      # true when layer_types/sliding_window were also written
-    }
+      "native_swa": false,                     # true when layer_types/sliding_window were also written
+      "sparse_prefill": {...}                  # optional: block-sparse prefill of the full layers
+    }                                          # (hybrid_format/sparse_prefill.py; absent = dense)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Literal
 
 from ..errors import LightTransferError
 from .layout import HybridLayout
+from .sparse_prefill import SparsePrefillConfig
 
 CONFIG_KEY = "lighttransfer"
 FORMAT_VERSION = 1
@@ -64,6 +66,9 @@ class HybridConfig:
         head_order: ``{layer: [original KV head of each slot]}`` for layers whose heads the runtime reordered in
             the weights before they were saved (empty for what ``convert`` writes): such weights are no longer
             in the source model's head order, so ``source`` and any report on it no longer index them.
+        sparse_prefill: block-sparse prefill of the full layers (a
+            :class:`~lighttransfer.hybrid_format.sparse_prefill.SparsePrefillConfig` as a dict), or ``None``
+            (dense; the key is then left out of the block).
     """
 
     num_layers: int
@@ -80,6 +85,7 @@ class HybridConfig:
     sidecar: str | None = None
     native_swa: bool = False
     head_order: dict[int, list[int]] = field(default_factory=dict)
+    sparse_prefill: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -92,6 +98,8 @@ class HybridConfig:
             self.num_kv_heads = _whole(self.num_kv_heads, "num_kv_heads")
         except (TypeError, ValueError, AttributeError) as exc:
             raise LightTransferError(f"a value has the wrong type ({exc})") from exc
+        if self.sparse_prefill is not None:
+            self.sparse_prefill = SparsePrefillConfig.from_dict(self.sparse_prefill).to_dict()
         self.validate()
 
     # ---- the layout ----------------------------------------------------------------------------------------
@@ -100,6 +108,10 @@ class HybridConfig:
         return HybridLayout(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
                             streaming_layers=self.streaming_layers, head_masks=self.head_masks, sink=self.sink,
                             window=self.window, prefill=prefill or self.prefill, native_windows=native_windows or {})
+
+    def sparse_prefill_config(self) -> SparsePrefillConfig | None:
+        """The stored sparse prefill settings, or ``None`` (dense)."""
+        return None if self.sparse_prefill is None else SparsePrefillConfig.from_dict(self.sparse_prefill)
 
     def layer_kind(self, layer: int) -> str:
         """``streaming``, ``mixed`` or ``full`` (:meth:`HybridLayout.layer_kind`)."""
@@ -132,6 +144,8 @@ class HybridConfig:
         d["head_order"] = {str(k): v for k, v in sorted(self.head_order.items())}
         if not d["head_order"]:
             del d["head_order"]  # blocks written by convert stay as before
+        if d["sparse_prefill"] is None:
+            del d["sparse_prefill"]  # likewise: absent means dense
         return json.loads(json.dumps(d, sort_keys=True))
 
     @classmethod

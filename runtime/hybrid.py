@@ -31,12 +31,13 @@ from transformers.cache_utils import DynamicCache
 
 from ..compat import cache_keyword
 from ..errors import LightTransferError
-from ..hybrid_format import CONFIG_KEY, HybridLayout
+from ..hybrid_format import CONFIG_KEY, HybridLayout, SparsePrefillConfig
 from ..loading import check_attention_swappable
 from .attention import ATTENTION_NAME, PLAN_ATTR, STEP_KWARG, LayerPlan, StepContext, register
 from .cache import HybridCache, leading_padding
 from .head_order import grouped_kv_order, inverse, permute_heads, supports_reordering
 from .online import OnlineSelector
+from .sparse_prefill import SparsePrefill, SparsePrefillStats
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class HybridRuntime:
         # {layer: KV-head order applied to the weights} (see head_order.py), undone by disable_hybrid
         self.head_orders: dict[int, list[int]] = {}
         self.previous_config_block = None
+        # block-sparse prefill of the full layers (runtime/sparse_prefill.py), or None
+        self.sparse_prefill: SparsePrefill | None = None
 
     def make_cache(self) -> HybridCache:
         """A fresh, empty cache laid out for this model."""
@@ -102,15 +105,18 @@ class HybridRuntime:
                 kv_start = leading_padding(mask)
                 has_padding = bool(kv_start.max().item() > 0)
         kwargs[STEP_KWARG] = StepContext(cache=cache, kv_start=kv_start if has_padding else None,
-                                         has_padding=has_padding)
+                                         has_padding=has_padding, sparse=self.sparse_prefill)
         return args, kwargs
 
 
-def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, chunk_size: int | None = None):
+def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, chunk_size: int | None = None,
+                  sparse_prefill: SparsePrefillConfig | None = None):
     """Make ``model`` run ``layout`` (in place) and return it. Calling it again replaces the previous layout.
 
     ``chunk_size``: prefill chunk length ``generate`` uses (sets ``generation_config.prefill_chunk_size``;
     ``None``: one pass).
+
+    ``sparse_prefill``: block-sparse prefill of the full layers (:mod:`.sparse_prefill`); ``None``: dense.
 
     ``reorder_heads``: in layers that mix streaming and full KV heads, permute the heads in the weights so that
     each group is contiguous (exact; saves a gather and a scatter per group and step, see ``head_order.py``).
@@ -133,6 +139,7 @@ def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, ch
         setattr(module, PLAN_ATTR, LayerPlan(layer_idx=idx, layout=layout))
     runtime = HybridRuntime(model, layout)
     runtime.head_orders = orders
+    runtime.sparse_prefill = SparsePrefill(sparse_prefill) if sparse_prefill is not None else None
     if orders:
         runtime.previous_config_block = _reorder_config_block(model.config, orders, layout)
     setattr(model, RUNTIME_ATTR, runtime)
@@ -234,6 +241,16 @@ def runtime_of(model) -> HybridRuntime:
     return runtime
 
 
+def sparse_prefill_stats(model) -> SparsePrefillStats:
+    """The full layers' prefill records of ``model`` (realised density per layer: ``.density_by_layer()``); a
+    one-line error when sparse prefill is off."""
+    sparse = runtime_of(model).sparse_prefill
+    if sparse is None:
+        raise LightTransferError("sparse prefill is off for this model; load it with prefill_sparse='sample', "
+                                 "'vslash' or 'antidiag'.")
+    return sparse.stats
+
+
 def make_cache(model) -> HybridCache:
     """A fresh :class:`HybridCache` for ``model`` (for ``past_key_values=`` / ``cache=`` in manual loops)."""
     return runtime_of(model).make_cache()
@@ -249,4 +266,5 @@ def attention_modules(model) -> dict[int, torch.nn.Module]:
     return dict(sorted(found.items()))
 
 
-__all__ = ["enable_hybrid", "disable_hybrid", "make_cache", "runtime_of", "attention_modules", "HybridRuntime"]
+__all__ = ["enable_hybrid", "disable_hybrid", "make_cache", "runtime_of", "attention_modules", "HybridRuntime",
+           "sparse_prefill_stats"]

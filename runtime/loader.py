@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from ..errors import LightTransferError
+from ..hybrid_format import SPARSE_METHODS
 from ..loading import LoadedModel, load_model, load_tokenizer
 from .hybrid import check_chunk_size, enable_hybrid
 from .layout import resolve_layout
+from .sparse_prefill import resolve_sparse_prefill
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -28,15 +31,23 @@ def load_hybrid(
     trust_remote_code: bool = False,
     with_tokenizer: bool = True,
     device_map: str | dict | None = None,
+    prefill_sparse: str | None = None,
+    prefill_alpha: float | None = None,
+    prefill_min_len: int | None = None,
 ) -> LoadedModel:
     """Like :func:`load`, but returns the :class:`~lighttransfer.loading.LoadedModel` (model, tokenizer, source)."""
     check_chunk_size(chunk_size)  # before the weights load: a typo costs nothing
+    if prefill_sparse not in (None, "dense", *SPARSE_METHODS):
+        raise LightTransferError(f"prefill_sparse {prefill_sparse!r} is not known; use one of "
+                                 f"{', '.join(SPARSE_METHODS)}, 'dense' or None.")
     loaded = load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, with_tokenizer=False,
                         device_map=device_map)
     layout = resolve_layout(loaded.model.config, streaming_layers=streaming_layers, head_masks=head_masks,
                             sink=sink, window=window, prefill=prefill, online_ratio=online_ratio,
                             source=f"model '{loaded.source.spec}'")
-    enable_hybrid(loaded.model, layout, chunk_size=chunk_size)
+    sparse = resolve_sparse_prefill(loaded.model.config, method=prefill_sparse, alpha=prefill_alpha,
+                                    min_len=prefill_min_len)
+    enable_hybrid(loaded.model, layout, chunk_size=chunk_size, sparse_prefill=sparse)
     if with_tokenizer:
         loaded.tokenizer = load_tokenizer(loaded.source, trust_remote_code=trust_remote_code)
     return loaded
@@ -56,6 +67,9 @@ def load(
     chunk_size: int | None = None,
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
+    prefill_sparse: str | None = None,
+    prefill_alpha: float | None = None,
+    prefill_min_len: int | None = None,
 ) -> Any:
     """Load a hybrid checkpoint as an ordinary transformers causal LM with a bounded KV cache.
 
@@ -77,6 +91,11 @@ def load(
         chunk_size: prefill in chunks of this many tokens inside ``generate`` (bounded prefill memory).
         trust_remote_code: allow the model's own Python code (off by default).
         device_map: as in transformers' ``from_pretrained`` (``"auto"`` spreads a big model over the GPUs).
+        prefill_sparse: block-sparse prefill of the full layers: ``sample`` (sampled query rows), ``vslash``
+            (last-queries vertical-slash) or ``antidiag`` (antidiagonal scoring); ``dense`` turns off what the
+            checkpoint block stores; ``None`` keeps it (dense without one). See ``runtime/sparse_prefill.py``.
+        prefill_alpha: share of the estimated attention mass each (head, query block) keeps (default 0.95).
+        prefill_min_len: keys below which a prefill or chunk stays dense (default 16384).
 
     Returns:
         The transformers model; ``model.generate`` and ``pipeline("text-generation", model=model)`` use the
@@ -88,7 +107,8 @@ def load(
     return load_hybrid(path, device=device, dtype=dtype, streaming_layers=streaming_layers,
                        head_masks=head_masks, sink=sink, window=window, prefill=prefill, online_ratio=online_ratio,
                        chunk_size=chunk_size, trust_remote_code=trust_remote_code, with_tokenizer=False,
-                       device_map=device_map).model
+                       device_map=device_map, prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha,
+                       prefill_min_len=prefill_min_len).model
 
 
 __all__ = ["load", "load_hybrid"]
