@@ -79,6 +79,30 @@ def causal_block_counts(q_blocks: int, block_q: int, block_k: int, q_offset: int
     return last_causal_block(torch.arange(q_blocks), block_q, block_k, q_offset, n_kv, n_q) + 1
 
 
+def block_pairs(q_blocks: int, *, block_q: int, block_k: int, q_offset: int, n_kv: int, n_q: int,
+                device=None) -> torch.Tensor:
+    """int64 ``[q_blocks, k_blocks]``: causal (query, key) pairs inside each block (the work a listed block does;
+    FLOPs = ``4 * head_dim`` per pair and head)."""
+    qb = torch.arange(q_blocks, device=device).view(-1, 1)
+    a = (torch.arange(-(-n_kv // block_k), device=device) * block_k).view(1, -1)
+    e = torch.clamp(a + block_k, max=n_kv)  # keys [a, e)
+    r0 = qb * block_q + q_offset
+    r1 = torch.clamp(qb * block_q + block_q, max=n_q) + q_offset  # rows [r0, r1), row i sees keys <= i
+    # rows i >= e - 1 see the whole block; rows in [a, e - 1) see i - a + 1 keys
+    full_rows = torch.clamp(r1 - torch.maximum(r0, e - 1), min=0)
+    lo, hi = torch.maximum(r0, a), torch.minimum(r1, e - 1)  # partial rows [lo, hi)
+    cnt = torch.clamp(hi - lo, min=0)
+    partial = cnt * (lo - a + 1) + cnt * (cnt - 1) // 2
+    return full_rows * (e - a) + partial
+
+
+def visited_pairs(lists: BlockLists) -> int:
+    """Causal (query, key) pairs computed over all listed blocks, summed over batch and list heads."""
+    pairs = block_pairs(lists.q_blocks, block_q=lists.block_q, block_k=lists.block_k, q_offset=lists.q_offset,
+                        n_kv=lists.n_kv, n_q=lists.n_q, device=lists.indices.device)
+    return int((keep_mask(lists) * pairs).sum().item())
+
+
 def always_kept(q_blocks: int, *, block_q: int, block_k: int, q_offset: int, n_kv: int, n_q: int,
                 sink_blocks: int, local_blocks: int, device=None) -> torch.Tensor:
     """bool ``[q_blocks, k_blocks]``: the sink blocks and the local band (``local_blocks`` key blocks ending at the
@@ -164,5 +188,5 @@ def check_lists(name: str, lists: BlockLists, batch: int, heads: int, kv_heads: 
         raise LightTransferError(f"{name}: block indices and counts must be int32.")
 
 
-__all__ = ["BlockLists", "always_kept", "lists_from_keep", "dense_lists", "keep_mask", "block_list_mask",
+__all__ = ["BlockLists", "block_pairs", "visited_pairs", "always_kept", "lists_from_keep", "dense_lists", "keep_mask", "block_list_mask",
            "causal_block_counts", "last_causal_block", "check_lists"]

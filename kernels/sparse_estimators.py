@@ -75,7 +75,9 @@ def _causal_only(mass, q_offset, n, n_kv, block_q, block_k):
 class SampledRows:
     """SampleAttention-style: ``share`` of each query block's rows (at least one: its last) scored exactly."""
 
-    share: float = 1 / 32
+    # 1/64: two rows of a 128-row block; the score rows are materialized (in chunks), so their bytes, not FLOPs,
+    # set the cost: 2 * 32 heads * 128k keys * 1k blocks fp32 at 128k is ~34 GB of traffic per pass
+    share: float = 1 / 64
     name: str = "sample"
 
     def rows_per_block(self, block_q: int) -> int:
@@ -140,7 +142,8 @@ class VerticalSlash:
 class Antidiagonal:
     """XAttention-style: strided antidiagonal scores of ``stride x stride`` sub-blocks, softmaxed, summed per block."""
 
-    stride: int = 8
+    # XAttention uses 8 or 16; 16 keeps the reduced score matrix at (n / 16) x (N / 16) per head
+    stride: int = 16
     name: str = "antidiag"
 
     def block_mass(self, q, k, *, q_offset: int, block_q: int, block_k: int, scale: float) -> torch.Tensor:

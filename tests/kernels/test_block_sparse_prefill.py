@@ -129,6 +129,18 @@ def test_always_kept_holds_sink_band_and_diagonal():
         assert max(kept) == diag  # nothing past the diagonal
 
 
+@pytest.mark.parametrize("n_kv, n, bq, bk", [(77, 77, 16, 16), (96, 40, 32, 16), (50, 50, 16, 32)])
+def test_block_pairs_count_the_causal_pairs(n_kv, n, bq, bk):
+    from lighttransfer.kernels.block_lists import block_pairs, visited_pairs
+
+    pairs = block_pairs(-(-n // bq), block_q=bq, block_k=bk, q_offset=n_kv - n, n_kv=n_kv, n_q=n)
+    mask = torch.arange(n_kv).view(1, -1) <= torch.arange(n).view(-1, 1) + (n_kv - n)
+    assert pairs.sum().item() == mask.sum().item()
+    lists = dense_lists(2, 3, n, n_kv, block_q=bq, block_k=bk, q_offset=n_kv - n)
+    assert visited_pairs(lists) == 6 * mask.sum().item()
+    assert pairs[0, 0].item() == mask[:bq, :bk].sum().item()
+
+
 def test_lists_round_trip_through_keep_mask():
     keep = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(1)) < 0.4
     keep[..., 0] = True
