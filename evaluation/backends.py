@@ -5,6 +5,8 @@
 * ``runtime``: the hybrid runtime switched on in place (:func:`lighttransfer.runtime.enable_hybrid`), whose
   streaming layers keep a bounded sink + window cache: what users run.
 
+Rows with block-sparse prefill run through the runtime under either backend (a mask cannot express it).
+
 Both give a context manager per sequence that yields ``(model, after_prefill)``.
 """
 
@@ -31,9 +33,14 @@ class MaskedBackend:
     def __init__(self, model, *, online_last: int = ONLINE_LAST) -> None:
         self.model = model
         self.online_last = online_last
+        self._runtime = RuntimeBackend(model)  # rows with sparse prefill: the mask cannot express it
 
     @contextlib.contextmanager
     def sequence(self, row: EvalRow) -> Iterator[tuple[object, Callable[[], None] | None]]:
+        if row.sparse_prefill is not None:
+            with self._runtime.sequence(row) as pair:
+                yield pair
+            return
         if row.is_dense:
             yield self.model, None
             return
@@ -42,7 +49,9 @@ class MaskedBackend:
             yield self.model, plan.finish_online_selection
 
     def release(self, row: EvalRow) -> None:
-        """Nothing to undo: the mask lives only inside each sequence."""
+        """Nothing to undo: the mask lives only inside each sequence (sparse-prefill rows: the runtime's)."""
+        if row.sparse_prefill is not None:
+            self._runtime.release(row)
 
 
 class RuntimeBackend:
@@ -63,7 +72,7 @@ class RuntimeBackend:
         self._active = row.name
         if row.is_dense:
             return
-        enable_hybrid(self.model, row.layout)
+        enable_hybrid(self.model, row.layout, sparse_prefill=row.sparse_prefill)
 
     @contextlib.contextmanager
     def sequence(self, row: EvalRow) -> Iterator[tuple[object, Callable[[], None] | None]]:

@@ -162,6 +162,7 @@ def evaluate(
     ruler_samples: int = 25,
     ruler_lengths: Sequence[int] | None = None,
     ruler_batch: int = 1,
+    sparse_prefill=None,
 ) -> EvalResult:
     """Perplexity and passkey accuracy of every row, with each row's KV budget.
 
@@ -193,6 +194,9 @@ def evaluate(
         ruler_lengths: prompt lengths of the RULER tasks (default: ``lengths``).
         ruler_batch: RULER samples generated together (left-padded, one task and length per batch); more than 1
             needs ``backend="runtime"`` (the masked reference runs unpadded sequences); online rows run one by one.
+        sparse_prefill: :class:`~lighttransfer.hybrid_format.SparsePrefillConfig` of the ``sparse-prefill`` and
+            ``lighttransfer+sparse-prefill`` rows (default: its defaults); those rows also report the realised
+            density (``sparse_prefill_density``: mean and per layer over their prefill forwards).
     """
     import torch
 
@@ -268,7 +272,8 @@ def evaluate(
         log.info("layers %s slide the model's own window: no row streams them, and --ratio is a share of the "
                  "others (as in convert)", ",".join(map(str, native)))
     eval_rows = _build_rows(rows, hcfg=hcfg, report=report, report_data=report_data, ratio=ratio, sink=sink, window=window,
-                            num_layers=num_layers, num_kv_heads=num_kv_heads, seed=seed, native_windows=native)
+                            num_layers=num_layers, num_kv_heads=num_kv_heads, seed=seed, native_windows=native,
+                            sparse_prefill=sparse_prefill)
     if ratio is None:
         named = [r for r in eval_rows if r.name == "lighttransfer"]
         ratio = named[0].num_streaming_layers / num_layers if named else 0.5
@@ -330,6 +335,14 @@ def evaluate(
             batch = 1 if row.online_ratio is not None else ruler_batch  # online rows choose layers per prompt
             entry["ruler"] = run_samples(sequence, ruler_set, tokenizer=tokenizer, on_sample=step, batch_size=batch)
         entry["seconds"] = round(time.perf_counter() - t0, 1)
+        if row.sparse_prefill is not None:
+            from ..runtime import sparse_prefill_stats
+
+            stats = sparse_prefill_stats(model)
+            entry["sparse_prefill_density"] = {
+                "mean": stats.mean_density(), "by_layer": {str(k): v for k, v in stats.density_by_layer().items()},
+                "sparse_forwards": sum(r.sparse for r in stats.records),
+                "dense_forwards": sum(not r.sparse for r in stats.records)}
         runner.release(row)
         log.info("row %s done in %.0f s", row.name, entry["seconds"])
         result.rows.append(entry)
@@ -366,7 +379,7 @@ def _check_lengths(values: Sequence[int], option: str, *, allow_empty: bool = Fa
 
 
 def _build_rows(rows, *, hcfg, report, report_data, ratio, sink, window, num_layers, num_kv_heads, seed,
-                native_windows=None) -> list[EvalRow]:
+                native_windows=None, sparse_prefill=None) -> list[EvalRow]:
     """``report``: the report's path (for messages); ``report_data``: the report, loaded once by the caller."""
     if rows and all(isinstance(r, EvalRow) for r in rows):
         return list(rows)
@@ -409,7 +422,7 @@ def _build_rows(rows, *, hcfg, report, report_data, ratio, sink, window, num_lay
     return standard_rows(lazy_ratios=lazy, ratio=ratio, num_kv_heads=num_kv_heads, sink=sink, window=window,
                          names=names, lazy_selection=selection, kv_head_scores=kv_scores, kv_head_gates=kv_gates,
                          kv_head_default=kv_default, attention_lazy_ratios=attention, ranked_by=ranked_by, seed=seed,
-                         native_windows=native_windows)
+                         native_windows=native_windows, sparse_prefill=sparse_prefill)
 
 
 def output_paths(out: str | os.PathLike[str]) -> dict[str, Path]:
