@@ -20,7 +20,7 @@ def test_sparse_rows_are_asked_for_by_name_and_carry_their_settings():
 
 
 def test_eval_cli_runs_sparse_rows_on_the_same_prompts(tiny_dir_with_tokenizer, text_file, tmp_path, capsys,  # noqa: F811
-                                                       report_file, monkeypatch):
+                                                       report_file, monkeypatch):  # noqa: F811
     """Under the masked backend (the default) the sparse rows still run through the runtime."""
     data = _stub_eval(tiny_dir_with_tokenizer, text_file, tmp_path / "res.json", capsys, report_file, monkeypatch,
                       "--lengths", "96", "--passkey-lengths", "256", "--passkey-depths", "2", "--ratio", "0.5",
