@@ -21,7 +21,8 @@ None materializes ``n x N``: every score matrix is computed in row chunks of at 
   the other parity shows up only through the neighbouring groups' rows.
 
 GQA: scores are computed per query head against its KV head without repeating K (``q`` viewed as
-``[batch, kv_heads, group * rows, head_dim]``). Inputs ``q [batch, heads, n, D]`` (queries at key indices
+``[batch, kv_heads, group * rows, head_dim]``). The sampled and antidiagonal rows go through
+:func:`row_block_mass`: on CUDA a fused Triton kernel that never materializes the rows. Inputs ``q [batch, heads, n, D]`` (queries at key indices
 ``q_offset .. q_offset + n - 1``) and ``k [batch, kv_heads, N, D]``, post-RoPE.
 """
 
@@ -31,8 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import MAX_HEAD_DIM, SUPPORTED_DTYPES
 from .block_lists import BlockLists, last_causal_block
 from .block_select import lists_for_alpha
+from .switch import reference_forced
 
 # score elements per chunk (fp32): 64M = 256 MB
 CHUNK_ELEMENTS = 1 << 26
@@ -46,9 +49,20 @@ def _grouped_scores(qs: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Te
     return (s.float() * scale).view(b, h, r, k.shape[2])
 
 
-def _row_softmax_block_mass(qs, row_pos, k, scale, block_k) -> torch.Tensor:
-    """Exact causal softmax rows of ``qs [B, H, r, D]`` (rows at key indices ``row_pos [r]``), summed per key block:
-    float32 ``[B, H, r, k_blocks]``, in chunks of rows."""
+def row_block_mass(qs, row_pos, k, scale, block_k) -> torch.Tensor:
+    """Exact causal softmax rows of ``qs [B, H, r, D]`` (row ``i`` sees keys ``<= row_pos[i]``), summed per key
+    block of ``block_k``: float32 ``[B, H, r, k_blocks]``. On CUDA the fused Triton kernel
+    (:mod:`.block_mass_triton`: the rows are never materialized), else :func:`row_block_mass_reference`."""
+    if qs.is_cuda and not reference_forced() and qs.dtype in SUPPORTED_DTYPES and qs.shape[-1] <= MAX_HEAD_DIM \
+            and block_k & (block_k - 1) == 0:
+        from .block_mass_triton import row_block_mass_triton
+
+        return row_block_mass_triton(qs, k, row_pos, scale=scale, cols_per_block=block_k)
+    return row_block_mass_reference(qs, row_pos, k, scale, block_k)
+
+
+def row_block_mass_reference(qs, row_pos, k, scale, block_k) -> torch.Tensor:
+    """:func:`row_block_mass` in PyTorch, the score rows materialized in chunks of :data:`CHUNK_ELEMENTS`."""
     b, h, r, _ = qs.shape
     n_kv = k.shape[2]
     k_blocks = -(-n_kv // block_k)
@@ -90,7 +104,7 @@ class SampledRows:
         # evenly spaced from the block's last row backwards: the last row sees the most keys
         offs = block_q - 1 - (torch.arange(r, device=q.device) * block_q) // r
         rows = (torch.arange(q_blocks, device=q.device).view(-1, 1) * block_q + offs).clamp(max=n - 1).flatten()
-        mass = _row_softmax_block_mass(q[:, :, rows], rows + q_offset, k, scale, block_k)
+        mass = row_block_mass(q[:, :, rows], rows + q_offset, k, scale, block_k)
         return mass.view(q.shape[0], q.shape[1], q_blocks, r, -1).mean(3)
 
 
@@ -164,24 +178,24 @@ class Antidiagonal:
         per_kb = block_k // st if block_k % st == 0 else None
         mass = q.new_zeros(b, h, q_blocks, k_blocks, dtype=torch.float32)
         counts = q.new_zeros(q_blocks, dtype=torch.float32)
-        step = max(1, CHUNK_ELEMENTS // max(b * h * k_groups, 1))
-        cols = torch.arange(k_groups, device=q.device)
-        for lo in range(0, n_groups, step):
-            hi = min(n_groups, lo + step)
-            s = _grouped_scores(q_red[:, :, lo:hi], k_red, scale)
-            g = torch.arange(lo, hi, device=q.device) + g0
-            s = s.masked_fill(cols.view(1, 1, 1, -1) > g.view(1, 1, -1, 1), float("-inf"))
-            p = torch.softmax(s, dim=-1)  # [B, H, rows, k_groups]
-            if per_kb is not None:
-                pk = torch.nn.functional.pad(p, (0, k_blocks * per_kb - k_groups)).view(b, h, hi - lo, k_blocks,
-                                                                                         per_kb).sum(-1)
-            else:  # a stride that does not divide the key block: assign each group to its first key's block
-                pk = p.new_zeros(b, h, hi - lo, k_blocks).index_add_(-1, (cols * st) // block_k, p)
-            # a row group belongs to the query block of its first real query
-            first_q = (torch.arange(lo, hi, device=q.device) * st - lead).clamp(min=0, max=n - 1)
-            qbi = first_q // block_q
-            mass.index_add_(2, qbi, pk)
-            counts.index_add_(0, qbi, torch.ones_like(qbi, dtype=torch.float32))
+        g_all = torch.arange(n_groups, device=q.device) + g0
+        if per_kb is not None:  # the fused path: reduced rows against reduced columns, summed per key block
+            pk_all = row_block_mass(q_red, g_all, k_red, scale, per_kb)  # [B, H, n_groups, KB]
+        else:  # a stride that does not divide the key block: assign each group to its first key's block
+            step = max(1, CHUNK_ELEMENTS // max(b * h * k_groups, 1))
+            cols = torch.arange(k_groups, device=q.device)
+            pk_all = q.new_zeros(b, h, n_groups, k_blocks, dtype=torch.float32)
+            for lo in range(0, n_groups, step):
+                hi = min(n_groups, lo + step)
+                s = _grouped_scores(q_red[:, :, lo:hi], k_red, scale)
+                s = s.masked_fill(cols.view(1, 1, 1, -1) > g_all[lo:hi].view(1, 1, -1, 1), float("-inf"))
+                p = torch.softmax(s, dim=-1)
+                pk_all[:, :, lo:hi] = p.new_zeros(b, h, hi - lo, k_blocks).index_add_(-1, (cols * st) // block_k, p)
+        # a row group belongs to the query block of its first real query
+        first_q = (torch.arange(n_groups, device=q.device) * st - lead).clamp(min=0, max=n - 1)
+        qbi = first_q // block_q
+        mass.index_add_(2, qbi, pk_all[..., :k_blocks])
+        counts.index_add_(0, qbi, torch.ones_like(qbi, dtype=torch.float32))
         return _causal_only(mass / counts.clamp(min=1).view(1, 1, -1, 1), q_offset, n, n_kv, block_q, block_k)
 
 
@@ -213,4 +227,4 @@ def estimate_lists(estimator, q: torch.Tensor, k: torch.Tensor, *, alpha: float,
 
 
 __all__ = ["SampledRows", "VerticalSlash", "Antidiagonal", "ESTIMATORS", "make_estimator", "estimate_lists",
-           "CHUNK_ELEMENTS"]
+           "row_block_mass", "row_block_mass_reference", "CHUNK_ELEMENTS"]
