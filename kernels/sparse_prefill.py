@@ -1,10 +1,9 @@
 """Public entry point of block-sparse prefill attention, and its plain PyTorch reference.
 
 The rule (which key blocks a query block visits, causal inside them) is :mod:`.block_lists`; the Triton kernel is
-:mod:`.sparse_prefill_triton`. The reference walks the query blocks one by one and gathers only the listed key
-blocks, so its memory is ``O(batch * heads * block_q * max_blocks * block_k)`` per step, never ``n x N``; its time
-is ``O(n * kept keys)`` matmul work plus one Python step per query block (fine on the CPU for the runtime's
-moderate lengths, slow at 128k).
+:mod:`.sparse_prefill_triton`. The reference expands the lists to an explicit element mask a few query blocks at
+a time, so its memory is ``O(rows_per_step * N)``, never ``n x N``; its time is that of dense attention (fine on
+the CPU at the runtime's moderate lengths, slow at 128k, where the kernel runs).
 """
 
 from __future__ import annotations
@@ -12,60 +11,95 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import LightTransferError
 from .attention import check_qkv, check_triton_support
-from .block_lists import BlockLists, check_lists
+from .block_lists import BlockLists, check_lists, keep_mask
 from .switch import triton_runs_on
+
+# score elements per reference step (fp32): 16M = 64 MB
+REFERENCE_STEP_ELEMENTS = 1 << 24
+
+
+def _step_mask(keep, lists: BlockLists, qb0: int, qb1: int, n: int, n_kv: int, start) -> torch.Tensor:
+    """bool ``[B, H, rows, N]``: the listed blocks of query blocks ``[qb0, qb1)`` as elements, causal, without
+    the left padding."""
+    bq, bk = lists.block_q, lists.block_k
+    r0, r1 = qb0 * bq, min(n, qb1 * bq)
+    visible = keep[:, :, qb0:qb1].repeat_interleave(bq, dim=2)[:, :, : r1 - r0]
+    visible = visible.repeat_interleave(bk, dim=3)[..., :n_kv]
+    k_idx = torch.arange(n_kv, device=keep.device).view(1, 1, 1, -1)
+    q_idx = torch.arange(r0, r1, device=keep.device).view(1, 1, -1, 1) + lists.q_offset
+    visible = visible & (k_idx <= q_idx)
+    if start is not None:
+        visible = visible & (k_idx >= start)
+    return visible
+
+
+def block_sparse_attention_sdpa(q, k, v, lists: BlockLists, *, kv_start: torch.Tensor | None = None,
+                                scale: float | None = None) -> torch.Tensor:
+    """The runtime's CPU path: PyTorch SDPA (its fused CPU kernel) under the same step masks as the reference.
+
+    A row that sees nothing (a padding query) sees its own key instead, as the runtime's dense padding mask does,
+    so every row stays finite. Returns ``[B, H, n, D]`` in ``q.dtype``."""
+    batch, heads, n, _ = q.shape
+    n_kv = k.shape[2]
+    keep = keep_mask(lists.to(q.device)).repeat_interleave(heads // lists.indices.shape[1], dim=1)
+    start = None if kv_start is None else kv_start.to(q.device).long().view(batch, 1, 1, 1)
+    out = torch.empty_like(q)
+    blocks_per_step = max(1, REFERENCE_STEP_ELEMENTS // max(batch * heads * lists.block_q * n_kv, 1))
+    for qb0 in range(0, lists.q_blocks, blocks_per_step):
+        qb1 = min(lists.q_blocks, qb0 + blocks_per_step)
+        r0, r1 = qb0 * lists.block_q, min(n, qb1 * lists.block_q)
+        visible = _step_mask(keep, lists, qb0, qb1, n, n_kv, start)
+        own = torch.arange(n_kv, device=q.device).view(1, 1, 1, -1) == \
+            torch.arange(r0, r1, device=q.device).view(1, 1, -1, 1) + lists.q_offset
+        visible = torch.where(visible.any(-1, keepdim=True), visible, own)
+        out[:, :, r0:r1] = F.scaled_dot_product_attention(q[:, :, r0:r1], k, v, attn_mask=visible, scale=scale,
+                                                          enable_gqa=True)
+    return out
 
 
 def block_sparse_attention_reference(q, k, v, lists: BlockLists, *, kv_start: torch.Tensor | None = None,
                                      scale: float | None = None, return_lse: bool = False,
                                      compute_dtype: torch.dtype = torch.float32):
-    """Block-sparse attention by gathering each query block's listed key blocks (see ``block_sparse_attention``).
+    """Block-sparse attention under an explicit mask expanded from the lists (see ``block_sparse_attention``).
 
-    ``compute_dtype``: dtype of the matmuls (float32 for the reference; the inputs' dtype gives the low-precision
-    baseline of the kernel error policy). The softmax runs in float32.
-    Returns ``o [B, H, n, D]`` in ``q.dtype`` and, with ``return_lse``, ``lse [B, H, n]`` float32, natural log, ``-inf`` for rows that see nothing.
+    Query rows go in steps of whole query blocks (``rows_per_step``: as many as keep a step's scores under
+    :data:`REFERENCE_STEP_ELEMENTS`); each step expands its blocks' keep mask to elements ``[B, H, rows, N]``, so
+    memory stays ``O(rows_per_step * N)``, never ``n x N``. Time is that of dense attention (every score of a step
+    is computed, then masked): a reference, not a fast path. GQA without repeating K/V (queries viewed per KV
+    head). ``compute_dtype``: dtype of the matmuls (float32 for the reference; the inputs' dtype gives the
+    low-precision baseline of the kernel error policy); the softmax runs in float32.
+
+    Returns ``o [B, H, n, D]`` in ``q.dtype`` and, with ``return_lse``, ``lse [B, H, n]`` float32, natural log,
+    ``-inf`` (and ``o = 0``) for rows that see nothing.
     """
     batch, heads, n, dim = q.shape
-    n_kv = k.shape[2]
+    kv_heads, n_kv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-    group = heads // k.shape[1]
-    list_group = heads // lists.indices.shape[1]
-    bq, bk = lists.block_q, lists.block_k
-    idx_all = lists.indices.to(q.device).long()
-    cnt_all = lists.counts.to(q.device).long()
-    kv_of_head = torch.arange(heads, device=q.device) // group
-    list_of_head = torch.arange(heads, device=q.device) // list_group
+    group = heads // kv_heads
+    bq = lists.block_q
+    keep = keep_mask(lists.to(q.device)).repeat_interleave(heads // lists.indices.shape[1], dim=1)  # [B,H,QB,KB]
+    kc, vc = k.to(compute_dtype), v.to(compute_dtype)
     start = None if kv_start is None else kv_start.to(q.device).long().view(batch, 1, 1, 1)
     out = torch.zeros(batch, heads, n, dim, dtype=torch.float32, device=q.device)
     lse = torch.full((batch, heads, n), float("-inf"), dtype=torch.float32, device=q.device)
-    offs_k = torch.arange(bk, device=q.device)
-    b_idx = torch.arange(batch, device=q.device).view(batch, 1, 1)
-    kvh_idx = kv_of_head.view(1, heads, 1)
-    for qb in range(lists.q_blocks):
-        rows = slice(qb * bq, min(n, qb * bq + bq))
-        cnt = cnt_all[:, :, qb][:, list_of_head]  # [B, H]
-        width = max(int(cnt.max().item()), 1)
-        idx = idx_all[:, :, qb, :width][:, list_of_head]  # [B, H, width]
-        pos = (idx.clamp(min=0).unsqueeze(-1) * bk + offs_k).flatten(2)  # [B, H, width * bk] key indices
-        listed = (torch.arange(width, device=q.device).view(1, 1, -1) < cnt.unsqueeze(-1))
-        listed = listed.repeat_interleave(bk, dim=2) & (pos < n_kv)
-        pos = pos.clamp(max=n_kv - 1)
-        kg = k[b_idx, kvh_idx, pos].to(compute_dtype)  # [B, H, width * bk, D]
-        vg = v[b_idx, kvh_idx, pos].to(compute_dtype)
-        qi = torch.arange(rows.start, rows.stop, device=q.device).view(1, 1, -1, 1) + lists.q_offset
-        visible = listed.unsqueeze(2) & (pos.unsqueeze(2) <= qi)
-        if start is not None:
-            visible = visible & (pos.unsqueeze(2) >= start)
-        scores = (torch.matmul(q[:, :, rows].to(compute_dtype), kg.transpose(-1, -2)) * scale).float()
+    blocks_per_step = max(1, REFERENCE_STEP_ELEMENTS // max(batch * heads * bq * n_kv, 1))
+    for qb0 in range(0, lists.q_blocks, blocks_per_step):
+        qb1 = min(lists.q_blocks, qb0 + blocks_per_step)
+        r0, r1 = qb0 * bq, min(n, qb1 * bq)
+        visible = _step_mask(keep, lists, qb0, qb1, n, n_kv, start)
+        rows = r1 - r0
+        qc = q[:, :, r0:r1].to(compute_dtype).reshape(batch, kv_heads, group * rows, dim)
+        scores = (torch.matmul(qc, kc.transpose(-1, -2)).float() * scale).view(batch, heads, rows, n_kv)
         scores = scores.masked_fill(~visible, float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)
         safe = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
-        probs = torch.exp(scores - safe.unsqueeze(-1))
-        out[:, :, rows] = torch.matmul(probs.to(compute_dtype), vg).float()
-        lse[:, :, rows] = row_lse
+        probs = torch.exp(scores - safe.unsqueeze(-1)).to(compute_dtype).view(batch, kv_heads, group * rows, n_kv)
+        out[:, :, r0:r1] = torch.matmul(probs, vc).float().view(batch, heads, rows, dim)
+        lse[:, :, r0:r1] = row_lse
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
@@ -113,4 +147,4 @@ def block_sparse_attention(
     return (o, lse) if return_lse else o
 
 
-__all__ = ["block_sparse_attention", "block_sparse_attention_reference"]
+__all__ = ["block_sparse_attention", "block_sparse_attention_reference", "block_sparse_attention_sdpa"]

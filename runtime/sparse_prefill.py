@@ -6,7 +6,8 @@ a full layer's prefill forward with ``n > 1`` queries against ``N >= min_len`` k
 1. the estimator (:mod:`lighttransfer.kernels.sparse_estimators`) on the layer's post-RoPE queries and keys,
    giving per (query head, query block) the estimated mass of each key block;
 2. the selector: the sink blocks, the local band, and the heaviest other blocks until ``alpha`` of the mass;
-3. :func:`lighttransfer.kernels.block_sparse_attention` (Triton on CUDA, the gathering reference on the CPU).
+3. :func:`lighttransfer.kernels.block_sparse_attention` on CUDA (Triton); on the CPU PyTorch SDPA under the same
+   blocks as an explicit mask, a few query blocks at a time (``block_sparse_attention_sdpa``).
 
 Anything else stays on the dense path: prompts (or chunks) whose key count is below ``min_len``, decode steps, the
 model's own sliding layers, dropout. Left padding is honoured (padding keys are masked in every listed block).
@@ -29,7 +30,7 @@ from .. import kernels
 from ..errors import LightTransferError
 from ..hybrid_format import HybridConfig, SparsePrefillConfig
 from ..kernels.sparse_estimators import estimate_lists, make_estimator
-from ..kernels.sparse_prefill import block_sparse_attention, block_sparse_attention_reference
+from ..kernels.sparse_prefill import block_sparse_attention, block_sparse_attention_sdpa
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class SparsePrefill:
         if q.is_cuda and not kernels.reference_forced():
             out = block_sparse_attention(q, k, v, lists, kv_start=start, scale=scale)
         else:
-            out = block_sparse_attention_reference(q, k, v, lists, kv_start=start, scale=scale)
+            out = block_sparse_attention_sdpa(q, k, v, lists, kv_start=start, scale=scale)
         self.stats.records.append(PrefillRecord(layer=layer_idx, queries=q.shape[2], keys=k.shape[2], sparse=True,
                                                 density=lists.density(), estimate_s=spent))
         return out

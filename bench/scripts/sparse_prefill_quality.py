@@ -3,8 +3,9 @@
     PYTHONPATH=<dir with a lighttransfer link> python3 bench/scripts/sparse_prefill_quality.py --out DIR \\
         [--model /path/SmolLM2-135M-Instruct.Q4_1.gguf] [--text austen_novels.txt] [--length 2048] [--device cpu]
 
-Blocks, threshold and estimator options are scaled to the length (``--block``, default 64, threshold half the
-length, sampled rows 1/16 of a block) so that a short CPU run exercises the same selection as a long GPU run.
+Blocks, threshold and estimator options are scaled to the length (``--block``, threshold half the length, 4
+sampled rows a block, the last block of queries for vslash, stride a quarter block) so that a short CPU run
+exercises the same selection as a long GPU run.
 
 1. Density vs alpha: one prefill of ``--length`` tokens of the text per (method, alpha); the realised density
    (share of causal key blocks visited) of every full layer, averaged.
@@ -32,8 +33,8 @@ METHODS = ("sample", "vslash", "antidiag")
 
 
 def method_options(method: str, block: int) -> dict:
-    return {"sample": {"share": 1 / 16}, "vslash": {"last_q": 64}, "antidiag": {"stride": 16}}[method] \
-        if block >= 64 else {"sample": {"share": 0.25}, "vslash": {"last_q": 16}, "antidiag": {"stride": 4}}[method]
+    """Estimator options scaled to the block: 4 sampled rows a block, last_q = one block, 4 groups a block."""
+    return {"sample": {"share": 4 / block}, "vslash": {"last_q": block}, "antidiag": {"stride": block // 4}}[method]
 
 
 def config(method: str, alpha: float, *, block: int, min_len: int) -> SparsePrefillConfig:
