@@ -38,10 +38,14 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 @click.option("--chunk-size", type=int, help="Prefill long prompts in chunks of this many tokens.")
 @click.option("--online-ratio", type=float,
               help="Choose the streaming layers per prompt instead: this share of layers streams.")
+@click.option("--prefill-sparse", type=click.Choice(["sample", "vslash", "antidiag", "dense"]),
+              help="Block-sparse prefill of the full layers (estimator), or dense; default: the checkpoint's.")
+@click.option("--prefill-alpha", type=float, help="Sparse prefill: attention-mass share kept [default 0.95].")
+@click.option("--prefill-min-len", type=int, help="Sparse prefill: keys below which it stays dense [default 16384].")
 @model_options
 @verbosity_options
 def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p, seed, chat, prefill, chunk_size,
-             online_ratio, device, dtype, trust_remote_code):
+             online_ratio, prefill_sparse, prefill_alpha, prefill_min_len, device, dtype, trust_remote_code):
     """Generate text with a hybrid checkpoint, streaming it as it is produced.
 
     MODEL_DIR is a directory written by `lighttransfer convert`. Afterwards the speed (tokens/s) and the
@@ -52,7 +56,8 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
 
     text = _read_prompt(prompt, prompt_file)
     loaded = load_hybrid(model_dir, device=device, dtype=dtype, prefill=prefill, chunk_size=chunk_size,
-                         online_ratio=online_ratio, trust_remote_code=trust_remote_code)
+                         online_ratio=online_ratio, trust_remote_code=trust_remote_code,
+                         prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len)
 
     def emit(piece: str) -> None:
         click.echo(piece, nl=False)
@@ -65,3 +70,7 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
             f"[dim]{stats.prompt_tokens} prompt tokens in {stats.prefill_seconds:.2f} s, {stats.new_tokens} new "
             f"tokens at {stats.decode_tokens_per_second:.1f} tokens/s; KV cache {format_bytes(stats.kv_bytes)} "
             f"kept vs {format_bytes(stats.dense_kv_bytes)} dense ({100 * stats.kv_fraction:.0f}%)[/dim]")
+        sparse = loaded.model.lighttransfer_runtime.sparse_prefill
+        if sparse is not None and sparse.stats.mean_density() is not None:
+            stderr_console().print(f"[dim]sparse prefill ({sparse.config.method}, alpha {sparse.config.alpha}): "
+                                   f"{100 * sparse.stats.mean_density():.0f}% of the causal key blocks[/dim]")

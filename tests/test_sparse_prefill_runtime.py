@@ -114,3 +114,22 @@ def test_stats_without_sparse_prefill_is_one_line():
     _, dense = _pair(None)
     with pytest.raises(LightTransferError, match="sparse prefill is off"):
         sparse_prefill_stats(dense)
+
+
+def test_generate_cli_takes_the_sparse_options_and_reports_density(tmp_path, capsys):
+    from conftest import run_cli
+    from test_runtime_reference import word_tokenizer
+
+    model = make_tiny_model("llama")
+    HybridConfig(num_layers=4, num_kv_heads=2, streaming_layers=STREAMING, sink=2, window=8).attach(model.config)
+    model.save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    prompt = " ".join(f"w{i}" for i in range(10, 60))
+    code, out, err = run_cli(["generate", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "3", "--device",
+                              "cpu", "--prefill-sparse", "antidiag", "--prefill-alpha", "1.0", "--prefill-min-len",
+                              "8"], capsys)
+    assert code == 0, err
+    assert "sparse prefill (antidiag, alpha 1.0): 100% of the causal key blocks" in err
+    dense_code, dense_out, _ = run_cli(["generate", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "3",
+                                        "--device", "cpu"], capsys)
+    assert dense_code == 0 and dense_out == out  # alpha = 1: the same greedy text
