@@ -185,3 +185,27 @@ def test_sdpa_variant_matches_the_reference(case):
     seen = torch.isfinite(lse)
     torch.testing.assert_close(got[seen], want[seen], atol=1e-5, rtol=1e-5)
     assert torch.isfinite(got).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("gpu-tiles-gqa4-D128", n_kv=1537, block_q=128, block_k=64, heads=8, kv_heads=2, dim=128, keep_share=0.3,
+             local_blocks=2),
+        Case("gpu-tiles-chunk-D64", n_kv=2049, n=700, block_q=128, block_k=64, heads=4, kv_heads=1, dim=64,
+             keep_share=0.2),
+        Case("gpu-tiles-kv-lists-padding", n_kv=1023, block_q=64, block_k=64, heads=4, kv_heads=2, dim=128,
+             list_heads="kv", batch=2, kv_start=(0, 300)),
+        Case("gpu-tiles-D256", n_kv=777, block_q=64, block_k=64, heads=2, kv_heads=1, dim=256),
+    ],
+    ids=lambda c: c.id,
+)
+def test_kernel_matches_reference_on_gpu_tiles(case, dtype):
+    """The block sizes the runtime uses on a GPU (128 x 64), with the pinned and the autotuned configs."""
+    q, k, v, lists, kv_start = _make(case, dtype, seed=11)
+    ref_o = block_sparse_attention_reference(q.float(), k.float(), v.float(), lists, kv_start=kv_start)
+    low_o = block_sparse_attention_reference(q, k, v, lists, kv_start=kv_start, compute_dtype=dtype)
+    o = block_sparse_attention(q, k, v, lists, kv_start=kv_start)
+    assert_within_policy(o, ref_o, low_o, dtype, case.id)

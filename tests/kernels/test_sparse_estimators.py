@@ -148,3 +148,18 @@ def test_fused_row_block_mass_kernel_matches_reference(rows, cols, dim, per_bloc
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     seen = limit >= 0
     torch.testing.assert_close(got[:, :, seen].sum(-1), torch.ones(1, heads, int(seen.sum())), atol=1e-5, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_fused_row_block_mass_on_gpu(dtype):
+    from lighttransfer.kernels.block_mass_triton import row_block_mass_triton
+    from lighttransfer.kernels.sparse_estimators import row_block_mass_reference
+
+    g = torch.Generator().manual_seed(0)
+    qs = torch.randn(1, 8, 300, 128, generator=g).cuda().to(dtype)
+    k = torch.randn(1, 2, 3000, 128, generator=g).cuda().to(dtype)
+    limit = torch.randint(0, 3000, (300,), generator=g).cuda()
+    got = row_block_mass_triton(qs, k, limit, scale=128 ** -0.5, cols_per_block=64)
+    want = row_block_mass_reference(qs.float(), limit, k.float(), 128 ** -0.5, 64)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-2)
