@@ -172,8 +172,8 @@ class Antidiagonal:
         k_groups = -(-n_kv // st)
         kp = torch.nn.functional.pad(k, (0, 0, 0, k_groups * st - n_kv))
         # reduced Q row g: its rows in reverse order, concatenated; reduced K column c: its keys in order
-        q_red = qp.view(b, h, n_groups, st, d).flip(3).reshape(b, h, n_groups, st * d)
-        k_red = kp.view(b, hkv, k_groups, st * d)
+        q_red = qp.reshape(b, h, n_groups, st, d).flip(3).reshape(b, h, n_groups, st * d)
+        k_red = kp.reshape(b, hkv, k_groups, st * d)  # k may be a strided view (the runtime passes them)
         k_blocks, q_blocks = -(-n_kv // block_k), -(-n // block_q)
         per_kb = block_k // st if block_k % st == 0 else None
         mass = q.new_zeros(b, h, q_blocks, k_blocks, dtype=torch.float32)

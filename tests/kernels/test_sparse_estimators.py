@@ -163,3 +163,14 @@ def test_fused_row_block_mass_on_gpu(dtype):
     got = row_block_mass_triton(qs, k, limit, scale=128 ** -0.5, cols_per_block=64)
     want = row_block_mass_reference(qs.float(), limit, k.float(), 128 ** -0.5, 64)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=lambda e: e.name)
+def test_estimators_take_strided_views_as_the_runtime_passes_them(estimator):
+    """[B, N, H, D] -> [B, H, N, D] views (no copy), at a length the strides divide, give the contiguous result."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 64, 4, 16, generator=g).transpose(1, 2)
+    k = torch.randn(1, 64, 2, 16, generator=g).transpose(1, 2)
+    got = estimator.block_mass(q, k, q_offset=0, block_q=16, block_k=16, scale=0.25)
+    want = estimator.block_mass(q.contiguous(), k.contiguous(), q_offset=0, block_q=16, block_k=16, scale=0.25)
+    torch.testing.assert_close(got, want)
