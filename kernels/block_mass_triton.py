@@ -6,7 +6,8 @@ the first for the running max and sum (base 2), the second for ``exp2(s - m) / l
 ``COLS`` consecutive columns (one key block). Output float32 ``[batch, heads, R, M / COLS]``; the work is
 ``2 * R * M * D`` multiply-adds, the traffic only Q, K and the block sums (the PyTorch path moves the whole
 ``R x M`` score matrix several times: at 128k keys, 2 rows per 128-query block, 32 heads, that is ~34 GB a pass).
-GQA: row tile of query head ``h`` reads columns of KV head ``h // GROUP`` in place.
+GQA: row tile of query head ``h`` reads columns of KV head ``h // GROUP`` in place. Any width ``D`` (the
+antidiagonal rows are ``stride * head_dim`` wide): the dot products walk it in chunks of at most 128.
 """
 
 from __future__ import annotations
@@ -16,6 +17,23 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _scores(Q, k_base, offs_r, r_ok, offs_c, n_cols, stride_qr, stride_km, qk_scale,
+            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
+    """Scaled scores ``[BLOCK_R, BLOCK_T]`` summed over ``HEAD_DIM`` in chunks of ``BLOCK_D`` (the antidiagonal
+    rows are ``stride * head_dim`` wide)."""
+    s = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
+    for d0 in tl.static_range(0, HEAD_DIM, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        q = tl.load(Q + offs_r[:, None] * stride_qr + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_base + offs_c[None, :] * stride_km + offs_d[:, None],
+                    mask=(offs_c[None, :] < n_cols) & d_ok[:, None], other=0.0)
+        s = tl.dot(q, k, s, input_precision=DOT_PRECISION)
+    return s * qk_scale
 
 
 @triton.jit
@@ -34,36 +52,33 @@ def _row_block_mass(
     h = pid_bh % H
     hk = h // GROUP
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
     r_ok = offs_r < n_rows
-    d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_r[:, None] * stride_qr
-                + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     limit = tl.load(LIMIT + offs_r, mask=r_ok, other=-1)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     hi = tl.minimum(tl.max(limit, 0) + 1, n_cols)
 
+    # pass 1: running max and sum (base 2) over the visible columns
     m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     for start in tl.range(0, hi, BLOCK_T):
         offs_c = start + tl.arange(0, BLOCK_T)
-        k = tl.load(k_base + offs_c[None, :] * stride_km + offs_d[:, None],
-                    mask=(offs_c[None, :] < n_cols) & d_ok[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        s = _scores(q_base, k_base, offs_r, r_ok, offs_c, n_cols, stride_qr, stride_km, qk_scale,
+                    HEAD_DIM, BLOCK_D, BLOCK_R, BLOCK_T, DOT_PRECISION)
         s = tl.where(offs_c[None, :] <= limit[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
         m_i = m_new
 
+    # pass 2: normalized probabilities summed per group of COLS columns (one key block)
     inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
     out_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_r[:, None] * stride_or
     for start in tl.range(0, n_cols, BLOCK_T):
         offs_c = start + tl.arange(0, BLOCK_T)
         offs_kb = start // COLS + tl.arange(0, BLOCK_T // COLS)
         if start < hi:
-            k = tl.load(k_base + offs_c[None, :] * stride_km + offs_d[:, None],
-                        mask=(offs_c[None, :] < n_cols) & d_ok[:, None], other=0.0)
-            s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+            s = _scores(q_base, k_base, offs_r, r_ok, offs_c, n_cols, stride_qr, stride_km, qk_scale,
+                        HEAD_DIM, BLOCK_D, BLOCK_R, BLOCK_T, DOT_PRECISION)
             s = tl.where(offs_c[None, :] <= limit[:, None], s, float("-inf"))
             p = tl.math.exp2(s - m_i[:, None]) * inv_l[:, None]
             mass = tl.sum(tl.reshape(p, [BLOCK_R, BLOCK_T // COLS, COLS]), 2)
@@ -83,8 +98,9 @@ def row_block_mass_triton(qs: torch.Tensor, k: torch.Tensor, limit: torch.Tensor
     n_cols = k.shape[2]
     n_blocks = -(-n_cols // cols_per_block)
     out = torch.empty(b, h, r, n_blocks, dtype=torch.float32, device=qs.device)
-    block_d = max(16, triton.next_power_of_2(d))
     on_gpu = qs.is_cuda
+    # the reduced antidiagonal rows are stride * head_dim wide: the head dim is walked in chunks
+    block_d = min(max(16, triton.next_power_of_2(d)), 128 if on_gpu else 32)
     block_r = 64 if on_gpu else 16
     block_t = max(cols_per_block, 64 if on_gpu else 16)
     grid = (triton.cdiv(r, block_r), b * h)

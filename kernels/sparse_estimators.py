@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import MAX_HEAD_DIM, SUPPORTED_DTYPES
+from .attention import SUPPORTED_DTYPES
 from .block_lists import BlockLists, last_causal_block
 from .block_select import lists_for_alpha
 from .switch import reference_forced
@@ -53,8 +53,7 @@ def row_block_mass(qs, row_pos, k, scale, block_k) -> torch.Tensor:
     """Exact causal softmax rows of ``qs [B, H, r, D]`` (row ``i`` sees keys ``<= row_pos[i]``), summed per key
     block of ``block_k``: float32 ``[B, H, r, k_blocks]``. On CUDA the fused Triton kernel
     (:mod:`.block_mass_triton`: the rows are never materialized), else :func:`row_block_mass_reference`."""
-    if qs.is_cuda and not reference_forced() and qs.dtype in SUPPORTED_DTYPES and qs.shape[-1] <= MAX_HEAD_DIM \
-            and block_k & (block_k - 1) == 0:
+    if qs.is_cuda and not reference_forced() and qs.dtype in SUPPORTED_DTYPES and block_k & (block_k - 1) == 0:
         from .block_mass_triton import row_block_mass_triton
 
         return row_block_mass_triton(qs, k, row_pos, scale=scale, cols_per_block=block_k)

@@ -131,8 +131,9 @@ def test_unknown_method_is_one_line():
         make_estimator("topk")
 
 
-@pytest.mark.parametrize("rows, cols, dim, per_block, heads", [(5, 50, 16, 16, 2), (33, 97, 32, 4, 4), (16, 16, 40, 8, 2)],
-                         ids=["ragged", "4-cols-per-block-gqa4", "D=40"])
+@pytest.mark.parametrize("rows, cols, dim, per_block, heads",
+                         [(5, 50, 16, 16, 2), (33, 97, 32, 4, 4), (16, 16, 40, 8, 2), (9, 40, 128, 4, 2)],
+                         ids=["ragged", "4-cols-per-block-gqa4", "D=40-two-chunks", "D=128-antidiag-width"])
 def test_fused_row_block_mass_kernel_matches_reference(rows, cols, dim, per_block, heads):
     """The Triton kernel (interpreter here) against the materializing PyTorch path, rows of every visibility."""
     from lighttransfer.kernels.block_mass_triton import row_block_mass_triton
@@ -157,12 +158,13 @@ def test_fused_row_block_mass_on_gpu(dtype):
     from lighttransfer.kernels.sparse_estimators import row_block_mass_reference
 
     g = torch.Generator().manual_seed(0)
-    qs = torch.randn(1, 8, 300, 128, generator=g).cuda().to(dtype)
-    k = torch.randn(1, 2, 3000, 128, generator=g).cuda().to(dtype)
-    limit = torch.randint(0, 3000, (300,), generator=g).cuda()
-    got = row_block_mass_triton(qs, k, limit, scale=128 ** -0.5, cols_per_block=64)
-    want = row_block_mass_reference(qs.float(), limit, k.float(), 128 ** -0.5, 64)
-    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-2)
+    for width, cols in ((128, 64), (16 * 128, 4)):  # sampled rows; antidiagonal rows (stride 16, block 64)
+        qs = torch.randn(1, 8, 300, width, generator=g).cuda().to(dtype) / (width / 128) ** 0.5
+        k = torch.randn(1, 2, 3000, width, generator=g).cuda().to(dtype)
+        limit = torch.randint(0, 3000, (300,), generator=g).cuda()
+        got = row_block_mass_triton(qs, k, limit, scale=128 ** -0.5, cols_per_block=cols)
+        want = row_block_mass_reference(qs.float(), limit, k.float(), 128 ** -0.5, cols)
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-2)
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=lambda e: e.name)
