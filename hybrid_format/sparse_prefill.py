@@ -19,7 +19,7 @@ from ..errors import LightTransferError
 SPARSE_PREFILL_SCHEMA_VERSION = 1
 SPARSE_METHODS = ("sample", "vslash", "antidiag")
 # options each method takes (see kernels/sparse_estimators.py)
-METHOD_OPTIONS = {"sample": {"share"}, "vslash": {"last_q"}, "antidiag": {"stride"}}
+METHOD_OPTIONS = {"sample": {"share"}, "vslash": {"last_q"}, "antidiag": {"stride", "reduce"}}
 
 
 @dataclass(frozen=True)
