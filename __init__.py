@@ -21,6 +21,7 @@ _LAZY = {
     "HybridConfig": "lighttransfer.hybrid_format.config_block:HybridConfig",
     "load": "lighttransfer.runtime:load",
     "generate_static": "lighttransfer.runtime:generate_static",
+    "sparse_prefill_stats": "lighttransfer.runtime:sparse_prefill_stats",
 }
 
 __all__ = ["__version__", "LightTransferError", *_LAZY]

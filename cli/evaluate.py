@@ -40,6 +40,15 @@ def float_list(value: str, option: str) -> list[float]:
         raise LightTransferError(f"{option} '{value}' is not a comma-separated list of numbers (e.g. 0.25,0.5).") from None
 
 
+def _sparse_config(method: str, alpha: float, min_len: int, blocks: str):
+    from ..hybrid_format import SparsePrefillConfig
+
+    sizes = int_list(blocks, "--sparse-blocks")
+    if len(sizes) != 2:
+        raise LightTransferError(f"--sparse-blocks takes two sizes BQ,BK, got {blocks!r}.")
+    return SparsePrefillConfig(method=method, alpha=alpha, min_len=min_len, block_q=sizes[0], block_k=sizes[1])
+
+
 def _line_range(value: str | None) -> tuple[int, int] | None:
     if not value:
         return None
@@ -150,6 +159,16 @@ class _Bar:
               help="tokenselect rows: recent tokens always attended [default: the hybrid's, else 512].")
 @click.option("--select-reuse", type=float, default=None,
               help="tokenselect rows: Selection Cache cosine threshold, 1 = off [default: the hybrid's, else 0.9].")
+@click.option("--sparse-prefill", "sparse_method", type=click.Choice(["sample", "vslash", "antidiag"]),
+              default="sample", show_default=True,
+              help="Estimator of the sparse-prefill rows: sampled query rows, last-queries vertical-slash or "
+                   "antidiagonal scoring.")
+@click.option("--sparse-alpha", type=float, default=0.95, show_default=True,
+              help="Sparse-prefill rows: share of the estimated attention mass each (head, query block) keeps.")
+@click.option("--sparse-min-len", type=int, default=16384, show_default=True,
+              help="Sparse-prefill rows: keys below which a prefill stays dense (scale it down with the lengths).")
+@click.option("--sparse-blocks", default="128,64", show_default=True, metavar="BQ,BK",
+              help="Sparse-prefill rows: query rows and keys per block (powers of two >= 16).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random row and passkeys.")
 @click.option("--out", default="eval_results.json", show_default=True, metavar="PATH",
               help="Results JSON (markdown and plots are written beside it), or a directory.")
@@ -157,7 +176,8 @@ class _Bar:
 @verbosity_options
 def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_windows, passkey_lengths,
              passkey_depths, passkey_trials, passkey_format, suite, ruler_tasks, ruler_samples, ruler_batch, rows, ratio, sink, window, backend,
-             select_k, select_init, select_local, select_reuse, seed, out, device, dtype, trust_remote_code):
+             select_k, select_init, select_local, select_reuse, sparse_method, sparse_alpha, sparse_min_len,
+             sparse_blocks, seed, out, device, dtype, trust_remote_code):
     """Perplexity, passkey retrieval and RULER-style tasks of a hybrid against the original and baselines.
 
     \b
@@ -183,6 +203,7 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
         sink=sink, window=window, backend=backend, seed=seed, device=device, dtype=dtype, out=None,
         suite=suite, ruler_tasks=ruler_tasks, ruler_samples=ruler_samples, ruler_batch=ruler_batch, select_k=select_k,
         select_init=select_init, select_local=select_local, select_reuse=select_reuse,
+        sparse_prefill=_sparse_config(sparse_method, sparse_alpha, sparse_min_len, sparse_blocks),
     )
     if is_quiet():
         result = run_eval(**kwargs)

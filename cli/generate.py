@@ -48,11 +48,15 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 @click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
               help="Decode with the step captured once in a CUDA graph and replayed per token (static shapes, cache "
                    "reserved for prompt + --max-new-tokens); eager where no graph can be captured, with the reason.")
+@click.option("--prefill-sparse", type=click.Choice(["sample", "vslash", "antidiag", "dense"]),
+              help="Block-sparse prefill of the full layers (estimator), or dense; default: the checkpoint's.")
+@click.option("--prefill-alpha", type=float, help="Sparse prefill: attention-mass share kept [default 0.95].")
+@click.option("--prefill-min-len", type=int, help="Sparse prefill: keys below which it stays dense [default 16384].")
 @model_options
 @verbosity_options
 def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p, seed, chat, prefill, chunk_size,
-             online_ratio, decode, select_k, select_init, select_local, select_reuse, cuda_graphs, device, dtype,
-             trust_remote_code):
+             online_ratio, decode, select_k, select_init, select_local, select_reuse, cuda_graphs, prefill_sparse,
+             prefill_alpha, prefill_min_len, device, dtype, trust_remote_code):
     """Generate text with a hybrid checkpoint, streaming it as it is produced.
 
     MODEL_DIR is a directory written by `lighttransfer convert`. Afterwards the speed (tokens/s) and the
@@ -65,7 +69,8 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
     loaded = load_hybrid(model_dir, device=device, dtype=dtype, prefill=prefill, chunk_size=chunk_size,
                          online_ratio=online_ratio, cuda_graphs=cuda_graphs, trust_remote_code=trust_remote_code,
                          decode=decode, select_k=select_k, select_init=select_init, select_local=select_local,
-                         select_reuse=select_reuse)
+                         select_reuse=select_reuse,
+                         prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len)
 
     def emit(piece: str) -> None:
         click.echo(piece, nl=False)
@@ -83,3 +88,7 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
             stderr_console().print(
                 f"[dim]TokenSelect: {stats.selection_hits} of {stats.selection_lookups} selections reused from the "
                 f"Selection Cache ({100 * stats.selection_hit_rate:.0f}%)[/dim]")
+        sparse = loaded.model.lighttransfer_runtime.sparse_prefill
+        if sparse is not None and sparse.stats.mean_density() is not None:
+            stderr_console().print(f"[dim]sparse prefill ({sparse.config.method}, alpha {sparse.config.alpha}): "
+                                   f"{100 * sparse.stats.mean_density():.0f}% of the causal key blocks[/dim]")

@@ -5,6 +5,8 @@
 * ``runtime``: the hybrid runtime switched on in place (:func:`lighttransfer.runtime.enable_hybrid`), whose
   streaming layers keep a bounded sink + window cache: what users run.
 
+Rows with block-sparse prefill run through the runtime under either backend (a mask cannot express it).
+
 Both give a context manager per sequence that yields ``(model, after_prefill)``.
 """
 
@@ -34,9 +36,14 @@ class MaskedBackend:
         self.model = model
         self.online_last = online_last
         self.stats = SelectionStats()
+        self._runtime = RuntimeBackend(model)  # rows with sparse prefill: the mask cannot express it
 
     @contextlib.contextmanager
     def sequence(self, row: EvalRow) -> Iterator[tuple[object, Callable[[], None] | None]]:
+        if row.sparse_prefill is not None:
+            with self._runtime.sequence(row) as pair:
+                yield pair
+            return
         if row.is_dense:
             yield self.model, None
             return
@@ -49,8 +56,11 @@ class MaskedBackend:
         return self.stats.to_dict()
 
     def release(self, row: EvalRow) -> None:
-        """Nothing to undo (the mask lives only inside each sequence); the counts start again."""
+        """Nothing to undo (the mask lives only inside each sequence; sparse-prefill rows: the runtime's); the
+        counts start again."""
         self.stats.reset()
+        if row.sparse_prefill is not None:
+            self._runtime.release(row)
 
 
 class RuntimeBackend:
@@ -71,7 +81,7 @@ class RuntimeBackend:
         self._active = row.name
         if row.is_dense:
             return
-        enable_hybrid(self.model, row.layout)
+        enable_hybrid(self.model, row.layout, sparse_prefill=row.sparse_prefill)
         # teacher-forced continuations select per query, exactly as greedy decoding would
         runtime_of(self.model).select_chunks = row.selection is not None
 

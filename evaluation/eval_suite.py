@@ -166,6 +166,7 @@ def evaluate(
     select_init: int | None = None,
     select_local: int | None = None,
     select_reuse: float | None = None,
+    sparse_prefill=None,
 ) -> EvalResult:
     """Perplexity and passkey accuracy of every row, with each row's KV budget.
 
@@ -200,6 +201,9 @@ def evaluate(
         select_k, select_init, select_local, select_reuse: TokenSelect's settings for the ``tokenselect`` rows
             (default: the hybrid's when it decodes with TokenSelect, else 2048, 128, 512, 0.9). Each such row
             reports its Selection Cache counts (``selection_cache``: lookups, hits, dense, hit_rate).
+        sparse_prefill: :class:`~lighttransfer.hybrid_format.SparsePrefillConfig` of the ``sparse-prefill`` and
+            ``lighttransfer+sparse-prefill`` rows (default: its defaults); those rows also report the realised
+            density (``sparse_prefill_density``: mean and per layer over their prefill forwards).
     """
     import torch
 
@@ -281,7 +285,8 @@ def evaluate(
                  "others (as in convert)", ",".join(map(str, native)))
     eval_rows = _build_rows(rows, hcfg=hcfg, report=report, report_data=report_data, ratio=ratio, sink=sink, window=window,
                             num_layers=num_layers, num_kv_heads=num_kv_heads, seed=seed, native_windows=native,
-                            token_select=selection)
+                            token_select=selection,
+                            sparse_prefill=sparse_prefill)
     if ratio is None:
         named = [r for r in eval_rows if r.name == "lighttransfer"]
         ratio = named[0].num_streaming_layers / num_layers if named else 0.5
@@ -349,6 +354,14 @@ def evaluate(
         if row.selection is not None:
             entry["selection_cache"] = runner.selection_stats()
         entry["seconds"] = round(time.perf_counter() - t0, 1)
+        if row.sparse_prefill is not None:
+            from ..runtime import sparse_prefill_stats
+
+            stats = sparse_prefill_stats(model)
+            entry["sparse_prefill_density"] = {
+                "mean": stats.mean_density(), "by_layer": {str(k): v for k, v in stats.density_by_layer().items()},
+                "sparse_forwards": sum(r.sparse for r in stats.records),
+                "dense_forwards": sum(not r.sparse for r in stats.records)}
         runner.release(row)
         log.info("row %s done in %.0f s", row.name, entry["seconds"])
         result.rows.append(entry)
@@ -385,7 +398,8 @@ def _check_lengths(values: Sequence[int], option: str, *, allow_empty: bool = Fa
 
 
 def _build_rows(rows, *, hcfg, report, report_data, ratio, sink, window, num_layers, num_kv_heads, seed,
-                native_windows=None, token_select=None) -> list[EvalRow]:
+                native_windows=None, token_select=None,
+                sparse_prefill=None) -> list[EvalRow]:
     """``report``: the report's path (for messages); ``report_data``: the report, loaded once by the caller."""
     if rows and all(isinstance(r, EvalRow) for r in rows):
         return list(rows)
@@ -428,7 +442,8 @@ def _build_rows(rows, *, hcfg, report, report_data, ratio, sink, window, num_lay
     return standard_rows(lazy_ratios=lazy, ratio=ratio, num_kv_heads=num_kv_heads, sink=sink, window=window,
                          names=names, lazy_selection=selection, kv_head_scores=kv_scores, kv_head_gates=kv_gates,
                          kv_head_default=kv_default, attention_lazy_ratios=attention, ranked_by=ranked_by, seed=seed,
-                         native_windows=native_windows, selection=token_select)
+                         native_windows=native_windows, selection=token_select,
+                         sparse_prefill=sparse_prefill)
 
 
 def output_paths(out: str | os.PathLike[str]) -> dict[str, Path]:

@@ -8,13 +8,14 @@ window included (:meth:`lighttransfer.hybrid_format.HybridLayout.kv_fraction`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..convert.plan import pick_layers, share_of_all_layers
 from ..errors import LightTransferError
-from ..hybrid_format import HybridLayout, TokenSelectConfig
+from ..hybrid_format import HybridLayout, SparsePrefillConfig, TokenSelectConfig
 
 # name of each standard row, in table order, and what it is
 ROW_KINDS: dict[str, str] = {
@@ -37,13 +38,19 @@ ROW_KINDS: dict[str, str] = {
     "tokenselect": "TokenSelect alone (arXiv 2411.02886): nothing streams; every layer decodes over the keys a soft "
                    "vote of its heads selects (--select-k/--select-init/--select-local/--select-reuse)",
     "lighttransfer+tokenselect": "the lighttransfer row's layers stream and its full layers decode with TokenSelect",
+    "sparse-prefill": "the dense model with block-sparse prefill in every layer (--sparse-* options: estimator, "
+                      "alpha, threshold, blocks)",
+    "lighttransfer+sparse-prefill": "the lighttransfer row with block-sparse prefill in its full layers",
 }
 # the head-level rows need per-KV-head scores from an analysis report, so they are asked for by name, like the
 # lazy-ratio row, which differs from the lighttransfer row only for a report ranked by gates
 HEAD_LEVEL_ROWS = ("head-level", "head-level-gates", "random-heads", "least-lazy-heads")
 # TokenSelect rows decode selectively: asked for by name, like the head-level rows
 TOKENSELECT_ROWS = ("tokenselect", "lighttransfer+tokenselect")
-DEFAULT_ROWS = tuple(name for name in ROW_KINDS if name not in (*HEAD_LEVEL_ROWS, *TOKENSELECT_ROWS, "lazy-ratio"))
+# rows with block-sparse prefill of the full layers: asked for by name too (they change the prefill, not the cache)
+SPARSE_PREFILL_ROWS = ("sparse-prefill", "lighttransfer+sparse-prefill")
+DEFAULT_ROWS = tuple(name for name in ROW_KINDS
+                     if name not in (*HEAD_LEVEL_ROWS, *TOKENSELECT_ROWS, *SPARSE_PREFILL_ROWS, "lazy-ratio"))
 
 
 @dataclass(frozen=True)
@@ -56,16 +63,19 @@ class EvalRow:
         layout: which KV heads of which layers stream, sink, window, prefill policy, online ratio, and the model's
             own sliding layers (bounded in the original too).
         note: how the layers were chosen, for the table.
+        sparse_prefill: block-sparse prefill of the full layers (always run by the runtime), or ``None``.
     """
 
     name: str
     layout: HybridLayout
     note: str = ""
+    sparse_prefill: SparsePrefillConfig | None = None
 
     @classmethod
-    def of(cls, name: str, *, note: str = "", **layout: Any) -> EvalRow:
+    def of(cls, name: str, *, note: str = "", sparse_prefill: SparsePrefillConfig | None = None,
+           **layout: Any) -> EvalRow:
         """``EvalRow.of("random", num_layers=30, num_kv_heads=3, streaming_layers=[...], sink=4, window=1020)``."""
-        return cls(name, HybridLayout(**layout), note)
+        return cls(name, HybridLayout(**layout), note, sparse_prefill)
 
     # the layout's fields, as the backends and the tables read them
     num_layers = property(lambda self: self.layout.num_layers)
@@ -78,7 +88,8 @@ class EvalRow:
     online_ratio = property(lambda self: self.layout.online_ratio)
     selection = property(lambda self: self.layout.selection)
     native_windows = property(lambda self: dict(self.layout.native_windows))
-    is_dense = property(lambda self: self.layout.is_dense)
+    # a dense layout with sparse prefill still needs the runtime
+    is_dense = property(lambda self: self.layout.is_dense and self.sparse_prefill is None)
     num_streaming_layers = property(lambda self: self.layout.num_streaming_layers)
 
     def kv_fraction(self, seq_len: int) -> float:
@@ -95,7 +106,8 @@ class EvalRow:
                 "note": self.note, "native_windows": {str(k): v for k, v in sorted(self.native_windows.items())},
                 "selection": None if self.selection is None else {"k": self.selection.k, "init": self.selection.init,
                                                                   "local": self.selection.local,
-                                                                  "reuse": self.selection.reuse}}
+                                                                  "reuse": self.selection.reuse},
+                **({"sparse_prefill": self.sparse_prefill.to_dict()} if self.sparse_prefill is not None else {})}
 
 
 def standard_rows(
@@ -115,6 +127,7 @@ def standard_rows(
     seed: int = 0,
     native_windows: dict[int, int] | None = None,
     selection: TokenSelectConfig | None = None,
+    sparse_prefill: SparsePrefillConfig | None = None,
 ) -> list[EvalRow]:
     """Build the rows compared at one ratio.
 
@@ -142,6 +155,7 @@ def standard_rows(
         native_windows: ``{layer: window}`` of the model's own sliding layers: no row streams them, and, as in
             ``convert``, ``ratio`` is then a share of the other layers.
         selection: TokenSelect's settings for the ``tokenselect`` rows (default: the paper's, 2048/128/512/0.9).
+        sparse_prefill: the settings of the sparse-prefill rows (default: :class:`SparsePrefillConfig`'s).
     """
     unknown = [n for n in names if n not in ROW_KINDS]
     if unknown:
@@ -229,7 +243,15 @@ def standard_rows(
     build["least-lazy-heads"] = lambda: head_level(
         "least-lazy-heads", kv_head_default, "long-context score", "per-KV-head scores; pass --report REPORT.json",
         strategy="least_lazy")
+    sparse = sparse_prefill or SparsePrefillConfig()
+    how = f"{sparse.method}, alpha {sparse.alpha}, from {sparse.min_len} keys"
+    build["sparse-prefill"] = lambda: EvalRow.of("sparse-prefill", **dict(common, sink=0, window=1),
+                                                 sparse_prefill=sparse, note=f"dense cache, sparse prefill ({how})")
+    build["lighttransfer+sparse-prefill"] = lambda: dataclasses.replace(
+        build["lighttransfer"](), name="lighttransfer+sparse-prefill", sparse_prefill=sparse,
+        note=f"laziest layers, sparse prefill of the full layers ({how})")
     return [build[name]() for name in names]
 
 
-__all__ = ["EvalRow", "ROW_KINDS", "DEFAULT_ROWS", "HEAD_LEVEL_ROWS", "TOKENSELECT_ROWS", "standard_rows"]
+__all__ = ["EvalRow", "ROW_KINDS", "DEFAULT_ROWS", "HEAD_LEVEL_ROWS", "TOKENSELECT_ROWS", "SPARSE_PREFILL_ROWS",
+           "standard_rows"]

@@ -19,8 +19,9 @@ block through ``from_pretrained`` -> ``save_pretrained``::
       "sidecar": "lighttransfer_scores.json",  # bulky per-head scores beside the weights, or null
       "native_swa": false,                     # true when layer_types/sliding_window were also written
       "decode": "tokenselect",                 # format 2 only: how the full layers decode (absent = dense)
-      "select_k": 2048, "select_init": 128, "select_local": 512, "select_reuse": 0.9
-    }
+      "select_k": 2048, "select_init": 128, "select_local": 512, "select_reuse": 0.9,
+      "sparse_prefill": {...}                  # optional: block-sparse prefill of the full layers
+    }                                          # (hybrid_format/sparse_prefill.py; absent = dense)
 
 Versions: a block without a TokenSelect decode is written as format 1, exactly as before, so older readers load
 it; one with ``decode: "tokenselect"`` is format 2 (older readers refuse it with their version message instead of
@@ -39,6 +40,7 @@ from typing import Any, Literal
 
 from ..errors import LightTransferError
 from .layout import HybridLayout
+from .sparse_prefill import SparsePrefillConfig
 from .token_select import DECODE_POLICIES, TokenSelectConfig
 
 CONFIG_KEY = "lighttransfer"
@@ -80,6 +82,9 @@ class HybridConfig:
         decode: ``dense`` (every cached key) or ``tokenselect`` (the full layers' decode steps attend the
             ``select_k`` keys of largest soft vote plus ``select_init`` first and ``select_local`` recent ones;
             Selection Cache threshold ``select_reuse``). The ``select_*`` fields are ``None`` for a dense decode.
+        sparse_prefill: block-sparse prefill of the full layers (a
+            :class:`~lighttransfer.hybrid_format.sparse_prefill.SparsePrefillConfig` as a dict), or ``None``
+            (dense; the key is then left out of the block).
     """
 
     num_layers: int
@@ -101,6 +106,7 @@ class HybridConfig:
     select_init: int | None = None
     select_local: int | None = None
     select_reuse: float | None = None
+    sparse_prefill: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -113,6 +119,8 @@ class HybridConfig:
             self.num_kv_heads = _whole(self.num_kv_heads, "num_kv_heads")
         except (TypeError, ValueError, AttributeError) as exc:
             raise LightTransferError(f"a value has the wrong type ({exc})") from exc
+        if self.sparse_prefill is not None:
+            self.sparse_prefill = SparsePrefillConfig.from_dict(self.sparse_prefill).to_dict()
         self.validate()
         # the version is what the block needs: 1 unless the decode is TokenSelect (see the module docstring)
         self.format_version = 2 if self.decode == "tokenselect" else 1
@@ -140,6 +148,10 @@ class HybridConfig:
         fields = selection.to_fields() if selection else dict(decode="dense", select_k=None, select_init=None,
                                                               select_local=None, select_reuse=None)
         return replace(self, **fields, format_version=2 if selection else 1)
+
+    def sparse_prefill_config(self) -> SparsePrefillConfig | None:
+        """The stored sparse prefill settings, or ``None`` (dense)."""
+        return None if self.sparse_prefill is None else SparsePrefillConfig.from_dict(self.sparse_prefill)
 
     def layer_kind(self, layer: int) -> str:
         """``streaming``, ``mixed`` or ``full`` (:meth:`HybridLayout.layer_kind`)."""
@@ -187,6 +199,8 @@ class HybridConfig:
         if self.decode == "dense":
             for name in _DECODE_FIELDS:  # a dense decode writes the format-1 block, unchanged
                 del d[name]
+        if d["sparse_prefill"] is None:
+            del d["sparse_prefill"]  # likewise: absent means dense
         return json.loads(json.dumps(d, sort_keys=True))
 
     @classmethod

@@ -1,5 +1,5 @@
-"""Streaming-attention and full-layer decode kernels (Triton), with plain PyTorch references and a switch
-between them.
+"""Streaming-attention, full-layer decode and block-sparse prefill kernels (Triton), with plain PyTorch references
+and a switch between them; the sparse-prefill estimators beside them.
 
 The Triton modules are imported on first use, so that ``TRITON_INTERPRET`` can still be set before any kernel
 is defined and ``import lighttransfer.kernels`` stays cheap.
@@ -7,10 +7,13 @@ is defined and ``import lighttransfer.kernels`` stays cheap.
 
 if __package__ == "lighttransfer.kernels":
     from .attention import MAX_HEAD_DIM, SUPPORTED_DTYPES, streaming_attention, streaming_decode
+    from .block_lists import BlockLists, dense_lists
     from .full import full_decode
     from .mask import causal_visible, streaming_mask, streaming_visible
     from .merge import merge_attention
     from .reference import full_decode_reference, streaming_attention_reference, streaming_decode_reference
+    from .sparse_estimators import Antidiagonal, SampledRows, VerticalSlash, estimate_lists
+    from .sparse_prefill import block_sparse_attention, block_sparse_attention_reference
     from .switch import reference_forced, triton_runs_on, use_reference
     from .token_select import (
         assemble_indices,
@@ -45,6 +48,14 @@ if __package__ == "lighttransfer.kernels":
         "streaming_mask",
         "SUPPORTED_DTYPES",
         "MAX_HEAD_DIM",
+        "block_sparse_attention",
+        "block_sparse_attention_reference",
+        "BlockLists",
+        "dense_lists",
+        "estimate_lists",
+        "SampledRows",
+        "VerticalSlash",
+        "Antidiagonal",
     ]
 else:
     # Imported as a top-level `kernels` because a checkout's root is on sys.path (`python -c`/`-m` run there):

@@ -22,6 +22,9 @@
 * **Prefill.** ``streaming`` (default) or ``full`` (full attention in prefill, streaming caches trimmed right
   after); :func:`prefill_chunked` (or ``load(..., chunk_size=N)``, which sets ``generate``'s
   ``prefill_chunk_size``) bounds prefill memory with the same result as one pass.
+* **Sparse prefill.** ``load(..., prefill_sparse="sample", prefill_alpha=0.95, prefill_min_len=16384)`` runs the
+  full layers' long prefills block-sparse (:mod:`.sparse_prefill`); :func:`sparse_prefill_stats` gives the
+  realised density per layer.
 * **Online mode.** ``load(..., online_ratio=r)`` picks the streaming layers per prompt (:mod:`.online`).
 * **TokenSelect.** ``load(..., decode="tokenselect")``: the full layers' decode steps attend only the keys a soft
   vote of the heads selects, with the Selection Cache (:mod:`.token_select`); on a hybrid or a plain model.
@@ -31,7 +34,7 @@ from .cache import FullLayer, HybridCache, MixedLayer, SequenceState, StreamingL
 from .chunked import prefill_chunked
 from .generation import GenerationStats, generate_text
 from .graphs import StaticDecoder
-from .hybrid import disable_hybrid, enable_hybrid, make_cache, runtime_of
+from .hybrid import disable_hybrid, enable_hybrid, make_cache, runtime_of, sparse_prefill_stats
 from .layout import resolve_layout
 from .loader import load, load_hybrid
 from .online import OnlineSelector
@@ -60,4 +63,5 @@ __all__ = [
     "SelectionStats",
     "SelectionState",
     "token_select_attention",
+    "sparse_prefill_stats",
 ]

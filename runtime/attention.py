@@ -5,7 +5,8 @@ A model switched to it (``config._attn_implementation == "lighttransfer"``) call
 original positions and updated the cache. What it does depends on the layer:
 
 * a full layer (or any layer without a plan) -> transformers' SDPA attention, causal, minus left padding, and
-  within the model's own sliding window when the layer has one; a decode step on CUDA (one query against the
+  within the model's own sliding window when the layer has one; with sparse prefill on and enough keys, its
+  prefill goes block-sparse instead (:mod:`.sparse_prefill`); a decode step on CUDA (one query against the
   layer's whole cache, no native window) -> the split-K kernel ``kernels.full_decode`` (see :mod:`.ops`);
 * a streaming layer whose cache part is a :class:`~lighttransfer.runtime.cache.StreamingLayer` -> the keys that
   ``update`` returned, at the positions its ``view`` records (contiguous first forward, or explicit slots);
@@ -48,6 +49,7 @@ from .cache import (
 )
 from .online import prompt_lazy_ratio
 from .ops import full_attention, prefill_attention, slot_attention
+from .sparse_prefill import PrefillRecord, SparsePrefill
 from .token_select import token_select_attention
 
 ATTENTION_NAME = "lighttransfer"
@@ -93,12 +95,14 @@ class StepContext:
         has_padding: whether any sequence is left-padded.
         static: the cache's :class:`~lighttransfer.runtime.cache_state.StaticStep` during static decode steps
             (full layers then get their whole storage and read the live length ``static.n_valid`` on the device).
+        sparse: the model's block-sparse prefill of the full layers, or ``None`` (dense).
     """
 
     cache: HybridCache | None
     kv_start: torch.Tensor | None
     has_padding: bool
     static: StaticStep | None = None
+    sparse: SparsePrefill | None = None
 
 
 def lighttransfer_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -138,16 +142,24 @@ def lighttransfer_attention(module, query, key, value, attention_mask, scaling=N
         if has_padding and isinstance(part, DynamicSlidingWindowLayer):
             # its cache dropped the oldest keys: key index 0 is token (seen - big_n), so the padding shifts too
             kv_start = (kv_start - (part.get_seq_length() - big_n)).clamp(min=0)
+        sparse = step.sparse if step is not None else None
         out = None
         if (cache is not None and cache.selection is not None and isinstance(part, FullLayer) and big_n > n
                 and (n == 1 or cache.select_chunks) and dropout == 0.0 and not kwargs.get("sliding_window")):
             out = token_select_attention(query, key, value, config=cache.selection,
                                          state=cache.selection_state(module.layer_idx), stats=cache.selection_stats,
                                          kv_start=kv_start if has_padding else None, scale=scaling)
+        if out is None and sparse is not None and sparse.applies(query, key, sliding_window=kwargs.get("sliding_window"),
+                                                                 dropout=dropout):
+            out = sparse.attend(query, key, value, layer_idx=module.layer_idx, scale=scaling,
+                                kv_start=kv_start if has_padding else None)
         if out is None:
             out = full_attention(module, query, key, value, q_offset=big_n - n, kv_start=kv_start,
                                  has_padding=has_padding, scale=scaling, dropout=dropout,
                                  sliding_window=kwargs.get("sliding_window"), n_valid=n_valid)
+            if sparse is not None and n > 1:
+                sparse.stats.records.append(PrefillRecord(layer=module.layer_idx, queries=n, keys=big_n,
+                                                          sparse=False, density=1.0))
         online = cache.online if cache is not None else None
         if online is not None and part is not None and not online.decided and plan is not None:
             _offer_online(cache, module.layer_idx, query, key, plan, kv_start if has_padding else None, scaling)

@@ -31,12 +31,13 @@ from transformers.cache_utils import DynamicCache
 
 from ..compat import cache_keyword
 from ..errors import LightTransferError
-from ..hybrid_format import CONFIG_KEY, HybridLayout
+from ..hybrid_format import CONFIG_KEY, HybridLayout, SparsePrefillConfig
 from ..loading import check_attention_swappable
 from .attention import ATTENTION_NAME, PLAN_ATTR, STEP_KWARG, LayerPlan, StepContext, register
 from .cache import HybridCache, leading_padding
 from .head_order import grouped_kv_order, inverse, permute_heads, supports_reordering
 from .online import OnlineSelector
+from .sparse_prefill import SparsePrefill, SparsePrefillStats
 from .token_select import SelectionStats
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class HybridRuntime:
         self.decoders: dict = {}
         self.selection_stats = SelectionStats()
         self.select_chunks = False
+        # block-sparse prefill of the full layers (runtime/sparse_prefill.py), or None
+        self.sparse_prefill: SparsePrefill | None = None
 
     def make_cache(self, max_tokens: int | None = None) -> HybridCache:
         """A fresh, empty cache laid out for this model (``max_tokens``: see :class:`HybridCache`)."""
@@ -121,12 +124,13 @@ class HybridRuntime:
                 has_padding = bool(kv_start.max().item() > 0)
         kwargs[STEP_KWARG] = StepContext(cache=cache, kv_start=kv_start if has_padding else None,
                                          has_padding=has_padding,
-                                         static=cache.sequence.static if cache is not None else None)
+                                         static=cache.sequence.static if cache is not None else None, sparse=self.sparse_prefill)
         return args, kwargs
 
 
 def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, chunk_size: int | None = None,
-                  cuda_graphs: bool = False):
+                  cuda_graphs: bool = False,
+                  sparse_prefill: SparsePrefillConfig | None = None):
     """Make ``model`` run ``layout`` (in place) and return it. Calling it again replaces the previous layout.
 
     ``chunk_size``: prefill chunk length ``generate`` uses (sets ``generation_config.prefill_chunk_size``;
@@ -135,6 +139,7 @@ def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, ch
     ``cuda_graphs``: lighttransfer's generation loops (:func:`~lighttransfer.runtime.generate_text`,
     :func:`~lighttransfer.runtime.generate_static`) decode with static steps replayed from a CUDA graph (eagerly
     where none can be captured, e.g. on the CPU; the reason is reported). ``model.generate`` is not affected.
+    ``sparse_prefill``: block-sparse prefill of the full layers (:mod:`.sparse_prefill`); ``None``: dense.
 
     ``reorder_heads``: in layers that mix streaming and full KV heads, permute the heads in the weights so that
     each group is contiguous (exact; saves a gather and a scatter per group and step, see ``head_order.py``).
@@ -158,6 +163,7 @@ def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, ch
     runtime = HybridRuntime(model, layout)
     runtime.head_orders = orders
     runtime.cuda_graphs = bool(cuda_graphs)
+    runtime.sparse_prefill = SparsePrefill(sparse_prefill) if sparse_prefill is not None else None
     if orders:
         runtime.previous_config_block = _reorder_config_block(model.config, orders, layout)
     setattr(model, RUNTIME_ATTR, runtime)
@@ -259,6 +265,16 @@ def runtime_of(model) -> HybridRuntime:
     return runtime
 
 
+def sparse_prefill_stats(model) -> SparsePrefillStats:
+    """The full layers' prefill records of ``model`` (realised density per layer: ``.density_by_layer()``); a
+    one-line error when sparse prefill is off."""
+    sparse = runtime_of(model).sparse_prefill
+    if sparse is None:
+        raise LightTransferError("sparse prefill is off for this model; load it with prefill_sparse='sample', "
+                                 "'vslash' or 'antidiag'.")
+    return sparse.stats
+
+
 def make_cache(model, max_tokens: int | None = None) -> HybridCache:
     """A fresh :class:`HybridCache` for ``model`` (for ``past_key_values=`` / ``cache=`` in manual loops);
     ``max_tokens``: tokens per sequence the full layers allocate at once (prompt + ``max_new_tokens``)."""
@@ -275,4 +291,5 @@ def attention_modules(model) -> dict[int, torch.nn.Module]:
     return dict(sorted(found.items()))
 
 
-__all__ = ["enable_hybrid", "disable_hybrid", "make_cache", "runtime_of", "attention_modules", "HybridRuntime"]
+__all__ = ["enable_hybrid", "disable_hybrid", "make_cache", "runtime_of", "attention_modules", "HybridRuntime",
+           "sparse_prefill_stats"]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from ..hybrid_format import TokenSelectConfig, token_select_config
+from ..errors import LightTransferError
+from ..hybrid_format import SPARSE_METHODS, TokenSelectConfig, token_select_config
 from ..loading import LoadedModel, load_model, load_tokenizer
 from .hybrid import check_chunk_size, enable_hybrid
 from .layout import resolve_layout
+from .sparse_prefill import resolve_sparse_prefill
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -35,6 +37,9 @@ def load_hybrid(
     select_init: int | None = None,
     select_local: int | None = None,
     select_reuse: float | None = None,
+    prefill_sparse: str | None = None,
+    prefill_alpha: float | None = None,
+    prefill_min_len: int | None = None,
 ) -> LoadedModel:
     """Like :func:`load`, but returns the :class:`~lighttransfer.loading.LoadedModel` (model, tokenizer, source)."""
     check_chunk_size(chunk_size)  # before the weights load: a typo costs nothing
@@ -42,12 +47,17 @@ def load_hybrid(
                      select_reuse=select_reuse)
     token_select_config(decode, **{k: v for k, v in selection.items() if k != "decode"},
                         base=TokenSelectConfig() if decode is None else None)  # range checks, also before
+    if prefill_sparse not in (None, "dense", *SPARSE_METHODS):
+        raise LightTransferError(f"prefill_sparse {prefill_sparse!r} is not known; use one of "
+                                 f"{', '.join(SPARSE_METHODS)}, 'dense' or None.")
     loaded = load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, with_tokenizer=False,
                         device_map=device_map)
     layout = resolve_layout(loaded.model.config, streaming_layers=streaming_layers, head_masks=head_masks,
                             sink=sink, window=window, prefill=prefill, online_ratio=online_ratio,
                             source=f"model '{loaded.source.spec}'", **selection)
-    enable_hybrid(loaded.model, layout, chunk_size=chunk_size, cuda_graphs=cuda_graphs)
+    sparse = resolve_sparse_prefill(loaded.model.config, method=prefill_sparse, alpha=prefill_alpha,
+                                    min_len=prefill_min_len)
+    enable_hybrid(loaded.model, layout, chunk_size=chunk_size, cuda_graphs=cuda_graphs, sparse_prefill=sparse)
     if with_tokenizer:
         loaded.tokenizer = load_tokenizer(loaded.source, trust_remote_code=trust_remote_code)
     return loaded
@@ -73,6 +83,9 @@ def load(
     select_init: int | None = None,
     select_local: int | None = None,
     select_reuse: float | None = None,
+    prefill_sparse: str | None = None,
+    prefill_alpha: float | None = None,
+    prefill_min_len: int | None = None,
 ) -> Any:
     """Load a hybrid checkpoint as an ordinary transformers causal LM with a bounded KV cache.
 
@@ -106,6 +119,11 @@ def load(
             plain model too (TokenSelect alone). Hit rate: ``runtime_of(model).selection_stats``.
         select_k, select_init, select_local, select_reuse: TokenSelect's settings (defaults 2048, 128, 512, 0.9,
             or the block's).
+        prefill_sparse: block-sparse prefill of the full layers: ``sample`` (sampled query rows), ``vslash``
+            (last-queries vertical-slash) or ``antidiag`` (antidiagonal scoring); ``dense`` turns off what the
+            checkpoint block stores; ``None`` keeps it (dense without one). See ``runtime/sparse_prefill.py``.
+        prefill_alpha: share of the estimated attention mass each (head, query block) keeps (default 0.95).
+        prefill_min_len: keys below which a prefill or chunk stays dense (default 16384).
 
     Returns:
         The transformers model; ``model.generate`` and ``pipeline("text-generation", model=model)`` use the
@@ -118,7 +136,8 @@ def load(
                        head_masks=head_masks, sink=sink, window=window, prefill=prefill, online_ratio=online_ratio,
                        chunk_size=chunk_size, cuda_graphs=cuda_graphs, trust_remote_code=trust_remote_code,
                        with_tokenizer=False, device_map=device_map, decode=decode, select_k=select_k,
-                       select_init=select_init, select_local=select_local, select_reuse=select_reuse).model
+                       select_init=select_init, select_local=select_local, select_reuse=select_reuse,
+                       prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len).model
 
 
 __all__ = ["load", "load_hybrid"]

@@ -1,0 +1,172 @@
+"""Triton kernel for block-sparse prefill: each query block visits only the key blocks of its list.
+
+FlashAttention-2 forward (online softmax in base 2, one program per ``BLOCK_M = block_q`` queries of one query
+head), walking the ``counts[b, h, qb]`` key blocks of ``indices[b, h, qb, :]`` (:mod:`.block_lists`) in one
+pipelined loop, one ``BLOCK_N = block_k`` tile per listed block. GQA: the program reads K/V of KV head
+``h // GROUP`` in place (never repeated); lists may be per query head or per KV head (``LIST_GROUP``).
+
+Only tiles that reach past the block's first query (the diagonal), start before ``kv_start`` (left padding) or end
+past ``N`` (the ragged last block) pay for the element mask, behind a branch uniform across the program. Cost:
+``O(sum of counts * block_q * block_k)``; tiles not listed are never loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .prefill_triton import HOPPER_SHARED_MEMORY, OTHER_SHARED_MEMORY, autotune_enabled, fits_hopper
+
+_LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _block_sparse_fwd(
+    Q, K, V, Out, LSE, IDX, CNT, KV_START,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_lb, stride_lh,
+    stride_ib, stride_ih, stride_iq,
+    stride_cb, stride_ch,
+    H, GROUP, LIST_GROUP, n_q, n_kv, q_offset, qk_scale,
+    HAS_KV_START: tl.constexpr, RETURN_LSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    hl = h // LIST_GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    qi = q_offset + offs_m  # each query's own key index
+    q_lo = q_offset + pid_m * BLOCK_M
+    kv_lo = 0
+    if HAS_KV_START:
+        kv_lo = tl.load(KV_START + b)
+
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qn \
+        + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < n_q) & d_ok[None, :], other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    idx_base = IDX + b.to(tl.int64) * stride_ib + hl.to(tl.int64) * stride_ih + pid_m * stride_iq
+    count = tl.load(CNT + b.to(tl.int64) * stride_cb + hl.to(tl.int64) * stride_ch + pid_m)
+
+    # finite start for the running max so that a row that sees nothing gives p = 0, not nan
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for t in tl.range(0, count):
+        start_n = tl.load(idx_base + t) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_kv
+        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
+                    other=0.0)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        # mask only the diagonal, padding-edge and ragged tiles (a uniform branch)
+        if (start_n + BLOCK_N - 1 > q_lo) | (start_n < kv_lo) | (start_n + BLOCK_N > n_kv):
+            visible = n_ok[None, :] & (offs_n[None, :] <= qi[:, None]) & (offs_n[None, :] >= kv_lo)
+            qk = tl.where(visible, qk, float("-inf"))
+        # scale folded into one FMA per score (qk_scale > 0, so the max commutes with it)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    acc = acc / tl.where(seen, l_i, 1.0)[:, None]
+    row_ok = offs_m < n_q
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_on \
+        + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if RETURN_LSE:
+        # stored in NATURAL log base: the running max and sum are base 2
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * _LN2, float("-inf"))
+        tl.store(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m, lse, mask=row_ok)
+
+
+def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+def candidate_configs(block_q: int, block_k: int, block_d: int, element_bytes: int, hopper: bool) -> list:
+    """Warps/stages for the tile the lists fix (``block_q x block_k``), largest first, kept where they fit the
+    GPU's shared memory (:func:`~.prefill_triton.fits_hopper`, sized by the element size); the first is the pinned
+    default (``LIGHTTRANSFER_TRITON_AUTOTUNE=0``)."""
+    warps = 8 if block_q >= 128 else 4
+    limit = HOPPER_SHARED_MEMORY if hopper else OTHER_SHARED_MEMORY
+    chain = [_config(block_q, block_k, warps, s) for s in (3, 2, 1)] + [_config(block_q, block_k, 4, 2)]
+    fitting = [c for c in chain if fits_hopper(c, block_d, element_bytes, limit)]
+    return fitting or chain[-2:-1]
+
+
+@functools.cache
+def _launcher(capability: tuple[int, int], block_q: int, block_k: int, block_d: int, element_bytes: int,
+              autotune: bool):
+    configs = candidate_configs(block_q, block_k, block_d, element_bytes, capability[0] == 9)
+    if not autotune:
+        configs = configs[:1]
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "GROUP"])(_block_sparse_fwd)
+
+
+def block_sparse_attention_triton(q, k, v, lists, *, kv_start, scale: float, return_lse: bool, config=None):
+    """Launch on validated inputs (see ``block_sparse_attention``); returns ``(o, lse or None)``. ``config``
+    pins warps/stages (benchmarks)."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    batch, heads, n, dim = q.shape
+    group = heads // k.shape[1]
+    list_group = heads // lists.indices.shape[1]
+    idx = lists.indices.to(device=q.device, dtype=torch.int32)
+    cnt = lists.counts.to(device=q.device, dtype=torch.int32)
+    o = torch.empty((batch, heads, n, dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device) if return_lse else None
+    lse_arg = lse if lse is not None else o
+    starts = None if kv_start is None else kv_start.to(device=q.device, dtype=torch.int32).contiguous()
+    block_d = max(16, triton.next_power_of_2(dim))
+    args = (
+        q, k, v, o, lse_arg, idx, cnt, starts if starts is not None else o,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        lse_arg.stride(0), lse_arg.stride(1),
+        idx.stride(0), idx.stride(1), idx.stride(2),
+        cnt.stride(0), cnt.stride(1),
+        heads, group, list_group, n, k.shape[2], lists.q_offset, scale * _LOG2E,
+    )
+    flags = dict(HAS_KV_START=starts is not None, RETURN_LSE=return_lse, HEAD_DIM=dim, BLOCK_D=block_d,
+                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    grid = (triton.cdiv(n, lists.block_q), batch * heads)
+    if q.is_cuda and config is None:
+        with torch.cuda.device(q.device):
+            kernel = _launcher(torch.cuda.get_device_capability(q.device), lists.block_q, lists.block_k, block_d,
+                               q.element_size(), autotune_enabled())
+            kernel[grid](*args, **flags)
+    else:
+        config = config or _config(lists.block_q, lists.block_k, 4, 1)
+        if config.kwargs["BLOCK_M"] != lists.block_q or config.kwargs["BLOCK_N"] != lists.block_k:
+            raise ValueError("a pinned config must have the lists' block sizes")
+        launch = dict(num_warps=config.num_warps, num_stages=config.num_stages) if q.is_cuda else {}
+        _block_sparse_fwd[grid](*args, **flags, **config.kwargs, **launch)
+    return o, lse
+
+
+__all__ = ["block_sparse_attention_triton", "candidate_configs"]
