@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..errors import LightTransferError
 
 DECODE_POLICIES = ("dense", "tokenselect")
-# the paper's defaults (and the issue's): 2048 selected tokens, 128 initial, 512 local, reuse at cosine >= 0.9
+# the paper's defaults: 2048 selected tokens, 128 initial, 512 local, reuse at cosine >= 0.9
 DEFAULT_SELECT_K = 2048
 DEFAULT_SELECT_INIT = 128
 DEFAULT_SELECT_LOCAL = 512

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session: the CUDA-graph tests, then bench/scripts/decode_floor.py (stock transformers, stock with
+# One GPU run: the CUDA-graph tests, then bench/scripts/decode_floor.py (stock transformers, stock with
 # StaticCache + torch.compile, runtime dense and hybrid, each eager and CUDA-graphed; 16k and 32k).
 #   bash bench/scripts/decode_floor_graphs.sh OUT_DIR [TEST_SECONDS] [BENCH_SECONDS] [CONTEXTS] [COMPILED]
 # (TEST_SECONDS 0 skips the tests; CONTEXTS default 16384,32768; COMPILED inductor|cudagraphs|none, see

@@ -1,4 +1,4 @@
-"""TokenSelect decode kernels against dense flash-decoding over the same cache (the issue's kernel target).
+"""TokenSelect decode kernels against dense flash-decoding over the same cache (the kernel target).
 
     PYTHONPATH=<dir with a lighttransfer link> python3 bench/scripts/tokenselect_kernel_bench.py --out DIR
     PYTHONPATH=... python3 bench/scripts/tokenselect_kernel_bench.py --tiny --out DIR   # CPU, Triton interpreter
@@ -9,7 +9,7 @@ Timed, each as a CUDA-graph replay and eagerly, every part in the same process (
 against the fp32 references):
 
 * ``dense``: ``kernels.full_decode`` (GQA split-K flash-decoding) over all N keys: the baseline;
-* ``attention``: ``kernels.select_attention`` over the init + k + local listed keys (the issue's target:
+* ``attention``: ``kernels.select_attention`` over the init + k + local listed keys (the target:
   >= 10x faster than ``dense`` at batch 1 and 16);
 * ``votes``: ``kernels.token_votes`` (two passes over the candidate keys) and ``select``: top-k + the index list;
 * ``miss step`` = votes + select + attention (a step that rescores), ``hit step`` = the index list from a cached
