@@ -7,11 +7,14 @@ that says what to do, never served as something it is not.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from ...errors import LightTransferError
 from ...hybrid_format import CONFIG_KEY, HybridConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,12 @@ def served_layout(hf_config: Any, *, origin: str | None = None) -> ServedLayout 
         raise LightTransferError(
             f"{where} asks for a full prefill (prefill: {block.prefill!r}), which vLLM's paged cache cannot trim "
             "afterwards; serve it with lighttransfer.load, or reconvert with --prefill streaming.")
+    runtime_only = [name for name, on in (("TokenSelect decode", block.decode == "tokenselect"),
+                                          ("sparse prefill", block.sparse_prefill is not None)) if on]
+    if runtime_only:  # exact either way: the full layers then attend every key, as the original model does
+        log.warning("%s asks for %s in its full layers, which the vLLM plugin does not run: vLLM serves those "
+                    "layers with dense attention (the streaming layers as the block says); lighttransfer.load "
+                    "runs them.", where, " and ".join(runtime_only))
     streaming = {i for i in range(layout.num_layers) if layout.layer_kind(i) == "streaming"}
     return ServedLayout(streaming_layers=frozenset(streaming), sink=block.sink, window=block.window,
                         native_swa=block.native_swa)

@@ -40,6 +40,21 @@ def test_head_level_and_full_prefill_hybrids_are_refused_with_one_line():
     assert layout_module.has_block(_config()) and not layout_module.has_block({})
 
 
+def test_runtime_only_full_layer_methods_are_served_dense_and_said(caplog):
+    from lighttransfer.hybrid_format import SparsePrefillConfig
+
+    with caplog.at_level(logging.WARNING, logger=layout_module.__name__):
+        plain = served_layout(_config(streaming_layers=[1]))
+    assert plain.streaming_layers == {1} and not caplog.records
+    both = _config(streaming_layers=[1], decode="tokenselect", select_k=64, select_init=4, select_local=16,
+                   select_reuse=0.9, sparse_prefill=SparsePrefillConfig().to_dict())
+    with caplog.at_level(logging.WARNING, logger=layout_module.__name__):
+        got = served_layout(both, origin="/m/h")
+    assert got.streaming_layers == {1}
+    (record,) = caplog.records
+    assert "TokenSelect decode and sparse prefill" in record.getMessage() and "'/m/h'" in record.getMessage()
+
+
 @pytest.mark.parametrize("installed,ok", [("0.32.0", True), ("0.32.4+cpu", True), ("0.31.9", False),
                                           ("0.33.0", False), ("0.30.1.dev202609231158", False)])
 def test_version_range(installed, ok):
