@@ -135,7 +135,9 @@ def assemble_indices(picked: torch.Tensor, *, n_keys: int, init: int, local: int
         parts.append(torch.where(first <= pos, first, -1).expand(batch, n, init))
     lo = (pos - local + 1).expand(batch, n, 1) if recent_start is None else \
         torch.minimum(recent_start.to(device=device, dtype=torch.long).view(batch, n, 1), pos - local + 1)
-    width = int((pos - lo + 1).max()) if lo.numel() else 0
+    # a fresh selection's recent block is exactly ``local`` wide (known on the host: no synchronization, so the
+    # list can be built inside a CUDA graph); a reused one's is as wide as its widest query needs
+    width = int(local) if recent_start is None else (int((pos - lo + 1).max()) if lo.numel() else 0)
     if width > 0:
         near = lo + torch.arange(width, device=device).view(1, 1, width)
         floor = (start + init).view(batch, 1, 1)  # below it the key is an init key (or padding)
