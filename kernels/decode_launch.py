@@ -1,5 +1,6 @@
-"""What both split-K decode kernels share on the host: their config candidates, the shared-memory filter, and the
-autotuned launcher built once per (GPU, head size, query rows) — the ring-buffer kernel of
+"""What the kernels share on the host: the shared-memory limits every tile filter uses and the autotune switch
+(the prefill kernels too); for both split-K decode kernels also their config candidates, the shared-memory filter,
+and the autotuned launcher built once per (GPU, head size, query rows) — the ring-buffer kernel of
 :mod:`.decode_triton` and the contiguous full-layer kernel of :mod:`.full_decode_triton`."""
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ HOPPER_SHARED_MEMORY = 227 * 1024
 # what every CUDA GPU since Ampere offers a block (the consumer parts' 99 KB), for GPUs other than Hopper
 OTHER_SHARED_MEMORY = 99 * 1024
 # Triton's own scratch beside the K/V tiles (measured: ~5 KB more than the tiles at fp32, head size 256)
-_SHARED_MEMORY_MARGIN = 8 * 1024
+SHARED_MEMORY_MARGIN = 8 * 1024
 
 
 def shared_memory(config: triton.Config, block_d: int, block_m: int, element_bytes: int = 2) -> int:
@@ -38,7 +39,7 @@ def fits_hopper(config: triton.Config, block_d: int, block_m: int, element_bytes
     """Keep configs whose tiles fit ``limit`` bytes of shared memory per block (the H100/H200's 227 KB) with
     Triton's margin, and no wide key tiles at head sizes above 128 (their registers spill)."""
     bn = config.kwargs["BLOCK_N"]
-    used = shared_memory(config, block_d, block_m, element_bytes) + _SHARED_MEMORY_MARGIN
+    used = shared_memory(config, block_d, block_m, element_bytes) + SHARED_MEMORY_MARGIN
     return used <= limit and not (block_d > 128 and bn > 64)
 
 
@@ -83,5 +84,6 @@ def multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-__all__ = ["decode_config", "fits_hopper", "fallback_config", "shared_memory", "autotune_enabled", "tuned_launcher", "capability", "multiprocessors",
+__all__ = ["decode_config", "fits_hopper", "fallback_config", "shared_memory", "HOPPER_SHARED_MEMORY",
+           "OTHER_SHARED_MEMORY", "SHARED_MEMORY_MARGIN", "autotune_enabled", "tuned_launcher", "capability", "multiprocessors",
            "FALLBACK_CONFIG", "INTERPRETER_CONFIG"]

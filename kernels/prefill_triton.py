@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode_launch import HOPPER_SHARED_MEMORY, OTHER_SHARED_MEMORY, SHARED_MEMORY_MARGIN, autotune_enabled
+
 # An "unbounded" window / sink for full-attention heads; positions stay far below it.
 _UNBOUNDED = tl.constexpr(1 << 30)
 _LOG2E = 1.4426950408889634
@@ -407,9 +409,6 @@ EXPERIMENTAL_CONFIGS = [
 # and head sizes up to 128; smaller tiles where even it does not fit (fp32 at head size 256 needs 327 KB with it).
 FALLBACK_CONFIG = _config(64, 64, 4, 2)
 _SMALLER_FALLBACKS = (_config(32, 32, 4, 2), _config(16, 16, 4, 1))
-HOPPER_SHARED_MEMORY = 227 * 1024
-OTHER_SHARED_MEMORY = 99 * 1024  # what every CUDA GPU since Ampere offers a block
-_SHARED_MEMORY_MARGIN = 8 * 1024  # Triton's own scratch beside the tiles
 # Triton's interpreter runs programs one by one on the CPU: small tiles keep tests quick.
 INTERPRETER_CONFIG = _config(16, 16, 1, 1)
 # "SMs" of the interpreter, so that a persistent grid there still walks several items per program
@@ -422,7 +421,7 @@ def fits_hopper(config: triton.Config, block_d: int, element_bytes: int = 2,
     shared memory per block (the H100/H200's 227 KB) with Triton's margin, and whose accumulator stays in
     registers (``BLOCK_M * BLOCK_D`` fp32 over the warps' register file)."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    smem = element_bytes * (bm * block_d + config.num_stages * 2 * bn * block_d) + _SHARED_MEMORY_MARGIN
+    smem = element_bytes * (bm * block_d + config.num_stages * 2 * bn * block_d) + SHARED_MEMORY_MARGIN
     acc_regs_per_thread = bm * block_d // (32 * config.num_warps)
     return smem <= limit and acc_regs_per_thread <= 128 and not (block_d > 128 and bn > 64)
 
@@ -456,11 +455,6 @@ def _grid(n: int, batch: int, heads: int, group: int, sms: int):
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def autotune_enabled() -> bool:
-    """``LIGHTTRANSFER_TRITON_AUTOTUNE=0`` uses each GPU's default config instead of timing candidates."""
-    return os.environ.get("LIGHTTRANSFER_TRITON_AUTOTUNE", "1") != "0"
 
 
 def tma_allowed(*tensors: torch.Tensor) -> bool:
