@@ -150,6 +150,13 @@ def _eos_ids(tokenizer, eos_token_id) -> set[int]:
     return {int(v) for v in value} if isinstance(value, (list, tuple, set)) else {int(value)}
 
 
+def _last_logits_only(model) -> dict:
+    """Forward keywords for only the last position's logits (a full ``[seq, vocab]`` block would not fit at long
+    lengths), where the model's forward takes ``logits_to_keep``."""
+    keeps = "logits_to_keep" in inspect.signature(type(model).forward).parameters
+    return {"logits_to_keep": 1} if keeps else {}
+
+
 def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos: set[int],
                     after_prefill: Callable[[], None] | None = None) -> list[int]:
     """Greedy tokens after ``input_ids``: one prefill forward, then one forward per new token.
@@ -164,10 +171,7 @@ def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos: set[i
     keyword = cache_keyword(model)
     device = next(model.parameters()).device
     ids = torch.tensor(input_ids, dtype=torch.long, device=device)
-    # only the last position's logits: a full [seq, vocab] block would not fit at long lengths
-    keeps = "logits_to_keep" in inspect.signature(type(model).forward).parameters
-    last_only = {"logits_to_keep": 1} if keeps else {}
-    out = model(ids[None], use_cache=True, **last_only)
+    out = model(ids[None], use_cache=True, **_last_logits_only(model))
     if after_prefill is not None:
         after_prefill()
     new: list[int] = []
@@ -204,9 +208,7 @@ def greedy_generate_batch(model, prompts: Sequence[list[int]], max_new_tokens: i
         mask[i, longest - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    keeps = "logits_to_keep" in inspect.signature(type(model).forward).parameters
-    last_only = {"logits_to_keep": 1} if keeps else {}
-    out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
+    out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True, **_last_logits_only(model))
     new: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     next_position = positions[:, -1:] + 1
