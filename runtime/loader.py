@@ -6,7 +6,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LightTransferError
-from ..hybrid_format import SPARSE_METHODS, TokenSelectConfig, token_select_config
+from ..hybrid_format import SPARSE_METHODS, SparsePrefillConfig, TokenSelectConfig, token_select_config
 from ..loading import LoadedModel, load_model, load_tokenizer
 from .hybrid import check_chunk_size, enable_hybrid
 from .layout import resolve_layout
@@ -50,6 +50,9 @@ def load_hybrid(
     if prefill_sparse not in (None, "dense", *SPARSE_METHODS):
         raise LightTransferError(f"prefill_sparse {prefill_sparse!r} is not known; use one of "
                                  f"{', '.join(SPARSE_METHODS)}, 'dense' or None.")
+    ranges = {k: v for k, v in (("alpha", prefill_alpha), ("min_len", prefill_min_len)) if v is not None}
+    if ranges:
+        SparsePrefillConfig(**ranges)  # their range checks, also before the weights load
     loaded = load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, with_tokenizer=False,
                         device_map=device_map)
     layout = resolve_layout(loaded.model.config, streaming_layers=streaming_layers, head_masks=head_masks,

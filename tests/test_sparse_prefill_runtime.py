@@ -133,3 +133,16 @@ def test_generate_cli_takes_the_sparse_options_and_reports_density(tmp_path, cap
     dense_code, dense_out, _ = run_cli(["generate", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "3",
                                         "--device", "cpu"], capsys)
     assert dense_code == 0 and dense_out == out  # alpha = 1: the same greedy text
+
+
+def test_sparse_prefill_ranges_are_checked_before_the_weights_load(tmp_path, monkeypatch):
+    from lighttransfer.runtime import loader
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the options were checked")
+
+    monkeypatch.setattr(loader, "load_model", no_weights)
+    with pytest.raises(LightTransferError, match="prefill_alpha"):
+        loader.load(tmp_path, device="cpu", prefill_sparse="sample", prefill_alpha=1.5)
+    with pytest.raises(LightTransferError, match="min_len"):
+        loader.load(tmp_path, device="cpu", prefill_min_len=0)
