@@ -227,6 +227,10 @@ COMPILED_BACKENDS = {
 }
 
 
+# tries of the compiled original at its largest batch, each 15% smaller than the last, after running out of memory
+COMPILED_BATCH_TRIES = 3
+
+
 def _compiled_model(model, backend: str = "inductor"):
     """``torch.compile(model, fullgraph=True, **COMPILED_BACKENDS[backend])``, compiled afresh: each compiled row is
     a new shape (a recompile anyway), and dropping the previous compilation frees its CUDA graphs and whatever
@@ -516,13 +520,21 @@ def _compiled_rows(model, config, contexts, result: BenchResult, record, *, gen,
     todo.append((contexts[0], 1, False))
     for context, batch, largest in todo:
         ids = torch.randint(0, config.vocab_size, (1, context), generator=gen).to(device)
-        _free(device)
-        try:
-            record(_compiled_point(model, ids, batch=batch, steps=steps, device=device, largest=largest,
-                                   backend=backend))
-        except Exception as exc:  # noqa: BLE001 - the baseline is best effort; the others still run
-            log.warning("%s at %d x%d failed: %s", ORIGINAL_COMPILED, context, batch,
-                        str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        # the compiled step needs more memory than the eager one (CUDA-graph pools, functionalized copies), so at
+        # the original's largest batch it may not fit: its own largest batch is found by shrinking, as for the
+        # eager rows (each try compiles anew)
+        for _ in range(COMPILED_BATCH_TRIES if largest else 1):
+            _free(device)
+            try:
+                record(_compiled_point(model, ids, batch=batch, steps=steps, device=device, largest=largest,
+                                       backend=backend))
+                break
+            except Exception as exc:  # noqa: BLE001 - the baseline is best effort; the others still run
+                log.warning("%s at %d x%d failed: %s", ORIGINAL_COMPILED, context, batch,
+                            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                if not _is_oom(exc) or batch == 1:
+                    break
+                batch = max(1, int(batch * 0.85))
         _free(device)
         checkpoint()
 

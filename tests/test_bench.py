@@ -165,3 +165,34 @@ def test_the_static_cache_baseline_replicates_its_cache_and_decodes(tiny_model, 
     got = torch.stack(seen, 1)  # each decode step's prediction: the token after the one it was fed
     assert got.shape == (3, 5) and len(set(want.tolist())) > 1
     assert torch.equal(got, want[1:6].expand(3, -1))
+
+
+def test_the_compiled_original_shrinks_its_largest_batch_when_it_runs_out_of_memory(monkeypatch):
+    """At the original's largest batch the compiled step may not fit (CUDA-graph pools): each try is 15% smaller,
+    batch 1 is tried once, and an error other than out-of-memory stops at once."""
+    import lighttransfer.bench.speed as speed
+    from lighttransfer.bench.speed import BenchResult
+
+    tried = []
+
+    def fake_point(model, ids, *, batch, steps, device, largest, backend):
+        tried.append((batch, largest))
+        if largest and batch > 30:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.40 GiB")
+        return batch
+
+    monkeypatch.setattr(speed, "_compiled_point", fake_point)
+    result = BenchResult(model_id="t", contexts=[64], ratios=[], sink=2, window=8, decode_steps=2,
+                         memory_budget_bytes=None, dtype="float32",
+                         points=[{"variant": "original", "context": 64, "largest_batch": True, "batch": 40}])
+    recorded = []
+    cfg = type("C", (), {"vocab_size": 50})()
+    speed._compiled_rows(None, cfg, [64], result, recorded.append, gen=torch.Generator().manual_seed(0), steps=2,
+                         device=torch.device("cpu"), largest_batch=True, checkpoint=lambda: None)
+    assert tried == [(40, True), (34, True), (28, True), (1, False)] and recorded == [28, 1]
+
+    tried.clear()
+    monkeypatch.setattr(speed, "_compiled_point", lambda *a, **k: tried.append(k["batch"]) or 1 / 0)
+    speed._compiled_rows(None, cfg, [64], result, recorded.append, gen=torch.Generator().manual_seed(0), steps=2,
+                         device=torch.device("cpu"), largest_batch=True, checkpoint=lambda: None)
+    assert tried == [40, 1]
