@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_error_policy import DEVICE
 from lighttransfer.kernels.block_lists import always_kept, keep_mask
 from lighttransfer.kernels.block_select import select_by_mass
 from lighttransfer.kernels.sparse_estimators import (
@@ -140,20 +141,22 @@ def test_unknown_method_is_one_line():
                          [(5, 50, 16, 16, 2), (33, 97, 32, 4, 4), (16, 16, 40, 8, 2), (9, 40, 128, 4, 2)],
                          ids=["ragged", "4-cols-per-block-gqa4", "D=40-two-chunks", "D=128-antidiag-width"])
 def test_fused_row_block_mass_kernel_matches_reference(rows, cols, dim, per_block, heads):
-    """The Triton kernel (interpreter here) against the materializing PyTorch path, rows of every visibility."""
+    """The Triton kernel (the interpreter on a CPU, fp32 on a GPU) against the materializing PyTorch path, rows of
+    every visibility."""
     from lighttransfer.kernels.block_mass_triton import row_block_mass_triton
     from lighttransfer.kernels.sparse_estimators import row_block_mass_reference
 
     g = torch.Generator().manual_seed(rows)
-    qs = torch.randn(1, heads, rows, dim, generator=g)
-    k = torch.randn(1, 2 if heads > 2 else 1, cols, dim, generator=g)
+    qs = torch.randn(1, heads, rows, dim, generator=g).to(DEVICE)
+    k = torch.randn(1, 2 if heads > 2 else 1, cols, dim, generator=g).to(DEVICE)
     limit = torch.randint(-1, cols + 3, (rows,), generator=g)
     limit[0] = cols - 1
     got = row_block_mass_triton(qs, k, limit, scale=0.3, cols_per_block=per_block)
-    want = row_block_mass_reference(qs, limit, k, 0.3, per_block)
+    want = row_block_mass_reference(qs, limit.to(DEVICE), k, 0.3, per_block)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     seen = limit >= 0
-    torch.testing.assert_close(got[:, :, seen].sum(-1), torch.ones(1, heads, int(seen.sum())), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[:, :, seen].sum(-1).cpu(), torch.ones(1, heads, int(seen.sum())), atol=1e-5,
+                               rtol=0)
 
 
 @pytest.mark.cuda
