@@ -99,24 +99,28 @@ def row_block_mass_triton(qs: torch.Tensor, k: torch.Tensor, limit: torch.Tensor
     n_cols = k.shape[2]
     n_blocks = -(-n_cols // cols_per_block)
     out = torch.empty(b, h, r, n_blocks, dtype=torch.float32, device=qs.device)
-    on_gpu = qs.is_cuda
-    # the reduced antidiagonal rows are stride * head_dim wide: the head dim is walked in chunks
-    block_d = min(max(16, triton.next_power_of_2(d)), 128 if on_gpu else 32)
-    block_r = 64 if on_gpu else 16
-    block_t = max(cols_per_block, 64 if on_gpu else 16)
-    grid = (triton.cdiv(r, block_r), b * h)
+    config = launch_config(d, cols_per_block, on_gpu=qs.is_cuda)
+    grid = (triton.cdiv(r, config["BLOCK_R"]), b * h)
     lim = limit.to(device=qs.device, dtype=torch.int32).contiguous()
-    launch = dict(num_warps=4, num_stages=2) if on_gpu else {}
     _row_block_mass[grid](
         qs, k, lim, out,
         qs.stride(0), qs.stride(1), qs.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         h, h // k.shape[1], r, n_cols, n_blocks, scale * _LOG2E,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_T=block_t, COLS=cols_per_block,
-        DOT_PRECISION="ieee" if qs.dtype == torch.float32 else "tf32", **launch,
+        HEAD_DIM=d, COLS=cols_per_block, DOT_PRECISION="ieee" if qs.dtype == torch.float32 else "tf32", **config,
     )
     return out
 
 
-__all__ = ["row_block_mass_triton"]
+def launch_config(head_dim: int, cols_per_block: int, *, on_gpu: bool) -> dict:
+    """Tile sizes (and, on a GPU, warps and stages) of :func:`row_block_mass_triton` for rows ``head_dim`` wide."""
+    if not on_gpu:  # the interpreter: small tiles are faster
+        return dict(BLOCK_D=min(max(16, triton.next_power_of_2(head_dim)), 32), BLOCK_R=16,
+                    BLOCK_T=max(cols_per_block, 16))
+    # the reduced antidiagonal rows are stride * head_dim wide: the head dim is walked in chunks of 128
+    return dict(BLOCK_D=min(max(16, triton.next_power_of_2(head_dim)), 128), BLOCK_R=64,
+                BLOCK_T=max(cols_per_block, 64), num_warps=4, num_stages=2)
+
+
+__all__ = ["launch_config", "row_block_mass_triton"]

@@ -50,6 +50,13 @@ def fallback_config(block_d: int, block_m: int, element_bytes: int = 2,
     return next((c for c in chain if fits_hopper(c, block_d, block_m, element_bytes, limit)), chain[-1])
 
 
+def hopper_candidates(hopper_configs: list[triton.Config], block_d: int, block_m: int,
+                      element_bytes: int = 2) -> list[triton.Config]:
+    """The candidates a Hopper GPU times: those that fit, else the first fallback that does."""
+    return [c for c in hopper_configs if fits_hopper(c, block_d, block_m, element_bytes)] \
+        or [fallback_config(block_d, block_m, element_bytes, HOPPER_SHARED_MEMORY)]
+
+
 def autotune_enabled() -> bool:
     """``LIGHTTRANSFER_TRITON_AUTOTUNE=0`` launches each GPU's first candidate instead of timing them all."""
     return os.environ.get("LIGHTTRANSFER_TRITON_AUTOTUNE", "1") != "0"
@@ -63,8 +70,7 @@ def tuned_launcher(kernel, hopper_configs: list[triton.Config], capability: tupl
     ``HEAD_DIM``, ``BLOCK_M``, ``SINGLE_SPLIT``); the caller builds one per element size (fp32 tiles take twice
     the shared memory of bf16 ones)."""
     if capability[0] == 9:
-        configs = [c for c in hopper_configs if fits_hopper(c, block_d, block_m, element_bytes)] \
-            or [fallback_config(block_d, block_m, element_bytes, HOPPER_SHARED_MEMORY)]
+        configs = hopper_candidates(hopper_configs, block_d, block_m, element_bytes)
     else:
         configs = [fallback_config(block_d, block_m, element_bytes)]
     if not autotune:
@@ -84,6 +90,6 @@ def multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-__all__ = ["decode_config", "fits_hopper", "fallback_config", "shared_memory", "HOPPER_SHARED_MEMORY",
-           "OTHER_SHARED_MEMORY", "SHARED_MEMORY_MARGIN", "autotune_enabled", "tuned_launcher", "capability", "multiprocessors",
-           "FALLBACK_CONFIG", "INTERPRETER_CONFIG"]
+__all__ = ["decode_config", "fits_hopper", "fallback_config", "hopper_candidates", "shared_memory",
+           "HOPPER_SHARED_MEMORY", "OTHER_SHARED_MEMORY", "SHARED_MEMORY_MARGIN", "autotune_enabled", "tuned_launcher",
+           "capability", "multiprocessors", "FALLBACK_CONFIG", "INTERPRETER_CONFIG"]

@@ -1,0 +1,64 @@
+"""The cases of ``test_shared_memory.py``, run in a process of their own where Triton compiles (not interprets).
+
+Under ``TRITON_INTERPRET=1`` every ``@triton.jit`` function is the interpreter's wrapper, which Triton's
+compiler cannot take, so the test runs this file with the variable unset and reads one JSON object from its
+output: for each case, the bytes of shared memory the compiler reports per configuration, and what the decode
+launchers' analytic filter assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from ahead_of_time import captured_launch, shared_bytes
+
+
+def block_mass(width: int, cols: int) -> dict:
+    from lighttransfer.kernels.block_mass_triton import _row_block_mass, launch_config, row_block_mass_triton
+
+    qs = torch.zeros(1, 4, 80, width, dtype=torch.bfloat16)
+    k = torch.zeros(1, 1, 300, width, dtype=torch.bfloat16)
+    with captured_launch(_row_block_mass) as calls:
+        row_block_mass_triton(qs, k, torch.full((80,), 299), scale=0.1, cols_per_block=cols)
+    (args, kwargs), = calls
+    config = launch_config(width, cols, on_gpu=True)
+    options = {name: config.pop(name) for name in ("num_warps", "num_stages")}
+    return {"gpu": {"used": shared_bytes(_row_block_mass, args, kwargs, overrides=config, **options)}}
+
+
+def full_decode(dtype: torch.dtype, dim: int) -> dict:
+    from lighttransfer.kernels.decode_launch import SHARED_MEMORY_MARGIN, hopper_candidates, shared_memory
+    from lighttransfer.kernels.full_decode_triton import (
+        HOPPER_CONFIGS,
+        _full_decode_split,
+        full_decode_triton,
+    )
+
+    q = torch.zeros(2, 16, 1, dim, dtype=dtype)
+    k = torch.zeros(2, 4, 200, dim, dtype=dtype)
+    with captured_launch(_full_decode_split) as calls:
+        full_decode_triton(q, k, k.clone(), kv_start=None, scale=0.1)
+    (args, kwargs), = calls
+    block_d, block_m, size = kwargs["BLOCK_D"], kwargs["BLOCK_M"], q.element_size()
+    out = {}
+    for config in hopper_candidates(HOPPER_CONFIGS, block_d, block_m, size):
+        out[repr(config)] = {
+            "used": shared_bytes(_full_decode_split, args, kwargs, overrides=config.kwargs,
+                                 num_warps=config.num_warps, num_stages=config.num_stages),
+            "estimate": shared_memory(config, block_d, block_m, size) + SHARED_MEMORY_MARGIN}
+    return out
+
+
+CASES = {
+    "block-mass-sampled-rows": lambda: block_mass(128, 64),
+    "block-mass-antidiagonal-rows": lambda: block_mass(16 * 128, 4),
+    "full-decode-bf16-D128": lambda: full_decode(torch.bfloat16, 128),
+    "full-decode-bf16-D256": lambda: full_decode(torch.bfloat16, 256),
+    "full-decode-fp32-D256": lambda: full_decode(torch.float32, 256),
+}
+
+
+if __name__ == "__main__":
+    print(json.dumps({name: CASES[name]() for name in (sys.argv[1:] or CASES)}))
