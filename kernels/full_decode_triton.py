@@ -26,7 +26,7 @@ from .decode_launch import (
     multiprocessors,
     tuned_launcher,
 )
-from .decode_triton import _streaming_decode_merge, plan_splits
+from .decode_triton import _streaming_decode_merge, plan_splits, plan_wave_splits
 
 _LOG2E = 1.4426950408889634
 # split granularity on CUDA: a multiple of every candidate BLOCK_N, so a tile never straddles two chunks
@@ -150,9 +150,9 @@ def full_decode_triton(
     if q.is_cuda:
         current = torch.cuda.current_device()
         index = q.device.index if q.device.index is not None else current
-        # more programs than SMs x 2, so that the last wave of a large batch leaves few SMs idle
-        wanted = 4 * multiprocessors(index)
-        chunk, n_splits = plan_splits(batch, kv_heads, n_keys, wanted, align=_CHUNK_ALIGN, splits=splits)
+        # one program per SM at a time (the K/V tiles take most of its shared memory): a grid of whole waves
+        chunk, n_splits = plan_wave_splits(batch, kv_heads, n_keys, multiprocessors(index), align=_CHUNK_ALIGN,
+                                           splits=splits)
     else:
         chunk, n_splits = plan_splits(batch, kv_heads, n_keys, 1, align=INTERPRETER_CONFIG.kwargs["BLOCK_N"],
                                       splits=splits)

@@ -188,3 +188,19 @@ def test_fp32_tiles_are_sized_by_their_element_size(module, capability, limit):
         assert configs and all(shared_memory(c, 256, block_m, 4) <= limit for c in configs)
         bf16 = mod._tuned_launcher(capability, 256, block_m, True, 2).configs
         assert max(shared_memory(c, 256, block_m, 2) for c in bf16) <= limit
+
+
+@pytest.mark.parametrize("batch, n_keys", [(50, 32768), (25, 32768), (51, 16384), (1, 16384), (97, 16384), (3, 700)])
+def test_wave_planner_fills_the_last_wave_at_least_as_well_and_covers_every_key(batch, n_keys):
+    """On 132 SMs, one program each at a time: the chosen split count fills its waves at least as well as the
+    plain plan (50 x 8 KV heads x 2 chunks is 6.06 waves, 87%), the chunks are aligned and cover the keys."""
+    from lighttransfer.kernels.decode_triton import plan_splits, plan_wave_splits, wave_efficiency
+
+    plain = plan_splits(batch, 8, n_keys, 264, align=256)
+    chunk, n_splits = plan_wave_splits(batch, 8, n_keys, 132, align=256)
+    assert chunk % 256 == 0 and (n_splits - 1) * chunk < n_keys <= n_splits * chunk
+    assert wave_efficiency(batch * 8 * n_splits, 132) >= wave_efficiency(batch * 8 * plain[1], 132)
+    if (batch, n_keys) == (50, 32768):
+        assert n_splits == 4 and wave_efficiency(batch * 8 * n_splits, 132) > 0.93
+    assert plan_wave_splits(batch, 8, n_keys, 132, align=256, splits=2) == plan_splits(batch, 8, n_keys, 0,
+                                                                                      align=256, splits=2)
