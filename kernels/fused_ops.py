@@ -110,12 +110,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float, style: str = 
     xs = x.reshape(1, 1, n) if x.dim() == 1 else _rows(x)
     os = out.view(xs.shape)
     weight = weight.contiguous()
-    from .fused_ops_triton import MAX_NORM_BLOCK, _rms_norm
+    from .fused_ops_triton import MAX_NORM_BLOCK, NORM_TILE, _rms_norm
 
     block = min(_pow2(n), MAX_NORM_BLOCK)
-    _rms_norm[(xs.shape[0] * xs.shape[1],)](
-        xs, weight, os, xs.stride(0), xs.stride(1), os.stride(0), os.stride(1), xs.shape[1], n, float(eps),
-        GEMMA=style == "gemma", BLOCK=block, CHUNKS=_cdiv(n, block), num_warps=_warps(block))
+    n_rows = xs.shape[0] * xs.shape[1]
+    rows = min(max(NORM_TILE // block, 1), _pow2(n_rows))
+    _rms_norm[(_cdiv(n_rows, rows),)](
+        xs, weight, os, xs.stride(0), xs.stride(1), os.stride(0), os.stride(1), n_rows, xs.shape[1], n, float(eps),
+        GEMMA=style == "gemma", ROWS=rows, BLOCK=block, CHUNKS=_cdiv(n, block), num_warps=_warps(rows * block))
     return out
 
 
@@ -170,12 +172,14 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
     block_h = _pow2(max(rot // 2, 1))
     block_d = _pow2(max(dim - rot, 1))
-    _rope_qk[(batch * seq, heads + k.shape[1])](
+    block_q, block_k = _pow2(heads), _pow2(k.shape[1])
+    _rope_qk[(batch * seq, 2)](
         q, k, cos, sin, q_out, k_out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        cos.stride(0), cos.stride(1), seq, heads,
-        HALF=rot // 2, ROT=rot, HEAD_DIM=dim, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=1)
+        cos.stride(0), cos.stride(1), seq, heads, k.shape[1],
+        HALF=rot // 2, ROT=rot, HEAD_DIM=dim, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_H=block_h, BLOCK_D=block_d,
+        num_warps=_warps(block_q * block_h))
     return q_out, k_out
 
 
@@ -199,9 +203,10 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     os = out.view(-1, n)
     from .fused_ops_triton import _silu_mul
 
-    block = min(SILU_BLOCK, _pow2(n))
-    _silu_mul[(xs.shape[0], _cdiv(n, block))](xs, os, xs.stride(0), os.stride(0), n, BLOCK=block,
-                                                    num_warps=_warps(block))
+    total = xs.shape[0] * n
+    block = min(SILU_BLOCK, _pow2(total))
+    _silu_mul[(_cdiv(total, block),)](xs, os, xs.stride(0), os.stride(0), xs.shape[0], n, BLOCK=block,
+                                      num_warps=_warps(block))
     return out
 
 

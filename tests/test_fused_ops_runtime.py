@@ -58,7 +58,7 @@ def _generate(model, prompt, new=14, **kw):
                           do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kw)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_generation_past_sink_and_window_equals_the_stock_forwards(arch, rope_calls):
     """Streaming, mixed and full layers; the prompt plus 12 new tokens passes sink + window (3 + 8)."""
     fused, stock = pair(arch)
@@ -70,6 +70,14 @@ def test_generation_past_sink_and_window_equals_the_stock_forwards(arch, rope_ca
     assert len(rope_calls) >= 12 * layers  # every decode step went through the fused attention
     assert max_diff(torch.stack(got.logits, 1), torch.stack(ref.logits, 1)) <= TOL
     assert torch.equal(got.sequences, ref.sequences)
+
+
+def test_mistral_forward_equals_the_stock_forward():
+    """Mistral's attention passes the config's sliding window on to the attention function, as its stock one does."""
+    fused, stock = pair("mistral", mixed=False)
+    ids = random_ids(1, 16, seed=5)
+    with torch.no_grad():
+        assert max_diff(fused(ids).logits, stock(ids).logits) <= TOL
 
 
 def test_gemma3_fuses_its_norms_only():
@@ -168,8 +176,8 @@ def test_static_steps_and_chunked_prefill_equal_the_stock_forwards():
     """generate_static's static decode steps (eager on the CPU) and a chunked prefill, fused vs stock."""
     fused, stock = pair("llama")
     prompt = random_ids(2, 10, seed=3)
-    got = generate_static(fused, prompt, max_new_tokens=12, cuda_graphs=False, chunk_size=4)
-    ref = generate_static(stock, prompt, max_new_tokens=12, cuda_graphs=False, chunk_size=4)
+    got = generate_static(fused, prompt, max_new_tokens=8, cuda_graphs=False, chunk_size=4)
+    ref = generate_static(stock, prompt, max_new_tokens=8, cuda_graphs=False, chunk_size=4)
     assert torch.equal(got.sequences, ref.sequences)
     with torch.no_grad():
         a = prefill_chunked(fused, prompt, chunk_size=3, cache=make_cache(fused), logits="all")
@@ -216,3 +224,36 @@ def test_unfuse_counts_and_is_idempotent():
     done = fuse_model(model)
     assert fuse_model(model).counts() == done.counts()  # a second call changes nothing
     assert unfuse_model(model) == len(done.modules) and unfuse_model(model) == 0
+
+
+# ---- CUDA: the compiled kernels, a captured graph, bf16 --------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_cuda_graph_replays_with_fused_ops_equal_the_stock_eager_steps(arch):
+    """Moved to the GPU after fusing (the fused weights are rebuilt on the first forward, outside the capture), then
+    decoded past the ring's wrap-around from a captured graph: the stock model's greedy tokens, eagerly."""
+    fused, stock = (m.to("cuda") for m in pair(arch))
+    prompt = random_ids(2, 10, seed=6).cuda()
+    new = 3 * (SINK + WINDOW)
+    got = generate_static(fused, prompt, max_new_tokens=new, cuda_graphs=True)
+    ref = generate_static(stock, prompt, max_new_tokens=new, cuda_graphs=False)
+    assert got.decode_path == "cuda graph"
+    assert torch.equal(got.sequences, ref.sequences)
+    attn = fused.model.layers[0].self_attn
+    assert getattr(attn, FUSED_ATTR).linear.weight.is_cuda and getattr(attn, FUSED_ATTR).linear.current(attn)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_bf16_logits_are_as_close_to_fp32_as_the_stock_bf16_ones(arch):
+    """The error policy at model level: |fused bf16 - fp32| within twice |stock bf16 - fp32| plus a small floor."""
+    fused, stock = (m.to("cuda", torch.bfloat16) for m in pair(arch))
+    exact = pair(arch)[1].to("cuda")
+    ids = random_ids(2, 40, seed=7).cuda()
+    with torch.inference_mode():
+        ref = exact(ids).logits.float()
+        low = stock(ids).logits.float()
+        got = fused(ids).logits.float()
+    base = (low - ref).abs().max().item()
+    err = (got - ref).abs().max().item()
+    assert err <= 2 * base + 1e-2 * ref.abs().max().item(), f"{err:.3g} vs stock bf16 {base:.3g}"

@@ -147,3 +147,22 @@ def test_reference_switch_forces_the_reference():
     with use_reference():
         assert torch.equal(silu_mul(x), silu_mul_reference(x))
         assert torch.equal(rms_norm(x, torch.ones(50), eps=1e-6), rms_norm_reference(x, torch.ones(50), eps=1e-6))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: DTYPE_IDS[d])
+def test_llama3_8b_shapes(dtype):
+    """The decode step's own shapes on the GPU: hidden 4096, 32 query / 8 KV heads of 128, intermediate 14336."""
+    x = _randn(1, 1, 4096, dtype=dtype, seed=10)
+    w = _randn(4096, dtype=dtype, seed=11)
+    assert_within_policy(rms_norm(x, w, eps=1e-5), rms_norm_reference(x.float(), w.float(), eps=1e-5),
+                         rms_norm_reference(x, w, eps=1e-5), dtype, "norm 4096")
+    qkv = _randn(1, 1, 48 * 128, dtype=dtype, seed=12)
+    q = qkv[..., :4096].view(1, 1, 32, 128).transpose(1, 2)
+    k = qkv[..., 4096:5120].view(1, 1, 8, 128).transpose(1, 2)
+    ang = _randn(1, 1, 128, dtype=torch.float32, seed=13, scale=100.0)
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    _check(apply_rope, apply_rope_reference, (q.float(), k.float(), cos.float(), sin.float()), (q, k, cos, sin),
+           dtype, "rope 32/8x128")
+    gu = _randn(1, 1, 2 * 14336, dtype=dtype, seed=14, scale=3.0)
+    _check(silu_mul, silu_mul_reference, (gu.float(),), (gu,), dtype, "silu_mul 14336")
