@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import weakref
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -60,6 +61,7 @@ class HybridRuntime:
         self.layout = layout
         self.config = model.config
         base = model.base_model
+        self._model = weakref.ref(model)
         self.cache_keyword = cache_keyword(base)
         self._handle = base.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self.previous_attn_implementation = model.config._attn_implementation
@@ -94,7 +96,13 @@ class HybridRuntime:
                            select_chunks=self.select_chunks)
 
     def remove(self) -> None:
+        """Take the hook off and give the fused modules their stock forwards back (the rest is
+        :func:`disable_hybrid`'s)."""
         self._handle.remove()
+        model = self._model()
+        if self.fused_ops is not None and model is not None:
+            unfuse_model(model)
+            self.fused_ops = None
 
     # ---- the hook ------------------------------------------------------------------------------------------
     def _before_forward(self, module, args, kwargs):
@@ -194,9 +202,7 @@ def disable_hybrid(model) -> None:
     runtime = getattr(model, RUNTIME_ATTR, None)
     if runtime is None:
         return
-    runtime.remove()
-    if runtime.fused_ops is not None:
-        unfuse_model(model)
+    runtime.remove()  # the stock forwards first, then the heads back in order (through the parameters' views)
     modules = attention_modules(model)
     for module in modules.values():
         if hasattr(module, PLAN_ATTR):
