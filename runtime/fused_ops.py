@@ -205,9 +205,22 @@ def _linears(module: nn.Module, names) -> bool:
     return all(isinstance(getattr(module, n, None), nn.Linear) for n in names)
 
 
+def _parts_unsupported(module: nn.Module, names) -> str | None:
+    """Why the linears ``names`` of ``module`` cannot share one weight, or ``None``."""
+    parts = [getattr(module, n) for n in names]
+    if any(hasattr(p, "_hf_hook") for p in parts):
+        return "its projections have accelerate hooks (offloaded or dispatched weights)"
+    if any(p.weight.device.type == "meta" for p in parts):
+        return "weights on the meta device"
+    return None
+
+
 def _attention_unsupported(module: nn.Module) -> str | None:
     if not _linears(module, ("q_proj", "k_proj", "v_proj", "o_proj")):
         return "not four q/k/v/o linears"
+    hooked = _parts_unsupported(module, ("q_proj", "k_proj", "v_proj"))
+    if hooked:
+        return hooked
     parts = [module.q_proj, module.k_proj, module.v_proj]
     if len({p.in_features for p in parts}) != 1 or len({p.weight.dtype for p in parts}) != 1:
         return "q/k/v projections of different shapes or dtypes"
@@ -228,6 +241,9 @@ def _attention_unsupported(module: nn.Module) -> str | None:
 def _mlp_unsupported(module: nn.Module) -> str | None:
     if not _linears(module, ("gate_proj", "up_proj", "down_proj")):
         return "not gate/up/down linears"
+    hooked = _parts_unsupported(module, ("gate_proj", "up_proj"))
+    if hooked:
+        return hooked
     if type(getattr(module, "act_fn", None)).__name__ not in SILU_ACTIVATIONS:
         return f"activation {type(getattr(module, 'act_fn', None)).__name__}, not SiLU"
     if module.gate_proj.bias is not None or module.up_proj.bias is not None:
@@ -265,8 +281,8 @@ def fuse_model(model: nn.Module, *, cache_keyword: str | None = None) -> FusedOp
             done.skipped.setdefault(name, "its forward is already wrapped (accelerate hook or another rewrite)")
             continue
         if kind == "norm":
-            if getattr(module, "weight", None) is None or module.weight.dim() != 1:
-                done.skipped.setdefault(name, "no 1-D weight")
+            if getattr(module, "weight", None) is None or module.weight.dim() != 1 or module.weight.is_meta:
+                done.skipped.setdefault(name, "no 1-D weight in memory")
                 continue
             _bind(module, FusedModule("norm", style=NORM_CLASSES[name]), _norm_forward)
         elif kind == "mlp":
@@ -291,6 +307,11 @@ def fuse_model(model: nn.Module, *, cache_keyword: str | None = None) -> FusedOp
                                eager_attention=sys.modules[type(module).__module__].eager_attention_forward)
             _bind(module, spec, _attention_forward)
         done.modules.append(module)
+    if any(getattr(m, FUSED_ATTR).linear is not None and getattr(m, FUSED_ATTR).linear.weight.is_cuda
+           for m in done.modules):
+        # the separate q/k/v and gate/up tensors were freed: give their blocks back, or the concatenated copies
+        # would have come on top of them in the allocator's reserve
+        torch.cuda.empty_cache()
     for name, reason in sorted(done.skipped.items()):
         log.debug("fused ops: %s keeps the stock forward (%s)", name, reason)
     log.info("fused ops: %s", ", ".join(f"{n} {k}" for k, n in sorted(done.counts().items())) or "nothing to fuse")

@@ -101,6 +101,18 @@ def test_unsupported_architectures_are_untouched():
         assert torch.equal(model(ids).logits, plain(ids).logits)
 
 
+def test_modules_with_accelerate_hooks_keep_their_forwards():
+    """An accelerate hook (``device_map`` dispatch or offload) on a module or its projections: left stock."""
+    model = make_tiny_model("llama")
+    layer = model.model.layers[0]
+    layer.self_attn.q_proj._hf_hook = object()
+    layer.mlp._hf_hook = object()
+    done = fuse_model(model)
+    assert not hasattr(layer.self_attn, FUSED_ATTR) and not hasattr(layer.mlp, FUSED_ATTR)
+    assert "hooks" in done.skipped["LlamaAttention"] and "wrapped" in done.skipped["LlamaMLP"]
+    assert hasattr(model.model.layers[1].self_attn, FUSED_ATTR)
+
+
 def test_rewiring_is_per_instance():
     """Another model of the same class in the process keeps the stock forwards; no class attribute changes."""
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm
