@@ -667,7 +667,8 @@ def markdown_bench(result: BenchResult) -> str:
             + (f"{p['bytes_per_step'] / 1e9:.2f} | " if p.get("bytes_per_step") else "- | ")
             + (f"{100 * p['floor_share']:.0f}% | " if p.get("floor_share") else "- | ")
             + (f"{p['peak_memory'] / GIB:.1f}" if p["peak_memory"] else "-") + " | "
-            + (p.get("decode_path") or "-") + " |"
+            + (p.get("decode_path") or "-")
+            + (", fused ops" if p.get("fused_ops") and FUSED not in p["variant"] else "") + " |"
         )
     return "\n".join(lines) + "\n"
 

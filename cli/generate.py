@@ -92,6 +92,10 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
             stderr_console().print(
                 f"[dim]TokenSelect: {stats.selection_hits} of {stats.selection_lookups} selections reused from the "
                 f"Selection Cache ({100 * stats.selection_hit_rate:.0f}%)[/dim]")
+        fused = loaded.model.lighttransfer_runtime.fused_ops
+        if fused is not None:
+            counts = ", ".join(f"{n} {kind}" for kind, n in sorted(fused.counts().items())) or "nothing supported"
+            stderr_console().print(f"[dim]fused ops: {escape(counts)}[/dim]")
         sparse = loaded.model.lighttransfer_runtime.sparse_prefill
         if sparse is not None and sparse.stats.mean_density() is not None:
             stderr_console().print(f"[dim]sparse prefill ({sparse.config.method}, alpha {sparse.config.alpha}): "

@@ -56,6 +56,7 @@ def test_generate_with_fused_ops_gives_the_stock_greedy_text(hybrid_dir, capsys)
     code, out, err = run(["generate", str(hybrid_dir), "--prompt", PROMPT, "--max-new-tokens", "6",
                           "--device", "cpu", "--fused-ops"], capsys)
     assert code == 0, err
+    assert "fused ops: 4 attention, 4 mlp, 9 norm" in err
     model = lighttransfer.load(hybrid_dir, device="cpu", fused_ops=False)
     tok = word_tokenizer()
     ids = tok(PROMPT, return_tensors="pt")
