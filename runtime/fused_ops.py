@@ -1,8 +1,9 @@
 """Fused ops mode: fewer, larger kernels per decoder layer, by rewiring a loaded model's modules on the instance.
 
 At batch 1 the decode step of an 8B model is ~2000 kernels, most of them transformers' eager element-wise chains
-(RMSNorm ~6 kernels, the rotary embedding of q and k ~12, three q/k/v GEMMs, gate and up GEMMs plus silu and mul);
-in a CUDA graph each still costs a few microseconds of GPU time. :func:`fuse_model` replaces, per module:
+(RMSNorm ~8 kernels in bf16, the rotary embedding of q and k ~10, three q/k/v GEMMs, gate and up GEMMs plus silu and
+mul); in a CUDA graph each still costs a few microseconds of GPU time. :func:`fuse_model` replaces, per module (the
+kernels run on CUDA, and on the CPU under ``TRITON_INTERPRET=1``; elsewhere their PyTorch references):
 
 * RMSNorm (Llama, Mistral, Qwen2, Qwen3 incl. Qwen3's q/k norms: Llama style; Gemma 3: Gemma style) -> one
   :func:`~lighttransfer.kernels.fused_ops.rms_norm` launch;
@@ -14,6 +15,8 @@ in a CUDA graph each still costs a few microseconds of GPU time. :func:`fuse_mod
 
 Invariants:
 
+* **Known classes only.** A module qualifies by its class name *and* its class living in transformers' own
+  ``transformers.models`` (remote code of the same name is left alone).
 * **Instance level.** Only the ``forward`` attribute of each rewired module instance is set; no transformers class
   or module global is touched, so another model in the same process is unaffected. Modules with an accelerate hook
   (``device_map``) keep theirs untouched.
@@ -52,8 +55,8 @@ NORM_CLASSES = {"LlamaRMSNorm": "llama", "MistralRMSNorm": "llama", "Qwen2RMSNor
 ATTENTION_CLASSES = {
     "LlamaAttention": None,
     "MistralAttention": lambda m: getattr(m.config, "sliding_window", None),
-    "Qwen2Attention": lambda m: m.sliding_window,
-    "Qwen3Attention": lambda m: m.sliding_window,
+    "Qwen2Attention": lambda m: getattr(m, "sliding_window", None),
+    "Qwen3Attention": lambda m: getattr(m, "sliding_window", None),
 }
 MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 SILU_ACTIVATIONS = frozenset({"SiLU", "SiLUActivation"})
@@ -273,6 +276,9 @@ def fuse_model(model: nn.Module, *, cache_keyword: str | None = None) -> FusedOp
             continue
         kind = ("norm" if name in NORM_CLASSES else "attention" if name in ATTENTION_CLASSES
                 else "mlp" if name in MLP_CLASSES else None)
+        if kind is not None and not type(module).__module__.startswith("transformers.models."):
+            done.skipped.setdefault(name, f"defined in {type(module).__module__}, not transformers' own")
+            continue
         if kind is None:
             if name.endswith(("Attention", "RMSNorm", "MLP")):
                 done.skipped.setdefault(name, "not a supported class")

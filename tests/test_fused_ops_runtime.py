@@ -101,6 +101,19 @@ def test_unsupported_architectures_are_untouched():
         assert torch.equal(model(ids).logits, plain(ids).logits)
 
 
+def test_classes_of_the_same_name_outside_transformers_are_left_alone():
+    """Remote code may name a class LlamaRMSNorm with another formula: only transformers' own classes qualify."""
+
+    class LlamaRMSNorm(torch.nn.Module):  # noqa: N801 - the name is the point
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(8))
+
+    holder = torch.nn.Sequential(LlamaRMSNorm())
+    done = fuse_model(holder)
+    assert done.counts() == {} and "not transformers' own" in done.skipped["LlamaRMSNorm"]
+
+
 def test_modules_with_accelerate_hooks_keep_their_forwards():
     """An accelerate hook (``device_map`` dispatch or offload) on a module or its projections: left stock."""
     model = make_tiny_model("llama")
