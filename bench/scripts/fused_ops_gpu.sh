@@ -19,10 +19,10 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/lt-cache/triton}
   python3 -c "import sys, torch, transformers, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$out/env.txt"
 tests=/tmp/lt-pkg/lighttransfer/tests
-[ "${2:-75}" = 0 ] || (cd /tmp && timeout "${2:-75}" python3 -m pytest -q -p no:cacheprovider --rootdir=/tmp/lt-pkg/lighttransfer \
+[ "${2:-70}" = 0 ] || (cd /tmp && timeout "${2:-70}" python3 -m pytest -q -p no:cacheprovider --rootdir=/tmp/lt-pkg/lighttransfer \
   "$tests/kernels/test_fused_ops.py" "$tests/test_fused_ops_runtime.py" \
   2>&1 | tee "$out/cuda_tests.log" | tail -25)
-timeout "${3:-120}" python3 bench/scripts/decode_floor.py "$out/floor" 16384 none both 2>&1 | tee "$out/floor/decode_floor.log" \
+timeout "${3:-135}" python3 bench/scripts/decode_floor.py "$out/floor" 16384 none both 2>&1 | tee "$out/floor/decode_floor.log" \
   | grep -v -i warn | tail -30
-timeout "${4:-50}" python3 bench/scripts/fused_decode_profile.py "$out/profile" 16384 2>&1 | tee "$out/profile/log" \
+timeout "${4:-45}" python3 bench/scripts/fused_decode_profile.py "$out/profile" 16384 2>&1 | tee "$out/profile/log" \
   | grep -v -i warn | tail -8
