@@ -72,6 +72,19 @@ def test_generation_past_sink_and_window_equals_the_stock_forwards(arch, rope_ca
     assert torch.equal(got.sequences, ref.sequences)
 
 
+def test_left_padded_generation_equals_the_stock_forwards():
+    """Per-sequence positions (left padding): cos/sin carry a batch dim of their own."""
+    from test_runtime_generate import left_pad
+
+    fused, stock = pair("llama")
+    ids, mask = left_pad([random_ids(1, 12, seed=9)[0], random_ids(1, 5, seed=10)[0]])
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, output_logits=True,
+              return_dict_in_generate=True, pad_token_id=0)
+    got, ref = fused.generate(**kw), stock.generate(**kw)
+    assert max_diff(torch.stack(got.logits, 1), torch.stack(ref.logits, 1)) <= TOL
+    assert torch.equal(got.sequences, ref.sequences)
+
+
 def test_mistral_forward_equals_the_stock_forward():
     """Mistral's attention passes the config's sliding window on to the attention function, as its stock one does."""
     fused, stock = pair("mistral", mixed=False)
