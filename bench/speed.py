@@ -55,6 +55,8 @@ GIB = 1024**3
 RUNTIME_DENSE = "runtime, 0 streaming"
 ORIGINAL_COMPILED = "original, static cache + compile"
 GRAPHED = ", cuda graph"  # suffix of a runtime variant's rows whose decode step is a CUDA-graph replay
+FUSED = ", fused ops"  # suffix of a runtime variant run with fused ops (``fused_ops="both"``)
+FUSED_OPS_CHOICES = ("auto", "on", "off", "both")
 # untimed decode steps first: kernels compile for the new shapes, the allocator settles
 WARMUP_STEPS = 3
 
@@ -84,6 +86,7 @@ class SpeedPoint:
     bytes_per_step: int | None = None
     floor_share: float | None = None
     decode_path: str | None = None
+    fused_ops: bool = False
 
 
 @dataclass
@@ -318,6 +321,7 @@ def benchmark(
     cuda_graphs: bool = False,
     compiled_baseline: bool = False,
     compiled_backend: str = "inductor",
+    fused_ops: str = "auto",
     out: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
@@ -340,6 +344,9 @@ def benchmark(
         compiled_baseline: also measure the original with ``StaticCache`` + ``torch.compile`` (CUDA only).
         compiled_backend: ``inductor`` (``mode="reduce-overhead"``) or ``cudagraphs`` (capture only, compiles in
             seconds); see :data:`COMPILED_BACKENDS`.
+        fused_ops: the runtime variants' fused ops (:mod:`lighttransfer.runtime.fused_ops`): ``auto`` (on for
+            CUDA, as ``lighttransfer.load``), ``on``, ``off``, or ``both`` (each runtime variant twice, the fused
+            rows named ``... , fused ops``, for an A/B in one process).
         out: ``.json`` path (a markdown table is written beside it) or a directory.
         progress: called with a line per finished measurement.
     """
@@ -362,6 +369,8 @@ def benchmark(
                                  f"{compiled_backend!r}.")
     if compiled_baseline and resolve_device(device).type != "cuda":
         raise LightTransferError("--compiled-baseline needs a CUDA device (torch.compile reduce-overhead).")
+    if fused_ops not in FUSED_OPS_CHOICES:
+        raise LightTransferError(f"fused ops must be one of {', '.join(FUSED_OPS_CHOICES)}, got {fused_ops!r}.")
     if memory_budget_gb is not None and memory_budget_gb <= 0:
         raise LightTransferError(f"--memory-budget must be a positive number of GB, got {memory_budget_gb}.")
 
@@ -422,24 +431,33 @@ def benchmark(
     # "original" is the model as transformers runs it; "runtime, 0 streaming" is the same dense model through
     # the hybrid runtime's code path with no layer streaming, which separates the gain of streaming from any
     # difference between the two code paths
-    variants = [("original", 0.0, [], False), (RUNTIME_DENSE, 0.0, [], True)] + [
-        (f"ratio {r:g}", r, _layers_for(r, num_layers=num_layers, lazy_ratios=lazy), True) for r in ratio_list]
+    runtime_variants = [(RUNTIME_DENSE, 0.0, [])] + [
+        (f"ratio {r:g}", r, _layers_for(r, num_layers=num_layers, lazy_ratios=lazy)) for r in ratio_list]
+    fused_modes = {"on": (True,), "off": (False,), "both": (False, True), "auto": (dev.type == "cuda",)}[fused_ops]
+    # (name, ratio, streaming layers, through the runtime, fused ops)
+    variants = [("original", 0.0, [], False, False)] + [
+        (name + (FUSED if fused and fused_ops == "both" else ""), ratio, layers, True, fused)
+        for name, ratio, layers in runtime_variants for fused in fused_modes]
 
     def checkpoint() -> None:  # after each variant: a run cut short keeps what it measured
         if out is not None:
             write_bench_outputs(result, out)
 
+    state = {"fused": False}  # the fused ops of the variant being measured
+
     def record(point: SpeedPoint) -> None:
+        point.fused_ops = state["fused"]
         with_floor(point, weight_bytes=result.weight_bytes_per_step, copy_gbps=result.copy_gbps)
         result.points.append(asdict(point))
         if progress:
             progress(_describe(point))
 
-    for name, ratio, layers, through_runtime in variants:
+    for name, ratio, layers, through_runtime, fused in variants:
         disable_hybrid(model)
         expected = resolve_layout(config, streaming_layers=layers, sink=sink, window=window, prefill="streaming")
         if through_runtime:
-            enable_hybrid(model, expected)
+            enable_hybrid(model, expected, fused_ops=fused)
+        state["fused"] = fused
         graphed = cuda_graphs and through_runtime
         for context in contexts:
             ids = torch.randint(0, config.vocab_size, (1, context), generator=gen).to(dev)
@@ -480,6 +498,7 @@ def benchmark(
             _free(dev)
         checkpoint()
     disable_hybrid(model)
+    state["fused"] = False
     if compiled_baseline:  # last: its compiles take the longest, and it needs the original's largest batches
         _compiled_rows(model, config, contexts, result, record, gen=gen, steps=decode_steps, device=dev,
                        largest_batch=largest_batch, checkpoint=checkpoint, backend=compiled_backend)
@@ -642,7 +661,9 @@ def markdown_bench(result: BenchResult) -> str:
         base = result.point("original", p["context"], largest=p["largest_batch"])
         fast = result.point(ORIGINAL_COMPILED, p["context"], largest=p["largest_batch"])
         graphed = p["variant"].endswith(GRAPHED)
-        same = result.point(RUNTIME_DENSE + (GRAPHED if graphed else ""), p["context"], largest=p["largest_batch"])
+        fused = FUSED in p["variant"]
+        same = result.point(RUNTIME_DENSE + (FUSED if fused else "") + (GRAPHED if graphed else ""), p["context"],
+                            largest=p["largest_batch"])
         speed, speed_fast, speed_same = (_times(p, other) for other in (base, fast, same))
         # KV relative to the original at the same context, per sequence
         kv_ratio = ((p["kv_bytes"] / p["batch"]) / (base["kv_bytes"] / base["batch"])) if base else float("nan")
@@ -658,7 +679,8 @@ def markdown_bench(result: BenchResult) -> str:
             + (f"{p['bytes_per_step'] / 1e9:.2f} | " if p.get("bytes_per_step") else "- | ")
             + (f"{100 * p['floor_share']:.0f}% | " if p.get("floor_share") else "- | ")
             + (f"{p['peak_memory'] / GIB:.1f}" if p["peak_memory"] else "-") + " | "
-            + (p.get("decode_path") or "-") + " |"
+            + (p.get("decode_path") or "-")
+            + (", fused ops" if p.get("fused_ops") and FUSED not in p["variant"] else "") + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -684,4 +706,4 @@ def write_bench_outputs(result: BenchResult, out: str | os.PathLike[str]) -> dic
 
 
 __all__ = ["benchmark", "BenchResult", "SpeedPoint", "markdown_bench", "write_bench_outputs", "cache_kv_bytes",
-           "RUNTIME_DENSE", "ORIGINAL_COMPILED", "GRAPHED"]
+           "RUNTIME_DENSE", "ORIGINAL_COMPILED", "GRAPHED", "FUSED", "FUSED_OPS_CHOICES"]

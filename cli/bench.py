@@ -29,12 +29,15 @@ from .options import is_quiet, model_options, stderr_console, stdout_console, ve
 @click.option("--compiled-baseline", is_flag=True, default=False,
               help="Also time the original with transformers' StaticCache + torch.compile(mode='reduce-overhead') "
                    "(CUDA only; compiles once per batch size).")
+@click.option("--fused-ops", type=click.Choice(["auto", "on", "off", "both"]), default="auto", show_default=True,
+              help="Fused ops for the runtime variants (auto: on for CUDA); both: each runtime variant unfused and "
+                   "fused, in one process.")
 @click.option("--out", default="bench_results.json", show_default=True, metavar="PATH",
               help="Results JSON (a markdown table is written beside it), or a directory.")
 @model_options
 @verbosity_options
 def bench(hybrid, baseline, report, contexts, ratios, memory_budget, decode_steps, max_batch, sink, window,
-          cuda_graphs, compiled_baseline, out, device, dtype, trust_remote_code):
+          cuda_graphs, compiled_baseline, fused_ops, out, device, dtype, trust_remote_code):
     """Prefill latency, decode tokens/s, peak memory and KV bytes: original vs hybrids, in one process."""
     from ..bench.speed import benchmark, markdown_bench
 
@@ -49,7 +52,7 @@ def bench(hybrid, baseline, report, contexts, ratios, memory_budget, decode_step
         baseline=baseline, hybrid=hybrid, report=report, contexts=int_list(contexts, "--context"),
         ratios=float_list(ratios, "--ratios"), memory_budget_gb=memory_budget, decode_steps=decode_steps,
         max_batch=max_batch, sink=sink, window=window, device=device, dtype=dtype, cuda_graphs=cuda_graphs,
-        compiled_baseline=compiled_baseline, out=None,
+        compiled_baseline=compiled_baseline, fused_ops=fused_ops, out=None,
         progress=None if is_quiet() else (lambda line: err.print(escape(str(line)), soft_wrap=True)),
     )
     console = stdout_console()

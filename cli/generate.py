@@ -52,11 +52,14 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
               help="Block-sparse prefill of the full layers (estimator), or dense; default: the checkpoint's.")
 @click.option("--prefill-alpha", type=float, help="Sparse prefill: attention-mass share kept [default 0.95].")
 @click.option("--prefill-min-len", type=int, help="Sparse prefill: keys below which it stays dense [default 16384].")
+@click.option("--fused-ops/--no-fused-ops", default=None,
+              help="Run RMSNorm, RoPE and SiLU-mul as fused kernels and q/k/v, gate/up as one GEMM each (Llama, "
+                   "Mistral, Qwen2/3; Gemma 3's norms) [default: on for CUDA, off on the CPU].")
 @model_options
 @verbosity_options
 def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p, seed, chat, prefill, chunk_size,
              online_ratio, decode, select_k, select_init, select_local, select_reuse, cuda_graphs, prefill_sparse,
-             prefill_alpha, prefill_min_len, device, dtype, trust_remote_code):
+             prefill_alpha, prefill_min_len, fused_ops, device, dtype, trust_remote_code):
     """Generate text with a hybrid checkpoint, streaming it as it is produced.
 
     MODEL_DIR is a directory written by `lighttransfer convert`. Afterwards the speed (tokens/s) and the
@@ -70,7 +73,8 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
                          online_ratio=online_ratio, cuda_graphs=cuda_graphs, trust_remote_code=trust_remote_code,
                          decode=decode, select_k=select_k, select_init=select_init, select_local=select_local,
                          select_reuse=select_reuse,
-                         prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len)
+                         prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
+                         fused_ops=fused_ops)
 
     def emit(piece: str) -> None:
         click.echo(piece, nl=False)
@@ -88,6 +92,10 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
             stderr_console().print(
                 f"[dim]TokenSelect: {stats.selection_hits} of {stats.selection_lookups} selections reused from the "
                 f"Selection Cache ({100 * stats.selection_hit_rate:.0f}%)[/dim]")
+        fused = loaded.model.lighttransfer_runtime.fused_ops
+        if fused is not None:
+            counts = ", ".join(f"{n} {kind}" for kind, n in sorted(fused.counts().items())) or "nothing supported"
+            stderr_console().print(f"[dim]fused ops: {escape(counts)}[/dim]")
         sparse = loaded.model.lighttransfer_runtime.sparse_prefill
         if sparse is not None and sparse.stats.mean_density() is not None:
             stderr_console().print(f"[dim]sparse prefill ({sparse.config.method}, alpha {sparse.config.alpha}): "

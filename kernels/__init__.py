@@ -1,5 +1,6 @@
-"""Streaming-attention, full-layer decode and block-sparse prefill kernels (Triton), with plain PyTorch references
-and a switch between them; the sparse-prefill estimators beside them.
+"""Streaming-attention, full-layer decode and block-sparse prefill kernels (Triton), the fused element-wise ops of a
+decoder layer (RMSNorm, RoPE, SiLU-mul), with plain PyTorch references and a switch between them; the sparse-prefill
+estimators beside them.
 
 The Triton modules are imported on first use, so that ``TRITON_INTERPRET`` can still be set before any kernel
 is defined and ``import lighttransfer.kernels`` stays cheap.
@@ -9,6 +10,14 @@ if __package__ == "lighttransfer.kernels":
     from .attention import MAX_HEAD_DIM, SUPPORTED_DTYPES, streaming_attention, streaming_decode
     from .block_lists import BlockLists, dense_lists
     from .full import full_decode
+    from .fused_ops import (
+        apply_rope,
+        apply_rope_reference,
+        rms_norm,
+        rms_norm_reference,
+        silu_mul,
+        silu_mul_reference,
+    )
     from .mask import causal_visible, streaming_mask, streaming_visible
     from .merge import merge_attention
     from .reference import full_decode_reference, streaming_attention_reference, streaming_decode_reference
@@ -30,6 +39,12 @@ if __package__ == "lighttransfer.kernels":
         "streaming_decode",
         "full_decode",
         "full_decode_reference",
+        "rms_norm",
+        "rms_norm_reference",
+        "apply_rope",
+        "apply_rope_reference",
+        "silu_mul",
+        "silu_mul_reference",
         "streaming_attention_reference",
         "streaming_decode_reference",
         "merge_attention",

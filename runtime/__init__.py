@@ -26,12 +26,15 @@
   full layers' long prefills block-sparse (:mod:`.sparse_prefill`); :func:`sparse_prefill_stats` gives the
   realised density per layer.
 * **Online mode.** ``load(..., online_ratio=r)`` picks the streaming layers per prompt (:mod:`.online`).
+* **Fused ops.** ``load(..., fused_ops=None)`` (on for CUDA models): RMSNorm, RoPE and SiLU-mul as single Triton
+  launches and q/k/v, gate/up as one GEMM each, rewired on the model instance (:mod:`.fused_ops`).
 * **TokenSelect.** ``load(..., decode="tokenselect")``: the full layers' decode steps attend only the keys a soft
   vote of the heads selects, with the Selection Cache (:mod:`.token_select`); on a hybrid or a plain model.
 """
 
 from .cache import FullLayer, HybridCache, MixedLayer, SequenceState, StreamingLayer
 from .chunked import prefill_chunked
+from .fused_ops import FusedOps, fuse_model, is_fused, unfuse_model
 from .generation import GenerationStats, generate_text
 from .graphs import StaticDecoder
 from .hybrid import disable_hybrid, enable_hybrid, make_cache, runtime_of, sparse_prefill_stats
@@ -64,4 +67,8 @@ __all__ = [
     "SelectionState",
     "token_select_attention",
     "sparse_prefill_stats",
+    "fuse_model",
+    "unfuse_model",
+    "is_fused",
+    "FusedOps",
 ]

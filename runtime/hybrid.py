@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import weakref
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -35,6 +36,7 @@ from ..hybrid_format import CONFIG_KEY, HybridLayout, SparsePrefillConfig
 from ..loading import check_attention_swappable
 from .attention import ATTENTION_NAME, PLAN_ATTR, STEP_KWARG, LayerPlan, StepContext, register
 from .cache import HybridCache, leading_padding
+from .fused_ops import FusedOps, fuse_model, unfuse_model
 from .head_order import grouped_kv_order, inverse, permute_heads, supports_reordering
 from .online import OnlineSelector
 from .sparse_prefill import SparsePrefill, SparsePrefillStats
@@ -59,6 +61,7 @@ class HybridRuntime:
         self.layout = layout
         self.config = model.config
         base = model.base_model
+        self._model = weakref.ref(model)
         self.cache_keyword = cache_keyword(base)
         self._handle = base.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self.previous_attn_implementation = model.config._attn_implementation
@@ -74,6 +77,8 @@ class HybridRuntime:
         self.select_chunks = False
         # block-sparse prefill of the full layers (runtime/sparse_prefill.py), or None
         self.sparse_prefill: SparsePrefill | None = None
+        # the modules rewired to fused kernels (runtime/fused_ops.py), or None when fused ops are off
+        self.fused_ops: FusedOps | None = None
 
     def make_cache(self, max_tokens: int | None = None) -> HybridCache:
         """A fresh, empty cache laid out for this model (``max_tokens``: see :class:`HybridCache`)."""
@@ -91,7 +96,13 @@ class HybridRuntime:
                            select_chunks=self.select_chunks)
 
     def remove(self) -> None:
+        """Take the hook off and give the fused modules their stock forwards back (the rest is
+        :func:`disable_hybrid`'s)."""
         self._handle.remove()
+        model = self._model()
+        if self.fused_ops is not None and model is not None:
+            unfuse_model(model)
+            self.fused_ops = None
 
     # ---- the hook ------------------------------------------------------------------------------------------
     def _before_forward(self, module, args, kwargs):
@@ -130,7 +141,7 @@ class HybridRuntime:
 
 def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, chunk_size: int | None = None,
                   cuda_graphs: bool = False,
-                  sparse_prefill: SparsePrefillConfig | None = None):
+                  sparse_prefill: SparsePrefillConfig | None = None, fused_ops: bool = False):
     """Make ``model`` run ``layout`` (in place) and return it. Calling it again replaces the previous layout.
 
     ``chunk_size``: prefill chunk length ``generate`` uses (sets ``generation_config.prefill_chunk_size``;
@@ -140,6 +151,10 @@ def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, ch
     :func:`~lighttransfer.runtime.generate_static`) decode with static steps replayed from a CUDA graph (eagerly
     where none can be captured, e.g. on the CPU; the reason is reported). ``model.generate`` is not affected.
     ``sparse_prefill``: block-sparse prefill of the full layers (:mod:`.sparse_prefill`); ``None``: dense.
+
+    ``fused_ops``: rewire the model's RMSNorms, Llama-family attention and SiLU MLPs to fused kernels (one QKV
+    GEMM, one RoPE launch, one gate/up GEMM, see :mod:`.fused_ops`); :func:`disable_hybrid` gives the stock forwards
+    back. The kernels run on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (elsewhere their references).
 
     ``reorder_heads``: in layers that mix streaming and full KV heads, permute the heads in the weights so that
     each group is contiguous (exact; saves a gather and a scatter per group and step, see ``head_order.py``).
@@ -166,6 +181,8 @@ def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, ch
     runtime.sparse_prefill = SparsePrefill(sparse_prefill) if sparse_prefill is not None else None
     if orders:
         runtime.previous_config_block = _reorder_config_block(model.config, orders, layout)
+    if fused_ops:  # after the head reordering: the fused weights hold the heads in their final order
+        runtime.fused_ops = fuse_model(model, cache_keyword=None)
     setattr(model, RUNTIME_ATTR, runtime)
     model.set_attn_implementation(ATTENTION_NAME)
     if chunk_size is not None and model.generation_config is not None:
@@ -185,7 +202,7 @@ def disable_hybrid(model) -> None:
     runtime = getattr(model, RUNTIME_ATTR, None)
     if runtime is None:
         return
-    runtime.remove()
+    runtime.remove()  # the stock forwards first, then the heads back in order (through the parameters' views)
     modules = attention_modules(model)
     for module in modules.values():
         if hasattr(module, PLAN_ATTR):

@@ -40,6 +40,7 @@ def load_hybrid(
     prefill_sparse: str | None = None,
     prefill_alpha: float | None = None,
     prefill_min_len: int | None = None,
+    fused_ops: bool | None = None,
 ) -> LoadedModel:
     """Like :func:`load`, but returns the :class:`~lighttransfer.loading.LoadedModel` (model, tokenizer, source)."""
     check_chunk_size(chunk_size)  # before the weights load: a typo costs nothing
@@ -50,6 +51,8 @@ def load_hybrid(
     if prefill_sparse not in (None, "dense", *SPARSE_METHODS):
         raise LightTransferError(f"prefill_sparse {prefill_sparse!r} is not known; use one of "
                                  f"{', '.join(SPARSE_METHODS)}, 'dense' or None.")
+    if fused_ops is not None and not isinstance(fused_ops, bool):
+        raise LightTransferError(f"fused_ops must be True, False or None (on for CUDA models), got {fused_ops!r}.")
     ranges = {k: v for k, v in (("alpha", prefill_alpha), ("min_len", prefill_min_len)) if v is not None}
     if ranges:
         SparsePrefillConfig(**ranges)  # their range checks, also before the weights load
@@ -60,7 +63,10 @@ def load_hybrid(
                             source=f"model '{loaded.source.spec}'", **selection)
     sparse = resolve_sparse_prefill(loaded.model.config, method=prefill_sparse, alpha=prefill_alpha,
                                     min_len=prefill_min_len)
-    enable_hybrid(loaded.model, layout, chunk_size=chunk_size, cuda_graphs=cuda_graphs, sparse_prefill=sparse)
+    if fused_ops is None:  # the Triton interpreter would make a CPU model slow
+        fused_ops = any(p.is_cuda for p in loaded.model.parameters())
+    enable_hybrid(loaded.model, layout, chunk_size=chunk_size, cuda_graphs=cuda_graphs, sparse_prefill=sparse,
+                  fused_ops=fused_ops)
     if with_tokenizer:
         loaded.tokenizer = load_tokenizer(loaded.source, trust_remote_code=trust_remote_code)
     return loaded
@@ -89,6 +95,7 @@ def load(
     prefill_sparse: str | None = None,
     prefill_alpha: float | None = None,
     prefill_min_len: int | None = None,
+    fused_ops: bool | None = None,
 ) -> Any:
     """Load a hybrid checkpoint as an ordinary transformers causal LM with a bounded KV cache.
 
@@ -127,6 +134,10 @@ def load(
             checkpoint block stores; ``None`` keeps it (dense without one). See ``runtime/sparse_prefill.py``.
         prefill_alpha: share of the estimated attention mass each (head, query block) keeps (default 0.95).
         prefill_min_len: keys below which a prefill or chunk stays dense (default 16384).
+        fused_ops: run RMSNorm, the rotary embedding and the SiLU-mul as fused Triton kernels, and q/k/v and
+            gate/up as one GEMM each (Llama, Mistral, Qwen2, Qwen3; Gemma 3's norms; other modules stay stock; see
+            ``runtime/fused_ops.py``). ``None`` (default): on for a model on CUDA, off on the CPU; ``True`` forces
+            it (on the CPU the kernels need ``TRITON_INTERPRET=1``, else their PyTorch references run).
 
     Returns:
         The transformers model; ``model.generate`` and ``pipeline("text-generation", model=model)`` use the
@@ -140,7 +151,8 @@ def load(
                        chunk_size=chunk_size, cuda_graphs=cuda_graphs, trust_remote_code=trust_remote_code,
                        with_tokenizer=False, device_map=device_map, decode=decode, select_k=select_k,
                        select_init=select_init, select_local=select_local, select_reuse=select_reuse,
-                       prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len).model
+                       prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
+                       fused_ops=fused_ops).model
 
 
 __all__ = ["load", "load_hybrid"]

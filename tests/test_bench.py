@@ -135,6 +135,24 @@ def test_graphed_rows_continue_the_same_cache_and_say_how_they_ran(tiny_model_di
         benchmark(baseline=str(tiny_model_dir), contexts=[48], device="cpu", compiled_baseline=True)
 
 
+def test_fused_ops_both_runs_each_runtime_variant_unfused_and_fused(tiny_model_dir):
+    """``fused_ops="both"``: a fused row beside every runtime row, flagged, compared with the fused runtime dense."""
+    from lighttransfer.bench.speed import FUSED, markdown_bench
+    from lighttransfer.errors import LightTransferError
+    from lighttransfer.kernels.switch import use_reference
+
+    with use_reference():
+        result = benchmark(baseline=str(tiny_model_dir), contexts=[48], ratios=[0.5], largest_batch=False,
+                           decode_steps=2, sink=2, window=16, device="cpu", dtype="float32", fused_ops="both")
+    rows = {p["variant"]: p for p in result.points}
+    assert set(rows) == {"original", RUNTIME_DENSE, "ratio 0.5", RUNTIME_DENSE + FUSED, "ratio 0.5" + FUSED}
+    assert [name for name, p in rows.items() if p["fused_ops"]] == [RUNTIME_DENSE + FUSED, "ratio 0.5" + FUSED]
+    assert rows["ratio 0.5" + FUSED]["kv_bytes"] == rows["ratio 0.5"]["kv_bytes"]
+    assert "| ratio 0.5, fused ops |" in markdown_bench(result)
+    with pytest.raises(LightTransferError, match="fused ops must be one of"):
+        benchmark(baseline=str(tiny_model_dir), contexts=[48], device="cpu", fused_ops="yes")
+
+
 def test_the_static_cache_baseline_replicates_its_cache_and_decodes(tiny_model, monkeypatch):
     """The compiled original's host side on the CPU, with torch.compile left out (it needs CUDA for its graphs):
     the StaticCache reserved for the run, replicated to the batch, decoded step by step at the right positions

@@ -51,6 +51,19 @@ def test_generate_with_cuda_graphs_on_the_cpu_runs_static_steps_eagerly_and_says
     assert f"({round(100 * (2 * 62 + 2 * 10) / (4 * 62))}%)" in err
 
 
+def test_generate_with_fused_ops_gives_the_stock_greedy_text(hybrid_dir, capsys):
+    """``--fused-ops`` on the CPU (the kernels in the interpreter): the same greedy text as the stock forwards."""
+    code, out, err = run(["generate", str(hybrid_dir), "--prompt", PROMPT, "--max-new-tokens", "6",
+                          "--device", "cpu", "--fused-ops"], capsys)
+    assert code == 0, err
+    assert "fused ops: 4 attention, 4 mlp, 9 norm" in err
+    model = lighttransfer.load(hybrid_dir, device="cpu", fused_ops=False)
+    tok = word_tokenizer()
+    ids = tok(PROMPT, return_tensors="pt")
+    want = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.split() == tok.decode(want[0, ids["input_ids"].shape[1]:]).split()
+
+
 def test_generate_from_a_prompt_file_with_sampling(hybrid_dir, tmp_path, capsys):
     f = tmp_path / "prompt.txt"
     f.write_text(PROMPT)
