@@ -406,17 +406,57 @@ def check_shadowed(records, dtype, steps):
                                     f"beyond what rounding the scores moves ({reach:.3g})"
 
 
-def test_kernels_and_references_agree_call_by_call(monkeypatch):
-    """The CUDA path's wiring in the Triton interpreter (fp32), every decode call checked on identical inputs."""
+@pytest.mark.parametrize("reuse, batch, length", [(0.5, 3, 24), (1.0, 2, 20)], ids=["cache", "no-cache"])
+def test_kernels_and_references_agree_call_by_call(reuse, batch, length, monkeypatch):
+    """The CUDA path's wiring in the Triton interpreter (fp32), every decode call checked on identical inputs;
+    without the Selection Cache every step is the synchronization-free fresh step."""
     import lighttransfer.runtime.token_select as ts
 
     if not __import__("os").environ.get("TRITON_INTERPRET"):
         pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest on CPU machines)")
     monkeypatch.setattr(ts, "KERNELS_ON_CPU", True)
-    model = selecting(select_k=4, select_init=2, select_local=3, select_reuse=0.5)
-    records = shadowed_decode(model, ids_of(3, 24, seed=11), 14, monkeypatch)
-    check_shadowed(records, torch.float32, 4 * 9)
-    assert sum(r["hits"] for r in records) > 0
+    fresh = []
+    monkeypatch.setattr(ts, "_fresh_step", lambda *a, _f=ts._fresh_step, **kw: fresh.append(1) or _f(*a, **kw))
+    model = selecting(select_k=4, select_init=2, select_local=3, select_reuse=reuse)
+    records = shadowed_decode(model, ids_of(batch, length, seed=11), 14, monkeypatch)
+    check_shadowed(records, torch.float32, 4 * (length - 15))
+    if reuse < 1.0:
+        assert sum(r["hits"] for r in records) > 0 and 4 <= len(fresh) < len(records)
+    else:
+        assert len(fresh) == len(records)
+
+
+@pytest.mark.cuda
+def test_on_cuda_a_fresh_selection_step_is_captured_in_a_cuda_graph():
+    """Without a usable Selection Cache a decode step (votes, top-k, list, attention) synchronizes nothing with
+    the host: a CUDA graph captures it, and its replays follow new queries."""
+    from lighttransfer.runtime.token_select import SelectionState, token_select_attention
+
+    cfg = TokenSelectConfig(k=64, init=4, local=32, reuse=1.0)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 8, 1, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(2, 2, 1000, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+
+    def step():
+        return token_select_attention(q, k, v, config=cfg, state=SelectionState(), stats=None, kv_start=None,
+                                      scale=None)
+
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    q.copy_(torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=g))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, step())
 
 
 @pytest.mark.cuda
