@@ -140,10 +140,11 @@ def fresh_selection(votes: torch.Tensor, *, k_select: int, init: int, local: int
                     kv_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A fresh selection of one query per sequence from its total votes ``[R, N]`` (:func:`total_votes`; the query
     is the last key, ``kv_start [R]`` the rows' left padding): ``(picked [R, k_select] int64, indices [R, 1,
-    init + k_select + local] int32)``, ``-1`` = none / unused slot; ``picked`` is what the Selection Cache keeps.
+    init + k_select + local] int32)``, ``-1`` = none / unused slot; ``picked`` is what the Selection Cache keeps
+    (a set: in the order of the votes in the reference, in no particular order from the kernel path).
 
     The list holds the same keys as :func:`assemble_indices` (init, top-k, the local window, each once). Triton:
-    ``torch.topk`` and one launch that writes both outputs, the list in the order ``[init | top-k | recent]``
+    ``torch.topk`` (unsorted) and one launch that writes both outputs, the list in the order ``[init | top-k | recent]``
     (:func:`select_attention` needs no order), with no host synchronization, so it can be captured in a CUDA
     graph. The reference: :func:`top_candidates` then :func:`assemble_indices` (ascending)."""
     if votes.dim() != 2:
@@ -158,7 +159,8 @@ def fresh_selection(votes: torch.Tensor, *, k_select: int, init: int, local: int
                                         kv_start=kv_start)
     from .token_select_onepass import build_list_triton
 
-    val, idx = torch.topk(votes, min(int(k_select), n_keys), dim=-1)
+    # unsorted: the k winners' order matters to no one (the list is a set), and sorting 2048 of them is a launch
+    val, idx = torch.topk(votes, min(int(k_select), n_keys), dim=-1, sorted=False)
     return build_list_triton(val, idx, n_keys=n_keys, k_select=k_select, init=init, local=local, kv_start=kv_start)
 
 

@@ -91,10 +91,10 @@ def _token_scores(
     tl.store(PART_LSE + row.to(tl.int64) * n_splits + pid_s, lse2, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["n_keys", "init", "local"])
+@triton.jit(do_not_specialize=["n_keys", "chunk", "init", "local"])
 def _token_votes_total(
     SCORES, PART_LSE, KV_START, ROWS, VOTES,
-    heads, n_keys, n_splits, init, local,
+    heads, n_keys, chunk, n_splits, init, local,
     HAS_START: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -119,14 +119,18 @@ def _token_votes_total(
     cand_lo = init
     if HAS_START:
         cand_lo += tl.load(KV_START + b).to(tl.int32)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    cand = (offs_t >= cand_lo) & (offs_t < n_keys - local)
-    s = tl.load(SCORES + row[:, None].to(tl.int64) * n_keys + offs_t[None, :],
-                mask=h_ok[:, None] & cand[None, :], other=float("-inf"))
     # a head with no candidate (lse2 = -inf) has none of its scores read: 2^(-inf - 0) = 0, never a NaN
-    p = tl.math.exp2(s - tl.where(lse2 > float("-inf"), lse2, 0.0)[:, None])
-    vote = tl.where(cand, tl.sum(p, 0), float("-inf"))
-    tl.store(VOTES + r.to(tl.int64) * n_keys + offs_t, vote, mask=offs_t < n_keys)
+    lse2 = tl.where(lse2 > float("-inf"), lse2, 0.0)
+    s_base = SCORES + row[:, None].to(tl.int64) * n_keys
+    hi = tl.minimum(pid_t * chunk + chunk, n_keys)
+    for start_t in tl.range(pid_t * chunk, hi, BLOCK_T):
+        offs_t = start_t + tl.arange(0, BLOCK_T)
+        cand = (offs_t >= cand_lo) & (offs_t < n_keys - local)
+        s = tl.load(s_base + offs_t[None, :], mask=h_ok[:, None] & cand[None, :], other=float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.where(h_ok[:, None] & cand[None, :], p, 0.0)
+        vote = tl.where(cand, tl.sum(p, 0), float("-inf"))
+        tl.store(VOTES + r.to(tl.int64) * n_keys + offs_t, vote, mask=offs_t < hi)
 
 
 @triton.jit(do_not_specialize=["n_keys", "k_found", "init", "local"])
@@ -205,9 +209,12 @@ def total_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: in
             k.stride(2), kv_heads, group, n_keys, chunk, n_splits, int(init), int(local), scale * _LOG2E, **flags,
             HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **launch)
+        # pass 2: about as many programs as pass 1, each merging the chunks' log2-sum-exps once for its keys
         block_t = _SUM_BLOCK if q.is_cuda else 16
-        _token_votes_total[(batch, triton.cdiv(n_keys, block_t))](
-            scores, part, start_arg, rows_arg, votes, heads, n_keys, n_splits, int(init), int(local), **flags,
+        chunk2 = triton.cdiv(triton.cdiv(n_keys, kv_heads * n_splits), block_t) * block_t
+        _token_votes_total[(batch, triton.cdiv(n_keys, chunk2))](
+            scores, part, start_arg, rows_arg, votes, heads, n_keys, chunk2, n_splits, int(init), int(local),
+            **flags,
             BLOCK_H=max(2, triton.next_power_of_2(heads)), BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
             BLOCK_T=block_t)
     return votes
