@@ -316,6 +316,11 @@ def test_realistic_shapes_on_gpu(batch, n_keys, dtype):
                          dtype, "votes")
     idx = select_indices(ref, k_select=2048, init=128, local=512, kv_start=kv_start)
     _check_attention(q, k, v, idx, dtype, "attention")
+    total = total_votes(q, k, init=128, local=512, kv_start=kv_start)
+    low = _low_votes(q, k, dtype, init=128, local=512, kv_start=kv_start)[:, :, 0].sum(1)
+    assert_within_policy(total, ref.sum(1), low, dtype, "total votes")
+    _, fresh = fresh_selection(ref.sum(1), k_select=2048, init=128, local=512, kv_start=kv_start)
+    assert _as_sets(fresh) == _as_sets(idx)
 
 
 def test_the_tuned_launchers_keep_only_configs_that_fit():
