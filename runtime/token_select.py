@@ -105,8 +105,9 @@ def token_select_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     scale = dim ** -0.5 if scale is None else float(scale)
     start = torch.zeros(batch, dtype=torch.long, device=q.device) if kv_start is None \
         else kv_start.to(device=q.device, dtype=torch.long)
-    # candidates of the last query of the longest sequence (a host synchronization only with left padding)
-    most = n_keys - config.local - config.init - (0 if kv_start is None else int(start.min()))
+    # candidates of the last query of an unpadded sequence: known on the host, no synchronization (left padding
+    # only shortens a sequence, and a budget covering all of its candidates selects exactly the dense keys)
+    most = n_keys - config.local - config.init
     if most <= config.k and DENSE_WHEN_COVERED:
         state.clear()
         if stats is not None:
