@@ -12,12 +12,15 @@ keeps its original position and nothing is re-indexed), with ``s = kv_start[b]``
 * selected: the ``k`` candidates of largest ``S`` (one set per layer and sequence, shared by all its heads), plus
   the kept tokens. Attention then runs over those keys only (:func:`select_attention`).
 
-Split into kernels the way the work splits on a GPU: :func:`token_votes` reads every candidate key (the
-``[batch, kv_heads, N]`` vote per KV head: the sum over its query heads; the caller sums over KV heads), the top-k
-is ``torch.topk`` (:func:`select_indices`), and :func:`select_attention` reads only the selected keys and values.
-Exact softmax normalisation needs each head's log-sum-exp over all candidates before any vote can be summed, so the
-Triton path reads the candidate keys twice (a statistics pass, then the vote pass); keeping per-head scores
-between the passes instead would take ``[batch, heads, N]`` memory, which this module never materializes.
+Split into kernels the way the work splits on a GPU: the vote reads every candidate key, the top-k is
+``torch.topk``, and :func:`select_attention` reads only the selected keys and values. Exact softmax normalisation
+needs each head's log-sum-exp over all candidates before any vote can be summed, so there are two vote kernels:
+:func:`total_votes` (the decode step's: the keys read once, every head's float32 scores kept in ``[rows, heads,
+N]`` scratch between its two passes, the vote summed over all heads, ``[rows, N]``) and :func:`token_votes` (the
+keys read twice, a statistics pass then the vote pass, no scratch; the ``[batch, kv_heads, N]`` vote per KV head).
+:func:`fresh_selection` turns a decode step's votes into its list in one launch after ``torch.topk`` (no sort, no
+host synchronization); :func:`select_indices` / :func:`assemble_indices` build the sorted lists of the reference
+and of reused selections.
 
 References here are plain PyTorch in float32; the Triton kernels (:mod:`.token_select_triton`) must match them.
 """

@@ -20,7 +20,10 @@ the prefill, as in chunked prefill, attends densely):
    then runs over the listed keys only (``kernels.select_attention``).
 
 In a batch, the vote kernel scores only the sequences that missed (on the CPU, the reference scores the whole
-batch and the hits keep their cached selection); the hit rate counts sequences.
+batch and the hits keep their cached selection); the hit rate counts sequences. A decode step with no usable
+Selection Cache (the first after the prefill, or every step with ``reuse = 1``) is one fixed sequence of launches
+(one-pass vote, ``torch.topk``, the list kernel, attention) with no host synchronization, so a CUDA graph can
+capture it; a step that may reuse a selection decides hits on the host (one synchronization per query).
 State is on the cache (:class:`SelectionState` per full layer); counts go to a :class:`SelectionStats` that the
 model's runtime shares across its caches.
 """
