@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_launch import INTERPRETER_CONFIG, multiprocessors
+from .decode_launch import INTERPRETER_CONFIG, OTHER_SHARED_MEMORY, SHARED_MEMORY_MARGIN, multiprocessors
 from .decode_triton import plan_splits
 
 _LOG2E = 1.4426950408889634
@@ -166,6 +166,19 @@ def _build_list(
     tl.store(IDX + r.to(tl.int64) * width + offs, key, mask=offs < width)
 
 
+def _score_tiles(block_d: int, element_bytes: int) -> tuple[int, dict]:
+    """Pass 1's pinned launch on a GPU: 64-key tiles in 3 stages, fewer stages or keys where the K tiles would
+    not fit the shared memory every GPU since Ampere offers (fp32 at head size 256)."""
+    budget = OTHER_SHARED_MEMORY - SHARED_MEMORY_MARGIN
+    block_n, stages = _SCORE_BLOCK_N, 3
+    while block_n > 16 and stages * block_n * block_d * element_bytes > budget:
+        if stages > 2:
+            stages -= 1
+        else:
+            block_n //= 2
+    return block_n, dict(num_warps=4, num_stages=stages)
+
+
 def _device_index(t: torch.Tensor) -> int:
     return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
@@ -192,7 +205,7 @@ def total_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: in
     if q.is_cuda:
         wanted = 4 * multiprocessors(_device_index(q))
         chunk, n_splits = plan_splits(batch, kv_heads, n_keys, wanted, align=_SCORE_ALIGN, splits=splits)
-        block_n, launch = _SCORE_BLOCK_N, dict(num_warps=4, num_stages=3)
+        block_n, launch = _score_tiles(block_d, q.element_size())
     else:
         chunk, n_splits = plan_splits(batch, kv_heads, n_keys, 1, align=INTERPRETER_CONFIG.kwargs["BLOCK_N"],
                                       splits=splits)

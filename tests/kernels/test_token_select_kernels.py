@@ -334,3 +334,15 @@ def test_the_tuned_launchers_keep_only_configs_that_fit():
     assert len(_launcher("vote", (9, 0), 128, 16, False, 2).configs) == 1
     assert len(_launcher("stats", (8, 0), 128, 16, True, 4).configs) == 1
     assert all(c.kwargs["BLOCK_N"] <= 64 for c in _launcher("vote", (9, 0), 256, 16, True, 4).configs)
+
+
+def test_the_one_pass_vote_s_pinned_tiles_fit_every_gpu_since_ampere():
+    """Host side only: 64-key tiles in 3 stages where they fit, fewer stages or keys where not (fp32, D=256)."""
+    from lighttransfer.kernels.decode_launch import OTHER_SHARED_MEMORY
+    from lighttransfer.kernels.token_select_onepass import _score_tiles
+
+    assert _score_tiles(128, 2) == (64, {"num_warps": 4, "num_stages": 3})
+    for block_d in (16, 64, 128, 256):
+        for size in (2, 4):
+            block_n, launch = _score_tiles(block_d, size)
+            assert block_n >= 16 and launch["num_stages"] * block_n * block_d * size < OTHER_SHARED_MEMORY
