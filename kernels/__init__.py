@@ -26,12 +26,14 @@ if __package__ == "lighttransfer.kernels":
     from .switch import reference_forced, triton_runs_on, use_reference
     from .token_select import (
         assemble_indices,
+        fresh_selection,
         select_attention,
         select_attention_reference,
         select_indices,
         token_votes,
         token_votes_reference,
         top_candidates,
+        total_votes,
     )
 
     __all__ = [
@@ -50,6 +52,8 @@ if __package__ == "lighttransfer.kernels":
         "merge_attention",
         "token_votes",
         "token_votes_reference",
+        "total_votes",
+        "fresh_selection",
         "top_candidates",
         "assemble_indices",
         "select_indices",

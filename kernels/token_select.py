@@ -12,12 +12,15 @@ keeps its original position and nothing is re-indexed), with ``s = kv_start[b]``
 * selected: the ``k`` candidates of largest ``S`` (one set per layer and sequence, shared by all its heads), plus
   the kept tokens. Attention then runs over those keys only (:func:`select_attention`).
 
-Split into kernels the way the work splits on a GPU: :func:`token_votes` reads every candidate key (the
-``[batch, kv_heads, N]`` vote per KV head: the sum over its query heads; the caller sums over KV heads), the top-k
-is ``torch.topk`` (:func:`select_indices`), and :func:`select_attention` reads only the selected keys and values.
-Exact softmax normalisation needs each head's log-sum-exp over all candidates before any vote can be summed, so the
-Triton path reads the candidate keys twice (a statistics pass, then the vote pass); keeping per-head scores
-between the passes instead would take ``[batch, heads, N]`` memory, which this module never materializes.
+Split into kernels the way the work splits on a GPU: the vote reads every candidate key, the top-k is
+``torch.topk``, and :func:`select_attention` reads only the selected keys and values. Exact softmax normalisation
+needs each head's log-sum-exp over all candidates before any vote can be summed, so there are two vote kernels:
+:func:`total_votes` (the decode step's: the keys read once, every head's float32 scores kept in ``[rows, heads,
+N]`` scratch between its two passes, the vote summed over all heads, ``[rows, N]``) and :func:`token_votes` (the
+keys read twice, a statistics pass then the vote pass, no scratch; the ``[batch, kv_heads, N]`` vote per KV head).
+:func:`fresh_selection` turns a decode step's votes into its list in one launch after ``torch.topk`` (no sort, no
+host synchronization); :func:`select_indices` / :func:`assemble_indices` build the sorted lists of the reference
+and of reused selections.
 
 References here are plain PyTorch in float32; the Triton kernels (:mod:`.token_select_triton`) must match them.
 """
@@ -102,6 +105,66 @@ def token_votes(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_s
 
     return token_votes_triton(q, k, init=init, local=local, kv_start=kv_start, scale=scale, splits=splits,
                               rows=rows)
+
+
+def total_votes(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_start: torch.Tensor | None = None,
+                scale: float | None = None, splits: int | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The soft vote summed over all heads, ``S(t) = sum_h softmax_t(c_h)(t)``, of one query per sequence:
+    ``q [B, H, 1, D]``, ``k [B, Hkv, N, D]`` -> ``[B, N]`` float32 (``[len(rows), N]`` with ``rows``), ``-inf``
+    outside the candidates. The same votes as :func:`token_votes` summed over its KV heads.
+
+    Triton (:mod:`.token_select_onepass`): the candidate keys are read once (the per-head scores kept in float32
+    scratch ``[rows, H, N]`` between the two passes instead of recomputed); the reference otherwise.
+    """
+    check_qkv("total_votes", q, k, k)
+    _check_counts("total_votes", init=init, local=local)
+    if q.shape[2] != 1:
+        raise LightTransferError(f"total_votes: one query per sequence, got {q.shape[2]}; use "
+                                 "token_votes_reference for several.")
+    _check_start("total_votes", kv_start, q.shape[0])
+    if rows is not None and rows.dim() != 1:
+        raise LightTransferError(f"total_votes: rows must be 1-D sequence indices, got {tuple(rows.shape)}.")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not triton_runs_on(q):
+        if rows is not None:
+            rows = rows.to(q.device).long()
+            q, k = q.index_select(0, rows), k.index_select(0, rows)
+            kv_start = None if kv_start is None else kv_start.to(q.device).index_select(0, rows)
+        return token_votes_reference(q, k, init=init, local=local, kv_start=kv_start, scale=scale)[:, :, 0].sum(1)
+    check_triton_support("total_votes", q)
+    from .token_select_onepass import total_votes_triton
+
+    return total_votes_triton(q, k, init=init, local=local, kv_start=kv_start, scale=scale, splits=splits,
+                              rows=rows)
+
+
+def fresh_selection(votes: torch.Tensor, *, k_select: int, init: int, local: int,
+                    kv_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh selection of one query per sequence from its total votes ``[R, N]`` (:func:`total_votes`; the query
+    is the last key, ``kv_start [R]`` the rows' left padding): ``(picked [R, k_select] int64, indices [R, 1,
+    init + k_select + local] int32)``, ``-1`` = none / unused slot; ``picked`` is what the Selection Cache keeps
+    (a set: in the order of the votes in the reference, in no particular order from the kernel path).
+
+    The list holds the same keys as :func:`assemble_indices` (init, top-k, the local window, each once). Triton:
+    ``torch.topk`` (unsorted) and one launch that writes both outputs, the list in the order ``[init | top-k | recent]``
+    (:func:`select_attention` needs no order), with no host synchronization, so it can be captured in a CUDA
+    graph. The reference: :func:`top_candidates` then :func:`assemble_indices` (ascending)."""
+    if votes.dim() != 2:
+        raise LightTransferError(f"fresh_selection: votes must be [rows, N], got {tuple(votes.shape)}.")
+    n_keys = votes.shape[-1]
+    _check_counts("fresh_selection", init=init, local=local)
+    _check_start("fresh_selection", kv_start, votes.shape[0])
+    if not triton_runs_on(votes):
+        picked = top_candidates(votes.unsqueeze(1), k_select)[:, 0]
+        picked = torch.nn.functional.pad(picked, (0, int(k_select) - picked.shape[-1]), value=-1)
+        return picked, assemble_indices(picked.unsqueeze(1), n_keys=n_keys, init=init, local=local,
+                                        kv_start=kv_start)
+    from .token_select_onepass import build_list_triton
+
+    # unsorted: the k winners' order matters to no one (the list is a set), and sorting 2048 of them is a launch
+    val, idx = torch.topk(votes, min(int(k_select), n_keys), dim=-1, sorted=False)
+    return build_list_triton(val, idx, n_keys=n_keys, k_select=k_select, init=init, local=local, kv_start=kv_start)
 
 
 def top_candidates(votes: torch.Tensor, k_select: int) -> torch.Tensor:
@@ -215,5 +278,5 @@ def _check_start(name: str, kv_start, batch: int) -> None:
         raise LightTransferError(f"{name}: kv_start must be [batch] = [{batch}], got {tuple(kv_start.shape)}.")
 
 
-__all__ = ["token_votes", "token_votes_reference", "select_indices", "top_candidates", "assemble_indices", "select_attention",
+__all__ = ["token_votes", "total_votes", "fresh_selection", "token_votes_reference", "select_indices", "top_candidates", "assemble_indices", "select_attention",
            "select_attention_reference", "candidate_bounds", "REFERENCE_QUERY_BLOCK"]

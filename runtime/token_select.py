@@ -20,7 +20,10 @@ the prefill, as in chunked prefill, attends densely):
    then runs over the listed keys only (``kernels.select_attention``).
 
 In a batch, the vote kernel scores only the sequences that missed (on the CPU, the reference scores the whole
-batch and the hits keep their cached selection); the hit rate counts sequences.
+batch and the hits keep their cached selection); the hit rate counts sequences. A decode step with no usable
+Selection Cache (the first after the prefill, or every step with ``reuse = 1``) is one fixed sequence of launches
+(one-pass vote, ``torch.topk``, the list kernel, attention) with no host synchronization, so a CUDA graph can
+capture it; a step that may reuse a selection decides hits on the host (one synchronization per query).
 State is on the cache (:class:`SelectionState` per full layer); counts go to a :class:`SelectionStats` that the
 model's runtime shares across its caches.
 """
@@ -105,12 +108,16 @@ def token_select_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     scale = dim ** -0.5 if scale is None else float(scale)
     start = torch.zeros(batch, dtype=torch.long, device=q.device) if kv_start is None \
         else kv_start.to(device=q.device, dtype=torch.long)
-    most = n_keys - config.local - int(start.min()) - config.init  # candidates of the last query, longest sequence
+    # candidates of the last query of an unpadded sequence: known on the host, no synchronization (left padding
+    # only shortens a sequence, and a budget covering all of its candidates selects exactly the dense keys)
+    most = n_keys - config.local - config.init
     if most <= config.k and DENSE_WHEN_COVERED:
         state.clear()
         if stats is not None:
             stats.dense += batch * n
         return None
+    if n == 1 and _use_kernels(q) and not (config.cache_enabled and state.usable(batch, config.k)):
+        return _fresh_step(q, k, v, config=config, state=state, stats=stats, kv_start=kv_start, scale=scale)
 
     picked = torch.empty(batch, n, config.k, dtype=torch.long, device=q.device)
     recent = torch.empty(batch, n, dtype=torch.long, device=q.device)  # where each query's recent keys start
@@ -158,6 +165,23 @@ def token_select_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     return kernels.select_attention_reference(q, k, v, indices, scale=scale)
 
 
+def _fresh_step(q, k, v, *, config: TokenSelectConfig, state: SelectionState, stats: SelectionStats | None,
+                kv_start, scale) -> torch.Tensor:
+    """A decode step that scores every sequence (no usable Selection Cache): one-pass votes, top-k and the list in
+    one launch, attention over it. No host synchronization, so a CUDA graph can capture it."""
+    batch, n_keys = q.shape[0], k.shape[2]
+    votes = kernels.total_votes(q, k, init=config.init, local=config.local, kv_start=kv_start, scale=scale)
+    picked, indices = kernels.fresh_selection(votes, k_select=config.k, init=config.init, local=config.local,
+                                              kv_start=kv_start)
+    # this query becomes every sequence's anchor (the state the reference path leaves, cache on or off)
+    state.anchor = q.transpose(1, 2).reshape(batch, -1).float()
+    state.picked = picked
+    state.anchor_pos = torch.full((batch,), n_keys - 1, dtype=torch.long, device=q.device)
+    if stats is not None:
+        stats.lookups += batch
+    return kernels.select_attention(q, k, v, indices, scale=scale)
+
+
 def _fresh_picks(q, k, misses: dict[int, torch.Tensor], *, config: TokenSelectConfig, kv_start,
                  scale) -> dict[int, tuple[torch.Tensor | None, torch.Tensor]]:
     """``{query row: (sequences scored or None for all, their top-k [B or R, k] int64)}`` for the query rows that
@@ -172,9 +196,12 @@ def _fresh_picks(q, k, misses: dict[int, torch.Tensor], *, config: TokenSelectCo
         for i, miss in misses.items():  # the vote kernel takes one query per sequence: its keys end at its own
             end = n_keys - n + i + 1
             rows = None if bool(miss.all()) else miss.nonzero().squeeze(1)
-            votes = kernels.token_votes(q[:, :, i:i + 1], k[:, :, :end], init=config.init, local=config.local,
+            votes = kernels.total_votes(q[:, :, i:i + 1], k[:, :, :end], init=config.init, local=config.local,
                                         kv_start=kv_start, scale=scale, rows=rows)
-            out[i] = (rows, _pad_picks(kernels.top_candidates(votes, config.k)[:, 0], config.k))
+            start = kv_start if kv_start is None or rows is None else kv_start.to(q.device).index_select(0, rows)
+            picks, _ = kernels.fresh_selection(votes, k_select=config.k, init=config.init, local=config.local,
+                                               kv_start=start)
+            out[i] = (rows, picks)
         return out
     wanted = list(misses)
     for a in range(0, len(wanted), VOTE_BLOCK):

@@ -1,25 +1,37 @@
 """TokenSelect decode kernels against dense flash-decoding over the same cache (the kernel target).
 
-    PYTHONPATH=<dir with a lighttransfer link> python3 bench/scripts/tokenselect_kernel_bench.py --out DIR
+The one GPU command (about 2-3 minutes on an H200: the TokenSelect CUDA tests, then the benchmark, both logged
+into ``$OUT``)::
+
+    LIGHTTRANSFER_TRITON_AUTOTUNE=0 PYTHONPATH=<dir with a lighttransfer link> \
+        python3 bench/scripts/tokenselect_kernel_bench.py --run-tests --out $OUT/tokenselect_kernels_h200
+
     PYTHONPATH=... python3 bench/scripts/tokenselect_kernel_bench.py --tiny --out DIR   # CPU, Triton interpreter
 
 Shape (default): 32 query / 8 KV heads, D = 128, bf16, a 131072-token cache per sequence (a view of larger
 storage, as the runtime's full layer holds it), batch 1 and 16; TokenSelect k = 2048, init 128, local 512.
-Timed, each as a CUDA-graph replay and eagerly, every part in the same process (correctness checked first
-against the fp32 references):
+Timed as CUDA-graph replays (every part below is free of host synchronization, so each is captured whole) and
+eagerly, every part in the same process, correctness checked first against the fp32 references:
 
 * ``dense``: ``kernels.full_decode`` (GQA split-K flash-decoding) over all N keys: the baseline;
 * ``attention``: ``kernels.select_attention`` over the init + k + local listed keys (the target:
   >= 10x faster than ``dense`` at batch 1 and 16);
-* ``votes``: ``kernels.token_votes`` (two passes over the candidate keys) and ``select``: top-k + the index list;
-* ``miss step`` = votes + select + attention (a step that rescores), ``hit step`` = the index list from a cached
-  top-k + attention (a Selection Cache hit), and the step time averaged at hit rates 0, 50 %, 90 %.
+* ``votes_two_pass``: ``kernels.token_votes`` (the keys read twice, per-KV-head votes) and ``votes``:
+  ``kernels.total_votes`` (the keys read once, the votes summed over all heads);
+* ``select_old``: the sum over KV heads, ``torch.topk`` (sorted) and the sorted list of ``select_indices``;
+  ``select``: ``kernels.fresh_selection`` (unsorted ``torch.topk`` + one launch writing the list);
+* ``miss_step_old`` = votes_two_pass + select_old + attention; ``miss_step`` = votes + select + attention (a step
+  that rescores); ``runtime_miss_step``: the runtime's ``token_select_attention`` for a step without a usable
+  Selection Cache (the same kernels plus the anchor it keeps); ``hit_step`` = the index list from a cached top-k
+  + attention (a Selection Cache hit), and the step time averaged at hit rates 0, 50 %, 90 %.
 
-Bytes per part (floors): dense reads K and V once (``2 * B * Hkv * N * D * 2``); the votes read the candidate keys
-twice; the attention reads the listed K/V rows and their int32 indices. "share of floor" = the floor time at the
-copy bandwidth measured in the same run / the measured time. Triton configs are pinned (the first candidate of
-each kernel, ``LIGHTTRANSFER_TRITON_AUTOTUNE=0``) unless ``--autotune``. Writes ``tokenselect_kernels.json`` and
-``.md`` into ``--out``, naming the GPU, driver, torch, Triton and CUDA versions.
+Bytes per part (floors): dense reads K and V once (``2 * B * Hkv * N * D * 2``); the two-pass votes read the
+candidate keys twice, the one-pass votes once plus the float32 scores written and read back; the attention reads
+the listed K/V rows and their int32 indices. "share of floor" = the floor time at the copy bandwidth measured in
+the same run / the measured time. Triton configs are pinned (the first candidate of each kernel,
+``LIGHTTRANSFER_TRITON_AUTOTUNE=0``) unless ``--autotune``. Writes ``tokenselect_kernels.json`` and ``.md`` into
+``--out``, naming the GPU, driver, torch, Triton and CUDA versions (and, with ``--run-tests``, ``cuda_tests.log``
+and the tests' summary line).
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,8 +52,10 @@ if "--autotune" not in sys.argv:
 import torch  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
-# parts with no host synchronization, which a CUDA graph can capture
-GRAPHABLE = ("dense", "attention", "votes")
+PARTS = ("dense", "attention", "votes_two_pass", "votes", "select_old", "select", "miss_step_old", "miss_step",
+         "runtime_miss_step", "hit_step")
+# the TokenSelect tests that need a GPU (the kernels, and the runtime's CUDA path)
+CUDA_TESTS = ("tests/kernels/test_token_select_kernels.py", "tests/test_runtime_token_select.py")
 
 
 def _timer(fn, *, graph: bool, cuda: bool, rounds: int) -> float:
@@ -77,10 +92,31 @@ def _attention_fp32(q, k, v, indices):
     return select_attention_reference(q.float(), k, v, indices)
 
 
+def _same_keys(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two index lists ``[B, 1, S]`` hold the same keys (any order, ``-1`` slots included)."""
+    return torch.equal(a.sort(-1).values, b.sort(-1).values)
+
+
+def run_cuda_tests(out: Path) -> dict:
+    """The TokenSelect CUDA tests (``-m cuda``), logged to ``out/cuda_tests.log``; their summary line."""
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+                           "--confcutdir", "tests", *CUDA_TESTS], cwd=repo, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    (out / "cuda_tests.log").write_text(log)
+    lines = [ln for ln in log.strip().splitlines() if ln.strip()]
+    summary = lines[-1] if lines else ""
+    print(f"TokenSelect CUDA tests: {summary}", flush=True)
+    return {"returncode": proc.returncode, "summary": summary}
+
+
 def bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: int, dtype, device: str,
                 graph: bool, rounds: int, tolerance: float, seed: int = 0) -> dict:
     from lighttransfer import kernels
+    from lighttransfer.hybrid_format import TokenSelectConfig
+    from lighttransfer.kernels.token_select_onepass import bytes_read_onepass
     from lighttransfer.kernels.token_select_triton import bytes_read
+    from lighttransfer.runtime.token_select import SelectionState, token_select_attention
 
     cuda = device == "cuda"
     g = torch.Generator(device=device).manual_seed(seed + batch)
@@ -88,16 +124,23 @@ def bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: int
     # views of the first n_keys tokens of larger storage, as the runtime's FullLayer returns them
     k = torch.randn(batch, KV_HEADS, n_keys + 256, HEAD_DIM, device=device, dtype=dtype, generator=g)[:, :, :n_keys]
     v = torch.randn(batch, KV_HEADS, n_keys + 256, HEAD_DIM, device=device, dtype=dtype, generator=g)[:, :, :n_keys]
+    config = TokenSelectConfig(k=k_select, init=init, local=local, reuse=1.0)  # every step rescores
+    state = SelectionState()
 
-    def votes():
+    def votes_two_pass():
         return kernels.token_votes(q, k, init=init, local=local)
 
-    picked = kernels.top_candidates(votes(), k_select)
+    def votes():
+        return kernels.total_votes(q, k, init=init, local=local)
 
-    def select(vv=None):
-        return kernels.select_indices(votes() if vv is None else vv, k_select=k_select, init=init, local=local)
+    kv_votes, total = votes_two_pass(), votes()
+    picked, indices = kernels.fresh_selection(total, k_select=k_select, init=init, local=local)
 
-    indices = select()
+    def select_old():
+        return kernels.select_indices(kv_votes, k_select=k_select, init=init, local=local)
+
+    def select():
+        return kernels.fresh_selection(total, k_select=k_select, init=init, local=local)
 
     def attention():
         return kernels.select_attention(q, k, v, indices)
@@ -105,41 +148,56 @@ def bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: int
     def dense():
         return kernels.full_decode(q, k, v)
 
+    def miss_step_old():
+        return kernels.select_attention(q, k, v, kernels.select_indices(votes_two_pass(), k_select=k_select,
+                                                                        init=init, local=local))
+
     def miss_step():
-        return kernels.select_attention(q, k, v, select())
+        _, idx = kernels.fresh_selection(votes(), k_select=k_select, init=init, local=local)
+        return kernels.select_attention(q, k, v, idx)
+
+    def runtime_miss_step():
+        return token_select_attention(q, k, v, config=config, state=state, stats=None, kv_start=None, scale=None)
 
     def hit_step():
-        idx = kernels.assemble_indices(picked, n_keys=n_keys, init=init, local=local)
+        idx = kernels.assemble_indices(picked.unsqueeze(1), n_keys=n_keys, init=init, local=local)
         return kernels.select_attention(q, k, v, idx)
 
     # correctness first, against the fp32 references
     # (the dense reference repeats K/V per query head in float32: checked on two sequences, not 16 x 128k)
+    ref_votes = kernels.token_votes_reference(q, k, init=init, local=local)[:, :, 0]
     errors = {
-        "votes": _rel_err(votes(), kernels.token_votes_reference(q, k, init=init, local=local)[:, :, 0]),
+        "votes_two_pass": _rel_err(kv_votes, ref_votes),
+        "votes": _rel_err(total, ref_votes.sum(1)),
         "attention": _rel_err(attention(), kernels.select_attention_reference(q, k, v, indices).float()
                               if dtype == torch.float32 else _attention_fp32(q, k, v, indices)),
         "dense": _rel_err(dense()[:2], kernels.full_decode_reference(q[:2], k[:2], v[:2])),
+        "miss_step": _rel_err(miss_step(), miss_step_old()),
+        "runtime_miss_step": _rel_err(runtime_miss_step(), miss_step()),
     }
     bad = {name: e for name, e in errors.items() if not e < tolerance}
     if bad:
         raise RuntimeError(f"B={batch} N={n_keys}: relative error above {tolerance}: {bad}")
+    if not _same_keys(select()[1], select_old()):
+        raise RuntimeError(f"B={batch} N={n_keys}: the one-launch list and the sorted list hold different keys")
     n_sel = indices.shape[-1]
     floors = bytes_read(batch=batch, kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype_bytes=q.element_size(),
                         n_keys=n_keys, n_selected=n_sel, init=init, local=local)
-    parts = {"dense": dense, "attention": attention, "votes": votes, "select": lambda: select(picked_votes),
-             "miss_step": miss_step, "hit_step": hit_step}
-    picked_votes = votes()
+    one_pass = bytes_read_onepass(batch=batch, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                                  dtype_bytes=q.element_size(), n_keys=n_keys, init=init, local=local)
+    parts = {"dense": dense, "attention": attention, "votes_two_pass": votes_two_pass, "votes": votes,
+             "select_old": select_old, "select": select, "miss_step_old": miss_step_old, "miss_step": miss_step,
+             "runtime_miss_step": runtime_miss_step, "hit_step": hit_step}
     row = {"batch": batch, "n_keys": n_keys, "k": k_select, "init": init, "local": local, "selected": n_sel,
            "errors": errors, "bytes": {"dense": floors["dense"], "attention": floors["attention"],
-                                       "votes": floors["votes"],
-                                       "miss_step": floors["votes"] + floors["attention"],
+                                       "votes_two_pass": floors["votes"], "votes": one_pass,
+                                       "miss_step_old": floors["votes"] + floors["attention"],
+                                       "miss_step": one_pass + floors["attention"],
                                        "hit_step": floors["attention"]}}
     for mode in (["graph", "eager"] if cuda and graph else ["eager"]):
-        # the index list is sized on the host (one sync per step), so select and the steps that build a list
-        # cannot be captured: in the graph column they are timed eagerly, and the row says which parts were graphed
-        row[f"us_{mode}"] = {name: _timer(fn, graph=mode == "graph" and name in GRAPHABLE, cuda=cuda, rounds=rounds)
+        row[f"us_{mode}"] = {name: _timer(fn, graph=mode == "graph", cuda=cuda, rounds=rounds)
                              for name, fn in parts.items()}
-    row["graphed_parts"] = list(GRAPHABLE) if cuda and graph else []
+    row["graphed_parts"] = list(PARTS) if cuda and graph else []
     return row
 
 
@@ -151,6 +209,7 @@ def summarize(row: dict, copy_gbps: float | None) -> None:
             continue
         out = {"dense_over_attention": us["dense"] / us["attention"],
                "dense_over_miss_step": us["dense"] / us["miss_step"],
+               "dense_over_miss_step_old": us["dense"] / us["miss_step_old"],
                "dense_over_hit_step": us["dense"] / us["hit_step"]}
         for h in (0.0, 0.5, 0.9):
             step = h * us["hit_step"] + (1 - h) * us["miss_step"]
@@ -169,24 +228,28 @@ def to_markdown(result: dict) -> str:
              f"{env.get('gpu', 'CPU (Triton interpreter)')}, torch {env.get('torch')}, triton {env.get('triton')}, "
              f"CUDA {env.get('cuda')}, driver {env.get('driver')}; copy bandwidth "
              f"{peaks.get('hbm_copy_gbps', float('nan')):.0f} GB/s; autotune {result['autotune']}.", ""]
+    if result.get("cuda_tests"):
+        lines += [f"TokenSelect CUDA tests: {result['cuda_tests']['summary']}", ""]
     for mode in ("graph", "eager"):
         rows = [r for r in result["rows"] if f"us_{mode}" in r]
         if not rows:
             continue
         lines += [f"## {mode} (us per call)", "",
-                  "| B | N | listed | dense | attention | votes | top-k + list | miss step | hit step | dense / "
-                  "attention | dense / step at 0 / 50 / 90 % hits | share of floor: dense, attention, votes |",
+                  "| B | N | listed | dense | attention | votes 2-pass / 1-pass | select old / new | miss step old / "
+                  "new / runtime | hit step | dense / attention | dense / step at 0 / 50 / 90 % hits | share of "
+                  "floor: dense, attention, votes 2-pass, votes 1-pass |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             us, s = r[f"us_{mode}"], r[f"summary_{mode}"]
             shares = ", ".join(f"{100 * s[f'share_of_floor_{n}']:.0f}%" if f"share_of_floor_{n}" in s else "-"
-                               for n in ("dense", "attention", "votes"))
+                               for n in ("dense", "attention", "votes_two_pass", "votes"))
             lines.append(
                 f"| {r['batch']} | {r['n_keys']} | {r['selected']} | {us['dense']:.1f} | {us['attention']:.1f} | "
-                f"{us['votes']:.1f} | {us['select']:.1f} | {us['miss_step']:.1f} | {us['hit_step']:.1f} | "
-                f"{s['dense_over_attention']:.1f}x | {s['dense_over_step_at_hit_rate_0']:.2f} / "
-                f"{s['dense_over_step_at_hit_rate_0.5']:.2f} / {s['dense_over_step_at_hit_rate_0.9']:.2f} | "
-                f"{shares} |")
+                f"{us['votes_two_pass']:.1f} / {us['votes']:.1f} | {us['select_old']:.1f} / {us['select']:.1f} | "
+                f"{us['miss_step_old']:.1f} / {us['miss_step']:.1f} / {us['runtime_miss_step']:.1f} | "
+                f"{us['hit_step']:.1f} | {s['dense_over_attention']:.1f}x | "
+                f"{s['dense_over_step_at_hit_rate_0']:.2f} / {s['dense_over_step_at_hit_rate_0.5']:.2f} / "
+                f"{s['dense_over_step_at_hit_rate_0.9']:.2f} | {shares} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -205,6 +268,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-graph", action="store_true", help="Eager timings only.")
     parser.add_argument("--rounds", type=int, default=2, help="Timed calls per part on the CPU.")
     parser.add_argument("--tolerance", type=float, default=2e-2, help="Largest relative error accepted.")
+    parser.add_argument("--run-tests", action="store_true",
+                        help="Run the TokenSelect CUDA tests first (logged to cuda_tests.log in --out).")
     args = parser.parse_args(argv)
 
     from lighttransfer.bench.gpu_env import environment, measure_peaks
@@ -221,6 +286,9 @@ def main(argv=None) -> dict:
         n_keys, k_select, init, local, dtype, device = args.context, args.k, args.init, args.local, torch.bfloat16, \
             "cuda"
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tests = run_cuda_tests(out) if args.run_tests and cuda else None
     env = environment()
     peaks = measure_peaks() if cuda else None
     rows = []
@@ -233,13 +301,11 @@ def main(argv=None) -> dict:
               flush=True)
         if cuda:
             torch.cuda.empty_cache()
-    result = {"benchmark": "tokenselect_kernels", "format_version": 1, "environment": env, "peaks": peaks,
-              "autotune": autotune_enabled(), "tiny": args.tiny,
+    result = {"benchmark": "tokenselect_kernels", "format_version": 2, "environment": env, "peaks": peaks,
+              "autotune": autotune_enabled(), "tiny": args.tiny, "cuda_tests": tests,
               "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
                         "dtype": str(dtype).replace("torch.", ""), "nq": 1},
               "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "tokenselect_kernels.json", result)
     write_atomically(out / "tokenselect_kernels.md", to_markdown(result))
     print(to_markdown(result))

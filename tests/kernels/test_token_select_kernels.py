@@ -10,11 +10,13 @@ from kernel_error_policy import DEVICE, DTYPE_IDS, DTYPES, assert_within_policy
 from lighttransfer.errors import LightTransferError
 from lighttransfer.kernels import full_decode_reference, use_reference
 from lighttransfer.kernels.token_select import (
+    fresh_selection,
     select_attention,
     select_attention_reference,
     select_indices,
     token_votes,
     token_votes_reference,
+    total_votes,
 )
 
 
@@ -103,6 +105,71 @@ def test_vote_definition_per_head_softmax_summed_over_the_group():
     s[..., :3] = float("-inf")
     s[..., 45:] = float("-inf")
     torch.testing.assert_close(votes[:, 0], torch.softmax(s, -1).sum(1).masked_fill(~finite[:, 0], float("-inf")))
+
+
+# ------------------------------------------------------------------------------------- one-pass total vote
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("group", [1, 4, 6], ids=lambda g: f"gqa{g}")
+@pytest.mark.parametrize("n_keys, init, local", [(1, 0, 0), (40, 4, 8), (113, 16, 32), (1023, 7, 64),
+                                                 (300, 200, 150)],
+                         ids=["N1", "N40", "N113", "N1023", "no-candidates"])
+def test_total_votes_match_the_per_kv_head_votes_summed(n_keys, init, local, group, dtype):
+    """One read of the keys gives the two-pass reference's votes summed over the KV heads (3 KV heads, so the
+    heads' block is padded; a group of 6 is not a power of two)."""
+    q, k, _ = _inputs(1, 3, group, n_keys, 32, dtype, seed=n_keys + group, capacity=n_keys + 5)
+    votes = total_votes(q, k, init=init, local=local)
+    ref = token_votes_reference(q, k, init=init, local=local)[:, :, 0].sum(1)
+    assert votes.shape == ref.shape == (1, n_keys) and votes.dtype == torch.float32
+    low = _low_votes(q, k, dtype, init=init, local=local)[:, :, 0].sum(1)
+    assert_within_policy(votes, ref, low, dtype, f"total votes N={n_keys} group={group}")
+
+
+@pytest.mark.parametrize("splits", [1, 3, 64], ids=lambda s: f"splits{s}")
+def test_total_votes_with_padding_rows_and_forced_splits(splits):
+    """Left padding, splits that see only padding, and only some sequences scored (in the order asked)."""
+    dtype = DTYPES[0]
+    q, k, _ = _inputs(4, 2, 4, 301, 32, dtype, seed=splits)
+    kv_start = torch.tensor([0, 17, 250, 3], device=DEVICE)
+    ref = token_votes_reference(q, k, init=5, local=20, kv_start=kv_start)[:, :, 0].sum(1)
+    low = _low_votes(q, k, dtype, init=5, local=20, kv_start=kv_start)[:, :, 0].sum(1)
+    votes = total_votes(q, k, init=5, local=20, kv_start=kv_start, splits=splits)
+    assert_within_policy(votes, ref, low, dtype, f"splits={splits}")
+    rows = torch.tensor([2, 0], device=DEVICE)
+    some = total_votes(q, k, init=5, local=20, kv_start=kv_start, splits=splits, rows=rows)
+    assert_within_policy(some, ref[rows], low[rows], dtype, f"rows splits={splits}")
+    assert total_votes(q, k, init=5, local=20, rows=rows[:0]).shape == (0, 301)
+
+
+def _as_sets(idx):
+    return [sorted(x for x in row.tolist() if x >= 0) for row in idx.reshape(-1, idx.shape[-1])]
+
+
+@pytest.mark.parametrize("n_keys, k_select, init, local", [(300, 32, 5, 20), (40, 64, 4, 8), (6, 2, 4, 4),
+                                                           (1, 3, 0, 0), (513, 100, 0, 1)],
+                         ids=["some", "fewer-than-k", "init-local-overlap", "N1", "no-init"])
+def test_a_fresh_list_holds_the_reference_s_keys_once(n_keys, k_select, init, local):
+    """The list built in one launch from torch.topk holds init, top-k and recent keys, each once, as the sorted
+    reference list does; ``picked`` (the Selection Cache's top-k) is the reference's."""
+    q, k, _ = _inputs(3, 2, 2, n_keys, 16, DTYPES[0], seed=n_keys)
+    kv_start = torch.tensor([0, min(3, n_keys - 1), n_keys // 2], device=DEVICE)
+    votes = token_votes_reference(q, k, init=init, local=local, kv_start=kv_start)[:, :, 0].sum(1)
+    votes = votes + torch.arange(n_keys, device=DEVICE) * 1e-3 * torch.isfinite(votes)  # no ties
+    picked, idx = fresh_selection(votes, k_select=k_select, init=init, local=local, kv_start=kv_start)
+    with use_reference():
+        want_picked, want = fresh_selection(votes, k_select=k_select, init=init, local=local, kv_start=kv_start)
+    assert idx.shape == want.shape == (3, 1, init + k_select + local) and idx.dtype == torch.int32
+    assert picked.shape == (3, k_select) and picked.dtype == torch.long
+    assert _as_sets(picked) == _as_sets(want_picked) and torch.equal((picked < 0).sum(-1), (want_picked < 0).sum(-1))
+    assert _as_sets(idx) == _as_sets(want)
+    assert torch.equal(idx.sort(-1).values, want)
+
+
+def test_a_fresh_list_attends_like_the_sorted_one():
+    q, k, v = _inputs(2, 2, 4, 200, 16, DTYPES[0], seed=3)
+    votes = total_votes(q, k, init=4, local=16)
+    _, idx = fresh_selection(votes, k_select=24, init=4, local=16)
+    torch.testing.assert_close(select_attention(q, k, v, idx), select_attention(q, k, v, idx.sort(-1).values),
+                               atol=2e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------- selection
@@ -222,8 +289,12 @@ def test_use_reference_forces_the_references(monkeypatch):
         (lambda q, k, v: token_votes(q, k, init=-1, local=1), "init and local"),
         (lambda q, k, v: token_votes(q, k, init=1, local=1, kv_start=torch.zeros(5)), "kv_start"),
         (lambda q, k, v: select_attention(q, k, v, torch.zeros(2, 2, 3, dtype=torch.int32)), "indices"),
+        (lambda q, k, v: total_votes(q[:, :, :1].expand(-1, -1, 2, -1), k, init=1, local=1), "one query"),
+        (lambda q, k, v: total_votes(q, k, init=1, local=1, rows=torch.zeros(1, 1)), "rows"),
+        (lambda q, k, v: fresh_selection(torch.zeros(2, 1, 5), k_select=2, init=1, local=1), r"\[rows, N\]"),
     ],
-    ids=["two-queries", "negative-init", "kv-start-shape", "indices-shape"],
+    ids=["two-queries", "negative-init", "kv-start-shape", "indices-shape", "total-two-queries", "total-rows",
+         "fresh-shape"],
 )
 def test_bad_input_is_one_clear_error(call, message):
     q = torch.randn(2, 4, 1, 16)
@@ -245,6 +316,11 @@ def test_realistic_shapes_on_gpu(batch, n_keys, dtype):
                          dtype, "votes")
     idx = select_indices(ref, k_select=2048, init=128, local=512, kv_start=kv_start)
     _check_attention(q, k, v, idx, dtype, "attention")
+    total = total_votes(q, k, init=128, local=512, kv_start=kv_start)
+    low = _low_votes(q, k, dtype, init=128, local=512, kv_start=kv_start)[:, :, 0].sum(1)
+    assert_within_policy(total, ref.sum(1), low, dtype, "total votes")
+    _, fresh = fresh_selection(ref.sum(1), k_select=2048, init=128, local=512, kv_start=kv_start)
+    assert _as_sets(fresh) == _as_sets(idx)
 
 
 def test_the_tuned_launchers_keep_only_configs_that_fit():
@@ -258,3 +334,15 @@ def test_the_tuned_launchers_keep_only_configs_that_fit():
     assert len(_launcher("vote", (9, 0), 128, 16, False, 2).configs) == 1
     assert len(_launcher("stats", (8, 0), 128, 16, True, 4).configs) == 1
     assert all(c.kwargs["BLOCK_N"] <= 64 for c in _launcher("vote", (9, 0), 256, 16, True, 4).configs)
+
+
+def test_the_one_pass_vote_s_pinned_tiles_fit_every_gpu_since_ampere():
+    """Host side only: 64-key tiles in 3 stages where they fit, fewer stages or keys where not (fp32, D=256)."""
+    from lighttransfer.kernels.decode_launch import OTHER_SHARED_MEMORY
+    from lighttransfer.kernels.token_select_onepass import _score_tiles
+
+    assert _score_tiles(128, 2) == (64, {"num_warps": 4, "num_stages": 3})
+    for block_d in (16, 64, 128, 256):
+        for size in (2, 4):
+            block_n, launch = _score_tiles(block_d, size)
+            assert block_n >= 16 and launch["num_stages"] * block_n * block_d * size < OTHER_SHARED_MEMORY

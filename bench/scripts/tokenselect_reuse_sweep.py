@@ -1,0 +1,156 @@
+"""Selection Cache sweep: TokenSelect's hit rate and its quality cost over the reuse threshold theta.
+
+    PYTHONPATH=<dir with a lighttransfer link> python3 bench/scripts/tokenselect_reuse_sweep.py \
+        --baseline /work/shared/assets/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --text /work/shared/assets/text/austen_novels.txt --text-lines 1,16237 --lengths 2048 \
+        --thetas 0.5,0.7,0.8,0.9,1.0 --out bench/results/tokenselect_reuse_sweep_cpu
+
+For each theta one evaluation (``lighttransfer.evaluation.evaluate``, the exact masked backend, the same windows
+and passkey prompts for every theta) of the ``tokenselect`` row with the given ``k / init / local`` (default
+the issue's scaled-down 512 / 16 / 256 for SmolLM2), plus the ``original`` row once. Per theta: the Selection
+Cache's hit rate (hits / lookups over every full layer, sequence and query of the perplexity continuation and
+the passkey answers), perplexity per length and its change against theta = 1 (no cache: every query rescored)
+and against the original model, and passkey accuracy (points). Target of the issue: >= 50 % hits with at most
+0.5 point of loss. Writes ``tokenselect_reuse_sweep.json`` and ``.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def sweep(*, baseline: str, text: str, text_lines, lengths: list[int], thetas: list[float], k: int, init: int,
+          local: int, windows: int, passkey_lengths: list[int], passkey_depths: int, passkey_trials: int,
+          device: str, dtype: str) -> dict:
+    from lighttransfer.architecture import model_shape
+    from lighttransfer.evaluation.eval_suite import evaluate
+    from lighttransfer.evaluation.rows import standard_rows
+    from lighttransfer.hybrid_format import TokenSelectConfig
+    from lighttransfer.loading import load_config, resolve_model_source
+
+    arch = model_shape(load_config(resolve_model_source(baseline)))
+
+    def rows_at(theta: float, names: list[str]):
+        # nothing streams: the lazy ratios only feed rows this sweep does not build
+        return standard_rows(lazy_ratios=[0.0] * arch.num_layers, ratio=0.0, num_kv_heads=arch.num_kv_heads,
+                             sink=4, window=1020, names=names,
+                             selection=TokenSelectConfig(k=k, init=init, local=local, reuse=theta))
+
+    common = dict(baseline=baseline, text=text, text_lines=text_lines, lengths=lengths, max_windows=windows,
+                  passkey_lengths=passkey_lengths, passkey_depths_count=passkey_depths,
+                  passkey_trials=passkey_trials, device=device, dtype=dtype, backend="masked")
+    points, original = [], None
+    for i, theta in enumerate(sorted(set(thetas), reverse=True)):
+        t0 = time.perf_counter()
+        result = evaluate(rows=rows_at(theta, ["original", "tokenselect"] if i == 0 else ["tokenselect"]),
+                          **common)
+        if i == 0:
+            original = _summary(result.row("original"))
+        row = result.row("tokenselect")
+        point = {"theta": theta, **_summary(row), "selection_cache": row.get("selection_cache"),
+                 "seconds": round(time.perf_counter() - t0, 1)}
+        points.append(point)
+        print(f"theta {theta:g}: hit rate {point['selection_cache']['hit_rate']:.3f}, perplexity "
+              f"{point['perplexity']}, passkey {point['passkey']}", flush=True)
+    fresh = next((p for p in points if p["theta"] >= 1.0), None)
+    for p in points:
+        p["vs_original"] = _deltas(p, original)
+        p["vs_no_cache"] = _deltas(p, fresh) if fresh else None
+    return {"benchmark": "tokenselect_reuse_sweep", "format_version": 1, "baseline": baseline, "text": text,
+            "text_lines": list(text_lines) if text_lines else None, "lengths": lengths, "k": k, "init": init,
+            "local": local, "windows": windows, "passkey_lengths": passkey_lengths,
+            "passkey_depths": passkey_depths, "passkey_trials": passkey_trials, "device": device, "dtype": dtype,
+            "original": original, "points": points}
+
+
+def _summary(row: dict) -> dict:
+    ppl = {str(n): v["ppl"] for n, v in (row.get("perplexity") or {}).items()}
+    passkey = row.get("passkey") or {}
+    return {"perplexity": ppl, "passkey": 100.0 * passkey["accuracy"] if passkey.get("n") else None}
+
+
+def _deltas(point: dict, base: dict | None) -> dict | None:
+    if base is None:
+        return None
+    ppl = {n: 100.0 * (v / base["perplexity"][n] - 1.0) for n, v in point["perplexity"].items()
+           if n in base["perplexity"]}
+    passkey = None if point["passkey"] is None or base["passkey"] is None else point["passkey"] - base["passkey"]
+    return {"perplexity_percent": ppl, "passkey_points": passkey}
+
+
+def to_markdown(result: dict) -> str:
+    lengths = [str(n) for n in result["lengths"]]
+    lines = [f"# Selection Cache sweep (TokenSelect k={result['k']}, init={result['init']}, local={result['local']})",
+             "", f"`{Path(result['baseline']).name}`, {result['device']} {result['dtype']}, masked backend; "
+             f"perplexity over {result['windows']} window(s) per length, passkey at {result['passkey_lengths']} "
+             f"({result['passkey_depths']} depths x {result['passkey_trials']} trials).", "",
+             "| theta | hit rate | " + " | ".join(f"ppl {n} (vs no cache, vs original)" for n in lengths)
+             + " | passkey (vs no cache, vs original) |",
+             "|---|---|" + "---|" * len(lengths) + "---|"]
+    orig = result["original"]
+    lines.append("| original | - | " + " | ".join(f"{orig['perplexity'].get(n, float('nan')):.3f}" for n in lengths)
+                 + f" | {_fmt(orig['passkey'])} |")
+    for p in result["points"]:
+        cells = []
+        for n in lengths:
+            nc = (p["vs_no_cache"] or {}).get("perplexity_percent", {}).get(n)
+            vo = p["vs_original"]["perplexity_percent"].get(n)
+            cells.append(f"{p['perplexity'][n]:.3f} ({_pct(nc)}, {_pct(vo)})")
+        pk_nc = (p["vs_no_cache"] or {}).get("passkey_points")
+        lines.append(f"| {p['theta']:g} | {100 * p['selection_cache']['hit_rate']:.1f}% | " + " | ".join(cells)
+                     + f" | {_fmt(p['passkey'])} ({_pts(pk_nc)}, {_pts(p['vs_original']['passkey_points'])}) |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x):
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _pct(x):
+    return "-" if x is None else f"{x:+.2f}%"
+
+
+def _pts(x):
+    return "-" if x is None else f"{x:+.1f} pt"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", required=True, help="The model (directory or GGUF file).")
+    parser.add_argument("--text", required=True, help="Long real text for perplexity and the passkey haystack.")
+    parser.add_argument("--text-lines", default=None, help="Use only these lines of --text, e.g. 1,16237.")
+    parser.add_argument("--lengths", default="2048", help="Comma-separated perplexity lengths (tokens).")
+    parser.add_argument("--thetas", default="0.5,0.7,0.8,0.9,1.0", help="Comma-separated reuse thresholds.")
+    parser.add_argument("--k", type=int, default=512, help="TokenSelect: selected candidates.")
+    parser.add_argument("--init", type=int, default=16, help="TokenSelect: initial tokens kept.")
+    parser.add_argument("--local", type=int, default=256, help="TokenSelect: recent tokens kept.")
+    parser.add_argument("--windows", type=int, default=1, help="Perplexity windows per length.")
+    parser.add_argument("--passkey-lengths", default="", help="Comma-separated passkey lengths (none: no passkey).")
+    parser.add_argument("--passkey-depths", type=int, default=5, help="Passkey depths.")
+    parser.add_argument("--passkey-trials", type=int, default=1, help="Passkey trials per depth and length.")
+    parser.add_argument("--device", default="cpu", help="Device (cpu, cuda, auto).")
+    parser.add_argument("--dtype", default="float32", help="Model dtype.")
+    parser.add_argument("--out", required=True, help="Directory for tokenselect_reuse_sweep.json and .md.")
+    args = parser.parse_args(argv)
+
+    from lighttransfer.output_files import write_atomically, write_json
+
+    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
+    lines = tuple(ints(args.text_lines)) if args.text_lines else None
+    result = sweep(baseline=args.baseline, text=args.text, text_lines=lines, lengths=ints(args.lengths),
+                   thetas=[float(x) for x in args.thetas.split(",") if x.strip()], k=args.k, init=args.init,
+                   local=args.local, windows=args.windows, passkey_lengths=ints(args.passkey_lengths),
+                   passkey_depths=args.passkey_depths, passkey_trials=args.passkey_trials, device=args.device,
+                   dtype=args.dtype)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "tokenselect_reuse_sweep.json", result)
+    write_atomically(out / "tokenselect_reuse_sweep.md", to_markdown(result))
+    print(to_markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The TokenSelect benchmark scripts: the kernel benchmark end to end at a tiny CPU shape (every part checked
+against the references before timing), and the Selection Cache sweep's bookkeeping."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "bench" / "scripts"
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_bench_times_every_part_after_checking_it(monkeypatch):
+    if not os.environ.get("TRITON_INTERPRET"):
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest on CPU machines)")
+    bench = _script("tokenselect_kernel_bench")
+    monkeypatch.setattr(bench, "HEADS", 4)
+    monkeypatch.setattr(bench, "KV_HEADS", 2)
+    monkeypatch.setattr(bench, "HEAD_DIM", 16)
+    import lighttransfer.runtime.token_select as ts
+
+    monkeypatch.setattr(ts, "KERNELS_ON_CPU", False)  # bench_batch turns it on; monkeypatch puts it back
+    row = bench.bench_batch(2, n_keys=90, k_select=8, init=4, local=8, dtype=torch.float32, device="cpu",
+                            graph=False, rounds=1, tolerance=1e-4)
+    assert set(row["us_eager"]) == set(bench.PARTS) and row["selected"] == 20
+    assert row["errors"]["votes"] < 1e-5 and row["errors"]["runtime_miss_step"] < 1e-5
+    assert row["bytes"]["votes"] < row["bytes"]["votes_two_pass"]
+    bench.summarize(row, None)
+    md = bench.to_markdown({"environment": {}, "autotune": False, "shape": {"dtype": "float32"}, "rows": [row]})
+    assert "| 2 | 90 | 20 |" in md
+
+
+def test_reuse_sweep_scores_the_original_once_and_compares_with_no_cache(monkeypatch):
+    sweep_script = _script("tokenselect_reuse_sweep")
+    import lighttransfer.evaluation.eval_suite as eval_suite
+    from lighttransfer.evaluation.eval_suite import EvalResult
+
+    calls = []
+
+    def fake_evaluate(*, rows, **kw):
+        names = [r.name for r in rows]
+        theta = next(r.selection.reuse for r in rows if r.name == "tokenselect")
+        calls.append((names, theta))
+        out = []
+        if "original" in names:
+            out.append({"name": "original", "perplexity": {2048: {"ppl": 10.0}}, "passkey": {"accuracy": 1.0, "n": 5}})
+        out.append({"name": "tokenselect", "perplexity": {2048: {"ppl": 10.0 + (1 - theta)}},
+                    "passkey": {"accuracy": 0.8 if theta < 0.8 else 1.0, "n": 5},
+                    "selection_cache": {"hits": int(100 * (1 - theta)), "lookups": 100, "dense": 0,
+                                        "hit_rate": 1 - theta}})
+        return EvalResult(model_id="m", fingerprint="f", ratio=0.0, sink=4, window=1020, lengths=[2048], strides={},
+                          passkey_lengths=[2048], passkey_depths=[0.5], passkey_trials=1, text="t", backend="masked",
+                          rows=out)
+
+    monkeypatch.setattr(eval_suite, "evaluate", fake_evaluate)
+    from types import SimpleNamespace
+
+    import lighttransfer.architecture as architecture
+    import lighttransfer.loading as loading
+
+    monkeypatch.setattr(loading, "load_config", lambda source: None)
+    monkeypatch.setattr(loading, "resolve_model_source", lambda spec: spec)
+    monkeypatch.setattr(architecture, "model_shape", lambda config: SimpleNamespace(num_layers=4, num_kv_heads=2))
+    result = sweep_script.sweep(baseline="m", text="t", text_lines=None, lengths=[2048], thetas=[0.5, 1.0, 0.9],
+                                k=8, init=2, local=4, windows=1, passkey_lengths=[2048], passkey_depths=5,
+                                passkey_trials=1, device="cpu", dtype="float32")
+    assert calls == [(["original", "tokenselect"], 1.0), (["tokenselect"], 0.9), (["tokenselect"], 0.5)]
+    by = {p["theta"]: p for p in result["points"]}
+    assert by[1.0]["vs_no_cache"]["perplexity_percent"]["2048"] == 0.0
+    assert by[0.5]["vs_no_cache"]["perplexity_percent"]["2048"] == pytest.approx(5.0)
+    assert by[0.5]["vs_original"]["passkey_points"] == pytest.approx(-20.0)
+    md = sweep_script.to_markdown(result)
+    assert "| 0.5 | 50.0% | 10.500 (+5.00%, +5.00%) | 80.0 (-20.0 pt, -20.0 pt) |" in md
