@@ -108,7 +108,7 @@ def _memory_table(memory, dtype: str | None = None):
                    "query rows, vertical-slash, antidiagonal) [default: none, dense prefill].")
 @click.option("--prefill-alpha", type=float, default=None,
               help="Sparse prefill: share of the estimated attention mass kept per query block, in (0, 1] "
-                   "[default: 0.95]; `lighttransfer analyze --sparse-alphas` shows the trade-off.")
+                   "[default: 0.95]; `lighttransfer sparse-mass` shows the trade-off.")
 @click.option("--prefill-min-len", type=int, default=None,
               help="Sparse prefill: keys below which a prefill (or chunk) stays dense [default: 16384].")
 @model_options
