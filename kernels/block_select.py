@@ -69,12 +69,13 @@ def select_by_mass(mass: torch.Tensor, always: torch.Tensor, causal: torch.Tenso
     base = mass.float().clamp(min=0).masked_fill(~always, 0.0).sum(-1, keepdim=True)
     need = alpha * (rest.sum(-1, keepdim=True) + base) - base  # mass still to take after the always-kept blocks
     q_blocks = rest.shape[2]
-    last_col = causal.int().cumsum(-1).argmax(-1)  # [q_blocks]: the last causal key block of each query block
+    # the last causal key block of each query block, on the host once (one synchronization, not one per band)
+    last_col = causal.int().cumsum(-1).argmax(-1).tolist()
     keep = torch.zeros_like(rest, dtype=torch.bool)
     step = -(-q_blocks // max(1, bands))
     for lo in range(0, q_blocks, step):
         hi = min(q_blocks, lo + step)
-        width = int(last_col[lo:hi].max().item()) + 1
+        width = max(last_col[lo:hi]) + 1
         ranked, order = rest[:, :, lo:hi, :width].sort(dim=-1, descending=True)
         take = (ranked.cumsum(-1) - ranked < need[:, :, lo:hi]) & (ranked > 0)
         keep[:, :, lo:hi, :width].scatter_(-1, order, take)
