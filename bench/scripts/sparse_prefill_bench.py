@@ -255,6 +255,7 @@ def bench_length(n: int, *, shape: dict, alpha: float, methods, device, peaks: d
         total_ms = est_ms + kernel_ms
         row = dict(
             n=n, method=method, layout=layout, gqa_lists=grid["gqa_lists"], block_q=lbq, packed=pack, alpha=alpha,
+            heads=heads, kv_heads=k.shape[1], dim=dim,
             density=lists.density(), err_vs_flex=err_flex, err_vs_fp32_reference=err_ref,
             estimate_ms=est_ms, kernel_ms=kernel_ms, total_ms=total_ms, flex_ms=flex_ms, flex_total_ms=est_ms + flex_ms,
             sdpa_ms=sdpa_ms, speedup_vs_sdpa=sdpa_ms / total_ms, speedup_vs_flex=(est_ms + flex_ms) / total_ms,
@@ -281,7 +282,9 @@ def to_markdown(result: dict) -> str:
              f"{r['speedup_vs_flex']:.2f}", f"{r['kernel_tflops']:.0f}", f"{r['total_tflops']:.0f}",
              f"{r.get('total_share_of_floor', float('nan')):.2f}"] for r in result["rows"]]
     env = result["environment"]
-    head = (f"Sparse prefill, alpha {result['alpha']}, {result['shape']} on {env.get('gpu', 'CPU')} "
+    first = result["rows"][0] if result["rows"] else {}
+    head = (f"Sparse prefill, alpha {result['alpha']}, H={first.get('heads')}, Hkv={first.get('kv_heads')}, "
+            f"D={first.get('dim')}, {result['shape']} on {env.get('gpu', 'CPU')} "
             f"(torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}), inputs: "
             f"{result['inputs']}.\n\n")
     return head + markdown_table(headers, rows)
