@@ -199,6 +199,16 @@ def test_sdpa_variant_matches_the_reference(case):
         Case("gpu-tiles-kv-lists-padding", n_kv=1023, block_q=64, block_k=64, heads=4, kv_heads=2, dim=128,
              list_heads="kv", batch=2, kv_start=(0, 300)),
         Case("gpu-tiles-D256", n_kv=777, block_q=64, block_k=64, heads=2, kv_heads=1, dim=256),
+        # packed (lists per KV head): the 8B group of 4 in a 128-row tile, SmolLM2's group of 3 (96 of 128 rows),
+        # a group of 8 of 16 queries, and the largest packed tile (256 rows)
+        Case("gpu-packed-gqa4-bq32-D128", n_kv=2049, block_q=32, block_k=64, heads=8, kv_heads=2, dim=128,
+             list_heads="kv", keep_share=0.3, local_blocks=2),
+        Case("gpu-packed-gqa3-bq32-D64-chunk", n_kv=1500, n=777, block_q=32, block_k=64, heads=9, kv_heads=3,
+             dim=64, list_heads="kv", keep_share=0.3),
+        Case("gpu-packed-gqa8-bq16", n_kv=1000, block_q=16, block_k=64, heads=8, kv_heads=1, dim=128,
+             list_heads="kv", batch=2, kv_start=(0, 123)),
+        Case("gpu-packed-256-rows", n_kv=1100, block_q=64, block_k=64, heads=4, kv_heads=1, dim=128,
+             list_heads="kv", keep_share=0.4),
     ],
     ids=lambda c: c.id,
 )
