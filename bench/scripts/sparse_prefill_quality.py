@@ -149,6 +149,7 @@ def main(argv=None) -> None:
     parser.add_argument("--suite", default="perplexity,passkey,ruler")
     parser.add_argument("--passkey-depths", type=int, default=10)
     parser.add_argument("--ruler-samples", type=int, default=10)
+    parser.add_argument("--ruler-tasks", default=None, help="comma-separated RULER tasks [default: all 12]")
     parser.add_argument("--ruler-batch", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -177,13 +178,15 @@ def main(argv=None) -> None:
                       passkey_lengths=[args.length] if "passkey" in suite else [],
                       passkey_depths_count=args.passkey_depths, passkey_trials=1, backend="runtime",
                       suite=suite, ruler_samples=args.ruler_samples, ruler_lengths=[args.length],
+                      ruler_tasks=args.ruler_tasks,
                       ruler_batch=args.ruler_batch, device=args.device, dtype=dtype)
     evaluated = result.to_dict()
     out = dict(environment=environment(), seconds=time.perf_counter() - started,
                settings=dict(model=args.model, text=args.text, length=args.length, block=args.block, min_len=min_len,
                              methods=args.methods, alphas=args.alphas, alphas_eval=args.alphas_eval,
                              gqa_lists=args.gqa_lists, suite=suite, passkey_depths=args.passkey_depths,
-                             ruler_samples=args.ruler_samples, ruler_batch=args.ruler_batch, dtype=dtype),
+                             ruler_samples=args.ruler_samples, ruler_tasks=args.ruler_tasks,
+                             ruler_batch=args.ruler_batch, dtype=dtype),
                density_vs_alpha=sweep, comparison=compare(evaluated["rows"], args.length), eval_result=evaluated)
     write_json(args.out / "sparse_prefill_quality.json", out)
     md = to_markdown(out)
