@@ -25,7 +25,7 @@ from .lazy_ratio import DEFAULT_BLOCK, stats_workspace_bytes, streaming_attentio
 log = logging.getLogger(__name__)
 
 NAME_PREFIX = "lighttransfer_lazy_capture_"
-_active: ContextVar[LazyMassRecorder | None] = ContextVar("lighttransfer_lazy_capture", default=None)
+_active: ContextVar[object | None] = ContextVar("lighttransfer_lazy_capture", default=None)
 
 
 class LazyMassRecorder:
@@ -157,13 +157,11 @@ def attention_configs(model: torch.nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def capture_lazy_mass(
-    model: torch.nn.Module, *, last: int, sink: int, window: int, block_size: int = DEFAULT_BLOCK
-) -> Iterator[LazyMassRecorder]:
-    """Within the block, every forward of ``model`` records each layer's lazy mass in the yielded recorder.
-
-    The model's attention implementation is restored on exit, also when the block raises.
-    """
+def capture_attention(model: torch.nn.Module, recorder) -> Iterator:
+    """Within the block, every attention call of ``model`` first hands ``(module, query, key, kwargs)`` (post-RoPE
+    ``query [batch, q_heads, q_len, head_dim]``, ``key [batch, kv_heads, k_len, head_dim]``) to
+    ``recorder.record``, then runs the model's own implementation; the implementation is restored on exit, also
+    when the block raises. Yields ``recorder``."""
     configs = attention_configs(model)
     if not configs:
         raise LightTransferError("the model has no transformers config; pass a transformers causal LM.")
@@ -171,7 +169,6 @@ def capture_lazy_mass(
     if any(str(o).startswith(NAME_PREFIX) for o in originals):
         raise LightTransferError("this model is already being analysed; analyses cannot be nested.")
     names = {o: _register(o or "eager") for o in set(originals)}
-    recorder = LazyMassRecorder(last=last, sink=sink, window=window, block_size=block_size)
     token = _active.set(recorder)
     try:
         for config, original in zip(configs, originals, strict=True):
@@ -183,4 +180,17 @@ def capture_lazy_mass(
         _active.reset(token)
 
 
-__all__ = ["LazyMassRecorder", "capture_lazy_mass"]
+@contextlib.contextmanager
+def capture_lazy_mass(
+    model: torch.nn.Module, *, last: int, sink: int, window: int, block_size: int = DEFAULT_BLOCK
+) -> Iterator[LazyMassRecorder]:
+    """Within the block, every forward of ``model`` records each layer's lazy mass in the yielded recorder.
+
+    The model's attention implementation is restored on exit, also when the block raises.
+    """
+    recorder = LazyMassRecorder(last=last, sink=sink, window=window, block_size=block_size)
+    with capture_attention(model, recorder):
+        yield recorder
+
+
+__all__ = ["LazyMassRecorder", "capture_lazy_mass", "capture_attention"]

@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("lighttransfer.cli.evaluate:evaluate", "Perplexity, passkey and RULER-style tasks, hybrid vs original."),
     "eval-merge": ("lighttransfer.cli.evaluate:eval_merge", "Join evaluation results whose rows ran apart."),
     "bench": ("lighttransfer.cli.bench:bench", "Prefill/decode speed and memory, hybrid vs original."),
+    "sparse-mass": ("lighttransfer.cli.sparse_mass:sparse_mass", "Sparse prefill: attention mass kept vs density per layer."),
     "demo": ("lighttransfer.cli.demo:main", "Analyze, convert and run the SmolLM2-135M demo model end to end."),
 }
 

@@ -103,11 +103,19 @@ def _memory_table(memory, dtype: str | None = None):
               "[default: 512].")
 @click.option("--select-reuse", type=float, default=None, help="TokenSelect: Selection Cache threshold on the cosine "
               "similarity of consecutive queries, 1 = off [default: 0.9].")
+@click.option("--prefill-sparse", type=click.Choice(["sample", "vslash", "antidiag", "dense"]), default=None,
+              help="Store block-sparse prefill of the full layers in the checkpoint block: the estimator (sampled "
+                   "query rows, vertical-slash, antidiagonal) [default: none, dense prefill].")
+@click.option("--prefill-alpha", type=float, default=None,
+              help="Sparse prefill: share of the estimated attention mass kept per query block, in (0, 1] "
+                   "[default: 0.95]; `lighttransfer sparse-mass` shows the trade-off.")
+@click.option("--prefill-min-len", type=int, default=None,
+              help="Sparse prefill: keys below which a prefill (or chunk) stays dense [default: 16384].")
 @model_options
 @verbosity_options
 def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, window, granularity, strategy, prefill,
             native_swa, seq_len, samples, seed, force, decode, select_k, select_init, select_local, select_reuse,
-            device, dtype, trust_remote_code) -> None:
+            prefill_sparse, prefill_alpha, prefill_min_len, device, dtype, trust_remote_code) -> None:
     """Write a hybrid checkpoint of MODEL (directory, .gguf file or hub id) whose laziest layers stream."""
     from ..convert.converter import convert as run_convert
 
@@ -122,6 +130,7 @@ def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, wi
         native_swa=native_swa, force=force, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         progress=not quiet, seed=seed, seq_len=seq_len, samples=samples, decode=decode, select_k=select_k,
         select_init=select_init, select_local=select_local, select_reuse=select_reuse,
+        prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
         status=None if quiet else (lambda line: stderr_console().print(f"[dim]{escape(line)}…[/dim]")),
     )
     console = stdout_console()

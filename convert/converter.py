@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from ..hybrid_format import (
     HybridConfig,
     KVMemoryRow,
     kv_memory_table,
+    sparse_prefill_config,
     token_select_config,
 )
 from ..loading import (
@@ -101,6 +102,9 @@ def convert(
     select_init: int | None = None,
     select_local: int | None = None,
     select_reuse: float | None = None,
+    prefill_sparse: str | None = None,
+    prefill_alpha: float | None = None,
+    prefill_min_len: int | None = None,
 ) -> ConvertResult:
     """Write a hybrid checkpoint of ``model`` into ``out``.
 
@@ -133,6 +137,9 @@ def convert(
         decode: how the runtime decodes the full layers, stored in the block: ``dense`` or ``tokenselect``
             (TokenSelect, arXiv 2411.02886; block format 2).
         select_k, select_init, select_local, select_reuse: TokenSelect's settings (defaults 2048, 128, 512, 0.9).
+        prefill_sparse: block-sparse prefill of the full layers stored in the block (its optional
+            ``sparse_prefill`` entry): ``sample``, ``vslash`` or ``antidiag``; ``None``/``"dense"`` writes none.
+        prefill_alpha, prefill_min_len: its mass share kept and key threshold (defaults 0.95 and 16384).
 
     Raises:
         LightTransferError: bad options, an existing ``out`` without ``force``, a report for another model,
@@ -144,6 +151,8 @@ def convert(
     _check_whole(seed=seed, samples=samples, **({} if seq_len is None else {"seq_len": seq_len}))
     selection = token_select_config(decode, select_k=select_k, select_init=select_init, select_local=select_local,
                                     select_reuse=select_reuse, option="--decode")
+    sparse_prefill = sparse_prefill_config(prefill_sparse, alpha=prefill_alpha, min_len=prefill_min_len,
+                                           option="--prefill-sparse")
     say = status or (lambda line: log.info("%s", line))
     out = Path(out).expanduser()
     check_target(out.absolute(), force=force)
@@ -225,6 +234,8 @@ def convert(
                                source={"model_id": model_id, "fingerprint": fingerprint,
                                        "format": source.kind})
         hybrid = hybrid.with_selection(selection)
+        if sparse_prefill is not None:
+            hybrid = replace(hybrid, sparse_prefill=sparse_prefill.to_dict())
         if not hybrid.streaming_kv_heads:
             warnings.append(f"ratio {ratio} streams no layer of {num_layers}; the checkpoint is the dense model"
                             + (" with TokenSelect decoding." if selection else "."))

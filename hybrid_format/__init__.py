@@ -7,7 +7,7 @@ from .config_block import CONFIG_KEY, FORMAT_VERSION, SIDECAR_FORMAT_VERSION, SI
 from .finetune_record import FINETUNE_FILE, FINETUNE_KEY, FINETUNE_SCHEMA_VERSION, FinetuneRecord
 from .kv_size import DEFAULT_TOKENS, DTYPE_BYTES, KVMemoryRow, format_bytes, kv_cache_bytes, kv_memory_table
 from .layout import DEFAULT_SINK, DEFAULT_WINDOW, PREFILL_POLICIES, HybridLayout
-from .sparse_prefill import SPARSE_METHODS, SparsePrefillConfig
+from .sparse_prefill import SPARSE_METHODS, SparsePrefillConfig, sparse_prefill_config
 from .token_select import DECODE_POLICIES, TokenSelectConfig, token_select_config
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "FINETUNE_SCHEMA_VERSION",
     "TokenSelectConfig",
     "token_select_config",
+    "sparse_prefill_config",
     "DECODE_POLICIES",
     "DEFAULT_SINK",
     "DEFAULT_WINDOW",

@@ -6,7 +6,13 @@ attention mass, plus the sink and the local band. Below ``min_len`` keys the lay
 optional and versioned on its own (``schema_version``), so blocks without it load as before::
 
     "sparse_prefill": {"schema_version": 1, "method": "sample", "alpha": 0.95, "min_len": 16384,
-                       "block_q": 128, "block_k": 64, "sink_blocks": 1, "local_blocks": 2, "options": {}}
+                       "block_q": 128, "block_k": 64, "sink_blocks": 1, "local_blocks": 2, "options": {},
+                       "gqa_lists": "query"}
+
+``gqa_lists`` (optional, default ``"query"``: blocks written before it load unchanged) chooses one list per query
+head, or one per KV head (``"kv-union"`` / ``"kv-sum"``, :mod:`lighttransfer.kernels.block_select`), which lets the
+kernel pack a KV head's query heads into one tile of ``GROUP * block_q`` rows: with lists per KV head, ``block_q`` is
+the queries of one head in a block (e.g. 32 for a group of 4 keeps the 128-row tile).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from ..errors import LightTransferError
 
 SPARSE_PREFILL_SCHEMA_VERSION = 1
 SPARSE_METHODS = ("sample", "vslash", "antidiag")
+GQA_LISTS = ("query", "kv-union", "kv-sum")  # the same names as kernels.block_select.GQA_LISTS
 # options each method takes (see kernels/sparse_estimators.py)
 METHOD_OPTIONS = {"sample": {"share"}, "vslash": {"last_q"}, "antidiag": {"stride", "reduce"}}
 
@@ -35,6 +42,8 @@ class SparsePrefillConfig:
         sink_blocks: first key blocks always kept (>= 0).
         local_blocks: key blocks ending at the diagonal always kept (>= 1).
         options: the estimator's own options (``share``, ``last_q`` or ``stride``).
+        gqa_lists: ``query`` (a list per query head), ``kv-union`` or ``kv-sum`` (a list per KV head: the union of
+            its query heads' selections, or one selection on their summed mass; the kernel then packs the group).
     """
 
     method: str = "sample"
@@ -45,6 +54,7 @@ class SparsePrefillConfig:
     sink_blocks: int = 1
     local_blocks: int = 2
     options: dict[str, Any] = field(default_factory=dict)
+    gqa_lists: str = "query"
     schema_version: int = SPARSE_PREFILL_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -64,13 +74,19 @@ class SparsePrefillConfig:
         for name in ("block_q", "block_k"):
             if getattr(self, name) & (getattr(self, name) - 1):
                 raise LightTransferError(f"sparse prefill {name} must be a power of two, got {getattr(self, name)}.")
+        if self.gqa_lists not in GQA_LISTS:
+            raise LightTransferError(f"sparse prefill gqa_lists must be one of {', '.join(GQA_LISTS)}, got "
+                                     f"{self.gqa_lists!r}.")
         unknown = set(self.options) - METHOD_OPTIONS[self.method]
         if unknown:
             raise LightTransferError(f"sparse prefill options {sorted(unknown)} do not apply to method "
                                      f"{self.method!r} (it takes {sorted(METHOD_OPTIONS[self.method])}).")
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(sorted(asdict(self).items()))
+        d = asdict(self)
+        if d["gqa_lists"] == "query":
+            del d["gqa_lists"]  # the default: such blocks stay readable by versions that predate the field
+        return dict(sorted(d.items()))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SparsePrefillConfig:
@@ -82,4 +98,17 @@ class SparsePrefillConfig:
         return cls(**d)
 
 
-__all__ = ["SparsePrefillConfig", "SPARSE_METHODS", "SPARSE_PREFILL_SCHEMA_VERSION", "METHOD_OPTIONS"]
+def sparse_prefill_config(method: str | None, *, alpha: float | None = None, min_len: int | None = None,
+                          option: str = "prefill_sparse") -> SparsePrefillConfig | None:
+    """The entry the options ask for: ``None`` for ``method`` ``None``/``"dense"``, else the method's defaults with
+    ``alpha``/``min_len`` over them. ``alpha``/``min_len`` without a method are an error (they would do nothing)."""
+    if method in (None, "dense"):
+        if alpha is not None or min_len is not None:
+            raise LightTransferError(f"prefill alpha / min-len need {option} sample, vslash or antidiag; pass one, "
+                                     "or drop them.")
+        return None
+    given = {k: v for k, v in dict(alpha=alpha, min_len=min_len).items() if v is not None}
+    return SparsePrefillConfig(method=method, **given)
+
+
+__all__ = ["SparsePrefillConfig", "sparse_prefill_config", "GQA_LISTS", "SPARSE_METHODS", "SPARSE_PREFILL_SCHEMA_VERSION", "METHOD_OPTIONS"]

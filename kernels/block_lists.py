@@ -123,11 +123,12 @@ def lists_from_keep(keep: torch.Tensor, *, block_q: int, block_k: int, q_offset:
     k_blocks = keep.shape[-1]
     counts = keep.sum(-1).to(torch.int32)
     width = max(int(counts.max().item()) if counts.numel() else 1, 1)
-    kb = torch.arange(k_blocks, device=keep.device, dtype=torch.int32)
-    # kept blocks sort first (by index), dropped ones after; then cut to the widest row
-    order_key = torch.where(keep, kb, kb + k_blocks)
-    idx = order_key.sort(dim=-1).values[..., :width]
-    idx = torch.where(idx < k_blocks, idx, torch.full_like(idx, -1)).to(torch.int32).contiguous()
+    # compaction without a sort: kept block j goes to slot (kept blocks before it), dropped ones to a spare slot
+    slot = torch.where(keep, keep.cumsum(-1) - 1, width)
+    kb = torch.arange(k_blocks, device=keep.device, dtype=torch.int32).expand_as(keep)
+    idx = torch.full((*keep.shape[:-1], width + 1), -1, dtype=torch.int32, device=keep.device)
+    idx = idx.scatter_(-1, slot, kb)[..., :width]
+    idx = torch.where(torch.arange(width, device=keep.device) < counts.unsqueeze(-1), idx, -1).contiguous()
     return BlockLists(idx, counts.contiguous(), block_q, block_k, q_offset, n_kv, n_q)
 
 

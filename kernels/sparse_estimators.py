@@ -222,8 +222,9 @@ def make_estimator(name: str, **options):
 
 def estimate_lists(estimator, q: torch.Tensor, k: torch.Tensor, *, alpha: float, block_q: int, block_k: int,
                    sink_blocks: int = 1, local_blocks: int = 1, q_offset: int | None = None,
-                   scale: float | None = None) -> BlockLists:
-    """Block lists (one per query head) that keep ``alpha`` of the estimated mass, plus the sink and band.
+                   scale: float | None = None, gqa_lists: str = "query") -> BlockLists:
+    """Block lists that keep ``alpha`` of the estimated mass, plus the sink and band: one per query head
+    (``gqa_lists="query"``) or one per KV head (``"kv-union"``, ``"kv-sum"``: :func:`.block_select.group_keep`).
 
     ``q_offset`` defaults to ``N - n`` (the queries are the last ``n`` keys); ``scale`` to ``head_dim ** -0.5``.
     """
@@ -232,7 +233,8 @@ def estimate_lists(estimator, q: torch.Tensor, k: torch.Tensor, *, alpha: float,
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     mass = estimator.block_mass(q, k, q_offset=q_offset, block_q=block_q, block_k=block_k, scale=scale)
     return lists_for_alpha(mass, alpha=alpha, block_q=block_q, block_k=block_k, q_offset=q_offset, n_kv=n_kv, n_q=n,
-                           sink_blocks=sink_blocks, local_blocks=local_blocks)
+                           sink_blocks=sink_blocks, local_blocks=local_blocks, kv_heads=k.shape[1],
+                           gqa_lists=gqa_lists)
 
 
 __all__ = ["SampledRows", "VerticalSlash", "Antidiagonal", "ESTIMATORS", "make_estimator", "estimate_lists",

@@ -20,6 +20,16 @@ from .switch import triton_runs_on
 
 # score elements per reference step (fp32): 16M = 64 MB
 REFERENCE_STEP_ELEMENTS = 1 << 24
+# rows of a packed kernel tile at most (kept here, not imported from the Triton module, which needs triton)
+MAX_PACKED_ROWS = 256
+
+
+def can_pack(heads: int, kv_heads: int, lists: BlockLists) -> bool:
+    """Whether the kernel can run ``lists`` packed: one list per KV head, ``GROUP > 1``, and the group's
+    ``GROUP * block_q`` rows (to a power of two) within :data:`MAX_PACKED_ROWS`."""
+    group = heads // kv_heads
+    rows = 1 << max(group * lists.block_q - 1, 0).bit_length()
+    return group > 1 and lists.indices.shape[1] == kv_heads and rows <= MAX_PACKED_ROWS
 
 
 def _step_mask(keep, lists: BlockLists, qb0: int, qb1: int, n: int, n_kv: int, start) -> torch.Tensor:
@@ -113,6 +123,7 @@ def block_sparse_attention(
     kv_start: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    pack_gqa: bool | None = None,
 ):
     """Causal attention of ``n`` queries over the key blocks their query block lists (block-sparse prefill).
 
@@ -126,6 +137,11 @@ def block_sparse_attention(
         kv_start: int ``[batch]`` left padding: keys ``j < kv_start[b]`` are invisible.
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
         return_lse: also return the log-sum-exp of the scaled scores.
+        pack_gqa: the kernel's packed layout (one program per KV head and query block, its ``GROUP`` query heads
+            stacked as tile rows, so each listed K/V tile is loaded once per KV head): needs lists per KV head and
+            a tile of ``GROUP * block_q`` rows (to a power of two) at most
+            :data:`~.sparse_prefill_triton.MAX_PACKED_ROWS`. ``None`` packs whenever that holds and ``GROUP > 1``.
+            The result is the same either way (the layout changes only the work order).
 
     Returns:
         ``o [batch, heads, n, head_dim]`` in ``q.dtype``, or ``(o, lse)`` with ``lse [batch, heads, n]`` float32 in
@@ -137,14 +153,22 @@ def block_sparse_attention(
     if lists.q_offset < 0:
         raise LightTransferError(f"block_sparse_attention: q_offset must be >= 0, got {lists.q_offset}.")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    pack = can_pack(q.shape[1], k.shape[1], lists)
+    if pack_gqa and not pack:
+        raise LightTransferError(
+            f"block_sparse_attention: pack_gqa needs lists per KV head ({k.shape[1]}, got {lists.indices.shape[1]}) "
+            f"and {q.shape[1] // k.shape[1]} heads x block_q {lists.block_q} rows <= {MAX_PACKED_ROWS}; pass "
+            f"pack_gqa=None or False.")
+    pack = pack if pack_gqa is None else bool(pack_gqa)
     if not triton_runs_on(q):
         return block_sparse_attention_reference(q, k, v, lists, kv_start=kv_start, scale=scale,
                                                 return_lse=return_lse)
     check_triton_support("block_sparse_attention", q)
     from .sparse_prefill_triton import block_sparse_attention_triton
 
-    o, lse = block_sparse_attention_triton(q, k, v, lists, kv_start=kv_start, scale=scale, return_lse=return_lse)
+    o, lse = block_sparse_attention_triton(q, k, v, lists, kv_start=kv_start, scale=scale, return_lse=return_lse,
+                                           pack=pack)
     return (o, lse) if return_lse else o
 
 
-__all__ = ["block_sparse_attention", "block_sparse_attention_reference", "block_sparse_attention_sdpa"]
+__all__ = ["block_sparse_attention", "can_pack", "MAX_PACKED_ROWS", "block_sparse_attention_reference", "block_sparse_attention_sdpa"]

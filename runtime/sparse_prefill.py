@@ -5,8 +5,10 @@ a full layer's prefill forward with ``n > 1`` queries against ``N >= min_len`` k
 
 1. the estimator (:mod:`lighttransfer.kernels.sparse_estimators`) on the layer's post-RoPE queries and keys,
    giving per (query head, query block) the estimated mass of each key block;
-2. the selector: the sink blocks, the local band, and the heaviest other blocks until ``alpha`` of the mass;
-3. :func:`lighttransfer.kernels.block_sparse_attention` on CUDA (Triton); on the CPU PyTorch SDPA under the same
+2. the selector: the sink blocks, the local band, and the heaviest other blocks until ``alpha`` of the mass, per
+   query head or per KV head (``gqa_lists``);
+3. :func:`lighttransfer.kernels.block_sparse_attention` on CUDA (Triton; lists per KV head run packed, the group's
+   query heads in one tile, when ``GROUP * block_q`` rows fit); on the CPU PyTorch SDPA under the same
    blocks as an explicit mask, a few query blocks at a time (``block_sparse_attention_sdpa``).
 
 Anything else stays on the dense path: prompts (or chunks) whose key count is below ``min_len``, decode steps, the
@@ -96,7 +98,8 @@ class SparsePrefill:
             torch.cuda.synchronize(q.device)
         t0 = time.perf_counter()
         lists = estimate_lists(self.estimator, q, k, alpha=cfg.alpha, block_q=cfg.block_q, block_k=cfg.block_k,
-                               sink_blocks=cfg.sink_blocks, local_blocks=cfg.local_blocks, scale=scale)
+                               sink_blocks=cfg.sink_blocks, local_blocks=cfg.local_blocks, scale=scale,
+                               gqa_lists=cfg.gqa_lists)
         if timing and q.is_cuda:
             torch.cuda.synchronize(q.device)
         spent = time.perf_counter() - t0 if timing else None

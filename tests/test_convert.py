@@ -473,3 +473,34 @@ def test_native_swa_makes_vllm_qwen_refuse_mixed_layers_instead_of_running_them_
     assert set(everything["layer_types"]) == {"sliding_attention"}  # vLLM then slides every layer
     assert "max_window_layers" not in native_swa_fields("gemma2", HybridConfig(num_layers=3, num_kv_heads=2,
                                                                                   streaming_layers=[1]))
+
+
+def test_sparse_prefill_options_write_the_block_entry_and_load(source_dirs, tmp_path, capsys):
+    """--prefill-sparse/--prefill-alpha/--prefill-min-len store the optional entry; load reads it back."""
+    from lighttransfer import load
+    from lighttransfer.runtime import runtime_of
+
+    src = source_dirs["llama"]
+    out = tmp_path / "hybrid"
+    code, stdout, stderr = run_cli(["convert", str(src), "--out", str(out), "--layers", "1", "--prefill-sparse",
+                                    "vslash", "--prefill-alpha", "0.9", "--prefill-min-len", "64"], capsys)
+    assert code == 0, stderr
+    block = json.loads((out / "config.json").read_text())["lighttransfer"]
+    assert block["sparse_prefill"]["method"] == "vslash"
+    assert block["sparse_prefill"]["alpha"] == 0.9 and block["sparse_prefill"]["min_len"] == 64
+    model = load(out, device="cpu", dtype=torch.float32)
+    assert runtime_of(model).sparse_prefill.config.alpha == 0.9
+    plain = tmp_path / "plain"
+    convert(src, out=plain, layers=[1])
+    assert "sparse_prefill" not in json.loads((plain / "config.json").read_text())["lighttransfer"]
+
+
+@pytest.mark.parametrize("args, message", [(["--prefill-alpha", "0.9"], "need --prefill-sparse"),
+                                           (["--prefill-sparse", "sample", "--prefill-alpha", "1.5"],
+                                            "prefill_alpha must be in")])
+def test_sparse_prefill_options_bad_values_are_one_line(source_dirs, tmp_path, capsys, args, message):
+    out = tmp_path / "hybrid"
+    code, stdout, stderr = run_cli(["convert", str(source_dirs["llama"]), "--out", str(out), "--layers", "1", *args],
+                                   capsys)
+    assert code != 0 and message in stderr and "Traceback" not in stderr
+    assert not out.exists()

@@ -39,7 +39,12 @@ def test_tiny_run_writes_json_and_markdown(tmp_path):
         warnings.simplefilter("ignore")
         bench.main(["--out", str(tmp_path), "--tiny", "--lengths", "64", "--methods", "antidiag"])
     result = json.loads((tmp_path / "sparse_prefill.json").read_text())
-    (row,) = result["rows"]
+    rows = {r["layout"]: r for r in result["rows"]}
+    assert sorted(rows) == ["kv-sum", "kv-sum-unpacked", "query"]
+    row = rows["query"]  # flex runs on the first layout only, by default
     assert row["method"] == "antidiag" and 0 < row["density"] <= 1 and row["err_vs_flex"] < 1e-4
     assert row["total_ms"] >= row["estimate_ms"] > 0 and "torch" in result["environment"]
+    assert rows["kv-sum"]["packed"] and not rows["kv-sum-unpacked"]["packed"]
+    assert rows["kv-sum"]["density"] == rows["kv-sum-unpacked"]["density"]  # the same lists, two kernel layouts
+    assert rows["kv-sum"]["err_vs_fp32_reference"] < 1e-4
     assert "antidiag" in (tmp_path / "sparse_prefill.md").read_text()

@@ -146,3 +146,23 @@ def test_sparse_prefill_ranges_are_checked_before_the_weights_load(tmp_path, mon
         loader.load(tmp_path, device="cpu", prefill_sparse="sample", prefill_alpha=1.5)
     with pytest.raises(LightTransferError, match="min_len"):
         loader.load(tmp_path, device="cpu", prefill_min_len=0)
+
+
+@pytest.mark.parametrize("gqa_lists", ["kv-union", "kv-sum"])
+def test_lists_per_kv_head_run_through_the_runtime(gqa_lists):
+    """Lists per KV head: dense at alpha 1, and at a lower alpha no sparser than per-query-head lists (union)."""
+    model, dense = _pair(_sparse(1.0, gqa_lists=gqa_lists))
+    ids = _ids(1, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
+    per_kv, _ = _pair(_sparse(0.6, gqa_lists=gqa_lists))
+    per_q, _ = _pair(_sparse(0.6))
+    with torch.no_grad():
+        per_kv(ids)
+        per_q(ids)
+    kv_density, q_density = sparse_prefill_stats(per_kv).mean_density(), sparse_prefill_stats(per_q).mean_density()
+    assert 0 < q_density < 1 and 0 < kv_density < 1
+    if gqa_lists == "kv-union":
+        assert kv_density >= q_density
+    assert SparsePrefillConfig.from_dict(_sparse(0.6, gqa_lists=gqa_lists).to_dict()).gqa_lists == gqa_lists
+    assert "gqa_lists" not in _sparse(0.6).to_dict()  # the default is not written: older readers load it

@@ -1,8 +1,13 @@
 """Sparse prefill benchmark: estimate + block-sparse kernel vs SDPA-flash dense vs FlexAttention on the same blocks.
 
+The one GPU command (H200: the CUDA tests of the sparse-prefill kernels first, then 131072 and 8192 tokens, every
+estimator, per-query-head lists unpacked vs per-KV-head lists packed, FlexAttention once per length; < 5 min)::
+
     LIGHTTRANSFER_TRITON_AUTOTUNE=0 PYTHONPATH=<dir with a lighttransfer link> \\
-        python3 bench/scripts/sparse_prefill_bench.py --out DIR [--lengths 8192 ... 131072] [--alpha 0.95]
-    TRITON_INTERPRET=1 ... sparse_prefill_bench.py --out DIR --tiny      # CPU smoke run of every code path
+        python3 bench/scripts/sparse_prefill_bench.py --out DIR --lengths 131072 8192
+
+    ... --lengths 8192 16384 32768 65536 131072 --flex all --no-tests   # the full sweep (flex: ~1 min a compile)
+    TRITON_INTERPRET=1 ... sparse_prefill_bench.py --out DIR --tiny --no-tests   # CPU smoke run of every code path
 
 Shape: B = 1, H = 32, Hkv = 8, D = 128, bf16 (the Llama-3-8B full layer), block_q = 128, block_k = 64, one sink
 block and two local blocks. Inputs: ``--qkv FILE`` (a ``torch.save`` dict of post-RoPE ``q [1, H, N, D]``,
@@ -12,17 +17,26 @@ decays with distance, the local band), a strong first key (the sink) and a few h
 stripes). Random Gaussian q/k would give near-uniform attention and a meaningless density; the synthetic density
 is recorded, and it is not a real model's.
 
-For every length and method (``sample``, ``vslash``, ``antidiag``): estimate the lists once, check the kernel
-against FlexAttention over the same lists (all rows) and the fp32 reference (the last query block), then time in
-this one process: the estimation, the kernel, FlexAttention (compiled, ``BlockMask.from_kv_blocks`` from the same
+List layouts (``--layouts``): ``query`` (a list per query head and 128-row query block, one program per query
+head: the 4 query heads of a KV head load each K/V tile once each), ``kv-sum`` (a list per KV head from the group's
+summed mass, 32-row query blocks, the kernel's packed layout: the group's 4 x 32 rows in one 128-row tile, each K/V
+tile loaded once per KV head) and ``kv-sum-unpacked`` (the same lists run unpacked: the packing's own effect). The
+three run the same 128 x 64 tiles; their density differs (on SmolLM2 at 4k, alpha 0.95: 0.45 per query head, 0.50
+summed per KV head, for the same kept mass, docs/sparse_prefill.md).
+
+Before timing, the sparse-prefill kernel tests run on this GPU (``tests/kernels/test_block_sparse_prefill.py`` and
+``test_sparse_estimators.py``, every dtype, the autotuned configs included; ``--no-tests`` skips them); a failure
+stops the benchmark. For every length, method and layout: estimate the lists once, check the kernel against
+FlexAttention over the same lists (all rows, where flex runs) and the fp32 reference (the last query block), then
+time in this one process: the estimation, the kernel, FlexAttention (compiled, ``BlockMask.from_kv_blocks`` from the same
 blocks: whole blocks as full blocks, diagonal ones as partial with a causal ``mask_mod``) and SDPA-flash dense
 causal. Every sparse total includes the estimation. TFLOP/s
 count ``4 * D`` FLOPs per causal (query, key) pair inside the visited blocks (dense: the causal triangle); the
 floor is those FLOPs at the measured bf16 matmul rate, and "share of floor" is floor time / measured time.
-Writes sparse_prefill.json and sparse_prefill.md into DIR. FlexAttention compiles anew for every length and
-method (its mask_mod captures that run's keep mask); with a 10-minute limit per command, run one or two lengths a
-command (``--lengths 131072``) and merge the JSONs, or pass ``--no-flex``. A flex failure is recorded per row
-(``flex_error``) and the other timings still come.
+Writes sparse_prefill.json and sparse_prefill.md into DIR. FlexAttention compiles anew for every run it is timed
+on (its mask_mod captures that run's keep mask, ~1 min each), so by default (``--flex first``) it runs only on the
+first method and layout of each length; ``--flex all`` on every one, ``--flex none`` never. A flex failure is
+recorded per row (``flex_error``) and the other timings still come.
 """
 
 from __future__ import annotations
@@ -46,8 +60,9 @@ from lighttransfer.kernels.sparse_prefill import (  # noqa: E402
 )
 from lighttransfer.output_files import write_atomically, write_json  # noqa: E402
 
-LENGTHS = (8192, 16384, 32768, 65536, 131072)
+LENGTHS = (131072, 8192)
 METHODS = ("sample", "vslash", "antidiag")
+LAYOUTS = ("query", "kv-sum", "kv-sum-unpacked")
 GPU_SHAPE = dict(heads=32, kv_heads=8, dim=128, block_q=128, block_k=64, dtype=torch.bfloat16)
 TINY_SHAPE = dict(heads=4, kv_heads=2, dim=32, block_q=16, block_k=16, dtype=torch.float32)
 TINY_LENGTHS = (160,)
@@ -155,8 +170,39 @@ def last_block(lists: BlockLists) -> tuple[BlockLists, int]:
                       lists.q_offset + first, lists.n_kv, lists.n_q - first), first
 
 
+def layout_grid(layout: str, shape: dict, heads: int, kv_heads: int) -> dict:
+    """``gqa_lists``, ``block_q`` and packing of a list layout: lists per KV head use ``block_q / GROUP`` queries a
+    block so that the packed tile keeps ``block_q`` rows."""
+    if layout == "query":
+        return dict(gqa_lists="query", block_q=shape["block_q"], pack=False)
+    rows = max(16, shape["block_q"] // (heads // kv_heads))
+    block_q = 1 << (rows.bit_length() - 1)  # a power of two (a group of 3: 32 queries, 96 rows in a 128-row tile)
+    return dict(gqa_lists="kv-sum", block_q=block_q, pack=layout == "kv-sum")
+
+
+def run_kernel_tests() -> None:
+    """The sparse-prefill kernel tests on this GPU, through the package's own path (its folder need not be a Python
+    identifier: pytest runs from the folder holding the ``lighttransfer`` link); exits on a failure."""
+    import subprocess
+    import sys
+
+    import lighttransfer
+
+    root = Path(lighttransfer.__file__).parent  # the link, not resolved
+    tests = [str(root / "tests" / "kernels" / name) for name in ("test_block_sparse_prefill.py",
+                                                                "test_sparse_estimators.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(root), "-c",
+           str(root / "pyproject.toml"), *tests]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=root.parent, env={**os.environ, "PYTHONPATH": str(root.parent)})
+    print(f"kernel tests: exit {done.returncode} in {time.perf_counter() - t0:.0f} s", flush=True)
+    if done.returncode != 0:
+        raise SystemExit("the sparse-prefill kernel tests failed on this GPU; no timings taken")
+
+
 def bench_length(n: int, *, shape: dict, alpha: float, methods, device, peaks: dict, qkv_file: Path | None,
-                 tolerance: float, flex_compiled: bool, use_flex: bool = True) -> list[dict]:
+                 tolerance: float, flex_compiled: bool, flex: str = "first",
+                 layouts=("query",)) -> list[dict]:
     time_ms = timer(device)
     dt = shape["dtype"]
     if qkv_file is not None:
@@ -171,36 +217,46 @@ def bench_length(n: int, *, shape: dict, alpha: float, methods, device, peaks: d
     sdpa_ms = time_ms(lambda: sdpa_dense(q, k, v))
     peak = peaks.get("bf16_matmul_tflops")
     rows = []
-    for method in methods:
+    runs = [(m, lay) for m in methods for lay in layouts]
+    for i, (method, layout) in enumerate(runs):
         estimator = make_estimator(method)
+        grid = layout_grid(layout, shape, heads, k.shape[1])
+        lbq = grid["block_q"]
 
-        def estimate(estimator=estimator):
-            return estimate_lists(estimator, q, k, alpha=alpha, block_q=bq, block_k=bk, sink_blocks=1,
-                                  local_blocks=2)
+        def estimate(estimator=estimator, grid=grid):
+            return estimate_lists(estimator, q, k, alpha=alpha, block_q=grid["block_q"], block_k=bk, sink_blocks=1,
+                                  local_blocks=2, gqa_lists=grid["gqa_lists"])
 
         lists = estimate()
-        o = block_sparse_attention(q, k, v, lists)
-        flex, flex_error, err_flex = None, None, float("nan")
-        if use_flex:
+        pack = grid["pack"]
+
+        def kernel(lists=lists, pack=pack):
+            return block_sparse_attention(q, k, v, lists, pack_gqa=pack)
+
+        o = kernel()
+        flex_fn, flex_error, err_flex = None, None, float("nan")
+        if flex == "all" or (flex == "first" and i == 0):
             try:  # a flex failure (an unsupported block size on this torch) must not cost the other numbers
-                flex = flex_runner(lists, heads, device, flex_compiled)
-                err_flex = rel_err(o, flex(q, k, v))
+                flex_fn = flex_runner(lists, heads, device, flex_compiled)
+                err_flex = rel_err(o, flex_fn(q, k, v))
             except Exception as exc:  # noqa: BLE001 - recorded in the JSON
-                flex, flex_error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                print(f"N={n} {method}: FlexAttention failed ({flex_error})", flush=True)
+                flex_fn, flex_error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                print(f"N={n} {method}/{layout}: FlexAttention failed ({flex_error})", flush=True)
         tail, first = last_block(lists)
         ref = block_sparse_attention_reference(q[:, :, first:].float(), k.float(), v.float(), tail)
         err_ref = rel_err(o[:, :, first:], ref)
-        if not err_ref < tolerance or (flex is not None and not err_flex < tolerance):
-            raise RuntimeError(f"N={n} {method}: kernel disagrees (vs flex {err_flex:.2e}, vs fp32 reference "
-                               f"{err_ref:.2e})")
+        if not err_ref < tolerance or (flex_fn is not None and not err_flex < tolerance):
+            raise RuntimeError(f"N={n} {method}/{layout}: kernel disagrees (vs flex {err_flex:.2e}, vs fp32 "
+                               f"reference {err_ref:.2e})")
         est_ms = time_ms(estimate)
-        kernel_ms = time_ms(lambda lists=lists: block_sparse_attention(q, k, v, lists))
-        flex_ms = time_ms(lambda flex=flex: flex(q, k, v)) if flex is not None else float("nan")
+        kernel_ms = time_ms(kernel)
+        flex_ms = time_ms(lambda flex_fn=flex_fn: flex_fn(q, k, v)) if flex_fn is not None else float("nan")
         flops = 4 * dim * visited_pairs(lists) * (heads // lists.indices.shape[1])
         total_ms = est_ms + kernel_ms
         row = dict(
-            n=n, method=method, alpha=alpha, density=lists.density(), err_vs_flex=err_flex, err_vs_fp32_reference=err_ref,
+            n=n, method=method, layout=layout, gqa_lists=grid["gqa_lists"], block_q=lbq, packed=pack, alpha=alpha,
+            heads=heads, kv_heads=k.shape[1], dim=dim,
+            density=lists.density(), err_vs_flex=err_flex, err_vs_fp32_reference=err_ref,
             estimate_ms=est_ms, kernel_ms=kernel_ms, total_ms=total_ms, flex_ms=flex_ms, flex_total_ms=est_ms + flex_ms,
             sdpa_ms=sdpa_ms, speedup_vs_sdpa=sdpa_ms / total_ms, speedup_vs_flex=(est_ms + flex_ms) / total_ms,
             kernel_tflops=flops / kernel_ms / 1e9, total_tflops=flops / total_ms / 1e9,
@@ -212,21 +268,23 @@ def bench_length(n: int, *, shape: dict, alpha: float, methods, device, peaks: d
             row.update(floor_ms=floor_ms, kernel_share_of_floor=floor_ms / kernel_ms,
                        total_share_of_floor=floor_ms / total_ms, sdpa_share_of_floor=dense_flops / (peak * 1e9) / sdpa_ms)
         rows.append(row)
-        print(f"N={n} {method}: density {row['density']:.3f}, estimate {est_ms:.3f} ms + kernel {kernel_ms:.3f} ms "
-              f"= {total_ms:.3f} ms; flex {flex_ms:.3f} ms; SDPA dense {sdpa_ms:.3f} ms "
+        print(f"N={n} {method}/{layout}: density {row['density']:.3f}, estimate {est_ms:.3f} ms + kernel "
+              f"{kernel_ms:.3f} ms = {total_ms:.3f} ms; flex {flex_ms:.3f} ms; SDPA dense {sdpa_ms:.3f} ms "
               f"(x{row['speedup_vs_sdpa']:.2f} SDPA, x{row['speedup_vs_flex']:.2f} flex)", flush=True)
     return rows
 
 
 def to_markdown(result: dict) -> str:
-    headers = ["N", "method", "density", "est ms", "kernel ms", "total ms", "flex ms (+est)", "SDPA ms", "x SDPA",
+    headers = ["N", "method", "lists", "density", "est ms", "kernel ms", "total ms", "flex ms (+est)", "SDPA ms", "x SDPA",
                "x flex", "kernel TFLOP/s", "total TFLOP/s", "share of floor (total)"]
-    rows = [[r["n"], r["method"], f"{r['density']:.3f}", f"{r['estimate_ms']:.3f}", f"{r['kernel_ms']:.3f}",
+    rows = [[r["n"], r["method"], r["layout"], f"{r['density']:.3f}", f"{r['estimate_ms']:.3f}", f"{r['kernel_ms']:.3f}",
              f"{r['total_ms']:.3f}", f"{r['flex_total_ms']:.3f}", f"{r['sdpa_ms']:.3f}", f"{r['speedup_vs_sdpa']:.2f}",
              f"{r['speedup_vs_flex']:.2f}", f"{r['kernel_tflops']:.0f}", f"{r['total_tflops']:.0f}",
              f"{r.get('total_share_of_floor', float('nan')):.2f}"] for r in result["rows"]]
     env = result["environment"]
-    head = (f"Sparse prefill, alpha {result['alpha']}, {result['shape']} on {env.get('gpu', 'CPU')} "
+    first = result["rows"][0] if result["rows"] else {}
+    head = (f"Sparse prefill, alpha {result['alpha']}, H={first.get('heads')}, Hkv={first.get('kv_heads')}, "
+            f"D={first.get('dim')}, {result['shape']} on {env.get('gpu', 'CPU')} "
             f"(torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}), inputs: "
             f"{result['inputs']}.\n\n")
     return head + markdown_table(headers, rows)
@@ -239,8 +297,12 @@ def main(argv=None) -> None:
     parser.add_argument("--alpha", type=float, default=0.95, help="mass share kept per (head, query block)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="estimators")
     parser.add_argument("--qkv", type=Path, default=None, help="torch.save dict of real q, k, v (else synthetic)")
-    parser.add_argument("--no-flex", action="store_true",
-                        help="skip FlexAttention (each length and method compiles it anew: ~1 min each)")
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS,
+                        help="list layouts: per query head, per KV head packed, per KV head unpacked")
+    parser.add_argument("--flex", default="first", choices=("first", "all", "none"),
+                        help="where FlexAttention is timed (each run compiles it anew: ~1 min each): the first "
+                             "method and layout of each length, every one, or none")
+    parser.add_argument("--no-tests", action="store_true", help="skip the CUDA kernel tests before timing")
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke run at a tiny shape (set TRITON_INTERPRET=1 to run the Triton kernel)")
     args = parser.parse_args(argv)
@@ -249,18 +311,22 @@ def main(argv=None) -> None:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("sparse_prefill_bench needs a CUDA GPU (or --tiny on the CPU)")
+        if not args.no_tests:
+            run_kernel_tests()
         device, shape, lengths, peaks = "cuda", GPU_SHAPE, args.lengths or LENGTHS, measure_peaks()
     rows = []
+    started = time.perf_counter()
     for n in lengths:
         rows += bench_length(n, shape=shape, alpha=args.alpha, methods=args.methods, device=device, peaks=peaks,
-                             qkv_file=args.qkv, tolerance=2e-2, flex_compiled=device == "cuda",
-                             use_flex=not args.no_flex)
+                             qkv_file=args.qkv, tolerance=2e-2, flex_compiled=device == "cuda", flex=args.flex,
+                             layouts=args.layouts)
         if device == "cuda":
             torch.cuda.empty_cache()
     result = {"environment": environment(), "peaks": peaks, "alpha": args.alpha,
               "shape": {key: str(val) for key, val in shape.items()}, "inputs": str(args.qkv or "synthetic"),
               "autotune": os.environ.get("LIGHTTRANSFER_TRITON_AUTOTUNE"),
-              "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"), "rows": rows}
+              "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"), "layouts": args.layouts,
+              "seconds": round(time.perf_counter() - started, 1), "rows": rows}
     write_json(args.out / "sparse_prefill.json", result)
     md = to_markdown(result)
     write_atomically(args.out / "sparse_prefill.md", md)

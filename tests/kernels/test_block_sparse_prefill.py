@@ -199,6 +199,16 @@ def test_sdpa_variant_matches_the_reference(case):
         Case("gpu-tiles-kv-lists-padding", n_kv=1023, block_q=64, block_k=64, heads=4, kv_heads=2, dim=128,
              list_heads="kv", batch=2, kv_start=(0, 300)),
         Case("gpu-tiles-D256", n_kv=777, block_q=64, block_k=64, heads=2, kv_heads=1, dim=256),
+        # packed (lists per KV head): the 8B group of 4 in a 128-row tile, SmolLM2's group of 3 (96 of 128 rows),
+        # a group of 8 of 16 queries, and the largest packed tile (256 rows)
+        Case("gpu-packed-gqa4-bq32-D128", n_kv=2049, block_q=32, block_k=64, heads=8, kv_heads=2, dim=128,
+             list_heads="kv", keep_share=0.3, local_blocks=2),
+        Case("gpu-packed-gqa3-bq32-D64-chunk", n_kv=1500, n=777, block_q=32, block_k=64, heads=9, kv_heads=3,
+             dim=64, list_heads="kv", keep_share=0.3),
+        Case("gpu-packed-gqa8-bq16", n_kv=1000, block_q=16, block_k=64, heads=8, kv_heads=1, dim=128,
+             list_heads="kv", batch=2, kv_start=(0, 123)),
+        Case("gpu-packed-256-rows", n_kv=1100, block_q=64, block_k=64, heads=4, kv_heads=1, dim=128,
+             list_heads="kv", keep_share=0.4),
     ],
     ids=lambda c: c.id,
 )
@@ -209,3 +219,46 @@ def test_kernel_matches_reference_on_gpu_tiles(case, dtype):
     low_o = block_sparse_attention_reference(q, k, v, lists, kv_start=kv_start, compute_dtype=dtype)
     o = block_sparse_attention(q, k, v, lists, kv_start=kv_start)
     assert_within_policy(o, ref_o, low_o, dtype, case.id)
+
+
+PACKED_CASES = [
+    Case("packed-gqa2-ragged-N=53", n_kv=53, heads=4, kv_heads=2, list_heads="kv"),
+    Case("packed-gqa3-pad-rows", n_kv=70, heads=6, kv_heads=2, list_heads="kv"),  # 48 rows in a 64-row tile
+    Case("packed-gqa4-bq32", n_kv=101, block_q=32, heads=8, kv_heads=2, list_heads="kv"),
+    Case("packed-gqa8-N=30<sink+band", n_kv=30, heads=8, kv_heads=1, list_heads="kv", sink_blocks=1,
+         local_blocks=2),
+    Case("packed-gqa4-chunk-of-last-23", n_kv=120, n=23, heads=4, kv_heads=1, list_heads="kv"),
+    Case("packed-gqa2-padding-left", n_kv=60, batch=3, kv_start=(0, 7, 33), list_heads="kv"),
+    Case("packed-gqa2-D40-bk32", n_kv=77, block_k=32, dim=40, list_heads="kv"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("case", PACKED_CASES, ids=lambda c: c.id)
+def test_packed_kernel_matches_reference_and_unpacked(case, dtype):
+    """The packed layout (a KV head's query heads stacked in one tile) is the same attention as the unpacked one."""
+    from lighttransfer.kernels.sparse_prefill import can_pack
+
+    q, k, v, lists, kv_start = _make(case, dtype, seed=hash(case.id) % 1000)
+    assert can_pack(q.shape[1], k.shape[1], lists)
+    o, lse = block_sparse_attention(q, k, v, lists, kv_start=kv_start, return_lse=True, pack_gqa=True)
+    ref_o, ref_lse = block_sparse_attention_reference(q.float(), k.float(), v.float(), lists, kv_start=kv_start,
+                                                      return_lse=True)
+    low_o, low_lse = block_sparse_attention_reference(q, k, v, lists, kv_start=kv_start, return_lse=True,
+                                                      compute_dtype=dtype)
+    assert_within_policy(o, ref_o, low_o, dtype, f"{case.id} packed output")
+    assert_within_policy(lse, ref_lse, low_lse, dtype, f"{case.id} packed lse")
+    o1, lse1 = block_sparse_attention(q, k, v, lists, kv_start=kv_start, return_lse=True, pack_gqa=False)
+    assert_within_policy(o1, ref_o, low_o, dtype, f"{case.id} unpacked output")
+    assert torch.equal(torch.isinf(lse1), torch.isinf(lse))
+
+
+def test_packing_needs_lists_per_kv_head():
+    case = Case("per-q", n_kv=40, heads=4, kv_heads=2, list_heads="q")
+    q, k, v, lists, _ = _make(case, torch.float32, seed=0)
+    with pytest.raises(LightTransferError, match="pack_gqa needs lists per KV head"):
+        block_sparse_attention(q, k, v, lists, pack_gqa=True)
+    big = Case("too-many-rows", n_kv=40, heads=8, kv_heads=1, list_heads="kv", block_q=64)  # 512 rows
+    q, k, v, lists, _ = _make(big, torch.float32, seed=0)
+    with pytest.raises(LightTransferError, match="rows <= 256"):
+        block_sparse_attention(q, k, v, lists, pack_gqa=True)

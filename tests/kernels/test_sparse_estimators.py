@@ -184,3 +184,49 @@ def test_estimators_take_strided_views_as_the_runtime_passes_them(estimator):
     got = estimator.block_mass(q, k, q_offset=0, block_q=16, block_k=16, scale=0.25)
     want = estimator.block_mass(q.contiguous(), k.contiguous(), q_offset=0, block_q=16, block_k=16, scale=0.25)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.9, 0.99])
+@pytest.mark.parametrize("bands", [1, 3, 8, 100])
+def test_banded_selector_equals_the_full_sort(alpha, bands):
+    """Sorting each band of query blocks over its causal key blocks only keeps what the full sort keeps."""
+    from lighttransfer.kernels.block_lists import always_kept
+    from lighttransfer.kernels.block_select import select_by_mass_sorted
+
+    g = torch.Generator().manual_seed(7)
+    grid = dict(block_q=16, block_k=16, q_offset=0, n_kv=600, n_q=600)
+    always = always_kept(38, **grid, sink_blocks=1, local_blocks=2)
+    causal = always_kept(38, **grid, sink_blocks=0, local_blocks=10**6)
+    # heavy-tailed masses (no ties), some rows all zero
+    mass = torch.rand(2, 3, 38, 38, generator=g) ** 6
+    mass[0, 1, 5] = 0.0
+    want = select_by_mass_sorted(mass, always, causal, alpha)
+    got = select_by_mass(mass, always, causal, alpha, bands=bands)
+    assert torch.equal(got, want)
+    assert got.sum() > always.sum() * 6  # the test selects something beyond the always-kept blocks
+
+
+@pytest.mark.parametrize("gqa_lists", ["kv-union", "kv-sum"])
+def test_kv_head_lists_keep_alpha_of_the_group(gqa_lists):
+    """Union: every query head keeps >= alpha of its own mass; sum: the group's summed mass keeps >= alpha."""
+    from lighttransfer.kernels.block_lists import always_kept
+    from lighttransfer.kernels.block_select import group_keep
+
+    g = torch.Generator().manual_seed(3)
+    grid = dict(block_q=16, block_k=16, q_offset=0, n_kv=400, n_q=400)
+    always = always_kept(25, **grid, sink_blocks=1, local_blocks=1)
+    causal = always_kept(25, **grid, sink_blocks=0, local_blocks=10**6)
+    mass = torch.where(causal, torch.rand(1, 6, 25, 25, generator=g) ** 8, 0.0)
+    mass = mass / mass.sum(-1, keepdim=True)
+    keep = group_keep(mass, always, causal, 0.9, kv_heads=2, gqa_lists=gqa_lists)
+    assert keep.shape == (1, 2, 25, 25)
+    per_head = keep.repeat_interleave(3, dim=1)
+    kept = (mass * per_head).sum(-1)  # [1, 6, 25]
+    if gqa_lists == "kv-union":
+        assert (kept >= 0.9 - 1e-6).all()
+        own = select_by_mass(mass, always, causal, 0.9)
+        assert per_head.sum() >= own.sum()  # the union visits at least what each head needs
+    else:
+        group = kept.view(1, 2, 3, 25).mean(2)
+        assert (group >= 0.9 - 1e-6).all()
+        assert (kept < 0.9).any()  # a head can keep less than alpha alone: the trade the sum makes
