@@ -28,8 +28,11 @@ Differences between the two releases, the only version-dependent code of the plu
 
 - 0.32 declares a backend's KV cache layout with ``supported_kv_cache_layouts`` (``KVCacheLayout`` in
   ``vllm/v1/kv_cache_layout.py``); 0.26 has no such type and asks the backend for ``get_kv_cache_shape``
-  and ``get_required_kv_cache_layout`` instead (:data:`LEGACY_KV_CACHE_SHAPE`). Both give the CPU path the
+  and ``get_required_kv_cache_layout`` instead (:data:`LEGACY_BACKEND_API`). Both give the CPU path the
   same ``[blocks, kv_heads, block_size, 2 * head_dim]`` contiguous cache.
+- 0.32's ``register_backend`` accepts a new backend name (it extends ``AttentionBackendEnum``); 0.26's enum
+  is fixed, and ``Attention.__init__`` looks ``AttentionBackendEnum[backend.get_name()]`` up, so there the
+  CPU backend takes the ``CUSTOM`` member (the CUDA backend keeps the name ``TRITON_ATTN`` in both).
 - Everything else named here has the same name and signature in both (``KVCacheSpecRegistry`` and its
   ``_ensure_registered``; ``SlidingWindowSpec`` with ``max_admission_blocks_per_request`` and
   ``is_uniform_with_collection``; ``SlidingWindowManager`` with ``get_num_skipped_tokens``,
@@ -74,7 +77,8 @@ try:  # vLLM 0.32
     from vllm.v1.kv_cache_interface import KVCacheLayout  # noqa: E402
 except ImportError:  # vLLM 0.26: backends give get_kv_cache_shape + get_required_kv_cache_layout instead
     KVCacheLayout = None
-LEGACY_KV_CACHE_SHAPE = KVCacheLayout is None
+# vLLM 0.26's backend API: a fixed enum of backend names, KV cache shapes asked of the backend
+LEGACY_BACKEND_API = KVCacheLayout is None
 
 
 def on_cuda() -> bool:
@@ -132,6 +136,6 @@ __all__ = [
     "ModelRegistry", "VllmConfig", "get_current_vllm_config", "Attention", "vllm_model_classes", "extract_layer_index", "cdiv",
     "AttentionBackend", "AttentionImpl", "AttentionMetadataBuilder", "AttentionType", "CommonAttentionMetadata",
     "AttentionBackendEnum", "register_backend", "SlidingWindowManager", "KVCacheLayout", "SlidingWindowSpec",
-    "KVCacheSpecRegistry", "ensure_builtin_kv_specs", "forget_attention_layer", "LEGACY_KV_CACHE_SHAPE",
+    "KVCacheSpecRegistry", "ensure_builtin_kv_specs", "forget_attention_layer", "LEGACY_BACKEND_API",
     "on_cuda", "triton_attention_classes",
 ]
