@@ -93,9 +93,8 @@ def cmd_tokens(args) -> None:
     lengths = [int(n) for n in args.prompt_lengths.split(",")]
     prompts = [random_prompts(1, n, vocab, seed=PROMPT_SEED + i)[0] for i, n in enumerate(lengths)]
 
-    from vllm import LLM
-
     from lighttransfer.serving.vllm.internals import kv_cache_managers
+    from vllm import LLM
 
     llm = LLM(str(model), skip_tokenizer_init=True, dtype=args.dtype, max_model_len=max(lengths) + args.new_tokens,
               enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization,
@@ -121,8 +120,8 @@ def cmd_tokens(args) -> None:
                                    do_sample=False, pad_token_id=0)
         want.append(gen[0, len(p):].tolist())
     rows = []
-    for n, a, b in zip(lengths, got, want):
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    for n, a, b in zip(lengths, got, want, strict=True):
+        first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
         rows.append({"prompt_tokens": n, "new_tokens": args.new_tokens, "equal": a == b,
                      "first_difference": first, "vllm": a, "runtime": b})
     block = json.loads((model / "config.json").read_text()).get("lighttransfer", {})
@@ -138,7 +137,6 @@ def cmd_tokens(args) -> None:
 def cmd_build_8b(args) -> None:
     """The Llama-3-8B shape with random bf16 weights (``src``) and its hybrid (``hybrid``), on disk."""
     import torch
-
     from lighttransfer.bench.shaped_model import build_shaped_model
     from lighttransfer.convert import convert
 
