@@ -19,6 +19,8 @@
 #
 # Usage (here, with network):  bench/scripts/vllm_gpu_slim.sh OUT_DIR [--with-fa3]
 #   WHEELS=DIR reuses downloaded wheels (default OUT_DIR/wheels); PYTHON=python3 with pip.
+# Wheels tagged up to manylinux_2_35 are taken (assumed: the image's Python 3.12.3 is Ubuntu 24.04's, glibc 2.39;
+# --install prints the machine's glibc).
 # Writes OUT_DIR/vllm-slim.tar.xz.part-00, -01, ... and OUT_DIR/SHA256SUMS, and prints the sizes.
 #
 # On the GPU machine, each part copied to /tmp/vllm-parts/ (one carried call each), then:
@@ -33,7 +35,7 @@ VLLM_VERSION=0.26.0
 # module-level imports of vLLM 0.26 that the GPU image lacks (pins from vLLM 0.26.0's METADATA)
 DEPS=(
   "pydantic>=2.12.0" "typing-inspection" "annotated-types" "msgspec" "pyzmq>=25.0.0" "pybase64" "cachetools"
-  "cbor2" "openai-harmony>=0.0.3" "openai>=2.0.0" "distro" "jiter" "sniffio" "llguidance>=1.6,<1.8.0"
+  "cbor2" "openai-harmony>=0.0.3" "openai>=2.0.0" "distro" "jiter" "sniffio" "llguidance>=1.7.0,<1.8.0"
   "xgrammar>=0.2.1,<1.0.0" "apache-tvm-ffi==0.1.10" "fastapi>=0.133.0,<0.137.0" "starlette>=1.0.1"
   "partial-json-parser" "depyf==0.20.0" "astor" "dill" "setproctitle" "blake3"
 )
@@ -49,6 +51,7 @@ install_parts() {  # on the GPU machine: PARTS_DIR SITE
   printf 'Metadata-Version: 2.1\nName: lighttransfer\nVersion: 0+checkout\n' > "$info/METADATA"
   printf '[vllm.general_plugins]\nlighttransfer = lighttransfer.serving.vllm:register\n' > "$info/entry_points.txt"
   ln -sfn "$checkout" /tmp/lt/lighttransfer
+  ldd --version | head -1
   PYTHONPATH="$site:/tmp/lt" python3 -c "import vllm, importlib.metadata as m; print('vllm', vllm.__version__, 'plugins', [e.name for e in m.entry_points(group='vllm.general_plugins')])"
 }
 
@@ -64,6 +67,7 @@ PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-$OUT/wheels}
 mkdir -p "$OUT" "$WHEELS"
 TARGET=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none
+        --platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
         --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 --platform any)
 pip_download() { "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps "${TARGET[@]}" -d "$WHEELS" "$@"; }
@@ -79,10 +83,14 @@ STAGE=$(mktemp -d)
 trap 'rm -rf "$STAGE"' EXIT
 SITE=$STAGE/site
 mkdir -p "$SITE"
-# a wheel is a zip of its install tree; purelib/platlib under NAME.data/ go to the top, scripts are not needed
+# a wheel is a zip of its install tree; purelib/platlib under NAME.data/ go to the top, scripts are not needed.
+# One wheel per project: the newest in WHEELS, except pydantic-core, which is the one pydantic pins.
+declare -A CHOSEN
 for wheel in $(ls "$WHEELS"/*.whl | sort -V); do
-  name=$(basename "$wheel" | cut -d- -f1 | tr 'A-Z_' 'a-z-')
-  if [ "$name" = "pydantic" ] && [ "$wheel" != "$PYDANTIC_WHEEL" ]; then continue; fi
+  CHOSEN[$(basename "$wheel" | cut -d- -f1 | tr 'A-Z-' 'a-z_')]=$wheel
+done
+CHOSEN[pydantic_core]=$(ls "$WHEELS"/pydantic_core-"${CORE_PIN#pydantic-core==}"-*.whl | head -1)
+for wheel in "${CHOSEN[@]}"; do
   unzip -q -o "$wheel" -d "$SITE"
 done
 for data in "$SITE"/*.data; do
