@@ -6,18 +6,18 @@
 # binaries link libcudart.so.13, as torch 2.11.0+cu130 does. Left out of the slim copy (none of them is
 # imported on the path LLM(...) takes for a dense or hybrid Llama/Mistral/Qwen2/Qwen3 in bf16):
 #   vllm_flash_attn/_vllm_fa2_C.abi3.so (291 MiB; FlashAttention 2, pre-Hopper GPUs), cute/ (FlashAttention 4,
-#   needs nvidia-cutlass-dsl), _vllm_fa3_C.abi3.so (146 MiB; kept with --with-fa3: FlashAttention 3, vLLM's
-#   default backend on Hopper; without it the full layers run vLLM's Triton backend), _moe_C (45 MiB; MoE
+#   needs nvidia-cutlass-dsl), _moe_C (45 MiB; MoE
 #   kernels, import is optional), vllm-rs (41 MiB; the Rust frontend, used only with VLLM_RUST_FRONTEND_PATH),
 #   third_party/deep_gemm (35 MiB; FP8 GEMMs) and fmha_sm100 (30 MiB; Blackwell), the MLA / qutlass binaries
-#   are kept (small). Dependencies: only those the GPU machine lacks that vLLM imports at module level on
+#   are kept (small). FlashAttention 3 (_vllm_fa3_C.abi3.so, 146 MiB, ~11 MiB compressed: vLLM's default
+#   backend on Hopper) is kept; --without-fa3 drops it, and the full layers then run vLLM's Triton backend. Dependencies: only those the GPU machine lacks that vLLM imports at module level on
 #   that path (found by importing vLLM 0.26's offline modules in an environment holding just the GPU
 #   machine's packages), plus depyf (imported while compiling with CUDA graphs). Not carried: flashinfer,
 #   the server's extras (uvicorn, prometheus-fastapi-instrumentator, mcp, anthropic, opentelemetry),
 #   structured-output extras (outlines-core, lm-format-enforcer), mistral-common, compressed-tensors (quantized
 #   checkpoints), gguf: `vllm serve` and those features need them.
 #
-# Usage (here, with network):  bench/scripts/vllm_gpu_slim.sh OUT_DIR [--with-fa3]
+# Usage (here, with network):  bench/scripts/vllm_gpu_slim.sh OUT_DIR [--without-fa3]
 #   WHEELS=DIR reuses downloaded wheels (default OUT_DIR/wheels); PYTHON=python3 with pip.
 # Wheels tagged up to manylinux_2_35 are taken (assumed: the image's Python 3.12.3 is Ubuntu 24.04's, glibc 2.39;
 # --install prints the machine's glibc).
@@ -60,9 +60,9 @@ if [ "${1:-}" = "--install" ]; then
   exit 0
 fi
 
-OUT=${1:?usage: $0 OUT_DIR [--with-fa3]  |  $0 --install PARTS_DIR SITE_DIR}
-WITH_FA3=0
-[ "${2:-}" = "--with-fa3" ] && WITH_FA3=1
+OUT=${1:?usage: $0 OUT_DIR [--without-fa3]  |  $0 --install PARTS_DIR SITE_DIR}
+WITH_FA3=1
+[ "${2:-}" = "--without-fa3" ] && WITH_FA3=0
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-$OUT/wheels}
 mkdir -p "$OUT" "$WHEELS"
