@@ -1,10 +1,13 @@
 """The streaming layers' attention in vLLM: a layer, a backend, its metadata and its implementation.
 
-:class:`SinkWindowAttention` is vLLM's ``Attention`` with the window as its per-layer sliding window, the
-:class:`SinkWindowBackend` as its backend, and a :class:`~.kv_cache.SinkWindowSpec` as its KV spec, so its
-layers form their own bounded KV group. The backend is plain PyTorch (:mod:`.paged`): it stores new keys
-and values in the paged cache and attends over the sink and window blocks only. It runs on every device vLLM
-runs on, and is the CPU path; on GPUs it is correct but not fast (one request at a time).
+:class:`SinkWindowAttention` is vLLM's ``Attention`` with the window as its per-layer sliding window, a
+sink + window backend, and a :class:`~.kv_cache.SinkWindowSpec` as its KV spec, so its layers form their
+own bounded KV group. Which backend:
+
+- on NVIDIA GPUs, :class:`~.attention_cuda.SinkWindowTritonBackend`: vLLM's Triton ``unified_attention`` in
+  its prefix-plus-window mode, over block tables shortened to the sink and window blocks;
+- everywhere else (the CPU build), :class:`SinkWindowBackend`, plain PyTorch (:mod:`.paged`): it stores new
+  keys and values in the paged cache and attends over the sink and window blocks only, one request at a time.
 
 The KV cache of a layer is ``[num_blocks, kv_heads, block_size, 2 * head_dim]`` per block and head (vLLM's
 ``LBHNC`` layout, keys then values); :func:`split_kv_cache` reads it the way vLLM's CPU backend does.
@@ -18,6 +21,7 @@ from typing import ClassVar
 import torch
 
 from .internals import (
+    LEGACY_BACKEND_API,
     Attention,
     AttentionBackend,
     AttentionBackendEnum,
@@ -27,6 +31,7 @@ from .internals import (
     CommonAttentionMetadata,
     KVCacheLayout,
     VllmConfig,
+    on_cuda,
     register_backend,
 )
 from .kv_cache import SinkWindowSpec
@@ -133,7 +138,7 @@ class SinkWindowBackend(AttentionBackend):
 
     @staticmethod
     def get_name() -> str:
-        return BACKEND_NAME
+        return "CUSTOM" if LEGACY_BACKEND_API else BACKEND_NAME
 
     @staticmethod
     def get_impl_cls() -> type[SinkWindowImpl]:
@@ -147,25 +152,48 @@ class SinkWindowBackend(AttentionBackend):
     def supports_sliding_window(cls) -> bool:
         return True
 
-    @classmethod
-    def supported_kv_cache_layouts(cls):
-        return (KVCacheLayout.LBHNC,)
+    if LEGACY_BACKEND_API:  # vLLM 0.26: the backend gives the cache's shape and its memory order
+
+        @staticmethod
+        def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                               cache_dtype_str: str = "auto") -> tuple[int, ...]:
+            return (num_blocks, num_kv_heads, block_size, 2 * head_size)
+
+        @classmethod
+        def get_required_kv_cache_layout(cls):
+            return "HND"
+    else:
+
+        @classmethod
+        def supported_kv_cache_layouts(cls):
+            return (KVCacheLayout.LBHNC,)
 
 
 def register_attention_backend() -> None:
-    """Give the backend its name in vLLM's backend registry (idempotent)."""
+    """Give the CPU backend its name in vLLM's backend registry (idempotent); on vLLM 0.26, whose names are
+    fixed, the ``CUSTOM`` one."""
     path = f"{SinkWindowBackend.__module__}.{SinkWindowBackend.__qualname__}"
-    known = AttentionBackendEnum.__members__.get(BACKEND_NAME)
-    register_backend(known if known is not None else BACKEND_NAME, path)
+    name = SinkWindowBackend.get_name()
+    known = AttentionBackendEnum.__members__.get(name)
+    register_backend(known if known is not None else name, path)
+
+
+def sink_window_backend() -> type:
+    """The backend of the streaming layers here: vLLM's Triton path on CUDA, the plain-PyTorch one elsewhere."""
+    if on_cuda():
+        from .attention_cuda import SinkWindowTritonBackend
+
+        return SinkWindowTritonBackend
+    register_attention_backend()
+    return SinkWindowBackend
 
 
 class SinkWindowAttention(Attention):
     """vLLM's attention layer for a streaming layer: sink + window attention and a bounded KV group."""
 
     def __init__(self, num_heads: int, head_size: int, scale: float, *, sink: int, window: int, **kwargs) -> None:
-        register_attention_backend()
         super().__init__(num_heads, head_size, scale, per_layer_sliding_window=window,
-                         attn_backend=SinkWindowBackend, sink=sink, **kwargs)
+                         attn_backend=sink_window_backend(), sink=sink, **kwargs)
         self.sink = sink
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> SinkWindowSpec:
@@ -173,4 +201,4 @@ class SinkWindowAttention(Attention):
 
 
 __all__ = ["SinkWindowAttention", "SinkWindowBackend", "SinkWindowImpl", "SinkWindowMetadata",
-           "register_attention_backend", "split_kv_cache", "BACKEND_NAME"]
+           "register_attention_backend", "sink_window_backend", "split_kv_cache", "BACKEND_NAME"]

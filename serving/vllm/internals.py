@@ -1,4 +1,4 @@
-"""Every piece of vLLM the plugin touches, imported here and nowhere else (checked against vLLM 0.32).
+"""Every piece of vLLM the plugin touches, imported here and nowhere else (checked against vLLM 0.32 and 0.26).
 
 Registration surfaces vLLM documents for plugins:
 
@@ -17,7 +17,28 @@ Classes subclassed (not a stable API; each vLLM minor release is re-checked befo
   (``vllm/v1/core/single_type_kv_cache_manager.py``), whose ``_remove_blocks_in_range`` the manager calls;
 - ``Attention`` (``vllm/model_executor/layers/attention/attention.py``), ``AttentionBackend``,
   ``AttentionImpl``, ``AttentionMetadataBuilder`` (``vllm/v1/attention/backend.py``);
-- the four model classes above.
+- the four model classes above;
+- on CUDA, ``TritonAttentionBackend``, ``TritonAttentionImpl``, ``TritonAttentionMetadataBuilder``
+  (``vllm/v1/attention/backends/triton_attn.py``): the streaming layers run vLLM's Triton
+  ``unified_attention`` through them, in its R-SWA mode (``rswa_prefix_lens`` = the sink, ``rswa_window``),
+  over a block table the builder shortens (:mod:`.window_table`); the builder sets the metadata fields
+  ``block_table``, ``seq_lens``, ``max_seq_len``, ``rswa_prefix_lens``, ``rswa_window``.
+
+Differences between the two releases, the only version-dependent code of the plugin (all below):
+
+- 0.32 declares a backend's KV cache layout with ``supported_kv_cache_layouts`` (``KVCacheLayout`` in
+  ``vllm/v1/kv_cache_layout.py``); 0.26 has no such type and asks the backend for ``get_kv_cache_shape``
+  and ``get_required_kv_cache_layout`` instead (:data:`LEGACY_BACKEND_API`). Both give the CPU path the
+  same ``[blocks, kv_heads, block_size, 2 * head_dim]`` contiguous cache.
+- 0.32's ``register_backend`` accepts a new backend name (it extends ``AttentionBackendEnum``); 0.26's enum
+  is fixed, and ``Attention.__init__`` looks ``AttentionBackendEnum[backend.get_name()]`` up, so there the
+  CPU backend takes the ``CUSTOM`` member (the CUDA backend keeps the name ``TRITON_ATTN`` in both).
+- Everything else named here has the same name and signature in both (``KVCacheSpecRegistry`` and its
+  ``_ensure_registered``; ``SlidingWindowSpec`` with ``max_admission_blocks_per_request`` and
+  ``is_uniform_with_collection``; ``SlidingWindowManager`` with ``get_num_skipped_tokens``,
+  ``_remove_blocks_in_range``, ``find_longest_cache_hit``, ``req_to_blocks``; ``Attention.__init__`` with
+  ``per_layer_sliding_window``, ``attn_backend`` and ``**extra_impl_args``; ``register_backend``; the
+  Triton backend's R-SWA fields; the model classes' constructors).
 
 Private state reached into (the names a vLLM upgrade must be checked for):
 
@@ -49,8 +70,34 @@ from vllm.v1.attention.backend import (  # noqa: E402
 )
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend  # noqa: E402
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager  # noqa: E402
-from vllm.v1.kv_cache_interface import KVCacheLayout, SlidingWindowSpec  # noqa: E402
+from vllm.v1.kv_cache_interface import SlidingWindowSpec  # noqa: E402
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry  # noqa: E402
+
+try:  # vLLM 0.32
+    from vllm.v1.kv_cache_interface import KVCacheLayout  # noqa: E402
+except ImportError:  # vLLM 0.26: backends give get_kv_cache_shape + get_required_kv_cache_layout instead
+    KVCacheLayout = None
+# vLLM 0.26's backend API: a fixed enum of backend names, KV cache shapes asked of the backend
+LEGACY_BACKEND_API = KVCacheLayout is None
+
+
+def on_cuda() -> bool:
+    """Whether vLLM runs on an NVIDIA GPU (then the streaming layers take the Triton path)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cuda())
+
+
+def triton_attention_classes() -> tuple[type, type, type]:
+    """vLLM's ``(TritonAttentionBackend, TritonAttentionImpl, TritonAttentionMetadataBuilder)`` (imported on
+    first use: the module needs Triton, which the CPU build lacks)."""
+    from vllm.v1.attention.backends.triton_attn import (
+        TritonAttentionBackend,
+        TritonAttentionImpl,
+        TritonAttentionMetadataBuilder,
+    )
+
+    return TritonAttentionBackend, TritonAttentionImpl, TritonAttentionMetadataBuilder
 
 
 def vllm_model_classes() -> dict[str, type]:
@@ -89,5 +136,6 @@ __all__ = [
     "ModelRegistry", "VllmConfig", "get_current_vllm_config", "Attention", "vllm_model_classes", "extract_layer_index", "cdiv",
     "AttentionBackend", "AttentionImpl", "AttentionMetadataBuilder", "AttentionType", "CommonAttentionMetadata",
     "AttentionBackendEnum", "register_backend", "SlidingWindowManager", "KVCacheLayout", "SlidingWindowSpec",
-    "KVCacheSpecRegistry", "ensure_builtin_kv_specs", "forget_attention_layer",
+    "KVCacheSpecRegistry", "ensure_builtin_kv_specs", "forget_attention_layer", "LEGACY_BACKEND_API",
+    "on_cuda", "triton_attention_classes",
 ]

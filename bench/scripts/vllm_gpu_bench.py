@@ -1,0 +1,282 @@
+"""vLLM with lighttransfer's plugin on a GPU: greedy tokens against lighttransfer's runtime, and throughput and
+KV capacity of a hybrid against the dense model (see vllm_gpu.sh for the runs and the install).
+
+    python3 vllm_gpu_bench.py tokens   --model SMOLLM2.gguf|HYBRID_DIR --out DIR [--dtype float32]
+    python3 vllm_gpu_bench.py build-8b --out DIR [--ratio 0.5] [--sink 4] [--window 1020]
+    python3 vllm_gpu_bench.py capacity --dense DIR/src --hybrid DIR/hybrid --context 32768 --out DIR
+    python3 vllm_gpu_bench.py run-one  --model DIR --context N ...   (one engine; capacity runs it per model)
+
+Every command writes one JSON file naming the GPU and the versions of vLLM, torch, transformers and Triton.
+Prompts are token ids (no tokenizer needed). Throughput: every request of one ``generate`` call has a prompt
+of ``context - new_tokens`` random tokens and ``new_tokens`` greedy tokens (``ignore_eos``); the batch is
+the concurrency vLLM reports for that context (``kv_cache_max_concurrency``, its KV capacity), capped by
+``--max-requests``; the time includes prefill and decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPT_SEED = 1234
+
+
+def environment() -> dict:
+    """The GPU and the versions of what runs."""
+    import torch
+
+    env = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for name in ("vllm", "transformers", "triton"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception as exc:  # a missing package is reported, not fatal
+            env[name] = f"unavailable: {type(exc).__name__}"
+    env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    env["cuda"] = torch.version.cuda
+    return env
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
+def random_prompts(count: int, length: int, vocab: int, seed: int = PROMPT_SEED) -> list[list[int]]:
+    """``count`` prompts of ``length`` token ids in ``[10, vocab - 10)``, the same for the same seed."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(10, max(11, vocab - 10), (count, length), generator=gen).tolist()
+
+
+def _vocab(model_dir: Path) -> int:
+    config = json.loads((model_dir / "config.json").read_text())
+    return int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
+
+
+def _greedy_vllm(llm, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+# ---------------------------------------------------------------------------------------------------- tokens
+def cmd_tokens(args) -> None:
+    """SmolLM2 hybrid (a GGUF converted here, or a hybrid directory): vLLM vs lighttransfer.load + generate."""
+    import torch
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    out = Path(args.out)
+    model = Path(args.model)
+    if model.suffix == ".gguf":
+        from lighttransfer.convert import convert
+
+        hybrid = out / "smollm2-hybrid"
+        if not (hybrid / "config.json").exists():
+            convert(model, out=hybrid, ratio=args.ratio, sink=args.sink, window=args.window, device=args.device,
+                    dtype=args.dtype, force=True)
+        model = hybrid
+    vocab = _vocab(model)
+    lengths = [int(n) for n in args.prompt_lengths.split(",")]
+    prompts = [random_prompts(1, n, vocab, seed=PROMPT_SEED + i)[0] for i, n in enumerate(lengths)]
+
+    from lighttransfer.serving.vllm.internals import kv_cache_managers
+    from vllm import LLM
+
+    llm = LLM(str(model), skip_tokenizer_init=True, dtype=args.dtype, max_model_len=max(lengths) + args.new_tokens,
+              enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization,
+              enforce_eager=args.enforce_eager, max_num_seqs=len(prompts), block_size=args.block_size)
+    start = time.perf_counter()
+    got = _greedy_vllm(llm, prompts, args.new_tokens)
+    vllm_s = time.perf_counter() - start
+    groups = [type(m).__name__ for m in kv_cache_managers(llm)]
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    import lighttransfer
+
+    runtime = lighttransfer.load(model, device=args.device, dtype=getattr(torch, args.dtype))
+    runtime.generation_config.eos_token_id = None  # as vLLM's ignore_eos: an EOS is a token like any other
+    want = []
+    for p in prompts:
+        ids = torch.tensor([p], device=args.device)
+        with torch.no_grad():
+            gen = runtime.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                                   do_sample=False, pad_token_id=0)
+        want.append(gen[0, len(p):].tolist())
+    rows = []
+    for n, a, b in zip(lengths, got, want, strict=True):
+        first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        rows.append({"prompt_tokens": n, "new_tokens": args.new_tokens, "equal": a == b,
+                     "first_difference": first, "vllm": a, "runtime": b})
+    block = json.loads((model / "config.json").read_text()).get("lighttransfer", {})
+    payload = {"what": "greedy tokens, vLLM + lighttransfer plugin vs lighttransfer.load + generate",
+               "environment": environment(), "model": str(model), "dtype": args.dtype,
+               "sink": block.get("sink"), "window": block.get("window"), "kv_cache_managers": groups,
+               "all_equal": all(r["equal"] for r in rows), "vllm_generate_s": round(vllm_s, 2), "prompts": rows}
+    write_json(out / "vllm_tokens_smollm2.json", payload)
+    print("all equal:", payload["all_equal"], [(r["prompt_tokens"], r["first_difference"]) for r in rows])
+
+
+# -------------------------------------------------------------------------------------------------- build-8b
+def cmd_build_8b(args) -> None:
+    """The Llama-3-8B shape with random bf16 weights (``src``) and its hybrid (``hybrid``), on disk."""
+    import torch
+    from lighttransfer.bench.shaped_model import build_shaped_model
+    from lighttransfer.convert import convert
+
+    out = Path(args.out)
+    src, hybrid = out / "src", out / "hybrid"
+    if not (src / "config.json").exists():
+        model = build_shaped_model("llama3-8b-shaped", device=torch.device(args.device), dtype=torch.bfloat16)
+        model.config.torch_dtype = "bfloat16"
+        model.save_pretrained(src, safe_serialization=True, max_shard_size="5GB")
+        del model
+        gc.collect()
+    num_layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    count = round(args.ratio * num_layers)
+    # evenly spread over the depth (ratio 0.5 of 32 layers: 1, 3, ..., 31); equal counts group without padding
+    layers = sorted({int((i + 0.5) * num_layers / count) for i in range(count)})
+    if not (hybrid / "config.json").exists():
+        convert(src, out=hybrid, layers=layers, sink=args.sink, window=args.window, force=True)
+    write_json(out / "built_8b.json", {"src": str(src), "hybrid": str(hybrid), "streaming_layers": layers,
+                                      "sink": args.sink, "window": args.window, "environment": environment()})
+
+
+# --------------------------------------------------------------------------------------------------- run-one
+def cmd_run_one(args) -> None:
+    """One engine: its reported KV capacity at ``--context``, then the largest batch through ``generate``."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    model = Path(args.model)
+    built = time.perf_counter()
+    memory = ({"kv_cache_memory_bytes": args.kv_cache_memory_bytes} if args.kv_cache_memory_bytes else
+              {"gpu_memory_utilization": args.gpu_memory_utilization})
+    llm = LLM(str(model), skip_tokenizer_init=True, dtype=args.dtype, max_model_len=args.context, **memory,
+              max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
+              enforce_eager=args.enforce_eager, block_size=args.block_size)
+    built = time.perf_counter() - built
+    cache = llm.llm_engine.vllm_config.cache_config
+    concurrency = float(cache.kv_cache_max_concurrency)
+    batch = max(1, min(args.max_requests, args.max_num_seqs, math.floor(concurrency)))
+    prompt_len = args.context - args.new_tokens
+    prompts = random_prompts(batch, prompt_len, _vocab(model))
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    llm.generate([TokensPrompt(prompt_token_ids=p[:512]) for p in prompts[:2]],
+                 SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    result = {"model": str(model), "hybrid": "lighttransfer" in json.loads((model / "config.json").read_text()),
+              "context": args.context, "prompt_tokens": prompt_len, "new_tokens": args.new_tokens,
+              "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
+              "enforce_eager": args.enforce_eager, "dtype": args.dtype, **memory,
+              "num_gpu_blocks": cache.num_gpu_blocks, "kv_cache_max_concurrency": round(concurrency, 3),
+              "batch": batch, "wall_s": round(wall, 3), "engine_start_s": round(built, 1),
+              "output_tokens": produced, "output_tokens_per_s": round(produced / wall, 1),
+              "total_tokens_per_s": round((produced + batch * prompt_len) / wall, 1),
+              "environment": environment()}
+    write_json(Path(args.out), result)
+
+
+def cmd_capacity(args) -> None:
+    """Dense then hybrid, each engine in its own process (all its GPU memory back in between), one JSON."""
+    out = Path(args.out)
+    rows = {}
+    for name, model in (("dense", args.dense), ("hybrid", args.hybrid)):
+        part = out / f"vllm_{name}_{args.context}.json"
+        cmd = [sys.executable, __file__, "run-one", "--model", model, "--context", str(args.context),
+               "--new-tokens", str(args.new_tokens), "--max-requests", str(args.max_requests),
+               "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+               "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--block-size", str(args.block_size),
+               "--dtype", args.dtype, "--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes),
+               "--out", str(part)] + (["--enforce-eager"] if args.enforce_eager else [])
+        print("+", " ".join(cmd), flush=True)
+        code = subprocess.call(cmd, timeout=args.timeout)
+        rows[name] = json.loads(part.read_text()) if code == 0 and part.exists() else {"failed": code}
+    dense, hybrid = rows["dense"], rows["hybrid"]
+    ratio = {}
+    if "failed" not in dense and "failed" not in hybrid:
+        ratio = {key: round(hybrid[key] / dense[key], 3) for key in
+                 ("kv_cache_max_concurrency", "output_tokens_per_s", "total_tokens_per_s")}
+    payload = {"what": "vLLM hybrid (lighttransfer plugin) vs vLLM dense, one context, the largest batch each",
+               "context": args.context, "hybrid_over_dense": ratio, "target": ">= 1.8x throughput at 32k, ratio 0.5",
+               "dense": dense, "hybrid": hybrid, "environment": environment()}
+    write_json(out / f"vllm_capacity_{args.context}.json", payload)
+    print("hybrid / dense:", ratio)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("tokens", help="greedy tokens: vLLM vs lighttransfer's runtime")
+    t.add_argument("--model", required=True, help="SmolLM2 .gguf (converted here) or a hybrid directory")
+    t.add_argument("--out", required=True)
+    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    t.add_argument("--ratio", type=float, default=0.5)
+    t.add_argument("--sink", type=int, default=4)
+    t.add_argument("--window", type=int, default=128)
+    t.add_argument("--prompt-lengths", default="100,700,1500", help="comma-separated prompt lengths (tokens)")
+    t.add_argument("--new-tokens", type=int, default=200)
+    t.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    t.add_argument("--enforce-eager", action="store_true")
+    t.add_argument("--device", default="cuda", help="of lighttransfer's runtime and of the GGUF conversion")
+    t.add_argument("--block-size", type=int, default=16)
+    b = sub.add_parser("build-8b", help="write the 8B shape (random weights) and its hybrid")
+    b.add_argument("--out", required=True)
+    b.add_argument("--ratio", type=float, default=0.5)
+    b.add_argument("--sink", type=int, default=4)
+    b.add_argument("--window", type=int, default=1020)
+    b.add_argument("--device", default="cuda")
+    for name, helptext in (("run-one", "one engine: KV capacity and throughput"),
+                           ("capacity", "dense and hybrid at one context, each in its own process")):
+        r = sub.add_parser(name, help=helptext)
+        if name == "run-one":
+            r.add_argument("--model", required=True)
+        else:
+            r.add_argument("--dense", required=True)
+            r.add_argument("--hybrid", required=True)
+            r.add_argument("--timeout", type=int, default=420, help="seconds per engine process")
+        r.add_argument("--out", required=True, help="a JSON file (run-one) or a directory (capacity)")
+        r.add_argument("--context", type=int, required=True, help="tokens per request, prompt + new")
+        r.add_argument("--new-tokens", type=int, default=256)
+        r.add_argument("--max-requests", type=int, default=512)
+        r.add_argument("--max-num-seqs", type=int, default=512)
+        r.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                       help="tokens per scheduler step; vLLM sizes the streaming group for window + this")
+        r.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+        r.add_argument("--block-size", type=int, default=16)
+        r.add_argument("--enforce-eager", action="store_true")
+        r.add_argument("--dtype", default="bfloat16")
+        r.add_argument("--kv-cache-memory-bytes", type=int, default=0,
+                       help="a fixed KV cache size instead of --gpu-memory-utilization (both models alike)")
+    return p
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    {"tokens": cmd_tokens, "build-8b": cmd_build_8b, "run-one": cmd_run_one, "capacity": cmd_capacity}[
+        args.command](args)
+
+
+if __name__ == "__main__":
+    main()
