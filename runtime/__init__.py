@@ -28,13 +28,25 @@
 * **Online mode.** ``load(..., online_ratio=r)`` picks the streaming layers per prompt (:mod:`.online`).
 * **TokenSelect.** ``load(..., decode="tokenselect")``: the full layers' decode steps attend only the keys a soft
   vote of the heads selects, with the Selection Cache (:mod:`.token_select`); on a hybrid or a plain model.
+* **Head routing.** ``load(..., head_routing="qada", routing_tau=...)``: per decode query, each KV head of the full
+  layers attends sink + window of its cache or every key (QAdA, :mod:`.head_routing`); :func:`head_routing_stats`
+  gives the realised local share, :func:`calibrate_head_routing` picks ``tau`` per layer for a target share.
 """
 
 from .cache import FullLayer, HybridCache, MixedLayer, SequenceState, StreamingLayer
 from .chunked import prefill_chunked
 from .generation import GenerationStats, generate_text
 from .graphs import StaticDecoder
-from .hybrid import disable_hybrid, enable_hybrid, make_cache, runtime_of, sparse_prefill_stats
+from .head_routing import HeadRouting, RoutingStats
+from .head_routing_calibration import calibrate_head_routing, far_share_distribution
+from .hybrid import (
+    disable_hybrid,
+    enable_hybrid,
+    head_routing_stats,
+    make_cache,
+    runtime_of,
+    sparse_prefill_stats,
+)
 from .layout import resolve_layout
 from .loader import load, load_hybrid
 from .online import OnlineSelector
@@ -64,4 +76,9 @@ __all__ = [
     "SelectionState",
     "token_select_attention",
     "sparse_prefill_stats",
+    "head_routing_stats",
+    "calibrate_head_routing",
+    "far_share_distribution",
+    "HeadRouting",
+    "RoutingStats",
 ]

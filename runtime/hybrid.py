@@ -31,11 +31,12 @@ from transformers.cache_utils import DynamicCache
 
 from ..compat import cache_keyword
 from ..errors import LightTransferError
-from ..hybrid_format import CONFIG_KEY, HybridLayout, SparsePrefillConfig
+from ..hybrid_format import CONFIG_KEY, HeadRoutingConfig, HybridLayout, SparsePrefillConfig
 from ..loading import check_attention_swappable
 from .attention import ATTENTION_NAME, PLAN_ATTR, STEP_KWARG, LayerPlan, StepContext, register
 from .cache import HybridCache, leading_padding
 from .head_order import grouped_kv_order, inverse, permute_heads, supports_reordering
+from .head_routing import HeadRouting, RoutingStats
 from .online import OnlineSelector
 from .sparse_prefill import SparsePrefill, SparsePrefillStats
 from .token_select import SelectionStats
@@ -74,6 +75,8 @@ class HybridRuntime:
         self.select_chunks = False
         # block-sparse prefill of the full layers (runtime/sparse_prefill.py), or None
         self.sparse_prefill: SparsePrefill | None = None
+        # per-query KV-head routing of the full layers' decode steps (runtime/head_routing.py), or None
+        self.head_routing: HeadRouting | None = None
 
     def make_cache(self, max_tokens: int | None = None) -> HybridCache:
         """A fresh, empty cache laid out for this model (``max_tokens``: see :class:`HybridCache`)."""
@@ -88,7 +91,7 @@ class HybridRuntime:
                            kv_head_masks=layout.mixed_masks, online=online, native_windows=layout.native_windows,
                            max_tokens=max_tokens,
                            selection=layout.selection, selection_stats=self.selection_stats,
-                           select_chunks=self.select_chunks)
+                           select_chunks=self.select_chunks, routing=self.head_routing)
 
     def remove(self) -> None:
         self._handle.remove()
@@ -130,7 +133,8 @@ class HybridRuntime:
 
 def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, chunk_size: int | None = None,
                   cuda_graphs: bool = False,
-                  sparse_prefill: SparsePrefillConfig | None = None):
+                  sparse_prefill: SparsePrefillConfig | None = None,
+                  head_routing: HeadRoutingConfig | None = None):
     """Make ``model`` run ``layout`` (in place) and return it. Calling it again replaces the previous layout.
 
     ``chunk_size``: prefill chunk length ``generate`` uses (sets ``generation_config.prefill_chunk_size``;
@@ -140,6 +144,8 @@ def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, ch
     :func:`~lighttransfer.runtime.generate_static`) decode with static steps replayed from a CUDA graph (eagerly
     where none can be captured, e.g. on the CPU; the reason is reported). ``model.generate`` is not affected.
     ``sparse_prefill``: block-sparse prefill of the full layers (:mod:`.sparse_prefill`); ``None``: dense.
+    ``head_routing``: per-query KV-head routing of the full layers' decode steps (:mod:`.head_routing`); its
+    default sink and window are the layout's.
 
     ``reorder_heads``: in layers that mix streaming and full KV heads, permute the heads in the weights so that
     each group is contiguous (exact; saves a gather and a scatter per group and step, see ``head_order.py``).
@@ -164,6 +170,8 @@ def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, ch
     runtime.head_orders = orders
     runtime.cuda_graphs = bool(cuda_graphs)
     runtime.sparse_prefill = SparsePrefill(sparse_prefill) if sparse_prefill is not None else None
+    runtime.head_routing = HeadRouting(head_routing, sink=layout.sink, window=layout.window) \
+        if head_routing is not None else None
     if orders:
         runtime.previous_config_block = _reorder_config_block(model.config, orders, layout)
     setattr(model, RUNTIME_ATTR, runtime)
@@ -275,6 +283,16 @@ def sparse_prefill_stats(model) -> SparsePrefillStats:
     return sparse.stats
 
 
+def head_routing_stats(model) -> RoutingStats:
+    """The realised head routing of ``model`` (ρ: ``.local_share()``, per layer ``.local_share_by_layer()``); a
+    one-line error when head routing is off."""
+    routing = runtime_of(model).head_routing
+    if routing is None:
+        raise LightTransferError("head routing is off for this model; load it with head_routing='qada', 'oracle', "
+                                 "'random' or 'static'.")
+    return routing.stats
+
+
 def make_cache(model, max_tokens: int | None = None) -> HybridCache:
     """A fresh :class:`HybridCache` for ``model`` (for ``past_key_values=`` / ``cache=`` in manual loops);
     ``max_tokens``: tokens per sequence the full layers allocate at once (prompt + ``max_new_tokens``)."""
@@ -292,4 +310,4 @@ def attention_modules(model) -> dict[int, torch.nn.Module]:
 
 
 __all__ = ["enable_hybrid", "disable_hybrid", "make_cache", "runtime_of", "attention_modules", "HybridRuntime",
-           "sparse_prefill_stats"]
+           "sparse_prefill_stats", "head_routing_stats"]
