@@ -38,7 +38,7 @@ from .chunked import prefill_chunked
 from .generation import GenerationStats, generate_text
 from .graphs import StaticDecoder
 from .head_routing import HeadRouting, RoutingStats
-from .head_routing_calibration import calibrate_head_routing, far_share_distribution
+from .head_routing_calibration import calibrate_head_routing, far_share_distribution, far_share_summary
 from .hybrid import (
     disable_hybrid,
     enable_hybrid,
@@ -79,6 +79,7 @@ __all__ = [
     "head_routing_stats",
     "calibrate_head_routing",
     "far_share_distribution",
+    "far_share_summary",
     "HeadRouting",
     "RoutingStats",
 ]

@@ -37,8 +37,9 @@ KERNELS_ON_CPU = False
 @dataclass
 class RoutingStats:
     """Realised routing, per full layer: (sequence, KV head) decisions with a non-empty bulk and how many went
-    local. Counters stay on the device until read. ``record``: also keep every decision's largest far share
-    (``[decisions]`` float32 per layer, on the host; for :func:`calibrate_head_routing`)."""
+    local. Counters stay on the device until read. ``record``: also keep every decision's largest far share over
+    the KV head's query heads (``[steps x sequences, kv_heads]`` float32 per layer, on the host; for
+    :func:`~lighttransfer.runtime.calibrate_head_routing`)."""
 
     record: bool = False
     counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [2] float64: (local, decided)
@@ -51,7 +52,7 @@ class RoutingStats:
         c[0] += (local & decided).sum()
         c[1] += decided.sum()
         if self.record and share is not None:
-            self.shares.setdefault(layer, []).append(share[decided].float().cpu())
+            self.shares.setdefault(layer, []).append(share[decided[:, 0]].float().cpu())  # [sequences, kv_heads]
 
     def local_share_by_layer(self) -> dict[int, float]:
         """ρ per layer: the share of decisions routed local (layers without a decision absent)."""

@@ -42,8 +42,9 @@ def _observing(model, config: HeadRoutingConfig):
 def far_share_distribution(model, samples: Sequence[torch.Tensor], *, mode: str = "qada", stats: str = "bulk",
                            cov: str = "full", last: int = 32, sink: int | None = None,
                            window: int | None = None) -> dict[int, torch.Tensor]:
-    """``{full layer: float32 [decisions]}``: the largest far share per (query, sequence, KV head) of the last
-    ``last`` tokens of each sample (1-D token ids), for a model switched to the hybrid runtime."""
+    """``{full layer: float32 [queries, kv_heads]}``: per KV head, the largest far share of its query heads, for each
+    of the last ``last`` tokens of each sample (1-D token ids) that has a bulk, for a model switched to the hybrid
+    runtime."""
     if mode not in ("qada", "oracle"):
         raise LightTransferError(f"far shares exist for head_routing 'qada' or 'oracle', not {mode!r}.")
     if last < 1:
@@ -78,7 +79,7 @@ def calibrate_head_routing(model, samples: Sequence[torch.Tensor], *, share: flo
 
     def quantile(values: torch.Tensor) -> float:
         # the largest tau that keeps the local count at or under the target (ties at one value go together)
-        ordered = values.double().sort().values
+        ordered = values.double().flatten().sort().values
         k = int(share * ordered.numel())
         return 0.0 if k == 0 else min(1.0, float(ordered[k - 1]))
 
@@ -89,4 +90,16 @@ def calibrate_head_routing(model, samples: Sequence[torch.Tensor], *, share: flo
     return HeadRoutingConfig(**common, tau=quantile(torch.cat(list(shares.values()))))
 
 
-__all__ = ["far_share_distribution", "calibrate_head_routing"]
+def far_share_summary(shares: dict[int, torch.Tensor], *, quantiles=(0.1, 0.5, 0.9)) -> dict[str, dict]:
+    """Per layer and KV head, the mean and quantiles of :func:`far_share_distribution`'s shares: ``{"layer":
+    {"kv_head": {"mean": ..., "p10": ..., ...}}}`` (JSON-ready), how much far context each head asks for."""
+    out: dict[str, dict] = {}
+    for layer, values in sorted(shares.items()):
+        q = torch.quantile(values.double(), torch.tensor(quantiles, dtype=torch.float64), dim=0)  # [Q, kv_heads]
+        out[str(layer)] = {str(h): {"mean": float(values[:, h].mean()),
+                                    **{f"p{round(100 * p)}": float(q[i, h]) for i, p in enumerate(quantiles)}}
+                           for h in range(values.shape[1])}
+    return out
+
+
+__all__ = ["far_share_distribution", "calibrate_head_routing", "far_share_summary"]
