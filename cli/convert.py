@@ -103,17 +103,36 @@ def _memory_table(memory, dtype: str | None = None):
               "[default: 512].")
 @click.option("--select-reuse", type=float, default=None, help="TokenSelect: Selection Cache threshold on the cosine "
               "similarity of consecutive queries, 1 = off [default: 0.9].")
+@click.option("--head-routing", type=click.Choice(["qada", "random"]), default=None,
+              help="Store a per-query KV-head routing of the full layers' decode in the block (qada: sink + window "
+                   "when the predicted far share is <= --routing-tau; arXiv 2502.09647).")
+@click.option("--routing-tau", type=float, default=None, help="Head routing: far-share threshold in [0, 1] "
+              "(lighttransfer.calibrate_head_routing picks one for a target share).")
+@click.option("--routing-share", type=float, default=None, help="Head routing 'random': local probability.")
+@click.option("--routing-stats", type=click.Choice(["bulk", "local"]), default="bulk", show_default=True,
+              help="Head routing: the Gaussian's moments from the bulk keys or the window keys.")
+@click.option("--routing-cov", type=click.Choice(["full", "diag"]), default="full", show_default=True,
+              help="Head routing: full or diagonal key covariance.")
 @model_options
 @verbosity_options
 def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, window, granularity, strategy, prefill,
             native_swa, seq_len, samples, seed, force, decode, select_k, select_init, select_local, select_reuse,
-            device, dtype, trust_remote_code) -> None:
+            head_routing, routing_tau, routing_share, routing_stats, routing_cov, device, dtype,
+            trust_remote_code) -> None:
     """Write a hybrid checkpoint of MODEL (directory, .gguf file or hub id) whose laziest layers stream."""
     from ..convert.converter import convert as run_convert
 
     if more_calib and not calib:
         raise LightTransferError(f"unexpected argument(s) {' '.join(more_calib)}; calibration files go after --calib.",
                                  exit_code=2)
+    routing = None
+    if head_routing is not None:
+        from ..hybrid_format import HeadRoutingConfig
+
+        routing = HeadRoutingConfig(mode=head_routing, tau=routing_tau, share=routing_share, stats=routing_stats,
+                                    cov=routing_cov)
+    elif routing_tau is not None or routing_share is not None:
+        raise LightTransferError("--routing-tau / --routing-share need --head-routing.", exit_code=2)
     quiet = is_quiet()
     result = run_convert(
         model, out=out, ratio=ratio, report=report, calib=[*calib, *more_calib] or None,
@@ -121,7 +140,7 @@ def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, wi
         sink=sink, window=window, granularity=granularity, strategy=strategy, prefill=prefill,
         native_swa=native_swa, force=force, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         progress=not quiet, seed=seed, seq_len=seq_len, samples=samples, decode=decode, select_k=select_k,
-        select_init=select_init, select_local=select_local, select_reuse=select_reuse,
+        select_init=select_init, select_local=select_local, select_reuse=select_reuse, head_routing=routing,
         status=None if quiet else (lambda line: stderr_console().print(f"[dim]{escape(line)}…[/dim]")),
     )
     console = stdout_console()
@@ -136,6 +155,8 @@ def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, wi
                   + (f", {len(hybrid.head_masks)} mixed" if hybrid.head_masks else "") + ")")
     if hybrid.selection is not None:
         console.print(f"full layers decode with {escape(hybrid.selection.describe())}")
+    if hybrid.head_routing is not None:
+        console.print(f"full layers decode with {escape(hybrid.head_routing_config().describe())}")
 
 
 def _head_grid(hybrid):

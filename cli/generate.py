@@ -52,11 +52,20 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
               help="Block-sparse prefill of the full layers (estimator), or dense; default: the checkpoint's.")
 @click.option("--prefill-alpha", type=float, help="Sparse prefill: attention-mass share kept [default 0.95].")
 @click.option("--prefill-min-len", type=int, help="Sparse prefill: keys below which it stays dense [default 16384].")
+@click.option("--head-routing", type=click.Choice(["qada", "oracle", "random", "dense"]),
+              help="Per-query KV-head routing of the full layers' decode (qada: sink + window when the predicted far "
+                   "share is <= --routing-tau); default: the checkpoint's.")
+@click.option("--routing-tau", type=float, help="Head routing: far-share threshold in [0, 1].")
+@click.option("--routing-share", type=float, help="Head routing 'random': local probability.")
+@click.option("--routing-stats", type=click.Choice(["bulk", "local"]),
+              help="Head routing: the Gaussian's moments from the bulk keys or the window keys [default: bulk].")
+@click.option("--routing-cov", type=click.Choice(["full", "diag"]), help="Head routing: covariance [default: full].")
 @model_options
 @verbosity_options
 def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p, seed, chat, prefill, chunk_size,
              online_ratio, decode, select_k, select_init, select_local, select_reuse, cuda_graphs, prefill_sparse,
-             prefill_alpha, prefill_min_len, device, dtype, trust_remote_code):
+             prefill_alpha, prefill_min_len, head_routing, routing_tau, routing_share, routing_stats, routing_cov,
+             device, dtype, trust_remote_code):
     """Generate text with a hybrid checkpoint, streaming it as it is produced.
 
     MODEL_DIR is a directory written by `lighttransfer convert`. Afterwards the speed (tokens/s) and the
@@ -70,7 +79,9 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
                          online_ratio=online_ratio, cuda_graphs=cuda_graphs, trust_remote_code=trust_remote_code,
                          decode=decode, select_k=select_k, select_init=select_init, select_local=select_local,
                          select_reuse=select_reuse,
-                         prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len)
+                         prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
+                         head_routing=head_routing, routing_tau=routing_tau, routing_share=routing_share,
+                         routing_stats=routing_stats, routing_cov=routing_cov)
 
     def emit(piece: str) -> None:
         click.echo(piece, nl=False)
@@ -88,6 +99,11 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
             stderr_console().print(
                 f"[dim]TokenSelect: {stats.selection_hits} of {stats.selection_lookups} selections reused from the "
                 f"Selection Cache ({100 * stats.selection_hit_rate:.0f}%)[/dim]")
+        routing = loaded.model.lighttransfer_runtime.head_routing
+        if routing is not None and routing.stats.local_share() is not None:
+            stderr_console().print(f"[dim]{escape(routing.config.describe())}: "
+                                   f"{100 * routing.stats.local_share():.0f}% of (query, KV head) decisions "
+                                   f"routed local[/dim]")
         sparse = loaded.model.lighttransfer_runtime.sparse_prefill
         if sparse is not None and sparse.stats.mean_density() is not None:
             stderr_console().print(f"[dim]sparse prefill ({sparse.config.method}, alpha {sparse.config.alpha}): "

@@ -10,6 +10,7 @@ target and renamed into place only after every tensor was read back and checked.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -101,6 +102,7 @@ def convert(
     select_init: int | None = None,
     select_local: int | None = None,
     select_reuse: float | None = None,
+    head_routing=None,
 ) -> ConvertResult:
     """Write a hybrid checkpoint of ``model`` into ``out``.
 
@@ -133,6 +135,8 @@ def convert(
         decode: how the runtime decodes the full layers, stored in the block: ``dense`` or ``tokenselect``
             (TokenSelect, arXiv 2411.02886; block format 2).
         select_k, select_init, select_local, select_reuse: TokenSelect's settings (defaults 2048, 128, 512, 0.9).
+        head_routing: a :class:`~lighttransfer.hybrid_format.HeadRoutingConfig` stored in the block (the full
+            layers' per-query KV-head routing at decode), or ``None``.
 
     Raises:
         LightTransferError: bad options, an existing ``out`` without ``force``, a report for another model,
@@ -225,6 +229,8 @@ def convert(
                                source={"model_id": model_id, "fingerprint": fingerprint,
                                        "format": source.kind})
         hybrid = hybrid.with_selection(selection)
+        if head_routing is not None:
+            hybrid = dataclasses.replace(hybrid, head_routing=head_routing.to_dict())
         if not hybrid.streaming_kv_heads:
             warnings.append(f"ratio {ratio} streams no layer of {num_layers}; the checkpoint is the dense model"
                             + (" with TokenSelect decoding." if selection else "."))

@@ -216,3 +216,28 @@ def test_config_block_round_trip(tiny_model_dir, tmp_path):
     assert runtime_of(plain).layout.streaming_layers == () or not runtime_of(plain).layout.streaming_layers
     with pytest.raises(LightTransferError, match="routing_tau"):
         lighttransfer.load(tiny_model_dir, device="cpu", head_routing="qada", routing_tau=-1)
+
+
+def test_convert_stores_head_routing_and_generate_reports_the_share(tiny_model_dir, tmp_path, capsys):
+    import lighttransfer
+    from conftest import run_cli
+    from test_runtime_reference import word_tokenizer
+
+    out = tmp_path / "hybrid"
+    code, stdout, err = run_cli(["convert", str(tiny_model_dir), "--layers", "1", "--window", "8", "--sink", "2",
+                                 "--out", str(out), "--head-routing", "qada", "--routing-tau", "0.6",
+                                 "--routing-cov", "diag"], capsys)
+    assert code == 0, err
+    assert "head routing qada (tau 0.6, bulk stats, diag covariance)" in stdout
+    block = json.loads((out / "config.json").read_text())["lighttransfer"]
+    assert block["head_routing"]["tau"] == 0.6 and block["format_version"] == 1
+    assert runtime_of(lighttransfer.load(out, device="cpu")).head_routing.config.cov == "diag"
+    code, _, err = run_cli(["convert", str(tiny_model_dir), "--layers", "1", "--out", str(tmp_path / "bad"),
+                            "--head-routing", "qada"], capsys)
+    assert code != 0 and "routing_tau" in err and "Traceback" not in err
+    word_tokenizer().save_pretrained(out)
+    prompt = " ".join(f"w{i}" for i in range(10, 40))
+    code, _, err = run_cli(["generate", str(out), "--prompt", prompt, "--max-new-tokens", "4", "--device", "cpu",
+                            "--head-routing", "random", "--routing-share", "1"], capsys)
+    assert code == 0, err
+    assert "100% of (query, KV head) decisions routed local" in " ".join(err.split())
