@@ -154,11 +154,11 @@ def lighttransfer_attention(module, query, key, value, attention_mask, scaling=N
                                          state=cache.selection_state(module.layer_idx), stats=cache.selection_stats,
                                          kv_start=kv_start if has_padding else None, scale=scaling)
         routing = cache.routing if cache is not None else None
-        if (out is None and routing is not None and isinstance(part, FullLayer) and big_n > n and n_valid is None
+        if (out is None and routing is not None and isinstance(part, FullLayer) and big_n > n
                 and (n == 1 or cache.select_chunks) and dropout == 0.0 and not kwargs.get("sliding_window")):
             state = cache.routing_states.setdefault(module.layer_idx, RoutingState())
             out = routing.attend(query, key, value, layer_idx=module.layer_idx, state=state,
-                                 kv_start=kv_start if has_padding else None, scale=scaling)
+                                 kv_start=kv_start if has_padding else None, scale=scaling, n_valid=n_valid)
         if out is None and sparse is not None and sparse.applies(query, key, sliding_window=kwargs.get("sliding_window"),
                                                                  dropout=dropout):
             out = sparse.attend(query, key, value, layer_idx=module.layer_idx, scale=scaling,

@@ -108,8 +108,8 @@ class HybridCache(Cache):
             return "online layer selection still undecided"
         if self.selection is not None:
             return "TokenSelect picks each step's keys on the host (its steps have no static shape)"
-        if self.routing is not None:
-            return "head routing moves its key moments over host-side ranges (no static step yet)"
+        if self.routing is not None and self.routing.static_unsupported() is not None:
+            return self.routing.static_unsupported()
         if self.sequence.defer_compaction:
             return "chunked prefill in progress"
         if self.get_seq_length() == 0:
@@ -158,6 +158,8 @@ class HybridCache(Cache):
         else:
             step = self._static_step = StaticStep(self.get_seq_length(), kv_start)
         self.sequence.static = step
+        if self.routing is not None:
+            self.routing.begin_static(self)  # the moments up to the first static step, in their own tensors
         return step
 
     def load_from(self, other: HybridCache) -> None:

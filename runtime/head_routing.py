@@ -54,6 +54,9 @@ class RoutingStats:
         if self.record and share is not None:
             self.shares.setdefault(layer, []).append(share[decided[:, 0]].float().cpu())  # [sequences, kv_heads]
 
+    def has_decisions(self) -> bool:
+        return any(c[1].item() > 0 for c in self.counts.values())
+
     def local_share_by_layer(self) -> dict[int, float]:
         """ρ per layer: the share of decisions routed local (layers without a decision absent)."""
         out = {}
@@ -70,31 +73,48 @@ class RoutingStats:
         return sum(t[0] for t in total) / decided if decided else None
 
     def reset(self) -> None:
-        self.counts.clear()
+        """Zero the counts in place (a captured decode step keeps adding to the same tensors)."""
+        for c in self.counts.values():
+            c.zero_()
         self.shares.clear()
 
     def to_dict(self) -> dict:
         decided = int(sum(c[1].item() for c in self.counts.values()))
+        if not decided:
+            return {"local_share": None, "decisions": 0, "by_layer": {}}
         return {"local_share": self.local_share(), "decisions": decided,
                 "by_layer": {str(k): v for k, v in self.local_share_by_layer().items()}}
 
 
 class RoutingState:
     """One full layer's key moments (``qada``): :class:`~lighttransfer.kernels.head_routing.KeyMoments` over the
-    key-index range ``(lo, hi)``, for a batch and a key count."""
+    key-index range ``(lo, hi)``, for a batch and a key count. During static decode steps the range moves on the
+    device only (one key per step) and :attr:`range` is ``None`` on the host until the moments are rebuilt."""
 
     def __init__(self) -> None:
         self.moments: rule.KeyMoments | None = None
-        self.range = (0, 0)
+        self.range: tuple[int, int] | None = (0, 0)
         self.keys = 0
 
     def prepare(self, k: torch.Tensor, *, diagonal: bool, n_keys: int) -> None:
         batch, kv_heads, _, dim = k.shape
         m = self.moments
-        if m is None or m.first.shape != (batch, kv_heads, dim) or m.diagonal != diagonal or n_keys < self.keys:
-            self.moments = rule.KeyMoments.zeros(batch, kv_heads, dim, diagonal=diagonal, device=k.device)
-            self.range = (0, 0)
+        if m is None or m.first.shape != (batch, kv_heads, dim) or m.diagonal != diagonal or n_keys < self.keys \
+                or self.range is None:
+            self.zero(batch, kv_heads, dim, diagonal=diagonal, device=k.device)
         self.keys = n_keys
+
+    def zero(self, batch: int, kv_heads: int, dim: int, *, diagonal: bool, device) -> None:
+        """Empty moments, in the same tensors when their shape allows (a captured step reads those)."""
+        m = self.moments
+        if m is not None and m.first.shape == (batch, kv_heads, dim) and m.diagonal == diagonal \
+                and m.first.device == torch.device(device):
+            for t in (m.count, m.first, m.second):
+                t.zero_()
+        else:
+            self.moments = rule.KeyMoments.zeros(batch, kv_heads, dim, diagonal=diagonal, device=device)
+        self.range = (0, 0)
+        self.keys = 0
 
 
 class HeadRouting:
@@ -121,14 +141,58 @@ class HeadRouting:
         """Start the ``random`` mode's draws again (each evaluated sequence then gets the same draws)."""
         self._generators.clear()
 
+    def static_unsupported(self) -> str | None:
+        """Why this routing cannot run inside static (CUDA-graph) decode steps, or ``None``."""
+        if self.config.mode == "random":
+            return "random head routing draws on the host's generator (not captured)"
+        return None
+
+    def begin_static(self, cache) -> None:
+        """Before static steps: each full layer's moments cover exactly the keys that precede the next step's
+        (rebuilt from the keys held, in their own tensors), so that each step moves them by one key on the
+        device."""
+        if self.config.mode != "qada":
+            return
+        from .cache import FullLayer
+
+        kv_start = cache.sequence.kv_start
+        for idx, layer in enumerate(cache.layers):
+            if not isinstance(layer, FullLayer) or layer.keys is None:
+                continue
+            keys = layer.keys  # the `seen` tokens held
+            batch, kv_heads, seen, dim = keys.shape
+            state = cache.routing_states.setdefault(idx, RoutingState())
+            state.zero(batch, kv_heads, dim, diagonal=self.config.cov == "diag", device=keys.device)
+            start = torch.zeros(batch, dtype=torch.long, device=keys.device) if kv_start is None \
+                else kv_start.to(keys.device).long()
+            new = self._range(seen)
+            rule.move_range(state.moments, keys, old=(0, 0), new=new, floor=start + self.sink)
+            state.range = None  # moved on the device from here on
+            state.keys = seen
+
+    def _range(self, n_keys: int) -> tuple[int, int]:
+        """The key range the moments hold for a query that is the last of ``n_keys`` keys."""
+        edge = max(0, n_keys - self.window)
+        return (0, edge) if self.config.stats == "bulk" else (edge, n_keys)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer_idx: int, state: RoutingState,
-               kv_start: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+               kv_start: torch.Tensor | None, scale: float | None,
+               n_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Routed attention of ``q [B, H, n, D]`` (the last ``n`` of the keys ``k, v [B, Hkv, N, D]``), each query
-        decided and attended as if decoded alone; returns ``[B, H, n, D]``."""
+        decided and attended as if decoded alone; returns ``[B, H, n, D]``. ``n_valid``: a static step (one query;
+        ``k, v`` are the whole storage, of which the first ``n_valid`` keys exist; nothing is read on the host)."""
         n, big_n = q.shape[2], k.shape[2]
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         start = torch.zeros(q.shape[0], dtype=torch.long, device=q.device) if kv_start is None \
             else kv_start.to(q.device).long()
+        if n_valid is not None:
+            st = torch.minimum(start, n_valid.long() - 1)
+            local = self.decide(q, k, layer_idx=layer_idx, state=state, kv_start=st, scale=scale, n_valid=n_valid)
+            if (q.is_cuda or KERNELS_ON_CPU) and not kernels.reference_forced():
+                return kernels.routed_decode(q, k, v, local, sink=self.sink, window=self.window, kv_start=st,
+                                             scale=scale, n_valid=n_valid)
+            return kernels.routed_decode_reference(q, k, v, local, sink=self.sink, window=self.window, kv_start=st,
+                                                   scale=scale, n_valid=n_valid)
         outs = []
         for i in range(n):
             end = big_n - n + i + 1
@@ -145,10 +209,12 @@ class HeadRouting:
         return outs[0] if n == 1 else torch.cat(outs, dim=2)
 
     def decide(self, q: torch.Tensor, k: torch.Tensor, *, layer_idx: int, state: RoutingState,
-               kv_start: torch.Tensor, scale: float) -> torch.Tensor:
-        """bool ``[B, Hkv]`` routing of one query per sequence ``q [B, H, 1, D]`` (the last of ``k``'s keys)."""
+               kv_start: torch.Tensor, scale: float, n_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """bool ``[B, Hkv]`` routing of one query per sequence ``q [B, H, 1, D]`` (the last of ``k``'s keys, or of
+        the first ``n_valid`` in a static step)."""
         cfg, sink, window = self.config, self.sink, self.window
-        batch, kv_heads, n_keys = k.shape[0], k.shape[1], k.shape[2]
+        batch, kv_heads = k.shape[0], k.shape[1]
+        n_keys = k.shape[2] if n_valid is None else n_valid
         decided = (rule.bulk_count(n_keys, kv_start, sink=sink, window=window) > 0).view(batch, 1).expand(
             batch, kv_heads)
         share = None
@@ -161,11 +227,14 @@ class HeadRouting:
                 far = rule.exact_far_share(q, k, n_keys=n_keys, kv_start=kv_start, sink=sink, window=window,
                                            scale=scale)
             else:
-                state.prepare(k, diagonal=cfg.cov == "diag", n_keys=n_keys)
-                new = (0, max(0, n_keys - window)) if cfg.stats == "bulk" else (max(0, n_keys - window), n_keys)
-                new = (max(new[0], state.range[0]), max(new[1], state.range[1]))
-                rule.move_range(state.moments, k, old=state.range, new=new, floor=kv_start + sink)
-                state.range = new
+                if n_valid is not None:
+                    self._static_move(state, k, n_valid, floor=kv_start + sink)
+                else:
+                    state.prepare(k, diagonal=cfg.cov == "diag", n_keys=n_keys)
+                    new = self._range(n_keys)
+                    new = (max(new[0], state.range[0]), max(new[1], state.range[1]))
+                    rule.move_range(state.moments, k, old=state.range, new=new, floor=kv_start + sink)
+                    state.range = new
                 far = rule.predicted_far_share(q, k, state.moments, n_keys=n_keys, kv_start=kv_start, sink=sink,
                                                window=window, scale=scale)
             share = rule.group_max(far, kv_heads)
@@ -173,6 +242,22 @@ class HeadRouting:
         local = local | ~decided  # an empty bulk: local and full are the same attention
         self.stats.add(layer_idx, local, decided, share)
         return ~decided if self.observe_only else local
+
+    def _static_move(self, state: RoutingState, k: torch.Tensor, n_valid: torch.Tensor, *,
+                     floor: torch.Tensor) -> None:
+        """One static step's move of the moments, on the device: the key ``n_valid - 1 - window`` left the window
+        (bulk: it joins; local: it leaves, and the new key ``n_valid - 1`` joins), where at or past ``floor``."""
+        if state.moments is None:
+            raise RuntimeError("head routing: static steps need begin_static() first")
+        gone = n_valid.long().view(1) - 1 - self.window
+        keys = k.index_select(2, gone.clamp(min=0))
+        weight = rule.range_weight(gone, floor=floor) * (gone >= 0).to(torch.float32).view(1, 1)
+        if self.config.stats == "bulk":
+            rule.accumulate(state.moments, keys, weight)
+            return
+        rule.accumulate(state.moments, keys, -weight)
+        new = n_valid.long().view(1) - 1
+        rule.accumulate(state.moments, k.index_select(2, new), rule.range_weight(new, floor=floor))
 
     def _static_mask(self, layer: int, kv_heads: int, device) -> torch.Tensor:
         key = (layer, torch.device(device))

@@ -241,3 +241,39 @@ def test_convert_stores_head_routing_and_generate_reports_the_share(tiny_model_d
                             "--head-routing", "random", "--routing-share", "1"], capsys)
     assert code == 0, err
     assert "100% of (query, KV head) decisions routed local" in " ".join(err.split())
+
+
+@pytest.mark.parametrize("config", [HeadRoutingConfig(mode="qada", tau=0.67),
+                                    HeadRoutingConfig(mode="qada", tau=0.67, stats="local", cov="diag"),
+                                    HeadRoutingConfig(mode="oracle", tau=0.67),
+                                    HeadRoutingConfig(mode="static", local_masks={1: [True, False]})],
+                         ids=["qada-bulk", "qada-local-diag", "oracle", "static"])
+def test_static_steps_route_as_the_dynamic_path(config):
+    """Static decode steps (what a CUDA graph replays; eager on the CPU) move the moments on the device and give the
+    dynamic path's tokens and shares, left padding included."""
+    from lighttransfer.runtime import generate_static
+
+    model = routed(config, chunks=False)
+    a, b = ids_of(1, 30, seed=7), ids_of(1, 22, seed=8)
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 8, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :8] = 0
+    with torch.no_grad():
+        dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    want = head_routing_stats(model).to_dict()
+    head_routing_stats(model).reset()
+    got = generate_static(model, ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0)
+    assert got.decode_path.startswith("eager")  # the CPU: the static steps, without a graph
+    assert "head routing" not in got.decode_path
+    assert torch.equal(got.sequences[:, -12:], dynamic[:, -12:])
+    assert head_routing_stats(model).to_dict() == want
+
+
+def test_random_routing_keeps_to_dynamic_steps():
+    model = routed(HeadRoutingConfig(mode="random", share=0.5))
+    cache = make_cache(model)
+    with torch.no_grad():
+        model(ids_of(1, 12), use_cache=True, **{cache_keyword(model): cache})
+    assert "random head routing" in cache.static_unsupported()
+    assert make_cache(routed(HeadRoutingConfig(mode="qada", tau=0.5))).static_unsupported() == \
+        "the cache is empty (static steps follow a prefill)"
