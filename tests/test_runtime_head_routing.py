@@ -277,3 +277,23 @@ def test_random_routing_keeps_to_dynamic_steps():
     assert "random head routing" in cache.static_unsupported()
     assert make_cache(routed(HeadRoutingConfig(mode="qada", tau=0.5))).static_unsupported() == \
         "the cache is empty (static steps follow a prefill)"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", [HeadRoutingConfig(mode="qada", tau=0.67),
+                                    HeadRoutingConfig(mode="oracle", tau=0.67)], ids=["qada", "oracle"])
+def test_on_cuda_a_captured_graph_routes_as_eager_steps(config):
+    """The routed step is captured once and replayed per token: the tokens and the shares of eager static steps
+    (the kernels on both sides, fp32)."""
+    from lighttransfer.runtime import generate_static
+
+    model = routed(config, chunks=False).cuda()
+    ids = ids_of(2, 40, seed=4).cuda()
+    eager = generate_static(model, ids, max_new_tokens=16, cuda_graphs=False)
+    want = head_routing_stats(model).to_dict()
+    head_routing_stats(model).reset()
+    graphed = generate_static(model, ids, max_new_tokens=16, cuda_graphs=True)
+    assert graphed.decode_path == "cuda graph"
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert head_routing_stats(model).to_dict() == want

@@ -19,9 +19,11 @@ link=$(mktemp -d)
 ln -s "$here" "$link/lighttransfer"
 export PYTHONPATH="$link${PYTHONPATH:+:$PYTHONPATH}"
 cd "$link/lighttransfer"
-python3 -m pytest -q -p no:cacheprovider --rootdir="$link/lighttransfer" \
-  "$link/lighttransfer/tests/kernels/test_routed_decode.py" "$link/lighttransfer/tests/kernels/test_head_routing.py" \
-  2>&1 | tee "$out/cuda_tests.log"
+{ python3 -m pytest -q -p no:cacheprovider --rootdir="$link/lighttransfer" \
+    "$link/lighttransfer/tests/kernels/test_routed_decode.py" "$link/lighttransfer/tests/kernels/test_head_routing.py" \
+  && python3 -m pytest -q -p no:cacheprovider --rootdir="$link/lighttransfer" -m cuda \
+    "$link/lighttransfer/tests/test_runtime_head_routing.py"; } 2>&1 | tee "$out/cuda_tests.log" \
+  || echo "CUDA tests FAILED (see cuda_tests.log); timing anyway"
 python3 bench/scripts/head_routing_kernel_bench.py --out "$out"
 if [[ $# -ge 4 ]]; then
   timeout 150 python3 bin/lighttransfer -q eval --baseline "$2" --text "$3" --report "$4" --suite passkey,ruler \
