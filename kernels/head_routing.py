@@ -48,6 +48,9 @@ import torch
 from ..errors import LightTransferError
 
 STATS_SOURCES = ("bulk", "local")
+# keys per accumulate call when a range moves by many keys at once (the first step after a prefill): bounds the
+# float32 copy of the keys it makes
+MOVE_BLOCK = 4096
 COVARIANCES = ("full", "diag")
 
 
@@ -107,13 +110,12 @@ def move_range(moments: KeyMoments, keys: torch.Tensor, *, old: tuple[int, int],
         raise LightTransferError(f"move_range: the range only moves forward, got {old} -> {new}.")
     device = keys.device
     add_lo = max(old_hi, new_lo)  # keys past the old range that the new one already dropped never count
-    if new_hi > add_lo:
-        idx = torch.arange(add_lo, new_hi, device=device)
-        accumulate(moments, keys[:, :, add_lo:new_hi], range_weight(idx, floor=floor))
-    gone_hi = min(new_lo, old_hi)
-    if gone_hi > old_lo:
-        idx = torch.arange(old_lo, gone_hi, device=device)
-        accumulate(moments, keys[:, :, old_lo:gone_hi], -range_weight(idx, floor=floor))
+    for a in range(add_lo, new_hi, MOVE_BLOCK):
+        b = min(new_hi, a + MOVE_BLOCK)
+        accumulate(moments, keys[:, :, a:b], range_weight(torch.arange(a, b, device=device), floor=floor))
+    for a in range(old_lo, min(new_lo, old_hi), MOVE_BLOCK):
+        b = min(new_lo, old_hi, a + MOVE_BLOCK)
+        accumulate(moments, keys[:, :, a:b], -range_weight(torch.arange(a, b, device=device), floor=floor))
 
 
 def local_index(n_keys: torch.Tensor | int, kv_start: torch.Tensor, *, sink: int,

@@ -250,15 +250,18 @@ class HybridCache(Cache):
         super().reorder_cache(beam_idx)
         self.sequence.select(beam_idx)
         self.selection_states.clear()  # the rows moved: every layer selects afresh at its next step
+        self.routing_states.clear()  # and rebuilds its key moments from the keys it holds
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         self.sequence.select(indices)
         self.selection_states.clear()
+        self.routing_states.clear()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         self.selection_states.clear()
+        self.routing_states.clear()
         if self.sequence.kv_start is not None:
             self.sequence.kv_start = self.sequence.kv_start.repeat_interleave(repeats, dim=0)
 

@@ -15,10 +15,12 @@ def _keys(batch, kv_heads, n, dim, seed, mean=0.0):
     return torch.randn(batch, kv_heads, n, dim, generator=g) + mean
 
 
+@pytest.mark.parametrize("block", [4096, 5], ids=["one-block", "blocks-of-5"])
 @pytest.mark.parametrize("diagonal", [False, True], ids=["full", "diag"])
-def test_moved_moments_equal_the_direct_sums(diagonal):
+def test_moved_moments_equal_the_direct_sums(diagonal, block, monkeypatch):
     """Moving the range step by step (the bulk's growth, the window's slide) gives the moments of the keys in it,
-    padding and sinks left out."""
+    padding and sinks left out; long moves go in blocks."""
+    monkeypatch.setattr(hr, "MOVE_BLOCK", block)
     k = _keys(2, 3, 60, 8, seed=0)
     floor = torch.tensor([4, 13])  # kv_start + sink per sequence
     for lo_of in (lambda hi: 0, lambda hi: max(0, hi - 9)):  # bulk (never drops) and a window of 9
