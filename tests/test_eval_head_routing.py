@@ -72,3 +72,4 @@ def test_eval_cli_runs_the_routing_rows(tmp_path, capsys, long_text, monkeypatch
         assert realised["decisions"] > 0 and 0.0 <= realised["local_share"] <= 1.0
     assert rows["qada-gates"]["head_routing_realised"]["local_share"] == pytest.approx(0.5)  # 4 of 8 heads
     assert "head_routing_realised" not in rows["original"]
+    assert "Head routing: 50.0% of" in (tmp_path / "res.md").read_text()
