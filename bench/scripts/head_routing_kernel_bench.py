@@ -92,6 +92,7 @@ def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys:
     leaving = n_keys - window - 1  # the key that leaves the window at this step
     floor = start + sink
     index = torch.tensor([leaving], device=device)
+    n_t = torch.tensor([n_keys], device=device)  # the key count on the device, as a static step has it (no copy)
 
     def decision(diagonal: bool):
         m = moments[diagonal]
@@ -99,12 +100,12 @@ def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys:
         def step():
             # the graph replays add the same key again and again: the cost is what matters here, not the sums
             rule.accumulate(m, k[:, :, leaving:leaving + 1], rule.range_weight(index, floor=floor))
-            far = rule.predicted_far_share(q, k, m, n_keys=n_keys, kv_start=start, sink=sink, window=window)
+            far = rule.predicted_far_share(q, k, m, n_keys=n_t, kv_start=start, sink=sink, window=window)
             return rule.route_local(far, 0.1, kv_heads)
         return step
 
     def oracle():
-        return rule.exact_far_share(q, k, n_keys=n_keys, kv_start=start, sink=sink, window=window)
+        return rule.exact_far_share(q, k, n_keys=n_t, kv_start=start, sink=sink, window=window)
 
     # correctness first (the fp32 reference repeats K/V per query head: checked on two sequences)
     errors = {}
