@@ -22,6 +22,8 @@ _LAZY = {
     "load": "lighttransfer.runtime:load",
     "generate_static": "lighttransfer.runtime:generate_static",
     "sparse_prefill_stats": "lighttransfer.runtime:sparse_prefill_stats",
+    "head_routing_stats": "lighttransfer.runtime:head_routing_stats",
+    "calibrate_head_routing": "lighttransfer.runtime:calibrate_head_routing",
 }
 
 __all__ = ["__version__", "LightTransferError", *_LAZY]

@@ -111,17 +111,36 @@ def _memory_table(memory, dtype: str | None = None):
                    "[default: 0.95]; `lighttransfer sparse-mass` shows the trade-off.")
 @click.option("--prefill-min-len", type=int, default=None,
               help="Sparse prefill: keys below which a prefill (or chunk) stays dense [default: 16384].")
+@click.option("--head-routing", type=click.Choice(["qada", "random"]), default=None,
+              help="Store a per-query KV-head routing of the full layers' decode in the block (qada: sink + window "
+                   "when the predicted far share is <= --routing-tau; arXiv 2502.09647).")
+@click.option("--routing-tau", type=float, default=None, help="Head routing: far-share threshold in [0, 1] "
+              "(lighttransfer.calibrate_head_routing picks one for a target share).")
+@click.option("--routing-share", type=float, default=None, help="Head routing 'random': local probability.")
+@click.option("--routing-stats", type=click.Choice(["bulk", "local"]), default="bulk", show_default=True,
+              help="Head routing: the Gaussian's moments from the bulk keys or the window keys.")
+@click.option("--routing-cov", type=click.Choice(["full", "diag"]), default="full", show_default=True,
+              help="Head routing: full or diagonal key covariance.")
 @model_options
 @verbosity_options
 def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, window, granularity, strategy, prefill,
             native_swa, seq_len, samples, seed, force, decode, select_k, select_init, select_local, select_reuse,
-            prefill_sparse, prefill_alpha, prefill_min_len, device, dtype, trust_remote_code) -> None:
+            prefill_sparse, prefill_alpha, prefill_min_len, head_routing, routing_tau, routing_share, routing_stats,
+            routing_cov, device, dtype, trust_remote_code) -> None:
     """Write a hybrid checkpoint of MODEL (directory, .gguf file or hub id) whose laziest layers stream."""
     from ..convert.converter import convert as run_convert
 
     if more_calib and not calib:
         raise LightTransferError(f"unexpected argument(s) {' '.join(more_calib)}; calibration files go after --calib.",
                                  exit_code=2)
+    routing = None
+    if head_routing is not None:
+        from ..hybrid_format import HeadRoutingConfig
+
+        routing = HeadRoutingConfig(mode=head_routing, tau=routing_tau, share=routing_share, stats=routing_stats,
+                                    cov=routing_cov)
+    elif routing_tau is not None or routing_share is not None:
+        raise LightTransferError("--routing-tau / --routing-share need --head-routing.", exit_code=2)
     quiet = is_quiet()
     result = run_convert(
         model, out=out, ratio=ratio, report=report, calib=[*calib, *more_calib] or None,
@@ -131,6 +150,7 @@ def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, wi
         progress=not quiet, seed=seed, seq_len=seq_len, samples=samples, decode=decode, select_k=select_k,
         select_init=select_init, select_local=select_local, select_reuse=select_reuse,
         prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
+        head_routing=routing,
         status=None if quiet else (lambda line: stderr_console().print(f"[dim]{escape(line)}…[/dim]")),
     )
     console = stdout_console()
@@ -145,6 +165,8 @@ def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, wi
                   + (f", {len(hybrid.head_masks)} mixed" if hybrid.head_masks else "") + ")")
     if hybrid.selection is not None:
         console.print(f"full layers decode with {escape(hybrid.selection.describe())}")
+    if hybrid.head_routing is not None:
+        console.print(f"full layers decode with {escape(hybrid.head_routing_config().describe())}")
 
 
 def _head_grid(hybrid):

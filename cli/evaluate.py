@@ -11,6 +11,7 @@ from rich.markup import escape
 from ..calibration.passkey import HELD_OUT_TEMPLATES, TEMPLATES, TRAINING_TEMPLATES
 from ..errors import LightTransferError
 from ..evaluation.rows import ROW_KINDS
+from ..hybrid_format import HeadRoutingConfig
 from .options import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
 
 
@@ -169,6 +170,17 @@ class _Bar:
               help="Sparse-prefill rows: keys below which a prefill stays dense (scale it down with the lengths).")
 @click.option("--sparse-blocks", default="128,64", show_default=True, metavar="BQ,BK",
               help="Sparse-prefill rows: query rows and keys per block (powers of two >= 16).")
+@click.option("--routing-share", type=float, default=0.5, show_default=True,
+              help="qada rows: the share of (query, KV head) decisions routed local they are compared at.")
+@click.option("--routing-tau", type=float, default=None,
+              help="qada and qada-oracle rows: a fixed far-share threshold instead of one calibrated per layer for "
+                   "--routing-share.")
+@click.option("--routing-stats", type=click.Choice(["bulk", "local"]), default="bulk", show_default=True,
+              help="qada row: the Gaussian's moments from the bulk keys or from the window keys.")
+@click.option("--routing-cov", type=click.Choice(["full", "diag"]), default="full", show_default=True,
+              help="qada row: full or diagonal covariance of the keys.")
+@click.option("--routing-window", type=int, default=None,
+              help="qada rows: the window of a routed-local head [default: --window].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random row and passkeys.")
 @click.option("--out", default="eval_results.json", show_default=True, metavar="PATH",
               help="Results JSON (markdown and plots are written beside it), or a directory.")
@@ -177,7 +189,8 @@ class _Bar:
 def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_windows, passkey_lengths,
              passkey_depths, passkey_trials, passkey_format, suite, ruler_tasks, ruler_samples, ruler_batch, rows, ratio, sink, window, backend,
              select_k, select_init, select_local, select_reuse, sparse_method, sparse_alpha, sparse_min_len,
-             sparse_blocks, seed, out, device, dtype, trust_remote_code):
+             sparse_blocks, routing_share, routing_tau, routing_stats, routing_cov, routing_window, seed, out, device,
+             dtype, trust_remote_code):
     """Perplexity, passkey retrieval and RULER-style tasks of a hybrid against the original and baselines.
 
     \b
@@ -204,6 +217,9 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
         suite=suite, ruler_tasks=ruler_tasks, ruler_samples=ruler_samples, ruler_batch=ruler_batch, select_k=select_k,
         select_init=select_init, select_local=select_local, select_reuse=select_reuse,
         sparse_prefill=_sparse_config(sparse_method, sparse_alpha, sparse_min_len, sparse_blocks),
+        head_routing=HeadRoutingConfig(mode="qada", tau=0.0, stats=routing_stats, cov=routing_cov,
+                                       window=routing_window),
+        routing_share=routing_share, routing_tau=routing_tau,
     )
     if is_quiet():
         result = run_eval(**kwargs)

@@ -55,11 +55,20 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 @click.option("--fused-ops/--no-fused-ops", default=None,
               help="Run RMSNorm, RoPE and SiLU-mul as fused kernels and q/k/v, gate/up as one GEMM each (Llama, "
                    "Mistral, Qwen2/3; Gemma 3's norms) [default: on for CUDA, off on the CPU].")
+@click.option("--head-routing", type=click.Choice(["qada", "oracle", "random", "dense"]),
+              help="Per-query KV-head routing of the full layers' decode (qada: sink + window when the predicted far "
+                   "share is <= --routing-tau); default: the checkpoint's.")
+@click.option("--routing-tau", type=float, help="Head routing: far-share threshold in [0, 1].")
+@click.option("--routing-share", type=float, help="Head routing 'random': local probability.")
+@click.option("--routing-stats", type=click.Choice(["bulk", "local"]),
+              help="Head routing: the Gaussian's moments from the bulk keys or the window keys [default: bulk].")
+@click.option("--routing-cov", type=click.Choice(["full", "diag"]), help="Head routing: covariance [default: full].")
 @model_options
 @verbosity_options
 def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p, seed, chat, prefill, chunk_size,
              online_ratio, decode, select_k, select_init, select_local, select_reuse, cuda_graphs, prefill_sparse,
-             prefill_alpha, prefill_min_len, fused_ops, device, dtype, trust_remote_code):
+             prefill_alpha, prefill_min_len, fused_ops, head_routing, routing_tau, routing_share, routing_stats,
+             routing_cov, device, dtype, trust_remote_code):
     """Generate text with a hybrid checkpoint, streaming it as it is produced.
 
     MODEL_DIR is a directory written by `lighttransfer convert`. Afterwards the speed (tokens/s) and the
@@ -74,7 +83,8 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
                          decode=decode, select_k=select_k, select_init=select_init, select_local=select_local,
                          select_reuse=select_reuse,
                          prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
-                         fused_ops=fused_ops)
+                         fused_ops=fused_ops, head_routing=head_routing, routing_tau=routing_tau,
+                         routing_share=routing_share, routing_stats=routing_stats, routing_cov=routing_cov)
 
     def emit(piece: str) -> None:
         click.echo(piece, nl=False)
@@ -96,6 +106,11 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
         if fused is not None:
             counts = ", ".join(f"{n} {kind}" for kind, n in sorted(fused.counts().items())) or "nothing supported"
             stderr_console().print(f"[dim]fused ops: {escape(counts)}[/dim]")
+        routing = loaded.model.lighttransfer_runtime.head_routing
+        if routing is not None and routing.stats.local_share() is not None:
+            stderr_console().print(f"[dim]{escape(routing.config.describe())}: "
+                                   f"{100 * routing.stats.local_share():.0f}% of (query, KV head) decisions "
+                                   f"routed local[/dim]")
         sparse = loaded.model.lighttransfer_runtime.sparse_prefill
         if sparse is not None and sparse.stats.mean_density() is not None:
             stderr_console().print(f"[dim]sparse prefill ({sparse.config.method}, alpha {sparse.config.alpha}): "

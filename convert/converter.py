@@ -10,6 +10,7 @@ target and renamed into place only after every tensor was read back and checked.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -105,6 +106,7 @@ def convert(
     prefill_sparse: str | None = None,
     prefill_alpha: float | None = None,
     prefill_min_len: int | None = None,
+    head_routing=None,
 ) -> ConvertResult:
     """Write a hybrid checkpoint of ``model`` into ``out``.
 
@@ -140,6 +142,8 @@ def convert(
         prefill_sparse: block-sparse prefill of the full layers stored in the block (its optional
             ``sparse_prefill`` entry): ``sample``, ``vslash`` or ``antidiag``; ``None``/``"dense"`` writes none.
         prefill_alpha, prefill_min_len: its mass share kept and key threshold (defaults 0.95 and 16384).
+        head_routing: a :class:`~lighttransfer.hybrid_format.HeadRoutingConfig` stored in the block (the full
+            layers' per-query KV-head routing at decode), or ``None``.
 
     Raises:
         LightTransferError: bad options, an existing ``out`` without ``force``, a report for another model,
@@ -236,6 +240,8 @@ def convert(
         hybrid = hybrid.with_selection(selection)
         if sparse_prefill is not None:
             hybrid = replace(hybrid, sparse_prefill=sparse_prefill.to_dict())
+        if head_routing is not None:
+            hybrid = dataclasses.replace(hybrid, head_routing=head_routing.to_dict())
         if not hybrid.streaming_kv_heads:
             warnings.append(f"ratio {ratio} streams no layer of {num_layers}; the checkpoint is the dense model"
                             + (" with TokenSelect decoding." if selection else "."))

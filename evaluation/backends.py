@@ -5,7 +5,8 @@
 * ``runtime``: the hybrid runtime switched on in place (:func:`lighttransfer.runtime.enable_hybrid`), whose
   streaming layers keep a bounded sink + window cache: what users run.
 
-Rows with block-sparse prefill run through the runtime under either backend (a mask cannot express it).
+Rows with block-sparse prefill or head routing run through the runtime under either backend (a mask cannot express
+them).
 
 Both give a context manager per sequence that yields ``(model, after_prefill)``.
 """
@@ -40,7 +41,7 @@ class MaskedBackend:
 
     @contextlib.contextmanager
     def sequence(self, row: EvalRow) -> Iterator[tuple[object, Callable[[], None] | None]]:
-        if row.sparse_prefill is not None:
+        if row.needs_runtime:
             with self._runtime.sequence(row) as pair:
                 yield pair
             return
@@ -59,8 +60,12 @@ class MaskedBackend:
         """Nothing to undo (the mask lives only inside each sequence; sparse-prefill rows: the runtime's); the
         counts start again."""
         self.stats.reset()
-        if row.sparse_prefill is not None:
+        if row.needs_runtime:
             self._runtime.release(row)
+
+    def routing_stats(self) -> dict:
+        """Head routing's realised shares of the row switched on (routing rows run by the runtime)."""
+        return self._runtime.routing_stats()
 
 
 class RuntimeBackend:
@@ -81,9 +86,9 @@ class RuntimeBackend:
         self._active = row.name
         if row.is_dense:
             return
-        enable_hybrid(self.model, row.layout, sparse_prefill=row.sparse_prefill)
-        # teacher-forced continuations select per query, exactly as greedy decoding would
-        runtime_of(self.model).select_chunks = row.selection is not None
+        enable_hybrid(self.model, row.layout, sparse_prefill=row.sparse_prefill, head_routing=row.head_routing)
+        # teacher-forced continuations select (route) per query, exactly as greedy decoding would
+        runtime_of(self.model).select_chunks = row.selection is not None or row.head_routing is not None
 
     @contextlib.contextmanager
     def sequence(self, row: EvalRow) -> Iterator[tuple[object, Callable[[], None] | None]]:
@@ -97,6 +102,14 @@ class RuntimeBackend:
 
         runtime = getattr(self.model, RUNTIME_ATTR, None)
         return (runtime.selection_stats if runtime is not None else SelectionStats()).to_dict()
+
+    def routing_stats(self) -> dict:
+        """Head routing's realised shares (``local_share``, ``decisions``, ``by_layer``) of the row switched on."""
+        from ..runtime.hybrid import RUNTIME_ATTR
+
+        runtime = getattr(self.model, RUNTIME_ATTR, None)
+        routing = runtime.head_routing if runtime is not None else None
+        return routing.stats.to_dict() if routing is not None else {}
 
     def release(self, row: EvalRow) -> None:
         from ..runtime import disable_hybrid

@@ -106,6 +106,13 @@ def markdown_report(result) -> str:
             lines.append(f"  - Selection Cache: {cache['hits']} of {cache['lookups']} selections reused "
                          f"({100 * cache['hit_rate']:.1f}%); {cache['dense']} queries attended densely (budget "
                          "covered every key)")
+        routed = row.get("head_routing_realised")
+        if routed and routed.get("decisions"):
+            calib = row.get("routing_calibration")
+            how = f"; tau calibrated per layer for {calib['share']:g} on {calib['samples']} x {calib['tokens']} " \
+                  "tokens of the text" if calib else ""
+            lines.append(f"  - Head routing: {100 * routed['local_share']:.1f}% of {routed['decisions']} (query, "
+                         f"KV head) decisions routed local{how}")
     if result.passkey_lengths:
         lines += ["", "Passkey accuracy by depth (rows: depth of the key, 0 = start of the text):", ""]
         for row in result.rows:

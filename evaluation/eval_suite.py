@@ -167,6 +167,10 @@ def evaluate(
     select_local: int | None = None,
     select_reuse: float | None = None,
     sparse_prefill=None,
+    head_routing=None,
+    routing_share: float = 0.5,
+    routing_tau: float | None = None,
+    routing_calibration: int = 2,
 ) -> EvalResult:
     """Perplexity and passkey accuracy of every row, with each row's KV budget.
 
@@ -204,6 +208,14 @@ def evaluate(
         sparse_prefill: :class:`~lighttransfer.hybrid_format.SparsePrefillConfig` of the ``sparse-prefill`` and
             ``lighttransfer+sparse-prefill`` rows (default: its defaults); those rows also report the realised
             density (``sparse_prefill_density``: mean and per layer over their prefill forwards).
+        head_routing: :class:`~lighttransfer.hybrid_format.HeadRoutingConfig` of the ``qada`` rows (``stats``,
+            ``cov``, ``sink``, ``window``; its ``tau`` is not used). Routing rows report the realised local share
+            (``head_routing_realised``) and their calibration.
+        routing_share: the local share the routing rows are compared at: ``qada`` and ``qada-oracle`` calibrate
+            their thresholds per layer for it on ``routing_calibration`` stretches of the text.
+        routing_tau: a fixed threshold for ``qada`` and ``qada-oracle`` instead (no calibration).
+        routing_calibration: stretches of the text (each as long as the longest context) the thresholds are
+            calibrated on.
     """
     import torch
 
@@ -286,7 +298,8 @@ def evaluate(
     eval_rows = _build_rows(rows, hcfg=hcfg, report=report, report_data=report_data, ratio=ratio, sink=sink, window=window,
                             num_layers=num_layers, num_kv_heads=num_kv_heads, seed=seed, native_windows=native,
                             token_select=selection,
-                            sparse_prefill=sparse_prefill)
+                            sparse_prefill=sparse_prefill, head_routing=head_routing, routing_share=routing_share,
+                            routing_tau=routing_tau)
     if ratio is None:
         named = [r for r in eval_rows if r.name == "lighttransfer"]
         ratio = named[0].num_streaming_layers / num_layers if named else 0.5
@@ -294,7 +307,8 @@ def evaluate(
     token_ids = torch.tensor(tokenizer(body, add_special_tokens=False)["input_ids"], dtype=torch.long)
     # scored tokens must lie where every row can differ from the original: past sink + window, and past the
     # TokenSelect budget (below it the selection is every key)
-    min_context = max([max(r.sink + r.window if r.layout.streaming_kv_heads or r.online_ratio is not None else 0,
+    min_context = max([max(r.sink + r.window if r.layout.streaming_kv_heads or r.online_ratio is not None
+                           or r.head_routing is not None else 0,
                            r.selection.budget if r.selection is not None else 0)
                        for r in eval_rows if not r.is_dense] or [0])
     strides = {L: stride or default_stride(L, min_context) for L in lengths}
@@ -328,7 +342,14 @@ def evaluate(
     )
     for row in eval_rows:
         t0 = time.perf_counter()
+        calibration = None
+        if row.routing_target is not None:
+            row, calibration = _calibrate_routing(model, row, token_ids, lengths=[*lengths, *passkey_lengths,
+                                                                                   *ruler_lengths],
+                                                  samples=routing_calibration)
         entry = row.to_dict()
+        if calibration is not None:
+            entry["routing_calibration"] = calibration
         entry["kv_fraction"] = {str(L): row.kv_fraction(L)
                                 for L in sorted({*lengths, *passkey_lengths, *ruler_lengths})}
 
@@ -353,6 +374,8 @@ def evaluate(
             entry["ruler"] = run_samples(sequence, ruler_set, tokenizer=tokenizer, on_sample=step, batch_size=batch)
         if row.selection is not None:
             entry["selection_cache"] = runner.selection_stats()
+        if row.head_routing is not None:
+            entry["head_routing_realised"] = runner.routing_stats()
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         if row.sparse_prefill is not None:
             from ..runtime import sparse_prefill_stats
@@ -371,6 +394,32 @@ def evaluate(
     if out is not None:
         write_outputs(result, out)
     return result
+
+
+def _calibrate_routing(model, row: EvalRow, token_ids, *, lengths: Sequence[int],
+                       samples: int) -> tuple[EvalRow, dict]:
+    """The row with ``tau`` calibrated (per layer) for its ``routing_target``, on ``samples`` consecutive stretches
+    of the evaluation text as long as the longest evaluated context (its first tokens: the same for every row)."""
+    import dataclasses
+
+    from ..runtime import calibrate_head_routing, disable_hybrid, enable_hybrid
+
+    length = max(lengths) if lengths else 2048
+    if samples < 1 or len(token_ids) < samples * length:
+        raise LightTransferError(f"routing calibration needs {samples} x {length} tokens of text, the text has "
+                                 f"{len(token_ids)}; pass a longer --text or fewer calibration samples.")
+    stretches = [token_ids[i * length:(i + 1) * length] for i in range(samples)]
+    cfg = row.head_routing
+    disable_hybrid(model)
+    enable_hybrid(model, row.layout)
+    try:
+        tuned = calibrate_head_routing(model, stretches, share=row.routing_target, mode=cfg.mode, stats=cfg.stats,
+                                       cov=cfg.cov, sink=cfg.sink, window=cfg.window)
+    finally:
+        disable_hybrid(model)
+    info = {"share": row.routing_target, "samples": samples, "tokens": length, "tau": tuned.tau,
+            "layer_tau": {str(k): v for k, v in sorted(tuned.layer_tau.items())}}
+    return dataclasses.replace(row, head_routing=tuned, routing_target=None), info
 
 
 SUITE_PARTS = ("perplexity", "passkey", "ruler")
@@ -399,7 +448,8 @@ def _check_lengths(values: Sequence[int], option: str, *, allow_empty: bool = Fa
 
 def _build_rows(rows, *, hcfg, report, report_data, ratio, sink, window, num_layers, num_kv_heads, seed,
                 native_windows=None, token_select=None,
-                sparse_prefill=None) -> list[EvalRow]:
+                sparse_prefill=None, head_routing=None, routing_share: float = 0.5,
+                routing_tau: float | None = None) -> list[EvalRow]:
     """``report``: the report's path (for messages); ``report_data``: the report, loaded once by the caller."""
     if rows and all(isinstance(r, EvalRow) for r in rows):
         return list(rows)
@@ -428,11 +478,11 @@ def _build_rows(rows, *, hcfg, report, report_data, ratio, sink, window, num_lay
             "pass the report of this model."
         )
     kv_scores = kv_gates = kv_default = None
-    if set(HEAD_LEVEL_ROWS) & set(names) and loaded is not None:
+    if set(HEAD_LEVEL_ROWS + ("qada-gates",)) & set(names) and loaded is not None:
         # head-level always ranks by attention mass, head-level-gates by the gates: one run compares the two
         kv_scores = loaded.kv_head_long_context_scores("attention")
         kv_default = loaded.kv_head_long_context_scores()
-        if "head-level-gates" in names:
+        if {"head-level-gates", "qada-gates"} & set(names):
             if loaded.kv_head_gates is None:
                 raise LightTransferError(
                     f"the head-level-gates row needs KV-head gates, and report '{report}' has none; "
@@ -443,7 +493,8 @@ def _build_rows(rows, *, hcfg, report, report_data, ratio, sink, window, num_lay
                          names=names, lazy_selection=selection, kv_head_scores=kv_scores, kv_head_gates=kv_gates,
                          kv_head_default=kv_default, attention_lazy_ratios=attention, ranked_by=ranked_by, seed=seed,
                          native_windows=native_windows, selection=token_select,
-                         sparse_prefill=sparse_prefill)
+                         sparse_prefill=sparse_prefill, head_routing=head_routing, routing_share=routing_share,
+                         routing_tau=routing_tau)
 
 
 def output_paths(out: str | os.PathLike[str]) -> dict[str, Path]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..convert.plan import pick_layers, share_of_all_layers
 from ..errors import LightTransferError
-from ..hybrid_format import HybridLayout, SparsePrefillConfig, TokenSelectConfig
+from ..hybrid_format import HeadRoutingConfig, HybridLayout, SparsePrefillConfig, TokenSelectConfig
 
 # name of each standard row, in table order, and what it is
 ROW_KINDS: dict[str, str] = {
@@ -41,6 +41,12 @@ ROW_KINDS: dict[str, str] = {
     "sparse-prefill": "the dense model with block-sparse prefill in every layer (--sparse-* options: estimator, "
                       "alpha, threshold, blocks)",
     "lighttransfer+sparse-prefill": "the lighttransfer row with block-sparse prefill in its full layers",
+    "qada": "nothing streams; at decode each KV head attends sink + window of its full cache when QAdA's Gaussian "
+            "prediction says its far share is small (arXiv 2502.09647), tau calibrated for --routing-share",
+    "qada-oracle": "as qada, with the exact far share (reads every key: an upper bound for the prediction)",
+    "qada-random": "as qada, each (sequence, KV head) routed local at random with probability --routing-share",
+    "qada-gates": "as qada, a fixed share --routing-share of the KV heads always local: those with the lowest "
+                  "DuoAttention-style gates (static routing; needs a report with gates)",
 }
 # the head-level rows need per-KV-head scores from an analysis report, so they are asked for by name, like the
 # lazy-ratio row, which differs from the lighttransfer row only for a report ranked by gates
@@ -49,8 +55,11 @@ HEAD_LEVEL_ROWS = ("head-level", "head-level-gates", "random-heads", "least-lazy
 TOKENSELECT_ROWS = ("tokenselect", "lighttransfer+tokenselect")
 # rows with block-sparse prefill of the full layers: asked for by name too (they change the prefill, not the cache)
 SPARSE_PREFILL_ROWS = ("sparse-prefill", "lighttransfer+sparse-prefill")
+# rows that route the full layers' KV heads per decode query, compared at one routed share
+ROUTING_ROWS = ("qada", "qada-oracle", "qada-random", "qada-gates")
 DEFAULT_ROWS = tuple(name for name in ROW_KINDS
-                     if name not in (*HEAD_LEVEL_ROWS, *TOKENSELECT_ROWS, *SPARSE_PREFILL_ROWS, "lazy-ratio"))
+                     if name not in (*HEAD_LEVEL_ROWS, *TOKENSELECT_ROWS, *SPARSE_PREFILL_ROWS, *ROUTING_ROWS,
+                                     "lazy-ratio"))
 
 
 @dataclass(frozen=True)
@@ -64,18 +73,24 @@ class EvalRow:
             own sliding layers (bounded in the original too).
         note: how the layers were chosen, for the table.
         sparse_prefill: block-sparse prefill of the full layers (always run by the runtime), or ``None``.
+        head_routing: per-query KV-head routing of the full layers' decode (always run by the runtime), or ``None``.
+        routing_target: a local share the evaluation calibrates ``head_routing``'s ``tau`` for before the row runs
+            (:func:`lighttransfer.runtime.calibrate_head_routing`), or ``None`` (``head_routing`` as given).
     """
 
     name: str
     layout: HybridLayout
     note: str = ""
     sparse_prefill: SparsePrefillConfig | None = None
+    head_routing: HeadRoutingConfig | None = None
+    routing_target: float | None = None
 
     @classmethod
     def of(cls, name: str, *, note: str = "", sparse_prefill: SparsePrefillConfig | None = None,
+           head_routing: HeadRoutingConfig | None = None, routing_target: float | None = None,
            **layout: Any) -> EvalRow:
         """``EvalRow.of("random", num_layers=30, num_kv_heads=3, streaming_layers=[...], sink=4, window=1020)``."""
-        return cls(name, HybridLayout(**layout), note, sparse_prefill)
+        return cls(name, HybridLayout(**layout), note, sparse_prefill, head_routing, routing_target)
 
     # the layout's fields, as the backends and the tables read them
     num_layers = property(lambda self: self.layout.num_layers)
@@ -89,7 +104,9 @@ class EvalRow:
     selection = property(lambda self: self.layout.selection)
     native_windows = property(lambda self: dict(self.layout.native_windows))
     # a dense layout with sparse prefill still needs the runtime
-    is_dense = property(lambda self: self.layout.is_dense and self.sparse_prefill is None)
+    is_dense = property(lambda self: self.layout.is_dense and self.sparse_prefill is None
+                        and self.head_routing is None)
+    needs_runtime = property(lambda self: self.sparse_prefill is not None or self.head_routing is not None)
     num_streaming_layers = property(lambda self: self.layout.num_streaming_layers)
 
     def kv_fraction(self, seq_len: int) -> float:
@@ -107,7 +124,9 @@ class EvalRow:
                 "selection": None if self.selection is None else {"k": self.selection.k, "init": self.selection.init,
                                                                   "local": self.selection.local,
                                                                   "reuse": self.selection.reuse},
-                **({"sparse_prefill": self.sparse_prefill.to_dict()} if self.sparse_prefill is not None else {})}
+                **({"sparse_prefill": self.sparse_prefill.to_dict()} if self.sparse_prefill is not None else {}),
+                **({"head_routing": self.head_routing.to_dict()} if self.head_routing is not None else {}),
+                **({"routing_target": self.routing_target} if self.routing_target is not None else {})}
 
 
 def standard_rows(
@@ -128,6 +147,9 @@ def standard_rows(
     native_windows: dict[int, int] | None = None,
     selection: TokenSelectConfig | None = None,
     sparse_prefill: SparsePrefillConfig | None = None,
+    head_routing: HeadRoutingConfig | None = None,
+    routing_share: float = 0.5,
+    routing_tau: float | None = None,
 ) -> list[EvalRow]:
     """Build the rows compared at one ratio.
 
@@ -156,6 +178,10 @@ def standard_rows(
             ``convert``, ``ratio`` is then a share of the other layers.
         selection: TokenSelect's settings for the ``tokenselect`` rows (default: the paper's, 2048/128/512/0.9).
         sparse_prefill: the settings of the sparse-prefill rows (default: :class:`SparsePrefillConfig`'s).
+        head_routing: the ``qada`` row's settings (``stats``, ``cov``, ``sink``, ``window``; its ``tau`` is not used).
+        routing_share: the local share every routing row is compared at (``qada-random`` draws it, ``qada-gates``
+            fixes it, ``qada`` and ``qada-oracle`` calibrate their thresholds for it).
+        routing_tau: a fixed threshold for ``qada`` and ``qada-oracle`` (then nothing is calibrated).
     """
     unknown = [n for n in names if n not in ROW_KINDS]
     if unknown:
@@ -250,8 +276,42 @@ def standard_rows(
     build["lighttransfer+sparse-prefill"] = lambda: dataclasses.replace(
         build["lighttransfer"](), name="lighttransfer+sparse-prefill", sparse_prefill=sparse,
         note=f"laziest layers, sparse prefill of the full layers ({how})")
+    qada = dataclasses.replace(head_routing or HeadRoutingConfig(mode="qada", tau=0.0), mode="qada",
+                               tau=0.0 if routing_tau is None else float(routing_tau), layer_tau={})
+    target = float(routing_share) if routing_tau is None else None
+    dense_full = dict(common)  # nothing streams; sink and window are the routed-local heads' defaults
+
+    def routed(name: str, config: HeadRoutingConfig, note: str, calibrate: bool) -> EvalRow:
+        return EvalRow.of(name, **dense_full, head_routing=config, routing_target=target if calibrate else None,
+                          note=note)
+
+    when = f"tau calibrated for local share {routing_share:g}" if target is not None else f"tau {routing_tau:g}"
+    build["qada"] = lambda: routed("qada", dataclasses.replace(qada, mode="qada"),
+                                   f"QAdA, {qada.stats} stats, {qada.cov} covariance, {when}", True)
+    build["qada-oracle"] = lambda: routed("qada-oracle", dataclasses.replace(qada, mode="oracle"),
+                                          f"exact far share, {when}", True)
+    build["qada-random"] = lambda: routed(
+        "qada-random", HeadRoutingConfig(mode="random", share=float(routing_share), seed=seed, sink=qada.sink,
+                                         window=qada.window), f"random, share {routing_share:g} (seed {seed})", False)
+
+    def gates_row() -> EvalRow:
+        from ..convert import select_kv_heads
+
+        if kv_head_gates is None:
+            raise LightTransferError("the qada-gates row needs KV-head gates; pass --report with gates from "
+                                     "'lighttransfer analyze --method optimize'.")
+        masks = select_kv_heads(kv_head_gates, ratio=float(routing_share), strategy="lazy", seed=seed,
+                                keep_layers=exclude) if routing_share > 0 else {}
+        count = sum(map(sum, masks.values()))
+        config = HeadRoutingConfig(mode="static", local_masks={k: list(v) for k, v in masks.items()}
+                                   or {0: [False] * num_kv_heads},
+                                   sink=qada.sink, window=qada.window)
+        return routed("qada-gates", config, f"{count} KV heads with the lowest gates always local", False)
+
+    build["qada-gates"] = gates_row
     return [build[name]() for name in names]
 
 
 __all__ = ["EvalRow", "ROW_KINDS", "DEFAULT_ROWS", "HEAD_LEVEL_ROWS", "TOKENSELECT_ROWS", "SPARSE_PREFILL_ROWS",
+           "ROUTING_ROWS",
            "standard_rows"]

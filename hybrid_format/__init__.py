@@ -5,6 +5,7 @@
 
 from .config_block import CONFIG_KEY, FORMAT_VERSION, SIDECAR_FORMAT_VERSION, SIDECAR_NAME, HybridConfig
 from .finetune_record import FINETUNE_FILE, FINETUNE_KEY, FINETUNE_SCHEMA_VERSION, FinetuneRecord
+from .head_routing import ROUTING_MODES, HeadRoutingConfig
 from .kv_size import DEFAULT_TOKENS, DTYPE_BYTES, KVMemoryRow, format_bytes, kv_cache_bytes, kv_memory_table
 from .layout import DEFAULT_SINK, DEFAULT_WINDOW, PREFILL_POLICIES, HybridLayout
 from .sparse_prefill import SPARSE_METHODS, SparsePrefillConfig, sparse_prefill_config
@@ -36,4 +37,6 @@ __all__ = [
     "DEFAULT_TOKENS",
     "SparsePrefillConfig",
     "SPARSE_METHODS",
+    "HeadRoutingConfig",
+    "ROUTING_MODES",
 ]

@@ -20,8 +20,10 @@ block through ``from_pretrained`` -> ``save_pretrained``::
       "native_swa": false,                     # true when layer_types/sliding_window were also written
       "decode": "tokenselect",                 # format 2 only: how the full layers decode (absent = dense)
       "select_k": 2048, "select_init": 128, "select_local": 512, "select_reuse": 0.9,
-      "sparse_prefill": {...}                  # optional: block-sparse prefill of the full layers
-    }                                          # (hybrid_format/sparse_prefill.py; absent = dense)
+      "sparse_prefill": {...},                 # optional: block-sparse prefill of the full layers
+                                               # (hybrid_format/sparse_prefill.py; absent = dense)
+      "head_routing": {...}                    # optional: per-query KV-head routing of the full layers' decode
+    }                                          # (hybrid_format/head_routing.py; absent = dense)
 
 Versions: a block without a TokenSelect decode is written as format 1, exactly as before, so older readers load
 it; one with ``decode: "tokenselect"`` is format 2 (older readers refuse it with their version message instead of
@@ -39,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from ..errors import LightTransferError
+from .head_routing import HeadRoutingConfig
 from .layout import HybridLayout
 from .sparse_prefill import SparsePrefillConfig
 from .token_select import DECODE_POLICIES, TokenSelectConfig
@@ -85,6 +88,9 @@ class HybridConfig:
         sparse_prefill: block-sparse prefill of the full layers (a
             :class:`~lighttransfer.hybrid_format.sparse_prefill.SparsePrefillConfig` as a dict), or ``None``
             (dense; the key is then left out of the block).
+        head_routing: per-query KV-head routing of the full layers' decode steps (a
+            :class:`~lighttransfer.hybrid_format.head_routing.HeadRoutingConfig` as a dict), or ``None`` (dense;
+            left out of the block).
     """
 
     num_layers: int
@@ -107,6 +113,7 @@ class HybridConfig:
     select_local: int | None = None
     select_reuse: float | None = None
     sparse_prefill: dict[str, Any] | None = None
+    head_routing: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -121,6 +128,8 @@ class HybridConfig:
             raise LightTransferError(f"a value has the wrong type ({exc})") from exc
         if self.sparse_prefill is not None:
             self.sparse_prefill = SparsePrefillConfig.from_dict(self.sparse_prefill).to_dict()
+        if self.head_routing is not None:
+            self.head_routing = HeadRoutingConfig.from_dict(self.head_routing).to_dict()
         self.validate()
         # the version is what the block needs: 1 unless the decode is TokenSelect (see the module docstring)
         self.format_version = 2 if self.decode == "tokenselect" else 1
@@ -152,6 +161,10 @@ class HybridConfig:
     def sparse_prefill_config(self) -> SparsePrefillConfig | None:
         """The stored sparse prefill settings, or ``None`` (dense)."""
         return None if self.sparse_prefill is None else SparsePrefillConfig.from_dict(self.sparse_prefill)
+
+    def head_routing_config(self) -> HeadRoutingConfig | None:
+        """The stored head routing, or ``None`` (dense decoding)."""
+        return None if self.head_routing is None else HeadRoutingConfig.from_dict(self.head_routing)
 
     def layer_kind(self, layer: int) -> str:
         """``streaming``, ``mixed`` or ``full`` (:meth:`HybridLayout.layer_kind`)."""
@@ -201,6 +214,8 @@ class HybridConfig:
                 del d[name]
         if d["sparse_prefill"] is None:
             del d["sparse_prefill"]  # likewise: absent means dense
+        if d["head_routing"] is None:
+            del d["head_routing"]
         return json.loads(json.dumps(d, sort_keys=True))
 
     @classmethod

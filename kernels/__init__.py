@@ -1,6 +1,6 @@
-"""Streaming-attention, full-layer decode and block-sparse prefill kernels (Triton), the fused element-wise ops of a
-decoder layer (RMSNorm, RoPE, SiLU-mul), with plain PyTorch references and a switch between them; the sparse-prefill
-estimators beside them.
+"""Streaming-attention, full-layer decode (dense, or routed per KV head) and block-sparse prefill kernels
+(Triton), the fused element-wise ops of a decoder layer (RMSNorm, RoPE, SiLU-mul), with plain PyTorch references
+and a switch between them; the sparse-prefill estimators and the head-routing rule beside them.
 
 The Triton modules are imported on first use, so that ``TRITON_INTERPRET`` can still be set before any kernel
 is defined and ``import lighttransfer.kernels`` stays cheap.
@@ -18,9 +18,11 @@ if __package__ == "lighttransfer.kernels":
         silu_mul,
         silu_mul_reference,
     )
+    from .head_routing import KeyMoments, exact_far_share, predicted_far_share, random_local, route_local
     from .mask import causal_visible, streaming_mask, streaming_visible
     from .merge import merge_attention
     from .reference import full_decode_reference, streaming_attention_reference, streaming_decode_reference
+    from .routed_decode import routed_decode, routed_decode_reference
     from .sparse_estimators import Antidiagonal, SampledRows, VerticalSlash, estimate_lists
     from .sparse_prefill import block_sparse_attention, block_sparse_attention_reference
     from .switch import reference_forced, triton_runs_on, use_reference
@@ -47,6 +49,13 @@ if __package__ == "lighttransfer.kernels":
         "apply_rope_reference",
         "silu_mul",
         "silu_mul_reference",
+        "routed_decode",
+        "routed_decode_reference",
+        "KeyMoments",
+        "predicted_far_share",
+        "exact_far_share",
+        "route_local",
+        "random_local",
         "streaming_attention_reference",
         "streaming_decode_reference",
         "merge_attention",

@@ -30,6 +30,9 @@
   launches and q/k/v, gate/up as one GEMM each, rewired on the model instance (:mod:`.fused_ops`).
 * **TokenSelect.** ``load(..., decode="tokenselect")``: the full layers' decode steps attend only the keys a soft
   vote of the heads selects, with the Selection Cache (:mod:`.token_select`); on a hybrid or a plain model.
+* **Head routing.** ``load(..., head_routing="qada", routing_tau=...)``: per decode query, each KV head of the full
+  layers attends sink + window of its cache or every key (QAdA, :mod:`.head_routing`); :func:`head_routing_stats`
+  gives the realised local share, :func:`calibrate_head_routing` picks ``tau`` per layer for a target share.
 """
 
 from .cache import FullLayer, HybridCache, MixedLayer, SequenceState, StreamingLayer
@@ -37,7 +40,16 @@ from .chunked import prefill_chunked
 from .fused_ops import FusedOps, fuse_model, is_fused, unfuse_model
 from .generation import GenerationStats, generate_text
 from .graphs import StaticDecoder
-from .hybrid import disable_hybrid, enable_hybrid, make_cache, runtime_of, sparse_prefill_stats
+from .head_routing import HeadRouting, RoutingStats
+from .head_routing_calibration import calibrate_head_routing, far_share_distribution, far_share_summary
+from .hybrid import (
+    disable_hybrid,
+    enable_hybrid,
+    head_routing_stats,
+    make_cache,
+    runtime_of,
+    sparse_prefill_stats,
+)
 from .layout import resolve_layout
 from .loader import load, load_hybrid
 from .online import OnlineSelector
@@ -71,4 +83,10 @@ __all__ = [
     "unfuse_model",
     "is_fused",
     "FusedOps",
+    "head_routing_stats",
+    "calibrate_head_routing",
+    "far_share_distribution",
+    "far_share_summary",
+    "HeadRouting",
+    "RoutingStats",
 ]

@@ -20,7 +20,10 @@ original positions and updated the cache. What it does depends on the layer:
 * a full layer of a cache with TokenSelect (``decode="tokenselect"``), for a decode step (and for a continuation
   chunk when the cache's ``select_chunks`` is on) -> :func:`~lighttransfer.runtime.token_select.token_select_attention`
   (each query over its selected keys), or dense attention when the budget covers every candidate; a prefill chunk
-  otherwise attends densely.
+  otherwise attends densely;
+* a full layer of a cache with head routing (``head_routing="qada"|"oracle"|"random"|"static"``), for a decode step
+  (and each query of a continuation chunk when ``select_chunks`` is on) ->
+  :meth:`~lighttransfer.runtime.head_routing.HeadRouting.attend` (each KV head over sink + window or every key).
 
 Per-model state lives on the modules (``module.lighttransfer_plan``) and on the cache; the per-forward context
 (the cache and the left padding) arrives through the keyword ``lighttransfer_step``, which the model's forward
@@ -47,6 +50,7 @@ from .cache import (
     StaticStep,
     StreamingLayer,
 )
+from .head_routing import RoutingState
 from .online import prompt_lazy_ratio
 from .ops import full_attention, prefill_attention, slot_attention
 from .sparse_prefill import PrefillRecord, SparsePrefill
@@ -149,6 +153,12 @@ def lighttransfer_attention(module, query, key, value, attention_mask, scaling=N
             out = token_select_attention(query, key, value, config=cache.selection,
                                          state=cache.selection_state(module.layer_idx), stats=cache.selection_stats,
                                          kv_start=kv_start if has_padding else None, scale=scaling)
+        routing = cache.routing if cache is not None else None
+        if (out is None and routing is not None and isinstance(part, FullLayer) and big_n > n
+                and (n == 1 or cache.select_chunks) and dropout == 0.0 and not kwargs.get("sliding_window")):
+            state = cache.routing_states.setdefault(module.layer_idx, RoutingState())
+            out = routing.attend(query, key, value, layer_idx=module.layer_idx, state=state,
+                                 kv_start=kv_start if has_padding else None, scale=scaling, n_valid=n_valid)
         if out is None and sparse is not None and sparse.applies(query, key, sliding_window=kwargs.get("sliding_window"),
                                                                  dropout=dropout):
             out = sparse.attend(query, key, value, layer_idx=module.layer_idx, scale=scaling,

@@ -54,17 +54,23 @@ class HybridCache(Cache):
         selection_stats: where the Selection Cache counts go (default: a fresh
             :class:`~lighttransfer.runtime.token_select.SelectionStats` of this cache's own).
         select_chunks: with TokenSelect, a forward of several tokens after the prefill selects per query (as
-            decoding would) instead of attending densely (a prefill chunk).
+            decoding would) instead of attending densely (a prefill chunk); the same for head routing.
+        routing: the model's :class:`~lighttransfer.runtime.head_routing.HeadRouting` of the full layers' decode
+            steps (``None``: dense); its key moments per full layer go in :attr:`routing_states`.
     """
 
     def __init__(self, kinds, *, sink: int, window: int, prefill: str = "streaming", kv_head_masks=None,
                  online=None, native_windows: dict[int, int] | None = None, max_tokens: int | None = None,
-                 selection=None, selection_stats: SelectionStats | None = None, select_chunks: bool = False) -> None:
+                 selection=None, selection_stats: SelectionStats | None = None, select_chunks: bool = False,
+                 routing=None) -> None:
         self.sequence = SequenceState()
         self.selection = selection
+        self.routing = routing
         self.select_chunks = bool(select_chunks)
         self.selection_stats = selection_stats if selection_stats is not None else SelectionStats()
         self.selection_states: dict[int, SelectionState] = {}
+        # head routing's key moments per full layer (runtime/head_routing.py), made at the first routed step
+        self.routing_states: dict = {}
         self.sink, self.window, self.prefill = int(sink), int(window), prefill
         self.online = online
         kv_head_masks = kv_head_masks or {}
@@ -102,6 +108,8 @@ class HybridCache(Cache):
             return "online layer selection still undecided"
         if self.selection is not None:
             return "TokenSelect picks each step's keys on the host (its steps have no static shape)"
+        if self.routing is not None and self.routing.static_unsupported() is not None:
+            return self.routing.static_unsupported()
         if self.sequence.defer_compaction:
             return "chunked prefill in progress"
         if self.get_seq_length() == 0:
@@ -150,6 +158,8 @@ class HybridCache(Cache):
         else:
             step = self._static_step = StaticStep(self.get_seq_length(), kv_start)
         self.sequence.static = step
+        if self.routing is not None:
+            self.routing.begin_static(self)  # the moments up to the first static step, in their own tensors
         return step
 
     def load_from(self, other: HybridCache) -> None:
@@ -240,15 +250,18 @@ class HybridCache(Cache):
         super().reorder_cache(beam_idx)
         self.sequence.select(beam_idx)
         self.selection_states.clear()  # the rows moved: every layer selects afresh at its next step
+        self.routing_states.clear()  # and rebuilds its key moments from the keys it holds
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         self.sequence.select(indices)
         self.selection_states.clear()
+        self.routing_states.clear()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         self.selection_states.clear()
+        self.routing_states.clear()
         if self.sequence.kv_start is not None:
             self.sequence.kv_start = self.sequence.kv_start.repeat_interleave(repeats, dim=0)
 

@@ -32,12 +32,13 @@ from transformers.cache_utils import DynamicCache
 
 from ..compat import cache_keyword
 from ..errors import LightTransferError
-from ..hybrid_format import CONFIG_KEY, HybridLayout, SparsePrefillConfig
+from ..hybrid_format import CONFIG_KEY, HeadRoutingConfig, HybridLayout, SparsePrefillConfig
 from ..loading import check_attention_swappable
 from .attention import ATTENTION_NAME, PLAN_ATTR, STEP_KWARG, LayerPlan, StepContext, register
 from .cache import HybridCache, leading_padding
 from .fused_ops import FusedOps, fuse_model, unfuse_model
 from .head_order import grouped_kv_order, inverse, permute_heads, supports_reordering
+from .head_routing import HeadRouting, RoutingStats
 from .online import OnlineSelector
 from .sparse_prefill import SparsePrefill, SparsePrefillStats
 from .token_select import SelectionStats
@@ -79,6 +80,8 @@ class HybridRuntime:
         self.sparse_prefill: SparsePrefill | None = None
         # the modules rewired to fused kernels (runtime/fused_ops.py), or None when fused ops are off
         self.fused_ops: FusedOps | None = None
+        # per-query KV-head routing of the full layers' decode steps (runtime/head_routing.py), or None
+        self.head_routing: HeadRouting | None = None
 
     def make_cache(self, max_tokens: int | None = None) -> HybridCache:
         """A fresh, empty cache laid out for this model (``max_tokens``: see :class:`HybridCache`)."""
@@ -93,7 +96,7 @@ class HybridRuntime:
                            kv_head_masks=layout.mixed_masks, online=online, native_windows=layout.native_windows,
                            max_tokens=max_tokens,
                            selection=layout.selection, selection_stats=self.selection_stats,
-                           select_chunks=self.select_chunks)
+                           select_chunks=self.select_chunks, routing=self.head_routing)
 
     def remove(self) -> None:
         """Take the hook off and give the fused modules their stock forwards back (the rest is
@@ -141,7 +144,8 @@ class HybridRuntime:
 
 def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, chunk_size: int | None = None,
                   cuda_graphs: bool = False,
-                  sparse_prefill: SparsePrefillConfig | None = None, fused_ops: bool = False):
+                  sparse_prefill: SparsePrefillConfig | None = None, fused_ops: bool = False,
+                  head_routing: HeadRoutingConfig | None = None):
     """Make ``model`` run ``layout`` (in place) and return it. Calling it again replaces the previous layout.
 
     ``chunk_size``: prefill chunk length ``generate`` uses (sets ``generation_config.prefill_chunk_size``;
@@ -151,6 +155,8 @@ def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, ch
     :func:`~lighttransfer.runtime.generate_static`) decode with static steps replayed from a CUDA graph (eagerly
     where none can be captured, e.g. on the CPU; the reason is reported). ``model.generate`` is not affected.
     ``sparse_prefill``: block-sparse prefill of the full layers (:mod:`.sparse_prefill`); ``None``: dense.
+    ``head_routing``: per-query KV-head routing of the full layers' decode steps (:mod:`.head_routing`); its
+    default sink and window are the layout's.
 
     ``fused_ops``: rewire the model's RMSNorms, Llama-family attention and SiLU MLPs to fused kernels (one QKV
     GEMM, one RoPE launch, one gate/up GEMM, see :mod:`.fused_ops`); :func:`disable_hybrid` gives the stock forwards
@@ -179,6 +185,8 @@ def enable_hybrid(model, layout: HybridLayout, *, reorder_heads: bool = True, ch
     runtime.head_orders = orders
     runtime.cuda_graphs = bool(cuda_graphs)
     runtime.sparse_prefill = SparsePrefill(sparse_prefill) if sparse_prefill is not None else None
+    runtime.head_routing = HeadRouting(head_routing, sink=layout.sink, window=layout.window) \
+        if head_routing is not None else None
     if orders:
         runtime.previous_config_block = _reorder_config_block(model.config, orders, layout)
     if fused_ops:  # after the head reordering: the fused weights hold the heads in their final order
@@ -292,6 +300,16 @@ def sparse_prefill_stats(model) -> SparsePrefillStats:
     return sparse.stats
 
 
+def head_routing_stats(model) -> RoutingStats:
+    """The realised head routing of ``model`` (ρ: ``.local_share()``, per layer ``.local_share_by_layer()``); a
+    one-line error when head routing is off."""
+    routing = runtime_of(model).head_routing
+    if routing is None:
+        raise LightTransferError("head routing is off for this model; load it with head_routing='qada', 'oracle', "
+                                 "'random' or 'static'.")
+    return routing.stats
+
+
 def make_cache(model, max_tokens: int | None = None) -> HybridCache:
     """A fresh :class:`HybridCache` for ``model`` (for ``past_key_values=`` / ``cache=`` in manual loops);
     ``max_tokens``: tokens per sequence the full layers allocate at once (prompt + ``max_new_tokens``)."""
@@ -309,4 +327,4 @@ def attention_modules(model) -> dict[int, torch.nn.Module]:
 
 
 __all__ = ["enable_hybrid", "disable_hybrid", "make_cache", "runtime_of", "attention_modules", "HybridRuntime",
-           "sparse_prefill_stats"]
+           "sparse_prefill_stats", "head_routing_stats"]

@@ -42,12 +42,14 @@ def resolve_layout(
     select_local: int | None = None,
     select_reuse: float | None = None,
     source: str = "the model",
+    alone: bool = False,
 ) -> HybridLayout:
     """Combine the checkpoint's block (if any) with explicit options into a :class:`HybridLayout` (the model's
     own sliding layers included, from its config).
 
     ``decode`` (``dense`` or ``tokenselect``) and the ``select_*`` settings override the block's; TokenSelect alone
-    needs no block (a plain model: every layer full, each decoding with TokenSelect).
+    needs no block (a plain model: every layer full, each decoding with TokenSelect); ``alone`` says the same for
+    an option of the full layers given beside (head routing).
 
     Raises:
         LightTransferError: no layout anywhere, or an option out of range.
@@ -61,7 +63,7 @@ def resolve_layout(
                                  "head_masks (a fixed layout), not both.")
     selection = token_select_config(decode, select_k=select_k, select_init=select_init, select_local=select_local,
                                     select_reuse=select_reuse, base=block.selection if block else None)
-    if block is None and not explicit and online_ratio is None and selection is not None:
+    if block is None and not explicit and online_ratio is None and (selection is not None or alone):
         explicit = True  # TokenSelect alone: nothing streams
     if block is None and not explicit and online_ratio is None:
         raise LightTransferError(

@@ -6,8 +6,16 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LightTransferError
-from ..hybrid_format import SPARSE_METHODS, SparsePrefillConfig, TokenSelectConfig, token_select_config
+from ..hybrid_format import (
+    ROUTING_MODES,
+    SPARSE_METHODS,
+    HeadRoutingConfig,
+    SparsePrefillConfig,
+    TokenSelectConfig,
+    token_select_config,
+)
 from ..loading import LoadedModel, load_model, load_tokenizer
+from .head_routing import resolve_head_routing
 from .hybrid import check_chunk_size, enable_hybrid
 from .layout import resolve_layout
 from .sparse_prefill import resolve_sparse_prefill
@@ -41,6 +49,13 @@ def load_hybrid(
     prefill_alpha: float | None = None,
     prefill_min_len: int | None = None,
     fused_ops: bool | None = None,
+    head_routing: str | None = None,
+    routing_tau: float | None = None,
+    routing_share: float | None = None,
+    routing_stats: str | None = None,
+    routing_cov: str | None = None,
+    routing_sink: int | None = None,
+    routing_window: int | None = None,
 ) -> LoadedModel:
     """Like :func:`load`, but returns the :class:`~lighttransfer.loading.LoadedModel` (model, tokenizer, source)."""
     check_chunk_size(chunk_size)  # before the weights load: a typo costs nothing
@@ -56,17 +71,22 @@ def load_hybrid(
     ranges = {k: v for k, v in (("alpha", prefill_alpha), ("min_len", prefill_min_len)) if v is not None}
     if ranges:
         SparsePrefillConfig(**ranges)  # their range checks, also before the weights load
+    routing = dict(tau=routing_tau, share=routing_share, stats=routing_stats, cov=routing_cov, sink=routing_sink,
+                   window=routing_window)
+    _check_routing(head_routing, routing)  # also before the weights load
     loaded = load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, with_tokenizer=False,
                         device_map=device_map)
     layout = resolve_layout(loaded.model.config, streaming_layers=streaming_layers, head_masks=head_masks,
                             sink=sink, window=window, prefill=prefill, online_ratio=online_ratio,
-                            source=f"model '{loaded.source.spec}'", **selection)
+                            source=f"model '{loaded.source.spec}'", **selection,
+                            alone=head_routing not in (None, "dense"))
     sparse = resolve_sparse_prefill(loaded.model.config, method=prefill_sparse, alpha=prefill_alpha,
                                     min_len=prefill_min_len)
     if fused_ops is None:  # the Triton interpreter would make a CPU model slow
         fused_ops = any(p.is_cuda for p in loaded.model.parameters())
+    routed = resolve_head_routing(loaded.model.config, mode=head_routing, **routing)
     enable_hybrid(loaded.model, layout, chunk_size=chunk_size, cuda_graphs=cuda_graphs, sparse_prefill=sparse,
-                  fused_ops=fused_ops)
+                  fused_ops=fused_ops, head_routing=routed)
     if with_tokenizer:
         loaded.tokenizer = load_tokenizer(loaded.source, trust_remote_code=trust_remote_code)
     return loaded
@@ -96,6 +116,13 @@ def load(
     prefill_alpha: float | None = None,
     prefill_min_len: int | None = None,
     fused_ops: bool | None = None,
+    head_routing: str | None = None,
+    routing_tau: float | None = None,
+    routing_share: float | None = None,
+    routing_stats: str | None = None,
+    routing_cov: str | None = None,
+    routing_sink: int | None = None,
+    routing_window: int | None = None,
 ) -> Any:
     """Load a hybrid checkpoint as an ordinary transformers causal LM with a bounded KV cache.
 
@@ -138,6 +165,19 @@ def load(
             gate/up as one GEMM each (Llama, Mistral, Qwen2, Qwen3; Gemma 3's norms; other modules stay stock; see
             ``runtime/fused_ops.py``). ``None`` (default): on for a model on CUDA, off on the CPU; ``True`` forces
             it (on the CPU the kernels need ``TRITON_INTERPRET=1``, else their PyTorch references run).
+        head_routing: per-query KV-head routing of the full layers' decode steps (arXiv 2502.09647): ``qada``
+            (each KV head attends sink + window of its cache when the Gaussian prediction of every query head's
+            far share is ``<= routing_tau``, else every key), ``oracle`` (the exact far share; reads every key,
+            for evaluation), ``random`` (local with probability ``routing_share``); ``dense`` turns off what the
+            checkpoint stores, ``None`` keeps it. Works on a plain model too. Realised share:
+            ``lighttransfer.head_routing_stats(model)``; thresholds for a target share:
+            ``lighttransfer.calibrate_head_routing``. See ``runtime/head_routing.py``.
+        routing_tau: far-share threshold in [0, 1] (``qada``/``oracle``).
+        routing_share: local probability (``random``).
+        routing_stats: ``bulk`` (default: the Gaussian from the bulk keys' running moments) or ``local`` (from the
+            window keys).
+        routing_cov: ``full`` (default) or ``diag`` covariance.
+        routing_sink, routing_window: the local set of a routed-local head (default: the layout's sink/window).
 
     Returns:
         The transformers model; ``model.generate`` and ``pipeline("text-generation", model=model)`` use the
@@ -152,7 +192,26 @@ def load(
                        with_tokenizer=False, device_map=device_map, decode=decode, select_k=select_k,
                        select_init=select_init, select_local=select_local, select_reuse=select_reuse,
                        prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
-                       fused_ops=fused_ops).model
+                       fused_ops=fused_ops, head_routing=head_routing, routing_tau=routing_tau,
+                       routing_share=routing_share, routing_stats=routing_stats, routing_cov=routing_cov,
+                       routing_sink=routing_sink, routing_window=routing_window).model
+
+
+def _check_routing(mode: str | None, options: dict) -> None:
+    """One-line errors for the head-routing options, before any weight loads."""
+    if mode not in (None, "dense", *ROUTING_MODES):
+        raise LightTransferError(f"head_routing {mode!r} is not known; use one of {', '.join(ROUTING_MODES)}, "
+                                 "'dense' or None.")
+    given = {k: v for k, v in options.items() if v is not None}
+    if mode in (None, "dense"):
+        return  # options without a mode are checked against the checkpoint's block once it is read
+    if mode == "static":
+        raise LightTransferError("head_routing 'static' needs per-layer masks: pass them through "
+                                 "enable_hybrid(head_routing=HeadRoutingConfig(mode='static', local_masks=...)).")
+    filler = {"tau": 0.0} if mode in ("qada", "oracle") and "tau" not in given else {}
+    if mode == "random" and "share" not in given:
+        filler = {"share": 0.0}
+    HeadRoutingConfig(mode=mode, **{**filler, **given})
 
 
 __all__ = ["load", "load_hybrid"]

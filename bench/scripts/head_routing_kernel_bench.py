@@ -1,0 +1,198 @@
+"""Routed decode attention of one full layer against dense flash-decoding, and the cost of the routing decision.
+
+    PYTHONPATH=<dir with a lighttransfer link> python3 bench/scripts/head_routing_kernel_bench.py --out DIR
+    PYTHONPATH=... python3 bench/scripts/head_routing_kernel_bench.py --tiny --out DIR   # CPU, Triton interpreter
+
+Shape (default): 32 query / 8 KV heads, D = 128, bf16, a 32768-token cache per sequence (a view of larger storage,
+as the runtime's full layer holds it), batch 1 and 16, sink 4 + window 1020. Every part is timed as a CUDA-graph
+replay (Triton's ``do_bench_cudagraph``; eagerly too), in the same process, after a correctness check against the
+fp32 reference:
+
+* ``dense``: ``kernels.full_decode`` over all N keys (the baseline);
+* ``routed@s``: ``kernels.routed_decode`` with a share ``s`` of the (sequence, KV head) pairs routed local
+  (``s`` in 0, 0.25, 0.5, 0.75, 1; the local pairs drawn at random, exactly ``round(s * B * Hkv)`` of them);
+* ``decision``: one decode step's QAdA decision for the layer: the running moments take the key that left the
+  window (``Σk``, ``Σkkᵀ`` in fp32, full covariance; ``decision_diag``: diagonal), the local keys' exact
+  log-sum-exp (sink + window rows gathered), the Gaussian bulk mass, ``f̂`` and the GQA routing; reported as a
+  share of ``dense`` and of ``routed@0.5``;
+* ``oracle``: the exact far share (reads every key; for evaluation only).
+
+Triton configs are pinned (``LIGHTTRANSFER_TRITON_AUTOTUNE=0``) unless ``--autotune``. Writes
+``head_routing_kernels.json`` and ``.md`` into ``--out``, naming the GPU, driver, torch, Triton and CUDA versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if "--tiny" in sys.argv:  # the interpreter must be on before any kernel is defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+if "--autotune" not in sys.argv:
+    os.environ.setdefault("LIGHTTRANSFER_TRITON_AUTOTUNE", "0")
+
+import torch  # noqa: E402
+
+SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _timer(fn, *, graph: bool, cuda: bool, rounds: int) -> float:
+    """Median microseconds per call (CUDA: Triton's do_bench / do_bench_cudagraph; CPU: wall clock)."""
+    fn()
+    if cuda:
+        from triton.testing import do_bench, do_bench_cudagraph
+
+        torch.cuda.synchronize()
+        if graph:
+            return 1e3 * do_bench_cudagraph(fn, rep=100, return_mode="median")
+        return 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e6 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys: int, sink: int, window: int,
+                dtype, device: str, graph: bool, rounds: int, tolerance: float, seed: int = 0) -> dict:
+    from lighttransfer import kernels
+    from lighttransfer.kernels import head_routing as rule
+
+    cuda = device == "cuda"
+    g = torch.Generator(device=device).manual_seed(seed + batch)
+    q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=dtype, generator=g)
+    k = torch.randn(batch, kv_heads, n_keys + 256, head_dim, device=device, dtype=dtype, generator=g)[:, :, :n_keys]
+    v = torch.randn(batch, kv_heads, n_keys + 256, head_dim, device=device, dtype=dtype, generator=g)[:, :, :n_keys]
+    start = torch.zeros(batch, dtype=torch.long, device=device)
+    pairs = batch * kv_heads
+
+    def flags(share: float) -> torch.Tensor:
+        order = torch.randperm(pairs, generator=torch.Generator().manual_seed(seed + int(share * 100)))
+        local = torch.zeros(pairs, dtype=torch.bool)
+        local[order[:round(share * pairs)]] = True
+        return local.view(batch, kv_heads).to(device)
+
+    def routed(local):
+        return lambda: kernels.routed_decode(q, k, v, local, sink=sink, window=window)
+
+    moments = {d: rule.KeyMoments.zeros(batch, kv_heads, head_dim, diagonal=d, device=device) for d in (False, True)}
+    for m in moments.values():
+        rule.move_range(m, k, old=(0, 0), new=(0, n_keys - window - 1), floor=start + sink)
+    leaving = n_keys - window - 1  # the key that leaves the window at this step
+    floor = start + sink
+    index = torch.tensor([leaving], device=device)
+    n_t = torch.tensor([n_keys], device=device)  # the key count on the device, as a static step has it (no copy)
+
+    def decision(diagonal: bool):
+        m = moments[diagonal]
+
+        def step():
+            # the graph replays add the same key again and again: the cost is what matters here, not the sums
+            rule.accumulate(m, k[:, :, leaving:leaving + 1], rule.range_weight(index, floor=floor))
+            far = rule.predicted_far_share(q, k, m, n_keys=n_t, kv_start=start, sink=sink, window=window)
+            return rule.route_local(far, 0.1, kv_heads)
+        return step
+
+    def oracle():
+        return rule.exact_far_share(q, k, n_keys=n_t, kv_start=start, sink=sink, window=window)
+
+    # correctness first (the fp32 reference repeats K/V per query head: checked on two sequences)
+    errors = {}
+    for share in SHARES:
+        local = flags(share)
+        want = kernels.routed_decode_reference(q[:2], k[:2], v[:2], local[:2], sink=sink, window=window)
+        errors[f"routed@{share:g}"] = _rel_err(routed(local)()[:2], want)
+    errors["dense"] = _rel_err(kernels.full_decode(q, k, v)[:2], kernels.full_decode_reference(q[:2], k[:2], v[:2]))
+    bad = {name: e for name, e in errors.items() if not e < tolerance}
+    if bad:
+        raise RuntimeError(f"B={batch} N={n_keys}: relative error above {tolerance}: {bad}")
+    parts = {"dense": lambda: kernels.full_decode(q, k, v)}
+    for share in SHARES:
+        parts[f"routed@{share:g}"] = routed(flags(share))
+    parts["decision"] = decision(False)
+    parts["decision_diag"] = decision(True)
+    parts["oracle"] = oracle
+    row = {"batch": batch, "n_keys": n_keys, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+           "sink": sink, "window": window, "errors": errors,
+           "bytes_dense": 2 * batch * kv_heads * n_keys * head_dim * q.element_size()}
+    for mode in (["graph", "eager"] if cuda and graph else ["eager"]):
+        row[f"us_{mode}"] = {name: _timer(fn, graph=mode == "graph", cuda=cuda, rounds=rounds)
+                             for name, fn in parts.items()}
+        us = row[f"us_{mode}"]
+        row[f"speedup_{mode}"] = {name: us["dense"] / t for name, t in us.items() if name.startswith("routed")}
+        row[f"decision_share_{mode}"] = {
+            "of_dense": us["decision"] / us["dense"], "of_routed@0.5": us["decision"] / us["routed@0.5"],
+            "diag_of_dense": us["decision_diag"] / us["dense"]}
+    return row
+
+
+def markdown(result: dict) -> str:
+    from lighttransfer.bench.gpu_env import markdown_table
+
+    env = result["environment"]
+    mode = "graph" if "us_graph" in result["rows"][0] else "eager"
+    how = "CUDA-graph replays" if mode == "graph" else "eager calls (CPU: the Triton interpreter, not a timing)"
+    lines = [f"# Routed decode attention vs dense ({env.get('gpu', env.get('device', 'cpu'))})", "",
+             f"{result['shape']}; {how} (us, median); pinned configs: {result['pinned_configs']}; "
+             f"torch {env.get('torch')}, Triton {env.get('triton')}, CUDA {env.get('cuda')}.", ""]
+    headers = ["batch", "dense", *[f"routed@{s:g}" for s in SHARES], "decision (full cov)", "decision (diag)",
+               "decision / dense", "oracle"]
+    rows = []
+    for r in result["rows"]:
+        us = r[f"us_{mode}"]
+        rows.append([r["batch"], f"{us['dense']:.1f}",
+                     *[f"{us[f'routed@{s:g}']:.1f} ({r[f'speedup_{mode}'][f'routed@{s:g}']:.2f}x)" for s in SHARES],
+                     f"{us['decision']:.1f}", f"{us['decision_diag']:.1f}",
+                     f"{100 * r[f'decision_share_{mode}']['of_dense']:.1f}%", f"{us['oracle']:.1f}"])
+    lines.append(markdown_table(headers, rows))
+    lines += ["", "routed@s: a share s of the (sequence, KV head) pairs attends sink + window, the rest every key; "
+              "(Nx): speed-up over dense. decision: one step's QAdA routing of the layer (moments update, local "
+              "log-sum-exp, Gaussian bulk mass, f-hat, GQA routing), unfused PyTorch.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tiny", action="store_true", help="small shapes on the CPU (Triton interpreter)")
+    parser.add_argument("--autotune", action="store_true")
+    parser.add_argument("--keys", type=int, default=32768)
+    parser.add_argument("--batches", default="1,16")
+    args = parser.parse_args(argv)
+    from lighttransfer.bench.gpu_env import environment
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    device = "cuda" if cuda else "cpu"
+    if args.tiny:
+        shape = dict(heads=4, kv_heads=2, head_dim=32, n_keys=600, sink=4, window=100)
+        dtype, batches = torch.float32, [1, 2]
+    else:
+        shape = dict(heads=32, kv_heads=8, head_dim=128, n_keys=args.keys, sink=4, window=1020)
+        dtype, batches = torch.bfloat16, [int(b) for b in args.batches.split(",")]
+    rows = [bench_batch(b, **shape, dtype=dtype, device=device, graph=cuda, rounds=3 if args.tiny else 20,
+                        tolerance=1e-2 if dtype != torch.float32 else 1e-4) for b in batches]
+    result = {"environment": environment(), "pinned_configs": os.environ.get("LIGHTTRANSFER_TRITON_AUTOTUNE") == "0",
+              "shape": f"{shape['heads']}/{shape['kv_heads']} heads, D={shape['head_dim']}, {dtype}, "
+                       f"N={shape['n_keys']}, sink {shape['sink']} + window {shape['window']}",
+              "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "head_routing_kernels.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+    (out / "head_routing_kernels.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

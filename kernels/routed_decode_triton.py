@@ -1,0 +1,209 @@
+"""Triton kernel for routed decode attention (:func:`~lighttransfer.kernels.routed_decode`): the split-K kernel of
+:mod:`.full_decode_triton`, whose programs clip their key chunk to what their (sequence, KV head) is routed to.
+
+One program takes one (sequence, KV head) and one chunk ``[lo, hi)`` of keys, for all ``GROUP`` query heads of that
+KV head. A full-routed head attends the whole chunk. A local-routed head attends the chunk's intersection with the
+sink ``[kv_start, kv_start + sink)`` and, separately, with the window ``[max(n - window, kv_start + sink), n)``
+(two disjoint ranges, so no key counts twice); a program whose chunk meets neither loads nothing and stores an
+empty partial (log2-sum-exp ``-inf``), which the merge kernel of :mod:`.decode_triton` gives zero weight. The grid
+is the same whatever the routing (planned for all keys), so the launch reads nothing on the host and a CUDA graph
+replays any routing.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode_launch import INTERPRETER_CONFIG, autotune_enabled, capability, multiprocessors, tuned_launcher
+from .decode_triton import _streaming_decode_merge, plan_splits
+from .full_decode_triton import HOPPER_CONFIGS
+
+_LOG2E = 1.4426950408889634
+_CHUNK_ALIGN = 256  # as in full_decode_triton: a multiple of every candidate BLOCK_N
+
+
+@triton.jit
+def _attend_range(q, k_base, v_base, stride_kn, stride_vn, lo, hi, m_i, l_i, acc, offs_d, d_ok, qk_scale,
+                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # online softmax over keys [lo, hi), base 2 (qk_scale carries log2(e))
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        k = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
+                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        qk = tl.where(n_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit(do_not_specialize=["n_keys", "chunk"])
+def _routed_decode_split(
+    Q, K, V, LOCAL, KV_START, N_VALID, Out, PART_O, PART_LSE,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh,
+    n_kv_heads, GROUP, n_keys, chunk, n_splits, sink, window, qk_scale,
+    HAS_START: tl.constexpr, HAS_N_VALID: tl.constexpr, SINGLE_SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_bk = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bk // n_kv_heads
+    hk = pid_bk % n_kv_heads
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < GROUP
+    d_ok = offs_d < HEAD_DIM
+    h = hk * GROUP + offs_m
+
+    if HAS_N_VALID:
+        n_keys = tl.minimum(n_keys, tl.load(N_VALID).to(tl.int32))
+    start = 0
+    if HAS_START:
+        start = tl.load(KV_START + b).to(tl.int32)
+    lo = tl.maximum(pid_s * chunk, start)
+    hi = tl.minimum(pid_s * chunk + chunk, n_keys)
+    is_local = tl.load(LOCAL + pid_bk) != 0
+    # the ranges this program attends: [lo, hi) for a full head; for a local one its sink part, then its window part
+    sink_end = start + sink
+    a_hi = tl.where(is_local, tl.minimum(hi, sink_end), hi)
+    b_lo = tl.maximum(lo, tl.maximum(n_keys - window, sink_end))
+    b_hi = tl.where(is_local, hi, lo)  # empty for a full head: its one range is [lo, a_hi)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if (lo < a_hi) | (b_lo < b_hi):  # a local head's program inside the bulk exits here
+        q_ptrs = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, lo, a_hi, m_i, l_i, acc, offs_d,
+                                      d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
+        m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, b_lo, b_hi, m_i, l_i, acc, offs_d,
+                                      d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    out_mask = row_ok[:, None] & d_ok[None, :]
+    if SINGLE_SPLIT:
+        o_ptrs = Out + b.to(tl.int64) * stride_ob + h[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=out_mask)
+    else:
+        row = b * n_kv_heads * GROUP + h
+        part = row.to(tl.int64) * n_splits + pid_s
+        tl.store(PART_O + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=out_mask)
+        lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(PART_LSE + part, lse2, mask=row_ok)
+
+
+@functools.cache
+def _tuned_launcher(capability: tuple[int, int], block_d: int, block_m: int, autotune: bool,
+                    element_bytes: int = 2):
+    return tuned_launcher(_routed_decode_split, HOPPER_CONFIGS, capability, block_d, block_m, autotune,
+                          element_bytes)
+
+
+# (capability, BLOCK_D, BLOCK_M, single split, dtype, device length, autotune) -> the tuned config's options
+_BEST_CONFIG: dict[tuple, dict] = {}
+
+
+def routed_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local: torch.Tensor, *, sink: int,
+                         window: int, kv_start: torch.Tensor | None, scale: float, n_valid: torch.Tensor | None = None,
+                         splits: int | None = None) -> torch.Tensor:
+    """Launch on validated inputs (see :func:`~lighttransfer.kernels.routed_decode`); reads no tensor on the host."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    batch, heads, _, dim = q.shape
+    kv_heads, n_keys = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    o = torch.empty((batch, heads, 1, dim), dtype=q.dtype, device=q.device)
+    if n_keys == 0:
+        return o.zero_()
+    block_d = max(16, triton.next_power_of_2(dim))
+    block_m = max(16, triton.next_power_of_2(group))
+    if q.is_cuda:
+        current = torch.cuda.current_device()
+        index = q.device.index if q.device.index is not None else current
+        chunk, n_splits = plan_splits(batch, kv_heads, n_keys, 4 * multiprocessors(index), align=_CHUNK_ALIGN,
+                                      splits=splits)
+    else:
+        chunk, n_splits = plan_splits(batch, kv_heads, n_keys, 1, align=INTERPRETER_CONFIG.kwargs["BLOCK_N"],
+                                      splits=splits)
+    single = n_splits == 1
+    flags_local = local.to(device=q.device, dtype=torch.int8).contiguous()
+    start = None
+    if kv_start is not None:
+        start = kv_start.to(q.device)
+        if start.dtype not in (torch.int32, torch.int64):
+            start = start.long()
+        start = start.contiguous()
+    if n_valid is not None:
+        n_valid = n_valid.to(q.device)
+    if single:
+        part_o = part_lse = o
+    else:
+        part_o = torch.empty((batch, heads, 1, n_splits, block_d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, heads, 1, n_splits), dtype=torch.float32, device=q.device)
+    args = (
+        q, k, v, flags_local, start if start is not None else o, n_valid if n_valid is not None else o, o, part_o,
+        part_lse,
+        q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1),
+        kv_heads, group, n_keys, chunk, n_splits, sink, window, scale * _LOG2E,
+    )
+    flags = dict(HAS_START=start is not None, HAS_N_VALID=n_valid is not None, SINGLE_SPLIT=single, HEAD_DIM=dim,
+                 BLOCK_D=block_d, BLOCK_M=block_m, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    grid = (batch * kv_heads, n_splits)
+
+    def launch(split_kernel, extra: dict):
+        split_kernel[grid](*args, **flags, **extra)
+        if not single:
+            _streaming_decode_merge[(batch * heads,)](
+                part_o, part_lse, o, heads, 1, n_splits, o.stride(0), o.stride(1), o.stride(2),
+                HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
+            )
+
+    if not q.is_cuda:
+        launch(_routed_decode_split, INTERPRETER_CONFIG.kwargs)
+        return o
+    cap = capability(index)
+    key = (cap, block_d, block_m, single, q.dtype, n_valid is not None, autotune_enabled())
+    best = _BEST_CONFIG.get(key)
+    if best is not None:
+        kernel, extra = _routed_decode_split, best  # skip the autotuner's dispatch (host time), as full_decode does
+    else:
+        kernel, extra = _tuned_launcher(cap, block_d, block_m, key[-1], q.element_size()), {}
+    if index == current:
+        launch(kernel, extra)
+    else:
+        with torch.cuda.device(index):
+            launch(kernel, extra)
+    if best is None:
+        config = getattr(kernel, "best_config", None)
+        if config is not None and hasattr(config, "all_kwargs"):
+            _BEST_CONFIG[key] = config.all_kwargs()
+    return o
+
+
+__all__ = ["routed_decode_triton"]

@@ -1,0 +1,75 @@
+"""Evaluation rows with head routing: built by name at one share, run by the runtime under either backend, their
+thresholds calibrated for the share, the realised share in the result; ``eval --rows ...,qada,...`` runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_tiny_model, run_cli
+from lighttransfer.errors import LightTransferError
+from lighttransfer.evaluation.rows import DEFAULT_ROWS, ROUTING_ROWS, standard_rows
+from test_eval import byte_tokenizer
+
+GATES = [[0.9, 0.1], [0.2, 0.8], [0.05, 0.95], [0.7, 0.6]]
+
+
+def test_rows_are_built_by_name_at_one_share():
+    rows = {r.name: r for r in standard_rows(lazy_ratios=[0.9, 0.2, 0.8, 0.1], ratio=0.5, num_kv_heads=2, sink=2,
+                                             window=16, names=list(ROUTING_ROWS), kv_head_gates=GATES,
+                                             routing_share=0.25)}
+    assert not set(ROUTING_ROWS) & set(DEFAULT_ROWS)
+    for row in rows.values():
+        assert row.streaming_layers == [] and not row.is_dense and row.needs_runtime
+        assert row.kv_fraction(1000) == 1.0  # routing reads less, it keeps everything
+    assert rows["qada"].routing_target == rows["qada-oracle"].routing_target == 0.25
+    assert rows["qada-oracle"].head_routing.mode == "oracle"
+    assert rows["qada-random"].head_routing.share == 0.25 and rows["qada-random"].routing_target is None
+    # 2 of 8 KV heads, the lowest gates: (2, 0) and (0, 1)
+    assert rows["qada-gates"].head_routing.local_masks == {0: [False, True], 2: [True, False]}
+    fixed = standard_rows(lazy_ratios=[0.5] * 4, ratio=0.5, num_kv_heads=2, sink=2, window=16, names=["qada"],
+                          routing_tau=0.1)[0]
+    assert fixed.routing_target is None and fixed.head_routing.tau == 0.1
+    with pytest.raises(LightTransferError, match="gates"):
+        standard_rows(lazy_ratios=[0.5] * 4, ratio=0.5, num_kv_heads=2, sink=2, window=16, names=["qada-gates"])
+
+
+def test_eval_cli_runs_the_routing_rows(tmp_path, capsys, long_text, monkeypatch):
+    from lighttransfer.analysis import AnalysisReport
+
+    model_dir = tmp_path / "model"
+    make_tiny_model("llama").save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text(long_text[:20000])
+
+    class _Stub:
+        head_score_method = "attention"
+        kv_head_gates = GATES
+
+        @staticmethod
+        def layer_lazy_ratios():
+            return [0.9, 0.2, 0.8, 0.1]
+
+        @staticmethod
+        def kv_head_long_context_scores(method=None):
+            return GATES
+
+    monkeypatch.setattr(AnalysisReport, "load", classmethod(lambda cls, path: _Stub))
+    out = tmp_path / "res.json"
+    code, _, err = run_cli([
+        "eval", "--baseline", str(model_dir), "--text", str(text), "--report", "r.json", "--lengths", "96",
+        "--windows", "1", "--passkey-lengths", "256", "--passkey-depths", "2", "--passkey-trials", "1",
+        "--sink", "2", "--window", "16", "--rows", "original,qada,qada-oracle,qada-random,qada-gates",
+        "--routing-share", "0.5", "--routing-cov", "diag", "--device", "cpu", "--out", str(out), "-q"], capsys)
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    for name in ("qada", "qada-oracle"):
+        assert rows[name]["routing_calibration"]["share"] == 0.5 and rows[name]["routing_calibration"]["layer_tau"]
+        assert rows[name]["head_routing"]["cov"] == "diag"
+    for name in ROUTING_ROWS:
+        realised = rows[name]["head_routing_realised"]
+        assert realised["decisions"] > 0 and 0.0 <= realised["local_share"] <= 1.0
+    assert rows["qada-gates"]["head_routing_realised"]["local_share"] == pytest.approx(0.5)  # 4 of 8 heads
+    assert "head_routing_realised" not in rows["original"]
+    assert "Head routing: 50.0% of" in (tmp_path / "res.md").read_text()
