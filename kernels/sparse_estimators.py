@@ -54,8 +54,15 @@ def _grouped_scores(qs: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Te
 def row_block_mass(qs, row_pos, k, scale, block_k) -> torch.Tensor:
     """Exact causal softmax rows of ``qs [B, H, r, D]`` (row ``i`` sees keys ``<= row_pos[i]``), summed per key
     block of ``block_k``: float32 ``[B, H, r, k_blocks]``. On CUDA the fused Triton kernel
-    (:mod:`.block_mass_triton`: the rows are never materialized), else :func:`row_block_mass_reference`."""
-    if qs.is_cuda and not reference_forced() and qs.dtype in SUPPORTED_DTYPES and block_k & (block_k - 1) == 0:
+    (:mod:`.block_mass_triton`: the rows are never materialized), else :func:`row_block_mass_reference`.
+
+    Head dims the kernel walks in whole chunks only (a power of two, or a multiple of 128): on an H200 it gave
+    wrong block masses at ``D = 40`` (one chunk of 64, 24 lanes masked) while 16, 32, 128 and 2048 were right; until
+    that is understood, other widths take the PyTorch path (chunked, so still no ``N x N`` matrix)."""
+    d = qs.shape[-1]
+    whole_chunks = d & (d - 1) == 0 or d % 128 == 0
+    if qs.is_cuda and not reference_forced() and qs.dtype in SUPPORTED_DTYPES and block_k & (block_k - 1) == 0 \
+            and whole_chunks:
         from .block_mass_triton import row_block_mass_triton
 
         return row_block_mass_triton(qs, k, row_pos, scale=scale, cols_per_block=block_k)
