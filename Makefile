@@ -27,8 +27,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/lighttransfer demo
 
+# --confcutdir: pytest would otherwise import the root __init__.py (the package itself) under the checkout's folder
+# name, which fails when that name is not a Python identifier (a clone in `lighttransfer-main/`, say)
 test: setup
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q --confcutdir=tests $(PYTEST_ARGS)
 
 $(VLLM_STAMP): pyproject.toml
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
@@ -39,7 +41,7 @@ $(VLLM_STAMP): pyproject.toml
 	@touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/pytest -q tests/serving $(PYTEST_ARGS)
+	$(VLLM_VENV)/bin/pytest -q --confcutdir=tests tests/serving $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
