@@ -149,7 +149,8 @@ def generate_text(
     before = (selection.lookups, selection.hits) if selection is not None else (0, 0)
     start = time.perf_counter()
     runtime = getattr(model, RUNTIME_ATTR, None)
-    if runtime is not None and runtime.cuda_graphs:
+    static_reason = _static_steps_unsupported(runtime) if runtime is not None and runtime.cuda_graphs else None
+    if runtime is not None and runtime.cuda_graphs and static_reason is None:
         streamer.put(inputs["input_ids"].cpu())
         out = generate_static(model, inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -163,7 +164,8 @@ def generate_text(
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
                              return_dict_in_generate=True, pad_token_id=pad, **sampling)
-        sequences, cache, path = out.sequences, output_cache(out), "transformers generate"
+        sequences, cache = out.sequences, output_cache(out)
+        path = "transformers generate" + (f" (no static steps: {static_reason})" if static_reason else "")
     end = time.perf_counter()
     first = clock[0] if clock else end
     kv = cache.kv_bytes() if isinstance(cache, HybridCache) else 0
@@ -177,6 +179,16 @@ def generate_text(
     if path != "transformers generate":
         log.info("decode steps: %s", path)
     return "".join(pieces), stats
+
+
+def _static_steps_unsupported(runtime) -> str | None:
+    """Why the runtime's options rule out static (CUDA-graph) decode steps for every generation, or ``None``: then
+    ``cuda_graphs`` falls back to ``model.generate`` and the decode path says why, instead of failing."""
+    if runtime.layout.selection is not None:
+        return "TokenSelect picks each step's keys on the host"
+    if runtime.head_routing is not None:
+        return runtime.head_routing.static_unsupported()
+    return None
 
 
 __all__ = ["generate_text", "GenerationStats", "encode_prompt"]

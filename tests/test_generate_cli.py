@@ -92,3 +92,19 @@ def test_generate_on_a_plain_directory_explains_what_to_do(tiny_model_dir, capsy
     code, _, err = run(["generate", str(tiny_model_dir), "--prompt", "hi", "--device", "cpu"], capsys)
     assert code == 1 and "lighttransfer convert" in err
 
+
+
+def test_generate_with_cuda_graphs_and_tokenselect_falls_back_to_transformers_generate(hybrid_dir, capsys):
+    """TokenSelect picks keys on the host, so no static step can run it: ``--cuda-graphs`` falls back to
+    transformers' generate and says why, instead of failing in the static loop."""
+    code, out, err = run(["generate", str(hybrid_dir), "--prompt", PROMPT, "--max-new-tokens", "8",
+                          "--device", "cpu", "--cuda-graphs", "--decode", "tokenselect", "--select-k", "4",
+                          "--select-init", "2", "--select-local", "4"], capsys)
+    assert code == 0, err
+    assert "no static steps: TokenSelect" in " ".join(err.split())
+    model = lighttransfer.load(hybrid_dir, device="cpu", decode="tokenselect", select_k=4, select_init=2,
+                               select_local=4)
+    tok = word_tokenizer()
+    ids = tok(PROMPT, return_tensors="pt")
+    want = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert out.split() == tok.decode(want[0, ids["input_ids"].shape[1]:]).split()
