@@ -11,7 +11,9 @@ merge kernel of :mod:`lighttransfer.kernels.decode_triton`. Positions are implic
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -133,91 +135,134 @@ def full_decode_triton(
     """Launch the kernels on validated inputs (see :func:`~lighttransfer.kernels.full_decode`); ``splits``
     overrides the number of chunks per (sequence, KV head). The launch reads no tensor on the host (no sync), so it
     can be captured in a CUDA graph."""
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    batch, heads, _, dim = q.shape
-    kv_heads, n_keys = k.shape[1], k.shape[2]
-    group = heads // kv_heads
-    o = torch.empty((batch, heads, 1, dim), dtype=q.dtype, device=q.device)
-    if n_keys == 0:
-        return o.zero_()
-    block_d = max(16, triton.next_power_of_2(dim))
-    block_m = max(16, triton.next_power_of_2(group))
-    if q.is_cuda:
-        current = torch.cuda.current_device()
-        index = q.device.index if q.device.index is not None else current
-        # one program per SM at a time (the K/V tiles take most of its shared memory): a grid of whole waves
-        chunk, n_splits = plan_wave_splits(batch, kv_heads, n_keys, multiprocessors(index), align=_CHUNK_ALIGN,
-                                           splits=splits)
-    else:
-        chunk, n_splits = plan_splits(batch, kv_heads, n_keys, 1, align=INTERPRETER_CONFIG.kwargs["BLOCK_N"],
-                                      splits=splits)
-    single = n_splits == 1
-    start = None
-    if kv_start is not None:
-        start = kv_start.to(q.device)
-        if start.dtype not in (torch.int32, torch.int64):
-            start = start.long()
-        start = start.contiguous()
-    if n_valid is not None:
-        n_valid = n_valid.to(q.device)
-    if single:
-        part_o = part_lse = o
-    else:
-        part_o = torch.empty((batch, heads, 1, n_splits, block_d), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((batch, heads, 1, n_splits), dtype=torch.float32, device=q.device)
+    plan = SplitDecodePlan.make(q, k, v, kv_start=kv_start, n_valid=n_valid, splits=splits)
+    if plan.n_keys == 0:
+        return plan.o.zero_()
+    q, k, v, o = plan.q, plan.k, plan.v, plan.o
     args = (
-        q, k, v, start if start is not None else o, n_valid if n_valid is not None else o, o, part_o, part_lse,
+        q, k, v, plan.start_arg, plan.n_valid_arg, o, plan.part_o, plan.part_lse,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1),
-        kv_heads, group, n_keys, chunk, n_splits, scale * _LOG2E,
+        plan.kv_heads, plan.group, plan.n_keys, plan.chunk, plan.n_splits, scale * _LOG2E,
     )
-    flags = dict(
-        HAS_START=start is not None, HAS_N_VALID=n_valid is not None, SINGLE_SPLIT=single, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
-    grid = (batch * kv_heads, n_splits)
-
-    def launch(split_kernel, extra: dict):
-        split_kernel[grid](*args, **flags, **extra)
-        if not single:
-            _streaming_decode_merge[(batch * heads,)](
-                part_o, part_lse, o, heads, 1, n_splits, o.stride(0), o.stride(1), o.stride(2),
-                HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
-            )
-
-    if not q.is_cuda:
-        launch(_full_decode_split, INTERPRETER_CONFIG.kwargs)
-        return o
-    cap = capability(index)
-    key = (cap, block_d, block_m, single, q.dtype, n_valid is not None, autotune_enabled())
-    best = _BEST_CONFIG.get(key)
-    if best is not None:
-        # tuned before: launch the kernel itself (the autotuner's dispatch costs ~15 us of host time per call,
-        # measured on an H200, and decode at small batch is host-bound)
-        kernel, extra = _full_decode_split, best
-    else:
-        kernel, extra = _tuned_launcher(cap, block_d, block_m, key[-1], q.element_size()), {}
-    if index == current:
-        launch(kernel, extra)
-    else:
-        with torch.cuda.device(index):
-            launch(kernel, extra)
-    if best is None:
-        config = getattr(kernel, "best_config", None)
-        if config is not None and hasattr(config, "all_kwargs"):
-            _BEST_CONFIG[key] = config.all_kwargs()
+    plan.launch(_full_decode_split, args, _tuned_launcher, _BEST_CONFIG)
     return o
+
+
+@dataclasses.dataclass
+class SplitDecodePlan:
+    """The host side of one split-K decode launch over a contiguous cache, shared by the kernels that run on this
+    grid (:func:`full_decode_triton`, and the routed kernel of :mod:`.routed_decode_triton`): inputs with a
+    contiguous last dim, the output ``[batch, heads, 1, head_dim]``, tile sizes, the split plan, the optional
+    device tensors (``kv_start`` int32/int64, ``n_valid``) and the float32 partials of the merge."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    kv_heads: int
+    group: int
+    n_keys: int
+    block_d: int
+    block_m: int
+    chunk: int = 0
+    n_splits: int = 1
+    start: torch.Tensor | None = None
+    n_valid: torch.Tensor | None = None
+    part_o: torch.Tensor | None = None
+    part_lse: torch.Tensor | None = None
+    device_index: int | None = None
+
+    @classmethod
+    def make(cls, q, k, v, *, kv_start, n_valid, splits) -> SplitDecodePlan:
+        """The plan for ``q [batch, heads, 1, head_dim]`` over ``k, v [batch, kv_heads, N, head_dim]``; with ``N``
+        = 0 only ``o`` is set (the caller returns zeros). On CUDA the split count fills the GPU's last wave
+        (one program per SM at a time: the K/V tiles take most of its shared memory)."""
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        batch, heads, _, dim = q.shape
+        kv_heads, n_keys = k.shape[1], k.shape[2]
+        o = torch.empty((batch, heads, 1, dim), dtype=q.dtype, device=q.device)
+        plan = cls(q=q, k=k, v=v, o=o, kv_heads=kv_heads, group=heads // kv_heads, n_keys=n_keys,
+                   block_d=max(16, triton.next_power_of_2(dim)),
+                   block_m=max(16, triton.next_power_of_2(heads // kv_heads)))
+        if n_keys == 0:
+            return plan
+        if q.is_cuda:
+            plan.device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+            plan.chunk, plan.n_splits = plan_wave_splits(batch, kv_heads, n_keys, multiprocessors(plan.device_index),
+                                                         align=_CHUNK_ALIGN, splits=splits)
+        else:
+            plan.chunk, plan.n_splits = plan_splits(batch, kv_heads, n_keys, 1,
+                                                    align=INTERPRETER_CONFIG.kwargs["BLOCK_N"], splits=splits)
+        if kv_start is not None:
+            start = kv_start.to(q.device)
+            plan.start = (start if start.dtype in (torch.int32, torch.int64) else start.long()).contiguous()
+        if n_valid is not None:
+            plan.n_valid = n_valid.to(q.device)
+        if plan.single:
+            plan.part_o = plan.part_lse = o
+        else:
+            plan.part_o = torch.empty((batch, heads, 1, plan.n_splits, plan.block_d), dtype=torch.float32,
+                                      device=q.device)
+            plan.part_lse = torch.empty((batch, heads, 1, plan.n_splits), dtype=torch.float32, device=q.device)
+        return plan
+
+    @property
+    def single(self) -> bool:
+        return self.n_splits == 1
+
+    @property
+    def start_arg(self) -> torch.Tensor:
+        return self.start if self.start is not None else self.o  # a placeholder pointer, never read
+
+    @property
+    def n_valid_arg(self) -> torch.Tensor:
+        return self.n_valid if self.n_valid is not None else self.o
+
+    def launch(self, split_kernel, args: tuple, tuned: Callable, best_configs: dict[tuple, dict]) -> None:
+        """Run ``split_kernel`` on the grid ``(batch * kv_heads, n_splits)`` with ``args`` and the shared flags,
+        then the merge of the partials. On CUDA the config is the autotuned one (``tuned(capability, block_d,
+        block_m, autotune, element_bytes)`` builds the tuner); once known, ``best_configs`` keeps it and the kernel
+        is launched directly (the autotuner's dispatch costs ~15 us of host time per call, measured on an H200,
+        and decode at small batch is host-bound)."""
+        q, o = self.q, self.o
+        batch, heads, _, dim = q.shape
+        flags = dict(HAS_START=self.start is not None, HAS_N_VALID=self.n_valid is not None,
+                     SINGLE_SPLIT=self.single, HEAD_DIM=dim, BLOCK_D=self.block_d, BLOCK_M=self.block_m,
+                     DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        grid = (batch * self.kv_heads, self.n_splits)
+
+        def run(kernel, extra: dict) -> None:
+            kernel[grid](*args, **flags, **extra)
+            if not self.single:
+                _streaming_decode_merge[(batch * heads,)](
+                    self.part_o, self.part_lse, o, heads, 1, self.n_splits, o.stride(0), o.stride(1), o.stride(2),
+                    HEAD_DIM=dim, BLOCK_D=self.block_d, BLOCK_S=max(2, triton.next_power_of_2(self.n_splits)),
+                )
+
+        if not q.is_cuda:
+            run(split_kernel, INTERPRETER_CONFIG.kwargs)
+            return
+        cap = capability(self.device_index)
+        key = (cap, self.block_d, self.block_m, self.single, q.dtype, self.n_valid is not None, autotune_enabled())
+        best = best_configs.get(key)
+        kernel, extra = (split_kernel, best) if best is not None else \
+            (tuned(cap, self.block_d, self.block_m, key[-1], q.element_size()), {})
+        if self.device_index == torch.cuda.current_device():
+            run(kernel, extra)
+        else:
+            with torch.cuda.device(self.device_index):
+                run(kernel, extra)
+        if best is None:
+            config = getattr(kernel, "best_config", None)
+            if config is not None and hasattr(config, "all_kwargs"):
+                best_configs[key] = config.all_kwargs()
 
 
 # (capability, BLOCK_D, BLOCK_M, single split, dtype, device length, autotune) -> the tuned config's options
 _BEST_CONFIG: dict[tuple, dict] = {}
 
 
-__all__ = ["full_decode_triton", "HOPPER_CONFIGS", "FALLBACK_CONFIG"]
+__all__ = ["full_decode_triton", "SplitDecodePlan", "HOPPER_CONFIGS", "FALLBACK_CONFIG"]

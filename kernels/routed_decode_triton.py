@@ -18,12 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_launch import INTERPRETER_CONFIG, autotune_enabled, capability, multiprocessors, tuned_launcher
-from .decode_triton import _streaming_decode_merge, plan_splits
-from .full_decode_triton import HOPPER_CONFIGS
+from .decode_launch import tuned_launcher
+from .full_decode_triton import HOPPER_CONFIGS, SplitDecodePlan
 
 _LOG2E = 1.4426950408889634
-_CHUNK_ALIGN = 256  # as in full_decode_triton: a multiple of every candidate BLOCK_N
 
 
 @triton.jit
@@ -125,84 +123,23 @@ _BEST_CONFIG: dict[tuple, dict] = {}
 def routed_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local: torch.Tensor, *, sink: int,
                          window: int, kv_start: torch.Tensor | None, scale: float, n_valid: torch.Tensor | None = None,
                          splits: int | None = None) -> torch.Tensor:
-    """Launch on validated inputs (see :func:`~lighttransfer.kernels.routed_decode`); reads no tensor on the host."""
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    batch, heads, _, dim = q.shape
-    kv_heads, n_keys = k.shape[1], k.shape[2]
-    group = heads // kv_heads
-    o = torch.empty((batch, heads, 1, dim), dtype=q.dtype, device=q.device)
-    if n_keys == 0:
-        return o.zero_()
-    block_d = max(16, triton.next_power_of_2(dim))
-    block_m = max(16, triton.next_power_of_2(group))
-    if q.is_cuda:
-        current = torch.cuda.current_device()
-        index = q.device.index if q.device.index is not None else current
-        chunk, n_splits = plan_splits(batch, kv_heads, n_keys, 4 * multiprocessors(index), align=_CHUNK_ALIGN,
-                                      splits=splits)
-    else:
-        chunk, n_splits = plan_splits(batch, kv_heads, n_keys, 1, align=INTERPRETER_CONFIG.kwargs["BLOCK_N"],
-                                      splits=splits)
-    single = n_splits == 1
+    """Launch on validated inputs (see :func:`~lighttransfer.kernels.routed_decode`); reads no tensor on the host.
+    The grid, split plan, partials and config choice are :func:`~.full_decode_triton.full_decode_triton`'s
+    (:class:`~.full_decode_triton.SplitDecodePlan`)."""
+    plan = SplitDecodePlan.make(q, k, v, kv_start=kv_start, n_valid=n_valid, splits=splits)
+    if plan.n_keys == 0:
+        return plan.o.zero_()
+    q, k, v, o = plan.q, plan.k, plan.v, plan.o
     flags_local = local.to(device=q.device, dtype=torch.int8).contiguous()
-    start = None
-    if kv_start is not None:
-        start = kv_start.to(q.device)
-        if start.dtype not in (torch.int32, torch.int64):
-            start = start.long()
-        start = start.contiguous()
-    if n_valid is not None:
-        n_valid = n_valid.to(q.device)
-    if single:
-        part_o = part_lse = o
-    else:
-        part_o = torch.empty((batch, heads, 1, n_splits, block_d), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((batch, heads, 1, n_splits), dtype=torch.float32, device=q.device)
     args = (
-        q, k, v, flags_local, start if start is not None else o, n_valid if n_valid is not None else o, o, part_o,
-        part_lse,
+        q, k, v, flags_local, plan.start_arg, plan.n_valid_arg, o, plan.part_o, plan.part_lse,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1),
-        kv_heads, group, n_keys, chunk, n_splits, sink, window, scale * _LOG2E,
+        plan.kv_heads, plan.group, plan.n_keys, plan.chunk, plan.n_splits, sink, window, scale * _LOG2E,
     )
-    flags = dict(HAS_START=start is not None, HAS_N_VALID=n_valid is not None, SINGLE_SPLIT=single, HEAD_DIM=dim,
-                 BLOCK_D=block_d, BLOCK_M=block_m, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    grid = (batch * kv_heads, n_splits)
-
-    def launch(split_kernel, extra: dict):
-        split_kernel[grid](*args, **flags, **extra)
-        if not single:
-            _streaming_decode_merge[(batch * heads,)](
-                part_o, part_lse, o, heads, 1, n_splits, o.stride(0), o.stride(1), o.stride(2),
-                HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
-            )
-
-    if not q.is_cuda:
-        launch(_routed_decode_split, INTERPRETER_CONFIG.kwargs)
-        return o
-    cap = capability(index)
-    key = (cap, block_d, block_m, single, q.dtype, n_valid is not None, autotune_enabled())
-    best = _BEST_CONFIG.get(key)
-    if best is not None:
-        kernel, extra = _routed_decode_split, best  # skip the autotuner's dispatch (host time), as full_decode does
-    else:
-        kernel, extra = _tuned_launcher(cap, block_d, block_m, key[-1], q.element_size()), {}
-    if index == current:
-        launch(kernel, extra)
-    else:
-        with torch.cuda.device(index):
-            launch(kernel, extra)
-    if best is None:
-        config = getattr(kernel, "best_config", None)
-        if config is not None and hasattr(config, "all_kwargs"):
-            _BEST_CONFIG[key] = config.all_kwargs()
+    plan.launch(_routed_decode_split, args, _tuned_launcher, _BEST_CONFIG)
     return o
 
 
