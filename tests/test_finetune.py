@@ -260,3 +260,24 @@ def test_flex_backend_matches_the_explicit_masks_on_cuda(hybrid, s2):
     assert results["flex"][0] == pytest.approx(results["dense"][0], rel=1e-2)
     err = (results["flex"][1] - results["dense"][1]).norm() / results["dense"][1].norm()
     assert err.item() < 5e-2
+
+
+def test_a_checkpoint_that_streams_no_layer_trains_every_layer_full(tmp_path):
+    """The control run of the recovery benchmark (the original fine-tuned the same way): a block with no
+    streaming layer fine-tunes with a warning, S²-Attn on every layer, and its output loads and generates."""
+    import lighttransfer
+
+    d = tmp_path / "reference"
+    model = make_tiny_model("llama", tie_word_embeddings=True)
+    HybridConfig(num_layers=4, num_kv_heads=2, streaming_layers=[], sink=SINK, window=WINDOW).attach(model.config)
+    model.save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
+    (tmp_path / "train.txt").write_text(_pattern_text(3000, 7))
+    from lighttransfer.training import finetune
+
+    result = finetune(d, data=[str(tmp_path / "train.txt")], out=tmp_path / "out", settings=_settings(steps=3),
+                      device="cpu")
+    assert result.losses and len(result.losses) == 3
+    loaded = lighttransfer.load(tmp_path / "out", device="cpu")
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    assert loaded.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 9)
