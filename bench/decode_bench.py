@@ -23,6 +23,7 @@ from lighttransfer.bench.gpu_env import (
     environment_markdown,
     markdown_table,
     measure_peaks,
+    median_us,
 )
 from lighttransfer.kernels import streaming_decode, streaming_decode_reference
 from lighttransfer.output_files import write_atomically, write_json
@@ -48,16 +49,6 @@ def ring_slot_positions(tokens: int, sink: int, window: int, device="cuda") -> t
     return torch.cat([slots, ring_pos])
 
 
-def _time(fn, graph: bool) -> float:
-    from triton.testing import do_bench, do_bench_cudagraph
-
-    fn()  # compile / autotune outside the timed region and the graph capture
-    torch.cuda.synchronize()
-    if graph:
-        return 1e3 * do_bench_cudagraph(fn, rep=100, return_mode="median")
-    return 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
 def _bench_streaming(batch: int, sink: int, window: int, contexts, tolerance: float) -> list[dict]:
     slots = sink + window
     g = torch.Generator(device="cuda").manual_seed(batch * 7 + sink)
@@ -77,7 +68,7 @@ def _bench_streaming(batch: int, sink: int, window: int, contexts, tolerance: fl
         err = ((step().float() - ref.float()).norm() / ref.float().norm()).item()
         if err >= tolerance:
             raise RuntimeError(f"decode B={batch} S={sink} W={window} context={context}: error {err:.2e}")
-        graph_us, eager_us = _time(step, graph=True), _time(step, graph=False)
+        graph_us, eager_us = median_us(step, graph=True), median_us(step, graph=False)
         rows.append(dict(method="streaming", batch=batch, sink=sink, window=window, context=context,
                          slots=slots, us_graph=graph_us, us_eager=eager_us, bytes=kv_bytes,
                          gbps=kv_bytes / graph_us / 1e3, err_vs_fp32_reference=err))
@@ -99,7 +90,7 @@ def _bench_sdpa(batch: int, context: int) -> dict:
     def step():
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
-    graph_us, eager_us = _time(step, graph=True), _time(step, graph=False)
+    graph_us, eager_us = median_us(step, graph=True), median_us(step, graph=False)
     row.update(us_graph=graph_us, us_eager=eager_us, gbps=kv_bytes / graph_us / 1e3)
     log.warning("sdpa B=%d ctx=%d: %.1f us (graph), %.0f GB/s", batch, context, graph_us, row["gbps"])
     return row

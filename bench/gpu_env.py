@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 
 from ..environment import device_facts, gpu_driver, software_versions
@@ -13,6 +16,26 @@ def environment() -> dict:
     if torch.cuda.is_available():
         info.update(memory_gib=round(info["gpu_memory_bytes"] / 2**30, 1), driver=gpu_driver())
     return info
+
+
+def median_us(fn, *, graph: bool, cuda: bool = True, rounds: int = 20) -> float:
+    """Median microseconds per call of ``fn``, called once first (compile and autotune outside the timed region and
+    the graph capture). CUDA: Triton's ``do_bench_cudagraph`` (``graph``) or ``do_bench``; CPU: ``rounds`` calls
+    timed by the wall clock."""
+    fn()
+    if cuda:
+        from triton.testing import do_bench, do_bench_cudagraph
+
+        torch.cuda.synchronize()
+        if graph:
+            return 1e3 * do_bench_cudagraph(fn, rep=100, return_mode="median")
+        return 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e6 * (time.perf_counter() - t0))
+    return statistics.median(times)
 
 
 def measure_peaks(*, copy_gib: float = 4.0) -> dict:

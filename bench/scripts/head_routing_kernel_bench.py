@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 if "--tiny" in sys.argv:  # the interpreter must be on before any kernel is defined
@@ -41,22 +39,6 @@ import torch  # noqa: E402
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def _timer(fn, *, graph: bool, cuda: bool, rounds: int) -> float:
-    """Median microseconds per call (CUDA: Triton's do_bench / do_bench_cudagraph; CPU: wall clock)."""
-    fn()
-    if cuda:
-        from triton.testing import do_bench, do_bench_cudagraph
-
-        torch.cuda.synchronize()
-        if graph:
-            return 1e3 * do_bench_cudagraph(fn, rep=100, return_mode="median")
-        return 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1e6 * (time.perf_counter() - t0))
-    return statistics.median(times)
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -67,6 +49,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys: int, sink: int, window: int,
                 dtype, device: str, graph: bool, rounds: int, tolerance: float, seed: int = 0) -> dict:
     from lighttransfer import kernels
+    from lighttransfer.bench.gpu_env import median_us
     from lighttransfer.kernels import head_routing as rule
 
     cuda = device == "cuda"
@@ -127,7 +110,7 @@ def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys:
            "sink": sink, "window": window, "errors": errors,
            "bytes_dense": 2 * batch * kv_heads * n_keys * head_dim * q.element_size()}
     for mode in (["graph", "eager"] if cuda and graph else ["eager"]):
-        row[f"us_{mode}"] = {name: _timer(fn, graph=mode == "graph", cuda=cuda, rounds=rounds)
+        row[f"us_{mode}"] = {name: median_us(fn, graph=mode == "graph", cuda=cuda, rounds=rounds)
                              for name, fn in parts.items()}
         us = row[f"us_{mode}"]
         row[f"speedup_{mode}"] = {name: us["dense"] / t for name, t in us.items() if name.startswith("routed")}

@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 if "--tiny" in sys.argv:  # the interpreter must be on before any kernel is defined
@@ -58,22 +56,6 @@ PARTS = ("dense", "attention", "votes_two_pass", "votes", "select_old", "select"
 CUDA_TESTS = ("tests/kernels/test_token_select_kernels.py", "tests/test_runtime_token_select.py")
 
 
-def _timer(fn, *, graph: bool, cuda: bool, rounds: int) -> float:
-    """Median microseconds per call (CUDA: Triton's do_bench / do_bench_cudagraph; CPU: wall clock)."""
-    fn()  # compile (and autotune) outside the timed region and the graph capture
-    if cuda:
-        from triton.testing import do_bench, do_bench_cudagraph
-
-        torch.cuda.synchronize()
-        if graph:
-            return 1e3 * do_bench_cudagraph(fn, rep=100, return_mode="median")
-        return 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1e6 * (time.perf_counter() - t0))
-    return statistics.median(times)
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -113,6 +95,7 @@ def run_cuda_tests(out: Path) -> dict:
 def bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: int, dtype, device: str,
                 graph: bool, rounds: int, tolerance: float, seed: int = 0) -> dict:
     from lighttransfer import kernels
+    from lighttransfer.bench.gpu_env import median_us
     from lighttransfer.hybrid_format import TokenSelectConfig
     from lighttransfer.kernels.token_select_onepass import bytes_read_onepass
     from lighttransfer.kernels.token_select_triton import bytes_read
@@ -195,7 +178,7 @@ def bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: int
                                        "miss_step": one_pass + floors["attention"],
                                        "hit_step": floors["attention"]}}
     for mode in (["graph", "eager"] if cuda and graph else ["eager"]):
-        row[f"us_{mode}"] = {name: _timer(fn, graph=mode == "graph", cuda=cuda, rounds=rounds)
+        row[f"us_{mode}"] = {name: median_us(fn, graph=mode == "graph", cuda=cuda, rounds=rounds)
                              for name, fn in parts.items()}
     row["graphed_parts"] = list(PARTS) if cuda and graph else []
     return row
