@@ -73,6 +73,30 @@ def token_votes_reference(q: torch.Tensor, k: torch.Tensor, *, init: int, local:
     return out
 
 
+def _check_vote_inputs(what: str, q, k, *, init: int, local: int, kv_start, rows, scale) -> float:
+    """The one-line errors of :func:`token_votes` and :func:`total_votes`; returns the score scale (default
+    ``1 / sqrt(head_dim)``)."""
+    check_qkv(what, q, k, k)
+    _check_counts(what, init=init, local=local)
+    if q.shape[2] != 1:
+        raise LightTransferError(f"{what}: one query per sequence, got {q.shape[2]}; use "
+                                 "token_votes_reference for several.")
+    _check_start(what, kv_start, q.shape[0])
+    if rows is not None and rows.dim() != 1:
+        raise LightTransferError(f"{what}: rows must be 1-D sequence indices, got {tuple(rows.shape)}.")
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _reference_votes(q, k, *, init: int, local: int, kv_start, scale: float, rows) -> torch.Tensor:
+    """Per-KV-head votes ``[B or len(rows), Hkv, N]`` of one query per sequence by the reference, only the sequences
+    in ``rows`` when given."""
+    if rows is not None:
+        rows = rows.to(q.device).long()
+        q, k = q.index_select(0, rows), k.index_select(0, rows)
+        kv_start = None if kv_start is None else kv_start.to(q.device).index_select(0, rows)
+    return token_votes_reference(q, k, init=init, local=local, kv_start=kv_start, scale=scale)[:, :, 0]
+
+
 def token_votes(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_start: torch.Tensor | None = None,
                 scale: float | None = None, splits: int | None = None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,21 +109,10 @@ def token_votes(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_s
     Triton for CUDA tensors (or under ``TRITON_INTERPRET=1``): all query heads of a KV head in one program, the key
     axis split over programs; the reference otherwise. ``splits`` forces the split count (Triton only; tests).
     """
-    check_qkv("token_votes", q, k, k)
-    _check_counts("token_votes", init=init, local=local)
-    if q.shape[2] != 1:
-        raise LightTransferError(f"token_votes: one query per sequence, got {q.shape[2]}; use "
-                                 "token_votes_reference for several.")
-    _check_start("token_votes", kv_start, q.shape[0])
-    if rows is not None and rows.dim() != 1:
-        raise LightTransferError(f"token_votes: rows must be 1-D sequence indices, got {tuple(rows.shape)}.")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _check_vote_inputs("token_votes", q, k, init=init, local=local, kv_start=kv_start, rows=rows,
+                               scale=scale)
     if not triton_runs_on(q):
-        if rows is not None:
-            rows = rows.to(q.device).long()
-            q, k = q.index_select(0, rows), k.index_select(0, rows)
-            kv_start = None if kv_start is None else kv_start.to(q.device).index_select(0, rows)
-        return token_votes_reference(q, k, init=init, local=local, kv_start=kv_start, scale=scale)[:, :, 0]
+        return _reference_votes(q, k, init=init, local=local, kv_start=kv_start, scale=scale, rows=rows)
     check_triton_support("token_votes", q)
     from .token_select_triton import token_votes_triton
 
@@ -117,21 +130,10 @@ def total_votes(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_s
     Triton (:mod:`.token_select_onepass`): the candidate keys are read once (the per-head scores kept in float32
     scratch ``[rows, H, N]`` between the two passes instead of recomputed); the reference otherwise.
     """
-    check_qkv("total_votes", q, k, k)
-    _check_counts("total_votes", init=init, local=local)
-    if q.shape[2] != 1:
-        raise LightTransferError(f"total_votes: one query per sequence, got {q.shape[2]}; use "
-                                 "token_votes_reference for several.")
-    _check_start("total_votes", kv_start, q.shape[0])
-    if rows is not None and rows.dim() != 1:
-        raise LightTransferError(f"total_votes: rows must be 1-D sequence indices, got {tuple(rows.shape)}.")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _check_vote_inputs("total_votes", q, k, init=init, local=local, kv_start=kv_start, rows=rows,
+                               scale=scale)
     if not triton_runs_on(q):
-        if rows is not None:
-            rows = rows.to(q.device).long()
-            q, k = q.index_select(0, rows), k.index_select(0, rows)
-            kv_start = None if kv_start is None else kv_start.to(q.device).index_select(0, rows)
-        return token_votes_reference(q, k, init=init, local=local, kv_start=kv_start, scale=scale)[:, :, 0].sum(1)
+        return _reference_votes(q, k, init=init, local=local, kv_start=kv_start, scale=scale, rows=rows).sum(1)
     check_triton_support("total_votes", q)
     from .token_select_onepass import total_votes_triton
 
