@@ -33,6 +33,16 @@ from .streaming_layer import StreamingLayer
 from .token_select import SelectionState, SelectionStats
 
 
+def options_static_unsupported(selection, routing) -> str | None:
+    """Why the runtime's decode options rule out static (CUDA-graph) steps whatever the cache holds, or ``None``:
+    ``selection`` (a TokenSelect config) and ``routing`` (a head routing) as the runtime holds them."""
+    if selection is not None:
+        return "TokenSelect picks each step's keys on the host (its steps have no static shape)"
+    if routing is not None:
+        return routing.static_unsupported()
+    return None
+
+
 class HybridCache(Cache):
     """A transformers ``Cache`` whose full layers keep every token in preallocated storage (:class:`FullLayer`)
     and whose streaming layers keep ``sink + window`` slots (:class:`StreamingLayer`).
@@ -106,10 +116,9 @@ class HybridCache(Cache):
         """Why this cache cannot take static decode steps right now, or ``None`` when it can."""
         if self.online is not None and not self.online.decided:
             return "online layer selection still undecided"
-        if self.selection is not None:
-            return "TokenSelect picks each step's keys on the host (its steps have no static shape)"
-        if self.routing is not None and self.routing.static_unsupported() is not None:
-            return self.routing.static_unsupported()
+        reason = options_static_unsupported(self.selection, self.routing)
+        if reason is not None:
+            return reason
         if self.sequence.defer_compaction:
             return "chunked prefill in progress"
         if self.get_seq_length() == 0:

@@ -12,7 +12,7 @@ import torch
 from ..architecture import check_positions
 from ..compat import output_cache
 from ..errors import LightTransferError
-from .cache import HybridCache
+from .cache import HybridCache, options_static_unsupported
 from .hybrid import RUNTIME_ATTR
 from .static_generate import generate_static
 
@@ -149,7 +149,8 @@ def generate_text(
     before = (selection.lookups, selection.hits) if selection is not None else (0, 0)
     start = time.perf_counter()
     runtime = getattr(model, RUNTIME_ATTR, None)
-    static_reason = _static_steps_unsupported(runtime) if runtime is not None and runtime.cuda_graphs else None
+    static_reason = options_static_unsupported(runtime.layout.selection, runtime.head_routing) \
+        if runtime is not None and runtime.cuda_graphs else None
     if runtime is not None and runtime.cuda_graphs and static_reason is None:
         streamer.put(inputs["input_ids"].cpu())
         out = generate_static(model, inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
@@ -179,16 +180,6 @@ def generate_text(
     if path != "transformers generate":
         log.info("decode steps: %s", path)
     return "".join(pieces), stats
-
-
-def _static_steps_unsupported(runtime) -> str | None:
-    """Why the runtime's options rule out static (CUDA-graph) decode steps for every generation, or ``None``: then
-    ``cuda_graphs`` falls back to ``model.generate`` and the decode path says why, instead of failing."""
-    if runtime.layout.selection is not None:
-        return "TokenSelect picks each step's keys on the host"
-    if runtime.head_routing is not None:
-        return runtime.head_routing.static_unsupported()
-    return None
 
 
 __all__ = ["generate_text", "GenerationStats", "encode_prompt"]
