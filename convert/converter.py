@@ -10,7 +10,6 @@ target and renamed into place only after every tensor was read back and checked.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -241,7 +240,7 @@ def convert(
         if sparse_prefill is not None:
             hybrid = replace(hybrid, sparse_prefill=sparse_prefill.to_dict())
         if head_routing is not None:
-            hybrid = dataclasses.replace(hybrid, head_routing=head_routing.to_dict())
+            hybrid = replace(hybrid, head_routing=head_routing.to_dict())
         if not hybrid.streaming_kv_heads:
             warnings.append(f"ratio {ratio} streams no layer of {num_layers}; the checkpoint is the dense model"
                             + (" with TokenSelect decoding." if selection else "."))
