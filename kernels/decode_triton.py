@@ -165,6 +165,9 @@ def plan_splits(batch: int, kv_heads: int, n_slots: int, programs_wanted: int, a
     return chunk, triton.cdiv(n_slots, chunk)
 
 
+WAVE_FILL = 0.96  # the last wave's fill at which more splits stop paying (see plan_wave_splits)
+
+
 def wave_efficiency(programs: int, slots: int) -> float:
     """Share of the last wave's slots that work: ``programs / slots`` waves over the whole waves they take."""
     waves = programs / slots
@@ -172,23 +175,32 @@ def wave_efficiency(programs: int, slots: int) -> float:
 
 
 def plan_wave_splits(batch: int, kv_heads: int, n_slots: int, slots: int, align: int = _CHUNK_ALIGN,
-                     splits: int | None = None, widest: int = 4) -> tuple[int, int]:
-    """``(chunk, n_splits)`` as :func:`plan_splits` with ``2 * slots`` programs wanted, then the split count (up to
-    ``widest`` times that) whose programs fill their last wave best, ``slots`` programs running at once.
+                     splits: int | None = None, widest: int = 4, most: int = 16,
+                     fill: float = WAVE_FILL) -> tuple[int, int]:
+    """``(chunk, n_splits)`` for a kernel of which ``slots`` programs run at once: the fewest splits whose programs
+    fill their last wave to at least ``fill``, else (none does) the best-filling one, searched from one split up
+    to ``widest`` times the plain plan (:func:`plan_splits` with ``2 * slots`` programs wanted) or ``most``,
+    whichever is more.
 
     A memory-bound kernel whose tiles take most of an SM's shared memory runs one program per SM, so a grid of
     ``6.06`` waves takes 7 and leaves 13% of the GPU idle: on the H200's 132 SMs, 50 sequences x 8 KV heads x 2
-    chunks. The fewest splits within half a percent of the best are taken (each split adds a partial result
-    to merge). ``splits`` (given) is kept as it is.
+    chunks. Each split adds a program's start-up and a partial result to merge, so the fewest that fill the
+    waves win: measured on an H200 (``bench/results/decode_floor_h200/split_sweep``), the full-layer kernel over
+    50 x 32768 keys took 1535 us at 4 splits (93% fill), 1488 us at 7 (96%) and 1491 us at 13 (98.5%); batch 1 at
+    16384 keys 22.4 us at 16 splits (one wave, 97%) against 26.2 us at 32 (two waves, 97%); 97 x 16384 keys
+    1397 us at one split (98%) against 1463 us at 9 (99.8%). ``splits`` (given) is kept as it is.
     """
     chunk, n_splits = plan_splits(batch, kv_heads, n_slots, 2 * slots, align=align, splits=splits)
     if splits is not None:
         return chunk, n_splits
     units = batch * kv_heads
-    plans = {plan_splits(batch, kv_heads, n_slots, 0, align=align, splits=s)
-             for s in range(n_splits, widest * n_splits + 1)}
+    plans = sorted({plan_splits(batch, kv_heads, n_slots, 0, align=align, splits=s)
+                    for s in range(1, max(widest * n_splits, most) + 1)}, key=lambda p: p[1])
+    for plan in plans:
+        if wave_efficiency(units * plan[1], slots) >= fill:
+            return plan
     best = max(wave_efficiency(units * n, slots) for _, n in plans)
-    return min((p for p in plans if wave_efficiency(units * p[1], slots) >= best - 0.005), key=lambda p: p[1])
+    return next(p for p in plans if wave_efficiency(units * p[1], slots) >= best - 0.005)
 
 
 def streaming_decode_triton(

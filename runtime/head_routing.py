@@ -73,9 +73,11 @@ class RoutingStats:
         return sum(t[0] for t in total) / decided if decided else None
 
     def reset(self) -> None:
-        """Zero the counts in place (a captured decode step keeps adding to the same tensors)."""
-        for c in self.counts.values():
-            c.zero_()
+        """Zero the counts in place (a captured decode step keeps adding to the same tensors). The counts are made
+        during an inference-mode forward, and such tensors change only inside inference mode."""
+        with torch.inference_mode():
+            for c in self.counts.values():
+                c.zero_()
         self.shares.clear()
 
     def to_dict(self) -> dict:

@@ -297,3 +297,19 @@ def test_on_cuda_a_captured_graph_routes_as_eager_steps(config):
     assert graphed.decode_path == "cuda graph"
     assert torch.equal(graphed.sequences, eager.sequences)
     assert head_routing_stats(model).to_dict() == want
+
+
+def test_counts_made_by_static_steps_reset_outside_inference_mode():
+    """generate_static decodes under inference mode, which makes the counts inference tensors; resetting them
+    afterwards (outside it) must work, and a second run counts what the first did."""
+    from lighttransfer.runtime import generate_static
+
+    model = routed(HeadRoutingConfig(mode="qada", tau=0.67), chunks=False)
+    ids = ids_of(2, 40, seed=4)
+    generate_static(model, ids, max_new_tokens=8)
+    want = head_routing_stats(model).to_dict()
+    assert want["decisions"] > 0
+    head_routing_stats(model).reset()
+    assert head_routing_stats(model).to_dict()["decisions"] == 0
+    generate_static(model, ids, max_new_tokens=8)
+    assert head_routing_stats(model).to_dict() == want
