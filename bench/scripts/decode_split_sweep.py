@@ -3,12 +3,13 @@ streaming layers' kernel (``streaming_decode``) at the batch and context of the 
 split counts beside the one each planner picks.
 
     PYTHONPATH=<dir with a lighttransfer link> LIGHTTRANSFER_TRITON_AUTOTUNE=0 \
-        python3 bench/scripts/decode_split_sweep.py OUT_DIR
+        python3 bench/scripts/decode_split_sweep.py OUT_DIR [--routed]
 
 Shape: 32 query / 8 KV heads, D = 128, bf16 (the Llama-3-8B shape). Each point is a CUDA-graph replay (Triton's
 ``do_bench_cudagraph``, median), in one process with the copy bandwidth it is compared with; bytes = the K and V
 the kernel must read (the query, output and partials are below 0.2% of it). Writes ``decode_split_sweep.json`` and
-``.md`` into OUT_DIR.
+``.md`` into OUT_DIR. ``--routed``: the routed kernel (``routed_decode``) instead, at 32k, batch 1 and 16, with
+0 / 50 / 75% of the (sequence, KV head) pairs routed local (``routed_split_sweep.json``).
 """
 
 from __future__ import annotations
@@ -88,12 +89,47 @@ def _stream_rows(peak_gbps: float) -> list[dict]:
     return rows
 
 
+def _routed_rows(peak_gbps: float) -> list[dict]:
+    """The routed kernel at 32k, batch 1 and 16: a share of (sequence, KV head) pairs routed local at random, for
+    split counts from the plan up: how many programs the GPU's scheduler needs to balance full and local pairs."""
+    from lighttransfer.bench.gpu_env import median_us
+    from lighttransfer.kernels.decode_launch import multiprocessors
+    from lighttransfer.kernels.decode_triton import plan_wave_splits
+    from lighttransfer.kernels.routed_decode import routed_decode
+
+    sms = multiprocessors(torch.cuda.current_device())
+    rows, n = [], 32768
+    for batch in (1, 16):
+        q = torch.randn(batch, HEADS, 1, DIM, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(batch, KV_HEADS, n, DIM, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        planned = plan_wave_splits(batch, KV_HEADS, n, sms)[1]
+        for share in (0.0, 0.5, 0.75):
+            order = torch.randperm(batch * KV_HEADS, generator=torch.Generator().manual_seed(int(share * 100)))
+            local = torch.zeros(batch * KV_HEADS, dtype=torch.bool)
+            local[order[:round(share * batch * KV_HEADS)]] = True
+            local = local.view(batch, KV_HEADS).cuda()
+            for splits in sorted({planned, 4, 8, 16, 32, 64, 128}):
+                us = median_us(functools.partial(routed_decode, q, k, v, local, sink=4, window=1020, splits=splits),
+                               graph=True)
+                rows.append({"kernel": "routed", "batch": batch, "keys": n, "local_share": share, "splits": splits,
+                             "planned": splits == planned, "us": us})
+                print(f"routed b{batch} local {share} s{splits}{' (plan)' if splits == planned else ''}: "
+                      f"{us:.1f} us", flush=True)
+    return rows
+
+
 def main() -> None:
     from lighttransfer.bench.gpu_env import environment, environment_markdown, markdown_table, measure_peaks
 
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     env, peaks = environment(), measure_peaks()
+    if "--routed" in sys.argv:  # the routed kernel only
+        rows = _routed_rows(peaks["hbm_copy_gbps"])
+        (out / "routed_split_sweep.json").write_text(json.dumps({"env": env, "peaks": peaks, "rows": rows},
+                                                                indent=1))
+        return
     rows = _full_rows(peaks["hbm_copy_gbps"]) + _stream_rows(peaks["hbm_copy_gbps"])
     (out / "decode_split_sweep.json").write_text(json.dumps({"env": env, "peaks": peaks, "rows": rows}, indent=1))
     table = markdown_table(
