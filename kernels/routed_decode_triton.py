@@ -18,10 +18,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_launch import tuned_launcher
+from .decode_launch import multiprocessors, tuned_launcher
+from .decode_triton import plan_wave_splits
 from .full_decode_triton import HOPPER_CONFIGS, SplitDecodePlan
 
 _LOG2E = 1.4426950408889634
+# Keys per program at most. A local-routed pair's programs finish at once, so the full pairs' work must come in
+# programs small enough for the GPU's scheduler to spread over the SMs the local ones leave. On an H200 at 32k
+# (bench/results/head_routing_h200/routed_split_sweep.json), half the pairs local: batch 16 took 383 us with the
+# full kernel's plan (one split: every SM holds one pair, the full ones set the time) and 279 us with 32 splits of
+# 1024 keys (dense: 469 us); batch 1 30 us against 33 at the plan's 16. All pairs full, 32 splits cost 9% at
+# batch 16 (511 against 469 us).
+ROUTED_CHUNK = 1024
 
 
 @triton.jit
@@ -124,8 +132,13 @@ def routed_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, loca
                          window: int, kv_start: torch.Tensor | None, scale: float, n_valid: torch.Tensor | None = None,
                          splits: int | None = None) -> torch.Tensor:
     """Launch on validated inputs (see :func:`~lighttransfer.kernels.routed_decode`); reads no tensor on the host.
-    The grid, split plan, partials and config choice are :func:`~.full_decode_triton.full_decode_triton`'s
-    (:class:`~.full_decode_triton.SplitDecodePlan`)."""
+    The grid, partials and config choice are :func:`~.full_decode_triton.full_decode_triton`'s
+    (:class:`~.full_decode_triton.SplitDecodePlan`); the split plan too, but with at least one split per
+    ``ROUTED_CHUNK`` keys."""
+    if splits is None and q.is_cuda and k.shape[2] > 0:
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        planned = plan_wave_splits(q.shape[0], k.shape[1], k.shape[2], multiprocessors(index))[1]
+        splits = max(planned, triton.cdiv(k.shape[2], ROUTED_CHUNK))
     plan = SplitDecodePlan.make(q, k, v, kv_start=kv_start, n_valid=n_valid, splits=splits)
     if plan.n_keys == 0:
         return plan.o.zero_()
