@@ -23,8 +23,8 @@ Cost per decode step and KV head: reading ``2 D`` values per ``P`` bulk keys, ``
 full attention reads over the bulk (``2 D`` per key): 1.6% at ``P = 64``; memory, the same ``1 / P`` of the bulk's
 KV cache. The bounds are stored in the keys' dtype (a max or min of keys is one of their values: exact).
 
-Everything is device-side with host-known shapes (``scatter_reduce`` at a device index in a static step), so a step
-that uses it stays capturable in a CUDA graph. Nothing is ``N x N``: the bound is ``[batch, heads, pages]``.
+Everything is device-side with host-known shapes (in a static step, one ``index_select``/``index_copy_`` at a device
+index), so a step that uses it stays capturable in a CUDA graph. Nothing is ``N x N``: the bound is ``[batch, heads, pages]``.
 """
 
 from __future__ import annotations
@@ -91,18 +91,42 @@ def pages_for(n_keys: int, page: int) -> int:
     return max(1, -(-int(n_keys) // int(page)))
 
 
-def add_keys(bounds: PageBounds, keys: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> None:
-    """In place: fold ``keys [batch, kv_heads, n, head_dim]`` at key indices ``index`` (int64 ``[n]``, on the device)
-    into their pages, where ``weight [batch, n]`` is 1 (a bulk key) and not where it is 0 (padding, sinks, a key not
-    there yet). Indices must lie below ``pages * page``."""
+def add_range(bounds: PageBounds, keys: torch.Tensor, lo: int, weight: torch.Tensor) -> None:
+    """In place: fold the keys ``keys [batch, kv_heads, n, head_dim]`` at key indices ``[lo, lo + n)`` (``lo`` a
+    host int) into their pages, where ``weight [batch, n]`` is 1 (a bulk key) and not where it is 0 (padding,
+    sinks). The block is padded out to whole pages and reduced page by page (no scatter: any dtype, deterministic);
+    indices must lie below ``pages * page``."""
     batch, kv_heads, n, dim = keys.shape
-    page = (index.long() // bounds.page).clamp(min=0, max=bounds.pages - 1)  # a weight-0 slot may point anywhere
-    take = (weight > 0).view(batch, 1, n, 1)
-    k = keys.to(bounds.kmax.dtype)
-    where = page.view(1, 1, n, 1).expand(batch, kv_heads, n, dim)
-    bounds.kmax.scatter_reduce_(2, where, k.masked_fill(~take, float("-inf")), reduce="amax", include_self=True)
-    bounds.kmin.scatter_reduce_(2, where, k.masked_fill(~take, float("inf")), reduce="amin", include_self=True)
-    bounds.count.scatter_add_(1, page.view(1, n).expand(batch, n), weight.to(torch.float32))
+    if n == 0:
+        return
+    first = lo // bounds.page
+    front = lo - first * bounds.page
+    span = -(-(front + n) // bounds.page)  # pages the block touches
+    back = span * bounds.page - front - n
+    take = torch.nn.functional.pad(weight > 0, (front, back)).view(batch, 1, span, bounds.page, 1)
+    k = torch.nn.functional.pad(keys.to(bounds.kmax.dtype), (0, 0, front, back)).view(
+        batch, kv_heads, span, bounds.page, dim)
+    pages = slice(first, first + span)
+    torch.maximum(bounds.kmax[:, :, pages], k.masked_fill(~take, float("-inf")).amax(3),
+                  out=bounds.kmax[:, :, pages])
+    torch.minimum(bounds.kmin[:, :, pages], k.masked_fill(~take, float("inf")).amin(3),
+                  out=bounds.kmin[:, :, pages])
+    bounds.count[:, pages] += torch.nn.functional.pad(weight.to(torch.float32), (front, back)).view(
+        batch, span, bounds.page).sum(-1)
+
+
+def add_key(bounds: PageBounds, key: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> None:
+    """In place, all on the device (a static step, capturable in a CUDA graph): fold one key per sequence, ``key
+    [batch, kv_heads, 1, head_dim]`` at key index ``index`` (int64 ``[1]`` on the device), into its page where
+    ``weight [batch, 1]`` is 1. A weight-0 key (not in the bulk yet) may point at any index."""
+    page = (index.long().view(1) // bounds.page).clamp(min=0, max=bounds.pages - 1)
+    take = (weight > 0).view(-1, 1, 1, 1)
+    k = key.to(bounds.kmax.dtype)
+    bounds.kmax.index_copy_(2, page, torch.maximum(bounds.kmax.index_select(2, page),
+                                                   k.masked_fill(~take, float("-inf"))))
+    bounds.kmin.index_copy_(2, page, torch.minimum(bounds.kmin.index_select(2, page),
+                                                   k.masked_fill(~take, float("inf"))))
+    bounds.count.index_add_(1, page, weight.to(torch.float32).view(-1, 1))
 
 
 def from_scratch(keys: torch.Tensor, *, lo: torch.Tensor, hi: int | torch.Tensor, page: int,
@@ -152,5 +176,5 @@ def guarded_share(predicted: torch.Tensor, guard: torch.Tensor) -> torch.Tensor:
     return torch.maximum(predicted, guard)
 
 
-__all__ = ["PageBounds", "DEFAULT_PAGE", "pages_for", "add_keys", "from_scratch", "score_bounds", "page_share",
+__all__ = ["PageBounds", "DEFAULT_PAGE", "pages_for", "add_range", "add_key", "from_scratch", "score_bounds", "page_share",
            "guarded_share"]

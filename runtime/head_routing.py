@@ -307,7 +307,7 @@ class HeadRouting:
         if self.config.guard == "pages":
             if state.pages is None:
                 raise RuntimeError("head routing: static steps need begin_static() first")
-            guard.add_keys(state.pages, keys, gone.clamp(min=0), weight)  # it joins the bulk: its page grows
+            guard.add_key(state.pages, keys, gone, weight)  # it joins the bulk: its page's box grows
         if self.config.stats == "bulk":
             rule.accumulate(state.moments, keys, weight)
             return
@@ -331,7 +331,7 @@ def _add_pages(pages: guard.PageBounds, keys: torch.Tensor, lo: int, hi: int, *,
     for a in range(lo, hi, rule.MOVE_BLOCK):
         b = min(hi, a + rule.MOVE_BLOCK)
         index = torch.arange(a, b, device=keys.device)
-        guard.add_keys(pages, keys[:, :, a:b], index, rule.range_weight(index, floor=floor))
+        guard.add_range(pages, keys[:, :, a:b], a, rule.range_weight(index, floor=floor))
 
 
 def resolve_head_routing(config, *, mode: str | None, tau: float | None = None, share: float | None = None,

@@ -71,18 +71,24 @@ def test_a_one_key_page_bound_is_that_key_score():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_incremental_pages_equal_pages_from_scratch(dtype):
-    """Adding keys in uneven blocks (a prefill's bulk, then one key per step), padding and sinks left out, gives the
-    direct per-page max, min and count, exactly (max and min do not round)."""
+    """Adding keys in uneven blocks (a prefill's bulk), then one key per step at a device index, padding and sinks
+    left out, gives the direct per-page max, min and count, exactly (max and min do not round)."""
     batch, kv_heads, n, dim, page = 2, 3, 90, 8, 16
     keys = torch.randn(batch, kv_heads, n, dim, generator=torch.Generator().manual_seed(5)).to(dtype)
     floor = torch.tensor([4, 21])
     bounds = rg.PageBounds.empty(batch, kv_heads, 2, dim, page=page, dtype=dtype, device="cpu")
     done = 0
-    for hi in (30, 31, 32, 50, 51, 77, 90):
+    for hi in (30, 31, 32, 50, 51, 77):  # blocks across page edges, inside one page, one key
         bounds.grow(rg.pages_for(hi, page))
         idx = torch.arange(done, hi)
-        rg.add_keys(bounds, keys[:, :, done:hi], idx, hr.range_weight(idx, floor=floor))
+        rg.add_range(bounds, keys[:, :, done:hi], done, hr.range_weight(idx, floor=floor))
         done = hi
+    bounds.grow(rg.pages_for(n, page))
+    for i in range(done, n):  # then one key per static step, at a device index
+        idx = torch.tensor([i])
+        rg.add_key(bounds, keys[:, :, i:i + 1], idx, hr.range_weight(idx, floor=floor))
+    idx = torch.tensor([-3])  # a key not in the bulk yet (weight 0) changes nothing
+    rg.add_key(bounds, keys[:, :, :1] * 100, idx, hr.range_weight(idx, floor=floor) * 0)
     want = rg.from_scratch(keys, lo=floor, hi=n, page=page)
     assert bounds.pages == want.pages
     assert torch.equal(bounds.kmax, want.kmax) and torch.equal(bounds.kmin, want.kmin)
