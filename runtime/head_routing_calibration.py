@@ -81,16 +81,28 @@ def calibrate_head_routing(model, samples: Sequence[torch.Tensor], *, share: flo
                                     window=window, guard=guard, page=page)
 
     def quantile(values: torch.Tensor) -> float:
-        # the largest tau that keeps the local count at or under the target (ties at one value go together)
-        ordered = values.double().flatten().sort().values
-        k = int(share * ordered.numel())
-        return 0.0 if k == 0 else min(1.0, float(ordered[k - 1]))
+        return share_threshold(values, share)
 
     common = dict(mode=mode, stats=stats, cov=cov, sink=sink, window=window, guard=guard, page=page)
     if per_layer:
         return HeadRoutingConfig(**common, layer_tau={layer: quantile(v) for layer, v in shares.items()},
                                  tau=quantile(torch.cat(list(shares.values()))))
     return HeadRoutingConfig(**common, tau=quantile(torch.cat(list(shares.values()))))
+
+
+def share_threshold(values: torch.Tensor, share: float) -> float:
+    """The largest ``tau`` among ``values`` (far shares, any shape) with at most a share ``share`` of them ``<= tau``:
+    the local count stays at or under the target. Ties at one value go together, so a tie across the target steps
+    down to the next smaller value: shares saturated at 1.0 in float32 (the pages guard's bound, ``g``, is often
+    far above the local mass) would otherwise give ``tau = 1`` and route *every* decision local."""
+    ordered = values.double().flatten().sort().values
+    k = int(share * ordered.numel())
+    if k == 0:
+        return 0.0
+    if k < ordered.numel() and ordered[k] == ordered[k - 1]:  # the k-th value ties with the next
+        below = ordered[:k][ordered[:k] < ordered[k]]
+        return 0.0 if below.numel() == 0 else float(below[-1])
+    return min(1.0, float(ordered[k - 1]))
 
 
 def far_share_summary(shares: dict[int, torch.Tensor], *, quantiles=(0.1, 0.5, 0.9)) -> dict[str, dict]:
@@ -105,4 +117,4 @@ def far_share_summary(shares: dict[int, torch.Tensor], *, quantiles=(0.1, 0.5, 0
     return out
 
 
-__all__ = ["far_share_distribution", "calibrate_head_routing", "far_share_summary"]
+__all__ = ["far_share_distribution", "calibrate_head_routing", "far_share_summary", "share_threshold"]

@@ -445,3 +445,16 @@ def test_convert_stores_the_guard(tiny_model_dir, tmp_path, capsys):
     code, _, err = run_cli(["convert", str(tiny_model_dir), "--layers", "1", "--out", str(tmp_path / "bad"),
                             "--routing-guard", "pages"], capsys)
     assert code != 0 and "--routing-guard" in err and "Traceback" not in err
+
+
+def test_share_threshold_keeps_ties_under_the_target():
+    """A tie across the target steps down: shares saturated at 1.0 (the pages guard's, often) never give tau = 1,
+    which would route every decision local."""
+    from lighttransfer.runtime.head_routing_calibration import share_threshold
+
+    assert share_threshold(torch.tensor([0.1, 0.2, 0.3, 0.4]), 0.5) == pytest.approx(0.2)
+    saturated = torch.tensor([0.1, 0.2, 1.0, 1.0, 1.0, 1.0])
+    tau = share_threshold(saturated, 0.5)
+    assert tau == pytest.approx(0.2) and (saturated <= tau).float().mean() <= 0.5
+    assert share_threshold(torch.ones(4), 0.5) == 0.0  # nothing can go local at the target without all going
+    assert share_threshold(torch.tensor([0.3, 0.3, 0.5]), 0.0) == 0.0
