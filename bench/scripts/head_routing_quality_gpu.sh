@@ -15,26 +15,30 @@
 # qada-gates (the lowest-gate KV heads always local). Every row keeps the whole cache; routed-local heads read sink 4
 # + window 128 (WINDOW) of it.
 #
-# Tests: RULER-style TASKS (retrieval: niah_single_1,niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery,
-# vt), SAMPLES (20) per task and length, generated BATCH (20) at a time; passkey at the same lengths, 5 depths x
-# PASSKEY_TRIALS (4) = 20 per length. Per row: 6 x 20 x 2 = 240 RULER prompts + 40 passkey prompts, the same
-# prompts in every row, so the differences to the original are paired (the report's paired 95% intervals); 280
-# paired prompts resolve about 1-2 points where rows disagree on a few percent of prompts, not a fixed 1 point.
+# Tests: RULER-style TASKS (retrieval: niah_single_1,niah_multikey_1,niah_multivalue,vt), SAMPLES (20) per task and
+# length, generated BATCH (20) at a time; passkey at the same lengths, 5 depths x PASSKEY_TRIALS (2) = 10 per length.
+# Per row: 4 x 20 x 2 = 160 RULER prompts + 20 passkey prompts, the same prompts in every row, so the differences to
+# the original are paired (the report's paired 95% intervals). 180 paired prompts resolve a 1-point difference only
+# where rows disagree on very few prompts (half-width ~ 1.96 sqrt(disagreeing share / 180): 1 point needs <= 0.5%
+# disagreement, 2% gives ~2 points); for a firm 1 point, run it twice with SEED=1 (EVAL_ARGS="--seed 1") and merge.
 #
 # dtype float32, as the other SmolLM2 GPU scripts: the 135M model is small enough that fp32 costs little on an
 # H200, the Q4_1 weights dequantize to fp32 exactly, and the rows then differ by their routing, not by bf16
 # rounding of the routed kernel against SDPA.
 #
-# Time budget (~6 min on one H200). Measured on the CPU (2 shared cores, fp32, this checkout): one 2k passkey prompt
-# ~2-3 s per routing row (prefill + a few decode steps) and a row's calibration (2 x 2k) ~15 s; the H200 runs a 135M
-# model's 8k prefill in tens of ms, so a row is dominated by its decode steps: ~20 ms per batched step with the
-# unfused routing decision (30 layers x ~15 small kernels), <= 128 steps per RULER batch (NIAH budgets; most stop at
-# EOS earlier), 12 batches (6 tasks x 2 lengths) -> <= 30 s, 40 passkey prompts one at a time ~ 15 s, calibration
-# and loading ~ 30 s: ~1.5-2 min per row alone. The 8 rows run side by side (one process each; a 135M model leaves
-# the GPU mostly idle), ~3-4 min together; each row is cut at ROW_LIMIT (330 s) so the call ends within ~6 min
-# whatever happens, and a row that hit it is named (its part missing from the merge).
+# Time budget (~6 min on one H200), estimated from two measurements:
+# - the CPU (2 shared cores, fp32, this checkout; 1 passkey + 1 niah_single_1 prompt at 2k per row): original 10 s,
+#   routing rows 24-47 s each including their calibration (2 x 2k tokens, 32 queries decided per layer), qada 133 s
+#   (its answer ran to the 128-token budget): the routing decision is per-layer Python and small kernels, so decode
+#   steps cost ~1.2-2x the dense ones;
+# - the H200 RULER run in bench/results/ruler_smollm2_h200 (same model, fp32, 5 rows side by side, batch 25):
+#   ~0.7 s per prompt per row (900 prompts at 2k-8k in 550-700 s).
+# Scaled: 8 rows side by side (x 1.6), prompts at 4k-8k only (x 1.3), the routing decision (x 1.2): ~1.7 s per
+# prompt, 180 prompts ~ 5 min per row, all rows together, plus ~30 s loading and calibration (2 x 8k). Each row is
+# cut at ROW_LIMIT (340 s) so the call ends within ~6 min whatever happens; a row that hit it is named and left out
+# of the merge (rerun it alone with ROWS=<row>).
 # Environment: ROWS, TASKS, SAMPLES, BATCH, PASSKEY_TRIALS, LENGTHS (4k,8k), WINDOW (128), ROUTING_SHARE (0.5),
-# ROW_LIMIT (330), DEVICE (cuda), DTYPE (float32), EVAL_ARGS (more eval options).
+# ROW_LIMIT (340), DEVICE (cuda), DTYPE (float32), EVAL_ARGS (more eval options).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 link=$(mktemp -d)
@@ -45,7 +49,7 @@ lt() { python3 -m lighttransfer "$@"; }
 
 gguf=$1 text=$2 report=$3 out=$4
 ROWS=${ROWS:-original,qada,qada-local,qada-diag,qada-pages,qada-oracle,qada-random,qada-gates}
-TASKS=${TASKS:-niah_single_1,niah_single_2,niah_multikey_1,niah_multivalue,niah_multiquery,vt}
+TASKS=${TASKS:-niah_single_1,niah_multikey_1,niah_multivalue,vt}
 LENGTHS=${LENGTHS:-4k,8k}
 passkey_lengths=$(python3 -c "import sys; print(','.join(str(int(p[:-1]) * 1024 if p.lower().endswith('k') else int(p)) for p in sys.argv[1].split(',')))" "$LENGTHS")
 mkdir -p "$out/parts"
@@ -55,10 +59,10 @@ for row in ${ROWS//,/ }; do
   part="$out/parts/$row.json"
   names+=("$row")
   parts+=("$part")
-  OMP_NUM_THREADS=2 timeout "${ROW_LIMIT:-330}" python3 -m lighttransfer -q eval --baseline "$gguf" --text "$text" \
+  OMP_NUM_THREADS=2 timeout "${ROW_LIMIT:-340}" python3 -m lighttransfer -q eval --baseline "$gguf" --text "$text" \
     --report "$report" --suite passkey,ruler --lengths "$LENGTHS" --ruler-tasks "$TASKS" \
     --samples "${SAMPLES:-20}" --ruler-batch "${BATCH:-20}" --passkey-lengths "$passkey_lengths" \
-    --passkey-depths 5 --passkey-trials "${PASSKEY_TRIALS:-4}" --sink 4 --window "${WINDOW:-128}" --rows "$row" \
+    --passkey-depths 5 --passkey-trials "${PASSKEY_TRIALS:-2}" --sink 4 --window "${WINDOW:-128}" --rows "$row" \
     --routing-share "${ROUTING_SHARE:-0.5}" --backend runtime --device "${DEVICE:-cuda}" --dtype "${DTYPE:-float32}" \
     ${EVAL_ARGS:-} --out "$part" > "$out/parts/$row.log" 2>&1 &
   pids+=($!)
