@@ -121,12 +121,17 @@ def _memory_table(memory, dtype: str | None = None):
               help="Head routing: the Gaussian's moments from the bulk keys or the window keys.")
 @click.option("--routing-cov", type=click.Choice(["full", "diag"]), default="full", show_default=True,
               help="Head routing: full or diagonal key covariance.")
+@click.option("--routing-guard", type=click.Choice(["none", "pages"]), default="none", show_default=True,
+              help="Head routing 'qada': needle guard; pages = also full when one page of bulk keys could, at its "
+                   "key max/min score bound, take more than --routing-tau of the attention alone.")
+@click.option("--routing-page", type=int, default=None,
+              help="Head routing with --routing-guard pages: keys per page [default: 64].")
 @model_options
 @verbosity_options
 def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, window, granularity, strategy, prefill,
             native_swa, seq_len, samples, seed, force, decode, select_k, select_init, select_local, select_reuse,
             prefill_sparse, prefill_alpha, prefill_min_len, head_routing, routing_tau, routing_share, routing_stats,
-            routing_cov, device, dtype, trust_remote_code) -> None:
+            routing_cov, routing_guard, routing_page, device, dtype, trust_remote_code) -> None:
     """Write a hybrid checkpoint of MODEL (directory, .gguf file or hub id) whose laziest layers stream."""
     from ..convert.converter import convert as run_convert
 
@@ -138,9 +143,10 @@ def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, wi
         from ..hybrid_format import HeadRoutingConfig
 
         routing = HeadRoutingConfig(mode=head_routing, tau=routing_tau, share=routing_share, stats=routing_stats,
-                                    cov=routing_cov)
-    elif routing_tau is not None or routing_share is not None:
-        raise LightTransferError("--routing-tau / --routing-share need --head-routing.", exit_code=2)
+                                    cov=routing_cov, guard=routing_guard, page=routing_page)
+    elif routing_tau is not None or routing_share is not None or routing_guard != "none" or routing_page is not None:
+        raise LightTransferError("--routing-tau / --routing-share / --routing-guard / --routing-page need "
+                                 "--head-routing.", exit_code=2)
     quiet = is_quiet()
     result = run_convert(
         model, out=out, ratio=ratio, report=report, calib=[*calib, *more_calib] or None,

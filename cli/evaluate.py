@@ -179,6 +179,10 @@ class _Bar:
               help="qada row: the Gaussian's moments from the bulk keys or from the window keys.")
 @click.option("--routing-cov", type=click.Choice(["full", "diag"]), default="full", show_default=True,
               help="qada row: full or diagonal covariance of the keys.")
+@click.option("--routing-guard", type=click.Choice(["none", "pages"]), default="none", show_default=True,
+              help="qada row: needle guard (the qada-pages row always has the pages guard).")
+@click.option("--routing-page", type=int, default=None,
+              help="qada-pages row (and qada with --routing-guard pages): keys per page of the guard [default: 64].")
 @click.option("--routing-window", type=int, default=None,
               help="qada rows: the window of a routed-local head [default: --window].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random row and passkeys.")
@@ -189,7 +193,8 @@ class _Bar:
 def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_windows, passkey_lengths,
              passkey_depths, passkey_trials, passkey_format, suite, ruler_tasks, ruler_samples, ruler_batch, rows, ratio, sink, window, backend,
              select_k, select_init, select_local, select_reuse, sparse_method, sparse_alpha, sparse_min_len,
-             sparse_blocks, routing_share, routing_tau, routing_stats, routing_cov, routing_window, seed, out, device,
+             sparse_blocks, routing_share, routing_tau, routing_stats, routing_cov, routing_guard, routing_page,
+             routing_window, seed, out, device,
              dtype, trust_remote_code):
     """Perplexity, passkey retrieval and RULER-style tasks of a hybrid against the original and baselines.
 
@@ -218,8 +223,9 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
         select_init=select_init, select_local=select_local, select_reuse=select_reuse,
         sparse_prefill=_sparse_config(sparse_method, sparse_alpha, sparse_min_len, sparse_blocks),
         head_routing=HeadRoutingConfig(mode="qada", tau=0.0, stats=routing_stats, cov=routing_cov,
-                                       window=routing_window),
-        routing_share=routing_share, routing_tau=routing_tau,
+                                       window=routing_window, guard=routing_guard,
+                                       page=routing_page if routing_guard == "pages" else None),
+        routing_share=routing_share, routing_tau=routing_tau, routing_page=routing_page,
     )
     if is_quiet():
         result = run_eval(**kwargs)

@@ -63,12 +63,16 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 @click.option("--routing-stats", type=click.Choice(["bulk", "local"]),
               help="Head routing: the Gaussian's moments from the bulk keys or the window keys [default: bulk].")
 @click.option("--routing-cov", type=click.Choice(["full", "diag"]), help="Head routing: covariance [default: full].")
+@click.option("--routing-guard", type=click.Choice(["none", "pages"]),
+              help="Head routing 'qada': needle guard (pages: a key max/min score bound per page of bulk keys) "
+                   "[default: the checkpoint's, else none].")
+@click.option("--routing-page", type=int, help="Head routing with --routing-guard pages: keys per page [default: 64].")
 @model_options
 @verbosity_options
 def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p, seed, chat, prefill, chunk_size,
              online_ratio, decode, select_k, select_init, select_local, select_reuse, cuda_graphs, prefill_sparse,
              prefill_alpha, prefill_min_len, fused_ops, head_routing, routing_tau, routing_share, routing_stats,
-             routing_cov, device, dtype, trust_remote_code):
+             routing_cov, routing_guard, routing_page, device, dtype, trust_remote_code):
     """Generate text with a hybrid checkpoint, streaming it as it is produced.
 
     MODEL_DIR is a directory written by `lighttransfer convert`. Afterwards the speed (tokens/s) and the
@@ -84,7 +88,8 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
                          select_reuse=select_reuse,
                          prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
                          fused_ops=fused_ops, head_routing=head_routing, routing_tau=routing_tau,
-                         routing_share=routing_share, routing_stats=routing_stats, routing_cov=routing_cov)
+                         routing_share=routing_share, routing_stats=routing_stats, routing_cov=routing_cov,
+                         routing_guard=routing_guard, routing_page=routing_page)
 
     def emit(piece: str) -> None:
         click.echo(piece, nl=False)

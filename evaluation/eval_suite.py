@@ -171,6 +171,7 @@ def evaluate(
     routing_share: float = 0.5,
     routing_tau: float | None = None,
     routing_calibration: int = 2,
+    routing_page: int | None = None,
 ) -> EvalResult:
     """Perplexity and passkey accuracy of every row, with each row's KV budget.
 
@@ -216,6 +217,7 @@ def evaluate(
         routing_tau: a fixed threshold for ``qada`` and ``qada-oracle`` instead (no calibration).
         routing_calibration: stretches of the text (each as long as the longest context) the thresholds are
             calibrated on.
+        routing_page: keys per page of the ``qada-pages`` row's needle guard (default 64).
     """
     import torch
 
@@ -299,7 +301,7 @@ def evaluate(
                             num_layers=num_layers, num_kv_heads=num_kv_heads, seed=seed, native_windows=native,
                             token_select=selection,
                             sparse_prefill=sparse_prefill, head_routing=head_routing, routing_share=routing_share,
-                            routing_tau=routing_tau)
+                            routing_tau=routing_tau, routing_page=routing_page)
     if ratio is None:
         named = [r for r in eval_rows if r.name == "lighttransfer"]
         ratio = named[0].num_streaming_layers / num_layers if named else 0.5
@@ -414,7 +416,8 @@ def _calibrate_routing(model, row: EvalRow, token_ids, *, lengths: Sequence[int]
     enable_hybrid(model, row.layout)
     try:
         tuned = calibrate_head_routing(model, stretches, share=row.routing_target, mode=cfg.mode, stats=cfg.stats,
-                                       cov=cfg.cov, sink=cfg.sink, window=cfg.window)
+                                       cov=cfg.cov, sink=cfg.sink, window=cfg.window, guard=cfg.guard,
+                                       page=cfg.page)
     finally:
         disable_hybrid(model)
     info = {"share": row.routing_target, "samples": samples, "tokens": length, "tau": tuned.tau,
@@ -449,7 +452,7 @@ def _check_lengths(values: Sequence[int], option: str, *, allow_empty: bool = Fa
 def _build_rows(rows, *, hcfg, report, report_data, ratio, sink, window, num_layers, num_kv_heads, seed,
                 native_windows=None, token_select=None,
                 sparse_prefill=None, head_routing=None, routing_share: float = 0.5,
-                routing_tau: float | None = None) -> list[EvalRow]:
+                routing_tau: float | None = None, routing_page: int | None = None) -> list[EvalRow]:
     """``report``: the report's path (for messages); ``report_data``: the report, loaded once by the caller."""
     if rows and all(isinstance(r, EvalRow) for r in rows):
         return list(rows)
@@ -494,7 +497,7 @@ def _build_rows(rows, *, hcfg, report, report_data, ratio, sink, window, num_lay
                          kv_head_default=kv_default, attention_lazy_ratios=attention, ranked_by=ranked_by, seed=seed,
                          native_windows=native_windows, selection=token_select,
                          sparse_prefill=sparse_prefill, head_routing=head_routing, routing_share=routing_share,
-                         routing_tau=routing_tau)
+                         routing_tau=routing_tau, routing_page=routing_page)
 
 
 def output_paths(out: str | os.PathLike[str]) -> dict[str, Path]:

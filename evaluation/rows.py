@@ -44,6 +44,10 @@ ROW_KINDS: dict[str, str] = {
     "qada": "nothing streams; at decode each KV head attends sink + window of its full cache when QAdA's Gaussian "
             "prediction says its far share is small (arXiv 2502.09647), tau calibrated for --routing-share",
     "qada-oracle": "as qada, with the exact far share (reads every key: an upper bound for the prediction)",
+    "qada-local": "as qada, the Gaussian's moments from the window keys only (routing_stats local)",
+    "qada-diag": "as qada, a diagonal key covariance (routing_cov diag)",
+    "qada-pages": "as qada, with the pages needle guard: also full when one page of bulk keys could, at its key "
+                  "max/min score bound, take more than tau of the attention alone (routing_guard pages)",
     "qada-random": "as qada, each (sequence, KV head) routed local at random with probability --routing-share",
     "qada-gates": "as qada, a fixed share --routing-share of the KV heads always local: those with the lowest "
                   "DuoAttention-style gates (static routing; needs a report with gates)",
@@ -56,7 +60,7 @@ TOKENSELECT_ROWS = ("tokenselect", "lighttransfer+tokenselect")
 # rows with block-sparse prefill of the full layers: asked for by name too (they change the prefill, not the cache)
 SPARSE_PREFILL_ROWS = ("sparse-prefill", "lighttransfer+sparse-prefill")
 # rows that route the full layers' KV heads per decode query, compared at one routed share
-ROUTING_ROWS = ("qada", "qada-oracle", "qada-random", "qada-gates")
+ROUTING_ROWS = ("qada", "qada-local", "qada-diag", "qada-pages", "qada-oracle", "qada-random", "qada-gates")
 DEFAULT_ROWS = tuple(name for name in ROW_KINDS
                      if name not in (*HEAD_LEVEL_ROWS, *TOKENSELECT_ROWS, *SPARSE_PREFILL_ROWS, *ROUTING_ROWS,
                                      "lazy-ratio"))
@@ -150,6 +154,7 @@ def standard_rows(
     head_routing: HeadRoutingConfig | None = None,
     routing_share: float = 0.5,
     routing_tau: float | None = None,
+    routing_page: int | None = None,
 ) -> list[EvalRow]:
     """Build the rows compared at one ratio.
 
@@ -182,6 +187,7 @@ def standard_rows(
         routing_share: the local share every routing row is compared at (``qada-random`` draws it, ``qada-gates``
             fixes it, ``qada`` and ``qada-oracle`` calibrate their thresholds for it).
         routing_tau: a fixed threshold for ``qada`` and ``qada-oracle`` (then nothing is calibrated).
+        routing_page: keys per page of the ``qada-pages`` row's guard (default: ``head_routing``'s, else 64).
     """
     unknown = [n for n in names if n not in ROW_KINDS]
     if unknown:
@@ -286,9 +292,18 @@ def standard_rows(
                           note=note)
 
     when = f"tau calibrated for local share {routing_share:g}" if target is not None else f"tau {routing_tau:g}"
+    guarded = f", page guard (P={qada.page_size})" if qada.guard == "pages" else ""
     build["qada"] = lambda: routed("qada", dataclasses.replace(qada, mode="qada"),
-                                   f"QAdA, {qada.stats} stats, {qada.cov} covariance, {when}", True)
-    build["qada-oracle"] = lambda: routed("qada-oracle", dataclasses.replace(qada, mode="oracle"),
+                                   f"QAdA, {qada.stats} stats, {qada.cov} covariance{guarded}, {when}", True)
+    unguarded = dataclasses.replace(qada, guard="none", page=None)
+    build["qada-local"] = lambda: routed("qada-local", dataclasses.replace(qada, stats="local"),
+                                         f"QAdA, local stats, {qada.cov} covariance, {when}", True)
+    build["qada-diag"] = lambda: routed("qada-diag", dataclasses.replace(qada, cov="diag"),
+                                        f"QAdA, {qada.stats} stats, diag covariance, {when}", True)
+    paged = dataclasses.replace(qada, guard="pages", page=routing_page if routing_page is not None else qada.page)
+    build["qada-pages"] = lambda: routed("qada-pages", paged, f"QAdA, {qada.stats} stats, {qada.cov} covariance, "
+                                         f"page guard (P={paged.page_size}), {when}", True)
+    build["qada-oracle"] = lambda: routed("qada-oracle", dataclasses.replace(unguarded, mode="oracle"),
                                           f"exact far share, {when}", True)
     build["qada-random"] = lambda: routed(
         "qada-random", HeadRoutingConfig(mode="random", share=float(routing_share), seed=seed, sink=qada.sink,

@@ -9,6 +9,11 @@ before (and readers that do not know it refuse it as an unknown key instead of s
                      "share": null, "stats": "bulk", "cov": "full", "sink": null, "window": null, "seed": 0,
                      "local_masks": {}}
 
+``guard`` (``"pages"``: a page-max bound that turns a head full when one page of bulk keys could alone carry more
+than ``tau`` of the attention, :mod:`lighttransfer.kernels.routing_guard`) and ``page`` (bulk keys per page) are
+written only when set: a block without a guard stays readable by versions that predate the field, and one with a
+guard is refused by them as an unknown key (instead of routing unguarded).
+
 Modes: ``qada`` (the Gaussian prediction of the far share against ``tau``), ``oracle`` (the exact far share against
 ``tau``: evaluation only, it reads every key), ``random`` (each (sequence, KV head) local with probability
 ``share``), ``static`` (a fixed set of local KV heads per layer, ``local_masks``: head gates or any offline choice,
@@ -26,6 +31,8 @@ HEAD_ROUTING_SCHEMA_VERSION = 1
 ROUTING_MODES = ("qada", "oracle", "random", "static")
 ROUTING_STATS = ("bulk", "local")
 ROUTING_COVARIANCES = ("full", "diag")
+ROUTING_GUARDS = ("none", "pages")
+DEFAULT_ROUTING_PAGE = 64  # the same as kernels.routing_guard.DEFAULT_PAGE
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,9 @@ class HeadRoutingConfig:
         seed: seed of the ``random`` mode's generator.
         local_masks: ``static``: ``{layer: [bool] * kv_heads}``, True = that KV head always goes local; layers
             absent stay full.
+        guard: ``qada`` only: ``none`` (the Gaussian alone) or ``pages`` (also full when a page's score bound says
+            one page of bulk keys could take more than ``tau`` of the attention on its own).
+        page: ``pages`` guard: key indices per page (``None``: 64).
     """
 
     mode: str = "qada"
@@ -58,6 +68,8 @@ class HeadRoutingConfig:
     window: int | None = None
     seed: int = 0
     local_masks: dict[int, list[bool]] = field(default_factory=dict)
+    guard: str = "none"
+    page: int | None = None
     schema_version: int = HEAD_ROUTING_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -71,6 +83,15 @@ class HeadRoutingConfig:
             raise LightTransferError(f"routing_stats must be one of {', '.join(ROUTING_STATS)}, got {self.stats!r}.")
         if self.cov not in ROUTING_COVARIANCES:
             raise LightTransferError(f"routing_cov must be one of {', '.join(ROUTING_COVARIANCES)}, got {self.cov!r}.")
+        if self.guard not in ROUTING_GUARDS:
+            raise LightTransferError(f"routing_guard must be one of {', '.join(ROUTING_GUARDS)}, got {self.guard!r}.")
+        if self.page is not None and (isinstance(self.page, bool) or not isinstance(self.page, int) or self.page < 1):
+            raise LightTransferError(f"routing_page must be a whole number >= 1 (keys per page), got {self.page!r}.")
+        if self.page is not None and self.guard == "none":
+            raise LightTransferError("routing_page needs routing_guard='pages' (without a guard it does nothing).")
+        if self.guard != "none" and self.mode != "qada":
+            raise LightTransferError(f"routing_guard {self.guard!r} applies to head_routing 'qada' only, not "
+                                     f"{self.mode!r}.")
         object.__setattr__(self, "layer_tau", {int(k): _share(v, "routing layer_tau") for k, v in
                                                dict(self.layer_tau).items()})
         object.__setattr__(self, "local_masks", {int(k): [bool(x) for x in v] for k, v in
@@ -95,6 +116,11 @@ class HeadRoutingConfig:
         """The threshold of ``layer`` (``qada``/``oracle``): its own, else the global one (else 0: all full)."""
         return self.layer_tau.get(layer, self.tau if self.tau is not None else 0.0)
 
+    @property
+    def page_size(self) -> int:
+        """Key indices per page of the ``pages`` guard."""
+        return DEFAULT_ROUTING_PAGE if self.page is None else self.page
+
     def describe(self) -> str:
         if self.mode == "random":
             how = f"share {self.share:g}, seed {self.seed}"
@@ -104,12 +130,17 @@ class HeadRoutingConfig:
             how = f"tau {self.tau:g}" if not self.layer_tau else f"tau per layer ({len(self.layer_tau)} layers)"
             if self.mode == "qada":
                 how += f", {self.stats} stats, {self.cov} covariance"
+                if self.guard == "pages":
+                    how += f", page guard (P={self.page_size})"
         return f"head routing {self.mode} ({how})"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["layer_tau"] = {str(k): v for k, v in sorted(self.layer_tau.items())}
         d["local_masks"] = {str(k): v for k, v in sorted(self.local_masks.items())}
+        for name, default in (("guard", "none"), ("page", None)):
+            if d[name] == default:
+                del d[name]  # the defaults: such blocks stay readable by versions that predate the fields
         return dict(sorted(d.items()))
 
     @classmethod
@@ -128,5 +159,6 @@ def _share(value: Any, name: str) -> float:
     return float(value)
 
 
-__all__ = ["HeadRoutingConfig", "ROUTING_MODES", "ROUTING_STATS", "ROUTING_COVARIANCES",
+__all__ = ["HeadRoutingConfig", "ROUTING_MODES", "ROUTING_STATS", "ROUTING_COVARIANCES", "ROUTING_GUARDS",
+           "DEFAULT_ROUTING_PAGE",
            "HEAD_ROUTING_SCHEMA_VERSION"]

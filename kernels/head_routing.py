@@ -164,6 +164,13 @@ def local_lse(q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, valid: torc
     return torch.logsumexp(scores, dim=-1).reshape(batch, heads)
 
 
+def query_local_lse(q: torch.Tensor, k: torch.Tensor, *, n_keys: torch.Tensor | int, kv_start: torch.Tensor,
+                    sink: int, window: int, scale: float) -> torch.Tensor:
+    """``lse_L [batch, heads]`` float32 of the last query ``q`` over its local set (:func:`local_index`)."""
+    index, valid = local_index(n_keys, kv_start, sink=sink, window=window)
+    return local_lse(q, k, index, valid, scale=scale)
+
+
 def gaussian_log_bulk_mass(q: torch.Tensor, moments: KeyMoments, n_bulk: torch.Tensor, *,
                            scale: float) -> torch.Tensor:
     """``log m̂_B [batch, heads]`` float32: ``log n_B + s qᵀμ + s² qᵀΣq / 2`` with ``μ, Σ`` the moments' mean and
@@ -188,12 +195,14 @@ def gaussian_log_bulk_mass(q: torch.Tensor, moments: KeyMoments, n_bulk: torch.T
 
 
 def predicted_far_share(q: torch.Tensor, k: torch.Tensor, moments: KeyMoments, *, n_keys: torch.Tensor | int,
-                        kv_start: torch.Tensor, sink: int, window: int, scale: float | None = None) -> torch.Tensor:
+                        kv_start: torch.Tensor, sink: int, window: int, scale: float | None = None,
+                        lse: torch.Tensor | None = None) -> torch.Tensor:
     """QAdA's ``f̂ [batch, heads]`` float32 for ``q [batch, heads, 1, head_dim]`` (the last of ``n_keys`` keys of
-    ``k [batch, kv_heads, N, head_dim]``), given the moments of the bulk (or of the window) for that query."""
+    ``k [batch, kv_heads, N, head_dim]``), given the moments of the bulk (or of the window) for that query.
+    ``lse``: the local log-sum-exp when already computed (:func:`query_local_lse`)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    index, valid = local_index(n_keys, kv_start, sink=sink, window=window)
-    lse = local_lse(q, k, index, valid, scale=scale)
+    if lse is None:
+        lse = query_local_lse(q, k, n_keys=n_keys, kv_start=kv_start, sink=sink, window=window, scale=scale)
     log_bulk = gaussian_log_bulk_mass(q, moments, bulk_count(n_keys, kv_start, sink=sink, window=window),
                                       scale=scale)
     return torch.sigmoid(log_bulk - lse).nan_to_num(0.0)
@@ -241,5 +250,6 @@ def random_local(batch: int, kv_heads: int, share: float, *, generator: torch.Ge
 
 
 __all__ = ["KeyMoments", "accumulate", "move_range", "range_weight", "local_index", "bulk_count", "local_lse",
+           "query_local_lse",
            "gaussian_log_bulk_mass", "predicted_far_share", "exact_far_share", "group_max", "route_local",
            "random_local", "STATS_SOURCES", "COVARIANCES"]

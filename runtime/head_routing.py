@@ -10,8 +10,10 @@ query of a continuation chunk as if decoded alone) runs:
    key and removes the one that left;
 2. the decision (:mod:`lighttransfer.kernels.head_routing`): ``qada`` predicts each query head's far share from
    the local keys' exact scores and the Gaussian of the moments; ``oracle`` computes it exactly; a KV head goes
-   local when all its query heads are at or below the layer's ``tau``. ``random`` draws local with probability
-   ``share``; ``static`` applies fixed per-layer masks;
+   local when all its query heads are at or below the layer's ``tau``. With ``guard="pages"`` (``qada``) the
+   page bounds of the bulk keys (:mod:`lighttransfer.kernels.routing_guard`) move with it, and each query head's
+   share is ``max(f̂, g)``, ``g`` the largest share one page could take at its score bound (a needle the Gaussian
+   misses). ``random`` draws local with probability ``share``; ``static`` applies fixed per-layer masks;
 3. attention: :func:`lighttransfer.kernels.routed_decode` (the Triton kernel on CUDA, the reference on the CPU).
 
 The moments live on the cache (:class:`RoutingState` per full layer, in ``HybridCache.routing_states``); a cache
@@ -29,6 +31,7 @@ import torch
 from .. import kernels
 from ..hybrid_format import HeadRoutingConfig
 from ..kernels import head_routing as rule
+from ..kernels import routing_guard as guard
 
 # CPU tensors: False = the reference (the default), True = the kernel entry point (TRITON_INTERPRET=1 tests)
 KERNELS_ON_CPU = False
@@ -90,20 +93,35 @@ class RoutingStats:
 
 class RoutingState:
     """One full layer's key moments (``qada``): :class:`~lighttransfer.kernels.head_routing.KeyMoments` over the
-    key-index range ``(lo, hi)``, for a batch and a key count. During static decode steps the range moves on the
-    device only (one key per step) and :attr:`range` is ``None`` on the host until the moments are rebuilt."""
+    key-index range ``(lo, hi)``, for a batch and a key count; with the ``pages`` guard also the page bounds
+    (:class:`~lighttransfer.kernels.routing_guard.PageBounds`) of the bulk keys ``[kv_start + sink, page_hi)``.
+    During static decode steps both move on the device only (one key per step) and :attr:`range` and
+    :attr:`page_hi` are ``None`` on the host until they are rebuilt."""
 
     def __init__(self) -> None:
         self.moments: rule.KeyMoments | None = None
         self.range: tuple[int, int] | None = (0, 0)
         self.keys = 0
+        self.pages: guard.PageBounds | None = None
+        self.page_hi: int | None = 0
 
-    def prepare(self, k: torch.Tensor, *, diagonal: bool, n_keys: int) -> None:
+    def prepare(self, k: torch.Tensor, *, diagonal: bool, n_keys: int, page: int | None = None) -> None:
+        """Moments (and, with ``page``, page bounds with room for ``n_keys`` keys) that the next move extends:
+        emptied for a new batch shape or a new sequence (fewer keys than before)."""
         batch, kv_heads, _, dim = k.shape
         m = self.moments
         if m is None or m.first.shape != (batch, kv_heads, dim) or m.diagonal != diagonal or n_keys < self.keys \
                 or self.range is None:
             self.zero(batch, kv_heads, dim, diagonal=diagonal, device=k.device)
+        if page is not None:
+            b = self.pages
+            if b is None or b.kmax.shape[:2] != (batch, kv_heads) or b.kmax.shape[3] != dim or b.page != page \
+                    or b.kmax.dtype != k.dtype or b.kmax.device != k.device or self.page_hi is None:
+                self.pages = guard.PageBounds.empty(batch, kv_heads, guard.pages_for(n_keys, page), dim, page=page,
+                                                    dtype=k.dtype, device=k.device)
+                self.page_hi = 0
+            else:
+                self.pages.grow(guard.pages_for(n_keys, page))
         self.keys = n_keys
 
     def zero(self, batch: int, kv_heads: int, dim: int, *, diagonal: bool, device) -> None:
@@ -117,6 +135,22 @@ class RoutingState:
             self.moments = rule.KeyMoments.zeros(batch, kv_heads, dim, diagonal=diagonal, device=device)
         self.range = (0, 0)
         self.keys = 0
+        if self.pages is not None:
+            self.pages.clear()
+        self.page_hi = 0
+
+    def static_pages(self, batch: int, kv_heads: int, dim: int, *, page: int, capacity: int, dtype,
+                     device) -> guard.PageBounds:
+        """Empty page bounds with room for ``capacity`` keys, in the same tensors when their shape allows (a
+        captured step reads those)."""
+        b, pages = self.pages, guard.pages_for(capacity, page)
+        if b is not None and b.kmax.shape == (batch, kv_heads, pages, dim) and b.page == page \
+                and b.kmax.dtype == dtype and b.kmax.device == torch.device(device):
+            b.clear()
+        else:
+            b = self.pages = guard.PageBounds.empty(batch, kv_heads, pages, dim, page=page, dtype=dtype,
+                                                    device=device)
+        return b
 
 
 class HeadRouting:
@@ -171,6 +205,12 @@ class HeadRouting:
             rule.move_range(state.moments, keys, old=(0, 0), new=new, floor=start + self.sink)
             state.range = None  # moved on the device from here on
             state.keys = seen
+            if self.config.guard == "pages":
+                pages = state.static_pages(batch, kv_heads, dim, page=self.config.page_size,
+                                           capacity=max(cache.static_tokens or seen, seen), dtype=keys.dtype,
+                                           device=keys.device)
+                _add_pages(pages, keys, 0, max(0, seen - self.window), floor=start + self.sink)
+                state.page_hi = None
 
     def _range(self, n_keys: int) -> tuple[int, int]:
         """The key range the moments hold for a query that is the last of ``n_keys`` keys."""
@@ -229,16 +269,26 @@ class HeadRouting:
                 far = rule.exact_far_share(q, k, n_keys=n_keys, kv_start=kv_start, sink=sink, window=window,
                                            scale=scale)
             else:
+                paged = cfg.guard == "pages"
                 if n_valid is not None:
                     self._static_move(state, k, n_valid, floor=kv_start + sink)
                 else:
-                    state.prepare(k, diagonal=cfg.cov == "diag", n_keys=n_keys)
+                    state.prepare(k, diagonal=cfg.cov == "diag", n_keys=n_keys,
+                                  page=cfg.page_size if paged else None)
                     new = self._range(n_keys)
                     new = (max(new[0], state.range[0]), max(new[1], state.range[1]))
                     rule.move_range(state.moments, k, old=state.range, new=new, floor=kv_start + sink)
                     state.range = new
+                    if paged:  # the bulk's new keys join their pages (whatever the moments' source)
+                        hi = max(state.page_hi, n_keys - window)
+                        _add_pages(state.pages, k, state.page_hi, hi, floor=kv_start + sink)
+                        state.page_hi = hi
+                lse = rule.query_local_lse(q, k, n_keys=n_keys, kv_start=kv_start, sink=sink, window=window,
+                                           scale=scale)
                 far = rule.predicted_far_share(q, k, state.moments, n_keys=n_keys, kv_start=kv_start, sink=sink,
-                                               window=window, scale=scale)
+                                               window=window, scale=scale, lse=lse)
+                if paged:
+                    far = guard.guarded_share(far, guard.page_share(q, state.pages, lse, scale=scale))
             share = rule.group_max(far, kv_heads)
             local = share <= cfg.tau_for(layer_idx)
         local = local | ~decided  # an empty bulk: local and full are the same attention
@@ -254,6 +304,10 @@ class HeadRouting:
         gone = n_valid.long().view(1) - 1 - self.window
         keys = k.index_select(2, gone.clamp(min=0))
         weight = rule.range_weight(gone, floor=floor) * (gone >= 0).to(torch.float32).view(1, 1)
+        if self.config.guard == "pages":
+            if state.pages is None:
+                raise RuntimeError("head routing: static steps need begin_static() first")
+            guard.add_key(state.pages, keys, gone, weight)  # it joins the bulk: its page's box grows
         if self.config.stats == "bulk":
             rule.accumulate(state.moments, keys, weight)
             return
@@ -270,9 +324,20 @@ class HeadRouting:
         return mask
 
 
+def _add_pages(pages: guard.PageBounds, keys: torch.Tensor, lo: int, hi: int, *, floor: torch.Tensor) -> None:
+    """Fold the keys ``[lo, hi)`` of ``keys [B, Hkv, N, D]`` into ``pages``, each where ``index >= floor[b]``, in
+    blocks of :data:`~lighttransfer.kernels.head_routing.MOVE_BLOCK` keys (the first step after a prefill adds the
+    prompt's whole bulk)."""
+    for a in range(lo, hi, rule.MOVE_BLOCK):
+        b = min(hi, a + rule.MOVE_BLOCK)
+        index = torch.arange(a, b, device=keys.device)
+        guard.add_range(pages, keys[:, :, a:b], a, rule.range_weight(index, floor=floor))
+
+
 def resolve_head_routing(config, *, mode: str | None, tau: float | None = None, share: float | None = None,
                          stats: str | None = None, cov: str | None = None, sink: int | None = None,
-                         window: int | None = None, seed: int | None = None) -> HeadRoutingConfig | None:
+                         window: int | None = None, seed: int | None = None, guard: str | None = None,
+                         page: int | None = None) -> HeadRoutingConfig | None:
     """The checkpoint block's ``head_routing`` with explicit options over it.
 
     ``mode``: ``None`` keeps the block's (dense without one), ``"dense"`` turns it off, else a mode name. Options
@@ -284,7 +349,7 @@ def resolve_head_routing(config, *, mode: str | None, tau: float | None = None, 
     block = HybridConfig.from_model_config(config) if config is not None else None
     stored = block.head_routing_config() if block is not None else None
     given = {k: v for k, v in dict(tau=tau, share=share, stats=stats, cov=cov, sink=sink, window=window,
-                                   seed=seed).items() if v is not None}
+                                   seed=seed, guard=guard, page=page).items() if v is not None}
     if mode == "dense":
         return None
     if mode is None and stored is None:
@@ -295,6 +360,8 @@ def resolve_head_routing(config, *, mode: str | None, tau: float | None = None, 
     base = stored.to_dict() if stored is not None else {}
     if mode is not None and mode != base.get("mode"):
         base = {"mode": mode}
+    if given.get("guard") == "none":
+        base.pop("page", None)  # the stored guard's page size goes with it
     return HeadRoutingConfig.from_dict({**base, **given})
 
 

@@ -41,15 +41,17 @@ def _observing(model, config: HeadRoutingConfig):
 
 def far_share_distribution(model, samples: Sequence[torch.Tensor], *, mode: str = "qada", stats: str = "bulk",
                            cov: str = "full", last: int = 32, sink: int | None = None,
-                           window: int | None = None) -> dict[int, torch.Tensor]:
+                           window: int | None = None, guard: str = "none",
+                           page: int | None = None) -> dict[int, torch.Tensor]:
     """``{full layer: float32 [queries, kv_heads]}``: per KV head, the largest far share of its query heads, for each
     of the last ``last`` tokens of each sample (1-D token ids) that has a bulk, for a model switched to the hybrid
-    runtime."""
+    runtime. ``guard="pages"``: the guarded share ``max(f̂, g)`` (what such a routing compares with ``tau``)."""
     if mode not in ("qada", "oracle"):
         raise LightTransferError(f"far shares exist for head_routing 'qada' or 'oracle', not {mode!r}.")
     if last < 1:
         raise LightTransferError(f"last must be >= 1 query, got {last}.")
-    config = HeadRoutingConfig(mode=mode, tau=0.0, stats=stats, cov=cov, sink=sink, window=window)
+    config = HeadRoutingConfig(mode=mode, tau=0.0, stats=stats, cov=cov, sink=sink, window=window, guard=guard,
+                               page=page)
     device = next(model.parameters()).device
     keyword = cache_keyword(model)
     with _observing(model, config) as routing, torch.inference_mode():
@@ -69,25 +71,38 @@ def far_share_distribution(model, samples: Sequence[torch.Tensor], *, mode: str 
 
 def calibrate_head_routing(model, samples: Sequence[torch.Tensor], *, share: float, mode: str = "qada",
                            stats: str = "bulk", cov: str = "full", per_layer: bool = True, last: int = 32,
-                           sink: int | None = None, window: int | None = None) -> HeadRoutingConfig:
+                           sink: int | None = None, window: int | None = None, guard: str = "none",
+                           page: int | None = None) -> HeadRoutingConfig:
     """A :class:`HeadRoutingConfig` whose ``tau`` (per layer, or one for all) routes a share ``≈ share`` of the
     calibration decisions local (see the module docstring)."""
     if not 0.0 <= share <= 1.0:
         raise LightTransferError(f"routing_share must be in [0, 1], got {share!r}.")
     shares = far_share_distribution(model, samples, mode=mode, stats=stats, cov=cov, last=last, sink=sink,
-                                    window=window)
+                                    window=window, guard=guard, page=page)
 
     def quantile(values: torch.Tensor) -> float:
-        # the largest tau that keeps the local count at or under the target (ties at one value go together)
-        ordered = values.double().flatten().sort().values
-        k = int(share * ordered.numel())
-        return 0.0 if k == 0 else min(1.0, float(ordered[k - 1]))
+        return share_threshold(values, share)
 
-    common = dict(mode=mode, stats=stats, cov=cov, sink=sink, window=window)
+    common = dict(mode=mode, stats=stats, cov=cov, sink=sink, window=window, guard=guard, page=page)
     if per_layer:
         return HeadRoutingConfig(**common, layer_tau={layer: quantile(v) for layer, v in shares.items()},
                                  tau=quantile(torch.cat(list(shares.values()))))
     return HeadRoutingConfig(**common, tau=quantile(torch.cat(list(shares.values()))))
+
+
+def share_threshold(values: torch.Tensor, share: float) -> float:
+    """The largest ``tau`` among ``values`` (far shares, any shape) with at most a share ``share`` of them ``<= tau``:
+    the local count stays at or under the target. Ties at one value go together, so a tie across the target steps
+    down to the next smaller value: shares saturated at 1.0 in float32 (the pages guard's bound, ``g``, is often
+    far above the local mass) would otherwise give ``tau = 1`` and route *every* decision local."""
+    ordered = values.double().flatten().sort().values
+    k = int(share * ordered.numel())
+    if k == 0:
+        return 0.0
+    if k < ordered.numel() and ordered[k] == ordered[k - 1]:  # the k-th value ties with the next
+        below = ordered[:k][ordered[:k] < ordered[k]]
+        return 0.0 if below.numel() == 0 else float(below[-1])
+    return min(1.0, float(ordered[k - 1]))
 
 
 def far_share_summary(shares: dict[int, torch.Tensor], *, quantiles=(0.1, 0.5, 0.9)) -> dict[str, dict]:
@@ -102,4 +117,4 @@ def far_share_summary(shares: dict[int, torch.Tensor], *, quantiles=(0.1, 0.5, 0
     return out
 
 
-__all__ = ["far_share_distribution", "calibrate_head_routing", "far_share_summary"]
+__all__ = ["far_share_distribution", "calibrate_head_routing", "far_share_summary", "share_threshold"]

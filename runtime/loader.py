@@ -56,6 +56,8 @@ def load_hybrid(
     routing_cov: str | None = None,
     routing_sink: int | None = None,
     routing_window: int | None = None,
+    routing_guard: str | None = None,
+    routing_page: int | None = None,
 ) -> LoadedModel:
     """Like :func:`load`, but returns the :class:`~lighttransfer.loading.LoadedModel` (model, tokenizer, source)."""
     check_chunk_size(chunk_size)  # before the weights load: a typo costs nothing
@@ -72,7 +74,7 @@ def load_hybrid(
     if ranges:
         SparsePrefillConfig(**ranges)  # their range checks, also before the weights load
     routing = dict(tau=routing_tau, share=routing_share, stats=routing_stats, cov=routing_cov, sink=routing_sink,
-                   window=routing_window)
+                   window=routing_window, guard=routing_guard, page=routing_page)
     _check_routing(head_routing, routing)  # also before the weights load
     loaded = load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, with_tokenizer=False,
                         device_map=device_map)
@@ -123,6 +125,8 @@ def load(
     routing_cov: str | None = None,
     routing_sink: int | None = None,
     routing_window: int | None = None,
+    routing_guard: str | None = None,
+    routing_page: int | None = None,
 ) -> Any:
     """Load a hybrid checkpoint as an ordinary transformers causal LM with a bounded KV cache.
 
@@ -178,6 +182,10 @@ def load(
             window keys).
         routing_cov: ``full`` (default) or ``diag`` covariance.
         routing_sink, routing_window: the local set of a routed-local head (default: the layout's sink/window).
+        routing_guard: ``none`` (default) or ``pages`` (``qada``): a needle guard, per page of ``routing_page`` bulk
+            keys the elementwise key max and min; a KV head also goes full when one page could, at its score bound,
+            take more than ``tau`` of the attention alone (``kernels/routing_guard.py``).
+        routing_page: keys per page of the ``pages`` guard (default 64).
 
     Returns:
         The transformers model; ``model.generate`` and ``pipeline("text-generation", model=model)`` use the
@@ -194,7 +202,8 @@ def load(
                        prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
                        fused_ops=fused_ops, head_routing=head_routing, routing_tau=routing_tau,
                        routing_share=routing_share, routing_stats=routing_stats, routing_cov=routing_cov,
-                       routing_sink=routing_sink, routing_window=routing_window).model
+                       routing_sink=routing_sink, routing_window=routing_window, routing_guard=routing_guard,
+                       routing_page=routing_page).model
 
 
 def _check_routing(mode: str | None, options: dict) -> None:

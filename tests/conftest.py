@@ -126,3 +126,20 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
         cli.main([*argv])
     out = capsys.readouterr()
     return int(exit_info.value.code or 0), out.out, out.err
+
+
+def planted_needle(needle: bool, *, window: int, n=1100, dim=16, seed=0, needle_at=500):
+    """``q [1, 4, 1, D]``, ``k [1, 2, n, D]`` (``s |q| = 1``): a Gaussian bulk (std 0.5), window keys aligned with
+    their KV head's query heads (local scores ~16, so QAdA's predicted far share is ~1e-5), and, with ``needle``, one
+    bulk key of KV head 1 whose score with query head 2 is 40: the far share is then ~1, but the one key moves the
+    bulk's moments by almost nothing (``qᵀΣq`` by ``40² / n``)."""
+    g = torch.Generator().manual_seed(seed)
+    k = 0.5 * torch.randn(1, 2, n, dim, generator=g)
+    group = torch.nn.functional.normalize(torch.randn(2, dim, generator=g), dim=-1)
+    q = group.repeat_interleave(2, dim=0) + 0.1 * torch.randn(4, dim, generator=g)
+    q = (4.0 * torch.nn.functional.normalize(q, dim=-1)).view(1, 4, 1, dim)
+    scale = dim ** -0.5
+    k[0, :, n - window:] += 16.0 * group.view(2, 1, dim)
+    if needle:
+        k[0, 1, needle_at] = 40.0 * torch.nn.functional.normalize(q[0, 2, 0], dim=-1)
+    return q, k, scale

@@ -3,12 +3,14 @@ thresholds calibrated for the share, the realised share in the result; ``eval --
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 from conftest import make_tiny_model, run_cli
 from lighttransfer.errors import LightTransferError
 from lighttransfer.evaluation.rows import DEFAULT_ROWS, ROUTING_ROWS, standard_rows
+from lighttransfer.hybrid_format import HeadRoutingConfig
 from test_eval import byte_tokenizer
 
 GATES = [[0.9, 0.1], [0.2, 0.8], [0.05, 0.95], [0.7, 0.6]]
@@ -24,6 +26,18 @@ def test_rows_are_built_by_name_at_one_share():
         assert row.kv_fraction(1000) == 1.0  # routing reads less, it keeps everything
     assert rows["qada"].routing_target == rows["qada-oracle"].routing_target == 0.25
     assert rows["qada-oracle"].head_routing.mode == "oracle"
+    # one field apart from qada each, calibrated for the same share
+    base = rows["qada"].head_routing
+    assert (base.stats, base.cov, base.guard) == ("bulk", "full", "none")
+    assert rows["qada-local"].head_routing == dataclasses.replace(base, stats="local")
+    assert rows["qada-diag"].head_routing == dataclasses.replace(base, cov="diag")
+    assert rows["qada-pages"].head_routing == dataclasses.replace(base, guard="pages")
+    assert {rows[n].routing_target for n in ("qada-local", "qada-diag", "qada-pages")} == {0.25}
+    paged = standard_rows(lazy_ratios=[0.5] * 4, ratio=0.5, num_kv_heads=2, sink=2, window=16,
+                          names=["qada", "qada-pages", "qada-oracle"], routing_page=16,
+                          head_routing=HeadRoutingConfig(mode="qada", tau=0.0, guard="pages"))
+    assert paged[0].head_routing.page_size == 64 and paged[1].head_routing.page == 16
+    assert paged[2].head_routing.guard == "none"  # the oracle is exact: nothing to guard
     assert rows["qada-random"].head_routing.share == 0.25 and rows["qada-random"].routing_target is None
     # 2 of 8 KV heads, the lowest gates: (2, 0) and (0, 1)
     assert rows["qada-gates"].head_routing.local_masks == {0: [False, True], 2: [True, False]}
@@ -60,13 +74,15 @@ def test_eval_cli_runs_the_routing_rows(tmp_path, capsys, long_text, monkeypatch
     code, _, err = run_cli([
         "eval", "--baseline", str(model_dir), "--text", str(text), "--report", "r.json", "--lengths", "96",
         "--windows", "1", "--passkey-lengths", "256", "--passkey-depths", "2", "--passkey-trials", "1",
-        "--sink", "2", "--window", "16", "--rows", "original,qada,qada-oracle,qada-random,qada-gates",
-        "--routing-share", "0.5", "--routing-cov", "diag", "--device", "cpu", "--out", str(out), "-q"], capsys)
+        "--sink", "2", "--window", "16", "--rows", "original," + ",".join(ROUTING_ROWS),
+        "--routing-share", "0.5", "--routing-cov", "diag", "--routing-page", "8", "--device", "cpu", "--out", str(out), "-q"], capsys)
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     for name in ("qada", "qada-oracle"):
         assert rows[name]["routing_calibration"]["share"] == 0.5 and rows[name]["routing_calibration"]["layer_tau"]
         assert rows[name]["head_routing"]["cov"] == "diag"
+    assert rows["qada-pages"]["head_routing"]["guard"] == "pages" and rows["qada-pages"]["head_routing"]["page"] == 8
+    assert rows["qada-pages"]["routing_calibration"]["layer_tau"]
     for name in ROUTING_ROWS:
         realised = rows[name]["head_routing_realised"]
         assert realised["decisions"] > 0 and 0.0 <= realised["local_share"] <= 1.0

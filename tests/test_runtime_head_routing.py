@@ -245,9 +245,10 @@ def test_convert_stores_head_routing_and_generate_reports_the_share(tiny_model_d
 
 @pytest.mark.parametrize("config", [HeadRoutingConfig(mode="qada", tau=0.67),
                                     HeadRoutingConfig(mode="qada", tau=0.67, stats="local", cov="diag"),
+                                    HeadRoutingConfig(mode="qada", tau=0.67, guard="pages", page=4),
                                     HeadRoutingConfig(mode="oracle", tau=0.67),
                                     HeadRoutingConfig(mode="static", local_masks={1: [True, False]})],
-                         ids=["qada-bulk", "qada-local-diag", "oracle", "static"])
+                         ids=["qada-bulk", "qada-local-diag", "qada-pages", "oracle", "static"])
 def test_static_steps_route_as_the_dynamic_path(config):
     """Static decode steps (what a CUDA graph replays; eager on the CPU) move the moments on the device and give the
     dynamic path's tokens and shares, left padding included."""
@@ -282,7 +283,8 @@ def test_random_routing_keeps_to_dynamic_steps():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("config", [HeadRoutingConfig(mode="qada", tau=0.67),
-                                    HeadRoutingConfig(mode="oracle", tau=0.67)], ids=["qada", "oracle"])
+                                    HeadRoutingConfig(mode="qada", tau=0.67, guard="pages", page=4),
+                                    HeadRoutingConfig(mode="oracle", tau=0.67)], ids=["qada", "qada-pages", "oracle"])
 def test_on_cuda_a_captured_graph_routes_as_eager_steps(config):
     """The routed step is captured once and replayed per token: the tokens and the shares of eager static steps
     (the kernels on both sides, fp32)."""
@@ -313,3 +315,146 @@ def test_counts_made_by_static_steps_reset_outside_inference_mode():
     assert head_routing_stats(model).to_dict()["decisions"] == 0
     generate_static(model, ids, max_new_tokens=8)
     assert head_routing_stats(model).to_dict() == want
+
+
+@pytest.mark.parametrize("stats", ["bulk", "local"])
+def test_guard_pages_after_decoding_equal_pages_from_scratch(stats):
+    """The pages guard's metadata after a prefill and decode steps is that of the bulk keys computed directly
+    (whatever the moments' source), and the guard only ever turns heads full (``max(f̂, g) >= f̂``)."""
+    from lighttransfer.kernels import routing_guard as rg
+
+    ids = ids_of(1, 40, seed=3)
+    shares = {}
+    for guard in ("none", "pages"):
+        cfg = HeadRoutingConfig(mode="qada", tau=0.5, stats=stats, guard=guard,
+                                page=4 if guard == "pages" else None)
+        model = routed(cfg)
+        key = runtime_of(model).cache_keyword
+        cache = make_cache(model)
+        with torch.no_grad():
+            out = model(ids[:, :12], use_cache=True, **{key: cache})
+            for t in range(12, 40):
+                out = model(ids[:, t:t + 1], use_cache=True, **{key: output_cache(out)})
+        shares[guard] = head_routing_stats(model).local_share()
+        if guard == "none":
+            assert cache.routing_states[1].pages is None
+            continue
+        for idx in (0, 2):
+            keys, state = cache.layers[idx].keys, cache.routing_states[idx]
+            n = keys.shape[2]
+            want = rg.from_scratch(keys, lo=torch.tensor([SINK]), hi=n - WINDOW, page=4)
+            assert state.page_hi == n - WINDOW and state.pages.pages == want.pages
+            assert torch.equal(state.pages.kmax, want.kmax) and torch.equal(state.pages.kmin, want.kmin)
+            assert torch.equal(state.pages.count, want.count)
+    # the guard only ever adds full heads (on this tiny model's near-uniform scores it adds none: see the planted
+    # needle tests for one it must catch)
+    assert shares["pages"] <= shares["none"]
+
+
+@pytest.mark.parametrize("guard", ["none", "pages"])
+def test_static_steps_fold_a_needle_into_the_pages_as_the_dynamic_path(guard):
+    """Static steps (one device-side key per step) route as dynamic steps do, step for step, while a planted needle
+    leaves the window and joins the bulk: the guard turns its KV head full at the end, on both paths, and the
+    page metadata equals the direct one; without the guard both paths route it local."""
+    from types import SimpleNamespace
+
+    from conftest import planted_needle
+    from lighttransfer.kernels import routing_guard as rg
+    from lighttransfer.runtime.full_layer import FullLayer
+    from lighttransfer.runtime.head_routing import HeadRouting, RoutingState
+
+    S, W = 4, 8
+    q, k, scale = planted_needle(True, window=W, n=700, needle_at=600)
+    cfg = HeadRoutingConfig(mode="qada", tau=0.05, guard=guard, page=None if guard == "none" else 32)
+    start = torch.zeros(1, dtype=torch.long)
+    dynamic, static = HeadRouting(cfg, sink=S, window=W), HeadRouting(cfg, sink=S, window=W)
+    layer = FullLayer()
+    layer.update(k[:, :, :500], k[:, :, :500])
+    cache = SimpleNamespace(sequence=SimpleNamespace(kv_start=None), layers=[layer], routing_states={},
+                            static_tokens=700)
+    layer.make_static(700)
+    layer.key_storage[:, :, 500:700] = k[:, :, 500:]  # what the steps would write (nothing reads past n_valid)
+    static.begin_static(cache)
+    state, fresh = cache.routing_states[0], RoutingState()
+    for n in range(501, 701):
+        want = dynamic.decide(q, k[:, :, :n], layer_idx=0, state=fresh, kv_start=start, scale=scale)
+        got = static.decide(q, layer.key_storage, layer_idx=0, state=state, kv_start=start, scale=scale,
+                            n_valid=torch.tensor([n]))
+        assert torch.equal(got, want), n
+    assert got.tolist() == ([[True, True]] if guard == "none" else [[True, False]])
+    if guard == "pages":
+        direct = rg.from_scratch(k, lo=start + S, hi=700 - W, page=32, pages=state.pages.pages)
+        assert torch.equal(state.pages.kmax, direct.kmax) and torch.equal(state.pages.count, direct.count)
+
+
+def test_guard_option_round_trips_through_the_block_and_load(tiny_model_dir, tmp_path):
+    import shutil
+
+    import lighttransfer
+
+    cfg = HeadRoutingConfig(mode="qada", tau=0.1, guard="pages", page=32)
+    d = cfg.to_dict()
+    assert d["guard"] == "pages" and d["page"] == 32 and d["schema_version"] == 1
+    plain = HeadRoutingConfig(mode="qada", tau=0.1).to_dict()
+    assert "guard" not in plain and "page" not in plain  # blocks without a guard read as before
+    assert HeadRoutingConfig.from_dict(plain).guard == "none"
+    block = HybridConfig(num_layers=4, num_kv_heads=2, streaming_layers=[0], sink=SINK, window=WINDOW,
+                         head_routing=d).to_dict()
+    assert HybridConfig.from_dict(json.loads(json.dumps(block))).head_routing_config() == cfg
+    out = tmp_path / "guarded"
+    shutil.copytree(tiny_model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config["lighttransfer"] = block
+    (out / "config.json").write_text(json.dumps(config))
+    assert runtime_of(lighttransfer.load(out, device="cpu")).head_routing.config == cfg
+    assert runtime_of(lighttransfer.load(out, device="cpu", routing_page=8)).head_routing.config.page == 8
+    off = runtime_of(lighttransfer.load(out, device="cpu", routing_guard="none")).head_routing.config
+    assert off.guard == "none" and off.page is None and off.tau == 0.1
+    fresh = runtime_of(lighttransfer.load(tiny_model_dir, device="cpu", head_routing="qada", routing_tau=0.2,
+                                          routing_guard="pages")).head_routing.config
+    assert fresh.guard == "pages" and fresh.page_size == 64
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(head_routing="qada", routing_tau=0.1, routing_guard="bloom"), "routing_guard must be one of"),
+    (dict(head_routing="qada", routing_tau=0.1, routing_guard="pages", routing_page=0), "routing_page must be"),
+    (dict(head_routing="qada", routing_tau=0.1, routing_page=16), "routing_page needs routing_guard"),
+    (dict(head_routing="oracle", routing_tau=0.1, routing_guard="pages"), "routing_guard 'pages' applies to"),
+], ids=["unknown", "page-0", "page-without-guard", "oracle"])
+def test_guard_options_fail_with_one_line_naming_the_option(tiny_model_dir, kwargs, match):
+    import lighttransfer
+
+    with pytest.raises(LightTransferError, match=match) as err:
+        lighttransfer.load(tiny_model_dir, device="cpu", **kwargs)
+    assert "\n" not in str(err.value)
+    with pytest.raises(LightTransferError, match="routing_guard needs head_routing"):
+        resolve_head_routing(None, mode=None, guard="pages")  # a guard with nothing to guard
+
+
+def test_convert_stores_the_guard(tiny_model_dir, tmp_path, capsys):
+    from conftest import run_cli
+
+    out = tmp_path / "hybrid"
+    code, stdout, err = run_cli(["convert", str(tiny_model_dir), "--layers", "1", "--window", "8", "--sink", "2",
+                                 "--out", str(out), "--head-routing", "qada", "--routing-tau", "0.6",
+                                 "--routing-guard", "pages", "--routing-page", "16"], capsys)
+    assert code == 0, err
+    assert "page guard (P=16)" in stdout
+    block = json.loads((out / "config.json").read_text())["lighttransfer"]
+    assert block["head_routing"]["guard"] == "pages" and block["head_routing"]["page"] == 16
+    code, _, err = run_cli(["convert", str(tiny_model_dir), "--layers", "1", "--out", str(tmp_path / "bad"),
+                            "--routing-guard", "pages"], capsys)
+    assert code != 0 and "--routing-guard" in err and "Traceback" not in err
+
+
+def test_share_threshold_keeps_ties_under_the_target():
+    """A tie across the target steps down: shares saturated at 1.0 (the pages guard's, often) never give tau = 1,
+    which would route every decision local."""
+    from lighttransfer.runtime.head_routing_calibration import share_threshold
+
+    assert share_threshold(torch.tensor([0.1, 0.2, 0.3, 0.4]), 0.5) == pytest.approx(0.2)
+    saturated = torch.tensor([0.1, 0.2, 1.0, 1.0, 1.0, 1.0])
+    tau = share_threshold(saturated, 0.5)
+    assert tau == pytest.approx(0.2) and (saturated <= tau).float().mean() <= 0.5
+    assert share_threshold(torch.ones(4), 0.5) == 0.0  # nothing can go local at the target without all going
+    assert share_threshold(torch.tensor([0.3, 0.3, 0.5]), 0.0) == 0.0
