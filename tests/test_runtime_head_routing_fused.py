@@ -23,8 +23,8 @@ from lighttransfer.runtime import head_routing_fused as fused
 
 SINK, WINDOW = 2, 6
 
-pytestmark = pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"),
-                                reason="needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest on CPU)")
+needs_interpreter = pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET"),
+                                       reason="needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest on CPU)")
 
 
 @pytest.fixture
@@ -42,21 +42,21 @@ def on_kernels(monkeypatch):
     return calls
 
 
-def _model(config):
-    model = make_tiny_model("llama")
+def _model(config, device="cpu"):
+    model = make_tiny_model("llama").to(device)
     enable_hybrid(model, resolve_layout(model.config, streaming_layers=[], sink=SINK, window=WINDOW),
                   head_routing=config)
     runtime_of(model).select_chunks = False
     return model
 
 
-def _batch():
+def _batch(device="cpu"):
     g = torch.Generator().manual_seed(7)
     a, b = torch.randint(3, 256, (1, 30), generator=g), torch.randint(3, 256, (1, 22), generator=g)
     ids = torch.cat([a, torch.cat([torch.zeros(1, 8, dtype=torch.long), b], 1)])
     mask = torch.ones_like(ids)
     mask[1, :8] = 0
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 def _run(model, static, ids, mask):
@@ -69,10 +69,17 @@ def _run(model, static, ids, mask):
     return out[:, -10:], head_routing_stats(model).to_dict()
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs a CUDA GPU")])
+CPU = pytest.param("cpu", marks=needs_interpreter)
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
 @pytest.mark.parametrize(("cov", "static"), [("diag", False), ("full", True)], ids=["diag-dynamic", "full-static"])
-def test_fused_and_unfused_paths_give_the_same_tokens_and_shares(cov, static, on_kernels, monkeypatch):
-    model = _model(HeadRoutingConfig(mode="qada", tau=0.67, cov=cov))
-    ids, mask = _batch()
+def test_fused_and_unfused_paths_give_the_same_tokens_and_shares(cov, static, device, on_kernels, monkeypatch):
+    """Left-padded batch of two; on CUDA the static steps are captured in a CUDA graph on both paths."""
+    model = _model(HeadRoutingConfig(mode="qada", tau=0.67, cov=cov), device)
+    ids, mask = _batch(device)
     monkeypatch.setattr(fused, "FUSED", False)
     want_tokens, want_stats = _run(model, static, ids, mask)
     assert not on_kernels
@@ -83,6 +90,7 @@ def test_fused_and_unfused_paths_give_the_same_tokens_and_shares(cov, static, on
     assert got_stats == want_stats and 0.0 < got_stats["local_share"] < 1.0
 
 
+@needs_interpreter
 def test_other_routings_keep_to_the_unfused_path(on_kernels):
     """The pages guard, window statistics, the oracle, observing (calibration) and recorded shares: unfused."""
     q = torch.zeros(1, 4, 1, 8)
