@@ -90,13 +90,13 @@ def _check(q, k, v, m, tau, dtype, what, *, kv_start, n_valid=None, workspace=No
     return local
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("diagonal", [False, True], ids=["full", "diag"])
 @pytest.mark.parametrize("group", [1, 3, 4], ids=lambda g: f"gqa{g}")
 @pytest.mark.parametrize("n_keys", [9, 17, 18, 19, 70], ids=lambda n: f"N{n}")
-def test_matches_reference_mixed(n_keys, group, diagonal):
+def test_matches_reference_mixed(n_keys, group, diagonal, dtype):
     """Edge lengths at sink 4 + window 13 = 17 (below: no bulk, every pair local; at it; one and two past, when the
     first key leaves the window; far past), a mixed tau, left padding, forced chunk counts in both passes."""
-    dtype = DTYPES[-1]
     q, k, v = _inputs(2, 2, group, n_keys, 32, dtype, seed=n_keys + 10 * group, capacity=n_keys + 5)
     start = torch.tensor([0, 3], device=DEVICE)
     m = _moments(k, n_keys, start, diagonal=diagonal)
@@ -122,7 +122,8 @@ def test_tau_extremes(extreme, dim, dtype):
 
 @pytest.mark.parametrize("diagonal", [False, True], ids=["full", "diag"])
 def test_left_padding_and_default_plan(diagonal):
-    """kv_start per sequence (int32 too), one sequence whose padding leaves it no bulk; the default chunk plan."""
+    """kv_start per sequence (int32 too), one sequence whose padding leaves it no bulk, none at all; the default
+    chunk plan."""
     dtype = DTYPES[-1]
     q, k, v = _inputs(3, 2, 4, 90, 32, dtype, seed=5)
     for start in (torch.tensor([0, 20, 80], device=DEVICE), torch.tensor([2, 7, 75], device=DEVICE,
@@ -131,16 +132,20 @@ def test_left_padding_and_default_plan(diagonal):
         share, decided = _shares(q, k, m, start.long())
         assert decided.tolist() == [True, True, False]
         _check(q, k, v, m, _mixed_tau(share, decided), dtype, f"padded {start.tolist()}", kv_start=start)
+    none = torch.zeros(3, dtype=torch.long, device=DEVICE)  # no kv_start at all: no padding
+    m = _moments(k, 90, none, diagonal=diagonal)
+    share, decided = _shares(q, k, m, none)
+    _check(q, k, v, m, _mixed_tau(share, decided), dtype, "no kv_start", kv_start=None)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("diagonal", [False, True], ids=["full", "diag"])
-def test_consecutive_static_steps_reuse_the_counters(diagonal):
+def test_consecutive_static_steps_reuse_the_counters(diagonal, dtype):
     """Static steps over preallocated storage (device-side n_valid), one workspace: each step equals the
     reference (the tickets were set back to zero), the moments follow the bulk key by key, and the workspace is
     zero after every launch."""
     from lighttransfer.kernels.fused_routing_triton import FusedWorkspace
 
-    dtype = DTYPES[-1]
     q, k, v = _inputs(2, 2, 3, 60, 32, dtype, seed=3)
     start = torch.tensor([0, 6], device=DEVICE)
     m = _moments(k, 40, start, diagonal=diagonal)
