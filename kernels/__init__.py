@@ -18,6 +18,7 @@ if __package__ == "lighttransfer.kernels":
         silu_mul,
         silu_mul_reference,
     )
+    from .fused_routing import fused_routed_decode, fused_routed_decode_reference
     from .head_routing import KeyMoments, exact_far_share, predicted_far_share, random_local, route_local
     from .mask import causal_visible, streaming_mask, streaming_visible
     from .merge import merge_attention
@@ -51,6 +52,8 @@ if __package__ == "lighttransfer.kernels":
         "silu_mul_reference",
         "routed_decode",
         "routed_decode_reference",
+        "fused_routed_decode",
+        "fused_routed_decode_reference",
         "KeyMoments",
         "predicted_far_share",
         "exact_far_share",

@@ -16,6 +16,8 @@ query of a continuation chunk as if decoded alone) runs:
    misses). ``random`` draws local with probability ``share``; ``static`` applies fixed per-layer masks;
 3. attention: :func:`lighttransfer.kernels.routed_decode` (the Triton kernel on CUDA, the reference on the CPU).
 
+On CUDA, ``qada`` with bulk moments and no guard runs 1-3 fused on the device instead (:mod:`.head_routing_fused`).
+
 The moments live on the cache (:class:`RoutingState` per full layer, in ``HybridCache.routing_states``); a cache
 whose key count went down (``crop``) or whose batch changed starts its moments again from the keys it holds.
 Realised shares go to :class:`RoutingStats` (device counters, read only when asked), which the model's runtime keeps.
@@ -32,6 +34,7 @@ from .. import kernels
 from ..hybrid_format import HeadRoutingConfig
 from ..kernels import head_routing as rule
 from ..kernels import routing_guard as guard
+from . import head_routing_fused as fused
 
 # CPU tensors: False = the reference (the default), True = the kernel entry point (TRITON_INTERPRET=1 tests)
 KERNELS_ON_CPU = False
@@ -49,13 +52,19 @@ class RoutingStats:
     shares: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
     def add(self, layer: int, local: torch.Tensor, decided: torch.Tensor, share: torch.Tensor | None) -> None:
-        c = self.counts.get(layer)
-        if c is None:
-            c = self.counts[layer] = torch.zeros(2, dtype=torch.float64, device=local.device)
+        c = self.counter(layer, local.device)
         c[0] += (local & decided).sum()
         c[1] += decided.sum()
         if self.record and share is not None:
             self.shares.setdefault(layer, []).append(share[decided[:, 0]].float().cpu())  # [sequences, kv_heads]
+
+    def counter(self, layer: int, device) -> torch.Tensor:
+        """The layer's counts ``[2]`` float64 (local, decided) on ``device``, made at first use (the fused step
+        adds to them on the device)."""
+        c = self.counts.get(layer)
+        if c is None:
+            c = self.counts[layer] = torch.zeros(2, dtype=torch.float64, device=device)
+        return c
 
     def has_decisions(self) -> bool:
         return any(c[1].item() > 0 for c in self.counts.values())
@@ -104,6 +113,7 @@ class RoutingState:
         self.keys = 0
         self.pages: guard.PageBounds | None = None
         self.page_hi: int | None = 0
+        self.fused = None  # the fused step's counters (runtime/head_routing_fused.py), made at its first step
 
     def prepare(self, k: torch.Tensor, *, diagonal: bool, n_keys: int, page: int | None = None) -> None:
         """Moments (and, with ``page``, page bounds with room for ``n_keys`` keys) that the next move extends:
@@ -229,6 +239,10 @@ class HeadRouting:
             else kv_start.to(q.device).long()
         if n_valid is not None:
             st = torch.minimum(start, n_valid.long() - 1)
+            out = fused.attend(self, q, k, v, layer_idx=layer_idx, state=state, kv_start=st, scale=scale,
+                               n_valid=n_valid)
+            if out is not None:
+                return out
             local = self.decide(q, k, layer_idx=layer_idx, state=state, kv_start=st, scale=scale, n_valid=n_valid)
             if (q.is_cuda or KERNELS_ON_CPU) and not kernels.reference_forced():
                 return kernels.routed_decode(q, k, v, local, sink=self.sink, window=self.window, kv_start=st,
@@ -240,6 +254,11 @@ class HeadRouting:
             end = big_n - n + i + 1
             ks, vs = k[:, :, :end], v[:, :, :end]
             st = start.clamp(max=end - 1)  # a sequence with no real key yet sees its own key
+            out = fused.attend(self, q[:, :, i:i + 1], ks, vs, layer_idx=layer_idx, state=state, kv_start=st,
+                               scale=scale)
+            if out is not None:
+                outs.append(out)
+                continue
             local = self.decide(q[:, :, i:i + 1], ks, layer_idx=layer_idx, state=state, kv_start=st, scale=scale)
             if q.is_cuda or KERNELS_ON_CPU:
                 if not kernels.reference_forced():

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Head routing on one GPU, one command (<= 4 min): the CUDA tests of the routed decode kernel and the routing rule,
 # then decode attention of one full layer at 32k (8B shape: 32/8 heads, D=128, bf16), batch 1 and 16, at routed
-# shares 0 / 0.25 / 0.5 / 0.75 / 1 against kernels.full_decode in the same process, and the decision's overhead
+# shares 0 / 0.25 / 0.5 / 0.75 / 1 against kernels.full_decode in the same process, the decision's overhead
+# (unfused PyTorch) and the fused QAdA step at the same shares with its overhead over dense
 # (CUDA-graph replays, pinned Triton configs). Optionally the SmolLM2 rows at 4k (a few samples per task).
 #
 #   bench/scripts/head_routing_gpu.sh OUT_DIR [GGUF TEXT REPORT]
@@ -21,8 +22,9 @@ export PYTHONPATH="$link${PYTHONPATH:+:$PYTHONPATH}"
 cd "$link/lighttransfer"
 { python3 -m pytest -q -p no:cacheprovider --rootdir="$link/lighttransfer" \
     "$link/lighttransfer/tests/kernels/test_routed_decode.py" "$link/lighttransfer/tests/kernels/test_head_routing.py" \
+    "$link/lighttransfer/tests/kernels/test_fused_routing.py" \
   && python3 -m pytest -q -p no:cacheprovider --rootdir="$link/lighttransfer" -m cuda \
-    "$link/lighttransfer/tests/test_runtime_head_routing.py"; } 2>&1 | tee "$out/cuda_tests.log" \
+    "$link/lighttransfer/tests/test_runtime_head_routing.py" "$link/lighttransfer/tests/test_runtime_head_routing_fused.py"; } 2>&1 | tee "$out/cuda_tests.log" \
   || echo "CUDA tests FAILED (see cuda_tests.log); timing anyway"
 python3 bench/scripts/head_routing_kernel_bench.py --out "$out"
 if [[ $# -ge 4 ]]; then

@@ -15,7 +15,14 @@ fp32 reference:
   window (``Σk``, ``Σkkᵀ`` in fp32, full covariance; ``decision_diag``: diagonal), the local keys' exact
   log-sum-exp (sink + window rows gathered), the Gaussian bulk mass, ``f̂`` and the GQA routing; reported as a
   share of ``dense`` and of ``routed@0.5``;
-* ``oracle``: the exact far share (reads every key; for evaluation only).
+* ``oracle``: the exact far share (reads every key; for evaluation only);
+* ``fused@s``: the fused QAdA step (``kernels.fused_routed_decode``: pass 1 = the sink + window keys of every pair
+  and the decision in each pair's last program, moments update included; pass 2 = the bulk keys of the full-routed
+  pairs; the merge), decision included, at the same shares: the pairs of ``routed@s`` are made local by the data
+  (their query heads point at their first sink key, so ``f̂`` is ~1e-5 against ~0.97 for the others) and
+  ``tau = 0.5``, so the decision itself picks exactly those pairs, replay after replay (each replay folds the same
+  leaving key again: the shares stay put); ``overhead`` = ``fused@0 / dense - 1`` (every pair full: the decision's
+  whole cost over dense attention), ``fused@0.5 / routed@0.5 - 1`` the same at half the pairs local.
 
 Triton configs are pinned (``LIGHTTRANSFER_TRITON_AUTOTUNE=0``) unless ``--autotune``. Writes
 ``head_routing_kernels.json`` and ``.md`` into ``--out``, naming the GPU, driver, torch, Triton and CUDA versions.
@@ -37,6 +44,7 @@ if "--autotune" not in sys.argv:
 import torch  # noqa: E402
 
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+FUSED_TAU = 0.5  # between the made-local pairs' far shares (~1e-5) and the others' (~0.97)
 
 
 
@@ -90,6 +98,26 @@ def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys:
     def oracle():
         return rule.exact_far_share(q, k, n_keys=n_t, kv_start=start, sink=sink, window=window)
 
+    def fused_inputs(share: float):
+        """The query and moments of ``fused@share``: the local pairs' query heads point at their first sink key."""
+        local = flags(share)
+        group = heads // kv_heads
+        aligned = 2.0 * k[:, :, 0:1].to(torch.float32).repeat_interleave(group, dim=1)  # [B, H, 1, D]
+        pick = local.repeat_interleave(group, dim=1).view(batch, heads, 1, 1)
+        qs = torch.where(pick, aligned, q.float()).to(dtype)
+        m = rule.KeyMoments(*(t.clone() for t in (moments[False].count, moments[False].first,
+                                                  moments[False].second)))
+        return local, qs, m
+
+    def fused(share: float):
+        from lighttransfer.kernels.fused_routing_triton import FusedWorkspace
+
+        _, qs, m = fused_inputs(share)
+        counts = torch.zeros(2, dtype=torch.float64, device=device)
+        ws = FusedWorkspace.zeros(batch, kv_heads, device) if cuda or os.environ.get("TRITON_INTERPRET") else None
+        return lambda: kernels.fused_routed_decode(qs, k, v, m, tau=FUSED_TAU, sink=sink, window=window,
+                                                   counts=counts, workspace=ws)[0]
+
     # correctness first (the fp32 reference repeats K/V per query head: checked on two sequences)
     errors = {}
     for share in SHARES:
@@ -97,6 +125,16 @@ def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys:
         want = kernels.routed_decode_reference(q[:2], k[:2], v[:2], local[:2], sink=sink, window=window)
         errors[f"routed@{share:g}"] = _rel_err(routed(local)()[:2], want)
     errors["dense"] = _rel_err(kernels.full_decode(q, k, v)[:2], kernels.full_decode_reference(q[:2], k[:2], v[:2]))
+    for share in SHARES:
+        local, qs, m = fused_inputs(share)
+        two = rule.KeyMoments(m.count[:2].clone(), m.first[:2].clone(), m.second[:2].clone())
+        o, got = kernels.fused_routed_decode(qs, k, v, m, tau=FUSED_TAU, sink=sink, window=window)
+        want_o, want = kernels.fused_routed_decode_reference(qs[:2], k[:2], v[:2], two, tau=FUSED_TAU, sink=sink,
+                                                             window=window)
+        if not torch.equal(got.cpu(), local.cpu()) or not torch.equal(want.cpu(), local[:2].cpu()):
+            raise RuntimeError(f"B={batch}: the fused decision at share {share:g} routed {got.tolist()}, "
+                               f"the reference {want.tolist()}, wanted {local.tolist()}")
+        errors[f"fused@{share:g}"] = _rel_err(o[:2], want_o)
     bad = {name: e for name, e in errors.items() if not e < tolerance}
     if bad:
         raise RuntimeError(f"B={batch} N={n_keys}: relative error above {tolerance}: {bad}")
@@ -106,6 +144,8 @@ def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys:
     parts["decision"] = decision(False)
     parts["decision_diag"] = decision(True)
     parts["oracle"] = oracle
+    for share in SHARES:
+        parts[f"fused@{share:g}"] = fused(share)
     row = {"batch": batch, "n_keys": n_keys, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
            "sink": sink, "window": window, "errors": errors,
            "bytes_dense": 2 * batch * kv_heads * n_keys * head_dim * q.element_size()}
@@ -113,7 +153,10 @@ def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys:
         row[f"us_{mode}"] = {name: median_us(fn, graph=mode == "graph", cuda=cuda, rounds=rounds)
                              for name, fn in parts.items()}
         us = row[f"us_{mode}"]
-        row[f"speedup_{mode}"] = {name: us["dense"] / t for name, t in us.items() if name.startswith("routed")}
+        row[f"speedup_{mode}"] = {name: us["dense"] / t for name, t in us.items()
+                                  if name.startswith(("routed", "fused"))}
+        row[f"fused_overhead_{mode}"] = {"of_dense": us["fused@0"] / us["dense"] - 1,
+                                         "of_routed@0.5": us["fused@0.5"] / us["routed@0.5"] - 1}
         row[f"decision_share_{mode}"] = {
             "of_dense": us["decision"] / us["dense"], "of_routed@0.5": us["decision"] / us["routed@0.5"],
             "diag_of_dense": us["decision_diag"] / us["dense"]}
@@ -139,9 +182,20 @@ def markdown(result: dict) -> str:
                      f"{us['decision']:.1f}", f"{us['decision_diag']:.1f}",
                      f"{100 * r[f'decision_share_{mode}']['of_dense']:.1f}%", f"{us['oracle']:.1f}"])
     lines.append(markdown_table(headers, rows))
+    lines += ["", "Fused QAdA step (decision included; `kernels.fused_routed_decode`):", ""]
+    headers = ["batch", "dense", *[f"fused@{s:g}" for s in SHARES], "overhead (fused@0 / dense - 1)",
+               "fused@0.5 / routed@0.5 - 1"]
+    rows = []
+    for r in result["rows"]:
+        us, over = r[f"us_{mode}"], r[f"fused_overhead_{mode}"]
+        rows.append([r["batch"], f"{us['dense']:.1f}",
+                     *[f"{us[f'fused@{s:g}']:.1f} ({r[f'speedup_{mode}'][f'fused@{s:g}']:.2f}x)" for s in SHARES],
+                     f"{100 * over['of_dense']:+.1f}%", f"{100 * over['of_routed@0.5']:+.1f}%"])
+    lines.append(markdown_table(headers, rows))
     lines += ["", "routed@s: a share s of the (sequence, KV head) pairs attends sink + window, the rest every key; "
               "(Nx): speed-up over dense. decision: one step's QAdA routing of the layer (moments update, local "
-              "log-sum-exp, Gaussian bulk mass, f-hat, GQA routing), unfused PyTorch.", ""]
+              "log-sum-exp, Gaussian bulk mass, f-hat, GQA routing), unfused PyTorch. fused@s: the fused step at share s "
+              "(the same local pairs, chosen by the decision itself), decision and moments update included.", ""]
     return "\n".join(lines)
 
 

@@ -1,0 +1,365 @@
+"""Triton kernels of the fused QAdA decode step (:func:`~lighttransfer.kernels.fused_routed_decode`): the decision
+and the attention of one full layer in two passes and a merge, nothing read on the host.
+
+Pass 1, ``_local_decide`` (grid ``(batch * kv_heads, n_local)``): one program takes one (sequence, KV head) and one
+chunk of its local set, the ``sink + window`` keys listed sink first (virtual index ``x < sink``: key ``kv_start +
+x``; else key ``n - window - sink + x``, clipped so that nothing counts twice), for all ``GROUP`` query heads, and
+stores a float32 partial (output, log2-sum-exp) in slot ``chunk`` of the merge layout. Every pair needs this work,
+full or local. Then the pair's programs take a ticket from a per-pair atomic counter; the one that draws the last
+ticket (the "last block" pattern: no program ever waits for another) folds the key that left the window into the
+running moments, merges the pair's local log2-sum-exps into ``lse_L``, computes each query head's Gaussian bulk
+mass and ``f̂``, writes the pair's routing flag (int8, 1 = local), adds to the routing counts and sets the counter
+back to zero for the next launch (a CUDA graph replays it). The moments' key count is one value per sequence
+shared by its KV heads: a second counter per sequence lets the last of its pairs write it, after every pair read
+the old one.
+
+Why the last program sees every partial: each program stores its partial, then (a CTA barrier, then the counter's
+``acq_rel`` atomic at GPU scope) releases it; the program that draws the last ticket has acquired every earlier
+release, and reads the log2-sum-exps with ``volatile`` loads (past the SM's L1, which is not coherent).
+
+Pass 2, ``_bulk_attend`` (grid ``(batch * kv_heads, n_bulk)``, its own launch, so it reads the flags pass 1
+wrote): chunks of the key axis clipped to the bulk ``[kv_start + sink, n - window)``; a local pair's programs store
+an empty partial (log2-sum-exp ``-inf``, zeros) and exit. Then :mod:`.decode_triton`'s merge kernel over all
+``n_local + n_bulk`` slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode_launch import (
+    INTERPRETER_CONFIG,
+    autotune_enabled,
+    capability,
+    decode_config,
+    fallback_config,
+    hopper_candidates,
+    multiprocessors,
+    tuned_launcher,
+)
+from .decode_triton import _streaming_decode_merge, plan_splits, plan_wave_splits
+from .full_decode_triton import HOPPER_CONFIGS
+from .routed_decode_triton import ROUTED_CHUNK, _attend_range
+
+_LOG2E = 1.4426950408889634
+_LN2_C = tl.constexpr(0.6931471805599453)  # ln 2: log2-sum-exp to natural log
+# pass 1 works on ~1k keys per pair: 64-key tiles (the local chunks are cut at multiples of it)
+LOCAL_CONFIGS = [decode_config(64, 4, 3), decode_config(64, 4, 2)]
+# pass 2's chunks of the key axis are multiples of every candidate BLOCK_N (as the full kernel's)
+_CHUNK_ALIGN = 256
+_LOCAL_ALIGN = 64
+
+
+@triton.jit(do_not_specialize=["n_keys", "local_chunk"])
+def _local_decide(
+    Q, K, V, KV_START, N_VALID, PART_O, PART_LSE,
+    COUNT, FIRST, SECOND, LOCAL, PAIR_TICKET, SEQ_TICKET, STATS,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    n_kv_heads, GROUP, n_keys, local_chunk, n_local, n_slots, sink, window, qk_scale, scale, tau,
+    HAS_START: tl.constexpr, HAS_N_VALID: tl.constexpr, HAS_STATS: tl.constexpr, DIAGONAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_bk = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = pid_bk // n_kv_heads
+    hk = pid_bk % n_kv_heads
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < GROUP
+    d_ok = offs_d < HEAD_DIM
+    h = hk * GROUP + offs_m
+
+    if HAS_N_VALID:
+        n_keys = tl.minimum(n_keys, tl.load(N_VALID).to(tl.int32))
+    start = 0
+    if HAS_START:
+        start = tl.load(KV_START + b).to(tl.int32)
+    sink_end = start + sink
+    # this chunk of the local set, in virtual indices [v_lo, v_hi): the sinks first, then the window
+    v_lo = pid_c * local_chunk
+    v_hi = tl.minimum(v_lo + local_chunk, sink + window)
+    a_lo = start + v_lo
+    a_hi = tl.minimum(start + tl.minimum(v_hi, sink), n_keys)
+    base = n_keys - window - sink  # window key = base + virtual index
+    b_lo = tl.maximum(base + tl.maximum(v_lo, sink), sink_end)
+    b_hi = base + v_hi
+
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, a_lo, a_hi, m_i, l_i, acc, offs_d,
+                                  d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
+    m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, b_lo, b_hi, m_i, l_i, acc, offs_d,
+                                  d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    row = b * n_kv_heads * GROUP + h
+    part = row.to(tl.int64) * n_slots + pid_c
+    tl.store(PART_O + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+    lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(PART_LSE + part, lse2, mask=row_ok)
+
+    # every thread's stores before thread 0's release: the barrier, then the acq_rel atomic at GPU scope
+    tl.debug_barrier()
+    ticket = tl.atomic_add(PAIR_TICKET + pid_bk, 1, sem="acq_rel", scope="gpu")
+    if ticket == n_local - 1:
+        # the pair's last program: lse_L from every chunk's partial (natural log)
+        offs_c = tl.arange(0, BLOCK_C)
+        parts = tl.load(PART_LSE + row.to(tl.int64)[:, None] * n_slots + offs_c[None, :],
+                        mask=row_ok[:, None] & (offs_c < n_local)[None, :], other=float("-inf"), volatile=True)
+        top = tl.max(parts, 1)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.sum(tl.math.exp2(parts - top[:, None]), 1)
+        lse = tl.where(total > 0.0, top + tl.math.log2(tl.where(total > 0.0, total, 1.0)), float("-inf")) * _LN2_C
+
+        # the key that left the window at this step joins the bulk's moments (where real and past the sinks)
+        gone = n_keys - 1 - window
+        w = tl.where((gone >= 0) & (gone >= sink_end), 1.0, 0.0)
+        k_gone = k_base + tl.maximum(gone, 0).to(tl.int64) * stride_kn
+        kg = tl.load(k_gone + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        count = tl.load(COUNT + b, volatile=True) + w
+        f_ptrs = FIRST + pid_bk.to(tl.int64) * HEAD_DIM + offs_d
+        first = tl.load(f_ptrs, mask=d_ok, other=0.0) + kg * w
+        tl.store(f_ptrs, first, mask=d_ok)
+        qf = q.to(tl.float32)
+        n_div = tl.maximum(count, 1.0)
+        mean_dot = tl.sum(qf * first[None, :], 1) / n_div
+        if DIAGONAL:
+            s_ptrs = SECOND + pid_bk.to(tl.int64) * HEAD_DIM + offs_d
+            sq = tl.load(s_ptrs, mask=d_ok, other=0.0) + (kg * w) * kg
+            tl.store(s_ptrs, sq, mask=d_ok)
+            mu = first / n_div
+            var = tl.sum(qf * qf * sq[None, :], 1) / n_div - tl.sum(qf * qf * (mu * mu)[None, :], 1)
+        else:
+            # q (Σkkᵀ) q over row blocks of Σkkᵀ [BLOCK_R, D], each updated with the key and written back
+            quad = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for r0 in tl.static_range(0, BLOCK_D, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                r_ok = offs_r < HEAD_DIM
+                s_ptrs = SECOND + (pid_bk.to(tl.int64) * HEAD_DIM + offs_r[:, None]) * HEAD_DIM + offs_d[None, :]
+                s_mask = r_ok[:, None] & d_ok[None, :]
+                kr = tl.load(k_gone + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+                s_blk = tl.load(s_ptrs, mask=s_mask, other=0.0) + (kr * w)[:, None] * kg[None, :]
+                tl.store(s_ptrs, s_blk, mask=s_mask)
+                t = tl.dot(qf, tl.trans(s_blk), input_precision="ieee")  # [BLOCK_M, BLOCK_R]
+                qr = tl.load(Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_r[None, :],
+                             mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+                quad += tl.sum(t * qr, 1)
+            var = quad / n_div - mean_dot * mean_dot
+        has = count > 0.0
+        mean_dot = tl.where(has, mean_dot, 0.0)
+        var = tl.where(has, tl.maximum(var, 0.0), 0.0)
+        n_bulk = tl.maximum(n_keys - window - start - sink, 0).to(tl.float32)
+        decided = n_bulk > 0.0
+        log_n = tl.where(decided, tl.log(tl.maximum(n_bulk, 1.0)), float("-inf"))
+        log_bulk = log_n + scale * mean_dot + 0.5 * scale * scale * var
+        lse = tl.where(row_ok, lse, 0.0)  # padding rows of the tile (no key): a finite stand-in, masked below
+        far = 1.0 / (1.0 + tl.exp(lse - log_bulk))  # sigmoid(log m̂_B - lse_L), as torch computes it
+        far = tl.where(row_ok & (far == far), far, 0.0)
+        local = (tl.max(far, 0) <= tau) | (n_bulk <= 0.0)
+        tl.store(LOCAL + pid_bk, local.to(tl.int8))
+        if HAS_STATS:
+            tl.atomic_add(STATS, (local & decided).to(tl.float64))
+            tl.atomic_add(STATS + 1, decided.to(tl.float64))
+        tl.store(PAIR_TICKET + pid_bk, 0)
+        # the sequence's last pair writes the key count, after every pair of it has read the old one
+        tl.debug_barrier()
+        last = tl.atomic_add(SEQ_TICKET + b, 1, sem="acq_rel", scope="gpu")
+        if last == n_kv_heads - 1:
+            tl.store(COUNT + b, count)
+            tl.store(SEQ_TICKET + b, 0)
+
+
+@triton.jit(do_not_specialize=["n_keys", "chunk"])
+def _bulk_attend(
+    Q, K, V, LOCAL, KV_START, N_VALID, PART_O, PART_LSE,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    n_kv_heads, GROUP, n_keys, chunk, n_local, n_slots, sink, window, qk_scale,
+    HAS_START: tl.constexpr, HAS_N_VALID: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_bk = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bk // n_kv_heads
+    hk = pid_bk % n_kv_heads
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < GROUP
+    d_ok = offs_d < HEAD_DIM
+    h = hk * GROUP + offs_m
+
+    if HAS_N_VALID:
+        n_keys = tl.minimum(n_keys, tl.load(N_VALID).to(tl.int32))
+    start = 0
+    if HAS_START:
+        start = tl.load(KV_START + b).to(tl.int32)
+    lo = tl.maximum(pid_s * chunk, start + sink)
+    hi = tl.minimum(pid_s * chunk + chunk, n_keys - window)
+    hi = tl.where(tl.load(LOCAL + pid_bk) != 0, lo, hi)  # a local pair's programs attend nothing
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if lo < hi:
+        q_ptrs = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, lo, hi, m_i, l_i, acc, offs_d,
+                                      d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    row = b * n_kv_heads * GROUP + h
+    part = row.to(tl.int64) * n_slots + n_local + pid_s
+    tl.store(PART_O + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+    lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(PART_LSE + part, lse2, mask=row_ok)
+
+
+@dataclasses.dataclass
+class FusedWorkspace:
+    """The fused step's counters, int32, zero between launches (each launch sets back what it counted): one
+    ticket per (sequence, KV head) ``[batch * kv_heads]`` and one per sequence ``[batch]``. Keep one per layer and
+    make it outside a CUDA-graph capture (a captured step reuses it on every replay)."""
+
+    pair: torch.Tensor
+    sequence: torch.Tensor
+
+    @classmethod
+    def zeros(cls, batch: int, kv_heads: int, device) -> FusedWorkspace:
+        return cls(torch.zeros(batch * kv_heads, dtype=torch.int32, device=device),
+                   torch.zeros(batch, dtype=torch.int32, device=device))
+
+    def fits(self, batch: int, kv_heads: int, device) -> bool:
+        return self.pair.numel() == batch * kv_heads and self.sequence.numel() == batch \
+            and self.pair.device == torch.device(device)
+
+
+@functools.cache
+def _bulk_launcher(cap: tuple[int, int], block_d: int, block_m: int, autotune: bool, element_bytes: int):
+    # pass 2 has no side effect but its partials, so the autotuner may replay it; pass 1 must never be replayed
+    return tuned_launcher(_bulk_attend, HOPPER_CONFIGS, cap, block_d, block_m, autotune, element_bytes,
+                          key=("HEAD_DIM", "BLOCK_M"))
+
+
+def _local_config(cap: tuple[int, int], block_d: int, block_m: int, element_bytes: int):
+    if cap[0] == 9:
+        return hopper_candidates(LOCAL_CONFIGS, block_d, block_m, element_bytes)[0]
+    return fallback_config(block_d, block_m, element_bytes)
+
+
+# (capability, BLOCK_D, BLOCK_M, dtype, device length, autotune) -> pass 2's tuned config
+_BEST_BULK: dict[tuple, dict] = {}
+
+
+def plan_fused(batch: int, kv_heads: int, n_keys: int, local_keys: int, *, cuda_sms: int | None,
+               splits: int | None = None, local_splits: int | None = None) -> tuple[int, int, int, int]:
+    """``(local_chunk, n_local, chunk, n_bulk)``: pass 1 cuts the ``local_keys = sink + window`` local set into the
+    fewest chunks that fill the GPU's waves (:func:`~.decode_triton.plan_wave_splits`); pass 2 cuts the key axis as
+    the routed kernel does (the wave plan, but at least one split per ``ROUTED_CHUNK`` keys, so the full pairs'
+    work spreads over the SMs the local pairs leave). ``cuda_sms`` ``None``: the interpreter (one split each,
+    unless given)."""
+    if cuda_sms is None:
+        align = INTERPRETER_CONFIG.kwargs["BLOCK_N"]
+        local_chunk, n_local = plan_splits(batch, kv_heads, local_keys, 1, align=align, splits=local_splits)
+        chunk, n_bulk = plan_splits(batch, kv_heads, n_keys, 1, align=align, splits=splits)
+        return local_chunk, n_local, chunk, n_bulk
+    local_chunk, n_local = plan_wave_splits(batch, kv_heads, local_keys, cuda_sms, align=_LOCAL_ALIGN,
+                                            splits=local_splits)
+    if splits is None:
+        splits = max(plan_wave_splits(batch, kv_heads, n_keys, cuda_sms, align=_CHUNK_ALIGN)[1],
+                     triton.cdiv(n_keys, ROUTED_CHUNK))
+    chunk, n_bulk = plan_splits(batch, kv_heads, n_keys, 0, align=_CHUNK_ALIGN, splits=splits)
+    return local_chunk, n_local, chunk, n_bulk
+
+
+def fused_routed_decode_triton(q, k, v, moments, *, tau: float, sink: int, window: int, kv_start, scale: float,
+                               n_valid, counts, workspace: FusedWorkspace, splits=None, local_splits=None):
+    """Launch pass 1, pass 2 and the merge on validated inputs (see
+    :func:`~lighttransfer.kernels.fused_routed_decode`); returns ``(o, flags int8 [batch, kv_heads])``."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    batch, heads, _, dim = q.shape
+    kv_heads, n_keys = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    block_d = max(16, triton.next_power_of_2(dim))
+    block_m = max(16, triton.next_power_of_2(group))
+    index = None
+    if q.is_cuda:
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    local_chunk, n_local, chunk, n_bulk = plan_fused(batch, kv_heads, n_keys, sink + window,
+                                                     cuda_sms=multiprocessors(index) if q.is_cuda else None,
+                                                     splits=splits, local_splits=local_splits)
+    n_slots = n_local + n_bulk
+    o = torch.empty((batch, heads, 1, dim), dtype=q.dtype, device=q.device)
+    part_o = torch.empty((batch, heads, 1, n_slots, block_d), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((batch, heads, 1, n_slots), dtype=torch.float32, device=q.device)
+    flags = torch.empty((batch, kv_heads), dtype=torch.int8, device=q.device)
+    start = None
+    if kv_start is not None:
+        start = kv_start.to(q.device)
+        start = (start if start.dtype in (torch.int32, torch.int64) else start.long()).contiguous()
+    nv = n_valid.to(q.device) if n_valid is not None else None
+    common = dict(HAS_START=start is not None, HAS_N_VALID=nv is not None, HEAD_DIM=dim, BLOCK_D=block_d,
+                  BLOCK_M=block_m, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    start_arg = start if start is not None else o  # placeholder pointers, never read
+    nv_arg = nv if nv is not None else o
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+               v.stride(2))
+    local_args = (q, k, v, start_arg, nv_arg, part_o, part_lse, moments.count, moments.first, moments.second, flags,
+                  workspace.pair, workspace.sequence, counts if counts is not None else part_lse, *strides,
+                  kv_heads, group, n_keys, local_chunk, n_local, n_slots, sink, window, scale * _LOG2E, scale,
+                  float(tau))
+    local_flags = dict(common, HAS_STATS=counts is not None, DIAGONAL=moments.diagonal,
+                       BLOCK_C=max(2, triton.next_power_of_2(n_local)), BLOCK_R=min(32, block_d))
+    bulk_args = (q, k, v, flags, start_arg, nv_arg, part_o, part_lse, *strides, kv_heads, group, n_keys, chunk,
+                 n_local, n_slots, sink, window, scale * _LOG2E)
+
+    def merge():
+        _streaming_decode_merge[(batch * heads,)](
+            part_o, part_lse, o, heads, 1, n_slots, o.stride(0), o.stride(1), o.stride(2),
+            HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(n_slots)))
+
+    if not q.is_cuda:
+        _local_decide[(batch * kv_heads, n_local)](*local_args, **local_flags, **INTERPRETER_CONFIG.kwargs)
+        _bulk_attend[(batch * kv_heads, n_bulk)](*bulk_args, **common, **INTERPRETER_CONFIG.kwargs)
+        merge()
+        return o, flags
+    cap = capability(index)
+    key = (cap, block_d, block_m, q.dtype, nv is not None, autotune_enabled())
+    best = _BEST_BULK.get(key)
+    bulk = _bulk_attend if best is not None else _bulk_launcher(cap, block_d, block_m, key[-1], q.element_size())
+
+    def run() -> None:
+        _local_decide[(batch * kv_heads, n_local)](
+            *local_args, **local_flags, **_local_config(cap, block_d, block_m, q.element_size()).all_kwargs())
+        bulk[(batch * kv_heads, n_bulk)](*bulk_args, **common, **(best or {}))
+        merge()
+
+    if index == torch.cuda.current_device():
+        run()
+    else:
+        with torch.cuda.device(index):
+            run()
+    if best is None:
+        config = getattr(bulk, "best_config", None)
+        if config is not None and hasattr(config, "all_kwargs"):
+            _BEST_BULK[key] = config.all_kwargs()
+    return o, flags
+
+
+__all__ = ["fused_routed_decode_triton", "FusedWorkspace", "plan_fused", "LOCAL_CONFIGS"]
