@@ -51,12 +51,62 @@ def full_decode(dtype: torch.dtype, dim: int) -> dict:
     return out
 
 
+def fused_routing(dtype: torch.dtype, dim: int, diagonal: bool) -> dict:
+    """Both passes of the fused QAdA step (pass 1 under the pinned GPU config it always takes, pass 2 under every
+    Hopper candidate): compiled for sm_90, which also checks that they compile for the GPU at all."""
+    import contextlib
+
+    from lighttransfer.kernels.decode_launch import hopper_candidates
+    from lighttransfer.kernels.full_decode_triton import HOPPER_CONFIGS
+    from lighttransfer.kernels.fused_routing_triton import (
+        FusedWorkspace,
+        _bulk_attend,
+        _local_config,
+        _local_decide,
+        fused_routed_decode_triton,
+    )
+    from lighttransfer.kernels.head_routing import KeyMoments
+
+    batch, kv_heads, n_keys = 2, 4, 1200
+    q = torch.zeros(batch, 16, 1, dim, dtype=dtype)
+    k = torch.zeros(batch, kv_heads, n_keys, dim, dtype=dtype)
+
+    def launch():
+        moments = KeyMoments.zeros(batch, kv_heads, dim, diagonal=diagonal, device="cpu")
+        fused_routed_decode_triton(q, k, k.clone(), moments, tau=0.5, sink=4, window=1020, kv_start=None,
+                                   scale=0.1, n_valid=None, counts=None,
+                                   workspace=FusedWorkspace.zeros(batch, kv_heads, "cpu"))
+
+    with captured_launch(_local_decide) as first:
+        launch()
+    original = _local_decide.run
+    _local_decide.run = lambda *a, **kw: None  # pass 1 "runs"; pass 2 is the launch to capture
+    try:
+        with captured_launch(_bulk_attend) as second, contextlib.suppress(Exception):
+            launch()
+    finally:
+        _local_decide.run = original
+    (args1, kwargs1), = first
+    (args2, kwargs2), = second
+    block_d, block_m, size = kwargs2["BLOCK_D"], kwargs2["BLOCK_M"], q.element_size()
+    pinned = _local_config((9, 0), block_d, block_m, size)
+    out = {f"pass1 {pinned}": {"used": shared_bytes(_local_decide, args1, kwargs1, overrides=pinned.kwargs,
+                                                      num_warps=pinned.num_warps, num_stages=pinned.num_stages)}}
+    for config in hopper_candidates(HOPPER_CONFIGS, block_d, block_m, size):
+        out[f"pass2 {config}"] = {"used": shared_bytes(_bulk_attend, args2, kwargs2, overrides=config.kwargs,
+                                                         num_warps=config.num_warps, num_stages=config.num_stages)}
+    return out
+
+
 CASES = {
     "block-mass-sampled-rows": lambda: block_mass(128, 64),
     "block-mass-antidiagonal-rows": lambda: block_mass(16 * 128, 4),
     "full-decode-bf16-D128": lambda: full_decode(torch.bfloat16, 128),
     "full-decode-bf16-D256": lambda: full_decode(torch.bfloat16, 256),
     "full-decode-fp32-D256": lambda: full_decode(torch.float32, 256),
+    "fused-routing-bf16-D128-full": lambda: fused_routing(torch.bfloat16, 128, False),
+    "fused-routing-bf16-D128-diag": lambda: fused_routing(torch.bfloat16, 128, True),
+    "fused-routing-fp16-D64-full": lambda: fused_routing(torch.float16, 64, False),
 }
 
 
