@@ -35,6 +35,39 @@ _LOG2E = 1.4426950408889634
 _CHUNK_ALIGN = 256
 
 
+@triton.jit
+def _attend_range(q, k_base, v_base, stride_kn, stride_vn, lo, hi, m_i, l_i, acc, offs_d, d_ok, qk_scale,
+                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # online softmax over keys [lo, hi), base 2 (qk_scale carries log2(e))
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        k = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
+                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        qk = tl.where(n_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _store_partial(PART_O, PART_LSE, part, m_i, l_i, acc, offs_d, row_ok, d_ok, BLOCK_D: tl.constexpr):
+    # one split's partial: the normalized output [rows, BLOCK_D] fp32 and its log2-sum-exp (-inf where no key was
+    # seen), at flat partial index ``part`` [rows] (the merge kernel's layout with one query per sequence)
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(PART_O + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+    lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(PART_LSE + part, lse2, mask=row_ok)
+
+
 # the key count and chunk change at every decode step: specializing on them (divisible by 16 or not) would
 # compile a second variant in the middle of a generation
 @triton.jit(do_not_specialize=["n_keys", "chunk"])
@@ -75,36 +108,18 @@ def _full_decode_split(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in tl.range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        k = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
-                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-        qk = tl.where(n_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, lo, hi, m_i, l_i, acc, offs_d, d_ok,
+                                  qk_scale, BLOCK_N, DOT_PRECISION)
 
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    out_mask = row_ok[:, None] & d_ok[None, :]
     if SINGLE_SPLIT:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         o_ptrs = Out + b.to(tl.int64) * stride_ob + h[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=out_mask)
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
-        # partials [B, H, n_splits, BLOCK_D] fp32 and their log2-sum-exp [B, H, n_splits] (the merge kernel's
-        # layout with one query per sequence)
+        # partials [B, H, n_splits, BLOCK_D] fp32 and their log2-sum-exp [B, H, n_splits]
         row = b * n_kv_heads * GROUP + h
-        part = row.to(tl.int64) * n_splits + pid_s
-        tl.store(PART_O + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=out_mask)
-        lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-        tl.store(PART_LSE + part, lse2, mask=row_ok)
+        _store_partial(PART_O, PART_LSE, row.to(tl.int64) * n_splits + pid_s, m_i, l_i, acc, offs_d, row_ok, d_ok,
+                       BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------------- configs

@@ -43,8 +43,8 @@ from .decode_launch import (
     tuned_launcher,
 )
 from .decode_triton import _streaming_decode_merge, plan_splits, plan_wave_splits
-from .full_decode_triton import HOPPER_CONFIGS
-from .routed_decode_triton import ROUTED_CHUNK, _attend_range
+from .full_decode_triton import HOPPER_CONFIGS, _attend_range, _store_partial
+from .routed_decode_triton import ROUTED_CHUNK
 
 _LOG2E = 1.4426950408889634
 _LN2_C = tl.constexpr(0.6931471805599453)  # ln 2: log2-sum-exp to natural log
@@ -104,13 +104,8 @@ def _local_decide(
                                   d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
     m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, b_lo, b_hi, m_i, l_i, acc, offs_d,
                                   d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
     row = b * n_kv_heads * GROUP + h
-    part = row.to(tl.int64) * n_slots + pid_c
-    tl.store(PART_O + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
-    lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    tl.store(PART_LSE + part, lse2, mask=row_ok)
+    _store_partial(PART_O, PART_LSE, row.to(tl.int64) * n_slots + pid_c, m_i, l_i, acc, offs_d, row_ok, d_ok, BLOCK_D)
 
     # every thread's stores before thread 0's release: the barrier, then the acq_rel atomic at GPU scope
     tl.debug_barrier()
@@ -222,13 +217,9 @@ def _bulk_attend(
         v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
         m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, lo, hi, m_i, l_i, acc, offs_d,
                                       d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
     row = b * n_kv_heads * GROUP + h
-    part = row.to(tl.int64) * n_slots + n_local + pid_s
-    tl.store(PART_O + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
-    lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    tl.store(PART_LSE + part, lse2, mask=row_ok)
+    _store_partial(PART_O, PART_LSE, row.to(tl.int64) * n_slots + n_local + pid_s, m_i, l_i, acc, offs_d, row_ok,
+                   d_ok, BLOCK_D)
 
 
 @dataclasses.dataclass

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .decode_launch import multiprocessors, tuned_launcher
 from .decode_triton import plan_wave_splits
-from .full_decode_triton import HOPPER_CONFIGS, SplitDecodePlan
+from .full_decode_triton import HOPPER_CONFIGS, SplitDecodePlan, _attend_range, _store_partial
 
 _LOG2E = 1.4426950408889634
 # Keys per program at most. A local-routed pair's programs finish at once, so the full pairs' work must come in
@@ -30,28 +30,6 @@ _LOG2E = 1.4426950408889634
 # 1024 keys (dense: 469 us); batch 1 30 us against 33 at the plan's 16. All pairs full, 32 splits cost 9% at
 # batch 16 (511 against 469 us).
 ROUTED_CHUNK = 1024
-
-
-@triton.jit
-def _attend_range(q, k_base, v_base, stride_kn, stride_vn, lo, hi, m_i, l_i, acc, offs_d, d_ok, qk_scale,
-                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # online softmax over keys [lo, hi), base 2 (qk_scale carries log2(e))
-    for start_n in tl.range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        k = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
-                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-        qk = tl.where(n_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
-    return m_i, l_i, acc
 
 
 @triton.jit(do_not_specialize=["n_keys", "chunk"])
@@ -103,18 +81,14 @@ def _routed_decode_split(
         m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, b_lo, b_hi, m_i, l_i, acc, offs_d,
                                       d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
 
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    out_mask = row_ok[:, None] & d_ok[None, :]
     if SINGLE_SPLIT:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         o_ptrs = Out + b.to(tl.int64) * stride_ob + h[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=out_mask)
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
         row = b * n_kv_heads * GROUP + h
-        part = row.to(tl.int64) * n_splits + pid_s
-        tl.store(PART_O + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=out_mask)
-        lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-        tl.store(PART_LSE + part, lse2, mask=row_ok)
+        _store_partial(PART_O, PART_LSE, row.to(tl.int64) * n_splits + pid_s, m_i, l_i, acc, offs_d, row_ok, d_ok,
+                       BLOCK_D)
 
 
 @functools.cache
