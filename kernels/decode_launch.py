@@ -78,6 +78,11 @@ def tuned_launcher(kernel, hopper_configs: list[triton.Config], capability: tupl
     return triton.autotune(configs=configs, key=list(key))(kernel)
 
 
+def device_index(t: torch.Tensor) -> int:
+    """The CUDA device index of ``t`` (the current device for a bare ``cuda``)."""
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
 @functools.cache
 def capability(index: int) -> tuple[int, int]:
     """Compute capability of CUDA device ``index`` (read once)."""
@@ -92,4 +97,4 @@ def multiprocessors(index: int) -> int:
 
 __all__ = ["decode_config", "fits_hopper", "fallback_config", "hopper_candidates", "shared_memory",
            "HOPPER_SHARED_MEMORY", "OTHER_SHARED_MEMORY", "SHARED_MEMORY_MARGIN", "autotune_enabled", "tuned_launcher",
-           "capability", "multiprocessors", "FALLBACK_CONFIG", "INTERPRETER_CONFIG"]
+           "capability", "multiprocessors", "device_index", "FALLBACK_CONFIG", "INTERPRETER_CONFIG"]

@@ -23,6 +23,7 @@ from .decode_launch import (
     autotune_enabled,
     capability,
     decode_config,
+    device_index,
     fits_hopper,
     multiprocessors,
     tuned_launcher,
@@ -230,7 +231,7 @@ def streaming_decode_triton(
     block_d = max(16, triton.next_power_of_2(dim))
     block_m = max(16, triton.next_power_of_2(group * nq))
     if q.is_cuda:
-        wanted = 2 * multiprocessors(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        wanted = 2 * multiprocessors(device_index(q))
         chunk, n_splits = plan_splits(batch, kv_heads, n_slots, wanted, splits=splits)
     else:
         align = INTERPRETER_CONFIG.kwargs["BLOCK_N"]
@@ -272,7 +273,7 @@ def streaming_decode_triton(
         launch(_streaming_decode_split, INTERPRETER_CONFIG.kwargs)
         return o
     # decode at batch 1 is host-bound: no per-call device queries or context switches unless needed
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    index = device_index(q)
     kernel = _tuned_launcher(capability(index), block_d, block_m, autotune_enabled(), q.element_size())
     if index == torch.cuda.current_device():
         launch(kernel, {})

@@ -25,6 +25,7 @@ from .decode_launch import (
     autotune_enabled,
     capability,
     decode_config,
+    device_index,
     multiprocessors,
     tuned_launcher,
 )
@@ -205,7 +206,7 @@ class SplitDecodePlan:
         if n_keys == 0:
             return plan
         if q.is_cuda:
-            plan.device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+            plan.device_index = device_index(q)
             plan.chunk, plan.n_splits = plan_wave_splits(batch, kv_heads, n_keys, multiprocessors(plan.device_index),
                                                          align=_CHUNK_ALIGN, splits=splits)
         else:

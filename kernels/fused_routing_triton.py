@@ -37,6 +37,7 @@ from .decode_launch import (
     autotune_enabled,
     capability,
     decode_config,
+    device_index,
     fallback_config,
     hopper_candidates,
     multiprocessors,
@@ -291,7 +292,7 @@ def fused_routed_decode_triton(q, k, v, moments, *, tau: float, sink: int, windo
     block_m = max(16, triton.next_power_of_2(group))
     index = None
     if q.is_cuda:
-        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        index = device_index(q)
     local_chunk, n_local, chunk, n_bulk = plan_fused(batch, kv_heads, n_keys, sink + window,
                                                      cuda_sms=multiprocessors(index) if q.is_cuda else None,
                                                      splits=splits, local_splits=local_splits)

@@ -23,7 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_launch import HOPPER_SHARED_MEMORY, OTHER_SHARED_MEMORY, SHARED_MEMORY_MARGIN, autotune_enabled
+from .decode_launch import (
+    HOPPER_SHARED_MEMORY,
+    OTHER_SHARED_MEMORY,
+    SHARED_MEMORY_MARGIN,
+    autotune_enabled,
+    device_index,
+    multiprocessors,
+)
 
 # An "unbounded" window / sink for full-attention heads; positions stay far below it.
 _UNBOUNDED = tl.constexpr(1 << 30)
@@ -452,11 +459,6 @@ def _grid(n: int, batch: int, heads: int, group: int, sms: int):
     return grid
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def tma_allowed(*tensors: torch.Tensor) -> bool:
     """Whether to load K/V through tensor descriptors (TMA): only when ``LIGHTTRANSFER_TRITON_TMA=1`` (measured
     slower than pointer loads with Triton 3.6 on the H100, see NOTES.md) and the tensors allow it (sm_90+,
@@ -569,8 +571,7 @@ def streaming_attention_triton(
         # sink tiles narrower than the window tiles: a 4-token sink should not cost a 64-key tile
         BLOCK_SINK=min(64, max(16, triton.next_power_of_2(max(sink, 1)))),
     )
-    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
-        if q.is_cuda else _INTERPRETER_SMS
+    sms = multiprocessors(device_index(q)) if q.is_cuda else _INTERPRETER_SMS
     grid = _grid(n, batch, heads, group, sms)
     if tma:
         # device-side tensor descriptors live in a small scratch buffer that Triton asks for at launch

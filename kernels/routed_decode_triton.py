@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_launch import multiprocessors, tuned_launcher
+from .decode_launch import device_index, multiprocessors, tuned_launcher
 from .decode_triton import plan_wave_splits
 from .full_decode_triton import HOPPER_CONFIGS, SplitDecodePlan, _attend_range, _store_partial
 
@@ -110,7 +110,7 @@ def routed_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, loca
     (:class:`~.full_decode_triton.SplitDecodePlan`); the split plan too, but with at least one split per
     ``ROUTED_CHUNK`` keys."""
     if splits is None and q.is_cuda and k.shape[2] > 0:
-        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        index = device_index(q)
         planned = plan_wave_splits(q.shape[0], k.shape[1], k.shape[2], multiprocessors(index))[1]
         splits = max(planned, triton.cdiv(k.shape[2], ROUTED_CHUNK))
     plan = SplitDecodePlan.make(q, k, v, kv_start=kv_start, n_valid=n_valid, splits=splits)

@@ -28,7 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_launch import INTERPRETER_CONFIG, OTHER_SHARED_MEMORY, SHARED_MEMORY_MARGIN, multiprocessors
+from .decode_launch import (
+    INTERPRETER_CONFIG,
+    OTHER_SHARED_MEMORY,
+    SHARED_MEMORY_MARGIN,
+    device_index,
+    multiprocessors,
+)
 from .decode_triton import plan_splits
 
 _LOG2E = 1.4426950408889634
@@ -179,10 +185,6 @@ def _score_tiles(block_d: int, element_bytes: int) -> tuple[int, dict]:
     return block_n, dict(num_warps=4, num_stages=stages)
 
 
-def _device_index(t: torch.Tensor) -> int:
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
-
-
 def total_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_start: torch.Tensor | None,
                        scale: float, splits: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the two passes on validated inputs (see :func:`~lighttransfer.kernels.token_select.total_votes`);
@@ -203,7 +205,7 @@ def total_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: in
     block_d = max(16, triton.next_power_of_2(dim))
     block_m = max(16, triton.next_power_of_2(group))
     if q.is_cuda:
-        wanted = 4 * multiprocessors(_device_index(q))
+        wanted = 4 * multiprocessors(device_index(q))
         chunk, n_splits = plan_splits(batch, kv_heads, n_keys, wanted, align=_SCORE_ALIGN, splits=splits)
         block_n, launch = _score_tiles(block_d, q.element_size())
     else:
@@ -216,7 +218,7 @@ def total_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: in
     start_arg = start if start is not None else part
     rows_arg = rows if rows is not None else part
     flags = dict(HAS_START=start is not None, HAS_ROWS=rows is not None)
-    with torch.cuda.device(_device_index(q)) if q.is_cuda else _nothing():
+    with torch.cuda.device(device_index(q)) if q.is_cuda else _nothing():
         _token_scores[(batch * kv_heads, n_splits)](
             q, k, start_arg, rows_arg, scores, part, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             k.stride(2), kv_heads, group, n_keys, chunk, n_splits, int(init), int(local), scale * _LOG2E, **flags,
@@ -245,7 +247,7 @@ def build_list_triton(values: torch.Tensor, picked: torch.Tensor, *, n_keys: int
         return top, idx
     start = None if kv_start is None else kv_start.to(device=values.device, dtype=torch.int32).contiguous()
     block = 1024 if values.is_cuda else 64
-    with torch.cuda.device(_device_index(values)) if values.is_cuda else _nothing():
+    with torch.cuda.device(device_index(values)) if values.is_cuda else _nothing():
         _build_list[(rows, triton.cdiv(width, block))](
             values, picked, start if start is not None else values, idx, top, values.stride(0), picked.stride(0),
             int(n_keys), int(values.shape[1]), int(init), int(local), K_SELECT=int(k_select),

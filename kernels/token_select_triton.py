@@ -27,6 +27,7 @@ from .decode_launch import (
     autotune_enabled,
     capability,
     decode_config,
+    device_index,
     multiprocessors,
     tuned_launcher,
 )
@@ -229,10 +230,6 @@ def _launcher(which: str, cap: tuple[int, int], block_d: int, block_m: int, auto
     return tuned_launcher(_select_attention_split, GATHER_CONFIGS, cap, block_d, block_m, autotune, element_bytes)
 
 
-def _device_index(t: torch.Tensor) -> int:
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
-
-
 def _last_dim_contiguous(*ts: torch.Tensor) -> list[torch.Tensor]:
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
@@ -256,7 +253,7 @@ def token_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: in
     block_d = max(16, triton.next_power_of_2(dim))
     block_m = max(16, triton.next_power_of_2(group))
     if q.is_cuda:
-        wanted = 4 * multiprocessors(_device_index(q))
+        wanted = 4 * multiprocessors(device_index(q))
         chunk, n_splits = plan_splits(batch, kv_heads, n_keys, wanted, align=_VOTE_ALIGN, splits=splits)
     else:
         chunk, n_splits = plan_splits(batch, kv_heads, n_keys, 1, align=INTERPRETER_CONFIG.kwargs["BLOCK_N"],
@@ -287,7 +284,7 @@ def token_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: in
         stats(_token_votes_stats, INTERPRETER_CONFIG.kwargs)
         vote(_token_votes_vote, INTERPRETER_CONFIG.kwargs, _merge_lse2(part))
         return votes
-    index = _device_index(q)
+    index = device_index(q)
     cap, tune = capability(index), autotune_enabled()
     with torch.cuda.device(index):
         size = q.element_size()
@@ -323,7 +320,7 @@ def select_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     block_d = max(16, triton.next_power_of_2(dim))
     block_m = max(16, triton.next_power_of_2(group))
     if q.is_cuda:
-        wanted = 4 * multiprocessors(_device_index(q))
+        wanted = 4 * multiprocessors(device_index(q))
         chunk, n_splits = plan_splits(batch * nq, kv_heads, n_sel, wanted, align=_GATHER_ALIGN, splits=splits)
     else:
         chunk, n_splits = plan_splits(batch * nq, kv_heads, n_sel, 1, align=INTERPRETER_CONFIG.kwargs["BLOCK_N"],
@@ -358,7 +355,7 @@ def select_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     if not q.is_cuda:
         launch(_select_attention_split, INTERPRETER_CONFIG.kwargs)
         return o
-    index = _device_index(q)
+    index = device_index(q)
     with torch.cuda.device(index):
         launch(_launcher("gather", capability(index), block_d, block_m, autotune_enabled(), q.element_size()), {})
     return o
