@@ -44,15 +44,15 @@ from .decode_launch import (
     tuned_launcher,
 )
 from .decode_triton import _streaming_decode_merge, plan_splits, plan_wave_splits
-from .full_decode_triton import HOPPER_CONFIGS, _attend_range, _store_partial
-from .routed_decode_triton import ROUTED_CHUNK
+
+# pass 2's chunks of the key axis are multiples of every candidate BLOCK_N: the full kernel's alignment (its configs)
+from .full_decode_triton import _CHUNK_ALIGN, HOPPER_CONFIGS, _attend_range, _store_partial
+from .routed_decode_triton import routed_splits
 
 _LOG2E = 1.4426950408889634
 _LN2_C = tl.constexpr(0.6931471805599453)  # ln 2: log2-sum-exp to natural log
 # pass 1 works on ~1k keys per pair: 64-key tiles (the local chunks are cut at multiples of it)
 LOCAL_CONFIGS = [decode_config(64, 4, 3), decode_config(64, 4, 2)]
-# pass 2's chunks of the key axis are multiples of every candidate BLOCK_N (as the full kernel's)
-_CHUNK_ALIGN = 256
 _LOCAL_ALIGN = 64
 
 
@@ -274,8 +274,7 @@ def plan_fused(batch: int, kv_heads: int, n_keys: int, local_keys: int, *, cuda_
     local_chunk, n_local = plan_wave_splits(batch, kv_heads, local_keys, cuda_sms, align=_LOCAL_ALIGN,
                                             splits=local_splits)
     if splits is None:
-        splits = max(plan_wave_splits(batch, kv_heads, n_keys, cuda_sms, align=_CHUNK_ALIGN)[1],
-                     triton.cdiv(n_keys, ROUTED_CHUNK))
+        splits = routed_splits(batch, kv_heads, n_keys, cuda_sms, align=_CHUNK_ALIGN)
     chunk, n_bulk = plan_splits(batch, kv_heads, n_keys, 0, align=_CHUNK_ALIGN, splits=splits)
     return local_chunk, n_local, chunk, n_bulk
 

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .decode_launch import device_index, multiprocessors, tuned_launcher
+from .decode_triton import _CHUNK_ALIGN as PLAN_ALIGN
 from .decode_triton import plan_wave_splits
 from .full_decode_triton import HOPPER_CONFIGS, SplitDecodePlan, _attend_range, _store_partial
 
@@ -30,6 +31,12 @@ _LOG2E = 1.4426950408889634
 # 1024 keys (dense: 469 us); batch 1 30 us against 33 at the plan's 16. All pairs full, 32 splits cost 9% at
 # batch 16 (511 against 469 us).
 ROUTED_CHUNK = 1024
+
+
+def routed_splits(batch: int, kv_heads: int, n_keys: int, sms: int, *, align: int = PLAN_ALIGN) -> int:
+    """Key splits per (sequence, KV head) of a routed launch on ``sms`` SMs: the wave plan (chunks of ``align``
+    keys), but at least one split per ``ROUTED_CHUNK`` keys."""
+    return max(plan_wave_splits(batch, kv_heads, n_keys, sms, align=align)[1], triton.cdiv(n_keys, ROUTED_CHUNK))
 
 
 @triton.jit(do_not_specialize=["n_keys", "chunk"])
@@ -110,9 +117,7 @@ def routed_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, loca
     (:class:`~.full_decode_triton.SplitDecodePlan`); the split plan too, but with at least one split per
     ``ROUTED_CHUNK`` keys."""
     if splits is None and q.is_cuda and k.shape[2] > 0:
-        index = device_index(q)
-        planned = plan_wave_splits(q.shape[0], k.shape[1], k.shape[2], multiprocessors(index))[1]
-        splits = max(planned, triton.cdiv(k.shape[2], ROUTED_CHUNK))
+        splits = routed_splits(q.shape[0], k.shape[1], k.shape[2], multiprocessors(device_index(q)))
     plan = SplitDecodePlan.make(q, k, v, kv_start=kv_start, n_valid=n_valid, splits=splits)
     if plan.n_keys == 0:
         return plan.o.zero_()
