@@ -78,13 +78,14 @@ CPU = pytest.param("cpu", marks=needs_interpreter)
 @pytest.mark.parametrize(("cov", "static"), [("diag", False), ("full", True)], ids=["diag-dynamic", "full-static"])
 def test_fused_and_unfused_paths_give_the_same_tokens_and_shares(cov, static, device, on_kernels, monkeypatch):
     """Left-padded batch of two; on CUDA the static steps are captured in a CUDA graph on both paths."""
-    model = _model(HeadRoutingConfig(mode="qada", tau=0.67, cov=cov), device)
+    config = HeadRoutingConfig(mode="qada", tau=0.67, cov=cov)
     ids, mask = _batch(device)
+    # one model per path: a static step captured in a CUDA graph replays the path it was captured with
     monkeypatch.setattr(fused, "FUSED", False)
-    want_tokens, want_stats = _run(model, static, ids, mask)
+    want_tokens, want_stats = _run(_model(config, device), static, ids, mask)
     assert not on_kernels
     monkeypatch.setattr(fused, "FUSED", True)
-    got_tokens, got_stats = _run(model, static, ids, mask)
+    got_tokens, got_stats = _run(_model(config, device), static, ids, mask)
     assert on_kernels  # the fused steps ran
     assert torch.equal(got_tokens, want_tokens)
     assert got_stats == want_stats and 0.0 < got_stats["local_share"] < 1.0
