@@ -1,0 +1,65 @@
+"""The vLLM benchmark script's decode-phase split and token counting (pure parts; no vLLM needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "scripts" / "vllm_gpu_bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("vllm_gpu_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def _out(request_id, tokens):
+    return SimpleNamespace(request_id=request_id, outputs=[SimpleNamespace(token_ids=list(tokens))])
+
+
+def test_the_split_is_after_the_step_that_gives_the_last_request_its_first_token(bench):
+    Step = bench.Step
+    steps = [Step(0.5, 0.5, 0, 0),  # a prefill chunk, no token yet
+             Step(1.0, 0.4, 1, 1),  # request 0's first token
+             Step(2.0, 0.9, 2, 2),  # request 0 decodes, request 1's first token: the split
+             Step(2.1, 0.08, 2, 2), Step(2.3, 0.1, 2, 2), Step(2.6, 0.12, 1, 2), Step(2.7, 0.05, 0, 2)]
+    got = bench.decode_phase(steps, batch=2)
+    assert got["prefill_s"] == pytest.approx(2.0) and got["prefill_steps"] == 3
+    assert got["decode_s"] == pytest.approx(0.7) and got["decode_steps"] == 4 and got["decode_tokens"] == 5
+    assert got["decode_tokens_per_s"] == pytest.approx(5 / 0.7, abs=0.05)
+    assert got["decode_step_median_ms"] == pytest.approx(90.0)  # of 80, 100, 120, 50 ms
+    assert got["decode_idle_steps"] == 1
+
+
+def test_no_decode_rate_when_a_request_never_starts_or_nothing_follows_the_split(bench):
+    Step = bench.Step
+    never = bench.decode_phase([Step(1.0, 1.0, 1, 1), Step(2.0, 1.0, 1, 1)], batch=2)
+    assert never["prefill_s"] is None and never["decode_tokens_per_s"] is None and never["prefill_steps"] == 2
+    last = bench.decode_phase([Step(1.0, 1.0, 2, 2)], batch=2)  # one new token each: all of it is prefill
+    assert last["prefill_s"] == pytest.approx(1.0) and last["decode_steps"] == 0
+    assert last["decode_tokens_per_s"] is None and last["decode_step_median_ms"] is None
+
+
+@pytest.mark.parametrize("cumulative", [True, False])
+def test_token_counts_are_the_same_from_cumulative_and_delta_outputs(bench, cumulative):
+    made = {"a": [5, 6, 7], "b": [9, 8]}  # a: one token a step for 3 steps; b: starts a step later
+    counts, per_step = {}, []
+    for step in range(3):
+        outs = []
+        for rid, tokens in made.items():
+            first = step - (rid == "b")
+            if 0 <= first < len(tokens):
+                outs.append(_out(rid, tokens[:first + 1] if cumulative else tokens[first:first + 1]))
+        per_step.append(bench.count_new_tokens(outs, counts, cumulative=cumulative))
+    assert per_step == [1, 2, 2] and counts == {"a": 3, "b": 2}
