@@ -303,7 +303,9 @@ def cmd_run_one(args) -> None:
     built = time.perf_counter() - built
     cache = llm.llm_engine.vllm_config.cache_config
     concurrency = float(cache.kv_cache_max_concurrency)
-    batch = max(1, min(args.max_requests, args.max_num_seqs, math.floor(concurrency)))
+    # a whole-number concurrency does not quite fit (one block of the pool is vLLM's null block): one request
+    # fewer then, or one is preempted and recomputed mid-decode
+    batch = max(1, min(args.max_requests, args.max_num_seqs, math.ceil(concurrency) - 1))
     prompt_len = args.context - args.new_tokens
     prompts = random_prompts(batch, prompt_len, _vocab(model))
     llm.generate([TokensPrompt(prompt_token_ids=p[:512]) for p in prompts[:2]],
