@@ -35,10 +35,48 @@ VLLM_VERSION=0.26.0
 # module-level imports of vLLM 0.26 that the GPU image lacks (pins from vLLM 0.26.0's METADATA)
 DEPS=(
   "pydantic>=2.12.0" "typing-inspection" "annotated-types" "msgspec" "pyzmq>=25.0.0" "pybase64" "cachetools"
-  "cbor2" "openai-harmony>=0.0.3" "openai>=2.0.0" "distro" "jiter" "sniffio" "llguidance>=1.7.0,<1.8.0"
+  "cbor2" "openai-harmony>=0.0.3" "openai>=2.0.0,<3" "distro" "jiter" "sniffio" "llguidance>=1.7.0,<1.8.0"
   "xgrammar>=0.2.1,<1.0.0" "apache-tvm-ffi==0.1.10" "fastapi>=0.133.0,<0.137.0" "starlette>=1.0.1"
   "partial-json-parser" "depyf==0.20.0" "astor" "dill" "setproctitle" "blake3"
 )
+
+# Three mismatches of the archive built on 2026-12-01 with the H200 image, found on the machine and repaired after
+# unpacking (each only where its import fails, so an archive built with matching versions is left alone):
+# - openai 3.x imports `httpx2`, which the image lacks: `httpx2` is made an alias of the image's httpx 0.28;
+# - xgrammar 0.2.9 calls tvm-ffi 0.1.10's `load_lib_module` with an argument it does not take: xgrammar is set
+#   aside for a stand-in (structured output, which the benchmarks never use, is then unavailable);
+# - vLLM's GPU sampler imports flashinfer, which is not carried: its FlashInfer probe is made to answer False.
+repair_site() {  # SITE
+  PYTHONPATH="$1" python3 - "$1" <<'PY'
+import importlib, pathlib, re, shutil, sys
+site = pathlib.Path(sys.argv[1])
+def fails(module):
+    try:
+        importlib.import_module(module)
+        return False
+    except Exception as error:
+        return error
+error = fails("openai")
+if error and "httpx2" in str(error):
+    (site / "httpx2.py").write_text("import sys\nimport httpx\nsys.modules[__name__] = httpx\n")
+    print("repaired: httpx2 -> httpx")
+if fails("xgrammar") and (site / "xgrammar").is_dir():
+    shutil.move(site / "xgrammar", site / "xgrammar_unused")
+    (site / "xgrammar").mkdir()
+    (site / "xgrammar" / "__init__.py").write_text(
+        '"""Stand-in: structured output is not used by the benchmarks."""\n\n\n'
+        "def __getattr__(name):\n    return type(name, (), {})\n")
+    print("repaired: xgrammar stand-in")
+sampler = site / "vllm/v1/sample/ops/topk_topp_sampler.py"
+if fails("flashinfer") and sampler.exists():
+    text = sampler.read_text()
+    fixed = re.sub(r"(def flashinfer_sampler_supported\([^)]*\)[^:]*:\n)", r"\1    return False  # not carried\n",
+                   text, count=1)
+    if fixed != text:
+        sampler.write_text(fixed)
+        print("repaired: FlashInfer sampler off")
+PY
+}
 
 install_parts() {  # on the GPU machine: PARTS_DIR SITE
   local parts=$1 site=$2 checkout
@@ -52,6 +90,7 @@ install_parts() {  # on the GPU machine: PARTS_DIR SITE
   printf '[vllm.general_plugins]\nlighttransfer = lighttransfer.serving.vllm:register\n' > "$info/entry_points.txt"
   ln -sfn "$checkout" /tmp/lt/lighttransfer
   ldd --version | head -1
+  repair_site "$site"
   PYTHONPATH="$site:/tmp/lt" python3 -c "import vllm, importlib.metadata as m; print('vllm', vllm.__version__, 'plugins', [e.name for e in m.entry_points(group='vllm.general_plugins')])"
 }
 
