@@ -63,3 +63,28 @@ def test_token_counts_are_the_same_from_cumulative_and_delta_outputs(bench, cumu
                 outs.append(_out(rid, tokens[:first + 1] if cumulative else tokens[first:first + 1]))
         per_step.append(bench.count_new_tokens(outs, counts, cumulative=cumulative))
     assert per_step == [1, 2, 2] and counts == {"a": 3, "b": 2}
+
+
+def test_the_full_batch_phase_takes_only_steps_where_every_request_decodes(bench):
+    Step = bench.Step
+    steps = [Step(1.0, 1.0, 1, 1),  # request 0's first token
+             Step(2.0, 1.0, 2, 2),  # request 0 decodes beside request 1's prefill: the split
+             Step(2.02, 0.02, 2, 2), Step(2.05, 0.03, 2, 2), Step(2.09, 0.04, 2, 2),
+             Step(2.1, 0.01, 1, 2)]  # request 0 finished: not full
+    got = bench.full_batch_phase(steps, batch=2)
+    assert got["full_batch_steps"] == 3 and got["full_batch_step_median_ms"] == pytest.approx(30.0)
+    assert got["full_batch_tokens_per_s"] == pytest.approx(2 / 0.03, abs=0.1)
+    assert bench.full_batch_phase(steps[:2], batch=2)["full_batch_tokens_per_s"] is None
+
+
+@pytest.mark.parametrize(("context", "batch", "step_tokens"), [(32768, 47, 2048), (16384, 83, 2048), (4096, 4, 512)])
+def test_planned_new_tokens_outlast_the_prefill_of_every_prompt(bench, context, batch, step_tokens):
+    measure = 128
+    new = bench.plan_new_tokens(context, batch, step_tokens, measure)
+    prefill_steps = batch * (context - new) / (step_tokens - batch)  # steps until the last prompt is in
+    assert new >= prefill_steps + measure and new <= context // 2
+
+
+def test_a_step_budget_below_the_batch_is_refused(bench):
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        bench.plan_new_tokens(4096, 64, 64, 16)

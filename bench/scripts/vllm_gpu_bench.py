@@ -14,7 +14,10 @@ the concurrency vLLM reports for that context (``kv_cache_max_concurrency``, its
 time is mostly prefill, so ``run-one`` drives the engine step by step (``LLMEngine.add_request`` / ``step``)
 and splits the run where every request has its first token: ``prefill_s`` before (chunked prefill, with the
 early requests already decoding), ``decode_s`` after, and ``decode_tokens_per_s`` over the tokens made after
-(see ``decode_phase``).
+(see ``decode_phase``). That decode phase is only the tail of the run (the early requests are done by then), so
+with ``--measure-steps N`` the new tokens are planned to leave N steps in which every request decodes after the
+last prefill, the run stops after them, and ``full_batch_tokens_per_s`` (batch / the median of those steps) is
+the decode throughput of the largest batch (see ``full_batch_phase``, ``plan_new_tokens``).
 """
 
 from __future__ import annotations
@@ -207,6 +210,36 @@ def decode_phase(steps: list[Step], batch: int) -> dict:
             "decode_step_median_ms": round(1e3 * statistics.median(s.seconds for s in decode), 3) if decode else None}
 
 
+def full_batch_phase(steps: list[Step], batch: int) -> dict:
+    """The steady state of a run: steps after every request has its first token in which each of the ``batch``
+    requests made one token (no prefill chunk, nobody finished or preempted), the decode throughput the largest
+    batch sustains. ``full_batch_tokens_per_s`` = ``batch`` / the median of those steps' durations.
+    """
+    split = next((i for i, s in enumerate(steps) if s.started >= batch), None)
+    full = [s.seconds for s in steps[split + 1:] if s.tokens == batch] if split is not None else []
+    median = statistics.median(full) if full else None
+    return {"full_batch_steps": len(full),
+            "full_batch_step_median_ms": round(1e3 * median, 3) if median else None,
+            "full_batch_tokens_per_s": round(batch / median, 1) if median else None}
+
+
+def plan_new_tokens(context: int, batch: int, step_tokens: int, measure_steps: int) -> int:
+    """New tokens per request so that ``measure_steps`` full-batch steps follow the last prompt's prefill.
+
+    With chunked prefill a step carries every running request's decode token and fills the rest of its
+    ``step_tokens`` with prompt chunks, so the ``batch`` prompts take about ``batch * prompt / (step_tokens -
+    batch)`` steps, during which the first request already decodes; it must not finish before the measured
+    steps are over. Ten per cent and 16 steps of margin; at most half the context.
+    """
+    if step_tokens <= batch:
+        raise ValueError(f"max_num_batched_tokens {step_tokens} leaves no room for prompt chunks at batch {batch}")
+    new = measure_steps + 16
+    for _ in range(3):  # the prompt shrinks as new grows: a fixed point in a few rounds
+        prefill_steps = math.ceil(batch * (context - new) / (step_tokens - batch))
+        new = min(context // 2, math.ceil(1.1 * prefill_steps) + measure_steps + 16)
+    return new
+
+
 def count_new_tokens(outputs, counts: dict[str, int], *, cumulative: bool) -> int:
     """Add one step's ``RequestOutput``s to ``counts`` (output tokens per request id); the step's new tokens.
 
@@ -245,8 +278,11 @@ class StepwiseUnavailable(RuntimeError):
     """The engine cannot be driven step by step as ``run_stepwise`` does (raised before any step ran)."""
 
 
-def run_stepwise(llm, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[Step], dict[str, int]]:
-    """All ``prompts`` added to the in-process engine, then ``step()`` until none is unfinished, each step timed.
+def run_stepwise(llm, prompts: list[list[int]], new_tokens: int,
+                 measure_steps: int = 0) -> tuple[float, list[Step], dict[str, int]]:
+    """All ``prompts`` added to the in-process engine, then ``step()`` until none is unfinished, each step timed;
+    with ``measure_steps``, stopped (every request aborted) once that many full-batch steps (see
+    :func:`full_batch_phase`) are done.
 
     Returns the wall time (seconds, from before the first ``add_request``), the steps, and the output tokens per
     request id. Raises ``StepwiseUnavailable`` before any step where the engine has no such API.
@@ -282,6 +318,9 @@ def run_stepwise(llm, prompts: list[list[int]], new_tokens: int) -> tuple[float,
         new = count_new_tokens(outputs, counts, cumulative=cumulative)
         steps.append(Step(end_s=after - start, seconds=after - before, tokens=new,
                           started=sum(1 for n in counts.values() if n > 0)))
+        if measure_steps and full_batch_phase(steps, len(prompts))["full_batch_steps"] >= measure_steps:
+            engine.abort_request(ids)
+            break
     return time.perf_counter() - start, steps, counts
 
 
@@ -306,23 +345,27 @@ def cmd_run_one(args) -> None:
     # a whole-number concurrency does not quite fit (one block of the pool is vLLM's null block): one request
     # fewer then, or one is preempted and recomputed mid-decode
     batch = max(1, min(args.max_requests, args.max_num_seqs, math.ceil(concurrency) - 1))
-    prompt_len = args.context - args.new_tokens
+    new_tokens = (plan_new_tokens(args.context, batch, args.max_num_batched_tokens, args.measure_steps)
+                  if args.measure_steps else args.new_tokens)
+    prompt_len = args.context - new_tokens
     prompts = random_prompts(batch, prompt_len, _vocab(model))
     llm.generate([TokensPrompt(prompt_token_ids=p[:512]) for p in prompts[:2]],
                  SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)  # warm-up
     try:
-        wall, steps, counts = run_stepwise(llm, prompts, args.new_tokens)
+        wall, steps, counts = run_stepwise(llm, prompts, new_tokens, args.measure_steps)
         produced = sum(counts.values())
-        phases = {"timing": "stepwise", **decode_phase(steps, batch)}
+        phases = {"timing": "stepwise" + (f", stopped after {args.measure_steps} full-batch steps"
+                                          if args.measure_steps else ""),
+                  **decode_phase(steps, batch), **full_batch_phase(steps, batch)}
     except StepwiseUnavailable as exc:  # an engine without add_request/step as used here
-        params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+        params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
         start = time.perf_counter()
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         wall = time.perf_counter() - start
         produced = sum(len(o.outputs[0].token_ids) for o in outs)
         phases = {"timing": f"generate (no decode phase: step-wise driving unavailable: {exc})"}
     result = {"model": str(model), "hybrid": "lighttransfer" in json.loads((model / "config.json").read_text()),
-              "context": args.context, "prompt_tokens": prompt_len, "new_tokens": args.new_tokens,
+              "context": args.context, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
               "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
               "enforce_eager": args.enforce_eager, "dtype": args.dtype, **memory,
               "num_gpu_blocks": cache.num_gpu_blocks, "kv_cache_max_concurrency": round(concurrency, 3),
@@ -340,7 +383,8 @@ def cmd_capacity(args) -> None:
     for name, model in (("dense", args.dense), ("hybrid", args.hybrid)):
         part = out / f"vllm_{name}_{args.context}.json"
         cmd = [sys.executable, __file__, "run-one", "--model", model, "--context", str(args.context),
-               "--new-tokens", str(args.new_tokens), "--max-requests", str(args.max_requests),
+               "--new-tokens", str(args.new_tokens), "--measure-steps", str(args.measure_steps),
+               "--max-requests", str(args.max_requests),
                "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--block-size", str(args.block_size),
                "--dtype", args.dtype, "--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes),
@@ -351,10 +395,12 @@ def cmd_capacity(args) -> None:
     dense, hybrid = rows["dense"], rows["hybrid"]
     ratio = {}
     if "failed" not in dense and "failed" not in hybrid:
-        # decode_step_median_ms: below 1 is the hybrid's gain; the others: above 1
+        # the step times (*_ms): below 1 is the hybrid's gain; the others: above 1. full_batch_tokens_per_s is the
+        # decode throughput of the largest batch (the target's); the wall-time rates are mostly prefill at 32k
         ratio = {key: round(hybrid[key] / dense[key], 3) for key in
-                 ("kv_cache_max_concurrency", "output_tokens_per_s", "total_tokens_per_s", "decode_tokens_per_s",
-                  "decode_step_median_ms") if hybrid.get(key) and dense.get(key)}
+                 ("kv_cache_max_concurrency", "full_batch_tokens_per_s", "full_batch_step_median_ms",
+                  "output_tokens_per_s", "total_tokens_per_s", "decode_tokens_per_s", "decode_step_median_ms")
+                 if hybrid.get(key) and dense.get(key)}
     payload = {"what": "vLLM hybrid (lighttransfer plugin) vs vLLM dense, one context, the largest batch each",
                "context": args.context, "hybrid_over_dense": ratio, "target": ">= 1.8x (decode) throughput at 32k, ratio 0.5",
                "dense": dense, "hybrid": hybrid, "environment": environment()}
@@ -396,6 +442,9 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--out", required=True, help="a JSON file (run-one) or a directory (capacity)")
         r.add_argument("--context", type=int, required=True, help="tokens per request, prompt + new")
         r.add_argument("--new-tokens", type=int, default=256)
+        r.add_argument("--measure-steps", type=int, default=0,
+                       help="time this many full-batch decode steps after the last prefill, then stop (new tokens "
+                            "planned to fit them; 0: run --new-tokens to the end)")
         r.add_argument("--max-requests", type=int, default=512)
         r.add_argument("--max-num-seqs", type=int, default=512)
         r.add_argument("--max-num-batched-tokens", type=int, default=2048,
