@@ -88,3 +88,15 @@ def test_planned_new_tokens_outlast_the_prefill_of_every_prompt(bench, context, 
 def test_a_step_budget_below_the_batch_is_refused(bench):
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         bench.plan_new_tokens(4096, 64, 64, 16)
+
+
+def test_the_block_batch_charges_the_chunk_reserve_to_the_prefilling_requests_only(bench):
+    Group = bench.Group
+    full, streaming = Group(16), Group(16, window=1020, sink=4)
+    # the 8B shape at 32k on the H200: 112,243 blocks for two groups of 16 layers, 2048-token steps
+    hybrid = bench.blocks_batch(112243, [full, streaming], 32768, 2048)
+    per_request = 2048 + (1 + 64 + 1)  # full group + sink block, the window and two decode tokens, slack
+    assert hybrid == (112243 - 1 - 2 * (1 + 320 + 1 - 66)) // per_request == 52
+    assert bench.blocks_batch(56121, [full], 32768, 2048) == 27  # dense: vLLM's own 27.4
+    reported = 112243 / (2048 + 1 + 320 + 1)  # vLLM's charge: the window plus two whole steps, every request
+    assert hybrid > reported > 47

@@ -10,7 +10,8 @@
 # lower MAX_REQUESTS or NEW_TOKENS if a run is slow). JSON results go to OUT; each names the GPU and versions.
 # Environment: SITE (/tmp/site), DTYPE (tokens: float32), SINK (4), WINDOW (tokens: 128, build8b: 1020),
 # RATIO (0.5), NEW_TOKENS (tokens: 200; capacity: 256, used only with MEASURE_STEPS=0), MEASURE_STEPS (capacity: 128
-# full-batch decode steps timed after the last prefill), MAX_REQUESTS (256), STEP_TOKENS (2048: vLLM's
+# full-batch decode steps timed after the last prefill), BATCH_POLICY (capacity: blocks, the most requests the
+# block pool holds in decode; reported: vLLM's concurrency), MAX_REQUESTS (256), STEP_TOKENS (2048: vLLM's
 # max_num_batched_tokens, also what it reserves per request beyond the window), ENFORCE_EAGER (0).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -37,7 +38,7 @@ case "${1:-}" in
   capacity)
     dir=${2:?dir of build8b} out=${3:?out dir} context=${4:?context, e.g. 32768}
     bench capacity --dense "$dir/src" --hybrid "$dir/hybrid" --context "$context" --out "$out" \
-      --new-tokens "${NEW_TOKENS:-256}" --measure-steps "${MEASURE_STEPS:-128}" --max-requests "${MAX_REQUESTS:-256}" --max-num-seqs "${MAX_REQUESTS:-256}" \
+      --new-tokens "${NEW_TOKENS:-256}" --measure-steps "${MEASURE_STEPS:-128}" --batch-policy "${BATCH_POLICY:-blocks}" --max-requests "${MAX_REQUESTS:-256}" --max-num-seqs "${MAX_REQUESTS:-256}" \
       --max-num-batched-tokens "${STEP_TOKENS:-2048}" --timeout "${ENGINE_TIMEOUT:-270}" "${eager[@]}"
     ;;
   *)

@@ -223,6 +223,36 @@ def full_batch_phase(steps: list[Step], batch: int) -> dict:
             "full_batch_tokens_per_s": round(batch / median, 1) if median else None}
 
 
+@dataclass(frozen=True)
+class Group:
+    """One KV cache group of an engine: ``block_size`` tokens a block; ``window`` None for full attention;
+    ``sink`` the first tokens a sink + window group keeps (0 for vLLM's own sliding windows)."""
+
+    block_size: int
+    window: int | None = None
+    sink: int = 0
+
+
+def blocks_batch(num_blocks: int, groups: list[Group], context: int, step_tokens: int, prefilling: int = 2) -> int:
+    """The most requests of ``context`` tokens the block pool holds in steady decode, without preemption.
+
+    vLLM's reported concurrency charges every request of a windowed group the window plus two steps of
+    ``step_tokens`` (the tokens it counts as in flight), what a request holds only while its prompt is chunked in.
+    In decode a request holds, per group: full attention ``cdiv(context, block_size)`` blocks; a window group
+    ``cdiv(sink, block_size) + cdiv(window + 1, block_size) + 1`` (the window, two decode tokens in flight, one
+    block of slack). ``prefilling`` requests at a time hold the chunk reserve on top (with steps much shorter than
+    the prompts, one or two), and the pool keeps one null block. All groups draw on one pool.
+    """
+    def held(g: Group, in_flight: int) -> int:
+        if g.window is None:
+            return -(-context // g.block_size)
+        return -(-g.sink // g.block_size) + -(-(g.window - 1 + in_flight) // g.block_size) + 1
+
+    steady = sum(held(g, 2) for g in groups)
+    reserve = prefilling * sum(held(g, 2 * step_tokens) - held(g, 2) for g in groups)
+    return max(0, (num_blocks - 1 - reserve) // steady)
+
+
 def plan_new_tokens(context: int, batch: int, step_tokens: int, measure_steps: int) -> int:
     """New tokens per request so that ``measure_steps`` full-batch steps follow the last prompt's prefill.
 
@@ -344,7 +374,16 @@ def cmd_run_one(args) -> None:
     concurrency = float(cache.kv_cache_max_concurrency)
     # a whole-number concurrency does not quite fit (one block of the pool is vLLM's null block): one request
     # fewer then, or one is preempted and recomputed mid-decode
-    batch = max(1, min(args.max_requests, args.max_num_seqs, math.ceil(concurrency) - 1))
+    reported = math.ceil(concurrency) - 1
+    if args.batch_policy == "blocks":
+        from lighttransfer.serving.vllm.internals import kv_cache_managers
+
+        groups = [Group(block_size=m.kv_cache_spec.block_size, window=getattr(m.kv_cache_spec, "sliding_window", None),
+                        sink=getattr(m.kv_cache_spec, "sink", 0)) for m in kv_cache_managers(llm)]
+        fits = blocks_batch(cache.num_gpu_blocks, groups, args.context, args.max_num_batched_tokens)
+    else:
+        groups, fits = [], reported
+    batch = max(1, min(args.max_requests, args.max_num_seqs, fits))
     new_tokens = (plan_new_tokens(args.context, batch, args.max_num_batched_tokens, args.measure_steps)
                   if args.measure_steps else args.new_tokens)
     prompt_len = args.context - new_tokens
@@ -356,7 +395,9 @@ def cmd_run_one(args) -> None:
         produced = sum(counts.values())
         phases = {"timing": "stepwise" + (f", stopped after {args.measure_steps} full-batch steps"
                                           if args.measure_steps else ""),
-                  **decode_phase(steps, batch), **full_batch_phase(steps, batch)}
+                  **decode_phase(steps, batch), **full_batch_phase(steps, batch),
+                  # every step's (output tokens, milliseconds): the run can be read again after the fact
+                  "steps": [[st.tokens, round(1e3 * st.seconds, 2)] for st in steps]}
     except StepwiseUnavailable as exc:  # an engine without add_request/step as used here
         params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
         start = time.perf_counter()
@@ -369,6 +410,7 @@ def cmd_run_one(args) -> None:
               "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
               "enforce_eager": args.enforce_eager, "dtype": args.dtype, **memory,
               "num_gpu_blocks": cache.num_gpu_blocks, "kv_cache_max_concurrency": round(concurrency, 3),
+              "batch_policy": args.batch_policy, "kv_cache_groups": [vars(g) for g in groups],
               "batch": batch, "wall_s": round(wall, 3), "engine_start_s": round(built, 1),
               "output_tokens": produced, "output_tokens_per_s": round(produced / wall, 1),
               "total_tokens_per_s": round((produced + batch * prompt_len) / wall, 1), **phases,
@@ -384,6 +426,7 @@ def cmd_capacity(args) -> None:
         part = out / f"vllm_{name}_{args.context}.json"
         cmd = [sys.executable, __file__, "run-one", "--model", model, "--context", str(args.context),
                "--new-tokens", str(args.new_tokens), "--measure-steps", str(args.measure_steps),
+               "--batch-policy", args.batch_policy,
                "--max-requests", str(args.max_requests),
                "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--block-size", str(args.block_size),
@@ -442,6 +485,9 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--out", required=True, help="a JSON file (run-one) or a directory (capacity)")
         r.add_argument("--context", type=int, required=True, help="tokens per request, prompt + new")
         r.add_argument("--new-tokens", type=int, default=256)
+        r.add_argument("--batch-policy", choices=["reported", "blocks"], default="reported",
+                       help="the batch: vLLM's reported concurrency, or the most requests its block pool holds in "
+                            "steady decode (blocks_batch)")
         r.add_argument("--measure-steps", type=int, default=0,
                        help="time this many full-batch decode steps after the last prefill, then stop (new tokens "
                             "planned to fit them; 0: run --new-tokens to the end)")
