@@ -186,7 +186,7 @@ def test_one_launch_edges_match_three_launch(n_keys, group, dtype):
     from lighttransfer.kernels.fused_routing_triton import FusedWorkspace
 
     q, k_all, v_all = _inputs(3, 2, group, n_keys + 6, 32, dtype, seed=n_keys * 7 + group + 1)
-    k, v = k_all[:, :, :n_keys], v_all[:, :, :n_keys]
+    k = k_all[:, :, :n_keys]
     start = torch.tensor([0, 2, max(0, n_keys - 15)], device=DEVICE, dtype=torch.int32)
     nv = torch.tensor([n_keys], device=DEVICE)
     m = _moments(k, n_keys, start.long(), diagonal=group % 4 == 2)
