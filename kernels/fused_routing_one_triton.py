@@ -2,20 +2,23 @@
 merge, as dense :func:`~lighttransfer.kernels.full_decode` runs: the decision is computed redundantly by every
 program of a (sequence, KV head) pair instead of once in a pass of its own.
 
-``_decide_attend`` (grid ``(batch * kv_heads, n_splits)`` over the bulk's split plan, the one of the three-launch
-path's pass 2, :func:`~.routed_decode_triton.routed_splits`): every program
+``_decide_attend`` (grid ``(batch * kv_heads, 1 + n_splits)``: column 0 for the local set, columns ``1 ..
+n_splits`` for the chunks of the bulk's split plan, the one of the three-launch path's pass 2,
+:func:`~.routed_decode_triton.routed_splits`): every program
 
 1. computes its pair's decision, identically: the exact local scores of the ``GROUP`` query heads over the sink +
-   window keys (``[kv_start, kv_start + sink)`` and ``[max(n - window, kv_start + sink), n)``) give ``lse_L``;
-   the Gaussian bulk mass comes from the moments *as they will be* once the key ``n - 1 - window`` (weight ``w``,
-   1 where it is real and past the sinks) joins them, without writing them: ``count + w``, ``qᵀ(Σk + w k) =
-   qᵀΣk + w qᵀk`` and ``qᵀ(Σkkᵀ + w kkᵀ)q = qᵀ(Σkkᵀ)q + w (qᵀk)²`` (diagonal: the sums of squares plus ``w k²``).
-   The same compiled code on the same inputs gives the same bits in every program, so the pair's programs agree
+   window keys (``[kv_start, kv_start + sink)`` and ``[max(n - window, kv_start + sink), n)``, no values) give
+   ``lse_L``; the Gaussian bulk mass comes from the moments *as they will be* once the key ``n - 1 - window``
+   (weight ``w``, 1 where it is real and past the sinks) joins them, without writing them: ``count + w``, ``qᵀ(Σk +
+   w k) = qᵀΣk + w qᵀk`` and ``qᵀ(Σkkᵀ + w kkᵀ)q = qᵀ(Σkkᵀ)q + w (qᵀk)²`` (diagonal: the sums of squares plus
+   ``w k²``). One copy of that code, the same inputs: the same bits in every program, so the pair's programs agree
    on the flag without talking to each other;
-2. split 0 also attends the sink + window keys with their values and stores that partial in slot 0;
-3. a full pair's program attends its chunk of the bulk ``[kv_start + sink, n - window)`` into slot ``1 + split``;
-   a local pair's stores an empty partial (log2-sum-exp ``-inf``);
-4. takes a ticket from the pair's atomic counter (after a CTA barrier; ``acq_rel`` at GPU scope, so every read of
+2. column 0 attends the sink + window keys with their values (slot 0); column ``c > 0`` attends chunk ``c - 1`` of
+   the bulk ``[kv_start + sink, n - window)`` where the pair is full, else nothing (an empty partial, log2-sum-exp
+   ``-inf``), into slot ``c``. One code path for both (two key ranges, the second empty for a bulk chunk): a
+   program holding a second pair of attention loops for the local set (split 0 doing both) needed more registers
+   than sm_90 has (255 and 2 KB of spills, compiled with ptxas); this way the attention loops do not spill;
+3. takes a ticket from the pair's atomic counter (after a CTA barrier; ``acq_rel`` at GPU scope, so every read of
    the old moments is done before it): the program drawing the last ticket folds the key into the moments in place
    (the pair's ``Σk`` and ``Σkkᵀ``), writes the flag (int8, 1 = local), adds to the routing counts, and sets the
    counter back to zero (a CUDA graph replays the launch); as in the three-launch path, a counter per sequence lets
@@ -27,18 +30,24 @@ Then :mod:`.decode_triton`'s merge kernel over the ``1 + n_splits`` slots. No pr
 keys; H200, ``bench/results/head_routing_h200/fused_step``). The three-launch path pays a serial pass 1 (its last
 program per pair computes the decision after the local attention) and one more launch: fused@0 - routed@0 = 74.7 -
 45.9 = 28.8 us at batch 1 and 549.3 - 521.5 = 27.8 us at batch 16, about the same at both batches. The one-launch
-path pays instead, per program, the local keys' scores (``1024 · 256 B = 256 KiB`` of K) and the moments (``4 D² =
-64 KiB`` full, 1 KiB diagonal) again, against the 512 KiB of K and V of its bulk chunk: ``(batch · kv_heads ·
-n_splits - pairs) · 320 KiB`` extra, 78 MiB at batch 1 and 1.25 GiB at batch 16. After the first program of a pair
-these come from L2 when the pair's programs run together (batch 1: the grid's 256 programs are two waves of 132,
-16 programs of each pair in each); at batch 16 one wave holds one program of each pair while 66 MB of bulk stream
-through the 50 MB L2, so they come from memory. At the rate dense attention reads memory (134 MB in 37.8 us,
-3.5 TB/s), 78 MiB cost 23 us (less from L2) and 1.25 GiB 380 us: the one-launch path wins at batch 1 and loses
-badly at batch 16. :func:`one_launch_wins` is that rule: the one-launch path where its extra bytes, read at the
-dense rate, cost less than the three-launch path's fixed ~28 us (``ONE_LAUNCH_EXTRA_BYTES``, 96 MiB); at the 8B
-shape, batch 1 (full covariance or diagonal) and nothing from batch 2 on. The rule is a model of two numbers
-measured on one GPU; ``bench/scripts/head_routing_kernel_bench.py`` times both paths side by side (``fused1@s``)
-to check it.
+path pays instead, per bulk program, the local keys' scores (``1024 · 256 B = 256 KiB`` of K) and the moments (``4
+D² = 64 KiB`` full, 512 B diagonal) again, against the 512 KiB of K and V of its bulk chunk, and column 0 reads the
+local keys twice: ``pairs · (n_splits · 320 KiB + 256 KiB)`` extra (:func:`extra_bytes`), 82 MiB at batch 1 and
+1.3 GiB at batch 16. After a pair's first program these come from L2 when the pair's programs run together (batch
+1: 264 programs, two waves of 132 with ~16 programs of each pair in each); at batch 16 a wave holds about one
+program of each pair while 66 MB of bulk stream through the 50 MB L2, so they come from memory. At the rate dense
+attention reads memory (134 MB in 37.8 us, 3.5 TB/s), 82 MiB cost 25 us (less from L2) and 1.3 GiB 400 us: the
+one-launch path wins at batch 1, if narrowly in this pessimistic count, and loses badly at batch 16.
+:func:`one_launch_wins` is that rule: the one-launch path where its extra bytes, read at the dense rate, cost less
+than the three-launch path's fixed ~28 us (``ONE_LAUNCH_EXTRA_BYTES``, 96 MiB); at the 8B shape batch 1 (full
+covariance or diagonal) and nothing from batch 2 on. The rule is a model of two numbers measured on one GPU, not
+a timing of this kernel; ``bench/scripts/head_routing_kernel_bench.py`` times both paths side by side
+(``fused1@s``, and ``fused1w@s`` on dense attention's fewer splits) to check it.
+
+Compiled for sm_90 (bf16, D = 128, the pinned 128-key config): 136 KB of shared memory (pass 2's), 255 registers;
+the only spills (~256 B a thread) sit in the ``qᵀ(Σkkᵀ)q`` loop of the decision (float32 ``ieee`` dots of 16-row
+blocks, kept exact as the reference's; ``tf32x3`` would not spill) and one spill pair in each score loop, none in
+the attention loops.
 """
 
 from __future__ import annotations
@@ -99,7 +108,7 @@ def _decide_attend(
     BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_bk = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_c = tl.program_id(1)
     b = pid_bk // n_kv_heads
     hk = pid_bk % n_kv_heads
 
@@ -152,7 +161,7 @@ def _decide_attend(
     else:
         # q (Σkkᵀ) q over row blocks [BLOCK_R, D] of the old Σkkᵀ, then the leaving key's w (qᵀk)²
         quad = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for r0 in tl.static_range(0, BLOCK_D, BLOCK_R):
+        for r0 in tl.range(0, BLOCK_D, BLOCK_R, num_stages=1):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_ok = offs_r < HEAD_DIM
             s_ptrs = SECOND + (pid_bk.to(tl.int64) * HEAD_DIM + offs_r[:, None]) * HEAD_DIM + offs_d[None, :]
@@ -176,45 +185,43 @@ def _decide_attend(
     far = tl.where(row_ok & (far == far), far, 0.0)
     local = (tl.max(far, 0) <= tau) | (n_bulk <= 0.0)
 
-    row = b * n_kv_heads * GROUP + h
-    part = row.to(tl.int64) * n_slots
-    # ---- 2. split 0: the local set with its values, slot 0
-    if pid_s == 0:
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, start, a_hi, m_i, l_i, acc, offs_d,
-                                      d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
-        m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, w_lo, n_keys, m_i, l_i, acc, offs_d,
-                                      d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
-        _store_partial(PART_O, PART_LSE, part, m_i, l_i, acc, offs_d, row_ok, d_ok, BLOCK_D)
-
-    # ---- 3. this split's chunk of the bulk where the pair is full, slot 1 + split
-    lo = tl.maximum(pid_s * chunk, sink_end)
-    hi = tl.minimum(pid_s * chunk + chunk, n_keys - window)
+    # ---- 2. column 0: the local set with its values; column c > 0: chunk c - 1 of the bulk where the pair is full
+    # (one code path for both: two ranges, the second empty for a bulk chunk); the partial goes to slot c
+    lo = tl.maximum((pid_c - 1) * chunk, sink_end)
+    hi = tl.minimum(pid_c * chunk, n_keys - window)
     hi = tl.where(local, lo, hi)
+    r1_lo = tl.where(pid_c == 0, start, lo)
+    r1_hi = tl.where(pid_c == 0, a_hi, hi)
+    r2_lo = tl.where(pid_c == 0, w_lo, 0)
+    r2_hi = tl.where(pid_c == 0, n_keys, 0)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if lo < hi:
-        m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, lo, hi, m_i, l_i, acc, offs_d,
-                                      d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
-    _store_partial(PART_O, PART_LSE, part + 1 + pid_s, m_i, l_i, acc, offs_d, row_ok, d_ok, BLOCK_D)
+    m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, r1_lo, r1_hi, m_i, l_i, acc, offs_d,
+                                  d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
+    m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, r2_lo, r2_hi, m_i, l_i, acc, offs_d,
+                                  d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
+    row = b * n_kv_heads * GROUP + h
+    _store_partial(PART_O, PART_LSE, row.to(tl.int64) * n_slots + pid_c, m_i, l_i, acc, offs_d, row_ok, d_ok,
+                   BLOCK_D)
 
     # ---- 4. the pair's last program folds the key in, writes the flag and counts, resets the counter
     tl.debug_barrier()  # every thread's reads of the old moments done before thread 0's release
     ticket = tl.atomic_add(PAIR_TICKET + pid_bk, 1, sem="acq_rel", scope="gpu")
-    if ticket == n_splits - 1:
-        tl.store(f_ptrs, first, mask=d_ok)
+    if ticket == n_splits:  # 1 + n_splits programs per pair
+        # the fold, recomputed from the inputs (nothing of it kept live through the bulk loop)
+        kg = tl.load(k_gone + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        tl.store(f_ptrs, tl.load(f_ptrs, mask=d_ok, other=0.0) + kg * w, mask=d_ok)
         if DIAGONAL:
-            tl.store(SECOND + pid_bk.to(tl.int64) * HEAD_DIM + offs_d, sq, mask=d_ok)
+            s_ptrs = SECOND + pid_bk.to(tl.int64) * HEAD_DIM + offs_d
+            tl.store(s_ptrs, tl.load(s_ptrs, mask=d_ok, other=0.0) + (kg * w) * kg, mask=d_ok)
         else:
-            for r0 in tl.static_range(0, BLOCK_D, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                r_ok = offs_r < HEAD_DIM
-                s_ptrs = SECOND + (pid_bk.to(tl.int64) * HEAD_DIM + offs_r[:, None]) * HEAD_DIM + offs_d[None, :]
-                s_mask = r_ok[:, None] & d_ok[None, :]
-                kr = tl.load(k_gone + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+            for u0 in tl.range(0, BLOCK_D, BLOCK_R, num_stages=1):
+                offs_u = u0 + tl.arange(0, BLOCK_R)
+                u_ok = offs_u < HEAD_DIM
+                s_ptrs = SECOND + (pid_bk.to(tl.int64) * HEAD_DIM + offs_u[:, None]) * HEAD_DIM + offs_d[None, :]
+                s_mask = u_ok[:, None] & d_ok[None, :]
+                kr = tl.load(k_gone + offs_u, mask=u_ok, other=0.0).to(tl.float32)
                 s_blk = tl.load(s_ptrs, mask=s_mask, other=0.0) + (kr * w)[:, None] * kg[None, :]
                 tl.store(s_ptrs, s_blk, mask=s_mask)
         tl.store(LOCAL + pid_bk, local.to(tl.int8))
@@ -244,11 +251,12 @@ def plan_one_launch(batch: int, kv_heads: int, n_keys: int, *, cuda_sms: int | N
 
 def extra_bytes(batch: int, kv_heads: int, n_splits: int, local_keys: int, dim: int, element_bytes: int, *,
                 diagonal: bool) -> int:
-    """What the one-launch kernel reads beyond the three-launch path: every program but one per pair reads its
-    pair's ``local_keys`` keys (``dim`` elements of ``element_bytes``) and moments (float32 ``dim²`` or ``dim``)
-    again."""
+    """What the one-launch kernel reads beyond the three-launch path: each of a pair's ``n_splits`` bulk programs
+    reads the pair's ``local_keys`` keys (``dim`` elements of ``element_bytes``) and moments (float32 ``dim²`` or
+    ``dim``) again, and its local program the keys twice (scores, then attention)."""
+    keys = local_keys * dim * element_bytes
     moments = 4 * (dim if diagonal else dim * dim)
-    return batch * kv_heads * (n_splits - 1) * (local_keys * dim * element_bytes + moments)
+    return batch * kv_heads * (n_splits * (keys + moments) + keys)
 
 
 def one_launch_wins(batch: int, kv_heads: int, n_splits: int, local_keys: int, dim: int, element_bytes: int, *,
@@ -303,10 +311,10 @@ def fused_one_launch_triton(q, k, v, moments, *, tau: float, sink: int, window: 
             kv_heads, group, n_keys, chunk, n_splits, n_slots, sink, window, scale * _LOG2E, scale, float(tau))
     flags_kw = dict(HAS_START=start is not None, HAS_N_VALID=nv is not None, HAS_STATS=counts is not None,
                     DIAGONAL=moments.diagonal, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m,
-                    BLOCK_R=min(32, block_d), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                    BLOCK_R=min(16, block_d), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
     def run(config: dict) -> None:
-        _decide_attend[(batch * kv_heads, n_splits)](*args, **flags_kw, **config)
+        _decide_attend[(batch * kv_heads, n_slots)](*args, **flags_kw, **config)
         _streaming_decode_merge[(batch * heads,)](
             part_o, part_lse, o, heads, 1, n_slots, o.stride(0), o.stride(1), o.stride(2),
             HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(n_slots)))

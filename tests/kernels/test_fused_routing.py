@@ -221,8 +221,9 @@ def test_launcher_rule_at_the_8b_shape():
                                    diagonal=diagonal)
         assert not one_launch_wins(16, 8, plan_one_launch(16, 8, 32768, cuda_sms=132)[1], 1024, 128, 2,
                                    diagonal=diagonal)
-    assert extra_bytes(1, 8, 32, 1024, 128, 2, diagonal=False) == 8 * 31 * (1024 * 256 + 4 * 128 * 128)
-    assert extra_bytes(4, 8, 1, 1024, 128, 2, diagonal=False) == 0  # one split per pair: nothing read twice
+    # per pair: 32 bulk programs read the local keys and the moments again, the local program its keys twice
+    assert extra_bytes(1, 8, 32, 1024, 128, 2, diagonal=False) == 8 * (32 * (1024 * 256 + 4 * 128 * 128) + 1024 * 256)
+    assert extra_bytes(2, 8, 32, 1024, 128, 2, diagonal=True) == 16 * (32 * (1024 * 256 + 4 * 128) + 1024 * 256)
 
 
 def test_one_line_errors():
