@@ -205,7 +205,7 @@ def _decide_attend(
     _store_partial(PART_O, PART_LSE, row.to(tl.int64) * n_slots + pid_c, m_i, l_i, acc, offs_d, row_ok, d_ok,
                    BLOCK_D)
 
-    # ---- 4. the pair's last program folds the key in, writes the flag and counts, resets the counter
+    # ---- 3. the pair's last program folds the key in, writes the flag and counts, resets the counter
     tl.debug_barrier()  # every thread's reads of the old moments done before thread 0's release
     ticket = tl.atomic_add(PAIR_TICKET + pid_bk, 1, sem="acq_rel", scope="gpu")
     if ticket == n_splits:  # 1 + n_splits programs per pair
