@@ -1,6 +1,6 @@
 """The fused QAdA decode step of a routed full layer (:func:`lighttransfer.kernels.fused_routed_decode`): the
-decision and the routed attention in one fused step (one launch or three, the launcher's rule), in place of :class:`~.head_routing.HeadRouting`'s
-PyTorch decision followed by the routed kernel.
+decision and the routed attention in one launch and a merge or in three launches (the launcher's rule picks), in
+place of :class:`~.head_routing.HeadRouting`'s PyTorch decision followed by the routed kernel.
 
 It is taken when it computes what the unfused path computes: ``mode="qada"`` with ``stats="bulk"`` (the kernel
 folds one key per step into the bulk's moments; ``stats="local"`` also removes one and stays on the unfused path),
