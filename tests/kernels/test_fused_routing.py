@@ -181,8 +181,8 @@ EDGE_DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "c
 def test_one_launch_edges_match_three_launch(n_keys, group, dtype):
     """The one-launch kernel at edge lengths (below sink + window: no bulk; at it; one past: the first key leaves
     the window; a few chunks past), left padding (kv_start, one sequence padded past its bulk) and a device-side
-    n_valid inside larger storage, GQA 1 to 8, fp16 / fp32 (bf16 too on the GPU): the reference's output, flags, moments and counts,
-    and the three-launch path's flags, moments and counts exactly."""
+    n_valid inside larger storage, GQA 1 to 8, fp16 / fp32 (bf16 too on the GPU): the reference's output, flags,
+    moments and counts, and the three-launch path's flags and counts exactly, its moments to an ulp."""
     from lighttransfer.kernels.fused_routing_triton import FusedWorkspace
 
     q, k_all, v_all = _inputs(3, 2, group, n_keys + 6, 32, dtype, seed=n_keys * 7 + group + 1)
@@ -201,8 +201,10 @@ def test_one_launch_edges_match_three_launch(n_keys, group, dtype):
     _, local3 = fused_routed_decode(q, k_all, v_all, three, tau=tau, sink=SINK, window=WINDOW, kv_start=start,
                                     n_valid=nv, counts=counts, splits=3, local_splits=2, variant="three-launch")
     assert torch.equal(local, local3)
-    assert torch.equal(m.count, three.count) and torch.equal(m.first, three.first)
-    torch.testing.assert_close(m.second, three.second, rtol=0, atol=0)
+    assert torch.equal(m.count, three.count)
+    # the same fold in both kernels (the GPU may contract it into an FMA in one and not the other: an ulp)
+    torch.testing.assert_close(m.first, three.first, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m.second, three.second, rtol=1e-6, atol=1e-6)
     assert counts[1].item() == 2 * decided.sum().item()  # decided pairs: 2 KV heads per decided sequence
     if n_keys <= SINK + WINDOW:
         assert local.all() and counts[1].item() == 0  # no bulk: local without a decision
