@@ -98,9 +98,11 @@ def fused_routing(dtype: torch.dtype, dim: int, diagonal: bool) -> dict:
     return out
 
 
-def fused_one_launch(dtype: torch.dtype, dim: int, diagonal: bool) -> dict:
+def fused_one_launch(dtype: torch.dtype, dim: int, diagonal: bool, runtime: bool = False) -> dict:
     """The one-launch fused QAdA kernel under the pinned GPU config it always takes, compiled for sm_90; its
-    estimate is the launcher filter's (the config is the full kernel's first Hopper candidate that fits)."""
+    estimate is the launcher filter's (the config is the full kernel's first Hopper candidate that fits).
+    ``runtime``: with what the runtime's static step passes (``kv_start``, a device-side ``n_valid``, float64
+    counts)."""
     from lighttransfer.kernels.decode_launch import SHARED_MEMORY_MARGIN, shared_memory
     from lighttransfer.kernels.fused_routing_one_triton import (
         _decide_attend,
@@ -115,7 +117,10 @@ def fused_one_launch(dtype: torch.dtype, dim: int, diagonal: bool) -> dict:
     k = torch.zeros(batch, kv_heads, n_keys, dim, dtype=dtype)
     with captured_launch(_decide_attend) as calls:
         fused_one_launch_triton(q, k, k.clone(), KeyMoments.zeros(batch, kv_heads, dim, diagonal=diagonal, device="cpu"),
-                                tau=0.5, sink=4, window=1020, kv_start=None, scale=0.1, n_valid=None, counts=None,
+                                tau=0.5, sink=4, window=1020, scale=0.1,
+                                kv_start=torch.zeros(batch, dtype=torch.long) if runtime else None,
+                                n_valid=torch.tensor([1100]) if runtime else None,
+                                counts=torch.zeros(2, dtype=torch.float64) if runtime else None,
                                 workspace=FusedWorkspace.zeros(batch, kv_heads, "cpu"))
     (args, kwargs), = calls
     block_d, block_m, size = kwargs["BLOCK_D"], kwargs["BLOCK_M"], q.element_size()
@@ -136,6 +141,7 @@ CASES = {
     "fused-routing-bf16-D128-diag": lambda: fused_routing(torch.bfloat16, 128, True),
     "fused-routing-fp16-D64-full": lambda: fused_routing(torch.float16, 64, False),
     "fused-one-launch-bf16-D128-full": lambda: fused_one_launch(torch.bfloat16, 128, False),
+    "fused-one-launch-bf16-D128-full-runtime": lambda: fused_one_launch(torch.bfloat16, 128, False, runtime=True),
     "fused-one-launch-bf16-D128-diag": lambda: fused_one_launch(torch.bfloat16, 128, True),
     "fused-one-launch-fp16-D64-full": lambda: fused_one_launch(torch.float16, 64, False),
     "fused-one-launch-fp32-D128-full": lambda: fused_one_launch(torch.float32, 128, False),
