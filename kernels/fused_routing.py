@@ -12,9 +12,13 @@ from ``kv_start``, the moments holding the bulk of the previous query (``[kv_sta
    non-empty bulk) are added to ``counts`` when given.
 
 :func:`fused_routed_decode_reference` is exactly that composition of the existing functions. The Triton path
-(:mod:`.fused_routing_triton`) computes the same in one launch for the local keys and the decision (whose local
-attention is the local part of the output, full or local pair), one for the bulk keys of the full-routed pairs, and
-the merge; see ``docs/head_routing.md`` ("Fused decision") for the passes and what they read.
+has two variants computing the same. Three launches (:mod:`.fused_routing_triton`): one for the local keys and the
+decision (whose local attention is the local part of the output, full or local pair), one for the bulk keys of the
+full-routed pairs, and the merge; see ``docs/head_routing.md`` ("Fused decision") for the passes and what they
+read. One launch and the merge (:mod:`.fused_routing_one_triton`): every program of a pair computes the pair's
+decision itself (bit-identical in each), then its chunk of the bulk where the pair is full; it reads the local keys
+and the moments once per program instead of once per pair, so the launcher takes it only where that is small
+against the three-launch path's serial pass (:func:`pick_variant`).
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ def fused_routed_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, momen
                         tau: float, sink: int, window: int, kv_start: torch.Tensor | None = None,
                         scale: float | None = None, n_valid: torch.Tensor | None = None,
                         counts: torch.Tensor | None = None, workspace=None, splits: int | None = None,
-                        local_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        local_splits: int | None = None, variant: str | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """QAdA-routed decode attention of one query per sequence, the decision included, in place on ``moments``.
 
     Args:
@@ -84,8 +89,13 @@ def fused_routed_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, momen
             a non-empty bulk)``.
         workspace: the Triton path's counters (:class:`~.fused_routing_triton.FusedWorkspace`, zero between
             launches); made per call when ``None`` (keep one per layer to capture the step in a CUDA graph).
-        splits, local_splits: chunks of the key axis (pass 2) and of the local set (pass 1) per (sequence, KV
-            head) (Triton only; tests).
+        splits, local_splits: chunks of the key axis (pass 2, or the one-launch kernel) and of the local set
+            (pass 1) per (sequence, KV head) (Triton only; tests).
+        variant: the Triton path's kernels: ``"one-launch"`` (:mod:`.fused_routing_one_triton`: every program
+            decides its pair redundantly, one launch and the merge), ``"three-launch"`` (:mod:`.fused_routing_triton`:
+            two passes and the merge), or ``None``: the launcher's rule
+            (:func:`~.fused_routing_one_triton.one_launch_wins`: the one-launch kernel where its redundant reads
+            are small, at the 8B shape batch 1). Same outputs, flags, moments and counts either way.
 
     Returns:
         ``(o [batch, heads, 1, head_dim] in q.dtype, local bool [batch, kv_heads])``.
@@ -111,6 +121,8 @@ def fused_routed_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, momen
     tau = float(tau)
     if not math.isfinite(tau):
         raise LightTransferError(f"fused_routed_decode: tau must be a finite float, got {tau!r}.")
+    if variant not in VARIANTS:
+        raise LightTransferError(f"fused_routed_decode: variant must be one of {[*VARIANTS]}, got {variant!r}.")
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
     if not triton_runs_on(q) or k.shape[2] == 0:
         return fused_routed_decode_reference(q, k, v, moments, tau=tau, sink=sink, window=window, kv_start=kv_start,
@@ -123,10 +135,38 @@ def fused_routed_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, momen
     elif not workspace.fits(batch, kv_heads, q.device):
         raise LightTransferError(f"fused_routed_decode: the workspace is for another shape or device (batch "
                                  f"{batch}, kv_heads {kv_heads}, {q.device}); make one with FusedWorkspace.zeros.")
-    o, flags = fused_routed_decode_triton(q, k, v, moments, tau=tau, sink=int(sink), window=int(window),
-                                          kv_start=kv_start, scale=scale, n_valid=n_valid, counts=counts,
-                                          workspace=workspace, splits=splits, local_splits=local_splits)
+    if variant is None:
+        variant = pick_variant(q, k, sink=int(sink), window=int(window), diagonal=moments.diagonal, splits=splits)
+    if variant == "one-launch":
+        from .fused_routing_one_triton import fused_one_launch_triton
+
+        o, flags = fused_one_launch_triton(q, k, v, moments, tau=tau, sink=int(sink), window=int(window),
+                                           kv_start=kv_start, scale=scale, n_valid=n_valid, counts=counts,
+                                           workspace=workspace, splits=splits)
+    else:
+        o, flags = fused_routed_decode_triton(q, k, v, moments, tau=tau, sink=int(sink), window=int(window),
+                                              kv_start=kv_start, scale=scale, n_valid=n_valid, counts=counts,
+                                              workspace=workspace, splits=splits, local_splits=local_splits)
     return o, flags.view(torch.bool)
+
+
+VARIANTS = (None, "one-launch", "three-launch")
+
+
+def pick_variant(q: torch.Tensor, k: torch.Tensor, *, sink: int, window: int, diagonal: bool,
+                 splits: int | None = None) -> str:
+    """The Triton path the launcher takes for ``q [batch, heads, 1, head_dim]`` over ``k [batch, kv_heads, N,
+    head_dim]``: ``"one-launch"`` where :func:`~.fused_routing_one_triton.one_launch_wins` on its split plan, else
+    ``"three-launch"``. Host-side shapes only (no device read)."""
+    from .decode_launch import device_index, multiprocessors
+    from .fused_routing_one_triton import one_launch_wins, plan_one_launch
+
+    batch, kv_heads, n_keys, dim = k.shape[0], k.shape[1], k.shape[2], k.shape[3]
+    sms = multiprocessors(device_index(q)) if q.is_cuda else None
+    _, n_splits = plan_one_launch(batch, kv_heads, n_keys, cuda_sms=sms, splits=splits)
+    local_keys = min(sink + window, n_keys)
+    wins = one_launch_wins(batch, kv_heads, n_splits, local_keys, dim, q.element_size(), diagonal=diagonal)
+    return "one-launch" if wins else "three-launch"
 
 
 def _check_moments(moments: rule.KeyMoments, batch: int, kv_heads: int, dim: int, device) -> None:
@@ -140,4 +180,4 @@ def _check_moments(moments: rule.KeyMoments, batch: int, kv_heads: int, dim: int
                                      f"on {device}, got {tuple(t.shape)} {t.dtype} on {t.device}.")
 
 
-__all__ = ["fused_routed_decode", "fused_routed_decode_reference", "fold_leaving_key"]
+__all__ = ["fused_routed_decode", "fused_routed_decode_reference", "fold_leaving_key", "pick_variant", "VARIANTS"]

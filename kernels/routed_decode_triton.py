@@ -33,9 +33,12 @@ _LOG2E = 1.4426950408889634
 ROUTED_CHUNK = 1024
 
 
+@functools.lru_cache(maxsize=4096)
 def routed_splits(batch: int, kv_heads: int, n_keys: int, sms: int, *, align: int = PLAN_ALIGN) -> int:
     """Key splits per (sequence, KV head) of a routed launch on ``sms`` SMs: the wave plan (chunks of ``align``
-    keys), but at least one split per ``ROUTED_CHUNK`` keys."""
+    keys), but at least one split per ``ROUTED_CHUNK`` keys. Cached: the wave plan's search takes ~1 ms of host
+    time (measured on a slow CPU), and the fused step asks for it twice per call (the launcher's rule, then the
+    launch)."""
     return max(plan_wave_splits(batch, kv_heads, n_keys, sms, align=align)[1], triton.cdiv(n_keys, ROUTED_CHUNK))
 
 

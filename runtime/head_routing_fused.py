@@ -1,6 +1,6 @@
 """The fused QAdA decode step of a routed full layer (:func:`lighttransfer.kernels.fused_routed_decode`): the
-decision and the routed attention in two kernel passes and a merge, in place of :class:`~.head_routing.HeadRouting`'s
-PyTorch decision followed by the routed kernel.
+decision and the routed attention in one launch and a merge or in three launches (the launcher's rule picks), in
+place of :class:`~.head_routing.HeadRouting`'s PyTorch decision followed by the routed kernel.
 
 It is taken when it computes what the unfused path computes: ``mode="qada"`` with ``stats="bulk"`` (the kernel
 folds one key per step into the bulk's moments; ``stats="local"`` also removes one and stays on the unfused path),
@@ -20,6 +20,9 @@ from ..kernels.switch import triton_runs_on
 
 # False: every step on the unfused path (tests compare the two)
 FUSED = True
+# the fused kernels' variant (``kernels.fused_routed_decode``'s ``variant``): None, the launcher's rule (one launch at
+# small batch, three launches otherwise); "one-launch" or "three-launch" forces one (tests)
+VARIANT: str | None = None
 
 
 def applies(routing, q: torch.Tensor) -> bool:
@@ -63,10 +66,11 @@ def attend(routing, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer_
         workspace = state.fused = FusedWorkspace.zeros(batch, kv_heads, q.device)
     o, _ = kernels.fused_routed_decode(q, k, v, state.moments, tau=cfg.tau_for(layer_idx), sink=sink, window=window,
                                        kv_start=kv_start, scale=scale, n_valid=n_valid,
-                                       counts=routing.stats.counter(layer_idx, q.device), workspace=workspace)
+                                       counts=routing.stats.counter(layer_idx, q.device), workspace=workspace,
+                                       variant=VARIANT)
     if n_valid is None:
         state.range = (0, max(0, k.shape[2] - window))
     return o
 
 
-__all__ = ["FUSED", "applies", "attend"]
+__all__ = ["FUSED", "VARIANT", "applies", "attend"]

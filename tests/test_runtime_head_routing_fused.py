@@ -74,10 +74,14 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torc
 CPU = pytest.param("cpu", marks=needs_interpreter)
 
 
+@pytest.mark.parametrize("variant", ["one-launch", "three-launch"])
 @pytest.mark.parametrize("device", [CPU, CUDA])
 @pytest.mark.parametrize(("cov", "static"), [("diag", False), ("full", True)], ids=["diag-dynamic", "full-static"])
-def test_fused_and_unfused_paths_give_the_same_tokens_and_shares(cov, static, device, on_kernels, monkeypatch):
-    """Left-padded batch of two; on CUDA the static steps are captured in a CUDA graph on both paths."""
+def test_fused_and_unfused_paths_give_the_same_tokens_and_shares(cov, static, device, variant, on_kernels,
+                                                                 monkeypatch):
+    """Left-padded batch of two, both fused variants; on CUDA the static steps are captured in a CUDA graph on
+    both paths."""
+    monkeypatch.setattr(fused, "VARIANT", variant)
     config = HeadRoutingConfig(mode="qada", tau=0.67, cov=cov)
     ids, mask = _batch(device)
     # one model per path: a static step captured in a CUDA graph replays the path it was captured with

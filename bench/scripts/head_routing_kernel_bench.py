@@ -22,7 +22,13 @@ fp32 reference:
   (their query heads point at their first sink key, so ``f̂`` is ~1e-5 against ~0.97 for the others) and
   ``tau = 0.5``, so the decision itself picks exactly those pairs, replay after replay (each replay folds the same
   leaving key again: the shares stay put); ``overhead`` = ``fused@0 / dense - 1`` (every pair full: the decision's
-  whole cost over dense attention), ``fused@0.5 / routed@0.5 - 1`` the same at half the pairs local.
+  whole cost over dense attention), ``fused@0.5 / routed@0.5 - 1`` the same at half the pairs local; the
+  three-launch variant (``variant="three-launch"``);
+* ``fused1@s``: the same step in one launch and the merge (``variant="one-launch"``: every program decides its pair
+  redundantly, then attends its chunk of the bulk), same inputs, same checks, same overheads; the table also names
+  the variant the launcher's rule picks at each batch (``kernels.fused_routing.pick_variant``); ``fused1w@s``: the
+  one-launch kernel on dense attention's wave plan (``plan_wave_splits``: 16 splits at batch 1, 1 at batch 16)
+  instead of the routed plan's 32, i.e. half (batch 1) or 1/32 (batch 16) of the redundant decision work.
 
 Triton configs are pinned (``LIGHTTRANSFER_TRITON_AUTOTUNE=0``) unless ``--autotune``. Writes
 ``head_routing_kernels.json`` and ``.md`` into ``--out``, naming the GPU, driver, torch, Triton and CUDA versions.
@@ -45,6 +51,9 @@ import torch  # noqa: E402
 
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 FUSED_TAU = 0.5  # between the made-local pairs' far shares (~1e-5) and the others' (~0.97)
+# column prefix -> fused_routed_decode variant; fused1w: the one-launch kernel on dense attention's wave plan (fewer,
+# longer chunks: less redundant decision work, less spreading of the full pairs' work) instead of the routed plan
+FUSED_VARIANTS = {"fused": "three-launch", "fused1": "one-launch", "fused1w": "one-launch"}
 
 
 
@@ -109,14 +118,25 @@ def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys:
                                                   moments[False].second)))
         return local, qs, m
 
-    def fused(share: float):
+    wave_splits = None
+    if cuda:
+        from lighttransfer.kernels.decode_launch import multiprocessors
+        from lighttransfer.kernels.decode_triton import plan_wave_splits
+
+        wave_splits = plan_wave_splits(batch, kv_heads, n_keys, multiprocessors(torch.cuda.current_device()),
+                                       align=256)[1]
+
+    def splits_of(name: str):
+        return wave_splits if name == "fused1w" else None
+
+    def fused(share: float, variant: str, splits):
         from lighttransfer.kernels.fused_routing_triton import FusedWorkspace
 
         _, qs, m = fused_inputs(share)
         counts = torch.zeros(2, dtype=torch.float64, device=device)
         ws = FusedWorkspace.zeros(batch, kv_heads, device) if cuda or os.environ.get("TRITON_INTERPRET") else None
         return lambda: kernels.fused_routed_decode(qs, k, v, m, tau=FUSED_TAU, sink=sink, window=window,
-                                                   counts=counts, workspace=ws)[0]
+                                                   counts=counts, workspace=ws, variant=variant, splits=splits)[0]
 
     # correctness first (the fp32 reference repeats K/V per query head: checked on two sequences)
     errors = {}
@@ -125,16 +145,22 @@ def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys:
         want = kernels.routed_decode_reference(q[:2], k[:2], v[:2], local[:2], sink=sink, window=window)
         errors[f"routed@{share:g}"] = _rel_err(routed(local)()[:2], want)
     errors["dense"] = _rel_err(kernels.full_decode(q, k, v)[:2], kernels.full_decode_reference(q[:2], k[:2], v[:2]))
-    for share in SHARES:
-        local, qs, m = fused_inputs(share)
-        two = rule.KeyMoments(m.count[:2].clone(), m.first[:2].clone(), m.second[:2].clone())
-        o, got = kernels.fused_routed_decode(qs, k, v, m, tau=FUSED_TAU, sink=sink, window=window)
-        want_o, want = kernels.fused_routed_decode_reference(qs[:2], k[:2], v[:2], two, tau=FUSED_TAU, sink=sink,
-                                                             window=window)
-        if not torch.equal(got.cpu(), local.cpu()) or not torch.equal(want.cpu(), local[:2].cpu()):
-            raise RuntimeError(f"B={batch}: the fused decision at share {share:g} routed {got.tolist()}, "
-                               f"the reference {want.tolist()}, wanted {local.tolist()}")
-        errors[f"fused@{share:g}"] = _rel_err(o[:2], want_o)
+    for name, variant in FUSED_VARIANTS.items():
+        for share in SHARES:
+            local, qs, m = fused_inputs(share)
+            two = rule.KeyMoments(m.count[:2].clone(), m.first[:2].clone(), m.second[:2].clone())
+            o, got = kernels.fused_routed_decode(qs, k, v, m, tau=FUSED_TAU, sink=sink, window=window,
+                                                 variant=variant, splits=splits_of(name))
+            want_o, want = kernels.fused_routed_decode_reference(qs[:2], k[:2], v[:2], two, tau=FUSED_TAU,
+                                                                 sink=sink, window=window)
+            if not torch.equal(got.cpu(), local.cpu()) or not torch.equal(want.cpu(), local[:2].cpu()):
+                raise RuntimeError(f"B={batch}: the {variant} decision at share {share:g} routed {got.tolist()}, "
+                                   f"the reference {want.tolist()}, wanted {local.tolist()}")
+            # the moments after the step: the two sequences' fold, as the reference's
+            if not torch.equal(m.count[:2].cpu(), two.count.cpu()) or \
+                    _rel_err(m.second[:2], two.second) > 1e-5 or _rel_err(m.first[:2], two.first) > 1e-5:
+                raise RuntimeError(f"B={batch}: the {variant} step's moments differ from the reference's")
+            errors[f"{name}@{share:g}"] = _rel_err(o[:2], want_o)
     bad = {name: e for name, e in errors.items() if not e < tolerance}
     if bad:
         raise RuntimeError(f"B={batch} N={n_keys}: relative error above {tolerance}: {bad}")
@@ -144,10 +170,14 @@ def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys:
     parts["decision"] = decision(False)
     parts["decision_diag"] = decision(True)
     parts["oracle"] = oracle
-    for share in SHARES:
-        parts[f"fused@{share:g}"] = fused(share)
+    for name, variant in FUSED_VARIANTS.items():
+        for share in SHARES:
+            parts[f"{name}@{share:g}"] = fused(share, variant, splits_of(name))
+    from lighttransfer.kernels.fused_routing import pick_variant
+
+    picked = pick_variant(q, k, sink=sink, window=window, diagonal=False) if cuda else None
     row = {"batch": batch, "n_keys": n_keys, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
-           "sink": sink, "window": window, "errors": errors,
+           "sink": sink, "window": window, "errors": errors, "launcher_picks": picked, "wave_splits": wave_splits,
            "bytes_dense": 2 * batch * kv_heads * n_keys * head_dim * q.element_size()}
     for mode in (["graph", "eager"] if cuda and graph else ["eager"]):
         row[f"us_{mode}"] = {name: median_us(fn, graph=mode == "graph", cuda=cuda, rounds=rounds)
@@ -156,7 +186,11 @@ def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys:
         row[f"speedup_{mode}"] = {name: us["dense"] / t for name, t in us.items()
                                   if name.startswith(("routed", "fused"))}
         row[f"fused_overhead_{mode}"] = {"of_dense": us["fused@0"] / us["dense"] - 1,
-                                         "of_routed@0.5": us["fused@0.5"] / us["routed@0.5"] - 1}
+                                         "of_routed@0.5": us["fused@0.5"] / us["routed@0.5"] - 1,
+                                         "fused1_of_dense": us["fused1@0"] / us["dense"] - 1,
+                                         "fused1_of_routed@0.5": us["fused1@0.5"] / us["routed@0.5"] - 1,
+                                         "fused1w_of_dense": us["fused1w@0"] / us["dense"] - 1,
+                                         "fused1w_of_routed@0.5": us["fused1w@0.5"] / us["routed@0.5"] - 1}
         row[f"decision_share_{mode}"] = {
             "of_dense": us["decision"] / us["dense"], "of_routed@0.5": us["decision"] / us["routed@0.5"],
             "diag_of_dense": us["decision_diag"] / us["dense"]}
@@ -182,20 +216,30 @@ def markdown(result: dict) -> str:
                      f"{us['decision']:.1f}", f"{us['decision_diag']:.1f}",
                      f"{100 * r[f'decision_share_{mode}']['of_dense']:.1f}%", f"{us['oracle']:.1f}"])
     lines.append(markdown_table(headers, rows))
-    lines += ["", "Fused QAdA step (decision included; `kernels.fused_routed_decode`):", ""]
-    headers = ["batch", "dense", *[f"fused@{s:g}" for s in SHARES], "overhead (fused@0 / dense - 1)",
-               "fused@0.5 / routed@0.5 - 1"]
+    waves = ", ".join(f"{r['batch']}: {r.get('wave_splits')}" for r in result["rows"])
+    lines += ["", "Fused QAdA step (decision included; `kernels.fused_routed_decode`): fused = three launches, "
+              "fused1 = one launch (and the merge) on the routed split plan, fused1w = one launch on dense "
+              f"attention's wave plan (splits per batch: {waves}):", ""]
+    headers = ["batch", "variant", "dense", *[f"@{s:g}" for s in SHARES], "overhead (@0 / dense - 1)",
+               "@0.5 / routed@0.5 - 1", "launcher picks"]
     rows = []
     for r in result["rows"]:
         us, over = r[f"us_{mode}"], r[f"fused_overhead_{mode}"]
-        rows.append([r["batch"], f"{us['dense']:.1f}",
-                     *[f"{us[f'fused@{s:g}']:.1f} ({r[f'speedup_{mode}'][f'fused@{s:g}']:.2f}x)" for s in SHARES],
-                     f"{100 * over['of_dense']:+.1f}%", f"{100 * over['of_routed@0.5']:+.1f}%"])
+        for name, variant in FUSED_VARIANTS.items():
+            key = "" if name == "fused" else f"{name}_"
+            rows.append([r["batch"], f"{name} ({variant})", f"{us['dense']:.1f}",
+                         *[f"{us[f'{name}@{s:g}']:.1f} ({r[f'speedup_{mode}'][f'{name}@{s:g}']:.2f}x)"
+                           for s in SHARES],
+                         f"{100 * over[f'{key}of_dense']:+.1f}%", f"{100 * over[f'{key}of_routed@0.5']:+.1f}%",
+                         "yes" if r.get("launcher_picks") == variant and name != "fused1w" else ""])
     lines.append(markdown_table(headers, rows))
     lines += ["", "routed@s: a share s of the (sequence, KV head) pairs attends sink + window, the rest every key; "
               "(Nx): speed-up over dense. decision: one step's QAdA routing of the layer (moments update, local "
               "log-sum-exp, Gaussian bulk mass, f-hat, GQA routing), unfused PyTorch. fused@s: the fused step at share s "
-              "(the same local pairs, chosen by the decision itself), decision and moments update included.", ""]
+              "(the same local pairs, chosen by the decision itself), decision and moments update included; fused1@s: "
+              "the same step in one launch (every program decides its pair itself), on the routed kernel's split plan; "
+              "fused1w@s: the same on dense attention's wave plan. launcher picks: what fused_routed_decode runs "
+              "by default at that batch (GPU only).", ""]
     return "\n".join(lines)
 
 

@@ -21,8 +21,8 @@ import pytest
 import torch
 import triton
 
-_POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
-                  torch.int64: "*i64", torch.bool: "*i1", torch.int8: "*i8", torch.uint8: "*u8"}
+_POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
+                  torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1", torch.int8: "*i8", torch.uint8: "*u8"}
 
 
 class _Launched(Exception):

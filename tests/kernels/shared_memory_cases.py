@@ -98,6 +98,39 @@ def fused_routing(dtype: torch.dtype, dim: int, diagonal: bool) -> dict:
     return out
 
 
+def fused_one_launch(dtype: torch.dtype, dim: int, diagonal: bool, runtime: bool = False) -> dict:
+    """The one-launch fused QAdA kernel under the pinned GPU config it always takes, compiled for sm_90; its
+    estimate is the launcher filter's (the config is the full kernel's first Hopper candidate that fits).
+    ``runtime``: with what the runtime's static step passes (``kv_start``, a device-side ``n_valid``, float64
+    counts)."""
+    from lighttransfer.kernels.decode_launch import SHARED_MEMORY_MARGIN, shared_memory
+    from lighttransfer.kernels.fused_routing_one_triton import (
+        _decide_attend,
+        fused_one_launch_triton,
+        one_launch_config,
+    )
+    from lighttransfer.kernels.fused_routing_triton import FusedWorkspace
+    from lighttransfer.kernels.head_routing import KeyMoments
+
+    batch, kv_heads, n_keys = 2, 4, 1200
+    q = torch.zeros(batch, 16, 1, dim, dtype=dtype)
+    k = torch.zeros(batch, kv_heads, n_keys, dim, dtype=dtype)
+    with captured_launch(_decide_attend) as calls:
+        fused_one_launch_triton(q, k, k.clone(), KeyMoments.zeros(batch, kv_heads, dim, diagonal=diagonal, device="cpu"),
+                                tau=0.5, sink=4, window=1020, scale=0.1,
+                                kv_start=torch.zeros(batch, dtype=torch.long) if runtime else None,
+                                n_valid=torch.tensor([1100]) if runtime else None,
+                                counts=torch.zeros(2, dtype=torch.float64) if runtime else None,
+                                workspace=FusedWorkspace.zeros(batch, kv_heads, "cpu"))
+    (args, kwargs), = calls
+    block_d, block_m, size = kwargs["BLOCK_D"], kwargs["BLOCK_M"], q.element_size()
+    pinned = one_launch_config((9, 0), block_d, block_m, size)
+    return {f"one-launch {pinned}": {
+        "used": shared_bytes(_decide_attend, args, kwargs, overrides=pinned.kwargs, num_warps=pinned.num_warps,
+                             num_stages=pinned.num_stages),
+        "estimate": shared_memory(pinned, block_d, block_m, size) + SHARED_MEMORY_MARGIN}}
+
+
 CASES = {
     "block-mass-sampled-rows": lambda: block_mass(128, 64),
     "block-mass-antidiagonal-rows": lambda: block_mass(16 * 128, 4),
@@ -107,6 +140,11 @@ CASES = {
     "fused-routing-bf16-D128-full": lambda: fused_routing(torch.bfloat16, 128, False),
     "fused-routing-bf16-D128-diag": lambda: fused_routing(torch.bfloat16, 128, True),
     "fused-routing-fp16-D64-full": lambda: fused_routing(torch.float16, 64, False),
+    "fused-one-launch-bf16-D128-full": lambda: fused_one_launch(torch.bfloat16, 128, False),
+    "fused-one-launch-bf16-D128-full-runtime": lambda: fused_one_launch(torch.bfloat16, 128, False, runtime=True),
+    "fused-one-launch-bf16-D128-diag": lambda: fused_one_launch(torch.bfloat16, 128, True),
+    "fused-one-launch-fp16-D64-full": lambda: fused_one_launch(torch.float16, 64, False),
+    "fused-one-launch-fp32-D128-full": lambda: fused_one_launch(torch.float32, 128, False),
 }
 
 

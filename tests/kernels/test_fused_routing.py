@@ -1,6 +1,7 @@
-"""The fused QAdA decode step (decision + routed attention, two passes and a merge) vs its PyTorch reference
-(today's decision composed with the routed reference): outputs, flags, moments after the step, counts, and
-consecutive steps on the same counters."""
+"""The fused QAdA decode step (decision + routed attention) vs its PyTorch reference (today's decision composed with
+the routed reference), both Triton variants (three launches: two passes and a merge; one launch, every program
+deciding its pair, and the merge): outputs, flags, moments after the step, counts, and consecutive steps on the
+same counters."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ from lighttransfer.kernels.reference import masked_attention
 from lighttransfer.kernels.routed_decode import routed_decode_reference, routed_visibility
 
 SINK, WINDOW = 4, 13  # local set 17
+VARIANTS = ["three-launch", "one-launch"]
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request):
+    return request.param
 
 
 def _inputs(batch, kv_heads, group, n_keys, dim, dtype, seed, capacity=None):
@@ -94,7 +101,7 @@ def _check(q, k, v, m, tau, dtype, what, *, kv_start, n_valid=None, workspace=No
 @pytest.mark.parametrize("diagonal", [False, True], ids=["full", "diag"])
 @pytest.mark.parametrize("group", [1, 3, 4], ids=lambda g: f"gqa{g}")
 @pytest.mark.parametrize("n_keys", [9, 17, 18, 19, 70], ids=lambda n: f"N{n}")
-def test_matches_reference_mixed(n_keys, group, diagonal, dtype):
+def test_matches_reference_mixed(n_keys, group, diagonal, dtype, variant):
     """Edge lengths at sink 4 + window 13 = 17 (below: no bulk, every pair local; at it; one and two past, when the
     first key leaves the window; far past), a mixed tau, left padding, forced chunk counts in both passes."""
     q, k, v = _inputs(2, 2, group, n_keys, 32, dtype, seed=n_keys + 10 * group, capacity=n_keys + 5)
@@ -102,7 +109,8 @@ def test_matches_reference_mixed(n_keys, group, diagonal, dtype):
     m = _moments(k, n_keys, start, diagonal=diagonal)
     share, decided = _shares(q, k, m, start)
     tau = _mixed_tau(share, decided)
-    local = _check(q, k, v, m, tau, dtype, f"N={n_keys} group={group}", kv_start=start, splits=3, local_splits=2)
+    local = _check(q, k, v, m, tau, dtype, f"N={n_keys} group={group}", kv_start=start, splits=3, local_splits=2,
+                   variant=variant)
     if n_keys >= 40:
         assert local.any() and not local.all()  # the mix this test is for
 
@@ -110,18 +118,18 @@ def test_matches_reference_mixed(n_keys, group, diagonal, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("dim", [16, 40], ids=lambda d: f"D{d}")
 @pytest.mark.parametrize("extreme", ["all-local", "all-full"])
-def test_tau_extremes(extreme, dim, dtype):
+def test_tau_extremes(extreme, dim, dtype, variant):
     """tau 1: every pair local (the streaming rule); tau 0: every pair with a bulk full (dense)."""
     q, k, v = _inputs(3, 2, 2, 64, dim, dtype, seed=dim)
     start = torch.tensor([0, 1, 9], device=DEVICE)
     m = _moments(k, 64, start, diagonal=dim == 40)
     local = _check(q, k, v, m, 1.0 if extreme == "all-local" else 0.0, dtype, extreme, kv_start=start,
-                   splits=4, local_splits=3)
+                   splits=4, local_splits=3, variant=variant)
     assert bool(local.all()) == (extreme == "all-local") and bool(local.any()) == (extreme == "all-local")
 
 
 @pytest.mark.parametrize("diagonal", [False, True], ids=["full", "diag"])
-def test_left_padding_and_default_plan(diagonal):
+def test_left_padding_and_default_plan(diagonal, variant):
     """kv_start per sequence (int32 too), one sequence whose padding leaves it no bulk, none at all; the default
     chunk plan."""
     dtype = DTYPES[-1]
@@ -131,16 +139,17 @@ def test_left_padding_and_default_plan(diagonal):
         m = _moments(k, 90, start.long(), diagonal=diagonal)
         share, decided = _shares(q, k, m, start.long())
         assert decided.tolist() == [True, True, False]
-        _check(q, k, v, m, _mixed_tau(share, decided), dtype, f"padded {start.tolist()}", kv_start=start)
+        _check(q, k, v, m, _mixed_tau(share, decided), dtype, f"padded {start.tolist()}", kv_start=start,
+               variant=variant)
     none = torch.zeros(3, dtype=torch.long, device=DEVICE)  # no kv_start at all: no padding
     m = _moments(k, 90, none, diagonal=diagonal)
     share, decided = _shares(q, k, m, none)
-    _check(q, k, v, m, _mixed_tau(share, decided), dtype, "no kv_start", kv_start=None)
+    _check(q, k, v, m, _mixed_tau(share, decided), dtype, "no kv_start", kv_start=None, variant=variant)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("diagonal", [False, True], ids=["full", "diag"])
-def test_consecutive_static_steps_reuse_the_counters(diagonal, dtype):
+def test_consecutive_static_steps_reuse_the_counters(diagonal, dtype, variant):
     """Static steps over preallocated storage (device-side n_valid), one workspace: each step equals the
     reference (the tickets were set back to zero), the moments follow the bulk key by key, and the workspace is
     zero after every launch."""
@@ -154,12 +163,69 @@ def test_consecutive_static_steps_reuse_the_counters(diagonal, dtype):
         nv = torch.tensor([n], device=DEVICE)
         share, decided = _shares(q, k, m, start, n_valid=nv)
         _check(q, k, v, m, _mixed_tau(share, decided), dtype, f"step n={n}", kv_start=start, n_valid=nv,
-               workspace=ws, splits=5, local_splits=2)
+               workspace=ws, splits=5, local_splits=2, variant=variant)
         assert not ws.pair.any() and not ws.sequence.any()
     fresh = _moments(k, 46, start, diagonal=diagonal)  # the bulk of the next query, from scratch
     torch.testing.assert_close(m.first, fresh.first, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(m.second, fresh.second, rtol=1e-5, atol=1e-3)
     assert torch.equal(m.count, fresh.count)
+
+
+# bf16 on the GPU only: Triton's interpreter returns garbage for bf16 (the dense kernel's too, 1e8 off)
+EDGE_DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", EDGE_DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("group", [1, 2, 4, 8], ids=lambda g: f"gqa{g}")
+@pytest.mark.parametrize("n_keys", [10, 17, 18, 33], ids=lambda n: f"N{n}")
+def test_one_launch_edges_match_three_launch(n_keys, group, dtype):
+    """The one-launch kernel at edge lengths (below sink + window: no bulk; at it; one past: the first key leaves
+    the window; a few chunks past), left padding (kv_start, one sequence padded past its bulk) and a device-side
+    n_valid inside larger storage, GQA 1 to 8, fp16 / fp32 (bf16 too on the GPU): the reference's output, flags,
+    moments and counts, and the three-launch path's flags and counts exactly, its moments to an ulp."""
+    from lighttransfer.kernels.fused_routing_triton import FusedWorkspace
+
+    q, k_all, v_all = _inputs(3, 2, group, n_keys + 6, 32, dtype, seed=n_keys * 7 + group + 1)
+    k = k_all[:, :, :n_keys]
+    start = torch.tensor([0, 2, max(0, n_keys - 15)], device=DEVICE, dtype=torch.int32)
+    nv = torch.tensor([n_keys], device=DEVICE)
+    m = _moments(k, n_keys, start.long(), diagonal=group % 4 == 2)
+    share, decided = _shares(q, k, m, start.long())
+    tau = _mixed_tau(share, decided)
+    three = _clone(m)
+    ws = FusedWorkspace.zeros(3, 2, DEVICE)
+    local = _check(q, k_all, v_all, m, tau, dtype, f"N={n_keys} group={group}", kv_start=start, n_valid=nv,
+                   workspace=ws, splits=3, variant="one-launch")
+    assert not ws.pair.any() and not ws.sequence.any()
+    counts = torch.zeros(2, dtype=torch.float64, device=DEVICE)
+    _, local3 = fused_routed_decode(q, k_all, v_all, three, tau=tau, sink=SINK, window=WINDOW, kv_start=start,
+                                    n_valid=nv, counts=counts, splits=3, local_splits=2, variant="three-launch")
+    assert torch.equal(local, local3)
+    assert torch.equal(m.count, three.count)
+    # the same fold in both kernels (the GPU may contract it into an FMA in one and not the other: an ulp)
+    torch.testing.assert_close(m.first, three.first, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m.second, three.second, rtol=1e-6, atol=1e-6)
+    assert counts[1].item() == 2 * decided.sum().item()  # decided pairs: 2 KV heads per decided sequence
+    if n_keys <= SINK + WINDOW:
+        assert local.all() and counts[1].item() == 0  # no bulk: local without a decision
+
+
+def test_launcher_rule_at_the_8b_shape():
+    """The documented rule on an H200's plan (132 SMs, 32 splits of 1024 keys at 32k, 8 KV heads, D 128, bf16, sink
+    + window 1024): the one-launch kernel at batch 1, the three-launch path from batch 2 on."""
+    from lighttransfer.kernels.fused_routing_one_triton import extra_bytes, one_launch_wins, plan_one_launch
+
+    chunk, n_splits = plan_one_launch(1, 8, 32768, cuda_sms=132)
+    assert (chunk, n_splits) == (1024, 32)
+    for diagonal in (False, True):
+        assert one_launch_wins(1, 8, n_splits, 1024, 128, 2, diagonal=diagonal)
+        assert not one_launch_wins(2, 8, plan_one_launch(2, 8, 32768, cuda_sms=132)[1], 1024, 128, 2,
+                                   diagonal=diagonal)
+        assert not one_launch_wins(16, 8, plan_one_launch(16, 8, 32768, cuda_sms=132)[1], 1024, 128, 2,
+                                   diagonal=diagonal)
+    # per pair: 32 bulk programs read the local keys and the moments again, the local program its keys twice
+    assert extra_bytes(1, 8, 32, 1024, 128, 2, diagonal=False) == 8 * (32 * (1024 * 256 + 4 * 128 * 128) + 1024 * 256)
+    assert extra_bytes(2, 8, 32, 1024, 128, 2, diagonal=True) == 16 * (32 * (1024 * 256 + 4 * 128) + 1024 * 256)
 
 
 def test_one_line_errors():
@@ -179,12 +245,14 @@ def test_one_line_errors():
         fused_routed_decode(q, k, v, m, **{**kw, "tau": float("nan")})
     with pytest.raises(LightTransferError, match="window"):
         fused_routed_decode(q, k, v, m, **{**kw, "window": 0})
+    with pytest.raises(LightTransferError, match="variant"):
+        fused_routed_decode(q, k, v, m, variant="two-launch", **kw)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("diagonal", [False, True], ids=["full", "diag"])
-def test_on_cuda_a_captured_step_replays_as_eager_steps(diagonal):
+def test_on_cuda_a_captured_step_replays_as_eager_steps(diagonal, variant):
     """One capture, replays at growing n_valid: each replay's output, flags, moments and counts are those of eager
     steps (the tickets reset inside the graph)."""
     from lighttransfer.kernels.fused_routing_triton import FusedWorkspace
@@ -197,7 +265,7 @@ def test_on_cuda_a_captured_step_replays_as_eager_steps(diagonal):
     c_graph, c_eager = (torch.zeros(2, dtype=torch.float64, device=DEVICE) for _ in range(2))
     ws_graph, ws_eager = FusedWorkspace.zeros(4, 2, DEVICE), FusedWorkspace.zeros(4, 2, DEVICE)
     nv = torch.tensor([2000], device=DEVICE)
-    kw = dict(tau=0.3, sink=SINK, window=WINDOW, kv_start=start)
+    kw = dict(tau=0.3, sink=SINK, window=WINDOW, kv_start=start, variant=variant)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up (compilation) on copies, so the graph's tensors start untouched
