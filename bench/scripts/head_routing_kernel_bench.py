@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 if "--tiny" in sys.argv:  # the interpreter must be on before any kernel is defined
@@ -261,16 +262,20 @@ def main(argv=None) -> int:
     else:
         shape = dict(heads=32, kv_heads=8, head_dim=128, n_keys=args.keys, sink=4, window=1020)
         dtype, batches = torch.bfloat16, [int(b) for b in args.batches.split(",")]
-    rows = [bench_batch(b, **shape, dtype=dtype, device=device, graph=cuda, rounds=3 if args.tiny else 20,
-                        tolerance=1e-2 if dtype != torch.float32 else 1e-4) for b in batches]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     result = {"environment": environment(), "pinned_configs": os.environ.get("LIGHTTRANSFER_TRITON_AUTOTUNE") == "0",
               "shape": f"{shape['heads']}/{shape['kv_heads']} heads, D={shape['head_dim']}, {dtype}, "
                        f"N={shape['n_keys']}, sink {shape['sink']} + window {shape['window']}",
-              "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "head_routing_kernels.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
-    (out / "head_routing_kernels.md").write_text(markdown(result))
+              "rows": []}
+    for b in batches:  # written after every batch: a run cut by a time limit keeps the batches it finished
+        start = time.perf_counter()
+        result["rows"].append(bench_batch(b, **shape, dtype=dtype, device=device, graph=cuda,
+                                          rounds=3 if args.tiny else 20,
+                                          tolerance=1e-2 if dtype != torch.float32 else 1e-4))
+        (out / "head_routing_kernels.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+        (out / "head_routing_kernels.md").write_text(markdown(result))
+        print(f"batch {b}: done in {time.perf_counter() - start:.0f} s (compiles included)", flush=True)
     print(markdown(result))
     return 0
 
