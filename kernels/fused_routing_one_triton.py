@@ -68,6 +68,7 @@ from .decode_launch import (
 )
 from .decode_triton import _streaming_decode_merge, plan_splits
 from .full_decode_triton import _CHUNK_ALIGN, HOPPER_CONFIGS, _attend_range, _store_partial
+from .fused_routing_triton import _decide, _publish
 from .routed_decode_triton import routed_splits
 
 _LOG2E = 1.4426950408889634
@@ -173,17 +174,7 @@ def _decide_attend(
         qk_gone = tl.sum(qf * kg[None, :], 1)
         quad += w * qk_gone * qk_gone
         var = quad / n_div - mean_dot * mean_dot
-    has = count > 0.0
-    mean_dot = tl.where(has, mean_dot, 0.0)
-    var = tl.where(has, tl.maximum(var, 0.0), 0.0)
-    n_bulk = tl.maximum(n_keys - window - start - sink, 0).to(tl.float32)
-    decided = n_bulk > 0.0
-    log_n = tl.where(decided, tl.log(tl.maximum(n_bulk, 1.0)), float("-inf"))
-    log_bulk = log_n + scale * mean_dot + 0.5 * scale * scale * var
-    lse = tl.where(row_ok, lse, 0.0)  # padding rows of the tile (no key): a finite stand-in, masked below
-    far = 1.0 / (1.0 + tl.exp(lse - log_bulk))  # sigmoid(log m̂_B - lse_L), as torch computes it
-    far = tl.where(row_ok & (far == far), far, 0.0)
-    local = (tl.max(far, 0) <= tau) | (n_bulk <= 0.0)
+    local, decided = _decide(lse, mean_dot, var, count, row_ok, n_keys, start, sink, window, scale, tau)
 
     # ---- 2. column 0: the local set with its values; column c > 0: chunk c - 1 of the bulk where the pair is full
     # (one code path for both: two ranges, the second empty for a bulk chunk); the partial goes to slot c
@@ -224,17 +215,8 @@ def _decide_attend(
                 kr = tl.load(k_gone + offs_u, mask=u_ok, other=0.0).to(tl.float32)
                 s_blk = tl.load(s_ptrs, mask=s_mask, other=0.0) + (kr * w)[:, None] * kg[None, :]
                 tl.store(s_ptrs, s_blk, mask=s_mask)
-        tl.store(LOCAL + pid_bk, local.to(tl.int8))
-        if HAS_STATS:
-            tl.atomic_add(STATS, (local & decided).to(tl.float64))
-            tl.atomic_add(STATS + 1, decided.to(tl.float64))
-        tl.store(PAIR_TICKET + pid_bk, 0)
-        # the sequence's last pair writes the key count, after every program of the sequence has read the old one
-        tl.debug_barrier()
-        last = tl.atomic_add(SEQ_TICKET + b, 1, sem="acq_rel", scope="gpu")
-        if last == n_kv_heads - 1:
-            tl.store(COUNT + b, count)
-            tl.store(SEQ_TICKET + b, 0)
+        _publish(LOCAL, STATS, PAIR_TICKET, SEQ_TICKET, COUNT, pid_bk, b, n_kv_heads, local, decided, count,
+                 HAS_STATS)
 
 
 def plan_one_launch(batch: int, kv_heads: int, n_keys: int, *, cuda_sms: int | None,

@@ -56,6 +56,44 @@ LOCAL_CONFIGS = [decode_config(64, 4, 3), decode_config(64, 4, 2)]
 _LOCAL_ALIGN = 64
 
 
+@triton.jit
+def _decide(lse, mean_dot, var, count, row_ok, n_keys, start, sink, window, scale, tau):
+    """The pair's routing from its query heads' local log-sum-exps ``lse`` (natural log) and the Gaussian bulk's
+    ``q·μ`` and ``qᵀΣq − (q·μ)²`` (``mean_dot``, ``var``, over ``count`` keys): ``(local, decided)``, local where
+    every head's predicted far share ``f̂ = m̂_B / (m_L + m̂_B)`` is at most ``tau`` or there is no bulk; decided
+    where there is one (what the routing counts count). The rule of :mod:`~lighttransfer.kernels.head_routing`."""
+    has = count > 0.0
+    mean_dot = tl.where(has, mean_dot, 0.0)
+    var = tl.where(has, tl.maximum(var, 0.0), 0.0)
+    n_bulk = tl.maximum(n_keys - window - start - sink, 0).to(tl.float32)
+    decided = n_bulk > 0.0
+    log_n = tl.where(decided, tl.log(tl.maximum(n_bulk, 1.0)), float("-inf"))
+    log_bulk = log_n + scale * mean_dot + 0.5 * scale * scale * var
+    lse = tl.where(row_ok, lse, 0.0)  # padding rows of the tile (no key): a finite stand-in, masked below
+    far = 1.0 / (1.0 + tl.exp(lse - log_bulk))  # sigmoid(log m̂_B - lse_L), as torch computes it
+    far = tl.where(row_ok & (far == far), far, 0.0)
+    local = (tl.max(far, 0) <= tau) | (n_bulk <= 0.0)
+    return local, decided
+
+
+@triton.jit
+def _publish(LOCAL, STATS, PAIR_TICKET, SEQ_TICKET, COUNT, pid_bk, b, n_kv_heads, local, decided, count,
+             HAS_STATS: tl.constexpr):
+    """The pair's last program, after folding the key in: the routing flag, the counts, the pair's counter back to
+    zero (a CUDA graph replays the launch), and the sequence's last pair writes the key count, after every pair
+    of the sequence has read the old one."""
+    tl.store(LOCAL + pid_bk, local.to(tl.int8))
+    if HAS_STATS:
+        tl.atomic_add(STATS, (local & decided).to(tl.float64))
+        tl.atomic_add(STATS + 1, decided.to(tl.float64))
+    tl.store(PAIR_TICKET + pid_bk, 0)
+    tl.debug_barrier()
+    last = tl.atomic_add(SEQ_TICKET + b, 1, sem="acq_rel", scope="gpu")
+    if last == n_kv_heads - 1:
+        tl.store(COUNT + b, count)
+        tl.store(SEQ_TICKET + b, 0)
+
+
 @triton.jit(do_not_specialize=["n_keys", "local_chunk"])
 def _local_decide(
     Q, K, V, KV_START, N_VALID, PART_O, PART_LSE,
@@ -155,28 +193,9 @@ def _local_decide(
                              mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
                 quad += tl.sum(t * qr, 1)
             var = quad / n_div - mean_dot * mean_dot
-        has = count > 0.0
-        mean_dot = tl.where(has, mean_dot, 0.0)
-        var = tl.where(has, tl.maximum(var, 0.0), 0.0)
-        n_bulk = tl.maximum(n_keys - window - start - sink, 0).to(tl.float32)
-        decided = n_bulk > 0.0
-        log_n = tl.where(decided, tl.log(tl.maximum(n_bulk, 1.0)), float("-inf"))
-        log_bulk = log_n + scale * mean_dot + 0.5 * scale * scale * var
-        lse = tl.where(row_ok, lse, 0.0)  # padding rows of the tile (no key): a finite stand-in, masked below
-        far = 1.0 / (1.0 + tl.exp(lse - log_bulk))  # sigmoid(log m̂_B - lse_L), as torch computes it
-        far = tl.where(row_ok & (far == far), far, 0.0)
-        local = (tl.max(far, 0) <= tau) | (n_bulk <= 0.0)
-        tl.store(LOCAL + pid_bk, local.to(tl.int8))
-        if HAS_STATS:
-            tl.atomic_add(STATS, (local & decided).to(tl.float64))
-            tl.atomic_add(STATS + 1, decided.to(tl.float64))
-        tl.store(PAIR_TICKET + pid_bk, 0)
-        # the sequence's last pair writes the key count, after every pair of it has read the old one
-        tl.debug_barrier()
-        last = tl.atomic_add(SEQ_TICKET + b, 1, sem="acq_rel", scope="gpu")
-        if last == n_kv_heads - 1:
-            tl.store(COUNT + b, count)
-            tl.store(SEQ_TICKET + b, 0)
+        local, decided = _decide(lse, mean_dot, var, count, row_ok, n_keys, start, sink, window, scale, tau)
+        _publish(LOCAL, STATS, PAIR_TICKET, SEQ_TICKET, COUNT, pid_bk, b, n_kv_heads, local, decided, count,
+                 HAS_STATS)
 
 
 @triton.jit(do_not_specialize=["n_keys", "chunk"])
