@@ -196,7 +196,7 @@ def test_device_step_has_no_sync_and_replays_in_a_cuda_graph(monkeypatch):
         saved = [t.clone() for t in (graph_state.anchor, graph_state.picked, graph_state.anchor_pos)]
         q.copy_(plan[0])
         step(graph_state, graph_stats)  # warm-up on the side stream, then put the state back
-        for t, s in zip((graph_state.anchor, graph_state.picked, graph_state.anchor_pos), saved):
+        for t, s in zip((graph_state.anchor, graph_state.picked, graph_state.anchor_pos), saved, strict=True):
             t.copy_(s)
     torch.cuda.current_stream().wait_stream(side)
     graph_stats.reset()
@@ -204,7 +204,7 @@ def test_device_step_has_no_sync_and_replays_in_a_cuda_graph(monkeypatch):
     with torch.cuda.graph(graph):
         out = step(graph_state, graph_stats)
     graph_stats.reset()
-    for p, want in zip(plan, eager):
+    for p, want in zip(plan, eager, strict=True):
         q.copy_(p)
         graph.replay()
         torch.testing.assert_close(out, want, atol=0, rtol=0)
