@@ -209,3 +209,34 @@ def test_device_step_has_no_sync_and_replays_in_a_cuda_graph(monkeypatch):
         graph.replay()
         torch.testing.assert_close(out, want, atol=0, rtol=0)
     assert graph_stats.to_dict() == eager_stats.to_dict() and 0 < eager_stats.hits < eager_stats.lookups
+
+
+def test_reuse_max_age_in_the_config_block_load_and_convert(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    import lighttransfer
+    from conftest import run_cli
+    from lighttransfer.errors import LightTransferError
+    from lighttransfer.hybrid_format import HybridConfig
+    from lighttransfer.runtime import runtime_of
+
+    base = HybridConfig(num_layers=4, num_kv_heads=2, streaming_layers=[1])
+    default = base.with_selection(TokenSelectConfig(k=8)).to_dict()
+    assert "select_reuse_max_age" not in default  # the default is not written: older readers read the block
+    assert HybridConfig.from_dict(default).selection.reuse_max_age == 64
+    aged = base.with_selection(TokenSelectConfig(k=8, reuse_max_age=5)).to_dict()
+    assert aged["select_reuse_max_age"] == 5
+    assert HybridConfig.from_dict(json.loads(json.dumps(aged))).selection == TokenSelectConfig(k=8, reuse_max_age=5)
+    with pytest.raises(LightTransferError, match="only meaningful"):
+        HybridConfig.from_dict({**base.to_dict(), "select_reuse_max_age": 5})
+    with pytest.raises(LightTransferError, match="select_reuse_max_age"):
+        TokenSelectConfig(reuse_max_age=0)
+    assert TokenSelectConfig(k=8, init=2, local=4, reuse_max_age=5).reuse_width == 19
+    model = lighttransfer.load(tiny_model_dir, device="cpu", decode="tokenselect", select_reuse_max_age=7)
+    assert runtime_of(model).layout.selection.reuse_max_age == 7
+    out = tmp_path / "hybrid"
+    code, _, err = run_cli(["convert", str(tiny_model_dir), "--layers", "1", "--out", str(out), "--decode",
+                            "tokenselect", "--select-k", "16", "--select-reuse-max-age", "9"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["lighttransfer"]["select_reuse_max_age"] == 9
+    assert runtime_of(lighttransfer.load(out, device="cpu")).layout.selection.reuse_max_age == 9

@@ -100,6 +100,21 @@ def run_cuda_tests(out: Path) -> dict:
 
 def bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: int, dtype, device: str,
                 graph: bool, rounds: int, tolerance: float, seed: int = 0) -> dict:
+    """Check then time every part at one batch size. On the CPU the runtime's steps run its kernel path too
+    (``KERNELS_ON_CPU``, under the interpreter), so the runtime parts check the same wiring as on a GPU."""
+    from lighttransfer.runtime import token_select as ts
+
+    before = ts.KERNELS_ON_CPU
+    ts.KERNELS_ON_CPU = True
+    try:
+        return _bench_batch(batch, n_keys=n_keys, k_select=k_select, init=init, local=local, dtype=dtype,
+                            device=device, graph=graph, rounds=rounds, tolerance=tolerance, seed=seed)
+    finally:
+        ts.KERNELS_ON_CPU = before
+
+
+def _bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: int, dtype, device: str,
+                 graph: bool, rounds: int, tolerance: float, seed: int = 0) -> dict:
     from lighttransfer import kernels
     from lighttransfer.bench.gpu_env import median_us
     from lighttransfer.hybrid_format import TokenSelectConfig
