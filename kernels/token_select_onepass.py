@@ -20,6 +20,12 @@ scratch (268 MB at 16 x 128k x 32 heads; 16.8 MB per sequence).
 candidates, recent keys below ``kv_start + init``). :func:`~lighttransfer.kernels.select_attention` does not need
 the keys in order (the online softmax is order-free; every slot is a masked gather), so nothing is sorted: one
 launch writes the list and the Selection Cache's ``picked`` from ``torch.topk``'s values and indices.
+
+**Selection Cache on the device.** Both vote passes take a per-sequence ``skip`` flag (a hit): its programs read no
+key and its votes are ``-inf``, the grid unchanged (no host-side list of the rows to score). The list kernel takes
+the hit flags, the cached top-k and the anchors' key indices: a hit keeps its cached picks (each slot read and
+written back by the same program, so the top-k may be updated in place) and the recent keys ``(anchor - local,
+query]``, in ``extra`` more slots than a fresh list (the caller's bound on a reused selection's age).
 """
 
 from __future__ import annotations

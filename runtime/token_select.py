@@ -19,11 +19,18 @@ the prefill, as in chunked prefill, attends densely):
    the reused selection; this way a budget that covers every candidate stays exact with the cache on.) Attention
    then runs over the listed keys only (``kernels.select_attention``).
 
+4. A reused selection serves at most ``reuse_max_age`` steps: a query more than that many keys after its anchor
+   rescores even when similar (a miss). This bounds the reused recent block, ``local + age`` keys, so a decode
+   step's list has the static width ``init + k + local + reuse_max_age``.
+
 In a batch, the vote kernel scores only the sequences that missed (on the CPU, the reference scores the whole
-batch and the hits keep their cached selection); the hit rate counts sequences. A decode step with no usable
-Selection Cache (the first after the prefill, or every step with ``reuse = 1``) is one fixed sequence of launches
-(one-pass vote, ``torch.topk``, the list kernel, attention) with no host synchronization, so a CUDA graph can
-capture it; a step that may reuse a selection decides hits on the host (one synchronization per query).
+batch and the hits keep their cached selection); the hit rate counts sequences. A decode step (one query, the
+kernels) is one fixed sequence of launches with no host synchronization, so a CUDA graph can capture it: without a
+usable Selection Cache (the first after the prefill, or every step with ``reuse = 1``) the one-pass vote,
+``torch.topk``, the list kernel and attention (:func:`_fresh_step`); with one, the hit flags on the device, the
+vote skipping the hits' programs, the list kernel keeping their cached picks, attention, and the state updated in
+place (:func:`_cached_step`). The general path below (continuation chunks, the CPU references) decides hits on
+the host; it is the reference semantics, and the decode steps give the same selections (tested).
 State is on the cache (:class:`SelectionState` per full layer); counts go to a :class:`SelectionStats` that the
 model's runtime shares across its caches.
 """
