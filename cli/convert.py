@@ -103,6 +103,8 @@ def _memory_table(memory, dtype: str | None = None):
               "[default: 512].")
 @click.option("--select-reuse", type=float, default=None, help="TokenSelect: Selection Cache threshold on the cosine "
               "similarity of consecutive queries, 1 = off [default: 0.9].")
+@click.option("--select-reuse-max-age", type=int, default=None, help="TokenSelect: steps a reused selection may "
+              "serve before the query rescores (bounds the decode step's index list) [default: 64].")
 @click.option("--prefill-sparse", type=click.Choice(["sample", "vslash", "antidiag", "dense"]), default=None,
               help="Store block-sparse prefill of the full layers in the checkpoint block: the estimator (sampled "
                    "query rows, vertical-slash, antidiagonal) [default: none, dense prefill].")
@@ -130,7 +132,7 @@ def _memory_table(memory, dtype: str | None = None):
 @verbosity_options
 def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, window, granularity, strategy, prefill,
             native_swa, seq_len, samples, seed, force, decode, select_k, select_init, select_local, select_reuse,
-            prefill_sparse, prefill_alpha, prefill_min_len, head_routing, routing_tau, routing_share, routing_stats,
+            select_reuse_max_age, prefill_sparse, prefill_alpha, prefill_min_len, head_routing, routing_tau, routing_share, routing_stats,
             routing_cov, routing_guard, routing_page, device, dtype, trust_remote_code) -> None:
     """Write a hybrid checkpoint of MODEL (directory, .gguf file or hub id) whose laziest layers stream."""
     from ..convert.converter import convert as run_convert
@@ -155,7 +157,7 @@ def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, wi
         native_swa=native_swa, force=force, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         progress=not quiet, seed=seed, seq_len=seq_len, samples=samples, decode=decode, select_k=select_k,
         select_init=select_init, select_local=select_local, select_reuse=select_reuse,
-        prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
+        select_reuse_max_age=select_reuse_max_age, prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
         head_routing=routing,
         status=None if quiet else (lambda line: stderr_console().print(f"[dim]{escape(line)}…[/dim]")),
     )

@@ -45,6 +45,8 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 @click.option("--select-init", type=int, help="TokenSelect: first tokens always attended [default: 128].")
 @click.option("--select-local", type=int, help="TokenSelect: recent tokens always attended [default: 512].")
 @click.option("--select-reuse", type=float, help="TokenSelect: Selection Cache cosine threshold, 1 = off [default: 0.9].")
+@click.option("--select-reuse-max-age", type=int,
+              help="TokenSelect: steps a reused selection may serve before the query rescores [default: 64].")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
               help="Decode with the step captured once in a CUDA graph and replayed per token (static shapes, cache "
                    "reserved for prompt + --max-new-tokens); eager where no graph can be captured, with the reason.")
@@ -70,7 +72,8 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 @model_options
 @verbosity_options
 def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p, seed, chat, prefill, chunk_size,
-             online_ratio, decode, select_k, select_init, select_local, select_reuse, cuda_graphs, prefill_sparse,
+             online_ratio, decode, select_k, select_init, select_local, select_reuse, select_reuse_max_age,
+             cuda_graphs, prefill_sparse,
              prefill_alpha, prefill_min_len, fused_ops, head_routing, routing_tau, routing_share, routing_stats,
              routing_cov, routing_guard, routing_page, device, dtype, trust_remote_code):
     """Generate text with a hybrid checkpoint, streaming it as it is produced.
@@ -85,7 +88,7 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
     loaded = load_hybrid(model_dir, device=device, dtype=dtype, prefill=prefill, chunk_size=chunk_size,
                          online_ratio=online_ratio, cuda_graphs=cuda_graphs, trust_remote_code=trust_remote_code,
                          decode=decode, select_k=select_k, select_init=select_init, select_local=select_local,
-                         select_reuse=select_reuse,
+                         select_reuse=select_reuse, select_reuse_max_age=select_reuse_max_age,
                          prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
                          fused_ops=fused_ops, head_routing=head_routing, routing_tau=routing_tau,
                          routing_share=routing_share, routing_stats=routing_stats, routing_cov=routing_cov,

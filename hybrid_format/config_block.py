@@ -20,6 +20,7 @@ block through ``from_pretrained`` -> ``save_pretrained``::
       "native_swa": false,                     # true when layer_types/sliding_window were also written
       "decode": "tokenselect",                 # format 2 only: how the full layers decode (absent = dense)
       "select_k": 2048, "select_init": 128, "select_local": 512, "select_reuse": 0.9,
+                                               # "select_reuse_max_age": 64 (optional, written when not 64)
       "sparse_prefill": {...},                 # optional: block-sparse prefill of the full layers
                                                # (hybrid_format/sparse_prefill.py; absent = dense)
       "head_routing": {...}                    # optional: per-query KV-head routing of the full layers' decode
@@ -44,12 +45,15 @@ from ..errors import LightTransferError
 from .head_routing import HeadRoutingConfig
 from .layout import HybridLayout
 from .sparse_prefill import SparsePrefillConfig
-from .token_select import DECODE_POLICIES, TokenSelectConfig
+from .token_select import DECODE_POLICIES, DEFAULT_SELECT_REUSE_MAX_AGE, TokenSelectConfig
 
 CONFIG_KEY = "lighttransfer"
 FORMAT_VERSION = 2  # the newest version this lighttransfer writes and reads
 READABLE_VERSIONS = (1, 2)
 _DECODE_FIELDS = ("decode", "select_k", "select_init", "select_local", "select_reuse")
+# optional TokenSelect fields: absent = the default (blocks written before them stay valid), and written only when
+# not the default, so that older readers still read a block that does not need them
+_OPTIONAL_DECODE_FIELDS = {"select_reuse_max_age": DEFAULT_SELECT_REUSE_MAX_AGE}
 SIDECAR_NAME = "lighttransfer_scores.json"
 # the sidecar's own version (per-head scores beside the weights; its keys: format_version, model_id, fingerprint,
 # params, layer_lazy_ratios, kv_head_long_context_scores, head_lazy_ratios)
@@ -84,7 +88,8 @@ class HybridConfig:
             in the source model's head order, so ``source`` and any report on it no longer index them.
         decode: ``dense`` (every cached key) or ``tokenselect`` (the full layers' decode steps attend the
             ``select_k`` keys of largest soft vote plus ``select_init`` first and ``select_local`` recent ones;
-            Selection Cache threshold ``select_reuse``). The ``select_*`` fields are ``None`` for a dense decode.
+            Selection Cache threshold ``select_reuse``, reuse for at most ``select_reuse_max_age`` steps, ``None`` =
+            the default 64). The ``select_*`` fields are ``None`` for a dense decode.
         sparse_prefill: block-sparse prefill of the full layers (a
             :class:`~lighttransfer.hybrid_format.sparse_prefill.SparsePrefillConfig` as a dict), or ``None``
             (dense; the key is then left out of the block).
@@ -112,6 +117,7 @@ class HybridConfig:
     select_init: int | None = None
     select_local: int | None = None
     select_reuse: float | None = None
+    select_reuse_max_age: int | None = None
     sparse_prefill: dict[str, Any] | None = None
     head_routing: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
@@ -147,15 +153,18 @@ class HybridConfig:
         """The full layers' TokenSelect settings, or ``None`` for a dense decode."""
         if self.decode != "tokenselect":
             return None
+        age = self.select_reuse_max_age
         return TokenSelectConfig(k=self.select_k, init=self.select_init, local=self.select_local,
-                                 reuse=self.select_reuse)
+                                 reuse=self.select_reuse,
+                                 reuse_max_age=DEFAULT_SELECT_REUSE_MAX_AGE if age is None else age)
 
     def with_selection(self, selection: TokenSelectConfig | None) -> HybridConfig:
         """A copy whose full layers decode with ``selection`` (``None``: dense)."""
         from dataclasses import replace
 
         fields = selection.to_fields() if selection else dict(decode="dense", select_k=None, select_init=None,
-                                                              select_local=None, select_reuse=None)
+                                                              select_local=None, select_reuse=None,
+                                                              select_reuse_max_age=None)
         return replace(self, **fields, format_version=2 if selection else 1)
 
     def sparse_prefill_config(self) -> SparsePrefillConfig | None:
@@ -197,7 +206,7 @@ class HybridConfig:
             if missing:
                 raise LightTransferError(f"decode 'tokenselect' needs {', '.join(missing)}.")
             self.selection  # noqa: B018 - the ranges, checked by TokenSelectConfig
-        elif any(getattr(self, f) is not None for f in _DECODE_FIELDS[1:]):
+        elif any(getattr(self, f) is not None for f in (*_DECODE_FIELDS[1:], *_OPTIONAL_DECODE_FIELDS)):
             raise LightTransferError("select_* fields are only meaningful with decode 'tokenselect'.")
         if self.granularity not in ("layer", "head"):
             raise LightTransferError(f"granularity must be 'layer' or 'head', got {self.granularity!r}.")
@@ -210,8 +219,11 @@ class HybridConfig:
         if not d["head_order"]:
             del d["head_order"]  # blocks written by convert stay as before
         if self.decode == "dense":
-            for name in _DECODE_FIELDS:  # a dense decode writes the format-1 block, unchanged
+            for name in (*_DECODE_FIELDS, *_OPTIONAL_DECODE_FIELDS):  # a dense decode writes the format-1 block
                 del d[name]
+        for name, default in _OPTIONAL_DECODE_FIELDS.items():
+            if d.get(name, default) in (None, default):
+                d.pop(name, None)
         if d["sparse_prefill"] is None:
             del d["sparse_prefill"]  # likewise: absent means dense
         if d["head_routing"] is None:

@@ -122,27 +122,37 @@ def token_votes(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_s
 
 def total_votes(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_start: torch.Tensor | None = None,
                 scale: float | None = None, splits: int | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> torch.Tensor:
     """The soft vote summed over all heads, ``S(t) = sum_h softmax_t(c_h)(t)``, of one query per sequence:
     ``q [B, H, 1, D]``, ``k [B, Hkv, N, D]`` -> ``[B, N]`` float32 (``[len(rows), N]`` with ``rows``), ``-inf``
     outside the candidates. The same votes as :func:`token_votes` summed over its KV heads.
+
+    ``skip``: bool ``[B]`` on the device, sequences not to score (their Selection Cache hit): their votes are all
+    ``-inf`` and, in the kernel, their programs read no key. Unlike ``rows`` it keeps the batch's shape, so the
+    step that uses it has no host synchronization (not with ``rows``).
 
     Triton (:mod:`.token_select_onepass`): the candidate keys are read once (the per-head scores kept in float32
     scratch ``[rows, H, N]`` between the two passes instead of recomputed); the reference otherwise.
     """
     scale = _check_vote_inputs("total_votes", q, k, init=init, local=local, kv_start=kv_start, rows=rows,
                                scale=scale)
+    if skip is not None and (rows is not None or tuple(skip.shape) != (q.shape[0],)):
+        raise LightTransferError(f"total_votes: skip must be [batch] = [{q.shape[0]}] (and not with rows), got "
+                                 f"{tuple(skip.shape)}.")
     if not triton_runs_on(q):
-        return _reference_votes(q, k, init=init, local=local, kv_start=kv_start, scale=scale, rows=rows).sum(1)
+        votes = _reference_votes(q, k, init=init, local=local, kv_start=kv_start, scale=scale, rows=rows).sum(1)
+        return votes if skip is None else votes.masked_fill(skip.to(votes.device).view(-1, 1), float("-inf"))
     check_triton_support("total_votes", q)
     from .token_select_onepass import total_votes_triton
 
     return total_votes_triton(q, k, init=init, local=local, kv_start=kv_start, scale=scale, splits=splits,
-                              rows=rows)
+                              rows=rows, skip=skip)
 
 
 def fresh_selection(votes: torch.Tensor, *, k_select: int, init: int, local: int,
-                    kv_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    kv_start: torch.Tensor | None = None, hit: torch.Tensor | None = None,
+                    cached: torch.Tensor | None = None, anchor_pos: torch.Tensor | None = None, extra: int = 0,
+                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A fresh selection of one query per sequence from its total votes ``[R, N]`` (:func:`total_votes`; the query
     is the last key, ``kv_start [R]`` the rows' left padding): ``(picked [R, k_select] int64, indices [R, 1,
     init + k_select + local] int32)``, ``-1`` = none / unused slot; ``picked`` is what the Selection Cache keeps
@@ -151,22 +161,42 @@ def fresh_selection(votes: torch.Tensor, *, k_select: int, init: int, local: int
     The list holds the same keys as :func:`assemble_indices` (init, top-k, the local window, each once). Triton:
     ``torch.topk`` (unsorted) and one launch that writes both outputs, the list in the order ``[init | top-k | recent]``
     (:func:`select_attention` needs no order), with no host synchronization, so it can be captured in a CUDA
-    graph. The reference: :func:`top_candidates` then :func:`assemble_indices` (ascending)."""
+    graph. The reference: :func:`top_candidates` then :func:`assemble_indices` (ascending).
+
+    Selection Cache (a decode step mixing hits and misses, still without host synchronization): ``hit [R]`` bool,
+    ``cached [R, k_select]`` int64 the rows' cached top-k and ``anchor_pos [R]`` int64 the key index of the query
+    it was made with. Hit rows keep ``cached`` (their votes are not read) and the recent keys ``(anchor_pos -
+    local, query]``; every row's list then has ``init + k_select + local + extra`` slots, so a hit's age
+    (``query - anchor_pos``) must be at most ``extra`` (the caller's bound: ``TokenSelectConfig.reuse_max_age``;
+    keys past the list would be dropped). ``picked`` is ``where(hit, cached, fresh)``; ``out`` (Triton only, may be
+    ``cached`` itself) receives it in place."""
     if votes.dim() != 2:
         raise LightTransferError(f"fresh_selection: votes must be [rows, N], got {tuple(votes.shape)}.")
-    n_keys = votes.shape[-1]
+    rows, n_keys = votes.shape
     _check_counts("fresh_selection", init=init, local=local)
-    _check_start("fresh_selection", kv_start, votes.shape[0])
+    _check_start("fresh_selection", kv_start, rows)
+    if hit is not None and (cached is None or anchor_pos is None or tuple(hit.shape) != (rows,)
+                            or tuple(cached.shape) != (rows, int(k_select)) or tuple(anchor_pos.shape) != (rows,)):
+        raise LightTransferError(f"fresh_selection: hit [R], cached [R, k_select] and anchor_pos [R] go together "
+                                 f"(R = {rows}, k_select = {k_select}).")
     if not triton_runs_on(votes):
         picked = top_candidates(votes.unsqueeze(1), k_select)[:, 0]
         picked = torch.nn.functional.pad(picked, (0, int(k_select) - picked.shape[-1]), value=-1)
+        if hit is None:
+            return picked, assemble_indices(picked.unsqueeze(1), n_keys=n_keys, init=init, local=local,
+                                            kv_start=kv_start)
+        picked = torch.where(hit.view(-1, 1), cached, picked)
+        made = torch.where(hit, anchor_pos.long(), n_keys - 1)
         return picked, assemble_indices(picked.unsqueeze(1), n_keys=n_keys, init=init, local=local,
-                                        kv_start=kv_start)
+                                        kv_start=kv_start, recent_start=(made - local + 1).view(-1, 1),
+                                        recent_width=int(local) + int(extra))
     from .token_select_onepass import build_list_triton
 
     # unsorted: the k winners' order matters to no one (the list is a set), and sorting 2048 of them is a launch
     val, idx = torch.topk(votes, min(int(k_select), n_keys), dim=-1, sorted=False)
-    return build_list_triton(val, idx, n_keys=n_keys, k_select=k_select, init=init, local=local, kv_start=kv_start)
+    return build_list_triton(val, idx, n_keys=n_keys, k_select=k_select, init=init, local=local, kv_start=kv_start,
+                             hit=hit, cached=cached, anchor_pos=anchor_pos, extra=extra if hit is not None else 0,
+                             out=out)
 
 
 def top_candidates(votes: torch.Tensor, k_select: int) -> torch.Tensor:
@@ -181,14 +211,17 @@ def top_candidates(votes: torch.Tensor, k_select: int) -> torch.Tensor:
 
 
 def assemble_indices(picked: torch.Tensor, *, n_keys: int, init: int, local: int,
-                     kv_start: torch.Tensor | None = None, recent_start: torch.Tensor | None = None) -> torch.Tensor:
+                     kv_start: torch.Tensor | None = None, recent_start: torch.Tensor | None = None,
+                     recent_width: int | None = None) -> torch.Tensor:
     """The keys each query attends to: the candidates ``picked [batch, n, k]`` (``-1`` = none) plus the kept ones,
     ``[batch, n, S]`` int32, ascending, ``-1`` = unused slot (``S = init + k + local`` without ``recent_start``).
 
     Query ``i`` sits at key index ``p = n_keys - n + i``; init keys are ``[s, s + init)`` up to the query, recent
     ones ``(p - local, p]`` from ``s + init`` on, so no key is listed twice. ``recent_start [batch, n]`` moves the
     start of the recent keys earlier (a reused selection keeps the local window it was made with, see
-    :mod:`lighttransfer.runtime.token_select`); the recent block is then as wide as the widest query needs."""
+    :mod:`lighttransfer.runtime.token_select`); the recent block is then as wide as the widest query needs (found
+    on the host), or ``recent_width`` slots when given (a static shape, no synchronization; the caller bounds the
+    width needed by it, keys past it would be dropped)."""
     batch, n, _ = picked.shape
     device = picked.device
     start = torch.zeros(batch, dtype=torch.long, device=device) if kv_start is None \
@@ -202,7 +235,10 @@ def assemble_indices(picked: torch.Tensor, *, n_keys: int, init: int, local: int
         torch.minimum(recent_start.to(device=device, dtype=torch.long).view(batch, n, 1), pos - local + 1)
     # a fresh selection's recent block is exactly ``local`` wide (known on the host: no synchronization, so the
     # list can be built inside a CUDA graph); a reused one's is as wide as its widest query needs
-    width = int(local) if recent_start is None else (int((pos - lo + 1).max()) if lo.numel() else 0)
+    if recent_width is not None:
+        width = int(recent_width)
+    else:
+        width = int(local) if recent_start is None else (int((pos - lo + 1).max()) if lo.numel() else 0)
     if width > 0:
         near = lo + torch.arange(width, device=device).view(1, 1, width)
         floor = (start + init).view(batch, 1, 1)  # below it the key is an init key (or padding)

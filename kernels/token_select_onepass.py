@@ -20,6 +20,12 @@ scratch (268 MB at 16 x 128k x 32 heads; 16.8 MB per sequence).
 candidates, recent keys below ``kv_start + init``). :func:`~lighttransfer.kernels.select_attention` does not need
 the keys in order (the online softmax is order-free; every slot is a masked gather), so nothing is sorted: one
 launch writes the list and the Selection Cache's ``picked`` from ``torch.topk``'s values and indices.
+
+**Selection Cache on the device.** Both vote passes take a per-sequence ``skip`` flag (a hit): its programs read no
+key and its votes are ``-inf``, the grid unchanged (no host-side list of the rows to score). The list kernel takes
+the hit flags, the cached top-k and the anchors' key indices: a hit keeps its cached picks (each slot read and
+written back by the same program, so the top-k may be updated in place) and the recent keys ``(anchor - local,
+query]``, in ``extra`` more slots than a fresh list (the caller's bound on a reused selection's age).
 """
 
 from __future__ import annotations
@@ -46,10 +52,10 @@ _SCORE_BLOCK_N = 64
 
 @triton.jit(do_not_specialize=["n_keys", "chunk", "init", "local"])
 def _token_scores(
-    Q, K, KV_START, ROWS, SCORES, PART_LSE,
+    Q, K, KV_START, ROWS, SKIP, SCORES, PART_LSE,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
     n_kv_heads, GROUP, n_keys, chunk, n_splits, init, local, qk_scale,
-    HAS_START: tl.constexpr, HAS_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_START: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_SKIP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_bk = tl.program_id(0)
@@ -76,6 +82,8 @@ def _token_scores(
         cand_lo += tl.load(KV_START + b).to(tl.int32)
     lo = tl.maximum(pid_s * chunk, cand_lo)
     hi = tl.minimum(pid_s * chunk + chunk, n_keys - local)
+    if HAS_SKIP:  # a skipped sequence (its Selection Cache hit): no key read, no score written
+        hi = tl.where(tl.load(SKIP + b) != 0, lo, hi)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -99,9 +107,9 @@ def _token_scores(
 
 @triton.jit(do_not_specialize=["n_keys", "chunk", "init", "local"])
 def _token_votes_total(
-    SCORES, PART_LSE, KV_START, ROWS, VOTES,
+    SCORES, PART_LSE, KV_START, ROWS, SKIP, VOTES,
     heads, n_keys, chunk, n_splits, init, local,
-    HAS_START: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_START: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     r = tl.program_id(0)
@@ -125,13 +133,16 @@ def _token_votes_total(
     cand_lo = init
     if HAS_START:
         cand_lo += tl.load(KV_START + b).to(tl.int32)
+    cand_hi = n_keys - local
+    if HAS_SKIP:  # a skipped sequence has no candidate: its votes are -inf, no score read
+        cand_hi = tl.where(tl.load(SKIP + b) != 0, 0, cand_hi)
     # a head with no candidate (lse2 = -inf) has none of its scores read: 2^(-inf - 0) = 0, never a NaN
     lse2 = tl.where(lse2 > float("-inf"), lse2, 0.0)
     s_base = SCORES + row[:, None].to(tl.int64) * n_keys
     hi = tl.minimum(pid_t * chunk + chunk, n_keys)
     for start_t in tl.range(pid_t * chunk, hi, BLOCK_T):
         offs_t = start_t + tl.arange(0, BLOCK_T)
-        cand = (offs_t >= cand_lo) & (offs_t < n_keys - local)
+        cand = (offs_t >= cand_lo) & (offs_t < cand_hi)
         s = tl.load(s_base + offs_t[None, :], mask=h_ok[:, None] & cand[None, :], other=float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         p = tl.where(h_ok[:, None] & cand[None, :], p, 0.0)
@@ -141,9 +152,9 @@ def _token_votes_total(
 
 @triton.jit(do_not_specialize=["n_keys", "k_found", "init", "local"])
 def _build_list(
-    TOP_VAL, TOP_IDX, KV_START, IDX, PICKED,
-    stride_tv, stride_ti, n_keys, k_found, init, local,
-    K_SELECT: tl.constexpr, HAS_START: tl.constexpr, BLOCK: tl.constexpr,
+    TOP_VAL, TOP_IDX, KV_START, HIT, CACHED, ANCHOR_POS, IDX, PICKED,
+    stride_tv, stride_ti, n_keys, k_found, init, local, extra,
+    K_SELECT: tl.constexpr, HAS_START: tl.constexpr, REUSE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     r = tl.program_id(0)
     pid = tl.program_id(1)
@@ -151,7 +162,11 @@ def _build_list(
     if HAS_START:
         start = tl.load(KV_START + r).to(tl.int32)
     p = n_keys - 1  # the query's key index
-    width = init + K_SELECT + local
+    width = init + K_SELECT + local + extra
+    made = p  # the key index of the query the selection was made with (a reused one: its anchor's)
+    if REUSE:
+        hit = tl.load(HIT + r) != 0
+        made = tl.where(hit, tl.load(ANCHOR_POS + r).to(tl.int32), p)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     # slots [0, init): the first real keys up to the query
     first = start + offs
@@ -163,10 +178,16 @@ def _build_list(
     val = tl.load(TOP_VAL + r.to(tl.int64) * stride_tv + j, mask=found, other=float("-inf"))
     top = tl.load(TOP_IDX + r.to(tl.int64) * stride_ti + j, mask=found, other=-1).to(tl.int32)
     top = tl.where(val > float("-inf"), top, -1)
+    if REUSE:  # a hit keeps its cached top-k (read and written back by the same program when in place)
+        hits = (tl.zeros([BLOCK], dtype=tl.int32) + hit.to(tl.int32)) != 0  # the flag as a block (a load mask)
+        cached = tl.load(CACHED + r.to(tl.int64) * K_SELECT + j, mask=in_top & hits, other=-1).to(tl.int32)
+        top = tl.where(hit, cached, top)
     key = tl.where(in_top, top, key)
     tl.store(PICKED + r.to(tl.int64) * K_SELECT + j, top.to(tl.int64), mask=in_top)
-    # slots [init + k, init + k + local): the recent keys (p - local, p] not below kv_start + init
-    near = p - local + 1 + (offs - init - K_SELECT)
+    # slots [init + k, width): the recent keys (made - local, p] not below kv_start + init (a fresh selection's
+    # are the last ``local``; a reused one keeps its anchor's window extended to the query, ``extra`` slots more
+    # at most)
+    near = made - local + 1 + (offs - init - K_SELECT)
     recent = (offs >= init + K_SELECT) & (near >= start + init) & (near <= p)
     key = tl.where(offs >= init + K_SELECT, tl.where(recent, near, -1), key)
     tl.store(IDX + r.to(tl.int64) * width + offs, key, mask=offs < width)
@@ -186,9 +207,11 @@ def _score_tiles(block_d: int, element_bytes: int) -> tuple[int, dict]:
 
 
 def total_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_start: torch.Tensor | None,
-                       scale: float, splits: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                       scale: float, splits: int | None = None, rows: torch.Tensor | None = None,
+                       skip: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the two passes on validated inputs (see :func:`~lighttransfer.kernels.token_select.total_votes`);
-    returns ``[batch, N]`` float32, or ``[len(rows), N]`` for the sequences ``rows``."""
+    returns ``[batch, N]`` float32, or ``[len(rows), N]`` for the sequences ``rows``; the sequences flagged in
+    ``skip [batch]`` (bool) read no key and get ``-inf`` votes."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
@@ -217,10 +240,11 @@ def total_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: in
     part = torch.empty((batch, heads, n_splits), dtype=torch.float32, device=q.device)
     start_arg = start if start is not None else part
     rows_arg = rows if rows is not None else part
-    flags = dict(HAS_START=start is not None, HAS_ROWS=rows is not None)
+    skip_arg = part if skip is None else skip.to(device=q.device, dtype=torch.int8).contiguous()
+    flags = dict(HAS_START=start is not None, HAS_ROWS=rows is not None, HAS_SKIP=skip is not None)
     with torch.cuda.device(device_index(q)) if q.is_cuda else _nothing():
         _token_scores[(batch * kv_heads, n_splits)](
-            q, k, start_arg, rows_arg, scores, part, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q, k, start_arg, rows_arg, skip_arg, scores, part, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             k.stride(2), kv_heads, group, n_keys, chunk, n_splits, int(init), int(local), scale * _LOG2E, **flags,
             HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **launch)
@@ -228,7 +252,7 @@ def total_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: in
         block_t = _SUM_BLOCK if q.is_cuda else 16
         chunk2 = triton.cdiv(triton.cdiv(n_keys, kv_heads * n_splits), block_t) * block_t
         _token_votes_total[(batch, triton.cdiv(n_keys, chunk2))](
-            scores, part, start_arg, rows_arg, votes, heads, n_keys, chunk2, n_splits, int(init), int(local),
+            scores, part, start_arg, rows_arg, skip_arg, votes, heads, n_keys, chunk2, n_splits, int(init), int(local),
             **flags,
             BLOCK_H=max(2, triton.next_power_of_2(heads)), BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
             BLOCK_T=block_t)
@@ -236,22 +260,34 @@ def total_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: in
 
 
 def build_list_triton(values: torch.Tensor, picked: torch.Tensor, *, n_keys: int, k_select: int, init: int,
-                      local: int, kv_start: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                      local: int, kv_start: torch.Tensor | None, hit: torch.Tensor | None = None,
+                      cached: torch.Tensor | None = None, anchor_pos: torch.Tensor | None = None, extra: int = 0,
+                      out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch from ``torch.topk``'s ``values, picked [R, k']`` (``k' <= k_select``) to the list ``[R, 1,
-    init + k_select + local]`` int32 and the top-k ``[R, k_select]`` int64 (``-1`` where no finite vote)."""
+    init + k_select + local + extra]`` int32 and the top-k ``[R, k_select]`` int64 (``-1`` where no finite vote).
+
+    With ``hit [R]`` (bool): those rows keep ``cached [R, k_select]`` int64 and the recent keys from their
+    ``anchor_pos [R]`` on (at most ``extra`` more than ``local``: the caller's bound). ``out``: the top-k's
+    ``[R, k_select]`` int64 storage (may be ``cached`` itself: each slot is read and written by one program)."""
     rows = values.shape[0]
-    width = int(init) + int(k_select) + int(local)
+    width = int(init) + int(k_select) + int(local) + int(extra)
     idx = torch.empty((rows, 1, width), dtype=torch.int32, device=values.device)
-    top = torch.empty((rows, int(k_select)), dtype=torch.long, device=values.device)
+    top = torch.empty((rows, int(k_select)), dtype=torch.long, device=values.device) if out is None else out
     if rows == 0 or width == 0:
         return top, idx
     start = None if kv_start is None else kv_start.to(device=values.device, dtype=torch.int32).contiguous()
+    reuse = hit is not None
+    if reuse:
+        hit = hit.to(device=values.device, dtype=torch.int8).contiguous()
+        anchor_pos = anchor_pos.to(device=values.device).contiguous()
+        cached = cached.contiguous()
     block = 1024 if values.is_cuda else 64
     with torch.cuda.device(device_index(values)) if values.is_cuda else _nothing():
         _build_list[(rows, triton.cdiv(width, block))](
-            values, picked, start if start is not None else values, idx, top, values.stride(0), picked.stride(0),
-            int(n_keys), int(values.shape[1]), int(init), int(local), K_SELECT=int(k_select),
-            HAS_START=start is not None, BLOCK=block)
+            values, picked, start if start is not None else values, hit if reuse else values,
+            cached if reuse else picked, anchor_pos if reuse else picked, idx, top, values.stride(0),
+            picked.stride(0), int(n_keys), int(values.shape[1]), int(init), int(local), int(extra),
+            K_SELECT=int(k_select), HAS_START=start is not None, REUSE=reuse, BLOCK=block)
     return top, idx
 
 

@@ -41,6 +41,7 @@ def resolve_layout(
     select_init: int | None = None,
     select_local: int | None = None,
     select_reuse: float | None = None,
+    select_reuse_max_age: int | None = None,
     source: str = "the model",
     alone: bool = False,
 ) -> HybridLayout:
@@ -62,7 +63,8 @@ def resolve_layout(
         raise LightTransferError("pass either online_ratio (layers chosen per prompt) or streaming_layers/"
                                  "head_masks (a fixed layout), not both.")
     selection = token_select_config(decode, select_k=select_k, select_init=select_init, select_local=select_local,
-                                    select_reuse=select_reuse, base=block.selection if block else None)
+                                    select_reuse=select_reuse, select_reuse_max_age=select_reuse_max_age,
+                                    base=block.selection if block else None)
     if block is None and not explicit and online_ratio is None and (selection is not None or alone):
         explicit = True  # TokenSelect alone: nothing streams
     if block is None and not explicit and online_ratio is None:

@@ -19,18 +19,23 @@ the prefill, as in chunked prefill, attends densely):
    the reused selection; this way a budget that covers every candidate stays exact with the cache on.) Attention
    then runs over the listed keys only (``kernels.select_attention``).
 
+4. A reused selection serves at most ``reuse_max_age`` steps: a query more than that many keys after its anchor
+   rescores even when similar (a miss). This bounds the reused recent block, ``local + age`` keys, so a decode
+   step's list has the static width ``init + k + local + reuse_max_age``.
+
 In a batch, the vote kernel scores only the sequences that missed (on the CPU, the reference scores the whole
-batch and the hits keep their cached selection); the hit rate counts sequences. A decode step with no usable
-Selection Cache (the first after the prefill, or every step with ``reuse = 1``) is one fixed sequence of launches
-(one-pass vote, ``torch.topk``, the list kernel, attention) with no host synchronization, so a CUDA graph can
-capture it; a step that may reuse a selection decides hits on the host (one synchronization per query).
+batch and the hits keep their cached selection); the hit rate counts sequences. A decode step (one query, the
+kernels) is one fixed sequence of launches with no host synchronization, so a CUDA graph can capture it: without a
+usable Selection Cache (the first after the prefill, or every step with ``reuse = 1``) the one-pass vote,
+``torch.topk``, the list kernel and attention (:func:`_fresh_step`); with one, the hit flags on the device, the
+vote skipping the hits' programs, the list kernel keeping their cached picks, attention, and the state updated in
+place (:func:`_cached_step`). The general path below (continuation chunks, the CPU references) decides hits on
+the host; it is the reference semantics, and the decode steps give the same selections (tested).
 State is on the cache (:class:`SelectionState` per full layer); counts go to a :class:`SelectionStats` that the
 model's runtime shares across its caches.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -45,34 +50,79 @@ DENSE_WHEN_COVERED = True
 # CPU tensors: False = the PyTorch references (the default: the Triton interpreter is far too slow for a model),
 # True = the kernel entry points (under TRITON_INTERPRET=1, the CUDA path's wiring, for tests)
 KERNELS_ON_CPU = False
+# the decode steps without host synchronization (n = 1, kernels): False sends them through the general path (the
+# reference semantics, deciding hits on the host); tests compare the two
+DEVICE_STEPS = True
 
 
 def _use_kernels(q: torch.Tensor) -> bool:
     return (q.is_cuda or KERNELS_ON_CPU) and not kernels.reference_forced()
 
 
-@dataclass
 class SelectionStats:
     """Counts of TokenSelect's decisions, summed over full layers, sequences and queries.
 
-    Attributes:
+    Counts made by the host (:meth:`add`) are Python ints; the decode step with the Selection Cache adds its own on
+    the device (:meth:`add_on_device`, an int64 ``[2]`` counter per device, so that the step needs no host
+    synchronization and a CUDA graph replaying it keeps counting). Reading a count synchronizes, once.
+
+    Attributes (read-only):
         lookups: selections needed (one per full layer, sequence and query past the prefill, when the budget did
             not cover every candidate).
         hits: of those, reused from the Selection Cache.
         dense: queries attended densely because the budget covered every candidate.
     """
 
-    lookups: int = 0
-    hits: int = 0
-    dense: int = 0
+    def __init__(self) -> None:
+        self._lookups = self._hits = self._dense = 0
+        self.counts: dict[torch.device, torch.Tensor] = {}  # device -> int64 [2]: (lookups, hits)
+
+    def add(self, *, lookups: int = 0, hits: int = 0, dense: int = 0) -> None:
+        self._lookups += int(lookups)
+        self._hits += int(hits)
+        self._dense += int(dense)
+
+    def add_on_device(self, lookups: int, hit: torch.Tensor) -> None:
+        """Count ``lookups`` selections of which ``hit`` (bool ``[B]``) were reused, on ``hit``'s device."""
+        c = self.counts.get(hit.device)
+        if c is None:
+            c = self.counts[hit.device] = torch.zeros(2, dtype=torch.long, device=hit.device)
+        c[0] += int(lookups)
+        c[1] += hit.sum()
+
+    def _device_counts(self) -> tuple[int, int]:
+        totals = [c.tolist() for c in self.counts.values()]
+        return sum(t[0] for t in totals), sum(t[1] for t in totals)
+
+    @property
+    def lookups(self) -> int:
+        return self._lookups + self._device_counts()[0]
+
+    @property
+    def hits(self) -> int:
+        return self._hits + self._device_counts()[1]
+
+    @property
+    def dense(self) -> int:
+        return self._dense
 
     @property
     def hit_rate(self) -> float:
         """``hits / lookups`` (0 before any lookup)."""
-        return self.hits / self.lookups if self.lookups else 0.0
+        lookups, hits = self._device_counts()
+        lookups, hits = lookups + self._lookups, hits + self._hits
+        return hits / lookups if lookups else 0.0
 
     def reset(self) -> None:
-        self.lookups = self.hits = self.dense = 0
+        """Zero every count; the device counters in place (a captured decode step keeps adding to the same
+        tensors; they are made during an inference-mode forward, and such tensors change only inside it)."""
+        self._lookups = self._hits = self._dense = 0
+        with torch.inference_mode():
+            for c in self.counts.values():
+                c.zero_()
+
+    def __repr__(self) -> str:
+        return f"SelectionStats(lookups={self.lookups}, hits={self.hits}, dense={self.dense})"
 
     def to_dict(self) -> dict:
         return {"lookups": self.lookups, "hits": self.hits, "dense": self.dense, "hit_rate": self.hit_rate}
@@ -114,9 +164,11 @@ def token_select_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if most <= config.k and DENSE_WHEN_COVERED:
         state.clear()
         if stats is not None:
-            stats.dense += batch * n
+            stats.add(dense=batch * n)
         return None
-    if n == 1 and _use_kernels(q) and not (config.cache_enabled and state.usable(batch, config.k)):
+    if n == 1 and _use_kernels(q) and DEVICE_STEPS:
+        if config.cache_enabled and state.usable(batch, config.k):
+            return _cached_step(q, k, v, config=config, state=state, stats=stats, kv_start=kv_start, scale=scale)
         return _fresh_step(q, k, v, config=config, state=state, stats=stats, kv_start=kv_start, scale=scale)
 
     picked = torch.empty(batch, n, config.k, dtype=torch.long, device=q.device)
@@ -124,16 +176,19 @@ def token_select_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     flat = q.transpose(1, 2).reshape(batch, n, heads * dim).float()  # [B, n, H*D]
     usable = state.usable(batch, config.k)
     anchor = state.anchor if usable else None
+    made = state.anchor_pos if usable else None  # the anchors' key indices
     needs_votes, hits = [], []
     for i in range(n):
         if anchor is None or not config.cache_enabled:
             hit = torch.zeros(batch, dtype=torch.bool, device=q.device)
         else:
-            hit = torch.nn.functional.cosine_similarity(flat[:, i], anchor, dim=-1) >= config.reuse
+            hit = _hits(flat[:, i], anchor, made, n_keys - n + i, config)
         hits.append(hit)
         if not bool(hit.all()):
             needs_votes.append(i)
             anchor = flat[:, i] if anchor is None else torch.where(hit[:, None], anchor, flat[:, i])
+            made = torch.full((batch,), n_keys - n + i, dtype=torch.long, device=q.device) if made is None \
+                else torch.where(hit, made, n_keys - n + i)
     fresh = _fresh_picks(q, k, {i: ~hits[i] for i in needs_votes}, config=config, kv_start=kv_start, scale=scale)
     prev = state.picked if usable else None
     prev_pos = state.anchor_pos if usable else None
@@ -154,10 +209,11 @@ def token_select_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         # a reused selection keeps the recent keys it was made with: (anchor - local, now]
         recent[:, i] = cur_pos - config.local + 1
         prev, prev_pos = cur, cur_pos
-    state.anchor, state.picked, state.anchor_pos = anchor, prev, prev_pos
+    # the state owns its storage (no view of q or of a block of picks): the device step updates it in place
+    state.anchor, state.picked, state.anchor_pos = anchor.clone(), prev.clone(memory_format=torch.contiguous_format), \
+        prev_pos.clone()
     if stats is not None:
-        stats.lookups += batch * n
-        stats.hits += int(torch.stack(hits).sum())
+        stats.add(lookups=batch * n, hits=int(torch.stack(hits).sum()))
     indices = kernels.assemble_indices(picked, n_keys=n_keys, init=config.init, local=config.local, kv_start=start,
                                        recent_start=recent)
     if _use_kernels(q):
@@ -174,11 +230,46 @@ def _fresh_step(q, k, v, *, config: TokenSelectConfig, state: SelectionState, st
     picked, indices = kernels.fresh_selection(votes, k_select=config.k, init=config.init, local=config.local,
                                               kv_start=kv_start)
     # this query becomes every sequence's anchor (the state the reference path leaves, cache on or off)
-    state.anchor = q.transpose(1, 2).reshape(batch, -1).float()
+    state.anchor = q.transpose(1, 2).reshape(batch, -1).float().clone()  # owned: updated in place later
     state.picked = picked
     state.anchor_pos = torch.full((batch,), n_keys - 1, dtype=torch.long, device=q.device)
     if stats is not None:
-        stats.lookups += batch
+        stats.add(lookups=batch)
+    return kernels.select_attention(q, k, v, indices, scale=scale)
+
+
+def _hits(query: torch.Tensor, anchor: torch.Tensor, made: torch.Tensor, pos: int,
+          config: TokenSelectConfig) -> torch.Tensor:
+    """Bool ``[B]``: the sequences whose query ``[B, H*D]`` float32 at key index ``pos`` reuses the selection of
+    ``anchor [B, H*D]`` made at key indices ``made [B]``: similar enough (cosine ``>= reuse``) and not older than
+    ``reuse_max_age`` steps. On the device, no synchronization."""
+    similar = torch.nn.functional.cosine_similarity(query, anchor, dim=-1) >= config.reuse
+    return similar & (pos - made <= config.reuse_max_age)
+
+
+def _cached_step(q, k, v, *, config: TokenSelectConfig, state: SelectionState, stats: SelectionStats | None,
+                 kv_start, scale) -> torch.Tensor:
+    """A decode step with a usable Selection Cache, hits and misses decided per sequence on the device: the vote
+    kernel skips the sequences that hit, the list kernel keeps their cached top-k and their anchor's recent keys
+    (a list of the static width ``init + k + local + reuse_max_age``), and the state is updated in place. The same
+    selections as the general path above, with no host synchronization, so a CUDA graph can capture it (and
+    replay it: it reads and writes the same state tensors every step)."""
+    batch, n_keys = q.shape[0], k.shape[2]
+    pos = n_keys - 1
+    query = q.transpose(1, 2).reshape(batch, 1, -1).float()[:, 0]  # [B, H*D], as the general path's
+    hit = _hits(query, state.anchor, state.anchor_pos, pos, config)
+    votes = kernels.total_votes(q, k, init=config.init, local=config.local, kv_start=kv_start, scale=scale,
+                                skip=hit)
+    picked, indices = kernels.fresh_selection(votes, k_select=config.k, init=config.init, local=config.local,
+                                              kv_start=kv_start, hit=hit, cached=state.picked,
+                                              anchor_pos=state.anchor_pos, extra=config.reuse_max_age,
+                                              out=state.picked)
+    if picked is not state.picked:  # the reference's result (CPU): into the same storage all the same
+        state.picked.copy_(picked)
+    state.anchor.copy_(torch.where(hit[:, None], state.anchor, query))
+    state.anchor_pos.copy_(torch.where(hit, state.anchor_pos, pos))
+    if stats is not None:
+        stats.add_on_device(batch, hit)
     return kernels.select_attention(q, k, v, indices, scale=scale)
 
 

@@ -34,6 +34,11 @@ def test_kernel_bench_times_every_part_after_checking_it(monkeypatch):
                             graph=False, rounds=1, tolerance=1e-4)
     assert set(row["us_eager"]) == set(bench.PARTS) and row["selected"] == 20
     assert row["errors"]["votes"] < 1e-5 and row["errors"]["runtime_miss_step"] < 1e-5
+    assert row["errors"]["cached_step_hit"] < 1e-5 and row["errors"]["cached_step_miss"] < 1e-5
+    # the timed calls: every one of the hit step's lookups hit, none of the miss step's
+    counts = row["cached_step_counts"]
+    assert counts["hit"]["hits"] == counts["hit"]["lookups"] > 0
+    assert counts["miss"]["hits"] == 0 < counts["miss"]["lookups"]
     assert row["bytes"]["votes"] < row["bytes"]["votes_two_pass"]
     bench.summarize(row, None)
     md = bench.to_markdown({"environment": {}, "autotune": False, "shape": {"dtype": "float32"}, "rows": [row]})

@@ -23,7 +23,13 @@ eagerly, every part in the same process, correctness checked first against the f
 * ``miss_step_old`` = votes_two_pass + select_old + attention; ``miss_step`` = votes + select + attention (a step
   that rescores); ``runtime_miss_step``: the runtime's ``token_select_attention`` for a step without a usable
   Selection Cache (the same kernels plus the anchor it keeps); ``hit_step`` = the index list from a cached top-k
-  + attention (a Selection Cache hit), and the step time averaged at hit rates 0, 50 %, 90 %.
+  + attention (a Selection Cache hit), and the step time averaged at hit rates 0, 50 %, 90 %;
+* ``cached_step_hit`` / ``cached_step_miss``: the runtime's decode step with the Selection Cache on (reuse 0.9,
+  hits decided on the device, the vote skipped for hits, a list of ``init + k + local + reuse_max_age`` slots),
+  at 100 % and 0 % hits. Every replay of ``cached_step_miss`` first sets the anchors to ``-q`` (one copy of
+  ``B x H x D`` floats) so that each sequence misses; a hit changes no state. Checked before timing: the same
+  selections as the general path (hits decided on the host), outputs within the tolerance of ``hit_step`` and
+  ``miss_step``, and the hit counts (B and 0).
 
 Bytes per part (floors): dense reads K and V once (``2 * B * Hkv * N * D * 2``); the two-pass votes read the
 candidate keys twice, the one-pass votes once plus the float32 scores written and read back; the attention reads
@@ -51,7 +57,7 @@ import torch  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 PARTS = ("dense", "attention", "votes_two_pass", "votes", "select_old", "select", "miss_step_old", "miss_step",
-         "runtime_miss_step", "hit_step")
+         "runtime_miss_step", "hit_step", "cached_step_hit", "cached_step_miss")
 # the TokenSelect tests that need a GPU (the kernels, and the runtime's CUDA path)
 CUDA_TESTS = ("tests/kernels/test_token_select_kernels.py", "tests/test_runtime_token_select.py")
 
@@ -94,12 +100,28 @@ def run_cuda_tests(out: Path) -> dict:
 
 def bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: int, dtype, device: str,
                 graph: bool, rounds: int, tolerance: float, seed: int = 0) -> dict:
+    """Check then time every part at one batch size. On the CPU the runtime's steps run its kernel path too
+    (``KERNELS_ON_CPU``, under the interpreter), so the runtime parts check the same wiring as on a GPU."""
+    from lighttransfer.runtime import token_select as ts
+
+    before = ts.KERNELS_ON_CPU
+    ts.KERNELS_ON_CPU = True
+    try:
+        return _bench_batch(batch, n_keys=n_keys, k_select=k_select, init=init, local=local, dtype=dtype,
+                            device=device, graph=graph, rounds=rounds, tolerance=tolerance, seed=seed)
+    finally:
+        ts.KERNELS_ON_CPU = before
+
+
+def _bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: int, dtype, device: str,
+                 graph: bool, rounds: int, tolerance: float, seed: int = 0) -> dict:
     from lighttransfer import kernels
     from lighttransfer.bench.gpu_env import median_us
     from lighttransfer.hybrid_format import TokenSelectConfig
     from lighttransfer.kernels.token_select_onepass import bytes_read_onepass
     from lighttransfer.kernels.token_select_triton import bytes_read
-    from lighttransfer.runtime.token_select import SelectionState, token_select_attention
+    from lighttransfer.runtime import token_select as ts
+    from lighttransfer.runtime.token_select import SelectionState, SelectionStats, token_select_attention
 
     cuda = device == "cuda"
     g = torch.Generator(device=device).manual_seed(seed + batch)
@@ -146,6 +168,43 @@ def bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: int
         idx = kernels.assemble_indices(picked.unsqueeze(1), n_keys=n_keys, init=init, local=local)
         return kernels.select_attention(q, k, v, idx)
 
+    # the Selection Cache on: states made by a fresh step with q (so q itself hits: cosine 1, age 0)
+    cached = TokenSelectConfig(k=k_select, init=init, local=local, reuse=0.9)
+    hit_state, miss_state, ref_state = SelectionState(), SelectionState(), SelectionState()
+    hit_stats, miss_stats, ref_stats = SelectionStats(), SelectionStats(), SelectionStats()
+    for st in (hit_state, miss_state, ref_state):
+        token_select_attention(q, k, v, config=cached, state=st, stats=None, kv_start=None, scale=None)
+    away = (-q).transpose(1, 2).reshape(batch, -1).float()  # cosine -1 with q: every sequence misses
+
+    def cached_step_hit():
+        return token_select_attention(q, k, v, config=cached, state=hit_state, stats=hit_stats, kv_start=None,
+                                      scale=None)
+
+    def cached_step_miss():
+        miss_state.anchor.copy_(away)
+        return token_select_attention(q, k, v, config=cached, state=miss_state, stats=miss_stats, kv_start=None,
+                                      scale=None)
+
+    hit_out, miss_out = cached_step_hit(), cached_step_miss()
+    device_steps = ts.DEVICE_STEPS
+    ts.DEVICE_STEPS = False  # the general path: the reference semantics, hits decided on the host
+    try:
+        ref_hit = token_select_attention(q, k, v, config=cached, state=ref_state, stats=ref_stats, kv_start=None,
+                                         scale=None)
+        ref_hit_picks = ref_state.picked.clone()
+        ref_state.anchor.copy_(away)
+        token_select_attention(q, k, v, config=cached, state=ref_state, stats=ref_stats, kv_start=None, scale=None)
+    finally:
+        ts.DEVICE_STEPS = device_steps
+    if not (_same_keys(hit_state.picked, picked) and _same_keys(hit_state.picked, ref_hit_picks)
+            and _same_keys(miss_state.picked, ref_state.picked) and _same_keys(miss_state.picked, picked)):
+        raise RuntimeError(f"B={batch} N={n_keys}: the device step's selections differ from the general path's")
+    if (hit_stats.hits, hit_stats.lookups, miss_stats.hits, miss_stats.lookups) != (batch, batch, 0, batch) \
+            or (ref_stats.hits, ref_stats.lookups) != (batch, 2 * batch):
+        raise RuntimeError(f"B={batch} N={n_keys}: Selection Cache counts {hit_stats}, {miss_stats}, {ref_stats}")
+    hit_stats.reset()
+    miss_stats.reset()
+
     # correctness first, against the fp32 references
     # (the dense reference repeats K/V per query head in float32: checked on two sequences, not 16 x 128k)
     ref_votes = kernels.token_votes_reference(q, k, init=init, local=local)[:, :, 0]
@@ -157,6 +216,8 @@ def bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: int
         "dense": _rel_err(dense()[:2], kernels.full_decode_reference(q[:2], k[:2], v[:2])),
         "miss_step": _rel_err(miss_step(), miss_step_old()),
         "runtime_miss_step": _rel_err(runtime_miss_step(), miss_step()),
+        "cached_step_hit": max(_rel_err(hit_out, hit_step()), _rel_err(hit_out, ref_hit)),
+        "cached_step_miss": _rel_err(miss_out, miss_step()),
     }
     bad = {name: e for name, e in errors.items() if not e < tolerance}
     if bad:
@@ -170,17 +231,21 @@ def bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: int
                                   dtype_bytes=q.element_size(), n_keys=n_keys, init=init, local=local)
     parts = {"dense": dense, "attention": attention, "votes_two_pass": votes_two_pass, "votes": votes,
              "select_old": select_old, "select": select, "miss_step_old": miss_step_old, "miss_step": miss_step,
-             "runtime_miss_step": runtime_miss_step, "hit_step": hit_step}
+             "runtime_miss_step": runtime_miss_step, "hit_step": hit_step, "cached_step_hit": cached_step_hit,
+             "cached_step_miss": cached_step_miss}
     row = {"batch": batch, "n_keys": n_keys, "k": k_select, "init": init, "local": local, "selected": n_sel,
            "errors": errors, "bytes": {"dense": floors["dense"], "attention": floors["attention"],
                                        "votes_two_pass": floors["votes"], "votes": one_pass,
                                        "miss_step_old": floors["votes"] + floors["attention"],
                                        "miss_step": one_pass + floors["attention"],
-                                       "hit_step": floors["attention"]}}
+                                       "hit_step": floors["attention"],
+                                       "cached_step_hit": floors["attention"],
+                                       "cached_step_miss": one_pass + floors["attention"]}}
     for mode in (["graph", "eager"] if cuda and graph else ["eager"]):
         row[f"us_{mode}"] = {name: median_us(fn, graph=mode == "graph", cuda=cuda, rounds=rounds)
                              for name, fn in parts.items()}
     row["graphed_parts"] = list(PARTS) if cuda and graph else []
+    row["cached_step_counts"] = {"hit": hit_stats.to_dict(), "miss": miss_stats.to_dict()}  # over the timed calls
     return row
 
 
@@ -198,6 +263,9 @@ def summarize(row: dict, copy_gbps: float | None) -> None:
             step = h * us["hit_step"] + (1 - h) * us["miss_step"]
             out[f"step_us_at_hit_rate_{h:g}"] = step
             out[f"dense_over_step_at_hit_rate_{h:g}"] = us["dense"] / step
+            cached_step = h * us["cached_step_hit"] + (1 - h) * us["cached_step_miss"]
+            out[f"cached_step_us_at_hit_rate_{h:g}"] = cached_step
+            out[f"dense_over_cached_step_at_hit_rate_{h:g}"] = us["dense"] / cached_step
         if copy_gbps:
             for name, nbytes in row["bytes"].items():
                 out[f"share_of_floor_{name}"] = (nbytes / copy_gbps / 1e3) / us[name]
@@ -219,9 +287,9 @@ def to_markdown(result: dict) -> str:
             continue
         lines += [f"## {mode} (us per call)", "",
                   "| B | N | listed | dense | attention | votes 2-pass / 1-pass | select old / new | miss step old / "
-                  "new / runtime | hit step | dense / attention | dense / step at 0 / 50 / 90 % hits | share of "
+                  "new / runtime | hit step | cached step 100 / 0 % hits | dense / attention | dense / step at 0 / 50 / 90 % hits | share of "
                   "floor: dense, attention, votes 2-pass, votes 1-pass |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             us, s = r[f"us_{mode}"], r[f"summary_{mode}"]
             shares = ", ".join(f"{100 * s[f'share_of_floor_{n}']:.0f}%" if f"share_of_floor_{n}" in s else "-"
@@ -230,7 +298,8 @@ def to_markdown(result: dict) -> str:
                 f"| {r['batch']} | {r['n_keys']} | {r['selected']} | {us['dense']:.1f} | {us['attention']:.1f} | "
                 f"{us['votes_two_pass']:.1f} / {us['votes']:.1f} | {us['select_old']:.1f} / {us['select']:.1f} | "
                 f"{us['miss_step_old']:.1f} / {us['miss_step']:.1f} / {us['runtime_miss_step']:.1f} | "
-                f"{us['hit_step']:.1f} | {s['dense_over_attention']:.1f}x | "
+                f"{us['hit_step']:.1f} | {us['cached_step_hit']:.1f} / {us['cached_step_miss']:.1f} | "
+                f"{s['dense_over_attention']:.1f}x | "
                 f"{s['dense_over_step_at_hit_rate_0']:.2f} / {s['dense_over_step_at_hit_rate_0.5']:.2f} / "
                 f"{s['dense_over_step_at_hit_rate_0.9']:.2f} | {shares} |")
         lines.append("")

@@ -131,7 +131,60 @@ def fused_one_launch(dtype: torch.dtype, dim: int, diagonal: bool, runtime: bool
         "estimate": shared_memory(pinned, block_d, block_m, size) + SHARED_MEMORY_MARGIN}}
 
 
+def token_select_onepass(dtype: torch.dtype, dim: int, reuse: bool) -> dict:
+    """TokenSelect's one-pass vote (both passes, with the Selection Cache's ``skip`` flags when ``reuse``) and the
+    list kernel (keeping hits' cached picks when ``reuse``), under the launches they take on a GPU, compiled for
+    sm_90."""
+    import contextlib
+
+    from lighttransfer.kernels.token_select_onepass import (
+        _SUM_BLOCK,
+        _build_list,
+        _score_tiles,
+        _token_scores,
+        _token_votes_total,
+        build_list_triton,
+        total_votes_triton,
+    )
+
+    batch, kv_heads, n_keys, k_select = 2, 4, 1200, 64
+    q = torch.zeros(batch, 16, 1, dim, dtype=dtype)
+    k = torch.zeros(batch, kv_heads, n_keys, dim, dtype=dtype)
+    skip = torch.tensor([True, False]) if reuse else None
+
+    def votes():
+        total_votes_triton(q, k, init=4, local=16, kv_start=torch.zeros(batch, dtype=torch.long), scale=0.1,
+                           skip=skip)
+
+    with captured_launch(_token_scores) as first:
+        votes()
+    original = _token_scores.run
+    _token_scores.run = lambda *a, **kw: None  # pass 1 "runs"; pass 2 is the launch to capture
+    try:
+        with captured_launch(_token_votes_total) as second, contextlib.suppress(Exception):
+            votes()
+    finally:
+        _token_scores.run = original
+    extra = dict(hit=skip, cached=torch.zeros(batch, k_select, dtype=torch.long),
+                 anchor_pos=torch.full((batch,), n_keys - 3), extra=8) if reuse else {}
+    with captured_launch(_build_list) as third:
+        build_list_triton(torch.zeros(batch, k_select), torch.zeros(batch, k_select, dtype=torch.long),
+                          n_keys=n_keys, k_select=k_select, init=4, local=16, kv_start=None, **extra)
+    (args1, kwargs1), = first
+    (args2, kwargs2), = second
+    (args3, kwargs3), = third
+    block_n, launch = _score_tiles(kwargs1["BLOCK_D"], q.element_size())
+    return {
+        "scores": {"used": shared_bytes(_token_scores, args1, kwargs1, overrides=dict(BLOCK_N=block_n), **launch)},
+        "votes": {"used": shared_bytes(_token_votes_total, args2, kwargs2, overrides=dict(BLOCK_T=_SUM_BLOCK))},
+        "list": {"used": shared_bytes(_build_list, args3, kwargs3, overrides=dict(BLOCK=1024))},
+    }
+
+
 CASES = {
+    "token-select-onepass-bf16-D128": lambda: token_select_onepass(torch.bfloat16, 128, False),
+    "token-select-onepass-bf16-D128-reuse": lambda: token_select_onepass(torch.bfloat16, 128, True),
+    "token-select-onepass-fp16-D64-reuse": lambda: token_select_onepass(torch.float16, 64, True),
     "block-mass-sampled-rows": lambda: block_mass(128, 64),
     "block-mass-antidiagonal-rows": lambda: block_mass(16 * 128, 4),
     "full-decode-bf16-D128": lambda: full_decode(torch.bfloat16, 128),
