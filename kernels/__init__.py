@@ -30,6 +30,7 @@ if __package__ == "lighttransfer.kernels":
     from .token_select import (
         assemble_indices,
         fresh_selection,
+        query_positions,
         select_attention,
         select_attention_reference,
         select_indices,
@@ -66,6 +67,7 @@ if __package__ == "lighttransfer.kernels":
         "token_votes_reference",
         "total_votes",
         "fresh_selection",
+        "query_positions",
         "top_candidates",
         "assemble_indices",
         "select_indices",

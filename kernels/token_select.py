@@ -39,26 +39,40 @@ from .switch import triton_runs_on
 REFERENCE_QUERY_BLOCK = 64
 
 
+def query_positions(n_keys: int, n_queries: int, *, n_valid: torch.Tensor | None, device) -> torch.Tensor:
+    """int64 ``[1, n]``: the key index of each of the last ``n`` queries, ``n_keys - n + i``, or ``n_valid - n + i``
+    where only the first ``n_valid`` (int ``[1]`` on the device: a static step's live length) of the ``n_keys`` keys
+    exist; computed on the device (no host synchronization)."""
+    offs = torch.arange(n_queries, device=device).view(1, n_queries)
+    if n_valid is None:
+        return offs + (n_keys - n_queries)
+    return offs + (n_valid.to(device=device, dtype=torch.long).view(1, 1) - n_queries)
+
+
 def candidate_bounds(n_keys: int, n_queries: int, *, kv_start: torch.Tensor | None, batch: int, init: int,
-                     local: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lo [batch, 1], hi [batch, n])`` int64: query ``i`` (at key index ``n_keys - n + i``) has the candidates
-    ``lo <= t < hi`` (``lo = kv_start + init``, ``hi = p + 1 - local``); empty where ``hi <= lo``."""
+                     local: int, device, n_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo [batch, 1], hi [batch, n])`` int64: query ``i`` (at key index ``p = n_keys - n + i``, or ``n_valid - n +
+    i``, see :func:`query_positions`) has the candidates ``lo <= t < hi`` (``lo = kv_start + init``, ``hi = p + 1 -
+    local``); empty where ``hi <= lo``."""
     start = torch.zeros(batch, dtype=torch.long, device=device) if kv_start is None \
         else kv_start.to(device=device, dtype=torch.long)
-    pos = torch.arange(n_keys - n_queries, n_keys, device=device).view(1, n_queries)
+    pos = query_positions(n_keys, n_queries, n_valid=n_valid, device=device)
     return (start + init).view(batch, 1), (pos + 1 - local).expand(batch, n_queries)
 
 
 def token_votes_reference(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int,
-                          kv_start: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+                          kv_start: torch.Tensor | None = None, scale: float | None = None,
+                          n_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Soft votes ``[batch, kv_heads, n, N]`` float32 of the queries ``q [B, H, n, D]`` (the last ``n`` keys) over
     the keys ``k [B, Hkv, N, D]``: per KV head, the sum over its query heads of each head's softmax over the
-    candidates; ``-inf`` outside the candidates (and everywhere for a query without candidates)."""
+    candidates; ``-inf`` outside the candidates (and everywhere for a query without candidates). ``n_valid``: only
+    the first ``n_valid`` keys exist (int ``[1]`` on the device), the queries are their last ``n``."""
     batch, heads, n, dim = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-    lo, hi = candidate_bounds(n_keys, n, kv_start=kv_start, batch=batch, init=init, local=local, device=q.device)
+    lo, hi = candidate_bounds(n_keys, n, kv_start=kv_start, batch=batch, init=init, local=local, device=q.device,
+                              n_valid=n_valid)
     t = torch.arange(n_keys, device=q.device).view(1, 1, n_keys)
     out = torch.full((batch, kv_heads, n, n_keys), float("-inf"), dtype=torch.float32, device=q.device)
     for a in range(0, n, REFERENCE_QUERY_BLOCK):
@@ -67,7 +81,7 @@ def token_votes_reference(q: torch.Tensor, k: torch.Tensor, *, init: int, local:
         for g in range(kv_heads):
             qg = q[:, g * group:(g + 1) * group, a:b_].float()  # [B, G, nb, D]
             s = torch.matmul(qg, k[:, g].float().transpose(-1, -2).unsqueeze(1)) * scale  # [B, G, nb, N]
-            s = s.masked_fill(~cand.unsqueeze(1), float("-inf"))
+            s = s.masked_fill(~cand.unsqueeze(1), float("-inf"))  # also any non-finite key past n_valid
             p = torch.softmax(s, dim=-1).nan_to_num(0.0).sum(1)  # [B, nb, N]
             out[:, g, a:b_] = torch.where(cand, p, float("-inf"))
     return out
@@ -87,14 +101,15 @@ def _check_vote_inputs(what: str, q, k, *, init: int, local: int, kv_start, rows
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def _reference_votes(q, k, *, init: int, local: int, kv_start, scale: float, rows) -> torch.Tensor:
+def _reference_votes(q, k, *, init: int, local: int, kv_start, scale: float, rows, n_valid=None) -> torch.Tensor:
     """Per-KV-head votes ``[B or len(rows), Hkv, N]`` of one query per sequence by the reference, only the sequences
     in ``rows`` when given."""
     if rows is not None:
         rows = rows.to(q.device).long()
         q, k = q.index_select(0, rows), k.index_select(0, rows)
         kv_start = None if kv_start is None else kv_start.to(q.device).index_select(0, rows)
-    return token_votes_reference(q, k, init=init, local=local, kv_start=kv_start, scale=scale)[:, :, 0]
+    return token_votes_reference(q, k, init=init, local=local, kv_start=kv_start, scale=scale,
+                                 n_valid=n_valid)[:, :, 0]
 
 
 def token_votes(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_start: torch.Tensor | None = None,
@@ -122,7 +137,8 @@ def token_votes(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_s
 
 def total_votes(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_start: torch.Tensor | None = None,
                 scale: float | None = None, splits: int | None = None,
-                rows: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, skip: torch.Tensor | None = None,
+                n_valid: torch.Tensor | None = None) -> torch.Tensor:
     """The soft vote summed over all heads, ``S(t) = sum_h softmax_t(c_h)(t)``, of one query per sequence:
     ``q [B, H, 1, D]``, ``k [B, Hkv, N, D]`` -> ``[B, N]`` float32 (``[len(rows), N]`` with ``rows``), ``-inf``
     outside the candidates. The same votes as :func:`token_votes` summed over its KV heads.
@@ -130,6 +146,10 @@ def total_votes(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_s
     ``skip``: bool ``[B]`` on the device, sequences not to score (their Selection Cache hit): their votes are all
     ``-inf`` and, in the kernel, their programs read no key. Unlike ``rows`` it keeps the batch's shape, so the
     step that uses it has no host synchronization (not with ``rows``).
+
+    ``n_valid``: int ``[1]`` on the device, a static step's live length: only the first ``n_valid`` keys of ``k``
+    exist (the layer's whole storage), the query is key ``n_valid - 1``, and the votes past it are ``-inf`` (no key
+    there is read), so one captured launch serves every length.
 
     Triton (:mod:`.token_select_onepass`): the candidate keys are read once (the per-head scores kept in float32
     scratch ``[rows, H, N]`` between the two passes instead of recomputed); the reference otherwise.
@@ -139,20 +159,23 @@ def total_votes(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_s
     if skip is not None and (rows is not None or tuple(skip.shape) != (q.shape[0],)):
         raise LightTransferError(f"total_votes: skip must be [batch] = [{q.shape[0]}] (and not with rows), got "
                                  f"{tuple(skip.shape)}.")
+    _check_valid("total_votes", n_valid)
     if not triton_runs_on(q):
-        votes = _reference_votes(q, k, init=init, local=local, kv_start=kv_start, scale=scale, rows=rows).sum(1)
+        votes = _reference_votes(q, k, init=init, local=local, kv_start=kv_start, scale=scale, rows=rows,
+                                 n_valid=n_valid).sum(1)
         return votes if skip is None else votes.masked_fill(skip.to(votes.device).view(-1, 1), float("-inf"))
     check_triton_support("total_votes", q)
     from .token_select_onepass import total_votes_triton
 
     return total_votes_triton(q, k, init=init, local=local, kv_start=kv_start, scale=scale, splits=splits,
-                              rows=rows, skip=skip)
+                              rows=rows, skip=skip, n_valid=n_valid)
 
 
 def fresh_selection(votes: torch.Tensor, *, k_select: int, init: int, local: int,
                     kv_start: torch.Tensor | None = None, hit: torch.Tensor | None = None,
                     cached: torch.Tensor | None = None, anchor_pos: torch.Tensor | None = None, extra: int = 0,
-                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    out: torch.Tensor | None = None,
+                    n_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A fresh selection of one query per sequence from its total votes ``[R, N]`` (:func:`total_votes`; the query
     is the last key, ``kv_start [R]`` the rows' left padding): ``(picked [R, k_select] int64, indices [R, 1,
     init + k_select + local] int32)``, ``-1`` = none / unused slot; ``picked`` is what the Selection Cache keeps
@@ -169,7 +192,11 @@ def fresh_selection(votes: torch.Tensor, *, k_select: int, init: int, local: int
     local, query]``; every row's list then has ``init + k_select + local + extra`` slots, so a hit's age
     (``query - anchor_pos``) must be at most ``extra`` (the caller's bound: ``TokenSelectConfig.reuse_max_age``;
     keys past the list would be dropped). ``picked`` is ``where(hit, cached, fresh)``; ``out`` (Triton only, may be
-    ``cached`` itself) receives it in place."""
+    ``cached`` itself) receives it in place.
+
+    ``n_valid`` (int ``[1]`` on the device, a static step): the votes cover a storage of ``N`` slots of which the
+    first ``n_valid`` are keys; the query is key ``n_valid - 1`` (init, recent and hit-age bounds follow it), and
+    the list never holds a key at or past ``n_valid``."""
     if votes.dim() != 2:
         raise LightTransferError(f"fresh_selection: votes must be [rows, N], got {tuple(votes.shape)}.")
     rows, n_keys = votes.shape
@@ -179,24 +206,26 @@ def fresh_selection(votes: torch.Tensor, *, k_select: int, init: int, local: int
                             or tuple(cached.shape) != (rows, int(k_select)) or tuple(anchor_pos.shape) != (rows,)):
         raise LightTransferError(f"fresh_selection: hit [R], cached [R, k_select] and anchor_pos [R] go together "
                                  f"(R = {rows}, k_select = {k_select}).")
+    _check_valid("fresh_selection", n_valid)
     if not triton_runs_on(votes):
         picked = top_candidates(votes.unsqueeze(1), k_select)[:, 0]
         picked = torch.nn.functional.pad(picked, (0, int(k_select) - picked.shape[-1]), value=-1)
         if hit is None:
             return picked, assemble_indices(picked.unsqueeze(1), n_keys=n_keys, init=init, local=local,
-                                            kv_start=kv_start)
+                                            kv_start=kv_start, n_valid=n_valid)
         picked = torch.where(hit.view(-1, 1), cached, picked)
-        made = torch.where(hit, anchor_pos.long(), n_keys - 1)
+        last = query_positions(n_keys, 1, n_valid=n_valid, device=votes.device).view(1)
+        made = torch.where(hit, anchor_pos.long(), last)
         return picked, assemble_indices(picked.unsqueeze(1), n_keys=n_keys, init=init, local=local,
                                         kv_start=kv_start, recent_start=(made - local + 1).view(-1, 1),
-                                        recent_width=int(local) + int(extra))
+                                        recent_width=int(local) + int(extra), n_valid=n_valid)
     from .token_select_onepass import build_list_triton
 
     # unsorted: the k winners' order matters to no one (the list is a set), and sorting 2048 of them is a launch
     val, idx = torch.topk(votes, min(int(k_select), n_keys), dim=-1, sorted=False)
     return build_list_triton(val, idx, n_keys=n_keys, k_select=k_select, init=init, local=local, kv_start=kv_start,
                              hit=hit, cached=cached, anchor_pos=anchor_pos, extra=extra if hit is not None else 0,
-                             out=out)
+                             out=out, n_valid=n_valid)
 
 
 def top_candidates(votes: torch.Tensor, k_select: int) -> torch.Tensor:
@@ -212,7 +241,7 @@ def top_candidates(votes: torch.Tensor, k_select: int) -> torch.Tensor:
 
 def assemble_indices(picked: torch.Tensor, *, n_keys: int, init: int, local: int,
                      kv_start: torch.Tensor | None = None, recent_start: torch.Tensor | None = None,
-                     recent_width: int | None = None) -> torch.Tensor:
+                     recent_width: int | None = None, n_valid: torch.Tensor | None = None) -> torch.Tensor:
     """The keys each query attends to: the candidates ``picked [batch, n, k]`` (``-1`` = none) plus the kept ones,
     ``[batch, n, S]`` int32, ascending, ``-1`` = unused slot (``S = init + k + local`` without ``recent_start``).
 
@@ -221,12 +250,13 @@ def assemble_indices(picked: torch.Tensor, *, n_keys: int, init: int, local: int
     start of the recent keys earlier (a reused selection keeps the local window it was made with, see
     :mod:`lighttransfer.runtime.token_select`); the recent block is then as wide as the widest query needs (found
     on the host), or ``recent_width`` slots when given (a static shape, no synchronization; the caller bounds the
-    width needed by it, keys past it would be dropped)."""
+    width needed by it, keys past it would be dropped). ``n_valid`` (int ``[1]`` on the device): only the first
+    ``n_valid`` of ``n_keys`` keys exist, query ``i`` sits at ``n_valid - n + i``."""
     batch, n, _ = picked.shape
     device = picked.device
     start = torch.zeros(batch, dtype=torch.long, device=device) if kv_start is None \
         else kv_start.to(device=device, dtype=torch.long)
-    pos = torch.arange(n_keys - n, n_keys, device=device).view(1, n, 1)  # [1, n, 1]
+    pos = query_positions(n_keys, n, n_valid=n_valid, device=device).view(1, n, 1)  # [1, n, 1]
     parts = [picked.long()]
     if init > 0:
         first = start.view(batch, 1, 1) + torch.arange(init, device=device).view(1, 1, init)
@@ -311,10 +341,16 @@ def _check_counts(name: str, *, init: int, local: int) -> None:
         raise LightTransferError(f"{name}: init and local must be >= 0, got init={init}, local={local}.")
 
 
+def _check_valid(name: str, n_valid) -> None:
+    if n_valid is not None and (n_valid.numel() != 1 or n_valid.dtype not in (torch.int32, torch.int64)):
+        raise LightTransferError(f"{name}: n_valid must be one int32/int64 live length, got "
+                                 f"{tuple(n_valid.shape)} {n_valid.dtype}.")
+
+
 def _check_start(name: str, kv_start, batch: int) -> None:
     if kv_start is not None and tuple(kv_start.shape) != (batch,):
         raise LightTransferError(f"{name}: kv_start must be [batch] = [{batch}], got {tuple(kv_start.shape)}.")
 
 
 __all__ = ["token_votes", "total_votes", "fresh_selection", "token_votes_reference", "select_indices", "top_candidates", "assemble_indices", "select_attention",
-           "select_attention_reference", "candidate_bounds", "REFERENCE_QUERY_BLOCK"]
+           "select_attention_reference", "candidate_bounds", "query_positions", "REFERENCE_QUERY_BLOCK"]

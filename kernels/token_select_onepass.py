@@ -52,11 +52,12 @@ _SCORE_BLOCK_N = 64
 
 @triton.jit(do_not_specialize=["n_keys", "chunk", "init", "local"])
 def _token_scores(
-    Q, K, KV_START, ROWS, SKIP, SCORES, PART_LSE,
+    Q, K, KV_START, ROWS, SKIP, N_VALID, SCORES, PART_LSE,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
     n_kv_heads, GROUP, n_keys, chunk, n_splits, init, local, qk_scale,
-    HAS_START: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_SKIP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_START: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_VALID: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_bk = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -80,8 +81,11 @@ def _token_scores(
     cand_lo = init
     if HAS_START:
         cand_lo += tl.load(KV_START + b).to(tl.int32)
+    live = n_keys
+    if HAS_VALID:  # a static step: the storage holds n_keys slots, of which the first N_VALID are keys
+        live = tl.load(N_VALID).to(tl.int32)
     lo = tl.maximum(pid_s * chunk, cand_lo)
-    hi = tl.minimum(pid_s * chunk + chunk, n_keys - local)
+    hi = tl.minimum(pid_s * chunk + chunk, live - local)
     if HAS_SKIP:  # a skipped sequence (its Selection Cache hit): no key read, no score written
         hi = tl.where(tl.load(SKIP + b) != 0, lo, hi)
 
@@ -107,10 +111,10 @@ def _token_scores(
 
 @triton.jit(do_not_specialize=["n_keys", "chunk", "init", "local"])
 def _token_votes_total(
-    SCORES, PART_LSE, KV_START, ROWS, SKIP, VOTES,
+    SCORES, PART_LSE, KV_START, ROWS, SKIP, N_VALID, VOTES,
     heads, n_keys, chunk, n_splits, init, local,
-    HAS_START: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    HAS_START: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_VALID: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     r = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -134,6 +138,8 @@ def _token_votes_total(
     if HAS_START:
         cand_lo += tl.load(KV_START + b).to(tl.int32)
     cand_hi = n_keys - local
+    if HAS_VALID:
+        cand_hi = tl.load(N_VALID).to(tl.int32) - local
     if HAS_SKIP:  # a skipped sequence has no candidate: its votes are -inf, no score read
         cand_hi = tl.where(tl.load(SKIP + b) != 0, 0, cand_hi)
     # a head with no candidate (lse2 = -inf) has none of its scores read: 2^(-inf - 0) = 0, never a NaN
@@ -152,16 +158,19 @@ def _token_votes_total(
 
 @triton.jit(do_not_specialize=["n_keys", "k_found", "init", "local"])
 def _build_list(
-    TOP_VAL, TOP_IDX, KV_START, HIT, CACHED, ANCHOR_POS, IDX, PICKED,
+    TOP_VAL, TOP_IDX, KV_START, HIT, CACHED, ANCHOR_POS, N_VALID, IDX, PICKED,
     stride_tv, stride_ti, n_keys, k_found, init, local, extra,
-    K_SELECT: tl.constexpr, HAS_START: tl.constexpr, REUSE: tl.constexpr, BLOCK: tl.constexpr,
+    K_SELECT: tl.constexpr, HAS_START: tl.constexpr, REUSE: tl.constexpr, HAS_VALID: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     r = tl.program_id(0)
     pid = tl.program_id(1)
     start = 0
     if HAS_START:
         start = tl.load(KV_START + r).to(tl.int32)
-    p = n_keys - 1  # the query's key index
+    p = n_keys - 1  # the query's key index (a static step: the last of the N_VALID live keys)
+    if HAS_VALID:
+        p = tl.load(N_VALID).to(tl.int32) - 1
     width = init + K_SELECT + local + extra
     made = p  # the key index of the query the selection was made with (a reused one: its anchor's)
     if REUSE:
@@ -208,10 +217,11 @@ def _score_tiles(block_d: int, element_bytes: int) -> tuple[int, dict]:
 
 def total_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: int, kv_start: torch.Tensor | None,
                        scale: float, splits: int | None = None, rows: torch.Tensor | None = None,
-                       skip: torch.Tensor | None = None) -> torch.Tensor:
+                       skip: torch.Tensor | None = None, n_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the two passes on validated inputs (see :func:`~lighttransfer.kernels.token_select.total_votes`);
     returns ``[batch, N]`` float32, or ``[len(rows), N]`` for the sequences ``rows``; the sequences flagged in
-    ``skip [batch]`` (bool) read no key and get ``-inf`` votes."""
+    ``skip [batch]`` (bool) read no key and get ``-inf`` votes. ``n_valid`` (int ``[1]`` on the device): only the
+    first ``n_valid`` of the ``N`` keys exist (the grid and scratch stay planned for ``N``)."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
@@ -241,10 +251,12 @@ def total_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: in
     start_arg = start if start is not None else part
     rows_arg = rows if rows is not None else part
     skip_arg = part if skip is None else skip.to(device=q.device, dtype=torch.int8).contiguous()
-    flags = dict(HAS_START=start is not None, HAS_ROWS=rows is not None, HAS_SKIP=skip is not None)
+    valid_arg = part if n_valid is None else n_valid.to(device=q.device, dtype=torch.int32).contiguous()
+    flags = dict(HAS_START=start is not None, HAS_ROWS=rows is not None, HAS_SKIP=skip is not None,
+                 HAS_VALID=n_valid is not None)
     with torch.cuda.device(device_index(q)) if q.is_cuda else _nothing():
         _token_scores[(batch * kv_heads, n_splits)](
-            q, k, start_arg, rows_arg, skip_arg, scores, part, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q, k, start_arg, rows_arg, skip_arg, valid_arg, scores, part, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             k.stride(2), kv_heads, group, n_keys, chunk, n_splits, int(init), int(local), scale * _LOG2E, **flags,
             HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **launch)
@@ -252,7 +264,7 @@ def total_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: in
         block_t = _SUM_BLOCK if q.is_cuda else 16
         chunk2 = triton.cdiv(triton.cdiv(n_keys, kv_heads * n_splits), block_t) * block_t
         _token_votes_total[(batch, triton.cdiv(n_keys, chunk2))](
-            scores, part, start_arg, rows_arg, skip_arg, votes, heads, n_keys, chunk2, n_splits, int(init), int(local),
+            scores, part, start_arg, rows_arg, skip_arg, valid_arg, votes, heads, n_keys, chunk2, n_splits, int(init), int(local),
             **flags,
             BLOCK_H=max(2, triton.next_power_of_2(heads)), BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
             BLOCK_T=block_t)
@@ -262,13 +274,15 @@ def total_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: in
 def build_list_triton(values: torch.Tensor, picked: torch.Tensor, *, n_keys: int, k_select: int, init: int,
                       local: int, kv_start: torch.Tensor | None, hit: torch.Tensor | None = None,
                       cached: torch.Tensor | None = None, anchor_pos: torch.Tensor | None = None, extra: int = 0,
-                      out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      out: torch.Tensor | None = None,
+                      n_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch from ``torch.topk``'s ``values, picked [R, k']`` (``k' <= k_select``) to the list ``[R, 1,
     init + k_select + local + extra]`` int32 and the top-k ``[R, k_select]`` int64 (``-1`` where no finite vote).
 
     With ``hit [R]`` (bool): those rows keep ``cached [R, k_select]`` int64 and the recent keys from their
     ``anchor_pos [R]`` on (at most ``extra`` more than ``local``: the caller's bound). ``out``: the top-k's
-    ``[R, k_select]`` int64 storage (may be ``cached`` itself: each slot is read and written by one program)."""
+    ``[R, k_select]`` int64 storage (may be ``cached`` itself: each slot is read and written by one program).
+    ``n_valid`` (int ``[1]`` on the device): the query is key ``n_valid - 1`` instead of ``n_keys - 1``."""
     rows = values.shape[0]
     width = int(init) + int(k_select) + int(local) + int(extra)
     idx = torch.empty((rows, 1, width), dtype=torch.int32, device=values.device)
@@ -281,13 +295,15 @@ def build_list_triton(values: torch.Tensor, picked: torch.Tensor, *, n_keys: int
         hit = hit.to(device=values.device, dtype=torch.int8).contiguous()
         anchor_pos = anchor_pos.to(device=values.device).contiguous()
         cached = cached.contiguous()
+    valid = None if n_valid is None else n_valid.to(device=values.device, dtype=torch.int32).contiguous()
     block = 1024 if values.is_cuda else 64
     with torch.cuda.device(device_index(values)) if values.is_cuda else _nothing():
         _build_list[(rows, triton.cdiv(width, block))](
             values, picked, start if start is not None else values, hit if reuse else values,
-            cached if reuse else picked, anchor_pos if reuse else picked, idx, top, values.stride(0),
-            picked.stride(0), int(n_keys), int(values.shape[1]), int(init), int(local), int(extra),
-            K_SELECT=int(k_select), HAS_START=start is not None, REUSE=reuse, BLOCK=block)
+            cached if reuse else picked, anchor_pos if reuse else picked, valid if valid is not None else values,
+            idx, top, values.stride(0), picked.stride(0), int(n_keys), int(values.shape[1]), int(init), int(local),
+            int(extra), K_SELECT=int(k_select), HAS_START=start is not None, REUSE=reuse,
+            HAS_VALID=valid is not None, BLOCK=block)
     return top, idx
 
 

@@ -131,10 +131,10 @@ def fused_one_launch(dtype: torch.dtype, dim: int, diagonal: bool, runtime: bool
         "estimate": shared_memory(pinned, block_d, block_m, size) + SHARED_MEMORY_MARGIN}}
 
 
-def token_select_onepass(dtype: torch.dtype, dim: int, reuse: bool) -> dict:
+def token_select_onepass(dtype: torch.dtype, dim: int, reuse: bool, static: bool = False) -> dict:
     """TokenSelect's one-pass vote (both passes, with the Selection Cache's ``skip`` flags when ``reuse``) and the
     list kernel (keeping hits' cached picks when ``reuse``), under the launches they take on a GPU, compiled for
-    sm_90."""
+    sm_90; ``static``: with a static step's device-side live length (``n_valid``)."""
     import contextlib
 
     from lighttransfer.kernels.token_select_onepass import (
@@ -151,10 +151,11 @@ def token_select_onepass(dtype: torch.dtype, dim: int, reuse: bool) -> dict:
     q = torch.zeros(batch, 16, 1, dim, dtype=dtype)
     k = torch.zeros(batch, kv_heads, n_keys, dim, dtype=dtype)
     skip = torch.tensor([True, False]) if reuse else None
+    valid = dict(n_valid=torch.tensor([n_keys - 100], dtype=torch.int32)) if static else {}
 
     def votes():
         total_votes_triton(q, k, init=4, local=16, kv_start=torch.zeros(batch, dtype=torch.long), scale=0.1,
-                           skip=skip)
+                           skip=skip, **valid)
 
     with captured_launch(_token_scores) as first:
         votes()
@@ -169,7 +170,7 @@ def token_select_onepass(dtype: torch.dtype, dim: int, reuse: bool) -> dict:
                  anchor_pos=torch.full((batch,), n_keys - 3), extra=8) if reuse else {}
     with captured_launch(_build_list) as third:
         build_list_triton(torch.zeros(batch, k_select), torch.zeros(batch, k_select, dtype=torch.long),
-                          n_keys=n_keys, k_select=k_select, init=4, local=16, kv_start=None, **extra)
+                          n_keys=n_keys, k_select=k_select, init=4, local=16, kv_start=None, **extra, **valid)
     (args1, kwargs1), = first
     (args2, kwargs2), = second
     (args3, kwargs3), = third
@@ -185,6 +186,8 @@ CASES = {
     "token-select-onepass-bf16-D128": lambda: token_select_onepass(torch.bfloat16, 128, False),
     "token-select-onepass-bf16-D128-reuse": lambda: token_select_onepass(torch.bfloat16, 128, True),
     "token-select-onepass-fp16-D64-reuse": lambda: token_select_onepass(torch.float16, 64, True),
+    "token-select-onepass-bf16-D128-reuse-static": lambda: token_select_onepass(torch.bfloat16, 128, True, True),
+    "token-select-onepass-bf16-D128-static": lambda: token_select_onepass(torch.bfloat16, 128, False, True),
     "block-mass-sampled-rows": lambda: block_mass(128, 64),
     "block-mass-antidiagonal-rows": lambda: block_mass(16 * 128, 4),
     "full-decode-bf16-D128": lambda: full_decode(torch.bfloat16, 128),
