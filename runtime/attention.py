@@ -152,7 +152,8 @@ def lighttransfer_attention(module, query, key, value, attention_mask, scaling=N
                 and (n == 1 or cache.select_chunks) and dropout == 0.0 and not kwargs.get("sliding_window")):
             out = token_select_attention(query, key, value, config=cache.selection,
                                          state=cache.selection_state(module.layer_idx), stats=cache.selection_stats,
-                                         kv_start=kv_start if has_padding else None, scale=scaling)
+                                         kv_start=kv_start if has_padding else None, scale=scaling,
+                                         n_valid=n_valid)
         routing = cache.routing if cache is not None else None
         if (out is None and routing is not None and isinstance(part, FullLayer) and big_n > n
                 and (n == 1 or cache.select_chunks) and dropout == 0.0 and not kwargs.get("sliding_window")):

@@ -36,8 +36,8 @@ from .token_select import SelectionState, SelectionStats
 def options_static_unsupported(selection, routing) -> str | None:
     """Why the runtime's decode options rule out static (CUDA-graph) steps whatever the cache holds, or ``None``:
     ``selection`` (a TokenSelect config) and ``routing`` (a head routing) as the runtime holds them."""
-    if selection is not None:
-        return "TokenSelect picks each step's keys on the host (its steps have no static shape)"
+    if selection is not None and routing is not None:
+        return "TokenSelect and head routing together (a static step runs one of them on the full layers)"
     if routing is not None:
         return routing.static_unsupported()
     return None
@@ -169,6 +169,11 @@ class HybridCache(Cache):
         self.sequence.static = step
         if self.routing is not None:
             self.routing.begin_static(self)  # the moments up to the first static step, in their own tensors
+        if self.selection is not None:
+            # a captured step reads and writes the same Selection Cache tensors: a new generation starts with
+            # every lookup a miss (the state a prefill leaves), in place
+            for state in self.selection_states.values():
+                state.invalidate()
         return step
 
     def load_from(self, other: HybridCache) -> None:

@@ -31,11 +31,21 @@ usable Selection Cache (the first after the prefill, or every step with ``reuse 
 vote skipping the hits' programs, the list kernel keeping their cached picks, attention, and the state updated in
 place (:func:`_cached_step`). The general path below (continuation chunks, the CPU references) decides hits on
 the host; it is the reference semantics, and the decode steps give the same selections (tested).
+
+Static decode steps (:meth:`~lighttransfer.runtime.cache.HybridCache.begin_static`, what one CUDA graph replays at
+every length): ``k, v`` are the full layer's whole reserved storage and ``n_valid`` (int ``[1]`` on the device)
+its live length; the decode steps above then read the query's key index and every bound from it, never from a
+shape, and run on every device (the kernel entry points fall back to the references off CUDA). A static step
+never takes the dense shortcut of 1. (a graph cannot branch on the length; where the budget covers every
+candidate the list is every key, the same attention), and :meth:`SelectionState.invalidate` (at
+``begin_static``) makes the first step a miss for every sequence, so the cached step can serve it too.
 State is on the cache (:class:`SelectionState` per full layer); counts go to a :class:`SelectionStats` that the
 model's runtime shares across its caches.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -144,18 +154,39 @@ class SelectionState:
     def usable(self, batch: int, k: int) -> bool:
         return self.anchor is not None and self.anchor.shape[0] == batch and self.picked.shape[-1] == k
 
+    def invalidate(self) -> None:
+        """Make every sequence's next lookup a miss, in place (the tensors a captured step reads stay): the anchor
+        query is zeroed (cosine similarity 0) and its key index pushed far into the past (older than any
+        ``reuse_max_age``)."""
+        if self.anchor is None:
+            return
+        with torch.inference_mode():
+            self.anchor.zero_()
+            self.anchor_pos.fill_(-(1 << 40))
+            self.picked.fill_(-1)
+
 
 def token_select_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: TokenSelectConfig,
                            state: SelectionState, stats: SelectionStats | None, kv_start: torch.Tensor | None,
-                           scale: float | None) -> torch.Tensor | None:
+                           scale: float | None, n_valid: torch.Tensor | None = None) -> torch.Tensor | None:
     """TokenSelect attention of ``q [B, H, n, D]`` (the last ``n`` of the keys) over ``k, v [B, Hkv, N, D]``;
     returns ``[B, H, n, D]``, or ``None`` when the budget covers every candidate (attend densely then).
 
     ``kv_start``: int ``[B]`` left padding (keys before it are not attended; the init tokens start there).
+    ``n_valid``: a static step (one query): ``k, v`` are the whole storage, of which the first ``n_valid`` (int
+    ``[1]`` on the device) keys exist; nothing is read on the host and the result is never ``None``.
     """
     batch, heads, n, dim = q.shape
     n_keys = k.shape[2]
     scale = dim ** -0.5 if scale is None else float(scale)
+    if n_valid is not None:
+        if n != 1:
+            raise ValueError(f"a static TokenSelect step takes one query per sequence, got {n}")
+        step = _cached_step if config.cache_enabled and state.usable(batch, config.k) else _fresh_step
+        # the kernel entry points; on CPU tensors their references unless KERNELS_ON_CPU (as the general path)
+        with contextlib.nullcontext() if _use_kernels(q) else kernels.use_reference():
+            return step(q, k, v, config=config, state=state, stats=stats, kv_start=kv_start, scale=scale,
+                        n_valid=n_valid)
     start = torch.zeros(batch, dtype=torch.long, device=q.device) if kv_start is None \
         else kv_start.to(device=q.device, dtype=torch.long)
     # candidates of the last query of an unpadded sequence: known on the host, no synchronization (left padding
@@ -221,26 +252,32 @@ def token_select_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     return kernels.select_attention_reference(q, k, v, indices, scale=scale)
 
 
+def _query_index(n_keys: int, batch: int, n_valid, device) -> torch.Tensor:
+    """int64 ``[B]``: the key index of a decode step's query (``n_keys - 1``, or ``n_valid - 1`` on the device)."""
+    return kernels.query_positions(n_keys, 1, n_valid=n_valid, device=device).view(1).expand(batch)
+
+
 def _fresh_step(q, k, v, *, config: TokenSelectConfig, state: SelectionState, stats: SelectionStats | None,
-                kv_start, scale) -> torch.Tensor:
+                kv_start, scale, n_valid=None) -> torch.Tensor:
     """A decode step that scores every sequence (no usable Selection Cache): one-pass votes, top-k and the list in
     one launch, attention over it. No host synchronization, so a CUDA graph can capture it."""
     batch, n_keys = q.shape[0], k.shape[2]
-    votes = kernels.total_votes(q, k, init=config.init, local=config.local, kv_start=kv_start, scale=scale)
+    votes = kernels.total_votes(q, k, init=config.init, local=config.local, kv_start=kv_start, scale=scale,
+                                n_valid=n_valid)
     picked, indices = kernels.fresh_selection(votes, k_select=config.k, init=config.init, local=config.local,
-                                              kv_start=kv_start)
+                                              kv_start=kv_start, n_valid=n_valid)
     # this query becomes every sequence's anchor (the state the reference path leaves, cache on or off)
     state.anchor = q.transpose(1, 2).reshape(batch, -1).float().clone()  # owned: updated in place later
     state.picked = picked
-    state.anchor_pos = torch.full((batch,), n_keys - 1, dtype=torch.long, device=q.device)
+    state.anchor_pos = _query_index(n_keys, batch, n_valid, q.device).clone()
     if stats is not None:
         stats.add(lookups=batch)
     return kernels.select_attention(q, k, v, indices, scale=scale)
 
 
-def _hits(query: torch.Tensor, anchor: torch.Tensor, made: torch.Tensor, pos: int,
+def _hits(query: torch.Tensor, anchor: torch.Tensor, made: torch.Tensor, pos: int | torch.Tensor,
           config: TokenSelectConfig) -> torch.Tensor:
-    """Bool ``[B]``: the sequences whose query ``[B, H*D]`` float32 at key index ``pos`` reuses the selection of
+    """Bool ``[B]``: the sequences whose query ``[B, H*D]`` float32 at key index ``pos`` (an int or ``[B]``) reuses the selection of
     ``anchor [B, H*D]`` made at key indices ``made [B]``: similar enough (cosine ``>= reuse``) and not older than
     ``reuse_max_age`` steps. On the device, no synchronization."""
     similar = torch.nn.functional.cosine_similarity(query, anchor, dim=-1) >= config.reuse
@@ -248,22 +285,22 @@ def _hits(query: torch.Tensor, anchor: torch.Tensor, made: torch.Tensor, pos: in
 
 
 def _cached_step(q, k, v, *, config: TokenSelectConfig, state: SelectionState, stats: SelectionStats | None,
-                 kv_start, scale) -> torch.Tensor:
+                 kv_start, scale, n_valid=None) -> torch.Tensor:
     """A decode step with a usable Selection Cache, hits and misses decided per sequence on the device: the vote
     kernel skips the sequences that hit, the list kernel keeps their cached top-k and their anchor's recent keys
     (a list of the static width ``init + k + local + reuse_max_age``), and the state is updated in place. The same
     selections as the general path above, with no host synchronization, so a CUDA graph can capture it (and
     replay it: it reads and writes the same state tensors every step)."""
     batch, n_keys = q.shape[0], k.shape[2]
-    pos = n_keys - 1
+    pos = n_keys - 1 if n_valid is None else _query_index(n_keys, batch, n_valid, q.device)
     query = q.transpose(1, 2).reshape(batch, 1, -1).float()[:, 0]  # [B, H*D], as the general path's
     hit = _hits(query, state.anchor, state.anchor_pos, pos, config)
     votes = kernels.total_votes(q, k, init=config.init, local=config.local, kv_start=kv_start, scale=scale,
-                                skip=hit)
+                                skip=hit, n_valid=n_valid)
     picked, indices = kernels.fresh_selection(votes, k_select=config.k, init=config.init, local=config.local,
                                               kv_start=kv_start, hit=hit, cached=state.picked,
                                               anchor_pos=state.anchor_pos, extra=config.reuse_max_age,
-                                              out=state.picked)
+                                              out=state.picked, n_valid=n_valid)
     if picked is not state.picked:  # the reference's result (CPU): into the same storage all the same
         state.picked.copy_(picked)
     state.anchor.copy_(torch.where(hit[:, None], state.anchor, query))

@@ -355,17 +355,17 @@ def shadowed_decode(model, ids, split, monkeypatch):
 
     records = []
 
-    def both(q, k, v, *, config, state, stats, kv_start, scale):
+    def both(q, k, v, *, config, state, stats, kv_start, scale, n_valid=None):
         shadow, shadow_stats = SelectionState(), SelectionStats()
         if state.anchor is not None:
             shadow.anchor, shadow.picked, shadow.anchor_pos = (state.anchor.clone(), state.picked.clone(),
                                                               state.anchor_pos.clone())
         with use_reference():
             want = token_select_attention(q, k, v, config=config, state=shadow, stats=shadow_stats,
-                                          kv_start=kv_start, scale=scale)
+                                          kv_start=kv_start, scale=scale, n_valid=n_valid)
         hits_before = stats.hits
         got = token_select_attention(q, k, v, config=config, state=state, stats=stats, kv_start=kv_start,
-                                     scale=scale)
+                                     scale=scale, n_valid=n_valid)
         if got is None or q.shape[2] != 1:
             assert want is None and got is None
             return got
