@@ -166,6 +166,7 @@ def evaluate(
     select_init: int | None = None,
     select_local: int | None = None,
     select_reuse: float | None = None,
+    select_reuse_max_age: int | None = None,
     sparse_prefill=None,
     head_routing=None,
     routing_share: float = 0.5,
@@ -203,8 +204,9 @@ def evaluate(
         ruler_lengths: prompt lengths of the RULER tasks (default: ``lengths``).
         ruler_batch: RULER samples generated together (left-padded, one task and length per batch); more than 1
             needs ``backend="runtime"`` (the masked reference runs unpadded sequences); online rows run one by one.
-        select_k, select_init, select_local, select_reuse: TokenSelect's settings for the ``tokenselect`` rows
-            (default: the hybrid's when it decodes with TokenSelect, else 2048, 128, 512, 0.9). Each such row
+        select_k, select_init, select_local, select_reuse, select_reuse_max_age: TokenSelect's settings for the
+            ``tokenselect`` rows (default: the hybrid's when it decodes with TokenSelect, else 2048, 128, 512, 0.9,
+            64). Each such row
             reports its Selection Cache counts (``selection_cache``: lookups, hits, dense, hit_rate).
         sparse_prefill: :class:`~lighttransfer.hybrid_format.SparsePrefillConfig` of the ``sparse-prefill`` and
             ``lighttransfer+sparse-prefill`` rows (default: its defaults); those rows also report the realised
@@ -268,6 +270,7 @@ def evaluate(
 
     selection = token_select_config("tokenselect", select_k=select_k, select_init=select_init,
                                     select_local=select_local, select_reuse=select_reuse,
+                                    select_reuse_max_age=select_reuse_max_age,
                                     base=hcfg.selection if hcfg else None, option="--rows")
 
     report_data = None

@@ -127,7 +127,8 @@ class EvalRow:
                 "note": self.note, "native_windows": {str(k): v for k, v in sorted(self.native_windows.items())},
                 "selection": None if self.selection is None else {"k": self.selection.k, "init": self.selection.init,
                                                                   "local": self.selection.local,
-                                                                  "reuse": self.selection.reuse},
+                                                                  "reuse": self.selection.reuse,
+                                                                  "reuse_max_age": self.selection.reuse_max_age},
                 **({"sparse_prefill": self.sparse_prefill.to_dict()} if self.sparse_prefill is not None else {}),
                 **({"head_routing": self.head_routing.to_dict()} if self.head_routing is not None else {}),
                 **({"routing_target": self.routing_target} if self.routing_target is not None else {})}

@@ -26,7 +26,8 @@ def test_rows_are_built_by_name_and_not_by_default():
     assert not rows["tokenselect"].is_dense and rows["original"].is_dense
     assert rows["lighttransfer+tokenselect"].streaming_layers == rows["lighttransfer"].streaming_layers == [0, 2]
     assert rows["lighttransfer+tokenselect"].selection == SELECT and rows["lighttransfer"].selection is None
-    assert rows["tokenselect"].to_dict()["selection"] == {"k": 6, "init": 2, "local": 8, "reuse": 0.9}
+    assert rows["tokenselect"].to_dict()["selection"] == {"k": 6, "init": 2, "local": 8, "reuse": 0.9,
+                                                         "reuse_max_age": 64}
     assert rows["tokenselect"].kv_fraction(1000) == 1.0  # TokenSelect reads less, it keeps everything
 
 
@@ -74,6 +75,7 @@ def test_eval_cli_runs_the_tokenselect_rows(tmp_path, capsys, long_text, monkeyp
         "--sink", "2", "--window", "16", "--ratio", "0.5",
         "--rows", "original,tokenselect,lighttransfer,lighttransfer+tokenselect",
         "--select-k", "6", "--select-init", "2", "--select-local", "8", "--select-reuse", "0.5",
+        "--select-reuse-max-age", "5",
         "--device", "cpu", "--out", str(out), "-q"], capsys)
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
@@ -81,6 +83,10 @@ def test_eval_cli_runs_the_tokenselect_rows(tmp_path, capsys, long_text, monkeyp
     for name in ("tokenselect", "lighttransfer+tokenselect"):
         cache = rows[name]["selection_cache"]
         assert cache["lookups"] > 0 and 0 <= cache["hit_rate"] <= 1
-        assert rows[name]["selection"] == {"k": 6, "init": 2, "local": 8, "reuse": 0.5}
+        assert rows[name]["selection"] == {"k": 6, "init": 2, "local": 8, "reuse": 0.5, "reuse_max_age": 5}
     assert "selection_cache" not in rows["lighttransfer"]
     assert "Selection Cache:" in (tmp_path / "res.md").read_text()
+    code, _, err = run_cli([
+        "eval", "--baseline", str(model_dir), "--text", str(text), "--rows", "tokenselect",
+        "--select-reuse-max-age", "0", "--device", "cpu", "--out", str(tmp_path / "bad.json"), "-q"], capsys)
+    assert code != 0 and "reuse_max_age" in err and "Traceback" not in err
