@@ -174,6 +174,7 @@ class HybridCache(Cache):
             # every lookup a miss (the state a prefill leaves), in place
             for state in self.selection_states.values():
                 state.invalidate()
+            self.selection_stats.counter(self.sequence.static.n_valid.device)  # made outside any capture
         return step
 
     def load_from(self, other: HybridCache) -> None:

@@ -37,8 +37,9 @@ every length): ``k, v`` are the full layer's whole reserved storage and ``n_vali
 its live length; the decode steps above then read the query's key index and every bound from it, never from a
 shape, and run on every device (the kernel entry points fall back to the references off CUDA). A static step
 never takes the dense shortcut of 1. (a graph cannot branch on the length; where the budget covers every
-candidate the list is every key, the same attention), and :meth:`SelectionState.invalidate` (at
-``begin_static``) makes the first step a miss for every sequence, so the cached step can serve it too.
+candidate the list is every key, the same attention). With the Selection Cache on, every static step is the
+cached step: from a cold state (:meth:`SelectionState.make_cold`, or :meth:`SelectionState.invalidate` in place
+at ``begin_static``) every sequence misses, which selects as the fresh step does.
 State is on the cache (:class:`SelectionState` per full layer); counts go to a :class:`SelectionStats` that the
 model's runtime shares across its caches.
 """
@@ -92,11 +93,18 @@ class SelectionStats:
         self._hits += int(hits)
         self._dense += int(dense)
 
+    def counter(self, device: torch.device) -> torch.Tensor:
+        """The int64 ``[2]`` counter of ``device`` (made on first use). Static decode steps make it before a
+        capture: made inside one, its zeroing would be recorded and replayed every step."""
+        device = torch.device(device)
+        c = self.counts.get(device)
+        if c is None:
+            c = self.counts[device] = torch.zeros(2, dtype=torch.long, device=device)
+        return c
+
     def add_on_device(self, lookups: int, hit: torch.Tensor) -> None:
         """Count ``lookups`` selections of which ``hit`` (bool ``[B]``) were reused, on ``hit``'s device."""
-        c = self.counts.get(hit.device)
-        if c is None:
-            c = self.counts[hit.device] = torch.zeros(2, dtype=torch.long, device=hit.device)
+        c = self.counter(hit.device)
         c[0] += int(lookups)
         c[1] += hit.sum()
 
@@ -154,6 +162,13 @@ class SelectionState:
     def usable(self, batch: int, k: int) -> bool:
         return self.anchor is not None and self.anchor.shape[0] == batch and self.picked.shape[-1] == k
 
+    def make_cold(self, batch: int, width: int, k: int, device) -> None:
+        """New tensors in the state :meth:`invalidate` leaves (every next lookup a miss): anchors ``[batch,
+        width]``, ``k`` picks per sequence."""
+        self.anchor = torch.zeros(batch, width, dtype=torch.float32, device=device)
+        self.picked = torch.full((batch, k), -1, dtype=torch.long, device=device)
+        self.anchor_pos = torch.full((batch,), -(1 << 40), dtype=torch.long, device=device)
+
     def invalidate(self) -> None:
         """Make every sequence's next lookup a miss, in place (the tensors a captured step reads stay): the anchor
         query is zeroed (cosine similarity 0) and its key index pushed far into the past (older than any
@@ -182,7 +197,11 @@ def token_select_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if n_valid is not None:
         if n != 1:
             raise ValueError(f"a static TokenSelect step takes one query per sequence, got {n}")
-        step = _cached_step if config.cache_enabled and state.usable(batch, config.k) else _fresh_step
+        # with the Selection Cache, always the cached step (all misses from a cold state: the fresh step's
+        # selections), so the eager warm-up before a capture runs (and compiles) what the graph records
+        if config.cache_enabled and not state.usable(batch, config.k):
+            state.make_cold(batch, heads * dim, config.k, q.device)
+        step = _cached_step if config.cache_enabled else _fresh_step
         # the kernel entry points; on CPU tensors their references unless KERNELS_ON_CPU (as the general path)
         with contextlib.nullcontext() if _use_kernels(q) else kernels.use_reference():
             return step(q, k, v, config=config, state=state, stats=stats, kv_start=kv_start, scale=scale,
@@ -270,7 +289,9 @@ def _fresh_step(q, k, v, *, config: TokenSelectConfig, state: SelectionState, st
     state.anchor = q.transpose(1, 2).reshape(batch, -1).float().clone()  # owned: updated in place later
     state.picked = picked
     state.anchor_pos = _query_index(n_keys, batch, n_valid, q.device).clone()
-    if stats is not None:
+    if stats is not None and n_valid is not None:  # a static step may be replayed: count on the device
+        stats.add_on_device(batch, torch.zeros(batch, dtype=torch.bool, device=q.device))
+    elif stats is not None:
         stats.add(lookups=batch)
     return kernels.select_attention(q, k, v, indices, scale=scale)
 

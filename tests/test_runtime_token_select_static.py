@@ -174,6 +174,8 @@ def test_an_invalidated_selection_cache_misses_even_for_the_same_query():
     token_select_attention(q, k, v, config=config, state=state, stats=stats, kv_start=None, scale=None,
                            n_valid=valid)
     assert (stats.lookups, stats.hits) == (4, 2)  # the same query hits
+    # a static step counts on the device, fresh steps too (a replayed graph runs no host code)
+    assert next(iter(stats.counts.values())).tolist() == [4, 2]
     state.invalidate()
     stats.reset()
     again = token_select_attention(q, k, v, config=config, state=state, stats=stats, kv_start=None, scale=None,
