@@ -196,21 +196,22 @@ def test_tokenselect_with_head_routing_keeps_to_dynamic_steps():
 @pytest.mark.parametrize("reuse", [0.5, 1.0], ids=["cache", "no-cache"])
 def test_on_cuda_a_captured_tokenselect_step_gives_the_eager_tokens(reuse):
     """The TokenSelect decode step captured once and replayed per token (the kernels on both sides, fp32): the
-    tokens and the counts of eager static steps, and those of ``model.generate``."""
+    tokens and the counts of eager static steps. (Against ``model.generate`` only on the CPU, above: on a GPU the
+    vote's split plan follows the storage's length, so the votes may differ from the dynamic path's in the last
+    bits.)"""
     from lighttransfer.runtime import generate_static, runtime_of
 
     model = _selecting_model(reuse).cuda()
     stats = runtime_of(model).selection_stats
     ids, mask = _ids(6, [48, 40])
     ids, mask = ids.cuda(), mask.cuda()
-    with torch.no_grad():
-        dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
-    stats.reset()
     eager = generate_static(model, ids, attention_mask=mask, max_new_tokens=16, pad_token_id=0, cuda_graphs=False)
     want = stats.to_dict()
     stats.reset()
     graphed = generate_static(model, ids, attention_mask=mask, max_new_tokens=16, pad_token_id=0, cuda_graphs=True)
     assert graphed.decode_path == "cuda graph"
     assert torch.equal(graphed.sequences, eager.sequences)
-    assert torch.equal(graphed.sequences[:, -16:], dynamic[:, -16:])
     assert stats.to_dict() == want and want["lookups"] > 0
+    stats.reset()  # a second generation replays the kept graph from a cold Selection Cache
+    again = generate_static(model, ids, attention_mask=mask, max_new_tokens=16, pad_token_id=0, cuda_graphs=True)
+    assert torch.equal(again.sequences, eager.sequences) and stats.to_dict() == want
