@@ -59,6 +59,29 @@ def _attend_range(q, k_base, v_base, stride_kn, stride_vn, lo, hi, m_i, l_i, acc
 
 
 @triton.jit
+def _pair_tile(pid_bk, n_kv_heads, GROUP, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # program row pid_bk = (sequence b, KV head hk); tile row m = query head h = hk * GROUP + m (row_ok: a real
+    # head), column = head-dim element (d_ok: within HEAD_DIM). Returns (b, hk, h, row_ok, offs_d, d_ok)
+    b = pid_bk // n_kv_heads
+    hk = pid_bk % n_kv_heads
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return b, hk, hk * GROUP + offs_m, offs_m < GROUP, offs_d, offs_d < HEAD_DIM
+
+
+@triton.jit
+def _live_keys(n_keys, N_VALID, KV_START, b, HAS_N_VALID: tl.constexpr, HAS_START: tl.constexpr):
+    # (keys the step sees, sequence b's first real key): n_keys clipped to the device-side live length (a static
+    # cache), and its left padding
+    if HAS_N_VALID:
+        n_keys = tl.minimum(n_keys, tl.load(N_VALID).to(tl.int32))
+    start = 0
+    if HAS_START:
+        start = tl.load(KV_START + b).to(tl.int32)
+    return n_keys, start
+
+
+@triton.jit
 def _store_partial(PART_O, PART_LSE, part, m_i, l_i, acc, offs_d, row_ok, d_ok, BLOCK_D: tl.constexpr):
     # one split's partial: the normalized output [rows, BLOCK_D] fp32 and its log2-sum-exp (-inf where no key was
     # seen), at flat partial index ``part`` [rows] (the merge kernel's layout with one query per sequence)

@@ -67,7 +67,14 @@ from .decode_launch import (
     multiprocessors,
 )
 from .decode_triton import _streaming_decode_merge, plan_splits
-from .full_decode_triton import _CHUNK_ALIGN, HOPPER_CONFIGS, _attend_range, _store_partial
+from .full_decode_triton import (
+    _CHUNK_ALIGN,
+    HOPPER_CONFIGS,
+    _attend_range,
+    _live_keys,
+    _pair_tile,
+    _store_partial,
+)
 from .fused_routing_triton import _decide, _publish
 from .routed_decode_triton import routed_splits
 
@@ -110,20 +117,8 @@ def _decide_attend(
 ):
     pid_bk = tl.program_id(0)
     pid_c = tl.program_id(1)
-    b = pid_bk // n_kv_heads
-    hk = pid_bk % n_kv_heads
-
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < GROUP
-    d_ok = offs_d < HEAD_DIM
-    h = hk * GROUP + offs_m
-
-    if HAS_N_VALID:
-        n_keys = tl.minimum(n_keys, tl.load(N_VALID).to(tl.int32))
-    start = 0
-    if HAS_START:
-        start = tl.load(KV_START + b).to(tl.int32)
+    b, hk, h, row_ok, offs_d, d_ok = _pair_tile(pid_bk, n_kv_heads, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
+    n_keys, start = _live_keys(n_keys, N_VALID, KV_START, b, HAS_N_VALID, HAS_START)
     sink_end = start + sink
     # the local set: the sinks [start, a_hi), the window [w_lo, n) clipped at the sinks' end (nothing counts twice)
     a_hi = tl.minimum(sink_end, n_keys)

@@ -46,7 +46,14 @@ from .decode_launch import (
 from .decode_triton import _streaming_decode_merge, plan_splits, plan_wave_splits
 
 # pass 2's chunks of the key axis are multiples of every candidate BLOCK_N: the full kernel's alignment (its configs)
-from .full_decode_triton import _CHUNK_ALIGN, HOPPER_CONFIGS, _attend_range, _store_partial
+from .full_decode_triton import (
+    _CHUNK_ALIGN,
+    HOPPER_CONFIGS,
+    _attend_range,
+    _live_keys,
+    _pair_tile,
+    _store_partial,
+)
 from .routed_decode_triton import routed_splits
 
 _LOG2E = 1.4426950408889634
@@ -108,20 +115,8 @@ def _local_decide(
 ):
     pid_bk = tl.program_id(0)
     pid_c = tl.program_id(1)
-    b = pid_bk // n_kv_heads
-    hk = pid_bk % n_kv_heads
-
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < GROUP
-    d_ok = offs_d < HEAD_DIM
-    h = hk * GROUP + offs_m
-
-    if HAS_N_VALID:
-        n_keys = tl.minimum(n_keys, tl.load(N_VALID).to(tl.int32))
-    start = 0
-    if HAS_START:
-        start = tl.load(KV_START + b).to(tl.int32)
+    b, hk, h, row_ok, offs_d, d_ok = _pair_tile(pid_bk, n_kv_heads, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
+    n_keys, start = _live_keys(n_keys, N_VALID, KV_START, b, HAS_N_VALID, HAS_START)
     sink_end = start + sink
     # this chunk of the local set, in virtual indices [v_lo, v_hi): the sinks first, then the window
     v_lo = pid_c * local_chunk
@@ -210,19 +205,8 @@ def _bulk_attend(
 ):
     pid_bk = tl.program_id(0)
     pid_s = tl.program_id(1)
-    b = pid_bk // n_kv_heads
-    hk = pid_bk % n_kv_heads
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < GROUP
-    d_ok = offs_d < HEAD_DIM
-    h = hk * GROUP + offs_m
-
-    if HAS_N_VALID:
-        n_keys = tl.minimum(n_keys, tl.load(N_VALID).to(tl.int32))
-    start = 0
-    if HAS_START:
-        start = tl.load(KV_START + b).to(tl.int32)
+    b, hk, h, row_ok, offs_d, d_ok = _pair_tile(pid_bk, n_kv_heads, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
+    n_keys, start = _live_keys(n_keys, N_VALID, KV_START, b, HAS_N_VALID, HAS_START)
     lo = tl.maximum(pid_s * chunk, start + sink)
     hi = tl.minimum(pid_s * chunk + chunk, n_keys - window)
     hi = tl.where(tl.load(LOCAL + pid_bk) != 0, lo, hi)  # a local pair's programs attend nothing

@@ -21,7 +21,14 @@ import triton.language as tl
 from .decode_launch import device_index, multiprocessors, tuned_launcher
 from .decode_triton import _CHUNK_ALIGN as PLAN_ALIGN
 from .decode_triton import plan_wave_splits
-from .full_decode_triton import HOPPER_CONFIGS, SplitDecodePlan, _attend_range, _store_partial
+from .full_decode_triton import (
+    HOPPER_CONFIGS,
+    SplitDecodePlan,
+    _attend_range,
+    _live_keys,
+    _pair_tile,
+    _store_partial,
+)
 
 _LOG2E = 1.4426950408889634
 # Keys per program at most. A local-routed pair's programs finish at once, so the full pairs' work must come in
@@ -55,20 +62,8 @@ def _routed_decode_split(
 ):
     pid_bk = tl.program_id(0)
     pid_s = tl.program_id(1)
-    b = pid_bk // n_kv_heads
-    hk = pid_bk % n_kv_heads
-
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < GROUP
-    d_ok = offs_d < HEAD_DIM
-    h = hk * GROUP + offs_m
-
-    if HAS_N_VALID:
-        n_keys = tl.minimum(n_keys, tl.load(N_VALID).to(tl.int32))
-    start = 0
-    if HAS_START:
-        start = tl.load(KV_START + b).to(tl.int32)
+    b, hk, h, row_ok, offs_d, d_ok = _pair_tile(pid_bk, n_kv_heads, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
+    n_keys, start = _live_keys(n_keys, N_VALID, KV_START, b, HAS_N_VALID, HAS_START)
     lo = tl.maximum(pid_s * chunk, start)
     hi = tl.minimum(pid_s * chunk + chunk, n_keys)
     is_local = tl.load(LOCAL + pid_bk) != 0
