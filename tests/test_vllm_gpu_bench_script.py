@@ -100,3 +100,33 @@ def test_the_block_batch_charges_the_chunk_reserve_to_the_prefilling_requests_on
     assert bench.blocks_batch(56121, [full], 32768, 2048) == 27  # dense: vLLM's own 27.4
     reported = 112243 / (2048 + 1 + 320 + 1)  # vLLM's charge: the window plus two whole steps, every request
     assert hybrid > reported > 47
+
+
+def test_the_stepwise_run_stops_after_the_full_batch_steps_full_batch_phase_counts(bench, monkeypatch):
+    """run_stepwise's running count of full-batch steps is full_batch_phase's: it stops on the N-th one."""
+    made = [[1, 0], [1, 1], [2, 1], [2, 2], [3, 3], [4, 4], [5, 5], [6, 6]]  # tokens per request after each step
+
+    class Engine:
+        def __init__(self):
+            self.at, self.aborted = -1, None
+
+        def add_request(self, *args):
+            pass
+
+        def has_unfinished_requests(self):
+            return self.aborted is None and self.at + 1 < len(made)
+
+        def step(self):
+            self.at += 1
+            return [_out(f"bench-{i}", [0] * n) for i, n in enumerate(made[self.at])]
+
+        def abort_request(self, ids):
+            self.aborted = list(ids)
+
+    monkeypatch.setattr(bench, "_stepwise_params", lambda new_tokens: (None, True))
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "vllm.inputs", SimpleNamespace(TokensPrompt=lambda **kw: kw))
+    llm = SimpleNamespace(llm_engine=Engine())
+    _, steps, _ = bench.run_stepwise(llm, [[1], [2]], 8, measure_steps=2)
+    assert bench.full_batch_phase(steps, 2)["full_batch_steps"] == 2 and len(steps) == 6
+    assert llm.llm_engine.aborted == ["bench-0", "bench-1"]

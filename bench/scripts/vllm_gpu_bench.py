@@ -183,6 +183,11 @@ class Step:
     started: int
 
 
+def _all_started(steps: list[Step], batch: int) -> int | None:
+    """Index of the first step after which every one of the ``batch`` requests has a token, or ``None``."""
+    return next((i for i, s in enumerate(steps) if s.started >= batch), None)
+
+
 def decode_phase(steps: list[Step], batch: int) -> dict:
     """Split a step-by-step run where all ``batch`` requests have their first token.
 
@@ -195,7 +200,7 @@ def decode_phase(steps: list[Step], batch: int) -> dict:
     recomputed (its KV did not fit) shows as such steps, and its tokens were then made twice. A run in which some
     request never got a token, or with no step after the split, has no decode rate (``None``).
     """
-    split = next((i for i, s in enumerate(steps) if s.started >= batch), None)
+    split = _all_started(steps, batch)
     if split is None:
         return {"prefill_s": None, "prefill_steps": len(steps), "decode_s": None, "decode_tokens": 0,
                 "decode_steps": 0, "decode_idle_steps": 0, "decode_tokens_per_s": None,
@@ -215,7 +220,7 @@ def full_batch_phase(steps: list[Step], batch: int) -> dict:
     requests made one token (no prefill chunk, nobody finished or preempted), the decode throughput the largest
     batch sustains. ``full_batch_tokens_per_s`` = ``batch`` / the median of those steps' durations.
     """
-    split = next((i for i, s in enumerate(steps) if s.started >= batch), None)
+    split = _all_started(steps, batch)
     full = [s.seconds for s in steps[split + 1:] if s.tokens == batch] if split is not None else []
     median = statistics.median(full) if full else None
     return {"full_batch_steps": len(full),
@@ -341,6 +346,7 @@ def run_stepwise(llm, prompts: list[list[int]], new_tokens: int,
         raise StepwiseUnavailable(f"add_request: {type(exc).__name__}: {exc}") from exc
     counts: dict[str, int] = {}
     steps: list[Step] = []
+    full = 0  # full-batch steps so far, as full_batch_phase counts them
     while engine.has_unfinished_requests():
         before = time.perf_counter()
         outputs = engine.step()
@@ -348,7 +354,8 @@ def run_stepwise(llm, prompts: list[list[int]], new_tokens: int,
         new = count_new_tokens(outputs, counts, cumulative=cumulative)
         steps.append(Step(end_s=after - start, seconds=after - before, tokens=new,
                           started=sum(1 for n in counts.values() if n > 0)))
-        if measure_steps and full_batch_phase(steps, len(prompts))["full_batch_steps"] >= measure_steps:
+        full += len(steps) > 1 and steps[-2].started >= len(prompts) and new == len(prompts)
+        if measure_steps and full >= measure_steps:
             engine.abort_request(ids)
             break
     return time.perf_counter() - start, steps, counts
@@ -372,17 +379,15 @@ def cmd_run_one(args) -> None:
     built = time.perf_counter() - built
     cache = llm.llm_engine.vllm_config.cache_config
     concurrency = float(cache.kv_cache_max_concurrency)
-    # a whole-number concurrency does not quite fit (one block of the pool is vLLM's null block): one request
-    # fewer then, or one is preempted and recomputed mid-decode
-    reported = math.ceil(concurrency) - 1
     if args.batch_policy == "blocks":
         from lighttransfer.serving.vllm.internals import kv_cache_managers
 
         groups = [Group(block_size=m.kv_cache_spec.block_size, window=getattr(m.kv_cache_spec, "sliding_window", None),
                         sink=getattr(m.kv_cache_spec, "sink", 0)) for m in kv_cache_managers(llm)]
         fits = blocks_batch(cache.num_gpu_blocks, groups, args.context, args.max_num_batched_tokens)
-    else:
-        groups, fits = [], reported
+    else:  # a whole-number concurrency does not quite fit (one block of the pool is vLLM's null block): one
+        # request fewer then, or one is preempted and recomputed mid-decode
+        groups, fits = [], math.ceil(concurrency) - 1
     batch = max(1, min(args.max_requests, args.max_num_seqs, fits))
     new_tokens = (plan_new_tokens(args.context, batch, args.max_num_batched_tokens, args.measure_steps)
                   if args.measure_steps else args.new_tokens)
