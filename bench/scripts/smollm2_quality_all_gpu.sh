@@ -51,7 +51,7 @@ run() {  # NAME COMMAND...
 }
 run head_routing bash "$here/bench/scripts/head_routing_quality_gpu.sh" "$gguf" "$text" "$report" "$out/head_routing"
 run sparse_prefill python3 "$here/bench/scripts/sparse_prefill_quality.py" --out "$out/sparse_prefill" \
-  --device cuda --length 8192
+  --model "$gguf" --text "$text" --device cuda --length 8192
 export -f tokenselect lt
 export gguf text report out here
 run tokenselect bash -c tokenselect
