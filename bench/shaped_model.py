@@ -14,11 +14,12 @@ from ..errors import LightTransferError
 
 log = logging.getLogger(__name__)
 
-# the published Llama-3-8B shape (positions raised so that 32k-token runs need no RoPE scaling)
+# the published Llama-3-8B shape (positions raised so that 128k-token runs need no RoPE scaling: with random weights
+# only the shapes matter)
 SHAPES: dict[str, dict] = {
     "llama3-8b-shaped": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                              intermediate_size=14336, vocab_size=128256, rope_theta=500000.0,
-                             max_position_embeddings=65536, rms_norm_eps=1e-5, tie_word_embeddings=False),
+                             max_position_embeddings=262144, rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
 
 

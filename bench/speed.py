@@ -23,6 +23,12 @@ is reserved for both runs at the prefill, so neither copies the history); the ro
 transformers a user has: ``StaticCache`` + ``torch.compile(mode="reduce-overhead")`` (CUDA only; at batch 1 on the
 first context and at the original's largest batch at every context, so each compiled shape is one compile).
 
+With ``decode="tokenselect"`` every runtime variant is then decoded with TokenSelect on its full layers, on the same
+cache again, at a forced all-miss and all-hit Selection Cache, eagerly and (``cuda_graphs``) graphed
+(:mod:`lighttransfer.bench.token_select_rows`: the forced settings, the realised hit counts, the interpolation to
+a hit share and the bytes such a step reads). Every row that continues a cache continues its greedy generation
+(each row's ``tokens``: sequence 0's), and the cache is reserved at the prefill for all of them.
+
 The physical floor of a decode step is the bytes it must read once: every weight matrix (the input embedding
 only as the rows it gathers, which is nothing to speak of) plus the KV cache it holds, over the device's copy
 bandwidth measured in the same run (bytes read + written of a large device-to-device copy). Every point reports
@@ -50,7 +56,8 @@ from ..errors import LightTransferError
 from ..output_files import check_output_target, publish_together, write_json
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: TokenSelect rows (decode, select_* fields, token_select, selection_summary)
+READ_VERSIONS = (1, 2)
 GIB = 1024**3
 RUNTIME_DENSE = "runtime, 0 streaming"
 ORIGINAL_COMPILED = "original, static cache + compile"
@@ -87,6 +94,18 @@ class SpeedPoint:
     floor_share: float | None = None
     decode_path: str | None = None
     fused_ops: bool = False
+    # the full layers' decode: "dense" or "tokenselect" (rows of bench/token_select_rows.py)
+    decode: str = "dense"
+    # TokenSelect rows: the forced Selection Cache setting ("all miss", "all hit", "no cache"), the realised
+    # lookups and hits of the timed steps (per full layer and sequence), and the bytes a step reads when every
+    # sequence misses / hits (weights included; bytes_per_step is the mix at the realised hit share)
+    select_setting: str | None = None
+    select_lookups: int | None = None
+    select_hits: int | None = None
+    select_bytes_miss: int | None = None
+    select_bytes_hit: int | None = None
+    # sequence 0's greedy tokens of this row (warm-up steps included): the rows of one cache continue one generation
+    tokens: list[int] | None = None
 
 
 @dataclass
@@ -106,6 +125,11 @@ class BenchResult:
     layer_choice: str = ""
     weight_bytes_per_step: int | None = None
     copy_gbps: float | None = None
+    # TokenSelect rows: their settings (TokenSelectConfig.to_fields), the hit shares interpolated, and the summary
+    # of bench/token_select_rows.py's selection_summary
+    token_select: dict[str, Any] | None = None
+    select_hit_shares: list[float] = field(default_factory=list)
+    selection_summary: list[dict[str, Any]] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,9 +141,10 @@ class BenchResult:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise LightTransferError(f"cannot read benchmark result '{path}': {exc}") from exc
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise LightTransferError(f"benchmark result schema_version {data.get('schema_version')} is not "
-                                     f"{SCHEMA_VERSION}; rerun bench.")
+        if data.get("schema_version") not in READ_VERSIONS:
+            raise LightTransferError(f"benchmark result schema_version {data.get('schema_version')} is not one of "
+                                     f"{READ_VERSIONS}; rerun bench.")
+        data["schema_version"] = SCHEMA_VERSION  # version 1 lacks only the TokenSelect fields, which default
         return cls(**data)
 
     def point(self, variant: str, context: int, *, largest: bool) -> dict[str, Any] | None:
@@ -181,45 +206,73 @@ def _prefill(model, ids: torch.Tensor, reserve: int | None = None):
     return output_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
 
 
+@dataclass
+class DecodeRun:
+    """What a row's decode steps did: ``seconds`` of the timed steps, the ``token`` ``[batch, 1]`` to feed next
+    (the next row continues the same greedy generation), sequence 0's greedy ``tokens`` (warm-up steps included)
+    and how the steps ran (``path``)."""
+
+    seconds: float
+    token: torch.Tensor
+    tokens: list[int]
+    path: str = "eager"
+
+
 @torch.inference_mode()
-def _decode(model, cache, token: torch.Tensor, steps: int, device: torch.device) -> float:
-    """Seconds for ``steps`` greedy decode steps (after :data:`WARMUP_STEPS` untimed ones)."""
+def _decode(model, cache, token: torch.Tensor, steps: int, device: torch.device, *,
+            before_timing: Callable[[], None] | None = None) -> DecodeRun:
+    """``steps`` timed greedy decode steps after :data:`WARMUP_STEPS` untimed ones; ``before_timing`` is called
+    between the two (e.g. to zero counters)."""
     key = cache_keyword(model)
+    firsts = []  # sequence 0's tokens as device views: reading them in the loop would synchronize every step
     for _ in range(WARMUP_STEPS):
         out = model(token, use_cache=True, **{key: cache})
         token = out.logits[:, -1].argmax(-1, keepdim=True)
+        firsts.append(token[:1, 0])
+    if before_timing is not None:
+        before_timing()
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         out = model(token, use_cache=True, **{key: cache})
         token = out.logits[:, -1].argmax(-1, keepdim=True)
+        firsts.append(token[:1, 0])
     _sync(device)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    return DecodeRun(seconds, token, torch.cat(firsts).tolist())
 
 
 @torch.inference_mode()
-def _decode_graphed(model, cache, token: torch.Tensor, steps: int, device: torch.device) -> tuple[float, str]:
-    """``(seconds, decode path)`` of ``steps`` static decode steps after :data:`WARMUP_STEPS` untimed ones (an
-    eager warm-up, the capture, a replay); eager static steps where no graph can be captured."""
+def _decode_graphed(model, cache, token: torch.Tensor, steps: int, device: torch.device, *,
+                    before_timing: Callable[[], None] | None = None) -> DecodeRun:
+    """:func:`_decode` with static decode steps: :data:`WARMUP_STEPS` untimed ones (an eager warm-up, the capture,
+    a replay), then ``steps`` timed replays; eager static steps where no graph can be captured."""
     from ..runtime import StaticDecoder
 
     decoder = StaticDecoder(model, cache, tokens=cache.get_seq_length() + WARMUP_STEPS + steps + 1)
+    firsts = []
     try:
         for _ in range(WARMUP_STEPS):
             token = decoder(token).argmax(-1, keepdim=True)
+            firsts.append(token[:1, 0])
+        if before_timing is not None:
+            before_timing()
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             token = decoder(token).argmax(-1, keepdim=True)
+            firsts.append(token[:1, 0])
         _sync(device)
-        return time.perf_counter() - t0, decoder.path
+        seconds = time.perf_counter() - t0
+        return DecodeRun(seconds, token, torch.cat(firsts).tolist(), decoder.path)
     finally:
         decoder.close()
 
 
-def graphed_reserve(context: int, steps: int) -> int:
-    """Tokens per sequence a graphed row's cache reserves: the prompt, the eager row's steps, then its own."""
-    return context + 2 * (WARMUP_STEPS + steps) + 2
+def graphed_reserve(context: int, steps: int, rows: int = 2) -> int:
+    """Tokens per sequence a cache reserves at its prefill for ``rows`` rows that continue it (each
+    :data:`WARMUP_STEPS` + ``steps`` tokens, and one token of room for a static step past the last)."""
+    return context + rows * (WARMUP_STEPS + steps) + 2
 
 
 # how the compiled original is compiled: Inductor's code + CUDA graphs (what transformers documents), or the
@@ -322,6 +375,14 @@ def benchmark(
     compiled_baseline: bool = False,
     compiled_backend: str = "inductor",
     fused_ops: str = "auto",
+    original: bool = True,
+    decode: str = "dense",
+    select_k: int | None = None,
+    select_init: int | None = None,
+    select_local: int | None = None,
+    select_reuse: float | None = None,
+    select_reuse_max_age: int | None = None,
+    select_hit_share: float | None = None,
     out: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
@@ -333,7 +394,7 @@ def benchmark(
         hybrid: a converted checkpoint; its ratio is added to ``ratios`` and its sink/window are the defaults.
         report: an analysis report whose layer ranking picks the layers at each ratio (else the hybrid's summary;
             else evenly spaced layers, which time the same).
-        ratios: shares of layers that stream; the original (ratio 0) always runs.
+        ratios: shares of layers that stream; the runtime with none streaming always runs.
         contexts: prompt lengths in tokens.
         memory_budget_gb: memory the largest batch may use (default: the whole device).
         decode_steps: timed decode steps per measurement.
@@ -347,6 +408,14 @@ def benchmark(
         fused_ops: the runtime variants' fused ops (:mod:`lighttransfer.runtime.fused_ops`): ``auto`` (on for
             CUDA, as ``lighttransfer.load``), ``on``, ``off``, or ``both`` (each runtime variant twice, the fused
             rows named ``... , fused ops``, for an A/B in one process).
+        original: measure the model as stock transformers runs it (``False``: only the runtime's rows; the
+            ``x original`` columns stay empty).
+        decode: ``dense`` (the full layers read every cached key), or ``tokenselect``: every runtime variant also
+            decodes with TokenSelect on its full layers (``<variant> + tokenselect (all miss | all hit)`` rows, eager
+            and, with ``cuda_graphs``, graphed; :mod:`lighttransfer.bench.token_select_rows`), on the same cache.
+        select_k, select_init, select_local, select_reuse, select_reuse_max_age: TokenSelect's settings (default:
+            the hybrid's block, else 2048, 128, 512, 0.9, 64); ``select_reuse = 1``: one ``no cache`` row instead.
+        select_hit_share: a Selection Cache hit share to interpolate at, besides 0, 50 % and 90 %.
         out: ``.json`` path (a markdown table is written beside it) or a directory.
         progress: called with a line per finished measurement.
     """
@@ -367,18 +436,33 @@ def benchmark(
     if compiled_backend not in COMPILED_BACKENDS:
         raise LightTransferError(f"compiled backend must be one of {sorted(COMPILED_BACKENDS)}, got "
                                  f"{compiled_backend!r}.")
+    if compiled_baseline and not original:
+        raise LightTransferError("--compiled-baseline runs at the original's largest batches; drop --no-original.")
     if compiled_baseline and resolve_device(device).type != "cuda":
         raise LightTransferError("--compiled-baseline needs a CUDA device (torch.compile reduce-overhead).")
     if fused_ops not in FUSED_OPS_CHOICES:
         raise LightTransferError(f"fused ops must be one of {', '.join(FUSED_OPS_CHOICES)}, got {fused_ops!r}.")
     if memory_budget_gb is not None and memory_budget_gb <= 0:
         raise LightTransferError(f"--memory-budget must be a positive number of GB, got {memory_budget_gb}.")
+    selection = _selection(decode, dict(select_k=select_k, select_init=select_init, select_local=select_local,
+                                        select_reuse=select_reuse, select_reuse_max_age=select_reuse_max_age),
+                           select_hit_share, hybrid_selection=None)  # the options' own checks first, before loading
 
     hcfg = None
     if hybrid is not None:
         hcfg = HybridConfig.from_model_config(load_config(resolve_model_source(hybrid)).to_dict())
         if hcfg is None:
             raise LightTransferError(f"'{hybrid}' has no lighttransfer block in its config.json; convert it first.")
+        if selection is not None and hcfg.selection is not None:  # the hybrid's settings, the options' on top
+            selection = _selection(decode, dict(select_k=select_k, select_init=select_init,
+                                                select_local=select_local, select_reuse=select_reuse,
+                                                select_reuse_max_age=select_reuse_max_age),
+                                   select_hit_share, hybrid_selection=hcfg.selection)
+    n_settings = 0
+    if selection is not None:
+        from .token_select_rows import settings as select_settings
+
+        n_settings = len(select_settings(selection))
     sink = sink if sink is not None else (hcfg.sink if hcfg else 4)
     window = window if window is not None else (hcfg.window if hcfg else 1020)
     ratio_list = sorted({float(r) for r in ratios} | ({len(hcfg.streaming_layers) / hcfg.num_layers} if hcfg else set()))
@@ -395,8 +479,10 @@ def benchmark(
     config = model.config
     shape = model_shape(config, source=f"'{baseline}'")
     num_layers, max_pos = shape.num_layers, shape.max_positions
-    if max_pos and max(contexts) + decode_steps + 2 > max_pos:
-        raise LightTransferError(f"context {max(contexts)} (+ decode steps) exceeds the model's {max_pos} positions.")
+    decoded = graphed_reserve(0, decode_steps, rows=rows_per_cache(cuda_graphs, n_settings) * 2)
+    if max_pos and max(contexts) + decoded > max_pos:
+        raise LightTransferError(f"context {max(contexts)} (+ {decoded} decoded tokens) exceeds the model's {max_pos} "
+                                 "positions.")
 
     lazy = None
     layer_choice = "evenly spaced (layer choice does not change speed)"
@@ -421,6 +507,12 @@ def benchmark(
                          decode_steps=decode_steps, memory_budget_bytes=budget,
                          dtype=str(torch_dtype).replace("torch.", ""), environment=environment(dev),
                          layer_choice=layer_choice)
+    if selection is not None:
+        from .token_select_rows import DEFAULT_HIT_SHARES
+
+        result.token_select = selection.to_fields()
+        result.select_hit_shares = sorted(set(DEFAULT_HIT_SHARES) | (
+            {float(select_hit_share)} if select_hit_share is not None else set()))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     result.weight_bytes_per_step = weights_read_per_step(model)
     if dev.type == "cuda":
@@ -435,11 +527,12 @@ def benchmark(
         (f"ratio {r:g}", r, _layers_for(r, num_layers=num_layers, lazy_ratios=lazy)) for r in ratio_list]
     fused_modes = {"on": (True,), "off": (False,), "both": (False, True), "auto": (dev.type == "cuda",)}[fused_ops]
     # (name, ratio, streaming layers, through the runtime, fused ops)
-    variants = [("original", 0.0, [], False, False)] + [
+    variants = [("original", 0.0, [], False, False)] * bool(original) + [
         (name + (FUSED if fused and fused_ops == "both" else ""), ratio, layers, True, fused)
         for name, ratio, layers in runtime_variants for fused in fused_modes]
 
     def checkpoint() -> None:  # after each variant: a run cut short keeps what it measured
+        _summarize(result)
         if out is not None:
             write_bench_outputs(result, out)
 
@@ -459,9 +552,12 @@ def benchmark(
             enable_hybrid(model, expected, fused_ops=fused)
         state["fused"] = fused
         graphed = cuda_graphs and through_runtime
+        selecting = selection is not None and through_runtime
         for context in contexts:
             ids = torch.randint(0, config.vocab_size, (1, context), generator=gen).to(dev)
-            reserve = graphed_reserve(context, decode_steps) if graphed else None
+            # every row at batch 1 and at the largest batch continues the same cache: reserve for all of them
+            reserve = graphed_reserve(context, decode_steps, rows=rows_per_cache(graphed, n_settings if selecting else 0)
+                                      * (2 if largest_batch else 1)) if graphed or selecting else None
             _free(dev)
             _prefill(model, ids, reserve)  # warm-up: kernels compile and autotune at this shape
             _free(dev)
@@ -474,16 +570,18 @@ def benchmark(
             prefill_peak = _peak(dev)
             kv1 = cache_kv_bytes(cache)
             _reset_peak(dev)
-            seconds = _decode(model, cache, token, decode_steps, dev)
+            run = _decode(model, cache, token, decode_steps, dev)
+            seconds = run.seconds
             point = SpeedPoint(variant=name, ratio=ratio, streaming_layers=len(layers), context=context, batch=1,
                                decode_tokens_per_s=decode_steps / seconds,
                                decode_ms_per_step=1000 * seconds / decode_steps, kv_bytes=kv1,
                                peak_memory=_peak(dev), prefill_s=prefill_s, prefill_tokens_per_s=context / prefill_s,
                                prefill_peak_memory=prefill_peak, kv_fraction_expected=expected.kv_fraction(context),
-                               decode_path="eager")
+                               decode_path="eager", tokens=run.tokens)
             record(point)
-            if graphed:
-                _record_graphed(record, model, cache, token, point, steps=decode_steps, device=dev)
+            token = _continue_rows(record, model, cache, run.token, point, graphed=graphed,
+                                   selection=selection if selecting else None, steps=decode_steps, device=dev,
+                                   weights=result.weight_bytes_per_step)
             holder = [(cache, token)]
             del cache, token
             if largest_batch:
@@ -491,8 +589,9 @@ def benchmark(
                                            max_batch=max_batch, steps=decode_steps, device=dev, reserve=reserve)
                 if big is not None:
                     record(big[0])
-                    if graphed:
-                        _record_graphed(record, model, big[1], big[2], big[0], steps=decode_steps, device=dev)
+                    _continue_rows(record, model, big[1], big[2], big[0], graphed=graphed,
+                                   selection=selection if selecting else None, steps=decode_steps, device=dev,
+                                   weights=result.weight_bytes_per_step)
                     big = None
             holder.clear()
             _free(dev)
@@ -502,31 +601,106 @@ def benchmark(
     if compiled_baseline:  # last: its compiles take the longest, and it needs the original's largest batches
         _compiled_rows(model, config, contexts, result, record, gen=gen, steps=decode_steps, device=dev,
                        largest_batch=largest_batch, checkpoint=checkpoint, backend=compiled_backend)
+    _summarize(result)
     if out is not None:
         write_bench_outputs(result, out)
     return result
 
 
-def _graphed_point(model, cache, token, eager: SpeedPoint, *, steps: int, device: torch.device) -> SpeedPoint:
-    """The graphed row beside ``eager``: the same cache, continued with static steps replayed from a CUDA graph."""
-    _free(device)
-    _reset_peak(device)
-    seconds, path = _decode_graphed(model, cache, token, steps, device)
-    return SpeedPoint(variant=eager.variant + GRAPHED, ratio=eager.ratio, streaming_layers=eager.streaming_layers,
-                      context=eager.context, batch=eager.batch, decode_tokens_per_s=eager.batch * steps / seconds,
-                      decode_ms_per_step=1000 * seconds / steps, kv_bytes=cache_kv_bytes(cache),
+def _selection(decode: str, given: dict, hit_share: float | None, *, hybrid_selection):
+    """The TokenSelect config of the rows (``None`` for ``decode="dense"``), or a one-line error naming the option."""
+    from ..hybrid_format import token_select_config
+
+    if decode not in ("dense", "tokenselect"):
+        raise LightTransferError(f"--decode must be 'dense' or 'tokenselect', got {decode!r}.")
+    flags = {key: f"--{key.replace('_', '-')}" for key in given}
+    if decode == "dense":
+        extra = [flags[key] for key, value in given.items() if value is not None]
+        if hit_share is not None:
+            extra.append("--select-hit-share")
+        if extra:
+            raise LightTransferError(f"{extra[0]} sets the TokenSelect rows; add --decode tokenselect, or drop it.")
+        return None
+    config = token_select_config("tokenselect", **given, base=hybrid_selection, option="--decode")
+    if hit_share is not None:
+        if isinstance(hit_share, bool) or not 0.0 <= float(hit_share) <= 1.0:
+            raise LightTransferError(f"--select-hit-share must be a share of hits in [0, 1], got {hit_share!r}.")
+        if not config.cache_enabled:
+            raise LightTransferError("--select-hit-share needs the Selection Cache; --select-reuse 1 turns it off.")
+    return config
+
+
+def _summarize(result: BenchResult) -> None:
+    """The TokenSelect summary of the points so far (nothing without TokenSelect rows)."""
+    if result.token_select is None:
+        return
+    from .token_select_rows import selection_summary
+
+    result.selection_summary = selection_summary(result.points, shares=result.select_hit_shares,
+                                                 copy_gbps=result.copy_gbps)
+
+
+def rows_per_cache(graphed: bool, select_settings: int = 0) -> int:
+    """Rows that decode one cache at one batch: the eager row, its graphed twin, and as many again per TokenSelect
+    setting (all miss and all hit, or no cache)."""
+    return (1 + graphed) * (1 + select_settings)
+
+
+def _continued_point(eager: SpeedPoint, variant: str, run: DecodeRun, batch: int, *, cache,
+                     device: torch.device) -> SpeedPoint:
+    """A row that continued ``eager``'s cache (the same variant, context and batch) under the name ``variant``."""
+    steps = len(run.tokens) - WARMUP_STEPS
+    return SpeedPoint(variant=variant, ratio=eager.ratio, streaming_layers=eager.streaming_layers,
+                      context=eager.context, batch=batch, decode_tokens_per_s=batch * steps / run.seconds,
+                      decode_ms_per_step=1000 * run.seconds / steps, kv_bytes=cache_kv_bytes(cache),
                       peak_memory=_peak(device), kv_fraction_expected=eager.kv_fraction_expected,
-                      largest_batch=eager.largest_batch, decode_path=path)
+                      largest_batch=eager.largest_batch, decode_path=run.path, tokens=run.tokens)
 
 
-def _record_graphed(record, model, cache, token, eager: SpeedPoint, *, steps: int, device) -> None:
+def _continue_rows(record, model, cache, token, eager: SpeedPoint, *, graphed: bool, selection, steps: int,
+                   device: torch.device, weights: int | None) -> torch.Tensor:
+    """After ``eager``'s row, on its cache: the graphed twin (``graphed``), then the TokenSelect rows
+    (``selection``: a TokenSelectConfig, see :mod:`.token_select_rows`); returns the token to feed next."""
+    if graphed:
+        token = _record_graphed(record, model, cache, token, eager, steps=steps, device=device)
+    if selection is not None:
+        from . import token_select_rows
+
+        def make_point(dense, variant, run, batch):
+            return _continued_point(dense, variant, run, batch, cache=cache, device=device)
+
+        def decode(*args, **kwargs):
+            _free(device)
+            _reset_peak(device)
+            return _decode(*args, **kwargs)
+
+        def decode_graphed(*args, **kwargs):
+            _free(device)
+            _reset_peak(device)
+            return _decode_graphed(*args, **kwargs)
+
+        token = token_select_rows.measure_rows(
+            model, cache, token, eager, config=selection, graphed=graphed, graphed_suffix=GRAPHED, steps=steps,
+            device=device, weights=weights, record=record, decode=decode, decode_graphed=decode_graphed,
+            make_point=make_point)
+    return token
+
+
+def _record_graphed(record, model, cache, token, eager: SpeedPoint, *, steps: int, device) -> torch.Tensor:
+    """The graphed row beside ``eager``: the same cache, continued with static steps replayed from a CUDA graph;
+    returns the token to feed next."""
     try:
-        record(_graphed_point(model, cache, token, eager, steps=steps, device=device))
+        _free(device)
+        _reset_peak(device)
+        run = _decode_graphed(model, cache, token, steps, device)
     except Exception as exc:  # noqa: BLE001 - only out-of-memory is expected here
         if not _is_oom(exc):
             raise
         log.warning("%s%s at %d x%d: out of memory", eager.variant, GRAPHED, eager.context, eager.batch)
         _free(device)
+        return token
+    record(_continued_point(eager, eager.variant + GRAPHED, run, eager.batch, cache=cache, device=device))
+    return run.token
 
 
 def _compiled_rows(model, config, contexts, result: BenchResult, record, *, gen, steps: int, device,
@@ -560,7 +734,8 @@ def _compiled_rows(model, config, contexts, result: BenchResult, record, *, gen,
 
 def _largest_batch_point(model, ids, holder: list, one: SpeedPoint, *, weights: int, budget: int | None,
                          max_batch: int, steps: int, device: torch.device, reserve: int | None = None):
-    """Decode at the largest batch that fits ``budget``: ``(point, cache, next token)``; ``None`` when no budget is
+    """Decode at the largest batch that fits ``budget``: ``(point, cache, token to feed next)``; ``None`` when no
+    budget is
     known (CPU, no --memory-budget).
 
     ``holder`` holds the batch-1 ``(cache, token)``; it is consumed (replicated in place, so no second copy
@@ -582,7 +757,8 @@ def _largest_batch_point(model, ids, holder: list, one: SpeedPoint, *, weights: 
             kv = cache_kv_bytes(cache)
             _free(device)
             _reset_peak(device)
-            seconds = _decode(model, cache, tokens, steps, device)
+            run = _decode(model, cache, tokens, steps, device)
+            seconds = run.seconds
             peak = _peak(device)
             if peak is not None and peak > budget:
                 raise torch.OutOfMemoryError(f"out of memory: peak {peak} over the budget {budget}")
@@ -590,8 +766,8 @@ def _largest_batch_point(model, ids, holder: list, one: SpeedPoint, *, weights: 
                                context=one.context, batch=batch, decode_tokens_per_s=batch * steps / seconds,
                                decode_ms_per_step=1000 * seconds / steps, kv_bytes=kv, peak_memory=peak,
                                kv_fraction_expected=one.kv_fraction_expected, largest_batch=True,
-                               decode_path="eager")
-            return point, cache, tokens
+                               decode_path="eager", tokens=run.tokens)
+            return point, cache, run.token
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is expected here
             if not _is_oom(exc):
                 raise
@@ -615,11 +791,13 @@ def weights_read_per_step(model) -> int:
 
 
 def with_floor(point: SpeedPoint, *, weight_bytes: int | None, copy_gbps: float | None) -> SpeedPoint:
-    """``point`` with ``bytes_per_step`` (weights + the KV it holds) and, with a measured bandwidth,
-    ``floor_share`` (the time those bytes take at ``copy_gbps`` GB/s over the measured step time)."""
+    """``point`` with ``bytes_per_step`` (weights + the KV it holds, unless the point set its own: TokenSelect rows
+    read only part of the KV) and, with a measured bandwidth, ``floor_share`` (the time those bytes take at
+    ``copy_gbps`` GB/s over the measured step time)."""
     if weight_bytes is None:
         return point
-    point.bytes_per_step = int(weight_bytes + point.kv_bytes)
+    if point.bytes_per_step is None:
+        point.bytes_per_step = int(weight_bytes + point.kv_bytes)
     if copy_gbps:
         point.floor_share = point.bytes_per_step / (copy_gbps * 1e9) / (point.decode_ms_per_step / 1e3)
     return point
@@ -682,7 +860,17 @@ def markdown_bench(result: BenchResult) -> str:
             + (p.get("decode_path") or "-")
             + (", fused ops" if p.get("fused_ops") and FUSED not in p["variant"] else "") + " |"
         )
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if result.token_select is not None:
+        from ..hybrid_format import TokenSelectConfig
+        from .token_select_rows import markdown_summary
+
+        fields = result.token_select
+        config = TokenSelectConfig(k=fields["select_k"], init=fields["select_init"], local=fields["select_local"],
+                                   reuse=fields["select_reuse"], reuse_max_age=fields["select_reuse_max_age"])
+        text += markdown_summary(result.selection_summary, copy_gbps=result.copy_gbps,
+                                 described=config.describe())
+    return text
 
 
 def _times(point: dict, other: dict | None) -> str:

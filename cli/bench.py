@@ -29,15 +29,37 @@ from .options import is_quiet, model_options, stderr_console, stdout_console, ve
 @click.option("--compiled-baseline", is_flag=True, default=False,
               help="Also time the original with transformers' StaticCache + torch.compile(mode='reduce-overhead') "
                    "(CUDA only; compiles once per batch size).")
+@click.option("--original/--no-original", default=True, show_default=True,
+              help="Measure the model as stock transformers runs it (the 'x original' columns).")
 @click.option("--fused-ops", type=click.Choice(["auto", "on", "off", "both"]), default="auto", show_default=True,
               help="Fused ops for the runtime variants (auto: on for CUDA); both: each runtime variant unfused and "
                    "fused, in one process.")
+@click.option("--decode", default="dense", show_default=True, type=click.Choice(["dense", "tokenselect"]),
+              help="tokenselect: also decode every runtime variant with TokenSelect on its full layers, on the same "
+                   "cache, at a forced all-miss and all-hit Selection Cache (random weights make the real hit rate "
+                   "meaningless), eager and with --cuda-graphs graphed.")
+@click.option("--select-k", type=int, default=None,
+              help="TokenSelect: keys selected per query [default: the hybrid's, else 2048].")
+@click.option("--select-init", type=int, default=None,
+              help="TokenSelect: first tokens always attended [default: the hybrid's, else 128].")
+@click.option("--select-local", type=int, default=None,
+              help="TokenSelect: recent tokens always attended [default: the hybrid's, else 512].")
+@click.option("--select-reuse", type=float, default=None,
+              help="TokenSelect: Selection Cache cosine threshold, 1 = off (then one 'no cache' row) [default: the "
+                   "hybrid's, else 0.9]; the rows force hits and misses whatever it is.")
+@click.option("--select-reuse-max-age", type=int, default=None,
+              help="TokenSelect: steps a reused selection may serve before the query rescores (bounds the hits of "
+                   "the all-hit rows) [default: the hybrid's, else 64].")
+@click.option("--select-hit-share", type=float, default=None, metavar="SHARE",
+              help="TokenSelect: also interpolate the step time at this Selection Cache hit share (0-1), besides "
+                   "0, 0.5 and 0.9.")
 @click.option("--out", default="bench_results.json", show_default=True, metavar="PATH",
               help="Results JSON (a markdown table is written beside it), or a directory.")
 @model_options
 @verbosity_options
 def bench(hybrid, baseline, report, contexts, ratios, memory_budget, decode_steps, max_batch, sink, window,
-          cuda_graphs, compiled_baseline, fused_ops, out, device, dtype, trust_remote_code):
+          cuda_graphs, compiled_baseline, original, fused_ops, decode, select_k, select_init, select_local, select_reuse,
+          select_reuse_max_age, select_hit_share, out, device, dtype, trust_remote_code):
     """Prefill latency, decode tokens/s, peak memory and KV bytes: original vs hybrids, in one process."""
     from ..bench.speed import benchmark, markdown_bench
 
@@ -52,7 +74,9 @@ def bench(hybrid, baseline, report, contexts, ratios, memory_budget, decode_step
         baseline=baseline, hybrid=hybrid, report=report, contexts=int_list(contexts, "--context"),
         ratios=float_list(ratios, "--ratios"), memory_budget_gb=memory_budget, decode_steps=decode_steps,
         max_batch=max_batch, sink=sink, window=window, device=device, dtype=dtype, cuda_graphs=cuda_graphs,
-        compiled_baseline=compiled_baseline, fused_ops=fused_ops, out=None,
+        compiled_baseline=compiled_baseline, original=original, fused_ops=fused_ops, decode=decode, select_k=select_k,
+        select_init=select_init, select_local=select_local, select_reuse=select_reuse,
+        select_reuse_max_age=select_reuse_max_age, select_hit_share=select_hit_share, out=None,
         progress=None if is_quiet() else (lambda line: err.print(escape(str(line)), soft_wrap=True)),
     )
     console = stdout_console()

@@ -40,6 +40,11 @@ class TokenSelectConfig:
             list ``init + k + local + reuse_max_age`` slots, a static shape (no host synchronization, CUDA graphs).
             The default 64 costs 64 / 2688 = 2.4 % more list slots at the paper's sizes and amortises the forced
             rescore (the step that reads every candidate key) over at least 65 steps (<= 1.6 % of a miss step each).
+        force_reuse: for benchmarks only, never stored in a checkpoint: ``None`` (the default) lets the cosine
+            threshold decide; ``True`` counts every query as similar (each step reuses the selection until the age
+            bound makes it rescore: a hit at every step but one in ``reuse_max_age + 1``), ``False`` none (every step
+            rescores, through the same Selection Cache step). Random weights make the similarity meaningless, so a
+            benchmark measures the two ends and interpolates. Needs the Selection Cache (``reuse < 1``).
     """
 
     k: int = DEFAULT_SELECT_K
@@ -47,6 +52,7 @@ class TokenSelectConfig:
     local: int = DEFAULT_SELECT_LOCAL
     reuse: float = DEFAULT_SELECT_REUSE
     reuse_max_age: int = DEFAULT_SELECT_REUSE_MAX_AGE
+    force_reuse: bool | None = None
 
     def __post_init__(self) -> None:
         for name, least in (("k", 1), ("init", 0), ("local", 1), ("reuse_max_age", 1)):
@@ -58,6 +64,10 @@ class TokenSelectConfig:
             raise LightTransferError(f"select_reuse must be a cosine threshold in [0, 1] (1 = no Selection "
                                      f"Cache), got {reuse!r}.")
         object.__setattr__(self, "reuse", float(reuse))
+        if self.force_reuse is not None and not isinstance(self.force_reuse, bool):
+            raise LightTransferError(f"force_reuse must be True, False or None, got {self.force_reuse!r}.")
+        if self.force_reuse is not None and not self.cache_enabled:
+            raise LightTransferError("force_reuse needs the Selection Cache: select_reuse must be below 1.")
 
     @property
     def cache_enabled(self) -> bool:
@@ -75,10 +85,13 @@ class TokenSelectConfig:
 
     def describe(self) -> str:
         cache = f"reuse at cos >= {self.reuse:g} for <= {self.reuse_max_age} steps" if self.cache_enabled else "no Selection Cache"
+        if self.force_reuse is not None:
+            cache += ", every query forced " + ("similar" if self.force_reuse else "dissimilar")
         return f"TokenSelect k={self.k}, init={self.init}, local={self.local}, {cache}"
 
     def to_fields(self) -> dict:
-        """The checkpoint block's flat fields (the names of ``lighttransfer.load``'s keywords)."""
+        """The checkpoint block's flat fields (the names of ``lighttransfer.load``'s keywords; ``force_reuse`` is
+        never stored)."""
         return {"decode": "tokenselect", "select_k": self.k, "select_init": self.init, "select_local": self.local,
                 "select_reuse": self.reuse, "select_reuse_max_age": self.reuse_max_age}
 

@@ -299,9 +299,13 @@ def _fresh_step(q, k, v, *, config: TokenSelectConfig, state: SelectionState, st
 def _hits(query: torch.Tensor, anchor: torch.Tensor, made: torch.Tensor, pos: int | torch.Tensor,
           config: TokenSelectConfig) -> torch.Tensor:
     """Bool ``[B]``: the sequences whose query ``[B, H*D]`` float32 at key index ``pos`` (an int or ``[B]``) reuses the selection of
-    ``anchor [B, H*D]`` made at key indices ``made [B]``: similar enough (cosine ``>= reuse``) and not older than
-    ``reuse_max_age`` steps. On the device, no synchronization."""
-    similar = torch.nn.functional.cosine_similarity(query, anchor, dim=-1) >= config.reuse
+    ``anchor [B, H*D]`` made at key indices ``made [B]``: similar enough (cosine ``>= reuse``, or as
+    ``config.force_reuse`` forces it) and not older than ``reuse_max_age`` steps. On the device, no
+    synchronization."""
+    if config.force_reuse is None:
+        similar = torch.nn.functional.cosine_similarity(query, anchor, dim=-1) >= config.reuse
+    else:  # a benchmark's forced decision (random weights): the age bound still holds
+        similar = torch.full(made.shape, config.force_reuse, dtype=torch.bool, device=made.device)
     return similar & (pos - made <= config.reuse_max_age)
 
 
