@@ -117,7 +117,8 @@ def interpolated_ms(miss: dict, hit: dict, share: float) -> float | None:
 
 
 def interpolated_bytes(miss: dict, share: float) -> int | None:
-    """Bytes per step at the hit share ``share`` (weights included), from a point's all-miss and all-hit bytes."""
+    """Bytes per step at the hit share ``share`` (weights included), between the all-miss and all-hit bytes of
+    ``miss`` (the all-miss row: counted over its own cache length)."""
     if miss.get("select_bytes_miss") is None:
         return None
     return int(round((1 - share) * miss["select_bytes_miss"] + share * miss["select_bytes_hit"]))

@@ -54,7 +54,7 @@ def test_kv_bytes_follow_the_layout(bench_result):
 def test_outputs_are_written_together(bench_result):
     result, out = bench_result
     data = json.loads(out.read_text())
-    assert data["schema_version"] == 1 and len(data["points"]) == len(result.points)
+    assert data["schema_version"] == 2 and len(data["points"]) == len(result.points)
     md = out.with_suffix(".md").read_text()
     assert md.count("| original |") == 4 and "x runtime dense" in md
     assert not list(out.parent.glob(".bench-*"))
