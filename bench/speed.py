@@ -853,7 +853,8 @@ def markdown_bench(result: BenchResult) -> str:
         lines[-1] += (
             f"{p['decode_tokens_per_s']:.1f} | {p['decode_ms_per_step']:.2f} | {speed} | {speed_fast} | "
             f"{speed_same} | "
-            f"{p['kv_bytes'] / 2**20:.1f} | {100 * kv_ratio:.1f}% | {100 * (p['kv_fraction_expected'] or 1.0):.1f}% | "
+            f"{p['kv_bytes'] / 2**20:.1f} | " + (f"{100 * kv_ratio:.1f}%" if base else "-")
+            + f" | {100 * (p['kv_fraction_expected'] or 1.0):.1f}% | "
             + (f"{p['bytes_per_step'] / 1e9:.2f} | " if p.get("bytes_per_step") else "- | ")
             + (f"{100 * p['floor_share']:.0f}% | " if p.get("floor_share") else "- | ")
             + (f"{p['peak_memory'] / GIB:.1f}" if p["peak_memory"] else "-") + " | "

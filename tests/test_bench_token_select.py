@@ -224,3 +224,35 @@ def test_bad_tokenselect_options_are_one_line(tiny_model_dir, tmp_path, capsys, 
     assert code != 0 and match in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.strip()]) == 1
     assert not (tmp_path / "r.json").exists()
+
+
+def test_the_e2e_script_asks_for_the_target_rows_and_writes_the_verdict(ts_result, tmp_path, monkeypatch):
+    """The GPU script, with the benchmark itself replaced by the tiny run: the 8B shape at 64k and 128k in a 130 GB
+    budget, TokenSelect and CUDA graphs on, stock transformers off; the verdict table has the hybrid's graphed rows
+    at batch 1 and the largest batch, the speedups those of the summary."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import lighttransfer.bench.speed as speed
+    from lighttransfer.bench.shaped_model import SHAPES
+
+    result, _ = ts_result
+    asked = {}
+    monkeypatch.setattr(speed, "benchmark", lambda **kw: asked.update(kw) or result)
+    path = Path(__file__).resolve().parents[1] / "bench" / "scripts" / "tokenselect_e2e.py"
+    spec = importlib.util.spec_from_file_location("tokenselect_e2e", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(sys, "argv", ["tokenselect_e2e.py", str(tmp_path)])
+    script.main()
+    assert asked["contexts"] == (65536, 131072) and asked["memory_budget_gb"] == 130
+    assert (asked["baseline"], asked["decode"], asked["cuda_graphs"], asked["original"]) == \
+        ("llama3-8b-shaped", "tokenselect", True, False)
+    assert SHAPES["llama3-8b-shaped"]["max_position_embeddings"] >= 131072 + 2048
+    verdict = (tmp_path / "tokenselect_e2e_target.md").read_text().splitlines()
+    rows = [line for line in verdict if line.startswith("| 64 |")]
+    assert len(rows) == 2 and "(max)" in rows[1]
+    entry = next(e for e in result.selection_summary if e["variant"] == "ratio 0.5" + GRAPHED
+                 and not e["largest_batch"])
+    assert f"{entry['shares'][0]['x_dense_decode']:.2f}x" in rows[0]
