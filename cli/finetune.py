@@ -58,11 +58,18 @@ PLAIN_EVERY = 30.0  # seconds between progress lines when stderr is not a termin
               help="Recompute activations in the backward [default: on CUDA, off on the CPU].")
 @click.option("--attention", default="auto", show_default=True, type=click.Choice(["auto", "flex", "dense"]),
               help="auto: FlexAttention block masks on CUDA, explicit masks on the CPU (short rows only).")
+@click.option("--rope-scaling", default=None, type=click.Choice(["linear", "yarn"]),
+              help="Context extension: scale RoPE to --rope-factor times the model's positions (linear: position "
+                   "interpolation, as LongLoRA; yarn: YaRN), written into the output's config; train with a "
+                   "--seq-len beyond the original positions.")
+@click.option("--rope-factor", default=None, type=float, metavar="F",
+              help="With --rope-scaling: the new positions over the model's (e.g. 4 for 8k -> 32k).")
 @model_options
 @verbosity_options
 def finetune(hybrid, more_data, data, passkey_rows, seq_len, steps, out, batch, lr, warmup_steps, lora_r, lora_alpha, lora_dropout,
              train_norms, train_embeddings, s2_attn, group_frac, s2_sink, seed, field, adapter_only, save_every,
-             state_dir, resume, force, gradient_checkpointing, attention, device, dtype, trust_remote_code):
+             state_dir, resume, force, gradient_checkpointing, attention, rope_scaling, rope_factor, device, dtype,
+             trust_remote_code):
     """Recovery fine-tuning of a hybrid checkpoint: LoRA on the attention, trained with the hybrid's own masks.
 
     HYBRID is a directory written by `lighttransfer convert`. Streaming layers train with their sink + window
@@ -81,7 +88,8 @@ def finetune(hybrid, more_data, data, passkey_rows, seq_len, steps, out, batch, 
                                 lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                 train_norms=train_norms, train_embeddings=train_embeddings, s2_attn=s2_attn,
                                 group_frac=group_frac, s2_sink=s2_sink, seed=seed,
-                                gradient_checkpointing=gradient_checkpointing, attention=attention)
+                                gradient_checkpointing=gradient_checkpointing, attention=attention,
+                                rope_scaling=rope_scaling, rope_factor=rope_factor)
     err = stderr_console()
     quiet = is_quiet()
     progress = None
@@ -97,6 +105,9 @@ def finetune(hybrid, more_data, data, passkey_rows, seq_len, steps, out, batch, 
             err.print(f"  data: {start.data.num_rows} rows of {start.data.seq_len} tokens{passkey} from "
                       f"{len(start.data.files)} file(s) ({start.data.total_tokens:,} tokens); attention "
                       f"{start.backend} on {start.device}, {start.dtype}")
+            if start.rope is not None:
+                err.print(f"  RoPE: {start.rope.kind} x {start.rope.factor:g}, positions "
+                          f"{start.rope.original_positions:,} -> {start.rope.positions:,} (in the output's config)")
             for line in start.warnings:
                 err.print(f"[yellow]warning:[/yellow] {escape(line)}")
         if quiet:

@@ -281,3 +281,72 @@ def test_a_checkpoint_that_streams_no_layer_trains_every_layer_full(tmp_path):
     loaded = lighttransfer.load(tmp_path / "out", device="cpu")
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
     assert loaded.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 9)
+
+
+@pytest.mark.parametrize("kind", ["linear", "yarn"])
+def test_rope_scaling_extends_the_context_into_the_merged_checkpoint(tmp_path, kind):
+    """--rope-scaling: a hybrid of 32 positions trains on 48-token rows at factor 2; the output's config holds
+    the scaled RoPE and 64 positions, and the checkpoint loads with the scaled frequencies and generates."""
+    import lighttransfer
+    from lighttransfer.training import finetune
+
+    d = tmp_path / "short"
+    model = make_tiny_model("llama", tie_word_embeddings=True, max_position_embeddings=32)
+    base_freq = model.model.rotary_emb.inv_freq.clone()
+    HybridConfig(num_layers=4, num_kv_heads=2, streaming_layers=[1, 3], sink=SINK, window=WINDOW).attach(model.config)
+    model.save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
+    (tmp_path / "train.txt").write_text(_pattern_text(3000, 7))
+    starts = []
+    result = finetune(d, data=[str(tmp_path / "train.txt")], out=tmp_path / "out", device="cpu",
+                      settings=_settings(steps=2, rope_scaling=kind, rope_factor=2.0), on_start=starts.append)
+    assert starts[0].rope.positions == 64 and starts[0].rope.original_positions == 32
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 64
+    assert config["rope_parameters"]["rope_type"] == kind and config["rope_parameters"]["factor"] == 2.0
+    if kind == "yarn":
+        assert config["rope_parameters"]["original_max_position_embeddings"] == 32
+    assert result.record.settings["rope"] == {"kind": kind, "factor": 2.0, "original_positions": 32, "positions": 64}
+    loaded = lighttransfer.load(tmp_path / "out", device="cpu")
+    freq = loaded.model.rotary_emb.inv_freq
+    if kind == "linear":  # position interpolation: every frequency halved
+        torch.testing.assert_close(freq, base_freq / 2)
+    else:  # YaRN keeps the highest frequency and interpolates the lowest
+        assert freq[0] == pytest.approx(base_freq[0].item()) and freq[-1] == pytest.approx(base_freq[-1].item() / 2)
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    assert loaded.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 9)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rope-factor", "2"], "--rope-factor needs --rope-scaling"),
+    (["--rope-scaling", "linear"], "needs --rope-factor above 1"),
+    (["--rope-scaling", "linear", "--rope-factor", "1"], "needs --rope-factor above 1"),
+    (["--rope-scaling", "yarn", "--rope-factor", "2", "--adapter-only"], "leave out --adapter-only"),
+    (["--rope-scaling", "linear", "--rope-factor", "1.5", "--seq-len", "4096"], "x 1.5 (--rope-factor) = 3072"),
+    (["--rope-scaling", "linear", "--rope-factor", "2", "--seq-len", "{seq}", "--data", "{train}", "--out",
+      "{scaled_out}", "HYBRID={scaled}"], "already scales its RoPE"),
+], ids=["factor-alone", "no-factor", "factor-1", "adapter", "too-long", "already-scaled"])
+def test_rope_scaling_bad_input_is_one_line(hybrid, tmp_path, capsys, argv, message):
+    scaled = tmp_path / "scaled"
+    model = make_tiny_model("llama", tie_word_embeddings=True,
+                            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    HybridConfig(num_layers=4, num_kv_heads=2, streaming_layers=[1], sink=SINK, window=WINDOW).attach(model.config)
+    model.save_pretrained(scaled)
+    word_tokenizer().save_pretrained(scaled)
+    capsys.readouterr()  # the save's own progress line
+    names = {"seq": str(SEQ), "train": str(hybrid.parent / "train.txt"), "scaled": str(scaled),
+             "scaled_out": str(tmp_path / "scaled_out")}
+    argv = [a.format(**names) for a in argv]
+    source = str(hybrid)
+    if argv[-1].startswith("HYBRID="):
+        source = argv.pop().removeprefix("HYBRID=")
+    out = tmp_path / "out"
+    base = ["finetune", source, "--steps", "1", "--device", "cpu"]
+    if "--data" not in argv:
+        base += ["--data", str(hybrid.parent / "train.txt"), "--out", str(out)]
+    if "--seq-len" not in argv:
+        base += ["--seq-len", str(SEQ)]
+    code, _, stderr = run(base + argv, capsys)
+    assert code != 0 and message in stderr, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "scaled_out").exists()

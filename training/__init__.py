@@ -10,12 +10,15 @@ from .attention import TrainingAttention, training_attention
 from .data import TrainingData, load_training_data
 from .finetune import FinetuneResult, FinetuneStart, StepReport, check_finetune_inputs, finetune
 from .masks import HeadRule, LayerRules, dense_mask, flex_block_mask, head_visible, layer_rules, s2_group_size
+from .rope import RopeExtension, extend_rope
 from .settings import FinetuneSettings
 
 __all__ = [
     "finetune",
     "check_finetune_inputs",
     "FinetuneSettings",
+    "RopeExtension",
+    "extend_rope",
     "FinetuneResult",
     "FinetuneStart",
     "StepReport",

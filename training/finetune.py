@@ -39,6 +39,7 @@ from ..runtime.layout import resolve_layout
 from .attention import TrainingAttention, resolve_backend, training_attention
 from .data import TrainingData, check_data_sources, load_training_data
 from .lora import TrainableShare, add_lora, require_peft, trainable_share
+from .rope import RopeExtension, check_rope_extensible, extend_rope, extended_positions
 from .settings import FinetuneSettings
 from .state import (
     TrainState,
@@ -80,6 +81,7 @@ class FinetuneStart:
     device: str
     dtype: str
     warnings: list[str] = field(default_factory=list)
+    rope: RopeExtension | None = None  # the context extension, when --rope-scaling asked for one
 
 
 @dataclass
@@ -128,15 +130,28 @@ def read_block(hybrid) -> tuple[HybridConfig, dict]:
 
 def check_finetune_inputs(hybrid, *, data: Sequence[str], out, settings: FinetuneSettings, field: str = "text",
                           force: bool = False, resume=None, state_dir=None, save_every: int = 0,
-                          device: str | torch.device = "auto") -> Path | None:
+                          device: str | torch.device = "auto", adapter_only: bool = False) -> Path | None:
     """Every check that needs no weights: raises a one-line error before anything heavy happens. Returns the
     state directory that will be written (``None`` when ``save_every`` is 0)."""
     require_peft()
     _, config = read_block(hybrid)
     shape = model_shape(config, source=f"HYBRID '{hybrid}'")
-    if shape.max_positions and settings.seq_len > shape.max_positions:
-        raise LightTransferError(f"--seq-len {settings.seq_len} is beyond the model's {shape.max_positions} "
-                                 "positions; pass at most that (context extension is not supported yet).")
+    if settings.rope_scaling is not None:
+        check_rope_extensible(config, where=f"HYBRID '{hybrid}'")
+        if adapter_only:
+            raise LightTransferError("--rope-scaling changes the model's config, which a peft adapter does not "
+                                     "carry: leave out --adapter-only (the merged checkpoint holds the scaled RoPE).")
+    if shape.max_positions:
+        limit = shape.max_positions if settings.rope_scaling is None \
+            else extended_positions(shape.max_positions, settings.rope_factor)
+        if settings.seq_len > limit and settings.rope_scaling is None:
+            raise LightTransferError(f"--seq-len {settings.seq_len} is beyond the model's {shape.max_positions} "
+                                     f"positions; pass at most that, or extend the context with --rope-scaling "
+                                     "linear|yarn --rope-factor F.")
+        if settings.seq_len > limit:
+            raise LightTransferError(f"--seq-len {settings.seq_len} is beyond the model's {shape.max_positions} "
+                                     f"positions x {settings.rope_factor:g} (--rope-factor) = {limit}; pass at most "
+                                     "that, or a larger --rope-factor.")
     resolve_backend(settings.attention, resolve_device(device))
     check_data_sources(data, field=field)
     target = Path(out).expanduser().absolute()
@@ -205,7 +220,8 @@ def finetune(
     """
     settings = settings or FinetuneSettings()
     state_path = check_finetune_inputs(hybrid, data=data, out=out, settings=settings, field=field, force=force,
-                                       resume=resume, state_dir=state_dir, save_every=save_every, device=device)
+                                       resume=resume, state_dir=state_dir, save_every=save_every, device=device,
+                                       adapter_only=adapter_only)
     previous_state = read_state(resume) if resume is not None else None
 
     loaded = load_model(hybrid, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -214,6 +230,13 @@ def finetune(
     previous_record = FinetuneRecord.from_model_config(config, origin=f"{hybrid}/config.json")
     layout = resolve_layout(model.config, source=f"HYBRID '{hybrid}'")
     warnings = []
+    extension = None
+    if settings.rope_scaling is not None:
+        extension = extend_rope(model, settings.rope_scaling, settings.rope_factor)
+        if settings.seq_len <= extension.original_positions:
+            warnings.append(f"--seq-len {settings.seq_len} is within the model's original "
+                            f"{extension.original_positions} positions: training does not reach the extended "
+                            f"range ({extension.positions}); use a longer --seq-len.")
     if layout.num_streaming_layers or layout.mixed_masks:
         if settings.seq_len <= layout.sink + layout.window:
             warnings.append(f"--seq-len {settings.seq_len} is within sink + window ({layout.sink} + "
@@ -254,7 +277,7 @@ def finetune(
     if on_start is not None:
         on_start(FinetuneStart(share=share, data=rows, layout_description=layout.describe(), first_step=first_step,
                                backend=backend, device=str(dev), dtype=str(base_dtype).removeprefix("torch."),
-                               warnings=warnings))
+                               warnings=warnings, rope=extension))
     for line in warnings:
         log.warning("%s", line)
 
@@ -300,7 +323,7 @@ def finetune(
         output="adapter" if adapter_only else "merged", steps=settings.steps,
         tokens=settings.steps * settings.batch * settings.seq_len,
         final_loss=_mean(losses[-span:]), first_loss=_mean(losses[:span]),
-        settings=dict(settings.to_dict(), backend=backend, device=dev.type, dtype=str(base_dtype).removeprefix("torch."),
+        settings=dict(settings.to_dict(), rope=extension.to_dict() if extension is not None else None, backend=backend, device=dev.type, dtype=str(base_dtype).removeprefix("torch."),
                       gradient_checkpointing=bool(checkpointing), trainable_parameters=share.trainable,
                       total_parameters=share.total),
         data=data_record, base=base, versions=_versions(),

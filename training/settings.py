@@ -6,11 +6,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import LightTransferError
+from .rope import check_rope_scaling
 
 SETTINGS_SCHEMA_VERSION = 1
 # settings a resumed run must share with the run that wrote the state (the rest may change, e.g. --steps)
 RESUME_FIXED = ("seq_len", "batch", "lora_r", "lora_alpha", "lora_dropout", "train_norms", "train_embeddings",
-                "s2_attn", "group_frac", "s2_sink", "seed")
+                "s2_attn", "group_frac", "s2_sink", "seed", "rope_scaling", "rope_factor")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class FinetuneSettings:
         seed: seeds the LoRA initialization and the row order.
         gradient_checkpointing: recompute activations in the backward; ``None``: on CUDA, off on the CPU.
         attention: ``auto`` (FlexAttention on CUDA, explicit masks on the CPU), ``flex`` or ``dense``.
+        rope_scaling, rope_factor: context extension (:mod:`.rope`): ``linear`` or ``yarn`` RoPE scaled by
+            ``rope_factor`` (> 1), written into the output's config; ``None``: the model's own RoPE.
     """
 
     seq_len: int = 8192
@@ -53,6 +56,8 @@ class FinetuneSettings:
     seed: int = 0
     gradient_checkpointing: bool | None = None
     attention: str = "auto"
+    rope_scaling: str | None = None
+    rope_factor: float | None = None
     schema_version: int = SETTINGS_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -78,6 +83,9 @@ class FinetuneSettings:
             raise LightTransferError("--weight-decay and --max-grad-norm must be >= 0.")
         if self.attention not in ("auto", "flex", "dense"):
             raise LightTransferError(f"--attention must be auto, flex or dense, got {self.attention!r}.")
+        check_rope_scaling(self.rope_scaling, self.rope_factor)
+        if self.rope_factor is not None:
+            object.__setattr__(self, "rope_factor", float(self.rope_factor))
 
     @property
     def warmup(self) -> int:
