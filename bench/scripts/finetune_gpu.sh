@@ -14,8 +14,9 @@
 # DATA_EXTRA (synthetic:passkey: retrieval rows in the six training wordings; empty for text only),
 # PASSKEY_FORMAT (locker: a wording never trained on), FT_ARGS (more finetune options, e.g. --train-norms), EVAL_LENGTHS (4096,8192), EVAL_WINDOWS (8),
 # PASSKEY_TRIALS (5), LAYERS (the 0.75 selection below), SPEED_ARGS (finetune_step_speed.py options),
-# REFERENCE (1: also fine-tune the original the same way, the control for adaptation to the training text: on the
-# H200 run without it, every fine-tuned hybrid fell below the original's perplexity).
+# REFERENCE (1: also fine-tune the original the same way at every step count, the control for adaptation to the
+# training text: on the H200 run without it, every fine-tuned hybrid fell below the original's perplexity; the
+# recovery is then read against it, "gap_recovered_vs_control" in the JSON).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 lt() { python3 "$here/bin/lighttransfer" "$@"; }
@@ -52,17 +53,21 @@ case "$stage" in
     done
     if [[ "${REFERENCE:-0}" = 1 ]]; then
       # the control for adaptation to the training text: the original itself (a checkpoint that streams no layer,
-      # so every layer trains as a full layer), fine-tuned the same way for the last step count of each mode; the
-      # hybrid's recovery is then read against this row, not against the untrained original
-      last=${STEPS##* }
+      # so every layer trains as a full layer), fine-tuned the same way at every step count of each mode (the same
+      # resumed chain); finetune_recovery.py reads each hybrid point against the control of its mode and steps
       [[ -d "$out/reference" ]] || lt convert "$gguf" --ratio 0.01 --sink 4 --window 1020 --out "$out/reference" \
         --device cuda --dtype bfloat16
       for mode in ${MODES:-s2 dense}; do
         case "$mode" in s2) flags=(--s2-attn) ;; dense) flags=(--no-s2-attn) ;; s2sink) flags=(--s2-attn --s2-sink 4) ;; esac
-        lt finetune "$out/reference" --data "$out/austen_train.txt" ${DATA_EXTRA-synthetic:passkey} --seq-len "$SEQ" \
-          --batch "$BATCH" --lr "$LR" --warmup-steps "${WARMUP:-10}" "${flags[@]}" --steps "$last" ${FT_ARGS:-} \
-          --out "$out/reference_${mode}_$last" --force --device cuda 2>&1 | tail -4
-        finetuned+=(--finetuned "reference_${mode}_$last=$out/reference_${mode}_$last")
+        state="$out/state_reference_$mode" resume=()
+        for steps in $STEPS; do
+          lt finetune "$out/reference" --data "$out/austen_train.txt" ${DATA_EXTRA-synthetic:passkey} --seq-len "$SEQ" \
+            --batch "$BATCH" --lr "$LR" --warmup-steps "${WARMUP:-10}" "${flags[@]}" --steps "$steps" \
+            --save-every "$steps" --state-dir "$state" "${resume[@]}" ${FT_ARGS:-} \
+            --out "$out/reference_${mode}_$steps" --force --device cuda 2>&1 | tail -4
+          resume=(--resume "$state")
+          finetuned+=(--finetuned "reference_${mode}_$steps=$out/reference_${mode}_$steps")
+        done
       done
     fi
     py "$here/bench/scripts/finetune_recovery.py" --original "$gguf" --hybrid "$out/hybrid" "${finetuned[@]}" \
