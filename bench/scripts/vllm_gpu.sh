@@ -5,6 +5,8 @@
 #   bench/scripts/vllm_gpu.sh tokens  GGUF|HYBRID_DIR OUT   # (a) SmolLM2 hybrid: vLLM vs lighttransfer.load
 #   bench/scripts/vllm_gpu.sh build8b DIR                   # (b) the 8B shape, random bf16 weights + hybrid
 #   bench/scripts/vllm_gpu.sh capacity DIR OUT CONTEXT      # (b) dense vs hybrid at CONTEXT (16384, 32768)
+#   bench/scripts/vllm_gpu.sh tokens8b DIR OUT              # (b) build8b's hybrid: vLLM vs lighttransfer.load, fp32,
+#                                                           #     prompts of 100 / 1500 / 3000 tokens past sink + window
 #
 # Each command stays under ~8 minutes on an H200 (capacity: two engines, each ~1 min to start plus its run;
 # lower MAX_REQUESTS or NEW_TOKENS if a run is slow). JSON results go to OUT; each names the GPU and versions.
@@ -31,6 +33,11 @@ case "${1:-}" in
     bench tokens --model "${2:?gguf or hybrid dir}" --out "${3:?out dir}" --dtype "${DTYPE:-float32}" \
       --ratio "${RATIO:-0.5}" --sink "${SINK:-4}" --window "${WINDOW:-128}" --new-tokens "${NEW_TOKENS:-200}" \
       "${eager[@]}"
+    ;;
+  tokens8b)
+    # fp32: random weights give near-flat logits, whose greedy choice bf16 rounding would decide
+    bench tokens --model "${2:?dir of build8b}/hybrid" --out "${3:?out dir}" --dtype "${DTYPE:-float32}" \
+      --prompt-lengths "${PROMPTS:-100,1500,3000}" --new-tokens "${NEW_TOKENS:-128}" --name 8b "${eager[@]}"
     ;;
   build8b)
     bench build-8b --out "${2:?dir}" --ratio "${RATIO:-0.5}" --sink "${SINK:-4}" --window "${WINDOW:-1020}"

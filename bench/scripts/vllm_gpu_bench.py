@@ -84,7 +84,9 @@ def _greedy_vllm(llm, prompts: list[list[int]], new_tokens: int) -> list[list[in
 
 # ---------------------------------------------------------------------------------------------------- tokens
 def cmd_tokens(args) -> None:
-    """SmolLM2 hybrid (a GGUF converted here, or a hybrid directory): vLLM vs lighttransfer.load + generate."""
+    """A hybrid (a SmolLM2 GGUF converted here, or a hybrid directory such as build-8b's): vLLM vs
+    lighttransfer.load + generate, greedy; writes ``OUT/vllm_tokens_<name>.json`` (``--name``; default ``smollm2``
+    for a GGUF, else the name of the directory holding the hybrid, e.g. build-8b's ``DIR``)."""
     import torch
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -138,7 +140,8 @@ def cmd_tokens(args) -> None:
                "environment": environment(), "model": str(model), "dtype": args.dtype,
                "sink": block.get("sink"), "window": block.get("window"), "kv_cache_managers": groups,
                "all_equal": all(r["equal"] for r in rows), "vllm_generate_s": round(vllm_s, 2), "prompts": rows}
-    write_json(out / "vllm_tokens_smollm2.json", payload)
+    name = args.name or ("smollm2" if Path(args.model).suffix == ".gguf" else model.parent.name or model.name)
+    write_json(out / f"vllm_tokens_{name}.json", payload)
     print("all equal:", payload["all_equal"], [(r["prompt_tokens"], r["first_difference"]) for r in rows])
 
 
@@ -467,6 +470,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--sink", type=int, default=4)
     t.add_argument("--window", type=int, default=128)
     t.add_argument("--prompt-lengths", default="100,700,1500", help="comma-separated prompt lengths (tokens)")
+    t.add_argument("--name", default=None, help="names the output file vllm_tokens_NAME.json")
     t.add_argument("--new-tokens", type=int, default=200)
     t.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     t.add_argument("--enforce-eager", action="store_true")
