@@ -24,6 +24,7 @@ if __package__ == "lighttransfer.kernels":
     from .merge import merge_attention
     from .reference import full_decode_reference, streaming_attention_reference, streaming_decode_reference
     from .routed_decode import routed_decode, routed_decode_reference
+    from .selection_cache import selection_lookup, selection_lookup_reference
     from .sparse_estimators import Antidiagonal, SampledRows, VerticalSlash, estimate_lists
     from .sparse_prefill import block_sparse_attention, block_sparse_attention_reference
     from .switch import reference_forced, triton_runs_on, use_reference
@@ -67,6 +68,8 @@ if __package__ == "lighttransfer.kernels":
         "token_votes_reference",
         "total_votes",
         "fresh_selection",
+        "selection_lookup",
+        "selection_lookup_reference",
         "query_positions",
         "top_candidates",
         "assemble_indices",

@@ -250,7 +250,7 @@ def total_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: in
     part = torch.empty((batch, heads, n_splits), dtype=torch.float32, device=q.device)
     start_arg = start if start is not None else part
     rows_arg = rows if rows is not None else part
-    skip_arg = part if skip is None else skip.to(device=q.device, dtype=torch.int8).contiguous()
+    skip_arg = part if skip is None else _flags(skip, q.device)
     valid_arg = part if n_valid is None else n_valid.to(device=q.device, dtype=torch.int32).contiguous()
     flags = dict(HAS_START=start is not None, HAS_ROWS=rows is not None, HAS_SKIP=skip is not None,
                  HAS_VALID=n_valid is not None)
@@ -292,7 +292,7 @@ def build_list_triton(values: torch.Tensor, picked: torch.Tensor, *, n_keys: int
     start = None if kv_start is None else kv_start.to(device=values.device, dtype=torch.int32).contiguous()
     reuse = hit is not None
     if reuse:
-        hit = hit.to(device=values.device, dtype=torch.int8).contiguous()
+        hit = _flags(hit, values.device)
         anchor_pos = anchor_pos.to(device=values.device).contiguous()
         cached = cached.contiguous()
     valid = None if n_valid is None else n_valid.to(device=values.device, dtype=torch.int32).contiguous()
@@ -305,6 +305,14 @@ def build_list_triton(values: torch.Tensor, picked: torch.Tensor, *, n_keys: int
             int(extra), K_SELECT=int(k_select), HAS_START=start is not None, REUSE=reuse,
             HAS_VALID=valid is not None, BLOCK=block)
     return top, idx
+
+
+def _flags(flags: torch.Tensor, device) -> torch.Tensor:
+    """A bool (or integer) ``[R]`` flag vector as the kernels read it, int8 contiguous on ``device``: a bool
+    tensor is viewed as int8 (no copy, no launch: the decode step's hit flags are made that way)."""
+    flags = flags.to(device=device)
+    flags = flags.view(torch.int8) if flags.dtype == torch.bool else flags.to(torch.int8)
+    return flags.contiguous()
 
 
 class _nothing:

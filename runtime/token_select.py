@@ -29,8 +29,9 @@ kernels) is one fixed sequence of launches with no host synchronization, so a CU
 usable Selection Cache (the first after the prefill, or every step with ``reuse = 1``) the one-pass vote,
 ``torch.topk``, the list kernel and attention (:func:`_fresh_step`); with one, the hit flags on the device, the
 vote skipping the hits' programs, the list kernel keeping their cached picks, attention, and the state updated in
-place (:func:`_cached_step`). The general path below (continuation chunks, the CPU references) decides hits on
-the host; it is the reference semantics, and the decode steps give the same selections (tested).
+place (:func:`_cached_step`; the hit flags, the anchors' update and the counts are one launch,
+:func:`kernels.selection_lookup`). The general path below (continuation chunks, the CPU references) decides hits
+on the host; it is the reference semantics, and the decode steps give the same selections (tested).
 
 Static decode steps (:meth:`~lighttransfer.runtime.cache.HybridCache.begin_static`, what one CUDA graph replays at
 every length): ``k, v`` are the full layer's whole reserved storage and ``n_valid`` (int ``[1]`` on the device)
@@ -64,6 +65,9 @@ KERNELS_ON_CPU = False
 # the decode steps without host synchronization (n = 1, kernels): False sends them through the general path (the
 # reference semantics, deciding hits on the host); tests compare the two
 DEVICE_STEPS = True
+# the cached step's Selection Cache lookup in one launch (kernels.selection_lookup); False: the same as separate
+# torch ops (the kernel benchmark's baseline)
+FUSED_LOOKUP = True
 
 
 def _use_kernels(q: torch.Tensor) -> bool:
@@ -316,10 +320,15 @@ def _cached_step(q, k, v, *, config: TokenSelectConfig, state: SelectionState, s
     (a list of the static width ``init + k + local + reuse_max_age``), and the state is updated in place. The same
     selections as the general path above, with no host synchronization, so a CUDA graph can capture it (and
     replay it: it reads and writes the same state tensors every step)."""
-    batch, n_keys = q.shape[0], k.shape[2]
-    pos = n_keys - 1 if n_valid is None else _query_index(n_keys, batch, n_valid, q.device)
-    query = q.transpose(1, 2).reshape(batch, 1, -1).float()[:, 0]  # [B, H*D], as the general path's
-    hit = _hits(query, state.anchor, state.anchor_pos, pos, config)
+    n_keys = k.shape[2]
+    # hit flags, the misses' anchors moved to this query and the counts (a hit keeps its anchor_pos, which is what
+    # the list below reads for it)
+    if FUSED_LOOKUP:
+        hit = kernels.selection_lookup(q, state.anchor, state.anchor_pos, n_keys - 1 if n_valid is None else None,
+                                       reuse=config.reuse, max_age=config.reuse_max_age, force=config.force_reuse,
+                                       counter=None if stats is None else stats.counter(q.device), n_valid=n_valid)
+    else:
+        hit = _lookup_in_steps(q, state, n_keys, n_valid, config, stats)
     votes = kernels.total_votes(q, k, init=config.init, local=config.local, kv_start=kv_start, scale=scale,
                                 skip=hit, n_valid=n_valid)
     picked, indices = kernels.fresh_selection(votes, k_select=config.k, init=config.init, local=config.local,
@@ -328,11 +337,22 @@ def _cached_step(q, k, v, *, config: TokenSelectConfig, state: SelectionState, s
                                               out=state.picked, n_valid=n_valid)
     if picked is not state.picked:  # the reference's result (CPU): into the same storage all the same
         state.picked.copy_(picked)
+    return kernels.select_attention(q, k, v, indices, scale=scale)
+
+
+def _lookup_in_steps(q, state: SelectionState, n_keys: int, n_valid, config: TokenSelectConfig,
+                     stats: SelectionStats | None) -> torch.Tensor:
+    """:func:`kernels.selection_lookup` as separate torch ops (about fourteen launches instead of one): the
+    baseline the kernel benchmark times it against (``FUSED_LOOKUP = False``)."""
+    batch = q.shape[0]
+    pos = n_keys - 1 if n_valid is None else _query_index(n_keys, batch, n_valid, q.device)
+    query = q.transpose(1, 2).reshape(batch, 1, -1).float()[:, 0]  # [B, H*D], as the general path's
+    hit = _hits(query, state.anchor, state.anchor_pos, pos, config)
     state.anchor.copy_(torch.where(hit[:, None], state.anchor, query))
     state.anchor_pos.copy_(torch.where(hit, state.anchor_pos, pos))
     if stats is not None:
         stats.add_on_device(batch, hit)
-    return kernels.select_attention(q, k, v, indices, scale=scale)
+    return hit
 
 
 def _fresh_picks(q, k, misses: dict[int, torch.Tensor], *, config: TokenSelectConfig, kv_start,

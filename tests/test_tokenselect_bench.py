@@ -35,6 +35,8 @@ def test_kernel_bench_times_every_part_after_checking_it(monkeypatch):
     assert set(row["us_eager"]) == set(bench.PARTS) and row["selected"] == 20
     assert row["errors"]["votes"] < 1e-5 and row["errors"]["runtime_miss_step"] < 1e-5
     assert row["errors"]["cached_step_hit"] < 1e-5 and row["errors"]["cached_step_miss"] < 1e-5
+    # the lookup as one kernel and as separate torch ops: the same steps
+    assert row["errors"]["cached_step_hit_unfused"] == 0 and row["errors"]["cached_step_miss_unfused"] == 0
     # the timed calls: every one of the hit step's lookups hit, none of the miss step's
     counts = row["cached_step_counts"]
     assert counts["hit"]["hits"] == counts["hit"]["lookups"] > 0

@@ -29,7 +29,9 @@ eagerly, every part in the same process, correctness checked first against the f
   at 100 % and 0 % hits. Every replay of ``cached_step_miss`` first sets the anchors to ``-q`` (one copy of
   ``B x H x D`` floats) so that each sequence misses; a hit changes no state. Checked before timing: the same
   selections as the general path (hits decided on the host), outputs within the tolerance of ``hit_step`` and
-  ``miss_step``, and the hit counts (B and 0).
+  ``miss_step``, and the hit counts (B and 0). ``cached_step_hit_unfused`` / ``cached_step_miss_unfused``: the
+  same steps with the Selection Cache lookup as separate torch ops (``FUSED_LOOKUP = False``, about fourteen
+  launches) instead of ``kernels.selection_lookup``'s one, the baseline of that kernel in the same run.
 
 Bytes per part (floors): dense reads K and V once (``2 * B * Hkv * N * D * 2``); the two-pass votes read the
 candidate keys twice, the one-pass votes once plus the float32 scores written and read back; the attention reads
@@ -57,7 +59,8 @@ import torch  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 PARTS = ("dense", "attention", "votes_two_pass", "votes", "select_old", "select", "miss_step_old", "miss_step",
-         "runtime_miss_step", "hit_step", "cached_step_hit", "cached_step_miss")
+         "runtime_miss_step", "hit_step", "cached_step_hit", "cached_step_miss", "cached_step_hit_unfused",
+         "cached_step_miss_unfused")
 # the TokenSelect tests that need a GPU (the kernels, and the runtime's CUDA path)
 CUDA_TESTS = ("tests/kernels/test_token_select_kernels.py", "tests/test_runtime_token_select.py")
 
@@ -185,7 +188,19 @@ def _bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: in
         return token_select_attention(q, k, v, config=cached, state=miss_state, stats=miss_stats, kv_start=None,
                                       scale=None)
 
+    def unfused(step):
+        def run():
+            fused = ts.FUSED_LOOKUP
+            ts.FUSED_LOOKUP = False  # read while the step runs, so a graph records the separate ops
+            try:
+                return step()
+            finally:
+                ts.FUSED_LOOKUP = fused
+        return run
+
+    cached_step_hit_unfused, cached_step_miss_unfused = unfused(cached_step_hit), unfused(cached_step_miss)
     hit_out, miss_out = cached_step_hit(), cached_step_miss()
+    hit_unfused, miss_unfused = cached_step_hit_unfused(), cached_step_miss_unfused()
     device_steps = ts.DEVICE_STEPS
     ts.DEVICE_STEPS = False  # the general path: the reference semantics, hits decided on the host
     try:
@@ -199,7 +214,7 @@ def _bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: in
     if not (_same_keys(hit_state.picked, picked) and _same_keys(hit_state.picked, ref_hit_picks)
             and _same_keys(miss_state.picked, ref_state.picked) and _same_keys(miss_state.picked, picked)):
         raise RuntimeError(f"B={batch} N={n_keys}: the device step's selections differ from the general path's")
-    if (hit_stats.hits, hit_stats.lookups, miss_stats.hits, miss_stats.lookups) != (batch, batch, 0, batch) \
+    if (hit_stats.hits, hit_stats.lookups, miss_stats.hits, miss_stats.lookups) != (2 * batch, 2 * batch, 0, 2 * batch) \
             or (ref_stats.hits, ref_stats.lookups) != (batch, 2 * batch):
         raise RuntimeError(f"B={batch} N={n_keys}: Selection Cache counts {hit_stats}, {miss_stats}, {ref_stats}")
     hit_stats.reset()
@@ -218,6 +233,8 @@ def _bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: in
         "runtime_miss_step": _rel_err(runtime_miss_step(), miss_step()),
         "cached_step_hit": max(_rel_err(hit_out, hit_step()), _rel_err(hit_out, ref_hit)),
         "cached_step_miss": _rel_err(miss_out, miss_step()),
+        "cached_step_hit_unfused": _rel_err(hit_unfused, hit_out),
+        "cached_step_miss_unfused": _rel_err(miss_unfused, miss_out),
     }
     bad = {name: e for name, e in errors.items() if not e < tolerance}
     if bad:
@@ -232,7 +249,8 @@ def _bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: in
     parts = {"dense": dense, "attention": attention, "votes_two_pass": votes_two_pass, "votes": votes,
              "select_old": select_old, "select": select, "miss_step_old": miss_step_old, "miss_step": miss_step,
              "runtime_miss_step": runtime_miss_step, "hit_step": hit_step, "cached_step_hit": cached_step_hit,
-             "cached_step_miss": cached_step_miss}
+             "cached_step_miss": cached_step_miss, "cached_step_hit_unfused": cached_step_hit_unfused,
+             "cached_step_miss_unfused": cached_step_miss_unfused}
     row = {"batch": batch, "n_keys": n_keys, "k": k_select, "init": init, "local": local, "selected": n_sel,
            "errors": errors, "bytes": {"dense": floors["dense"], "attention": floors["attention"],
                                        "votes_two_pass": floors["votes"], "votes": one_pass,
@@ -240,7 +258,9 @@ def _bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: in
                                        "miss_step": one_pass + floors["attention"],
                                        "hit_step": floors["attention"],
                                        "cached_step_hit": floors["attention"],
-                                       "cached_step_miss": one_pass + floors["attention"]}}
+                                       "cached_step_miss": one_pass + floors["attention"],
+                                       "cached_step_hit_unfused": floors["attention"],
+                                       "cached_step_miss_unfused": one_pass + floors["attention"]}}
     for mode in (["graph", "eager"] if cuda and graph else ["eager"]):
         row[f"us_{mode}"] = {name: median_us(fn, graph=mode == "graph", cuda=cuda, rounds=rounds)
                              for name, fn in parts.items()}
@@ -287,7 +307,8 @@ def to_markdown(result: dict) -> str:
             continue
         lines += [f"## {mode} (us per call)", "",
                   "| B | N | listed | dense | attention | votes 2-pass / 1-pass | select old / new | miss step old / "
-                  "new / runtime | hit step | cached step 100 / 0 % hits | dense / attention | dense / step at 0 / 50 / 90 % hits | share of "
+                  "new / runtime | hit step | cached step 100 / 0 % hits (lookup in torch ops) | dense / attention | "
+                  "dense / step at 0 / 50 / 90 % hits | share of "
                   "floor: dense, attention, votes 2-pass, votes 1-pass |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
@@ -298,7 +319,8 @@ def to_markdown(result: dict) -> str:
                 f"| {r['batch']} | {r['n_keys']} | {r['selected']} | {us['dense']:.1f} | {us['attention']:.1f} | "
                 f"{us['votes_two_pass']:.1f} / {us['votes']:.1f} | {us['select_old']:.1f} / {us['select']:.1f} | "
                 f"{us['miss_step_old']:.1f} / {us['miss_step']:.1f} / {us['runtime_miss_step']:.1f} | "
-                f"{us['hit_step']:.1f} | {us['cached_step_hit']:.1f} / {us['cached_step_miss']:.1f} | "
+                f"{us['hit_step']:.1f} | {us['cached_step_hit']:.1f} / {us['cached_step_miss']:.1f} "
+                f"({us['cached_step_hit_unfused']:.1f} / {us['cached_step_miss_unfused']:.1f}) | "
                 f"{s['dense_over_attention']:.1f}x | "
                 f"{s['dense_over_step_at_hit_rate_0']:.2f} / {s['dense_over_step_at_hit_rate_0.5']:.2f} / "
                 f"{s['dense_over_step_at_hit_rate_0.9']:.2f} | {shares} |")

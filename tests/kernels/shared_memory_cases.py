@@ -182,7 +182,26 @@ def token_select_onepass(dtype: torch.dtype, dim: int, reuse: bool, static: bool
     }
 
 
+def selection_lookup(dtype: torch.dtype, static: bool, force: bool | None) -> dict:
+    """The Selection Cache lookup kernel as a GPU launches it (blocks of 1024 elements), compiled for sm_90: with
+    the cosine or a forced decision, the query's position as an int or read on the device."""
+    from lighttransfer.kernels.selection_cache_triton import _lookup, selection_lookup_triton
+
+    batch, heads, dim = 3, 32, 128
+    q = torch.zeros(batch, 1, heads, dim, dtype=dtype).transpose(1, 2)
+    anchor, made = torch.zeros(batch, heads * dim), torch.zeros(batch, dtype=torch.long)
+    where = dict(pos=None, n_valid=torch.tensor([900], dtype=torch.int32)) if static else dict(pos=899)
+    with captured_launch(_lookup) as calls:
+        selection_lookup_triton(q, anchor, made, where.pop("pos"), reuse=0.9, max_age=64, force=force,
+                                counter=torch.zeros(2, dtype=torch.long), eps=1e-8, **where)
+    (args, kwargs), = calls
+    return {"lookup": {"used": shared_bytes(_lookup, args, kwargs, overrides=dict(BLOCK=1024))}}
+
+
 CASES = {
+    "selection-lookup-bf16": lambda: selection_lookup(torch.bfloat16, False, None),
+    "selection-lookup-fp16-static": lambda: selection_lookup(torch.float16, True, None),
+    "selection-lookup-fp32-forced": lambda: selection_lookup(torch.float32, False, True),
     "token-select-onepass-bf16-D128": lambda: token_select_onepass(torch.bfloat16, 128, False),
     "token-select-onepass-bf16-D128-reuse": lambda: token_select_onepass(torch.bfloat16, 128, True),
     "token-select-onepass-fp16-D64-reuse": lambda: token_select_onepass(torch.float16, 64, True),
