@@ -13,8 +13,9 @@ keeps its original position and nothing is re-indexed), with ``s = kv_start[b]``
   the kept tokens. Attention then runs over those keys only (:func:`select_attention`).
 
 Split into kernels the way the work splits on a GPU: the vote reads every candidate key, the top-k is
-``torch.topk``, and :func:`select_attention` reads only the selected keys and values. Exact softmax normalisation
-needs each head's log-sum-exp over all candidates before any vote can be summed, so there are two vote kernels:
+``torch.topk`` (or, with ``TOPK = "radix"``, :func:`~lighttransfer.kernels.topk_rows.topk_rows`, which skips the
+sequences whose Selection Cache hit), and :func:`select_attention` reads only the selected keys and values. Exact
+softmax normalisation needs each head's log-sum-exp over all candidates before any vote can be summed, so there are two vote kernels:
 :func:`total_votes` (the decode step's: the keys read once, every head's float32 scores kept in ``[rows, heads,
 N]`` scratch between its two passes, the vote summed over all heads, ``[rows, N]``) and :func:`token_votes` (the
 keys read twice, a statistics pass then the vote pass, no scratch; the ``[batch, kv_heads, N]`` vote per KV head).
@@ -28,6 +29,7 @@ References here are plain PyTorch in float32; the Triton kernels (:mod:`.token_s
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -37,6 +39,11 @@ from .switch import triton_runs_on
 
 # queries per block in the references (bounds their [block, N] and [block, S, D] temporaries)
 REFERENCE_QUERY_BLOCK = 64
+# the decode step's top-k on the Triton path: "torch" (torch.topk over every row) or "radix" (kernels.topk_rows,
+# which skips the rows whose Selection Cache hit); LIGHTTRANSFER_SELECT_TOPK sets it at import
+TOPK = os.environ.get("LIGHTTRANSFER_SELECT_TOPK", "torch")
+if TOPK not in ("torch", "radix"):
+    raise LightTransferError(f"LIGHTTRANSFER_SELECT_TOPK must be torch or radix, got {TOPK!r}.")
 
 
 def query_positions(n_keys: int, n_queries: int, *, n_valid: torch.Tensor | None, device) -> torch.Tensor:
@@ -221,8 +228,15 @@ def fresh_selection(votes: torch.Tensor, *, k_select: int, init: int, local: int
                                         recent_width=int(local) + int(extra), n_valid=n_valid)
     from .token_select_onepass import build_list_triton
 
-    # unsorted: the k winners' order matters to no one (the list is a set), and sorting 2048 of them is a launch
-    val, idx = torch.topk(votes, min(int(k_select), n_keys), dim=-1, sorted=False)
+    # unsorted: the k winners' order matters to no one (the list is a set), and sorting 2048 of them is a launch;
+    # the radix select leaves the hits' rows unwritten, which the list kernel does not read for them
+    top = min(int(k_select), n_keys)
+    if TOPK == "radix" and top >= 1:
+        from .topk_rows import topk_rows
+
+        val, idx = topk_rows(votes, top, skip=hit)
+    else:
+        val, idx = torch.topk(votes, top, dim=-1, sorted=False)
     return build_list_triton(val, idx, n_keys=n_keys, k_select=k_select, init=init, local=local, kv_start=kv_start,
                              hit=hit, cached=cached, anchor_pos=anchor_pos, extra=extra if hit is not None else 0,
                              out=out, n_valid=n_valid)

@@ -57,9 +57,14 @@ CASES = [  # batch, heads, kv_heads, dtype, padded, max_age
 
 
 @needs_interpreter
+@pytest.mark.parametrize("topk", ["torch", "radix"])
 @pytest.mark.parametrize("batch,heads,kv_heads,dtype,padded,max_age", CASES)
-def test_device_step_equals_the_general_path(batch, heads, kv_heads, dtype, padded, max_age, monkeypatch):
+def test_device_step_equals_the_general_path(batch, heads, kv_heads, dtype, padded, max_age, topk, monkeypatch):
+    """Also with the radix top-k, which leaves the hits' rows unwritten: the same selections, step by step."""
+    import lighttransfer.kernels.token_select as kts
+
     monkeypatch.setattr(ts, "KERNELS_ON_CPU", True)
+    monkeypatch.setattr(kts, "TOPK", topk)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dim, first, steps = 16, 48, 9
     g = torch.Generator().manual_seed(1)
@@ -102,10 +107,14 @@ def test_max_age_turns_a_similar_query_into_a_miss_in_both_paths(monkeypatch):
 
 
 @needs_interpreter
-def test_the_device_step_reads_nothing_back_to_the_host(monkeypatch):
+@pytest.mark.parametrize("topk", ["torch", "radix"])
+def test_the_device_step_reads_nothing_back_to_the_host(topk, monkeypatch):
     """Structural: with every tensor -> Python conversion made to fail, the cached step still runs (the general
     path, which decides hits on the host, does not), and it takes the counts on the device."""
+    import lighttransfer.kernels.token_select as kts
+
     monkeypatch.setattr(ts, "KERNELS_ON_CPU", True)
+    monkeypatch.setattr(kts, "TOPK", topk)
     g = torch.Generator().manual_seed(0)
     k = torch.randn(2, 2, 40, 16, generator=g)
     v = torch.randn(2, 2, 40, 16, generator=g)

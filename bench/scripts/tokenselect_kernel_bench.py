@@ -31,7 +31,10 @@ eagerly, every part in the same process, correctness checked first against the f
   selections as the general path (hits decided on the host), outputs within the tolerance of ``hit_step`` and
   ``miss_step``, and the hit counts (B and 0). ``cached_step_hit_unfused`` / ``cached_step_miss_unfused``: the
   same steps with the Selection Cache lookup as separate torch ops (``FUSED_LOOKUP = False``, about fourteen
-  launches) instead of ``kernels.selection_lookup``'s one, the baseline of that kernel in the same run.
+  launches) instead of ``kernels.selection_lookup``'s one, the baseline of that kernel in the same run;
+  ``select_radix``, ``cached_step_hit_radix`` / ``cached_step_miss_radix``: ``select`` and the cached steps with
+  the radix-select top-k (``kernels.topk_rows``, which skips the rows that hit) instead of ``torch.topk``
+  (``LIGHTTRANSFER_SELECT_TOPK`` picks the runtime's; ``torch`` by default until this comparison says otherwise).
 
 Bytes per part (floors): dense reads K and V once (``2 * B * Hkv * N * D * 2``); the two-pass votes read the
 candidate keys twice, the one-pass votes once plus the float32 scores written and read back; the attention reads
@@ -60,7 +63,7 @@ import torch  # noqa: E402
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 PARTS = ("dense", "attention", "votes_two_pass", "votes", "select_old", "select", "miss_step_old", "miss_step",
          "runtime_miss_step", "hit_step", "cached_step_hit", "cached_step_miss", "cached_step_hit_unfused",
-         "cached_step_miss_unfused")
+         "cached_step_miss_unfused", "select_radix", "cached_step_hit_radix", "cached_step_miss_radix")
 # the TokenSelect tests that need a GPU (the kernels, and the runtime's CUDA path)
 CUDA_TESTS = ("tests/kernels/test_token_select_kernels.py", "tests/test_runtime_token_select.py")
 
@@ -188,6 +191,18 @@ def _bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: in
         return token_select_attention(q, k, v, config=cached, state=miss_state, stats=miss_stats, kv_start=None,
                                       scale=None)
 
+    from lighttransfer.kernels import token_select as kts
+
+    def with_topk(step, topk):
+        def run():
+            before = kts.TOPK
+            kts.TOPK = topk  # read while the step runs, so a graph records that top-k
+            try:
+                return step()
+            finally:
+                kts.TOPK = before
+        return run
+
     def unfused(step):
         def run():
             fused = ts.FUSED_LOOKUP
@@ -199,8 +214,14 @@ def _bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: in
         return run
 
     cached_step_hit_unfused, cached_step_miss_unfused = unfused(cached_step_hit), unfused(cached_step_miss)
+    select_radix = with_topk(select, "radix")
+    cached_step_hit_radix = with_topk(cached_step_hit, "radix")
+    cached_step_miss_radix = with_topk(cached_step_miss, "radix")
     hit_out, miss_out = cached_step_hit(), cached_step_miss()
     hit_unfused, miss_unfused = cached_step_hit_unfused(), cached_step_miss_unfused()
+    hit_radix, miss_radix = cached_step_hit_radix(), cached_step_miss_radix()
+    if not _same_keys(select_radix()[1], select()[1]):
+        raise RuntimeError(f"B={batch} N={n_keys}: the radix top-k lists other keys than torch.topk")
     device_steps = ts.DEVICE_STEPS
     ts.DEVICE_STEPS = False  # the general path: the reference semantics, hits decided on the host
     try:
@@ -214,7 +235,7 @@ def _bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: in
     if not (_same_keys(hit_state.picked, picked) and _same_keys(hit_state.picked, ref_hit_picks)
             and _same_keys(miss_state.picked, ref_state.picked) and _same_keys(miss_state.picked, picked)):
         raise RuntimeError(f"B={batch} N={n_keys}: the device step's selections differ from the general path's")
-    if (hit_stats.hits, hit_stats.lookups, miss_stats.hits, miss_stats.lookups) != (2 * batch, 2 * batch, 0, 2 * batch) \
+    if (hit_stats.hits, hit_stats.lookups, miss_stats.hits, miss_stats.lookups) != (3 * batch, 3 * batch, 0, 3 * batch) \
             or (ref_stats.hits, ref_stats.lookups) != (batch, 2 * batch):
         raise RuntimeError(f"B={batch} N={n_keys}: Selection Cache counts {hit_stats}, {miss_stats}, {ref_stats}")
     hit_stats.reset()
@@ -235,6 +256,8 @@ def _bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: in
         "cached_step_miss": _rel_err(miss_out, miss_step()),
         "cached_step_hit_unfused": _rel_err(hit_unfused, hit_out),
         "cached_step_miss_unfused": _rel_err(miss_unfused, miss_out),
+        "cached_step_hit_radix": _rel_err(hit_radix, hit_out),
+        "cached_step_miss_radix": _rel_err(miss_radix, miss_out),
     }
     bad = {name: e for name, e in errors.items() if not e < tolerance}
     if bad:
@@ -250,7 +273,8 @@ def _bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: in
              "select_old": select_old, "select": select, "miss_step_old": miss_step_old, "miss_step": miss_step,
              "runtime_miss_step": runtime_miss_step, "hit_step": hit_step, "cached_step_hit": cached_step_hit,
              "cached_step_miss": cached_step_miss, "cached_step_hit_unfused": cached_step_hit_unfused,
-             "cached_step_miss_unfused": cached_step_miss_unfused}
+             "cached_step_miss_unfused": cached_step_miss_unfused, "select_radix": select_radix,
+             "cached_step_hit_radix": cached_step_hit_radix, "cached_step_miss_radix": cached_step_miss_radix}
     row = {"batch": batch, "n_keys": n_keys, "k": k_select, "init": init, "local": local, "selected": n_sel,
            "errors": errors, "bytes": {"dense": floors["dense"], "attention": floors["attention"],
                                        "votes_two_pass": floors["votes"], "votes": one_pass,
@@ -260,7 +284,9 @@ def _bench_batch(batch: int, *, n_keys: int, k_select: int, init: int, local: in
                                        "cached_step_hit": floors["attention"],
                                        "cached_step_miss": one_pass + floors["attention"],
                                        "cached_step_hit_unfused": floors["attention"],
-                                       "cached_step_miss_unfused": one_pass + floors["attention"]}}
+                                       "cached_step_miss_unfused": one_pass + floors["attention"],
+                                       "cached_step_hit_radix": floors["attention"],
+                                       "cached_step_miss_radix": one_pass + floors["attention"]}}
     for mode in (["graph", "eager"] if cuda and graph else ["eager"]):
         row[f"us_{mode}"] = {name: median_us(fn, graph=mode == "graph", cuda=cuda, rounds=rounds)
                              for name, fn in parts.items()}
@@ -307,10 +333,11 @@ def to_markdown(result: dict) -> str:
             continue
         lines += [f"## {mode} (us per call)", "",
                   "| B | N | listed | dense | attention | votes 2-pass / 1-pass | select old / new | miss step old / "
-                  "new / runtime | hit step | cached step 100 / 0 % hits (lookup in torch ops) | dense / attention | "
+                  "new / runtime | hit step | cached step 100 / 0 % hits (lookup in torch ops; radix top-k) | "
+                  "select, radix top-k | dense / attention | "
                   "dense / step at 0 / 50 / 90 % hits | share of "
                   "floor: dense, attention, votes 2-pass, votes 1-pass |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             us, s = r[f"us_{mode}"], r[f"summary_{mode}"]
             shares = ", ".join(f"{100 * s[f'share_of_floor_{n}']:.0f}%" if f"share_of_floor_{n}" in s else "-"
@@ -320,7 +347,8 @@ def to_markdown(result: dict) -> str:
                 f"{us['votes_two_pass']:.1f} / {us['votes']:.1f} | {us['select_old']:.1f} / {us['select']:.1f} | "
                 f"{us['miss_step_old']:.1f} / {us['miss_step']:.1f} / {us['runtime_miss_step']:.1f} | "
                 f"{us['hit_step']:.1f} | {us['cached_step_hit']:.1f} / {us['cached_step_miss']:.1f} "
-                f"({us['cached_step_hit_unfused']:.1f} / {us['cached_step_miss_unfused']:.1f}) | "
+                f"({us['cached_step_hit_unfused']:.1f} / {us['cached_step_miss_unfused']:.1f}; "
+                f"{us['cached_step_hit_radix']:.1f} / {us['cached_step_miss_radix']:.1f}) | {us['select_radix']:.1f} | "
                 f"{s['dense_over_attention']:.1f}x | "
                 f"{s['dense_over_step_at_hit_rate_0']:.2f} / {s['dense_over_step_at_hit_rate_0.5']:.2f} / "
                 f"{s['dense_over_step_at_hit_rate_0.9']:.2f} | {shares} |")
