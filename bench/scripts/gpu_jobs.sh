@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The pending GPU measurements as named jobs, run one after another (each alone on the GPU: side by side they
+# slowed each other past their limits), each under its own time limit, with everything a job wrote packed into
+# OUT_DIR/results.tar.gz after every job, so that a call cut short still returns the finished jobs' files, as one
+# file with the folder structure kept inside it.
+#
+#   bash bench/scripts/gpu_jobs.sh OUT_DIR JOB[:SECONDS] [JOB[:SECONDS] ...]
+#
+# Jobs (default limits in seconds; on a cold Triton cache the first TokenSelect or routing job compiles for 1-2 min):
+#   cuda-tests (240)   the CUDA tests of the TokenSelect step and kernels (Selection Cache lookup, radix top-k,
+#                      static steps, CUDA graphs) and of the one-launch fused routing kernel
+#   ts-kernels (240)   tokenselect_kernel_bench.py: every part at 128k, batch 1 and 16, the fused lookup and the
+#                      radix top-k beside their predecessors
+#   ts-e2e (300)       tokenselect_e2e.py at CONTEXTS (65536,131072), 16 steps; ts-e2e-radix: the same with
+#                      LIGHTTRANSFER_SELECT_TOPK=radix
+#   hr-kernels (330)   head_routing_kernel_bench.py --batches 1,16 (the one-launch fused QAdA step, never timed)
+#   hr-quality (540)   head_routing_quality_gpu.sh (needs GGUF, TEXT, REPORT)
+#   sp-quality (540)   sparse_prefill_quality.py at 8k (needs GGUF, TEXT)
+#   ts-quality (540)   TokenSelect at 8k, the issue's scaled-down budget, then the Selection Cache sweep (GGUF, TEXT,
+#                      REPORT)
+#   ft-recovery (540)  finetune_gpu.sh recovery with REFERENCE=1 (needs GGUF, TEXT; peft)
+#   ft-speed (540)     finetune_gpu.sh speed (the 8B shape, S²-Attn vs dense step time; peft)
+# Environment: GGUF (SmolLM2-135M-Instruct.Q4_1.gguf), TEXT (austen_novels.txt), REPORT (default
+# bench/results/analysis_smollm2_with_gates_w128.json), CONTEXTS. OUT_DIR/summary.txt: one line per job (exit
+# status, seconds). Run from the checkout root; python3 must see torch, transformers and triton.
+set -uo pipefail
+out=${1:?usage: gpu_jobs.sh OUT_DIR JOB[:SECONDS] ...}
+shift
+[ $# -gt 0 ] || { sed -n 2,27p "$0" >&2; exit 2; }
+root=$(pwd)
+work=$(mktemp -d)
+mkdir -p "$out" /tmp/lt-jobs
+ln -sfn "$root" /tmp/lt-jobs/lighttransfer
+export PYTHONPATH=/tmp/lt-jobs${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 LIGHTTRANSFER_TRITON_AUTOTUNE=0
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$root/.triton-cache}
+REPORT=${REPORT:-$root/bench/results/analysis_smollm2_with_gates_w128.json}
+lt() { python3 "$root/bin/lighttransfer" "$@"; }
+need() { for v in "$@"; do [ -n "${!v:-}" ] || { echo "this job needs $v (see the header)" >&2; return 2; }; done; }
+
+job() {  # NAME DIR: the job's commands, writing into DIR
+  local name=$1 d=$2
+  case "$name" in
+    cuda-tests)  # on a GPU the kernel tests run their kernels on it (tests/kernels/kernel_error_policy.py)
+      local t=/tmp/lt-jobs/lighttransfer/tests
+      (cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir=/tmp/lt-jobs/lighttransfer \
+        "$t/kernels/test_selection_cache.py" "$t/kernels/test_topk_rows.py" "$t/test_runtime_token_select_step.py" \
+        "$t/test_runtime_token_select_static.py" "$t/kernels/test_fused_routing.py")
+      ;;
+    ts-kernels) python3 "$root/bench/scripts/tokenselect_kernel_bench.py" --out "$d" ;;
+    ts-e2e) python3 "$root/bench/scripts/tokenselect_e2e.py" "$d" "${CONTEXTS:-65536,131072}" 16 ;;
+    ts-e2e-radix)
+      LIGHTTRANSFER_SELECT_TOPK=radix python3 "$root/bench/scripts/tokenselect_e2e.py" "$d" \
+        "${CONTEXTS:-65536,131072}" 16
+      ;;
+    hr-kernels) python3 "$root/bench/scripts/head_routing_kernel_bench.py" --out "$d" --batches 1,16 ;;
+    hr-quality)
+      need GGUF TEXT || return
+      bash "$root/bench/scripts/head_routing_quality_gpu.sh" "$GGUF" "$TEXT" "$REPORT" "$d"
+      ;;
+    sp-quality)
+      need GGUF TEXT || return
+      python3 "$root/bench/scripts/sparse_prefill_quality.py" --out "$d" --model "$GGUF" --text "$TEXT" \
+        --device cuda --length 8192
+      ;;
+    ts-quality)
+      need GGUF TEXT || return
+      lt -q eval --baseline "$GGUF" --text "$TEXT" --text-lines 1:16237 --suite perplexity,passkey,ruler \
+        --lengths 8k --windows 2 --passkey-lengths 8192 --passkey-depths 5 --passkey-trials 2 \
+        --ruler-tasks niah_single_1,niah_multikey_1,niah_multivalue,vt,cwe,fwe --samples 10 --ruler-batch 10 \
+        --rows original,tokenselect,lighttransfer,lighttransfer+tokenselect --report "$REPORT" --ratio 0.5 \
+        --sink 4 --window 128 --select-k 512 --select-init 16 --select-local 256 --select-reuse 0.9 \
+        --backend runtime --device cuda --dtype float32 --out "$d/tokenselect_smollm2_8k.json" &&
+      python3 "$root/bench/scripts/tokenselect_reuse_sweep.py" --baseline "$GGUF" --text "$TEXT" \
+        --text-lines 1,16237 --lengths 8192 --thetas 1.0,0.9,0.8 --passkey-lengths 8192 --passkey-depths 5 \
+        --passkey-trials 2 --device cuda --dtype float32 --out "$d"
+      ;;
+    ft-recovery)
+      need GGUF TEXT || return
+      REFERENCE=1 bash "$root/bench/scripts/finetune_gpu.sh" recovery "$GGUF" "$TEXT" "$d"
+      ;;
+    ft-speed) bash "$root/bench/scripts/finetune_gpu.sh" speed "$d" ;;
+    *) echo "unknown job $name (see the header)" >&2; return 2 ;;
+  esac
+}
+
+limit_of() {
+  case "$1" in
+    cuda-tests|ts-kernels) echo 240 ;; ts-e2e|ts-e2e-radix) echo 300 ;; hr-kernels) echo 330 ;; *) echo 540 ;;
+  esac
+}
+
+status=0
+: > "$out/summary.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$work/gpu.txt" 2>&1
+for spec in "$@"; do
+  name=${spec%%:*}
+  seconds=${spec#*:}
+  [ "$seconds" = "$spec" ] && seconds=$(limit_of "$name")
+  mkdir -p "$work/$name"
+  started=$(date +%s)
+  export -f job need lt
+  export root REPORT
+  timeout "$seconds" bash -c 'job "$0" "$1"' "$name" "$work/$name" > "$work/$name/$name.log" 2>&1
+  rc=$?
+  [ "$rc" = 0 ] || status=1
+  note=""
+  [ "$rc" = 124 ] && note=" (cut after $seconds s)"
+  echo "$name: rc $rc$note, $(( $(date +%s) - started )) s" | tee -a "$out/summary.txt"
+  tail -n 3 "$work/$name/$name.log"
+  cp "$out/summary.txt" "$work/summary.txt"
+  tar czf "$out/results.tar.gz.tmp" -C "$work" . && mv "$out/results.tar.gz.tmp" "$out/results.tar.gz"
+done
+exit $status
