@@ -12,7 +12,8 @@ transformers is left out (``original=False``): the target compares the hybrid wi
 CONTEXTS: default ``65536,131072``; STEPS: timed decode steps per row, default 48 (from a cold Selection Cache the
 all-hit rows then never reach the age bound: 48 hits of 48, per full layer and sequence).
 
-Expected time on one H200, about 5 minutes (estimated, not yet measured):
+Measured on one H200: 64k alone with 16 steps took 94 s for the whole call, a cold Triton cache included
+(``bench/results/tokenselect_e2e_h200/``); both contexts should take about twice that. The estimate it replaced:
 
 * prefill: each (variant, context) prefills one sequence twice (an untimed warm-up at the same length, then the
   timed one); the largest batch replicates that cache instead of prefilling every sequence. FLOPs per prefill:
