@@ -88,10 +88,26 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+# what a command keeps on purpose when it is stopped (e.g. eval's finished rows), said in the stop's line
+_kept: dict[str, str] = {}
+
+
+def keep_on_interrupt(key: str, what: str | None) -> None:
+    """Say ``what`` (e.g. "the finished rows are in X") if the command is stopped; ``None`` withdraws it."""
+    if what is None:
+        _kept.pop(key, None)
+    else:
+        _kept[key] = what
+
+
 def _interrupted(exc: BaseException) -> None:
+    from rich.markup import escape
+
     term = isinstance(exc, Terminated) or _signalled["term"]
-    stderr_console().print(f"[red]error:[/red] {'terminated' if term else 'interrupted'}; no partial output was "
-                           "left behind.")
+    kept = "; ".join(_kept.values())
+    said = f"only what it keeps on purpose is left: {kept}" if kept else "no partial output was left behind"
+    stderr_console().print(f"[red]error:[/red] {'terminated' if term else 'interrupted'}; {escape(said)}.",
+                           soft_wrap=True)
     sys.exit(143 if term else 130)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import click
 from rich.markup import escape
@@ -190,7 +191,9 @@ class _Bar:
               help="qada rows: the window of a routed-local head [default: --window].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random row and passkeys.")
 @click.option("--out", default="eval_results.json", show_default=True, metavar="PATH",
-              help="Results JSON (markdown and plots are written beside it), or a directory.")
+              help="Results JSON (markdown and plots are written beside it), or a directory. While the run goes, "
+                   "the finished rows are kept in NAME.partial.json beside it (eval-merge reads it), removed at "
+                   "the end.")
 @model_options
 @verbosity_options
 def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_windows, passkey_lengths,
@@ -208,7 +211,8 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
     from ..evaluation.eval_report import markdown_report
     from ..evaluation.eval_suite import evaluate as run_eval
     from ..evaluation.eval_suite import output_paths, write_outputs
-    from ..output_files import check_output_target
+    from ..output_files import check_output_target, write_json
+    from . import keep_on_interrupt
 
     check_output_target(out, "--out")  # before hours of work, not after
 
@@ -231,6 +235,14 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
                                        page=routing_page if routing_guard == "pages" else None),
         routing_share=routing_share, routing_tau=routing_tau, routing_page=routing_page,
     )
+    paths = output_paths(out)
+    partial = partial_path(paths["json"])
+
+    def keep(so_far) -> None:  # a run cut short keeps its finished rows
+        write_json(partial, so_far.to_dict())
+        keep_on_interrupt("eval", f"the finished rows are in {partial} (eval-merge reads it)")
+
+    kwargs["on_row"] = keep
     if is_quiet():
         result = run_eval(**kwargs)
     else:
@@ -240,8 +252,14 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
     if not is_quiet():
         console.print(markdown_report(result).split("\n\nLayers per row")[0], soft_wrap=True, markup=False)
     write_outputs(result, out)  # after the results are on the screen: a failed write loses nothing
-    paths = output_paths(out)
+    partial.unlink(missing_ok=True)
+    keep_on_interrupt("eval", None)
     console.print(f"wrote {escape(str(paths['json']))} and {escape(str(paths['md']))}")
+
+
+def partial_path(json_path: Path) -> Path:
+    """Where ``eval`` keeps the rows finished so far: ``NAME.partial.json`` beside ``NAME.json``."""
+    return json_path.with_name(f"{json_path.stem}.partial.json")
 
 
 __all__ = ["evaluate", "int_list", "float_list"]

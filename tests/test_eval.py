@@ -549,3 +549,39 @@ def test_eval_ruler_options_are_checked_before_any_work(tiny_dir_with_tokenizer,
                             "--device", "cpu", "--out", str(tmp_path / "x.json"), *args], capsys)
     assert code != 0 and message in err and "Traceback" not in err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_run_cut_short_keeps_its_finished_rows(tiny_dir_with_tokenizer, text_file, tmp_path, capsys, report_file,
+                                                 monkeypatch):
+    """Rows are kept in NAME.partial.json as they finish (eval-merge reads it); a finished run removes it."""
+    args = ("--suite", "perplexity", "--lengths", "64", "--rows", "original,lighttransfer")
+    done = _stub_eval(tiny_dir_with_tokenizer, text_file, tmp_path / "done.json", capsys, report_file, monkeypatch,
+                      *args)
+    assert not (tmp_path / "done.partial.json").exists()
+
+    import lighttransfer.evaluation.eval_suite as suite
+
+    real = suite.perplexity
+    calls = []
+
+    def dies_in_the_second_row(*a, **kw):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # the machine's time ran out
+        return real(*a, **kw)
+
+    monkeypatch.setattr(suite, "perplexity", dies_in_the_second_row)
+    stub, report_cls = report_file
+    monkeypatch.setattr(report_cls, "load", classmethod(lambda cls, path: stub))
+    code, _, err = run_cli(["eval", "--baseline", str(tiny_dir_with_tokenizer), "--text", str(text_file),
+                            "--report", "r.json", "--windows", "1", "--sink", str(SINK), "--window", str(WINDOW),
+                            "--device", "cpu", "--out", str(tmp_path / "cut.json"), "-q", *args], capsys)
+    assert code == 130 and "the finished rows are in" in err and "cut.partial.json" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "cut.json").exists()
+    kept = json.loads((tmp_path / "cut.partial.json").read_text())
+    assert [r["name"] for r in kept["rows"]] == ["original"]
+    assert kept["rows"][0]["perplexity"] == done["rows"][0]["perplexity"]
+    code, _, err = run_cli(["eval-merge", str(tmp_path / "cut.partial.json"), "--out", str(tmp_path / "m.json")],
+                           capsys)
+    assert code == 0, err
