@@ -164,6 +164,9 @@ class _Bar:
 @click.option("--select-reuse-max-age", type=int, default=None,
               help="tokenselect rows: steps a reused selection may serve before the query rescores [default: the "
                    "hybrid's, else 64].")
+@click.option("--select-page", type=int, default=None,
+              help="quest rows (the Quest-like page-bound baseline): keys per page [default: 16, at most "
+                   "--select-k].")
 @click.option("--sparse-prefill", "sparse_method", type=click.Choice(["sample", "vslash", "antidiag"]),
               default="sample", show_default=True,
               help="Estimator of the sparse-prefill rows: sampled query rows, last-queries vertical-slash or "
@@ -198,7 +201,7 @@ class _Bar:
 @verbosity_options
 def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_windows, passkey_lengths,
              passkey_depths, passkey_trials, passkey_format, suite, ruler_tasks, ruler_samples, ruler_batch, rows, ratio, sink, window, backend,
-             select_k, select_init, select_local, select_reuse, select_reuse_max_age, sparse_method, sparse_alpha, sparse_min_len,
+             select_k, select_init, select_local, select_reuse, select_reuse_max_age, select_page, sparse_method, sparse_alpha, sparse_min_len,
              sparse_blocks, routing_share, routing_tau, routing_stats, routing_cov, routing_guard, routing_page,
              routing_window, seed, out, device,
              dtype, trust_remote_code):
@@ -228,7 +231,7 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
         sink=sink, window=window, backend=backend, seed=seed, device=device, dtype=dtype, out=None,
         suite=suite, ruler_tasks=ruler_tasks, ruler_samples=ruler_samples, ruler_batch=ruler_batch, select_k=select_k,
         select_init=select_init, select_local=select_local, select_reuse=select_reuse,
-        select_reuse_max_age=select_reuse_max_age,
+        select_reuse_max_age=select_reuse_max_age, select_page=select_page,
         sparse_prefill=_sparse_config(sparse_method, sparse_alpha, sparse_min_len, sparse_blocks),
         head_routing=HeadRoutingConfig(mode="qada", tau=0.0, stats=routing_stats, cov=routing_cov,
                                        window=routing_window, guard=routing_guard,

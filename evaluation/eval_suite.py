@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -167,6 +167,7 @@ def evaluate(
     select_local: int | None = None,
     select_reuse: float | None = None,
     select_reuse_max_age: int | None = None,
+    select_page: int | None = None,
     sparse_prefill=None,
     head_routing=None,
     routing_share: float = 0.5,
@@ -208,6 +209,8 @@ def evaluate(
             ``tokenselect`` rows (default: the hybrid's when it decodes with TokenSelect, else 2048, 128, 512, 0.9,
             64). Each such row
             reports its Selection Cache counts (``selection_cache``: lookups, hits, dense, hit_rate).
+        select_page: keys per page of the Quest-like rows (``quest``, ``lighttransfer+quest``; default 16, at most
+            ``select_k``).
         sparse_prefill: :class:`~lighttransfer.hybrid_format.SparsePrefillConfig` of the ``sparse-prefill`` and
             ``lighttransfer+sparse-prefill`` rows (default: its defaults); those rows also report the realised
             density (``sparse_prefill_density``: mean and per layer over their prefill forwards).
@@ -272,6 +275,10 @@ def evaluate(
                                     select_local=select_local, select_reuse=select_reuse,
                                     select_reuse_max_age=select_reuse_max_age,
                                     base=hcfg.selection if hcfg else None, option="--rows")
+    if select_page is not None:  # the Quest-like rows' page size (the TokenSelect rows score tokens)
+        if not isinstance(select_page, int) or not 1 <= select_page <= selection.k:
+            raise LightTransferError(f"--select-page must be in [1, --select-k = {selection.k}], got {select_page}.")
+        selection = replace(selection, page=select_page)
 
     report_data = None
     if report is not None:  # read once: the identity check and the rows both need it

@@ -38,6 +38,10 @@ ROW_KINDS: dict[str, str] = {
     "tokenselect": "TokenSelect alone (arXiv 2411.02886): nothing streams; every layer decodes over the keys a soft "
                    "vote of its heads selects (--select-k/--select-init/--select-local/--select-reuse)",
     "lighttransfer+tokenselect": "the lighttransfer row's layers stream and its full layers decode with TokenSelect",
+    "quest": "the Quest-like page-bound baseline (arXiv 2406.10774): as tokenselect, candidates scored by pages of 16 "
+             "keys through their key min/max bound, the top k/16 pages taken whole",
+    "lighttransfer+quest": "the lighttransfer row's layers stream and its full layers decode with the page-bound "
+                           "baseline",
     "sparse-prefill": "the dense model with block-sparse prefill in every layer (--sparse-* options: estimator, "
                       "alpha, threshold, blocks)",
     "lighttransfer+sparse-prefill": "the lighttransfer row with block-sparse prefill in its full layers",
@@ -56,7 +60,7 @@ ROW_KINDS: dict[str, str] = {
 # lazy-ratio row, which differs from the lighttransfer row only for a report ranked by gates
 HEAD_LEVEL_ROWS = ("head-level", "head-level-gates", "random-heads", "least-lazy-heads")
 # TokenSelect rows decode selectively: asked for by name, like the head-level rows
-TOKENSELECT_ROWS = ("tokenselect", "lighttransfer+tokenselect")
+TOKENSELECT_ROWS = ("tokenselect", "lighttransfer+tokenselect", "quest", "lighttransfer+quest")
 # rows with block-sparse prefill of the full layers: asked for by name too (they change the prefill, not the cache)
 SPARSE_PREFILL_ROWS = ("sparse-prefill", "lighttransfer+sparse-prefill")
 # rows that route the full layers' KV heads per decode query, compared at one routed share
@@ -128,7 +132,9 @@ class EvalRow:
                 "selection": None if self.selection is None else {"k": self.selection.k, "init": self.selection.init,
                                                                   "local": self.selection.local,
                                                                   "reuse": self.selection.reuse,
-                                                                  "reuse_max_age": self.selection.reuse_max_age},
+                                                                  "reuse_max_age": self.selection.reuse_max_age,
+                                                                  **({"score": "pages", "page": self.selection.page}
+                                                                     if self.selection.score == "pages" else {})},
                 **({"sparse_prefill": self.sparse_prefill.to_dict()} if self.sparse_prefill is not None else {}),
                 **({"head_routing": self.head_routing.to_dict()} if self.head_routing is not None else {}),
                 **({"routing_target": self.routing_target} if self.routing_target is not None else {})}
@@ -264,6 +270,13 @@ def standard_rows(
     build["lighttransfer+tokenselect"] = lambda: EvalRow.of(
         "lighttransfer+tokenselect", streaming_layers=lazy, **common, selection=chosen,
         note=("laziest layers" if by_lazy_ratio else f"layers ranked by {ranked_by}") + f"; {chosen.describe()}")
+    # the same budget, scored by pages (the default page of 16 clamped to a smaller k)
+    by_pages = dataclasses.replace(chosen, score="pages", page=min(chosen.page, chosen.k))
+    build["quest"] = lambda: EvalRow.of("quest", **dict(common, sink=0, window=1), selection=by_pages,
+                                        note=by_pages.describe())
+    build["lighttransfer+quest"] = lambda: EvalRow.of(
+        "lighttransfer+quest", streaming_layers=lazy, **common, selection=by_pages,
+        note=("laziest layers" if by_lazy_ratio else f"layers ranked by {ranked_by}") + f"; {by_pages.describe()}")
     build["head-level"] = lambda: head_level(
         "head-level", kv_head_scores, "attention mass beyond sink + window",
         "per-KV-head attention scores; pass --report REPORT.json")

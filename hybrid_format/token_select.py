@@ -45,6 +45,13 @@ class TokenSelectConfig:
             bound makes it rescore: a hit at every step but one in ``reuse_max_age + 1``), ``False`` none (every step
             rescores, through the same Selection Cache step). Random weights make the similarity meaningless, so a
             benchmark measures the two ends and interpolates. Needs the Selection Cache (``reuse < 1``).
+        score: ``tokens`` (TokenSelect: every candidate key scored exactly, ``q_h · k_t``) or ``pages`` (the
+            Quest-like baseline, Tang et al., arXiv 2406.10774: candidates in pages of ``page`` keys, each page
+            scored by the upper bound of ``q_h · k`` from its per-dimension key min and max, and the top
+            ``k // page`` pages taken whole; the same soft vote over heads, one set per layer and sequence, so that
+            the comparison isolates the scoring). ``pages`` is an evaluation baseline: PyTorch only, dynamic decode
+            steps only, never stored in a checkpoint.
+        page: keys per page for ``score="pages"`` (Quest: 16).
     """
 
     k: int = DEFAULT_SELECT_K
@@ -53,6 +60,8 @@ class TokenSelectConfig:
     reuse: float = DEFAULT_SELECT_REUSE
     reuse_max_age: int = DEFAULT_SELECT_REUSE_MAX_AGE
     force_reuse: bool | None = None
+    score: str = "tokens"
+    page: int = 16
 
     def __post_init__(self) -> None:
         for name, least in (("k", 1), ("init", 0), ("local", 1), ("reuse_max_age", 1)):
@@ -68,6 +77,12 @@ class TokenSelectConfig:
             raise LightTransferError(f"force_reuse must be True, False or None, got {self.force_reuse!r}.")
         if self.force_reuse is not None and not self.cache_enabled:
             raise LightTransferError("force_reuse needs the Selection Cache: select_reuse must be below 1.")
+        if self.score not in ("tokens", "pages"):
+            raise LightTransferError(f"TokenSelect score must be tokens or pages, got {self.score!r}.")
+        if isinstance(self.page, bool) or not isinstance(self.page, int) or self.page < 1 \
+                or (self.score == "pages" and self.page > self.k):
+            raise LightTransferError(f"the page size of the page-bound selection must be a whole number in "
+                                     f"[1, k = {self.k}], got {self.page!r}.")
 
     @property
     def cache_enabled(self) -> bool:
@@ -87,11 +102,17 @@ class TokenSelectConfig:
         cache = f"reuse at cos >= {self.reuse:g} for <= {self.reuse_max_age} steps" if self.cache_enabled else "no Selection Cache"
         if self.force_reuse is not None:
             cache += ", every query forced " + ("similar" if self.force_reuse else "dissimilar")
+        if self.score == "pages":
+            return (f"Quest-like page bounds, {self.k // self.page} pages of {self.page} (k={self.k}), "
+                    f"init={self.init}, local={self.local}, {cache}")
         return f"TokenSelect k={self.k}, init={self.init}, local={self.local}, {cache}"
 
     def to_fields(self) -> dict:
         """The checkpoint block's flat fields (the names of ``lighttransfer.load``'s keywords; ``force_reuse`` is
         never stored)."""
+        if self.score != "tokens":
+            raise LightTransferError("the page-bound (Quest-like) selection is an evaluation baseline; it is not "
+                                     "stored in a checkpoint.")
         return {"decode": "tokenselect", "select_k": self.k, "select_init": self.init, "select_local": self.local,
                 "select_reuse": self.reuse, "select_reuse_max_age": self.reuse_max_age}
 

@@ -52,7 +52,9 @@ import contextlib
 import torch
 
 from .. import kernels
+from ..errors import LightTransferError
 from ..hybrid_format import TokenSelectConfig
+from ..kernels.page_select import page_picks_reference
 
 # queries scored together by the CPU reference in a continuation chunk (bounds its [block, N] votes)
 VOTE_BLOCK = 64
@@ -198,7 +200,11 @@ def token_select_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     batch, heads, n, dim = q.shape
     n_keys = k.shape[2]
     scale = dim ** -0.5 if scale is None else float(scale)
+    pages = config.score == "pages"  # the Quest-like baseline: the general path, PyTorch scoring
     if n_valid is not None:
+        if pages:
+            raise LightTransferError("the page-bound (Quest-like) selection runs on dynamic decode steps only; "
+                                     "leave out cuda_graphs / --cuda-graphs.")
         if n != 1:
             raise ValueError(f"a static TokenSelect step takes one query per sequence, got {n}")
         # with the Selection Cache, always the cached step (all misses from a cold state: the fresh step's
@@ -220,7 +226,7 @@ def token_select_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         if stats is not None:
             stats.add(dense=batch * n)
         return None
-    if n == 1 and _use_kernels(q) and DEVICE_STEPS:
+    if n == 1 and _use_kernels(q) and DEVICE_STEPS and not pages:
         if config.cache_enabled and state.usable(batch, config.k):
             return _cached_step(q, k, v, config=config, state=state, stats=stats, kv_start=kv_start, scale=scale)
         return _fresh_step(q, k, v, config=config, state=state, stats=stats, kv_start=kv_start, scale=scale)
@@ -365,6 +371,18 @@ def _fresh_picks(q, k, misses: dict[int, torch.Tensor], *, config: TokenSelectCo
         return {}
     n, n_keys = q.shape[2], k.shape[2]
     out: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+    if config.score == "pages":  # the Quest-like baseline scores every sequence (PyTorch, any device)
+        for a in range(0, n, VOTE_BLOCK):
+            block = [i for i in misses if a <= i < a + VOTE_BLOCK]
+            if not block:
+                continue
+            hi = block[-1] + 1
+            picks = page_picks_reference(q[:, :, a:hi], k[:, :, :n_keys - n + hi], init=config.init,
+                                         local=config.local, k_select=config.k, page=config.page,
+                                         kv_start=kv_start, scale=scale)
+            for i in block:
+                out[i] = (None, picks[:, i - a])
+        return out
     if _use_kernels(q):
         for i, miss in misses.items():  # the vote kernel takes one query per sequence: its keys end at its own
             end = n_keys - n + i + 1
