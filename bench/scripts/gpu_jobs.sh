@@ -67,7 +67,7 @@ job() {  # NAME DIR: the job's commands, writing into DIR
       lt -q eval --baseline "$GGUF" --text "$TEXT" --text-lines 1:16237 --suite perplexity,passkey,ruler \
         --lengths 8k --windows 2 --passkey-lengths 8192 --passkey-depths 5 --passkey-trials 2 \
         --ruler-tasks niah_single_1,niah_multikey_1,niah_multivalue,vt,cwe,fwe --samples 10 --ruler-batch 10 \
-        --rows original,tokenselect,lighttransfer,lighttransfer+tokenselect --report "$REPORT" --ratio 0.5 \
+        --rows original,tokenselect,lighttransfer,lighttransfer+tokenselect,quest,lighttransfer+quest --report "$REPORT" --ratio 0.5 \
         --sink 4 --window 128 --select-k 512 --select-init 16 --select-local 256 --select-reuse 0.9 \
         --backend runtime --device cuda --dtype float32 --out "$d/tokenselect_smollm2_8k.json" &&
       python3 "$root/bench/scripts/tokenselect_reuse_sweep.py" --baseline "$GGUF" --text "$TEXT" \
