@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import make_tiny_model, run_cli
 from lighttransfer.errors import LightTransferError
 from lighttransfer.evaluation.backends import MaskedBackend, RuntimeBackend
 from lighttransfer.evaluation.passkey import check_answer, make_sample, passkey_depths
@@ -29,6 +29,22 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def eval_inputs(tmp_path, long_text, monkeypatch, lazy_ratios=(0.9, 0.2, 0.8, 0.1), **report_attrs):
+    """A tiny Llama with the byte tokenizer, 20k characters of text, and ``AnalysisReport.load`` answering with a
+    stand-in report (per-layer lazy ratios, attention-scored heads, plus ``report_attrs``): ``(model_dir, text)``."""
+    from lighttransfer.analysis import AnalysisReport
+
+    model_dir = tmp_path / "model"
+    make_tiny_model("llama").save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text(long_text[:20000])
+    stub = type("StubReport", (), dict(head_score_method="attention", **report_attrs,
+                                       layer_lazy_ratios=staticmethod(lambda: list(lazy_ratios))))
+    monkeypatch.setattr(AnalysisReport, "load", classmethod(lambda cls, path: stub))
+    return model_dir, text
 
 
 @pytest.fixture(scope="module")

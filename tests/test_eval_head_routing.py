@@ -7,11 +7,10 @@ import dataclasses
 import json
 
 import pytest
-from conftest import make_tiny_model, run_cli
+from conftest import run_cli
 from lighttransfer.errors import LightTransferError
 from lighttransfer.evaluation.rows import DEFAULT_ROWS, ROUTING_ROWS, standard_rows
 from lighttransfer.hybrid_format import HeadRoutingConfig
-from test_eval import byte_tokenizer
 
 GATES = [[0.9, 0.1], [0.2, 0.8], [0.05, 0.95], [0.7, 0.6]]
 
@@ -49,27 +48,10 @@ def test_rows_are_built_by_name_at_one_share():
 
 
 def test_eval_cli_runs_the_routing_rows(tmp_path, capsys, long_text, monkeypatch):
-    from lighttransfer.analysis import AnalysisReport
+    from test_eval import eval_inputs
 
-    model_dir = tmp_path / "model"
-    make_tiny_model("llama").save_pretrained(model_dir)
-    byte_tokenizer().save_pretrained(model_dir)
-    text = tmp_path / "text.txt"
-    text.write_text(long_text[:20000])
-
-    class _Stub:
-        head_score_method = "attention"
-        kv_head_gates = GATES
-
-        @staticmethod
-        def layer_lazy_ratios():
-            return [0.9, 0.2, 0.8, 0.1]
-
-        @staticmethod
-        def kv_head_long_context_scores(method=None):
-            return GATES
-
-    monkeypatch.setattr(AnalysisReport, "load", classmethod(lambda cls, path: _Stub))
+    model_dir, text = eval_inputs(tmp_path, long_text, monkeypatch, kv_head_gates=GATES,
+                                  kv_head_long_context_scores=staticmethod(lambda method=None: GATES))
     out = tmp_path / "res.json"
     code, _, err = run_cli([
         "eval", "--baseline", str(model_dir), "--text", str(text), "--report", "r.json", "--lengths", "96",

@@ -12,7 +12,6 @@ from lighttransfer.evaluation.backends import MaskedBackend, RuntimeBackend
 from lighttransfer.evaluation.perplexity import perplexity, plan_windows
 from lighttransfer.evaluation.rows import DEFAULT_ROWS, EvalRow, standard_rows
 from lighttransfer.hybrid_format import TokenSelectConfig
-from test_eval import byte_tokenizer
 
 SELECT = TokenSelectConfig(k=6, init=2, local=8, reuse=0.9)
 
@@ -52,22 +51,9 @@ def test_masked_reference_matches_runtime(layers):
 
 
 def test_eval_cli_runs_the_tokenselect_rows(tmp_path, capsys, long_text, monkeypatch):
-    from lighttransfer.analysis import AnalysisReport
+    from test_eval import eval_inputs
 
-    model_dir = tmp_path / "model"
-    make_tiny_model("llama").save_pretrained(model_dir)
-    byte_tokenizer().save_pretrained(model_dir)
-    text = tmp_path / "text.txt"
-    text.write_text(long_text[:20000])
-
-    class _Stub:
-        head_score_method = "attention"
-
-        @staticmethod
-        def layer_lazy_ratios():
-            return [0.9, 0.2, 0.8, 0.1]
-
-    monkeypatch.setattr(AnalysisReport, "load", classmethod(lambda cls, path: _Stub))
+    model_dir, text = eval_inputs(tmp_path, long_text, monkeypatch)
     out = tmp_path / "res.json"
     code, _, err = run_cli([
         "eval", "--baseline", str(model_dir), "--text", str(text), "--report", "r.json", "--lengths", "96",

@@ -94,23 +94,9 @@ def test_pages_are_an_evaluation_baseline_only():
 
 
 def test_eval_runs_the_quest_rows(tmp_path, capsys, long_text, monkeypatch):
-    from lighttransfer.analysis import AnalysisReport
-    from test_eval import byte_tokenizer
+    from test_eval import eval_inputs
 
-    model_dir = tmp_path / "model"
-    make_tiny_model("llama").save_pretrained(model_dir)
-    byte_tokenizer().save_pretrained(model_dir)
-    text = tmp_path / "text.txt"
-    text.write_text(long_text[:20000])
-
-    class _Stub:
-        head_score_method = "attention"
-
-        @staticmethod
-        def layer_lazy_ratios():
-            return [0.9, 0.2, 0.8, 0.1]
-
-    monkeypatch.setattr(AnalysisReport, "load", classmethod(lambda cls, path: _Stub))
+    model_dir, text = eval_inputs(tmp_path, long_text, monkeypatch)
     out = tmp_path / "res.json"
     base = ["eval", "--baseline", str(model_dir), "--text", str(text), "--report", "r.json", "--lengths", "96",
             "--windows", "1", "--passkey-lengths", "256", "--passkey-depths", "2", "--passkey-trials", "1",
