@@ -5,6 +5,7 @@ and the autotuned launcher built once per (GPU, head size, query rows) — the r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -83,6 +84,20 @@ def device_index(t: torch.Tensor) -> int:
     return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
+def launch_device(t: torch.Tensor):
+    """The context to launch a kernel on ``t``'s device in: ``t``'s CUDA device, or nothing for a CPU tensor (the
+    interpreter)."""
+    return torch.cuda.device(device_index(t)) if t.is_cuda else contextlib.nullcontext()
+
+
+def int8_flags(flags: torch.Tensor, device) -> torch.Tensor:
+    """A bool (or integer) ``[R]`` flag vector as the kernels read it, int8 contiguous on ``device``: a bool
+    tensor is viewed as int8 (no copy, no launch: the decode step's hit flags are made that way)."""
+    flags = flags.to(device=device)
+    flags = flags.view(torch.int8) if flags.dtype == torch.bool else flags.to(torch.int8)
+    return flags.contiguous()
+
+
 @functools.cache
 def capability(index: int) -> tuple[int, int]:
     """Compute capability of CUDA device ``index`` (read once)."""
@@ -97,4 +112,4 @@ def multiprocessors(index: int) -> int:
 
 __all__ = ["decode_config", "fits_hopper", "fallback_config", "hopper_candidates", "shared_memory",
            "HOPPER_SHARED_MEMORY", "OTHER_SHARED_MEMORY", "SHARED_MEMORY_MARGIN", "autotune_enabled", "tuned_launcher",
-           "capability", "multiprocessors", "device_index", "FALLBACK_CONFIG", "INTERPRETER_CONFIG"]
+           "capability", "multiprocessors", "device_index", "launch_device", "int8_flags", "FALLBACK_CONFIG", "INTERPRETER_CONFIG"]

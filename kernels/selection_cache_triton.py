@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_launch import device_index
+from .decode_launch import launch_device
 
 
 @triton.jit(do_not_specialize=["pos_const", "max_age"])
@@ -70,7 +70,7 @@ def selection_lookup_triton(q: torch.Tensor, anchor: torch.Tensor, anchor_pos: t
     width = heads * dim
     block = min(1024, triton.next_power_of_2(width)) if q.is_cuda else min(64, triton.next_power_of_2(width))
     force_code = 0 if force is None else (1 if force else 2)
-    with torch.cuda.device(device_index(q)) if q.is_cuda else _nothing():
+    with launch_device(q):
         _lookup[(batch,)](
             q, anchor, anchor_pos, pos_arg, hit, counter if counter is not None else anchor_pos,
             q.stride(0), q.stride(1), q.stride(3), width, -1 if on_device else int(pos), float(reuse), int(max_age),
@@ -78,13 +78,6 @@ def selection_lookup_triton(q: torch.Tensor, anchor: torch.Tensor, anchor_pos: t
             BLOCK=block)
     return hit.view(torch.bool)
 
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 __all__ = ["selection_lookup_triton"]

@@ -39,6 +39,8 @@ from .decode_launch import (
     OTHER_SHARED_MEMORY,
     SHARED_MEMORY_MARGIN,
     device_index,
+    int8_flags,
+    launch_device,
     multiprocessors,
 )
 from .decode_triton import plan_splits
@@ -250,11 +252,11 @@ def total_votes_triton(q: torch.Tensor, k: torch.Tensor, *, init: int, local: in
     part = torch.empty((batch, heads, n_splits), dtype=torch.float32, device=q.device)
     start_arg = start if start is not None else part
     rows_arg = rows if rows is not None else part
-    skip_arg = part if skip is None else _flags(skip, q.device)
+    skip_arg = part if skip is None else int8_flags(skip, q.device)
     valid_arg = part if n_valid is None else n_valid.to(device=q.device, dtype=torch.int32).contiguous()
     flags = dict(HAS_START=start is not None, HAS_ROWS=rows is not None, HAS_SKIP=skip is not None,
                  HAS_VALID=n_valid is not None)
-    with torch.cuda.device(device_index(q)) if q.is_cuda else _nothing():
+    with launch_device(q):
         _token_scores[(batch * kv_heads, n_splits)](
             q, k, start_arg, rows_arg, skip_arg, valid_arg, scores, part, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             k.stride(2), kv_heads, group, n_keys, chunk, n_splits, int(init), int(local), scale * _LOG2E, **flags,
@@ -292,12 +294,12 @@ def build_list_triton(values: torch.Tensor, picked: torch.Tensor, *, n_keys: int
     start = None if kv_start is None else kv_start.to(device=values.device, dtype=torch.int32).contiguous()
     reuse = hit is not None
     if reuse:
-        hit = _flags(hit, values.device)
+        hit = int8_flags(hit, values.device)
         anchor_pos = anchor_pos.to(device=values.device).contiguous()
         cached = cached.contiguous()
     valid = None if n_valid is None else n_valid.to(device=values.device, dtype=torch.int32).contiguous()
     block = 1024 if values.is_cuda else 64
-    with torch.cuda.device(device_index(values)) if values.is_cuda else _nothing():
+    with launch_device(values):
         _build_list[(rows, triton.cdiv(width, block))](
             values, picked, start if start is not None else values, hit if reuse else values,
             cached if reuse else picked, anchor_pos if reuse else picked, valid if valid is not None else values,
@@ -306,21 +308,6 @@ def build_list_triton(values: torch.Tensor, picked: torch.Tensor, *, n_keys: int
             HAS_VALID=valid is not None, BLOCK=block)
     return top, idx
 
-
-def _flags(flags: torch.Tensor, device) -> torch.Tensor:
-    """A bool (or integer) ``[R]`` flag vector as the kernels read it, int8 contiguous on ``device``: a bool
-    tensor is viewed as int8 (no copy, no launch: the decode step's hit flags are made that way)."""
-    flags = flags.to(device=device)
-    flags = flags.view(torch.int8) if flags.dtype == torch.bool else flags.to(torch.int8)
-    return flags.contiguous()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def bytes_read_onepass(*, batch: int, heads: int, kv_heads: int, head_dim: int, dtype_bytes: int,

@@ -48,10 +48,9 @@ def topk_rows(votes: torch.Tensor, k: int, *, skip: torch.Tensor | None = None) 
 
     if votes.stride(-1) != 1:
         votes = votes.contiguous()
-    if skip is not None:
-        skip = skip.to(device=votes.device)
-        skip = (skip.view(torch.int8) if skip.dtype == torch.bool else skip.to(torch.int8)).contiguous()
-    return topk_rows_triton(votes, int(k), skip)
+    from .decode_launch import int8_flags
+
+    return topk_rows_triton(votes, int(k), None if skip is None else int8_flags(skip, votes.device))
 
 
 __all__ = ["topk_rows", "topk_rows_reference"]

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_launch import device_index, multiprocessors
+from .decode_launch import device_index, launch_device, multiprocessors
 
 _BINS = 256
 _ROUNDS = 4
@@ -52,20 +52,25 @@ def _picked(HIST_ROW, k, live, ROUND: tl.constexpr):
 
 
 @triton.jit
+def _program_span(SKIP, HIST, n, chunk, HAS_SKIP: tl.constexpr):
+    """This program's row ``r``, whether it is live (not skipped), the row's histograms, and its chunk of the votes
+    ``[lo, hi)`` (empty for a skipped row: it reads nothing)."""
+    r = tl.program_id(0)
+    lo = tl.program_id(1) * chunk
+    live = tl.zeros([], dtype=tl.int32) == 0
+    if HAS_SKIP:
+        live = tl.load(SKIP + r) == 0
+    hi = tl.where(live, tl.minimum(lo + chunk, n), lo)
+    return r, live, HIST + r.to(tl.int64) * (4 * 256), lo, hi
+
+
+@triton.jit
 def _topk_histogram(
     VOTES, SKIP, HIST, stride_v, n, chunk, k,
     ROUND: tl.constexpr, HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    r = tl.program_id(0)
-    c = tl.program_id(1)
-    live = tl.zeros([], dtype=tl.int32) == 0
-    if HAS_SKIP:
-        live = tl.load(SKIP + r) == 0
-    row_hist = HIST + r.to(tl.int64) * (4 * 256)
+    r, live, row_hist, lo, hi = _program_span(SKIP, HIST, n, chunk, HAS_SKIP)
     prefix, remaining = _picked(row_hist, k, live, ROUND)
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, n)
-    hi = tl.where(live, hi, lo)  # a skipped row reads nothing
     counts = tl.zeros([512], dtype=tl.int32)
     for start in tl.range(lo, hi, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -86,17 +91,9 @@ def _topk_gather(
     VOTES, SKIP, HIST, COUNTS, VAL, IDX, stride_v, n, chunk, k,
     HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    r = tl.program_id(0)
-    c = tl.program_id(1)
-    live = tl.zeros([], dtype=tl.int32) == 0
-    if HAS_SKIP:
-        live = tl.load(SKIP + r) == 0
-    row_hist = HIST + r.to(tl.int64) * (4 * 256)
+    r, live, row_hist, lo, hi = _program_span(SKIP, HIST, n, chunk, HAS_SKIP)
     kth, remaining = _picked(row_hist, k, live, 4)
     above = k - remaining  # keys strictly above the k-th: all taken, slots [0, above)
-    lo = c * chunk
-    hi = tl.minimum(lo + chunk, n)
-    hi = tl.where(live, hi, lo)
     out = r.to(tl.int64) * k
     for start in tl.range(lo, hi, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -140,7 +137,7 @@ def topk_rows_triton(votes: torch.Tensor, k: int, skip: torch.Tensor | None) -> 
     chunk = triton.cdiv(blocks, per_row) * block
     grid = (rows, triton.cdiv(n, chunk))
     skip_arg = skip if skip is not None else counts
-    with torch.cuda.device(device_index(votes)) if votes.is_cuda else _nothing():
+    with launch_device(votes):
         for rnd in range(_ROUNDS):
             _topk_histogram[grid](votes, skip_arg, hist, votes.stride(0), n, chunk, k, ROUND=rnd,
                                   HAS_SKIP=skip is not None, BLOCK=block)
@@ -148,13 +145,6 @@ def topk_rows_triton(votes: torch.Tensor, k: int, skip: torch.Tensor | None) -> 
                            HAS_SKIP=skip is not None, BLOCK=block)
     return values, indices
 
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 __all__ = ["topk_rows_triton"]
