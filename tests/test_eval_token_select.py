@@ -30,13 +30,18 @@ def test_rows_are_built_by_name_and_not_by_default():
     assert rows["tokenselect"].kv_fraction(1000) == 1.0  # TokenSelect reads less, it keeps everything
 
 
-@pytest.mark.parametrize("layers", [(), (0, 2)], ids=["tokenselect", "lighttransfer+tokenselect"])
-def test_masked_reference_matches_runtime(layers):
+# the Quest-like page-bound baseline (the quest rows) goes through the same selection path
+PAGED = TokenSelectConfig(k=16, init=2, local=8, reuse=0.9, score="pages", page=4)
+
+
+@pytest.mark.parametrize("selection", [SELECT, PAGED], ids=["tokens", "pages"])
+@pytest.mark.parametrize("layers", [(), (0, 2)], ids=["alone", "with-lighttransfer"])
+def test_masked_reference_matches_runtime(layers, selection):
     model = make_tiny_model("llama")
     row = EvalRow.of("ts", num_layers=4, num_kv_heads=2, streaming_layers=list(layers), sink=2, window=16,
-                     selection=SELECT)
+                     selection=selection)
     ids = torch.randint(0, 256, (500,), generator=torch.Generator().manual_seed(1))
-    windows = plan_windows(500, length=120, stride=40, min_context=SELECT.budget, max_windows=2)
+    windows = plan_windows(500, length=120, stride=40, min_context=selection.budget, max_windows=2)
     masked, runtime = MaskedBackend(model), RuntimeBackend(model)
     a = perplexity(lambda: masked.sequence(row), ids, windows)
     b = perplexity(lambda: runtime.sequence(row), ids, windows)

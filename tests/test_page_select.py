@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model, run_cli
+from conftest import run_cli
 from lighttransfer.errors import LightTransferError
 from lighttransfer.hybrid_format import TokenSelectConfig
 from lighttransfer.kernels.page_select import page_bounds, page_picks_reference
@@ -115,21 +115,3 @@ def test_eval_runs_the_quest_rows(tmp_path, capsys, long_text, monkeypatch):
                            capsys)
     assert code != 0 and "--select-page must be in [1, --select-k = 8]" in err and "Traceback" not in err
 
-
-def test_masked_reference_matches_runtime_for_the_page_rows():
-    from lighttransfer.evaluation.backends import MaskedBackend, RuntimeBackend
-    from lighttransfer.evaluation.perplexity import perplexity, plan_windows
-    from lighttransfer.evaluation.rows import EvalRow
-
-    model = make_tiny_model("llama")
-    paged = TokenSelectConfig(k=16, init=2, local=8, reuse=0.9, score="pages", page=4)
-    row = EvalRow.of("quest", num_layers=4, num_kv_heads=2, sink=0, window=1, selection=paged)
-    ids = torch.randint(0, 256, (500,), generator=torch.Generator().manual_seed(1))
-    windows = plan_windows(500, length=120, stride=40, min_context=paged.budget, max_windows=2)
-    masked, runtime = MaskedBackend(model), RuntimeBackend(model)
-    a = perplexity(lambda: masked.sequence(row), ids, windows)
-    b = perplexity(lambda: runtime.sequence(row), ids, windows)
-    sa, sb = masked.selection_stats(), runtime.selection_stats()
-    runtime.release(row)
-    assert a["nll"] == pytest.approx(b["nll"], rel=1e-5)
-    assert sa == sb and sa["lookups"] > 0
