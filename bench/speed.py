@@ -444,9 +444,10 @@ def benchmark(
         raise LightTransferError(f"fused ops must be one of {', '.join(FUSED_OPS_CHOICES)}, got {fused_ops!r}.")
     if memory_budget_gb is not None and memory_budget_gb <= 0:
         raise LightTransferError(f"--memory-budget must be a positive number of GB, got {memory_budget_gb}.")
-    selection = _selection(decode, dict(select_k=select_k, select_init=select_init, select_local=select_local,
-                                        select_reuse=select_reuse, select_reuse_max_age=select_reuse_max_age),
-                           select_hit_share, hybrid_selection=None)  # the options' own checks first, before loading
+    select_options = dict(select_k=select_k, select_init=select_init, select_local=select_local,
+                          select_reuse=select_reuse, select_reuse_max_age=select_reuse_max_age)
+    # the options' own checks first, before loading
+    selection = _selection(decode, select_options, select_hit_share, hybrid_selection=None)
 
     hcfg = None
     if hybrid is not None:
@@ -454,10 +455,7 @@ def benchmark(
         if hcfg is None:
             raise LightTransferError(f"'{hybrid}' has no lighttransfer block in its config.json; convert it first.")
         if selection is not None and hcfg.selection is not None:  # the hybrid's settings, the options' on top
-            selection = _selection(decode, dict(select_k=select_k, select_init=select_init,
-                                                select_local=select_local, select_reuse=select_reuse,
-                                                select_reuse_max_age=select_reuse_max_age),
-                                   select_hit_share, hybrid_selection=hcfg.selection)
+            selection = _selection(decode, select_options, select_hit_share, hybrid_selection=hcfg.selection)
     n_settings = 0
     if selection is not None:
         from .token_select_rows import settings as select_settings
