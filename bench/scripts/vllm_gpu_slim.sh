@@ -89,11 +89,15 @@ install_parts() {  # on the GPU machine: PARTS_DIR SITE
   printf 'Metadata-Version: 2.1\nName: lighttransfer\nVersion: 0+checkout\n' > "$info/METADATA"
   printf '[vllm.general_plugins]\nlighttransfer = lighttransfer.serving.vllm:register\n' > "$info/entry_points.txt"
   ln -sfn "$checkout" /tmp/lt/lighttransfer
-  ldd --version | head -1
+  ldd --version | sed -n 1p   # not head: under pipefail, ldd killed by SIGPIPE would end the install here
   repair_site "$site"
   PYTHONPATH="$site:/tmp/lt" python3 -c "import vllm, importlib.metadata as m; print('vllm', vllm.__version__, 'plugins', [e.name for e in m.entry_points(group='vllm.general_plugins')])"
 }
 
+if [ "${1:-}" = "--repair" ]; then  # SITE: only the repairs, on an unpacked site
+  repair_site "${2:?site dir}"
+  exit 0
+fi
 if [ "${1:-}" = "--install" ]; then
   install_parts "${2:?parts dir}" "${3:?site dir}"
   exit 0
