@@ -130,3 +130,23 @@ def test_the_stepwise_run_stops_after_the_full_batch_steps_full_batch_phase_coun
     _, steps, _ = bench.run_stepwise(llm, [[1], [2]], 8, measure_steps=2)
     assert bench.full_batch_phase(steps, 2)["full_batch_steps"] == 2 and len(steps) == 6
     assert llm.llm_engine.aborted == ["bench-0", "bench-1"]
+
+
+def test_teacher_forced_gaps_are_zero_where_the_tokens_are_our_argmax_and_measured_where_not(bench):
+    import torch
+
+    prompt, tokens = [5, 6, 7], [1, 2, 0]
+    # logits at positions 2, 3, 4 (those that predict the three tokens) and one before, one after
+    logits = torch.zeros(1, 6, 4)
+    logits[0, 2] = torch.tensor([0.0, 3.0, 1.0, 0.0])   # predicts 1: our argmax
+    logits[0, 3] = torch.tensor([0.0, 0.0, 2.0, 1.5])   # predicts 2: our argmax, own top-2 gap 0.5
+    logits[0, 4] = torch.tensor([1.0, 1.25, 0.0, 0.0])  # vLLM took 0, ours is 1: gap 0.25
+
+    def runtime(ids, attention_mask):
+        assert ids.tolist() == [prompt + tokens]
+        return SimpleNamespace(logits=logits)
+
+    got = bench._teacher_forced(runtime, prompt, tokens, "cpu")
+    assert got["argmax_equal"] == 2 and got["positions"] == 3
+    assert got["max_gap"] == pytest.approx(0.25) and got["gaps_where_differ"] == [0.25]
+    assert got["own_top2_gap_median"] == pytest.approx(0.5)  # of 2.0, 0.5 and 0.25

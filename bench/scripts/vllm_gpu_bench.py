@@ -131,10 +131,11 @@ def cmd_tokens(args) -> None:
                                    do_sample=False, pad_token_id=0)
         want.append(gen[0, len(p):].tolist())
     rows = []
-    for n, a, b in zip(lengths, got, want, strict=True):
+    for p, n, a, b in zip(prompts, lengths, got, want, strict=True):
         first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
         rows.append({"prompt_tokens": n, "new_tokens": args.new_tokens, "equal": a == b,
-                     "first_difference": first, "vllm": a, "runtime": b})
+                     "first_difference": first, "teacher_forced": _teacher_forced(runtime, p, a, args.device),
+                     "vllm": a, "runtime": b})
     block = json.loads((model / "config.json").read_text()).get("lighttransfer", {})
     payload = {"what": "greedy tokens, vLLM + lighttransfer plugin vs lighttransfer.load + generate",
                "environment": environment(), "model": str(model), "dtype": args.dtype,
@@ -143,6 +144,31 @@ def cmd_tokens(args) -> None:
     name = args.name or ("smollm2" if Path(args.model).suffix == ".gguf" else model.parent.name or model.name)
     write_json(out / f"vllm_tokens_{name}.json", payload)
     print("all equal:", payload["all_equal"], [(r["prompt_tokens"], r["first_difference"]) for r in rows])
+    print("teacher-forced (argmax equal, max gap / own top-2 gap median):",
+          [(r["teacher_forced"]["argmax_equal"], r["teacher_forced"]["max_gap"],
+            r["teacher_forced"]["own_top2_gap_median"]) for r in rows])
+
+
+def _teacher_forced(runtime, prompt: list[int], tokens: list[int], device) -> dict:
+    """vLLM's greedy ``tokens`` scored by our runtime in one forward over ``prompt + tokens``: at each generated
+    position, the gap (in logits) between our best token and vLLM's, next to our own top-2 gap there. Where greedy
+    runs part (random weights give near-flat logits), a gap far below the logits' spread means a near-tie decided
+    by rounding (the two engines sum in other orders), not a different model."""
+    import torch
+
+    ids = torch.tensor([prompt + tokens], device=device)
+    with torch.no_grad():
+        logits = runtime(ids, attention_mask=torch.ones_like(ids)).logits[0, len(prompt) - 1:-1].float()
+    chosen = logits.gather(1, torch.tensor(tokens, device=device)[:, None])[:, 0]
+    top2 = logits.topk(2, dim=1).values
+    gap = top2[:, 0] - chosen                   # 0 where vLLM's token is our argmax
+    own = top2[:, 0] - top2[:, 1]
+    spread = logits.std(dim=1)
+    missed = gap > 0
+    return {"argmax_equal": int((~missed).sum()), "positions": len(tokens),
+            "max_gap": float(gap.max()), "max_gap_over_spread": float((gap / spread).max()),
+            "own_top2_gap_median": float(own.median()), "logit_spread_median": float(spread.median()),
+            "gaps_where_differ": [round(float(g), 6) for g in gap[missed].tolist()]}
 
 
 # -------------------------------------------------------------------------------------------------- build-8b
