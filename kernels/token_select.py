@@ -13,8 +13,8 @@ keeps its original position and nothing is re-indexed), with ``s = kv_start[b]``
   the kept tokens. Attention then runs over those keys only (:func:`select_attention`).
 
 Split into kernels the way the work splits on a GPU: the vote reads every candidate key, the top-k is
-``torch.topk`` (or, with ``TOPK = "radix"``, :func:`~lighttransfer.kernels.topk_rows.topk_rows`, which skips the
-sequences whose Selection Cache hit), and :func:`select_attention` reads only the selected keys and values. Exact
+:func:`~lighttransfer.kernels.topk_rows.topk_rows` (an exact radix select that skips the sequences whose Selection
+Cache hit; ``TOPK = "torch"`` takes ``torch.topk`` instead), and :func:`select_attention` reads only the selected keys and values. Exact
 softmax normalisation needs each head's log-sum-exp over all candidates before any vote can be summed, so there are two vote kernels:
 :func:`total_votes` (the decode step's: the keys read once, every head's float32 scores kept in ``[rows, heads,
 N]`` scratch between its two passes, the vote summed over all heads, ``[rows, N]``) and :func:`token_votes` (the
@@ -39,9 +39,11 @@ from .switch import triton_runs_on
 
 # queries per block in the references (bounds their [block, N] and [block, S, D] temporaries)
 REFERENCE_QUERY_BLOCK = 64
-# the decode step's top-k on the Triton path: "torch" (torch.topk over every row) or "radix" (kernels.topk_rows,
-# which skips the rows whose Selection Cache hit); LIGHTTRANSFER_SELECT_TOPK sets it at import
-TOPK = os.environ.get("LIGHTTRANSFER_SELECT_TOPK", "torch")
+# the decode step's top-k on the Triton path: "radix" (kernels.topk_rows, which skips the rows whose Selection
+# Cache hit; the default: on an H200 over 128k it halves a hit step at batch 1 and wins from ~50% hits at batch 16,
+# bench/results/tokenselect_kernels_h200/run3_lookup_radix) or "torch" (torch.topk over every row);
+# LIGHTTRANSFER_SELECT_TOPK sets it at import
+TOPK = os.environ.get("LIGHTTRANSFER_SELECT_TOPK", "radix")
 if TOPK not in ("torch", "radix"):
     raise LightTransferError(f"LIGHTTRANSFER_SELECT_TOPK must be torch or radix, got {TOPK!r}.")
 
