@@ -192,6 +192,12 @@ class _Bar:
               help="qada-pages row (and qada with --routing-guard pages): keys per page of the guard [default: 64].")
 @click.option("--routing-window", type=int, default=None,
               help="qada rows: the window of a routed-local head [default: --window].")
+@click.option("--routing-calibrate-on", type=click.Choice(["prompts", "text"]), default="prompts",
+              show_default=True,
+              help="qada rows: calibrate the thresholds on held-out samples of every evaluated kind (text, passkey "
+                   "and RULER prompts, with their answers) or on stretches of the text only.")
+@click.option("--routing-calibration", type=int, default=2, show_default=True, metavar="N",
+              help="qada rows: calibration samples per evaluated kind.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random row and passkeys.")
 @click.option("--out", default="eval_results.json", show_default=True, metavar="PATH",
               help="Results JSON (markdown and plots are written beside it), or a directory. While the run goes, "
@@ -203,7 +209,7 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
              passkey_depths, passkey_trials, passkey_format, suite, ruler_tasks, ruler_samples, ruler_batch, rows, ratio, sink, window, backend,
              select_k, select_init, select_local, select_reuse, select_reuse_max_age, select_page, sparse_method, sparse_alpha, sparse_min_len,
              sparse_blocks, routing_share, routing_tau, routing_stats, routing_cov, routing_guard, routing_page,
-             routing_window, seed, out, device,
+             routing_window, routing_calibrate_on, routing_calibration, seed, out, device,
              dtype, trust_remote_code):
     """Perplexity, passkey retrieval and RULER-style tasks of a hybrid against the original and baselines.
 
@@ -237,6 +243,7 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
                                        window=routing_window, guard=routing_guard,
                                        page=routing_page if routing_guard == "pages" else None),
         routing_share=routing_share, routing_tau=routing_tau, routing_page=routing_page,
+        routing_calibrate_on=routing_calibrate_on, routing_calibration=routing_calibration,
     )
     paths = output_paths(out)
     partial = partial_path(paths["json"])

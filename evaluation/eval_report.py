@@ -109,8 +109,13 @@ def markdown_report(result) -> str:
         routed = row.get("head_routing_realised")
         if routed and routed.get("decisions"):
             calib = row.get("routing_calibration")
-            how = f"; tau calibrated per layer for {calib['share']:g} on {calib['samples']} x {calib['tokens']} " \
-                  "tokens of the text" if calib else ""
+            how = ""
+            if calib and calib.get("on", "text") == "text":
+                how = f"; tau calibrated per layer for {calib['share']:g} on {calib['samples']} x {calib['tokens']} " \
+                      "tokens of the text"
+            elif calib:
+                kinds = ", ".join(f"{n} {kind}" for kind, n in calib["kinds"].items())
+                how = f"; tau calibrated per layer for {calib['share']:g} on held-out samples ({kinds})"
             lines.append(f"  - Head routing: {100 * routed['local_share']:.1f}% of {routed['decisions']} (query, "
                          f"KV head) decisions routed local{how}")
     if result.passkey_lengths:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -173,6 +174,7 @@ def evaluate(
     routing_share: float = 0.5,
     routing_tau: float | None = None,
     routing_calibration: int = 2,
+    routing_calibrate_on: str = "prompts",
     routing_page: int | None = None,
 ) -> EvalResult:
     """Perplexity and passkey accuracy of every row, with each row's KV budget.
@@ -218,10 +220,16 @@ def evaluate(
             ``cov``, ``sink``, ``window``; its ``tau`` is not used). Routing rows report the realised local share
             (``head_routing_realised``) and their calibration.
         routing_share: the local share the routing rows are compared at: ``qada`` and ``qada-oracle`` calibrate
-            their thresholds per layer for it on ``routing_calibration`` stretches of the text.
+            their thresholds per layer for it (see ``routing_calibrate_on``).
         routing_tau: a fixed threshold for ``qada`` and ``qada-oracle`` instead (no calibration).
-        routing_calibration: stretches of the text (each as long as the longest context) the thresholds are
-            calibrated on.
+        routing_calibration: calibration samples per evaluated kind (text stretches, passkey prompts, prompts of
+            each RULER task).
+        routing_calibrate_on: ``prompts`` (default): held-out samples of every evaluated kind (stretches of the
+            text for perplexity, passkey and RULER prompts drawn with another seed than the evaluated ones, each
+            with its reference answer as the continuation), so the realised share on the evaluation is close to
+            ``routing_share`` (far shares differ by kind: retrieval prompts route far more decisions local than
+            running text at the same threshold); ``text``: stretches of the text only, each as long as the
+            longest context.
         routing_page: keys per page of the ``qada-pages`` row's needle guard (default 64).
     """
     import torch
@@ -352,13 +360,17 @@ def evaluate(
         ruler_lengths=list(ruler_lengths), ruler_tasks=task_names, ruler_samples=ruler_samples if ruler_set else 0,
         ruler_batch=ruler_batch if ruler_set else 1,
     )
+    calibration_set = None
+    if any(row.routing_target is not None for row in eval_rows):
+        calibration_set = routing_calibration_samples(
+            token_ids, tokenizer, body, on=routing_calibrate_on, count=routing_calibration, lengths=lengths,
+            passkey_lengths=passkey_lengths, depths=depths, formats=formats, ruler_lengths=ruler_lengths,
+            ruler_tasks=task_names, seed=seed)
     for row in eval_rows:
         t0 = time.perf_counter()
         calibration = None
         if row.routing_target is not None:
-            row, calibration = _calibrate_routing(model, row, token_ids, lengths=[*lengths, *passkey_lengths,
-                                                                                   *ruler_lengths],
-                                                  samples=routing_calibration)
+            row, calibration = _calibrate_routing(model, row, calibration_set)
         entry = row.to_dict()
         if calibration is not None:
             entry["routing_calibration"] = calibration
@@ -408,29 +420,84 @@ def evaluate(
     return result
 
 
-def _calibrate_routing(model, row: EvalRow, token_ids, *, lengths: Sequence[int],
-                       samples: int) -> tuple[EvalRow, dict]:
-    """The row with ``tau`` calibrated (per layer) for its ``routing_target``, on ``samples`` consecutive stretches
-    of the evaluation text as long as the longest evaluated context (its first tokens: the same for every row)."""
+def routing_calibration_samples(token_ids, tokenizer, body: str, *, on: str, count: int, lengths: Sequence[int],
+                                passkey_lengths: Sequence[int], depths: Sequence[float], formats: Sequence[str],
+                                ruler_lengths: Sequence[int], ruler_tasks: Sequence[str],
+                                seed: int) -> tuple[list, dict]:
+    """The samples (1-D token ids) the routing thresholds are calibrated on, and how they were drawn (JSON-ready).
+
+    ``on="text"``: ``count`` consecutive stretches of the text, each as long as the longest evaluated context (its
+    first tokens: the same for every row). ``on="prompts"``: ``count`` samples of each evaluated kind, held out of
+    the evaluation (another seed): text stretches at the perplexity lengths (taken from the end of the text, away
+    from most perplexity windows), passkey prompts of the first wording, and prompts of every RULER task, each
+    prompt followed by its reference answer, so the decisions counted are those at the answer's tokens (as when
+    the evaluation decodes them). Lengths are cycled over the samples of a kind.
+    """
+    import torch
+
+    if on not in ("prompts", "text"):
+        raise LightTransferError(f"--routing-calibrate-on must be 'prompts' or 'text', got {on!r}.")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise LightTransferError(f"routing calibration needs at least 1 sample per kind, got {count!r}.")
+    all_lengths = [*lengths, *passkey_lengths, *ruler_lengths]
+    if on == "text" or not all_lengths:
+        length = max(all_lengths) if all_lengths else 2048
+        if len(token_ids) < count * length:
+            raise LightTransferError(f"routing calibration needs {count} x {length} tokens of text, the text has "
+                                     f"{len(token_ids)}; pass a longer --text or fewer calibration samples.")
+        stretches = [token_ids[i * length:(i + 1) * length] for i in range(count)]
+        return stretches, {"on": "text", "samples": count, "tokens": length}
+    held_out = seed + 7919  # any seed but the evaluation's: other keys, depths' offsets and haystacks
+    picked, kinds = [], {}
+    if lengths:
+        for i in range(count):
+            L = lengths[i % len(lengths)]
+            end = len(token_ids) - i * L
+            if end - L < 0:
+                raise LightTransferError(f"routing calibration needs {count} x {L} tokens of text, the text has "
+                                         f"{len(token_ids)}; pass a longer --text or fewer calibration samples.")
+            picked.append(token_ids[end - L:end])
+        kinds["text"] = count
+    if passkey_lengths:
+        rng = random.Random(held_out)
+        for i in range(count):
+            sample = passkey_samples(tokenizer, body, lengths=[passkey_lengths[i % len(passkey_lengths)]],
+                                     depths=[rng.choice(list(depths))], trials=1, seed=rng.randrange(2**31),
+                                     template=formats[0])[0]
+            picked.append(torch.cat([sample.prompt_ids.view(-1), sample.answer_ids.view(-1)]))
+        kinds["passkey"] = count
+    if ruler_lengths and ruler_tasks:
+        from .ruler import build_samples
+
+        for task in ruler_tasks:
+            for i in range(count):
+                sample = build_samples(tokenizer, lengths=[ruler_lengths[i % len(ruler_lengths)]],
+                                       samples_per_task=1, tasks=[task], essay_text=body, seed=held_out + i)[0]
+                answer = tokenizer(" " + ", ".join(sample.answers), add_special_tokens=False)["input_ids"]
+                picked.append(torch.tensor([*sample.input_ids, *answer], dtype=torch.long))
+            kinds[task] = count
+    return picked, {"on": "prompts", "samples": len(picked), "kinds": kinds,
+                    "tokens": max(int(ids.numel()) for ids in picked)}
+
+
+def _calibrate_routing(model, row: EvalRow, calibration: tuple[list, dict]) -> tuple[EvalRow, dict]:
+    """The row with ``tau`` calibrated (per layer) for its ``routing_target`` on ``calibration``'s samples (see
+    :func:`routing_calibration_samples`)."""
     import dataclasses
 
     from ..runtime import calibrate_head_routing, disable_hybrid, enable_hybrid
 
-    length = max(lengths) if lengths else 2048
-    if samples < 1 or len(token_ids) < samples * length:
-        raise LightTransferError(f"routing calibration needs {samples} x {length} tokens of text, the text has "
-                                 f"{len(token_ids)}; pass a longer --text or fewer calibration samples.")
-    stretches = [token_ids[i * length:(i + 1) * length] for i in range(samples)]
+    samples, drawn = calibration
     cfg = row.head_routing
     disable_hybrid(model)
     enable_hybrid(model, row.layout)
     try:
-        tuned = calibrate_head_routing(model, stretches, share=row.routing_target, mode=cfg.mode, stats=cfg.stats,
+        tuned = calibrate_head_routing(model, samples, share=row.routing_target, mode=cfg.mode, stats=cfg.stats,
                                        cov=cfg.cov, sink=cfg.sink, window=cfg.window, guard=cfg.guard,
                                        page=cfg.page)
     finally:
         disable_hybrid(model)
-    info = {"share": row.routing_target, "samples": samples, "tokens": length, "tau": tuned.tau,
+    info = {"share": row.routing_target, **drawn, "tau": tuned.tau,
             "layer_tau": {str(k): v for k, v in sorted(tuned.layer_tau.items())}}
     return dataclasses.replace(row, head_routing=tuned, routing_target=None), info
 

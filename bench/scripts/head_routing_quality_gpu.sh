@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Head routing quality on SmolLM2-135M, one GPU, one command: every routing row at one routed share (ROUTING_SHARE
-# 0.5: thresholds calibrated per layer for it on the text's first 2 x 8k tokens), retrieval at 4k and 8k, the
-# realised share rho per row, then one merged table.
+# 0.5: thresholds calibrated per layer for it on held-out prompts of the evaluated kinds, 2 of each), retrieval
+# at 4k and 8k, the realised share rho per row, then one merged table.
 #
 #   bench/scripts/head_routing_quality_gpu.sh GGUF TEXT REPORT OUT_DIR
 #
