@@ -38,11 +38,16 @@ local keys twice: ``pairs · (n_splits · 320 KiB + 256 KiB)`` extra (:func:`ext
 program of each pair while 66 MB of bulk stream through the 50 MB L2, so they come from memory. At the rate dense
 attention reads memory (134 MB in 37.8 us, 3.5 TB/s), 82 MiB cost 25 us (less from L2) and 1.3 GiB 400 us: the
 one-launch path wins at batch 1, if narrowly in this pessimistic count, and loses badly at batch 16.
-:func:`one_launch_wins` is that rule: the one-launch path where its extra bytes, read at the dense rate, cost less
-than the three-launch path's fixed ~28 us (``ONE_LAUNCH_EXTRA_BYTES``, 96 MiB); at the 8B shape batch 1 (full
-covariance or diagonal) and nothing from batch 2 on. The rule is a model of two numbers measured on one GPU, not
-a timing of this kernel; ``bench/scripts/head_routing_kernel_bench.py`` times both paths side by side
-(``fused1@s``, and ``fused1w@s`` on dense attention's fewer splits) to check it.
+Measured (``bench/results/head_routing_h200/one_launch/``, the 8B shape at 32k, batch 1, CUDA-graph replays): the
+byte count was not what limits it. The one-launch step takes 128.7 us at 0% local (126.7 on dense attention's wave
+plan) against 75.0 us for the three-launch path and 37.6 us for dense attention, and still 99.5 us at 100% local
+(three launches: 35.0 us), where the bulk programs read nothing but the local keys and moments they decide from.
+So the cost sits in each program's own decision (the local scores of its ``GROUP`` query heads, then
+``qᵀ(Σkkᵀ)q`` in float32 ``ieee`` dots with the spills noted below), repeated by every one of a pair's 33 programs
+at one program per SM (136 KB of shared memory), not in the bytes; a profile of the kernel is still to make.
+The launcher (``kernels.fused_routing.pick_variant``) therefore takes the three-launch path at every batch; the
+one-launch kernel stays selectable (``variant="one-launch"``) and tested, as the base for a cheaper decision.
+:func:`extra_bytes` is the byte count above.
 
 Compiled for sm_90 (bf16, D = 128, the pinned 128-key config): 136 KB of shared memory (pass 2's), 255 registers;
 the only spills (~256 B a thread) sit in the ``qᵀ(Σkkᵀ)q`` loop of the decision (float32 ``ieee`` dots of 16-row
@@ -81,9 +86,6 @@ from .routed_decode_triton import routed_splits
 _LOG2E = 1.4426950408889634
 _LN2_C = tl.constexpr(0.6931471805599453)  # ln 2: log2-sum-exp to natural log
 
-# the three-launch path's fixed cost (its serial pass 1 and second launch, ~28 us on an H200 at batch 1 and 16)
-# times the rate dense decode reads memory there (3.5 TB/s): extra bytes the one-launch path may read in that time
-ONE_LAUNCH_EXTRA_BYTES = 96 * 2**20
 
 
 @triton.jit
@@ -236,14 +238,6 @@ def extra_bytes(batch: int, kv_heads: int, n_splits: int, local_keys: int, dim: 
     return batch * kv_heads * (n_splits * (keys + moments) + keys)
 
 
-def one_launch_wins(batch: int, kv_heads: int, n_splits: int, local_keys: int, dim: int, element_bytes: int, *,
-                    diagonal: bool) -> bool:
-    """The launcher's rule (see the module's docstring): the one-launch kernel where its :func:`extra_bytes` fit
-    ``ONE_LAUNCH_EXTRA_BYTES``, else the three-launch path."""
-    return extra_bytes(batch, kv_heads, n_splits, local_keys, dim, element_bytes,
-                       diagonal=diagonal) <= ONE_LAUNCH_EXTRA_BYTES
-
-
 def one_launch_config(cap: tuple[int, int], block_d: int, block_m: int, element_bytes: int):
     """The pinned config (the kernel has side effects: the autotuner must never replay it): on Hopper the full
     kernel's first candidate that fits, elsewhere the fallback."""
@@ -308,5 +302,4 @@ def fused_one_launch_triton(q, k, v, moments, *, tau: float, sink: int, window: 
     return o, flags
 
 
-__all__ = ["fused_one_launch_triton", "plan_one_launch", "one_launch_wins", "extra_bytes", "one_launch_config",
-           "ONE_LAUNCH_EXTRA_BYTES"]
+__all__ = ["fused_one_launch_triton", "plan_one_launch", "extra_bytes", "one_launch_config"]
