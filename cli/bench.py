@@ -7,7 +7,14 @@ from rich.markup import escape
 
 from ..errors import LightTransferError
 from .evaluate import float_list, int_list
-from .options import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
+from .options import (
+    is_quiet,
+    model_options,
+    stderr_console,
+    stdout_console,
+    token_select_options,
+    verbosity_options,
+)
 
 
 @click.command("bench")
@@ -38,18 +45,9 @@ from .options import is_quiet, model_options, stderr_console, stdout_console, ve
               help="tokenselect: also decode every runtime variant with TokenSelect on its full layers, on the same "
                    "cache, at a forced all-miss and all-hit Selection Cache (random weights make the real hit rate "
                    "meaningless), eager and with --cuda-graphs graphed.")
-@click.option("--select-k", type=int, default=None,
-              help="TokenSelect: keys selected per query [default: the hybrid's, else 2048].")
-@click.option("--select-init", type=int, default=None,
-              help="TokenSelect: first tokens always attended [default: the hybrid's, else 128].")
-@click.option("--select-local", type=int, default=None,
-              help="TokenSelect: recent tokens always attended [default: the hybrid's, else 512].")
-@click.option("--select-reuse", type=float, default=None,
-              help="TokenSelect: Selection Cache cosine threshold, 1 = off (then one 'no cache' row) [default: the "
-                   "hybrid's, else 0.9]; the rows force hits and misses whatever it is.")
-@click.option("--select-reuse-max-age", type=int, default=None,
-              help="TokenSelect: steps a reused selection may serve before the query rescores (bounds the hits of "
-                   "the all-hit rows) [default: the hybrid's, else 64].")
+@token_select_options("TokenSelect", "the hybrid's, else ",
+                      reuse_note=" (then one 'no cache' row); the rows force hits and misses whatever it is",
+                      max_age_note=" before the query rescores (bounds the hits of the all-hit rows)")
 @click.option("--select-hit-share", type=float, default=None, metavar="SHARE",
               help="TokenSelect: also interpolate the step time at this Selection Cache hit share (0-1), besides "
                    "0, 0.5 and 0.9.")

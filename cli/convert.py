@@ -9,7 +9,14 @@ import click
 from rich.markup import escape
 
 from ..errors import LightTransferError
-from .options import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
+from .options import (
+    is_quiet,
+    model_options,
+    stderr_console,
+    stdout_console,
+    token_select_options,
+    verbosity_options,
+)
 
 
 def parse_layer_list(text: str | None, *, option: str) -> list[int] | None:
@@ -96,15 +103,7 @@ def _memory_table(memory, dtype: str | None = None):
 @click.option("--decode", default="dense", show_default=True, type=click.Choice(["dense", "tokenselect"]),
               help="How the runtime decodes the full layers: every cached key, or TokenSelect's selected keys "
                    "(arXiv 2411.02886; stored in the checkpoint block).")
-@click.option("--select-k", type=int, default=None, help="TokenSelect: keys selected per query by the soft vote "
-              "[default: 2048].")
-@click.option("--select-init", type=int, default=None, help="TokenSelect: first tokens always attended [default: 128].")
-@click.option("--select-local", type=int, default=None, help="TokenSelect: recent tokens always attended "
-              "[default: 512].")
-@click.option("--select-reuse", type=float, default=None, help="TokenSelect: Selection Cache threshold on the cosine "
-              "similarity of consecutive queries, 1 = off [default: 0.9].")
-@click.option("--select-reuse-max-age", type=int, default=None, help="TokenSelect: steps a reused selection may "
-              "serve before the query rescores (bounds the decode step's index list) [default: 64].")
+@token_select_options("TokenSelect", max_age_note=" before the query rescores (bounds the decode step's index list)")
 @click.option("--prefill-sparse", type=click.Choice(["sample", "vslash", "antidiag", "dense"]), default=None,
               help="Store block-sparse prefill of the full layers in the checkpoint block: the estimator (sampled "
                    "query rows, vertical-slash, antidiagonal) [default: none, dense prefill].")

@@ -13,7 +13,14 @@ from ..calibration.passkey import HELD_OUT_TEMPLATES, TEMPLATES, TRAINING_TEMPLA
 from ..errors import LightTransferError
 from ..evaluation.rows import ROW_KINDS
 from ..hybrid_format import HeadRoutingConfig
-from .options import is_quiet, model_options, stderr_console, stdout_console, verbosity_options
+from .options import (
+    is_quiet,
+    model_options,
+    stderr_console,
+    stdout_console,
+    token_select_options,
+    verbosity_options,
+)
 
 
 def int_list(value: str, option: str) -> list[int]:
@@ -153,17 +160,7 @@ class _Bar:
 @click.option("--backend", type=click.Choice(["masked", "runtime"]), default="masked", show_default=True,
               help="masked: the dense model with a streaming mask (exact, any model); runtime: the bounded-cache "
                    "runtime.")
-@click.option("--select-k", type=int, default=None,
-              help="tokenselect rows: keys selected per query [default: the hybrid's, else 2048].")
-@click.option("--select-init", type=int, default=None,
-              help="tokenselect rows: first tokens always attended [default: the hybrid's, else 128].")
-@click.option("--select-local", type=int, default=None,
-              help="tokenselect rows: recent tokens always attended [default: the hybrid's, else 512].")
-@click.option("--select-reuse", type=float, default=None,
-              help="tokenselect rows: Selection Cache cosine threshold, 1 = off [default: the hybrid's, else 0.9].")
-@click.option("--select-reuse-max-age", type=int, default=None,
-              help="tokenselect rows: steps a reused selection may serve before the query rescores [default: the "
-                   "hybrid's, else 64].")
+@token_select_options("tokenselect rows", "the hybrid's, else ")
 @click.option("--select-page", type=int, default=None,
               help="quest rows (the Quest-like page-bound baseline): keys per page [default: 16, at most "
                    "--select-k].")

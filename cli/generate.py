@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from ..errors import LightTransferError
 from ..hybrid_format import format_bytes
-from .options import is_quiet, model_options, stderr_console, verbosity_options
+from .options import is_quiet, model_options, stderr_console, token_select_options, verbosity_options
 
 
 def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
@@ -41,12 +41,7 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
               help="Choose the streaming layers per prompt instead: this share of layers streams.")
 @click.option("--decode", type=click.Choice(["dense", "tokenselect"]),
               help="How the full layers decode; default: the checkpoint's (tokenselect: TokenSelect's selected keys).")
-@click.option("--select-k", type=int, help="TokenSelect: keys selected per query [default: the checkpoint's, else 2048].")
-@click.option("--select-init", type=int, help="TokenSelect: first tokens always attended [default: 128].")
-@click.option("--select-local", type=int, help="TokenSelect: recent tokens always attended [default: 512].")
-@click.option("--select-reuse", type=float, help="TokenSelect: Selection Cache cosine threshold, 1 = off [default: 0.9].")
-@click.option("--select-reuse-max-age", type=int,
-              help="TokenSelect: steps a reused selection may serve before the query rescores [default: 64].")
+@token_select_options("TokenSelect", "the checkpoint's, else ")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
               help="Decode with the step captured once in a CUDA graph and replayed per token (static shapes, cache "
                    "reserved for prompt + --max-new-tokens); eager where no graph can be captured, with the reason.")

@@ -80,6 +80,32 @@ def model_options(f: Callable) -> Callable:
     return device_options(f)
 
 
+def token_select_options(who: str = "TokenSelect", defaults: str = "", *, reuse_note: str = "",
+                         max_age_note: str = " before the query rescores") -> Callable:
+    """``--select-k``, ``--select-init``, ``--select-local``, ``--select-reuse`` and ``--select-reuse-max-age``
+    (each ``None`` when not given), their help opening with ``who``; ``defaults`` names where a missing one comes
+    from before TokenSelect's own default (e.g. ``"the hybrid's, else "``)."""
+
+    def default(value: str) -> str:
+        return f"[default: {defaults}{value}]"
+
+    options = [
+        ("--select-k", int, f"keys selected per query by the soft vote {default('2048')}."),
+        ("--select-init", int, f"first tokens always attended {default('128')}."),
+        ("--select-local", int, f"recent tokens always attended {default('512')}."),
+        ("--select-reuse", float, "Selection Cache threshold on the cosine similarity of consecutive queries, "
+                                  f"1 = off{reuse_note} {default('0.9')}."),
+        ("--select-reuse-max-age", int, f"steps a reused selection may serve{max_age_note} {default('64')}."),
+    ]
+
+    def decorate(f: Callable) -> Callable:
+        for name, kind, text in reversed(options):
+            f = click.option(name, type=kind, default=None, help=f"{who}: {text}")(f)
+        return f
+
+    return decorate
+
+
 def is_quiet() -> bool:
     ctx = click.get_current_context(silent=True)
     while ctx is not None:
@@ -89,5 +115,5 @@ def is_quiet() -> bool:
     return False
 
 
-__all__ = ["model_options", "device_options", "verbosity_options", "is_quiet", "stderr_console",
-           "stdout_console"]
+__all__ = ["model_options", "device_options", "token_select_options", "verbosity_options", "is_quiet",
+           "stderr_console", "stdout_console"]
