@@ -118,6 +118,10 @@ def markdown_report(result) -> str:
                 how = f"; tau calibrated per layer for {calib['share']:g} on held-out samples ({kinds})"
             lines.append(f"  - Head routing: {100 * routed['local_share']:.1f}% of {routed['decisions']} (query, "
                          f"KV head) decisions routed local{how}")
+            parts = row.get("head_routing_realised_by_part") or {}
+            if len(parts) > 1:
+                lines.append("  - by part: " + ", ".join(f"{part} {100 * p['local_share']:.1f}% of {p['decisions']}"
+                                                         for part, p in parts.items()))
     if result.passkey_lengths:
         lines += ["", "Passkey accuracy by depth (rows: depth of the key, 0 = start of the text):", ""]
         for row in result.rows:

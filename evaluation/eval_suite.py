@@ -173,7 +173,7 @@ def evaluate(
     head_routing=None,
     routing_share: float = 0.5,
     routing_tau: float | None = None,
-    routing_calibration: int = 2,
+    routing_calibration: int = 4,
     routing_calibrate_on: str = "prompts",
     routing_page: int | None = None,
 ) -> EvalResult:
@@ -380,22 +380,28 @@ def evaluate(
         def sequence(row=row):
             return runner.sequence(row)
 
+        by_part = _RoutedByPart(runner if row.head_routing is not None else None)
         entry["perplexity"] = {}
         for L in lengths:
             step = (lambda L=L, row=row: progress.step(f"{row.name}: perplexity @ {L}")) if progress else None
             entry["perplexity"][str(L)] = perplexity(sequence, token_ids, windows[L], on_window=step)
+        by_part.close("perplexity")
         if samples:
             entry["passkey_by_format"] = {}
             for fmt, fmt_samples in samples.items():
                 step = (lambda row=row, fmt=fmt: progress.step(f"{row.name}: {fmt}")) if progress else None
                 entry["passkey_by_format"][fmt] = passkey_accuracy(sequence, fmt_samples, on_sample=step)
             entry["passkey"] = entry["passkey_by_format"][formats[0]]
+        by_part.close("passkey")
         if ruler_set:
             from .ruler import run_samples
 
             step = (lambda row=row: progress.step(f"{row.name}: ruler")) if progress else None
             batch = 1 if row.online_ratio is not None else ruler_batch  # online rows choose layers per prompt
             entry["ruler"] = run_samples(sequence, ruler_set, tokenizer=tokenizer, on_sample=step, batch_size=batch)
+        by_part.close("ruler")
+        if by_part.shares:
+            entry["head_routing_realised_by_part"] = by_part.shares
         if row.selection is not None:
             entry["selection_cache"] = runner.selection_stats()
         if row.head_routing is not None:
@@ -420,18 +426,46 @@ def evaluate(
     return result
 
 
+# tokens decided at the end of a calibration stretch of plain text (the calibration's default)
+TEXT_DECIDED = 32
+
+
+class _RoutedByPart:
+    """A routing row's realised local share per part of the suite, from the runner's running counts: the passkey
+    part teacher-forces the same answer tokens in every row, so its share compares rows at equal decisions, where
+    the RULER part's counts depend on what each row generates (a row that rambles adds many local decisions)."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.seen, self.shares = runner, (0.0, 0), {}
+
+    def _counts(self) -> tuple[float, int]:
+        stats = self.runner.routing_stats() if self.runner is not None else {}
+        decisions = int(stats.get("decisions", 0))
+        return float(stats.get("local_share", 0.0)) * decisions, decisions
+
+    def close(self, part: str) -> None:
+        if self.runner is None:
+            return
+        local, decisions = self._counts()
+        new_local, new_decisions = local - self.seen[0], decisions - self.seen[1]
+        if new_decisions > 0:
+            self.shares[part] = {"local_share": round(new_local / new_decisions, 6), "decisions": new_decisions}
+        self.seen = (local, decisions)
+
+
 def routing_calibration_samples(token_ids, tokenizer, body: str, *, on: str, count: int, lengths: Sequence[int],
                                 passkey_lengths: Sequence[int], depths: Sequence[float], formats: Sequence[str],
                                 ruler_lengths: Sequence[int], ruler_tasks: Sequence[str],
-                                seed: int) -> tuple[list, dict]:
-    """The samples (1-D token ids) the routing thresholds are calibrated on, and how they were drawn (JSON-ready).
+                                seed: int) -> tuple[list, list[int], dict]:
+    """The samples (1-D token ids) the routing thresholds are calibrated on, the tokens decided at the end of each
+    (``last``), and how they were drawn (JSON-ready).
 
     ``on="text"``: ``count`` consecutive stretches of the text, each as long as the longest evaluated context (its
     first tokens: the same for every row). ``on="prompts"``: ``count`` samples of each evaluated kind, held out of
     the evaluation (another seed): text stretches at the perplexity lengths (taken from the end of the text, away
-    from most perplexity windows), passkey prompts of the first wording, and prompts of every RULER task, each
-    prompt followed by its reference answer, so the decisions counted are those at the answer's tokens (as when
-    the evaluation decodes them). Lengths are cycled over the samples of a kind.
+    from most perplexity windows; their last 32 tokens decided), passkey prompts of the first wording, and prompts
+    of every RULER task, each prompt followed by its reference answer, whose tokens are the ones decided (as the
+    passkey part teacher-forces them). Lengths are cycled over the samples of a kind.
     """
     import torch
 
@@ -446,9 +480,9 @@ def routing_calibration_samples(token_ids, tokenizer, body: str, *, on: str, cou
             raise LightTransferError(f"routing calibration needs {count} x {length} tokens of text, the text has "
                                      f"{len(token_ids)}; pass a longer --text or fewer calibration samples.")
         stretches = [token_ids[i * length:(i + 1) * length] for i in range(count)]
-        return stretches, {"on": "text", "samples": count, "tokens": length}
+        return stretches, [TEXT_DECIDED] * count, {"on": "text", "samples": count, "tokens": length}
     held_out = seed + 7919  # any seed but the evaluation's: other keys, depths' offsets and haystacks
-    picked, kinds = [], {}
+    picked, lasts, kinds = [], [], {}
     if lengths:
         for i in range(count):
             L = lengths[i % len(lengths)]
@@ -457,6 +491,7 @@ def routing_calibration_samples(token_ids, tokenizer, body: str, *, on: str, cou
                 raise LightTransferError(f"routing calibration needs {count} x {L} tokens of text, the text has "
                                          f"{len(token_ids)}; pass a longer --text or fewer calibration samples.")
             picked.append(token_ids[end - L:end])
+            lasts.append(TEXT_DECIDED)
         kinds["text"] = count
     if passkey_lengths:
         rng = random.Random(held_out)
@@ -465,6 +500,7 @@ def routing_calibration_samples(token_ids, tokenizer, body: str, *, on: str, cou
                                      depths=[rng.choice(list(depths))], trials=1, seed=rng.randrange(2**31),
                                      template=formats[0])[0]
             picked.append(torch.cat([sample.prompt_ids.view(-1), sample.answer_ids.view(-1)]))
+            lasts.append(int(sample.answer_ids.numel()))
         kinds["passkey"] = count
     if ruler_lengths and ruler_tasks:
         from .ruler import build_samples
@@ -475,26 +511,27 @@ def routing_calibration_samples(token_ids, tokenizer, body: str, *, on: str, cou
                                        samples_per_task=1, tasks=[task], essay_text=body, seed=held_out + i)[0]
                 answer = tokenizer(" " + ", ".join(sample.answers), add_special_tokens=False)["input_ids"]
                 picked.append(torch.tensor([*sample.input_ids, *answer], dtype=torch.long))
+                lasts.append(len(answer))
             kinds[task] = count
-    return picked, {"on": "prompts", "samples": len(picked), "kinds": kinds,
-                    "tokens": max(int(ids.numel()) for ids in picked)}
+    return picked, lasts, {"on": "prompts", "samples": len(picked), "kinds": kinds,
+                           "tokens": max(int(ids.numel()) for ids in picked)}
 
 
-def _calibrate_routing(model, row: EvalRow, calibration: tuple[list, dict]) -> tuple[EvalRow, dict]:
+def _calibrate_routing(model, row: EvalRow, calibration: tuple[list, list[int], dict]) -> tuple[EvalRow, dict]:
     """The row with ``tau`` calibrated (per layer) for its ``routing_target`` on ``calibration``'s samples (see
     :func:`routing_calibration_samples`)."""
     import dataclasses
 
     from ..runtime import calibrate_head_routing, disable_hybrid, enable_hybrid
 
-    samples, drawn = calibration
+    samples, lasts, drawn = calibration
     cfg = row.head_routing
     disable_hybrid(model)
     enable_hybrid(model, row.layout)
     try:
         tuned = calibrate_head_routing(model, samples, share=row.routing_target, mode=cfg.mode, stats=cfg.stats,
                                        cov=cfg.cov, sink=cfg.sink, window=cfg.window, guard=cfg.guard,
-                                       page=cfg.page)
+                                       page=cfg.page, last=lasts)
     finally:
         disable_hybrid(model)
     info = {"share": row.routing_target, **drawn, "tau": tuned.tau,

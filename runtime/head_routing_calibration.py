@@ -40,22 +40,26 @@ def _observing(model, config: HeadRoutingConfig):
 
 
 def far_share_distribution(model, samples: Sequence[torch.Tensor], *, mode: str = "qada", stats: str = "bulk",
-                           cov: str = "full", last: int = 32, sink: int | None = None,
+                           cov: str = "full", last: int | Sequence[int] = 32, sink: int | None = None,
                            window: int | None = None, guard: str = "none",
                            page: int | None = None) -> dict[int, torch.Tensor]:
     """``{full layer: float32 [queries, kv_heads]}``: per KV head, the largest far share of its query heads, for each
     of the last ``last`` tokens of each sample (1-D token ids) that has a bulk, for a model switched to the hybrid
-    runtime. ``guard="pages"``: the guarded share ``max(f̂, g)`` (what such a routing compares with ``tau``)."""
+    runtime; ``last`` may also be one count per sample (e.g. each prompt's answer tokens). ``guard="pages"``: the
+    guarded share ``max(f̂, g)`` (what such a routing compares with ``tau``)."""
     if mode not in ("qada", "oracle"):
         raise LightTransferError(f"far shares exist for head_routing 'qada' or 'oracle', not {mode!r}.")
-    if last < 1:
-        raise LightTransferError(f"last must be >= 1 query, got {last}.")
+    lasts = [int(last)] * len(samples) if isinstance(last, int) else [int(n) for n in last]
+    if len(lasts) != len(samples):
+        raise LightTransferError(f"last gives {len(lasts)} counts for {len(samples)} calibration samples.")
+    if any(n < 1 for n in lasts):
+        raise LightTransferError(f"last must be >= 1 query, got {min(lasts)}.")
     config = HeadRoutingConfig(mode=mode, tau=0.0, stats=stats, cov=cov, sink=sink, window=window, guard=guard,
                                page=page)
     device = next(model.parameters()).device
     keyword = cache_keyword(model)
     with _observing(model, config) as routing, torch.inference_mode():
-        for ids in samples:
+        for ids, last in zip(samples, lasts, strict=True):
             ids = torch.as_tensor(ids, dtype=torch.long).view(-1).to(device)
             if ids.numel() <= last:
                 raise LightTransferError(f"a calibration sample of {ids.numel()} tokens is not longer than "
@@ -65,12 +69,13 @@ def far_share_distribution(model, samples: Sequence[torch.Tensor], *, mode: str 
         shares = {layer: torch.cat(v) for layer, v in sorted(routing.stats.shares.items()) if v}
     if not shares:
         raise LightTransferError(f"no decision had a bulk to route: the samples are not longer than sink + window "
-                                 f"({routing.sink} + {routing.window}) plus last={last}.")
+                                 f"({routing.sink} + {routing.window}) plus last={max(lasts)}.")
     return shares
 
 
 def calibrate_head_routing(model, samples: Sequence[torch.Tensor], *, share: float, mode: str = "qada",
-                           stats: str = "bulk", cov: str = "full", per_layer: bool = True, last: int = 32,
+                           stats: str = "bulk", cov: str = "full", per_layer: bool = True,
+                           last: int | Sequence[int] = 32,
                            sink: int | None = None, window: int | None = None, guard: str = "none",
                            page: int | None = None) -> HeadRoutingConfig:
     """A :class:`HeadRoutingConfig` whose ``tau`` (per layer, or one for all) routes a share ``≈ share`` of the

@@ -64,7 +64,10 @@ def test_eval_cli_runs_the_routing_rows(tmp_path, capsys, long_text, monkeypatch
         assert rows[name]["routing_calibration"]["share"] == 0.5 and rows[name]["routing_calibration"]["layer_tau"]
         # held-out samples of both evaluated kinds, two each (the default)
         assert rows[name]["routing_calibration"]["on"] == "prompts"
-        assert rows[name]["routing_calibration"]["kinds"] == {"text": 2, "passkey": 2}
+        assert rows[name]["routing_calibration"]["kinds"] == {"text": 4, "passkey": 4}
+        by_part = rows[name]["head_routing_realised_by_part"]
+        assert set(by_part) == {"perplexity", "passkey"}
+        assert sum(p["decisions"] for p in by_part.values()) == rows[name]["head_routing_realised"]["decisions"]
         assert rows[name]["head_routing"]["cov"] == "diag"
     assert rows["qada-pages"]["head_routing"]["guard"] == "pages" and rows["qada-pages"]["head_routing"]["page"] == 8
     assert rows["qada-pages"]["routing_calibration"]["layer_tau"]
@@ -74,7 +77,8 @@ def test_eval_cli_runs_the_routing_rows(tmp_path, capsys, long_text, monkeypatch
     assert rows["qada-gates"]["head_routing_realised"]["local_share"] == pytest.approx(0.5)  # 4 of 8 heads
     assert "head_routing_realised" not in rows["original"]
     assert "Head routing: 50.0% of" in (tmp_path / "res.md").read_text()
-    assert "on held-out samples (2 text, 2 passkey)" in (tmp_path / "res.md").read_text()
+    assert "on held-out samples (4 text, 4 passkey)" in (tmp_path / "res.md").read_text()
+    assert "  - by part: perplexity " in (tmp_path / "res.md").read_text()
 
 
 class _CallableWords:
@@ -106,19 +110,22 @@ def test_routing_calibration_draws_held_out_samples_of_every_evaluated_kind(long
     ids = torch.tensor(tok.encode(long_text))
     common = dict(lengths=[200], passkey_lengths=[300], depths=[0.0, 0.5, 1.0], formats=["passkey"],
                   ruler_lengths=[300], ruler_tasks=["niah_single_1", "vt"], seed=0)
-    picked, drawn = routing_calibration_samples(ids, tok, long_text, on="prompts", count=2, **common)
+    picked, lasts, drawn = routing_calibration_samples(ids, tok, long_text, on="prompts", count=2, **common)
     assert drawn["on"] == "prompts" and drawn["kinds"] == {"text": 2, "passkey": 2, "niah_single_1": 2, "vt": 2}
-    assert len(picked) == 8 and drawn["samples"] == 8
+    assert len(picked) == 8 and drawn["samples"] == 8 and len(lasts) == 8
     # text stretches from the end of the text, of the perplexity length
     assert torch.equal(picked[0], ids[-200:]) and torch.equal(picked[1], ids[-400:-200])
     # passkey prompts end with their answer, and their keys are not the evaluated ones (same seed, other draws)
     evaluated = passkey_samples(tok, long_text, lengths=[300], depths=[0.0, 0.5, 1.0], trials=2, seed=0)
-    for sample in picked[2:4]:
-        assert 300 < sample.numel() <= 320
+    assert lasts[:2] == [32, 32]  # the text's last 32 tokens, the answers' tokens below
+    for sample, last in zip(picked[2:4], lasts[2:4], strict=True):
+        assert 300 < sample.numel() <= 320 and sample.numel() - last == 300
         assert not any(torch.equal(sample[:300], e.prompt_ids.view(-1)) for e in evaluated)
-    assert all(300 < s.numel() for s in picked[4:])  # RULER prompts (fitted to <= 300 tokens) plus answers
-    text_only, drawn = routing_calibration_samples(ids, tok, long_text, on="text", count=3, **common)
+    assert all(n >= 1 for n in lasts[4:])  # RULER prompts plus their answers, the answer tokens decided
+    assert all(s.numel() - n <= 300 for s, n in zip(picked[4:], lasts[4:], strict=True))  # prompts fitted to 300
+    text_only, lasts, drawn = routing_calibration_samples(ids, tok, long_text, on="text", count=3, **common)
     assert drawn == {"on": "text", "samples": 3, "tokens": 300} and all(s.numel() == 300 for s in text_only)
+    assert lasts == [32, 32, 32]
     with pytest.raises(LightTransferError, match="--routing-calibrate-on"):
         routing_calibration_samples(ids, tok, long_text, on="tasks", count=2, **common)
     with pytest.raises(LightTransferError, match="tokens of text"):

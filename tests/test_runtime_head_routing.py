@@ -173,6 +173,17 @@ def test_calibration_hits_the_target_share():
     assert abs(head_routing_stats(model).local_share() - 0.5) < 0.05
 
 
+def test_calibration_decides_a_count_per_sample_when_given_one():
+    model = routed(HeadRoutingConfig(mode="random", share=0.0))
+    samples = [ids_of(1, 48, seed=s)[0] for s in range(3)]
+    dist = far_share_distribution(model, samples, last=[4, 16, 8])
+    assert all(v.shape == (4 + 16 + 8, 2) for v in dist.values())
+    with pytest.raises(LightTransferError, match="2 counts for 3"):
+        far_share_distribution(model, samples, last=[4, 16])
+    with pytest.raises(LightTransferError, match="last must be >= 1"):
+        far_share_distribution(model, samples, last=[4, 0, 8])
+
+
 def test_settings_are_validated_with_one_clear_line():
     with pytest.raises(LightTransferError, match="routing_tau"):
         HeadRoutingConfig(mode="qada")
