@@ -13,7 +13,7 @@
 #                      radix top-k beside their predecessors
 #   ts-e2e (300)       tokenselect_e2e.py at CONTEXTS (65536,131072), 16 steps; ts-e2e-radix: the same with
 #                      LIGHTTRANSFER_SELECT_TOPK=radix
-#   hr-kernels (330)   head_routing_kernel_bench.py --batches 1,16 (the one-launch fused QAdA step, never timed)
+#   hr-kernels (330)   head_routing_kernel_bench.py --batches 1,16 (the fused QAdA step, three launches and one)
 #   hr-quality (540)   head_routing_quality_gpu.sh (needs GGUF, TEXT, REPORT)
 #   sp-quality (540)   sparse_prefill_quality.py at 8k (needs GGUF, TEXT)
 #   ts-quality (540)   TokenSelect at 8k, the scaled-down budget, then the Selection Cache sweep (GGUF, TEXT,
