@@ -193,7 +193,7 @@ class _Bar:
               show_default=True,
               help="qada rows: calibrate the thresholds on held-out samples of every evaluated kind (text, passkey "
                    "and RULER prompts, with their answers) or on stretches of the text only.")
-@click.option("--routing-calibration", type=int, default=4, show_default=True, metavar="N",
+@click.option("--routing-calibration", type=int, default=12, show_default=True, metavar="N",
               help="qada rows: calibration samples per evaluated kind.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random row and passkeys.")
 @click.option("--out", default="eval_results.json", show_default=True, metavar="PATH",

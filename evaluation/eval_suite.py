@@ -173,7 +173,7 @@ def evaluate(
     head_routing=None,
     routing_share: float = 0.5,
     routing_tau: float | None = None,
-    routing_calibration: int = 4,
+    routing_calibration: int = 12,
     routing_calibrate_on: str = "prompts",
     routing_page: int | None = None,
 ) -> EvalResult:

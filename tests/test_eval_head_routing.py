@@ -64,7 +64,7 @@ def test_eval_cli_runs_the_routing_rows(tmp_path, capsys, long_text, monkeypatch
         assert rows[name]["routing_calibration"]["share"] == 0.5 and rows[name]["routing_calibration"]["layer_tau"]
         # held-out samples of both evaluated kinds, two each (the default)
         assert rows[name]["routing_calibration"]["on"] == "prompts"
-        assert rows[name]["routing_calibration"]["kinds"] == {"text": 4, "passkey": 4}
+        assert rows[name]["routing_calibration"]["kinds"] == {"text": 12, "passkey": 12}
         by_part = rows[name]["head_routing_realised_by_part"]
         assert set(by_part) == {"perplexity", "passkey"}
         assert sum(p["decisions"] for p in by_part.values()) == rows[name]["head_routing_realised"]["decisions"]
@@ -77,7 +77,7 @@ def test_eval_cli_runs_the_routing_rows(tmp_path, capsys, long_text, monkeypatch
     assert rows["qada-gates"]["head_routing_realised"]["local_share"] == pytest.approx(0.5)  # 4 of 8 heads
     assert "head_routing_realised" not in rows["original"]
     assert "Head routing: 50.0% of" in (tmp_path / "res.md").read_text()
-    assert "on held-out samples (4 text, 4 passkey)" in (tmp_path / "res.md").read_text()
+    assert "on held-out samples (12 text, 12 passkey)" in (tmp_path / "res.md").read_text()
     assert "  - by part: perplexity " in (tmp_path / "res.md").read_text()
 
 
