@@ -441,7 +441,7 @@ class _RoutedByPart:
     def _counts(self) -> tuple[float, int]:
         stats = self.runner.routing_stats() if self.runner is not None else {}
         decisions = int(stats.get("decisions", 0))
-        return float(stats.get("local_share", 0.0)) * decisions, decisions
+        return float(stats.get("local_share") or 0.0) * decisions, decisions  # None before any decision
 
     def close(self, part: str) -> None:
         if self.runner is None:
@@ -477,8 +477,7 @@ def routing_calibration_samples(token_ids, tokenizer, body: str, *, on: str, cou
     if on == "text" or not all_lengths:
         length = max(all_lengths) if all_lengths else 2048
         if len(token_ids) < count * length:
-            raise LightTransferError(f"routing calibration needs {count} x {length} tokens of text, the text has "
-                                     f"{len(token_ids)}; pass a longer --text or fewer calibration samples.")
+            raise _too_little_text(count, length, len(token_ids))
         stretches = [token_ids[i * length:(i + 1) * length] for i in range(count)]
         return stretches, [TEXT_DECIDED] * count, {"on": "text", "samples": count, "tokens": length}
     held_out = seed + 7919  # any seed but the evaluation's: other keys, depths' offsets and haystacks
@@ -488,8 +487,7 @@ def routing_calibration_samples(token_ids, tokenizer, body: str, *, on: str, cou
             L = lengths[i % len(lengths)]
             end = len(token_ids) - i * L
             if end - L < 0:
-                raise LightTransferError(f"routing calibration needs {count} x {L} tokens of text, the text has "
-                                         f"{len(token_ids)}; pass a longer --text or fewer calibration samples.")
+                raise _too_little_text(count, L, len(token_ids))
             picked.append(token_ids[end - L:end])
             lasts.append(TEXT_DECIDED)
         kinds["text"] = count
@@ -515,6 +513,11 @@ def routing_calibration_samples(token_ids, tokenizer, body: str, *, on: str, cou
             kinds[task] = count
     return picked, lasts, {"on": "prompts", "samples": len(picked), "kinds": kinds,
                            "tokens": max(int(ids.numel()) for ids in picked)}
+
+
+def _too_little_text(count: int, length: int, have: int) -> LightTransferError:
+    return LightTransferError(f"routing calibration needs {count} x {length} tokens of text, the text has {have}; "
+                              "pass a longer --text or fewer calibration samples (--routing-calibration).")
 
 
 def _calibrate_routing(model, row: EvalRow, calibration: tuple[list, list[int], dict]) -> tuple[EvalRow, dict]:

@@ -130,3 +130,17 @@ def test_routing_calibration_draws_held_out_samples_of_every_evaluated_kind(long
         routing_calibration_samples(ids, tok, long_text, on="tasks", count=2, **common)
     with pytest.raises(LightTransferError, match="tokens of text"):
         routing_calibration_samples(ids[:250], tok, long_text, on="prompts", count=2, **common)
+
+
+def test_the_share_by_part_skips_parts_without_decisions():
+    from types import SimpleNamespace
+
+    from lighttransfer.evaluation.eval_suite import _RoutedByPart
+
+    stats = [{}, {"local_share": None, "decisions": 0}, {"local_share": 0.5, "decisions": 40},
+             {"local_share": 0.25, "decisions": 80}]
+    by_part = _RoutedByPart(SimpleNamespace(routing_stats=lambda: stats.pop(0)))
+    for part in ("before", "perplexity", "passkey", "ruler"):  # nothing yet, then no decision, then 40, then 40
+        by_part.close(part)
+    assert by_part.shares == {"passkey": {"local_share": 0.5, "decisions": 40},
+                              "ruler": {"local_share": 0.0, "decisions": 40}}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Head routing quality on SmolLM2-135M, one GPU, one command: every routing row at one routed share (ROUTING_SHARE
-# 0.5: thresholds calibrated per layer for it on held-out prompts of the evaluated kinds, 2 of each), retrieval
+# 0.5: thresholds calibrated per layer for it on held-out prompts of the evaluated kinds, 12 of each), retrieval
 # at 4k and 8k, the realised share rho per row, then one merged table.
 #
 #   bench/scripts/head_routing_quality_gpu.sh GGUF TEXT REPORT OUT_DIR
