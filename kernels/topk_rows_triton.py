@@ -7,13 +7,16 @@ histograms the digit ``(key >> shift) & 255`` of the keys whose higher digits eq
 largest digit ``d`` whose count of keys at or above it reaches the ``remaining`` number still to take joins the
 prefix, and the keys above it (all certainly in the top-k) leave ``remaining``. After four rounds the prefix is
 the exact key of the k-th largest value, ``k - remaining`` keys lie strictly above it and ``remaining`` of the
-keys equal to it complete the set. The gather writes both groups (the ties: the first ``remaining`` to claim a
-slot), in no particular order.
+keys equal to it complete the set. The gather writes both groups: first the keys above, then the first
+``remaining`` ties, each group in ascending index order, so the result is the same on every run (a tie at the
+k-th value goes to the lower index) and so is the attention summed over the list that is built from it.
 
-Launches: one zeroed buffer (the four rounds' histograms), four histogram launches, one gather. Each histogram
-program recomputes the digits picked so far from the earlier rounds' histograms (256 counts each), so no launch
-is spent on the pick itself. A row flagged in ``SKIP`` (its Selection Cache hit) reads no vote, counts nothing and
-writes nothing, so a step where every sequence hits costs the six launches and no work.
+Launches: one zeroed buffer (the four rounds' histograms), four histogram launches, a count of each chunk's keys
+above and at the k-th value (plain stores, one pair per program), and the gather, whose program writes from the
+slot its row's earlier chunks end at (their counts summed: no atomics, so no order decided by the scheduler).
+Each program recomputes the digits picked so far from the earlier rounds' histograms (256 counts each), so no
+launch is spent on the pick itself. A row flagged in ``SKIP`` (its Selection Cache hit) reads no vote, counts
+nothing and writes nothing, so a step where every sequence hits costs the seven launches and no work.
 """
 
 from __future__ import annotations
@@ -87,32 +90,60 @@ def _topk_histogram(
 
 
 @triton.jit
-def _topk_gather(
-    VOTES, SKIP, HIST, COUNTS, VAL, IDX, stride_v, n, chunk, k,
+def _chunk_keys(VOTES, r, stride_v, start, hi, kth, BLOCK: tl.constexpr):
+    """One block of the row's chunk: offsets, values, and the masks of the keys above and at the k-th."""
+    offs = start + tl.arange(0, BLOCK)
+    m = offs < hi
+    v = tl.load(VOTES + r.to(tl.int64) * stride_v + offs, mask=m, other=0.0)
+    key = _order_key(v)
+    return offs, v, m & (key > kth), m & (key == kth)
+
+
+@triton.jit
+def _topk_chunk_counts(
+    VOTES, SKIP, HIST, CHUNK_COUNTS, stride_v, n, chunk, k, n_chunks,
     HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """``CHUNK_COUNTS[r, c] = (keys above the k-th, keys equal to it)`` in chunk ``c`` of row ``r``."""
+    r, live, row_hist, lo, hi = _program_span(SKIP, HIST, n, chunk, HAS_SKIP)
+    kth, remaining = _picked(row_hist, k, live, 4)
+    n_gt = tl.zeros([], dtype=tl.int64)
+    n_eq = tl.zeros([], dtype=tl.int64)
+    for start in tl.range(lo, hi, BLOCK):
+        offs, v, gt, eq = _chunk_keys(VOTES, r, stride_v, start, hi, kth, BLOCK)
+        n_gt += tl.sum(gt.to(tl.int64), 0)
+        n_eq += tl.sum(eq.to(tl.int64), 0)
+    at = CHUNK_COUNTS + (r.to(tl.int64) * n_chunks + tl.program_id(1)) * 2
+    tl.store(at, n_gt)
+    tl.store(at + 1, n_eq)
+
+
+@triton.jit
+def _topk_gather(
+    VOTES, SKIP, HIST, CHUNK_COUNTS, VAL, IDX, stride_v, n, chunk, k, n_chunks,
+    HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
 ):
     r, live, row_hist, lo, hi = _program_span(SKIP, HIST, n, chunk, HAS_SKIP)
     kth, remaining = _picked(row_hist, k, live, 4)
     above = k - remaining  # keys strictly above the k-th: all taken, slots [0, above)
     out = r.to(tl.int64) * k
+    # where this chunk's keys go: after those of the row's earlier chunks (skipped rows: nothing read)
+    c = tl.arange(0, CHUNKS)
+    earlier = c < tl.program_id(1) * live.to(tl.int32)  # (the row's flag folded into the bound, as above)
+    row_counts = CHUNK_COUNTS + (r.to(tl.int64) * n_chunks + c) * 2
+    base = tl.sum(tl.load(row_counts, mask=earlier, other=0), 0)
+    base_eq = tl.sum(tl.load(row_counts + 1, mask=earlier, other=0), 0)
     for start in tl.range(lo, hi, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        m = offs < hi
-        v = tl.load(VOTES + r.to(tl.int64) * stride_v + offs, mask=m, other=0.0)
-        key = _order_key(v)
-        gt = m & (key > kth)
-        eq = m & (key == kth)
-        n_gt = tl.sum(gt.to(tl.int32), 0)
-        base = tl.atomic_add(COUNTS + r * 2, n_gt.to(tl.int64))
+        offs, v, gt, eq = _chunk_keys(VOTES, r, stride_v, start, hi, kth, BLOCK)
         slot = base + tl.cumsum(gt.to(tl.int64), 0) - 1
         tl.store(VAL + out + slot, v, mask=gt)
         tl.store(IDX + out + slot, offs.to(tl.int64), mask=gt)
-        n_eq = tl.sum(eq.to(tl.int32), 0)
-        base_eq = tl.atomic_add(COUNTS + r * 2 + 1, n_eq.to(tl.int64))
+        base += tl.sum(gt.to(tl.int64), 0)
         slot_eq = base_eq + tl.cumsum(eq.to(tl.int64), 0) - 1
         keep = eq & (slot_eq < remaining)
         tl.store(VAL + out + above + slot_eq, v, mask=keep)
         tl.store(IDX + out + above + slot_eq, offs.to(tl.int64), mask=keep)
+        base_eq += tl.sum(eq.to(tl.int64), 0)
 
 
 def topk_rows_triton(votes: torch.Tensor, k: int, skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,9 +155,7 @@ def topk_rows_triton(votes: torch.Tensor, k: int, skip: torch.Tensor | None) -> 
     indices = torch.empty((rows, k), dtype=torch.long, device=votes.device)
     if rows == 0:
         return values, indices
-    # the four histograms of every row, then the gather's two claim counters, in one zeroed buffer (one launch)
-    scratch = torch.zeros(rows * (_ROUNDS * _BINS + 2), dtype=torch.long, device=votes.device)
-    hist, counts = scratch[: rows * _ROUNDS * _BINS], scratch[rows * _ROUNDS * _BINS:]
+    hist = torch.zeros(rows * _ROUNDS * _BINS, dtype=torch.long, device=votes.device)  # the rounds' histograms
     if votes.is_cuda:
         block = 1024
         wanted = 4 * multiprocessors(device_index(votes))
@@ -135,14 +164,19 @@ def topk_rows_triton(votes: torch.Tensor, k: int, skip: torch.Tensor | None) -> 
     blocks = triton.cdiv(n, block)
     per_row = max(1, min(blocks, triton.cdiv(wanted, rows)))
     chunk = triton.cdiv(blocks, per_row) * block
-    grid = (rows, triton.cdiv(n, chunk))
-    skip_arg = skip if skip is not None else counts
+    chunks = triton.cdiv(n, chunk)
+    grid = (rows, chunks)
+    chunk_counts = torch.empty((rows, chunks, 2), dtype=torch.long, device=votes.device)  # every entry written
+    skip_arg = skip if skip is not None else hist
+    has_skip = skip is not None
     with launch_device(votes):
         for rnd in range(_ROUNDS):
             _topk_histogram[grid](votes, skip_arg, hist, votes.stride(0), n, chunk, k, ROUND=rnd,
-                                  HAS_SKIP=skip is not None, BLOCK=block)
-        _topk_gather[grid](votes, skip_arg, hist, counts, values, indices, votes.stride(0), n, chunk, k,
-                           HAS_SKIP=skip is not None, BLOCK=block)
+                                  HAS_SKIP=has_skip, BLOCK=block)
+        _topk_chunk_counts[grid](votes, skip_arg, hist, chunk_counts, votes.stride(0), n, chunk, k, chunks,
+                                 HAS_SKIP=has_skip, BLOCK=block)
+        _topk_gather[grid](votes, skip_arg, hist, chunk_counts, values, indices, votes.stride(0), n, chunk, k,
+                           chunks, HAS_SKIP=has_skip, BLOCK=block, CHUNKS=triton.next_power_of_2(chunks))
     return values, indices
 
 

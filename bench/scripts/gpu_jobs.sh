@@ -40,9 +40,10 @@ need() { for v in "$@"; do [ -n "${!v:-}" ] || { echo "this job needs $v (see th
 job() {  # NAME DIR: the job's commands, writing into DIR
   local name=$1 d=$2
   case "$name" in
-    cuda-tests)  # on a GPU the kernel tests run their kernels on it (tests/kernels/kernel_error_policy.py)
+    cuda-tests)  # on a GPU the kernel tests run their kernels on it (tests/kernels/kernel_error_policy.py); -v:
+      # one line per test, so a run cut by its limit still names the ones that failed
       local t=/tmp/lt-jobs/lighttransfer/tests
-      (cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir=/tmp/lt-jobs/lighttransfer \
+      (cd /tmp && python3 -m pytest -v -p no:cacheprovider --rootdir=/tmp/lt-jobs/lighttransfer \
         "$t/kernels/test_selection_cache.py" "$t/kernels/test_topk_rows.py" "$t/test_runtime_token_select_step.py" \
         "$t/test_runtime_token_select_static.py" "$t/kernels/test_fused_routing.py")
       ;;

@@ -199,21 +199,29 @@ def selection_lookup(dtype: torch.dtype, static: bool, force: bool | None) -> di
 
 
 def topk_rows(skip: bool) -> dict:
-    """The radix top-k's histogram rounds and gather as a GPU launches them (blocks of 1024), compiled for sm_90."""
-    from lighttransfer.kernels.topk_rows_triton import _topk_gather, _topk_histogram, topk_rows_triton
+    """The radix top-k's histogram rounds, chunk counts and gather as a GPU launches them (blocks of 1024),
+    compiled for sm_90."""
+    from lighttransfer.kernels.topk_rows_triton import (
+        _topk_chunk_counts,
+        _topk_gather,
+        _topk_histogram,
+        topk_rows_triton,
+    )
 
     votes = torch.zeros(3, 5000)
     flags = torch.tensor([1, 0, 0], dtype=torch.int8) if skip else None
-    calls = []  # every launch of the six, recorded without running (captured_launch stops at the first)
-    originals = (_topk_histogram.run, _topk_gather.run)
-    _topk_histogram.run = lambda *a, grid=None, warmup=False, **kw: calls.append((_topk_histogram, a, kw))
-    _topk_gather.run = lambda *a, grid=None, warmup=False, **kw: calls.append((_topk_gather, a, kw))
+    calls = []  # every launch of the seven, recorded without running (captured_launch stops at the first)
+    kernels = (_topk_histogram, _topk_chunk_counts, _topk_gather)
+    originals = [kernel.run for kernel in kernels]
+    for kernel in kernels:
+        kernel.run = lambda *a, grid=None, warmup=False, _k=kernel, **kw: calls.append((_k, a, kw))
     try:
         topk_rows_triton(votes, 300, flags)
     finally:
-        _topk_histogram.run, _topk_gather.run = originals
-    assert [c[0] for c in calls] == [_topk_histogram] * 4 + [_topk_gather]
-    names = [f"round{i}" for i in range(4)] + ["gather"]
+        for kernel, run in zip(kernels, originals, strict=True):
+            kernel.run = run
+    assert [c[0] for c in calls] == [_topk_histogram] * 4 + [_topk_chunk_counts, _topk_gather]
+    names = [f"round{i}" for i in range(4)] + ["counts", "gather"]
     return {name: {"used": shared_bytes(kernel, args, kwargs, overrides=dict(BLOCK=1024))}
             for name, (kernel, args, kwargs) in zip(names, calls, strict=True)}
 

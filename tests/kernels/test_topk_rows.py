@@ -1,6 +1,7 @@
 """The radix-select top-k (TokenSelect's, skipping Selection Cache hits) against ``torch.topk``: the same sets of
 values (and indices where nothing ties), awkward lengths, k at its bounds, -inf tails, ties, negative values, NaN,
-and rows flagged to skip left untouched."""
+and rows flagged to skip left untouched; and its fixed layout (the keys above the k-th in ascending index order,
+then the lowest-index ties), the same on every run."""
 
 from __future__ import annotations
 
@@ -55,8 +56,37 @@ def test_ties_at_the_kth_value_fill_exactly_k_slots():
     votes[:, :10] = 5.0  # 10 certain, then 190 tied for 20 slots
     values, indices = topk_rows(votes, 30)
     assert torch.equal(_sorted(values), _sorted(topk_rows_reference(votes, 30)[0]))
-    for row in indices:
-        assert len(set(row.tolist())) == 30 and set(range(10)) <= set(row.tolist())
+    for row in indices:  # the ties go to the lowest indices, in order
+        assert row.tolist() == list(range(30))
+
+
+def _layout(votes: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices in the kernel's documented layout: keys above the k-th value ascending, then the lowest-index
+    keys equal to it (finite votes)."""
+    out = []
+    for row in votes.cpu():
+        kth = torch.topk(row, k).values[-1]
+        above = torch.nonzero(row > kth).flatten()
+        ties = torch.nonzero(row == kth).flatten()[: k - above.numel()]
+        out.append(torch.cat([above, ties]))
+    return torch.stack(out).to(votes.device)
+
+
+@pytest.mark.parametrize("rows, n, k, levels", [(1, 4099, 2048, 0), (3, 1000, 128, 0), (2, 3000, 700, 9),
+                                                (4, 257, 64, 3)],
+                         ids=["N4099-k2048", "B3-N1000", "B2-ties", "B4-many-ties"])
+def test_the_layout_is_fixed_ascending_with_the_lowest_ties_and_repeats(rows, n, k, levels):
+    """Positions, not only sets: the list built from them (and the attention summed over it in that order) must
+    not depend on which program claims its slots first."""
+    votes = _votes(rows, n, seed=n + k)
+    if levels:  # few distinct values: long runs of ties across chunks
+        votes = (votes * levels).floor()
+    values, indices = topk_rows(votes, k)
+    assert torch.equal(indices, _layout(votes, k))
+    assert torch.equal(values, torch.gather(votes, 1, indices))
+    for _ in range(3):
+        again_v, again_i = topk_rows(votes, k)
+        assert torch.equal(again_i, indices) and torch.equal(again_v, values)
 
 
 def test_skipped_rows_are_left_unwritten_and_the_others_exact():
