@@ -5,11 +5,12 @@ top-k of TokenSelect's votes (:func:`~lighttransfer.kernels.token_select.fresh_s
 its cached selection, the votes are all ``-inf`` and their top-k is thrown away, yet it costs as much as a real
 one (the largest single part of a TokenSelect hit step at batch 1). :func:`topk_rows` computes the same sets with
 an exact radix select (:mod:`.topk_rows_triton`) whose programs for a ``skip`` row exit before reading anything,
-in a fixed sequence of six launches with no host synchronization (CUDA graphs capture it). Which one the selection
+in a fixed sequence of seven launches with no host synchronization (CUDA graphs capture it). Which one the selection
 takes is :data:`lighttransfer.kernels.token_select.TOPK` (``LIGHTTRANSFER_SELECT_TOPK``: ``radix``, the default,
 or ``torch``); the kernel benchmark times both.
 
-Ties at the k-th value are broken arbitrarily (``torch.topk`` breaks them its own way): the *values* selected
+The result has a fixed layout, the same on every run: the keys above the k-th value in ascending index order,
+then the lowest-index keys tied at it (``torch.topk`` breaks ties its own way): the *values* selected
 always equal ``torch.topk``'s as a multiset, the indices as a set wherever no two candidates tie at the boundary.
 NaN ranks above ``+inf``, ``-inf`` below everything, as in ``torch.topk``.
 """
