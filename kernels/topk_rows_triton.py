@@ -106,11 +106,11 @@ def _topk_chunk_counts(
 ):
     """``CHUNK_COUNTS[r, c] = (keys above the k-th, keys equal to it)`` in chunk ``c`` of row ``r``."""
     r, live, row_hist, lo, hi = _program_span(SKIP, HIST, n, chunk, HAS_SKIP)
-    kth, _ = _picked(row_hist, k, live, 4)
+    kth, _ties_left = _picked(row_hist, k, live, 4)
     n_gt = tl.zeros([], dtype=tl.int64)
     n_eq = tl.zeros([], dtype=tl.int64)
     for start in tl.range(lo, hi, BLOCK):
-        _, _, gt, eq = _chunk_keys(VOTES, r, stride_v, start, hi, kth, BLOCK)
+        _offs, _vals, gt, eq = _chunk_keys(VOTES, r, stride_v, start, hi, kth, BLOCK)
         n_gt += tl.sum(gt.to(tl.int64), 0)
         n_eq += tl.sum(eq.to(tl.int64), 0)
     at = CHUNK_COUNTS + (r.to(tl.int64) * n_chunks + tl.program_id(1)) * 2
