@@ -25,7 +25,7 @@ from ..output_files import check_output_target, publish_together, write_json
 from .identity import check_same_model
 from .passkey import passkey_accuracy, passkey_depths, passkey_samples
 from .perplexity import default_stride, perplexity, plan_windows
-from .rows import DEFAULT_ROWS, HEAD_LEVEL_ROWS, EvalRow, standard_rows
+from .rows import DEFAULT_ROWS, HEAD_LEVEL_ROWS, UNRANKED_ROWS, EvalRow, standard_rows
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -322,7 +322,8 @@ def evaluate(
                             routing_tau=routing_tau, routing_page=routing_page)
     if ratio is None:
         named = [r for r in eval_rows if r.name == "lighttransfer"]
-        ratio = named[0].num_streaming_layers / num_layers if named else 0.5
+        # without a report or hybrid nothing defines a conversion (only rows that rank no layer could be built)
+        ratio = named[0].num_streaming_layers / num_layers if named else 0.5 if report_data or hcfg else 0.0
 
     token_ids = torch.tensor(tokenizer(body, add_special_tokens=False)["input_ids"], dtype=torch.long)
     # scored tokens must lie where every row can differ from the original: past sink + window, and past the
@@ -584,6 +585,9 @@ def _build_rows(rows, *, hcfg, report, report_data, ratio, sink, window, num_lay
     if hcfg is not None and ratio is None:
         selection = hcfg.streaming_layers
         ratio = len(selection) / num_layers
+    if lazy is None and selection is None and set(names) <= set(UNRANKED_ROWS):
+        # TokenSelect, sparse prefill or routing alone on a plain model: no row picks layers by a ranking
+        lazy = [0.0] * num_layers
     ratio = 0.5 if ratio is None else ratio
     if lazy is None:
         if selection is None or {"least-lazy"} & set(names):

@@ -65,6 +65,9 @@ TOKENSELECT_ROWS = ("tokenselect", "lighttransfer+tokenselect", "quest", "lightt
 SPARSE_PREFILL_ROWS = ("sparse-prefill", "lighttransfer+sparse-prefill")
 # rows that route the full layers' KV heads per decode query, compared at one routed share
 ROUTING_ROWS = ("qada", "qada-local", "qada-diag", "qada-pages", "qada-oracle", "qada-random", "qada-gates")
+# rows that stream no layer chosen by a ranking (or all of them): they need no report's lazy ratios
+UNRANKED_ROWS = ("original", "streamingllm", "tokenselect", "quest", "sparse-prefill",
+                 *(name for name in ROUTING_ROWS if name != "qada-gates"))
 DEFAULT_ROWS = tuple(name for name in ROW_KINDS
                      if name not in (*HEAD_LEVEL_ROWS, *TOKENSELECT_ROWS, *SPARSE_PREFILL_ROWS, *ROUTING_ROWS,
                                      "lazy-ratio"))
@@ -342,5 +345,5 @@ def standard_rows(
 
 
 __all__ = ["EvalRow", "ROW_KINDS", "DEFAULT_ROWS", "HEAD_LEVEL_ROWS", "TOKENSELECT_ROWS", "SPARSE_PREFILL_ROWS",
-           "ROUTING_ROWS",
+           "ROUTING_ROWS", "UNRANKED_ROWS",
            "standard_rows"]

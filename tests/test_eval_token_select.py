@@ -81,3 +81,22 @@ def test_eval_cli_runs_the_tokenselect_rows(tmp_path, capsys, long_text, monkeyp
         "eval", "--baseline", str(model_dir), "--text", str(text), "--rows", "tokenselect",
         "--select-reuse-max-age", "0", "--device", "cpu", "--out", str(tmp_path / "bad.json"), "-q"], capsys)
     assert code != 0 and "reuse_max_age" in err and "Traceback" not in err
+
+
+def test_tokenselect_alone_on_a_plain_model_needs_no_report(tmp_path, capsys, long_text, monkeypatch):
+    from test_eval import eval_inputs
+
+    model_dir, text = eval_inputs(tmp_path, long_text, monkeypatch)
+    common = ["eval", "--baseline", str(model_dir), "--text", str(text), "--lengths", "96", "--windows", "1",
+              "--suite", "perplexity", "--select-k", "6", "--select-init", "2", "--select-local", "8",
+              "--device", "cpu", "-q"]
+    out = tmp_path / "alone.json"
+    code, _, err = run_cli([*common, "--rows", "original,tokenselect", "--out", str(out)], capsys)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert [r["name"] for r in result["rows"]] == ["original", "tokenselect"]
+    assert all(r["streaming_layers"] == [] for r in result["rows"]) and result["ratio"] == 0.0
+    # a row that picks layers by their lazy ratios still asks for the report, in one line
+    code, _, err = run_cli([*common, "--rows", "original,lighttransfer", "--out", str(tmp_path / "r.json")], capsys)
+    assert code != 0 and "--report" in err and "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()
