@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The pending GPU measurements as named jobs, run one after another (each alone on the GPU: side by side they
 # slowed each other past their limits), each under its own time limit, with everything a job wrote packed into
-# OUT_DIR/results.tar.gz after every job, so that a call cut short still returns the finished jobs' files, as one
+# OUT_DIR/results.tar.gz after every job (files under 4 MB: no checkpoints), so that a call cut short still returns the finished jobs' files, as one
 # file with the folder structure kept inside it.
 #
 #   bash bench/scripts/gpu_jobs.sh OUT_DIR JOB[:SECONDS] [JOB[:SECONDS] ...]
@@ -109,6 +109,9 @@ for spec in "$@"; do
   echo "$name: rc $rc$note, $(( $(date +%s) - started )) s" | tee -a "$out/summary.txt"
   tail -n 3 "$work/$name/$name.log"
   cp "$out/summary.txt" "$work/summary.txt"
-  tar czf "$out/results.tar.gz.tmp" -C "$work" . && mv "$out/results.tar.gz.tmp" "$out/results.tar.gz"
+  # results only: files under 4 MB (checkpoints, optimizer states and tokenizers written by a job stay behind, or the
+  # archive outgrows what a call can bring back)
+  (cd "$work" && find . -type f -size -4M -print0 | tar czf "$out/results.tar.gz.tmp" --null -T -) &&
+    mv "$out/results.tar.gz.tmp" "$out/results.tar.gz"
 done
 exit $status
