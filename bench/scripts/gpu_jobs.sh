@@ -20,6 +20,8 @@
 #                      REPORT)
 #   ft-recovery (540)  finetune_gpu.sh recovery with REFERENCE=1 (needs GGUF, TEXT; peft)
 #   ft-speed (540)     finetune_gpu.sh speed (the 8B shape, S²-Attn vs dense step time; peft)
+#   mg-analyze (400)   with several GPUs: analyze_multi_gpu.py, the 8B shape on one GPU and spread over all (the
+#                      reports compared), then the 70B shape (80 layers, more than one GPU holds) spread over all
 # Environment: GGUF (SmolLM2-135M-Instruct.Q4_1.gguf), TEXT (austen_novels.txt), REPORT (default
 # bench/results/analysis_smollm2_with_gates_w128.json), CONTEXTS. OUT_DIR/summary.txt: one line per job (exit
 # status, seconds). Run from the checkout root; python3 must see torch, transformers and triton.
@@ -80,13 +82,18 @@ job() {  # NAME DIR: the job's commands, writing into DIR
       REFERENCE=1 bash "$root/bench/scripts/finetune_gpu.sh" recovery "$GGUF" "$TEXT" "$d"
       ;;
     ft-speed) bash "$root/bench/scripts/finetune_gpu.sh" speed "$d" ;;
+    mg-analyze)
+      python3 "$root/bench/scripts/analyze_multi_gpu.py" "$d/analyze_multi_gpu_8b.json" --shape 8b &&
+      python3 "$root/bench/scripts/analyze_multi_gpu.py" "$d/analyze_multi_gpu_70b.json" --shape 70b --placements auto
+      ;;
     *) echo "unknown job $name (see the header)" >&2; return 2 ;;
   esac
 }
 
 limit_of() {
   case "$1" in
-    cuda-tests|ts-kernels) echo 240 ;; ts-e2e|ts-e2e-radix) echo 300 ;; hr-kernels) echo 330 ;; *) echo 540 ;;
+    cuda-tests|ts-kernels) echo 240 ;; ts-e2e|ts-e2e-radix) echo 300 ;; hr-kernels) echo 330 ;; mg-analyze) echo 400 ;;
+    *) echo 540 ;;
   esac
 }
 

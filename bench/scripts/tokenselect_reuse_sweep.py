@@ -5,7 +5,7 @@
         --text /work/shared/assets/text/austen_novels.txt --text-lines 1,16237 --lengths 2048 \
         --thetas 0.5,0.7,0.8,0.9,1.0 --out bench/results/tokenselect_reuse_sweep_cpu
 
-For each theta one evaluation (``lighttransfer.evaluation.evaluate``, the exact masked backend, the same windows
+For each theta one evaluation (``lighttransfer.evaluation.evaluate``, the exact masked backend or ``--backend runtime``, the same windows
 and passkey prompts for every theta) of the ``tokenselect`` row with the given ``k / init / local`` (default
 the issue's scaled-down 512 / 16 / 256 for SmolLM2), plus the ``original`` row once. Per theta: the Selection
 Cache's hit rate (hits / lookups over every full layer, sequence and query of the perplexity continuation and
@@ -23,7 +23,7 @@ from pathlib import Path
 
 def sweep(*, baseline: str, text: str, text_lines, lengths: list[int], thetas: list[float], k: int, init: int,
           local: int, windows: int, passkey_lengths: list[int], passkey_depths: int, passkey_trials: int,
-          device: str, dtype: str) -> dict:
+          device: str, dtype: str, backend: str = "masked") -> dict:
     from lighttransfer.architecture import model_shape
     from lighttransfer.evaluation.eval_suite import evaluate
     from lighttransfer.evaluation.rows import standard_rows
@@ -40,7 +40,7 @@ def sweep(*, baseline: str, text: str, text_lines, lengths: list[int], thetas: l
 
     common = dict(baseline=baseline, text=text, text_lines=text_lines, lengths=lengths, max_windows=windows,
                   passkey_lengths=passkey_lengths, passkey_depths_count=passkey_depths,
-                  passkey_trials=passkey_trials, device=device, dtype=dtype, backend="masked")
+                  passkey_trials=passkey_trials, device=device, dtype=dtype, backend=backend)
     points, original = [], None
     for i, theta in enumerate(sorted(set(thetas), reverse=True)):
         t0 = time.perf_counter()
@@ -62,6 +62,7 @@ def sweep(*, baseline: str, text: str, text_lines, lengths: list[int], thetas: l
             "text_lines": list(text_lines) if text_lines else None, "lengths": lengths, "k": k, "init": init,
             "local": local, "windows": windows, "passkey_lengths": passkey_lengths,
             "passkey_depths": passkey_depths, "passkey_trials": passkey_trials, "device": device, "dtype": dtype,
+            "backend": backend,
             "original": original, "points": points}
 
 
@@ -83,7 +84,7 @@ def _deltas(point: dict, base: dict | None) -> dict | None:
 def to_markdown(result: dict) -> str:
     lengths = [str(n) for n in result["lengths"]]
     lines = [f"# Selection Cache sweep (TokenSelect k={result['k']}, init={result['init']}, local={result['local']})",
-             "", f"`{Path(result['baseline']).name}`, {result['device']} {result['dtype']}, masked backend; "
+             "", f"`{Path(result['baseline']).name}`, {result['device']} {result['dtype']}, {result.get('backend', 'masked')} backend; "
              f"perplexity over {result['windows']} window(s) per length, passkey at {result['passkey_lengths']} "
              f"({result['passkey_depths']} depths x {result['passkey_trials']} trials).", "",
              "| theta | hit rate | " + " | ".join(f"ppl {n} (vs no cache, vs original)" for n in lengths)
@@ -132,6 +133,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--passkey-trials", type=int, default=1, help="Passkey trials per depth and length.")
     parser.add_argument("--device", default="cpu", help="Device (cpu, cuda, auto).")
     parser.add_argument("--dtype", default="float32", help="Model dtype.")
+    parser.add_argument("--backend", default="masked", choices=["masked", "runtime"],
+                        help="masked: the exact reference (N x N masks, short lengths); runtime: the kernels' path.")
     parser.add_argument("--out", required=True, help="Directory for tokenselect_reuse_sweep.json and .md.")
     args = parser.parse_args(argv)
 
@@ -143,7 +146,7 @@ def main(argv=None) -> dict:
                    thetas=[float(x) for x in args.thetas.split(",") if x.strip()], k=args.k, init=args.init,
                    local=args.local, windows=args.windows, passkey_lengths=ints(args.passkey_lengths),
                    passkey_depths=args.passkey_depths, passkey_trials=args.passkey_trials, device=args.device,
-                   dtype=args.dtype)
+                   dtype=args.dtype, backend=args.backend)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "tokenselect_reuse_sweep.json", result)

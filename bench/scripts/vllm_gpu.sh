@@ -14,7 +14,8 @@
 # RATIO (0.5), NEW_TOKENS (tokens: 200; capacity: 256, used only with MEASURE_STEPS=0), MEASURE_STEPS (capacity: 128
 # full-batch decode steps timed after the last prefill), BATCH_POLICY (capacity: blocks, the most requests the
 # block pool holds in decode; reported: vLLM's concurrency), MAX_REQUESTS (256), STEP_TOKENS (2048: vLLM's
-# max_num_batched_tokens, also what it reserves per request beyond the window), ENFORCE_EAGER (0).
+# max_num_batched_tokens, also what it reserves per request beyond the window), ENFORCE_EAGER (0), TP (1: vLLM's
+# tensor_parallel_size; 2 on a machine with two GPUs: tokens8b against the one-GPU runtime, capacity per GPU).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 SITE=${SITE:-/tmp/site}
@@ -32,12 +33,13 @@ case "${1:-}" in
   tokens)
     bench tokens --model "${2:?gguf or hybrid dir}" --out "${3:?out dir}" --dtype "${DTYPE:-float32}" \
       --ratio "${RATIO:-0.5}" --sink "${SINK:-4}" --window "${WINDOW:-128}" --new-tokens "${NEW_TOKENS:-200}" \
-      "${eager[@]}"
+      --tensor-parallel-size "${TP:-1}" "${eager[@]}"
     ;;
   tokens8b)
     # fp32: random weights give near-flat logits, whose greedy choice bf16 rounding would decide
     bench tokens --model "${2:?dir of build8b}/hybrid" --out "${3:?out dir}" --dtype "${DTYPE:-float32}" \
-      --prompt-lengths "${PROMPTS:-100,1500,3000}" --new-tokens "${NEW_TOKENS:-128}" --name 8b "${eager[@]}"
+      --prompt-lengths "${PROMPTS:-100,1500,3000}" --new-tokens "${NEW_TOKENS:-128}" --name "8b${TP:+_tp$TP}" \
+      --tensor-parallel-size "${TP:-1}" "${eager[@]}"
     ;;
   build8b)
     bench build-8b --out "${2:?dir}" --ratio "${RATIO:-0.5}" --sink "${SINK:-4}" --window "${WINDOW:-1020}"
@@ -46,7 +48,8 @@ case "${1:-}" in
     dir=${2:?dir of build8b} out=${3:?out dir} context=${4:?context, e.g. 32768}
     bench capacity --dense "$dir/src" --hybrid "$dir/hybrid" --context "$context" --out "$out" \
       --new-tokens "${NEW_TOKENS:-256}" --measure-steps "${MEASURE_STEPS:-128}" --batch-policy "${BATCH_POLICY:-blocks}" --max-requests "${MAX_REQUESTS:-256}" --max-num-seqs "${MAX_REQUESTS:-256}" \
-      --max-num-batched-tokens "${STEP_TOKENS:-2048}" --timeout "${ENGINE_TIMEOUT:-270}" "${eager[@]}"
+      --max-num-batched-tokens "${STEP_TOKENS:-2048}" --timeout "${ENGINE_TIMEOUT:-270}" \
+      --tensor-parallel-size "${TP:-1}" "${eager[@]}"
     ;;
   *)
     sed -n 2,12p "$0" >&2

@@ -6,6 +6,9 @@ KV capacity of a hybrid against the dense model (see vllm_gpu.sh for the runs an
     python3 vllm_gpu_bench.py capacity --dense DIR/src --hybrid DIR/hybrid --context 32768 --out DIR
     python3 vllm_gpu_bench.py run-one  --model DIR --context N ...   (one engine; capacity runs it per model)
 
+Every engine takes ``--tensor-parallel-size`` (default 1): on a machine with several GPUs, vLLM's tensor
+parallelism, each GPU holding its share of the KV heads (the capacity reported is then per GPU).
+
 Every command writes one JSON file naming the GPU and the versions of vLLM, torch, transformers and Triton.
 Prompts are token ids (no tokenizer needed). Throughput: every request of one ``generate`` call has a prompt
 of ``context - new_tokens`` random tokens and ``new_tokens`` greedy tokens (``ignore_eos``); the batch is
@@ -109,7 +112,8 @@ def cmd_tokens(args) -> None:
 
     llm = LLM(str(model), skip_tokenizer_init=True, dtype=args.dtype, max_model_len=max(lengths) + args.new_tokens,
               enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization,
-              enforce_eager=args.enforce_eager, max_num_seqs=len(prompts), block_size=args.block_size)
+              enforce_eager=args.enforce_eager, max_num_seqs=len(prompts), block_size=args.block_size,
+              tensor_parallel_size=args.tensor_parallel_size)
     start = time.perf_counter()
     got = _greedy_vllm(llm, prompts, args.new_tokens)
     vllm_s = time.perf_counter() - start
@@ -140,6 +144,7 @@ def cmd_tokens(args) -> None:
     payload = {"what": "greedy tokens, vLLM + lighttransfer plugin vs lighttransfer.load + generate",
                "environment": environment(), "model": str(model), "dtype": args.dtype,
                "sink": block.get("sink"), "window": block.get("window"), "kv_cache_managers": groups,
+               "tensor_parallel_size": args.tensor_parallel_size,
                "all_equal": all(r["equal"] for r in rows), "vllm_generate_s": round(vllm_s, 2), "prompts": rows}
     name = args.name or ("smollm2" if Path(args.model).suffix == ".gguf" else model.parent.name or model.name)
     write_json(out / f"vllm_tokens_{name}.json", payload)
@@ -404,7 +409,8 @@ def cmd_run_one(args) -> None:
     llm = LLM(str(model), skip_tokenizer_init=True, dtype=args.dtype, max_model_len=args.context, **memory,
               max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
-              enforce_eager=args.enforce_eager, block_size=args.block_size)
+              enforce_eager=args.enforce_eager, block_size=args.block_size,
+              tensor_parallel_size=args.tensor_parallel_size)
     built = time.perf_counter() - built
     cache = llm.llm_engine.vllm_config.cache_config
     concurrency = float(cache.kv_cache_max_concurrency)
@@ -443,6 +449,8 @@ def cmd_run_one(args) -> None:
               "context": args.context, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
               "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
               "enforce_eager": args.enforce_eager, "dtype": args.dtype, **memory,
+              # with tensor parallelism every GPU holds this many blocks of its share of the KV heads
+              "tensor_parallel_size": args.tensor_parallel_size,
               "num_gpu_blocks": cache.num_gpu_blocks, "kv_cache_max_concurrency": round(concurrency, 3),
               "batch_policy": args.batch_policy, "kv_cache_groups": [vars(g) for g in groups],
               "batch": batch, "wall_s": round(wall, 3), "engine_start_s": round(built, 1),
@@ -465,6 +473,7 @@ def cmd_capacity(args) -> None:
                "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--block-size", str(args.block_size),
                "--dtype", args.dtype, "--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes),
+               "--tensor-parallel-size", str(args.tensor_parallel_size),
                "--out", str(part)] + (["--enforce-eager"] if args.enforce_eager else [])
         print("+", " ".join(cmd), flush=True)
         code = subprocess.call(cmd, timeout=args.timeout)
@@ -502,6 +511,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--enforce-eager", action="store_true")
     t.add_argument("--device", default="cuda", help="of lighttransfer's runtime and of the GGUF conversion")
     t.add_argument("--block-size", type=int, default=16)
+    t.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="vLLM's GPUs (the runtime it is compared with runs on one)")
     b = sub.add_parser("build-8b", help="write the 8B shape (random weights) and its hybrid")
     b.add_argument("--out", required=True)
     b.add_argument("--ratio", type=float, default=0.5)
@@ -534,6 +545,7 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--block-size", type=int, default=16)
         r.add_argument("--enforce-eager", action="store_true")
         r.add_argument("--dtype", default="bfloat16")
+        r.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (vLLM's TP)")
         r.add_argument("--kv-cache-memory-bytes", type=int, default=0,
                        help="a fixed KV cache size instead of --gpu-memory-utilization (both models alike)")
     return p
