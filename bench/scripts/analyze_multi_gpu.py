@@ -28,17 +28,16 @@ import hashlib
 import time
 
 import torch
+from lighttransfer.bench.shaped_model import SHAPES as PUBLISHED
 
+# Llama 3 70B differs from the 8B in width, depth and query heads only (same vocabulary, RoPE and 8 KV heads)
+LLAMA3_8B = PUBLISHED["llama3-8b-shaped"]
 SHAPES = {
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                num_key_value_heads=8, vocab_size=128256),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+    "8b": LLAMA3_8B,
+    "70b": dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64),
+    "tiny": dict(LLAMA3_8B, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512),
 }
-COMMON = dict(head_dim=None, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
-              tie_word_embeddings=False)
 
 
 def _seed(name: str) -> int:
@@ -64,7 +63,7 @@ def build(shape: dict, device_map: dict[str, str]):
     from accelerate.utils import set_module_tensor_to_device
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**{k: v for k, v in {**COMMON, **shape}.items() if v is not None})
+    config = LlamaConfig(**shape)
     config._attn_implementation = "sdpa"
     with init_empty_weights():
         model = LlamaForCausalLM(config)
@@ -90,25 +89,26 @@ def run_placement(shape: dict, devices: list[str], ids: torch.Tensor, *, sink: i
     from lighttransfer.analysis.pipeline import analyze_tokens
 
     placement = device_map_for(shape["num_hidden_layers"], devices)
+    used = sorted(set(devices))
     started = time.perf_counter()
     model = build(shape, placement)
     built = time.perf_counter() - started
     analyze_tokens(model, ids[:1, :512], sink=sink, window=min(window, 256), last=min(last, 8),
                    fingerprint="warm-up")
-    for d in devices:
+    for d in used:
         if d.startswith("cuda"):
             torch.cuda.synchronize(d)
             torch.cuda.reset_peak_memory_stats(d)
     report = analyze_tokens(model, ids, sink=sink, window=window, last=last, fingerprint="random-weights")
-    row = {"devices": sorted(set(devices)), "layers_per_device": {d: layer_devices(shape["num_hidden_layers"],
-                                                                                      devices).count(d)
-                                                                  for d in sorted(set(devices))},
+    layers = [placement[f"model.layers.{i}"] for i in range(shape["num_hidden_layers"])]
+    row = {"devices": used, "layers_per_device": {d: layers.count(d) for d in used},
            "build_s": round(built, 1), "analysis_s": report.timings["analysis"],
-           "tokens_per_s": report.timings["tokens_per_s"], "peak_allocated_bytes": _peaks(sorted(set(devices))),
+           "tokens_per_s": report.timings["tokens_per_s"], "peak_allocated_bytes": _peaks(used),
            "layer_lazy_ratios": [round(x, 6) for x in report.layer_lazy_ratios()],
            "report": report}
     del model
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return row
 
 
@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
         print(f"{placement}: {len(set(devices))} device(s)", flush=True)
         rows[placement] = run_placement(shape, devices, ids, sink=args.sink, window=args.window, last=args.last)
         print({k: v for k, v in rows[placement].items() if k not in ("report", "layer_lazy_ratios")}, flush=True)
-    result = {"benchmark": "analyze_multi_gpu", "format_version": 1, "shape": {**COMMON, **shape},
+    result = {"benchmark": "analyze_multi_gpu", "format_version": 1, "shape": shape,
               "tiny": args.tiny, "workload": {"samples": args.samples, "seq_len": args.seq_len, "sink": args.sink,
                                                "window": args.window, "last": args.last},
               "environment": environment(gpus[0] if gpus else None), "gpus": [torch.cuda.get_device_name(g) for g in gpus]}

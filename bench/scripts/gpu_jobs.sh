@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The pending GPU measurements as named jobs, run one after another (each alone on the GPU: side by side they
-# slowed each other past their limits), each under its own time limit, with everything a job wrote packed into
-# OUT_DIR/results.tar.gz after every job (files under 4 MB: no checkpoints), so that a call cut short still returns the finished jobs' files, as one
-# file with the folder structure kept inside it.
+# slowed each other past their limits), each under its own time limit, with every file under 4 MB a job wrote (no
+# checkpoints) packed into OUT_DIR/results.tar.gz after every job, so that a call cut short still returns the
+# finished jobs' files, as one file with the folder structure kept inside it.
 #
 #   bash bench/scripts/gpu_jobs.sh OUT_DIR JOB[:SECONDS] [JOB[:SECONDS] ...]
 #

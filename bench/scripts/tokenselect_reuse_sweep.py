@@ -84,7 +84,7 @@ def _deltas(point: dict, base: dict | None) -> dict | None:
 def to_markdown(result: dict) -> str:
     lengths = [str(n) for n in result["lengths"]]
     lines = [f"# Selection Cache sweep (TokenSelect k={result['k']}, init={result['init']}, local={result['local']})",
-             "", f"`{Path(result['baseline']).name}`, {result['device']} {result['dtype']}, {result.get('backend', 'masked')} backend; "
+             "", f"`{Path(result['baseline']).name}`, {result['device']} {result['dtype']}, {result['backend']} backend; "
              f"perplexity over {result['windows']} window(s) per length, passkey at {result['passkey_lengths']} "
              f"({result['passkey_depths']} depths x {result['passkey_trials']} trials).", "",
              "| theta | hit rate | " + " | ".join(f"ppl {n} (vs no cache, vs original)" for n in lengths)

@@ -449,8 +449,8 @@ def cmd_run_one(args) -> None:
               "context": args.context, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
               "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
               "enforce_eager": args.enforce_eager, "dtype": args.dtype, **memory,
-              # with tensor parallelism every GPU holds this many blocks of its share of the KV heads
               "tensor_parallel_size": args.tensor_parallel_size,
+              # with tensor parallelism: the blocks of each GPU, every block holding that GPU's share of the KV heads
               "num_gpu_blocks": cache.num_gpu_blocks, "kv_cache_max_concurrency": round(concurrency, 3),
               "batch_policy": args.batch_policy, "kv_cache_groups": [vars(g) for g in groups],
               "batch": batch, "wall_s": round(wall, 3), "engine_start_s": round(built, 1),
