@@ -12,6 +12,11 @@ ones (the first compiles FlexAttention and builds the block masks). Variants:
 Reported per (variant, length): mean and min step seconds, tokens/s, peak allocated GiB, the visible (query, key)
 pairs of each layer kind relative to dense causal, and ``speedup_vs_dense`` (dense step time / this one).
 
+Beside the steps, ``attention_only`` times one layer's attention alone, forward + backward, at each length: SDPA's
+causal kernel against S²-Attn through the same FlexAttention call the training uses (``[1, 32, N, 128]`` queries,
+8 KV heads, bf16, CUDA events, the median of ``--attn-iters``). The step's speed-up is bounded by the share of the
+step that is attention; this row shows the attention's own.
+
     PYTHONPATH=<dir with a lighttransfer link> python3 bench/scripts/finetune_step_speed.py OUT.json \
         [--lengths 8192,32768] [--layers 32] [--variants dense,s2,hybrid-dense,hybrid-s2]
 """
@@ -85,6 +90,43 @@ def run_variant(model, variant: str, seq_len: int, steps: int, warmup: int) -> d
             "streaming_layers": len(streaming)}
 
 
+def attention_only(seq_len: int, *, heads: int, kv_heads: int, head_dim: int, iters: int) -> dict:
+    """One layer's attention, forward + backward, dense causal (SDPA) vs S²-Attn (FlexAttention), ms (median)."""
+    from lighttransfer.training.attention import _flex
+    from lighttransfer.training.masks import flex_block_mask
+
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, heads, seq_len, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, kv_heads, seq_len, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(1, kv_heads, seq_len, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
+    grad = torch.randn(1, heads, seq_len, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    rules = layer_rules(heads, streaming_heads=[False] * heads, sink=SINK, window=WINDOW,
+                        s2_group=s2_group_size(seq_len, 0.25))
+    mask = flex_block_mask(rules, seq_len, device=device)
+    flex = _flex()
+    fns = {"dense": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                             enable_gqa=True),
+           "s2": lambda: flex(q, k, v, block_mask=mask, enable_gqa=True)}
+    out = {}
+    for name, fn in fns.items():
+        times = []
+        for i in range(iters + 3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn().backward(grad)
+            end.record()
+            torch.cuda.synchronize()
+            if i >= 3:
+                times.append(start.elapsed_time(end))
+            q.grad = k.grad = v.grad = None
+        out[f"{name}_ms"] = sorted(times)[len(times) // 2]
+    out["speedup"] = out["dense_ms"] / out["s2_ms"]
+    out["pair_share"] = rules.visible_pairs(seq_len) / (heads * seq_len * (seq_len + 1) / 2)
+    return {"seq_len": seq_len, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, **out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
@@ -93,6 +135,7 @@ def main() -> None:
     ap.add_argument("--variants", default="dense,s2,hybrid-dense,hybrid-s2")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--attn-iters", type=int, default=10, help="timed repeats of the attention-only row (0: skip)")
     ap.add_argument("--tiny", action="store_true", help="a tiny shape on the CPU: checks the script, times nothing")
     args = ap.parse_args()
 
@@ -130,11 +173,17 @@ def main() -> None:
             if r["seq_len"] == seq_len and base is not None and "error" not in r:
                 r["speedup_vs_dense"] = base["step_s_mean"] / r["step_s_mean"]
 
+    attention = []
+    if device == "cuda" and args.attn_iters > 0:
+        for seq_len in (int(x) for x in args.lengths.split(",")):
+            attention.append(attention_only(seq_len, heads=heads, kv_heads=config.num_key_value_heads,
+                                            head_dim=config.head_dim, iters=args.attn_iters))
+            print(attention[-1], flush=True)
     write_json(args.out, {"schema_version": 1, "shape": dict(shape, num_hidden_layers=args.layers),
                           "smoke_test_only": bool(args.tiny),
                           "lora": {"r": 8, "alpha": 16, "targets": "q,k,v,o"}, "batch": 1,
                           "gradient_checkpointing": True, "dtype": "bfloat16 (autocast), LoRA fp32",
-                          "sink": SINK, "window": WINDOW, "rows": rows, "environment": environment(device)})
+                          "sink": SINK, "window": WINDOW, "rows": rows, "attention_only": attention, "environment": environment(device)})
 
 
 if __name__ == "__main__":
