@@ -14,7 +14,7 @@
 #   ts-e2e (300)       tokenselect_e2e.py at CONTEXTS (65536,131072), 16 steps; ts-e2e-radix: the same with
 #                      LIGHTTRANSFER_SELECT_TOPK=radix
 #   hr-kernels (330)   head_routing_kernel_bench.py --batches 1,16 (the fused QAdA step, three launches and one)
-#   hr-quality (540)   head_routing_quality_gpu.sh (needs GGUF, TEXT, REPORT)
+#   hr-quality (540)   head_routing_quality_gpu.sh (needs GGUF, TEXT, REPORT; about four ROWS fit one call)
 #   sp-quality (540)   sparse_prefill_quality.py at 8k (needs GGUF, TEXT)
 #   ts-quality (540)   TokenSelect at 8k, the scaled-down budget, then the Selection Cache sweep (GGUF, TEXT,
 #                      REPORT)
@@ -58,7 +58,7 @@ job() {  # NAME DIR: the job's commands, writing into DIR
     hr-kernels) python3 "$root/bench/scripts/head_routing_kernel_bench.py" --out "$d" --batches 1,16 ;;
     hr-quality)
       need GGUF TEXT || return
-      bash "$root/bench/scripts/head_routing_quality_gpu.sh" "$GGUF" "$TEXT" "$REPORT" "$d"
+      ROW_LIMIT=${ROW_LIMIT:-500} bash "$root/bench/scripts/head_routing_quality_gpu.sh" "$GGUF" "$TEXT" "$REPORT" "$d"
       ;;
     sp-quality)
       need GGUF TEXT || return

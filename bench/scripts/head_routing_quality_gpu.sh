@@ -26,19 +26,14 @@
 # H200, the Q4_1 weights dequantize to fp32 exactly, and the rows then differ by their routing, not by bf16
 # rounding of the routed kernel against SDPA.
 #
-# Time budget (~6 min on one H200), estimated from two measurements:
-# - the CPU (2 shared cores, fp32, this checkout; 1 passkey + 1 niah_single_1 prompt at 2k per row): original 10 s,
-#   routing rows 24-47 s each including their calibration (2 x 2k tokens, 32 queries decided per layer), qada 133 s
-#   (its answer ran to the 128-token budget): the routing decision is per-layer Python and small kernels, so decode
-#   steps cost ~1.2-2x the dense ones;
-# - the H200 RULER run in bench/results/ruler_smollm2_h200 (same model, fp32, 5 rows side by side, batch 25):
-#   ~0.7 s per prompt per row (900 prompts at 2k-8k in 550-700 s).
-# Scaled: 8 rows side by side (x 1.6), prompts at 4k-8k only (x 1.3), the routing decision (x 1.2): ~1.7 s per
-# prompt, 180 prompts ~ 5 min per row, all rows together, plus ~30 s loading and calibration (2 x 8k). Each row is
-# cut at ROW_LIMIT (340 s) so the call ends within ~6 min whatever happens; a row that hit it is named and left out
-# of the merge (rerun it alone with ROWS=<row>).
+# Time on one H200 (measured, bench/results/head_routing_smollm2_h200/timed_out_run): with all 8 rows side by side,
+# qada-random and qada-gates (no calibration) finished in 182 / 185 s; the original (stock transformers' decode,
+# slower than the runtime's kernels) and the five calibrated rows (12 held-out prompts per kind at each length first)
+# were still running at 340 s. So one 10-minute call holds about four rows: run the rest in a second call with ROWS
+# and merge every part with `lighttransfer eval-merge` (parts of different calls merge like parts of one). The
+# default ROW_LIMIT (540) lets a row use most of a call.
 # Environment: ROWS, TASKS, SAMPLES, BATCH, PASSKEY_TRIALS, LENGTHS (4k,8k), WINDOW (128), ROUTING_SHARE (0.5),
-# ROW_LIMIT (340), DEVICE (cuda), DTYPE (float32), EVAL_ARGS (more eval options).
+# ROW_LIMIT (540), DEVICE (cuda), DTYPE (float32), EVAL_ARGS (more eval options).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 link=$(mktemp -d)
@@ -59,7 +54,7 @@ for row in ${ROWS//,/ }; do
   part="$out/parts/$row.json"
   names+=("$row")
   parts+=("$part")
-  OMP_NUM_THREADS=2 timeout "${ROW_LIMIT:-340}" python3 -m lighttransfer -q eval --baseline "$gguf" --text "$text" \
+  OMP_NUM_THREADS=2 timeout "${ROW_LIMIT:-540}" python3 -m lighttransfer -q eval --baseline "$gguf" --text "$text" \
     --report "$report" --suite passkey,ruler --lengths "$LENGTHS" --ruler-tasks "$TASKS" \
     --samples "${SAMPLES:-20}" --ruler-batch "${BATCH:-20}" --passkey-lengths "$passkey_lengths" \
     --passkey-depths 5 --passkey-trials "${PASSKEY_TRIALS:-2}" --sink 4 --window "${WINDOW:-128}" --rows "$row" \
