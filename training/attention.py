@@ -11,6 +11,10 @@ function; leaving the block restores both. Two backends evaluate the same rule (
 * ``dense`` (the CPU, or forced): SDPA with the explicit ``[heads, N, N]`` boolean mask (FlexAttention has no
   backward on the CPU in torch 2.13); exact, but ``O(N^2)`` memory, so only for short sequences.
 
+On either backend a layer of plain S²-Attn (every head full, no sink: the full layers of a hybrid trained with
+``--s2-attn``) takes neither: it is causal attention within contiguous runs of positions, computed by SDPA's causal
+kernel over the runs batched together (:mod:`.s2_grouped`; ``grouped_s2=False`` keeps the mask paths).
+
 Training rows are whole (no padding), so the 2-D ``attention_mask`` is not needed; transformers builds none for an
 implementation without a registered mask function.
 """
@@ -29,6 +33,7 @@ from transformers import AttentionInterface
 from ..errors import LightTransferError
 from ..hybrid_format import HybridLayout
 from .masks import LayerRules, dense_mask, flex_block_mask, layer_rules, s2_group_size
+from .s2_grouped import grouped_s2_group, s2_grouped_attention
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,8 @@ class TrainingAttention:
         group_frac: S²-Attn group size as a share of the sequence length.
         s2_sink: keys every S² head also sees (0 = LongLoRA's S²-Attn).
         backend: ``flex`` or ``dense`` (resolved from ``auto`` by the device).
+        grouped_s2: plain S²-Attn layers run as causal attention over their groups (:mod:`.s2_grouped`) instead
+            of through ``backend``'s mask; the same pairs either way.
     """
 
     layout: HybridLayout
@@ -54,6 +61,7 @@ class TrainingAttention:
     group_frac: float = 0.25
     s2_sink: int = 0
     backend: str = "dense"
+    grouped_s2: bool = True
     _masks: dict = field(default_factory=dict, repr=False)
 
     def rules(self, layer: int, num_heads: int, seq_len: int) -> LayerRules:
@@ -108,7 +116,11 @@ def training_attention_forward(module, query, key, value, attention_mask, scalin
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     rules = state.rules(module.layer_idx, heads, seq_len)
     gqa = heads != key.shape[1]
-    if rules.is_causal:  # plain causal (full layers without S²-Attn): SDPA's flash kernel beats any mask
+    group = grouped_s2_group(rules) if state.grouped_s2 else None
+    if group is not None:  # plain S²-Attn: causal within runs, no mask
+        out = s2_grouped_attention(query, key, value, group=group, scale=scaling,
+                                   dropout=dropout if module.training else 0.0)
+    elif rules.is_causal:  # plain causal (full layers without S²-Attn): SDPA's flash kernel beats any mask
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa,
             dropout_p=dropout if module.training else 0.0)

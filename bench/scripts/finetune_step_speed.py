@@ -5,7 +5,9 @@ gradient checkpointing, batch 1, AdamW; each variant trains ``--steps`` timed st
 ones (the first compiles FlexAttention and builds the block masks). Variants:
 
 * ``dense``: every layer full, dense causal attention (SDPA, flash on CUDA) -- the baseline;
-* ``s2``: every layer full, S²-Attn (groups of a quarter of the length, half the heads shifted, never wrapping);
+* ``s2``: every layer full, S²-Attn (groups of a quarter of the length, half the heads shifted, never wrapping),
+  as causal attention over the groups (``training/s2_grouped.py``, SDPA's flash kernel per group);
+* ``s2-flex``: the same pattern through FlexAttention block masks (``grouped_s2=False``);
 * ``hybrid-dense`` / ``hybrid-s2``: half the layers streaming (sink 4 + window 1020, FlexAttention), the rest as
   ``dense`` / ``s2`` -- how ``lighttransfer finetune`` trains a ratio-0.5 hybrid.
 
@@ -13,8 +15,8 @@ Reported per (variant, length): mean and min step seconds, tokens/s, peak alloca
 pairs of each layer kind relative to dense causal, and ``speedup_vs_dense`` (dense step time / this one).
 
 Beside the steps, ``attention_only`` times one layer's attention alone, forward + backward, at each length: SDPA's
-causal kernel against S²-Attn through the same FlexAttention call the training uses (``[1, 32, N, 128]`` queries,
-8 KV heads, bf16, CUDA events, the median of ``--attn-iters``). The step's speed-up is bounded by the share of the
+causal kernel against S²-Attn grouped (what the training runs) and through FlexAttention (``[1, 32, N, 128]``
+queries, 8 KV heads, bf16, CUDA events, the median of ``--attn-iters``). The step's speed-up is bounded by the share of the
 step that is attention; this row shows the attention's own.
 
     PYTHONPATH=<dir with a lighttransfer link> python3 bench/scripts/finetune_step_speed.py OUT.json \
@@ -63,7 +65,8 @@ def run_variant(model, variant: str, seq_len: int, steps: int, warmup: int) -> d
     layout = resolve_layout(model.config, streaming_layers=streaming, sink=SINK, window=WINDOW)
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
-    state = TrainingAttention(layout=layout, s2_attn=variant.endswith("s2"), backend="flex" if cuda else "dense")
+    state = TrainingAttention(layout=layout, s2_attn="s2" in variant, backend="flex" if cuda else "dense",
+                              grouped_s2=not variant.endswith("-flex"))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), device=device)
@@ -91,9 +94,11 @@ def run_variant(model, variant: str, seq_len: int, steps: int, warmup: int) -> d
 
 
 def attention_only(seq_len: int, *, heads: int, kv_heads: int, head_dim: int, iters: int) -> dict:
-    """One layer's attention, forward + backward, dense causal (SDPA) vs S²-Attn (FlexAttention), ms (median)."""
+    """One layer's attention, forward + backward, dense causal (SDPA) vs S²-Attn grouped and through FlexAttention,
+    ms (median)."""
     from lighttransfer.training.attention import _flex
     from lighttransfer.training.masks import flex_block_mask
+    from lighttransfer.training.s2_grouped import s2_grouped_attention
 
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
@@ -102,13 +107,14 @@ def attention_only(seq_len: int, *, heads: int, kv_heads: int, head_dim: int, it
     v = torch.randn(1, kv_heads, seq_len, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
     grad = torch.randn(1, heads, seq_len, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    rules = layer_rules(heads, streaming_heads=[False] * heads, sink=SINK, window=WINDOW,
-                        s2_group=s2_group_size(seq_len, 0.25))
+    group = s2_group_size(seq_len, 0.25)
+    rules = layer_rules(heads, streaming_heads=[False] * heads, sink=SINK, window=WINDOW, s2_group=group)
     mask = flex_block_mask(rules, seq_len, device=device)
     flex = _flex()
     fns = {"dense": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                              enable_gqa=True),
-           "s2": lambda: flex(q, k, v, block_mask=mask, enable_gqa=True)}
+           "s2": lambda: s2_grouped_attention(q, k, v, group=group),
+           "s2_flex": lambda: flex(q, k, v, block_mask=mask, enable_gqa=True)}
     out = {}
     for name, fn in fns.items():
         times = []
@@ -123,6 +129,7 @@ def attention_only(seq_len: int, *, heads: int, kv_heads: int, head_dim: int, it
             q.grad = k.grad = v.grad = None
         out[f"{name}_ms"] = sorted(times)[len(times) // 2]
     out["speedup"] = out["dense_ms"] / out["s2_ms"]
+    out["speedup_flex"] = out["dense_ms"] / out["s2_flex_ms"]
     out["pair_share"] = rules.visible_pairs(seq_len) / (heads * seq_len * (seq_len + 1) / 2)
     return {"seq_len": seq_len, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, **out}
 
@@ -132,7 +139,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--lengths", default="8192,32768")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers (32: the full 8B shape)")
-    ap.add_argument("--variants", default="dense,s2,hybrid-dense,hybrid-s2")
+    ap.add_argument("--variants", default="dense,s2,s2-flex,hybrid-dense,hybrid-s2")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--attn-iters", type=int, default=10, help="timed repeats of the attention-only row (0: skip)")
