@@ -45,3 +45,19 @@ def test_no_gap_gives_none_rather_than_a_division_by_zero():
     assert rows["s2_50"]["gap_recovered"]["4096"] is None
     assert rows["s2_50"]["gap_recovered_vs_control"]["4096"] is None
     assert rows["s2_50"]["passkey_gap_recovered_vs_control"] is None
+
+
+def _wordings(ppl4k, locker, needle):
+    row = _row(ppl4k, locker)
+    row["retrieval"] = {"locker": {"accuracy": locker}, "needle": {"accuracy": needle}}
+    return row
+
+
+def test_each_wording_is_read_against_its_own_control():
+    rows = {"original": _wordings(26.0, 0.9, 0.5), "hybrid": _wordings(28.0, 0.3, 0.1),
+            "s2_100": _wordings(24.0, 0.3, 0.4), "reference_s2_100": _wordings(23.0, 0.9, 0.5)}
+    _script().add_recovery(rows)
+    got = rows["s2_100"]["retrieval_gap_recovered_vs_control"]
+    assert got["locker"] == pytest.approx(0.0)  # 1 - (0.9 - 0.3) / (0.9 - 0.3): nothing back
+    assert got["needle"] == pytest.approx(1 - (0.5 - 0.4) / (0.5 - 0.1))
+    assert rows["s2_100"]["passkey_gap_recovered_vs_control"] == pytest.approx(got["locker"])

@@ -12,7 +12,7 @@
 # Environment: SEQ (8192), BATCH (4), LR (2e-4), WARMUP (10; fixed, so that every resumed point continues one schedule), STEPS ("50 100 200 400"), MODES ("s2 dense";
 # s2: S²-Attn, dense: --no-s2-attn, s2sink: S²-Attn whose heads also see the first 4 tokens, SinkLoRA-style),
 # DATA_EXTRA (synthetic:passkey: retrieval rows in the six training wordings; empty for text only),
-# PASSKEY_FORMAT (locker: a wording never trained on), FT_ARGS (more finetune options, e.g. --train-norms), EVAL_LENGTHS (4096,8192), EVAL_WINDOWS (8),
+# PASSKEY_FORMAT (locker,needle: the two wordings never trained on; each scored, the first as "passkey"), FT_ARGS (more finetune options, e.g. --train-norms), EVAL_LENGTHS (4096,8192), EVAL_WINDOWS (8),
 # PASSKEY_TRIALS (5), LAYERS (the 0.75 selection below), SPEED_ARGS (finetune_step_speed.py options),
 # REFERENCE (1: also fine-tune the original the same way at every step count, the control for adaptation to the
 # training text: on the H200 run without it, every fine-tuned hybrid fell below the original's perplexity; the
@@ -72,7 +72,7 @@ case "$stage" in
     fi
     py "$here/bench/scripts/finetune_recovery.py" --original "$gguf" --hybrid "$out/hybrid" "${finetuned[@]}" \
       --text "$out/emma_eval.txt" --lengths "${EVAL_LENGTHS:-4096,8192}" --windows "${EVAL_WINDOWS:-8}" \
-      --passkey-trials "${PASSKEY_TRIALS:-5}" --passkey-depths 10 --passkey-format "${PASSKEY_FORMAT:-locker}" \
+      --passkey-trials "${PASSKEY_TRIALS:-5}" --passkey-depths 10 --passkey-format "${PASSKEY_FORMAT:-locker,needle}" \
       --device cuda --dtype bfloat16 \
       --out "$out/finetune_recovery_smollm2.json"
     ;;

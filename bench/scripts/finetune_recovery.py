@@ -21,6 +21,10 @@ steps), next to a hybrid row ``<mode>_<steps>``; then
 the share of the conversion's gap that is gone once both models had the same training: 1 = the fine-tuned
 hybrid is as good as the fine-tuned original, 0 = the gap is as large as before, and the same for the passkey
 accuracy (``passkey_gap_recovered_vs_control``, points of accuracy instead of perplexity).
+
+``--passkey-format`` takes one wording or several (``locker,needle``: the two never trained on). Each row then
+holds ``retrieval[<wording>]`` for every one and ``passkey`` for the first; the control comparison is made per
+wording (``retrieval_gap_recovered_vs_control``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from lighttransfer.calibration.passkey import check_templates
 from lighttransfer.environment import environment
 from lighttransfer.evaluation.passkey import passkey_accuracy, passkey_depths, passkey_samples
 from lighttransfer.evaluation.perplexity import default_stride, perplexity, plan_windows
@@ -76,11 +81,19 @@ def add_recovery(rows: dict[str, dict]) -> None:
             continue
         row["control"] = f"reference_{name}"
         row["gap_recovered_vs_control"] = control_recovery(original["ppl"], hybrid["ppl"], row["ppl"], control["ppl"])
+        # accuracy falls where perplexity rises: both gaps as "better minus worse", hence the argument order
         if all("passkey" in r for r in (row, control, original, hybrid)):
-            # accuracy falls where perplexity rises: both gaps as "better minus worse", hence the argument order
             acc = lambda r: {"all": r["passkey"]["accuracy"]}
             row["passkey_gap_recovered_vs_control"] = control_recovery(acc(hybrid), acc(original), acc(control),
                                                                        acc(row))["all"]
+        wordings = set(row.get("retrieval", {}))
+        for r in (control, original, hybrid):
+            wordings &= set(r.get("retrieval", {}))
+        if wordings:
+            acc = lambda r, w: {"all": r["retrieval"][w]["accuracy"]}
+            row["retrieval_gap_recovered_vs_control"] = {
+                w: control_recovery(acc(hybrid, w), acc(original, w), acc(control, w), acc(row, w))["all"]
+                for w in sorted(wordings)}
 
 
 def _load(path: str, device: str, dtype: str):
@@ -104,7 +117,8 @@ def main() -> None:
     ap.add_argument("--passkey-trials", type=int, default=0, help="per depth and length; 0: no passkey")
     ap.add_argument("--passkey-depths", type=int, default=5)
     ap.add_argument("--passkey-format", default="passkey",
-                    help="wording (calibration.passkey.TEMPLATES); needle and locker are never trained on")
+                    help="wording or comma-separated wordings (calibration.passkey.TEMPLATES); needle and locker "
+                         "are never trained on")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--out", required=True)
@@ -118,8 +132,10 @@ def main() -> None:
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     plans = {L: plan_windows(len(ids), length=L, stride=default_stride(L, min_context), min_context=min_context,
                              max_windows=args.windows) for L in lengths}
-    samples = passkey_samples(tokenizer, text, lengths=lengths, depths=passkey_depths(args.passkey_depths),
-                              trials=args.passkey_trials, template=args.passkey_format) if args.passkey_trials else []
+    wordings = check_templates(args.passkey_format, option="--passkey-format")
+    samples = {w: passkey_samples(tokenizer, text, lengths=lengths, depths=passkey_depths(args.passkey_depths),
+                                  trials=args.passkey_trials, template=w)
+               for w in wordings} if args.passkey_trials else {}
 
     models = [("original", args.original), ("hybrid", args.hybrid)]
     models += [tuple(spec.split("=", 1)) for spec in args.finetuned]
@@ -134,29 +150,31 @@ def main() -> None:
                 result = perplexity(sequence, ids, windows)
                 row["ppl"][str(L)], row["nll"][str(L)] = result["ppl"], result["nll"]
                 row["scored_tokens"] = result["tokens"]
+            for w, prompts in samples.items():
+                acc = passkey_accuracy(sequence, prompts)
+                row.setdefault("retrieval", {})[w] = {"accuracy": acc["accuracy"], "n": acc["n"],
+                                                      "ci95": acc["ci95"], "by_length": acc["by_length"]}
             if samples:
-                acc = passkey_accuracy(sequence, samples)
-                row["passkey"] = {"accuracy": acc["accuracy"], "n": acc["n"], "ci95": acc["ci95"],
-                                  "by_length": acc["by_length"]}
+                row["passkey"] = row["retrieval"][wordings[0]]
         record = FinetuneRecord.from_model_config(model.config)
         if record is not None:
             row["finetune"] = {"steps": record.steps, "tokens": record.tokens, "first_loss": record.first_loss,
                                "final_loss": record.final_loss, "settings": record.settings}
         row["seconds"] = time.perf_counter() - start
         rows[name] = row
-        print(name, {L: round(p, 3) for L, p in row["ppl"].items()}, row.get("passkey", {}).get("accuracy"),
-              flush=True)
+        print(name, {L: round(p, 3) for L, p in row["ppl"].items()},
+              {w: r["accuracy"] for w, r in row.get("retrieval", {}).items()}, flush=True)
         del model
 
     add_recovery(rows)
     for name, row in rows.items():
         if "gap_recovered" in row:
             print(name, "gap recovered", row["gap_recovered"], "vs control",
-                  row.get("gap_recovered_vs_control", "-"), row.get("passkey_gap_recovered_vs_control", "-"),
+                  row.get("gap_recovered_vs_control", "-"), row.get("retrieval_gap_recovered_vs_control", "-"),
                   flush=True)
 
     write_json(args.out, {"schema_version": 1, "rows": rows, "lengths": lengths, "windows": args.windows,
-                          "passkey": {"format": args.passkey_format, "trials": args.passkey_trials,
+                          "passkey": {"format": ",".join(wordings), "trials": args.passkey_trials,
                                       "depths": args.passkey_depths},
                           "text": {"path": args.text, "lines": args.text_lines, "tokens": len(ids)},
                           "layout": {"streaming_layers": block.streaming_layers, "sink": block.sink,
