@@ -237,7 +237,8 @@ def test_the_record_sits_beside_the_block_and_survives_save_pretrained(merged, t
 @pytest.mark.cuda
 @pytest.mark.parametrize("s2", [True, False], ids=["s2", "no-s2"])
 def test_flex_backend_matches_the_explicit_masks_on_cuda(hybrid, s2):
-    """FlexAttention block masks (CUDA) and explicit-mask SDPA give the same loss and LoRA gradients, bf16."""
+    """FlexAttention block masks (CUDA), explicit-mask SDPA and (with S²-Attn) the grouped causal path give the same
+    loss and LoRA gradients, bf16."""
     import lighttransfer
     from lighttransfer.runtime import resolve_layout
     from lighttransfer.training import TrainingAttention, training_attention
@@ -246,20 +247,25 @@ def test_flex_backend_matches_the_explicit_masks_on_cuda(hybrid, s2):
     layout = resolve_layout(lighttransfer.load(hybrid, device="cpu").config)
     ids = torch.randint(3, 60, (2, 256), generator=torch.Generator().manual_seed(4)).cuda()
     results = {}
-    for backend in ("flex", "dense"):
+    variants = {"flex": ("flex", False), "dense": ("dense", False)}
+    if s2:
+        variants["grouped"] = ("flex", True)
+    for variant, (backend, grouped) in variants.items():
         model = add_lora(make_tiny_model("llama", tie_word_embeddings=True).cuda(), r=4, alpha=8)
         for name, p in model.named_parameters():  # B = 0 at init: give the gradients of A something to show
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.02)
-        with training_attention(model, TrainingAttention(layout=layout, s2_attn=s2, backend=backend)):
+        state = TrainingAttention(layout=layout, s2_attn=s2, backend=backend, grouped_s2=grouped)
+        with training_attention(model, state):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
         grads = torch.cat([p.grad.flatten().float() for n, p in model.named_parameters() if p.grad is not None])
-        results[backend] = (loss.item(), grads)
-    assert results["flex"][0] == pytest.approx(results["dense"][0], rel=1e-2)
-    err = (results["flex"][1] - results["dense"][1]).norm() / results["dense"][1].norm()
-    assert err.item() < 5e-2
+        results[variant] = (loss.item(), grads)
+    for variant in variants:
+        assert results[variant][0] == pytest.approx(results["dense"][0], rel=1e-2), variant
+        err = (results[variant][1] - results["dense"][1]).norm() / results["dense"][1].norm()
+        assert err.item() < 5e-2, variant
 
 
 def test_a_checkpoint_that_streams_no_layer_trains_every_layer_full(tmp_path):
