@@ -8,7 +8,8 @@
 #
 # Jobs (default limits in seconds; on a cold Triton cache the first TokenSelect or routing job compiles for 1-2 min):
 #   cuda-tests (240)   the CUDA tests of the TokenSelect step and kernels (Selection Cache lookup, radix top-k,
-#                      static steps, CUDA graphs) and of the one-launch fused routing kernel
+#                      static steps, CUDA graphs), of the one-launch fused routing kernel, and fine-tuning's
+#                      attention paths on CUDA (FlexAttention and grouped S²-Attn against the explicit masks)
 #   ts-kernels (240)   tokenselect_kernel_bench.py: every part at 128k, batch 1 and 16, the fused lookup and the
 #                      radix top-k beside their predecessors
 #   ts-e2e (300)       tokenselect_e2e.py at CONTEXTS (65536,131072), 16 steps; ts-e2e-radix: the same with
@@ -47,7 +48,7 @@ job() {  # NAME DIR: the job's commands, writing into DIR
       local t=/tmp/lt-jobs/lighttransfer/tests
       (cd /tmp && python3 -m pytest -v -p no:cacheprovider --rootdir=/tmp/lt-jobs/lighttransfer \
         "$t/kernels/test_selection_cache.py" "$t/kernels/test_topk_rows.py" "$t/test_runtime_token_select_step.py" \
-        "$t/test_runtime_token_select_static.py" "$t/kernels/test_fused_routing.py")
+        "$t/test_runtime_token_select_static.py" "$t/kernels/test_fused_routing.py" "$t/test_finetune.py")
       ;;
     ts-kernels) python3 "$root/bench/scripts/tokenselect_kernel_bench.py" --out "$d" ;;
     ts-e2e) python3 "$root/bench/scripts/tokenselect_e2e.py" "$d" "${CONTEXTS:-65536,131072}" 16 ;;
