@@ -25,7 +25,7 @@ from ..output_files import check_output_target, publish_together, write_json
 from .identity import check_same_model
 from .passkey import passkey_accuracy, passkey_depths, passkey_samples
 from .perplexity import default_stride, perplexity, plan_windows
-from .rows import DEFAULT_ROWS, HEAD_LEVEL_ROWS, UNRANKED_ROWS, EvalRow, standard_rows
+from .rows import DEFAULT_ROWS, GATED_ROUTING_ROWS, HEAD_LEVEL_ROWS, UNRANKED_ROWS, EvalRow, standard_rows
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -535,7 +535,7 @@ def _calibrate_routing(model, row: EvalRow, calibration: tuple[list, list[int], 
     try:
         tuned = calibrate_head_routing(model, samples, share=row.routing_target, mode=cfg.mode, stats=cfg.stats,
                                        cov=cfg.cov, sink=cfg.sink, window=cfg.window, guard=cfg.guard,
-                                       page=cfg.page, last=lasts)
+                                       page=cfg.page, full_masks=cfg.full_masks, last=lasts)
     finally:
         disable_hybrid(model)
     info = {"share": row.routing_target, **drawn, "tau": tuned.tau,
@@ -602,14 +602,15 @@ def _build_rows(rows, *, hcfg, report, report_data, ratio, sink, window, num_lay
             "pass the report of this model."
         )
     kv_scores = kv_gates = kv_default = None
-    if set(HEAD_LEVEL_ROWS + ("qada-gates",)) & set(names) and loaded is not None:
+    if set(HEAD_LEVEL_ROWS + GATED_ROUTING_ROWS) & set(names) and loaded is not None:
         # head-level always ranks by attention mass, head-level-gates by the gates: one run compares the two
         kv_scores = loaded.kv_head_long_context_scores("attention")
         kv_default = loaded.kv_head_long_context_scores()
-        if {"head-level-gates", "qada-gates"} & set(names):
+        if {"head-level-gates", *GATED_ROUTING_ROWS} & set(names):
             if loaded.kv_head_gates is None:
                 raise LightTransferError(
-                    f"the head-level-gates row needs KV-head gates, and report '{report}' has none; "
+                    f"the {' and '.join(sorted({'head-level-gates', *GATED_ROUTING_ROWS} & set(names)))} row needs "
+                    f"KV-head gates, and report '{report}' has none; "
                     "rerun 'lighttransfer analyze --method optimize' or drop the row."
                 )
             kv_gates = loaded.kv_head_long_context_scores("optimize")

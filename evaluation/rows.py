@@ -52,6 +52,9 @@ ROW_KINDS: dict[str, str] = {
     "qada-diag": "as qada, a diagonal key covariance (routing_cov diag)",
     "qada-pages": "as qada, with the pages needle guard: also full when one page of bulk keys could, at its key "
                   "max/min score bound, take more than tau of the attention alone (routing_guard pages)",
+    "qada-heads": "as qada, with the heads guard: the quarter of the KV heads with the highest DuoAttention-style "
+                  "gates always full, QAdA deciding the rest, tau calibrated for --routing-share over all "
+                  "(routing_guard heads; needs a report with gates)",
     "qada-random": "as qada, each (sequence, KV head) routed local at random with probability --routing-share",
     "qada-gates": "as qada, a fixed share --routing-share of the KV heads always local: those with the lowest "
                   "DuoAttention-style gates (static routing; needs a report with gates)",
@@ -64,10 +67,15 @@ TOKENSELECT_ROWS = ("tokenselect", "lighttransfer+tokenselect", "quest", "lightt
 # rows with block-sparse prefill of the full layers: asked for by name too (they change the prefill, not the cache)
 SPARSE_PREFILL_ROWS = ("sparse-prefill", "lighttransfer+sparse-prefill")
 # rows that route the full layers' KV heads per decode query, compared at one routed share
-ROUTING_ROWS = ("qada", "qada-local", "qada-diag", "qada-pages", "qada-oracle", "qada-random", "qada-gates")
+ROUTING_ROWS = ("qada", "qada-local", "qada-diag", "qada-pages", "qada-heads", "qada-oracle", "qada-random",
+                "qada-gates")
+# the routing rows that need KV-head gates from a report
+GATED_ROUTING_ROWS = ("qada-heads", "qada-gates")
+# the share of the KV heads the qada-heads row keeps always full (those with the highest gates)
+GUARD_HEADS_SHARE = 0.25
 # rows that stream no layer chosen by a ranking (or all of them): they need no report's lazy ratios
 UNRANKED_ROWS = ("original", "streamingllm", "tokenselect", "quest", "sparse-prefill",
-                 *(name for name in ROUTING_ROWS if name != "qada-gates"))
+                 *(name for name in ROUTING_ROWS if name not in GATED_ROUTING_ROWS))
 DEFAULT_ROWS = tuple(name for name in ROW_KINDS
                      if name not in (*HEAD_LEVEL_ROWS, *TOKENSELECT_ROWS, *SPARSE_PREFILL_ROWS, *ROUTING_ROWS,
                                      "lazy-ratio"))
@@ -341,9 +349,24 @@ def standard_rows(
         return routed("qada-gates", config, f"{count} KV heads with the lowest gates always local", False)
 
     build["qada-gates"] = gates_row
+
+    def heads_row() -> EvalRow:
+        from ..convert import select_kv_heads
+
+        if kv_head_gates is None:
+            raise LightTransferError("the qada-heads row needs KV-head gates; pass --report with gates from "
+                                     "'lighttransfer analyze --method optimize'.")
+        full = select_kv_heads(kv_head_gates, ratio=GUARD_HEADS_SHARE, strategy="least_lazy", seed=seed,
+                               keep_layers=exclude)
+        count = sum(map(sum, full.values()))
+        config = dataclasses.replace(unguarded, guard="heads", full_masks={k: list(v) for k, v in full.items()})
+        return routed("qada-heads", config, f"QAdA, {qada.stats} stats, {qada.cov} covariance, {count} KV heads "
+                      f"with the highest gates always full, {when}", True)
+
+    build["qada-heads"] = heads_row
     return [build[name]() for name in names]
 
 
 __all__ = ["EvalRow", "ROW_KINDS", "DEFAULT_ROWS", "HEAD_LEVEL_ROWS", "TOKENSELECT_ROWS", "SPARSE_PREFILL_ROWS",
-           "ROUTING_ROWS", "UNRANKED_ROWS",
+           "ROUTING_ROWS", "GATED_ROUTING_ROWS", "UNRANKED_ROWS",
            "standard_rows"]

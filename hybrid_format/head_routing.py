@@ -10,8 +10,9 @@ before (and readers that do not know it refuse it as an unknown key instead of s
                      "local_masks": {}}
 
 ``guard`` (``"pages"``: a page-max bound that turns a head full when one page of bulk keys could alone carry more
-than ``tau`` of the attention, :mod:`lighttransfer.kernels.routing_guard`) and ``page`` (bulk keys per page) are
-written only when set: a block without a guard stays readable by versions that predate the field, and one with a
+than ``tau`` of the attention, :mod:`lighttransfer.kernels.routing_guard`; ``"heads"``: the KV heads of
+``full_masks``, e.g. those found long-context offline, always attend every key), ``page`` (bulk keys per page) and
+``full_masks`` are written only when set: a block without a guard stays readable by versions that predate the field, and one with a
 guard is refused by them as an unknown key (instead of routing unguarded).
 
 Modes: ``qada`` (the Gaussian prediction of the far share against ``tau``), ``oracle`` (the exact far share against
@@ -31,7 +32,7 @@ HEAD_ROUTING_SCHEMA_VERSION = 1
 ROUTING_MODES = ("qada", "oracle", "random", "static")
 ROUTING_STATS = ("bulk", "local")
 ROUTING_COVARIANCES = ("full", "diag")
-ROUTING_GUARDS = ("none", "pages")
+ROUTING_GUARDS = ("none", "pages", "heads")
 DEFAULT_ROUTING_PAGE = 64  # the same as kernels.routing_guard.DEFAULT_PAGE
 
 
@@ -53,9 +54,12 @@ class HeadRoutingConfig:
         seed: seed of the ``random`` mode's generator.
         local_masks: ``static``: ``{layer: [bool] * kv_heads}``, True = that KV head always goes local; layers
             absent stay full.
-        guard: ``qada`` only: ``none`` (the Gaussian alone) or ``pages`` (also full when a page's score bound says
-            one page of bulk keys could take more than ``tau`` of the attention on its own).
+        guard: ``qada`` only: ``none`` (the Gaussian alone), ``pages`` (also full when a page's score bound says
+            one page of bulk keys could take more than ``tau`` of the attention on its own) or ``heads`` (the KV
+            heads of ``full_masks`` always full, QAdA deciding the others).
         page: ``pages`` guard: key indices per page (``None``: 64).
+        full_masks: ``heads`` guard: ``{layer: [bool] * kv_heads}``, True = that KV head always attends every key
+            (its far share counts as infinite, so no threshold routes it local); layers absent have none.
     """
 
     mode: str = "qada"
@@ -70,6 +74,7 @@ class HeadRoutingConfig:
     local_masks: dict[int, list[bool]] = field(default_factory=dict)
     guard: str = "none"
     page: int | None = None
+    full_masks: dict[int, list[bool]] = field(default_factory=dict)
     schema_version: int = HEAD_ROUTING_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -96,6 +101,13 @@ class HeadRoutingConfig:
                                                dict(self.layer_tau).items()})
         object.__setattr__(self, "local_masks", {int(k): [bool(x) for x in v] for k, v in
                                                  dict(self.local_masks).items()})
+        object.__setattr__(self, "full_masks", {int(k): [bool(x) for x in v] for k, v in
+                                                dict(self.full_masks).items()})
+        if self.guard == "heads" and not any(map(any, self.full_masks.values())):
+            raise LightTransferError("routing_guard 'heads' needs routing_full_heads ({layer: [bool] * kv_heads}, "
+                                     "True = always full) with at least one KV head.")
+        if self.full_masks and self.guard != "heads":
+            raise LightTransferError("routing_full_heads needs routing_guard='heads' (without it they do nothing).")
         if self.tau is not None:
             object.__setattr__(self, "tau", _share(self.tau, "routing_tau"))
         if self.share is not None:
@@ -132,13 +144,16 @@ class HeadRoutingConfig:
                 how += f", {self.stats} stats, {self.cov} covariance"
                 if self.guard == "pages":
                     how += f", page guard (P={self.page_size})"
+                elif self.guard == "heads":
+                    how += f", {sum(map(sum, self.full_masks.values()))} KV heads always full"
         return f"head routing {self.mode} ({how})"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["layer_tau"] = {str(k): v for k, v in sorted(self.layer_tau.items())}
         d["local_masks"] = {str(k): v for k, v in sorted(self.local_masks.items())}
-        for name, default in (("guard", "none"), ("page", None)):
+        d["full_masks"] = {str(k): v for k, v in sorted(self.full_masks.items())}
+        for name, default in (("guard", "none"), ("page", None), ("full_masks", {})):
             if d[name] == default:
                 del d[name]  # the defaults: such blocks stay readable by versions that predate the fields
         return dict(sorted(d.items()))

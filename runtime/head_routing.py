@@ -13,7 +13,9 @@ query of a continuation chunk as if decoded alone) runs:
    local when all its query heads are at or below the layer's ``tau``. With ``guard="pages"`` (``qada``) the
    page bounds of the bulk keys (:mod:`lighttransfer.kernels.routing_guard`) move with it, and each query head's
    share is ``max(f̂, g)``, ``g`` the largest share one page could take at its score bound (a needle the Gaussian
-   misses). ``random`` draws local with probability ``share``; ``static`` applies fixed per-layer masks;
+   misses). With ``guard="heads"`` the KV heads of ``full_masks`` have an infinite far share: always full, and
+   counted so by the calibration. ``random`` draws local with probability ``share``; ``static`` applies fixed
+   per-layer masks;
 3. attention: :func:`lighttransfer.kernels.routed_decode` (the Triton kernel on CUDA, the reference on the CPU).
 
 On CUDA, ``qada`` with bulk moments and no guard runs 1-3 fused on the device instead (:mod:`.head_routing_fused`).
@@ -174,7 +176,7 @@ class HeadRouting:
         # decide and record, but attend every key (calibration: the model's own activations)
         self.observe_only = False
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._masks: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._masks: dict[tuple[str, int, torch.device], torch.Tensor] = {}
 
     def generator(self, device) -> torch.Generator:
         device = torch.device(device)
@@ -309,6 +311,9 @@ class HeadRouting:
                 if paged:
                     far = guard.guarded_share(far, guard.page_share(q, state.pages, lse, scale=scale))
             share = rule.group_max(far, kv_heads)
+            if cfg.guard == "heads":
+                share = share.masked_fill(self._full_mask(layer_idx, kv_heads, q.device).view(1, kv_heads),
+                                          float("inf"))
             local = share <= cfg.tau_for(layer_idx)
         local = local | ~decided  # an empty bulk: local and full are the same attention
         self.stats.add(layer_idx, local, decided, share)
@@ -335,10 +340,22 @@ class HeadRouting:
         rule.accumulate(state.moments, k.index_select(2, new), rule.range_weight(new, floor=floor))
 
     def _static_mask(self, layer: int, kv_heads: int, device) -> torch.Tensor:
-        key = (layer, torch.device(device))
+        return self._mask("local", self.config.local_masks, layer, kv_heads, device)
+
+    def _full_mask(self, layer: int, kv_heads: int, device) -> torch.Tensor:
+        return self._mask("full", self.config.full_masks, layer, kv_heads, device)
+
+    def _mask(self, kind: str, masks: dict[int, list[bool]], layer: int, kv_heads: int, device) -> torch.Tensor:
+        """bool ``[kv_heads]`` of ``masks[layer]`` (all False where absent), made once per device."""
+        key = (kind, layer, torch.device(device))
         mask = self._masks.get(key)
         if mask is None:
-            values = self.config.local_masks.get(layer, [False] * kv_heads)
+            values = masks.get(layer, [False] * kv_heads)
+            if len(values) != kv_heads:
+                from ..errors import LightTransferError
+
+                raise LightTransferError(f"head routing: the {kind} mask of layer {layer} has {len(values)} entries "
+                                         f"for {kv_heads} KV heads.")
             mask = self._masks[key] = torch.tensor(values, dtype=torch.bool, device=device)
         return mask
 
@@ -356,7 +373,8 @@ def _add_pages(pages: guard.PageBounds, keys: torch.Tensor, lo: int, hi: int, *,
 def resolve_head_routing(config, *, mode: str | None, tau: float | None = None, share: float | None = None,
                          stats: str | None = None, cov: str | None = None, sink: int | None = None,
                          window: int | None = None, seed: int | None = None, guard: str | None = None,
-                         page: int | None = None) -> HeadRoutingConfig | None:
+                         page: int | None = None,
+                         full_masks: dict[int, list[bool]] | None = None) -> HeadRoutingConfig | None:
     """The checkpoint block's ``head_routing`` with explicit options over it.
 
     ``mode``: ``None`` keeps the block's (dense without one), ``"dense"`` turns it off, else a mode name. Options
@@ -368,19 +386,22 @@ def resolve_head_routing(config, *, mode: str | None, tau: float | None = None, 
     block = HybridConfig.from_model_config(config) if config is not None else None
     stored = block.head_routing_config() if block is not None else None
     given = {k: v for k, v in dict(tau=tau, share=share, stats=stats, cov=cov, sink=sink, window=window,
-                                   seed=seed, guard=guard, page=page).items() if v is not None}
+                                   seed=seed, guard=guard, page=page, full_masks=full_masks).items()
+             if v is not None}
     if mode == "dense":
         return None
     if mode is None and stored is None:
         if given:
-            raise LightTransferError(f"routing_{next(iter(given))} needs head_routing='qada', 'oracle' or 'random' "
+            name = {"full_masks": "full_heads"}.get(next(iter(given)), next(iter(given)))
+            raise LightTransferError(f"routing_{name} needs head_routing='qada', 'oracle' or 'random' "
                                      "(the checkpoint stores no head routing).")
         return None
     base = stored.to_dict() if stored is not None else {}
     if mode is not None and mode != base.get("mode"):
         base = {"mode": mode}
     if given.get("guard") == "none":
-        base.pop("page", None)  # the stored guard's page size goes with it
+        base.pop("page", None)  # the stored guard's page size and heads go with it
+        base.pop("full_masks", None)
     return HeadRoutingConfig.from_dict({**base, **given})
 
 

@@ -42,11 +42,13 @@ def _observing(model, config: HeadRoutingConfig):
 def far_share_distribution(model, samples: Sequence[torch.Tensor], *, mode: str = "qada", stats: str = "bulk",
                            cov: str = "full", last: int | Sequence[int] = 32, sink: int | None = None,
                            window: int | None = None, guard: str = "none",
-                           page: int | None = None) -> dict[int, torch.Tensor]:
+                           page: int | None = None,
+                           full_masks: dict[int, list[bool]] | None = None) -> dict[int, torch.Tensor]:
     """``{full layer: float32 [queries, kv_heads]}``: per KV head, the largest far share of its query heads, for each
     of the last ``last`` tokens of each sample (1-D token ids) that has a bulk, for a model switched to the hybrid
     runtime; ``last`` may also be one count per sample (e.g. each prompt's answer tokens). ``guard="pages"``: the
-    guarded share ``max(f̂, g)`` (what such a routing compares with ``tau``)."""
+    guarded share ``max(f̂, g)`` (what such a routing compares with ``tau``); ``guard="heads"``: the KV heads of
+    ``full_masks`` at ``inf`` (never local)."""
     if mode not in ("qada", "oracle"):
         raise LightTransferError(f"far shares exist for head_routing 'qada' or 'oracle', not {mode!r}.")
     lasts = [int(last)] * len(samples) if isinstance(last, int) else [int(n) for n in last]
@@ -55,7 +57,7 @@ def far_share_distribution(model, samples: Sequence[torch.Tensor], *, mode: str 
     if any(n < 1 for n in lasts):
         raise LightTransferError(f"last must be >= 1 query, got {min(lasts)}.")
     config = HeadRoutingConfig(mode=mode, tau=0.0, stats=stats, cov=cov, sink=sink, window=window, guard=guard,
-                               page=page)
+                               page=page, full_masks=full_masks or {})
     device = next(model.parameters()).device
     keyword = cache_keyword(model)
     with _observing(model, config) as routing, torch.inference_mode():
@@ -77,18 +79,22 @@ def calibrate_head_routing(model, samples: Sequence[torch.Tensor], *, share: flo
                            stats: str = "bulk", cov: str = "full", per_layer: bool = True,
                            last: int | Sequence[int] = 32,
                            sink: int | None = None, window: int | None = None, guard: str = "none",
-                           page: int | None = None) -> HeadRoutingConfig:
+                           page: int | None = None,
+                           full_masks: dict[int, list[bool]] | None = None) -> HeadRoutingConfig:
     """A :class:`HeadRoutingConfig` whose ``tau`` (per layer, or one for all) routes a share ``≈ share`` of the
-    calibration decisions local (see the module docstring)."""
+    calibration decisions local (see the module docstring). With ``guard="heads"`` the share counts every decision,
+    the always-full heads' too: the others are routed local more often to reach it, or all of them where it is
+    out of reach (``tau = 1``)."""
     if not 0.0 <= share <= 1.0:
         raise LightTransferError(f"routing_share must be in [0, 1], got {share!r}.")
     shares = far_share_distribution(model, samples, mode=mode, stats=stats, cov=cov, last=last, sink=sink,
-                                    window=window, guard=guard, page=page)
+                                    window=window, guard=guard, page=page, full_masks=full_masks)
 
     def quantile(values: torch.Tensor) -> float:
         return share_threshold(values, share)
 
-    common = dict(mode=mode, stats=stats, cov=cov, sink=sink, window=window, guard=guard, page=page)
+    common = dict(mode=mode, stats=stats, cov=cov, sink=sink, window=window, guard=guard, page=page,
+                  full_masks=full_masks or {})
     if per_layer:
         return HeadRoutingConfig(**common, layer_tau={layer: quantile(v) for layer, v in shares.items()},
                                  tau=quantile(torch.cat(list(shares.values()))))

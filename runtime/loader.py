@@ -59,6 +59,7 @@ def load_hybrid(
     routing_window: int | None = None,
     routing_guard: str | None = None,
     routing_page: int | None = None,
+    routing_full_heads: dict[int, list[bool]] | None = None,
 ) -> LoadedModel:
     """Like :func:`load`, but returns the :class:`~lighttransfer.loading.LoadedModel` (model, tokenizer, source)."""
     check_chunk_size(chunk_size)  # before the weights load: a typo costs nothing
@@ -75,7 +76,7 @@ def load_hybrid(
     if ranges:
         SparsePrefillConfig(**ranges)  # their range checks, also before the weights load
     routing = dict(tau=routing_tau, share=routing_share, stats=routing_stats, cov=routing_cov, sink=routing_sink,
-                   window=routing_window, guard=routing_guard, page=routing_page)
+                   window=routing_window, guard=routing_guard, page=routing_page, full_masks=routing_full_heads)
     _check_routing(head_routing, routing)  # also before the weights load
     loaded = load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, with_tokenizer=False,
                         device_map=device_map)
@@ -129,6 +130,7 @@ def load(
     routing_window: int | None = None,
     routing_guard: str | None = None,
     routing_page: int | None = None,
+    routing_full_heads: dict[int, list[bool]] | None = None,
 ) -> Any:
     """Load a hybrid checkpoint as an ordinary transformers causal LM with a bounded KV cache.
 
@@ -184,10 +186,14 @@ def load(
             window keys).
         routing_cov: ``full`` (default) or ``diag`` covariance.
         routing_sink, routing_window: the local set of a routed-local head (default: the layout's sink/window).
-        routing_guard: ``none`` (default) or ``pages`` (``qada``): a needle guard, per page of ``routing_page`` bulk
-            keys the elementwise key max and min; a KV head also goes full when one page could, at its score bound,
-            take more than ``tau`` of the attention alone (``kernels/routing_guard.py``).
+        routing_guard: ``none`` (default), ``heads`` (``qada``: see ``routing_full_heads``) or ``pages``
+            (``qada``): a needle guard, per page of ``routing_page`` bulk keys the elementwise key max and min; a KV
+            head also goes full when one page could, at its score bound, take more than ``tau`` of the attention
+            alone (``kernels/routing_guard.py``).
         routing_page: keys per page of the ``pages`` guard (default 64).
+        routing_full_heads: ``heads`` guard (``qada``): ``{layer: [bool] * kv_heads}``, True = that KV head of a
+            full layer always attends every key (for example the heads an analysis found long-context), QAdA
+            deciding the others.
 
     Returns:
         The transformers model; ``model.generate`` and ``pipeline("text-generation", model=model)`` use the
@@ -205,7 +211,7 @@ def load(
                        fused_ops=fused_ops, head_routing=head_routing, routing_tau=routing_tau,
                        routing_share=routing_share, routing_stats=routing_stats, routing_cov=routing_cov,
                        routing_sink=routing_sink, routing_window=routing_window, routing_guard=routing_guard,
-                       routing_page=routing_page).model
+                       routing_page=routing_page, routing_full_heads=routing_full_heads).model
 
 
 def _check_routing(mode: str | None, options: dict) -> None:

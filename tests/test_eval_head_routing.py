@@ -40,11 +40,18 @@ def test_rows_are_built_by_name_at_one_share():
     assert rows["qada-random"].head_routing.share == 0.25 and rows["qada-random"].routing_target is None
     # 2 of 8 KV heads, the lowest gates: (2, 0) and (0, 1)
     assert rows["qada-gates"].head_routing.local_masks == {0: [False, True], 2: [True, False]}
+    # the heads guard: a quarter of the KV heads, the highest gates, (2, 1) and (0, 0), always full; QAdA on the
+    # rest, calibrated for the same share over all decisions
+    heads = rows["qada-heads"].head_routing
+    assert heads == dataclasses.replace(base, guard="heads", full_masks={0: [True, False], 2: [False, True]})
+    assert rows["qada-heads"].routing_target == 0.25
     fixed = standard_rows(lazy_ratios=[0.5] * 4, ratio=0.5, num_kv_heads=2, sink=2, window=16, names=["qada"],
                           routing_tau=0.1)[0]
     assert fixed.routing_target is None and fixed.head_routing.tau == 0.1
     with pytest.raises(LightTransferError, match="gates"):
         standard_rows(lazy_ratios=[0.5] * 4, ratio=0.5, num_kv_heads=2, sink=2, window=16, names=["qada-gates"])
+    with pytest.raises(LightTransferError, match="qada-heads row needs KV-head gates"):
+        standard_rows(lazy_ratios=[0.5] * 4, ratio=0.5, num_kv_heads=2, sink=2, window=16, names=["qada-heads"])
 
 
 def test_eval_cli_runs_the_routing_rows(tmp_path, capsys, long_text, monkeypatch):

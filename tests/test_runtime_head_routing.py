@@ -442,6 +442,62 @@ def test_guard_options_fail_with_one_line_naming_the_option(tiny_model_dir, kwar
         resolve_head_routing(None, mode=None, guard="pages")  # a guard with nothing to guard
 
 
+def test_heads_guard_keeps_its_heads_full_and_qada_decides_the_rest():
+    """tau 1 routes every unguarded head local: the heads guard then equals static routing with the complement of
+    its masks, output for output; the guarded heads never go local, whatever tau."""
+    full = {0: [True, False], 2: [False, True]}
+    ids = ids_of(2, 30, seed=4)
+    guarded = routed(HeadRoutingConfig(mode="qada", tau=1.0, guard="heads", full_masks=full))
+    local = {layer: [not f for f in full.get(layer, [False, False])] for layer in range(4)}
+    static = routed(HeadRoutingConfig(mode="static", local_masks=local))
+    torch.testing.assert_close(decode_logits(guarded, ids, 10), decode_logits(static, ids, 10), rtol=0, atol=0)
+    assert head_routing_stats(guarded).local_share_by_layer() == {0: 0.5, 1: 1.0, 2: 0.5, 3: 1.0}
+    plain = routed(HeadRoutingConfig(mode="qada", tau=1.0))
+    decode_logits(plain, ids, 10)
+    assert head_routing_stats(plain).local_share() == 1.0  # without the guard every head goes local
+
+
+def test_calibration_with_the_heads_guard_counts_its_heads_as_never_local():
+    full = {layer: [True, False] for layer in range(4)}  # half the KV heads always full
+    model = routed(HeadRoutingConfig(mode="random", share=0.0))
+    samples = [ids_of(1, 48, seed=s)[0] for s in range(3)]
+    dist = far_share_distribution(model, samples, last=16, guard="heads", full_masks=full)
+    assert all(torch.isinf(v[:, 0]).all() and torch.isfinite(v[:, 1]).all() for v in dist.values())
+    for share, expect in ((0.25, 0.25), (0.9, 0.5)):  # 0.9 is out of reach: every unguarded head goes local
+        cfg = calibrate_head_routing(model, samples, share=share, last=16, guard="heads", full_masks=full)
+        assert cfg.guard == "heads" and cfg.full_masks == full
+        enable_hybrid(model, runtime_of(model).layout, head_routing=cfg)
+        runtime_of(model).select_chunks = True
+        with torch.no_grad():
+            for ids in samples:
+                out = model(ids[None, :-16], use_cache=True)
+                model(ids[None, -16:], use_cache=True, **{cache_keyword(model): output_cache(out)})
+        assert abs(head_routing_stats(model).local_share() - expect) < 0.05, share
+
+
+def test_heads_guard_options_round_trip_and_fail_with_one_line(tiny_model_dir):
+    import lighttransfer
+
+    cfg = HeadRoutingConfig(mode="qada", tau=0.1, guard="heads", full_masks={1: [True, False]})
+    d = cfg.to_dict()
+    assert d["guard"] == "heads" and d["full_masks"] == {"1": [True, False]}
+    assert HeadRoutingConfig.from_dict(json.loads(json.dumps(d))) == cfg
+    assert "full_masks" not in HeadRoutingConfig(mode="qada", tau=0.1).to_dict()  # older readers unaffected
+    assert "1 KV heads always full" in cfg.describe()
+    loaded = runtime_of(lighttransfer.load(tiny_model_dir, device="cpu", head_routing="qada", routing_tau=0.2,
+                                           routing_guard="heads", routing_full_heads={2: [False, True]}))
+    assert loaded.head_routing.config.full_masks == {2: [False, True]}
+    for kwargs, match in ((dict(routing_guard="heads"), "needs routing_full_heads"),
+                          (dict(routing_full_heads={0: [True, False]}), "needs routing_guard='heads'"),
+                          (dict(routing_guard="heads", routing_full_heads={0: [False, False]}),
+                           "at least one KV head")):
+        with pytest.raises(LightTransferError, match=match) as err:
+            lighttransfer.load(tiny_model_dir, device="cpu", head_routing="qada", routing_tau=0.1, **kwargs)
+        assert "\n" not in str(err.value)
+    with pytest.raises(LightTransferError, match="routing_full_heads needs head_routing"):
+        resolve_head_routing(None, mode=None, full_masks={0: [True, False]})
+
+
 def test_convert_stores_the_guard(tiny_model_dir, tmp_path, capsys):
     from conftest import run_cli
 
