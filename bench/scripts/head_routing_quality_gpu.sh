@@ -11,7 +11,7 @@
 # row's head_routing_realised is rho, its routing_calibration the thresholds).
 #
 # Rows: original (dense), qada (bulk stats, full covariance), qada-local (moments of the window keys), qada-diag
-# (diagonal covariance), qada-pages (qada + the pages needle guard), qada-oracle (exact far share), qada-random,
+# (diagonal covariance), qada-pages (qada + the pages needle guard), qada-heads (qada + the highest-gate quarter of the KV heads always full), qada-oracle (exact far share), qada-random,
 # qada-gates (the lowest-gate KV heads always local). Every row keeps the whole cache; routed-local heads read sink 4
 # + window 128 (WINDOW) of it.
 #
@@ -43,7 +43,7 @@ export LIGHTTRANSFER_TRITON_AUTOTUNE=0
 lt() { python3 -m lighttransfer "$@"; }
 
 gguf=$1 text=$2 report=$3 out=$4
-ROWS=${ROWS:-original,qada,qada-local,qada-diag,qada-pages,qada-oracle,qada-random,qada-gates}
+ROWS=${ROWS:-original,qada,qada-local,qada-diag,qada-pages,qada-heads,qada-oracle,qada-random,qada-gates}
 TASKS=${TASKS:-niah_single_1,niah_multikey_1,niah_multivalue,vt}
 LENGTHS=${LENGTHS:-4k,8k}
 passkey_lengths=$(python3 -c "import sys; print(','.join(str(int(p[:-1]) * 1024 if p.lower().endswith('k') else int(p)) for p in sys.argv[1].split(',')))" "$LENGTHS")
