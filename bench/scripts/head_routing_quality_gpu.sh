@@ -11,8 +11,9 @@
 # row's head_routing_realised is rho, its routing_calibration the thresholds).
 #
 # Rows: original (dense), qada (bulk stats, full covariance), qada-local (moments of the window keys), qada-diag
-# (diagonal covariance), qada-pages (qada + the pages needle guard), qada-heads (qada + the highest-gate quarter of the KV heads always full), qada-oracle (exact far share), qada-random,
-# qada-gates (the lowest-gate KV heads always local). Every row keeps the whole cache; routed-local heads read sink 4
+# (diagonal covariance), qada-pages (qada + the pages needle guard), qada-heads (qada + the highest-gate quarter of the
+# KV heads always full), qada-oracle (exact far share), qada-random, qada-gates (the lowest-gate KV heads always
+# local). Every row keeps the whole cache; routed-local heads read sink 4
 # + window 128 (WINDOW) of it.
 #
 # Tests: RULER-style TASKS (retrieval: niah_single_1,niah_multikey_1,niah_multivalue,vt), SAMPLES (20) per task and
