@@ -122,9 +122,14 @@ def _memory_table(memory, dtype: str | None = None):
               help="Head routing: the Gaussian's moments from the bulk keys or the window keys.")
 @click.option("--routing-cov", type=click.Choice(["full", "diag"]), default="full", show_default=True,
               help="Head routing: full or diagonal key covariance.")
-@click.option("--routing-guard", type=click.Choice(["none", "pages"]), default="none", show_default=True,
+@click.option("--routing-guard", type=click.Choice(["none", "pages", "heads"]), default="none", show_default=True,
               help="Head routing 'qada': needle guard; pages = also full when one page of bulk keys could, at its "
-                   "key max/min score bound, take more than --routing-tau of the attention alone.")
+                   "key max/min score bound, take more than --routing-tau of the attention alone; heads = the "
+                   "KV heads with the highest long-context scores of the analysis always full "
+                   "(--routing-full-share of them).")
+@click.option("--routing-full-share", type=float, default=None,
+              help="Head routing with --routing-guard heads: share of the full layers' KV heads always full "
+                   "[default: 0.25].")
 @click.option("--routing-page", type=int, default=None,
               help="Head routing with --routing-guard pages: keys per page [default: 64].")
 @model_options
@@ -132,7 +137,8 @@ def _memory_table(memory, dtype: str | None = None):
 def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, window, granularity, strategy, prefill,
             native_swa, seq_len, samples, seed, force, decode, select_k, select_init, select_local, select_reuse,
             select_reuse_max_age, prefill_sparse, prefill_alpha, prefill_min_len, head_routing, routing_tau, routing_share, routing_stats,
-            routing_cov, routing_guard, routing_page, device, dtype, trust_remote_code) -> None:
+            routing_cov, routing_guard, routing_full_share, routing_page, device, dtype,
+            trust_remote_code) -> None:
     """Write a hybrid checkpoint of MODEL (directory, .gguf file or hub id) whose laziest layers stream."""
     from ..convert.converter import convert as run_convert
 
@@ -143,11 +149,17 @@ def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, wi
     if head_routing is not None:
         from ..hybrid_format import HeadRoutingConfig
 
+        if routing_full_share is not None and routing_guard != "heads":
+            raise LightTransferError("--routing-full-share needs --routing-guard heads.", exit_code=2)
+        heads = routing_guard == "heads"  # the converter picks the heads once the layers are chosen
         routing = HeadRoutingConfig(mode=head_routing, tau=routing_tau, share=routing_share, stats=routing_stats,
-                                    cov=routing_cov, guard=routing_guard, page=routing_page)
-    elif routing_tau is not None or routing_share is not None or routing_guard != "none" or routing_page is not None:
-        raise LightTransferError("--routing-tau / --routing-share / --routing-guard / --routing-page need "
-                                 "--head-routing.", exit_code=2)
+                                    cov=routing_cov, guard="none" if heads else routing_guard, page=routing_page)
+        if heads:
+            routing_full_share = 0.25 if routing_full_share is None else routing_full_share
+    elif (routing_tau is not None or routing_share is not None or routing_guard != "none" or routing_page is not None
+          or routing_full_share is not None):
+        raise LightTransferError("--routing-tau / --routing-share / --routing-guard / --routing-page / "
+                                 "--routing-full-share need --head-routing.", exit_code=2)
     quiet = is_quiet()
     result = run_convert(
         model, out=out, ratio=ratio, report=report, calib=[*calib, *more_calib] or None,
@@ -157,7 +169,7 @@ def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, wi
         progress=not quiet, seed=seed, seq_len=seq_len, samples=samples, decode=decode, select_k=select_k,
         select_init=select_init, select_local=select_local, select_reuse=select_reuse,
         select_reuse_max_age=select_reuse_max_age, prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
-        head_routing=routing,
+        head_routing=routing, routing_full_share=routing_full_share,
         status=None if quiet else (lambda line: stderr_console().print(f"[dim]{escape(line)}…[/dim]")),
     )
     console = stdout_console()

@@ -107,6 +107,7 @@ def convert(
     prefill_alpha: float | None = None,
     prefill_min_len: int | None = None,
     head_routing=None,
+    routing_full_share: float | None = None,
 ) -> ConvertResult:
     """Write a hybrid checkpoint of ``model`` into ``out``.
 
@@ -145,6 +146,9 @@ def convert(
         prefill_alpha, prefill_min_len: its mass share kept and key threshold (defaults 0.95 and 16384).
         head_routing: a :class:`~lighttransfer.hybrid_format.HeadRoutingConfig` stored in the block (the full
             layers' per-query KV-head routing at decode), or ``None``.
+        routing_full_share: with a ``qada`` ``head_routing``: its heads guard, the share in (0, 1] of the full
+            layers' KV heads that always stay full, those with the highest long-context scores of the report (its
+            gates when it has them); needs ``report``, or the analysis run here.
 
     Raises:
         LightTransferError: bad options, an existing ``out`` without ``force``, a report for another model,
@@ -206,6 +210,15 @@ def convert(
                         f"{own_window} tokens; they stay as they are, and --ratio "
                         f"is a share of the other {num_layers - len(native)}.")
 
+    if routing_full_share is not None:
+        if head_routing is None or head_routing.mode != "qada":
+            raise LightTransferError("--routing-full-share (the heads guard) needs --head-routing qada.", exit_code=2)
+        if isinstance(routing_full_share, bool) or not 0.0 < float(routing_full_share) <= 1.0:
+            raise LightTransferError(f"--routing-full-share must be in (0, 1], got {routing_full_share!r}.",
+                                     exit_code=2)
+        if report is None and (layers is not None or strategy == "random"):
+            raise LightTransferError("--routing-full-share picks the always-full KV heads from the analysis; pass "
+                                     "--report (with --layers or --strategy random none runs).", exit_code=2)
     report = load_report(report)
     if calib and (report is not None or layers is not None):
         warnings.append("--calib is ignored: the layers come from " + ("--layers." if layers is not None else "the report."))
@@ -242,6 +255,8 @@ def convert(
         hybrid = hybrid.with_selection(selection)
         if sparse_prefill is not None:
             hybrid = replace(hybrid, sparse_prefill=sparse_prefill.to_dict())
+        if routing_full_share is not None:
+            head_routing = _heads_guard(head_routing, report, hybrid, share=routing_full_share)
         if head_routing is not None:
             hybrid = replace(hybrid, head_routing=head_routing.to_dict())
         if not hybrid.streaming_kv_heads:
@@ -337,4 +352,24 @@ def _memory(hybrid: HybridConfig, text_config, config_dict: dict[str, Any]) -> l
                            native_windows=native_sliding_windows(text_config))
 
 
+def _heads_guard(routing, report, hybrid, *, share: float):
+    """``routing`` with the heads guard: of the full layers' KV heads, the share ``share`` (at least one) with the
+    highest long-context scores of ``report`` always full; ties go to the lower ``(layer, head)``."""
+    from ..hybrid_format import HeadRoutingConfig
+
+    scores = report.kv_head_long_context_scores()
+    full_layers = [layer for layer in range(hybrid.num_layers) if not any(hybrid.kv_head_mask(layer))]
+    candidates = sorted(((layer, head) for layer in full_layers for head in range(hybrid.num_kv_heads)),
+                        key=lambda lh: (-scores[lh[0]][lh[1]], lh))
+    if not candidates:
+        raise LightTransferError("--routing-full-share keeps no KV head full: no layer stays full.", exit_code=2)
+    masks: dict[int, list[bool]] = {}
+    for layer, head in candidates[:max(1, round(share * len(candidates)))]:
+        masks.setdefault(layer, [False] * hybrid.num_kv_heads)[head] = True
+    d = dict(routing.to_dict(), guard="heads", full_masks=dict(sorted(masks.items())))
+    d.pop("page", None)
+    return HeadRoutingConfig.from_dict(d)
+
+
 __all__ = ["convert", "ConvertResult", "fingerprint_from_config"]
+

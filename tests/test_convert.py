@@ -15,7 +15,7 @@ from lighttransfer.convert import convert
 from lighttransfer.convert import weights as weights_module
 from lighttransfer.convert.verify import safetensors_digests
 from lighttransfer.errors import LightTransferError
-from lighttransfer.hybrid_format import HybridConfig
+from lighttransfer.hybrid_format import HeadRoutingConfig, HybridConfig
 from lighttransfer.loading import fingerprint_from_config, load_config, resolve_model_source
 from safetensors import safe_open
 
@@ -504,3 +504,23 @@ def test_sparse_prefill_options_bad_values_are_one_line(source_dirs, tmp_path, c
                                    capsys)
     assert code != 0 and message in stderr and "Traceback" not in stderr
     assert not out.exists()
+
+
+def test_heads_guard_keeps_the_highest_scoring_heads_of_the_full_layers(source_dirs, tmp_path):
+    src = source_dirs["llama"]
+    scores = [[0.1, 0.9], [0.95, 0.99], [0.7, 0.3], [0.6, 0.2]]  # layers 1 and 3 stream: their scores do not count
+    report = FakeReport(_fingerprint(src), 4, 2, lazy=[0.2, 0.9, 0.4, 0.8], scores=scores)
+    routing = HeadRoutingConfig(mode="qada", tau=0.1)
+    result = convert(src, out=tmp_path / "guarded", report=report, ratio=0.5, sink=4, window=16,
+                     head_routing=routing, routing_full_share=0.5)  # 2 of the 4 full-layer KV heads
+    assert result.hybrid.streaming_layers == [1, 3]
+    stored = result.hybrid.head_routing_config()
+    assert stored.guard == "heads" and stored.full_masks == {0: [False, True], 2: [True, False]}
+    assert stored.tau == 0.1
+    with pytest.raises(LightTransferError, match="needs --head-routing qada"):
+        convert(src, out=tmp_path / "bad", report=report, ratio=0.5, routing_full_share=0.5)
+    with pytest.raises(LightTransferError, match=r"must be in \(0, 1\]"):
+        convert(src, out=tmp_path / "bad", report=report, ratio=0.5, head_routing=routing, routing_full_share=0)
+    with pytest.raises(LightTransferError, match="pass --report"):
+        convert(src, out=tmp_path / "bad", layers=[1], head_routing=routing, routing_full_share=0.5)
+    assert not (tmp_path / "bad").exists()

@@ -512,6 +512,13 @@ def test_convert_stores_the_guard(tiny_model_dir, tmp_path, capsys):
     code, _, err = run_cli(["convert", str(tiny_model_dir), "--layers", "1", "--out", str(tmp_path / "bad"),
                             "--routing-guard", "pages"], capsys)
     assert code != 0 and "--routing-guard" in err and "Traceback" not in err
+    code, _, err = run_cli(["convert", str(tiny_model_dir), "--layers", "1", "--out", str(tmp_path / "bad"),
+                            "--head-routing", "qada", "--routing-tau", "0.1", "--routing-full-share", "0.5"], capsys)
+    assert code != 0 and "--routing-full-share needs --routing-guard heads" in err and "Traceback" not in err
+    code, _, err = run_cli(["convert", str(tiny_model_dir), "--layers", "1", "--out", str(tmp_path / "bad"),
+                            "--head-routing", "qada", "--routing-tau", "0.1", "--routing-guard", "heads"], capsys)
+    assert code != 0 and "pass --report" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_share_threshold_keeps_ties_under_the_target():
