@@ -353,23 +353,18 @@ def _memory(hybrid: HybridConfig, text_config, config_dict: dict[str, Any]) -> l
 
 
 def _heads_guard(routing, report, hybrid, *, share: float):
-    """``routing`` with the heads guard: of the full layers' KV heads, the share ``share`` (at least one) with the
-    highest long-context scores of ``report`` always full; ties go to the lower ``(layer, head)``."""
+    """``routing`` with the heads guard: the full layers' KV heads that
+    :func:`~.selection.select_full_kv_heads` picks from ``report``'s long-context scores always full."""
     from ..hybrid_format import HeadRoutingConfig
+    from .selection import select_full_kv_heads
 
-    scores = report.kv_head_long_context_scores()
     full_layers = [layer for layer in range(hybrid.num_layers) if not any(hybrid.kv_head_mask(layer))]
-    candidates = sorted(((layer, head) for layer in full_layers for head in range(hybrid.num_kv_heads)),
-                        key=lambda lh: (-scores[lh[0]][lh[1]], lh))
-    if not candidates:
+    if not full_layers:
         raise LightTransferError("--routing-full-share keeps no KV head full: no layer stays full.", exit_code=2)
-    masks: dict[int, list[bool]] = {}
-    for layer, head in candidates[:max(1, round(share * len(candidates)))]:
-        masks.setdefault(layer, [False] * hybrid.num_kv_heads)[head] = True
-    d = dict(routing.to_dict(), guard="heads", full_masks=dict(sorted(masks.items())))
+    masks = select_full_kv_heads(report.kv_head_long_context_scores(), share=share, layers=full_layers)
+    d = dict(routing.to_dict(), guard="heads", full_masks=masks)
     d.pop("page", None)
     return HeadRoutingConfig.from_dict(d)
 
 
 __all__ = ["convert", "ConvertResult", "fingerprint_from_config"]
-

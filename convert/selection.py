@@ -155,6 +155,24 @@ def select_kv_heads(
     return dict(sorted(masks.items()))
 
 
+def select_full_kv_heads(scores: Sequence[Sequence[float]], *, share: float,
+                        layers: Iterable[int]) -> dict[int, list[bool]]:
+    """The KV heads head routing's ``heads`` guard keeps always full: of the KV heads of ``layers`` (the full
+    layers), the share ``share`` in (0, 1] (at least one) with the highest long-context scores
+    (``[num_layers][num_kv_heads]``), ranked and rounded as :func:`select_kv_heads` ranks and rounds.
+
+    Returns:
+        ``{layer: [bool] * num_kv_heads}`` (True = always full) for every layer with at least one such head.
+    """
+    num_kv_heads = len(scores[0]) if len(scores) else 0
+    candidates = [(layer, head) for layer in sorted(set(layers)) for head in range(num_kv_heads)]
+    count = max(1, streaming_count(share, len(candidates))) if candidates else 0
+    masks: dict[int, list[bool]] = {}
+    for layer, head in _order(candidates, lambda c: float(scores[c[0]][c[1]]), "lazy", 0)[:count]:
+        masks.setdefault(layer, [False] * num_kv_heads)[head] = True
+    return dict(sorted(masks.items()))
+
+
 def split_head_masks(masks: dict[int, list[bool]]) -> tuple[list[int], dict[int, list[bool]]]:
     """Split per-layer head masks into fully streaming layers and partially streaming ones.
 

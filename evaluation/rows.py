@@ -351,13 +351,13 @@ def standard_rows(
     build["qada-gates"] = gates_row
 
     def heads_row() -> EvalRow:
-        from ..convert import select_kv_heads
+        from ..convert import select_full_kv_heads
 
         if kv_head_gates is None:
             raise LightTransferError("the qada-heads row needs KV-head gates; pass --report with gates from "
                                      "'lighttransfer analyze --method optimize'.")
-        full = select_kv_heads(kv_head_gates, ratio=GUARD_HEADS_SHARE, strategy="least_lazy", seed=seed,
-                               keep_layers=exclude)
+        full = select_full_kv_heads(kv_head_gates, share=GUARD_HEADS_SHARE,
+                                    layers=[layer for layer in range(n) if layer not in exclude])
         count = sum(map(sum, full.values()))
         config = dataclasses.replace(unguarded, guard="heads", full_masks={k: list(v) for k, v in full.items()})
         return routed("qada-heads", config, f"QAdA, {qada.stats} stats, {qada.cov} covariance, {count} KV heads "

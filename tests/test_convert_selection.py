@@ -133,3 +133,15 @@ def test_explain_selection_ranks_by_the_score_that_chose():
     assert rows[2].to_dict()["score_label"] == "1 - max gate" and rows[2].lazy_ratio == 0.1
     plain = explain_selection(num_layers=4, num_kv_heads=2, streaming_layers=[0, 1], lazy_ratios=lazy)
     assert [r.rank for r in plain] == [1, 2, 4, 3] and "score_label" not in plain[0].to_dict()
+
+
+def test_full_kv_heads_rank_the_given_layers_and_round_halves_up():
+    from lighttransfer.convert import select_full_kv_heads
+
+    scores = [[0.9, 0.1], [0.99, 0.98], [float("nan"), 0.7], [0.6, 0.5]]
+    # layer 1 is not among the layers: its high scores do not count; 0.25 x 6 = 1.5 rounds up to 2
+    assert select_full_kv_heads(scores, share=0.25, layers=[0, 2, 3]) == {0: [True, False], 2: [False, True]}
+    # a head without a score comes last; at least one head is kept
+    assert select_full_kv_heads(scores, share=1.0, layers=[2]) == {2: [True, True]}
+    assert select_full_kv_heads(scores, share=0.01, layers=[2]) == {2: [False, True]}
+    assert select_full_kv_heads(scores, share=0.5, layers=[]) == {}
