@@ -12,8 +12,8 @@ before (and readers that do not know it refuse it as an unknown key instead of s
 ``guard`` (``"pages"``: a page-max bound that turns a head full when one page of bulk keys could alone carry more
 than ``tau`` of the attention, :mod:`lighttransfer.kernels.routing_guard`; ``"heads"``: the KV heads of
 ``full_masks``, e.g. those found long-context offline, always attend every key), ``page`` (bulk keys per page) and
-``full_masks`` are written only when set: a block without a guard stays readable by versions that predate the field, and one with a
-guard is refused by them as an unknown key (instead of routing unguarded).
+``full_masks`` are written only when set: a block without a guard stays readable by versions that predate the
+field, and one with a guard is refused by them as an unknown key (instead of routing unguarded).
 
 Modes: ``qada`` (the Gaussian prediction of the far share against ``tau``), ``oracle`` (the exact far share against
 ``tau``: evaluation only, it reads every key), ``random`` (each (sequence, KV head) local with probability

@@ -392,15 +392,16 @@ def resolve_head_routing(config, *, mode: str | None, tau: float | None = None, 
         return None
     if mode is None and stored is None:
         if given:
-            name = {"full_masks": "full_heads"}.get(next(iter(given)), next(iter(given)))
+            first = next(iter(given))
+            name = "full_heads" if first == "full_masks" else first
             raise LightTransferError(f"routing_{name} needs head_routing='qada', 'oracle' or 'random' "
                                      "(the checkpoint stores no head routing).")
         return None
     base = stored.to_dict() if stored is not None else {}
     if mode is not None and mode != base.get("mode"):
         base = {"mode": mode}
-    if given.get("guard") == "none":
-        base.pop("page", None)  # the stored guard's page size and heads go with it
+    if given.get("guard", base.get("guard", "none")) != base.get("guard", "none"):
+        base.pop("page", None)  # another guard (or none): the stored guard's page size and heads go with it
         base.pop("full_masks", None)
     return HeadRoutingConfig.from_dict({**base, **given})
 

@@ -421,6 +421,9 @@ def test_guard_option_round_trips_through_the_block_and_load(tiny_model_dir, tmp
     assert runtime_of(lighttransfer.load(out, device="cpu", routing_page=8)).head_routing.config.page == 8
     off = runtime_of(lighttransfer.load(out, device="cpu", routing_guard="none")).head_routing.config
     assert off.guard == "none" and off.page is None and off.tau == 0.1
+    other = runtime_of(lighttransfer.load(out, device="cpu", routing_guard="heads",
+                                          routing_full_heads={1: [True, False]})).head_routing.config
+    assert other.guard == "heads" and other.page is None and other.full_masks == {1: [True, False]}
     fresh = runtime_of(lighttransfer.load(tiny_model_dir, device="cpu", head_routing="qada", routing_tau=0.2,
                                           routing_guard="pages")).head_routing.config
     assert fresh.guard == "pages" and fresh.page_size == 64
