@@ -39,12 +39,9 @@ def _runs(seq_len: int, group: int, shift: int) -> list[tuple[int, int, int]]:
     """The grid's runs as ``(start, count, length)``: ``count`` consecutive runs of ``length`` tokens from
     ``start``; together they cover ``[0, seq_len)`` in order."""
     runs = []
-    start = (group - shift) % group  # the first boundary of the grid after 0
+    start = (group - shift) % group  # the first boundary of the grid after 0 (0: the grid starts at 0)
     if start > 0:
-        head = min(start, seq_len)
-        runs.append((0, 1, head))
-    else:
-        start = 0
+        runs.append((0, 1, min(start, seq_len)))
     if start < seq_len:
         whole = (seq_len - start) // group
         if whole:

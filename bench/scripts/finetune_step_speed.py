@@ -16,8 +16,8 @@ pairs of each layer kind relative to dense causal, and ``speedup_vs_dense`` (den
 
 Beside the steps, ``attention_only`` times one layer's attention alone, forward + backward, at each length: SDPA's
 causal kernel against S²-Attn grouped (what the training runs) and through FlexAttention (``[1, 32, N, 128]``
-queries, 8 KV heads, bf16, CUDA events, the median of ``--attn-iters``). The step's speed-up is bounded by the share of the
-step that is attention; this row shows the attention's own.
+queries, 8 KV heads, bf16, CUDA events, the median of ``--attn-iters``). The step's speed-up is bounded by the
+share of the step that is attention; this row shows the attention's own.
 
     PYTHONPATH=<dir with a lighttransfer link> python3 bench/scripts/finetune_step_speed.py OUT.json \
         [--lengths 8192,32768] [--layers 32] [--variants dense,s2,hybrid-dense,hybrid-s2]
@@ -130,7 +130,7 @@ def attention_only(seq_len: int, *, heads: int, kv_heads: int, head_dim: int, it
         out[f"{name}_ms"] = sorted(times)[len(times) // 2]
     out["speedup"] = out["dense_ms"] / out["s2_ms"]
     out["speedup_flex"] = out["dense_ms"] / out["s2_flex_ms"]
-    out["pair_share"] = rules.visible_pairs(seq_len) / (heads * seq_len * (seq_len + 1) / 2)
+    out["pair_share"] = _pair_share(seq_len, heads, streaming_heads=[False] * heads, s2_group=group)
     return {"seq_len": seq_len, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, **out}
 
 
@@ -190,7 +190,8 @@ def main() -> None:
                           "smoke_test_only": bool(args.tiny),
                           "lora": {"r": 8, "alpha": 16, "targets": "q,k,v,o"}, "batch": 1,
                           "gradient_checkpointing": True, "dtype": "bfloat16 (autocast), LoRA fp32",
-                          "sink": SINK, "window": WINDOW, "rows": rows, "attention_only": attention, "environment": environment(device)})
+                          "sink": SINK, "window": WINDOW, "rows": rows, "attention_only": attention,
+                          "environment": environment(device)})
 
 
 if __name__ == "__main__":
