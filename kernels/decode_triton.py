@@ -125,9 +125,19 @@ def _streaming_decode_merge(
     t = row % NQ
     h = (row // NQ) % H
     b = row // (NQ * H)
+    offs_d = tl.arange(0, BLOCK_D)
+    out = _merge_partials(PART_O, PART_LSE, row, n_splits, n_splits, BLOCK_D, BLOCK_S)
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + t * stride_on + offs_d
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def _merge_partials(PART_O, PART_LSE, row, n_splits, n_used, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Row ``row``'s output ``[BLOCK_D]`` float32 from the first ``n_used`` of its ``n_splits`` partials (normalized
+    outputs and log2-sum-exps, ``-inf`` for a partial that saw no key); zeros where none saw a key."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < n_splits
+    s_ok = offs_s < n_used
     lse = tl.load(PART_LSE + row.to(tl.int64) * n_splits + offs_s, mask=s_ok, other=float("-inf"))
     top = tl.max(lse, 0)
     top = tl.where(top == float("-inf"), 0.0, top)
@@ -135,9 +145,7 @@ def _streaming_decode_merge(
     parts = tl.load(PART_O + (row.to(tl.int64) * n_splits + offs_s[:, None]) * BLOCK_D + offs_d[None, :],
                     mask=s_ok[:, None], other=0.0)
     total = tl.sum(w, 0)
-    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
-    o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + t * stride_on + offs_d
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    return tl.sum(parts * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
 
 
 # --------------------------------------------------------------------------------------------------- configs

@@ -91,10 +91,12 @@ def fused_routed_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, momen
             launches); made per call when ``None`` (keep one per layer to capture the step in a CUDA graph).
         splits, local_splits: chunks of the key axis (pass 2, or the one-launch kernel) and of the local set
             (pass 1) per (sequence, KV head) (Triton only; tests).
-        variant: the Triton path's kernels: ``"one-launch"`` (:mod:`.fused_routing_one_triton`: every program
-            decides its pair redundantly, one launch and the merge), ``"three-launch"`` (:mod:`.fused_routing_triton`:
-            two passes and the merge), or ``None``: the launcher's choice (:func:`pick_variant`: three launches,
-            faster at every batch measured). Same outputs, flags, moments and counts either way.
+        variant: the Triton path's kernels: ``"overlap"`` (:mod:`.fused_routing_overlap_triton`: the bulk attended
+            speculatively beside the decision, stopped once it says local; one launch and the merge),
+            ``"one-launch"`` (:mod:`.fused_routing_one_triton`: every program decides its pair redundantly, one
+            launch and the merge), ``"three-launch"`` (:mod:`.fused_routing_triton`: two passes and the merge), or
+            ``None``: the launcher's choice (:func:`pick_variant`). Same outputs, flags, moments and counts either
+            way.
 
     Returns:
         ``(o [batch, heads, 1, head_dim] in q.dtype, local bool [batch, kv_heads])``.
@@ -136,7 +138,13 @@ def fused_routed_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, momen
                                  f"{batch}, kv_heads {kv_heads}, {q.device}); make one with FusedWorkspace.zeros.")
     if variant is None:
         variant = pick_variant(q, k, sink=int(sink), window=int(window), diagonal=moments.diagonal, splits=splits)
-    if variant == "one-launch":
+    if variant == "overlap":
+        from .fused_routing_overlap_triton import fused_overlap_triton
+
+        o, flags = fused_overlap_triton(q, k, v, moments, tau=tau, sink=int(sink), window=int(window),
+                                        kv_start=kv_start, scale=scale, n_valid=n_valid, counts=counts,
+                                        workspace=workspace, splits=splits, local_splits=local_splits)
+    elif variant == "one-launch":
         from .fused_routing_one_triton import fused_one_launch_triton
 
         o, flags = fused_one_launch_triton(q, k, v, moments, tau=tau, sink=int(sink), window=int(window),
@@ -149,7 +157,7 @@ def fused_routed_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, momen
     return o, flags.view(torch.bool)
 
 
-VARIANTS = (None, "one-launch", "three-launch")
+VARIANTS = (None, "overlap", "one-launch", "three-launch")
 
 
 def pick_variant(q: torch.Tensor, k: torch.Tensor, *, sink: int, window: int, diagonal: bool,

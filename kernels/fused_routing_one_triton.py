@@ -212,8 +212,8 @@ def _decide_attend(
                 kr = tl.load(k_gone + offs_u, mask=u_ok, other=0.0).to(tl.float32)
                 s_blk = tl.load(s_ptrs, mask=s_mask, other=0.0) + (kr * w)[:, None] * kg[None, :]
                 tl.store(s_ptrs, s_blk, mask=s_mask)
-        _publish(LOCAL, STATS, PAIR_TICKET, SEQ_TICKET, COUNT, pid_bk, b, n_kv_heads, local, decided, count,
-                 HAS_STATS)
+        _publish(LOCAL, STATS, PAIR_TICKET, SEQ_TICKET, COUNT, LOCAL, pid_bk, b, n_kv_heads, local, decided,
+                 count, HAS_STATS, False)
 
 
 def plan_one_launch(batch: int, kv_heads: int, n_keys: int, *, cuda_sms: int | None,

@@ -84,12 +84,15 @@ def _decide(lse, mean_dot, var, count, row_ok, n_keys, start, sink, window, scal
 
 
 @triton.jit
-def _publish(LOCAL, STATS, PAIR_TICKET, SEQ_TICKET, COUNT, pid_bk, b, n_kv_heads, local, decided, count,
-             HAS_STATS: tl.constexpr):
+def _publish(LOCAL, STATS, PAIR_TICKET, SEQ_TICKET, COUNT, STATE, pid_bk, b, n_kv_heads, local, decided, count,
+             HAS_STATS: tl.constexpr, HAS_STATE: tl.constexpr):
     """The pair's last program, after folding the key in: the routing flag, the counts, the pair's counter back to
     zero (a CUDA graph replays the launch), and the sequence's last pair writes the key count, after every pair
-    of the sequence has read the old one."""
+    of the sequence has read the old one. ``HAS_STATE``: the pair's state word (int32, 1 = local, 2 = full) is
+    set too, atomically, for programs of the same launch that poll it."""
     tl.store(LOCAL + pid_bk, local.to(tl.int8))
+    if HAS_STATE:
+        tl.atomic_xchg(STATE + pid_bk, tl.where(local, 1, 2), sem="release", scope="gpu")
     if HAS_STATS:
         tl.atomic_add(STATS, (local & decided).to(tl.float64))
         tl.atomic_add(STATS + 1, decided.to(tl.float64))
@@ -101,20 +104,21 @@ def _publish(LOCAL, STATS, PAIR_TICKET, SEQ_TICKET, COUNT, pid_bk, b, n_kv_heads
         tl.store(SEQ_TICKET + b, 0)
 
 
-@triton.jit(do_not_specialize=["n_keys", "local_chunk"])
-def _local_decide(
+@triton.jit
+def _local_chunk_decide(
     Q, K, V, KV_START, N_VALID, PART_O, PART_LSE,
-    COUNT, FIRST, SECOND, LOCAL, PAIR_TICKET, SEQ_TICKET, STATS,
+    COUNT, FIRST, SECOND, LOCAL, PAIR_TICKET, SEQ_TICKET, STATS, STATE,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    n_kv_heads, GROUP, n_keys, local_chunk, n_local, n_slots, sink, window, qk_scale, scale, tau,
-    HAS_START: tl.constexpr, HAS_N_VALID: tl.constexpr, HAS_STATS: tl.constexpr, DIAGONAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    pid_bk, pid_c, n_kv_heads, GROUP, n_keys, local_chunk, n_local, n_slots, sink, window, qk_scale, scale, tau,
+    HAS_START: tl.constexpr, HAS_N_VALID: tl.constexpr, HAS_STATS: tl.constexpr, HAS_STATE: tl.constexpr,
+    DIAGONAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_bk = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    """Program ``(pid_bk, pid_c)`` of pass 1: chunk ``pid_c`` of pair ``pid_bk``'s local set into slot ``pid_c``,
+    and, in the pair's last program, the decision (:func:`_publish`; ``HAS_STATE``: also the pair's state word for
+    the overlapped kernel's bulk programs, :mod:`.fused_routing_overlap_triton`)."""
     b, hk, h, row_ok, offs_d, d_ok = _pair_tile(pid_bk, n_kv_heads, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
     n_keys, start = _live_keys(n_keys, N_VALID, KV_START, b, HAS_N_VALID, HAS_START)
     sink_end = start + sink
@@ -189,8 +193,28 @@ def _local_decide(
                 quad += tl.sum(t * qr, 1)
             var = quad / n_div - mean_dot * mean_dot
         local, decided = _decide(lse, mean_dot, var, count, row_ok, n_keys, start, sink, window, scale, tau)
-        _publish(LOCAL, STATS, PAIR_TICKET, SEQ_TICKET, COUNT, pid_bk, b, n_kv_heads, local, decided, count,
-                 HAS_STATS)
+        _publish(LOCAL, STATS, PAIR_TICKET, SEQ_TICKET, COUNT, STATE, pid_bk, b, n_kv_heads, local, decided, count,
+                 HAS_STATS, HAS_STATE)
+
+
+@triton.jit(do_not_specialize=["n_keys", "local_chunk"])
+def _local_decide(
+    Q, K, V, KV_START, N_VALID, PART_O, PART_LSE,
+    COUNT, FIRST, SECOND, LOCAL, PAIR_TICKET, SEQ_TICKET, STATS,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    n_kv_heads, GROUP, n_keys, local_chunk, n_local, n_slots, sink, window, qk_scale, scale, tau,
+    HAS_START: tl.constexpr, HAS_N_VALID: tl.constexpr, HAS_STATS: tl.constexpr, DIAGONAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    _local_chunk_decide(Q, K, V, KV_START, N_VALID, PART_O, PART_LSE, COUNT, FIRST, SECOND, LOCAL, PAIR_TICKET,
+                        SEQ_TICKET, STATS, LOCAL, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb,
+                        stride_vh, stride_vn, tl.program_id(0), tl.program_id(1), n_kv_heads, GROUP, n_keys,
+                        local_chunk, n_local, n_slots, sink, window, qk_scale, scale, tau, HAS_START, HAS_N_VALID,
+                        HAS_STATS, False, DIAGONAL, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_R,
+                        DOT_PRECISION)
 
 
 @triton.jit(do_not_specialize=["n_keys", "chunk"])
@@ -229,20 +253,24 @@ def _bulk_attend(
 @dataclasses.dataclass
 class FusedWorkspace:
     """The fused step's counters, int32, zero between launches (each launch sets back what it counted): one
-    ticket per (sequence, KV head) ``[batch * kv_heads]`` and one per sequence ``[batch]``. Keep one per layer and
-    make it outside a CUDA-graph capture (a captured step reuses it on every replay)."""
+    ticket per (sequence, KV head) ``[batch * kv_heads]``, one per sequence ``[batch]``, and the overlapped
+    kernel's state word per (sequence, KV head) ``[batch * kv_heads]`` (0 undecided, 1 local, 2 full; its merge
+    sets it back). Keep one per layer and make it outside a CUDA-graph capture (a captured step reuses it on every
+    replay)."""
 
     pair: torch.Tensor
     sequence: torch.Tensor
+    state: torch.Tensor
 
     @classmethod
     def zeros(cls, batch: int, kv_heads: int, device) -> FusedWorkspace:
         return cls(torch.zeros(batch * kv_heads, dtype=torch.int32, device=device),
-                   torch.zeros(batch, dtype=torch.int32, device=device))
+                   torch.zeros(batch, dtype=torch.int32, device=device),
+                   torch.zeros(batch * kv_heads, dtype=torch.int32, device=device))
 
     def fits(self, batch: int, kv_heads: int, device) -> bool:
         return self.pair.numel() == batch * kv_heads and self.sequence.numel() == batch \
-            and self.pair.device == torch.device(device)
+            and self.state.numel() == batch * kv_heads and self.pair.device == torch.device(device)
 
 
 @functools.cache

@@ -28,7 +28,11 @@ fp32 reference:
   redundantly, then attends its chunk of the bulk), same inputs, same checks, same overheads; the table also names
   the variant the launcher's rule picks at each batch (``kernels.fused_routing.pick_variant``); ``fused1w@s``: the
   one-launch kernel on dense attention's wave plan (``plan_wave_splits``: 16 splits at batch 1, 1 at batch 16)
-  instead of the routed plan's 32, i.e. half (batch 1) or 1/32 (batch 16) of the redundant decision work.
+  instead of the routed plan's 32, i.e. half (batch 1) or 1/32 (batch 16) of the redundant decision work;
+* ``fusedo@s``: the overlapped launch (``variant="overlap"``: the bulk programs start beside the deciding ones and
+  stop once their pair is decided local) on its own plan (dense attention's wave plan for the bulk); ``fusedor@s``:
+  the same on the routed plan. ``--variants`` picks the columns (default ``fused,fusedo,fusedor``), ``--poll`` the
+  overlapped kernel's keys between two reads of the decision.
 
 Triton configs are pinned (``LIGHTTRANSFER_TRITON_AUTOTUNE=0``) unless ``--autotune``. Writes
 ``head_routing_kernels.json`` and ``.md`` into ``--out``, naming the GPU, driver, torch, Triton and CUDA versions.
@@ -52,9 +56,13 @@ import torch  # noqa: E402
 
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 FUSED_TAU = 0.5  # between the made-local pairs' far shares (~1e-5) and the others' (~0.97)
-# column prefix -> fused_routed_decode variant; fused1w: the one-launch kernel on dense attention's wave plan (fewer,
-# longer chunks: less redundant decision work, less spreading of the full pairs' work) instead of the routed plan
-FUSED_VARIANTS = {"fused": "three-launch", "fused1": "one-launch", "fused1w": "one-launch"}
+# column prefix -> (fused_routed_decode variant, its split plan: None the variant's own, "wave" dense attention's
+# wave plan, "routed" the routed kernel's). fused1w: the one-launch kernel on the wave plan (fewer, longer chunks:
+# less redundant decision work, less spreading of the full pairs' work); fusedor: the overlapped launch on the
+# routed plan (chunks of ~1024 keys: a local pair's bulk programs stop sooner, more programs and partials)
+FUSED_VARIANTS = {"fused": ("three-launch", None), "fused1": ("one-launch", None), "fused1w": ("one-launch", "wave"),
+                  "fusedo": ("overlap", None), "fusedor": ("overlap", "routed")}
+DEFAULT_VARIANTS = "fused,fusedo,fusedor"
 
 
 
@@ -65,7 +73,8 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys: int, sink: int, window: int,
-                dtype, device: str, graph: bool, rounds: int, tolerance: float, seed: int = 0) -> dict:
+                dtype, device: str, graph: bool, rounds: int, tolerance: float, seed: int = 0,
+                variants: tuple[str, ...] = tuple(DEFAULT_VARIANTS.split(","))) -> dict:
     from lighttransfer import kernels
     from lighttransfer.bench.gpu_env import median_us
     from lighttransfer.kernels import head_routing as rule
@@ -119,16 +128,19 @@ def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys:
                                                   moments[False].second)))
         return local, qs, m
 
-    wave_splits = None
+    wave_splits = routed_splits = None
     if cuda:
         from lighttransfer.kernels.decode_launch import multiprocessors
         from lighttransfer.kernels.decode_triton import plan_wave_splits
+        from lighttransfer.kernels.routed_decode_triton import routed_splits as routed_plan
 
-        wave_splits = plan_wave_splits(batch, kv_heads, n_keys, multiprocessors(torch.cuda.current_device()),
-                                       align=256)[1]
+        sms = multiprocessors(torch.cuda.current_device())
+        wave_splits = plan_wave_splits(batch, kv_heads, n_keys, sms, align=256)[1]
+        routed_splits = routed_plan(batch, kv_heads, n_keys, sms, align=256)
+    fused_variants = {name: FUSED_VARIANTS[name] for name in variants}
 
     def splits_of(name: str):
-        return wave_splits if name == "fused1w" else None
+        return {"wave": wave_splits, "routed": routed_splits, None: None}[fused_variants[name][1]]
 
     def fused(share: float, variant: str, splits):
         from lighttransfer.kernels.fused_routing_triton import FusedWorkspace
@@ -146,7 +158,7 @@ def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys:
         want = kernels.routed_decode_reference(q[:2], k[:2], v[:2], local[:2], sink=sink, window=window)
         errors[f"routed@{share:g}"] = _rel_err(routed(local)()[:2], want)
     errors["dense"] = _rel_err(kernels.full_decode(q, k, v)[:2], kernels.full_decode_reference(q[:2], k[:2], v[:2]))
-    for name, variant in FUSED_VARIANTS.items():
+    for name, (variant, _) in fused_variants.items():
         for share in SHARES:
             local, qs, m = fused_inputs(share)
             two = rule.KeyMoments(m.count[:2].clone(), m.first[:2].clone(), m.second[:2].clone())
@@ -171,7 +183,7 @@ def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys:
     parts["decision"] = decision(False)
     parts["decision_diag"] = decision(True)
     parts["oracle"] = oracle
-    for name, variant in FUSED_VARIANTS.items():
+    for name, (variant, _) in fused_variants.items():
         for share in SHARES:
             parts[f"{name}@{share:g}"] = fused(share, variant, splits_of(name))
     from lighttransfer.kernels.fused_routing import pick_variant
@@ -179,6 +191,7 @@ def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys:
     picked = pick_variant(q, k, sink=sink, window=window, diagonal=False) if cuda else None
     row = {"batch": batch, "n_keys": n_keys, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
            "sink": sink, "window": window, "errors": errors, "launcher_picks": picked, "wave_splits": wave_splits,
+           "routed_splits": routed_splits, "variants": {n: list(v) for n, v in fused_variants.items()},
            "bytes_dense": 2 * batch * kv_heads * n_keys * head_dim * q.element_size()}
     for mode in (["graph", "eager"] if cuda and graph else ["eager"]):
         row[f"us_{mode}"] = {name: median_us(fn, graph=mode == "graph", cuda=cuda, rounds=rounds)
@@ -186,12 +199,11 @@ def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys:
         us = row[f"us_{mode}"]
         row[f"speedup_{mode}"] = {name: us["dense"] / t for name, t in us.items()
                                   if name.startswith(("routed", "fused"))}
-        row[f"fused_overhead_{mode}"] = {"of_dense": us["fused@0"] / us["dense"] - 1,
-                                         "of_routed@0.5": us["fused@0.5"] / us["routed@0.5"] - 1,
-                                         "fused1_of_dense": us["fused1@0"] / us["dense"] - 1,
-                                         "fused1_of_routed@0.5": us["fused1@0.5"] / us["routed@0.5"] - 1,
-                                         "fused1w_of_dense": us["fused1w@0"] / us["dense"] - 1,
-                                         "fused1w_of_routed@0.5": us["fused1w@0.5"] / us["routed@0.5"] - 1}
+        over = row[f"fused_overhead_{mode}"] = {}
+        for name in fused_variants:
+            key = "" if name == "fused" else f"{name}_"
+            over[f"{key}of_dense"] = us[f"{name}@0"] / us["dense"] - 1
+            over[f"{key}of_routed@0.5"] = us[f"{name}@0.5"] / us["routed@0.5"] - 1
         row[f"decision_share_{mode}"] = {
             "of_dense": us["decision"] / us["dense"], "of_routed@0.5": us["decision"] / us["routed@0.5"],
             "diag_of_dense": us["decision_diag"] / us["dense"]}
@@ -218,21 +230,25 @@ def markdown(result: dict) -> str:
                      f"{100 * r[f'decision_share_{mode}']['of_dense']:.1f}%", f"{us['oracle']:.1f}"])
     lines.append(markdown_table(headers, rows))
     waves = ", ".join(f"{r['batch']}: {r.get('wave_splits')}" for r in result["rows"])
+    routed = ", ".join(f"{r['batch']}: {r.get('routed_splits')}" for r in result["rows"])
     lines += ["", "Fused QAdA step (decision included; `kernels.fused_routed_decode`): fused = three launches, "
               "fused1 = one launch (and the merge) on the routed split plan, fused1w = one launch on dense "
-              f"attention's wave plan (splits per batch: {waves}):", ""]
+              f"attention's wave plan (splits per batch: {waves}), fusedo = the overlapped launch (the bulk beside "
+              f"the decision) on the wave plan, fusedor = the same on the routed plan ({routed}):", ""]
     headers = ["batch", "variant", "dense", *[f"@{s:g}" for s in SHARES], "overhead (@0 / dense - 1)",
                "@0.5 / routed@0.5 - 1", "launcher picks"]
     rows = []
     for r in result["rows"]:
         us, over = r[f"us_{mode}"], r[f"fused_overhead_{mode}"]
-        for name, variant in FUSED_VARIANTS.items():
+        for name, (variant, _) in FUSED_VARIANTS.items():
+            if f"{name}@0" not in us:
+                continue
             key = "" if name == "fused" else f"{name}_"
             rows.append([r["batch"], f"{name} ({variant})", f"{us['dense']:.1f}",
                          *[f"{us[f'{name}@{s:g}']:.1f} ({r[f'speedup_{mode}'][f'{name}@{s:g}']:.2f}x)"
                            for s in SHARES],
                          f"{100 * over[f'{key}of_dense']:+.1f}%", f"{100 * over[f'{key}of_routed@0.5']:+.1f}%",
-                         "yes" if r.get("launcher_picks") == variant and name != "fused1w" else ""])
+                         "yes" if r.get("launcher_picks") == variant and FUSED_VARIANTS[name][1] is None else ""])
     lines.append(markdown_table(headers, rows))
     lines += ["", "routed@s: a share s of the (sequence, KV head) pairs attends sink + window, the rest every key; "
               "(Nx): speed-up over dense. decision: one step's QAdA routing of the layer (moments update, local "
@@ -251,7 +267,18 @@ def main(argv=None) -> int:
     parser.add_argument("--autotune", action="store_true")
     parser.add_argument("--keys", type=int, default=32768)
     parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help=f"fused step columns, of {','.join(FUSED_VARIANTS)} (default {DEFAULT_VARIANTS})")
+    parser.add_argument("--poll", type=int, default=None, help="the overlapped kernel's keys between state reads")
     args = parser.parse_args(argv)
+    variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = [v for v in variants if v not in FUSED_VARIANTS]
+    if unknown or not variants:
+        parser.error(f"--variants: unknown {unknown}; choose from {','.join(FUSED_VARIANTS)}")
+    if args.poll is not None:
+        from lighttransfer.kernels import fused_routing_overlap_triton
+
+        fused_routing_overlap_triton.POLL_KEYS = args.poll
     from lighttransfer.bench.gpu_env import environment
 
     cuda = torch.cuda.is_available() and not args.tiny
@@ -267,12 +294,12 @@ def main(argv=None) -> int:
     result = {"environment": environment(), "pinned_configs": os.environ.get("LIGHTTRANSFER_TRITON_AUTOTUNE") == "0",
               "shape": f"{shape['heads']}/{shape['kv_heads']} heads, D={shape['head_dim']}, {dtype}, "
                        f"N={shape['n_keys']}, sink {shape['sink']} + window {shape['window']}",
-              "rows": []}
+              "poll_keys": args.poll, "rows": []}
     for b in batches:  # written after every batch: a run cut by a time limit keeps the batches it finished
         start = time.perf_counter()
         result["rows"].append(bench_batch(b, **shape, dtype=dtype, device=device, graph=cuda,
                                           rounds=3 if args.tiny else 20,
-                                          tolerance=1e-2 if dtype != torch.float32 else 1e-4))
+                                          tolerance=1e-2 if dtype != torch.float32 else 1e-4, variants=variants))
         (out / "head_routing_kernels.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
         (out / "head_routing_kernels.md").write_text(markdown(result))
         print(f"batch {b}: done in {time.perf_counter() - start:.0f} s (compiles included)", flush=True)

@@ -1,10 +1,12 @@
 """The fused QAdA decode step (decision + routed attention) vs its PyTorch reference (today's decision composed with
-the routed reference), both Triton variants (three launches: two passes and a merge; one launch, every program
-deciding its pair, and the merge): outputs, flags, moments after the step, counts, and consecutive steps on the
+the routed reference), every Triton variant (three launches: two passes and a merge; one launch, every program
+deciding its pair, and the merge; the overlapped launch, the bulk attended beside the decision, and its merge, with
+the bulk programs before or after the deciding ones): outputs, flags, moments after the step, counts, and consecutive steps on the
 same counters."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -21,12 +23,21 @@ from lighttransfer.kernels.reference import masked_attention
 from lighttransfer.kernels.routed_decode import routed_decode_reference, routed_visibility
 
 SINK, WINDOW = 4, 13  # local set 17
-VARIANTS = ["three-launch", "one-launch"]
+# overlap-bulk-first: the overlapped kernel with its bulk programs first (the interpreter runs programs in order,
+# so all of them attend before the decision lands, which the merge must then discard for local pairs) and a state
+# read before every tile
+VARIANTS = ["three-launch", "one-launch", "overlap", "overlap-bulk-first"]
 
 
 @pytest.fixture(params=VARIANTS)
-def variant(request):
-    return request.param
+def variant(request, monkeypatch):
+    if request.param != "overlap-bulk-first":
+        return request.param
+    from lighttransfer.kernels import fused_routing_overlap_triton as overlap
+
+    monkeypatch.setattr(overlap, "fused_overlap_triton",
+                        functools.partial(overlap.fused_overlap_triton, local_last=True, poll=1))
+    return "overlap"
 
 
 def _inputs(batch, kv_heads, group, n_keys, dim, dtype, seed, capacity=None):
@@ -164,7 +175,7 @@ def test_consecutive_static_steps_reuse_the_counters(diagonal, dtype, variant):
         share, decided = _shares(q, k, m, start, n_valid=nv)
         _check(q, k, v, m, _mixed_tau(share, decided), dtype, f"step n={n}", kv_start=start, n_valid=nv,
                workspace=ws, splits=5, local_splits=2, variant=variant)
-        assert not ws.pair.any() and not ws.sequence.any()
+        assert not ws.pair.any() and not ws.sequence.any() and not ws.state.any()
     fresh = _moments(k, 46, start, diagonal=diagonal)  # the bulk of the next query, from scratch
     torch.testing.assert_close(m.first, fresh.first, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(m.second, fresh.second, rtol=1e-5, atol=1e-3)
