@@ -12,13 +12,15 @@ from ``kv_start``, the moments holding the bulk of the previous query (``[kv_sta
    non-empty bulk) are added to ``counts`` when given.
 
 :func:`fused_routed_decode_reference` is exactly that composition of the existing functions. The Triton path
-has two variants computing the same. Three launches (:mod:`.fused_routing_triton`): one for the local keys and the
+has three variants computing the same. Three launches (:mod:`.fused_routing_triton`): one for the local keys and the
 decision (whose local attention is the local part of the output, full or local pair), one for the bulk keys of the
 full-routed pairs, and the merge; see ``docs/head_routing.md`` ("Fused decision") for the passes and what they
 read. One launch and the merge (:mod:`.fused_routing_one_triton`): every program of a pair computes the pair's
 decision itself (bit-identical in each), then its chunk of the bulk where the pair is full; it reads the local keys
 and the moments once per program instead of once per pair, so the launcher takes it only where that is small
-against the three-launch path's serial pass (:func:`pick_variant`).
+against the three-launch path's serial pass (:func:`pick_variant`). The overlapped launch and its merge
+(:mod:`.fused_routing_overlap_triton`): pass 1's programs and the bulk's in one grid, the bulk attended
+speculatively and stopped once its pair is decided local; the merge drops a local pair's bulk slots.
 """
 
 from __future__ import annotations
@@ -165,7 +167,9 @@ def pick_variant(q: torch.Tensor, k: torch.Tensor, *, sink: int, window: int, di
     """The Triton path the launcher takes for ``q [batch, heads, 1, head_dim]`` over ``k [batch, kv_heads, N,
     head_dim]``: ``"three-launch"``. On an H200 at the 8B shape (32k keys) it beat the one-launch kernel at batch 1,
     75.0 against 128.7 us, where a byte count had predicted the opposite (:mod:`.fused_routing_one_triton`), and
-    the one launch reads more still from batch 2 on. The arguments stay so that a rule can return here once a
+    the one launch reads more still from batch 2 on. The overlapped launch costs less with every pair full (+47%
+    over dense at batch 1 against +102%) but saved nothing at batch 1 with pairs local (its bulk finished before
+    the decision) and trailed at batch 16 (``bench/results/head_routing_h200/overlap``). The arguments stay so that a rule can return here once a
     variant wins somewhere."""
     del q, k, sink, window, diagonal, splits
     return "three-launch"

@@ -21,7 +21,8 @@ from ..kernels.switch import triton_runs_on
 # False: every step on the unfused path (tests compare the two)
 FUSED = True
 # the fused kernels' variant (``kernels.fused_routed_decode``'s ``variant``): None, the launcher's choice (three
-# launches: faster at every batch measured); "one-launch" or "three-launch" forces one (tests, benchmarks)
+# launches: faster at every batch measured); "overlap", "one-launch" or "three-launch" forces one (tests,
+# benchmarks)
 VARIANT: str | None = None
 
 
