@@ -32,7 +32,8 @@ fp32 reference:
 * ``fusedo@s``: the overlapped launch (``variant="overlap"``: the bulk programs start beside the deciding ones and
   stop once their pair is decided local) on its own plan (dense attention's wave plan for the bulk); ``fusedor@s``:
   the same on the routed plan. ``--variants`` picks the columns (default ``fused,fusedo,fusedor``), ``--poll`` the
-  overlapped kernel's keys between two reads of the decision.
+  overlapped kernel's keys between two reads of the decision, ``--fused-moments diag`` the diagonal covariance for
+  every fused column.
 
 Triton configs are pinned (``LIGHTTRANSFER_TRITON_AUTOTUNE=0``) unless ``--autotune``. Writes
 ``head_routing_kernels.json`` and ``.md`` into ``--out``, naming the GPU, driver, torch, Triton and CUDA versions.
@@ -74,7 +75,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys: int, sink: int, window: int,
                 dtype, device: str, graph: bool, rounds: int, tolerance: float, seed: int = 0,
-                variants: tuple[str, ...] = tuple(DEFAULT_VARIANTS.split(","))) -> dict:
+                variants: tuple[str, ...] = tuple(DEFAULT_VARIANTS.split(",")), fused_diagonal: bool = False) -> dict:
     from lighttransfer import kernels
     from lighttransfer.bench.gpu_env import median_us
     from lighttransfer.kernels import head_routing as rule
@@ -124,8 +125,8 @@ def bench_batch(batch: int, *, heads: int, kv_heads: int, head_dim: int, n_keys:
         aligned = 2.0 * k[:, :, 0:1].to(torch.float32).repeat_interleave(group, dim=1)  # [B, H, 1, D]
         pick = local.repeat_interleave(group, dim=1).view(batch, heads, 1, 1)
         qs = torch.where(pick, aligned, q.float()).to(dtype)
-        m = rule.KeyMoments(*(t.clone() for t in (moments[False].count, moments[False].first,
-                                                  moments[False].second)))
+        m = rule.KeyMoments(*(t.clone() for t in (moments[fused_diagonal].count, moments[fused_diagonal].first,
+                                                  moments[fused_diagonal].second)))
         return local, qs, m
 
     wave_splits = routed_splits = None
@@ -269,6 +270,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"fused step columns, of {','.join(FUSED_VARIANTS)} (default {DEFAULT_VARIANTS})")
+    parser.add_argument("--fused-moments", choices=["full", "diag"], default="full",
+                        help="the fused steps' covariance (default full)")
     parser.add_argument("--poll", type=int, default=None, help="the overlapped kernel's keys between state reads")
     args = parser.parse_args(argv)
     variants = tuple(v for v in args.variants.split(",") if v)
@@ -294,12 +297,13 @@ def main(argv=None) -> int:
     result = {"environment": environment(), "pinned_configs": os.environ.get("LIGHTTRANSFER_TRITON_AUTOTUNE") == "0",
               "shape": f"{shape['heads']}/{shape['kv_heads']} heads, D={shape['head_dim']}, {dtype}, "
                        f"N={shape['n_keys']}, sink {shape['sink']} + window {shape['window']}",
-              "poll_keys": args.poll, "rows": []}
+              "poll_keys": args.poll, "fused_moments": args.fused_moments, "rows": []}
     for b in batches:  # written after every batch: a run cut by a time limit keeps the batches it finished
         start = time.perf_counter()
         result["rows"].append(bench_batch(b, **shape, dtype=dtype, device=device, graph=cuda,
                                           rounds=3 if args.tiny else 20,
-                                          tolerance=1e-2 if dtype != torch.float32 else 1e-4, variants=variants))
+                                          tolerance=1e-2 if dtype != torch.float32 else 1e-4, variants=variants,
+                                          fused_diagonal=args.fused_moments == "diag"))
         (out / "head_routing_kernels.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
         (out / "head_routing_kernels.md").write_text(markdown(result))
         print(f"batch {b}: done in {time.perf_counter() - start:.0f} s (compiles included)", flush=True)
