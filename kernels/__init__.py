@@ -95,6 +95,28 @@ if __package__ == "lighttransfer.kernels":
     ]
 else:
     # Imported as a top-level `kernels` because a checkout's root is on sys.path (`python -c`/`-m` run there):
-    # transformers probes for the hub's unrelated `kernels` package by importing that name. Stay an empty
+    # this folder then shadows the hub's unrelated `kernels` package, which transformers imports (a dependency of
+    # transformers since 5.25). Hand the name over to that package where it is installed; elsewhere stay an empty
     # module without a version, which transformers reads as "not installed", instead of failing the import.
     __all__ = []
+
+    def _hand_over() -> None:
+        import importlib
+        import os
+        import sys
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        saved = sys.path[:]
+        shadow = sys.modules.pop(__name__, None)
+        sys.path[:] = [p for p in saved if os.path.abspath(p or os.curdir) != root]
+        try:
+            real = importlib.import_module(__name__)
+        except ImportError:
+            real = None
+        finally:
+            sys.path[:] = saved
+        # the import system returns what sys.modules holds once this module's code has run
+        sys.modules[__name__] = real if real is not None else shadow
+
+    _hand_over()
+    del _hand_over
