@@ -169,8 +169,8 @@ def pick_variant(q: torch.Tensor, k: torch.Tensor, *, sink: int, window: int, di
     75.0 against 128.7 us, where a byte count had predicted the opposite (:mod:`.fused_routing_one_triton`), and
     the one launch reads more still from batch 2 on. The overlapped launch costs less with every pair full (+47%
     over dense at batch 1 against +102%) but saved nothing at batch 1 with pairs local (its bulk finished before
-    the decision) and trailed at batch 16 (``bench/results/head_routing_h200/overlap``). The arguments stay so that a rule can return here once a
-    variant wins somewhere."""
+    the decision) and trailed at batch 16 (``bench/results/head_routing_h200/overlap``). The arguments stay so
+    that a rule can return here once a variant wins somewhere."""
     del q, k, sink, window, diagonal, splits
     return "three-launch"
 

@@ -145,8 +145,9 @@ def fused_overlap_triton(q, k, v, moments, *, tau: float, sink: int, window: int
     """Launch ``_overlap_step`` and its merge on validated inputs (see
     :func:`~lighttransfer.kernels.fused_routed_decode`); returns ``(o, flags int8 [batch, kv_heads])``. Reads no
     tensor on the host; the workspace is zero again after the merge. ``poll``: keys between two reads of the
-    state word (default :data:`POLL_KEYS`, rounded up to a multiple of 256); ``local_last``: the bulk programs
-    take the lower program ids (tests: under the interpreter they then all run before the decision)."""
+    state word (default :data:`POLL_KEYS`, rounded up to whole tiles: 256 keys on a GPU, at least one);
+    ``local_last``: the bulk programs take the lower program ids (tests: under the interpreter they then all run
+    before the decision)."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     batch, heads, _, dim = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
@@ -157,11 +158,9 @@ def fused_overlap_triton(q, k, v, moments, *, tau: float, sink: int, window: int
     local_chunk, n_local, chunk, n_bulk = plan_overlap(
         batch, kv_heads, n_keys, sink + window, cuda_sms=multiprocessors(index) if q.is_cuda else None,
         splits=splits, local_splits=local_splits)
-    if q.is_cuda:
-        poll = _CHUNK_ALIGN * triton.cdiv(POLL_KEYS if poll is None else int(poll), _CHUNK_ALIGN)
-    else:
-        poll = INTERPRETER_CONFIG.kwargs["BLOCK_N"] * max(1, triton.cdiv(poll or POLL_KEYS,
-                                                                         INTERPRETER_CONFIG.kwargs["BLOCK_N"]))
+    # a whole number of key tiles, at least one (a step of 0 would never end the loop)
+    align = _CHUNK_ALIGN if q.is_cuda else INTERPRETER_CONFIG.kwargs["BLOCK_N"]
+    poll = align * max(1, triton.cdiv(POLL_KEYS if poll is None else int(poll), align))
     n_slots = n_local + n_bulk
     o = torch.empty((batch, heads, 1, dim), dtype=q.dtype, device=q.device)
     part_o = torch.empty((batch, heads, 1, n_slots, block_d), dtype=torch.float32, device=q.device)
