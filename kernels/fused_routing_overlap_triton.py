@@ -38,7 +38,7 @@ from .decode_launch import INTERPRETER_CONFIG, capability, device_index, multipr
 from .decode_triton import _merge_partials, plan_splits, plan_wave_splits
 from .full_decode_triton import _CHUNK_ALIGN, _attend_range, _live_keys, _pair_tile, _store_partial
 from .fused_routing_one_triton import one_launch_config
-from .fused_routing_triton import _LOCAL_ALIGN, _LOG2E, _local_chunk_decide
+from .fused_routing_triton import _LOCAL_ALIGN, _LOG2E, _local_chunk_decide, fold_buffer, fold_rows
 
 # keys a bulk program attends between two reads of its pair's state word (a multiple of every BLOCK_N): small
 # enough that a local pair's programs stop soon after the decision, large enough that the software-pipelined key
@@ -51,7 +51,7 @@ LOCAL_CHUNK = 256
 @triton.jit(do_not_specialize=["n_keys", "local_chunk", "chunk"])
 def _overlap_step(
     Q, K, V, KV_START, N_VALID, PART_O, PART_LSE,
-    COUNT, FIRST, SECOND, LOCAL, PAIR_TICKET, SEQ_TICKET, STATS, STATE,
+    COUNT, FIRST, SECOND, LOCAL, PAIR_TICKET, SEQ_TICKET, STATS, STATE, QUAD,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -68,7 +68,7 @@ def _overlap_step(
     slot = tl.where(pid < n_bulk, pid + n_local, pid - n_bulk) if LOCAL_LAST else pid
     if slot < n_local:
         _local_chunk_decide(Q, K, V, KV_START, N_VALID, PART_O, PART_LSE, COUNT, FIRST, SECOND, LOCAL, PAIR_TICKET,
-                            SEQ_TICKET, STATS, STATE, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+                            SEQ_TICKET, STATS, STATE, QUAD, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                             stride_vb, stride_vh, stride_vn, pid_bk, slot, n_kv_heads, GROUP, n_keys, local_chunk,
                             n_local, n_slots, sink, window, qk_scale, scale, tau, HAS_START, HAS_N_VALID,
                             HAS_STATS, True, DIAGONAL, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_R,
@@ -162,6 +162,7 @@ def fused_overlap_triton(q, k, v, moments, *, tau: float, sink: int, window: int
     align = _CHUNK_ALIGN if q.is_cuda else INTERPRETER_CONFIG.kwargs["BLOCK_N"]
     poll = align * max(1, triton.cdiv(POLL_KEYS if poll is None else int(poll), align))
     n_slots = n_local + n_bulk
+    quad = fold_buffer(batch * kv_heads, n_local, block_m, moments.diagonal, q.device)
     o = torch.empty((batch, heads, 1, dim), dtype=q.dtype, device=q.device)
     part_o = torch.empty((batch, heads, 1, n_slots, block_d), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((batch, heads, 1, n_slots), dtype=torch.float32, device=q.device)
@@ -173,13 +174,13 @@ def fused_overlap_triton(q, k, v, moments, *, tau: float, sink: int, window: int
     nv = n_valid.to(q.device) if n_valid is not None else None
     args = (q, k, v, start if start is not None else o, nv if nv is not None else o, part_o, part_lse,
             moments.count, moments.first, moments.second, flags, workspace.pair, workspace.sequence,
-            counts if counts is not None else part_lse, workspace.state,
+            counts if counts is not None else part_lse, workspace.state, quad,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             kv_heads, group, n_keys, local_chunk, n_local, chunk, n_bulk, poll, sink, window, scale * _LOG2E, scale,
             float(tau))
     flags_kw = dict(HAS_START=start is not None, HAS_N_VALID=nv is not None, HAS_STATS=counts is not None,
                     DIAGONAL=moments.diagonal, LOCAL_LAST=bool(local_last), HEAD_DIM=dim, BLOCK_D=block_d,
-                    BLOCK_M=block_m, BLOCK_C=max(2, triton.next_power_of_2(n_local)), BLOCK_R=min(32, block_d),
+                    BLOCK_M=block_m, BLOCK_C=max(2, triton.next_power_of_2(n_local)), BLOCK_R=fold_rows(block_d),
                     DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
     def run(config: dict) -> None:

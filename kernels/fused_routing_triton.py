@@ -5,11 +5,13 @@ Pass 1, ``_local_decide`` (grid ``(batch * kv_heads, n_local)``): one program ta
 chunk of its local set, the ``sink + window`` keys listed sink first (virtual index ``x < sink``: key ``kv_start +
 x``; else key ``n - window - sink + x``, clipped so that nothing counts twice), for all ``GROUP`` query heads, and
 stores a float32 partial (output, log2-sum-exp) in slot ``chunk`` of the merge layout. Every pair needs this work,
-full or local. Then the pair's programs take a ticket from a per-pair atomic counter; the one that draws the last
-ticket (the "last block" pattern: no program ever waits for another) folds the key that left the window into the
-running moments, merges the pair's local log2-sum-exps into ``lse_L``, computes each query head's Gaussian bulk
-mass and ``f̂``, writes the pair's routing flag (int8, 1 = local), adds to the routing counts and sets the counter
-back to zero for the next launch (a CUDA graph replays it). The moments' key count is one value per sequence
+full or local. With the full covariance each program also folds the key that left the window into its share of
+the pair's ``Σkkᵀ`` rows (blocks of :data:`FOLD_ROWS`, round robin) and stores its part of every query head's
+``qᵀ(Σkkᵀ)q``. Then the pair's programs take a ticket from a per-pair atomic counter; the one that draws the last
+ticket (the "last block" pattern: no program ever waits for another) folds the key into the first moment (and
+the diagonal one), merges the pair's local log2-sum-exps into ``lse_L`` and the parts into ``qᵀΣq``, computes
+each query head's Gaussian bulk mass and ``f̂``, writes the pair's routing flag (int8, 1 = local), adds to the
+routing counts and sets the counter back to zero for the next launch (a CUDA graph replays it). The moments' key count is one value per sequence
 shared by its KV heads: a second counter per sequence lets the last of its pairs write it, after every pair read
 the old one.
 
@@ -61,6 +63,9 @@ _LN2_C = tl.constexpr(0.6931471805599453)  # ln 2: log2-sum-exp to natural log
 # pass 1 works on ~1k keys per pair: 64-key tiles (the local chunks are cut at multiples of it)
 LOCAL_CONFIGS = [decode_config(64, 4, 3), decode_config(64, 4, 2)]
 _LOCAL_ALIGN = 64
+# rows of Σkkᵀ per block of the full covariance's fold: D = 128 makes four blocks, each pass-1 program folding
+# every n_local-th one (at least four programs where the local set allows, so no program folds more than one)
+FOLD_ROWS = 32
 
 
 @triton.jit
@@ -105,9 +110,35 @@ def _publish(LOCAL, STATS, PAIR_TICKET, SEQ_TICKET, COUNT, STATE, pid_bk, b, n_k
 
 
 @triton.jit
+def _fold_share(Q, SECOND, q, k_gone, w, b, h, row_ok, offs_d, d_ok, stride_qb, stride_qh, pid_bk, pid_c, n_local,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Program ``pid_c``'s share of the pair's ``Σkkᵀ`` (float32 ``[HEAD_DIM, HEAD_DIM]``): the row blocks
+    ``[r0, r0 + BLOCK_R)`` for ``r0 = (pid_c + i * n_local) * BLOCK_R``, each updated with the leaving key ``w·kkᵀ``
+    and written back; returns its part of every query head's ``qᵀ(Σkkᵀ)q`` ``[BLOCK_M]``. Spread this way the
+    fold costs the pair's last program nothing: with it alone doing all 128 rows it was the step's longest
+    serial part (H200, 8B shape: ~25 us of the step at batch 1 and 16 against the diagonal's)."""
+    qf = q.to(tl.float32)
+    kg = tl.load(k_gone + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    quad = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for r0 in tl.range(pid_c * BLOCK_R, BLOCK_D, n_local * BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < HEAD_DIM
+        s_ptrs = SECOND + (pid_bk.to(tl.int64) * HEAD_DIM + offs_r[:, None]) * HEAD_DIM + offs_d[None, :]
+        s_mask = r_ok[:, None] & d_ok[None, :]
+        kr = tl.load(k_gone + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+        s_blk = tl.load(s_ptrs, mask=s_mask, other=0.0) + (kr * w)[:, None] * kg[None, :]
+        tl.store(s_ptrs, s_blk, mask=s_mask)
+        t = tl.dot(qf, tl.trans(s_blk), input_precision="ieee")  # [BLOCK_M, BLOCK_R]
+        qr = tl.load(Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_r[None, :],
+                     mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+        quad += tl.sum(t * qr, 1)
+    return quad
+
+
+@triton.jit
 def _local_chunk_decide(
     Q, K, V, KV_START, N_VALID, PART_O, PART_LSE,
-    COUNT, FIRST, SECOND, LOCAL, PAIR_TICKET, SEQ_TICKET, STATS, STATE,
+    COUNT, FIRST, SECOND, LOCAL, PAIR_TICKET, SEQ_TICKET, STATS, STATE, QUAD,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -116,9 +147,10 @@ def _local_chunk_decide(
     DIAGONAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Program ``(pid_bk, pid_c)`` of pass 1: chunk ``pid_c`` of pair ``pid_bk``'s local set into slot ``pid_c``,
-    and, in the pair's last program, the decision (:func:`_publish`; ``HAS_STATE``: also the pair's state word for
-    the overlapped kernel's bulk programs, :mod:`.fused_routing_overlap_triton`)."""
+    """Program ``(pid_bk, pid_c)`` of pass 1: chunk ``pid_c`` of pair ``pid_bk``'s local set into slot ``pid_c``;
+    with the full covariance also its share of the ``Σkkᵀ`` fold (:func:`_fold_share`); and, in the pair's last
+    program, the decision (:func:`_publish`; ``HAS_STATE``: also the pair's state word for the overlapped
+    kernel's bulk programs, :mod:`.fused_routing_overlap_triton`)."""
     b, hk, h, row_ok, offs_d, d_ok = _pair_tile(pid_bk, n_kv_heads, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D)
     n_keys, start = _live_keys(n_keys, N_VALID, KV_START, b, HAS_N_VALID, HAS_START)
     sink_end = start + sink
@@ -145,6 +177,16 @@ def _local_chunk_decide(
     row = b * n_kv_heads * GROUP + h
     _store_partial(PART_O, PART_LSE, row.to(tl.int64) * n_slots + pid_c, m_i, l_i, acc, offs_d, row_ok, d_ok, BLOCK_D)
 
+    # the key that leaves the window at this step joins the bulk's moments (where real and past the sinks)
+    gone = n_keys - 1 - window
+    w = tl.where((gone >= 0) & (gone >= sink_end), 1.0, 0.0)
+    k_gone = k_base + tl.maximum(gone, 0).to(tl.int64) * stride_kn
+    offs_m = tl.arange(0, BLOCK_M)
+    if not DIAGONAL:
+        quad_part = _fold_share(Q, SECOND, q, k_gone, w, b, h, row_ok, offs_d, d_ok, stride_qb, stride_qh, pid_bk,
+                               pid_c, n_local, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R)
+        tl.store(QUAD + (pid_bk.to(tl.int64) * n_local + pid_c) * BLOCK_M + offs_m, quad_part)
+
     # every thread's stores before thread 0's release: the barrier, then the acq_rel atomic at GPU scope
     tl.debug_barrier()
     ticket = tl.atomic_add(PAIR_TICKET + pid_bk, 1, sem="acq_rel", scope="gpu")
@@ -158,10 +200,6 @@ def _local_chunk_decide(
         total = tl.sum(tl.math.exp2(parts - top[:, None]), 1)
         lse = tl.where(total > 0.0, top + tl.math.log2(tl.where(total > 0.0, total, 1.0)), float("-inf")) * _LN2_C
 
-        # the key that left the window at this step joins the bulk's moments (where real and past the sinks)
-        gone = n_keys - 1 - window
-        w = tl.where((gone >= 0) & (gone >= sink_end), 1.0, 0.0)
-        k_gone = k_base + tl.maximum(gone, 0).to(tl.int64) * stride_kn
         kg = tl.load(k_gone + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         count = tl.load(COUNT + b, volatile=True) + w
         f_ptrs = FIRST + pid_bk.to(tl.int64) * HEAD_DIM + offs_d
@@ -177,20 +215,10 @@ def _local_chunk_decide(
             mu = first / n_div
             var = tl.sum(qf * qf * sq[None, :], 1) / n_div - tl.sum(qf * qf * (mu * mu)[None, :], 1)
         else:
-            # q (Σkkᵀ) q over row blocks of Σkkᵀ [BLOCK_R, D], each updated with the key and written back
-            quad = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for r0 in tl.static_range(0, BLOCK_D, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                r_ok = offs_r < HEAD_DIM
-                s_ptrs = SECOND + (pid_bk.to(tl.int64) * HEAD_DIM + offs_r[:, None]) * HEAD_DIM + offs_d[None, :]
-                s_mask = r_ok[:, None] & d_ok[None, :]
-                kr = tl.load(k_gone + offs_r, mask=r_ok, other=0.0).to(tl.float32)
-                s_blk = tl.load(s_ptrs, mask=s_mask, other=0.0) + (kr * w)[:, None] * kg[None, :]
-                tl.store(s_ptrs, s_blk, mask=s_mask)
-                t = tl.dot(qf, tl.trans(s_blk), input_precision="ieee")  # [BLOCK_M, BLOCK_R]
-                qr = tl.load(Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_r[None, :],
-                             mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-                quad += tl.sum(t * qr, 1)
+            # q (Σkkᵀ) q: the partial sums of the pair's programs (each folded its rows of Σkkᵀ before its ticket)
+            quads = tl.load(QUAD + (pid_bk.to(tl.int64) * n_local + offs_c[:, None]) * BLOCK_M + offs_m[None, :],
+                            mask=(offs_c < n_local)[:, None], other=0.0, volatile=True)
+            quad = tl.sum(quads, 0)
             var = quad / n_div - mean_dot * mean_dot
         local, decided = _decide(lse, mean_dot, var, count, row_ok, n_keys, start, sink, window, scale, tau)
         _publish(LOCAL, STATS, PAIR_TICKET, SEQ_TICKET, COUNT, STATE, pid_bk, b, n_kv_heads, local, decided, count,
@@ -200,7 +228,7 @@ def _local_chunk_decide(
 @triton.jit(do_not_specialize=["n_keys", "local_chunk"])
 def _local_decide(
     Q, K, V, KV_START, N_VALID, PART_O, PART_LSE,
-    COUNT, FIRST, SECOND, LOCAL, PAIR_TICKET, SEQ_TICKET, STATS,
+    COUNT, FIRST, SECOND, LOCAL, PAIR_TICKET, SEQ_TICKET, STATS, QUAD,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -210,7 +238,7 @@ def _local_decide(
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     _local_chunk_decide(Q, K, V, KV_START, N_VALID, PART_O, PART_LSE, COUNT, FIRST, SECOND, LOCAL, PAIR_TICKET,
-                        SEQ_TICKET, STATS, LOCAL, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb,
+                        SEQ_TICKET, STATS, LOCAL, QUAD, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb,
                         stride_vh, stride_vn, tl.program_id(0), tl.program_id(1), n_kv_heads, GROUP, n_keys,
                         local_chunk, n_local, n_slots, sink, window, qk_scale, scale, tau, HAS_START, HAS_N_VALID,
                         HAS_STATS, False, DIAGONAL, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_R,
@@ -286,14 +314,27 @@ def _local_config(cap: tuple[int, int], block_d: int, block_m: int, element_byte
     return fallback_config(block_d, block_m, element_bytes)
 
 
+def fold_rows(block_d: int) -> int:
+    """Rows of ``Σkkᵀ`` per fold block (:data:`FOLD_ROWS`, at most ``BLOCK_D``)."""
+    return min(FOLD_ROWS, block_d)
+
+
+def fold_buffer(pairs: int, n_local: int, block_m: int, diagonal: bool, device) -> torch.Tensor:
+    """float32 ``[pairs * n_local * block_m]``: each pass-1 program's part of its query heads' ``qᵀ(Σkkᵀ)q``,
+    which the pair's last program sums (one element, never read, for the diagonal covariance)."""
+    return torch.empty(1 if diagonal else pairs * n_local * block_m, dtype=torch.float32, device=device)
+
+
 # (capability, BLOCK_D, BLOCK_M, dtype, device length, autotune) -> pass 2's tuned config
 _BEST_BULK: dict[tuple, dict] = {}
 
 
 def plan_fused(batch: int, kv_heads: int, n_keys: int, local_keys: int, *, cuda_sms: int | None,
-               splits: int | None = None, local_splits: int | None = None) -> tuple[int, int, int, int]:
+               splits: int | None = None, local_splits: int | None = None,
+               fold_splits: int = 1) -> tuple[int, int, int, int]:
     """``(local_chunk, n_local, chunk, n_bulk)``: pass 1 cuts the ``local_keys = sink + window`` local set into the
-    fewest chunks that fill the GPU's waves (:func:`~.decode_triton.plan_wave_splits`); pass 2 cuts the key axis as
+    fewest chunks that fill the GPU's waves (:func:`~.decode_triton.plan_wave_splits`), but at least
+    ``fold_splits`` where the local set allows (the programs that share the full covariance's fold); pass 2 cuts the key axis as
     the routed kernel does (the wave plan, but at least one split per ``ROUTED_CHUNK`` keys, so the full pairs'
     work spreads over the SMs the local pairs leave). ``cuda_sms`` ``None``: the interpreter (one split each,
     unless given)."""
@@ -304,6 +345,8 @@ def plan_fused(batch: int, kv_heads: int, n_keys: int, local_keys: int, *, cuda_
         return local_chunk, n_local, chunk, n_bulk
     local_chunk, n_local = plan_wave_splits(batch, kv_heads, local_keys, cuda_sms, align=_LOCAL_ALIGN,
                                             splits=local_splits)
+    if local_splits is None and n_local < fold_splits:
+        local_chunk, n_local = plan_splits(batch, kv_heads, local_keys, 0, align=_LOCAL_ALIGN, splits=fold_splits)
     if splits is None:
         splits = routed_splits(batch, kv_heads, n_keys, cuda_sms, align=_CHUNK_ALIGN)
     chunk, n_bulk = plan_splits(batch, kv_heads, n_keys, 0, align=_CHUNK_ALIGN, splits=splits)
@@ -323,10 +366,13 @@ def fused_routed_decode_triton(q, k, v, moments, *, tau: float, sink: int, windo
     index = None
     if q.is_cuda:
         index = device_index(q)
+    block_r = fold_rows(block_d)
     local_chunk, n_local, chunk, n_bulk = plan_fused(batch, kv_heads, n_keys, sink + window,
                                                      cuda_sms=multiprocessors(index) if q.is_cuda else None,
-                                                     splits=splits, local_splits=local_splits)
+                                                     splits=splits, local_splits=local_splits,
+                                                     fold_splits=1 if moments.diagonal else block_d // block_r)
     n_slots = n_local + n_bulk
+    quad = fold_buffer(batch * kv_heads, n_local, block_m, moments.diagonal, q.device)
     o = torch.empty((batch, heads, 1, dim), dtype=q.dtype, device=q.device)
     part_o = torch.empty((batch, heads, 1, n_slots, block_d), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((batch, heads, 1, n_slots), dtype=torch.float32, device=q.device)
@@ -343,11 +389,11 @@ def fused_routed_decode_triton(q, k, v, moments, *, tau: float, sink: int, windo
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
                v.stride(2))
     local_args = (q, k, v, start_arg, nv_arg, part_o, part_lse, moments.count, moments.first, moments.second, flags,
-                  workspace.pair, workspace.sequence, counts if counts is not None else part_lse, *strides,
+                  workspace.pair, workspace.sequence, counts if counts is not None else part_lse, quad, *strides,
                   kv_heads, group, n_keys, local_chunk, n_local, n_slots, sink, window, scale * _LOG2E, scale,
                   float(tau))
     local_flags = dict(common, HAS_STATS=counts is not None, DIAGONAL=moments.diagonal,
-                       BLOCK_C=max(2, triton.next_power_of_2(n_local)), BLOCK_R=min(32, block_d))
+                       BLOCK_C=max(2, triton.next_power_of_2(n_local)), BLOCK_R=block_r)
     bulk_args = (q, k, v, flags, start_arg, nv_arg, part_o, part_lse, *strides, kv_heads, group, n_keys, chunk,
                  n_local, n_slots, sink, window, scale * _LOG2E)
 
@@ -384,4 +430,5 @@ def fused_routed_decode_triton(q, k, v, moments, *, tau: float, sink: int, windo
     return o, flags
 
 
-__all__ = ["fused_routed_decode_triton", "FusedWorkspace", "plan_fused", "LOCAL_CONFIGS"]
+__all__ = ["fused_routed_decode_triton", "FusedWorkspace", "plan_fused", "fold_buffer", "fold_rows", "LOCAL_CONFIGS",
+           "FOLD_ROWS"]

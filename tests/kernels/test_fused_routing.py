@@ -293,3 +293,28 @@ def test_on_cuda_a_captured_step_replays_as_eager_steps(diagonal, variant):
         torch.cuda.synchronize()
         assert torch.equal(local_graph, local) and torch.equal(o_graph, o)
         assert torch.equal(m_graph.second, m_eager.second) and torch.equal(c_graph, c_eager)
+
+
+@pytest.mark.parametrize("rows,local_splits", [(16, 1), (16, 2), (64, 2)], ids=["16x1", "16x2", "64x2"])
+@pytest.mark.parametrize("dim", [40, 64], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("spread", ["three-launch", "overlap"])
+def test_full_covariance_fold_spread_over_the_local_programs(spread, dim, rows, local_splits, monkeypatch):
+    """The full covariance's Σkkᵀ in blocks of ``rows`` rows over the pair's local programs, round robin: four
+    16-row blocks (at D 40 the last one partly masked, the third too) folded by one program or two (blocks 0, 2
+    and 1, 3), or one 64-row block and a program that folds none; every row updated once, the partial qᵀΣq
+    summed into the reference's decisions and moments, over two consecutive steps."""
+    from lighttransfer.kernels import fused_routing_triton as three
+
+    monkeypatch.setattr(three, "FOLD_ROWS", rows)
+    assert three.plan_fused(2, 2, 70, SINK + WINDOW, cuda_sms=None, splits=3, local_splits=local_splits)[1] \
+        == local_splits
+    dtype = DTYPES[-1]
+    q, k, v = _inputs(2, 2, 4, 71, dim, dtype, seed=dim + rows + local_splits)
+    start = torch.tensor([0, 3], device=DEVICE)
+    m = _moments(k, 70, start, diagonal=False)
+    for n in (70, 71):  # two consecutive steps: each folds its own leaving key into the moments the last one left
+        share, decided = _shares(q, k[:, :, :n], m, start)
+        _check(q, k[:, :, :n], v[:, :, :n], m, _mixed_tau(share, decided), dtype,
+               f"{rows}-row blocks over {local_splits} programs, {n} keys", kv_start=start, splits=3,
+               local_splits=local_splits, variant=spread)
+        q = q.flip(1)
