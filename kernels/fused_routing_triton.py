@@ -335,8 +335,8 @@ def plan_fused(batch: int, kv_heads: int, n_keys: int, local_keys: int, *, cuda_
     """``(local_chunk, n_local, chunk, n_bulk)``: pass 1 cuts the ``local_keys = sink + window`` local set into the
     fewest chunks that fill the GPU's waves (:func:`~.decode_triton.plan_wave_splits`), but at least
     ``fold_splits`` where the local set allows (the programs that share the full covariance's fold); pass 2 cuts the key axis as
-    the routed kernel does (the wave plan, but at least one split per ``ROUTED_CHUNK`` keys, so the full pairs'
-    work spreads over the SMs the local pairs leave). ``cuda_sms`` ``None``: the interpreter (one split each,
+    the routed kernel does (:func:`~.routed_decode_triton.routed_splits`: enough for a few waves of programs, so
+    the full pairs' work spreads over the SMs the local pairs leave). ``cuda_sms`` ``None``: the interpreter (one split each,
     unless given)."""
     if cuda_sms is None:
         align = INTERPRETER_CONFIG.kwargs["BLOCK_N"]

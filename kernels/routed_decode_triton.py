@@ -31,22 +31,32 @@ from .full_decode_triton import (
 )
 
 _LOG2E = 1.4426950408889634
-# Keys per program at most. A local-routed pair's programs finish at once, so the full pairs' work must come in
-# programs small enough for the GPU's scheduler to spread over the SMs the local ones leave. On an H200 at 32k
-# (bench/results/head_routing_h200/routed_split_sweep.json), half the pairs local: batch 16 took 383 us with the
-# full kernel's plan (one split: every SM holds one pair, the full ones set the time) and 279 us with 32 splits of
-# 1024 keys (dense: 469 us); batch 1 30 us against 33 at the plan's 16. All pairs full, 32 splits cost 9% at
-# batch 16 (511 against 469 us).
+# A local-routed pair's programs finish at once, so the full pairs' work must come in programs small enough, and
+# many enough, for the GPU's scheduler to spread over the SMs the local ones leave; but every split adds a
+# program's start-up and a partial to merge, which the all-full step pays in full. Measured on an H200 at 32768
+# keys, 32/8 heads (bench/results/head_routing_h200/routed_split_sweep.json; us at 0 / 50 / 75% of the pairs
+# local, dense 469 us at batch 16):
+#   batch 16 (128 pairs):  1 split 469 / 383 / 382,  4: 477 / 279 / 215,  8: 485 / 280 / 176,  16: 499 / 277 / 162,
+#                          32: 511 / 279 / 162
+#   batch 1 (8 pairs):    16 splits 39.6 / 32.6 / 29.9,  32: 45.4 / 30.3 / 21.1,  64: 50.2 / 31.4 / 22.1
+# Past about eight waves of programs the local pairs' share is spread (50% local is as fast at 4 splits as at 32)
+# while the all-full step keeps losing; chunks below 1024 keys lose at any share. So: enough splits for
+# ROUTED_WAVES waves of programs, but chunks of at least ROUTED_CHUNK keys, and never fewer splits than the wave
+# plan. At batch 16 that is 9 splits (+3% all full, where 32 splits cost +9%), at batch 1 still 32.
 ROUTED_CHUNK = 1024
+ROUTED_WAVES = 8
 
 
 @functools.lru_cache(maxsize=4096)
 def routed_splits(batch: int, kv_heads: int, n_keys: int, sms: int, *, align: int = PLAN_ALIGN) -> int:
-    """Key splits per (sequence, KV head) of a routed launch on ``sms`` SMs: the wave plan (chunks of ``align``
-    keys), but at least one split per ``ROUTED_CHUNK`` keys. Cached: the wave plan's search takes ~1 ms of host
-    time (measured on a slow CPU), and the fused step asks for it twice per call (the launcher's rule, then the
-    launch)."""
-    return max(plan_wave_splits(batch, kv_heads, n_keys, sms, align=align)[1], triton.cdiv(n_keys, ROUTED_CHUNK))
+    """Key splits per (sequence, KV head) of a routed launch on ``sms`` SMs: enough for ``ROUTED_WAVES`` waves of
+    programs (``batch * kv_heads * splits >= ROUTED_WAVES * sms``) but no chunk under ``ROUTED_CHUNK`` keys, and at
+    least the wave plan's (:func:`~.decode_triton.plan_wave_splits`, chunks of ``align`` keys). Cached: the wave
+    plan's search takes ~1 ms of host time (measured on a slow CPU), and the fused step asks for it twice per call
+    (the launcher's rule, then the launch)."""
+    wave = plan_wave_splits(batch, kv_heads, n_keys, sms, align=align)[1]
+    spread = min(triton.cdiv(ROUTED_WAVES * sms, max(batch * kv_heads, 1)), triton.cdiv(n_keys, ROUTED_CHUNK))
+    return max(wave, spread, 1)
 
 
 @triton.jit(do_not_specialize=["n_keys", "chunk"])
@@ -112,8 +122,7 @@ def routed_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, loca
                          splits: int | None = None) -> torch.Tensor:
     """Launch on validated inputs (see :func:`~lighttransfer.kernels.routed_decode`); reads no tensor on the host.
     The grid, partials and config choice are :func:`~.full_decode_triton.full_decode_triton`'s
-    (:class:`~.full_decode_triton.SplitDecodePlan`); the split plan too, but with at least one split per
-    ``ROUTED_CHUNK`` keys."""
+    (:class:`~.full_decode_triton.SplitDecodePlan`); the split count :func:`routed_splits`'s."""
     if splits is None and q.is_cuda and k.shape[2] > 0:
         splits = routed_splits(q.shape[0], k.shape[1], k.shape[2], multiprocessors(device_index(q)))
     plan = SplitDecodePlan.make(q, k, v, kv_start=kv_start, n_valid=n_valid, splits=splits)

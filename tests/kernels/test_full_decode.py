@@ -209,5 +209,4 @@ def test_wave_planner_takes_the_fewest_splits_that_fill_the_waves_and_covers_eve
     if (batch, n_keys) in expected:
         assert n_splits == expected[batch, n_keys]
     assert plan_wave_splits(batch, 8, n_keys, 132, align=256, splits=2) == plan_splits(batch, 8, n_keys, 0,
-                                                                                      align=256, splits=2) == plan_splits(batch, 8, n_keys, 0,
                                                                                       align=256, splits=2)

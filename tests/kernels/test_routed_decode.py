@@ -132,3 +132,25 @@ def test_cuda_graph_replays_any_routing(dtype):
         graph.replay()
         want = routed_decode_reference(q, k, v, local, sink=4, window=1020, n_valid=n_valid)
         torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+
+@pytest.mark.parametrize("batch, n_keys", [(1, 32768), (16, 32768), (16, 131072), (1, 131072), (50, 32768),
+                                           (4, 2000), (1, 100)])
+def test_split_plan_spreads_the_full_pairs_without_small_chunks(batch, n_keys):
+    """On 132 SMs with 8 KV heads: never fewer splits than the wave plan; more only as far as the spread rule asks,
+    the fewest for ROUTED_WAVES waves of programs, capped at one split per ROUTED_CHUNK keys; the H200 sweep's
+    picks at 32k (9 at batch 16, where 32 cost +9% with every pair full; 32 at batch 1)."""
+    from lighttransfer.kernels.decode_triton import plan_wave_splits
+    from lighttransfer.kernels.routed_decode_triton import ROUTED_CHUNK, ROUTED_WAVES, routed_splits
+
+    splits = routed_splits(batch, 8, n_keys, 132)
+    wave = plan_wave_splits(batch, 8, n_keys, 132)[1]
+    assert splits >= wave >= 1
+    if splits > wave:
+        floor = -(-n_keys // ROUTED_CHUNK)
+        assert splits <= floor
+        assert splits == floor or batch * 8 * (splits - 1) < ROUTED_WAVES * 132 <= batch * 8 * splits
+    expected = {(16, 32768): 9, (1, 32768): 32, (1, 131072): 128, (16, 131072): 9}
+    if (batch, n_keys) in expected:
+        assert splits == expected[batch, n_keys]
