@@ -382,6 +382,7 @@ def benchmark(
     select_local: int | None = None,
     select_reuse: float | None = None,
     select_reuse_max_age: int | None = None,
+    select_reuse_against: str | None = None,
     select_hit_share: float | None = None,
     out: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
@@ -413,8 +414,9 @@ def benchmark(
         decode: ``dense`` (the full layers read every cached key), or ``tokenselect``: every runtime variant also
             decodes with TokenSelect on its full layers (``<variant> + tokenselect (all miss | all hit)`` rows, eager
             and, with ``cuda_graphs``, graphed; :mod:`lighttransfer.bench.token_select_rows`), on the same cache.
-        select_k, select_init, select_local, select_reuse, select_reuse_max_age: TokenSelect's settings (default:
-            the hybrid's block, else 2048, 128, 512, 0.9, 64); ``select_reuse = 1``: one ``no cache`` row instead.
+        select_k, select_init, select_local, select_reuse, select_reuse_max_age, select_reuse_against: TokenSelect's
+            settings (default: the hybrid's block, else 2048, 128, 512, 0.9, 64, ``anchor``); ``select_reuse = 1``:
+            one ``no cache`` row instead.
         select_hit_share: a Selection Cache hit share to interpolate at, besides 0, 50 % and 90 %.
         out: ``.json`` path (a markdown table is written beside it) or a directory.
         progress: called with a line per finished measurement.
@@ -445,7 +447,8 @@ def benchmark(
     if memory_budget_gb is not None and memory_budget_gb <= 0:
         raise LightTransferError(f"--memory-budget must be a positive number of GB, got {memory_budget_gb}.")
     select_options = dict(select_k=select_k, select_init=select_init, select_local=select_local,
-                          select_reuse=select_reuse, select_reuse_max_age=select_reuse_max_age)
+                          select_reuse=select_reuse, select_reuse_max_age=select_reuse_max_age,
+                          select_reuse_against=select_reuse_against)
     # the options' own checks first, before loading
     selection = _selection(decode, select_options, select_hit_share, hybrid_selection=None)
 
@@ -861,12 +864,13 @@ def markdown_bench(result: BenchResult) -> str:
         )
     text = "\n".join(lines) + "\n"
     if result.token_select is not None:
-        from ..hybrid_format import TokenSelectConfig
+        from ..hybrid_format.token_select import DEFAULT_SELECT_REUSE_AGAINST, TokenSelectConfig
         from .token_select_rows import markdown_summary
 
-        fields = result.token_select
+        fields = result.token_select  # results written before select_reuse_against compared with the anchor
         config = TokenSelectConfig(k=fields["select_k"], init=fields["select_init"], local=fields["select_local"],
-                                   reuse=fields["select_reuse"], reuse_max_age=fields["select_reuse_max_age"])
+                                   reuse=fields["select_reuse"], reuse_max_age=fields["select_reuse_max_age"],
+                                   reuse_against=fields.get("select_reuse_against", DEFAULT_SELECT_REUSE_AGAINST))
         text += markdown_summary(result.selection_summary, copy_gbps=result.copy_gbps,
                                  described=config.describe())
     return text

@@ -57,7 +57,7 @@ from .options import (
 @verbosity_options
 def bench(hybrid, baseline, report, contexts, ratios, memory_budget, decode_steps, max_batch, sink, window,
           cuda_graphs, compiled_baseline, original, fused_ops, decode, select_k, select_init, select_local, select_reuse,
-          select_reuse_max_age, select_hit_share, out, device, dtype, trust_remote_code):
+          select_reuse_max_age, select_reuse_against, select_hit_share, out, device, dtype, trust_remote_code):
     """Prefill latency, decode tokens/s, peak memory and KV bytes: original vs hybrids, in one process."""
     from ..bench.speed import benchmark, markdown_bench
 
@@ -74,7 +74,8 @@ def bench(hybrid, baseline, report, contexts, ratios, memory_budget, decode_step
         max_batch=max_batch, sink=sink, window=window, device=device, dtype=dtype, cuda_graphs=cuda_graphs,
         compiled_baseline=compiled_baseline, original=original, fused_ops=fused_ops, decode=decode, select_k=select_k,
         select_init=select_init, select_local=select_local, select_reuse=select_reuse,
-        select_reuse_max_age=select_reuse_max_age, select_hit_share=select_hit_share, out=None,
+        select_reuse_max_age=select_reuse_max_age, select_reuse_against=select_reuse_against,
+        select_hit_share=select_hit_share, out=None,
         progress=None if is_quiet() else (lambda line: err.print(escape(str(line)), soft_wrap=True)),
     )
     console = stdout_console()

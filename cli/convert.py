@@ -136,7 +136,8 @@ def _memory_table(memory, dtype: str | None = None):
 @verbosity_options
 def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, window, granularity, strategy, prefill,
             native_swa, seq_len, samples, seed, force, decode, select_k, select_init, select_local, select_reuse,
-            select_reuse_max_age, prefill_sparse, prefill_alpha, prefill_min_len, head_routing, routing_tau, routing_share, routing_stats,
+            select_reuse_max_age, select_reuse_against, prefill_sparse, prefill_alpha, prefill_min_len, head_routing,
+            routing_tau, routing_share, routing_stats,
             routing_cov, routing_guard, routing_full_share, routing_page, device, dtype,
             trust_remote_code) -> None:
     """Write a hybrid checkpoint of MODEL (directory, .gguf file or hub id) whose laziest layers stream."""
@@ -168,7 +169,8 @@ def convert(model, more_calib, out, ratio, report, calib, layers, keep, sink, wi
         native_swa=native_swa, force=force, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
         progress=not quiet, seed=seed, seq_len=seq_len, samples=samples, decode=decode, select_k=select_k,
         select_init=select_init, select_local=select_local, select_reuse=select_reuse,
-        select_reuse_max_age=select_reuse_max_age, prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
+        select_reuse_max_age=select_reuse_max_age, select_reuse_against=select_reuse_against,
+        prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
         head_routing=routing, routing_full_share=routing_full_share,
         status=None if quiet else (lambda line: stderr_console().print(f"[dim]{escape(line)}…[/dim]")),
     )

@@ -204,7 +204,8 @@ class _Bar:
 @verbosity_options
 def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_windows, passkey_lengths,
              passkey_depths, passkey_trials, passkey_format, suite, ruler_tasks, ruler_samples, ruler_batch, rows, ratio, sink, window, backend,
-             select_k, select_init, select_local, select_reuse, select_reuse_max_age, select_page, sparse_method, sparse_alpha, sparse_min_len,
+             select_k, select_init, select_local, select_reuse, select_reuse_max_age, select_reuse_against, select_page,
+             sparse_method, sparse_alpha, sparse_min_len,
              sparse_blocks, routing_share, routing_tau, routing_stats, routing_cov, routing_guard, routing_page,
              routing_window, routing_calibrate_on, routing_calibration, seed, out, device,
              dtype, trust_remote_code):
@@ -234,7 +235,7 @@ def evaluate(hybrid, baseline, text, text_lines, report, lengths, stride, max_wi
         sink=sink, window=window, backend=backend, seed=seed, device=device, dtype=dtype, out=None,
         suite=suite, ruler_tasks=ruler_tasks, ruler_samples=ruler_samples, ruler_batch=ruler_batch, select_k=select_k,
         select_init=select_init, select_local=select_local, select_reuse=select_reuse,
-        select_reuse_max_age=select_reuse_max_age, select_page=select_page,
+        select_reuse_max_age=select_reuse_max_age, select_reuse_against=select_reuse_against, select_page=select_page,
         sparse_prefill=_sparse_config(sparse_method, sparse_alpha, sparse_min_len, sparse_blocks),
         head_routing=HeadRoutingConfig(mode="qada", tau=0.0, stats=routing_stats, cov=routing_cov,
                                        window=routing_window, guard=routing_guard,

@@ -68,7 +68,7 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 @verbosity_options
 def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p, seed, chat, prefill, chunk_size,
              online_ratio, decode, select_k, select_init, select_local, select_reuse, select_reuse_max_age,
-             cuda_graphs, prefill_sparse,
+             select_reuse_against, cuda_graphs, prefill_sparse,
              prefill_alpha, prefill_min_len, fused_ops, head_routing, routing_tau, routing_share, routing_stats,
              routing_cov, routing_guard, routing_page, device, dtype, trust_remote_code):
     """Generate text with a hybrid checkpoint, streaming it as it is produced.
@@ -84,7 +84,7 @@ def generate(model_dir, prompt, prompt_file, max_new_tokens, temperature, top_p,
                          online_ratio=online_ratio, cuda_graphs=cuda_graphs, trust_remote_code=trust_remote_code,
                          decode=decode, select_k=select_k, select_init=select_init, select_local=select_local,
                          select_reuse=select_reuse, select_reuse_max_age=select_reuse_max_age,
-                         prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
+                         select_reuse_against=select_reuse_against, prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
                          fused_ops=fused_ops, head_routing=head_routing, routing_tau=routing_tau,
                          routing_share=routing_share, routing_stats=routing_stats, routing_cov=routing_cov,
                          routing_guard=routing_guard, routing_page=routing_page)

@@ -82,9 +82,9 @@ def model_options(f: Callable) -> Callable:
 
 def token_select_options(who: str = "TokenSelect", defaults: str = "", *, reuse_note: str = "",
                          max_age_note: str = " before the query rescores") -> Callable:
-    """``--select-k``, ``--select-init``, ``--select-local``, ``--select-reuse`` and ``--select-reuse-max-age``
-    (each ``None`` when not given), their help opening with ``who``; ``defaults`` names where a missing one comes
-    from before TokenSelect's own default (e.g. ``"the hybrid's, else "``)."""
+    """``--select-k``, ``--select-init``, ``--select-local``, ``--select-reuse``, ``--select-reuse-max-age`` and
+    ``--select-reuse-against`` (each ``None`` when not given), their help opening with ``who``; ``defaults`` names
+    where a missing one comes from before TokenSelect's own default (e.g. ``"the hybrid's, else "``)."""
 
     def default(value: str) -> str:
         return f"[default: {defaults}{value}]"
@@ -93,9 +93,12 @@ def token_select_options(who: str = "TokenSelect", defaults: str = "", *, reuse_
         ("--select-k", int, f"keys selected per query by the soft vote {default('2048')}."),
         ("--select-init", int, f"first tokens always attended {default('128')}."),
         ("--select-local", int, f"recent tokens always attended {default('512')}."),
-        ("--select-reuse", float, "Selection Cache threshold on the cosine similarity of consecutive queries, "
-                                  f"1 = off{reuse_note} {default('0.9')}."),
+        ("--select-reuse", float, "Selection Cache threshold on the cosine similarity of a query and the one it is "
+                                  f"compared with (--select-reuse-against), 1 = off{reuse_note} {default('0.9')}."),
         ("--select-reuse-max-age", int, f"steps a reused selection may serve{max_age_note} {default('64')}."),
+        ("--select-reuse-against", click.Choice(["anchor", "previous"]),
+         "the Selection Cache compares each query with the selection's anchor query (the one it was computed from) "
+         f"or the previous query {default('anchor')}."),
     ]
 
     def decorate(f: Callable) -> Callable:

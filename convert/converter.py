@@ -103,6 +103,7 @@ def convert(
     select_local: int | None = None,
     select_reuse: float | None = None,
     select_reuse_max_age: int | None = None,
+    select_reuse_against: str | None = None,
     prefill_sparse: str | None = None,
     prefill_alpha: float | None = None,
     prefill_min_len: int | None = None,
@@ -139,8 +140,10 @@ def convert(
             writing and checking the weights), so that a terminal is never silent for long.
         decode: how the runtime decodes the full layers, stored in the block: ``dense`` or ``tokenselect``
             (TokenSelect, arXiv 2411.02886; block format 2).
-        select_k, select_init, select_local, select_reuse, select_reuse_max_age: TokenSelect's settings (defaults
-            2048, 128, 512, 0.9, 64; the last: steps a reused selection may serve).
+        select_k, select_init, select_local, select_reuse, select_reuse_max_age, select_reuse_against: TokenSelect's
+            settings (defaults 2048, 128, 512, 0.9, 64, ``anchor``; ``select_reuse_max_age``: steps a reused
+            selection may serve; ``select_reuse_against``: what the Selection Cache compares each query with, the
+            selection's ``anchor`` query or the ``previous`` one).
         prefill_sparse: block-sparse prefill of the full layers stored in the block (its optional
             ``sparse_prefill`` entry): ``sample``, ``vslash`` or ``antidiag``; ``None``/``"dense"`` writes none.
         prefill_alpha, prefill_min_len: its mass share kept and key threshold (defaults 0.95 and 16384).
@@ -160,7 +163,7 @@ def convert(
     _check_whole(seed=seed, samples=samples, **({} if seq_len is None else {"seq_len": seq_len}))
     selection = token_select_config(decode, select_k=select_k, select_init=select_init, select_local=select_local,
                                     select_reuse=select_reuse, select_reuse_max_age=select_reuse_max_age,
-                                    option="--decode")
+                                    select_reuse_against=select_reuse_against, option="--decode")
     sparse_prefill = sparse_prefill_config(prefill_sparse, alpha=prefill_alpha, min_len=prefill_min_len,
                                            option="--prefill-sparse")
     say = status or (lambda line: log.info("%s", line))

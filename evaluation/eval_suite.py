@@ -168,6 +168,7 @@ def evaluate(
     select_local: int | None = None,
     select_reuse: float | None = None,
     select_reuse_max_age: int | None = None,
+    select_reuse_against: str | None = None,
     select_page: int | None = None,
     sparse_prefill=None,
     head_routing=None,
@@ -207,9 +208,9 @@ def evaluate(
         ruler_lengths: prompt lengths of the RULER tasks (default: ``lengths``).
         ruler_batch: RULER samples generated together (left-padded, one task and length per batch); more than 1
             needs ``backend="runtime"`` (the masked reference runs unpadded sequences); online rows run one by one.
-        select_k, select_init, select_local, select_reuse, select_reuse_max_age: TokenSelect's settings for the
-            ``tokenselect`` rows (default: the hybrid's when it decodes with TokenSelect, else 2048, 128, 512, 0.9,
-            64). Each such row
+        select_k, select_init, select_local, select_reuse, select_reuse_max_age, select_reuse_against: TokenSelect's
+            settings for the ``tokenselect`` rows (default: the hybrid's when it decodes with TokenSelect, else 2048,
+            128, 512, 0.9, 64, ``anchor``). Each such row
             reports its Selection Cache counts (``selection_cache``: lookups, hits, dense, hit_rate).
         select_page: keys per page of the Quest-like rows (``quest``, ``lighttransfer+quest``; default 16, at most
             ``select_k``).
@@ -282,6 +283,7 @@ def evaluate(
     selection = token_select_config("tokenselect", select_k=select_k, select_init=select_init,
                                     select_local=select_local, select_reuse=select_reuse,
                                     select_reuse_max_age=select_reuse_max_age,
+                                    select_reuse_against=select_reuse_against,
                                     base=hcfg.selection if hcfg else None, option="--rows")
     if select_page is not None:  # the Quest-like rows' page size (the TokenSelect rows score tokens)
         if not isinstance(select_page, int) or not 1 <= select_page <= selection.k:

@@ -144,6 +144,7 @@ class EvalRow:
                                                                   "local": self.selection.local,
                                                                   "reuse": self.selection.reuse,
                                                                   "reuse_max_age": self.selection.reuse_max_age,
+                                                                  "reuse_against": self.selection.reuse_against,
                                                                   **({"score": "pages", "page": self.selection.page}
                                                                      if self.selection.score == "pages" else {})},
                 **({"sparse_prefill": self.sparse_prefill.to_dict()} if self.sparse_prefill is not None else {}),

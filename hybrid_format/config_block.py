@@ -21,6 +21,7 @@ block through ``from_pretrained`` -> ``save_pretrained``::
       "decode": "tokenselect",                 # format 2 only: how the full layers decode (absent = dense)
       "select_k": 2048, "select_init": 128, "select_local": 512, "select_reuse": 0.9,
                                                # "select_reuse_max_age": 64 (optional, written when not 64)
+                                               # "select_reuse_against": "anchor" (optional, written when "previous")
       "sparse_prefill": {...},                 # optional: block-sparse prefill of the full layers
                                                # (hybrid_format/sparse_prefill.py; absent = dense)
       "head_routing": {...}                    # optional: per-query KV-head routing of the full layers' decode
@@ -45,7 +46,12 @@ from ..errors import LightTransferError
 from .head_routing import HeadRoutingConfig
 from .layout import HybridLayout
 from .sparse_prefill import SparsePrefillConfig
-from .token_select import DECODE_POLICIES, DEFAULT_SELECT_REUSE_MAX_AGE, TokenSelectConfig
+from .token_select import (
+    DECODE_POLICIES,
+    DEFAULT_SELECT_REUSE_AGAINST,
+    DEFAULT_SELECT_REUSE_MAX_AGE,
+    TokenSelectConfig,
+)
 
 CONFIG_KEY = "lighttransfer"
 FORMAT_VERSION = 2  # the newest version this lighttransfer writes and reads
@@ -53,7 +59,8 @@ READABLE_VERSIONS = (1, 2)
 _DECODE_FIELDS = ("decode", "select_k", "select_init", "select_local", "select_reuse")
 # optional TokenSelect fields: absent = the default (blocks written before them stay valid), and written only when
 # not the default, so that older readers still read a block that does not need them
-_OPTIONAL_DECODE_FIELDS = {"select_reuse_max_age": DEFAULT_SELECT_REUSE_MAX_AGE}
+_OPTIONAL_DECODE_FIELDS = {"select_reuse_max_age": DEFAULT_SELECT_REUSE_MAX_AGE,
+                           "select_reuse_against": DEFAULT_SELECT_REUSE_AGAINST}
 SIDECAR_NAME = "lighttransfer_scores.json"
 # the sidecar's own version (per-head scores beside the weights; its keys: format_version, model_id, fingerprint,
 # params, layer_lazy_ratios, kv_head_long_context_scores, head_lazy_ratios)
@@ -89,7 +96,9 @@ class HybridConfig:
         decode: ``dense`` (every cached key) or ``tokenselect`` (the full layers' decode steps attend the
             ``select_k`` keys of largest soft vote plus ``select_init`` first and ``select_local`` recent ones;
             Selection Cache threshold ``select_reuse``, reuse for at most ``select_reuse_max_age`` steps, ``None`` =
-            the default 64). The ``select_*`` fields are ``None`` for a dense decode.
+            the default 64; each query compared with the selection's anchor query or the previous one,
+            ``select_reuse_against``, ``None`` = the default ``anchor``). The ``select_*`` fields are ``None`` for a
+            dense decode.
         sparse_prefill: block-sparse prefill of the full layers (a
             :class:`~lighttransfer.hybrid_format.sparse_prefill.SparsePrefillConfig` as a dict), or ``None``
             (dense; the key is then left out of the block).
@@ -118,6 +127,7 @@ class HybridConfig:
     select_local: int | None = None
     select_reuse: float | None = None
     select_reuse_max_age: int | None = None
+    select_reuse_against: str | None = None
     sparse_prefill: dict[str, Any] | None = None
     head_routing: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
@@ -153,10 +163,11 @@ class HybridConfig:
         """The full layers' TokenSelect settings, or ``None`` for a dense decode."""
         if self.decode != "tokenselect":
             return None
-        age = self.select_reuse_max_age
+        age, against = self.select_reuse_max_age, self.select_reuse_against
         return TokenSelectConfig(k=self.select_k, init=self.select_init, local=self.select_local,
                                  reuse=self.select_reuse,
-                                 reuse_max_age=DEFAULT_SELECT_REUSE_MAX_AGE if age is None else age)
+                                 reuse_max_age=DEFAULT_SELECT_REUSE_MAX_AGE if age is None else age,
+                                 reuse_against=DEFAULT_SELECT_REUSE_AGAINST if against is None else against)
 
     def with_selection(self, selection: TokenSelectConfig | None) -> HybridConfig:
         """A copy whose full layers decode with ``selection`` (``None``: dense)."""
@@ -164,7 +175,7 @@ class HybridConfig:
 
         fields = selection.to_fields() if selection else dict(decode="dense", select_k=None, select_init=None,
                                                               select_local=None, select_reuse=None,
-                                                              select_reuse_max_age=None)
+                                                              select_reuse_max_age=None, select_reuse_against=None)
         return replace(self, **fields, format_version=2 if selection else 1)
 
     def sparse_prefill_config(self) -> SparsePrefillConfig | None:

@@ -1,6 +1,6 @@
 """The decode policy of the full layers: ``dense`` (every cached key) or ``tokenselect`` (TokenSelect, Wu et al.,
 arXiv 2411.02886: per query, the top-``k`` keys by a soft vote of the heads, plus ``init`` first and ``local``
-recent tokens; a Selection Cache reuses the previous selection while consecutive queries stay similar).
+recent tokens; a Selection Cache reuses the previous selection while the queries stay similar).
 
 Plain Python, stored in the checkpoint block and held by :class:`~lighttransfer.hybrid_format.HybridLayout`; the
 rule itself is in :mod:`lighttransfer.kernels.token_select`.
@@ -21,6 +21,9 @@ DEFAULT_SELECT_REUSE = 0.9
 # steps a reused selection may serve after the one that made it (bounds the reused recent block, so a decode step's
 # list has the static width init + k + local + max_age; see TokenSelectConfig.reuse_max_age)
 DEFAULT_SELECT_REUSE_MAX_AGE = 64
+# what a query is compared with for reuse: the query its cached selection was computed from, or the previous one
+REUSE_AGAINST = ("anchor", "previous")
+DEFAULT_SELECT_REUSE_AGAINST = "anchor"
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,11 @@ class TokenSelectConfig:
         k: candidate tokens selected per query by the soft vote (>= 1).
         init: first real tokens of each sequence always attended (>= 0).
         local: most recent tokens always attended, the query's own included (>= 1, so the new token sees itself).
-        reuse: Selection Cache threshold on the cosine similarity between the query and the query the cached
-            selection was computed from, per layer and sequence (``[0, 1]``; ``1.0`` turns the cache off).
+        reuse: Selection Cache threshold on the cosine similarity between the query and the query it is compared
+            with (``reuse_against``), per layer and sequence (``[0, 1]``; ``1.0`` turns the cache off).
+        reuse_against: ``anchor`` (the default): the query the cached selection was computed from, so a slow
+            drift over many similar steps still ends the reuse; ``previous``: the previous step's query, the
+            paper's consecutive-query rule (more hits; the age bound then ends a drifting reuse).
         reuse_max_age: steps a reused selection may serve at most: a query ``a`` keys after the anchor query (the one
             the selection was computed from) reuses it only if ``a <= reuse_max_age``, else it rescores (a miss)
             even when similar (``>= 1``). A reused selection keeps the local window it was made with, extended to
@@ -59,6 +65,7 @@ class TokenSelectConfig:
     local: int = DEFAULT_SELECT_LOCAL
     reuse: float = DEFAULT_SELECT_REUSE
     reuse_max_age: int = DEFAULT_SELECT_REUSE_MAX_AGE
+    reuse_against: str = DEFAULT_SELECT_REUSE_AGAINST
     force_reuse: bool | None = None
     score: str = "tokens"
     page: int = 16
@@ -73,6 +80,9 @@ class TokenSelectConfig:
             raise LightTransferError(f"select_reuse must be a cosine threshold in [0, 1] (1 = no Selection "
                                      f"Cache), got {reuse!r}.")
         object.__setattr__(self, "reuse", float(reuse))
+        if self.reuse_against not in REUSE_AGAINST:
+            raise LightTransferError(f"select_reuse_against must be one of {', '.join(REUSE_AGAINST)}, got "
+                                     f"{self.reuse_against!r}.")
         if self.force_reuse is not None and not isinstance(self.force_reuse, bool):
             raise LightTransferError(f"force_reuse must be True, False or None, got {self.force_reuse!r}.")
         if self.force_reuse is not None and not self.cache_enabled:
@@ -99,7 +109,9 @@ class TokenSelectConfig:
         return self.budget + self.reuse_max_age
 
     def describe(self) -> str:
-        cache = f"reuse at cos >= {self.reuse:g} for <= {self.reuse_max_age} steps" if self.cache_enabled else "no Selection Cache"
+        against = "" if self.reuse_against == "anchor" else " to the previous query"
+        cache = f"reuse at cos >= {self.reuse:g}{against} for <= {self.reuse_max_age} steps" if self.cache_enabled \
+            else "no Selection Cache"
         if self.force_reuse is not None:
             cache += ", every query forced " + ("similar" if self.force_reuse else "dissimilar")
         if self.score == "pages":
@@ -114,12 +126,13 @@ class TokenSelectConfig:
             raise LightTransferError("the page-bound (Quest-like) selection is an evaluation baseline; it is not "
                                      "stored in a checkpoint.")
         return {"decode": "tokenselect", "select_k": self.k, "select_init": self.init, "select_local": self.local,
-                "select_reuse": self.reuse, "select_reuse_max_age": self.reuse_max_age}
+                "select_reuse": self.reuse, "select_reuse_max_age": self.reuse_max_age,
+                "select_reuse_against": self.reuse_against}
 
 
 def token_select_config(decode: str | None, *, select_k: int | None = None, select_init: int | None = None,
                         select_local: int | None = None, select_reuse: float | None = None,
-                        select_reuse_max_age: int | None = None,
+                        select_reuse_max_age: int | None = None, select_reuse_against: str | None = None,
                         base: TokenSelectConfig | None = None, option: str = "decode") -> TokenSelectConfig | None:
     """The config the options ask for: ``None`` for ``decode="dense"``; for ``tokenselect``, ``base``'s settings
     (or the defaults) overridden by the ``select_*`` values given. ``decode=None`` keeps ``base``.
@@ -128,7 +141,8 @@ def token_select_config(decode: str | None, *, select_k: int | None = None, sele
         LightTransferError: an unknown policy, ``select_*`` values with a dense decode, or a value out of range.
     """
     given = {k: v for k, v in dict(k=select_k, init=select_init, local=select_local, reuse=select_reuse,
-                                   reuse_max_age=select_reuse_max_age).items() if v is not None}
+                                   reuse_max_age=select_reuse_max_age,
+                                   reuse_against=select_reuse_against).items() if v is not None}
     if decode is None:
         decode = "tokenselect" if base is not None else "dense"
     if decode not in DECODE_POLICIES:
@@ -140,8 +154,10 @@ def token_select_config(decode: str | None, *, select_k: int | None = None, sele
         return None
     start = base or TokenSelectConfig()
     return TokenSelectConfig(**{**dict(k=start.k, init=start.init, local=start.local, reuse=start.reuse,
-                                       reuse_max_age=start.reuse_max_age), **given})
+                                       reuse_max_age=start.reuse_max_age, reuse_against=start.reuse_against),
+                                    **given})
 
 
 __all__ = ["TokenSelectConfig", "token_select_config", "DECODE_POLICIES", "DEFAULT_SELECT_K", "DEFAULT_SELECT_INIT",
-           "DEFAULT_SELECT_LOCAL", "DEFAULT_SELECT_REUSE", "DEFAULT_SELECT_REUSE_MAX_AGE"]
+           "DEFAULT_SELECT_LOCAL", "DEFAULT_SELECT_REUSE", "DEFAULT_SELECT_REUSE_MAX_AGE", "DEFAULT_SELECT_REUSE_AGAINST",
+           "REUSE_AGAINST"]

@@ -8,7 +8,9 @@ float32 (the query the cached selection was made with) made at key index ``m_b``
 * similar: ``cos(q_b, a_b) = q_b · a_b / (max(|q_b|, eps) max(|a_b|, eps)) >= reuse`` (``eps = 1e-8``, as
   ``torch.nn.functional.cosine_similarity`` clamps each norm), or forced to ``True``/``False`` (``force``, benchmarks);
 * young: ``p - m_b <= max_age``;
-* hit: similar and young. A miss makes this query the anchor: ``a_b = q_b`` (float32), ``m_b = p``.
+* hit: similar and young. A miss makes this query the anchor: ``a_b = q_b`` (float32), ``m_b = p``. With
+  ``previous`` (the paper's consecutive-query rule) ``a_b`` is the query compared with rather than the selection's:
+  every lookup writes ``a_b = q_b``, hit or miss, and only a miss moves ``m_b``.
 
 Counts, when a counter (int64 ``[2]``: lookups, hits) is given: ``+B`` lookups and ``+hits``, on the device.
 
@@ -44,8 +46,8 @@ def _check_position(pos, n_valid) -> None:
 
 def selection_lookup_reference(q: torch.Tensor, anchor: torch.Tensor, anchor_pos: torch.Tensor,
                                pos: int | None = None, *, reuse: float, max_age: int, force: bool | None = None,
-                               counter: torch.Tensor | None = None,
-                               n_valid: torch.Tensor | None = None) -> torch.Tensor:
+                               counter: torch.Tensor | None = None, n_valid: torch.Tensor | None = None,
+                               previous: bool = False) -> torch.Tensor:
     """The rule in plain PyTorch: ``q [B, H, 1, D]``, ``anchor [B, H * D]`` float32 and ``anchor_pos [B]`` int64
     (updated in place), the query at key index ``pos`` or ``n_valid - 1``; returns ``hit [B]`` bool."""
     _check_position(pos, n_valid)
@@ -57,7 +59,7 @@ def selection_lookup_reference(q: torch.Tensor, anchor: torch.Tensor, anchor_pos
         similar = torch.full((batch,), bool(force), dtype=torch.bool, device=q.device)
     p = _positions(pos, n_valid, batch, q.device)
     hit = similar & (p - anchor_pos <= max_age)
-    anchor.copy_(torch.where(hit[:, None], anchor, query))
+    anchor.copy_(query if previous else torch.where(hit[:, None], anchor, query))
     anchor_pos.copy_(torch.where(hit, anchor_pos, p))
     if counter is not None:
         counter[0] += batch
@@ -67,14 +69,15 @@ def selection_lookup_reference(q: torch.Tensor, anchor: torch.Tensor, anchor_pos
 
 def selection_lookup(q: torch.Tensor, anchor: torch.Tensor, anchor_pos: torch.Tensor, pos: int | None = None, *,
                      reuse: float, max_age: int, force: bool | None = None, counter: torch.Tensor | None = None,
-                     n_valid: torch.Tensor | None = None) -> torch.Tensor:
+                     n_valid: torch.Tensor | None = None, previous: bool = False) -> torch.Tensor:
     """The Selection Cache lookup of one decode query per sequence (see the module docstring): ``hit [B]`` bool,
     ``anchor`` / ``anchor_pos`` moved to this query where it missed, ``counter`` (int64 ``[2]``) counted; no host
     synchronization, one launch on the Triton path (CUDA, or the CPU under ``TRITON_INTERPRET=1``).
 
     ``q [B, H, 1, D]`` any float dtype and strides; ``anchor [B, H * D]`` float32 contiguous; ``anchor_pos [B]``
     int64; the query's key index: ``pos`` (an int) or ``n_valid - 1`` (``n_valid``: int ``[1]`` on the device, a
-    static step's live length). The flags are bool viewing int8 storage (``.view(torch.int8)`` is free)."""
+    static step's live length). ``previous``: ``anchor`` holds the previous query (written at every lookup), not
+    the selection's. The flags are bool viewing int8 storage (``.view(torch.int8)`` is free)."""
     _check_position(pos, n_valid)
     if q.dim() != 4 or q.shape[2] != 1:
         raise LightTransferError(f"selection_lookup: q must be [batch, heads, 1, head_dim], got {tuple(q.shape)}.")
@@ -89,11 +92,12 @@ def selection_lookup(q: torch.Tensor, anchor: torch.Tensor, anchor_pos: torch.Te
         raise LightTransferError("selection_lookup: counter must be int64 [2] (lookups, hits).")
     if not triton_runs_on(q):
         return selection_lookup_reference(q, anchor, anchor_pos, pos, reuse=reuse, max_age=max_age, force=force,
-                                          counter=counter, n_valid=n_valid)
+                                          counter=counter, n_valid=n_valid, previous=previous)
     from .selection_cache_triton import selection_lookup_triton
 
     return selection_lookup_triton(q, anchor, anchor_pos, pos, reuse=float(reuse), max_age=int(max_age),
-                                   force=force, counter=counter, eps=COSINE_EPS, n_valid=n_valid)
+                                   force=force, counter=counter, eps=COSINE_EPS, n_valid=n_valid,
+                                   previous=bool(previous))
 
 
 __all__ = ["selection_lookup", "selection_lookup_reference", "COSINE_EPS"]

@@ -1,6 +1,6 @@
 """The Triton kernel of :func:`lighttransfer.kernels.selection_cache.selection_lookup`: one program per sequence
 reads its query (every head, in its own dtype and strides) and its float32 anchor twice at most (the cosine, then
-the copy on a miss), decides the hit, moves the anchor and its key index where it missed, and counts."""
+the copy on a miss, or at every lookup when comparing with the previous query), decides the hit, moves the anchor and its key index where it missed, and counts."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def _lookup(
     Q, ANCHOR, ANCHOR_POS, POS, HIT, COUNTER,
     stride_qb, stride_qh, stride_qd, width, pos_const, reuse, max_age, eps,
     HEAD_DIM: tl.constexpr, POS_ON_DEVICE: tl.constexpr, FORCE: tl.constexpr, COUNT: tl.constexpr,
-    BLOCK: tl.constexpr,
+    PREVIOUS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0)
     q_row = Q + b.to(tl.int64) * stride_qb
@@ -45,12 +45,17 @@ def _lookup(
         similar = (tl.zeros([], dtype=tl.int32) + FORCE) == 1
     hit = similar & young
     tl.store(HIT + b, hit.to(tl.int8))
-    if not hit:  # this query becomes the anchor
+    if PREVIOUS:  # this query becomes the one the next lookup compares with: always, or on a miss
+        rewrite = tl.full([], 1, tl.int1)
+    else:
+        rewrite = hit == 0
+    if rewrite:
         for start in range(0, width, BLOCK):
             e = start + tl.arange(0, BLOCK)
             m = e < width
             x = tl.load(q_row + (e // HEAD_DIM) * stride_qh + (e % HEAD_DIM) * stride_qd, mask=m, other=0.0)
             tl.store(a_row + e, x.to(tl.float32), mask=m)
+    if not hit:  # a new selection, made here
         tl.store(ANCHOR_POS + b, p)
     if COUNT:
         tl.atomic_add(COUNTER, tl.full([], 1, tl.int64))
@@ -59,7 +64,7 @@ def _lookup(
 
 def selection_lookup_triton(q: torch.Tensor, anchor: torch.Tensor, anchor_pos: torch.Tensor, pos: int | None, *,
                             reuse: float, max_age: int, force: bool | None, counter: torch.Tensor | None, eps: float,
-                            n_valid: torch.Tensor | None = None) -> torch.Tensor:
+                            n_valid: torch.Tensor | None = None, previous: bool = False) -> torch.Tensor:
     """Launch :func:`_lookup` on validated inputs; returns ``hit [B]`` bool (a view of the kernel's int8 flags)."""
     batch, heads, _, dim = q.shape
     hit = torch.empty(batch, dtype=torch.int8, device=q.device)
@@ -75,9 +80,8 @@ def selection_lookup_triton(q: torch.Tensor, anchor: torch.Tensor, anchor_pos: t
             q, anchor, anchor_pos, pos_arg, hit, counter if counter is not None else anchor_pos,
             q.stride(0), q.stride(1), q.stride(3), width, -1 if on_device else int(pos), float(reuse), int(max_age),
             float(eps), HEAD_DIM=dim, POS_ON_DEVICE=on_device, FORCE=force_code, COUNT=counter is not None,
-            BLOCK=block)
+            PREVIOUS=bool(previous), BLOCK=block)
     return hit.view(torch.bool)
-
 
 
 __all__ = ["selection_lookup_triton"]

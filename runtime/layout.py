@@ -42,6 +42,7 @@ def resolve_layout(
     select_local: int | None = None,
     select_reuse: float | None = None,
     select_reuse_max_age: int | None = None,
+    select_reuse_against: str | None = None,
     source: str = "the model",
     alone: bool = False,
 ) -> HybridLayout:
@@ -64,7 +65,7 @@ def resolve_layout(
                                  "head_masks (a fixed layout), not both.")
     selection = token_select_config(decode, select_k=select_k, select_init=select_init, select_local=select_local,
                                     select_reuse=select_reuse, select_reuse_max_age=select_reuse_max_age,
-                                    base=block.selection if block else None)
+                                    select_reuse_against=select_reuse_against, base=block.selection if block else None)
     if block is None and not explicit and online_ratio is None and (selection is not None or alone):
         explicit = True  # TokenSelect alone: nothing streams
     if block is None and not explicit and online_ratio is None:

@@ -46,6 +46,7 @@ def load_hybrid(
     select_local: int | None = None,
     select_reuse: float | None = None,
     select_reuse_max_age: int | None = None,
+    select_reuse_against: str | None = None,
     prefill_sparse: str | None = None,
     prefill_alpha: float | None = None,
     prefill_min_len: int | None = None,
@@ -64,7 +65,8 @@ def load_hybrid(
     """Like :func:`load`, but returns the :class:`~lighttransfer.loading.LoadedModel` (model, tokenizer, source)."""
     check_chunk_size(chunk_size)  # before the weights load: a typo costs nothing
     selection = dict(decode=decode, select_k=select_k, select_init=select_init, select_local=select_local,
-                     select_reuse=select_reuse, select_reuse_max_age=select_reuse_max_age)
+                     select_reuse=select_reuse, select_reuse_max_age=select_reuse_max_age,
+                     select_reuse_against=select_reuse_against)
     token_select_config(decode, **{k: v for k, v in selection.items() if k != "decode"},
                         base=TokenSelectConfig() if decode is None else None)  # range checks, also before
     if prefill_sparse not in (None, "dense", *SPARSE_METHODS):
@@ -117,6 +119,7 @@ def load(
     select_local: int | None = None,
     select_reuse: float | None = None,
     select_reuse_max_age: int | None = None,
+    select_reuse_against: str | None = None,
     prefill_sparse: str | None = None,
     prefill_alpha: float | None = None,
     prefill_min_len: int | None = None,
@@ -159,11 +162,13 @@ def load(
         device_map: as in transformers' ``from_pretrained`` (``"auto"`` spreads a big model over the GPUs).
         decode: how the full layers decode: ``dense`` (every cached key) or ``tokenselect`` (TokenSelect, arXiv
             2411.02886: each query attends its ``select_k`` keys of largest soft vote plus the first ``select_init``
-            and the last ``select_local`` tokens; the Selection Cache reuses a selection while consecutive queries
-            have cosine similarity >= ``select_reuse``). Default: the checkpoint block's, else dense. Works on a
+            and the last ``select_local`` tokens; the Selection Cache reuses a selection while each query has cosine
+            similarity >= ``select_reuse`` with the one it is compared with). Default: the checkpoint block's, else dense. Works on a
             plain model too (TokenSelect alone). Hit rate: ``runtime_of(model).selection_stats``.
-        select_k, select_init, select_local, select_reuse, select_reuse_max_age: TokenSelect's settings (defaults
-            2048, 128, 512, 0.9, 64, or the block's; ``select_reuse_max_age``: steps a reused selection may serve).
+        select_k, select_init, select_local, select_reuse, select_reuse_max_age, select_reuse_against: TokenSelect's
+            settings (defaults 2048, 128, 512, 0.9, 64, ``anchor``, or the block's; ``select_reuse_max_age``: steps a
+            reused selection may serve; ``select_reuse_against``: ``anchor`` compares each query with the query the
+            selection was computed from, ``previous`` with the previous step's query).
         prefill_sparse: block-sparse prefill of the full layers: ``sample`` (sampled query rows), ``vslash``
             (last-queries vertical-slash) or ``antidiag`` (antidiagonal scoring); ``dense`` turns off what the
             checkpoint block stores; ``None`` keeps it (dense without one). See ``runtime/sparse_prefill.py``.
@@ -207,7 +212,8 @@ def load(
                        chunk_size=chunk_size, cuda_graphs=cuda_graphs, trust_remote_code=trust_remote_code,
                        with_tokenizer=False, device_map=device_map, decode=decode, select_k=select_k,
                        select_init=select_init, select_local=select_local, select_reuse=select_reuse,
-                       select_reuse_max_age=select_reuse_max_age, prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
+                       select_reuse_max_age=select_reuse_max_age, select_reuse_against=select_reuse_against,
+                       prefill_sparse=prefill_sparse, prefill_alpha=prefill_alpha, prefill_min_len=prefill_min_len,
                        fused_ops=fused_ops, head_routing=head_routing, routing_tau=routing_tau,
                        routing_share=routing_share, routing_stats=routing_stats, routing_cov=routing_cov,
                        routing_sink=routing_sink, routing_window=routing_window, routing_guard=routing_guard,

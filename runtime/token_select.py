@@ -12,7 +12,9 @@ the prefill, as in chunked prefill, attends densely):
    similarity between its query (all heads' post-RoPE query vectors, one vector per sequence) and the *anchor*
    query, the one the cached selection was computed from, is at least ``reuse``. Comparing with the anchor rather
    than with the previous step's query keeps a slow drift from carrying a stale selection on indefinitely. A miss
-   scores the candidates (soft vote, top-``k``) and makes this query the anchor.
+   scores the candidates (soft vote, top-``k``) and makes this query the anchor. ``reuse_against="previous"`` takes
+   the paper's consecutive-query rule instead: the query is compared with the previous step's (so the compared
+   query moves at every step, hit or miss), and only the age bound below ends a slowly drifting reuse.
 3. Reusing a selection reuses all of it: the anchor's top-``k``, the ``init`` first tokens, and the anchor's
    local window, which the tokens that came since extend to the current query: ``(anchor - local, now]``. (Keeping
    only the current local window would silently drop the tokens that left it since the anchor, which were part of
@@ -153,9 +155,10 @@ class SelectionStats:
 
 
 class SelectionState:
-    """One full layer's Selection Cache: per sequence, the anchor query ``[batch, heads * head_dim]`` float32, the
-    top-``k`` it selected ``[batch, k]`` int64 (``-1`` = unused) and its key index ``[batch]`` int64, or nothing
-    yet."""
+    """One full layer's Selection Cache: per sequence, the query the next one is compared with ``[batch, heads *
+    head_dim]`` float32 (``anchor``: the query the cached selection was made with, or with ``reuse_against=
+    "previous"`` the previous step's), the cached top-``k`` ``[batch, k]`` int64 (``-1`` = unused) and the key index
+    it was made at ``[batch]`` int64, or nothing yet."""
 
     def __init__(self) -> None:
         self.anchor: torch.Tensor | None = None
@@ -237,6 +240,7 @@ def token_select_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     usable = state.usable(batch, config.k)
     anchor = state.anchor if usable else None
     made = state.anchor_pos if usable else None  # the anchors' key indices
+    previous = config.reuse_against == "previous"
     needs_votes, hits = [], []
     for i in range(n):
         if anchor is None or not config.cache_enabled:
@@ -244,9 +248,11 @@ def token_select_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         else:
             hit = _hits(flat[:, i], anchor, made, n_keys - n + i, config)
         hits.append(hit)
-        if not bool(hit.all()):
+        every = bool(hit.all())
+        if previous or not every:  # the query the next one is compared with
+            anchor = flat[:, i] if anchor is None or previous else torch.where(hit[:, None], anchor, flat[:, i])
+        if not every:
             needs_votes.append(i)
-            anchor = flat[:, i] if anchor is None else torch.where(hit[:, None], anchor, flat[:, i])
             made = torch.full((batch,), n_keys - n + i, dtype=torch.long, device=q.device) if made is None \
                 else torch.where(hit, made, n_keys - n + i)
     fresh = _fresh_picks(q, k, {i: ~hits[i] for i in needs_votes}, config=config, kv_start=kv_start, scale=scale)
@@ -332,7 +338,8 @@ def _cached_step(q, k, v, *, config: TokenSelectConfig, state: SelectionState, s
     if FUSED_LOOKUP:
         hit = kernels.selection_lookup(q, state.anchor, state.anchor_pos, n_keys - 1 if n_valid is None else None,
                                        reuse=config.reuse, max_age=config.reuse_max_age, force=config.force_reuse,
-                                       counter=None if stats is None else stats.counter(q.device), n_valid=n_valid)
+                                       counter=None if stats is None else stats.counter(q.device), n_valid=n_valid,
+                                       previous=config.reuse_against == "previous")
     else:
         hit = _lookup_in_steps(q, state, n_keys, n_valid, config, stats)
     votes = kernels.total_votes(q, k, init=config.init, local=config.local, kv_start=kv_start, scale=scale,
@@ -354,7 +361,7 @@ def _lookup_in_steps(q, state: SelectionState, n_keys: int, n_valid, config: Tok
     pos = n_keys - 1 if n_valid is None else _query_index(n_keys, batch, n_valid, q.device)
     query = q.transpose(1, 2).reshape(batch, 1, -1).float()[:, 0]  # [B, H*D], as the general path's
     hit = _hits(query, state.anchor, state.anchor_pos, pos, config)
-    state.anchor.copy_(torch.where(hit[:, None], state.anchor, query))
+    state.anchor.copy_(query if config.reuse_against == "previous" else torch.where(hit[:, None], state.anchor, query))
     state.anchor_pos.copy_(torch.where(hit, state.anchor_pos, pos))
     if stats is not None:
         stats.add_on_device(batch, hit)

@@ -26,7 +26,7 @@ def test_rows_are_built_by_name_and_not_by_default():
     assert rows["lighttransfer+tokenselect"].streaming_layers == rows["lighttransfer"].streaming_layers == [0, 2]
     assert rows["lighttransfer+tokenselect"].selection == SELECT and rows["lighttransfer"].selection is None
     assert rows["tokenselect"].to_dict()["selection"] == {"k": 6, "init": 2, "local": 8, "reuse": 0.9,
-                                                         "reuse_max_age": 64}
+                                                         "reuse_max_age": 64, "reuse_against": "anchor"}
     assert rows["tokenselect"].kv_fraction(1000) == 1.0  # TokenSelect reads less, it keeps everything
 
 
@@ -74,7 +74,8 @@ def test_eval_cli_runs_the_tokenselect_rows(tmp_path, capsys, long_text, monkeyp
     for name in ("tokenselect", "lighttransfer+tokenselect"):
         cache = rows[name]["selection_cache"]
         assert cache["lookups"] > 0 and 0 <= cache["hit_rate"] <= 1
-        assert rows[name]["selection"] == {"k": 6, "init": 2, "local": 8, "reuse": 0.5, "reuse_max_age": 5}
+        assert rows[name]["selection"] == {"k": 6, "init": 2, "local": 8, "reuse": 0.5, "reuse_max_age": 5,
+                                           "reuse_against": "anchor"}
     assert "selection_cache" not in rows["lighttransfer"]
     assert "Selection Cache:" in (tmp_path / "res.md").read_text()
     code, _, err = run_cli([

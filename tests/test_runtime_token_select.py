@@ -155,6 +155,39 @@ def test_the_selection_cache_compares_with_the_anchor_and_reuses_its_whole_selec
     assert set(x for x in idx[0, 0].tolist() if x >= 0) == want
 
 
+def test_against_the_previous_query_a_drift_keeps_reusing_until_the_age_bound():
+    """A drift whose every step stays within reach of the previous query but leaves the anchor's: the anchor rule
+    rescores along the way, ``reuse_against="previous"`` reuses the first selection until ``reuse_max_age`` ends it,
+    and its reused selection is still the anchor's (picks and key index)."""
+    from lighttransfer.runtime.token_select import SelectionState, SelectionStats, token_select_attention
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 1, 60, 8, generator=g)
+    v = torch.randn(1, 1, 60, 8, generator=g)
+    base = torch.randn(1, 2, 1, 8, generator=g)
+    other = torch.randn(1, 2, 1, 8, generator=g)
+    drift = [base + 0.2 * t * other for t in range(9)]
+    counts = {}
+    for against in ("anchor", "previous"):
+        cfg = TokenSelectConfig(k=3, init=1, local=2, reuse=0.9, reuse_max_age=5, reuse_against=against)
+        state, stats = SelectionState(), SelectionStats()
+        for t, q in enumerate(drift):
+            token_select_attention(q, k[:, :, :30 + t], v[:, :, :30 + t], config=cfg, state=state, stats=stats,
+                                   kv_start=None, scale=None)
+            if against == "previous":
+                assert torch.equal(state.anchor, q.transpose(1, 2).reshape(1, -1).float())  # the one compared with
+                if t == 1:
+                    first = state.picked.clone()
+                if 1 <= t <= 5:  # hits: the selection made at step 0 (key index 29) serves
+                    assert int(state.anchor_pos) == 29 and torch.equal(state.picked, first)
+        counts[against] = stats.hits
+        if against == "previous":
+            assert int(state.anchor_pos) == 35  # step 6 (age 6 > 5) rescored, 7 and 8 reused it
+    cos = [torch.nn.functional.cosine_similarity(d.flatten(), base.flatten(), dim=0) for d in drift]
+    assert min(cos) < 0.9  # the drift leaves the anchor's reach
+    assert counts["previous"] == 7 and counts["anchor"] < counts["previous"]
+
+
 def test_hybrid_plus_tokenselect_keeps_the_streaming_layers_as_they_were():
     """Streaming layers are untouched; only the full layers select (k covering all = the hybrid alone)."""
     import lighttransfer.runtime.token_select as ts

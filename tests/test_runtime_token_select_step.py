@@ -49,17 +49,19 @@ def _decode(qs, k, v, first, *, config, kv_start, device_steps, monkeypatch):
     return outs, picks, anchors, stats
 
 
-CASES = [  # batch, heads, kv_heads, dtype, padded, max_age
-    (3, 4, 2, torch.float32, True, 64),
-    (2, 4, 1, torch.float16, False, 64),
-    (3, 2, 2, torch.float32, True, 3),  # max_age forces misses of similar queries
+CASES = [  # batch, heads, kv_heads, dtype, padded, max_age, reuse_against
+    (3, 4, 2, torch.float32, True, 64, "anchor"),
+    (2, 4, 1, torch.float16, False, 64, "anchor"),
+    (3, 2, 2, torch.float32, True, 3, "anchor"),  # max_age forces misses of similar queries
+    (3, 4, 2, torch.float32, True, 64, "previous"),  # compared with the previous query: more hits on a drift
 ]
 
 
 @needs_interpreter
 @pytest.mark.parametrize("topk", ["torch", "radix"])
-@pytest.mark.parametrize("batch,heads,kv_heads,dtype,padded,max_age", CASES)
-def test_device_step_equals_the_general_path(batch, heads, kv_heads, dtype, padded, max_age, topk, monkeypatch):
+@pytest.mark.parametrize("batch,heads,kv_heads,dtype,padded,max_age,against", CASES)
+def test_device_step_equals_the_general_path(batch, heads, kv_heads, dtype, padded, max_age, against, topk,
+                                             monkeypatch):
     """Also with the radix top-k, which leaves the hits' rows unwritten: the same selections, step by step."""
     import lighttransfer.kernels.token_select as kts
 
@@ -71,7 +73,7 @@ def test_device_step_equals_the_general_path(batch, heads, kv_heads, dtype, padd
     k = torch.randn(batch, kv_heads, first + steps, dim, generator=g).to(device=device, dtype=dtype)
     v = torch.randn(batch, kv_heads, first + steps, dim, generator=g).to(device=device, dtype=dtype)
     kv_start = torch.tensor([0, 5, 2][:batch], device=device) if padded else None
-    config = TokenSelectConfig(k=6, init=2, local=4, reuse=0.9, reuse_max_age=max_age)
+    config = TokenSelectConfig(k=6, init=2, local=4, reuse=0.9, reuse_max_age=max_age, reuse_against=against)
     qs = _queries(batch, heads, dim, steps, seed=2, dtype=dtype, device=device,
                   jumps=[{3}, {1, 6}, set()][:batch])
     ref = _decode(qs, k, v, first, config=config, kv_start=kv_start, device_steps=False, monkeypatch=monkeypatch)

@@ -3,7 +3,7 @@
     PYTHONPATH=<dir with a lighttransfer link> python3 bench/scripts/tokenselect_reuse_sweep.py \
         --baseline /work/shared/assets/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
         --text /work/shared/assets/text/austen_novels.txt --text-lines 1,16237 --lengths 2048 \
-        --thetas 0.5,0.7,0.8,0.9,1.0 --out bench/results/tokenselect_reuse_sweep_cpu
+        --thetas 0.5,0.7,0.8,0.9,1.0 --against both --out bench/results/tokenselect_reuse_sweep_cpu
 
 For each theta one evaluation (``lighttransfer.evaluation.evaluate``, the exact masked backend or ``--backend runtime``, the same windows
 and passkey prompts for every theta) of the ``tokenselect`` row with the given ``k / init / local`` (default
@@ -11,49 +11,69 @@ the issue's scaled-down 512 / 16 / 256 for SmolLM2), plus the ``original`` row o
 Cache's hit rate (hits / lookups over every full layer, sequence and query of the perplexity continuation and
 the passkey answers), perplexity per length and its change against theta = 1 (no cache: every query rescored)
 and against the original model, and passkey accuracy (points). Target of the issue: >= 50 % hits with at most
-0.5 point of loss. Writes ``tokenselect_reuse_sweep.json`` and ``.md`` into ``--out``.
+0.5 point of loss. ``--against`` says what the Selection Cache compares each query with: the selection's
+``anchor`` query (the default; row ``tokenselect``), the ``previous`` query (row ``tokenselect-prev``), or
+``both``, the two rows side by side in each theta's evaluation (at theta = 1 the cache is off and the rule changes
+nothing: one row, the no-cache reference of both). Writes ``tokenselect_reuse_sweep.json`` and ``.md`` into
+``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
+
+# --against: the rules each theta runs, and the row of each (its point's label in the table)
+AGAINST = {"anchor": ("anchor",), "previous": ("previous",), "both": ("anchor", "previous")}
+ROW_NAMES = {"anchor": "tokenselect", "previous": "tokenselect-prev"}
+LABELS = {"anchor": "", "previous": " (previous)"}
 
 
 def sweep(*, baseline: str, text: str, text_lines, lengths: list[int], thetas: list[float], k: int, init: int,
           local: int, windows: int, passkey_lengths: list[int], passkey_depths: int, passkey_trials: int,
-          device: str, dtype: str, backend: str = "masked") -> dict:
+          device: str, dtype: str, backend: str = "masked", against: str = "anchor") -> dict:
     from lighttransfer.architecture import model_shape
     from lighttransfer.evaluation.eval_suite import evaluate
     from lighttransfer.evaluation.rows import standard_rows
     from lighttransfer.hybrid_format import TokenSelectConfig
     from lighttransfer.loading import load_config, resolve_model_source
 
+    if against not in AGAINST:
+        raise ValueError(f"against must be one of {', '.join(AGAINST)}, got {against!r}")
     arch = model_shape(load_config(resolve_model_source(baseline)))
 
-    def rows_at(theta: float, names: list[str]):
-        # nothing streams: the lazy ratios only feed rows this sweep does not build
-        return standard_rows(lazy_ratios=[0.0] * arch.num_layers, ratio=0.0, num_kv_heads=arch.num_kv_heads,
-                             sink=4, window=1020, names=names,
-                             selection=TokenSelectConfig(k=k, init=init, local=local, reuse=theta))
+    def rows_at(theta: float, rules: tuple[str, ...], original: bool):
+        rows = []
+        for rule in rules:
+            # nothing streams: the lazy ratios only feed rows this sweep does not build
+            names = ["original", "tokenselect"] if original and not rows else ["tokenselect"]
+            built = standard_rows(lazy_ratios=[0.0] * arch.num_layers, ratio=0.0, num_kv_heads=arch.num_kv_heads,
+                                  sink=4, window=1020, names=names,
+                                  selection=TokenSelectConfig(k=k, init=init, local=local, reuse=theta,
+                                                              reuse_against=rule))
+            rows += [replace(r, name=ROW_NAMES[rule]) if r.name == "tokenselect" else r for r in built]
+        return rows
 
     common = dict(baseline=baseline, text=text, text_lines=text_lines, lengths=lengths, max_windows=windows,
                   passkey_lengths=passkey_lengths, passkey_depths_count=passkey_depths,
                   passkey_trials=passkey_trials, device=device, dtype=dtype, backend=backend)
     points, original = [], None
     for i, theta in enumerate(sorted(set(thetas), reverse=True)):
+        rules = AGAINST[against][:1] if theta >= 1.0 else AGAINST[against]  # no cache: the rule changes nothing
         t0 = time.perf_counter()
-        result = evaluate(rows=rows_at(theta, ["original", "tokenselect"] if i == 0 else ["tokenselect"]),
-                          **common)
+        result = evaluate(rows=rows_at(theta, rules, original=i == 0), **common)
         if i == 0:
             original = _summary(result.row("original"))
-        row = result.row("tokenselect")
-        point = {"theta": theta, **_summary(row), "selection_cache": row.get("selection_cache"),
-                 "seconds": round(time.perf_counter() - t0, 1)}
-        points.append(point)
-        print(f"theta {theta:g}: hit rate {point['selection_cache']['hit_rate']:.3f}, perplexity "
-              f"{point['perplexity']}, passkey {point['passkey']}", flush=True)
+        seconds = round(time.perf_counter() - t0, 1)  # the evaluation's, shared by its rows
+        for rule in rules:
+            row = result.row(ROW_NAMES[rule])
+            point = {"theta": theta, "against": rule, **_summary(row), "selection_cache": row.get("selection_cache"),
+                     "seconds": seconds}
+            points.append(point)
+            print(f"theta {theta:g}{LABELS[rule]}: hit rate {point['selection_cache']['hit_rate']:.3f}, perplexity "
+                  f"{point['perplexity']}, passkey {point['passkey']}", flush=True)
     fresh = next((p for p in points if p["theta"] >= 1.0), None)
     for p in points:
         p["vs_original"] = _deltas(p, original)
@@ -62,7 +82,7 @@ def sweep(*, baseline: str, text: str, text_lines, lengths: list[int], thetas: l
             "text_lines": list(text_lines) if text_lines else None, "lengths": lengths, "k": k, "init": init,
             "local": local, "windows": windows, "passkey_lengths": passkey_lengths,
             "passkey_depths": passkey_depths, "passkey_trials": passkey_trials, "device": device, "dtype": dtype,
-            "backend": backend,
+            "backend": backend, "against": against,
             "original": original, "points": points}
 
 
@@ -83,7 +103,10 @@ def _deltas(point: dict, base: dict | None) -> dict | None:
 
 def to_markdown(result: dict) -> str:
     lengths = [str(n) for n in result["lengths"]]
-    lines = [f"# Selection Cache sweep (TokenSelect k={result['k']}, init={result['init']}, local={result['local']})",
+    against = {"anchor": "", "previous": ", against the previous query",
+               "both": ", against the anchor and the previous query"}[result.get("against", "anchor")]
+    lines = [f"# Selection Cache sweep (TokenSelect k={result['k']}, init={result['init']}, local={result['local']}"
+             f"{against})",
              "", f"`{Path(result['baseline']).name}`, {result['device']} {result['dtype']}, {result['backend']} backend; "
              f"perplexity over {result['windows']} window(s) per length, passkey at {result['passkey_lengths']} "
              f"({result['passkey_depths']} depths x {result['passkey_trials']} trials).", "",
@@ -100,7 +123,8 @@ def to_markdown(result: dict) -> str:
             vo = p["vs_original"]["perplexity_percent"].get(n)
             cells.append(f"{p['perplexity'][n]:.3f} ({_pct(nc)}, {_pct(vo)})")
         pk_nc = (p["vs_no_cache"] or {}).get("passkey_points")
-        lines.append(f"| {p['theta']:g} | {100 * p['selection_cache']['hit_rate']:.1f}% | " + " | ".join(cells)
+        label = LABELS[p.get("against", "anchor")]  # results written before --against: the anchor
+        lines.append(f"| {p['theta']:g}{label} | {100 * p['selection_cache']['hit_rate']:.1f}% | " + " | ".join(cells)
                      + f" | {_fmt(p['passkey'])} ({_pts(pk_nc)}, {_pts(p['vs_original']['passkey_points'])}) |")
     return "\n".join(lines) + "\n"
 
@@ -135,6 +159,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", default="float32", help="Model dtype.")
     parser.add_argument("--backend", default="masked", choices=["masked", "runtime"],
                         help="masked: the exact reference (N x N masks, short lengths); runtime: the kernels' path.")
+    parser.add_argument("--against", default="anchor", choices=list(AGAINST),
+                        help="Selection Cache: compare each query with the selection's anchor query, the previous "
+                             "query, or both side by side (rows tokenselect and tokenselect-prev) [default: anchor].")
     parser.add_argument("--out", required=True, help="Directory for tokenselect_reuse_sweep.json and .md.")
     args = parser.parse_args(argv)
 
@@ -146,7 +173,7 @@ def main(argv=None) -> dict:
                    thetas=[float(x) for x in args.thetas.split(",") if x.strip()], k=args.k, init=args.init,
                    local=args.local, windows=args.windows, passkey_lengths=ints(args.passkey_lengths),
                    passkey_depths=args.passkey_depths, passkey_trials=args.passkey_trials, device=args.device,
-                   dtype=args.dtype, backend=args.backend)
+                   dtype=args.dtype, backend=args.backend, against=args.against)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "tokenselect_reuse_sweep.json", result)

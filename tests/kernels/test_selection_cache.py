@@ -59,6 +59,22 @@ def test_lookup_matches_the_reference(batch, heads, dim, dtype):
     assert torch.equal(m1[~got], torch.full_like(m1[~got], pos)) and torch.equal(m1[got], made[got])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_against_the_previous_query_every_lookup_writes_its_query(batch, dtype):
+    """``previous``: the same hits as the anchor rule from the same state, but every row's compared query becomes
+    this query (hits too), while only the misses' key indices move (a hit keeps its selection's)."""
+    q, anchor, made, pos = _state(batch, 3, 24, dtype, seed=11 + batch)
+    (got, a1, m1, c1), (want, a2, m2, c2) = _both(q, anchor, made, pos, reuse=0.9, max_age=16, previous=True)
+    (anchor_rule, *_), _ = _both(q, anchor, made, pos, reuse=0.9, max_age=16)
+    assert torch.equal(got, want) and torch.equal(got, anchor_rule) and bool(got[0])
+    flat = q.transpose(1, 2).reshape(batch, -1).float()
+    torch.testing.assert_close(a1, flat, atol=0, rtol=0)
+    torch.testing.assert_close(a2, flat, atol=0, rtol=0)
+    assert torch.equal(m1, m2) and torch.equal(m1[got], made[got]) and bool((m1[~got] == pos).all())
+    assert torch.equal(c1, c2)
+
+
 @pytest.mark.parametrize("force", [True, False], ids=["all-similar", "none-similar"])
 def test_forced_decisions_keep_the_age_bound(force):
     q, anchor, made, pos = _state(8, 2, 16, torch.float32, seed=3)
