@@ -80,10 +80,15 @@ def test_reuse_sweep_scores_the_original_once_and_compares_with_no_cache(monkeyp
     monkeypatch.setattr(loading, "load_config", lambda source: None)
     monkeypatch.setattr(loading, "resolve_model_source", lambda spec: spec)
     monkeypatch.setattr(architecture, "model_shape", lambda config: SimpleNamespace(num_layers=4, num_kv_heads=2))
+    saved = []
     result = sweep_script.sweep(baseline="m", text="t", text_lines=None, lengths=[2048], thetas=[0.5, 1.0, 0.9],
                                 k=8, init=2, local=4, windows=1, passkey_lengths=[2048], passkey_depths=5,
-                                passkey_trials=1, device="cpu", dtype="float32")
+                                passkey_trials=1, device="cpu", dtype="float32", on_point=saved.append)
     assert calls == [(["original", "tokenselect"], 1.0), (["tokenselect"], 0.9), (["tokenselect"], 0.5)]
+    # the result so far after every theta (a run cut short keeps them), complete only in the returned one
+    assert [len(r["points"]) for r in saved] == [1, 2, 3] and not any(r["complete"] for r in saved)
+    assert result["complete"] and saved[1]["points"][1]["vs_no_cache"] is not None
+    assert "Partial" in sweep_script.to_markdown(saved[0]) and "Partial" not in sweep_script.to_markdown(result)
     by = {p["theta"]: p for p in result["points"]}
     assert by[1.0]["vs_no_cache"]["perplexity_percent"]["2048"] == 0.0
     assert by[0.5]["vs_no_cache"]["perplexity_percent"]["2048"] == pytest.approx(5.0)

@@ -33,7 +33,9 @@ LABELS = {"anchor": "", "previous": " (previous)"}
 
 def sweep(*, baseline: str, text: str, text_lines, lengths: list[int], thetas: list[float], k: int, init: int,
           local: int, windows: int, passkey_lengths: list[int], passkey_depths: int, passkey_trials: int,
-          device: str, dtype: str, backend: str = "masked", against: str = "anchor") -> dict:
+          device: str, dtype: str, backend: str = "masked", against: str = "anchor", on_point=None) -> dict:
+    """The sweep's result (see the module docstring); ``on_point(result)``, when given, receives the result so far
+    after every theta (its ``complete`` false until the last), so a run cut short keeps its finished thetas."""
     from lighttransfer.architecture import model_shape
     from lighttransfer.evaluation.eval_suite import evaluate
     from lighttransfer.evaluation.rows import standard_rows
@@ -60,6 +62,18 @@ def sweep(*, baseline: str, text: str, text_lines, lengths: list[int], thetas: l
                   passkey_lengths=passkey_lengths, passkey_depths_count=passkey_depths,
                   passkey_trials=passkey_trials, device=device, dtype=dtype, backend=backend)
     points, original = [], None
+
+    def result_of(points: list[dict], complete: bool) -> dict:
+        fresh = next((p for p in points if p["theta"] >= 1.0), None)
+        points = [{**p, "vs_original": _deltas(p, original), "vs_no_cache": _deltas(p, fresh) if fresh else None}
+                  for p in points]
+        return {"benchmark": "tokenselect_reuse_sweep", "format_version": 1, "baseline": baseline, "text": text,
+                "text_lines": list(text_lines) if text_lines else None, "lengths": lengths, "k": k, "init": init,
+                "local": local, "windows": windows, "passkey_lengths": passkey_lengths,
+                "passkey_depths": passkey_depths, "passkey_trials": passkey_trials, "device": device,
+                "dtype": dtype, "backend": backend, "against": against, "complete": complete,
+                "original": original, "points": points}
+
     for i, theta in enumerate(sorted(set(thetas), reverse=True)):
         rules = AGAINST[against][:1] if theta >= 1.0 else AGAINST[against]  # no cache: the rule changes nothing
         t0 = time.perf_counter()
@@ -74,16 +88,9 @@ def sweep(*, baseline: str, text: str, text_lines, lengths: list[int], thetas: l
             points.append(point)
             print(f"theta {theta:g}{LABELS[rule]}: hit rate {point['selection_cache']['hit_rate']:.3f}, perplexity "
                   f"{point['perplexity']}, passkey {point['passkey']}", flush=True)
-    fresh = next((p for p in points if p["theta"] >= 1.0), None)
-    for p in points:
-        p["vs_original"] = _deltas(p, original)
-        p["vs_no_cache"] = _deltas(p, fresh) if fresh else None
-    return {"benchmark": "tokenselect_reuse_sweep", "format_version": 1, "baseline": baseline, "text": text,
-            "text_lines": list(text_lines) if text_lines else None, "lengths": lengths, "k": k, "init": init,
-            "local": local, "windows": windows, "passkey_lengths": passkey_lengths,
-            "passkey_depths": passkey_depths, "passkey_trials": passkey_trials, "device": device, "dtype": dtype,
-            "backend": backend, "against": against,
-            "original": original, "points": points}
+        if on_point is not None:
+            on_point(result_of(points, complete=False))
+    return result_of(points, complete=True)
 
 
 def _summary(row: dict) -> dict:
@@ -109,7 +116,8 @@ def to_markdown(result: dict) -> str:
              f"{against})",
              "", f"`{Path(result['baseline']).name}`, {result['device']} {result['dtype']}, {result['backend']} backend; "
              f"perplexity over {result['windows']} window(s) per length, passkey at {result['passkey_lengths']} "
-             f"({result['passkey_depths']} depths x {result['passkey_trials']} trials).", "",
+             f"({result['passkey_depths']} depths x {result['passkey_trials']} trials)."
+             + ("" if result.get("complete", True) else " Partial: the thetas finished before the run ended."), "",
              "| theta | hit rate | " + " | ".join(f"ppl {n} (vs no cache, vs original)" for n in lengths)
              + " | passkey (vs no cache, vs original) |",
              "|---|---|" + "---|" * len(lengths) + "---|"]
@@ -169,15 +177,19 @@ def main(argv=None) -> dict:
 
     ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
     lines = tuple(ints(args.text_lines)) if args.text_lines else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(result: dict) -> None:
+        write_json(out / "tokenselect_reuse_sweep.json", result)
+        write_atomically(out / "tokenselect_reuse_sweep.md", to_markdown(result))
+
     result = sweep(baseline=args.baseline, text=args.text, text_lines=lines, lengths=ints(args.lengths),
                    thetas=[float(x) for x in args.thetas.split(",") if x.strip()], k=args.k, init=args.init,
                    local=args.local, windows=args.windows, passkey_lengths=ints(args.passkey_lengths),
                    passkey_depths=args.passkey_depths, passkey_trials=args.passkey_trials, device=args.device,
-                   dtype=args.dtype, backend=args.backend, against=args.against)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "tokenselect_reuse_sweep.json", result)
-    write_atomically(out / "tokenselect_reuse_sweep.md", to_markdown(result))
+                   dtype=args.dtype, backend=args.backend, against=args.against, on_point=save)
+    save(result)
     print(to_markdown(result))
     return result
 
