@@ -4,10 +4,7 @@ benchmark and the reuse sweep script; the default ``anchor`` is not written, so 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from conftest import run_cli
@@ -93,61 +90,3 @@ def test_the_evaluation_rows_and_the_benchmark_carry_it(tmp_path):
                       memory_budget_bytes=None, dtype="float32", token_select=fields)
     assert "| variant |" in markdown_bench(old)
 
-
-def _sweep_script():
-    path = Path(__file__).resolve().parents[1] / "bench" / "scripts" / "tokenselect_reuse_sweep.py"
-    spec = importlib.util.spec_from_file_location("tokenselect_reuse_sweep", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_reuse_sweep_runs_both_rules_side_by_side(monkeypatch):
-    sweep_script = _sweep_script()
-    import lighttransfer.architecture as architecture
-    import lighttransfer.evaluation.eval_suite as eval_suite
-    import lighttransfer.loading as loading
-    from lighttransfer.evaluation.eval_suite import EvalResult
-
-    calls = []
-
-    def fake_evaluate(*, rows, **kw):
-        calls.append([(r.name, None if r.selection is None else (r.selection.reuse, r.selection.reuse_against))
-                      for r in rows])
-        out = []
-        for r in rows:
-            entry = {"name": r.name, "perplexity": {2048: {"ppl": 10.0}}, "passkey": {"accuracy": 1.0, "n": 5}}
-            if r.selection is not None:
-                gain = 0.1 if r.selection.reuse_against == "previous" else 0.0
-                entry["perplexity"] = {2048: {"ppl": 10.0 + (1 - r.selection.reuse) + gain}}
-                entry["selection_cache"] = {"hits": 0, "lookups": 100, "dense": 0,
-                                            "hit_rate": min(1.0, 1 - r.selection.reuse + gain)}
-            out.append(entry)
-        return EvalResult(model_id="m", fingerprint="f", ratio=0.0, sink=4, window=1020, lengths=[2048], strides={},
-                          passkey_lengths=[2048], passkey_depths=[0.5], passkey_trials=1, text="t", backend="masked",
-                          rows=out)
-
-    monkeypatch.setattr(eval_suite, "evaluate", fake_evaluate)
-    monkeypatch.setattr(loading, "load_config", lambda source: None)
-    monkeypatch.setattr(loading, "resolve_model_source", lambda spec: spec)
-    monkeypatch.setattr(architecture, "model_shape", lambda config: SimpleNamespace(num_layers=4, num_kv_heads=2))
-    common = dict(baseline="m", text="t", text_lines=None, lengths=[2048], k=8, init=2, local=4, windows=1,
-                  passkey_lengths=[2048], passkey_depths=5, passkey_trials=1, device="cpu", dtype="float32")
-    result = sweep_script.sweep(thetas=[0.5, 1.0], against="both", **common)
-    # theta 1 turns the cache off, so the rule changes nothing: one row, the no-cache reference of both
-    assert calls == [[("original", None), ("tokenselect", (1.0, "anchor"))],
-                     [("tokenselect", (0.5, "anchor")), ("tokenselect-prev", (0.5, "previous"))]]
-    assert [(p["theta"], p["against"]) for p in result["points"]] == [(1.0, "anchor"), (0.5, "anchor"),
-                                                                        (0.5, "previous")]
-    assert result["against"] == "both"
-    prev = result["points"][2]
-    assert prev["vs_no_cache"]["perplexity_percent"]["2048"] == pytest.approx(6.0)
-    md = sweep_script.to_markdown(result)
-    assert "against the anchor and the previous query" in md
-    assert "| 0.5 | 50.0% |" in md and "| 0.5 (previous) | 60.0% | 10.600 (+6.00%, +6.00%) |" in md
-    calls.clear()
-    only = sweep_script.sweep(thetas=[0.5], against="previous", **common)
-    assert calls == [[("original", None), ("tokenselect-prev", (0.5, "previous"))]]
-    assert [p["against"] for p in only["points"]] == ["previous"]
-    with pytest.raises(ValueError, match="against"):
-        sweep_script.sweep(thetas=[0.5], against="sideways", **common)

@@ -49,14 +49,33 @@ def test_kernel_bench_times_every_part_after_checking_it(monkeypatch):
     assert "| 2 | 90 | 20 |" in md
 
 
-def test_reuse_sweep_scores_the_original_once_and_compares_with_no_cache(monkeypatch):
+def _patched_sweep(monkeypatch, rows_of):
+    """The sweep script with its model lookups and ``evaluate`` replaced: ``rows_of(rows)`` gives a fake
+    evaluation's result rows for the rows asked."""
     sweep_script = _script("tokenselect_reuse_sweep")
+    from types import SimpleNamespace
+
+    import lighttransfer.architecture as architecture
     import lighttransfer.evaluation.eval_suite as eval_suite
+    import lighttransfer.loading as loading
     from lighttransfer.evaluation.eval_suite import EvalResult
 
+    def fake_evaluate(*, rows, **kw):
+        return EvalResult(model_id="m", fingerprint="f", ratio=0.0, sink=4, window=1020, lengths=[2048], strides={},
+                          passkey_lengths=[2048], passkey_depths=[0.5], passkey_trials=1, text="t", backend="masked",
+                          rows=rows_of(rows))
+
+    monkeypatch.setattr(eval_suite, "evaluate", fake_evaluate)
+    monkeypatch.setattr(loading, "load_config", lambda source: None)
+    monkeypatch.setattr(loading, "resolve_model_source", lambda spec: spec)
+    monkeypatch.setattr(architecture, "model_shape", lambda config: SimpleNamespace(num_layers=4, num_kv_heads=2))
+    return sweep_script
+
+
+def test_reuse_sweep_scores_the_original_once_and_compares_with_no_cache(monkeypatch):
     calls = []
 
-    def fake_evaluate(*, rows, **kw):
+    def rows_of(rows):
         names = [r.name for r in rows]
         theta = next(r.selection.reuse for r in rows if r.name == "tokenselect")
         calls.append((names, theta))
@@ -67,19 +86,9 @@ def test_reuse_sweep_scores_the_original_once_and_compares_with_no_cache(monkeyp
                     "passkey": {"accuracy": 0.8 if theta < 0.8 else 1.0, "n": 5},
                     "selection_cache": {"hits": int(100 * (1 - theta)), "lookups": 100, "dense": 0,
                                         "hit_rate": 1 - theta}})
-        return EvalResult(model_id="m", fingerprint="f", ratio=0.0, sink=4, window=1020, lengths=[2048], strides={},
-                          passkey_lengths=[2048], passkey_depths=[0.5], passkey_trials=1, text="t", backend="masked",
-                          rows=out)
+        return out
 
-    monkeypatch.setattr(eval_suite, "evaluate", fake_evaluate)
-    from types import SimpleNamespace
-
-    import lighttransfer.architecture as architecture
-    import lighttransfer.loading as loading
-
-    monkeypatch.setattr(loading, "load_config", lambda source: None)
-    monkeypatch.setattr(loading, "resolve_model_source", lambda spec: spec)
-    monkeypatch.setattr(architecture, "model_shape", lambda config: SimpleNamespace(num_layers=4, num_kv_heads=2))
+    sweep_script = _patched_sweep(monkeypatch, rows_of)
     saved = []
     result = sweep_script.sweep(baseline="m", text="t", text_lines=None, lengths=[2048], thetas=[0.5, 1.0, 0.9],
                                 k=8, init=2, local=4, windows=1, passkey_lengths=[2048], passkey_depths=5,
@@ -95,3 +104,43 @@ def test_reuse_sweep_scores_the_original_once_and_compares_with_no_cache(monkeyp
     assert by[0.5]["vs_original"]["passkey_points"] == pytest.approx(-20.0)
     md = sweep_script.to_markdown(result)
     assert "| 0.5 | 50.0% | 10.500 (+5.00%, +5.00%) | 80.0 (-20.0 pt, -20.0 pt) |" in md
+
+
+def test_the_reuse_sweep_runs_both_rules_side_by_side(monkeypatch):
+    calls = []
+
+    def rows_of(rows):
+        calls.append([(r.name, None if r.selection is None else (r.selection.reuse, r.selection.reuse_against))
+                      for r in rows])
+        out = []
+        for r in rows:
+            entry = {"name": r.name, "perplexity": {2048: {"ppl": 10.0}}, "passkey": {"accuracy": 1.0, "n": 5}}
+            if r.selection is not None:
+                gain = 0.1 if r.selection.reuse_against == "previous" else 0.0
+                entry["perplexity"] = {2048: {"ppl": 10.0 + (1 - r.selection.reuse) + gain}}
+                entry["selection_cache"] = {"hits": 0, "lookups": 100, "dense": 0,
+                                            "hit_rate": min(1.0, 1 - r.selection.reuse + gain)}
+            out.append(entry)
+        return out
+
+    sweep_script = _patched_sweep(monkeypatch, rows_of)
+    common = dict(baseline="m", text="t", text_lines=None, lengths=[2048], k=8, init=2, local=4, windows=1,
+                  passkey_lengths=[2048], passkey_depths=5, passkey_trials=1, device="cpu", dtype="float32")
+    result = sweep_script.sweep(thetas=[0.5, 1.0], against="both", **common)
+    # theta 1 turns the cache off, so the rule changes nothing: one row, the no-cache reference of both
+    assert calls == [[("original", None), ("tokenselect", (1.0, "anchor"))],
+                     [("tokenselect", (0.5, "anchor")), ("tokenselect-prev", (0.5, "previous"))]]
+    assert [(p["theta"], p["against"]) for p in result["points"]] == [(1.0, "anchor"), (0.5, "anchor"),
+                                                                        (0.5, "previous")]
+    assert result["against"] == "both"
+    prev = result["points"][2]
+    assert prev["vs_no_cache"]["perplexity_percent"]["2048"] == pytest.approx(6.0)
+    md = sweep_script.to_markdown(result)
+    assert "against the anchor and the previous query" in md
+    assert "| 0.5 | 50.0% |" in md and "| 0.5 (previous) | 60.0% | 10.600 (+6.00%, +6.00%) |" in md
+    calls.clear()
+    only = sweep_script.sweep(thetas=[0.5], against="previous", **common)
+    assert calls == [[("original", None), ("tokenselect-prev", (0.5, "previous"))]]
+    assert [p["against"] for p in only["points"]] == ["previous"]
+    with pytest.raises(ValueError, match="against"):
+        sweep_script.sweep(thetas=[0.5], against="sideways", **common)
