@@ -12,7 +12,7 @@ from ``kv_start``, the moments holding the bulk of the previous query (``[kv_sta
    non-empty bulk) are added to ``counts`` when given.
 
 :func:`fused_routed_decode_reference` is exactly that composition of the existing functions. The Triton path
-has three variants computing the same. Three launches (:mod:`.fused_routing_triton`): one for the local keys and the
+has four variants computing the same. Three launches (:mod:`.fused_routing_triton`): one for the local keys and the
 decision (whose local attention is the local part of the output, full or local pair), one for the bulk keys of the
 full-routed pairs, and the merge; see ``docs/head_routing.md`` ("Fused decision") for the passes and what they
 read. One launch and the merge (:mod:`.fused_routing_one_triton`): every program of a pair computes the pair's
@@ -20,7 +20,9 @@ decision itself (bit-identical in each), then its chunk of the bulk where the pa
 and the moments once per program instead of once per pair, so the launcher takes it only where that is small
 against the three-launch path's serial pass (:func:`pick_variant`). The overlapped launch and its merge
 (:mod:`.fused_routing_overlap_triton`): pass 1's programs and the bulk's in one grid, the bulk attended
-speculatively and stopped once its pair is decided local; the merge drops a local pair's bulk slots.
+speculatively and stopped once its pair is decided local; the merge drops a local pair's bulk slots. The balanced
+variant (:mod:`.fused_routing_balanced_triton`): the three-launch pass 1, then the full pairs' bulk cut into equal
+pieces over a fixed grid whatever the routed share, and a merge that reads only the slots each pair used.
 """
 
 from __future__ import annotations
@@ -96,8 +98,10 @@ def fused_routed_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, momen
         variant: the Triton path's kernels: ``"overlap"`` (:mod:`.fused_routing_overlap_triton`: the bulk attended
             speculatively beside the decision, stopped once it says local; one launch and the merge),
             ``"one-launch"`` (:mod:`.fused_routing_one_triton`: every program decides its pair redundantly, one
-            launch and the merge), ``"three-launch"`` (:mod:`.fused_routing_triton`: two passes and the merge), or
-            ``None``: the launcher's choice (:func:`pick_variant`). Same outputs, flags, moments and counts either
+            launch and the merge), ``"three-launch"`` (:mod:`.fused_routing_triton`: two passes and the merge),
+            ``"balanced"`` (the same pass 1, then :mod:`.fused_routing_balanced_triton`: the full pairs' bulk spread
+            evenly over one program per SM whatever the routed share, ``splits`` programs where given, and its
+            merge), or ``None``: the launcher's choice (:func:`pick_variant`). Same outputs, flags, moments and counts either
             way.
 
     Returns:
@@ -155,11 +159,12 @@ def fused_routed_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, momen
     else:
         o, flags = fused_routed_decode_triton(q, k, v, moments, tau=tau, sink=int(sink), window=int(window),
                                               kv_start=kv_start, scale=scale, n_valid=n_valid, counts=counts,
-                                              workspace=workspace, splits=splits, local_splits=local_splits)
+                                              workspace=workspace, splits=splits, local_splits=local_splits,
+                                              balanced=variant == "balanced")
     return o, flags.view(torch.bool)
 
 
-VARIANTS = (None, "overlap", "one-launch", "three-launch")
+VARIANTS = (None, "overlap", "one-launch", "three-launch", "balanced")
 
 
 def pick_variant(q: torch.Tensor, k: torch.Tensor, *, sink: int, window: int, diagonal: bool,

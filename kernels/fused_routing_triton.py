@@ -354,9 +354,16 @@ def plan_fused(batch: int, kv_heads: int, n_keys: int, local_keys: int, *, cuda_
 
 
 def fused_routed_decode_triton(q, k, v, moments, *, tau: float, sink: int, window: int, kv_start, scale: float,
-                               n_valid, counts, workspace: FusedWorkspace, splits=None, local_splits=None):
+                               n_valid, counts, workspace: FusedWorkspace, splits=None, local_splits=None,
+                               balanced: bool = False, min_units: int | None = None):
     """Launch pass 1, pass 2 and the merge on validated inputs (see
-    :func:`~lighttransfer.kernels.fused_routed_decode`); returns ``(o, flags int8 [batch, kv_heads])``."""
+    :func:`~lighttransfer.kernels.fused_routed_decode`); returns ``(o, flags int8 [batch, kv_heads])``.
+
+    ``balanced``: pass 2 and the merge of :mod:`.fused_routing_balanced_triton` (the full pairs' bulk spread over a
+    fixed number of programs: the GPU's SMs, or ``splits`` where given), pieces of at least ``min_units`` units of
+    keys (default: :data:`~.fused_routing_balanced_triton.MIN_PIECE_KEYS` keys on a GPU,
+    :data:`~.fused_routing_balanced_triton.INTERPRETER_MIN_UNITS` in the interpreter). More pairs than
+    :data:`~.fused_routing_balanced_triton.MAX_PAIRS`: the three-launch pass 2."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     batch, heads, _, dim = q.shape
     kv_heads, n_keys = k.shape[1], k.shape[2]
@@ -367,10 +374,24 @@ def fused_routed_decode_triton(q, k, v, moments, *, tau: float, sink: int, windo
     if q.is_cuda:
         index = device_index(q)
     block_r = fold_rows(block_d)
+    if balanced:
+        from . import fused_routing_balanced_triton as bal
+
+        balanced = batch * kv_heads <= bal.MAX_PAIRS
     local_chunk, n_local, chunk, n_bulk = plan_fused(batch, kv_heads, n_keys, sink + window,
                                                      cuda_sms=multiprocessors(index) if q.is_cuda else None,
                                                      splits=splits, local_splits=local_splits,
                                                      fold_splits=1 if moments.diagonal else block_d // block_r)
+    if balanced:
+        cap = capability(index) if q.is_cuda else None
+        # pinned (pass 1's config: 64-key tiles where they fit), so the unit of work is known before the launch
+        bulk_config = INTERPRETER_CONFIG.kwargs if cap is None else \
+            _local_config(cap, block_d, block_m, q.element_size()).all_kwargs()
+        unit = bulk_config["BLOCK_N"]
+        if min_units is None:
+            min_units = bal.INTERPRETER_MIN_UNITS if cap is None else max(1, bal.MIN_PIECE_KEYS // unit)
+        programs = splits if splits is not None else (multiprocessors(index) if q.is_cuda else 3)
+        n_bulk = bal.bulk_slots(n_keys, window, unit, min_units)
     n_slots = n_local + n_bulk
     quad = fold_buffer(batch * kv_heads, n_local, block_m, moments.diagonal, q.device)
     o = torch.empty((batch, heads, 1, dim), dtype=q.dtype, device=q.device)
@@ -402,8 +423,17 @@ def fused_routed_decode_triton(q, k, v, moments, *, tau: float, sink: int, windo
             part_o, part_lse, o, heads, 1, n_slots, o.stride(0), o.stride(1), o.stride(2),
             HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(n_slots)))
 
+    def balanced_rest():
+        bal.launch_balanced(q, k, v, flags, start_arg, nv_arg, part_o, part_lse, o, strides, kv_heads=kv_heads,
+                            group=group, n_keys=n_keys, n_local=n_local, n_slots=n_slots, sink=sink, window=window,
+                            qk_scale=scale * _LOG2E, unit=unit, min_units=min_units, programs=programs,
+                            common=common, config=bulk_config)
+
     if not q.is_cuda:
         _local_decide[(batch * kv_heads, n_local)](*local_args, **local_flags, **INTERPRETER_CONFIG.kwargs)
+        if balanced:
+            balanced_rest()
+            return o, flags
         _bulk_attend[(batch * kv_heads, n_bulk)](*bulk_args, **common, **INTERPRETER_CONFIG.kwargs)
         merge()
         return o, flags
@@ -415,6 +445,9 @@ def fused_routed_decode_triton(q, k, v, moments, *, tau: float, sink: int, windo
     def run() -> None:
         _local_decide[(batch * kv_heads, n_local)](
             *local_args, **local_flags, **_local_config(cap, block_d, block_m, q.element_size()).all_kwargs())
+        if balanced:
+            balanced_rest()
+            return
         bulk[(batch * kv_heads, n_bulk)](*bulk_args, **common, **(best or {}))
         merge()
 

@@ -31,7 +31,9 @@ fp32 reference:
   instead of the routed plan's 32, i.e. half (batch 1) or 1/32 (batch 16) of the redundant decision work;
 * ``fusedo@s``: the overlapped launch (``variant="overlap"``: the bulk programs start beside the deciding ones and
   stop once their pair is decided local) on its own plan (dense attention's wave plan for the bulk); ``fusedor@s``:
-  the same on the routed plan. ``--variants`` picks the columns (default ``fused,fusedo,fusedor``), ``--poll`` the
+  the same on the routed plan; ``fusedb@s``: the balanced variant (``variant="balanced"``: the three-launch pass 1,
+  then the full pairs' bulk cut into equal pieces over one program per SM, whatever the share). ``--variants`` picks
+  the columns (default ``fused,fusedo,fusedor``), ``--poll`` the
   overlapped kernel's keys between two reads of the decision, ``--fused-moments diag`` the diagonal covariance for
   every fused column.
 
@@ -62,7 +64,7 @@ FUSED_TAU = 0.5  # between the made-local pairs' far shares (~1e-5) and the othe
 # less redundant decision work, less spreading of the full pairs' work); fusedor: the overlapped launch on the
 # routed plan (chunks of ~1024 keys: a local pair's bulk programs stop sooner, more programs and partials)
 FUSED_VARIANTS = {"fused": ("three-launch", None), "fused1": ("one-launch", None), "fused1w": ("one-launch", "wave"),
-                  "fusedo": ("overlap", None), "fusedor": ("overlap", "routed")}
+                  "fusedo": ("overlap", None), "fusedor": ("overlap", "routed"), "fusedb": ("balanced", None)}
 DEFAULT_VARIANTS = "fused,fusedo,fusedor"
 
 
@@ -235,7 +237,8 @@ def markdown(result: dict) -> str:
     lines += ["", "Fused QAdA step (decision included; `kernels.fused_routed_decode`): fused = three launches, "
               "fused1 = one launch (and the merge) on the routed split plan, fused1w = one launch on dense "
               f"attention's wave plan (splits per batch: {waves}), fusedo = the overlapped launch (the bulk beside "
-              f"the decision) on the wave plan, fusedor = the same on the routed plan ({routed}):", ""]
+              f"the decision) on the wave plan, fusedor = the same on the routed plan ({routed}), fusedb = the "
+              "balanced bulk pass (equal pieces of the full pairs' keys over one program per SM):", ""]
     headers = ["batch", "variant", "dense", *[f"@{s:g}" for s in SHARES], "overhead (@0 / dense - 1)",
                "@0.5 / routed@0.5 - 1", "launcher picks"]
     rows = []

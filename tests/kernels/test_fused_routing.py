@@ -26,7 +26,7 @@ SINK, WINDOW = 4, 13  # local set 17
 # overlap-bulk-first: the overlapped kernel with its bulk programs first (the interpreter runs programs in order,
 # so all of them attend before the decision lands, which the merge must then discard for local pairs) and a state
 # read before every tile
-VARIANTS = ["three-launch", "one-launch", "overlap", "overlap-bulk-first"]
+VARIANTS = ["three-launch", "one-launch", "overlap", "overlap-bulk-first", "balanced"]
 
 
 @pytest.fixture(params=VARIANTS)
@@ -318,3 +318,37 @@ def test_full_covariance_fold_spread_over_the_local_programs(spread, dim, rows, 
                f"{rows}-row blocks over {local_splits} programs, {n} keys", kv_start=start, splits=3,
                local_splits=local_splits, variant=spread)
         q = q.flip(1)
+
+
+@pytest.mark.parametrize("programs", [1, 2, 5, 13], ids=lambda p: f"P{p}")
+@pytest.mark.parametrize("min_units", [1, 3], ids=lambda u: f"min{u}")
+@pytest.mark.parametrize("tau", ["mixed", "all-full"])
+def test_balanced_pieces_cross_pairs_and_the_merge_reads_only_their_slots(programs, min_units, tau, monkeypatch):
+    """The balanced pass 2: the full pairs' bulk units cut into equal pieces over ``programs`` programs (one piece
+    per pair a program crosses; pieces of at least ``min_units`` units), left padding clipping the first units, and
+    the merge taking each pair's used slots only: every bulk slot holds NaN before pass 2, so a merge that read a
+    slot no piece wrote would fail."""
+    import lighttransfer.kernels.fused_routing_balanced_triton as bal
+
+    monkeypatch.setattr(bal, "INTERPRETER_MIN_UNITS", min_units)
+    seen = {}
+    launch = bal.launch_balanced
+
+    def poisoned(*args, **kw):  # after pass 1: its local slots written, the bulk slots not yet
+        part_o, part_lse = args[6], args[7]
+        part_o[..., kw["n_local"]:, :] = float("nan")
+        part_lse[..., kw["n_local"]:] = float("nan")
+        seen.update(kw)
+        return launch(*args, **kw)
+
+    monkeypatch.setattr(bal, "launch_balanced", poisoned)
+    dtype = torch.float32
+    q, k, v = _inputs(3, 2, 2, 90, 16, dtype, seed=programs + 7 * min_units)
+    start = torch.tensor([0, 11, 40], device=DEVICE)
+    m = _moments(k, 90, start, diagonal=False)
+    share, decided = _shares(q, k, m, start)
+    value = _mixed_tau(share, decided) if tau == "mixed" else 0.0
+    local = _check(q, k, v, m, value, dtype, f"P={programs} min={min_units} {tau}", kv_start=start,
+                   splits=programs, local_splits=2, variant="balanced")
+    assert seen["programs"] == programs and seen["min_units"] == min_units
+    assert bool(local.any()) == (tau == "mixed") and not local.all()
