@@ -17,11 +17,11 @@ SCRIPT = ROOT / "bench" / "scripts" / "gpu_jobs.sh"
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None, reason="needs bash and tar")
 def test_jobs_run_in_turn_and_each_leaves_its_log_in_the_archive(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    run = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "no-such-job", "sp-quality:30"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out"), "no-such-job", "sp-quality:30",
+                          "ts-sweep8k:30"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1  # a job failed
     summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
-    assert [line.split(":")[0] for line in summary] == ["no-such-job", "sp-quality"]
+    assert [line.split(":")[0] for line in summary] == ["no-such-job", "sp-quality", "ts-sweep8k"]
     assert all(" rc 2," in line for line in summary)
     with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
         names = {Path(n).as_posix().lstrip("./") for n in tar.getnames()}
@@ -35,3 +35,4 @@ def test_without_jobs_it_prints_its_usage(tmp_path):
     run = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 2 and "Jobs (default limits" in run.stderr
+    assert "hr-balanced" in run.stderr and "ts-sweep8k" in run.stderr and "python3 must see" in run.stderr

@@ -15,21 +15,25 @@
 #   ts-e2e (300)       tokenselect_e2e.py at CONTEXTS (65536,131072), 16 steps; ts-e2e-radix: the same with
 #                      LIGHTTRANSFER_SELECT_TOPK=radix
 #   hr-kernels (330)   head_routing_kernel_bench.py --batches 1,16 (the fused QAdA step, three launches and one)
+#   hr-balanced (330)  the same bench, the three-launch and the balanced bulk pass side by side, full and diagonal
+#                      moments (two runs)
 #   hr-quality (540)   head_routing_quality_gpu.sh (needs GGUF, TEXT, REPORT; about four ROWS fit one call)
 #   sp-quality (540)   sparse_prefill_quality.py at 8k (needs GGUF, TEXT)
 #   ts-quality (540)   TokenSelect at 8k, the scaled-down budget, then the Selection Cache sweep (GGUF, TEXT,
 #                      REPORT)
+#   ts-sweep8k (540)   the Selection Cache sweep alone at 8k, both rules (anchor, previous) at THETAS (1.0,0.8,0.75),
+#                      PASSKEY_TRIALS (2) x 5 depths (GGUF, TEXT); writes after every theta
 #   ft-recovery (540)  finetune_gpu.sh recovery with REFERENCE=1 (needs GGUF, TEXT; peft)
 #   ft-speed (540)     finetune_gpu.sh speed (the 8B shape, S²-Attn vs dense step time; peft)
 #   mg-analyze (400)   with several GPUs: analyze_multi_gpu.py, the 8B shape on one GPU and spread over all (the
 #                      reports compared), then the 70B shape (80 layers, more than one GPU holds) spread over all
 # Environment: GGUF (SmolLM2-135M-Instruct.Q4_1.gguf), TEXT (austen_novels.txt), REPORT (default
-# bench/results/analysis_smollm2_with_gates_w128.json), CONTEXTS. OUT_DIR/summary.txt: one line per job (exit
-# status, seconds). Run from the checkout root; python3 must see torch, transformers and triton.
+# bench/results/analysis_smollm2_with_gates_w128.json), CONTEXTS, THETAS, PASSKEY_TRIALS. OUT_DIR/summary.txt: one
+# line per job (exit status, seconds). Run from the checkout root; python3 must see torch, transformers and triton.
 set -uo pipefail
 out=${1:?usage: gpu_jobs.sh OUT_DIR JOB[:SECONDS] ...}
 shift
-[ $# -gt 0 ] || { sed -n 2,27p "$0" >&2; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,32p "$0" >&2; exit 2; }
 root=$(pwd)
 work=$(mktemp -d)
 mkdir -p "$out" /tmp/lt-jobs
@@ -57,6 +61,12 @@ job() {  # NAME DIR: the job's commands, writing into DIR
         "${CONTEXTS:-65536,131072}" 16
       ;;
     hr-kernels) python3 "$root/bench/scripts/head_routing_kernel_bench.py" --out "$d" --batches 1,16 ;;
+    hr-balanced)
+      python3 "$root/bench/scripts/head_routing_kernel_bench.py" --out "$d/full" --batches 1,16 \
+        --variants fused,fusedb &&
+      python3 "$root/bench/scripts/head_routing_kernel_bench.py" --out "$d/diag" --batches 1,16 \
+        --variants fused,fusedb --fused-moments diag
+      ;;
     hr-quality)
       need GGUF TEXT || return
       ROW_LIMIT=${ROW_LIMIT:-500} bash "$root/bench/scripts/head_routing_quality_gpu.sh" "$GGUF" "$TEXT" "$REPORT" "$d"
@@ -78,6 +88,13 @@ job() {  # NAME DIR: the job's commands, writing into DIR
         --text-lines 1,16237 --lengths 8192 --thetas 1.0,0.9,0.8 --passkey-lengths 8192 --passkey-depths 5 \
         --passkey-trials 2 --device cuda --dtype float32 --out "$d"
       ;;
+    ts-sweep8k)
+      need GGUF TEXT || return
+      python3 "$root/bench/scripts/tokenselect_reuse_sweep.py" --baseline "$GGUF" --text "$TEXT" \
+        --text-lines 1,16237 --lengths 8192 --thetas "${THETAS:-1.0,0.8,0.75}" --windows 1 --passkey-lengths 8192 \
+        --passkey-depths 5 --passkey-trials "${PASSKEY_TRIALS:-2}" --backend runtime --device cuda \
+        --dtype float32 --against both --out "$d"
+      ;;
     ft-recovery)
       need GGUF TEXT || return
       REFERENCE=1 bash "$root/bench/scripts/finetune_gpu.sh" recovery "$GGUF" "$TEXT" "$d"
@@ -93,7 +110,8 @@ job() {  # NAME DIR: the job's commands, writing into DIR
 
 limit_of() {
   case "$1" in
-    cuda-tests|ts-kernels) echo 240 ;; ts-e2e|ts-e2e-radix) echo 300 ;; hr-kernels) echo 330 ;; mg-analyze) echo 400 ;;
+    cuda-tests|ts-kernels) echo 240 ;; ts-e2e|ts-e2e-radix) echo 300 ;; hr-kernels|hr-balanced) echo 330 ;;
+    mg-analyze) echo 400 ;;
     *) echo 540 ;;
   esac
 }

@@ -33,6 +33,8 @@
 # were still running at 340 s. So one 10-minute call holds about four rows: run the rest in a second call with ROWS
 # and merge every part with `lighttransfer eval-merge` (parts of different calls merge like parts of one). The
 # default ROW_LIMIT (540) lets a row use most of a call.
+# Where a call returns only a few files, run it as `gpu_jobs.sh OUT hr-quality` (which packs every part into one
+# archive) rather than directly: each row leaves five files.
 # Environment: ROWS, TASKS, SAMPLES, BATCH, PASSKEY_TRIALS, LENGTHS (4k,8k), WINDOW (128), ROUTING_SHARE (0.5),
 # ROW_LIMIT (540), DEVICE (cuda), DTYPE (float32), EVAL_ARGS (more eval options).
 set -euo pipefail
