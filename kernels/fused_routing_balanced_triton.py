@@ -36,6 +36,8 @@ from .full_decode_triton import _attend_range, _live_keys, _store_partial
 MAX_PAIRS = 4096
 # keys per piece at least on a GPU (as the routed kernel's chunks: smaller ones lose at any share)
 MIN_PIECE_KEYS = 1024
+# programs per SM on a GPU (the bench's --balanced-per-sm): one, as dense decoding's single wave at batch 16
+PROGRAMS_PER_SM = 1
 # units per piece at least in the interpreter: one, so that small test shapes cut their pairs finely
 INTERPRETER_MIN_UNITS = 1
 
@@ -158,4 +160,5 @@ def launch_balanced(q, k, v, flags, start_arg, nv_arg, part_o, part_lse, o, stri
         BLOCK_P=block_p)
 
 
-__all__ = ["launch_balanced", "bulk_slots", "MAX_PAIRS", "MIN_PIECE_KEYS", "INTERPRETER_MIN_UNITS"]
+__all__ = ["launch_balanced", "bulk_slots", "MAX_PAIRS", "MIN_PIECE_KEYS", "INTERPRETER_MIN_UNITS",
+           "PROGRAMS_PER_SM"]

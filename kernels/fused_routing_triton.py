@@ -360,7 +360,8 @@ def fused_routed_decode_triton(q, k, v, moments, *, tau: float, sink: int, windo
     :func:`~lighttransfer.kernels.fused_routed_decode`); returns ``(o, flags int8 [batch, kv_heads])``.
 
     ``balanced``: pass 2 and the merge of :mod:`.fused_routing_balanced_triton` (the full pairs' bulk spread over a
-    fixed number of programs: the GPU's SMs, or ``splits`` where given), pieces of at least ``min_units`` units of
+    fixed number of programs: :data:`~.fused_routing_balanced_triton.PROGRAMS_PER_SM` per SM, or ``splits`` where
+    given), pieces of at least ``min_units`` units of
     keys (default: :data:`~.fused_routing_balanced_triton.MIN_PIECE_KEYS` keys on a GPU,
     :data:`~.fused_routing_balanced_triton.INTERPRETER_MIN_UNITS` in the interpreter). More pairs than
     :data:`~.fused_routing_balanced_triton.MAX_PAIRS`: the three-launch pass 2."""
@@ -390,7 +391,8 @@ def fused_routed_decode_triton(q, k, v, moments, *, tau: float, sink: int, windo
         unit = bulk_config["BLOCK_N"]
         if min_units is None:
             min_units = bal.INTERPRETER_MIN_UNITS if cap is None else max(1, bal.MIN_PIECE_KEYS // unit)
-        programs = splits if splits is not None else (multiprocessors(index) if q.is_cuda else 3)
+        programs = splits if splits is not None else \
+            (bal.PROGRAMS_PER_SM * multiprocessors(index) if q.is_cuda else 3)
         n_bulk = bal.bulk_slots(n_keys, window, unit, min_units)
     n_slots = n_local + n_bulk
     quad = fold_buffer(batch * kv_heads, n_local, block_m, moments.diagonal, q.device)

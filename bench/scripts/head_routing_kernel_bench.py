@@ -276,6 +276,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fused-moments", choices=["full", "diag"], default="full",
                         help="the fused steps' covariance (default full)")
     parser.add_argument("--poll", type=int, default=None, help="the overlapped kernel's keys between state reads")
+    parser.add_argument("--balanced-per-sm", type=int, default=None,
+                        help="the balanced bulk pass's programs per SM (fusedb; default 1)")
     args = parser.parse_args(argv)
     variants = tuple(v for v in args.variants.split(",") if v)
     unknown = [v for v in variants if v not in FUSED_VARIANTS]
@@ -285,6 +287,12 @@ def main(argv=None) -> int:
         from lighttransfer.kernels import fused_routing_overlap_triton
 
         fused_routing_overlap_triton.POLL_KEYS = args.poll
+    if args.balanced_per_sm is not None:
+        if args.balanced_per_sm < 1:
+            parser.error("--balanced-per-sm must be at least 1")
+        from lighttransfer.kernels import fused_routing_balanced_triton
+
+        fused_routing_balanced_triton.PROGRAMS_PER_SM = args.balanced_per_sm
     from lighttransfer.bench.gpu_env import environment
 
     cuda = torch.cuda.is_available() and not args.tiny
@@ -300,7 +308,8 @@ def main(argv=None) -> int:
     result = {"environment": environment(), "pinned_configs": os.environ.get("LIGHTTRANSFER_TRITON_AUTOTUNE") == "0",
               "shape": f"{shape['heads']}/{shape['kv_heads']} heads, D={shape['head_dim']}, {dtype}, "
                        f"N={shape['n_keys']}, sink {shape['sink']} + window {shape['window']}",
-              "poll_keys": args.poll, "fused_moments": args.fused_moments, "rows": []}
+              "poll_keys": args.poll, "fused_moments": args.fused_moments,
+              "balanced_per_sm": args.balanced_per_sm, "rows": []}
     for b in batches:  # written after every batch: a run cut by a time limit keeps the batches it finished
         start = time.perf_counter()
         result["rows"].append(bench_batch(b, **shape, dtype=dtype, device=device, graph=cuda,
