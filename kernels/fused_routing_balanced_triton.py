@@ -56,7 +56,9 @@ def _piece_width(n_full, units, n_programs, min_units):
     return tl.maximum(tl.cdiv(n_full * units, n_programs), tl.maximum(min_units, 1))
 
 
-@triton.jit(do_not_specialize=["n_keys"])
+# the key count changes every step; the plan's small integers may be 1, which Triton would otherwise specialize
+# into a constant (a second compilation, and a constant where the pieces' arithmetic expects a value)
+@triton.jit(do_not_specialize=["n_keys", "n_local", "min_units", "n_programs"])
 def _bulk_balanced(
     Q, K, V, LOCAL, KV_START, N_VALID, PART_O, PART_LSE,
     stride_qb, stride_qh,
@@ -108,7 +110,7 @@ def _bulk_balanced(
         u += t1 - t0
 
 
-@triton.jit(do_not_specialize=["n_keys"])
+@triton.jit(do_not_specialize=["n_keys", "n_local", "min_units", "n_programs"])
 def _merge_balanced(
     PART_O, PART_LSE, LOCAL, N_VALID, Out,
     n_pairs, H, n_kv_heads, n_keys, n_local, n_slots, window, unit, min_units, n_programs,
