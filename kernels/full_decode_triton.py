@@ -59,6 +59,25 @@ def _attend_range(q, k_base, v_base, stride_kn, stride_vn, lo, hi, m_i, l_i, acc
 
 
 @triton.jit
+def _attend_pair_keys(Q, K, V, b, hk, h, row_ok, offs_d, d_ok, stride_qb, stride_qh, stride_kb, stride_kh,
+                      stride_kn, stride_vb, stride_vh, stride_vn, lo, hi, qk_scale, BLOCK_M: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # online softmax of pair (b, hk)'s query heads h over its keys [lo, hi): (m_i, l_i, acc), empty (nothing
+    # loaded) where lo >= hi
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if lo < hi:
+        q_ptrs = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, lo, hi, m_i, l_i, acc, offs_d,
+                                      d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _pair_tile(pid_bk, n_kv_heads, GROUP, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # program row pid_bk = (sequence b, KV head hk); tile row m = query head h = hk * GROUP + m (row_ok: a real
     # head), column = head-dim element (d_ok: within HEAD_DIM). Returns (b, hk, h, row_ok, offs_d, d_ok)

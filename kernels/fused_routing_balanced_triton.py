@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .decode_triton import _merge_partials
-from .full_decode_triton import _attend_range, _live_keys, _store_partial
+from .full_decode_triton import _attend_pair_keys, _live_keys, _store_partial
 
 # pairs (batch x KV heads) one block of flags holds; more than that and the launcher keeps the three-launch pass 2
 MAX_PAIRS = 4096
@@ -93,16 +93,9 @@ def _bulk_balanced(
         _, start = _live_keys(n_keys, N_VALID, KV_START, b, False, HAS_START)
         lo = tl.maximum(t0 * unit, start + sink)
         hi = tl.minimum(t1 * unit, bulk_end)
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        if lo < hi:
-            q_ptrs = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
-            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-            v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-            m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, lo, hi, m_i, l_i, acc, offs_d,
-                                          d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
+        m_i, l_i, acc = _attend_pair_keys(Q, K, V, b, hk, h, row_ok, offs_d, d_ok, stride_qb, stride_qh, stride_kb,
+                                          stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, lo, hi, qk_scale,
+                                          BLOCK_M, BLOCK_D, BLOCK_N, DOT_PRECISION)
         slot = n_local + p - (r * units) // width
         row = b * n_kv_heads * GROUP + h
         _store_partial(PART_O, PART_LSE, row.to(tl.int64) * n_slots + slot, m_i, l_i, acc, offs_d, row_ok, d_ok,

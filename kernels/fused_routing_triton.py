@@ -51,6 +51,7 @@ from .decode_triton import _streaming_decode_merge, plan_splits, plan_wave_split
 from .full_decode_triton import (
     _CHUNK_ALIGN,
     HOPPER_CONFIGS,
+    _attend_pair_keys,
     _attend_range,
     _live_keys,
     _pair_tile,
@@ -262,17 +263,9 @@ def _bulk_attend(
     lo = tl.maximum(pid_s * chunk, start + sink)
     hi = tl.minimum(pid_s * chunk + chunk, n_keys - window)
     hi = tl.where(tl.load(LOCAL + pid_bk) != 0, lo, hi)  # a local pair's programs attend nothing
-
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if lo < hi:
-        q_ptrs = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-        m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, lo, hi, m_i, l_i, acc, offs_d,
-                                      d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
+    m_i, l_i, acc = _attend_pair_keys(Q, K, V, b, hk, h, row_ok, offs_d, d_ok, stride_qb, stride_qh, stride_kb,
+                                      stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, lo, hi, qk_scale,
+                                      BLOCK_M, BLOCK_D, BLOCK_N, DOT_PRECISION)
     row = b * n_kv_heads * GROUP + h
     _store_partial(PART_O, PART_LSE, row.to(tl.int64) * n_slots + n_local + pid_s, m_i, l_i, acc, offs_d, row_ok,
                    d_ok, BLOCK_D)
