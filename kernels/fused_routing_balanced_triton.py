@@ -71,8 +71,7 @@ def _bulk_balanced(
 ):
     p = tl.program_id(0)
     pairs, full, rank, n_full = _full_ranks(LOCAL, n_pairs, BLOCK_P)
-    if HAS_N_VALID:
-        n_keys = tl.minimum(n_keys, tl.load(N_VALID).to(tl.int32))
+    n_keys, _ = _live_keys(n_keys, N_VALID, KV_START, 0, HAS_N_VALID, False)
     bulk_end = n_keys - window  # every sequence's bulk ends here; it starts at its kv_start + sink
     units = tl.cdiv(tl.maximum(bulk_end, 0), unit)
     width = _piece_width(n_full, units, n_programs, min_units)
@@ -116,8 +115,7 @@ def _merge_balanced(
     h = row % H
     pair = b * n_kv_heads + h // (H // n_kv_heads)
     pairs, full, rank, n_full = _full_ranks(LOCAL, n_pairs, BLOCK_P)
-    if HAS_N_VALID:
-        n_keys = tl.minimum(n_keys, tl.load(N_VALID).to(tl.int32))
+    n_keys, _ = _live_keys(n_keys, N_VALID, N_VALID, 0, HAS_N_VALID, False)  # no padding read: one pointer
     units = tl.cdiv(tl.maximum(n_keys - window, 0), unit)
     width = _piece_width(n_full, units, n_programs, min_units)
     mine = pairs == pair
