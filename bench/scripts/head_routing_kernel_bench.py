@@ -278,6 +278,8 @@ def main(argv=None) -> int:
     parser.add_argument("--poll", type=int, default=None, help="the overlapped kernel's keys between state reads")
     parser.add_argument("--balanced-per-sm", type=int, default=None,
                         help="the balanced bulk pass's programs per SM (fusedb; default 1)")
+    parser.add_argument("--routed-waves", type=int, default=None,
+                        help="waves of programs the routed split rule asks for (routed_splits; default 8)")
     args = parser.parse_args(argv)
     variants = tuple(v for v in args.variants.split(",") if v)
     unknown = [v for v in variants if v not in FUSED_VARIANTS]
@@ -293,6 +295,13 @@ def main(argv=None) -> int:
         from lighttransfer.kernels import fused_routing_balanced_triton
 
         fused_routing_balanced_triton.PROGRAMS_PER_SM = args.balanced_per_sm
+    if args.routed_waves is not None:
+        if args.routed_waves < 1:
+            parser.error("--routed-waves must be at least 1")
+        from lighttransfer.kernels import routed_decode_triton
+
+        routed_decode_triton.ROUTED_WAVES = args.routed_waves
+        routed_decode_triton.routed_splits.cache_clear()
     from lighttransfer.bench.gpu_env import environment
 
     cuda = torch.cuda.is_available() and not args.tiny
@@ -309,7 +318,7 @@ def main(argv=None) -> int:
               "shape": f"{shape['heads']}/{shape['kv_heads']} heads, D={shape['head_dim']}, {dtype}, "
                        f"N={shape['n_keys']}, sink {shape['sink']} + window {shape['window']}",
               "poll_keys": args.poll, "fused_moments": args.fused_moments,
-              "balanced_per_sm": args.balanced_per_sm, "rows": []}
+              "balanced_per_sm": args.balanced_per_sm, "routed_waves": args.routed_waves, "rows": []}
     for b in batches:  # written after every batch: a run cut by a time limit keeps the batches it finished
         start = time.perf_counter()
         result["rows"].append(bench_batch(b, **shape, dtype=dtype, device=device, graph=cuda,
