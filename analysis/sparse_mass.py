@@ -17,6 +17,8 @@ For each layer's prefill (post-RoPE queries and keys captured during a normal fo
 Only query blocks that see more than the always-kept sink and band count (elsewhere everything is kept anyway);
 the first ``skip`` rows of short prompts would otherwise flatter the numbers. Cost per layer: the exact rows are
 dense attention scores (``2 * n * N * D`` per head), fine at calibration lengths (4k-8k on a CPU, more on a GPU).
+With ``layers`` given, each forward stops after the highest of them, so measuring a few low layers at a long length
+costs only those layers' share of the forward.
 """
 
 from __future__ import annotations
@@ -124,17 +126,25 @@ class SparseMassReport:
                 for (a, g), rs in sorted(groups.items())]
 
 
+class LayersMeasured(Exception):
+    """Raised from inside a forward once its last layer asked for is measured: the layers above are not needed."""
+
+
 class SparseMassRecorder:
-    """Per attention call: exact block mass, estimated lists for every (alpha, layout), density and kept mass."""
+    """Per attention call: exact block mass, estimated lists for every (alpha, layout), density and kept mass.
+
+    With ``layers`` given and ``stop_early``, the call of the highest of them raises :class:`LayersMeasured` after
+    its measurement, so that a forward runs only up to that layer (the caller catches it)."""
 
     def __init__(self, *, method: str, options: dict, alphas: Sequence[float], gqa_lists: Sequence[str],
                  block_q: int, block_k: int, sink_blocks: int, local_blocks: int,
-                 layers: Sequence[int] | None = None) -> None:
+                 layers: Sequence[int] | None = None, stop_early: bool = False) -> None:
         self.estimator = make_estimator(method, **options)
         self.alphas, self.gqa_lists = list(alphas), list(gqa_lists)
         self.grid = dict(block_q=block_q, block_k=block_k)
         self.kept = dict(sink_blocks=sink_blocks, local_blocks=local_blocks)
         self.layers = None if layers is None else set(layers)
+        self.stop_after = max(self.layers) if stop_early and self.layers else None
         self._order: dict[int, int] = {}
         self.values: dict[tuple[int, float, str], list[tuple[float, float, float]]] = {}
 
@@ -142,12 +152,15 @@ class SparseMassRecorder:
         layer = getattr(module, "layer_idx", None)
         if layer is None:
             layer = self._order.setdefault(id(module), len(self._order))
-        if (self.layers is not None and int(layer) not in self.layers) or kwargs.get("sliding_window") \
-                or query.shape[2] < 2:
+        layer = int(layer)
+        if self.layers is not None and layer not in self.layers:
             return
-        scale = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
-        with torch.no_grad():
-            self._measure(int(layer), query, key, float(scale))
+        if not kwargs.get("sliding_window") and query.shape[2] >= 2:
+            scale = kwargs.get("scaling") or getattr(module, "scaling", query.shape[-1] ** -0.5)
+            with torch.no_grad():
+                self._measure(layer, query, key, float(scale))
+        if layer == self.stop_after:
+            raise LayersMeasured
 
     def _measure(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
         n, n_kv = q.shape[2], k.shape[2]
@@ -211,11 +224,14 @@ def sparse_mass_tokens(model, input_ids: torch.Tensor, *, method: str = "sample"
     check_sparse_mass_params(method=method, alphas=alphas, gqa_lists=gqa_lists, block_q=block_q, block_k=block_k)
     recorder = SparseMassRecorder(method=method, options=options or {}, alphas=alphas, gqa_lists=gqa_lists,
                                   block_q=block_q, block_k=block_k, sink_blocks=sink_blocks,
-                                  local_blocks=local_blocks, layers=layers)
+                                  local_blocks=local_blocks, layers=layers, stop_early=True)
     device = next(model.parameters()).device
     with capture_attention(model, recorder), torch.no_grad():
         for i in range(input_ids.shape[0]):
-            model(input_ids=input_ids[i : i + 1].to(device), use_cache=False)
+            try:  # the layers above the last one measured never run
+                model(input_ids=input_ids[i : i + 1].to(device), use_cache=False)
+            except LayersMeasured:
+                pass
             log.info("sparse mass: sample %d/%d", i + 1, input_ids.shape[0])
     params = dict(method=method, options=options or {}, alphas=list(alphas), gqa_lists=list(gqa_lists),
                   block_q=block_q, block_k=block_k, sink_blocks=sink_blocks, local_blocks=local_blocks,
@@ -243,5 +259,5 @@ def sparse_mass(model, *, calib=None, seq_len: int = 4096, samples: int = 2, see
                               calibration=calib_set.to_dict(), **options)
 
 
-__all__ = ["SparseMassReport", "SparseMassRow", "SparseMassRecorder", "exact_block_mass", "sparse_mass",
+__all__ = ["LayersMeasured", "SparseMassReport", "SparseMassRow", "SparseMassRecorder", "exact_block_mass", "sparse_mass",
            "sparse_mass_tokens", "check_sparse_mass_params", "SPARSE_MASS_SCHEMA_VERSION"]

@@ -53,7 +53,8 @@ def _table(report):
 @click.option("--local-blocks", default=2, show_default=True, type=click.IntRange(min=1),
               help="Key blocks ending at the diagonal kept.")
 @click.option("--layers", metavar="LIST", help="Layers to measure, e.g. 0-3,10 [default: all but the model's own "
-              "sliding layers]; measure the full layers of a conversion to see their trade-off.")
+              "sliding layers]; measure the full layers of a conversion to see their trade-off. The forward stops after the "
+              "highest layer listed.")
 @click.option("--out", default=None, metavar="REPORT.json", help="Write the report (JSON) here.")
 @model_options
 @verbosity_options

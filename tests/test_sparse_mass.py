@@ -48,6 +48,19 @@ def test_mass_kept_and_density_per_layer(report):
         assert union.density >= hi.density and union.kept_mass >= hi.kept_mass - 1e-6
 
 
+def test_measuring_some_layers_stops_the_forward_after_the_last_and_measures_the_same(report):
+    model = make_tiny_model("llama").eval()  # the report fixture's model and prompts
+    ids = torch.randint(0, model.config.vocab_size, (2, 200), generator=torch.Generator().manual_seed(1))
+    ran = []
+    for index, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda module, args, index=index: ran.append(index))
+    some = sparse_mass_tokens(model, ids, method="sample", options={"share": 0.25}, alphas=(0.5, 0.9, 1.0),
+                              gqa_lists=("query", "kv-union", "kv-sum"), block_q=16, block_k=16, sink_blocks=1,
+                              local_blocks=1, layers=(2, 0))
+    assert some.rows == [r for r in report.rows if r.layer in (0, 2)]
+    assert ran == [0, 1, 0, 1]  # both prompts: layer 2's attention inputs end the forward
+
+
 def test_report_round_trips_and_summarizes(report, tmp_path):
     path = tmp_path / "mass.json"
     report.save(path)
