@@ -35,4 +35,5 @@ def test_without_jobs_it_prints_its_usage(tmp_path):
     run = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 2 and "Jobs (default limits" in run.stderr
-    assert "hr-balanced" in run.stderr and "ts-sweep8k" in run.stderr and "python3 must see" in run.stderr
+    assert "hr-balanced" in run.stderr and "sp-real" in run.stderr and "python3 must see torch" in run.stderr
+    assert "set -uo" not in run.stderr  # the header only

@@ -16,9 +16,12 @@
 #                      LIGHTTRANSFER_SELECT_TOPK=radix
 #   hr-kernels (330)   head_routing_kernel_bench.py --batches 1,16 (the fused QAdA step, three launches and one)
 #   hr-balanced (330)  the same bench, the three-launch and the balanced bulk pass side by side, full and diagonal
-#                      moments (two runs)
+#                      moments (two runs); WAVES="4 6": then batch 16 with diagonal moments at those routed waves
 #   hr-quality (540)   head_routing_quality_gpu.sh (needs GGUF, TEXT, REPORT; about four ROWS fit one call)
 #   sp-quality (540)   sparse_prefill_quality.py at 8k (needs GGUF, TEXT)
+#   sp-real (420)      sparse_prefill_bench.py on real attention: SP_LAYERS (7,4,8: the three least lazy layers)
+#                      of SmolLM2 captured at 131072 tokens (16x its trained 8192) and fitted to the 8B shape
+#                      (--fit-shape), at 128k (sample, vslash, FlexAttention once) and 64k-8k (GGUF, TEXT)
 #   ts-quality (540)   TokenSelect at 8k, the scaled-down budget, then the Selection Cache sweep (GGUF, TEXT,
 #                      REPORT)
 #   ts-sweep8k (540)   the Selection Cache sweep alone at 8k, both rules (anchor, previous) at THETAS (1.0,0.8,0.75),
@@ -28,12 +31,13 @@
 #   mg-analyze (400)   with several GPUs: analyze_multi_gpu.py, the 8B shape on one GPU and spread over all (the
 #                      reports compared), then the 70B shape (80 layers, more than one GPU holds) spread over all
 # Environment: GGUF (SmolLM2-135M-Instruct.Q4_1.gguf), TEXT (austen_novels.txt), REPORT (default
-# bench/results/analysis_smollm2_with_gates_w128.json), CONTEXTS, THETAS, PASSKEY_TRIALS. OUT_DIR/summary.txt: one
-# line per job (exit status, seconds). Run from the checkout root; python3 must see torch, transformers and triton.
+# bench/results/analysis_smollm2_with_gates_w128.json), CONTEXTS, THETAS, PASSKEY_TRIALS, WAVES, SP_LAYERS.
+# OUT_DIR/summary.txt: one line per job (exit status, seconds). Run from the checkout root; python3 must see torch,
+# transformers and triton.
 set -uo pipefail
 out=${1:?usage: gpu_jobs.sh OUT_DIR JOB[:SECONDS] ...}
 shift
-[ $# -gt 0 ] || { sed -n 2,32p "$0" >&2; exit 2; }
+[ $# -gt 0 ] || { awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" >&2; exit 2; }  # the header above
 root=$(pwd)
 work=$(mktemp -d)
 mkdir -p "$out" /tmp/lt-jobs
@@ -65,7 +69,11 @@ job() {  # NAME DIR: the job's commands, writing into DIR
       python3 "$root/bench/scripts/head_routing_kernel_bench.py" --out "$d/full" --batches 1,16 \
         --variants fused,fusedb &&
       python3 "$root/bench/scripts/head_routing_kernel_bench.py" --out "$d/diag" --batches 1,16 \
-        --variants fused,fusedb --fused-moments diag
+        --variants fused,fusedb --fused-moments diag &&
+      for w in ${WAVES:-}; do  # optional: the routed split rule at other wave counts (WAVES="4 6")
+        python3 "$root/bench/scripts/head_routing_kernel_bench.py" --out "$d/waves_$w" --batches 16 \
+          --variants fused --fused-moments diag --routed-waves "$w" || return
+      done
       ;;
     hr-quality)
       need GGUF TEXT || return
@@ -75,6 +83,16 @@ job() {  # NAME DIR: the job's commands, writing into DIR
       need GGUF TEXT || return
       python3 "$root/bench/scripts/sparse_prefill_quality.py" --out "$d" --model "$GGUF" --text "$TEXT" \
         --device cuda --length 8192
+      ;;
+    sp-real)
+      need GGUF TEXT || return
+      local qkv=/tmp/lt-jobs/qkv_${SP_LAYERS:-7,4,8}.pt
+      [ -f "$qkv" ] || python3 "$root/bench/scripts/capture_qkv.py" --out "$qkv" --model "$GGUF" --text "$TEXT" \
+        --length 131072 --layers "${SP_LAYERS:-7,4,8}" || return
+      python3 "$root/bench/scripts/sparse_prefill_bench.py" --out "$d/len_131072" --lengths 131072 --qkv "$qkv" \
+        --fit-shape --no-tests --methods sample vslash --layouts query &&
+      python3 "$root/bench/scripts/sparse_prefill_bench.py" --out "$d/shorter" --lengths 65536 32768 16384 8192 \
+        --qkv "$qkv" --fit-shape --no-tests --methods sample --layouts query --flex none
       ;;
     ts-quality)
       need GGUF TEXT || return
@@ -111,7 +129,7 @@ job() {  # NAME DIR: the job's commands, writing into DIR
 limit_of() {
   case "$1" in
     cuda-tests|ts-kernels) echo 240 ;; ts-e2e|ts-e2e-radix) echo 300 ;; hr-kernels|hr-balanced) echo 330 ;;
-    mg-analyze) echo 400 ;;
+    mg-analyze) echo 400 ;; sp-real) echo 420 ;;
     *) echo 540 ;;
   esac
 }

@@ -95,11 +95,34 @@ def synthetic_qkv(n: int, *, heads: int, kv_heads: int, dim: int, dtype, device,
 
 
 def load_qkv(path: Path, n: int, *, dtype, device):
-    saved = torch.load(path, map_location="cpu")
+    saved = torch.load(path, map_location="cpu", mmap=True)
     q, k, v = (saved[name][:, :, :n] for name in ("q", "k", "v"))
     if q.shape[2] < n:
         raise SystemExit(f"{path} holds {q.shape[2]} tokens, fewer than {n}")
     return (t.to(device=device, dtype=dtype).contiguous() for t in (q, k, v))
+
+
+def fit_to_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads: int, kv_heads: int, dim: int):
+    """Real heads in a larger layer shape, every attention pattern kept exactly.
+
+    ``q [1, Hs, N, Ds]``, ``k, v [1, Hkvs, N, Ds]`` (a capture) -> ``q [1, heads, N, dim]``, ``k, v [1, kv_heads, N,
+    dim]``. KV head ``j`` is captured KV head ``j``; its ``heads / kv_heads`` query heads are that KV head's own
+    captured query heads, taken round robin (a group larger than the captured one repeats them). The head dim is
+    padded with zeros and the queries scaled by ``sqrt(dim / Ds)``, so that ``q·k / sqrt(dim)`` equals the captured
+    ``q·k / sqrt(Ds)``: every fitted head has exactly its captured head's softmax, and the first ``Ds`` channels of
+    its output are the captured head's output. The kernels then run the larger shape's tiles and FLOPs on real
+    attention patterns.
+    """
+    hs, hkvs, ds = q.shape[1], k.shape[1], q.shape[3]
+    if hkvs < kv_heads or ds > dim or hs % hkvs:
+        raise SystemExit(f"--fit-shape: the capture has {hkvs} KV heads of dim {ds}; fitting {kv_heads} KV heads of "
+                         f"dim {dim} needs at least {kv_heads} of dim <= {dim} (capture more --layers)")
+    group_s, group = hs // hkvs, heads // kv_heads
+    index = torch.tensor([j * group_s + i % group_s for j in range(kv_heads) for i in range(group)], device=q.device)
+    pad = (0, dim - ds)
+    q = torch.nn.functional.pad(q.index_select(1, index).float() * math.sqrt(dim / ds), pad).to(q.dtype)
+    k, v = (torch.nn.functional.pad(t[:, :kv_heads], pad) for t in (k, v))
+    return q.contiguous(), k.contiguous(), v.contiguous()
 
 
 def timer(device):
@@ -202,11 +225,13 @@ def run_kernel_tests() -> None:
 
 def bench_length(n: int, *, shape: dict, alpha: float, methods, device, peaks: dict, qkv_file: Path | None,
                  tolerance: float, flex_compiled: bool, flex: str = "first",
-                 layouts=("query",)) -> list[dict]:
+                 layouts=("query",), fit: bool = False) -> list[dict]:
     time_ms = timer(device)
     dt = shape["dtype"]
     if qkv_file is not None:
         q, k, v = load_qkv(qkv_file, n, dtype=dt, device=device)
+        if fit:
+            q, k, v = fit_to_shape(q, k, v, heads=shape["heads"], kv_heads=shape["kv_heads"], dim=shape["dim"])
     else:
         q, k, v = synthetic_qkv(n, heads=shape["heads"], kv_heads=shape["kv_heads"], dim=shape["dim"], dtype=dt,
                                 device=device)
@@ -274,6 +299,16 @@ def bench_length(n: int, *, shape: dict, alpha: float, methods, device, peaks: d
     return rows
 
 
+def inputs_label(qkv: Path | None, fit: bool) -> str:
+    """What the attention inputs were, for the result: synthetic, or the capture file with its layers and length."""
+    if qkv is None:
+        return "synthetic"
+    saved = torch.load(qkv, map_location="cpu", mmap=True)
+    layers = saved.get("layers", [saved.get("layer")])
+    where = f"{qkv.name}: layers {layers} of {Path(str(saved.get('model', '?'))).name}, captured at {saved.get('length')}"
+    return where + (" tokens, fitted to the benchmark's shape" if fit else " tokens, at the captured shape")
+
+
 def to_markdown(result: dict) -> str:
     headers = ["N", "method", "lists", "density", "est ms", "kernel ms", "total ms", "flex ms (+est)", "SDPA ms", "x SDPA",
                "x flex", "kernel TFLOP/s", "total TFLOP/s", "share of floor (total)"]
@@ -297,6 +332,9 @@ def main(argv=None) -> None:
     parser.add_argument("--alpha", type=float, default=0.95, help="mass share kept per (head, query block)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="estimators")
     parser.add_argument("--qkv", type=Path, default=None, help="torch.save dict of real q, k, v (else synthetic)")
+    parser.add_argument("--fit-shape", action="store_true",
+                        help="with --qkv: run the captured heads in the benchmark's shape (zero-padded head dim, "
+                             "the queries rescaled so every head keeps its captured softmax; see fit_to_shape)")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS,
                         help="list layouts: per query head, per KV head packed, per KV head unpacked")
     parser.add_argument("--flex", default="first", choices=("first", "all", "none"),
@@ -306,6 +344,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke run at a tiny shape (set TRITON_INTERPRET=1 to run the Triton kernel)")
     args = parser.parse_args(argv)
+    if args.fit_shape and args.qkv is None:
+        parser.error("--fit-shape needs --qkv FILE (a capture to fit)")
     if args.tiny:
         device, shape, lengths, peaks = "cpu", TINY_SHAPE, args.lengths or TINY_LENGTHS, {}
     else:
@@ -319,11 +359,11 @@ def main(argv=None) -> None:
     for n in lengths:
         rows += bench_length(n, shape=shape, alpha=args.alpha, methods=args.methods, device=device, peaks=peaks,
                              qkv_file=args.qkv, tolerance=2e-2, flex_compiled=device == "cuda", flex=args.flex,
-                             layouts=args.layouts)
+                             layouts=args.layouts, fit=args.fit_shape)
         if device == "cuda":
             torch.cuda.empty_cache()
     result = {"environment": environment(), "peaks": peaks, "alpha": args.alpha,
-              "shape": {key: str(val) for key, val in shape.items()}, "inputs": str(args.qkv or "synthetic"),
+              "shape": {key: str(val) for key, val in shape.items()}, "inputs": inputs_label(args.qkv, args.fit_shape),
               "autotune": os.environ.get("LIGHTTRANSFER_TRITON_AUTOTUNE"),
               "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"), "layouts": args.layouts,
               "seconds": round(time.perf_counter() - started, 1), "rows": rows}
