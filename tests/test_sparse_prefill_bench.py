@@ -106,3 +106,22 @@ def test_capture_stops_after_the_last_layer_asked_for():
         layer.mlp.register_forward_pre_hook(lambda module, args, index=index: ran.append(index))
     _capture_script().capture(model, torch.zeros(1, 8, dtype=torch.long), [1, 0])
     assert ran == [0]  # layer 1's attention inputs end the forward: its MLP and layer 2 never run
+
+
+def test_tiny_run_on_a_capture_fitted_to_the_shape(tmp_path):
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("llama")  # 4 query / 2 KV heads of dim 16; the tiny bench shape has dim 32
+    ids = torch.randint(0, 256, (1, 80), generator=torch.Generator().manual_seed(0))
+    q, k, v = _capture_script().capture(model, ids, [1])
+    torch.save({"q": q, "k": k, "v": v, "layers": [1], "model": "tiny", "length": 80}, tmp_path / "qkv.pt")
+    bench = _script()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bench.main(["--out", str(tmp_path / "out"), "--tiny", "--qkv", str(tmp_path / "qkv.pt"), "--fit-shape",
+                    "--lengths", "64", "--methods", "sample", "--layouts", "query"])
+    result = json.loads((tmp_path / "out" / "sparse_prefill.json").read_text())
+    row = result["rows"][0]
+    assert row["dim"] == 32 and row["heads"] == 4 and row["kv_heads"] == 2 and row["n"] == 64
+    assert row["err_vs_flex"] < 1e-4 and 0 < row["density"] <= 1
+    assert "layers [1]" in result["inputs"] and "fitted" in result["inputs"]
