@@ -144,3 +144,38 @@ def test_the_reuse_sweep_runs_both_rules_side_by_side(monkeypatch):
     assert [p["against"] for p in only["points"]] == ["previous"]
     with pytest.raises(ValueError, match="against"):
         sweep_script.sweep(thetas=[0.5], against="sideways", **common)
+
+
+def test_the_reuse_sweep_adds_ruler_with_a_paired_interval(monkeypatch):
+    asked = []
+
+    def rows_of(rows):
+        out = []
+        for r in rows:
+            theta = 1.0 if r.selection is None else r.selection.reuse
+            lost = 2 if theta < 1.0 else 0  # the cache loses two of twenty prompts, fully
+            outcomes = [0.0] * lost + [100.0] * (20 - lost)
+            out.append({"name": r.name, "perplexity": {2048: {"ppl": 10.0}},
+                        "passkey": {"accuracy": 1.0, "n": 2, "outcomes": [True, True]},
+                        "ruler": {"average": sum(outcomes) / 20, "outcomes": outcomes},
+                        "selection_cache": {"hits": 50, "lookups": 100, "dense": 0, "hit_rate": 0.5}})
+        return out
+
+    sweep_script = _patched_sweep(monkeypatch, rows_of)
+    import lighttransfer.evaluation.eval_suite as eval_suite
+
+    fake = eval_suite.evaluate
+    monkeypatch.setattr(eval_suite, "evaluate", lambda **kw: asked.append(kw) or fake(**kw))
+    result = sweep_script.sweep(baseline="m", text="t", text_lines=None, lengths=[2048], thetas=[1.0, 0.8], k=8,
+                                init=2, local=4, windows=1, passkey_lengths=[2048], passkey_depths=5,
+                                passkey_trials=1, device="cpu", dtype="float32", ruler_tasks=["niah_single_1", "cwe"],
+                                ruler_samples=10)
+    assert asked[0]["suite"] == ("perplexity", "passkey", "ruler") and asked[0]["ruler_tasks"] == ["niah_single_1",
+                                                                                                  "cwe"]
+    cached = next(p for p in result["points"] if p["theta"] == 0.8)
+    assert cached["vs_no_cache"]["ruler_points"] == pytest.approx(-10.0)
+    diff, low, high = cached["vs_no_cache"]["paired"]["ruler"]["points"]
+    assert diff == pytest.approx(-10.0) and low == pytest.approx(-23.5, abs=0.05) and high == pytest.approx(3.5, abs=0.05)
+    assert cached["vs_no_cache"]["paired"]["passkey"]["points"] == [0.0, 0.0, 0.0]
+    md = sweep_script.to_markdown(result)
+    assert "RULER avg (vs no cache, paired 95% CI)" in md and "| 90.0 (-10.0 pt, -23.5..+3.5) |" in md

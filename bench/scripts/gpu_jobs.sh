@@ -25,13 +25,15 @@
 #   ts-quality (540)   TokenSelect at 8k, the scaled-down budget, then the Selection Cache sweep (GGUF, TEXT,
 #                      REPORT)
 #   ts-sweep8k (540)   the Selection Cache sweep alone at 8k, both rules (anchor, previous) at THETAS (1.0,0.8,0.75),
-#                      PASSKEY_TRIALS (2) x 5 depths (GGUF, TEXT); writes after every theta
+#                      PASSKEY_TRIALS (2) x 5 depths (GGUF, TEXT); writes after every theta; AGAINST (both) picks
+#                      the rules, RULER_TASKS (none) adds those tasks at RULER_SAMPLES (10) with paired intervals
 #   ft-recovery (540)  finetune_gpu.sh recovery with REFERENCE=1 (needs GGUF, TEXT; peft)
 #   ft-speed (540)     finetune_gpu.sh speed (the 8B shape, S²-Attn vs dense step time; peft)
 #   mg-analyze (400)   with several GPUs: analyze_multi_gpu.py, the 8B shape on one GPU and spread over all (the
 #                      reports compared), then the 70B shape (80 layers, more than one GPU holds) spread over all
 # Environment: GGUF (SmolLM2-135M-Instruct.Q4_1.gguf), TEXT (austen_novels.txt), REPORT (default
-# bench/results/analysis_smollm2_with_gates_w128.json), CONTEXTS, THETAS, PASSKEY_TRIALS, WAVES, SP_LAYERS.
+# bench/results/analysis_smollm2_with_gates_w128.json), CONTEXTS, THETAS, PASSKEY_TRIALS, AGAINST, RULER_TASKS,
+# RULER_SAMPLES, WAVES, SP_LAYERS.
 # OUT_DIR/summary.txt: one line per job (exit status, seconds). Run from the checkout root; python3 must see torch,
 # transformers and triton.
 set -uo pipefail
@@ -111,7 +113,8 @@ job() {  # NAME DIR: the job's commands, writing into DIR
       python3 "$root/bench/scripts/tokenselect_reuse_sweep.py" --baseline "$GGUF" --text "$TEXT" \
         --text-lines 1,16237 --lengths 8192 --thetas "${THETAS:-1.0,0.8,0.75}" --windows 1 --passkey-lengths 8192 \
         --passkey-depths 5 --passkey-trials "${PASSKEY_TRIALS:-2}" --backend runtime --device cuda \
-        --dtype float32 --against both --out "$d"
+        --dtype float32 --against "${AGAINST:-both}" --out "$d" \
+        ${RULER_TASKS:+--ruler-tasks "$RULER_TASKS" --ruler-samples "${RULER_SAMPLES:-10}" --ruler-batch 10}
       ;;
     ft-recovery)
       need GGUF TEXT || return

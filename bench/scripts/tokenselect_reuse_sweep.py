@@ -14,8 +14,11 @@ and against the original model, and passkey accuracy (points). Target of the iss
 0.5 point of loss. ``--against`` says what the Selection Cache compares each query with: the selection's
 ``anchor`` query (the default; row ``tokenselect``), the ``previous`` query (row ``tokenselect-prev``), or
 ``both``, the two rows side by side in each theta's evaluation (at theta = 1 the cache is off and the rule changes
-nothing: one row, the no-cache reference of both). Writes ``tokenselect_reuse_sweep.json`` and ``.md`` into
-``--out``.
+nothing: one row, the no-cache reference of both). With ``--ruler-tasks`` every evaluation also runs those
+RULER-style tasks (``--ruler-samples`` per task and length, at ``--lengths``): their average per point and, as for
+passkey, the paired difference against no cache with its 95% interval (the same prompts in every point, so a
+fraction of a point becomes judgeable with enough prompts). Writes ``tokenselect_reuse_sweep.json`` and ``.md``
+into ``--out``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ LABELS = {"anchor": "", "previous": " (previous)"}
 
 def sweep(*, baseline: str, text: str, text_lines, lengths: list[int], thetas: list[float], k: int, init: int,
           local: int, windows: int, passkey_lengths: list[int], passkey_depths: int, passkey_trials: int,
-          device: str, dtype: str, backend: str = "masked", against: str = "anchor", on_point=None) -> dict:
+          device: str, dtype: str, backend: str = "masked", against: str = "anchor", on_point=None,
+          ruler_tasks: list[str] | None = None, ruler_samples: int = 10, ruler_batch: int = 1) -> dict:
     """The sweep's result (see the module docstring); ``on_point(result)``, when given, receives the result so far
     after every theta (its ``complete`` false until the last), so a run cut short keeps its finished thetas."""
     from lighttransfer.architecture import model_shape
@@ -61,6 +65,9 @@ def sweep(*, baseline: str, text: str, text_lines, lengths: list[int], thetas: l
     common = dict(baseline=baseline, text=text, text_lines=text_lines, lengths=lengths, max_windows=windows,
                   passkey_lengths=passkey_lengths, passkey_depths_count=passkey_depths,
                   passkey_trials=passkey_trials, device=device, dtype=dtype, backend=backend)
+    if ruler_tasks:
+        common.update(suite=("perplexity", "passkey", "ruler"), ruler_tasks=list(ruler_tasks),
+                      ruler_samples=ruler_samples, ruler_batch=ruler_batch)
     points, original = [], None
 
     def result_of(points: list[dict], complete: bool) -> dict:
@@ -70,7 +77,9 @@ def sweep(*, baseline: str, text: str, text_lines, lengths: list[int], thetas: l
         return {"benchmark": "tokenselect_reuse_sweep", "format_version": 1, "baseline": baseline, "text": text,
                 "text_lines": list(text_lines) if text_lines else None, "lengths": lengths, "k": k, "init": init,
                 "local": local, "windows": windows, "passkey_lengths": passkey_lengths,
-                "passkey_depths": passkey_depths, "passkey_trials": passkey_trials, "device": device,
+                "passkey_depths": passkey_depths, "passkey_trials": passkey_trials,
+                "ruler_tasks": list(ruler_tasks or []), "ruler_samples": ruler_samples if ruler_tasks else None,
+                "device": device,
                 "dtype": dtype, "backend": backend, "against": against, "complete": complete,
                 "original": original, "points": points}
 
@@ -96,20 +105,41 @@ def sweep(*, baseline: str, text: str, text_lines, lengths: list[int], thetas: l
 def _summary(row: dict) -> dict:
     ppl = {str(n): v["ppl"] for n, v in (row.get("perplexity") or {}).items()}
     passkey = row.get("passkey") or {}
-    return {"perplexity": ppl, "passkey": 100.0 * passkey["accuracy"] if passkey.get("n") else None}
+    ruler = row.get("ruler") or {}
+    summary = {"perplexity": ppl, "passkey": 100.0 * passkey["accuracy"] if passkey.get("n") else None}
+    if ruler:
+        summary["ruler"] = ruler["average"]
+    # per-prompt outcomes (passkey: pass/fail; RULER: scores in points), for the paired differences
+    outcomes = {"passkey": [float(x) for x in passkey.get("outcomes") or []],
+                "ruler": [float(x) / 100.0 for x in ruler.get("outcomes") or []]}
+    summary["outcomes"] = {name: xs for name, xs in outcomes.items() if xs}
+    return summary
 
 
 def _deltas(point: dict, base: dict | None) -> dict | None:
+    from lighttransfer.evaluation.stats import paired_difference
+
     if base is None:
         return None
     ppl = {n: 100.0 * (v / base["perplexity"][n] - 1.0) for n, v in point["perplexity"].items()
            if n in base["perplexity"]}
     passkey = None if point["passkey"] is None or base["passkey"] is None else point["passkey"] - base["passkey"]
-    return {"perplexity_percent": ppl, "passkey_points": passkey}
+    deltas = {"perplexity_percent": ppl, "passkey_points": passkey}
+    if point.get("ruler") is not None and base.get("ruler") is not None:
+        deltas["ruler_points"] = point["ruler"] - base["ruler"]
+    paired = {}
+    for name, xs in (point.get("outcomes") or {}).items():
+        ys = (base.get("outcomes") or {}).get(name)
+        if ys and len(ys) == len(xs):  # the same prompts in both: a paired difference in points, with its interval
+            paired[name] = {"points": [100.0 * x for x in paired_difference(xs, ys)], "n": len(xs)}
+    if paired:
+        deltas["paired"] = paired
+    return deltas
 
 
 def to_markdown(result: dict) -> str:
     lengths = [str(n) for n in result["lengths"]]
+    ruler = bool(result.get("ruler_tasks"))
     against = {"anchor": "", "previous": ", against the previous query",
                "both": ", against the anchor and the previous query"}[result.get("against", "anchor")]
     lines = [f"# Selection Cache sweep (TokenSelect k={result['k']}, init={result['init']}, local={result['local']}"
@@ -119,11 +149,11 @@ def to_markdown(result: dict) -> str:
              f"({result['passkey_depths']} depths x {result['passkey_trials']} trials)."
              + ("" if result.get("complete", True) else " Partial: the thetas finished before the run ended."), "",
              "| theta | hit rate | " + " | ".join(f"ppl {n} (vs no cache, vs original)" for n in lengths)
-             + " | passkey (vs no cache, vs original) |",
-             "|---|---|" + "---|" * len(lengths) + "---|"]
+             + " | passkey (vs no cache, vs original) |" + (" RULER avg (vs no cache, paired 95% CI) |" if ruler else ""),
+             "|---|---|" + "---|" * len(lengths) + "---|" + ("---|" if ruler else "")]
     orig = result["original"]
     lines.append("| original | - | " + " | ".join(f"{orig['perplexity'].get(n, float('nan')):.3f}" for n in lengths)
-                 + f" | {_fmt(orig['passkey'])} |")
+                 + f" | {_fmt(orig['passkey'])} |" + (f" {_fmt(orig.get('ruler'))} |" if ruler else ""))
     for p in result["points"]:
         cells = []
         for n in lengths:
@@ -132,8 +162,16 @@ def to_markdown(result: dict) -> str:
             cells.append(f"{p['perplexity'][n]:.3f} ({_pct(nc)}, {_pct(vo)})")
         pk_nc = (p["vs_no_cache"] or {}).get("passkey_points")
         label = LABELS[p.get("against", "anchor")]  # results written before --against: the anchor
-        lines.append(f"| {p['theta']:g}{label} | {100 * p['selection_cache']['hit_rate']:.1f}% | " + " | ".join(cells)
-                     + f" | {_fmt(p['passkey'])} ({_pts(pk_nc)}, {_pts(p['vs_original']['passkey_points'])}) |")
+        row = (f"| {p['theta']:g}{label} | {100 * p['selection_cache']['hit_rate']:.1f}% | " + " | ".join(cells)
+               + f" | {_fmt(p['passkey'])} ({_pts(pk_nc)}, {_pts(p['vs_original']['passkey_points'])}) |")
+        if ruler:
+            ci = ((p["vs_no_cache"] or {}).get("paired") or {}).get("ruler")
+            interval = "" if ci is None else f", {ci['points'][1]:+.1f}..{ci['points'][2]:+.1f}"
+            row += f" {_fmt(p.get('ruler'))} ({_pts((p['vs_no_cache'] or {}).get('ruler_points'))}{interval}) |"
+        lines.append(row)
+    if ruler:
+        lines += ["", f"RULER tasks: {', '.join(result['ruler_tasks'])}, {result['ruler_samples']} samples per task "
+                      "and length; the interval is the paired difference over the same prompts."]
     return "\n".join(lines) + "\n"
 
 
@@ -170,6 +208,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--against", default="anchor", choices=list(AGAINST),
                         help="Selection Cache: compare each query with the selection's anchor query, the previous "
                              "query, or both side by side (rows tokenselect and tokenselect-prev) [default: anchor].")
+    parser.add_argument("--ruler-tasks", default="", help="Comma-separated RULER-style tasks to add (none: no RULER).")
+    parser.add_argument("--ruler-samples", type=int, default=10, help="RULER samples per task and length.")
+    parser.add_argument("--ruler-batch", type=int, default=1, help="RULER prompts per forward.")
     parser.add_argument("--out", required=True, help="Directory for tokenselect_reuse_sweep.json and .md.")
     args = parser.parse_args(argv)
 
@@ -188,7 +229,9 @@ def main(argv=None) -> dict:
                    thetas=[float(x) for x in args.thetas.split(",") if x.strip()], k=args.k, init=args.init,
                    local=args.local, windows=args.windows, passkey_lengths=ints(args.passkey_lengths),
                    passkey_depths=args.passkey_depths, passkey_trials=args.passkey_trials, device=args.device,
-                   dtype=args.dtype, backend=args.backend, against=args.against, on_point=save)
+                   dtype=args.dtype, backend=args.backend, against=args.against, on_point=save,
+                   ruler_tasks=[t.strip() for t in args.ruler_tasks.split(",") if t.strip()],
+                   ruler_samples=args.ruler_samples, ruler_batch=args.ruler_batch)
     save(result)
     print(to_markdown(result))
     return result
