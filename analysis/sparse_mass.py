@@ -12,7 +12,9 @@ For each layer's prefill (post-RoPE queries and keys captured during a normal fo
   ``kept_mass``: the exact mass inside the visited blocks, averaged over (head, query block), so the share of each
   query row's true attention the sparse prefill still sees (SampleAttention's CRA, arXiv 2406.15486, Sec. 3, whose
   complement bounds the renormalized output error by ``2 (1 - CRA) max ||v||``); ``min_head_kept_mass``: the worst
-  query head's mean.
+  query head's mean;
+* with ``oracle``, the same for lists selected from the exact block mass itself (``lists_from="exact"``): what a
+  perfect estimator would visit at that ``alpha``, so the estimator's own cost in density (or in mass) shows.
 
 Only query blocks that see more than the always-kept sink and band count (elsewhere everything is kept anyway);
 the first ``skip`` rows of short prompts would otherwise flatter the numbers. Cost per layer: the exact rows are
@@ -80,6 +82,7 @@ class SparseMassRow:
     density: float
     kept_mass: float
     min_head_kept_mass: float
+    lists_from: str = "estimate"  # or "exact": selected from the exact block mass (the oracle)
 
 
 @dataclass
@@ -117,13 +120,14 @@ class SparseMassReport:
             raise LightTransferError(f"cannot read the sparse mass report '{path}': {exc}.") from exc
 
     def summary(self) -> list[dict[str, Any]]:
-        """Per (alpha, gqa_lists): the mean over layers of density and kept mass, and the worst layer's kept mass."""
-        groups: dict[tuple[float, str], list[SparseMassRow]] = {}
+        """Per (alpha, gqa_lists, lists_from): the mean over layers of density and kept mass, and the worst layer's
+        kept mass."""
+        groups: dict[tuple[float, str, str], list[SparseMassRow]] = {}
         for r in self.rows:
-            groups.setdefault((r.alpha, r.gqa_lists), []).append(r)
-        return [dict(alpha=a, gqa_lists=g, density=sum(r.density for r in rs) / len(rs),
+            groups.setdefault((r.alpha, r.gqa_lists, r.lists_from), []).append(r)
+        return [dict(alpha=a, gqa_lists=g, lists_from=f, density=sum(r.density for r in rs) / len(rs),
                      kept_mass=sum(r.kept_mass for r in rs) / len(rs), min_layer_kept_mass=min(r.kept_mass for r in rs))
-                for (a, g), rs in sorted(groups.items())]
+                for (a, g, f), rs in sorted(groups.items())]
 
 
 class LayersMeasured(Exception):
@@ -133,20 +137,22 @@ class LayersMeasured(Exception):
 class SparseMassRecorder:
     """Per attention call: exact block mass, estimated lists for every (alpha, layout), density and kept mass.
 
+    With ``oracle``, every (alpha, layout) is also selected from the exact block mass (rows ``lists_from="exact"``).
     With ``layers`` given and ``stop_early``, the call of the highest of them raises :class:`LayersMeasured` after
     its measurement, so that a forward runs only up to that layer (the caller catches it)."""
 
     def __init__(self, *, method: str, options: dict, alphas: Sequence[float], gqa_lists: Sequence[str],
                  block_q: int, block_k: int, sink_blocks: int, local_blocks: int,
-                 layers: Sequence[int] | None = None, stop_early: bool = False) -> None:
+                 layers: Sequence[int] | None = None, stop_early: bool = False, oracle: bool = False) -> None:
         self.estimator = make_estimator(method, **options)
         self.alphas, self.gqa_lists = list(alphas), list(gqa_lists)
         self.grid = dict(block_q=block_q, block_k=block_k)
         self.kept = dict(sink_blocks=sink_blocks, local_blocks=local_blocks)
         self.layers = None if layers is None else set(layers)
         self.stop_after = max(self.layers) if stop_early and self.layers else None
+        self.oracle = oracle
         self._order: dict[int, int] = {}
-        self.values: dict[tuple[int, float, str], list[tuple[float, float, float]]] = {}
+        self.values: dict[tuple[int, float, str, str], list[tuple[float, float, float]]] = {}
 
     def record(self, module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> None:
         layer = getattr(module, "layer_idx", None)
@@ -174,27 +180,37 @@ class SparseMassRecorder:
             return
         # one estimate per layer, selected at every alpha and layout (what estimate_lists does, split)
         estimate = self.estimator.block_mass(q, k, q_offset=n_kv - n, scale=scale, **self.grid)
-        for alpha in self.alphas:
-            for layout in self.gqa_lists:
-                lists = lists_for_alpha(estimate, alpha=alpha, **self.grid, q_offset=n_kv - n, n_kv=n_kv, n_q=n,
-                                        **self.kept, kv_heads=k.shape[1], gqa_lists=layout)
-                # per query head: a KV head's list is visited by each of its query heads (packed or not)
-                keep = keep_mask(lists).repeat_interleave(q.shape[1] // lists.indices.shape[1], dim=1)
-                kept = (exact * keep).sum(-1)[:, :, counted]  # [B, H, counted]
-                visited = keep[:, :, counted].sum(-1).float()
-                dense = causal[counted].sum(-1).float()
-                density = (visited / dense).mean().item()
-                per_head = kept.mean(dim=(0, 2))
-                self.values.setdefault((layer, alpha, layout), []).append(
-                    (density, kept.mean().item(), per_head.min().item()))
+        sources = {"estimate": estimate, **({"exact": exact} if self.oracle else {})}
+        for source, mass in sources.items():
+            for alpha in self.alphas:
+                for layout in self.gqa_lists:
+                    self._record(layer, alpha, layout, source, mass, exact, q, k, n, n_kv, causal, counted)
+
+    def _record(self, layer: int, alpha: float, layout: str, source: str, mass: torch.Tensor, exact: torch.Tensor,
+                q: torch.Tensor, k: torch.Tensor, n: int, n_kv: int, causal: torch.Tensor,
+                counted: torch.Tensor) -> None:
+        """Select from ``mass`` at ``alpha`` and ``layout``, and score the lists against the ``exact`` mass."""
+        lists = lists_for_alpha(mass, alpha=alpha, **self.grid, q_offset=n_kv - n, n_kv=n_kv, n_q=n, **self.kept,
+                                kv_heads=k.shape[1], gqa_lists=layout)
+        # per query head: a KV head's list is visited by each of its query heads (packed or not)
+        keep = keep_mask(lists).repeat_interleave(q.shape[1] // lists.indices.shape[1], dim=1)
+        kept = (exact * keep).sum(-1)[:, :, counted]  # [B, H, counted]
+        visited = keep[:, :, counted].sum(-1).float()
+        dense = causal[counted].sum(-1).float()
+        density = (visited / dense).mean().item()
+        per_head = kept.mean(dim=(0, 2))
+        self.values.setdefault((layer, alpha, layout, source), []).append(
+            (density, kept.mean().item(), per_head.min().item()))
 
     def rows(self) -> list[SparseMassRow]:
         out = []
-        for (layer, alpha, layout), vals in sorted(self.values.items()):
+        # estimate rows before their exact (oracle) twins
+        for (layer, alpha, layout, source), vals in sorted(self.values.items(),
+                                                           key=lambda kv: (*kv[0][:3], kv[0][3] != "estimate")):
             m = len(vals)
             out.append(SparseMassRow(layer=layer, alpha=alpha, gqa_lists=layout,
                                      density=sum(v[0] for v in vals) / m, kept_mass=sum(v[1] for v in vals) / m,
-                                     min_head_kept_mass=min(v[2] for v in vals)))
+                                     min_head_kept_mass=min(v[2] for v in vals), lists_from=source))
         return out
 
 
@@ -219,12 +235,12 @@ def sparse_mass_tokens(model, input_ids: torch.Tensor, *, method: str = "sample"
                        alphas: Sequence[float] = (0.9, 0.95, 0.98), gqa_lists: Sequence[str] = ("query",),
                        block_q: int = 128, block_k: int = 64, sink_blocks: int = 1, local_blocks: int = 2,
                        layers: Sequence[int] | None = None, model_id: str = "",
-                       calibration: dict | None = None) -> SparseMassReport:
+                       calibration: dict | None = None, oracle: bool = False) -> SparseMassReport:
     """The report on ready token rows ``input_ids [samples, seq_len]``, one row per forward (no tokenizer)."""
     check_sparse_mass_params(method=method, alphas=alphas, gqa_lists=gqa_lists, block_q=block_q, block_k=block_k)
     recorder = SparseMassRecorder(method=method, options=options or {}, alphas=alphas, gqa_lists=gqa_lists,
                                   block_q=block_q, block_k=block_k, sink_blocks=sink_blocks,
-                                  local_blocks=local_blocks, layers=layers, stop_early=True)
+                                  local_blocks=local_blocks, layers=layers, stop_early=True, oracle=oracle)
     device = next(model.parameters()).device
     with capture_attention(model, recorder), torch.no_grad():
         for i in range(input_ids.shape[0]):
@@ -235,7 +251,7 @@ def sparse_mass_tokens(model, input_ids: torch.Tensor, *, method: str = "sample"
             log.info("sparse mass: sample %d/%d", i + 1, input_ids.shape[0])
     params = dict(method=method, options=options or {}, alphas=list(alphas), gqa_lists=list(gqa_lists),
                   block_q=block_q, block_k=block_k, sink_blocks=sink_blocks, local_blocks=local_blocks,
-                  seq_len=int(input_ids.shape[1]), samples=int(input_ids.shape[0]))
+                  seq_len=int(input_ids.shape[1]), samples=int(input_ids.shape[0]), oracle=oracle)
     return SparseMassReport(model_id=model_id, params=params, rows=recorder.rows(), calibration=calibration or {})
 
 

@@ -27,12 +27,17 @@ def _table(report):
     for name in ("layer", "alpha", "lists", "density", "mass kept", "worst head"):
         table.add_column(name, justify="right")
     for r in report.rows:
-        table.add_row(str(r.layer), f"{r.alpha:g}", r.gqa_lists, f"{r.density:.3f}", f"{r.kept_mass:.4f}",
-                      f"{r.min_head_kept_mass:.4f}")
+        table.add_row(str(r.layer), f"{r.alpha:g}", _lists(r.gqa_lists, r.lists_from), f"{r.density:.3f}",
+                      f"{r.kept_mass:.4f}", f"{r.min_head_kept_mass:.4f}")
     for s in report.summary():
-        table.add_row("[bold]all[/bold]", f"{s['alpha']:g}", s["gqa_lists"], f"[bold]{s['density']:.3f}[/bold]",
+        table.add_row("[bold]all[/bold]", f"{s['alpha']:g}", _lists(s["gqa_lists"], s["lists_from"]),
+                      f"[bold]{s['density']:.3f}[/bold]",
                       f"[bold]{s['kept_mass']:.4f}[/bold]", f"layer min {s['min_layer_kept_mass']:.4f}")
     return table
+
+
+def _lists(layout: str, source: str) -> str:
+    return layout if source == "estimate" else f"{layout}, exact"
 
 
 @click.command("sparse-mass")
@@ -55,11 +60,13 @@ def _table(report):
 @click.option("--layers", metavar="LIST", help="Layers to measure, e.g. 0-3,10 [default: all but the model's own "
               "sliding layers]; measure the full layers of a conversion to see their trade-off. The forward stops after the "
               "highest layer listed.")
+@click.option("--oracle", is_flag=True, help="Also select from the exact block mass (rows 'LAYOUT, exact'): what a "
+              "perfect estimator would visit, so the estimator's own cost in density or mass shows.")
 @click.option("--out", default=None, metavar="REPORT.json", help="Write the report (JSON) here.")
 @model_options
 @verbosity_options
 def sparse_mass(model, calib, seq_len, samples, seed, method, alphas, gqa_lists, block_q, block_k, sink_blocks,
-                local_blocks, layers, out, device, dtype, trust_remote_code) -> None:
+                local_blocks, layers, oracle, out, device, dtype, trust_remote_code) -> None:
     """Measure, per layer on calibration text, the attention mass sparse prefill keeps at each alpha and density.
 
     \b
@@ -76,7 +83,7 @@ def sparse_mass(model, calib, seq_len, samples, seed, method, alphas, gqa_lists,
                  dtype=dtype, trust_remote_code=trust_remote_code, method=method,
                  alphas=_floats(alphas, "--alphas"), gqa_lists=[g.strip() for g in gqa_lists.split(",") if g.strip()],
                  block_q=block_q, block_k=block_k, sink_blocks=sink_blocks, local_blocks=local_blocks,
-                 layers=parse_layer_list(layers, option="--layers"))
+                 layers=parse_layer_list(layers, option="--layers"), oracle=oracle)
     if out:
         report.save(out)
     console = stdout_console()

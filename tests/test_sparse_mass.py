@@ -61,6 +61,25 @@ def test_measuring_some_layers_stops_the_forward_after_the_last_and_measures_the
     assert ran == [0, 1, 0, 1]  # both prompts: layer 2's attention inputs end the forward
 
 
+def test_the_oracle_selects_from_the_exact_mass_and_keeps_at_least_alpha():
+    model = make_tiny_model("llama").eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(1))
+    report = sparse_mass_tokens(model, ids, method="sample", options={"share": 0.25}, alphas=(0.5, 0.9),
+                                gqa_lists=("query",), block_q=16, block_k=16, sink_blocks=1, local_blocks=1,
+                                layers=(0, 1), oracle=True)
+    by = {(r.layer, r.alpha, r.lists_from): r for r in report.rows}
+    assert [r.lists_from for r in report.rows][:2] == ["estimate", "exact"]  # each estimate row before its twin
+    assert report.params["oracle"] is True
+    for layer in (0, 1):
+        for alpha in (0.5, 0.9):
+            exact = by[(layer, alpha, "exact")]
+            # every (head, query block) keeps at least alpha of its true mass, so the worst head's mean does too
+            assert exact.min_head_kept_mass >= alpha - 1e-5 and exact.kept_mass >= alpha - 1e-5
+        assert by[(layer, 0.5, "exact")].density < by[(layer, 0.9, "exact")].density < 1.0
+    summary = {(s["alpha"], s["lists_from"]) for s in report.summary()}
+    assert summary == {(0.5, "estimate"), (0.5, "exact"), (0.9, "estimate"), (0.9, "exact")}
+
+
 def test_report_round_trips_and_summarizes(report, tmp_path):
     path = tmp_path / "mass.json"
     report.save(path)
@@ -96,9 +115,9 @@ def test_command_prints_the_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "mass.json"
     code, stdout, stderr = run_cli(["sparse-mass", str(d), "--calib", str(book), "--seq-len", "160", "--samples", "1",
                                     "--block-q", "16", "--block-k", "16", "--alphas", "0.8,0.95", "--layers", "1,2",
-                                    "--out", str(out), "--device", "cpu"], capsys)
+                                    "--oracle", "--out", str(out), "--device", "cpu"], capsys)
     assert code == 0, stderr
-    assert "mass kept" in stdout and "kv-sum" in stdout
+    assert "mass kept" in stdout and "kv-sum" in stdout and "kv-sum, exact" in stdout
     rows = json.loads(out.read_text())["rows"]
     assert {r["layer"] for r in rows} == {1, 2} and {r["alpha"] for r in rows} == {0.8, 0.95}
     code, _, stderr = run_cli(["sparse-mass", str(d), "--alphas", "x", "--device", "cpu"], capsys)
