@@ -59,6 +59,18 @@ def _attend_range(q, k_base, v_base, stride_kn, stride_vn, lo, hi, m_i, l_i, acc
 
 
 @triton.jit
+def _pair_operands(Q, K, V, b, hk, h, row_ok, offs_d, d_ok, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
+                   stride_vh):
+    # pair (b, hk)'s query rows h as a [BLOCK_M, BLOCK_D] tile (zeros outside real heads and channels), and the
+    # bases of its keys and values
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    return q, k_base, v_base
+
+
+@triton.jit
 def _attend_pair_keys(Q, K, V, b, hk, h, row_ok, offs_d, d_ok, stride_qb, stride_qh, stride_kb, stride_kh,
                       stride_kn, stride_vb, stride_vh, stride_vn, lo, hi, qk_scale, BLOCK_M: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -68,10 +80,8 @@ def _attend_pair_keys(Q, K, V, b, hk, h, row_ok, offs_d, d_ok, stride_qb, stride
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if lo < hi:
-        q_ptrs = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        q, k_base, v_base = _pair_operands(Q, K, V, b, hk, h, row_ok, offs_d, d_ok, stride_qb, stride_qh,
+                                           stride_kb, stride_kh, stride_vb, stride_vh)
         m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, lo, hi, m_i, l_i, acc, offs_d,
                                       d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
     return m_i, l_i, acc
@@ -135,11 +145,8 @@ def _full_decode_split(
     row_ok = offs_m < GROUP
     d_ok = offs_d < HEAD_DIM
     h = hk * GROUP + offs_m
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    q, k_base, v_base = _pair_operands(Q, K, V, b, hk, h, row_ok, offs_d, d_ok, stride_qb, stride_qh, stride_kb,
+                                       stride_kh, stride_vb, stride_vh)
 
     if HAS_N_VALID:
         n_keys = tl.minimum(n_keys, tl.load(N_VALID).to(tl.int32))

@@ -77,6 +77,7 @@ from .full_decode_triton import (
     HOPPER_CONFIGS,
     _attend_range,
     _live_keys,
+    _pair_operands,
     _pair_tile,
     _store_partial,
 )
@@ -126,10 +127,8 @@ def _decide_attend(
     a_hi = tl.minimum(sink_end, n_keys)
     w_lo = tl.maximum(n_keys - window, sink_end)
 
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    q, k_base, v_base = _pair_operands(Q, K, V, b, hk, h, row_ok, offs_d, d_ok, stride_qb, stride_qh, stride_kb,
+                                       stride_kh, stride_vb, stride_vh)
 
     # ---- 1. the decision, the same in every program of the pair
     m_s = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)

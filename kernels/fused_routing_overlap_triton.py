@@ -36,7 +36,14 @@ import triton.language as tl
 
 from .decode_launch import INTERPRETER_CONFIG, capability, device_index, multiprocessors
 from .decode_triton import _merge_partials, plan_splits, plan_wave_splits
-from .full_decode_triton import _CHUNK_ALIGN, _attend_range, _live_keys, _pair_tile, _store_partial
+from .full_decode_triton import (
+    _CHUNK_ALIGN,
+    _attend_range,
+    _live_keys,
+    _pair_operands,
+    _pair_tile,
+    _store_partial,
+)
 from .fused_routing_one_triton import one_launch_config
 from .fused_routing_triton import _LOCAL_ALIGN, _LOG2E, _local_chunk_decide, fold_buffer, fold_rows
 
@@ -82,10 +89,8 @@ def _overlap_step(
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        q_ptrs = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        q, k_base, v_base = _pair_operands(Q, K, V, b, hk, h, row_ok, offs_d, d_ok, stride_qb, stride_qh, stride_kb,
+                                           stride_kh, stride_vb, stride_vh)
         state = tl.load(STATE + pid_bk, volatile=True)
         for seg in tl.range(lo, hi, poll, num_stages=1):
             if state != 1:

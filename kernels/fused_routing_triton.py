@@ -54,6 +54,7 @@ from .full_decode_triton import (
     _attend_pair_keys,
     _attend_range,
     _live_keys,
+    _pair_operands,
     _pair_tile,
     _store_partial,
 )
@@ -164,10 +165,8 @@ def _local_chunk_decide(
     b_lo = tl.maximum(base + tl.maximum(v_lo, sink), sink_end)
     b_hi = base + v_hi
 
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    q, k_base, v_base = _pair_operands(Q, K, V, b, hk, h, row_ok, offs_d, d_ok, stride_qb, stride_qh, stride_kb,
+                                       stride_kh, stride_vb, stride_vh)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

@@ -26,6 +26,7 @@ from .full_decode_triton import (
     SplitDecodePlan,
     _attend_range,
     _live_keys,
+    _pair_operands,
     _pair_tile,
     _store_partial,
 )
@@ -87,10 +88,8 @@ def _routed_decode_split(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if (lo < a_hi) | (b_lo < b_hi):  # a local head's program inside the bulk exits here
-        q_ptrs = Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        q, k_base, v_base = _pair_operands(Q, K, V, b, hk, h, row_ok, offs_d, d_ok, stride_qb, stride_qh, stride_kb,
+                                           stride_kh, stride_vb, stride_vh)
         m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, lo, a_hi, m_i, l_i, acc, offs_d,
                                       d_ok, qk_scale, BLOCK_N, DOT_PRECISION)
         m_i, l_i, acc = _attend_range(q, k_base, v_base, stride_kn, stride_vn, b_lo, b_hi, m_i, l_i, acc, offs_d,
