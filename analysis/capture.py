@@ -41,9 +41,11 @@ class LazyMassRecorder:
         self._order: dict[int, int] = {}  # id(module) -> layer, for modules without ``layer_idx``
         self._warned_window = False
 
-    def record(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> None:
+    def record(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               kwargs: dict) -> None:
         """Compute the lazy mass of the last ``last`` queries of ``query [batch, q_heads, q_len, head_dim]``
-        against ``key [batch, kv_heads, k_len, head_dim]`` (queries are the last ``q_len`` positions)."""
+        against ``key [batch, kv_heads, k_len, head_dim]`` (queries are the last ``q_len`` positions; the values
+        play no part)."""
         layer = getattr(module, "layer_idx", None)
         if layer is None:
             layer = self._order.setdefault(id(module), len(self._order))
@@ -118,7 +120,7 @@ def _capture_function(original: str) -> Callable:
     def capture_then_attend(module, query, key, value, attention_mask, **kwargs):
         recorder = _active.get()
         if recorder is not None:
-            recorder.record(module, query, key, kwargs)
+            recorder.record(module, query, key, value, kwargs)
         if original == "eager":
             attend = _eager_attention_of(module)
         else:
@@ -156,12 +158,27 @@ def attention_configs(model: torch.nn.Module) -> list:
     return list(seen.values())
 
 
+class CaptureComplete(Exception):
+    """Raised by a recorder's ``record`` when it needs nothing more from the forward: the rest of the forward (the
+    layers above, their attention included) never runs. :func:`forward_captured` ends such a forward quietly."""
+
+
+def forward_captured(model: torch.nn.Module, *args, **kwargs) -> None:
+    """``model(*args, **kwargs)`` inside :func:`capture_attention`, for what the recorder collects: it returns
+    nothing, because a recorder that raised :class:`CaptureComplete` has ended the forward before any output."""
+    try:
+        model(*args, **kwargs)
+    except CaptureComplete:
+        pass
+
+
 @contextlib.contextmanager
 def capture_attention(model: torch.nn.Module, recorder) -> Iterator:
-    """Within the block, every attention call of ``model`` first hands ``(module, query, key, kwargs)`` (post-RoPE
-    ``query [batch, q_heads, q_len, head_dim]``, ``key [batch, kv_heads, k_len, head_dim]``) to
+    """Within the block, every attention call of ``model`` first hands ``(module, query, key, value, kwargs)``
+    (post-RoPE ``query [batch, q_heads, q_len, head_dim]``, ``key, value [batch, kv_heads, k_len, head_dim]``) to
     ``recorder.record``, then runs the model's own implementation; the implementation is restored on exit, also
-    when the block raises. Yields ``recorder``."""
+    when the block raises. ``record`` may raise :class:`CaptureComplete` to end the forward early (run it with
+    :func:`forward_captured`). Yields ``recorder``."""
     configs = attention_configs(model)
     if not configs:
         raise LightTransferError("the model has no transformers config; pass a transformers causal LM.")
@@ -193,4 +210,4 @@ def capture_lazy_mass(
         yield recorder
 
 
-__all__ = ["LazyMassRecorder", "capture_lazy_mass", "capture_attention"]
+__all__ = ["CaptureComplete", "LazyMassRecorder", "capture_lazy_mass", "capture_attention", "forward_captured"]

@@ -39,7 +39,7 @@ from ..errors import LightTransferError
 from ..kernels.block_lists import always_kept, keep_mask
 from ..kernels.block_select import GQA_LISTS, lists_for_alpha
 from ..kernels.sparse_estimators import make_estimator, row_block_mass
-from .capture import capture_attention
+from .capture import CaptureComplete, capture_attention, forward_captured
 
 log = logging.getLogger(__name__)
 
@@ -130,16 +130,12 @@ class SparseMassReport:
                 for (a, g, f), rs in sorted(groups.items())]
 
 
-class LayersMeasured(Exception):
-    """Raised from inside a forward once its last layer asked for is measured: the layers above are not needed."""
-
-
 class SparseMassRecorder:
     """Per attention call: exact block mass, estimated lists for every (alpha, layout), density and kept mass.
 
     With ``oracle``, every (alpha, layout) is also selected from the exact block mass (rows ``lists_from="exact"``).
-    With ``layers`` given and ``stop_early``, the call of the highest of them raises :class:`LayersMeasured` after
-    its measurement, so that a forward runs only up to that layer (the caller catches it)."""
+    With ``layers`` given and ``stop_early``, the call of the highest of them raises
+    :class:`~.capture.CaptureComplete` after its measurement, so that a forward runs only up to that layer."""
 
     def __init__(self, *, method: str, options: dict, alphas: Sequence[float], gqa_lists: Sequence[str],
                  block_q: int, block_k: int, sink_blocks: int, local_blocks: int,
@@ -154,7 +150,7 @@ class SparseMassRecorder:
         self._order: dict[int, int] = {}
         self.values: dict[tuple[int, float, str, str], list[tuple[float, float, float]]] = {}
 
-    def record(self, module, query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> None:
+    def record(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict) -> None:
         layer = getattr(module, "layer_idx", None)
         if layer is None:
             layer = self._order.setdefault(id(module), len(self._order))
@@ -166,7 +162,7 @@ class SparseMassRecorder:
             with torch.no_grad():
                 self._measure(layer, query, key, float(scale))
         if layer == self.stop_after:
-            raise LayersMeasured
+            raise CaptureComplete
 
     def _measure(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
         n, n_kv = q.shape[2], k.shape[2]
@@ -244,10 +240,8 @@ def sparse_mass_tokens(model, input_ids: torch.Tensor, *, method: str = "sample"
     device = next(model.parameters()).device
     with capture_attention(model, recorder), torch.no_grad():
         for i in range(input_ids.shape[0]):
-            try:  # the layers above the last one measured never run
-                model(input_ids=input_ids[i : i + 1].to(device), use_cache=False)
-            except LayersMeasured:
-                pass
+            # the layers above the last one measured never run
+            forward_captured(model, input_ids=input_ids[i : i + 1].to(device), use_cache=False)
             log.info("sparse mass: sample %d/%d", i + 1, input_ids.shape[0])
     params = dict(method=method, options=options or {}, alphas=list(alphas), gqa_lists=list(gqa_lists),
                   block_q=block_q, block_k=block_k, sink_blocks=sink_blocks, local_blocks=local_blocks,
@@ -275,5 +269,5 @@ def sparse_mass(model, *, calib=None, seq_len: int = 4096, samples: int = 2, see
                               calibration=calib_set.to_dict(), **options)
 
 
-__all__ = ["LayersMeasured", "SparseMassReport", "SparseMassRow", "SparseMassRecorder", "exact_block_mass", "sparse_mass",
+__all__ = ["SparseMassReport", "SparseMassRow", "SparseMassRecorder", "exact_block_mass", "sparse_mass",
            "sparse_mass_tokens", "check_sparse_mass_params", "SPARSE_MASS_SCHEMA_VERSION"]

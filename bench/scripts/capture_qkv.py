@@ -8,65 +8,48 @@ Runs one forward of ``--length`` tokens of the text and saves ``{"q": [1, L*H, N
 attention function receives (after RoPE, before any GQA repeat); the ``L`` layers of ``--layers`` are stacked along
 the head axis in the order given, which keeps every query head over its own layer's KV head (query head
 ``l*H + h`` reads KV head ``l*Hkv + h // (H/Hkv)``). The model is causal, so the first ``n`` tokens of a capture are
-the capture of those ``n`` tokens: one long capture serves every shorter length. The attention function is swapped
-only inside a ``with`` block, through transformers' ``AttentionInterface``, and the forward stops as soon as the
-last layer asked for has handed over its inputs: layers above it, their attention included, never run (at 128k on
-SmolLM2, capturing layers 4, 7, 8 costs the first 9 of 30 layers).
+the capture of those ``n`` tokens: one long capture serves every shorter length. The capture is the analysis's own
+(:func:`lighttransfer.analysis.capture.capture_attention`: the attention function swapped only inside a ``with``
+block), and the forward stops as soon as the last layer asked for has handed over its inputs: layers above it,
+their attention included, never run (at 128k on SmolLM2, capturing layers 4, 7, 8 costs the first 9 of 30 layers).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
 
 import torch
+from lighttransfer.analysis.capture import CaptureComplete, capture_attention, forward_captured
 from lighttransfer.loading import load_model
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "assets"
-NAME = "lighttransfer_qkv_capture"
 
 
-class AllCaptured(Exception):
-    """Raised inside the forward once every layer asked for is stored: the rest of the forward is not needed."""
+class QKVRecorder:
+    """A recorder for :func:`~lighttransfer.analysis.capture.capture_attention`: stores ``{layer: (q, k, v)}`` on the
+    CPU for ``layers``, then ends the forward (:class:`~lighttransfer.analysis.capture.CaptureComplete`) instead of
+    running the layers above."""
 
+    def __init__(self, layers: list[int]) -> None:
+        self.layers = layers
+        self.store: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-@contextlib.contextmanager
-def capture_layers(model, layers: list[int], store: dict):
-    """Inside the block, a forward stores ``{layer: (q, k, v)}`` on the CPU into ``store`` for ``layers``, then raises
-    :class:`AllCaptured` (the caller catches it) instead of running the layers above."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    original = model.config._attn_implementation or "eager"
-    attend = AttentionInterface._global_mapping[original]
-
-    def grab(module, query, key, value, attention_mask, **kwargs):
+    def record(self, module, query, key, value, kwargs) -> None:
         layer = getattr(module, "layer_idx", None)
-        if layer in layers:
-            store[layer] = tuple(t.detach().cpu() for t in (query, key, value))
-            if len(store) == len(layers):
-                raise AllCaptured
-        return attend(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register(NAME, grab)
-    AttentionMaskInterface.register(NAME, AttentionMaskInterface._global_mapping[original])
-    model.config._attn_implementation = NAME
-    try:
-        yield store
-    finally:
-        model.config._attn_implementation = original
+        if layer in self.layers:
+            self.store[layer] = tuple(t.detach().cpu() for t in (query, key, value))
+            if len(self.store) == len(self.layers):
+                raise CaptureComplete
 
 
 def capture(model, ids: torch.Tensor, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward of ``ids [1, N]``; ``layers``' q ``[1, L*H, N, D]`` and k, v ``[1, L*Hkv, N, D]``, stacked along
     the head axis in the order of ``layers`` (see the module docstring), on the CPU."""
-    store: dict = {}
-    with capture_layers(model, layers, store), torch.no_grad():
-        try:
-            model(ids, use_cache=False, logits_to_keep=1)
-        except AllCaptured:
-            pass
+    recorder = QKVRecorder(layers)
+    with capture_attention(model, recorder), torch.no_grad():
+        forward_captured(model, ids, use_cache=False, logits_to_keep=1)
+    store = recorder.store
     if len(store) != len(layers):
         raise SystemExit(f"layers {sorted(set(layers) - set(store))} were not captured (no attention call with "
                          "that layer_idx)")
